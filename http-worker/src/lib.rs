@@ -1,0 +1,88 @@
+//! tandem's HTTP inference worker: the router that serves the API on both
+//! ports, and the process that accepts plain HTTP on the inherited listener.
+
+#![forbid(unsafe_code)]
+
+pub mod router;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tandem_shared::control::WorkerEvent;
+use tandem_shared::worker::{attach, stop_signal};
+use tandem_shared::WorkerSettings;
+
+pub use router::{router, AppState, Scheme};
+
+/// Runs the HTTP worker until it is told to stop; returns when drained.
+pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
+    let control = attach(&settings)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / settings.num_workers.max(1)).max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(serve(settings, control))
+}
+
+async fn serve(
+    settings: WorkerSettings,
+    control: Arc<tandem_shared::control::ControlClient>,
+) -> anyhow::Result<()> {
+    let std_listener = listenfd::ListenFd::from_env()
+        .take_tcp_listener(0)
+        .context("cannot take the inherited listener (LISTEN_FDS)")?
+        .context("no listener inherited: LISTEN_FDS is not set")?;
+    std_listener
+        .set_nonblocking(true)
+        .context("cannot make the listener non-blocking")?;
+    let listener =
+        tokio::net::TcpListener::from_std(std_listener).context("cannot register the listener")?;
+    let state = AppState::new(&settings);
+    let app = router(state);
+
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = drain_rx.await;
+            })
+            .await
+    });
+    control
+        .send(&WorkerEvent::Ready {
+            addr: settings.listen_addr.to_string(),
+            fingerprint: None,
+        })
+        .context("cannot report ready to the supervisor")?;
+    tracing::info!(worker_id = settings.worker_id, pid = std::process::id(), addr = %settings.listen_addr, "http worker ready");
+
+    stop_signal().await;
+    tracing::info!(
+        worker_id = settings.worker_id,
+        "draining in-flight requests"
+    );
+    let _ = control.send(&WorkerEvent::Draining);
+    let _ = drain_tx.send(());
+    drain(server, settings.graceful_timeout).await;
+    Ok(())
+}
+
+/// Waits for a draining server task, giving up after `timeout`.
+pub async fn drain<E: std::fmt::Display>(
+    server: tokio::task::JoinHandle<Result<(), E>>,
+    timeout: Duration,
+) {
+    match tokio::time::timeout(timeout, server).await {
+        Ok(Ok(Ok(()))) => tracing::info!("drained"),
+        Ok(Ok(Err(e))) => tracing::error!(error = %e, "server failed while draining"),
+        Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
+        Err(_) => tracing::warn!(
+            timeout_s = timeout.as_secs(),
+            "drain timed out; exiting with requests in flight"
+        ),
+    }
+}

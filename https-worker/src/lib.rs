@@ -1,0 +1,157 @@
+//! tandem's HTTPS worker: terminates TLS on the inherited listener and serves
+//! the API with a certificate that can be swapped without dropping a request.
+
+#![forbid(unsafe_code)]
+
+pub mod resolver;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tandem_http_worker::{router, AppState, Scheme};
+use tandem_shared::control::{ControlClient, WorkerEvent};
+use tandem_shared::tls::Bundle;
+use tandem_shared::worker::{attach, stop_signal};
+use tandem_shared::WorkerSettings;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_rustls::TlsAcceptor;
+
+pub use resolver::ReloadableResolver;
+
+/// How long a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the HTTPS worker until it is told to stop; returns when drained.
+pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
+    let control = attach(&settings)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(serve(settings, control))
+}
+
+/// A rustls server config for TLS 1.2 and 1.3 with ALPN h2 and http/1.1.
+pub fn server_config(resolver: Arc<ReloadableResolver>) -> anyhow::Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .context("cannot select TLS versions")?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow::Result<()> {
+    let bundle =
+        Bundle::load(&settings.live_cert).context("cannot load the published certificate")?;
+    let fingerprint = bundle.info.fingerprint.clone();
+    let resolver = Arc::new(ReloadableResolver::new(bundle.certified_key()));
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(resolver.clone())?));
+
+    let std_listener = listenfd::ListenFd::from_env()
+        .take_tcp_listener(0)
+        .context("cannot take the inherited listener (LISTEN_FDS)")?
+        .context("no listener inherited: LISTEN_FDS is not set")?;
+    std_listener
+        .set_nonblocking(true)
+        .context("cannot make the listener non-blocking")?;
+    let listener =
+        tokio::net::TcpListener::from_std(std_listener).context("cannot register the listener")?;
+
+    let app = router(AppState::new(&settings)).layer(axum::Extension(Scheme::Https));
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+
+    control
+        .send(&WorkerEvent::Ready {
+            addr: settings.listen_addr.to_string(),
+            fingerprint: Some(fingerprint.clone()),
+        })
+        .context("cannot report ready to the supervisor")?;
+    tracing::info!(worker_id = settings.worker_id, pid = std::process::id(), addr = %settings.listen_addr, %fingerprint, "https worker ready");
+
+    let stop = stop_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = hup.recv() => reload(&settings, &resolver, &control),
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let service = TowerToHyperService::new(app.clone());
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    tracing::info!(
+        worker_id = settings.worker_id,
+        "draining in-flight requests"
+    );
+    let _ = control.send(&WorkerEvent::Draining);
+    match tokio::time::timeout(settings.graceful_timeout, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("drained"),
+        Err(_) => tracing::warn!(
+            timeout_s = settings.graceful_timeout.as_secs(),
+            "drain timed out; exiting with requests in flight"
+        ),
+    }
+    Ok(())
+}
+
+/// Re-reads `live.pem`, validates it and swaps it in; the old certificate
+/// keeps serving when the new one is refused. Acknowledges on the control channel.
+fn reload(settings: &WorkerSettings, resolver: &ReloadableResolver, control: &ControlClient) {
+    let event = match Bundle::load(&settings.live_cert) {
+        Ok(bundle) => {
+            resolver.swap(bundle.certified_key());
+            tracing::info!(fingerprint = %bundle.info.fingerprint, "certificate reloaded");
+            WorkerEvent::Reloaded {
+                fingerprint: bundle.info.fingerprint,
+            }
+        }
+        Err(e) => {
+            let reason = format!("{e:#}");
+            tracing::error!(%reason, "certificate reload refused; the previous certificate keeps serving");
+            WorkerEvent::ReloadFailed { reason }
+        }
+    };
+    if let Err(e) = control.send(&event) {
+        tracing::warn!(error = %e, "cannot acknowledge the reload to the supervisor");
+    }
+}

@@ -1,0 +1,632 @@
+//! Configuration: every environment variable tandem reads, parsed once by the supervisor.
+//!
+//! The supervisor passes a map of variables (normally `std::env::vars()`) to
+//! [`Config::from_vars`]; tests pass their own map and never touch the process
+//! environment. Every variable is checked and every problem is reported at once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// One documented environment variable.
+#[derive(Debug, Clone, Copy)]
+pub struct EnvVar {
+    /// The variable's name.
+    pub name: &'static str,
+    /// Its default, as an operator would write it.
+    pub default: &'static str,
+    /// What it means and what it accepts.
+    pub meaning: &'static str,
+}
+
+/// Every environment variable tandem reads; the README's table mirrors this list.
+pub const ENV_VARS: &[EnvVar] = &[
+    EnvVar {
+        name: "HOST",
+        default: "0.0.0.0",
+        meaning: "bind address (an IP address) for both listeners",
+    },
+    EnvVar {
+        name: "PORT",
+        default: "9001",
+        meaning: "HTTP port (0-65535; 0 picks a free port)",
+    },
+    EnvVar {
+        name: "NUM_WORKERS",
+        default: "1",
+        meaning: "HTTP inference worker processes (1-256)",
+    },
+    EnvVar {
+        name: "ENABLE_SSL",
+        default: "False",
+        meaning: "also serve HTTPS (true/false/1/0/yes/no, any case)",
+    },
+    EnvVar {
+        name: "SSL_PORT",
+        default: "PORT+1 (443 when PORT=80)",
+        meaning: "HTTPS port; an explicit value always wins",
+    },
+    EnvVar {
+        name: "SSL_CERTIFICATE",
+        default: "INDIRECT",
+        meaning: "INDIRECT, GENERATE, or a path to a PEM certificate (chain)",
+    },
+    EnvVar {
+        name: "SSL_KEY",
+        default: "discovered",
+        meaning: "private key for a custom certificate (overrides discovery)",
+    },
+    EnvVar {
+        name: "SSL_KEY_TYPE",
+        default: "rsa2048",
+        meaning: "key type of generated certificates: rsa2048 or ecdsa-p256",
+    },
+    EnvVar {
+        name: "SSL_INDIRECT_URL",
+        default: "https://roboflow.host/certificate/",
+        meaning: "base URL holding fullchain.pem and privkey.pem (https only)",
+    },
+    EnvVar {
+        name: "SSL_REFRESH_INTERVAL",
+        default: "86400",
+        meaning: "seconds between checks of the certificate source",
+    },
+    EnvVar {
+        name: "SSL_SAN",
+        default: "(none)",
+        meaning: "extra DNS names / IPs for generated certificates, comma-separated",
+    },
+    EnvVar {
+        name: "MODEL_CACHE_DIR",
+        default: "/tmp/cache",
+        meaning: "cache root; certificates live in ssl_certificates/ below it",
+    },
+    EnvVar {
+        name: "MODEL_REPOSITORY",
+        default: "built-in models/",
+        meaning: "Triton-style model repository (one folder per model)",
+    },
+    EnvVar {
+        name: "MAX_REQUEST_BYTES",
+        default: "67108864",
+        meaning: "largest request body accepted (bytes); larger gets 413",
+    },
+    EnvVar {
+        name: "GRACEFUL_TIMEOUT",
+        default: "30",
+        meaning: "seconds to drain on stop before SIGKILL",
+    },
+    EnvVar {
+        name: "LOG_LEVEL",
+        default: "info",
+        meaning: "tracing filter (error, warn, info, debug, trace or a directive list)",
+    },
+    EnvVar {
+        name: "LOG_FORMAT",
+        default: "text",
+        meaning: "log format on stderr: text or json",
+    },
+];
+
+/// Where the HTTPS certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CertSource {
+    /// Downloaded from `SSL_INDIRECT_URL`.
+    Indirect,
+    /// Self-signed, generated and cached by tandem.
+    Generate,
+    /// A PEM certificate chain on disk.
+    Path(PathBuf),
+}
+
+/// Key algorithm for generated certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyType {
+    /// RSA with a 2048-bit modulus (the default, for the widest client support).
+    Rsa2048,
+    /// ECDSA on P-256 (smaller, faster handshakes).
+    EcdsaP256,
+}
+
+/// Log line format on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The parsed, validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    /// Bind address for both listeners.
+    pub host: IpAddr,
+    /// HTTP port.
+    pub port: u16,
+    /// Number of HTTP inference workers.
+    pub num_workers: usize,
+    /// Whether the HTTPS listener is enabled.
+    pub enable_ssl: bool,
+    /// HTTPS port.
+    pub ssl_port: u16,
+    /// Certificate source.
+    pub ssl_certificate: CertSource,
+    /// Explicit private key path for a custom certificate.
+    pub ssl_key: Option<PathBuf>,
+    /// Key type for generated certificates.
+    pub ssl_key_type: KeyType,
+    /// Base URL for INDIRECT downloads.
+    pub ssl_indirect_url: String,
+    /// Interval between checks of the certificate source.
+    pub ssl_refresh_interval: Duration,
+    /// Extra subject alternative names for generated certificates.
+    pub ssl_san: Vec<String>,
+    /// Cache root.
+    pub model_cache_dir: PathBuf,
+    /// Model repository, when set explicitly.
+    pub model_repository: Option<PathBuf>,
+    /// Largest accepted request body.
+    pub max_request_bytes: u64,
+    /// Drain time on stop before SIGKILL.
+    pub graceful_timeout: Duration,
+    /// Tracing filter directive.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// The certificate cache directory below the cache root.
+    pub fn cert_dir(&self) -> PathBuf {
+        self.model_cache_dir.join("ssl_certificates")
+    }
+}
+
+/// One variable with a value tandem cannot use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The variable's name.
+    pub var: &'static str,
+    /// The value it had.
+    pub value: String,
+    /// What is accepted instead.
+    pub accepted: String,
+}
+
+/// Every problem found in the environment, reported together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The problems, in the order of [`ENV_VARS`].
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration ({} problem", self.problems.len())?;
+        if self.problems.len() != 1 {
+            write!(f, "s")?;
+        }
+        write!(f, ")")?;
+        for p in &self.problems {
+            write!(f, "\n  {}={:?}: expected {}", p.var, p.value, p.accepted)?;
+        }
+        Ok(())
+    }
+}
+
+/// The raw variables, as strings; envy maps `PORT` to `port` and so on.
+#[derive(Debug, Default, Deserialize)]
+struct Raw {
+    host: Option<String>,
+    port: Option<String>,
+    num_workers: Option<String>,
+    enable_ssl: Option<String>,
+    ssl_port: Option<String>,
+    ssl_certificate: Option<String>,
+    ssl_key: Option<String>,
+    ssl_key_type: Option<String>,
+    ssl_indirect_url: Option<String>,
+    ssl_refresh_interval: Option<String>,
+    ssl_san: Option<String>,
+    model_cache_dir: Option<String>,
+    model_repository: Option<String>,
+    max_request_bytes: Option<String>,
+    graceful_timeout: Option<String>,
+    log_level: Option<String>,
+    log_format: Option<String>,
+}
+
+/// Collects problems while parsing each variable.
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn bad(&mut self, var: &'static str, value: &str, accepted: impl Into<String>) {
+        self.problems.push(Problem {
+            var,
+            value: value.to_string(),
+            accepted: accepted.into(),
+        });
+    }
+
+    /// Parses `raw` with `parse`, or returns `default` when unset or empty.
+    fn get<T>(
+        &mut self,
+        var: &'static str,
+        raw: &Option<String>,
+        default: T,
+        accepted: &str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> T {
+        match raw.as_deref().map(str::trim) {
+            None | Some("") => default,
+            Some(v) => match parse(v) {
+                Some(t) => t,
+                None => {
+                    self.bad(var, v, accepted);
+                    default
+                }
+            },
+        }
+    }
+}
+
+/// Parses a boolean the way operators write them.
+pub fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+fn parse_range<T: std::str::FromStr + PartialOrd>(v: &str, lo: T, hi: T) -> Option<T> {
+    v.parse::<T>().ok().filter(|n| *n >= lo && *n <= hi)
+}
+
+fn is_readable_file(p: &Path) -> bool {
+    std::fs::File::open(p)
+        .and_then(|f| f.metadata())
+        .map(|m| m.is_file())
+        .unwrap_or(false)
+}
+
+impl Config {
+    /// Parses the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars())
+    }
+
+    /// Parses the given variables; names not listed in [`ENV_VARS`] are ignored.
+    pub fn from_vars<I: IntoIterator<Item = (String, String)>>(
+        vars: I,
+    ) -> Result<Self, ConfigError> {
+        let known: BTreeMap<String, String> = vars
+            .into_iter()
+            .filter(|(k, _)| ENV_VARS.iter().any(|e| e.name == k))
+            .collect();
+        // Only known names with string values reach envy, so it cannot fail; keep the
+        // error path anyway rather than unwrapping on operator input.
+        let raw: Raw = envy::from_iter(known).unwrap_or_default();
+        let mut c = Checker {
+            problems: Vec::new(),
+        };
+
+        let host = c.get(
+            "HOST",
+            &raw.host,
+            IpAddr::from([0, 0, 0, 0]),
+            "an IP address such as 0.0.0.0, 127.0.0.1 or ::",
+            |v| v.trim_start_matches('[').trim_end_matches(']').parse().ok(),
+        );
+        let port = c.get("PORT", &raw.port, 9001u16, "a port number 0-65535", |v| {
+            v.parse().ok()
+        });
+        let num_workers = c.get(
+            "NUM_WORKERS",
+            &raw.num_workers,
+            1usize,
+            "an integer 1-256",
+            |v| parse_range(v, 1, 256),
+        );
+        let enable_ssl = c.get(
+            "ENABLE_SSL",
+            &raw.enable_ssl,
+            false,
+            "true/false/1/0/yes/no (any case)",
+            parse_bool,
+        );
+        let default_ssl_port = match port {
+            80 => Some(443),
+            0 => Some(0),
+            p => p.checked_add(1),
+        };
+        let ssl_port = match (&raw.ssl_port, default_ssl_port) {
+            (Some(v), _) if !v.trim().is_empty() => {
+                c.get("SSL_PORT", &raw.ssl_port, 0, "a port number 0-65535", |v| {
+                    v.parse().ok()
+                })
+            }
+            (_, Some(p)) => p,
+            (_, None) => {
+                if enable_ssl {
+                    c.bad(
+                        "SSL_PORT",
+                        "",
+                        "an explicit port, because PORT+1 is past 65535",
+                    );
+                }
+                0
+            }
+        };
+        if enable_ssl && ssl_port == port && port != 0 {
+            c.bad(
+                "SSL_PORT",
+                &ssl_port.to_string(),
+                format!("a port different from PORT ({port})"),
+            );
+        }
+        let ssl_certificate = c.get(
+            "SSL_CERTIFICATE",
+            &raw.ssl_certificate,
+            CertSource::Indirect,
+            "INDIRECT, GENERATE, or the path of a readable PEM certificate file",
+            |v| match v.to_ascii_uppercase().as_str() {
+                "INDIRECT" => Some(CertSource::Indirect),
+                "GENERATE" => Some(CertSource::Generate),
+                _ => {
+                    let p = PathBuf::from(v);
+                    is_readable_file(&p).then_some(CertSource::Path(p))
+                }
+            },
+        );
+        let ssl_key = c.get(
+            "SSL_KEY",
+            &raw.ssl_key,
+            None,
+            "the path of a readable PEM private key file",
+            |v| {
+                let p = PathBuf::from(v);
+                is_readable_file(&p).then_some(Some(p))
+            },
+        );
+        let ssl_key_type = c.get(
+            "SSL_KEY_TYPE",
+            &raw.ssl_key_type,
+            KeyType::Rsa2048,
+            "rsa2048 or ecdsa-p256",
+            |v| match v.to_ascii_lowercase().as_str() {
+                "rsa2048" | "rsa" => Some(KeyType::Rsa2048),
+                "ecdsa-p256" | "ecdsa" | "p256" => Some(KeyType::EcdsaP256),
+                _ => None,
+            },
+        );
+        let ssl_indirect_url = c.get(
+            "SSL_INDIRECT_URL",
+            &raw.ssl_indirect_url,
+            "https://roboflow.host/certificate/".to_string(),
+            "an https:// URL",
+            |v| (v.starts_with("https://") && v.len() > "https://".len()).then(|| v.to_string()),
+        );
+        let ssl_refresh_interval = c.get(
+            "SSL_REFRESH_INTERVAL",
+            &raw.ssl_refresh_interval,
+            Duration::from_secs(86400),
+            "a whole number of seconds, at least 1",
+            |v| parse_range(v, 1u64, u64::MAX / 2).map(Duration::from_secs),
+        );
+        let ssl_san = c.get(
+            "SSL_SAN",
+            &raw.ssl_san,
+            Vec::new(),
+            "comma-separated DNS names or IP addresses",
+            |v| {
+                let names: Vec<String> = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect();
+                names
+                    .iter()
+                    .all(|n| n.parse::<IpAddr>().is_ok() || is_dns_name(n))
+                    .then_some(names)
+            },
+        );
+        let model_cache_dir = c.get(
+            "MODEL_CACHE_DIR",
+            &raw.model_cache_dir,
+            PathBuf::from("/tmp/cache"),
+            "a directory path",
+            |v| Some(PathBuf::from(v)),
+        );
+        let model_repository = c.get(
+            "MODEL_REPOSITORY",
+            &raw.model_repository,
+            None,
+            "an existing directory",
+            |v| {
+                let p = PathBuf::from(v);
+                p.is_dir().then_some(Some(p))
+            },
+        );
+        let max_request_bytes = c.get(
+            "MAX_REQUEST_BYTES",
+            &raw.max_request_bytes,
+            64 << 20,
+            "a byte count from 1024 to 4294967296",
+            |v| parse_range(v, 1024u64, 1 << 32),
+        );
+        let graceful_timeout = c.get(
+            "GRACEFUL_TIMEOUT",
+            &raw.graceful_timeout,
+            Duration::from_secs(30),
+            "a whole number of seconds 0-86400",
+            |v| parse_range(v, 0u64, 86400).map(Duration::from_secs),
+        );
+        let log_level = c.get(
+            "LOG_LEVEL",
+            &raw.log_level,
+            "info".to_string(),
+            "a tracing filter such as error, warn, info, debug, trace or tandem=debug",
+            |v| {
+                tracing_subscriber::EnvFilter::try_new(v)
+                    .ok()
+                    .map(|_| v.to_string())
+            },
+        );
+        let log_format = c.get(
+            "LOG_FORMAT",
+            &raw.log_format,
+            LogFormat::Text,
+            "text or json",
+            |v| match v.to_ascii_lowercase().as_str() {
+                "text" => Some(LogFormat::Text),
+                "json" => Some(LogFormat::Json),
+                _ => None,
+            },
+        );
+
+        if !c.problems.is_empty() {
+            return Err(ConfigError {
+                problems: c.problems,
+            });
+        }
+        Ok(Config {
+            host,
+            port,
+            num_workers,
+            enable_ssl,
+            ssl_port,
+            ssl_certificate,
+            ssl_key,
+            ssl_key_type,
+            ssl_indirect_url,
+            ssl_refresh_interval,
+            ssl_san,
+            model_cache_dir,
+            model_repository,
+            max_request_bytes,
+            graceful_timeout,
+            log_level,
+            log_format,
+        })
+    }
+}
+
+/// A DNS name or wildcard as accepted in a certificate SAN.
+fn is_dns_name(n: &str) -> bool {
+    let n = n.strip_prefix("*.").unwrap_or(n);
+    !n.is_empty()
+        && n.len() <= 253
+        && n.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).expect("defaults parse");
+        assert_eq!(c.port, 9001);
+        assert_eq!(c.ssl_port, 9002);
+        assert_eq!(c.num_workers, 1);
+        assert!(!c.enable_ssl);
+        assert_eq!(c.ssl_certificate, CertSource::Indirect);
+        assert_eq!(c.cert_dir(), PathBuf::from("/tmp/cache/ssl_certificates"));
+    }
+
+    #[test]
+    fn ssl_port_follows_port() {
+        assert_eq!(parse(&[("PORT", "80")]).expect("ok").ssl_port, 443);
+        assert_eq!(parse(&[("PORT", "8080")]).expect("ok").ssl_port, 8081);
+        assert_eq!(
+            parse(&[("PORT", "80"), ("SSL_PORT", "8443")])
+                .expect("ok")
+                .ssl_port,
+            8443
+        );
+        let err = parse(&[("PORT", "65535"), ("ENABLE_SSL", "1")]).expect_err("overflow");
+        assert_eq!(err.problems[0].var, "SSL_PORT");
+    }
+
+    #[test]
+    fn booleans_any_case() {
+        for (v, want) in [
+            ("TRUE", true),
+            ("yes", true),
+            ("1", true),
+            ("False", false),
+            ("NO", false),
+            ("0", false),
+        ] {
+            assert_eq!(
+                parse(&[("ENABLE_SSL", v)]).expect("ok").enable_ssl,
+                want,
+                "{v}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_problem_reported_together() {
+        let err = parse(&[
+            ("PORT", "abc"),
+            ("NUM_WORKERS", "0"),
+            ("ENABLE_SSL", "maybe"),
+            ("SSL_CERTIFICATE", "/missing.pem"),
+            ("LOG_FORMAT", "xml"),
+        ])
+        .expect_err("bad");
+        let vars: Vec<_> = err.problems.iter().map(|p| p.var).collect();
+        assert_eq!(
+            vars,
+            [
+                "PORT",
+                "NUM_WORKERS",
+                "ENABLE_SSL",
+                "SSL_CERTIFICATE",
+                "LOG_FORMAT"
+            ]
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("PORT=\"abc\": expected a port number 0-65535"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn port_out_of_range() {
+        assert_eq!(
+            parse(&[("PORT", "70000")]).expect_err("bad").problems[0].var,
+            "PORT"
+        );
+    }
+
+    #[test]
+    fn san_list() {
+        let c = parse(&[("SSL_SAN", "example.com, 10.0.0.1,*.svc.local")]).expect("ok");
+        assert_eq!(c.ssl_san, ["example.com", "10.0.0.1", "*.svc.local"]);
+        assert!(parse(&[("SSL_SAN", "bad name!")]).is_err());
+    }
+}

@@ -1,0 +1,95 @@
+//! Code shared by tandem's processes: configuration, certificates, control
+//! messages, worker settings, logging and the one module with `unsafe`.
+
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod control;
+pub mod sys;
+pub mod tls;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use config::{Config, LogFormat};
+
+/// The crate version, reported by `GET /`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Environment variable carrying [`WorkerSettings`] as JSON from the supervisor to a worker.
+pub const WORKER_SETTINGS_VAR: &str = "TANDEM_WORKER_SETTINGS";
+
+/// Which kind of worker a process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Plain HTTP with the inference engine.
+    HttpWorker,
+    /// TLS termination.
+    HttpsWorker,
+}
+
+impl Role {
+    /// The hidden subcommand that starts this role.
+    pub fn subcommand(self) -> &'static str {
+        match self {
+            Role::HttpWorker => "http-worker",
+            Role::HttpsWorker => "https-worker",
+        }
+    }
+}
+
+/// Everything a worker needs, given to it explicitly by the supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSettings {
+    /// Role of this worker.
+    pub role: Role,
+    /// Worker id, never reused within one supervisor's life.
+    pub worker_id: u64,
+    /// The supervisor's pid; the worker exits if its parent is not this.
+    pub supervisor_pid: i32,
+    /// Address the inherited listener is bound to (for URLs and logs).
+    pub listen_addr: SocketAddr,
+    /// Descriptor number of the worker's control socket.
+    pub control_fd: i32,
+    /// Number of HTTP workers (reported by `GET /`).
+    pub num_workers: usize,
+    /// Path of `live.pem` (HTTPS worker).
+    pub live_cert: PathBuf,
+    /// Model repository, when set explicitly.
+    pub model_repository: Option<PathBuf>,
+    /// Largest accepted request body in bytes.
+    pub max_request_bytes: u64,
+    /// Drain time on stop.
+    pub graceful_timeout: Duration,
+    /// Tracing filter.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+/// Sets up tracing to stderr with the given filter and format.
+pub fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi);
+    // A second initialisation (tests calling in-process) is harmless; ignore it.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Address as a URL authority (`[::1]:9001`, `127.0.0.1:9001`).
+pub fn url(scheme: &str, addr: SocketAddr) -> String {
+    format!("{scheme}://{addr}")
+}

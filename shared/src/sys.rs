@@ -1,0 +1,50 @@
+//! The only module with `unsafe`: adopting file descriptors handed down by the supervisor.
+//!
+//! Workers receive their listener (LISTEN_FDS convention, from fd 3) and their
+//! control socket at fixed descriptor numbers. Taking ownership of a raw
+//! descriptor is `unsafe` because nothing else may own or close it.
+
+#![allow(
+    unsafe_code,
+    reason = "adopting inherited descriptors needs from_raw_fd; every block says why it is sound"
+)]
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+
+/// First descriptor of the LISTEN_FDS convention.
+pub const LISTEN_FDS_START: RawFd = 3;
+
+/// Takes ownership of an inherited descriptor, after checking it is open, and
+/// marks it close-on-exec so it does not leak into anything the worker runs.
+///
+/// Call at most once per descriptor number, early in the worker's `main`.
+pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    debug_assert!(
+        fd >= LISTEN_FDS_START,
+        "descriptor {fd} is one of stdin/stdout/stderr"
+    );
+    if fd < LISTEN_FDS_START {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is reserved for stdio"),
+        ));
+    }
+    if std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("descriptor {fd} was not inherited"),
+        ));
+    }
+    // SAFETY: /proc says the descriptor is open, and nothing closes it while
+    // this borrow lives (we are its only user, early in the worker's start).
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    fcntl(borrowed, FcntlArg::F_GETFD).map_err(io::Error::from)?;
+    fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).map_err(io::Error::from)?;
+    // SAFETY: the descriptor is open (checked above) and was handed to this
+    // process by the supervisor for this purpose only; nothing else in the
+    // worker refers to this number, so the returned OwnedFd is its sole owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

@@ -1,0 +1,81 @@
+//! What every worker process does the same way: tie its life to the
+//! supervisor, adopt its control socket, and wait for the stop signal.
+
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use nix::sys::signal::Signal;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::control::ControlClient;
+use crate::WorkerSettings;
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerStartError {
+    /// The parent-death signal could not be set.
+    #[error("cannot set the parent-death signal")]
+    Pdeathsig(#[source] nix::Error),
+    /// The supervisor died before this worker got going.
+    #[error("supervisor pid {0} is gone; exiting")]
+    Orphaned(i32),
+    /// The control socket was not inherited.
+    #[error("cannot adopt control socket fd {fd}")]
+    Control {
+        /// The descriptor number.
+        fd: i32,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Ties the worker's life to the supervisor and returns its control channel.
+///
+/// The parent-death signal is SIGTERM, so an orphaned worker drains like on a
+/// normal stop. Checking the parent pid after setting it closes the race where
+/// the supervisor died before the `prctl`.
+pub fn attach(settings: &WorkerSettings) -> Result<Arc<ControlClient>, WorkerStartError> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(WorkerStartError::Pdeathsig)?;
+    if nix::unistd::getppid().as_raw() != settings.supervisor_pid {
+        return Err(WorkerStartError::Orphaned(settings.supervisor_pid));
+    }
+    let fd =
+        crate::sys::adopt_fd(settings.control_fd).map_err(|source| WorkerStartError::Control {
+            fd: settings.control_fd,
+            source,
+        })?;
+    Ok(Arc::new(ControlClient::new(UnixStream::from(fd))))
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn stop_signal() {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the worker can only be killed; wait forever.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Reads the worker's settings from the variable the supervisor set.
+pub fn settings_from_supervisor() -> Result<WorkerSettings, String> {
+    let raw = std::env::var(crate::WORKER_SETTINGS_VAR).map_err(|_| {
+        format!(
+            "{} is not set: worker subcommands are started by the tandem supervisor, not by hand",
+            crate::WORKER_SETTINGS_VAR
+        )
+    })?;
+    serde_json::from_str(&raw).map_err(|e| {
+        format!(
+            "{} is not valid worker settings: {e}",
+            crate::WORKER_SETTINGS_VAR
+        )
+    })
+}

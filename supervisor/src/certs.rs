@@ -1,0 +1,252 @@
+//! The certificate manager: obtains a certificate from the configured source,
+//! validates it, caches it and publishes `live.pem` for the HTTPS worker.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tandem_shared::config::{CertSource, Config, KeyType};
+use tandem_shared::tls::{self, Bundle, CertCache, CertError, GENERATED_FILE};
+
+/// Lifetime of generated certificates.
+const GENERATED_LIFETIME: Duration = Duration::from_secs(365 * 86400);
+/// Cache file of the last good INDIRECT download (key + chain).
+pub const INDIRECT_FILE: &str = "indirect.pem";
+/// How long one INDIRECT download may take.
+const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why no certificate could be obtained.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The certificate or key is unusable (bad PEM, mismatch, expired).
+    #[error(transparent)]
+    Invalid(#[from] CertError),
+    /// No key was found next to a custom certificate.
+    #[error("no private key found for {cert}; tried {tried}\nhint: set SSL_KEY to the key's path")]
+    KeyNotFound {
+        /// The certificate.
+        cert: PathBuf,
+        /// Every path tried, comma-separated.
+        tried: String,
+    },
+    /// The INDIRECT download failed.
+    #[error("cannot download {url}")]
+    Download {
+        /// The URL.
+        url: String,
+        /// The cause.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The download client could not be built.
+    #[error("cannot build the download client: {0}")]
+    Client(String),
+}
+
+/// Whether the served certificate is the one the operator asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertHealth {
+    /// The configured source's certificate.
+    Good,
+    /// A generated stand-in, because the configured source is unavailable.
+    Degraded,
+}
+
+/// Owns the certificate cache and knows the configured source.
+#[derive(Debug)]
+pub struct CertManager {
+    source: CertSource,
+    key_path: Option<PathBuf>,
+    key_type: KeyType,
+    sans: Vec<String>,
+    indirect_url: String,
+    cache: CertCache,
+}
+
+impl CertManager {
+    /// Opens the cache (creating it 0700) for the configured source.
+    pub fn new(config: &Config) -> Result<Self, CertError> {
+        Ok(CertManager {
+            source: config.ssl_certificate.clone(),
+            key_path: config.ssl_key.clone(),
+            key_type: config.ssl_key_type,
+            sans: tls::generated_sans(&config.ssl_san),
+            indirect_url: config.ssl_indirect_url.clone(),
+            cache: CertCache::open(&config.cert_dir())?,
+        })
+    }
+
+    /// The cache.
+    pub fn cache(&self) -> &CertCache {
+        &self.cache
+    }
+
+    /// The configured source.
+    pub fn source(&self) -> &CertSource {
+        &self.source
+    }
+
+    /// Obtains the certificate the configured source offers now.
+    ///
+    /// INDIRECT falls back to its cache, then to a generated certificate
+    /// (reported as [`CertHealth::Degraded`]); the download error is returned
+    /// alongside so the caller can log it and retry.
+    pub async fn obtain(&self) -> Result<(Bundle, CertHealth, Option<SourceError>), SourceError> {
+        match &self.source {
+            CertSource::Generate => Ok((self.generated()?, CertHealth::Good, None)),
+            CertSource::Path(cert) => Ok((self.from_files(cert)?, CertHealth::Good, None)),
+            CertSource::Indirect => match self.download().await {
+                Ok(b) => {
+                    self.cache
+                        .write_secret(INDIRECT_FILE, b.to_pem().as_bytes())?;
+                    Ok((b, CertHealth::Good, None))
+                }
+                Err(e) => match self.cache.load(INDIRECT_FILE) {
+                    Ok(cached) => Ok((cached, CertHealth::Good, Some(e))),
+                    Err(_) => Ok((self.generated()?, CertHealth::Degraded, Some(e))),
+                },
+            },
+        }
+    }
+
+    /// The cached self-signed certificate, or a new one when it is missing,
+    /// has other names, another key type, or less than a third of its life left.
+    pub fn generated(&self) -> Result<Bundle, CertError> {
+        let want = tls::san_strings(&self.sans);
+        if let Ok(cached) = self.cache.load(GENERATED_FILE) {
+            let mut have = cached.info.sans.clone();
+            let mut want_sorted = want.clone();
+            have.sort();
+            want_sorted.sort();
+            let same_type = matches!(
+                (self.key_type, cached.is_rsa()),
+                (KeyType::Rsa2048, true) | (KeyType::EcdsaP256, false)
+            );
+            if have == want_sorted && same_type && !cached.info.needs_renewal(tls::unix_now()) {
+                return Ok(cached);
+            }
+            tracing::info!(fingerprint = %cached.info.fingerprint, "regenerating the self-signed certificate (names, key type or remaining lifetime changed)");
+        }
+        let bundle = tls::generate(&self.sans, self.key_type, GENERATED_LIFETIME)?;
+        self.cache
+            .write_secret(GENERATED_FILE, bundle.to_pem().as_bytes())?;
+        tracing::info!(fingerprint = %bundle.info.fingerprint, sans = ?bundle.info.sans, "generated a self-signed certificate");
+        Ok(bundle)
+    }
+
+    /// The custom certificate and its key, validated together.
+    pub fn from_files(&self, cert: &Path) -> Result<Bundle, SourceError> {
+        load_custom(cert, self.key_path.as_deref())
+    }
+
+    async fn download(&self) -> Result<Bundle, SourceError> {
+        let client = reqwest::Client::builder()
+            .timeout(DOWNLOAD_TIMEOUT)
+            .https_only(true)
+            .build()
+            .map_err(|e| SourceError::Client(e.to_string()))?;
+        let base = if self.indirect_url.ends_with('/') {
+            self.indirect_url.clone()
+        } else {
+            format!("{}/", self.indirect_url)
+        };
+        let fetch = |name: &str| {
+            let url = format!("{base}{name}");
+            let client = client.clone();
+            async move {
+                let resp = client
+                    .get(&url)
+                    .send()
+                    .await
+                    .and_then(|r| r.error_for_status());
+                match resp {
+                    Ok(r) => r
+                        .bytes()
+                        .await
+                        .map_err(|source| SourceError::Download { url, source }),
+                    Err(source) => Err(SourceError::Download { url, source }),
+                }
+            }
+        };
+        let chain = fetch("fullchain.pem").await?;
+        let key = fetch("privkey.pem").await?;
+        Ok(Bundle::parse(
+            &chain,
+            &key,
+            &format!("{base}fullchain.pem with {base}privkey.pem"),
+        )?)
+    }
+}
+
+/// Loads a custom certificate and its key (given, or discovered), validated together.
+pub fn load_custom(cert: &Path, key: Option<&Path>) -> Result<Bundle, SourceError> {
+    let key = match key {
+        Some(k) => k.to_path_buf(),
+        None => discover_key(cert)?,
+    };
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| CertError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let origin = format!("certificate {} with key {}", cert.display(), key.display());
+    Ok(Bundle::parse(&read(cert)?, &read(&key)?, &origin)?)
+}
+
+/// Finds the private key of a custom certificate: same stem with `.key`, then
+/// the usual neighbours, in the certificate's own directory only.
+pub fn discover_key(cert: &Path) -> Result<PathBuf, SourceError> {
+    let candidates = key_candidates(cert);
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| SourceError::KeyNotFound {
+            cert: cert.to_path_buf(),
+            tried: candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Where a certificate's key may be, in the order they are tried.
+pub fn key_candidates(cert: &Path) -> Vec<PathBuf> {
+    let dir = cert.parent().unwrap_or_else(|| Path::new("."));
+    let mut out = vec![cert.with_extension("key")];
+    let name = cert.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let neighbour = match name {
+        "fullchain.pem" | "chain.pem" => Some("privkey.pem"),
+        "cert.pem" => Some("key.pem"),
+        "tls.crt" => Some("tls.key"),
+        _ => None,
+    };
+    if let Some(n) = neighbour {
+        out.push(dir.join(n));
+    }
+    for n in ["privkey.pem", "key.pem", "tls.key"] {
+        let p = dir.join(n);
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_candidates_follow_naming_patterns() {
+        let c = key_candidates(Path::new("/etc/tls/tls.crt"));
+        assert_eq!(c[0], PathBuf::from("/etc/tls/tls.key"));
+        let c = key_candidates(Path::new("/le/fullchain.pem"));
+        assert_eq!(c[0], PathBuf::from("/le/fullchain.key"));
+        assert_eq!(c[1], PathBuf::from("/le/privkey.pem"));
+        let c = key_candidates(Path::new("/x/cert.pem"));
+        assert_eq!(c[1], PathBuf::from("/x/key.pem"));
+        assert!(c.iter().all(|p| p.parent() == Some(Path::new("/x"))));
+    }
+}

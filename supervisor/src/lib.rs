@@ -1,0 +1,181 @@
+//! The `tandem` supervisor: reads the configuration, prepares certificates,
+//! binds the listeners and supervises the worker processes. `main.rs` only
+//! calls [`main`]; LIFECYCLE.md walks through the whole life of the process.
+
+#![forbid(unsafe_code)]
+
+pub mod certs;
+pub mod process;
+pub mod supervise;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tandem_shared::config::{CertSource, Config};
+use tandem_shared::worker::settings_from_supervisor;
+
+use crate::certs::{CertManager, SourceError};
+use crate::supervise::{Listeners, Supervisor};
+
+/// Exit status: clean stop.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: runtime failure.
+pub const EXIT_RUNTIME: u8 = 1;
+/// Exit status: bad configuration; nothing was started or written.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// How a run ended: the status and, for failures, the message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Clean stop.
+    Ok,
+    /// Bad configuration or unusable certificate at start.
+    Config(anyhow::Error),
+    /// Anything else.
+    Runtime(anyhow::Error),
+}
+
+/// Entry point: dispatches on the (hidden) subcommand and maps the outcome to an exit status.
+pub fn main(args: &[String]) -> ExitCode {
+    let outcome = match args.first().map(String::as_str) {
+        None => supervisor(),
+        Some("http-worker") => worker(tandem_http_worker::run),
+        Some("https-worker") => worker(tandem_https_worker::run),
+        Some("--version" | "-V") => {
+            println!("tandem {}", tandem_shared::VERSION);
+            Outcome::Ok
+        }
+        Some("--help" | "-h" | "help") => {
+            println!("{}", usage());
+            Outcome::Ok
+        }
+        Some(other) => Outcome::Config(anyhow::anyhow!("unknown command {other:?}\n{}", usage())),
+    };
+    match outcome {
+        Outcome::Ok => ExitCode::from(EXIT_OK),
+        Outcome::Config(e) => {
+            eprintln!("tandem: error: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Outcome::Runtime(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("tandem: error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn usage() -> String {
+    let mut s = String::from(
+        "usage: tandem            run the supervisor (configured by the environment)\n       tandem --version\n\nenvironment:\n",
+    );
+    for v in tandem_shared::config::ENV_VARS {
+        s.push_str(&format!(
+            "  {:<22} {} (default: {})\n",
+            v.name, v.meaning, v.default
+        ));
+    }
+    s
+}
+
+fn worker(run: fn(tandem_shared::WorkerSettings) -> anyhow::Result<()>) -> Outcome {
+    let settings = match settings_from_supervisor() {
+        Ok(s) => s,
+        Err(e) => return Outcome::Config(anyhow::anyhow!(e)),
+    };
+    tandem_shared::init_logging(&settings.log_level, settings.log_format);
+    let role = settings.role.subcommand();
+    let id = settings.worker_id;
+    match run(settings) {
+        Ok(()) => Outcome::Ok,
+        Err(e) => Outcome::Runtime(e.context(format!("{role} {id} failed"))),
+    }
+}
+
+fn supervisor() -> Outcome {
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => return Outcome::Config(anyhow::Error::new(e)),
+    };
+    tandem_shared::init_logging(&config.log_level, config.log_format);
+    // One crypto provider for everything (rustls server, reqwest client).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            return Outcome::Runtime(
+                anyhow::Error::new(e).context("cannot start the tokio runtime"),
+            )
+        }
+    };
+    runtime.block_on(start(config))
+}
+
+async fn start(config: Config) -> Outcome {
+    // A custom certificate is checked before anything is written, so a bad
+    // pair is exit 2 with no cache directory created.
+    if let (true, CertSource::Path(cert)) = (config.enable_ssl, &config.ssl_certificate) {
+        if let Err(e) = certs::load_custom(cert, config.ssl_key.as_deref()) {
+            return Outcome::Config(anyhow::Error::new(e).context("SSL_CERTIFICATE is not usable"));
+        }
+    }
+    let certs = if config.enable_ssl {
+        let manager = match CertManager::new(&config) {
+            Ok(m) => m,
+            Err(e) => {
+                return Outcome::Runtime(
+                    anyhow::Error::new(e).context("cannot prepare the certificate cache"),
+                )
+            }
+        };
+        let (bundle, health, warning) = match manager.obtain().await {
+            Ok(r) => r,
+            Err(e @ (SourceError::Invalid(_) | SourceError::KeyNotFound { .. })) => {
+                return Outcome::Config(
+                    anyhow::Error::new(e).context("SSL_CERTIFICATE is not usable"),
+                )
+            }
+            Err(e) => return Outcome::Runtime(anyhow::Error::new(e)),
+        };
+        if let Some(w) = warning {
+            tracing::warn!(error = %format!("{:#}", anyhow::Error::new(w)), "certificate source unavailable at start");
+        }
+        if health == certs::CertHealth::Degraded {
+            tracing::warn!("no usable certificate from SSL_INDIRECT_URL and none cached: serving a generated self-signed certificate until the download succeeds\nhint: check network access to SSL_INDIRECT_URL, or set SSL_CERTIFICATE=GENERATE or a path");
+        }
+        if let Err(e) = manager.cache().publish(&bundle) {
+            return Outcome::Runtime(
+                anyhow::Error::new(e).context("cannot publish the certificate"),
+            );
+        }
+        Some((manager, bundle, health))
+    } else {
+        None
+    };
+    let listeners = match Listeners::bind(&config) {
+        Ok(l) => l,
+        Err(e) => return Outcome::Runtime(e),
+    };
+    if let Err(e) = become_reaper() {
+        return Outcome::Runtime(e);
+    }
+    match Supervisor::new(config, listeners, certs).and_then(|s| Ok(s.run())) {
+        Ok(fut) => match fut.await {
+            Ok(()) => Outcome::Ok,
+            Err(e) => Outcome::Runtime(e),
+        },
+        Err(e) => Outcome::Runtime(e),
+    }
+}
+
+/// PID 1 reaps orphans by definition; anywhere else, ask the kernel to
+/// re-parent our orphaned descendants to us so we can reap them.
+fn become_reaper() -> anyhow::Result<()> {
+    if std::process::id() != 1 {
+        nix::sys::prctl::set_child_subreaper(true).context("cannot become a child subreaper")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,598 @@
+//! The supervisor's event loop: spawn workers, reap every child, restart the
+//! ones that die, react to signals, publish certificates. See LIFECYCLE.md.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use command_fds::{CommandFdExt, FdMapping};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tandem_shared::control::{parse_event, WorkerEvent};
+use tandem_shared::sys::LISTEN_FDS_START;
+use tandem_shared::tls::Bundle;
+use tandem_shared::{url, Config, Role, WorkerSettings, WORKER_SETTINGS_VAR};
+use tokio::signal::unix::{signal, Signal as TokioSignal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::certs::{CertHealth, CertManager};
+use crate::process::{describe_exit, Slot, WorkerState};
+
+/// Descriptor number of the control socket in a worker (right after its one listener).
+const CONTROL_FD: i32 = LISTEN_FDS_START + 1;
+/// Retry delay of a failed certificate check, doubled up to the refresh interval.
+const CERT_RETRY_START: Duration = Duration::from_secs(5);
+
+/// The supervisor's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting for every worker's first `ready`.
+    Starting,
+    /// Serving.
+    Running,
+    /// Draining after SIGTERM/SIGINT, SIGKILL at the deadline.
+    Stopping {
+        /// When the remaining workers are killed.
+        deadline: Instant,
+    },
+}
+
+/// A message from a worker's control channel, tagged with its id.
+#[derive(Debug)]
+enum Control {
+    Event(u64, WorkerEvent),
+    Closed(u64),
+}
+
+/// Listeners bound by the supervisor, held for the life of the service so
+/// that a worker restart never closes a port.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Plain HTTP.
+    pub http: TcpListener,
+    /// HTTPS, when enabled.
+    pub https: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every listener; a taken port is one error naming the address.
+    pub fn bind(config: &Config) -> anyhow::Result<Self> {
+        let bind = |port: u16, what: &str| {
+            let addr = SocketAddr::new(config.host, port);
+            TcpListener::bind(addr).with_context(|| {
+                format!("cannot bind the {what} listener on {addr}\nhint: another process may hold the port; choose another with {}", if what == "HTTP" { "PORT" } else { "SSL_PORT" })
+            })
+        };
+        let http = bind(config.port, "HTTP")?;
+        let https = if config.enable_ssl {
+            Some(bind(config.ssl_port, "HTTPS")?)
+        } else {
+            None
+        };
+        Ok(Listeners { http, https })
+    }
+
+    fn addr(l: &TcpListener) -> anyhow::Result<SocketAddr> {
+        l.local_addr().context("cannot read the listener's address")
+    }
+}
+
+/// Everything the event loop owns.
+pub struct Supervisor {
+    config: Config,
+    exe: PathBuf,
+    listeners: Option<Listeners>,
+    http_addr: SocketAddr,
+    https_addr: Option<SocketAddr>,
+    slots: Vec<Slot>,
+    next_id: u64,
+    phase: Phase,
+    control_tx: mpsc::UnboundedSender<Control>,
+    control_rx: mpsc::UnboundedReceiver<Control>,
+    certs: Option<CertManager>,
+    cert_fingerprint: Option<String>,
+    cert_health: CertHealth,
+    cert_retry: Duration,
+    next_cert_check: Option<Instant>,
+}
+
+/// Signals the supervisor handles, registered before any child exists.
+struct Signals {
+    chld: TokioSignal,
+    term: TokioSignal,
+    int: TokioSignal,
+    hup: TokioSignal,
+    ttin: TokioSignal,
+    ttou: TokioSignal,
+}
+
+impl Signals {
+    fn register() -> anyhow::Result<Self> {
+        let s = |k: SignalKind| {
+            signal(k).with_context(|| format!("cannot handle signal {}", k.as_raw_value()))
+        };
+        Ok(Signals {
+            chld: s(SignalKind::child())?,
+            term: s(SignalKind::terminate())?,
+            int: s(SignalKind::interrupt())?,
+            hup: s(SignalKind::hangup())?,
+            ttin: s(SignalKind::from_raw(Signal::SIGTTIN as i32))?,
+            ttou: s(SignalKind::from_raw(Signal::SIGTTOU as i32))?,
+        })
+    }
+}
+
+/// What woke the event loop.
+enum Wake {
+    Child,
+    Stop,
+    Hup,
+    AddWorker,
+    RemoveWorker,
+    Control(Control),
+    Tick,
+}
+
+impl Supervisor {
+    /// A supervisor for `config` with bound `listeners` and a ready certificate manager.
+    pub fn new(
+        config: Config,
+        listeners: Listeners,
+        certs: Option<(CertManager, Bundle, CertHealth)>,
+    ) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()
+            .context("cannot find the tandem executable (/proc/self/exe)")?;
+        let http_addr = Listeners::addr(&listeners.http)?;
+        let https_addr = listeners.https.as_ref().map(Listeners::addr).transpose()?;
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let mut slots: Vec<Slot> = (0..config.num_workers)
+            .map(|_| Slot::new(Role::HttpWorker))
+            .collect();
+        if https_addr.is_some() {
+            slots.push(Slot::new(Role::HttpsWorker));
+        }
+        let (certs, cert_fingerprint, cert_health) = match certs {
+            Some((m, b, h)) => (Some(m), Some(b.info.fingerprint), h),
+            None => (None, None, CertHealth::Good),
+        };
+        let next_cert_check = certs
+            .as_ref()
+            .map(|_| Instant::now() + cert_interval(&config, cert_health));
+        Ok(Supervisor {
+            config,
+            exe,
+            listeners: Some(listeners),
+            http_addr,
+            https_addr,
+            slots,
+            next_id: 1,
+            phase: Phase::Starting,
+            control_tx,
+            control_rx,
+            certs,
+            cert_fingerprint,
+            cert_health,
+            cert_retry: CERT_RETRY_START,
+            next_cert_check,
+        })
+    }
+
+    /// Runs until every worker has stopped after SIGTERM/SIGINT. Errors are
+    /// start-up failures (a worker that never became ready).
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let mut signals = Signals::register()?;
+        for i in 0..self.slots.len() {
+            self.spawn(i)?;
+        }
+        loop {
+            let wake = self.next_wake(&mut signals).await;
+            match wake {
+                Wake::Child => self.reap()?,
+                Wake::Stop => self.stop(),
+                Wake::Hup => {
+                    tracing::info!("SIGHUP: re-checking the certificate source");
+                    self.check_certificate().await;
+                    self.signal_role(Role::HttpsWorker, Signal::SIGHUP);
+                }
+                Wake::AddWorker => self.add_worker()?,
+                Wake::RemoveWorker => self.remove_worker(),
+                Wake::Control(c) => self.on_control(c),
+                Wake::Tick => {}
+            }
+            // SIGCHLD can coalesce; reaping on every wake costs one syscall.
+            self.reap()?;
+            self.restart_due()?;
+            if let Some(at) = self.next_cert_check {
+                if Instant::now() >= at && matches!(self.phase, Phase::Running) {
+                    self.check_certificate().await;
+                }
+            }
+            if let Phase::Stopping { deadline } = self.phase {
+                if self.slots.iter().all(|s| s.pid.is_none()) {
+                    tracing::info!("all workers stopped; exiting");
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    self.kill_all(Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
+    async fn next_wake(&mut self, s: &mut Signals) -> Wake {
+        let tick = tokio::time::sleep(Duration::from_millis(250));
+        tokio::select! {
+            _ = s.chld.recv() => Wake::Child,
+            _ = s.term.recv() => Wake::Stop,
+            _ = s.int.recv() => Wake::Stop,
+            _ = s.hup.recv() => Wake::Hup,
+            _ = s.ttin.recv() => Wake::AddWorker,
+            _ = s.ttou.recv() => Wake::RemoveWorker,
+            Some(c) = self.control_rx.recv() => Wake::Control(c),
+            _ = tick => Wake::Tick,
+        }
+    }
+
+    fn spawn(&mut self, index: usize) -> anyhow::Result<()> {
+        let Some(listeners) = &self.listeners else {
+            return Ok(());
+        };
+        let role = self.slots[index].role;
+        let (listener, addr) = match role {
+            Role::HttpWorker => (&listeners.http, self.http_addr),
+            Role::HttpsWorker => match (&listeners.https, self.https_addr) {
+                (Some(l), Some(a)) => (l, a),
+                _ => anyhow::bail!("no HTTPS listener for the HTTPS worker"),
+            },
+        };
+        let listener_fd = listener
+            .try_clone()
+            .context("cannot duplicate the listener for a worker")?;
+        let (ours, theirs) = UnixStream::pair().context("cannot create a control socketpair")?;
+        let worker_id = self.next_id;
+        self.next_id += 1;
+        let settings = WorkerSettings {
+            role,
+            worker_id,
+            supervisor_pid: std::process::id() as i32,
+            listen_addr: addr,
+            control_fd: CONTROL_FD,
+            num_workers: self.http_slots(),
+            live_cert: self.config.cert_dir().join(tandem_shared::tls::LIVE_FILE),
+            model_repository: self.config.model_repository.clone(),
+            max_request_bytes: self.config.max_request_bytes,
+            graceful_timeout: self.config.graceful_timeout,
+            log_level: self.config.log_level.clone(),
+            log_format: self.config.log_format,
+        };
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg0("tandem")
+            .arg(role.subcommand())
+            .env_clear()
+            .env(WORKER_SETTINGS_VAR, serde_json::to_string(&settings)?)
+            .env("LISTEN_FDS", "1")
+            .env(
+                "LISTEN_FDNAMES",
+                if role == Role::HttpWorker {
+                    "http"
+                } else {
+                    "https"
+                },
+            )
+            .stdin(Stdio::null())
+            .fd_mappings(vec![
+                FdMapping {
+                    parent_fd: listener_fd.into(),
+                    child_fd: LISTEN_FDS_START,
+                },
+                FdMapping {
+                    parent_fd: theirs.into(),
+                    child_fd: CONTROL_FD,
+                },
+            ])
+            .context("descriptor mapping collision")?;
+        let child = cmd.spawn().with_context(|| {
+            format!("cannot start {} {}", self.exe.display(), role.subcommand())
+        })?;
+        let pid = Pid::from_raw(child.id() as i32);
+        // The child is reaped by waitpid(-1) in `reap`, never through this handle.
+        drop(child);
+        let slot = &mut self.slots[index];
+        slot.worker_id = worker_id;
+        slot.pid = Some(pid);
+        slot.state = WorkerState::Starting;
+        slot.started = Instant::now();
+        slot.restart_at = None;
+        tracing::info!(
+            worker_id,
+            pid = pid.as_raw(),
+            role = role.subcommand(),
+            restarts = slot.restarts,
+            "worker started"
+        );
+        self.read_control(worker_id, ours);
+        Ok(())
+    }
+
+    /// Forwards a worker's control messages to the event loop from a thread:
+    /// the socket is blocking and messages are rare.
+    fn read_control(&self, worker_id: u64, stream: UnixStream) {
+        let tx = self.control_tx.clone();
+        let spawned = std::thread::Builder::new().name(format!("control-{worker_id}")).spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                match parse_event(&line) {
+                    Ok(ev) => {
+                        if tx.send(Control::Event(worker_id, ev)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!(worker_id, error = %e, line, "unreadable control message"),
+                }
+            }
+            let _ = tx.send(Control::Closed(worker_id));
+        });
+        if let Err(e) = spawned {
+            tracing::error!(worker_id, error = %e, "cannot start the control reader thread");
+        }
+    }
+
+    fn on_control(&mut self, c: Control) {
+        match c {
+            Control::Event(id, event) => {
+                let Some(slot) = self.slots.iter_mut().find(|s| s.worker_id == id) else {
+                    return;
+                };
+                match event {
+                    WorkerEvent::Ready { addr, fingerprint } => {
+                        if slot.state == WorkerState::Starting {
+                            slot.state = WorkerState::Ready;
+                        }
+                        tracing::debug!(worker_id = id, %addr, ?fingerprint, "worker ready");
+                        if self.phase == Phase::Starting
+                            && self.slots.iter().all(|s| s.state == WorkerState::Ready)
+                        {
+                            self.phase = Phase::Running;
+                            self.announce();
+                        }
+                    }
+                    WorkerEvent::Draining => slot.state = WorkerState::Draining,
+                    WorkerEvent::Reloaded { fingerprint } => {
+                        tracing::info!(worker_id = id, %fingerprint, "https worker serves the new certificate");
+                    }
+                    WorkerEvent::ReloadFailed { reason } => {
+                        tracing::error!(worker_id = id, %reason, "https worker refused the certificate; the previous one keeps serving");
+                    }
+                }
+            }
+            Control::Closed(id) => tracing::debug!(worker_id = id, "control channel closed"),
+        }
+    }
+
+    fn announce(&self) {
+        tracing::info!(url = %url("http", self.http_addr), workers = self.http_slots(), "serving HTTP");
+        if let Some(addr) = self.https_addr {
+            tracing::info!(url = %url("https", addr), fingerprint = ?self.cert_fingerprint, "serving HTTPS");
+        }
+    }
+
+    /// Reaps every exited child: workers are scheduled for restart, orphans
+    /// re-parented to us are simply collected so no zombie remains.
+    fn reap(&mut self) -> anyhow::Result<()> {
+        loop {
+            let status = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return Ok(()),
+                Ok(s) => s,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e).context("waitpid failed"),
+            };
+            let Some(pid) = status.pid() else { continue };
+            let Some(index) = self.slots.iter().position(|s| s.pid == Some(pid)) else {
+                tracing::debug!(pid = pid.as_raw(), how = %describe_exit(&status), "reaped an orphan");
+                continue;
+            };
+            self.worker_exited(index, &status)?;
+        }
+    }
+
+    fn worker_exited(&mut self, index: usize, status: &WaitStatus) -> anyhow::Result<()> {
+        let how = describe_exit(status);
+        let slot = &mut self.slots[index];
+        let (worker_id, pid) = (slot.worker_id, slot.pid.map_or(0, Pid::as_raw));
+        let role = slot.role.subcommand();
+        if matches!(self.phase, Phase::Stopping { .. }) || slot.retired {
+            slot.pid = None;
+            slot.state = WorkerState::Stopped;
+            tracing::info!(worker_id, pid, role, %how, "worker stopped");
+            if slot.retired {
+                self.slots.remove(index);
+            }
+            return Ok(());
+        }
+        if self.phase == Phase::Starting && slot.state == WorkerState::Starting {
+            anyhow::bail!("{role} {worker_id} (pid {pid}) exited before it was ready ({how}); its log above says why");
+        }
+        let delay = slot.exited(Instant::now());
+        slot.restarts += 1;
+        tracing::warn!(worker_id, pid, role, %how, restarts = slot.restarts, delay_ms = delay.as_millis() as u64, "worker died; restarting");
+        Ok(())
+    }
+
+    fn restart_due(&mut self) -> anyhow::Result<()> {
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            return Ok(());
+        }
+        let now = Instant::now();
+        for i in 0..self.slots.len() {
+            if self.slots[i].restart_at.is_some_and(|at| at <= now) {
+                if let Err(e) = self.spawn(i) {
+                    tracing::error!(error = format!("{e:#}"), "restart failed; will retry");
+                    let s = &mut self.slots[i];
+                    s.exited(now);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Phase::Stopping { .. } = self.phase {
+            tracing::warn!("second stop signal: killing workers now");
+            self.kill_all(Signal::SIGKILL);
+            return;
+        }
+        let deadline = Instant::now() + self.config.graceful_timeout;
+        self.phase = Phase::Stopping { deadline };
+        tracing::info!(
+            timeout_s = self.config.graceful_timeout.as_secs(),
+            "stopping: draining workers"
+        );
+        // Our copies of the listeners go; each worker closes its own as it drains.
+        self.listeners = None;
+        for s in &mut self.slots {
+            s.restart_at = None;
+        }
+        self.kill_all(Signal::SIGTERM);
+    }
+
+    fn kill_all(&mut self, sig: Signal) {
+        for s in &mut self.slots {
+            if let Some(pid) = s.pid {
+                if sig == Signal::SIGKILL {
+                    tracing::warn!(
+                        worker_id = s.worker_id,
+                        pid = pid.as_raw(),
+                        "worker did not drain in time; killing"
+                    );
+                } else {
+                    s.state = WorkerState::Draining;
+                }
+                let _ = kill(pid, sig);
+            }
+        }
+    }
+
+    fn signal_role(&self, role: Role, sig: Signal) {
+        for s in self.slots.iter().filter(|s| s.role == role) {
+            if let Some(pid) = s.pid {
+                let _ = kill(pid, sig);
+            }
+        }
+    }
+
+    fn http_slots(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| s.role == Role::HttpWorker && !s.retired)
+            .count()
+    }
+
+    fn add_worker(&mut self) -> anyhow::Result<()> {
+        if matches!(self.phase, Phase::Stopping { .. }) {
+            return Ok(());
+        }
+        let at = self
+            .slots
+            .iter()
+            .rposition(|s| s.role == Role::HttpWorker)
+            .map_or(0, |i| i + 1);
+        self.slots.insert(at, Slot::new(Role::HttpWorker));
+        tracing::info!(
+            workers = self.http_slots(),
+            "SIGTTIN: adding an HTTP worker"
+        );
+        self.spawn(at)
+    }
+
+    fn remove_worker(&mut self) {
+        if self.http_slots() <= 1 || matches!(self.phase, Phase::Stopping { .. }) {
+            tracing::info!("SIGTTOU ignored: at least one HTTP worker must remain");
+            return;
+        }
+        let Some(i) = self
+            .slots
+            .iter()
+            .rposition(|s| s.role == Role::HttpWorker && !s.retired)
+        else {
+            return;
+        };
+        let slot = &mut self.slots[i];
+        slot.retired = true;
+        slot.restart_at = None;
+        match slot.pid {
+            Some(pid) => {
+                slot.state = WorkerState::Draining;
+                let _ = kill(pid, Signal::SIGTERM);
+            }
+            None => {
+                self.slots.remove(i);
+            }
+        }
+        tracing::info!(
+            workers = self.http_slots(),
+            "SIGTTOU: removing an HTTP worker"
+        );
+    }
+
+    /// Re-checks the certificate source; publishes and signals the HTTPS
+    /// worker only when the certificate changed.
+    async fn check_certificate(&mut self) {
+        let Some(certs) = &self.certs else { return };
+        let result = certs.obtain().await;
+        let now = Instant::now();
+        match result {
+            Ok((bundle, health, warning)) => {
+                if let Some(e) = &warning {
+                    tracing::warn!(error = %format!("{e:#}"), retry_s = self.cert_retry.as_secs(), "certificate source unavailable; keeping the cached certificate");
+                }
+                if health == CertHealth::Degraded {
+                    tracing::warn!("serving a generated stand-in certificate until the configured source answers");
+                }
+                self.cert_health = health;
+                if self.cert_fingerprint.as_deref() != Some(bundle.info.fingerprint.as_str()) {
+                    match certs.cache().publish(&bundle) {
+                        Ok(()) => {
+                            tracing::info!(fingerprint = %bundle.info.fingerprint, "published a new certificate");
+                            self.cert_fingerprint = Some(bundle.info.fingerprint);
+                            self.signal_role(Role::HttpsWorker, Signal::SIGHUP);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "cannot publish the new certificate; the previous one keeps serving")
+                        }
+                    }
+                }
+                if warning.is_some() {
+                    self.next_cert_check = Some(now + self.cert_retry);
+                    self.cert_retry = (self.cert_retry * 2).min(self.config.ssl_refresh_interval);
+                } else {
+                    self.cert_retry = CERT_RETRY_START;
+                    self.next_cert_check = Some(now + cert_interval(&self.config, health));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "certificate refused; the previous one keeps serving");
+                self.next_cert_check = Some(now + self.cert_retry);
+                self.cert_retry = (self.cert_retry * 2).min(self.config.ssl_refresh_interval);
+            }
+        }
+    }
+}
+
+/// How often to re-check the certificate source.
+fn cert_interval(config: &Config, health: CertHealth) -> Duration {
+    match (&config.ssl_certificate, health) {
+        // Files are cheap to re-read; a change on disk should show within seconds.
+        (tandem_shared::config::CertSource::Path(_), _) => {
+            Duration::from_secs(2).min(config.ssl_refresh_interval)
+        }
+        (_, CertHealth::Degraded) => CERT_RETRY_START,
+        _ => config.ssl_refresh_interval,
+    }
+}
