@@ -630,3 +630,27 @@ mod tests {
         assert!(parse(&[("SSL_SAN", "bad name!")]).is_err());
     }
 }
+
+#[cfg(test)]
+mod readme {
+    use super::ENV_VARS;
+
+    #[test]
+    fn readme_table_lists_every_variable() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        let readme = std::fs::read_to_string(&path).expect("README.md beside the workspace");
+        for v in ENV_VARS {
+            assert!(
+                readme.contains(&format!("| `{}` |", v.name)),
+                "README's table lacks {}",
+                v.name
+            );
+        }
+        let rows = readme.lines().filter(|l| l.starts_with("| `")).count();
+        assert_eq!(
+            rows,
+            ENV_VARS.len(),
+            "README's table and ENV_VARS differ in length"
+        );
+    }
+}

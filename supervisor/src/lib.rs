@@ -162,11 +162,12 @@ async fn start(config: Config) -> Outcome {
     if let Err(e) = become_reaper() {
         return Outcome::Runtime(e);
     }
-    match Supervisor::new(config, listeners, certs).and_then(|s| Ok(s.run())) {
-        Ok(fut) => match fut.await {
-            Ok(()) => Outcome::Ok,
-            Err(e) => Outcome::Runtime(e),
-        },
+    let supervisor = match Supervisor::new(config, listeners, certs) {
+        Ok(s) => s,
+        Err(e) => return Outcome::Runtime(e),
+    };
+    match supervisor.run().await {
+        Ok(()) => Outcome::Ok,
         Err(e) => Outcome::Runtime(e),
     }
 }

@@ -1,0 +1,352 @@
+//! Test harness: start the real `tandem` binary on free ports, wait for it,
+//! talk to it, and explain failures with the command, environment and stderr.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different subset of the harness"
+)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly by design"
+)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+
+/// The binary under test, built by cargo for this test run.
+pub const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+
+/// How long start-up may take before a test gives up.
+pub const START_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    // Bind and release: the kernel does not hand the same ephemeral port
+    // out again immediately, so the race with other tests is negligible.
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Two distinct free ports.
+pub fn free_ports() -> (u16, u16) {
+    let a = TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` and `explain()` after `deadline`.
+pub fn wait_for<T>(
+    deadline: Duration,
+    what: &str,
+    explain: impl Fn() -> String,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!(
+                "timed out after {deadline:?} waiting for {what}\n{}",
+                explain()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A running (or finished) tandem supervisor.
+pub struct Tandem {
+    pub child: Child,
+    pub env: BTreeMap<String, String>,
+    pub http_port: u16,
+    pub https_port: u16,
+    pub dir: tempfile::TempDir,
+    stderr_path: PathBuf,
+    status: Option<ExitStatus>,
+    program: Vec<String>,
+}
+
+/// Builder for a tandem process.
+pub struct TandemBuilder {
+    env: BTreeMap<String, String>,
+    wrapper: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl TandemBuilder {
+    /// Defaults: free ports on 127.0.0.1, a private cache dir, GENERATE certificates.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (http, https) = free_ports();
+        let mut env = BTreeMap::new();
+        env.insert("HOST".into(), "127.0.0.1".into());
+        env.insert("PORT".into(), http.to_string());
+        env.insert("SSL_PORT".into(), https.to_string());
+        env.insert(
+            "MODEL_CACHE_DIR".into(),
+            dir.path().join("cache").display().to_string(),
+        );
+        env.insert("SSL_CERTIFICATE".into(), "GENERATE".into());
+        env.insert("GRACEFUL_TIMEOUT".into(), "10".into());
+        env.insert("LOG_LEVEL".into(), "info".into());
+        TandemBuilder {
+            env,
+            wrapper: Vec::new(),
+            dir,
+        }
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.insert(k.into(), v.into());
+        self
+    }
+
+    pub fn unset(mut self, k: &str) -> Self {
+        self.env.remove(k);
+        self
+    }
+
+    pub fn ssl(self) -> Self {
+        self.env("ENABLE_SSL", "true")
+    }
+
+    /// Runs tandem under another program (e.g. `unshare --pid --fork`).
+    pub fn wrapped(mut self, argv: &[&str]) -> Self {
+        self.wrapper = argv.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts the process without waiting for readiness.
+    pub fn spawn(self) -> Tandem {
+        let stderr_path = self.dir.path().join("stderr.log");
+        let stderr = fs::File::create(&stderr_path).unwrap();
+        let mut program = self.wrapper.clone();
+        program.push(TANDEM.to_string());
+        let mut cmd = Command::new(&program[0]);
+        cmd.args(&program[1..])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(&self.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program:?}: {e}"));
+        let port = |k: &str| self.env.get(k).and_then(|p| p.parse().ok()).unwrap_or(0);
+        Tandem {
+            child,
+            http_port: port("PORT"),
+            https_port: port("SSL_PORT"),
+            env: self.env,
+            dir: self.dir,
+            stderr_path,
+            status: None,
+            program,
+        }
+    }
+
+    /// Starts tandem and waits until every listener answers.
+    pub fn start(self) -> Tandem {
+        let ssl = self.env.get("ENABLE_SSL").is_some_and(|v| v == "true");
+        let mut t = self.spawn();
+        t.wait_ready(ssl);
+        t
+    }
+}
+
+impl Tandem {
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Everything needed to understand a failure.
+    pub fn explain(&self) -> String {
+        let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!(
+            "--- command: {} {}\n--- status: {:?}\n--- stderr:\n{}",
+            env.join(" "),
+            self.program.join(" "),
+            self.status,
+            self.stderr()
+        )
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    pub fn https_url(&self, host: &str, path: &str) -> String {
+        format!("https://{host}:{}{path}", self.https_port)
+    }
+
+    pub fn cert_dir(&self) -> PathBuf {
+        PathBuf::from(&self.env["MODEL_CACHE_DIR"]).join("ssl_certificates")
+    }
+
+    /// The certificate chain tandem serves, as PEM (the trust root for a self-signed one).
+    pub fn served_chain_pem(&self) -> String {
+        let live = fs::read_to_string(self.cert_dir().join("live.pem")).unwrap();
+        let start = live.find("-----BEGIN CERTIFICATE-----").unwrap();
+        live[start..].to_string()
+    }
+
+    /// A client trusting only `ca_pem`.
+    pub fn https_client(ca_pem: &str) -> reqwest::blocking::Client {
+        install_provider();
+        reqwest::blocking::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+            .tls_info(true)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    }
+
+    pub fn http_client() -> reqwest::blocking::Client {
+        install_provider();
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap()
+    }
+
+    /// Waits until HTTP (and HTTPS) answer `/v2/health/ready` with 200.
+    pub fn wait_ready(&mut self, ssl: bool) {
+        let http = Self::http_client();
+        let url = self.http_url("/v2/health/ready");
+        let explain = || self.explain();
+        wait_for(START_DEADLINE, "HTTP readiness", explain, || {
+            http.get(&url)
+                .send()
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        });
+        if ssl {
+            let url = self.https_url("127.0.0.1", "/v2/health/ready");
+            wait_for(START_DEADLINE, "HTTPS readiness", explain, || {
+                let chain = fs::read_to_string(self.cert_dir().join("live.pem")).ok()?;
+                let client =
+                    Self::https_client(&chain[chain.find("-----BEGIN CERTIFICATE-----")?..]);
+                client
+                    .get(&url)
+                    .send()
+                    .ok()
+                    .filter(|r| r.status().is_success())
+                    .map(|_| ())
+            });
+        }
+    }
+
+    /// Sends a signal to the supervisor.
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).unwrap();
+    }
+
+    /// Waits for the supervisor to exit.
+    pub fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
+        let end = Instant::now() + deadline;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                self.status = Some(s);
+                return s;
+            }
+            if Instant::now() > end {
+                panic!(
+                    "tandem did not exit within {deadline:?}\n{}",
+                    self.explain()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Direct children of `pid` with their command lines.
+    pub fn children_of(pid: Pid) -> Vec<(Pid, String)> {
+        let path = format!("/proc/{pid}/task/{pid}/children");
+        let list = fs::read_to_string(path).unwrap_or_default();
+        list.split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .map(|p| {
+                let cmd = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&cmd)
+                    .replace('\0', " ")
+                    .trim()
+                    .to_string();
+                (Pid::from_raw(p), cmd)
+            })
+            .collect()
+    }
+
+    /// Pids of the supervisor's workers with the given role.
+    pub fn workers(&self, role: &str) -> Vec<Pid> {
+        Self::children_of(self.pid())
+            .into_iter()
+            .filter(|(_, c)| c == &format!("tandem {role}"))
+            .map(|(p, _)| p)
+            .collect()
+    }
+}
+
+impl Drop for Tandem {
+    fn drop(&mut self) {
+        // The whole process group: supervisor and every worker.
+        let _ = killpg(self.pid(), Signal::SIGKILL);
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}", self.explain());
+        }
+    }
+}
+
+/// Installs the process-wide rustls crypto provider once.
+pub fn install_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Whether a process is gone (or a zombie nobody reaped).
+pub fn process_state(pid: Pid) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.trim_start().chars().next()
+}
+
+/// SHA-256 fingerprint of the leaf certificate a response was served with.
+pub fn served_fingerprint(resp: &reqwest::blocking::Response) -> String {
+    let info = resp
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .expect("tls_info enabled");
+    let der = info.peer_certificate().expect("peer certificate");
+    tandem_shared::tls::inspect(&der.to_vec().into(), "served")
+        .unwrap()
+        .fingerprint
+}
