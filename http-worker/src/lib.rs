@@ -3,6 +3,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod engine;
+pub mod infer;
 pub mod router;
 
 use std::sync::Arc;
@@ -41,8 +43,8 @@ async fn serve(
         .context("cannot make the listener non-blocking")?;
     let listener =
         tokio::net::TcpListener::from_std(std_listener).context("cannot register the listener")?;
-    let state = AppState::new(&settings);
-    let app = router(state);
+    let engine = load_engine(&settings)?;
+    let app = router(AppState::new(&settings, engine));
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -69,6 +71,22 @@ async fn serve(
     let _ = drain_tx.send(());
     drain(server, settings.graceful_timeout).await;
     Ok(())
+}
+
+/// Loads the model repository named in the settings, sized for this worker's share of the cores.
+pub fn load_engine(settings: &WorkerSettings) -> anyhow::Result<Arc<engine::Engine>> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / settings.num_workers.max(1)).max(1);
+    let started = std::time::Instant::now();
+    let engine = engine::Engine::load(&settings.model_repository, threads)?;
+    tracing::info!(
+        worker_id = settings.worker_id,
+        models = engine.models.len(),
+        threads,
+        ms = started.elapsed().as_millis() as u64,
+        "engine loaded"
+    );
+    Ok(Arc::new(engine))
 }
 
 /// Waits for a draining server task, giving up after `timeout`.

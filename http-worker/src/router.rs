@@ -1,14 +1,20 @@
 //! The API router, a plain function so that every listener serves the very same API.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::json;
 use tandem_shared::WorkerSettings;
+
+use crate::engine::{Engine, ModelVersion, TensorMeta};
+use crate::infer::{build_inputs, decode_body, encode_response, ApiError, HEADER_LENGTH};
 
 /// Which listener a request arrived on; the HTTPS side inserts `Scheme::Https`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,15 +44,34 @@ pub struct AppState {
 struct Inner {
     worker_id: u64,
     num_workers: usize,
+    max_request_bytes: usize,
+    engine: Arc<Engine>,
+    started: Instant,
+    metrics: Metrics,
+}
+
+/// Counters exported on `/metrics`.
+#[derive(Debug, Default)]
+struct Metrics {
+    infer_ok: AtomicU64,
+    infer_client_error: AtomicU64,
+    infer_server_error: AtomicU64,
+    infer_micros: AtomicU64,
+    inferences: AtomicU64,
 }
 
 impl AppState {
-    /// State for the worker described by `settings`.
-    pub fn new(settings: &WorkerSettings) -> Self {
+    /// State for the worker described by `settings`, serving `engine`.
+    pub fn new(settings: &WorkerSettings, engine: Arc<Engine>) -> Self {
         AppState {
             inner: Arc::new(Inner {
                 worker_id: settings.worker_id,
                 num_workers: settings.num_workers,
+                max_request_bytes: usize::try_from(settings.max_request_bytes)
+                    .unwrap_or(usize::MAX),
+                engine,
+                started: Instant::now(),
+                metrics: Metrics::default(),
             }),
         }
     }
@@ -57,24 +82,79 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.status, self.message)
+    }
+}
+
 /// The API, served identically on the HTTP and HTTPS listeners.
 pub fn router(state: AppState) -> Router {
-    let worker_id = state.inner.worker_id.to_string();
+    let worker_id = HeaderValue::from(state.inner.worker_id);
     Router::new()
         .route("/", get(info))
+        .route("/metrics", get(metrics))
+        .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/models/{name}", get(model_metadata))
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route("/v2/models/{name}/config", get(model_config))
+        .route("/v2/models/{name}/infer", post(infer))
+        .route("/v2/models/{name}/versions/{version}", get(model_metadata))
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(model_ready),
+        )
+        .route(
+            "/v2/models/{name}/versions/{version}/config",
+            get(model_config),
+        )
+        .route("/v2/models/{name}/versions/{version}/infer", post(infer))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this route",
+            )
+        })
         .with_state(state)
         .layer(axum::middleware::map_response(move |mut res: Response| {
             let worker_id = worker_id.clone();
             async move {
-                if let Ok(v) = worker_id.parse() {
-                    res.headers_mut().insert("x-tandem-worker", v);
-                }
+                res.headers_mut().insert("x-tandem-worker", worker_id);
                 res
             }
         }))
+}
+
+/// Path parameters: model name and optional version.
+#[derive(Debug, serde::Deserialize)]
+struct ModelPath {
+    name: String,
+    version: Option<String>,
+}
+
+fn find(state: &AppState, p: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> {
+    let not_found = |message| ApiError {
+        status: StatusCode::NOT_FOUND,
+        message,
+    };
+    let model = state
+        .inner
+        .engine
+        .models
+        .get(&p.name)
+        .ok_or_else(|| not_found(format!("unknown model {:?}", p.name)))?;
+    model.version(p.version.as_deref()).cloned().ok_or_else(|| {
+        not_found(format!(
+            "model {:?} has no version {:?}; it has {:?}",
+            p.name,
+            p.version.as_deref().unwrap_or(""),
+            model.labels()
+        ))
+    })
 }
 
 async fn info(
@@ -82,12 +162,28 @@ async fn info(
     scheme: Option<Extension<Scheme>>,
 ) -> Json<serde_json::Value> {
     let scheme = scheme.map_or(Scheme::Http, |Extension(s)| s);
+    let models: Vec<_> = state
+        .inner
+        .engine
+        .models
+        .iter()
+        .map(|(n, m)| json!({ "name": n, "versions": m.labels() }))
+        .collect();
     Json(json!({
         "name": "tandem",
         "version": tandem_shared::VERSION,
         "scheme": scheme.as_str(),
         "worker_id": state.inner.worker_id,
         "workers": state.inner.num_workers,
+        "models": models,
+    }))
+}
+
+async fn server_metadata() -> Json<serde_json::Value> {
+    Json(json!({
+        "name": "tandem",
+        "version": tandem_shared::VERSION,
+        "extensions": ["classification", "binary_tensor_data", "model_repository"],
     }))
 }
 
@@ -95,6 +191,197 @@ async fn live() -> Json<serde_json::Value> {
     Json(json!({ "live": true }))
 }
 
-async fn ready() -> Json<serde_json::Value> {
-    Json(json!({ "ready": true }))
+/// Ready once every model is loaded, which the worker does before it serves at all.
+async fn ready(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "ready": true, "models": state.inner.engine.models.len() }))
+}
+
+async fn repository_index(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let mut out = Vec::new();
+    for (name, m) in &state.inner.engine.models {
+        for v in m.labels() {
+            out.push(json!({ "name": name, "version": v, "state": "READY" }));
+        }
+    }
+    Json(json!(out))
+}
+
+async fn model_metadata(
+    State(state): State<AppState>,
+    Path(p): Path<ModelPath>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let v = find(&state, &p)?;
+    let versions = state
+        .inner
+        .engine
+        .models
+        .get(&p.name)
+        .map(|m| m.labels())
+        .unwrap_or_default();
+    Ok(Json(json!({
+        "name": v.name,
+        "versions": versions,
+        "platform": v.platform,
+        "inputs": v.inputs,
+        "outputs": v.outputs,
+    })))
+}
+
+async fn model_ready(
+    State(state): State<AppState>,
+    Path(p): Path<ModelPath>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let v = find(&state, &p)?;
+    Ok(Json(
+        json!({ "name": v.name, "version": v.version, "ready": true }),
+    ))
+}
+
+/// Triton-style configuration (dims without the batch dimension).
+async fn model_config(
+    State(state): State<AppState>,
+    Path(p): Path<ModelPath>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let v = find(&state, &p)?;
+    let dims = |t: &TensorMeta| -> serde_json::Value {
+        let skip = usize::from(v.max_batch_size > 0);
+        json!({ "name": t.name, "data_type": format!("TYPE_{}", t.datatype), "dims": t.shape.iter().skip(skip).collect::<Vec<_>>() })
+    };
+    Ok(Json(json!({
+        "name": v.name,
+        "platform": v.platform,
+        "max_batch_size": v.max_batch_size,
+        "input": v.inputs.iter().map(dims).collect::<Vec<_>>(),
+        "output": v.outputs.iter().map(dims).collect::<Vec<_>>(),
+    })))
+}
+
+async fn infer(
+    State(state): State<AppState>,
+    Path(p): Path<ModelPath>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let m = &state.inner.metrics;
+    let started = Instant::now();
+    let result = run_infer(&state, &p, &headers, body).await;
+    m.infer_micros
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    match result {
+        Ok(r) => {
+            m.infer_ok.fetch_add(1, Ordering::Relaxed);
+            r
+        }
+        Err(e) => {
+            let counter = if e.status.is_client_error() {
+                &m.infer_client_error
+            } else {
+                &m.infer_server_error
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            e.into_response()
+        }
+    }
+}
+
+async fn run_infer(
+    state: &AppState,
+    p: &ModelPath,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let model = find(state, p)?;
+    let limit = state.inner.max_request_bytes;
+    let too_large = || ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!("request body exceeds MAX_REQUEST_BYTES ({limit} bytes)"),
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = source {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return too_large();
+            }
+            source = s.source();
+        }
+        ApiError::bad(format!("cannot read the request body: {e}"))
+    })?;
+    let header_len = headers
+        .get(HEADER_LENGTH)
+        .map(|v| v.to_str().unwrap_or("invalid"));
+    let (req, binary) = decode_body(&bytes, header_len)?;
+    let inputs = build_inputs(&model, &req, binary)?;
+
+    let engine = &state.inner.engine;
+    let _permit = engine.permits.acquire().await.map_err(|_| ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "the worker is shutting down".into(),
+    })?;
+    let runner = model.clone();
+    let outputs = tokio::task::spawn_blocking(move || runner.run(inputs))
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!("inference crashed: {e}"),
+        })?
+        .map_err(|e| ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: format!("inference failed: {e:#}"),
+        })?;
+    state
+        .inner
+        .metrics
+        .inferences
+        .fetch_add(1, Ordering::Relaxed);
+    let (body, json_len) = encode_response(&model, &req, &outputs)?;
+    let mut res = Response::new(Body::from(body));
+    let h = res.headers_mut();
+    match json_len {
+        Some(n) => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            h.insert(HEADER_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+    }
+    Ok(res)
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let m = &state.inner.metrics;
+    let id = state.inner.worker_id;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let text = format!(
+        "# HELP tandem_infer_requests_total Inference requests by outcome, per worker.\n\
+         # TYPE tandem_infer_requests_total counter\n\
+         tandem_infer_requests_total{{worker=\"{id}\",outcome=\"ok\"}} {}\n\
+         tandem_infer_requests_total{{worker=\"{id}\",outcome=\"client_error\"}} {}\n\
+         tandem_infer_requests_total{{worker=\"{id}\",outcome=\"server_error\"}} {}\n\
+         # HELP tandem_infer_duration_seconds_sum Time spent answering inference requests.\n\
+         # TYPE tandem_infer_duration_seconds_sum counter\n\
+         tandem_infer_duration_seconds_sum{{worker=\"{id}\"}} {:.6}\n\
+         # HELP tandem_worker_uptime_seconds Seconds since this worker started.\n\
+         # TYPE tandem_worker_uptime_seconds gauge\n\
+         tandem_worker_uptime_seconds{{worker=\"{id}\"}} {:.3}\n",
+        get(&m.infer_ok),
+        get(&m.infer_client_error),
+        get(&m.infer_server_error),
+        get(&m.infer_micros) as f64 / 1e6,
+        state.inner.started.elapsed().as_secs_f64(),
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }

@@ -64,7 +64,9 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     let listener =
         tokio::net::TcpListener::from_std(std_listener).context("cannot register the listener")?;
 
-    let app = router(AppState::new(&settings)).layer(axum::Extension(Scheme::Https));
+    // Until the shared-memory channel lands, the HTTPS worker runs the engine in-process.
+    let engine = tandem_http_worker::load_engine(&settings)?;
+    let app = router(AppState::new(&settings, engine)).layer(axum::Extension(Scheme::Https));
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let builder = auto::Builder::new(TokioExecutor::new());

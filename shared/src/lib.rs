@@ -60,8 +60,8 @@ pub struct WorkerSettings {
     pub num_workers: usize,
     /// Path of `live.pem` (HTTPS worker).
     pub live_cert: PathBuf,
-    /// Model repository, when set explicitly.
-    pub model_repository: Option<PathBuf>,
+    /// Model repository (resolved by the supervisor).
+    pub model_repository: PathBuf,
     /// Largest accepted request body in bytes.
     pub max_request_bytes: u64,
     /// Drain time on stop.

@@ -8,6 +8,7 @@ pub mod certs;
 pub mod process;
 pub mod supervise;
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -114,7 +115,38 @@ fn supervisor() -> Outcome {
     runtime.block_on(start(config))
 }
 
+/// The model repository: `MODEL_REPOSITORY`, else the one shipped with tandem,
+/// looked up beside the binary, then in the source tree it was built from.
+pub fn model_repository(config: &Config) -> Result<PathBuf, Vec<PathBuf>> {
+    if let Some(p) = &config.model_repository {
+        return Ok(p.clone());
+    }
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        candidates.push(dir.join("models"));
+        candidates.push(dir.join("../share/tandem/models"));
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../models"));
+    match candidates.iter().find(|p| p.is_dir()) {
+        Some(p) => Ok(p.canonicalize().unwrap_or_else(|_| p.clone())),
+        None => Err(candidates),
+    }
+}
+
 async fn start(config: Config) -> Outcome {
+    let repository = match model_repository(&config) {
+        Ok(r) => r,
+        Err(tried) => {
+            let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+            return Outcome::Config(anyhow::anyhow!(
+                "MODEL_REPOSITORY is not set and no built-in model repository was found; tried {}\nhint: set MODEL_REPOSITORY to a directory of <model>/<version>/model.onnx",
+                tried.join(", ")
+            ));
+        }
+    };
     // A custom certificate is checked before anything is written, so a bad
     // pair is exit 2 with no cache directory created.
     if let (true, CertSource::Path(cert)) = (config.enable_ssl, &config.ssl_certificate) {
@@ -162,7 +194,7 @@ async fn start(config: Config) -> Outcome {
     if let Err(e) = become_reaper() {
         return Outcome::Runtime(e);
     }
-    let supervisor = match Supervisor::new(config, listeners, certs) {
+    let supervisor = match Supervisor::new(config, repository, listeners, certs) {
         Ok(s) => s,
         Err(e) => return Outcome::Runtime(e),
     };

@@ -87,6 +87,7 @@ impl Listeners {
 /// Everything the event loop owns.
 pub struct Supervisor {
     config: Config,
+    model_repository: PathBuf,
     exe: PathBuf,
     listeners: Option<Listeners>,
     http_addr: SocketAddr,
@@ -144,6 +145,7 @@ impl Supervisor {
     /// A supervisor for `config` with bound `listeners` and a ready certificate manager.
     pub fn new(
         config: Config,
+        model_repository: PathBuf,
         listeners: Listeners,
         certs: Option<(CertManager, Bundle, CertHealth)>,
     ) -> anyhow::Result<Self> {
@@ -167,6 +169,7 @@ impl Supervisor {
             .map(|_| Instant::now() + cert_interval(&config, cert_health));
         Ok(Supervisor {
             config,
+            model_repository,
             exe,
             listeners: Some(listeners),
             http_addr,
@@ -266,7 +269,7 @@ impl Supervisor {
             control_fd: CONTROL_FD,
             num_workers: self.http_slots(),
             live_cert: self.config.cert_dir().join(tandem_shared::tls::LIVE_FILE),
-            model_repository: self.config.model_repository.clone(),
+            model_repository: self.model_repository.clone(),
             max_request_bytes: self.config.max_request_bytes,
             graceful_timeout: self.config.graceful_timeout,
             log_level: self.config.log_level.clone(),

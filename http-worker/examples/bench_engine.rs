@@ -1,0 +1,74 @@
+//! In-process engine benchmark: inferences/s and p50/p99 latency of a model
+//! from the repository, without HTTP. Used by `scripts/bench-engine`.
+//!
+//! Usage: bench_engine [REPOSITORY] [MODEL] [SECONDS_PER_CASE]
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark fails loudly"
+)]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tandem_http_worker::engine::Engine;
+use tract_onnx::prelude::*;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let repo = args.first().map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"),
+        PathBuf::from,
+    );
+    let model = args.get(1).map_or("digits", String::as_str);
+    let secs: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let engine = Engine::load(&repo, 1).expect("load repository");
+    let v = engine
+        .models
+        .get(model)
+        .and_then(|m| m.version(None))
+        .expect("model")
+        .clone();
+    let input = &v.inputs[0];
+    println!("| model | batch | inferences/s | rows/s | p50 µs | p99 µs |");
+    println!("|---|---|---|---|---|---|");
+    for batch in [1usize, 8, 64] {
+        if v.max_batch_size > 0 && batch > v.max_batch_size {
+            continue;
+        }
+        let shape: Vec<usize> = input
+            .shape
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| {
+                if i == 0 && d == -1 {
+                    batch
+                } else {
+                    d.max(1) as usize
+                }
+            })
+            .collect();
+        let count: usize = shape.iter().product();
+        let x = Tensor::from_shape(&shape, &vec![4.0f32; count]).expect("tensor");
+        let mut lat = Vec::new();
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        let started = Instant::now();
+        while Instant::now() < end {
+            let t = Instant::now();
+            v.run(tvec!(x.clone().into())).expect("run");
+            lat.push(t.elapsed());
+        }
+        let total = started.elapsed().as_secs_f64();
+        lat.sort();
+        let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)].as_micros();
+        let ips = lat.len() as f64 / total;
+        println!(
+            "| {model} | {batch} | {ips:.0} | {:.0} | {} | {} |",
+            ips * batch as f64,
+            p(0.5),
+            p(0.99)
+        );
+        eprintln!("batch {batch}: {} inferences in {total:.1}s", lat.len());
+    }
+}
