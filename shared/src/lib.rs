@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod control;
+pub mod frame;
 pub mod sys;
 pub mod tls;
 pub mod worker;

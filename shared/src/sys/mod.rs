@@ -1,4 +1,5 @@
-//! The only module with `unsafe`: adopting file descriptors handed down by the supervisor.
+//! The only module with `unsafe`: adopting file descriptors handed down by the
+//! supervisor, and the shared-memory ring ([`shm`]).
 //!
 //! Workers receive their listener (LISTEN_FDS convention, from fd 3) and their
 //! control socket at fixed descriptor numbers. Taking ownership of a raw
@@ -8,6 +9,8 @@
     unsafe_code,
     reason = "adopting inherited descriptors needs from_raw_fd; every block says why it is sound"
 )]
+
+pub mod shm;
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};

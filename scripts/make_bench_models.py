@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Make the benchmark models (random weights; not shipped as defaults).
+
+- `cnn`: a small convolutional network on [-1, 3, 64, 64] FP32 that costs a few
+  milliseconds per inference on one core; for scaling benchmarks.
+- `large`: takes [-1, 3, 512, 512] FP32 (3 MiB per image; 4 MiB with a
+  [-1, 4, 512, 512] variant below) and reduces it cheaply (global average
+  pool), for request-body-size benchmarks.
+
+The weights are random (fixed seed): these models measure the server, not
+accuracy. Usage: scripts/make_bench_models.py [--out bench-models]
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def save(model, out, name, max_batch):
+    onnx.checker.check_model(model)
+    d = out / name / "1"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "model.onnx").write_bytes(model.SerializeToString())
+    (out / name / "config.json").write_text(json.dumps({"max_batch_size": max_batch, "platform": "onnx"}) + "\n")
+    print(f"wrote {d / 'model.onnx'}", file=sys.stderr)
+
+
+def cnn(rng):
+    chans = [3, 32, 64, 64]
+    inits, nodes, x = [], [], "image"
+    for i in range(3):
+        w = (rng.standard_normal((chans[i + 1], chans[i], 3, 3)) * 0.1).astype(np.float32)
+        b = np.zeros(chans[i + 1], dtype=np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        nodes.append(helper.make_node("MaxPool", [f"r{i}"], [f"p{i}"], kernel_shape=[2, 2], strides=[2, 2]))
+        x = f"p{i}"
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"]))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
+    wf = (rng.standard_normal((64, 10)) * 0.1).astype(np.float32)
+    inits += [numpy_helper.from_array(wf, "wf"), numpy_helper.from_array(np.zeros(10, np.float32), "bf")]
+    nodes.append(helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"]))
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
+    g = helper.make_graph(
+        nodes, "cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 64, 64])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 10])],
+        initializer=inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], producer_name="tandem-bench")
+    m.ir_version = 8
+    return m
+
+
+def large(channels):
+    nodes = [helper.make_node("GlobalAveragePool", ["image"], ["gap"]), helper.make_node("Flatten", ["gap"], ["mean"])]
+    g = helper.make_graph(
+        nodes, "large",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", channels, 512, 512])],
+        [helper.make_tensor_value_info("mean", TensorProto.FLOAT, ["batch", channels])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], producer_name="tandem-bench")
+    m.ir_version = 8
+    return m
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench-models")
+    out = pathlib.Path(ap.parse_args().out)
+    rng = np.random.default_rng(0)
+    save(cnn(rng), out, "cnn", 16)
+    save(large(3), out, "large", 4)
+    save(large(4), out, "large4m", 4)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,520 @@
+//! The shared-memory request ring between the HTTPS worker (producer) and the
+//! engine workers (consumers). Every `unsafe` block of it is here.
+//!
+//! Layout of the memfd region:
+//!
+//! ```text
+//! [0, 4096)            Header: magic, version, geometry, wake counters
+//! [4096, 4096+64*S)    one 64-byte SlotMeta per slot (state word, lengths)
+//! [data, ...)          per slot: request half (slot_bytes), response half (slot_bytes)
+//! ```
+//!
+//! Each slot's 32-bit state word is both its state and a futex:
+//! `FREE → WRITING → SUBMITTED → CLAIMED|worker → DONE | FAILED → FREE`.
+//! Whoever moved a slot into a state owns the slot's buffers while it stays
+//! there; every transition is a compare-and-swap, so many producer tasks and
+//! many consumer processes can race safely.
+
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+
+const MAGIC: u64 = 0x544e_444d_5348_4d31; // "TNDMSHM1"
+/// Layout version of the region; bump on any change.
+pub const LAYOUT_VERSION: u32 = 1;
+const HEADER_BYTES: usize = 4096;
+const META_BYTES: usize = 64;
+
+/// Slot is free.
+pub const FREE: u32 = 0;
+/// The producer is writing the request.
+pub const WRITING: u32 = 1;
+/// The request waits for an engine worker.
+pub const SUBMITTED: u32 = 2;
+/// The response is ready.
+pub const DONE: u32 = 3;
+/// The engine worker died holding the slot; the request is intact.
+pub const FAILED: u32 = 4;
+/// High bit: claimed; the low 31 bits are the claimer's worker id.
+pub const CLAIMED: u32 = 0x8000_0000;
+
+/// The claimed-state word for `worker_id` (ids are folded into 31 bits).
+pub fn claimed_by(worker_id: u64) -> u32 {
+    CLAIMED | (worker_id as u32 & !CLAIMED)
+}
+
+#[repr(C)]
+struct Header {
+    magic: u64,
+    version: u32,
+    slots: u32,
+    slot_bytes: u64,
+    /// Bumped on every submit; engine workers sleep on it.
+    work_seq: AtomicU32,
+    engine_sleepers: AtomicU32,
+    /// Bumped on every completion; the HTTPS worker sleeps on it.
+    done_seq: AtomicU32,
+    https_sleepers: AtomicU32,
+}
+
+#[repr(C, align(64))]
+struct SlotMeta {
+    state: AtomicU32,
+    _pad: u32,
+    request_len: AtomicU64,
+    response_len: AtomicU64,
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
+const _: () = assert!(std::mem::size_of::<SlotMeta>() == META_BYTES);
+
+/// A mapped region.
+#[derive(Debug)]
+pub struct Region {
+    base: NonNull<u8>,
+    len: usize,
+    slots: u32,
+    slot_bytes: usize,
+    data_offset: usize,
+}
+
+// SAFETY: the region is plain shared memory. Header and metadata fields that
+// change after creation are atomics; slot buffers are only touched through the
+// guards below, which exist only while their holder owns the slot's state.
+unsafe impl Send for Region {}
+// SAFETY: as above; `&Region` exposes no unsynchronised mutation.
+unsafe impl Sync for Region {}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` come from our own successful mmap, and no guard
+        // outlives the region (guards hold an `Arc<Region>`).
+        let _ = unsafe { munmap(self.base.cast(), self.len) };
+    }
+}
+
+fn geometry(slots: u32, slot_bytes: usize) -> io::Result<(usize, usize)> {
+    let overflow = || io::Error::new(io::ErrorKind::InvalidInput, "shared-memory region too large");
+    let meta = (slots as usize).checked_mul(META_BYTES).ok_or_else(overflow)?;
+    let data_offset = (HEADER_BYTES + meta).next_multiple_of(4096);
+    let data = (slots as usize).checked_mul(slot_bytes).and_then(|d| d.checked_mul(2)).ok_or_else(overflow)?;
+    Ok((data_offset, data_offset.checked_add(data).ok_or_else(overflow)?))
+}
+
+fn map(fd: &OwnedFd, len: usize) -> io::Result<NonNull<u8>> {
+    let size = NonZeroUsize::new(len).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty region"))?;
+    // SAFETY: a fresh shared mapping of our own memfd: no existing Rust object
+    // aliases it, and it stays mapped until `Region::drop`.
+    let ptr = unsafe { mmap(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd.as_fd(), 0) }
+        .map_err(io::Error::from)?;
+    Ok(ptr.cast())
+}
+
+impl Region {
+    /// Creates the region in a new memfd (not `/dev/shm`, which Docker keeps small).
+    pub fn create(slots: u32, slot_bytes: usize) -> io::Result<(Arc<Region>, OwnedFd)> {
+        let (data_offset, len) = geometry(slots, slot_bytes)?;
+        // Close-on-exec here; command-fds dup2s it to a fixed fd in each worker.
+        let fd = memfd_create("tandem-shm", MFdFlags::MFD_CLOEXEC).map_err(io::Error::from)?;
+        nix::unistd::ftruncate(&fd, len as i64).map_err(io::Error::from)?;
+        let base = map(&fd, len)?;
+        let region = Region { base, len, slots, slot_bytes, data_offset };
+        // SAFETY: the mapping is fresh, zero-filled, at least HEADER_BYTES long
+        // and page-aligned; nobody else has it yet, so writing the plain
+        // fields is not a data race.
+        unsafe {
+            let h = region.base.as_ptr().cast::<Header>();
+            (*h).version = LAYOUT_VERSION;
+            (*h).slots = slots;
+            (*h).slot_bytes = slot_bytes as u64;
+            (*h).magic = MAGIC;
+        }
+        Ok((Arc::new(region), fd))
+    }
+
+    /// Maps a region created by the supervisor and checks it matches.
+    pub fn open(fd: &OwnedFd, slots: u32, slot_bytes: usize) -> io::Result<Arc<Region>> {
+        let (data_offset, len) = geometry(slots, slot_bytes)?;
+        let actual = nix::sys::stat::fstat(fd).map_err(io::Error::from)?.st_size;
+        if actual != len as i64 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("shared memory is {actual} bytes, expected {len}")));
+        }
+        let region = Region { base: map(fd, len)?, len, slots, slot_bytes, data_offset };
+        let h = region.header();
+        if h.magic != MAGIC || h.version != LAYOUT_VERSION || h.slots != slots || h.slot_bytes != slot_bytes as u64 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "shared memory has another layout version or geometry"));
+        }
+        Ok(Arc::new(region))
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: the region starts with a Header (page-aligned, initialised
+        // by `create` before any other process could map it).
+        unsafe { &*self.base.as_ptr().cast::<Header>() }
+    }
+
+    fn meta(&self, slot: u32) -> &SlotMeta {
+        debug_assert!(slot < self.slots, "slot {slot} out of range ({} slots)", self.slots);
+        let slot = slot.min(self.slots.saturating_sub(1));
+        // SAFETY: slot < slots, so the SlotMeta lies inside the metadata area,
+        // which is 64-byte aligned (HEADER_BYTES is) and zero-initialised.
+        unsafe { &*self.base.as_ptr().add(HEADER_BYTES + slot as usize * META_BYTES).cast::<SlotMeta>() }
+    }
+
+    /// The number of slots.
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// Bytes per request or response.
+    pub fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+
+    /// A slot's state word.
+    pub fn state(&self, slot: u32) -> u32 {
+        self.meta(slot).state.load(Ordering::Acquire)
+    }
+
+    fn cas(&self, slot: u32, from: u32, to: u32) -> bool {
+        self.meta(slot).state.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Raw pointer to half `half` (0 request, 1 response) of a slot.
+    fn buffer(&self, slot: u32, half: usize) -> *mut u8 {
+        let offset = self.data_offset + (slot as usize * 2 + half) * self.slot_bytes;
+        debug_assert!(offset + self.slot_bytes <= self.len, "slot buffer past the region");
+        // SAFETY: offset + slot_bytes <= len by construction of the geometry.
+        unsafe { self.base.as_ptr().add(offset) }
+    }
+
+    /// Reserves a free slot for a new request, starting the search at `hint`.
+    pub fn reserve(self: &Arc<Self>, hint: u32) -> Option<RequestWriter> {
+        (0..self.slots).map(|i| (hint.wrapping_add(i)) % self.slots).find(|&s| self.cas(s, FREE, WRITING)).map(|slot| {
+            RequestWriter { region: self.clone(), slot }
+        })
+    }
+
+    /// Claims the next submitted request for `worker_id`.
+    pub fn claim(self: &Arc<Self>, worker_id: u64, hint: u32) -> Option<Claim> {
+        let me = claimed_by(worker_id);
+        (0..self.slots)
+            .map(|i| (hint.wrapping_add(i)) % self.slots)
+            .find(|&s| self.state(s) == SUBMITTED && self.cas(s, SUBMITTED, me))
+            .map(|slot| Claim { region: self.clone(), slot })
+    }
+
+    /// Copies the response of a DONE slot out and frees the slot.
+    pub fn take_response(&self, slot: u32) -> Option<Vec<u8>> {
+        if self.state(slot) != DONE {
+            return None;
+        }
+        let len = (self.meta(slot).response_len.load(Ordering::Acquire) as usize).min(self.slot_bytes);
+        let mut out = vec![0u8; len];
+        // SAFETY: the slot is DONE: the engine worker finished writing `len`
+        // bytes (published by the Release store of DONE, observed above with
+        // Acquire) and only this process frees it, so nobody writes it now.
+        unsafe { std::ptr::copy_nonoverlapping(self.buffer(slot, 1), out.as_mut_ptr(), len) };
+        self.meta(slot).state.store(FREE, Ordering::Release);
+        Some(out)
+    }
+
+    /// Puts a FAILED slot back in the queue (its request is intact).
+    pub fn resubmit(&self, slot: u32) -> bool {
+        let ok = self.cas(slot, FAILED, SUBMITTED);
+        if ok {
+            self.wake_engines();
+        }
+        ok
+    }
+
+    /// Frees a slot in `state` (a request given up); false if it moved on.
+    pub fn release(&self, slot: u32, state: u32) -> bool {
+        self.cas(slot, state, FREE)
+    }
+
+    /// Fails every slot claimed by `worker_id` (it died); returns how many.
+    pub fn fail_claims(&self, worker_id: u64) -> usize {
+        let me = claimed_by(worker_id);
+        let failed = (0..self.slots).filter(|&s| self.cas(s, me, FAILED)).count();
+        if failed > 0 {
+            self.bump_done();
+        }
+        failed
+    }
+
+    /// Frees every slot left by a previous HTTPS worker that nobody will
+    /// collect; claimed slots are freed later, when their response arrives.
+    pub fn reset_orphans(&self) -> usize {
+        (0..self.slots)
+            .filter(|&s| [WRITING, SUBMITTED, DONE, FAILED].into_iter().any(|st| self.cas(s, st, FREE)))
+            .count()
+    }
+
+    /// The submit counter engine workers wait on.
+    pub fn work_seq(&self) -> u32 {
+        self.header().work_seq.load(Ordering::SeqCst)
+    }
+
+    /// The completion counter the HTTPS worker waits on.
+    pub fn done_seq(&self) -> u32 {
+        self.header().done_seq.load(Ordering::SeqCst)
+    }
+
+    fn wake_engines(&self) {
+        let h = self.header();
+        h.work_seq.fetch_add(1, Ordering::SeqCst);
+        if h.engine_sleepers.load(Ordering::SeqCst) > 0 {
+            futex_wake(&h.work_seq, 1);
+        }
+    }
+
+    fn bump_done(&self) {
+        let h = self.header();
+        h.done_seq.fetch_add(1, Ordering::SeqCst);
+        if h.https_sleepers.load(Ordering::SeqCst) > 0 {
+            futex_wake(&h.done_seq, i32::MAX);
+        }
+    }
+
+    /// Sleeps until a request is submitted after `seen` was read, or `timeout`.
+    pub fn wait_for_work(&self, seen: u32, timeout: Duration) {
+        let h = self.header();
+        h.engine_sleepers.fetch_add(1, Ordering::SeqCst);
+        if h.work_seq.load(Ordering::SeqCst) == seen {
+            futex_wait(&h.work_seq, seen, timeout);
+        }
+        h.engine_sleepers.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Sleeps until a slot completes after `seen` was read, or `timeout`.
+    pub fn wait_for_done(&self, seen: u32, timeout: Duration) {
+        let h = self.header();
+        h.https_sleepers.fetch_add(1, Ordering::SeqCst);
+        if h.done_seq.load(Ordering::SeqCst) == seen {
+            futex_wait(&h.done_seq, seen, timeout);
+        }
+        h.https_sleepers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The producer's hold on a WRITING slot.
+#[derive(Debug)]
+pub struct RequestWriter {
+    region: Arc<Region>,
+    slot: u32,
+}
+
+impl RequestWriter {
+    /// The slot number.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// The request buffer, exclusively ours while the slot is WRITING.
+    pub fn buf(&mut self) -> &mut [u8] {
+        debug_assert_eq!(self.region.state(self.slot), WRITING, "writer without a WRITING slot");
+        // SAFETY: we moved the slot FREE → WRITING with a CAS; no other party
+        // touches a WRITING slot's buffers, and `&mut self` makes this borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.region.buffer(self.slot, 0), self.region.slot_bytes) }
+    }
+
+    /// Publishes `len` bytes as the request and wakes one engine worker.
+    pub fn submit(self, len: usize) -> u32 {
+        let m = self.region.meta(self.slot);
+        m.request_len.store(len.min(self.region.slot_bytes) as u64, Ordering::Relaxed);
+        m.state.store(SUBMITTED, Ordering::Release);
+        self.region.wake_engines();
+        let slot = self.slot;
+        std::mem::forget(self);
+        slot
+    }
+}
+
+impl Drop for RequestWriter {
+    fn drop(&mut self) {
+        // Abandoned before submit (encoding failed): give the slot back.
+        self.region.release(self.slot, WRITING);
+    }
+}
+
+/// An engine worker's hold on a CLAIMED slot.
+#[derive(Debug)]
+pub struct Claim {
+    region: Arc<Region>,
+    slot: u32,
+}
+
+impl Claim {
+    /// The slot number.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// The request bytes.
+    pub fn request(&self) -> &[u8] {
+        let len = (self.region.meta(self.slot).request_len.load(Ordering::Relaxed) as usize).min(self.region.slot_bytes);
+        // SAFETY: the slot is CLAIMED by us (CAS from SUBMITTED, whose Release
+        // store published the request). The producer does not write a
+        // submitted request, so reading it is race-free.
+        unsafe { std::slice::from_raw_parts(self.region.buffer(self.slot, 0), len) }
+    }
+
+    /// The response buffer, exclusively ours while the slot is CLAIMED.
+    pub fn response_buf(&mut self) -> &mut [u8] {
+        // SAFETY: only the claimer writes the response half of a CLAIMED slot;
+        // `&mut self` makes this borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.region.buffer(self.slot, 1), self.region.slot_bytes) }
+    }
+
+    /// Publishes `len` bytes as the response and wakes the HTTPS worker. If
+    /// the supervisor already failed the slot (we were presumed dead), nothing changes.
+    pub fn finish(self, len: usize) {
+        let m = self.region.meta(self.slot);
+        m.response_len.store(len.min(self.region.slot_bytes) as u64, Ordering::Relaxed);
+        let mine = m.state.load(Ordering::Acquire);
+        if mine & CLAIMED != 0 && self.region.cas(self.slot, mine, DONE) {
+            self.region.bump_done();
+        }
+    }
+}
+
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: FUTEX_WAIT (shared, not PRIVATE: the word lives in memory shared
+    // between processes) reads the u32 at a valid, aligned address inside our
+    // mapping, and `ts` outlives the call. Spurious returns are fine: callers
+    // re-check their condition.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec, 0usize, 0u32);
+    }
+}
+
+fn futex_wake(word: &AtomicU32, n: i32) {
+    // SAFETY: FUTEX_WAKE only uses the address as a key; it is valid and aligned.
+    unsafe {
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n, 0usize, 0usize, 0u32);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    #[test]
+    fn one_round_trip_and_states() {
+        let (r, fd) = Region::create(4, 1024).expect("create");
+        let other = Region::open(&fd, 4, 1024).expect("open");
+        let mut w = r.reserve(0).expect("free slot");
+        w.buf()[..5].copy_from_slice(b"hello");
+        let slot = w.submit(5);
+        assert_eq!(other.state(slot), SUBMITTED);
+        let mut c = other.claim(7, 0).expect("claim");
+        assert_eq!(c.request(), b"hello");
+        assert_eq!(r.state(slot), claimed_by(7));
+        c.response_buf()[..3].copy_from_slice(b"bye");
+        c.finish(3);
+        assert_eq!(r.take_response(slot).expect("done"), b"bye");
+        assert_eq!(r.state(slot), FREE);
+        assert!(Region::open(&fd, 5, 1024).is_err(), "geometry mismatch must be refused");
+    }
+
+    #[test]
+    fn full_queue_and_dropped_writer() {
+        let (r, _fd) = Region::create(2, 64).expect("create");
+        let a = r.reserve(0).expect("a");
+        let _b = r.reserve(0).expect("b");
+        assert!(r.reserve(0).is_none(), "queue is full");
+        drop(a);
+        assert!(r.reserve(0).is_some(), "a dropped writer frees its slot");
+    }
+
+    #[test]
+    fn dead_worker_claims_fail_and_resubmit() {
+        let (r, _fd) = Region::create(4, 64).expect("create");
+        let slot = r.reserve(0).expect("w").submit(0);
+        let c = r.claim(3, 0).expect("claim");
+        assert_eq!(r.fail_claims(2), 0);
+        assert_eq!(r.fail_claims(3), 1);
+        assert_eq!(r.state(slot), FAILED);
+        c.finish(0); // a late finish from the "dead" worker changes nothing
+        assert_eq!(r.state(slot), FAILED);
+        assert!(r.resubmit(slot));
+        assert!(r.claim(4, 0).is_some());
+    }
+
+    /// Producers and consumers in threads: every request is answered exactly once.
+    #[test]
+    fn concurrent_producers_and_consumers() {
+        let (r, _fd) = Region::create(8, 256).expect("create");
+        let total = 4 * 500u32;
+        let answered = Arc::new(Mutex::new(HashSet::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        std::thread::scope(|s| {
+            for worker in 0..3u64 {
+                let (r, stop) = (r.clone(), stop.clone());
+                s.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let seen = r.work_seq();
+                        match r.claim(worker + 1, worker as u32) {
+                            Some(mut c) => {
+                                let req = c.request().to_vec();
+                                let n = req.len();
+                                c.response_buf()[..n].copy_from_slice(&req);
+                                c.finish(n);
+                            }
+                            None => r.wait_for_work(seen, Duration::from_millis(20)),
+                        }
+                    }
+                });
+            }
+            let producers: Vec<_> = (0..4u32)
+                .map(|p| {
+                    let (r, answered) = (r.clone(), answered.clone());
+                    s.spawn(move || {
+                        for i in 0..500u32 {
+                            let id = p * 1000 + i;
+                            let deadline = Instant::now() + Duration::from_secs(10);
+                            let slot = loop {
+                                if let Some(mut w) = r.reserve(id) {
+                                    w.buf()[..4].copy_from_slice(&id.to_le_bytes());
+                                    break w.submit(4);
+                                }
+                                assert!(Instant::now() < deadline, "no free slot for 10 s");
+                                std::thread::yield_now();
+                            };
+                            loop {
+                                let seen = r.done_seq();
+                                if let Some(resp) = r.take_response(slot) {
+                                    assert_eq!(resp, id.to_le_bytes(), "answer belongs to another request");
+                                    assert!(answered.lock().expect("lock").insert(id), "answered twice");
+                                    break;
+                                }
+                                assert!(Instant::now() < deadline, "request {id} never answered");
+                                r.wait_for_done(seen, Duration::from_millis(20));
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for p in producers {
+                p.join().expect("producer");
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(answered.lock().expect("lock").len() as u32, total);
+    }
+}
