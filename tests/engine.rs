@@ -1,11 +1,7 @@
 //! End-to-end tests of the engine and its API: the stock Python tritonclient,
 //! the README's curl example, limits, bad input, load spreading and draining.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests fail loudly by design"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
 
 mod common;
 
@@ -27,16 +23,10 @@ fn tritonclient_suite(t: &Tandem, url: &str, ca: Option<&Path>) {
     if let Some(ca) = ca {
         cmd.arg("--ca").arg(ca);
     }
-    let out = cmd
-        .output()
-        .expect("python3 runs (scripts/test installs tritonclient)");
+    let out = cmd.output().expect("python3 runs (scripts/test installs tritonclient)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "tritonclient suite failed: {cmd:?}\n{stdout}\n{stderr}\n{}",
-        t.explain()
-    );
+    assert!(out.status.success(), "tritonclient suite failed: {cmd:?}\n{stdout}\n{stderr}\n{}", t.explain());
     assert!(stdout.contains("tritonclient suite passed"), "{stdout}");
 }
 
@@ -57,31 +47,22 @@ fn tritonclient_over_https() {
 #[test]
 fn readme_curl_example_classifies_a_zero() {
     let t = TandemBuilder::new().start();
-    let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let line = readme
         .lines()
         .find(|l| l.starts_with("curl -s http://127.0.0.1:9001/v2/models/digits/infer"))
         .expect("README has the curl inference example");
     let line = line.replace("127.0.0.1:9001", &format!("127.0.0.1:{}", t.http_port));
     let out = Command::new("sh").arg("-c").arg(&line).output().unwrap();
-    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{e}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            t.explain()
-        )
-    });
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", String::from_utf8_lossy(&out.stdout), t.explain()));
     let top = body["outputs"][0]["data"][0].as_str().unwrap();
     assert!(top.ends_with(":0:0"), "expected digit 0, got {top}");
 }
 
 #[test]
 fn bad_requests_get_json_errors_and_never_kill_a_worker() {
-    let t = TandemBuilder::new()
-        .env("NUM_WORKERS", "1")
-        .env("MAX_REQUEST_BYTES", "4096")
-        .start();
+    let t = TandemBuilder::new().env("NUM_WORKERS", "1").env("MAX_REQUEST_BYTES", "4096").start();
     let workers = t.workers("http-worker");
     let http = Tandem::http_client();
     let url = t.http_url("/v2/models/digits/infer");
@@ -89,23 +70,9 @@ fn bad_requests_get_json_errors_and_never_kill_a_worker() {
     type Case = (Vec<u8>, Vec<(&'static str, &'static str)>, u16);
     let cases: Vec<Case> = vec![
         (b"{not json".to_vec(), vec![], 400),
-        (
-            br#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[1,2]}]}"#
-                .to_vec(),
-            vec![],
-            400,
-        ),
-        (
-            br#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"INT64","data":[1]}]}"#
-                .to_vec(),
-            vec![],
-            400,
-        ),
-        (
-            br#"{"inputs":[]}"#.to_vec(),
-            vec![("inference-header-content-length", "999")],
-            400,
-        ),
+        (br#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[1,2]}]}"#.to_vec(), vec![], 400),
+        (br#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"INT64","data":[1]}]}"#.to_vec(), vec![], 400),
+        (br#"{"inputs":[]}"#.to_vec(), vec![("inference-header-content-length", "999")], 400),
         (vec![b' '; 10_000], vec![], 413),
     ];
     for (body, headers, want) in cases {
@@ -116,19 +83,13 @@ fn bad_requests_get_json_errors_and_never_kill_a_worker() {
         let resp = req.send().unwrap();
         assert_eq!(resp.status().as_u16(), want);
         let json: serde_json::Value = resp.json().unwrap();
-        assert!(
-            json["error"].as_str().is_some_and(|e| !e.is_empty()),
-            "{json}"
-        );
+        assert!(json["error"].as_str().is_some_and(|e| !e.is_empty()), "{json}");
     }
     // A chunked body with no length is cut off at the limit too. Raw TCP:
     // the server answers before the client has finished sending.
     let mut conn = TcpStream::connect(("127.0.0.1", t.http_port)).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut req =
-        b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
-            .to_vec();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
     for _ in 0..16 {
         req.extend_from_slice(b"400\r\n");
         req.extend_from_slice(&[b' '; 1024]);
@@ -143,23 +104,10 @@ fn bad_requests_get_json_errors_and_never_kill_a_worker() {
     assert!(response.contains("MAX_REQUEST_BYTES"), "{response}");
     let resp = http.get(t.http_url("/v2/models/nope")).send().unwrap();
     assert_eq!(resp.status(), 404);
-    let resp = http
-        .get(t.http_url("/v2/models/digits/versions/9"))
-        .send()
-        .unwrap();
+    let resp = http.get(t.http_url("/v2/models/digits/versions/9")).send().unwrap();
     assert_eq!(resp.status(), 404);
-    assert_eq!(
-        t.workers("http-worker"),
-        workers,
-        "a bad request must not restart a worker\n{}",
-        t.explain()
-    );
-    let metrics = http
-        .get(t.http_url("/metrics"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    assert_eq!(t.workers("http-worker"), workers, "a bad request must not restart a worker\n{}", t.explain());
+    let metrics = http.get(t.http_url("/metrics")).send().unwrap().text().unwrap();
     assert!(metrics.contains("outcome=\"client_error\"} "), "{metrics}");
 }
 
@@ -176,10 +124,7 @@ fn load_spreads_over_workers_and_every_response_names_its_worker() {
             .map(|_| {
                 s.spawn(|| {
                     // A new connection per request, so every accept is a fresh choice.
-                    let client = reqwest::blocking::Client::builder()
-                        .pool_max_idle_per_host(0)
-                        .build()
-                        .unwrap();
+                    let client = reqwest::blocking::Client::builder().pool_max_idle_per_host(0).build().unwrap();
                     (0..40)
                         .map(|_| {
                             let r = client.post(&url).body(body.clone()).send().unwrap();
@@ -190,16 +135,9 @@ fn load_spreads_over_workers_and_every_response_names_its_worker() {
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .collect()
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
-    assert_eq!(
-        seen.len(),
-        2,
-        "both workers should answer some of 320 connections: {seen:?}"
-    );
+    assert_eq!(seen.len(), 2, "both workers should answer some of 320 connections: {seen:?}");
 }
 
 #[test]
@@ -211,14 +149,8 @@ fn sigterm_drains_a_request_in_flight() {
     );
     let (first, rest) = body.as_bytes().split_at(body.len() / 2);
     let mut conn = TcpStream::connect(("127.0.0.1", t.http_port)).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    write!(
-        conn,
-        "POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(conn, "POST /v2/models/digits/infer HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", body.len()).unwrap();
     conn.write_all(first).unwrap();
     // The request is in flight (half its body sent) when the stop arrives.
     std::thread::sleep(Duration::from_millis(300));
@@ -227,27 +159,14 @@ fn sigterm_drains_a_request_in_flight() {
         Duration::from_secs(10),
         "the worker to start draining",
         || t.explain(),
-        || {
-            t.stderr()
-                .contains("draining in-flight requests")
-                .then_some(())
-        },
+        || t.stderr().contains("draining in-flight requests").then_some(()),
     );
     conn.write_all(rest).unwrap();
     let mut response = String::new();
     conn.read_to_string(&mut response).unwrap();
-    assert!(
-        response.starts_with("HTTP/1.1 200"),
-        "in-flight request was not answered: {response:?}\n{}",
-        t.explain()
-    );
+    assert!(response.starts_with("HTTP/1.1 200"), "in-flight request was not answered: {response:?}\n{}", t.explain());
     assert!(response.contains("probabilities"));
-    assert_eq!(
-        t.wait_exit(Duration::from_secs(20)).code(),
-        Some(0),
-        "{}",
-        t.explain()
-    );
+    assert_eq!(t.wait_exit(Duration::from_secs(20)).code(), Some(0), "{}", t.explain());
 }
 
 #[test]

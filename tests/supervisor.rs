@@ -1,11 +1,7 @@
 //! End-to-end tests of the supervisor: process tree, both listeners,
 //! restarts, signals, PID 1 duties and configuration errors.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests fail loudly by design"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
 
 mod common;
 
@@ -21,58 +17,26 @@ use nix::unistd::Pid;
 fn process_tree_has_every_worker() {
     let t = TandemBuilder::new().ssl().env("NUM_WORKERS", "3").start();
     let children = Tandem::children_of(t.pid());
-    let http = children
-        .iter()
-        .filter(|(_, c)| c == "tandem http-worker")
-        .count();
-    let https = children
-        .iter()
-        .filter(|(_, c)| c == "tandem https-worker")
-        .count();
-    assert_eq!(
-        (http, https, children.len()),
-        (3, 1, 4),
-        "children: {children:?}\n{}",
-        t.explain()
-    );
-    assert!(
-        t.stderr()
-            .contains(&format!("url=http://127.0.0.1:{}", t.http_port)),
-        "{}",
-        t.explain()
-    );
-    assert!(
-        t.stderr()
-            .contains(&format!("url=https://127.0.0.1:{}", t.https_port)),
-        "{}",
-        t.explain()
-    );
+    let http = children.iter().filter(|(_, c)| c == "tandem http-worker").count();
+    let https = children.iter().filter(|(_, c)| c == "tandem https-worker").count();
+    assert_eq!((http, https, children.len()), (3, 1, 4), "children: {children:?}\n{}", t.explain());
+    assert!(t.stderr().contains(&format!("url=http://127.0.0.1:{}", t.http_port)), "{}", t.explain());
+    assert!(t.stderr().contains(&format!("url=https://127.0.0.1:{}", t.https_port)), "{}", t.explain());
 }
 
 #[test]
 fn http_and_https_answer_with_the_generated_certificate() {
     let t = TandemBuilder::new().ssl().env("NUM_WORKERS", "2").start();
-    let body: serde_json::Value = Tandem::http_client()
-        .get(t.http_url("/"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let body: serde_json::Value = Tandem::http_client().get(t.http_url("/")).send().unwrap().json().unwrap();
     assert_eq!(body["name"], "tandem");
     assert_eq!(body["scheme"], "http");
     assert_eq!(body["workers"], 2);
 
     let client = Tandem::https_client(&t.served_chain_pem());
     for host in ["localhost", "127.0.0.1"] {
-        let resp = client
-            .get(t.https_url(host, "/"))
-            .send()
-            .unwrap_or_else(|e| panic!("{host}: {e:?}\n{}", t.explain()));
-        assert_eq!(
-            resp.version(),
-            reqwest::Version::HTTP_2,
-            "ALPN should pick h2"
-        );
+        let resp =
+            client.get(t.https_url(host, "/")).send().unwrap_or_else(|e| panic!("{host}: {e:?}\n{}", t.explain()));
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2, "ALPN should pick h2");
         assert!(resp.headers().contains_key("x-tandem-worker"));
         let body: serde_json::Value = resp.json().unwrap();
         assert_eq!(body["scheme"], "https", "{host}");
@@ -81,23 +45,15 @@ fn http_and_https_answer_with_the_generated_certificate() {
     let h1 = reqwest::blocking::Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)
-        .add_root_certificate(
-            reqwest::Certificate::from_pem(t.served_chain_pem().as_bytes()).unwrap(),
-        )
+        .add_root_certificate(reqwest::Certificate::from_pem(t.served_chain_pem().as_bytes()).unwrap())
         .http1_only()
         .build()
         .unwrap();
-    let resp = h1
-        .get(t.https_url("localhost", "/v2/health/live"))
-        .send()
-        .unwrap();
+    let resp = h1.get(t.https_url("localhost", "/v2/health/live")).send().unwrap();
     assert_eq!(resp.version(), reqwest::Version::HTTP_11);
     assert!(resp.status().is_success());
     // Unknown routes are JSON errors.
-    let resp = Tandem::http_client()
-        .get(t.http_url("/nope"))
-        .send()
-        .unwrap();
+    let resp = Tandem::http_client().get(t.http_url("/nope")).send().unwrap();
     assert_eq!(resp.status(), 404);
     let body: serde_json::Value = resp.json().unwrap();
     assert!(body["error"].is_string());
@@ -109,62 +65,27 @@ fn generated_certificate_is_private_has_ip_sans_and_is_reused() {
     let cache = b.dir().join("cache");
     let env_cache = cache.display().to_string();
     let (p1, p2) = free_ports();
-    let mut t = b
-        .env("PORT", &p1.to_string())
-        .env("SSL_PORT", &p2.to_string())
-        .start();
+    let mut t = b.env("PORT", &p1.to_string()).env("SSL_PORT", &p2.to_string()).start();
     let dir = t.cert_dir();
-    assert_eq!(
-        fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
-        0o700
-    );
+    assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
     for f in ["live.pem", "generated.pem"] {
-        assert_eq!(
-            fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777,
-            0o600,
-            "{f}"
-        );
+        assert_eq!(fs::metadata(dir.join(f)).unwrap().permissions().mode() & 0o777, 0o600, "{f}");
     }
     let client = Tandem::https_client(&t.served_chain_pem());
     let first = served_fingerprint(&client.get(t.https_url("127.0.0.1", "/")).send().unwrap());
     let live = tandem_shared::tls::Bundle::load(&dir.join("live.pem")).unwrap();
-    for san in [
-        "DNS:localhost",
-        "IP:127.0.0.1",
-        "IP:::1",
-        "DNS:*.roboflow.host",
-    ] {
-        assert!(
-            live.info.sans.contains(&san.to_string()),
-            "{san} missing from {:?}",
-            live.info.sans
-        );
+    for san in ["DNS:localhost", "IP:127.0.0.1", "IP:::1", "DNS:*.roboflow.host"] {
+        assert!(live.info.sans.contains(&san.to_string()), "{san} missing from {:?}", live.info.sans);
     }
-    assert!(
-        live.info.key_algorithm.starts_with("RSA-2048"),
-        "{}",
-        live.info.key_algorithm
-    );
+    assert!(live.info.key_algorithm.starts_with("RSA-2048"), "{}", live.info.key_algorithm);
     t.signal(Signal::SIGTERM);
-    assert!(
-        t.wait_exit(Duration::from_secs(20)).success(),
-        "{}",
-        t.explain()
-    );
+    assert!(t.wait_exit(Duration::from_secs(20)).success(), "{}", t.explain());
 
     // Same cache, new process: the same certificate.
-    let t2 = TandemBuilder::new()
-        .ssl()
-        .env("MODEL_CACHE_DIR", &env_cache)
-        .start();
+    let t2 = TandemBuilder::new().ssl().env("MODEL_CACHE_DIR", &env_cache).start();
     let client = Tandem::https_client(&t2.served_chain_pem());
     let second = served_fingerprint(&client.get(t2.https_url("localhost", "/")).send().unwrap());
-    assert_eq!(
-        first,
-        second,
-        "generated certificate was not reused\n{}",
-        t2.explain()
-    );
+    assert_eq!(first, second, "generated certificate was not reused\n{}", t2.explain());
 }
 
 #[test]
@@ -183,10 +104,7 @@ fn killed_worker_is_replaced_while_the_port_keeps_answering() {
             (now.len() == 2 && !now.contains(&before[0])).then_some(now)
         },
     );
-    assert!(
-        replaced.contains(&before[1]),
-        "the healthy worker must be left alone"
-    );
+    assert!(replaced.contains(&before[1]), "the healthy worker must be left alone");
     // The port never closed: the surviving worker and the new one answer.
     for _ in 0..20 {
         let resp = http.get(t.http_url("/v2/health/ready")).send().unwrap();
@@ -209,28 +127,15 @@ fn killed_worker_is_replaced_while_the_port_keeps_answering() {
         Duration::from_secs(10),
         "HTTPS to answer again",
         || t.explain(),
-        || {
-            client
-                .get(t.https_url("localhost", "/"))
-                .send()
-                .ok()
-                .filter(|r| r.status().is_success())
-        },
+        || client.get(t.https_url("localhost", "/")).send().ok().filter(|r| r.status().is_success()),
     );
-    assert!(
-        t.stderr().contains("worker died; restarting"),
-        "{}",
-        t.explain()
-    );
+    assert!(t.stderr().contains("worker died; restarting"), "{}", t.explain());
 }
 
 #[test]
 fn sigterm_stops_cleanly_with_no_worker_left() {
     let mut t = TandemBuilder::new().ssl().env("NUM_WORKERS", "2").start();
-    let workers: Vec<Pid> = Tandem::children_of(t.pid())
-        .into_iter()
-        .map(|(p, _)| p)
-        .collect();
+    let workers: Vec<Pid> = Tandem::children_of(t.pid()).into_iter().map(|(p, _)| p).collect();
     assert_eq!(workers.len(), 3);
     t.signal(Signal::SIGTERM);
     let status = t.wait_exit(Duration::from_secs(20));
@@ -238,22 +143,14 @@ fn sigterm_stops_cleanly_with_no_worker_left() {
     for w in workers {
         assert_eq!(process_state(w), None, "worker {w} outlived the supervisor");
     }
-    assert!(
-        Tandem::http_client().get(t.http_url("/")).send().is_err(),
-        "port still open after stop"
-    );
+    assert!(Tandem::http_client().get(t.http_url("/")).send().is_err(), "port still open after stop");
 }
 
 #[test]
 fn sigint_stops_cleanly_too() {
     let mut t = TandemBuilder::new().start();
     t.signal(Signal::SIGINT);
-    assert_eq!(
-        t.wait_exit(Duration::from_secs(20)).code(),
-        Some(0),
-        "{}",
-        t.explain()
-    );
+    assert_eq!(t.wait_exit(Duration::from_secs(20)).code(), Some(0), "{}", t.explain());
 }
 
 #[test]
@@ -277,12 +174,7 @@ fn ttin_and_ttou_scale_http_workers() {
     t.signal(Signal::SIGTTOU);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(t.workers("http-worker").len(), 1, "{}", t.explain());
-    assert!(Tandem::http_client()
-        .get(t.http_url("/"))
-        .send()
-        .unwrap()
-        .status()
-        .is_success());
+    assert!(Tandem::http_client().get(t.http_url("/")).send().unwrap().status().is_success());
 }
 
 #[test]
@@ -307,14 +199,9 @@ fn pid1_reaps_orphans_and_stops_cleanly() {
         .args(["--pid", "--fork", "--mount-proc", "true"])
         .status()
         .is_ok_and(|s| s.success());
-    assert!(
-        unshare_ok,
-        "unshare --pid --fork --mount-proc must work here (run as root)"
-    );
-    let mut t = TandemBuilder::new()
-        .wrapped(&["unshare", "--pid", "--fork", "--mount-proc"])
-        .env("NUM_WORKERS", "2")
-        .start();
+    assert!(unshare_ok, "unshare --pid --fork --mount-proc must work here (run as root)");
+    let mut t =
+        TandemBuilder::new().wrapped(&["unshare", "--pid", "--fork", "--mount-proc"]).env("NUM_WORKERS", "2").start();
     // The wrapper's only child is tandem, PID 1 in its namespace.
     let tandem = wait_for(
         Duration::from_secs(10),
@@ -324,33 +211,16 @@ fn pid1_reaps_orphans_and_stops_cleanly() {
     );
     let status = fs::read_to_string(format!("/proc/{tandem}/status")).unwrap();
     let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
-    assert!(
-        nspid.split_whitespace().last() == Some("1"),
-        "tandem is not PID 1: {nspid}"
-    );
+    assert!(nspid.split_whitespace().last() == Some("1"), "tandem is not PID 1: {nspid}");
 
     // Orphans: a shell inside the namespace starts sleepers and exits at once,
     // so the sleepers are re-parented to PID 1.
     let out = std::process::Command::new("nsenter")
-        .args([
-            "--target",
-            &tandem.to_string(),
-            "--pid",
-            "--mount",
-            "--",
-            "sh",
-            "-c",
-            "sleep 1.5 & sleep 1.5 & exit 0",
-        ])
+        .args(["--target", &tandem.to_string(), "--pid", "--mount", "--", "sh", "-c", "sleep 1.5 & sleep 1.5 & exit 0"])
         .status()
         .unwrap();
     assert!(out.success());
-    let sleepers = || {
-        Tandem::children_of(tandem)
-            .into_iter()
-            .filter(|(_, c)| c.starts_with("sleep"))
-            .count()
-    };
+    let sleepers = || Tandem::children_of(tandem).into_iter().filter(|(_, c)| c.starts_with("sleep")).count();
     wait_for(
         Duration::from_secs(5),
         "both orphans adopted by PID 1",
@@ -363,10 +233,8 @@ fn pid1_reaps_orphans_and_stops_cleanly() {
         "orphans reaped",
         || t.explain(),
         || {
-            let zombies = Tandem::children_of(tandem)
-                .into_iter()
-                .filter(|(p, _)| process_state(*p) == Some('Z'))
-                .count();
+            let zombies =
+                Tandem::children_of(tandem).into_iter().filter(|(p, _)| process_state(*p) == Some('Z')).count();
             (sleepers() == 0 && zombies == 0).then_some(())
         },
     );
@@ -390,21 +258,11 @@ fn expect_config_error(vars: &[(&str, &str)], names: &[&str]) {
     assert_eq!(status.code(), Some(2), "{vars:?}\n{}", t.explain());
     let err = t.stderr();
     for name in names {
-        assert!(
-            err.contains(name),
-            "{name} not named in the error for {vars:?}\n{}",
-            t.explain()
-        );
+        assert!(err.contains(name), "{name} not named in the error for {vars:?}\n{}", t.explain());
     }
-    assert!(
-        err.contains("expected") || err.contains("tried") || err.contains("match"),
-        "no accepted values\n{err}"
-    );
+    assert!(err.contains("expected") || err.contains("tried") || err.contains("match"), "no accepted values\n{err}");
     assert!(!cache.exists(), "cache written despite bad config {vars:?}");
-    assert!(
-        Tandem::http_client().get(t.http_url("/")).send().is_err(),
-        "port bound despite bad config"
-    );
+    assert!(Tandem::http_client().get(t.http_url("/")).send().is_err(), "port bound despite bad config");
 }
 
 #[test]
@@ -413,28 +271,14 @@ fn every_bad_variable_exits_2_naming_it() {
     expect_config_error(&[("PORT", "70000")], &["PORT"]);
     expect_config_error(&[("NUM_WORKERS", "0")], &["NUM_WORKERS"]);
     expect_config_error(&[("ENABLE_SSL", "maybe")], &["ENABLE_SSL", "true/false"]);
-    expect_config_error(
-        &[("SSL_CERTIFICATE", "/missing.pem")],
-        &["SSL_CERTIFICATE", "INDIRECT, GENERATE"],
-    );
+    expect_config_error(&[("SSL_CERTIFICATE", "/missing.pem")], &["SSL_CERTIFICATE", "INDIRECT, GENERATE"]);
     expect_config_error(&[("HOST", "not-an-ip")], &["HOST"]);
     expect_config_error(&[("LOG_FORMAT", "xml")], &["LOG_FORMAT", "text or json"]);
     expect_config_error(&[("GRACEFUL_TIMEOUT", "-1")], &["GRACEFUL_TIMEOUT"]);
     // All at once: every one is reported.
     expect_config_error(
-        &[
-            ("PORT", "abc"),
-            ("NUM_WORKERS", "0"),
-            ("ENABLE_SSL", "maybe"),
-            ("SSL_CERTIFICATE", "/missing.pem"),
-        ],
-        &[
-            "PORT",
-            "NUM_WORKERS",
-            "ENABLE_SSL",
-            "SSL_CERTIFICATE",
-            "4 problems",
-        ],
+        &[("PORT", "abc"), ("NUM_WORKERS", "0"), ("ENABLE_SSL", "maybe"), ("SSL_CERTIFICATE", "/missing.pem")],
+        &["PORT", "NUM_WORKERS", "ENABLE_SSL", "SSL_CERTIFICATE", "4 problems"],
     );
 }
 
@@ -445,10 +289,6 @@ fn taken_port_is_one_clear_error() {
     let mut t = TandemBuilder::new().env("PORT", &port.to_string()).spawn();
     let status = t.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(1), "{}", t.explain());
-    assert!(
-        t.stderr().contains(&format!("127.0.0.1:{port}")),
-        "address not named\n{}",
-        t.explain()
-    );
+    assert!(t.stderr().contains(&format!("127.0.0.1:{port}")), "address not named\n{}", t.explain());
     assert!(Tandem::children_of(t.pid()).is_empty());
 }

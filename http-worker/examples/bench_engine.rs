@@ -3,11 +3,7 @@
 //!
 //! Usage: bench_engine [REPOSITORY] [MODEL] [SECONDS_PER_CASE]
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "a benchmark fails loudly"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a benchmark fails loudly")]
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -17,19 +13,11 @@ use tract_onnx::prelude::*;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let repo = args.first().map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"),
-        PathBuf::from,
-    );
+    let repo = args.first().map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models"), PathBuf::from);
     let model = args.get(1).map_or("digits", String::as_str);
     let secs: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
     let engine = Engine::load(&repo, 1).expect("load repository");
-    let v = engine
-        .models
-        .get(model)
-        .and_then(|m| m.version(None))
-        .expect("model")
-        .clone();
+    let v = engine.models.get(model).and_then(|m| m.version(None)).expect("model").clone();
     let input = &v.inputs[0];
     println!("| model | batch | inferences/s | rows/s | p50 µs | p99 µs |");
     println!("|---|---|---|---|---|---|");
@@ -41,13 +29,7 @@ fn main() {
             .shape
             .iter()
             .enumerate()
-            .map(|(i, &d)| {
-                if i == 0 && d == -1 {
-                    batch
-                } else {
-                    d.max(1) as usize
-                }
-            })
+            .map(|(i, &d)| if i == 0 && d == -1 { batch } else { d.max(1) as usize })
             .collect();
         let count: usize = shape.iter().product();
         let x = Tensor::from_shape(&shape, &vec![4.0f32; count]).expect("tensor");
@@ -63,12 +45,7 @@ fn main() {
         lat.sort();
         let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)].as_micros();
         let ips = lat.len() as f64 / total;
-        println!(
-            "| {model} | {batch} | {ips:.0} | {:.0} | {} | {} |",
-            ips * batch as f64,
-            p(0.5),
-            p(0.99)
-        );
+        println!("| {model} | {batch} | {ips:.0} | {:.0} | {} | {} |", ips * batch as f64, p(0.5), p(0.99));
         eprintln!("batch {batch}: {} inferences in {total:.1}s", lat.len());
     }
 }

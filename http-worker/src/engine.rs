@@ -173,10 +173,7 @@ pub struct ModelVersion {
 
 impl fmt::Debug for ModelVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ModelVersion")
-            .field("name", &self.name)
-            .field("version", &self.version)
-            .finish_non_exhaustive()
+        f.debug_struct("ModelVersion").field("name", &self.name).field("version", &self.version).finish_non_exhaustive()
     }
 }
 
@@ -223,16 +220,10 @@ pub struct Engine {
 impl Engine {
     /// Loads every model of the repository; `threads` bounds concurrent inferences.
     pub fn load(repository: &Path, threads: usize) -> Result<Engine, LoadError> {
-        let rerr = |source| LoadError::Repository {
-            path: repository.to_path_buf(),
-            source,
-        };
+        let rerr = |source| LoadError::Repository { path: repository.to_path_buf(), source };
         let mut models = BTreeMap::new();
-        let mut dirs: Vec<_> = std::fs::read_dir(repository)
-            .map_err(rerr)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .collect();
+        let mut dirs: Vec<_> =
+            std::fs::read_dir(repository).map_err(rerr)?.filter_map(Result::ok).map(|e| e.path()).collect();
         dirs.sort();
         for dir in dirs.into_iter().filter(|p| p.is_dir()) {
             let Some(name) = dir.file_name().and_then(|n| n.to_str()).map(String::from) else {
@@ -240,22 +231,17 @@ impl Engine {
             };
             let config_path = dir.join("config.json");
             let config: ModelConfig = match std::fs::read(&config_path) {
-                Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| LoadError::Config {
-                    path: config_path.clone(),
-                    reason: e.to_string(),
-                })?,
+                Ok(bytes) => serde_json::from_slice(&bytes)
+                    .map_err(|e| LoadError::Config { path: config_path.clone(), reason: e.to_string() })?,
                 Err(_) => ModelConfig::default(),
             };
             let mut versions = BTreeMap::new();
             let mut latest: Option<(u64, String)> = None;
-            let entries = std::fs::read_dir(&dir)
-                .map_err(rerr)?
-                .filter_map(Result::ok);
+            let entries = std::fs::read_dir(&dir).map_err(rerr)?.filter_map(Result::ok);
             for entry in entries {
                 let vdir = entry.path();
                 let file = vdir.join("model.onnx");
-                let Some(label) = vdir.file_name().and_then(|n| n.to_str()).map(String::from)
-                else {
+                let Some(label) = vdir.file_name().and_then(|n| n.to_str()).map(String::from) else {
                     continue;
                 };
                 let Ok(number) = label.parse::<u64>() else {
@@ -278,45 +264,22 @@ impl Engine {
         if models.is_empty() {
             return Err(LoadError::Empty(repository.to_path_buf()));
         }
-        Ok(Engine {
-            models,
-            permits: Semaphore::new(threads.max(1)),
-            repository: repository.to_path_buf(),
-        })
+        Ok(Engine { models, permits: Semaphore::new(threads.max(1)), repository: repository.to_path_buf() })
     }
 }
 
-fn load_version(
-    name: &str,
-    version: &str,
-    file: &Path,
-    config: &ModelConfig,
-) -> Result<ModelVersion, LoadError> {
-    let merr = |e: &dyn fmt::Display| LoadError::Model {
-        path: file.to_path_buf(),
-        reason: e.to_string(),
-    };
+fn load_version(name: &str, version: &str, file: &Path, config: &ModelConfig) -> Result<ModelVersion, LoadError> {
+    let merr = |e: &dyn fmt::Display| LoadError::Model { path: file.to_path_buf(), reason: e.to_string() };
     let onnx = tract_onnx::onnx();
-    let proto = onnx
-        .proto_model_for_path(file)
-        .map_err(|e| merr(&format!("{e:#}")))?;
-    let graph = proto
-        .graph
-        .as_ref()
-        .ok_or_else(|| merr(&"the file has no graph"))?;
+    let proto = onnx.proto_model_for_path(file).map_err(|e| merr(&format!("{e:#}")))?;
+    let graph = proto.graph.as_ref().ok_or_else(|| merr(&"the file has no graph"))?;
     let initializers: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
     let meta = |v: &pb::ValueInfoProto| -> Result<TensorMeta, LoadError> {
-        let Some(pb::type_proto::Value::TensorType(t)) =
-            v.r#type.as_ref().and_then(|t| t.value.as_ref())
-        else {
+        let Some(pb::type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
             return Err(merr(&format!("{} is not a tensor", v.name)));
         };
-        let datatype = DataType::from_onnx(t.elem_type).ok_or_else(|| {
-            merr(&format!(
-                "{}: unsupported element type {}",
-                v.name, t.elem_type
-            ))
-        })?;
+        let datatype = DataType::from_onnx(t.elem_type)
+            .ok_or_else(|| merr(&format!("{}: unsupported element type {}", v.name, t.elem_type)))?;
         let shape = t
             .shape
             .as_ref()
@@ -330,11 +293,7 @@ fn load_version(
                     .collect()
             })
             .unwrap_or_default();
-        Ok(TensorMeta {
-            name: v.name.clone(),
-            datatype,
-            shape,
-        })
+        Ok(TensorMeta { name: v.name.clone(), datatype, shape })
     };
     let inputs = graph
         .input
@@ -342,20 +301,9 @@ fn load_version(
         .filter(|v| !initializers.contains(&v.name.as_str()))
         .map(meta)
         .collect::<Result<Vec<_>, _>>()?;
-    let outputs = graph
-        .output
-        .iter()
-        .map(meta)
-        .collect::<Result<Vec<_>, _>>()?;
-    if let Some(bad) = inputs
-        .iter()
-        .chain(&outputs)
-        .find(|t| t.datatype == DataType::BYTES)
-    {
-        return Err(merr(&format!(
-            "{}: string tensors are not supported",
-            bad.name
-        )));
+    let outputs = graph.output.iter().map(meta).collect::<Result<Vec<_>, _>>()?;
+    if let Some(bad) = inputs.iter().chain(&outputs).find(|t| t.datatype == DataType::BYTES) {
+        return Err(merr(&format!("{}: string tensors are not supported", bad.name)));
     }
     let plan = onnx
         .model_for_path(file)
@@ -363,18 +311,11 @@ fn load_version(
         .and_then(|m| m.into_runnable())
         .map_err(|e| merr(&format!("{e:#}")))?;
     let batched = inputs.iter().all(|i| i.shape.first() == Some(&-1));
-    let max_batch_size = if batched {
-        config.max_batch_size.unwrap_or(64)
-    } else {
-        0
-    };
+    let max_batch_size = if batched { config.max_batch_size.unwrap_or(64) } else { 0 };
     Ok(ModelVersion {
         name: name.to_string(),
         version: version.to_string(),
-        platform: config
-            .platform
-            .clone()
-            .unwrap_or_else(|| "onnx".to_string()),
+        platform: config.platform.clone().unwrap_or_else(|| "onnx".to_string()),
         max_batch_size,
         labels: config.labels.clone(),
         inputs,
@@ -395,25 +336,13 @@ mod tests {
     fn builtin_digits_loads_with_a_dynamic_batch() {
         let engine = Engine::load(&builtin(), 1).expect("load");
         let v = engine.models["digits"].version(None).expect("latest");
-        assert_eq!(
-            v.inputs,
-            [TensorMeta {
-                name: "pixels".into(),
-                datatype: DataType::FP32,
-                shape: vec![-1, 64]
-            }]
-        );
+        assert_eq!(v.inputs, [TensorMeta { name: "pixels".into(), datatype: DataType::FP32, shape: vec![-1, 64] }]);
         assert_eq!(v.outputs[0].shape, [-1, 10]);
         for batch in [1usize, 3, 17] {
             let x = Tensor::from_shape(&[batch, 64], &vec![8.0f32; batch * 64]).expect("tensor");
             let out = v.run(tvec!(x.into())).expect("run");
             assert_eq!(out[0].shape(), &[batch, 10]);
-            let sum: f32 = out[0]
-                .to_plain_array_view::<f32>()
-                .expect("f32")
-                .iter()
-                .take(10)
-                .sum();
+            let sum: f32 = out[0].to_plain_array_view::<f32>().expect("f32").iter().take(10).sum();
             assert!((sum - 1.0).abs() < 1e-4, "softmax row sums to {sum}");
         }
     }

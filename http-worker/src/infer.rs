@@ -61,11 +61,7 @@ macro_rules! with_elem {
                 type $T = f64;
                 $body
             }
-            DataType::BYTES => {
-                return Err(ApiError::bad(
-                    "BYTES tensors are not supported by this engine",
-                ))
-            }
+            DataType::BYTES => return Err(ApiError::bad("BYTES tensors are not supported by this engine")),
         }
     };
 }
@@ -85,10 +81,7 @@ pub struct ApiError {
 impl ApiError {
     /// A 400 with `message`.
     pub fn bad(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-        }
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into() }
     }
 }
 
@@ -136,18 +129,14 @@ pub struct InferRequest {
 }
 
 /// Splits a body into the JSON request and the binary tail.
-pub fn decode_body<'a>(
-    body: &'a [u8],
-    header_len: Option<&str>,
-) -> Result<(InferRequest, &'a [u8]), ApiError> {
+pub fn decode_body<'a>(body: &'a [u8], header_len: Option<&str>) -> Result<(InferRequest, &'a [u8]), ApiError> {
     let json_len = match header_len {
         None => body.len(),
         Some(v) => {
-            let n: usize = v.trim().parse().map_err(|_| {
-                ApiError::bad(format!(
-                    "Inference-Header-Content-Length {v:?} is not a byte count"
-                ))
-            })?;
+            let n: usize = v
+                .trim()
+                .parse()
+                .map_err(|_| ApiError::bad(format!("Inference-Header-Content-Length {v:?} is not a byte count")))?;
             if n > body.len() {
                 return Err(ApiError::bad(format!(
                     "Inference-Header-Content-Length is {n} but the body has only {} bytes",
@@ -158,8 +147,8 @@ pub fn decode_body<'a>(
         }
     };
     let (json, binary) = body.split_at(json_len);
-    let req: InferRequest = serde_json::from_slice(json)
-        .map_err(|e| ApiError::bad(format!("malformed inference request JSON: {e}")))?;
+    let req: InferRequest =
+        serde_json::from_slice(json).map_err(|e| ApiError::bad(format!("malformed inference request JSON: {e}")))?;
     Ok((req, binary))
 }
 
@@ -175,17 +164,10 @@ fn element_count(name: &str, shape: &[usize]) -> Result<usize, ApiError> {
 fn check_shape(meta: &TensorMeta, shape: &[i64], max_batch: usize) -> Result<Vec<usize>, ApiError> {
     let name = &meta.name;
     if shape.iter().any(|&d| d < 0) {
-        return Err(ApiError::bad(format!(
-            "input {name}: shape {shape:?} has a negative dimension"
-        )));
+        return Err(ApiError::bad(format!("input {name}: shape {shape:?} has a negative dimension")));
     }
     if !meta.shape.is_empty() {
-        let fits = shape.len() == meta.shape.len()
-            && meta
-                .shape
-                .iter()
-                .zip(shape)
-                .all(|(&m, &s)| m == -1 || m == s);
+        let fits = shape.len() == meta.shape.len() && meta.shape.iter().zip(shape).all(|(&m, &s)| m == -1 || m == s);
         if !fits {
             return Err(ApiError::bad(format!(
                 "input {name}: shape {shape:?} does not match the model's {:?} (-1 is any size)",
@@ -196,51 +178,31 @@ fn check_shape(meta: &TensorMeta, shape: &[i64], max_batch: usize) -> Result<Vec
     if max_batch > 0 {
         let batch = shape.first().copied().unwrap_or(0);
         if batch < 1 || batch as usize > max_batch {
-            return Err(ApiError::bad(format!(
-                "input {name}: batch size {batch} is outside 1..={max_batch}"
-            )));
+            return Err(ApiError::bad(format!("input {name}: batch size {batch} is outside 1..={max_batch}")));
         }
     }
     Ok(shape.iter().map(|&d| d as usize).collect())
 }
 
 /// The model's inputs in graph order, built from the request.
-pub fn build_inputs(
-    model: &ModelVersion,
-    req: &InferRequest,
-    binary: &[u8],
-) -> Result<TVec<TValue>, ApiError> {
+pub fn build_inputs(model: &ModelVersion, req: &InferRequest, binary: &[u8]) -> Result<TVec<TValue>, ApiError> {
     for (i, input) in req.inputs.iter().enumerate() {
         if !model.inputs.iter().any(|m| m.name == input.name) {
             let known: Vec<&str> = model.inputs.iter().map(|m| m.name.as_str()).collect();
-            return Err(ApiError::bad(format!(
-                "unknown input {:?}; the model takes {known:?}",
-                input.name
-            )));
+            return Err(ApiError::bad(format!("unknown input {:?}; the model takes {known:?}", input.name)));
         }
         if req.inputs[..i].iter().any(|o| o.name == input.name) {
-            return Err(ApiError::bad(format!(
-                "input {:?} is given twice",
-                input.name
-            )));
+            return Err(ApiError::bad(format!("input {:?} is given twice", input.name)));
         }
     }
     // Binary parts follow the order of the request's inputs.
     let mut cursor = 0usize;
     let mut tensors: Vec<(usize, Tensor)> = Vec::with_capacity(req.inputs.len());
     for input in &req.inputs {
-        let index = model
-            .inputs
-            .iter()
-            .position(|m| m.name == input.name)
-            .unwrap_or_default();
+        let index = model.inputs.iter().position(|m| m.name == input.name).unwrap_or_default();
         let meta = &model.inputs[index];
-        let datatype = DataType::parse(&input.datatype).ok_or_else(|| {
-            ApiError::bad(format!(
-                "input {}: unknown datatype {:?}",
-                input.name, input.datatype
-            ))
-        })?;
+        let datatype = DataType::parse(&input.datatype)
+            .ok_or_else(|| ApiError::bad(format!("input {}: unknown datatype {:?}", input.name, input.datatype)))?;
         if datatype != meta.datatype {
             return Err(ApiError::bad(format!(
                 "input {}: datatype {datatype} does not match the model's {}",
@@ -251,10 +213,9 @@ pub fn build_inputs(
         let count = element_count(&input.name, &shape)?;
         let tensor = match input.parameters.get("binary_data_size") {
             Some(size) => {
-                let size = size
-                    .as_u64()
-                    .ok_or_else(|| ApiError::bad(format!("input {}: binary_data_size must be a byte count", input.name)))?
-                    as usize;
+                let size = size.as_u64().ok_or_else(|| {
+                    ApiError::bad(format!("input {}: binary_data_size must be a byte count", input.name))
+                })? as usize;
                 let want = count * datatype.size();
                 if size != want {
                     return Err(ApiError::bad(format!(
@@ -290,12 +251,7 @@ pub fn build_inputs(
             binary.len() - cursor
         )));
     }
-    if let Some(missing) = model
-        .inputs
-        .iter()
-        .enumerate()
-        .find(|(i, _)| !tensors.iter().any(|(j, _)| j == i))
-    {
+    if let Some(missing) = model.inputs.iter().enumerate().find(|(i, _)| !tensors.iter().any(|(j, _)| j == i)) {
         return Err(ApiError::bad(format!("missing input {:?}", missing.1.name)));
     }
     tensors.sort_by_key(|(i, _)| *i);
@@ -309,42 +265,21 @@ pub fn encode_response(
     req: &InferRequest,
     outputs: &TVec<TValue>,
 ) -> Result<(Vec<u8>, Option<usize>), ApiError> {
-    let all_binary = req
-        .parameters
-        .get("binary_data_output")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let all_binary = req.parameters.get("binary_data_output").and_then(Value::as_bool).unwrap_or(false);
     let requested: Vec<(usize, bool, Option<usize>)> = match &req.outputs {
-        None => (0..model.outputs.len())
-            .map(|i| (i, all_binary, None))
-            .collect(),
+        None => (0..model.outputs.len()).map(|i| (i, all_binary, None)).collect(),
         Some(list) => list
             .iter()
             .map(|o| {
-                let i = model
-                    .outputs
-                    .iter()
-                    .position(|m| m.name == o.name)
-                    .ok_or_else(|| {
-                        let known: Vec<&str> =
-                            model.outputs.iter().map(|m| m.name.as_str()).collect();
-                        ApiError::bad(format!(
-                            "unknown output {:?}; the model has {known:?}",
-                            o.name
-                        ))
-                    })?;
-                let binary = o
-                    .parameters
-                    .get("binary_data")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(all_binary);
+                let i = model.outputs.iter().position(|m| m.name == o.name).ok_or_else(|| {
+                    let known: Vec<&str> = model.outputs.iter().map(|m| m.name.as_str()).collect();
+                    ApiError::bad(format!("unknown output {:?}; the model has {known:?}", o.name))
+                })?;
+                let binary = o.parameters.get("binary_data").and_then(Value::as_bool).unwrap_or(all_binary);
                 let class = match o.parameters.get("classification") {
                     None => None,
                     Some(v) => Some(v.as_u64().filter(|&k| k > 0).ok_or_else(|| {
-                        ApiError::bad(format!(
-                            "output {}: classification must be a positive count",
-                            o.name
-                        ))
+                        ApiError::bad(format!("output {}: classification must be a positive count", o.name))
                     })? as usize),
                 };
                 Ok((i, binary, class))
@@ -361,19 +296,9 @@ pub fn encode_response(
                 let (shape, labels) = classify(tensor, meta.datatype, k, &model.labels)?;
                 (DataType::BYTES, shape, OutData::Bytes(labels))
             }
-            None => (
-                meta.datatype,
-                tensor.shape().to_vec(),
-                with_elem!(meta.datatype, T => to_out::<T>(tensor))?,
-            ),
+            None => (meta.datatype, tensor.shape().to_vec(), with_elem!(meta.datatype, T => to_out::<T>(tensor))?),
         };
-        let mut out = ResponseOutput {
-            name: meta.name.clone(),
-            datatype,
-            shape,
-            data: None,
-            parameters: None,
-        };
+        let mut out = ResponseOutput { name: meta.name.clone(), datatype, shape, data: None, parameters: None };
         if binary {
             let before = tail.len();
             data.write_le(&mut tail);
@@ -402,12 +327,7 @@ pub fn encode_response(
 }
 
 /// Top-`k` classes per batch row as Triton's `"score:index[:label]"` strings.
-fn classify(
-    t: &Tensor,
-    dt: DataType,
-    k: usize,
-    labels: &[String],
-) -> Result<(Vec<usize>, Vec<String>), ApiError> {
+fn classify(t: &Tensor, dt: DataType, k: usize, labels: &[String]) -> Result<(Vec<usize>, Vec<String>), ApiError> {
     let scores: Vec<f64> = with_elem!(dt, T => to_out::<T>(t))?.as_f64();
     let (rows, classes) = match t.shape() {
         [] => (1, 1),
@@ -426,11 +346,7 @@ fn classify(
             }
         }
     }
-    let shape = if t.rank() >= 2 {
-        vec![rows, k]
-    } else {
-        vec![k]
-    };
+    let shape = if t.rank() >= 2 { vec![rows, k] } else { vec![k] };
     Ok((shape, out))
 }
 
@@ -586,9 +502,7 @@ impl Elem for f32 {
         v.as_f64().map(|f| f as f32)
     }
     fn from_le(b: &[u8]) -> Self {
-        <[u8; 4]>::try_from(b)
-            .map(f32::from_le_bytes)
-            .unwrap_or_default()
+        <[u8; 4]>::try_from(b).map(f32::from_le_bytes).unwrap_or_default()
     }
     fn out(v: Vec<Self>) -> OutData {
         OutData::F32(v)
@@ -601,9 +515,7 @@ impl Elem for f64 {
         v.as_f64()
     }
     fn from_le(b: &[u8]) -> Self {
-        <[u8; 8]>::try_from(b)
-            .map(f64::from_le_bytes)
-            .unwrap_or_default()
+        <[u8; 8]>::try_from(b).map(f64::from_le_bytes).unwrap_or_default()
     }
     fn out(v: Vec<Self>) -> OutData {
         OutData::F64(v)
@@ -616,9 +528,7 @@ impl Elem for f16 {
         v.as_f64().map(f16::from_f64)
     }
     fn from_le(b: &[u8]) -> Self {
-        <[u8; 2]>::try_from(b)
-            .map(f16::from_le_bytes)
-            .unwrap_or(f16::ZERO)
+        <[u8; 2]>::try_from(b).map(f16::from_le_bytes).unwrap_or(f16::ZERO)
     }
     fn out(v: Vec<Self>) -> OutData {
         OutData::F16(v.into_iter().map(f32::from).collect())
@@ -644,13 +554,7 @@ fn from_json<T: Elem>(
         }
         match T::from_json(v) {
             Some(x) => values.push(x),
-            None => {
-                bad = Some(format!(
-                    "input {name}: element {} ({v}) is not a valid {}",
-                    values.len(),
-                    T::name()
-                ))
-            }
+            None => bad = Some(format!("input {name}: element {} ({v}) is not a valid {}", values.len(), T::name())),
         }
     });
     if let Some(msg) = bad {
@@ -709,10 +613,8 @@ mod tests {
 
     #[test]
     fn json_tensor_decodes_flat_and_nested() {
-        let flat = format!(
-            r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":{}}}]}}"#,
-            pixels(64)
-        );
+        let flat =
+            format!(r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":{}}}]}}"#, pixels(64));
         assert_eq!(request(&flat, b"").expect("flat")[0].shape(), &[1, 64]);
         let nested = format!(
             r#"{{"inputs":[{{"name":"pixels","shape":[2,64],"datatype":"FP32","data":[{},{}]}}]}}"#,
@@ -727,31 +629,19 @@ mod tests {
         let cases = [
             (r#"{"inputs": ["#.to_string(), "malformed"),
             (
-                format!(
-                    r#"{{"inputs":[{{"name":"nope","shape":[1,64],"datatype":"FP32","data":{}}}]}}"#,
-                    pixels(64)
-                ),
+                format!(r#"{{"inputs":[{{"name":"nope","shape":[1,64],"datatype":"FP32","data":{}}}]}}"#, pixels(64)),
                 "unknown input",
             ),
             (
-                format!(
-                    r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP64","data":{}}}]}}"#,
-                    pixels(64)
-                ),
+                format!(r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP64","data":{}}}]}}"#, pixels(64)),
                 "datatype FP64",
             ),
             (
-                format!(
-                    r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":{}}}]}}"#,
-                    pixels(63)
-                ),
+                format!(r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":{}}}]}}"#, pixels(63)),
                 "needs 64 elements",
             ),
             (
-                format!(
-                    r#"{{"inputs":[{{"name":"pixels","shape":[1,63],"datatype":"FP32","data":{}}}]}}"#,
-                    pixels(63)
-                ),
+                format!(r#"{{"inputs":[{{"name":"pixels","shape":[1,63],"datatype":"FP32","data":{}}}]}}"#, pixels(63)),
                 "does not match",
             ),
             (
@@ -762,54 +652,36 @@ mod tests {
                 "batch size",
             ),
             (
-                r#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"FP32","data":["a"]}]}"#
-                    .to_string(),
+                r#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"FP32","data":["a"]}]}"#.to_string(),
                 "not a valid",
             ),
             (r#"{"inputs":[]}"#.to_string(), "missing input"),
+            (r#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"FP32"}]}"#.to_string(), "neither data"),
             (
-                r#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"FP32"}]}"#.to_string(),
-                "neither data",
-            ),
-            (
-                r#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"WAT","data":[]}]}"#
-                    .to_string(),
+                r#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"WAT","data":[]}]}"#.to_string(),
                 "unknown datatype",
             ),
         ];
         for (json, want) in cases {
             let err = request(&json, b"").expect_err(&json);
             assert_eq!(err.status, StatusCode::BAD_REQUEST);
-            assert!(
-                err.message.contains(want),
-                "{want:?} not in {:?}",
-                err.message
-            );
+            assert!(err.message.contains(want), "{want:?} not in {:?}", err.message);
         }
     }
 
     #[test]
     fn binary_framing_must_add_up() {
-        let json = r#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"FP32","parameters":{"binary_data_size":256}}]}"#;
+        let json =
+            r#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"FP32","parameters":{"binary_data_size":256}}]}"#;
         let ok = vec![0u8; 256];
         assert_eq!(request(json, &ok).expect("binary")[0].shape(), &[1, 64]);
         let err = request(json, &ok[..100]).expect_err("short");
-        assert!(
-            err.message.contains("more were promised"),
-            "{}",
-            err.message
-        );
+        assert!(err.message.contains("more were promised"), "{}", err.message);
         let mut long = ok.clone();
         long.extend_from_slice(&[0; 4]);
-        assert!(request(json, &long)
-            .expect_err("long")
-            .message
-            .contains("no input claims"));
+        assert!(request(json, &long).expect_err("long").message.contains("no input claims"));
         let wrong = json.replace("256", "255");
-        assert!(request(&wrong, &ok[..255])
-            .expect_err("size")
-            .message
-            .contains("needs 256 bytes"));
+        assert!(request(&wrong, &ok[..255]).expect_err("size").message.contains("needs 256 bytes"));
         let body = b"{}";
         assert!(decode_body(body, Some("10")).is_err_and(|e| e.message.contains("only 2 bytes")));
         assert!(decode_body(body, Some("x")).is_err());
@@ -838,10 +710,7 @@ mod tests {
             (DataType::INT8, "[-128,127]"),
             (DataType::INT16, "[-32768,32767]"),
             (DataType::INT32, "[-2147483648,2147483647]"),
-            (
-                DataType::INT64,
-                "[-9223372036854775808,9223372036854775807]",
-            ),
+            (DataType::INT64, "[-9223372036854775808,9223372036854775807]"),
             (DataType::FP16, "[0.5,-2.0]"),
             (DataType::FP32, "[0.25,-1.5]"),
             (DataType::FP64, "[0.1,-1e+300]"),
@@ -849,11 +718,7 @@ mod tests {
             let data: Value = serde_json::from_str(json).expect("json");
             let t = decode_json(dt, &data).expect("decode");
             let out = encode(dt, &t).expect("encode");
-            assert_eq!(
-                serde_json::to_string(&out).expect("ser").replace(".0", ""),
-                json.replace(".0", ""),
-                "{dt}"
-            );
+            assert_eq!(serde_json::to_string(&out).expect("ser").replace(".0", ""), json.replace(".0", ""), "{dt}");
             let mut le = Vec::new();
             out.write_le(&mut le);
             assert_eq!(le.len(), 2 * dt.size(), "{dt}");
@@ -868,8 +733,7 @@ mod tests {
     fn classification_returns_top_k_with_labels() {
         let m = digits();
         let probs: Vec<f32> = (0..10).map(|i| if i == 7 { 0.9 } else { 0.01 }).collect();
-        let outputs: TVec<TValue> =
-            std::iter::once(Tensor::from_shape(&[1, 10], &probs).expect("t").into()).collect();
+        let outputs: TVec<TValue> = std::iter::once(Tensor::from_shape(&[1, 10], &probs).expect("t").into()).collect();
         let req: InferRequest = serde_json::from_str(
             r#"{"id":"r1","inputs":[],"outputs":[{"name":"probabilities","parameters":{"classification":2}}]}"#,
         )
@@ -880,12 +744,6 @@ mod tests {
         assert_eq!(v["id"], "r1");
         assert_eq!(v["outputs"][0]["datatype"], "BYTES");
         assert_eq!(v["outputs"][0]["shape"], serde_json::json!([1, 2]));
-        assert!(
-            v["outputs"][0]["data"][0]
-                .as_str()
-                .expect("str")
-                .ends_with(":7:7"),
-            "{v}"
-        );
+        assert!(v["outputs"][0]["data"][0].as_str().expect("str").ends_with(":7:7"), "{v}");
     }
 }

@@ -6,6 +6,7 @@
 pub mod engine;
 pub mod infer;
 pub mod router;
+pub mod shm_server;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,21 +31,26 @@ pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
     runtime.block_on(serve(settings, control))
 }
 
-async fn serve(
-    settings: WorkerSettings,
-    control: Arc<tandem_shared::control::ControlClient>,
-) -> anyhow::Result<()> {
+async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::ControlClient>) -> anyhow::Result<()> {
     let std_listener = listenfd::ListenFd::from_env()
         .take_tcp_listener(0)
         .context("cannot take the inherited listener (LISTEN_FDS)")?
         .context("no listener inherited: LISTEN_FDS is not set")?;
-    std_listener
-        .set_nonblocking(true)
-        .context("cannot make the listener non-blocking")?;
-    let listener =
-        tokio::net::TcpListener::from_std(std_listener).context("cannot register the listener")?;
+    std_listener.set_nonblocking(true).context("cannot make the listener non-blocking")?;
+    let listener = tokio::net::TcpListener::from_std(std_listener).context("cannot register the listener")?;
     let engine = load_engine(&settings)?;
+    let inference_threads = engine.permits.available_permits();
     let app = router(AppState::new(&settings, engine));
+    let shm = match &settings.shm {
+        Some(shm) => {
+            let region = tandem_shared::worker::open_region(shm)?;
+            // Hold a few more requests than can run, so the next one is ready when a thread frees up.
+            let server = shm_server::ShmServer::start(region, settings.worker_id, app.clone(), inference_threads * 2)
+                .context("cannot start the shared-memory claimer")?;
+            Some(server)
+        }
+        None => None,
+    };
 
     let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -55,20 +61,17 @@ async fn serve(
             .await
     });
     control
-        .send(&WorkerEvent::Ready {
-            addr: settings.listen_addr.to_string(),
-            fingerprint: None,
-        })
+        .send(&WorkerEvent::Ready { addr: settings.listen_addr.to_string(), fingerprint: None })
         .context("cannot report ready to the supervisor")?;
     tracing::info!(worker_id = settings.worker_id, pid = std::process::id(), addr = %settings.listen_addr, "http worker ready");
 
     stop_signal().await;
-    tracing::info!(
-        worker_id = settings.worker_id,
-        "draining in-flight requests"
-    );
+    tracing::info!(worker_id = settings.worker_id, "draining in-flight requests");
     let _ = control.send(&WorkerEvent::Draining);
     let _ = drain_tx.send(());
+    if let Some(shm) = shm {
+        shm.stop(settings.graceful_timeout).await;
+    }
     drain(server, settings.graceful_timeout).await;
     Ok(())
 }
@@ -90,17 +93,11 @@ pub fn load_engine(settings: &WorkerSettings) -> anyhow::Result<Arc<engine::Engi
 }
 
 /// Waits for a draining server task, giving up after `timeout`.
-pub async fn drain<E: std::fmt::Display>(
-    server: tokio::task::JoinHandle<Result<(), E>>,
-    timeout: Duration,
-) {
+pub async fn drain<E: std::fmt::Display>(server: tokio::task::JoinHandle<Result<(), E>>, timeout: Duration) {
     match tokio::time::timeout(timeout, server).await {
         Ok(Ok(Ok(()))) => tracing::info!("drained"),
         Ok(Ok(Err(e))) => tracing::error!(error = %e, "server failed while draining"),
         Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
-        Err(_) => tracing::warn!(
-            timeout_s = timeout.as_secs(),
-            "drain timed out; exiting with requests in flight"
-        ),
+        Err(_) => tracing::warn!(timeout_s = timeout.as_secs(), "drain timed out; exiting with requests in flight"),
     }
 }

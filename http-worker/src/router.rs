@@ -67,8 +67,7 @@ impl AppState {
             inner: Arc::new(Inner {
                 worker_id: settings.worker_id,
                 num_workers: settings.num_workers,
-                max_request_bytes: usize::try_from(settings.max_request_bytes)
-                    .unwrap_or(usize::MAX),
+                max_request_bytes: usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX),
                 engine,
                 started: Instant::now(),
                 metrics: Metrics::default(),
@@ -103,21 +102,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/models/{name}/config", get(model_config))
         .route("/v2/models/{name}/infer", post(infer))
         .route("/v2/models/{name}/versions/{version}", get(model_metadata))
-        .route(
-            "/v2/models/{name}/versions/{version}/ready",
-            get(model_ready),
-        )
-        .route(
-            "/v2/models/{name}/versions/{version}/config",
-            get(model_config),
-        )
+        .route("/v2/models/{name}/versions/{version}/ready", get(model_ready))
+        .route("/v2/models/{name}/versions/{version}/config", get(model_config))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
-            error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed on this route",
-            )
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         })
         .with_state(state)
         .layer(axum::middleware::map_response(move |mut res: Response| {
@@ -137,16 +127,9 @@ struct ModelPath {
 }
 
 fn find(state: &AppState, p: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> {
-    let not_found = |message| ApiError {
-        status: StatusCode::NOT_FOUND,
-        message,
-    };
-    let model = state
-        .inner
-        .engine
-        .models
-        .get(&p.name)
-        .ok_or_else(|| not_found(format!("unknown model {:?}", p.name)))?;
+    let not_found = |message| ApiError { status: StatusCode::NOT_FOUND, message };
+    let model =
+        state.inner.engine.models.get(&p.name).ok_or_else(|| not_found(format!("unknown model {:?}", p.name)))?;
     model.version(p.version.as_deref()).cloned().ok_or_else(|| {
         not_found(format!(
             "model {:?} has no version {:?}; it has {:?}",
@@ -157,18 +140,10 @@ fn find(state: &AppState, p: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> 
     })
 }
 
-async fn info(
-    State(state): State<AppState>,
-    scheme: Option<Extension<Scheme>>,
-) -> Json<serde_json::Value> {
+async fn info(State(state): State<AppState>, scheme: Option<Extension<Scheme>>) -> Json<serde_json::Value> {
     let scheme = scheme.map_or(Scheme::Http, |Extension(s)| s);
-    let models: Vec<_> = state
-        .inner
-        .engine
-        .models
-        .iter()
-        .map(|(n, m)| json!({ "name": n, "versions": m.labels() }))
-        .collect();
+    let models: Vec<_> =
+        state.inner.engine.models.iter().map(|(n, m)| json!({ "name": n, "versions": m.labels() })).collect();
     Json(json!({
         "name": "tandem",
         "version": tandem_shared::VERSION,
@@ -211,13 +186,7 @@ async fn model_metadata(
     Path(p): Path<ModelPath>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let v = find(&state, &p)?;
-    let versions = state
-        .inner
-        .engine
-        .models
-        .get(&p.name)
-        .map(|m| m.labels())
-        .unwrap_or_default();
+    let versions = state.inner.engine.models.get(&p.name).map(|m| m.labels()).unwrap_or_default();
     Ok(Json(json!({
         "name": v.name,
         "versions": versions,
@@ -232,9 +201,7 @@ async fn model_ready(
     Path(p): Path<ModelPath>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let v = find(&state, &p)?;
-    Ok(Json(
-        json!({ "name": v.name, "version": v.version, "ready": true }),
-    ))
+    Ok(Json(json!({ "name": v.name, "version": v.version, "ready": true })))
 }
 
 /// Triton-style configuration (dims without the batch dimension).
@@ -256,50 +223,33 @@ async fn model_config(
     })))
 }
 
-async fn infer(
-    State(state): State<AppState>,
-    Path(p): Path<ModelPath>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, headers: HeaderMap, body: Body) -> Response {
     let m = &state.inner.metrics;
     let started = Instant::now();
     let result = run_infer(&state, &p, &headers, body).await;
-    m.infer_micros
-        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    m.infer_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     match result {
         Ok(r) => {
             m.infer_ok.fetch_add(1, Ordering::Relaxed);
             r
         }
         Err(e) => {
-            let counter = if e.status.is_client_error() {
-                &m.infer_client_error
-            } else {
-                &m.infer_server_error
-            };
+            let counter = if e.status.is_client_error() { &m.infer_client_error } else { &m.infer_server_error };
             counter.fetch_add(1, Ordering::Relaxed);
             e.into_response()
         }
     }
 }
 
-async fn run_infer(
-    state: &AppState,
-    p: &ModelPath,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
+async fn run_infer(state: &AppState, p: &ModelPath, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
     let model = find(state, p)?;
     let limit = state.inner.max_request_bytes;
     let too_large = || ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         message: format!("request body exceeds MAX_REQUEST_BYTES ({limit} bytes)"),
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
@@ -313,9 +263,7 @@ async fn run_infer(
         }
         ApiError::bad(format!("cannot read the request body: {e}"))
     })?;
-    let header_len = headers
-        .get(HEADER_LENGTH)
-        .map(|v| v.to_str().unwrap_or("invalid"));
+    let header_len = headers.get(HEADER_LENGTH).map(|v| v.to_str().unwrap_or("invalid"));
     let (req, binary) = decode_body(&bytes, header_len)?;
     let inputs = build_inputs(&model, &req, binary)?;
 
@@ -331,31 +279,18 @@ async fn run_infer(
             status: StatusCode::INTERNAL_SERVER_ERROR,
             message: format!("inference crashed: {e}"),
         })?
-        .map_err(|e| ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: format!("inference failed: {e:#}"),
-        })?;
-    state
-        .inner
-        .metrics
-        .inferences
-        .fetch_add(1, Ordering::Relaxed);
+        .map_err(|e| ApiError { status: StatusCode::BAD_REQUEST, message: format!("inference failed: {e:#}") })?;
+    state.inner.metrics.inferences.fetch_add(1, Ordering::Relaxed);
     let (body, json_len) = encode_response(&model, &req, &outputs)?;
     let mut res = Response::new(Body::from(body));
     let h = res.headers_mut();
     match json_len {
         Some(n) => {
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/octet-stream"),
-            );
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
             h.insert(HEADER_LENGTH, HeaderValue::from(n));
         }
         None => {
-            h.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
     }
     Ok(res)

@@ -3,16 +3,15 @@
 
 #![forbid(unsafe_code)]
 
+pub mod forward;
 pub mod resolver;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
-use tandem_http_worker::{router, AppState, Scheme};
 use tandem_shared::control::{ControlClient, WorkerEvent};
 use tandem_shared::tls::Bundle;
 use tandem_shared::worker::{attach, stop_signal};
@@ -24,14 +23,14 @@ pub use resolver::ReloadableResolver;
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's headers (slow-client guard).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the HTTPS worker until it is told to stop; returns when drained.
 pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
     let control = attach(&settings)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the tokio runtime")?;
     runtime.block_on(serve(settings, control))
 }
 
@@ -48,8 +47,7 @@ pub fn server_config(resolver: Arc<ReloadableResolver>) -> anyhow::Result<rustls
 }
 
 async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow::Result<()> {
-    let bundle =
-        Bundle::load(&settings.live_cert).context("cannot load the published certificate")?;
+    let bundle = Bundle::load(&settings.live_cert).context("cannot load the published certificate")?;
     let fingerprint = bundle.info.fingerprint.clone();
     let resolver = Arc::new(ReloadableResolver::new(bundle.certified_key()));
     let acceptor = TlsAcceptor::from(Arc::new(server_config(resolver.clone())?));
@@ -58,24 +56,23 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         .take_tcp_listener(0)
         .context("cannot take the inherited listener (LISTEN_FDS)")?
         .context("no listener inherited: LISTEN_FDS is not set")?;
-    std_listener
-        .set_nonblocking(true)
-        .context("cannot make the listener non-blocking")?;
-    let listener =
-        tokio::net::TcpListener::from_std(std_listener).context("cannot register the listener")?;
+    std_listener.set_nonblocking(true).context("cannot make the listener non-blocking")?;
+    let listener = tokio::net::TcpListener::from_std(std_listener).context("cannot register the listener")?;
 
-    // Until the shared-memory channel lands, the HTTPS worker runs the engine in-process.
-    let engine = tandem_http_worker::load_engine(&settings)?;
-    let app = router(AppState::new(&settings, engine)).layer(axum::Extension(Scheme::Https));
+    // No model here: every request goes to the engine workers through shared memory.
+    let shm = settings.shm.as_ref().context("the HTTPS worker needs the shared-memory ring")?;
+    let region = tandem_shared::worker::open_region(shm).context("cannot map the shared-memory region")?;
+    let completions = forward::Completions::start(region.clone()).context("cannot start the completion thread")?;
+    let max_request = usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX);
+    let forwarder = Arc::new(forward::Forwarder::new(region, completions.clone(), max_request, shm.request_timeout));
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
 
     control
-        .send(&WorkerEvent::Ready {
-            addr: settings.listen_addr.to_string(),
-            fingerprint: Some(fingerprint.clone()),
-        })
+        .send(&WorkerEvent::Ready { addr: settings.listen_addr.to_string(), fingerprint: Some(fingerprint.clone()) })
         .context("cannot report ready to the supervisor")?;
     tracing::info!(worker_id = settings.worker_id, pid = std::process::id(), addr = %settings.listen_addr, %fingerprint, "https worker ready");
 
@@ -97,7 +94,8 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
                 };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = acceptor.clone();
-                let service = TowerToHyperService::new(app.clone());
+                let fwd = forwarder.clone();
+                let service = hyper::service::service_fn(move |req| fwd.clone().handle(req));
                 let builder = builder.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
@@ -121,10 +119,7 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         }
     }
     drop(listener);
-    tracing::info!(
-        worker_id = settings.worker_id,
-        "draining in-flight requests"
-    );
+    tracing::info!(worker_id = settings.worker_id, "draining in-flight requests");
     let _ = control.send(&WorkerEvent::Draining);
     match tokio::time::timeout(settings.graceful_timeout, graceful.shutdown()).await {
         Ok(()) => tracing::info!("drained"),
@@ -143,9 +138,7 @@ fn reload(settings: &WorkerSettings, resolver: &ReloadableResolver, control: &Co
         Ok(bundle) => {
             resolver.swap(bundle.certified_key());
             tracing::info!(fingerprint = %bundle.info.fingerprint, "certificate reloaded");
-            WorkerEvent::Reloaded {
-                fingerprint: bundle.info.fingerprint,
-            }
+            WorkerEvent::Reloaded { fingerprint: bundle.info.fingerprint }
         }
         Err(e) => {
             let reason = format!("{e:#}");

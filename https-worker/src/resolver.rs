@@ -16,9 +16,7 @@ pub struct ReloadableResolver {
 impl ReloadableResolver {
     /// Starts with `initial`.
     pub fn new(initial: Arc<CertifiedKey>) -> Self {
-        ReloadableResolver {
-            current: ArcSwap::new(initial),
-        }
+        ReloadableResolver { current: ArcSwap::new(initial) }
     }
 
     /// Replaces the certificate for every handshake from now on; sessions

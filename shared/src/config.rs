@@ -25,26 +25,10 @@ pub struct EnvVar {
 
 /// Every environment variable tandem reads; the README's table mirrors this list.
 pub const ENV_VARS: &[EnvVar] = &[
-    EnvVar {
-        name: "HOST",
-        default: "0.0.0.0",
-        meaning: "bind address (an IP address) for both listeners",
-    },
-    EnvVar {
-        name: "PORT",
-        default: "9001",
-        meaning: "HTTP port (0-65535; 0 picks a free port)",
-    },
-    EnvVar {
-        name: "NUM_WORKERS",
-        default: "1",
-        meaning: "HTTP inference worker processes (1-256)",
-    },
-    EnvVar {
-        name: "ENABLE_SSL",
-        default: "False",
-        meaning: "also serve HTTPS (true/false/1/0/yes/no, any case)",
-    },
+    EnvVar { name: "HOST", default: "0.0.0.0", meaning: "bind address (an IP address) for both listeners" },
+    EnvVar { name: "PORT", default: "9001", meaning: "HTTP port (0-65535; 0 picks a free port)" },
+    EnvVar { name: "NUM_WORKERS", default: "1", meaning: "HTTP inference worker processes (1-256)" },
+    EnvVar { name: "ENABLE_SSL", default: "False", meaning: "also serve HTTPS (true/false/1/0/yes/no, any case)" },
     EnvVar {
         name: "SSL_PORT",
         default: "PORT+1 (443 when PORT=80)",
@@ -96,20 +80,27 @@ pub const ENV_VARS: &[EnvVar] = &[
         meaning: "largest request body accepted (bytes); larger gets 413",
     },
     EnvVar {
-        name: "GRACEFUL_TIMEOUT",
-        default: "30",
-        meaning: "seconds to drain on stop before SIGKILL",
+        name: "REQUEST_TIMEOUT",
+        default: "60",
+        meaning: "seconds an HTTPS request may wait for the engine before 504",
     },
+    EnvVar {
+        name: "SHM_SLOTS",
+        default: "64",
+        meaning: "requests in flight between the HTTPS worker and the engine (2-4096)",
+    },
+    EnvVar {
+        name: "SHM_SLOT_BYTES",
+        default: "8388608",
+        meaning: "largest HTTPS request or response carried to the engine (bytes)",
+    },
+    EnvVar { name: "GRACEFUL_TIMEOUT", default: "30", meaning: "seconds to drain on stop before SIGKILL" },
     EnvVar {
         name: "LOG_LEVEL",
         default: "info",
         meaning: "tracing filter (error, warn, info, debug, trace or a directive list)",
     },
-    EnvVar {
-        name: "LOG_FORMAT",
-        default: "text",
-        meaning: "log format on stderr: text or json",
-    },
+    EnvVar { name: "LOG_FORMAT", default: "text", meaning: "log format on stderr: text or json" },
 ];
 
 /// Where the HTTPS certificate comes from.
@@ -172,6 +163,12 @@ pub struct Config {
     pub model_repository: Option<PathBuf>,
     /// Largest accepted request body.
     pub max_request_bytes: u64,
+    /// How long an HTTPS request may wait for the engine.
+    pub request_timeout: Duration,
+    /// Slots of the shared-memory ring.
+    pub shm_slots: u32,
+    /// Bytes per request (and per response) in a slot.
+    pub shm_slot_bytes: usize,
     /// Drain time on stop before SIGKILL.
     pub graceful_timeout: Duration,
     /// Tracing filter directive.
@@ -236,6 +233,9 @@ struct Raw {
     model_cache_dir: Option<String>,
     model_repository: Option<String>,
     max_request_bytes: Option<String>,
+    request_timeout: Option<String>,
+    shm_slots: Option<String>,
+    shm_slot_bytes: Option<String>,
     graceful_timeout: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
@@ -248,11 +248,7 @@ struct Checker {
 
 impl Checker {
     fn bad(&mut self, var: &'static str, value: &str, accepted: impl Into<String>) {
-        self.problems.push(Problem {
-            var,
-            value: value.to_string(),
-            accepted: accepted.into(),
-        });
+        self.problems.push(Problem { var, value: value.to_string(), accepted: accepted.into() });
     }
 
     /// Parses `raw` with `parse`, or returns `default` when unset or empty.
@@ -291,10 +287,7 @@ fn parse_range<T: std::str::FromStr + PartialOrd>(v: &str, lo: T, hi: T) -> Opti
 }
 
 fn is_readable_file(p: &Path) -> bool {
-    std::fs::File::open(p)
-        .and_then(|f| f.metadata())
-        .map(|m| m.is_file())
-        .unwrap_or(false)
+    std::fs::File::open(p).and_then(|f| f.metadata()).map(|m| m.is_file()).unwrap_or(false)
 }
 
 impl Config {
@@ -304,19 +297,13 @@ impl Config {
     }
 
     /// Parses the given variables; names not listed in [`ENV_VARS`] are ignored.
-    pub fn from_vars<I: IntoIterator<Item = (String, String)>>(
-        vars: I,
-    ) -> Result<Self, ConfigError> {
-        let known: BTreeMap<String, String> = vars
-            .into_iter()
-            .filter(|(k, _)| ENV_VARS.iter().any(|e| e.name == k))
-            .collect();
+    pub fn from_vars<I: IntoIterator<Item = (String, String)>>(vars: I) -> Result<Self, ConfigError> {
+        let known: BTreeMap<String, String> =
+            vars.into_iter().filter(|(k, _)| ENV_VARS.iter().any(|e| e.name == k)).collect();
         // Only known names with string values reach envy, so it cannot fail; keep the
         // error path anyway rather than unwrapping on operator input.
         let raw: Raw = envy::from_iter(known).unwrap_or_default();
-        let mut c = Checker {
-            problems: Vec::new(),
-        };
+        let mut c = Checker { problems: Vec::new() };
 
         let host = c.get(
             "HOST",
@@ -325,23 +312,10 @@ impl Config {
             "an IP address such as 0.0.0.0, 127.0.0.1 or ::",
             |v| v.trim_start_matches('[').trim_end_matches(']').parse().ok(),
         );
-        let port = c.get("PORT", &raw.port, 9001u16, "a port number 0-65535", |v| {
-            v.parse().ok()
-        });
-        let num_workers = c.get(
-            "NUM_WORKERS",
-            &raw.num_workers,
-            1usize,
-            "an integer 1-256",
-            |v| parse_range(v, 1, 256),
-        );
-        let enable_ssl = c.get(
-            "ENABLE_SSL",
-            &raw.enable_ssl,
-            false,
-            "true/false/1/0/yes/no (any case)",
-            parse_bool,
-        );
+        let port = c.get("PORT", &raw.port, 9001u16, "a port number 0-65535", |v| v.parse().ok());
+        let num_workers =
+            c.get("NUM_WORKERS", &raw.num_workers, 1usize, "an integer 1-256", |v| parse_range(v, 1, 256));
+        let enable_ssl = c.get("ENABLE_SSL", &raw.enable_ssl, false, "true/false/1/0/yes/no (any case)", parse_bool);
         let default_ssl_port = match port {
             80 => Some(443),
             0 => Some(0),
@@ -349,28 +323,18 @@ impl Config {
         };
         let ssl_port = match (&raw.ssl_port, default_ssl_port) {
             (Some(v), _) if !v.trim().is_empty() => {
-                c.get("SSL_PORT", &raw.ssl_port, 0, "a port number 0-65535", |v| {
-                    v.parse().ok()
-                })
+                c.get("SSL_PORT", &raw.ssl_port, 0, "a port number 0-65535", |v| v.parse().ok())
             }
             (_, Some(p)) => p,
             (_, None) => {
                 if enable_ssl {
-                    c.bad(
-                        "SSL_PORT",
-                        "",
-                        "an explicit port, because PORT+1 is past 65535",
-                    );
+                    c.bad("SSL_PORT", "", "an explicit port, because PORT+1 is past 65535");
                 }
                 0
             }
         };
         if enable_ssl && ssl_port == port && port != 0 {
-            c.bad(
-                "SSL_PORT",
-                &ssl_port.to_string(),
-                format!("a port different from PORT ({port})"),
-            );
+            c.bad("SSL_PORT", &ssl_port.to_string(), format!("a port different from PORT ({port})"));
         }
         let ssl_certificate = c.get(
             "SSL_CERTIFICATE",
@@ -386,27 +350,17 @@ impl Config {
                 }
             },
         );
-        let ssl_key = c.get(
-            "SSL_KEY",
-            &raw.ssl_key,
-            None,
-            "the path of a readable PEM private key file",
-            |v| {
-                let p = PathBuf::from(v);
-                is_readable_file(&p).then_some(Some(p))
-            },
-        );
-        let ssl_key_type = c.get(
-            "SSL_KEY_TYPE",
-            &raw.ssl_key_type,
-            KeyType::Rsa2048,
-            "rsa2048 or ecdsa-p256",
-            |v| match v.to_ascii_lowercase().as_str() {
+        let ssl_key = c.get("SSL_KEY", &raw.ssl_key, None, "the path of a readable PEM private key file", |v| {
+            let p = PathBuf::from(v);
+            is_readable_file(&p).then_some(Some(p))
+        });
+        let ssl_key_type = c.get("SSL_KEY_TYPE", &raw.ssl_key_type, KeyType::Rsa2048, "rsa2048 or ecdsa-p256", |v| {
+            match v.to_ascii_lowercase().as_str() {
                 "rsa2048" | "rsa" => Some(KeyType::Rsa2048),
                 "ecdsa-p256" | "ecdsa" | "p256" => Some(KeyType::EcdsaP256),
                 _ => None,
-            },
-        );
+            }
+        });
         let ssl_indirect_url = c.get(
             "SSL_INDIRECT_URL",
             &raw.ssl_indirect_url,
@@ -421,48 +375,37 @@ impl Config {
             "a whole number of seconds, at least 1",
             |v| parse_range(v, 1u64, u64::MAX / 2).map(Duration::from_secs),
         );
-        let ssl_san = c.get(
-            "SSL_SAN",
-            &raw.ssl_san,
-            Vec::new(),
-            "comma-separated DNS names or IP addresses",
-            |v| {
-                let names: Vec<String> = v
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(String::from)
-                    .collect();
-                names
-                    .iter()
-                    .all(|n| n.parse::<IpAddr>().is_ok() || is_dns_name(n))
-                    .then_some(names)
-            },
+        let ssl_san = c.get("SSL_SAN", &raw.ssl_san, Vec::new(), "comma-separated DNS names or IP addresses", |v| {
+            let names: Vec<String> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
+            names.iter().all(|n| n.parse::<IpAddr>().is_ok() || is_dns_name(n)).then_some(names)
+        });
+        let model_cache_dir =
+            c.get("MODEL_CACHE_DIR", &raw.model_cache_dir, PathBuf::from("/tmp/cache"), "a directory path", |v| {
+                Some(PathBuf::from(v))
+            });
+        let model_repository = c.get("MODEL_REPOSITORY", &raw.model_repository, None, "an existing directory", |v| {
+            let p = PathBuf::from(v);
+            p.is_dir().then_some(Some(p))
+        });
+        let max_request_bytes =
+            c.get("MAX_REQUEST_BYTES", &raw.max_request_bytes, 64 << 20, "a byte count from 1024 to 4294967296", |v| {
+                parse_range(v, 1024u64, 1 << 32)
+            });
+        let request_timeout = c.get(
+            "REQUEST_TIMEOUT",
+            &raw.request_timeout,
+            Duration::from_secs(60),
+            "a whole number of seconds 1-86400",
+            |v| parse_range(v, 1u64, 86400).map(Duration::from_secs),
         );
-        let model_cache_dir = c.get(
-            "MODEL_CACHE_DIR",
-            &raw.model_cache_dir,
-            PathBuf::from("/tmp/cache"),
-            "a directory path",
-            |v| Some(PathBuf::from(v)),
-        );
-        let model_repository = c.get(
-            "MODEL_REPOSITORY",
-            &raw.model_repository,
-            None,
-            "an existing directory",
-            |v| {
-                let p = PathBuf::from(v);
-                p.is_dir().then_some(Some(p))
-            },
-        );
-        let max_request_bytes = c.get(
-            "MAX_REQUEST_BYTES",
-            &raw.max_request_bytes,
-            64 << 20,
-            "a byte count from 1024 to 4294967296",
-            |v| parse_range(v, 1024u64, 1 << 32),
-        );
+        let shm_slots = c.get("SHM_SLOTS", &raw.shm_slots, 64u32, "an integer 2-4096", |v| parse_range(v, 2, 4096));
+        let shm_slot_bytes =
+            c.get("SHM_SLOT_BYTES", &raw.shm_slot_bytes, 8usize << 20, "a byte count from 65536 to 1073741824", |v| {
+                parse_range(v, 65536usize, 1 << 30)
+            });
+        if (shm_slots as u64) * (shm_slot_bytes as u64) * 2 > 64 << 30 {
+            c.bad("SHM_SLOT_BYTES", &shm_slot_bytes.to_string(), "SHM_SLOTS x SHM_SLOT_BYTES x 2 of at most 64 GiB");
+        }
         let graceful_timeout = c.get(
             "GRACEFUL_TIMEOUT",
             &raw.graceful_timeout,
@@ -475,28 +418,18 @@ impl Config {
             &raw.log_level,
             "info".to_string(),
             "a tracing filter such as error, warn, info, debug, trace or tandem=debug",
-            |v| {
-                tracing_subscriber::EnvFilter::try_new(v)
-                    .ok()
-                    .map(|_| v.to_string())
-            },
+            |v| tracing_subscriber::EnvFilter::try_new(v).ok().map(|_| v.to_string()),
         );
-        let log_format = c.get(
-            "LOG_FORMAT",
-            &raw.log_format,
-            LogFormat::Text,
-            "text or json",
-            |v| match v.to_ascii_lowercase().as_str() {
+        let log_format = c.get("LOG_FORMAT", &raw.log_format, LogFormat::Text, "text or json", |v| {
+            match v.to_ascii_lowercase().as_str() {
                 "text" => Some(LogFormat::Text),
                 "json" => Some(LogFormat::Json),
                 _ => None,
-            },
-        );
+            }
+        });
 
         if !c.problems.is_empty() {
-            return Err(ConfigError {
-                problems: c.problems,
-            });
+            return Err(ConfigError { problems: c.problems });
         }
         Ok(Config {
             host,
@@ -513,6 +446,9 @@ impl Config {
             model_cache_dir,
             model_repository,
             max_request_bytes,
+            request_timeout,
+            shm_slots,
+            shm_slot_bytes,
             graceful_timeout,
             log_level,
             log_format,
@@ -528,9 +464,7 @@ fn is_dns_name(n: &str) -> bool {
         && n.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
+                && label.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -559,31 +493,15 @@ mod tests {
     fn ssl_port_follows_port() {
         assert_eq!(parse(&[("PORT", "80")]).expect("ok").ssl_port, 443);
         assert_eq!(parse(&[("PORT", "8080")]).expect("ok").ssl_port, 8081);
-        assert_eq!(
-            parse(&[("PORT", "80"), ("SSL_PORT", "8443")])
-                .expect("ok")
-                .ssl_port,
-            8443
-        );
+        assert_eq!(parse(&[("PORT", "80"), ("SSL_PORT", "8443")]).expect("ok").ssl_port, 8443);
         let err = parse(&[("PORT", "65535"), ("ENABLE_SSL", "1")]).expect_err("overflow");
         assert_eq!(err.problems[0].var, "SSL_PORT");
     }
 
     #[test]
     fn booleans_any_case() {
-        for (v, want) in [
-            ("TRUE", true),
-            ("yes", true),
-            ("1", true),
-            ("False", false),
-            ("NO", false),
-            ("0", false),
-        ] {
-            assert_eq!(
-                parse(&[("ENABLE_SSL", v)]).expect("ok").enable_ssl,
-                want,
-                "{v}"
-            );
+        for (v, want) in [("TRUE", true), ("yes", true), ("1", true), ("False", false), ("NO", false), ("0", false)] {
+            assert_eq!(parse(&[("ENABLE_SSL", v)]).expect("ok").enable_ssl, want, "{v}");
         }
     }
 
@@ -598,29 +516,14 @@ mod tests {
         ])
         .expect_err("bad");
         let vars: Vec<_> = err.problems.iter().map(|p| p.var).collect();
-        assert_eq!(
-            vars,
-            [
-                "PORT",
-                "NUM_WORKERS",
-                "ENABLE_SSL",
-                "SSL_CERTIFICATE",
-                "LOG_FORMAT"
-            ]
-        );
+        assert_eq!(vars, ["PORT", "NUM_WORKERS", "ENABLE_SSL", "SSL_CERTIFICATE", "LOG_FORMAT"]);
         let text = err.to_string();
-        assert!(
-            text.contains("PORT=\"abc\": expected a port number 0-65535"),
-            "{text}"
-        );
+        assert!(text.contains("PORT=\"abc\": expected a port number 0-65535"), "{text}");
     }
 
     #[test]
     fn port_out_of_range() {
-        assert_eq!(
-            parse(&[("PORT", "70000")]).expect_err("bad").problems[0].var,
-            "PORT"
-        );
+        assert_eq!(parse(&[("PORT", "70000")]).expect_err("bad").problems[0].var, "PORT");
     }
 
     #[test]
@@ -640,17 +543,9 @@ mod readme {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
         let readme = std::fs::read_to_string(&path).expect("README.md beside the workspace");
         for v in ENV_VARS {
-            assert!(
-                readme.contains(&format!("| `{}` |", v.name)),
-                "README's table lacks {}",
-                v.name
-            );
+            assert!(readme.contains(&format!("| `{}` |", v.name)), "README's table lacks {}", v.name);
         }
         let rows = readme.lines().filter(|l| l.starts_with("| `")).count();
-        assert_eq!(
-            rows,
-            ENV_VARS.len(),
-            "README's table and ENV_VARS differ in length"
-        );
+        assert_eq!(rows, ENV_VARS.len(), "README's table and ENV_VARS differ in length");
     }
 }

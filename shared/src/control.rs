@@ -44,9 +44,7 @@ pub struct ControlClient {
 impl ControlClient {
     /// Wraps the worker's end of the socketpair.
     pub fn new(stream: UnixStream) -> Self {
-        ControlClient {
-            stream: Mutex::new(stream),
-        }
+        ControlClient { stream: Mutex::new(stream) }
     }
 
     /// Sends one event; a write error means the supervisor is gone.
@@ -72,9 +70,7 @@ mod tests {
     fn events_cross_a_socketpair() {
         let (a, b) = UnixStream::pair().expect("pair");
         let client = ControlClient::new(a);
-        let sent = WorkerEvent::Reloaded {
-            fingerprint: "ab".into(),
-        };
+        let sent = WorkerEvent::Reloaded { fingerprint: "ab".into() };
         client.send(&sent).expect("send");
         let mut line = String::new();
         BufReader::new(b).read_line(&mut line).expect("read");

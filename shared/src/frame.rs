@@ -192,7 +192,12 @@ pub fn decode_request(buf: &[u8]) -> Result<RequestFrame, FrameError> {
 }
 
 /// Encodes a response into `buf`; returns the frame length.
-pub fn encode_response(buf: &mut [u8], status: StatusCode, headers: &HeaderMap, body: &[u8]) -> Result<usize, FrameError> {
+pub fn encode_response(
+    buf: &mut [u8],
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<usize, FrameError> {
     let mut w = Writer { buf, pos: 0 };
     w.put(RESPONSE_MAGIC)?;
     w.put(&[FRAME_VERSION])?;

@@ -67,16 +67,31 @@ pub struct WorkerSettings {
     pub max_request_bytes: u64,
     /// Drain time on stop.
     pub graceful_timeout: Duration,
+    /// The shared-memory ring, when HTTPS is enabled.
+    pub shm: Option<ShmSettings>,
     /// Tracing filter.
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
 }
 
+/// Where and how big the shared-memory ring is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShmSettings {
+    /// Descriptor number of the memfd in the worker.
+    pub fd: i32,
+    /// Number of slots.
+    pub slots: u32,
+    /// Bytes per request or response.
+    pub slot_bytes: usize,
+    /// How long a request may wait for the engine.
+    pub request_timeout: Duration,
+}
+
 /// Sets up tracing to stderr with the given filter and format.
 pub fn init_logging(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -142,40 +142,27 @@ pub struct Bundle {
 
 /// Current time as unix seconds.
 pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 fn provider() -> Arc<CryptoProvider> {
-    CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+    CryptoProvider::get_default().cloned().unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
 }
 
 impl Bundle {
     /// Parses and validates a certificate chain and its key. `origin` names the
     /// file(s) in error messages.
     pub fn parse(cert_pem: &[u8], key_pem: &[u8], origin: &str) -> Result<Bundle, CertError> {
-        let pem_err = |e: rustls_pki_types::pem::Error| CertError::Pem {
-            origin: origin.to_string(),
-            reason: e.to_string(),
-        };
-        let chain = CertificateDer::pem_slice_iter(cert_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(pem_err)?;
+        let pem_err =
+            |e: rustls_pki_types::pem::Error| CertError::Pem { origin: origin.to_string(), reason: e.to_string() };
+        let chain = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>().map_err(pem_err)?;
         if chain.is_empty() {
-            return Err(CertError::NoCertificate {
-                origin: origin.to_string(),
-            });
+            return Err(CertError::NoCertificate { origin: origin.to_string() });
         }
         let key = match PrivateKeyDer::from_pem_slice(key_pem) {
             Ok(k) => k,
             Err(rustls_pki_types::pem::Error::NoItemsFound) => {
-                return Err(CertError::NoKey {
-                    origin: origin.to_string(),
-                })
+                return Err(CertError::NoKey { origin: origin.to_string() })
             }
             Err(e) => return Err(pem_err(e)),
         };
@@ -189,24 +176,13 @@ impl Bundle {
             });
         }
         let certified = CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider())
-            .map_err(|e| CertError::KeyMismatch {
-                origin: origin.to_string(),
-                reason: e.to_string(),
-            })?;
-        Ok(Bundle {
-            chain,
-            key,
-            info,
-            certified: Arc::new(certified),
-        })
+            .map_err(|e| CertError::KeyMismatch { origin: origin.to_string(), reason: e.to_string() })?;
+        Ok(Bundle { chain, key, info, certified: Arc::new(certified) })
     }
 
     /// Reads a combined key + chain file such as `live.pem`.
     pub fn load(path: &Path) -> Result<Bundle, CertError> {
-        let bytes = fs::read(path).map_err(|source| CertError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = fs::read(path).map_err(|source| CertError::Read { path: path.to_path_buf(), source })?;
         Bundle::parse(&bytes, &bytes, &path.display().to_string())
     }
 
@@ -238,10 +214,7 @@ impl Bundle {
 
     /// The chain alone, PEM-encoded (what a client would trust for a self-signed certificate).
     pub fn chain_pem(&self) -> String {
-        self.chain
-            .iter()
-            .map(|c| pem_block("CERTIFICATE", c))
-            .collect()
+        self.chain.iter().map(|c| pem_block("CERTIFICATE", c)).collect()
     }
 }
 
@@ -253,10 +226,8 @@ fn pem_block(label: &str, der: &[u8]) -> String {
 /// Reads the facts of one certificate.
 pub fn inspect(der: &CertificateDer<'_>, origin: &str) -> Result<CertInfo, CertError> {
     use x509_parser::extensions::GeneralName;
-    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| CertError::X509 {
-        origin: origin.to_string(),
-        reason: e.to_string(),
-    })?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| CertError::X509 { origin: origin.to_string(), reason: e.to_string() })?;
     let mut sans = Vec::new();
     if let Ok(Some(ext)) = cert.subject_alternative_name() {
         for name in &ext.value.general_names {
@@ -293,9 +264,7 @@ pub fn inspect(der: &CertificateDer<'_>, origin: &str) -> Result<CertInfo, CertE
 
 /// The SANs of a generated certificate: the fixed set plus the operator's extras.
 pub fn generated_sans(extra: &[String]) -> Vec<String> {
-    let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1", "*.roboflow.host"]
-        .map(String::from)
-        .to_vec();
+    let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1", "*.roboflow.host"].map(String::from).to_vec();
     for n in extra {
         if !names.contains(n) {
             names.push(n.clone());
@@ -316,16 +285,10 @@ pub fn san_strings(names: &[String]) -> Vec<String> {
 }
 
 /// Generates a self-signed certificate valid for `lifetime`, with IP names as IP SANs.
-pub fn generate(
-    names: &[String],
-    key_type: KeyType,
-    lifetime: Duration,
-) -> Result<Bundle, CertError> {
+pub fn generate(names: &[String], key_type: KeyType, lifetime: Duration) -> Result<Bundle, CertError> {
     let gen_err = |e: rcgen::Error| CertError::Generate(e.to_string());
     let key = match key_type {
-        KeyType::Rsa2048 => {
-            rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
-        }
+        KeyType::Rsa2048 => rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048),
         KeyType::EcdsaP256 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
     }
     .map_err(gen_err)?;
@@ -337,23 +300,14 @@ pub fn generate(
         };
         params.subject_alt_names.push(san);
     }
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "tandem self-signed");
-    params
-        .distinguished_name
-        .push(rcgen::DnType::OrganizationName, "tandem");
+    params.distinguished_name.push(rcgen::DnType::CommonName, "tandem self-signed");
+    params.distinguished_name.push(rcgen::DnType::OrganizationName, "tandem");
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::minutes(5);
-    params.not_after =
-        now + time::Duration::try_from(lifetime).map_err(|e| CertError::Generate(e.to_string()))?;
+    params.not_after = now + time::Duration::try_from(lifetime).map_err(|e| CertError::Generate(e.to_string()))?;
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let cert = params.self_signed(&key).map_err(gen_err)?;
-    Bundle::parse(
-        cert.pem().as_bytes(),
-        key.serialize_pem().as_bytes(),
-        "generated certificate",
-    )
+    Bundle::parse(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), "generated certificate")
 }
 
 /// The certificate cache directory: 0700, secrets 0600 from their first byte.
@@ -365,10 +319,7 @@ pub struct CertCache {
 impl CertCache {
     /// Opens the cache, creating it with mode 0700 if needed.
     pub fn open(dir: &Path) -> Result<CertCache, CertError> {
-        let werr = |source| CertError::Write {
-            path: dir.to_path_buf(),
-            source,
-        };
+        let werr = |source| CertError::Write { path: dir.to_path_buf(), source };
         if !dir.exists() {
             if let Some(parent) = dir.parent() {
                 fs::create_dir_all(parent).map_err(werr)?;
@@ -381,9 +332,7 @@ impl CertCache {
         }
         // An existing directory may have been created by someone else with a looser mode.
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(werr)?;
-        Ok(CertCache {
-            dir: dir.to_path_buf(),
-        })
+        Ok(CertCache { dir: dir.to_path_buf() })
     }
 
     /// The cache directory.
@@ -406,20 +355,11 @@ impl CertCache {
             move |source| CertError::Write { path, source }
         };
         let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(werr(&tmp))?;
-        f.write_all(bytes)
-            .and_then(|()| f.sync_all())
-            .map_err(werr(&tmp))?;
+        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(werr(&tmp))?;
+        f.write_all(bytes).and_then(|()| f.sync_all()).map_err(werr(&tmp))?;
         drop(f);
         fs::rename(&tmp, &target).map_err(werr(&target))?;
-        fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(werr(&self.dir))?;
+        fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(werr(&self.dir))?;
         Ok(())
     }
 
@@ -458,12 +398,8 @@ mod tests {
         let b = generate(&names, KeyType::EcdsaP256, Duration::from_secs(3600)).expect("b");
         let a_pem = a.to_pem();
         let b_pem = b.to_pem();
-        let err = Bundle::parse(
-            a.chain_pem().as_bytes(),
-            b_pem.as_bytes(),
-            "cert.pem + key.pem",
-        )
-        .expect_err("mismatch");
+        let err =
+            Bundle::parse(a.chain_pem().as_bytes(), b_pem.as_bytes(), "cert.pem + key.pem").expect_err("mismatch");
         assert!(matches!(err, CertError::KeyMismatch { .. }), "{err}");
         assert!(Bundle::parse(a_pem.as_bytes(), b"", "x").is_err());
     }
@@ -473,17 +409,9 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let cache = CertCache::open(&tmp.path().join("a/ssl")).expect("open");
         cache.write_secret("k.pem", b"secret").expect("write");
-        let mode = fs::metadata(cache.path("k.pem"))
-            .expect("meta")
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = fs::metadata(cache.path("k.pem")).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let dmode = fs::metadata(cache.dir())
-            .expect("meta")
-            .permissions()
-            .mode()
-            & 0o777;
+        let dmode = fs::metadata(cache.dir()).expect("meta").permissions().mode() & 0o777;
         assert_eq!(dmode, 0o700);
     }
 }

@@ -40,20 +40,14 @@ pub fn attach(settings: &WorkerSettings) -> Result<Arc<ControlClient>, WorkerSta
     if nix::unistd::getppid().as_raw() != settings.supervisor_pid {
         return Err(WorkerStartError::Orphaned(settings.supervisor_pid));
     }
-    let fd =
-        crate::sys::adopt_fd(settings.control_fd).map_err(|source| WorkerStartError::Control {
-            fd: settings.control_fd,
-            source,
-        })?;
+    let fd = crate::sys::adopt_fd(settings.control_fd)
+        .map_err(|source| WorkerStartError::Control { fd: settings.control_fd, source })?;
     Ok(Arc::new(ControlClient::new(UnixStream::from(fd))))
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn stop_signal() {
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         // Without signal handlers the worker can only be killed; wait forever.
         std::future::pending::<()>().await;
         return;
@@ -72,10 +66,11 @@ pub fn settings_from_supervisor() -> Result<WorkerSettings, String> {
             crate::WORKER_SETTINGS_VAR
         )
     })?;
-    serde_json::from_str(&raw).map_err(|e| {
-        format!(
-            "{} is not valid worker settings: {e}",
-            crate::WORKER_SETTINGS_VAR
-        )
-    })
+    serde_json::from_str(&raw).map_err(|e| format!("{} is not valid worker settings: {e}", crate::WORKER_SETTINGS_VAR))
+}
+
+/// Maps the shared-memory ring the supervisor handed down.
+pub fn open_region(shm: &crate::ShmSettings) -> std::io::Result<Arc<crate::sys::shm::Region>> {
+    let fd = crate::sys::adopt_fd(shm.fd)?;
+    crate::sys::shm::Region::open(&fd, shm.slots, shm.slot_bytes)
 }

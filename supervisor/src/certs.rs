@@ -96,8 +96,7 @@ impl CertManager {
             CertSource::Path(cert) => Ok((self.from_files(cert)?, CertHealth::Good, None)),
             CertSource::Indirect => match self.download().await {
                 Ok(b) => {
-                    self.cache
-                        .write_secret(INDIRECT_FILE, b.to_pem().as_bytes())?;
+                    self.cache.write_secret(INDIRECT_FILE, b.to_pem().as_bytes())?;
                     Ok((b, CertHealth::Good, None))
                 }
                 Err(e) => match self.cache.load(INDIRECT_FILE) {
@@ -117,18 +116,15 @@ impl CertManager {
             let mut want_sorted = want.clone();
             have.sort();
             want_sorted.sort();
-            let same_type = matches!(
-                (self.key_type, cached.is_rsa()),
-                (KeyType::Rsa2048, true) | (KeyType::EcdsaP256, false)
-            );
+            let same_type =
+                matches!((self.key_type, cached.is_rsa()), (KeyType::Rsa2048, true) | (KeyType::EcdsaP256, false));
             if have == want_sorted && same_type && !cached.info.needs_renewal(tls::unix_now()) {
                 return Ok(cached);
             }
             tracing::info!(fingerprint = %cached.info.fingerprint, "regenerating the self-signed certificate (names, key type or remaining lifetime changed)");
         }
         let bundle = tls::generate(&self.sans, self.key_type, GENERATED_LIFETIME)?;
-        self.cache
-            .write_secret(GENERATED_FILE, bundle.to_pem().as_bytes())?;
+        self.cache.write_secret(GENERATED_FILE, bundle.to_pem().as_bytes())?;
         tracing::info!(fingerprint = %bundle.info.fingerprint, sans = ?bundle.info.sans, "generated a self-signed certificate");
         Ok(bundle)
     }
@@ -153,27 +149,16 @@ impl CertManager {
             let url = format!("{base}{name}");
             let client = client.clone();
             async move {
-                let resp = client
-                    .get(&url)
-                    .send()
-                    .await
-                    .and_then(|r| r.error_for_status());
+                let resp = client.get(&url).send().await.and_then(|r| r.error_for_status());
                 match resp {
-                    Ok(r) => r
-                        .bytes()
-                        .await
-                        .map_err(|source| SourceError::Download { url, source }),
+                    Ok(r) => r.bytes().await.map_err(|source| SourceError::Download { url, source }),
                     Err(source) => Err(SourceError::Download { url, source }),
                 }
             }
         };
         let chain = fetch("fullchain.pem").await?;
         let key = fetch("privkey.pem").await?;
-        Ok(Bundle::parse(
-            &chain,
-            &key,
-            &format!("{base}fullchain.pem with {base}privkey.pem"),
-        )?)
+        Ok(Bundle::parse(&chain, &key, &format!("{base}fullchain.pem with {base}privkey.pem"))?)
     }
 }
 
@@ -183,12 +168,7 @@ pub fn load_custom(cert: &Path, key: Option<&Path>) -> Result<Bundle, SourceErro
         Some(k) => k.to_path_buf(),
         None => discover_key(cert)?,
     };
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|source| CertError::Read {
-            path: p.to_path_buf(),
-            source,
-        })
-    };
+    let read = |p: &Path| std::fs::read(p).map_err(|source| CertError::Read { path: p.to_path_buf(), source });
     let origin = format!("certificate {} with key {}", cert.display(), key.display());
     Ok(Bundle::parse(&read(cert)?, &read(&key)?, &origin)?)
 }
@@ -197,18 +177,10 @@ pub fn load_custom(cert: &Path, key: Option<&Path>) -> Result<Bundle, SourceErro
 /// the usual neighbours, in the certificate's own directory only.
 pub fn discover_key(cert: &Path) -> Result<PathBuf, SourceError> {
     let candidates = key_candidates(cert);
-    candidates
-        .iter()
-        .find(|p| p.is_file())
-        .cloned()
-        .ok_or_else(|| SourceError::KeyNotFound {
-            cert: cert.to_path_buf(),
-            tried: candidates
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
-        })
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| SourceError::KeyNotFound {
+        cert: cert.to_path_buf(),
+        tried: candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+    })
 }
 
 /// Where a certificate's key may be, in the order they are tried.

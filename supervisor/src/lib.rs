@@ -71,10 +71,7 @@ fn usage() -> String {
         "usage: tandem            run the supervisor (configured by the environment)\n       tandem --version\n\nenvironment:\n",
     );
     for v in tandem_shared::config::ENV_VARS {
-        s.push_str(&format!(
-            "  {:<22} {} (default: {})\n",
-            v.name, v.meaning, v.default
-        ));
+        s.push_str(&format!("  {:<22} {} (default: {})\n", v.name, v.meaning, v.default));
     }
     s
 }
@@ -101,16 +98,9 @@ fn supervisor() -> Outcome {
     tandem_shared::init_logging(&config.log_level, config.log_format);
     // One crypto provider for everything (rustls server, reqwest client).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
-        Err(e) => {
-            return Outcome::Runtime(
-                anyhow::Error::new(e).context("cannot start the tokio runtime"),
-            )
-        }
+        Err(e) => return Outcome::Runtime(anyhow::Error::new(e).context("cannot start the tokio runtime")),
     };
     runtime.block_on(start(config))
 }
@@ -122,10 +112,7 @@ pub fn model_repository(config: &Config) -> Result<PathBuf, Vec<PathBuf>> {
         return Ok(p.clone());
     }
     let mut candidates = Vec::new();
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
+    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         candidates.push(dir.join("models"));
         candidates.push(dir.join("../share/tandem/models"));
     }
@@ -157,18 +144,12 @@ async fn start(config: Config) -> Outcome {
     let certs = if config.enable_ssl {
         let manager = match CertManager::new(&config) {
             Ok(m) => m,
-            Err(e) => {
-                return Outcome::Runtime(
-                    anyhow::Error::new(e).context("cannot prepare the certificate cache"),
-                )
-            }
+            Err(e) => return Outcome::Runtime(anyhow::Error::new(e).context("cannot prepare the certificate cache")),
         };
         let (bundle, health, warning) = match manager.obtain().await {
             Ok(r) => r,
             Err(e @ (SourceError::Invalid(_) | SourceError::KeyNotFound { .. })) => {
-                return Outcome::Config(
-                    anyhow::Error::new(e).context("SSL_CERTIFICATE is not usable"),
-                )
+                return Outcome::Config(anyhow::Error::new(e).context("SSL_CERTIFICATE is not usable"))
             }
             Err(e) => return Outcome::Runtime(anyhow::Error::new(e)),
         };
@@ -179,9 +160,7 @@ async fn start(config: Config) -> Outcome {
             tracing::warn!("no usable certificate from SSL_INDIRECT_URL and none cached: serving a generated self-signed certificate until the download succeeds\nhint: check network access to SSL_INDIRECT_URL, or set SSL_CERTIFICATE=GENERATE or a path");
         }
         if let Err(e) = manager.cache().publish(&bundle) {
-            return Outcome::Runtime(
-                anyhow::Error::new(e).context("cannot publish the certificate"),
-            );
+            return Outcome::Runtime(anyhow::Error::new(e).context("cannot publish the certificate"));
         }
         Some((manager, bundle, health))
     } else {

@@ -3,10 +3,12 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -16,9 +18,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tandem_shared::control::{parse_event, WorkerEvent};
+use tandem_shared::sys::shm::Region;
 use tandem_shared::sys::LISTEN_FDS_START;
 use tandem_shared::tls::Bundle;
-use tandem_shared::{url, Config, Role, WorkerSettings, WORKER_SETTINGS_VAR};
+use tandem_shared::{url, Config, Role, ShmSettings, WorkerSettings, WORKER_SETTINGS_VAR};
 use tokio::signal::unix::{signal, Signal as TokioSignal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -27,6 +30,8 @@ use crate::process::{describe_exit, Slot, WorkerState};
 
 /// Descriptor number of the control socket in a worker (right after its one listener).
 const CONTROL_FD: i32 = LISTEN_FDS_START + 1;
+/// Descriptor number of the shared-memory memfd in a worker.
+const SHM_FD: i32 = LISTEN_FDS_START + 2;
 /// Retry delay of a failed certificate check, doubled up to the refresh interval.
 const CERT_RETRY_START: Duration = Duration::from_secs(5);
 
@@ -71,11 +76,7 @@ impl Listeners {
             })
         };
         let http = bind(config.port, "HTTP")?;
-        let https = if config.enable_ssl {
-            Some(bind(config.ssl_port, "HTTPS")?)
-        } else {
-            None
-        };
+        let https = if config.enable_ssl { Some(bind(config.ssl_port, "HTTPS")?) } else { None };
         Ok(Listeners { http, https })
     }
 
@@ -97,6 +98,7 @@ pub struct Supervisor {
     phase: Phase,
     control_tx: mpsc::UnboundedSender<Control>,
     control_rx: mpsc::UnboundedReceiver<Control>,
+    shm: Option<(Arc<Region>, OwnedFd)>,
     certs: Option<CertManager>,
     cert_fingerprint: Option<String>,
     cert_health: CertHealth,
@@ -116,9 +118,7 @@ struct Signals {
 
 impl Signals {
     fn register() -> anyhow::Result<Self> {
-        let s = |k: SignalKind| {
-            signal(k).with_context(|| format!("cannot handle signal {}", k.as_raw_value()))
-        };
+        let s = |k: SignalKind| signal(k).with_context(|| format!("cannot handle signal {}", k.as_raw_value()));
         Ok(Signals {
             chld: s(SignalKind::child())?,
             term: s(SignalKind::terminate())?,
@@ -149,14 +149,19 @@ impl Supervisor {
         listeners: Listeners,
         certs: Option<(CertManager, Bundle, CertHealth)>,
     ) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()
-            .context("cannot find the tandem executable (/proc/self/exe)")?;
+        let exe = std::env::current_exe().context("cannot find the tandem executable (/proc/self/exe)")?;
         let http_addr = Listeners::addr(&listeners.http)?;
         let https_addr = listeners.https.as_ref().map(Listeners::addr).transpose()?;
         let (control_tx, control_rx) = mpsc::unbounded_channel();
-        let mut slots: Vec<Slot> = (0..config.num_workers)
-            .map(|_| Slot::new(Role::HttpWorker))
-            .collect();
+        // The ring exists only for HTTPS: the HTTPS worker hands requests to the engine through it.
+        let shm = if https_addr.is_some() {
+            let (region, fd) = Region::create(config.shm_slots, config.shm_slot_bytes)
+                .context("cannot create the shared-memory region (memfd_create)")?;
+            Some((region, fd))
+        } else {
+            None
+        };
+        let mut slots: Vec<Slot> = (0..config.num_workers).map(|_| Slot::new(Role::HttpWorker)).collect();
         if https_addr.is_some() {
             slots.push(Slot::new(Role::HttpsWorker));
         }
@@ -164,9 +169,7 @@ impl Supervisor {
             Some((m, b, h)) => (Some(m), Some(b.info.fingerprint), h),
             None => (None, None, CertHealth::Good),
         };
-        let next_cert_check = certs
-            .as_ref()
-            .map(|_| Instant::now() + cert_interval(&config, cert_health));
+        let next_cert_check = certs.as_ref().map(|_| Instant::now() + cert_interval(&config, cert_health));
         Ok(Supervisor {
             config,
             model_repository,
@@ -179,6 +182,7 @@ impl Supervisor {
             phase: Phase::Starting,
             control_tx,
             control_rx,
+            shm,
             certs,
             cert_fingerprint,
             cert_health,
@@ -255,9 +259,7 @@ impl Supervisor {
                 _ => anyhow::bail!("no HTTPS listener for the HTTPS worker"),
             },
         };
-        let listener_fd = listener
-            .try_clone()
-            .context("cannot duplicate the listener for a worker")?;
+        let listener_fd = listener.try_clone().context("cannot duplicate the listener for a worker")?;
         let (ours, theirs) = UnixStream::pair().context("cannot create a control socketpair")?;
         let worker_id = self.next_id;
         self.next_id += 1;
@@ -272,38 +274,37 @@ impl Supervisor {
             model_repository: self.model_repository.clone(),
             max_request_bytes: self.config.max_request_bytes,
             graceful_timeout: self.config.graceful_timeout,
+            shm: self.shm.as_ref().map(|_| ShmSettings {
+                fd: SHM_FD,
+                slots: self.config.shm_slots,
+                slot_bytes: self.config.shm_slot_bytes,
+                request_timeout: self.config.request_timeout,
+            }),
             log_level: self.config.log_level.clone(),
             log_format: self.config.log_format,
         };
+        let mut fds = vec![
+            FdMapping { parent_fd: listener_fd.into(), child_fd: LISTEN_FDS_START },
+            FdMapping { parent_fd: theirs.into(), child_fd: CONTROL_FD },
+        ];
+        if let Some((_, memfd)) = &self.shm {
+            fds.push(FdMapping {
+                parent_fd: memfd.try_clone().context("cannot duplicate the memfd")?,
+                child_fd: SHM_FD,
+            });
+        }
         let mut cmd = Command::new(&self.exe);
         cmd.arg0("tandem")
             .arg(role.subcommand())
             .env_clear()
             .env(WORKER_SETTINGS_VAR, serde_json::to_string(&settings)?)
             .env("LISTEN_FDS", "1")
-            .env(
-                "LISTEN_FDNAMES",
-                if role == Role::HttpWorker {
-                    "http"
-                } else {
-                    "https"
-                },
-            )
+            .env("LISTEN_FDNAMES", if role == Role::HttpWorker { "http" } else { "https" })
             .stdin(Stdio::null())
-            .fd_mappings(vec![
-                FdMapping {
-                    parent_fd: listener_fd.into(),
-                    child_fd: LISTEN_FDS_START,
-                },
-                FdMapping {
-                    parent_fd: theirs.into(),
-                    child_fd: CONTROL_FD,
-                },
-            ])
+            .fd_mappings(fds)
             .context("descriptor mapping collision")?;
-        let child = cmd.spawn().with_context(|| {
-            format!("cannot start {} {}", self.exe.display(), role.subcommand())
-        })?;
+        let child =
+            cmd.spawn().with_context(|| format!("cannot start {} {}", self.exe.display(), role.subcommand()))?;
         let pid = Pid::from_raw(child.id() as i32);
         // The child is reaped by waitpid(-1) in `reap`, never through this handle.
         drop(child);
@@ -359,9 +360,7 @@ impl Supervisor {
                             slot.state = WorkerState::Ready;
                         }
                         tracing::debug!(worker_id = id, %addr, ?fingerprint, "worker ready");
-                        if self.phase == Phase::Starting
-                            && self.slots.iter().all(|s| s.state == WorkerState::Ready)
-                        {
+                        if self.phase == Phase::Starting && self.slots.iter().all(|s| s.state == WorkerState::Ready) {
                             self.phase = Phase::Running;
                             self.announce();
                         }
@@ -407,6 +406,17 @@ impl Supervisor {
 
     fn worker_exited(&mut self, index: usize, status: &WaitStatus) -> anyhow::Result<()> {
         let how = describe_exit(status);
+        // Requests the dead engine worker held go back to the HTTPS worker, intact, to retry.
+        if let (Some((region, _)), Role::HttpWorker) = (&self.shm, self.slots[index].role) {
+            let failed = region.fail_claims(self.slots[index].worker_id);
+            if failed > 0 {
+                tracing::warn!(
+                    worker_id = self.slots[index].worker_id,
+                    requests = failed,
+                    "failed the requests a dead worker held; the HTTPS worker retries them"
+                );
+            }
+        }
         let slot = &mut self.slots[index];
         let (worker_id, pid) = (slot.worker_id, slot.pid.map_or(0, Pid::as_raw));
         let role = slot.role.subcommand();
@@ -453,10 +463,7 @@ impl Supervisor {
         }
         let deadline = Instant::now() + self.config.graceful_timeout;
         self.phase = Phase::Stopping { deadline };
-        tracing::info!(
-            timeout_s = self.config.graceful_timeout.as_secs(),
-            "stopping: draining workers"
-        );
+        tracing::info!(timeout_s = self.config.graceful_timeout.as_secs(), "stopping: draining workers");
         // Our copies of the listeners go; each worker closes its own as it drains.
         self.listeners = None;
         for s in &mut self.slots {
@@ -491,26 +498,16 @@ impl Supervisor {
     }
 
     fn http_slots(&self) -> usize {
-        self.slots
-            .iter()
-            .filter(|s| s.role == Role::HttpWorker && !s.retired)
-            .count()
+        self.slots.iter().filter(|s| s.role == Role::HttpWorker && !s.retired).count()
     }
 
     fn add_worker(&mut self) -> anyhow::Result<()> {
         if matches!(self.phase, Phase::Stopping { .. }) {
             return Ok(());
         }
-        let at = self
-            .slots
-            .iter()
-            .rposition(|s| s.role == Role::HttpWorker)
-            .map_or(0, |i| i + 1);
+        let at = self.slots.iter().rposition(|s| s.role == Role::HttpWorker).map_or(0, |i| i + 1);
         self.slots.insert(at, Slot::new(Role::HttpWorker));
-        tracing::info!(
-            workers = self.http_slots(),
-            "SIGTTIN: adding an HTTP worker"
-        );
+        tracing::info!(workers = self.http_slots(), "SIGTTIN: adding an HTTP worker");
         self.spawn(at)
     }
 
@@ -519,11 +516,7 @@ impl Supervisor {
             tracing::info!("SIGTTOU ignored: at least one HTTP worker must remain");
             return;
         }
-        let Some(i) = self
-            .slots
-            .iter()
-            .rposition(|s| s.role == Role::HttpWorker && !s.retired)
-        else {
+        let Some(i) = self.slots.iter().rposition(|s| s.role == Role::HttpWorker && !s.retired) else {
             return;
         };
         let slot = &mut self.slots[i];
@@ -538,10 +531,7 @@ impl Supervisor {
                 self.slots.remove(i);
             }
         }
-        tracing::info!(
-            workers = self.http_slots(),
-            "SIGTTOU: removing an HTTP worker"
-        );
+        tracing::info!(workers = self.http_slots(), "SIGTTOU: removing an HTTP worker");
     }
 
     /// Re-checks the certificate source; publishes and signals the HTTPS
@@ -592,9 +582,7 @@ impl Supervisor {
 fn cert_interval(config: &Config, health: CertHealth) -> Duration {
     match (&config.ssl_certificate, health) {
         // Files are cheap to re-read; a change on disk should show within seconds.
-        (tandem_shared::config::CertSource::Path(_), _) => {
-            Duration::from_secs(2).min(config.ssl_refresh_interval)
-        }
+        (tandem_shared::config::CertSource::Path(_), _) => Duration::from_secs(2).min(config.ssl_refresh_interval),
         (_, CertHealth::Degraded) => CERT_RETRY_START,
         _ => config.ssl_refresh_interval,
     }

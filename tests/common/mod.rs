@@ -1,15 +1,8 @@
 //! Test harness: start the real `tandem` binary on free ports, wait for it,
 //! talk to it, and explain failures with the command, environment and stderr.
 
-#![allow(
-    dead_code,
-    reason = "each test binary uses a different subset of the harness"
-)]
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests fail loudly by design"
-)]
+#![allow(dead_code, reason = "each test binary uses a different subset of the harness")]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -32,21 +25,14 @@ pub const START_DEADLINE: Duration = Duration::from_secs(60);
 pub fn free_port() -> u16 {
     // Bind and release: the kernel does not hand the same ephemeral port
     // out again immediately, so the race with other tests is negligible.
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Two distinct free ports.
 pub fn free_ports() -> (u16, u16) {
     let a = TcpListener::bind("127.0.0.1:0").unwrap();
     let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    )
+    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` and `explain()` after `deadline`.
@@ -62,10 +48,7 @@ pub fn wait_for<T>(
             return v;
         }
         if Instant::now() > end {
-            panic!(
-                "timed out after {deadline:?} waiting for {what}\n{}",
-                explain()
-            );
+            panic!("timed out after {deadline:?} waiting for {what}\n{}", explain());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -99,18 +82,11 @@ impl TandemBuilder {
         env.insert("HOST".into(), "127.0.0.1".into());
         env.insert("PORT".into(), http.to_string());
         env.insert("SSL_PORT".into(), https.to_string());
-        env.insert(
-            "MODEL_CACHE_DIR".into(),
-            dir.path().join("cache").display().to_string(),
-        );
+        env.insert("MODEL_CACHE_DIR".into(), dir.path().join("cache").display().to_string());
         env.insert("SSL_CERTIFICATE".into(), "GENERATE".into());
         env.insert("GRACEFUL_TIMEOUT".into(), "10".into());
         env.insert("LOG_LEVEL".into(), "info".into());
-        TandemBuilder {
-            env,
-            wrapper: Vec::new(),
-            dir,
-        }
+        TandemBuilder { env, wrapper: Vec::new(), dir }
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -152,9 +128,7 @@ impl TandemBuilder {
             .stdout(Stdio::null())
             .stderr(stderr)
             .process_group(0);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {program:?}: {e}"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {program:?}: {e}"));
         let port = |k: &str| self.env.get(k).and_then(|p| p.parse().ok()).unwrap_or(0);
         Tandem {
             child,
@@ -232,10 +206,7 @@ impl Tandem {
 
     pub fn http_client() -> reqwest::blocking::Client {
         install_provider();
-        reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap()
+        reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
     }
 
     /// Waits until HTTP (and HTTPS) answer `/v2/health/ready` with 200.
@@ -244,24 +215,14 @@ impl Tandem {
         let url = self.http_url("/v2/health/ready");
         let explain = || self.explain();
         wait_for(START_DEADLINE, "HTTP readiness", explain, || {
-            http.get(&url)
-                .send()
-                .ok()
-                .filter(|r| r.status().is_success())
-                .map(|_| ())
+            http.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| ())
         });
         if ssl {
             let url = self.https_url("127.0.0.1", "/v2/health/ready");
             wait_for(START_DEADLINE, "HTTPS readiness", explain, || {
                 let chain = fs::read_to_string(self.cert_dir().join("live.pem")).ok()?;
-                let client =
-                    Self::https_client(&chain[chain.find("-----BEGIN CERTIFICATE-----")?..]);
-                client
-                    .get(&url)
-                    .send()
-                    .ok()
-                    .filter(|r| r.status().is_success())
-                    .map(|_| ())
+                let client = Self::https_client(&chain[chain.find("-----BEGIN CERTIFICATE-----")?..]);
+                client.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| ())
             });
         }
     }
@@ -280,10 +241,7 @@ impl Tandem {
                 return s;
             }
             if Instant::now() > end {
-                panic!(
-                    "tandem did not exit within {deadline:?}\n{}",
-                    self.explain()
-                );
+                panic!("tandem did not exit within {deadline:?}\n{}", self.explain());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -297,10 +255,7 @@ impl Tandem {
             .filter_map(|p| p.parse::<i32>().ok())
             .map(|p| {
                 let cmd = fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
-                let cmd = String::from_utf8_lossy(&cmd)
-                    .replace('\0', " ")
-                    .trim()
-                    .to_string();
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ").trim().to_string();
                 (Pid::from_raw(p), cmd)
             })
             .collect()
@@ -341,12 +296,7 @@ pub fn process_state(pid: Pid) -> Option<char> {
 
 /// SHA-256 fingerprint of the leaf certificate a response was served with.
 pub fn served_fingerprint(resp: &reqwest::blocking::Response) -> String {
-    let info = resp
-        .extensions()
-        .get::<reqwest::tls::TlsInfo>()
-        .expect("tls_info enabled");
+    let info = resp.extensions().get::<reqwest::tls::TlsInfo>().expect("tls_info enabled");
     let der = info.peer_certificate().expect("peer certificate");
-    tandem_shared::tls::inspect(&der.to_vec().into(), "served")
-        .unwrap()
-        .fingerprint
+    tandem_shared::tls::inspect(&der.to_vec().into(), "served").unwrap().fingerprint
 }

@@ -5,10 +5,7 @@
 //! control socket at fixed descriptor numbers. Taking ownership of a raw
 //! descriptor is `unsafe` because nothing else may own or close it.
 
-#![allow(
-    unsafe_code,
-    reason = "adopting inherited descriptors needs from_raw_fd; every block says why it is sound"
-)]
+#![allow(unsafe_code, reason = "adopting inherited descriptors needs from_raw_fd; every block says why it is sound")]
 
 pub mod shm;
 
@@ -25,21 +22,12 @@ pub const LISTEN_FDS_START: RawFd = 3;
 ///
 /// Call at most once per descriptor number, early in the worker's `main`.
 pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
-    debug_assert!(
-        fd >= LISTEN_FDS_START,
-        "descriptor {fd} is one of stdin/stdout/stderr"
-    );
+    debug_assert!(fd >= LISTEN_FDS_START, "descriptor {fd} is one of stdin/stdout/stderr");
     if fd < LISTEN_FDS_START {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("descriptor {fd} is reserved for stdio"),
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("descriptor {fd} is reserved for stdio")));
     }
     if std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("descriptor {fd} was not inherited"),
-        ));
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("descriptor {fd} was not inherited")));
     }
     // SAFETY: /proc says the descriptor is open, and nothing closes it while
     // this borrow lives (we are its only user, early in the worker's start).

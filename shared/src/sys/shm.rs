@@ -112,8 +112,9 @@ fn map(fd: &OwnedFd, len: usize) -> io::Result<NonNull<u8>> {
     let size = NonZeroUsize::new(len).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty region"))?;
     // SAFETY: a fresh shared mapping of our own memfd: no existing Rust object
     // aliases it, and it stays mapped until `Region::drop`.
-    let ptr = unsafe { mmap(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd.as_fd(), 0) }
-        .map_err(io::Error::from)?;
+    let ptr =
+        unsafe { mmap(None, size, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, fd.as_fd(), 0) }
+            .map_err(io::Error::from)?;
     Ok(ptr.cast())
 }
 
@@ -144,12 +145,18 @@ impl Region {
         let (data_offset, len) = geometry(slots, slot_bytes)?;
         let actual = nix::sys::stat::fstat(fd).map_err(io::Error::from)?.st_size;
         if actual != len as i64 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("shared memory is {actual} bytes, expected {len}")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("shared memory is {actual} bytes, expected {len}"),
+            ));
         }
         let region = Region { base: map(fd, len)?, len, slots, slot_bytes, data_offset };
         let h = region.header();
         if h.magic != MAGIC || h.version != LAYOUT_VERSION || h.slots != slots || h.slot_bytes != slot_bytes as u64 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "shared memory has another layout version or geometry"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "shared memory has another layout version or geometry",
+            ));
         }
         Ok(Arc::new(region))
     }
@@ -197,9 +204,10 @@ impl Region {
 
     /// Reserves a free slot for a new request, starting the search at `hint`.
     pub fn reserve(self: &Arc<Self>, hint: u32) -> Option<RequestWriter> {
-        (0..self.slots).map(|i| (hint.wrapping_add(i)) % self.slots).find(|&s| self.cas(s, FREE, WRITING)).map(|slot| {
-            RequestWriter { region: self.clone(), slot }
-        })
+        (0..self.slots)
+            .map(|i| (hint.wrapping_add(i)) % self.slots)
+            .find(|&s| self.cas(s, FREE, WRITING))
+            .map(|slot| RequestWriter { region: self.clone(), slot })
     }
 
     /// Claims the next submitted request for `worker_id`.
@@ -360,7 +368,8 @@ impl Claim {
 
     /// The request bytes.
     pub fn request(&self) -> &[u8] {
-        let len = (self.region.meta(self.slot).request_len.load(Ordering::Relaxed) as usize).min(self.region.slot_bytes);
+        let len =
+            (self.region.meta(self.slot).request_len.load(Ordering::Relaxed) as usize).min(self.region.slot_bytes);
         // SAFETY: the slot is CLAIMED by us (CAS from SUBMITTED, whose Release
         // store published the request). The producer does not write a
         // submitted request, so reading it is race-free.
@@ -396,7 +405,15 @@ fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     // mapping, and `ts` outlives the call. Spurious returns are fine: callers
     // re-check their condition.
     unsafe {
-        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAIT, expected, &ts as *const libc::timespec, 0usize, 0u32);
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+            0usize,
+            0u32,
+        );
     }
 }
 

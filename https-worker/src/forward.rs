@@ -1,0 +1,274 @@
+//! Hands decrypted requests to the engine workers through the shared-memory
+//! ring and turns their answers back into HTTP responses.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tandem_shared::frame::{decode_response, encode_request, FrameError};
+use tandem_shared::sys::shm::{Region, DONE, FAILED, SUBMITTED};
+use tokio::sync::oneshot;
+
+/// Resubmissions of a request whose engine worker died.
+const MAX_RETRIES: u32 = 2;
+/// How long the completion thread sleeps before re-checking its stop flag.
+const IDLE_WAIT: Duration = Duration::from_millis(200);
+
+/// Hop-by-hop headers: they describe one connection and never cross the ring.
+const HOP_BY_HOP: [header::HeaderName; 5] =
+    [header::CONNECTION, header::TRANSFER_ENCODING, header::TE, header::UPGRADE, header::CONTENT_LENGTH];
+
+enum Waiter {
+    Waiting(oneshot::Sender<u32>),
+    /// The client gave up (deadline); free the slot when the engine answers.
+    Abandoned,
+}
+
+/// Tracks submitted slots and wakes their tasks when the engine answers.
+/// One thread sleeps on the ring's completion futex for all of them.
+pub struct Completions {
+    region: Arc<Region>,
+    pending: Mutex<HashMap<u32, Waiter>>,
+    stop: AtomicBool,
+}
+
+impl std::fmt::Debug for Completions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completions").finish_non_exhaustive()
+    }
+}
+
+impl Completions {
+    /// Starts the completion thread. Slots left by a previous HTTPS worker are
+    /// freed now, or (if an engine still holds them) when they complete.
+    pub fn start(region: Arc<Region>) -> std::io::Result<Arc<Completions>> {
+        let freed = region.reset_orphans();
+        let mut pending = HashMap::new();
+        for slot in 0..region.slots() {
+            if region.state(slot) & tandem_shared::sys::shm::CLAIMED != 0 {
+                pending.insert(slot, Waiter::Abandoned);
+            }
+        }
+        if freed + pending.len() > 0 {
+            tracing::info!(freed, held_by_engines = pending.len(), "recovered slots left by a previous https worker");
+        }
+        let c = Arc::new(Completions { region, pending: Mutex::new(pending), stop: AtomicBool::new(false) });
+        let runner = c.clone();
+        std::thread::Builder::new().name("shm-completions".into()).spawn(move || runner.run())?;
+        Ok(c)
+    }
+
+    /// Stops the completion thread (at exit).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Waiter>> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn run(&self) {
+        while !self.stop.load(Ordering::SeqCst) {
+            let seen = self.region.done_seq();
+            {
+                let mut pending = self.lock();
+                let finished: Vec<(u32, u32)> = pending
+                    .keys()
+                    .map(|&s| (s, self.region.state(s)))
+                    .filter(|&(_, st)| st == DONE || st == FAILED)
+                    .collect();
+                for (slot, state) in finished {
+                    let delivered = match pending.remove(&slot) {
+                        Some(Waiter::Waiting(tx)) => tx.send(state).is_ok(),
+                        Some(Waiter::Abandoned) | None => false,
+                    };
+                    if !delivered {
+                        // Abandoned, or the task is gone (cancelled): nobody will read the answer.
+                        self.region.release(slot, state);
+                    }
+                }
+            }
+            self.region.wait_for_done(seen, IDLE_WAIT);
+        }
+    }
+
+    /// Registers interest in `slot` before it is submitted.
+    fn register(&self, slot: u32) -> oneshot::Receiver<u32> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(slot, Waiter::Waiting(tx));
+        rx
+    }
+
+    /// Gives up on `slot`: frees it now if no engine took it yet, else when it completes.
+    fn abandon(&self, slot: u32) {
+        let mut pending = self.lock();
+        if let Some(waiter) = pending.get_mut(&slot) {
+            if self.region.release(slot, SUBMITTED) || self.region.release(slot, FAILED) {
+                pending.remove(&slot);
+            } else {
+                *waiter = Waiter::Abandoned;
+            }
+        } else {
+            // Already signalled to the (now dropped) receiver: free it ourselves.
+            let _ = self.region.release(slot, DONE) || self.region.release(slot, FAILED);
+        }
+    }
+}
+
+/// Forwards HTTPS requests into the ring.
+#[derive(Debug)]
+pub struct Forwarder {
+    region: Arc<Region>,
+    completions: Arc<Completions>,
+    max_request_bytes: usize,
+    timeout: Duration,
+    hint: AtomicU32,
+    /// Headers added to every HTTPS response (e.g. HSTS), set by the operator.
+    extra_headers: HeaderMap,
+}
+
+fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+impl Forwarder {
+    /// A forwarder over `region`; `max_request_bytes` is MAX_REQUEST_BYTES.
+    pub fn new(
+        region: Arc<Region>,
+        completions: Arc<Completions>,
+        max_request_bytes: usize,
+        timeout: Duration,
+    ) -> Self {
+        Forwarder {
+            region,
+            completions,
+            max_request_bytes,
+            timeout,
+            hint: AtomicU32::new(0),
+            extra_headers: HeaderMap::new(),
+        }
+    }
+
+    /// Serves one request; never fails (errors are JSON responses).
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let mut res = self.forward(req).await;
+        for (k, v) in &self.extra_headers {
+            res.headers_mut().insert(k, v.clone());
+        }
+        Ok(res)
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let slot_limit = self.region.slot_bytes();
+        let limit = self.max_request_bytes.min(slot_limit);
+        let too_large = || {
+            let which = if self.max_request_bytes <= slot_limit {
+                format!("MAX_REQUEST_BYTES ({} bytes)", self.max_request_bytes)
+            } else {
+                format!("a shared-memory slot ({slot_limit} bytes); raise SHM_SLOT_BYTES")
+            };
+            json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body exceeds {which}"))
+        };
+        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return too_large();
+        }
+        let (mut parts, body) = req.into_parts();
+        let body = match tokio::time::timeout(self.timeout, Limited::new(body, limit).collect()).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
+            Ok(Err(e)) => return json_error(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}")),
+            Err(_) => {
+                return json_error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body did not arrive within REQUEST_TIMEOUT",
+                )
+            }
+        };
+        for h in &HOP_BY_HOP {
+            parts.headers.remove(h);
+        }
+
+        let hint = self.hint.fetch_add(1, Ordering::Relaxed);
+        let Some(mut writer) = self.region.reserve(hint) else {
+            let mut res = json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "all shared-memory slots are busy; retry shortly or raise SHM_SLOTS / NUM_WORKERS",
+            );
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return res;
+        };
+        let len = match encode_request(writer.buf(), &parts.method, &parts.uri, &parts.headers, &body) {
+            Ok(n) => n,
+            Err(FrameError::TooLarge { .. }) => return too_large(),
+            Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("cannot forward the request: {e}")),
+        };
+        let slot = writer.slot();
+        let mut rx = self.completions.register(slot);
+        writer.submit(len);
+
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut retries = 0;
+        loop {
+            match tokio::time::timeout_at(deadline, &mut rx).await {
+                Ok(Ok(DONE)) => return self.response(slot),
+                Ok(Ok(_failed)) if retries < MAX_RETRIES => {
+                    retries += 1;
+                    tracing::warn!(slot, retries, "engine worker died holding a request; resubmitting");
+                    rx = self.completions.register(slot);
+                    if !self.region.resubmit(slot) {
+                        self.completions.abandon(slot);
+                        return json_error(StatusCode::SERVICE_UNAVAILABLE, "the request was lost while retrying");
+                    }
+                }
+                Ok(Ok(_failed)) => {
+                    self.region.release(slot, FAILED);
+                    let mut res = json_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the engine workers handling this request died; it was retried twice",
+                    );
+                    res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return res;
+                }
+                Ok(Err(_)) => {
+                    return json_error(StatusCode::INTERNAL_SERVER_ERROR, "the completion thread stopped");
+                }
+                Err(_) => {
+                    self.completions.abandon(slot);
+                    return json_error(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!("no engine worker answered within REQUEST_TIMEOUT ({} s)", self.timeout.as_secs()),
+                    );
+                }
+            }
+        }
+    }
+
+    fn response(&self, slot: u32) -> Response<Full<Bytes>> {
+        let Some(bytes) = self.region.take_response(slot) else {
+            return json_error(StatusCode::INTERNAL_SERVER_ERROR, "the response vanished from its slot");
+        };
+        match decode_response(&bytes) {
+            Ok(frame) => {
+                let mut res = Response::new(Full::new(Bytes::from(frame.body)));
+                *res.status_mut() = frame.status;
+                *res.headers_mut() = frame.headers;
+                for h in &HOP_BY_HOP {
+                    res.headers_mut().remove(h);
+                }
+                res
+            }
+            Err(e) => json_error(StatusCode::BAD_GATEWAY, &format!("malformed response from the engine: {e}")),
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! End-to-end tests of HTTPS through the shared-memory ring: load sharing over
+//! every engine worker, a worker killed mid-load, a full queue, a slow engine,
+//! and size limits.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal};
+
+fn digit_body(value: u32) -> String {
+    format!(
+        r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[{}]}}]}}"#,
+        vec![value.to_string(); 64].join(",")
+    )
+}
+
+/// Worker ids of HTTP workers, from `GET /` over plain HTTP of each.
+fn engine_ids(t: &Tandem) -> Vec<u64> {
+    let re = t.stderr();
+    re.lines()
+        .filter(|l| l.contains("role=\"http-worker\"") && l.contains("worker started"))
+        .filter_map(|l| l.split("worker_id=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn https_inference_is_spread_over_every_engine_worker() {
+    let t = TandemBuilder::new().ssl().env("NUM_WORKERS", "2").start();
+    let url = t.https_url("localhost", "/v2/models/digits/infer");
+    let chain = t.served_chain_pem();
+    let counts: BTreeMap<String, usize> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let client = Tandem::https_client(&chain);
+                    (0..100)
+                        .map(|i| {
+                            let r = client.post(&url).body(digit_body(i % 16)).send().unwrap();
+                            assert!(r.status().is_success(), "{}", r.status());
+                            r.headers()["x-tandem-worker"].to_str().unwrap().to_string()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut counts = BTreeMap::new();
+        for id in handles.into_iter().flat_map(|h| h.join().unwrap()) {
+            *counts.entry(id).or_insert(0) += 1;
+        }
+        counts
+    });
+    let engines: Vec<String> = engine_ids(&t).iter().map(u64::to_string).collect();
+    assert_eq!(counts.len(), 2, "both engine workers should answer HTTPS: {counts:?}");
+    for id in counts.keys() {
+        assert!(engines.contains(id), "HTTPS answered by {id}, which is not an engine worker {engines:?}");
+    }
+    // The HTTPS worker holds no model: it never logs an engine load.
+    let https_id = t
+        .stderr()
+        .lines()
+        .find(|l| l.contains("role=\"https-worker\""))
+        .and_then(|l| l.split("worker_id=").nth(1)?.split_whitespace().next().map(String::from));
+    let https_id = https_id.expect("https worker started line");
+    assert!(
+        !t.stderr().lines().any(|l| l.contains("engine loaded") && l.contains(&format!("worker_id={https_id} "))),
+        "the HTTPS worker loaded a model\n{}",
+        t.explain()
+    );
+}
+
+#[test]
+fn killed_engine_worker_under_https_load_loses_nothing_that_could_be_retried() {
+    let t = TandemBuilder::new().ssl().env("NUM_WORKERS", "2").env("REQUEST_TIMEOUT", "20").start();
+    let url = t.https_url("127.0.0.1", "/v2/models/digits/infer");
+    let chain = t.served_chain_pem();
+    let victim = t.workers("http-worker")[0];
+    let stop_at = Instant::now() + Duration::from_secs(4);
+    let results: Vec<(bool, Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    let client = Tandem::https_client(&chain);
+                    let mut out = Vec::new();
+                    while Instant::now() < stop_at {
+                        let started = Instant::now();
+                        let ok = client.post(&url).body(digit_body(9)).send().is_ok_and(|r| r.status().is_success());
+                        out.push((ok, started.elapsed()));
+                    }
+                    out
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(800));
+        kill(victim, Signal::SIGKILL).unwrap();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let failures = results.iter().filter(|(ok, _)| !ok).count();
+    let slowest = results.iter().map(|(_, d)| *d).max().unwrap();
+    assert!(results.len() > 100, "too few requests ran: {}", results.len());
+    assert!(slowest < Duration::from_secs(10), "a request hung for {slowest:?}");
+    // At most the requests the dead worker held, and those are retried on the other worker.
+    assert!(failures <= 4, "{failures} of {} requests failed\n{}", results.len(), t.explain());
+    let replaced = wait_for(
+        Duration::from_secs(10),
+        "the engine worker to be replaced",
+        || t.explain(),
+        || {
+            let now = t.workers("http-worker");
+            (now.len() == 2 && !now.contains(&victim)).then_some(now)
+        },
+    );
+    assert_eq!(replaced.len(), 2);
+    let client = Tandem::https_client(&chain);
+    wait_for(
+        Duration::from_secs(10),
+        "HTTPS inference after the restart",
+        || t.explain(),
+        || client.post(&url).body(digit_body(1)).send().ok().filter(|r| r.status().is_success()),
+    );
+}
+
+#[test]
+fn full_queue_is_503_and_a_stalled_engine_is_504_at_the_deadline() {
+    let t =
+        TandemBuilder::new().ssl().env("NUM_WORKERS", "1").env("SHM_SLOTS", "2").env("REQUEST_TIMEOUT", "2").start();
+    let url = t.https_url("localhost", "/v2/models/digits/infer");
+    let chain = t.served_chain_pem();
+    let engine = t.workers("http-worker")[0];
+    // A stopped engine claims nothing: submitted requests wait in their slots.
+    kill(engine, Signal::SIGSTOP).unwrap();
+    // Three requests at once for two slots: one is turned away at once with
+    // 503 + Retry-After, the two queued ones get 504 at the deadline.
+    let mut results: Vec<(u16, Option<String>, String, Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    let client = Tandem::https_client(&chain);
+                    let started = Instant::now();
+                    let r = client.post(&url).body(digit_body(2)).send().unwrap();
+                    let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+                    (r.status().as_u16(), retry, r.text().unwrap(), started.elapsed())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    kill(engine, Signal::SIGCONT).unwrap();
+    results.sort_by_key(|r| r.0);
+    let statuses: Vec<u16> = results.iter().map(|r| r.0).collect();
+    assert_eq!(statuses, [503, 504, 504], "{results:?}\n{}", t.explain());
+    let (_, retry, body, took) = &results[0];
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert!(body.contains("SHM_SLOTS"), "{body}");
+    assert!(*took < Duration::from_millis(1500), "the 503 should be immediate, took {took:?}");
+    for (_, _, body, took) in &results[1..] {
+        assert!(body.contains("REQUEST_TIMEOUT"), "{body}");
+        assert!(*took >= Duration::from_millis(1900) && *took < Duration::from_secs(6), "504 after {took:?}");
+    }
+    // The abandoned slots were given back: the queue serves again.
+    let client = Tandem::https_client(&chain);
+    for _ in 0..10 {
+        let r = client.post(&url).body(digit_body(4)).send().unwrap();
+        assert!(r.status().is_success(), "{}\n{}", r.status(), t.explain());
+    }
+}
+
+#[test]
+fn oversized_https_bodies_are_413_naming_the_limit() {
+    let t = TandemBuilder::new().ssl().env("SHM_SLOT_BYTES", "65536").start();
+    let client = Tandem::https_client(&t.served_chain_pem());
+    let url = t.https_url("localhost", "/v2/models/digits/infer");
+    let r = client.post(&url).body(vec![b' '; 100_000]).send().unwrap();
+    assert_eq!(r.status(), 413);
+    let body: serde_json::Value = r.json().unwrap();
+    assert!(body["error"].as_str().unwrap().contains("SHM_SLOT_BYTES"), "{body}");
+    // Under the limit works, and so does a request with a large JSON batch.
+    let r = client.post(&url).body(digit_body(5)).send().unwrap();
+    assert!(r.status().is_success());
+    // Plain HTTP is limited by MAX_REQUEST_BYTES only.
+    let r = Tandem::http_client().post(t.http_url("/v2/models/digits/infer")).body(vec![b' '; 100_000]).send().unwrap();
+    assert_eq!(r.status(), 400, "HTTP accepts the size and refuses the (blank) JSON");
+}
