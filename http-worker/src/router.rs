@@ -46,6 +46,7 @@ struct Inner {
     num_workers: usize,
     max_request_bytes: usize,
     engine: Arc<Engine>,
+    cert_status: Option<std::path::PathBuf>,
     started: Instant,
     metrics: Metrics,
 }
@@ -69,6 +70,7 @@ impl AppState {
                 num_workers: settings.num_workers,
                 max_request_bytes: usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX),
                 engine,
+                cert_status: settings.cert_status.clone(),
                 started: Instant::now(),
                 metrics: Metrics::default(),
             }),
@@ -140,6 +142,19 @@ fn find(state: &AppState, p: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> 
     })
 }
 
+/// The served certificate as the supervisor last recorded it, with its remaining lifetime.
+async fn certificate(state: &AppState) -> serde_json::Value {
+    let Some(path) = &state.inner.cert_status else { return serde_json::Value::Null };
+    match tokio::fs::read(path)
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice::<tandem_shared::tls::CertStatus>(&b).ok())
+    {
+        Some(status) => status.to_json(),
+        None => json!({ "error": "certificate status not available yet" }),
+    }
+}
+
 async fn info(State(state): State<AppState>, scheme: Option<Extension<Scheme>>) -> Json<serde_json::Value> {
     let scheme = scheme.map_or(Scheme::Http, |Extension(s)| s);
     let models: Vec<_> =
@@ -151,6 +166,7 @@ async fn info(State(state): State<AppState>, scheme: Option<Extension<Scheme>>) 
         "worker_id": state.inner.worker_id,
         "workers": state.inner.num_workers,
         "models": models,
+        "certificate": certificate(&state).await,
     }))
 }
 
@@ -167,8 +183,19 @@ async fn live() -> Json<serde_json::Value> {
 }
 
 /// Ready once every model is loaded, which the worker does before it serves at all.
+/// A degraded certificate is reported here but does not make the server unready:
+/// it still serves, with a stand-in certificate.
 async fn ready(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({ "ready": true, "models": state.inner.engine.models.len() }))
+    let cert = certificate(&state).await;
+    let mut body = json!({ "ready": true, "models": state.inner.engine.models.len() });
+    if !cert.is_null() {
+        body["certificate"] = json!({
+            "degraded": cert["degraded"],
+            "days_left": cert["days_left"],
+            "fingerprint": cert["fingerprint"],
+        });
+    }
+    Json(body)
 }
 
 async fn repository_index(State(state): State<AppState>) -> Json<serde_json::Value> {

@@ -61,6 +61,8 @@ pub struct WorkerSettings {
     pub num_workers: usize,
     /// Path of `live.pem` (HTTPS worker).
     pub live_cert: PathBuf,
+    /// Path of the certificate status file, when HTTPS is enabled.
+    pub cert_status: Option<PathBuf>,
     /// Model repository (resolved by the supervisor).
     pub model_repository: PathBuf,
     /// Largest accepted request body in bytes.

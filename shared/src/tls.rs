@@ -24,6 +24,65 @@ use crate::config::KeyType;
 pub const LIVE_FILE: &str = "live.pem";
 /// The cached self-signed certificate (key + certificate).
 pub const GENERATED_FILE: &str = "generated.pem";
+/// What the supervisor last learnt about the served certificate (JSON, no secret).
+pub const STATUS_FILE: &str = "status.json";
+
+/// The served certificate's state, written by the supervisor for `GET /` and readiness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct CertStatus {
+    /// `GENERATE`, `INDIRECT` or `PATH`.
+    pub mode: String,
+    /// SHA-256 of the served leaf.
+    pub fingerprint: String,
+    /// Subject of the served leaf.
+    pub subject: String,
+    /// Issuer of the served leaf.
+    pub issuer: String,
+    /// SANs of the served leaf.
+    pub sans: Vec<String>,
+    /// Validity start, unix seconds.
+    pub not_before: i64,
+    /// Validity end, unix seconds.
+    pub not_after: i64,
+    /// A generated stand-in is served because the configured source failed.
+    pub degraded: bool,
+    /// The last failure of the source, if the last check failed.
+    pub last_error: Option<String>,
+    /// When the source was last checked, unix seconds.
+    pub checked_at: i64,
+}
+
+impl CertStatus {
+    /// The status of `info` as served from `mode`.
+    pub fn new(mode: &str, info: &CertInfo, degraded: bool, last_error: Option<String>) -> Self {
+        CertStatus {
+            mode: mode.to_string(),
+            fingerprint: info.fingerprint.clone(),
+            subject: info.subject.clone(),
+            issuer: info.issuer.clone(),
+            sans: info.sans.clone(),
+            not_before: info.not_before,
+            not_after: info.not_after,
+            degraded,
+            last_error,
+            checked_at: unix_now(),
+        }
+    }
+
+    /// A JSON view with the remaining lifetime computed now.
+    pub fn to_json(&self) -> serde_json::Value {
+        let now = unix_now();
+        let left = self.not_after - now;
+        let lifetime = (self.not_after - self.not_before).max(1);
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("seconds_left".into(), left.into());
+            o.insert("days_left".into(), (left / 86400).into());
+            o.insert("renew_soon".into(), (left * 3 < lifetime).into());
+        }
+        v
+    }
+}
 
 /// Why a certificate could not be used.
 #[derive(Debug, thiserror::Error)]

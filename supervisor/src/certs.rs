@@ -2,10 +2,10 @@
 //! validates it, caches it and publishes `live.pem` for the HTTPS worker.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_shared::config::{CertSource, Config, KeyType};
-use tandem_shared::tls::{self, Bundle, CertCache, CertError, GENERATED_FILE};
+use tandem_shared::tls::{self, Bundle, CertCache, CertError, CertStatus, GENERATED_FILE, STATUS_FILE};
 
 /// Lifetime of generated certificates.
 const GENERATED_LIFETIME: Duration = Duration::from_secs(365 * 86400);
@@ -13,6 +13,12 @@ const GENERATED_LIFETIME: Duration = Duration::from_secs(365 * 86400);
 pub const INDIRECT_FILE: &str = "indirect.pem";
 /// How long one INDIRECT download may take.
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// First retry delay after a failed check, doubled up to the refresh interval.
+const RETRY_START: Duration = Duration::from_secs(2);
+/// Poll interval for certificate files on disk (inotify is the fast path).
+const FILE_POLL: Duration = Duration::from_secs(5);
+/// At most one expiry warning per this period.
+const EXPIRY_WARN_EVERY: Duration = Duration::from_secs(3600);
 
 /// Why no certificate could be obtained.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +89,28 @@ impl CertManager {
     /// The configured source.
     pub fn source(&self) -> &CertSource {
         &self.source
+    }
+
+    /// The source's name as operators write it.
+    pub fn mode(&self) -> &'static str {
+        match self.source {
+            CertSource::Generate => "GENERATE",
+            CertSource::Indirect => "INDIRECT",
+            CertSource::Path(_) => "PATH",
+        }
+    }
+
+    /// Directories whose changes mean the certificate may have changed (custom path only).
+    pub fn watched_dirs(&self) -> Vec<PathBuf> {
+        let CertSource::Path(cert) = &self.source else { return Vec::new() };
+        let mut dirs = vec![cert.parent().unwrap_or_else(|| Path::new(".")).to_path_buf()];
+        if let Some(key) = &self.key_path {
+            let d = key.parent().unwrap_or_else(|| Path::new(".")).to_path_buf();
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        }
+        dirs
     }
 
     /// Obtains the certificate the configured source offers now.
@@ -160,6 +188,170 @@ impl CertManager {
         let key = fetch("privkey.pem").await?;
         Ok(Bundle::parse(&chain, &key, &format!("{base}fullchain.pem with {base}privkey.pem"))?)
     }
+}
+
+/// The served certificate and when to look at the source again: the
+/// supervisor's view of certificate renewal.
+#[derive(Debug)]
+pub struct CertKeeper {
+    manager: CertManager,
+    refresh: Duration,
+    fingerprint: String,
+    retry: Duration,
+    next_check: Instant,
+    last_expiry_warning: Option<Instant>,
+}
+
+impl CertKeeper {
+    /// Keeps `served`, obtained at start with `health` (and `error` if the source failed).
+    pub fn new(
+        manager: CertManager,
+        refresh: Duration,
+        served: &Bundle,
+        health: CertHealth,
+        error: Option<String>,
+    ) -> Self {
+        let mut k = CertKeeper {
+            manager,
+            refresh,
+            fingerprint: served.info.fingerprint.clone(),
+            retry: RETRY_START,
+            next_check: Instant::now(),
+            last_expiry_warning: None,
+        };
+        k.schedule(health, error.is_some());
+        k.write_status(served, health, error);
+        k.warn_if_expiring(served);
+        k
+    }
+
+    /// The manager.
+    pub fn manager(&self) -> &CertManager {
+        &self.manager
+    }
+
+    /// The served certificate's fingerprint.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// When the next check is due.
+    pub fn next_check(&self) -> Instant {
+        self.next_check
+    }
+
+    fn schedule(&mut self, health: CertHealth, failed: bool) {
+        let now = Instant::now();
+        if failed || health == CertHealth::Degraded {
+            self.next_check = now + self.retry;
+            self.retry = (self.retry * 2).min(self.refresh);
+        } else {
+            self.retry = RETRY_START;
+            let every = match self.manager.source {
+                CertSource::Path(_) => FILE_POLL.min(self.refresh),
+                _ => self.refresh,
+            };
+            self.next_check = now + every;
+        }
+    }
+
+    fn write_status(&self, served: &Bundle, health: CertHealth, error: Option<String>) {
+        let status = CertStatus::new(self.manager.mode(), &served.info, health == CertHealth::Degraded, error);
+        let json = serde_json::to_vec_pretty(&status).unwrap_or_default();
+        if let Err(e) = self.manager.cache.write_secret(STATUS_FILE, &json) {
+            tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "cannot write the certificate status");
+        }
+    }
+
+    fn warn_if_expiring(&mut self, served: &Bundle) {
+        let now = tls::unix_now();
+        if !served.info.needs_renewal(now) || self.last_expiry_warning.is_some_and(|t| t.elapsed() < EXPIRY_WARN_EVERY)
+        {
+            return;
+        }
+        self.last_expiry_warning = Some(Instant::now());
+        tracing::warn!(
+            fingerprint = %served.info.fingerprint,
+            days_left = served.info.seconds_left(now) / 86400,
+            "the served certificate has less than a third of its lifetime left\nhint: renew it at its source; tandem publishes the new one as soon as it sees it"
+        );
+    }
+
+    /// Checks the source now. Returns true when a new certificate was
+    /// published (the HTTPS worker must reload).
+    pub async fn check(&mut self) -> bool {
+        let result = self.manager.obtain().await;
+        match result {
+            Ok((bundle, health, warning)) => {
+                let error = warning.map(|e| format!("{:#}", anyhow::Error::new(e)));
+                if let Some(e) = &error {
+                    tracing::warn!(error = %e, retry_s = self.retry.as_secs(), "certificate source unavailable; keeping the cached certificate");
+                }
+                if health == CertHealth::Degraded {
+                    tracing::warn!(
+                        retry_s = self.retry.as_secs(),
+                        "serving a generated stand-in certificate until the configured source answers"
+                    );
+                }
+                let mut published = false;
+                if bundle.info.fingerprint != self.fingerprint {
+                    match self.manager.cache.publish(&bundle) {
+                        Ok(()) => {
+                            tracing::info!(fingerprint = %bundle.info.fingerprint, previous = %self.fingerprint, "published a new certificate");
+                            self.fingerprint = bundle.info.fingerprint.clone();
+                            published = true;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %format!("{:#}", anyhow::Error::new(e)), "cannot publish the new certificate; the previous one keeps serving")
+                        }
+                    }
+                }
+                self.schedule(health, error.is_some());
+                if published || error.is_some() || health == CertHealth::Degraded {
+                    self.write_status(&bundle, health, error);
+                }
+                self.warn_if_expiring(&bundle);
+                published
+            }
+            Err(e) => {
+                let e = format!("{:#}", anyhow::Error::new(e));
+                tracing::error!(error = %e, retry_s = self.retry.as_secs(), "certificate refused; the previous one keeps serving");
+                if let Ok(served) = self.manager.cache.load(tls::LIVE_FILE) {
+                    self.write_status(&served, CertHealth::Good, Some(e));
+                }
+                self.schedule(CertHealth::Good, true);
+                false
+            }
+        }
+    }
+}
+
+/// Watches the directories of a custom certificate (inotify through `notify`)
+/// and reports that something changed; the periodic poll covers anything missed.
+pub fn watch(dirs: &[PathBuf]) -> Option<(notify::RecommendedWatcher, tokio::sync::mpsc::UnboundedReceiver<()>)> {
+    use notify::Watcher;
+    if dirs.is_empty() {
+        return None;
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let handler = move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.send(());
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch certificate files; polling only");
+            return None;
+        }
+    };
+    for d in dirs {
+        if let Err(e) = watcher.watch(d, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %d.display(), error = %e, "cannot watch the certificate directory; polling only");
+        }
+    }
+    Some((watcher, rx))
 }
 
 /// Loads a custom certificate and its key (given, or discovered), validated together.

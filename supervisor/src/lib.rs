@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cert_status;
 pub mod certs;
 pub mod process;
 pub mod supervise;
@@ -42,6 +43,7 @@ pub fn main(args: &[String]) -> ExitCode {
         None => supervisor(),
         Some("http-worker") => worker(tandem_http_worker::run),
         Some("https-worker") => worker(tandem_https_worker::run),
+        Some("cert") => return cert_command(&args[1..]),
         Some("--version" | "-V") => {
             println!("tandem {}", tandem_shared::VERSION);
             Outcome::Ok
@@ -66,9 +68,32 @@ pub fn main(args: &[String]) -> ExitCode {
     }
 }
 
+/// `tandem cert status [--json]`: exit 0 when the certificate is usable, 1 when not, 2 on bad usage.
+fn cert_command(args: &[String]) -> ExitCode {
+    let json = args.iter().any(|a| a == "--json");
+    if args.first().map(String::as_str) != Some("status") || args.iter().skip(1).any(|a| a != "--json") {
+        eprintln!("tandem: error: usage: tandem cert status [--json]");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tandem: error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let report = cert_status::report(&config);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        print!("{}", cert_status::render(&report));
+    }
+    ExitCode::from(if report.usable { EXIT_OK } else { EXIT_RUNTIME })
+}
+
 fn usage() -> String {
     let mut s = String::from(
-        "usage: tandem            run the supervisor (configured by the environment)\n       tandem --version\n\nenvironment:\n",
+        "usage: tandem                     run the supervisor (configured by the environment)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem --version\n\nenvironment:\n",
     );
     for v in tandem_shared::config::ENV_VARS {
         s.push_str(&format!("  {:<22} {} (default: {})\n", v.name, v.meaning, v.default));
@@ -153,8 +178,9 @@ async fn start(config: Config) -> Outcome {
             }
             Err(e) => return Outcome::Runtime(anyhow::Error::new(e)),
         };
-        if let Some(w) = warning {
-            tracing::warn!(error = %format!("{:#}", anyhow::Error::new(w)), "certificate source unavailable at start");
+        let error = warning.map(|w| format!("{:#}", anyhow::Error::new(w)));
+        if let Some(e) = &error {
+            tracing::warn!(error = %e, "certificate source unavailable at start");
         }
         if health == certs::CertHealth::Degraded {
             tracing::warn!("no usable certificate from SSL_INDIRECT_URL and none cached: serving a generated self-signed certificate until the download succeeds\nhint: check network access to SSL_INDIRECT_URL, or set SSL_CERTIFICATE=GENERATE or a path");
@@ -162,7 +188,7 @@ async fn start(config: Config) -> Outcome {
         if let Err(e) = manager.cache().publish(&bundle) {
             return Outcome::Runtime(anyhow::Error::new(e).context("cannot publish the certificate"));
         }
-        Some((manager, bundle, health))
+        Some(certs::CertKeeper::new(manager, config.ssl_refresh_interval, &bundle, health, error))
     } else {
         None
     };

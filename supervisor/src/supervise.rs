@@ -20,20 +20,19 @@ use nix::unistd::Pid;
 use tandem_shared::control::{parse_event, WorkerEvent};
 use tandem_shared::sys::shm::Region;
 use tandem_shared::sys::LISTEN_FDS_START;
-use tandem_shared::tls::Bundle;
 use tandem_shared::{url, Config, Role, ShmSettings, WorkerSettings, WORKER_SETTINGS_VAR};
 use tokio::signal::unix::{signal, Signal as TokioSignal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::certs::{CertHealth, CertManager};
+use crate::certs::CertKeeper;
 use crate::process::{describe_exit, Slot, WorkerState};
 
 /// Descriptor number of the control socket in a worker (right after its one listener).
 const CONTROL_FD: i32 = LISTEN_FDS_START + 1;
 /// Descriptor number of the shared-memory memfd in a worker.
 const SHM_FD: i32 = LISTEN_FDS_START + 2;
-/// Retry delay of a failed certificate check, doubled up to the refresh interval.
-const CERT_RETRY_START: Duration = Duration::from_secs(5);
+/// Quiet time after a file event before re-reading certificate files (editors write in steps).
+const CERT_DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// The supervisor's phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,11 +98,8 @@ pub struct Supervisor {
     control_tx: mpsc::UnboundedSender<Control>,
     control_rx: mpsc::UnboundedReceiver<Control>,
     shm: Option<(Arc<Region>, OwnedFd)>,
-    certs: Option<CertManager>,
-    cert_fingerprint: Option<String>,
-    cert_health: CertHealth,
-    cert_retry: Duration,
-    next_cert_check: Option<Instant>,
+    certs: Option<CertKeeper>,
+    cert_watch: Option<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)>,
 }
 
 /// Signals the supervisor handles, registered before any child exists.
@@ -138,6 +134,7 @@ enum Wake {
     AddWorker,
     RemoveWorker,
     Control(Control),
+    CertFiles,
     Tick,
 }
 
@@ -147,7 +144,7 @@ impl Supervisor {
         config: Config,
         model_repository: PathBuf,
         listeners: Listeners,
-        certs: Option<(CertManager, Bundle, CertHealth)>,
+        certs: Option<CertKeeper>,
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the tandem executable (/proc/self/exe)")?;
         let http_addr = Listeners::addr(&listeners.http)?;
@@ -165,11 +162,7 @@ impl Supervisor {
         if https_addr.is_some() {
             slots.push(Slot::new(Role::HttpsWorker));
         }
-        let (certs, cert_fingerprint, cert_health) = match certs {
-            Some((m, b, h)) => (Some(m), Some(b.info.fingerprint), h),
-            None => (None, None, CertHealth::Good),
-        };
-        let next_cert_check = certs.as_ref().map(|_| Instant::now() + cert_interval(&config, cert_health));
+        let cert_watch = certs.as_ref().and_then(|k: &CertKeeper| crate::certs::watch(&k.manager().watched_dirs()));
         Ok(Supervisor {
             config,
             model_repository,
@@ -184,10 +177,7 @@ impl Supervisor {
             control_rx,
             shm,
             certs,
-            cert_fingerprint,
-            cert_health,
-            cert_retry: CERT_RETRY_START,
-            next_cert_check,
+            cert_watch,
         })
     }
 
@@ -211,15 +201,25 @@ impl Supervisor {
                 Wake::AddWorker => self.add_worker()?,
                 Wake::RemoveWorker => self.remove_worker(),
                 Wake::Control(c) => self.on_control(c),
+                Wake::CertFiles => {
+                    // Let a multi-file update (key and chain, or a ..data swap) settle.
+                    tokio::time::sleep(CERT_DEBOUNCE).await;
+                    if let Some((_, rx)) = &mut self.cert_watch {
+                        while rx.try_recv().is_ok() {}
+                    }
+                    if matches!(self.phase, Phase::Running) {
+                        tracing::debug!("certificate files changed on disk");
+                        self.check_certificate().await;
+                    }
+                }
                 Wake::Tick => {}
             }
             // SIGCHLD can coalesce; reaping on every wake costs one syscall.
             self.reap()?;
             self.restart_due()?;
-            if let Some(at) = self.next_cert_check {
-                if Instant::now() >= at && matches!(self.phase, Phase::Running) {
-                    self.check_certificate().await;
-                }
+            let cert_due = self.certs.as_ref().is_some_and(|k| Instant::now() >= k.next_check());
+            if cert_due && matches!(self.phase, Phase::Running) {
+                self.check_certificate().await;
             }
             if let Phase::Stopping { deadline } = self.phase {
                 if self.slots.iter().all(|s| s.pid.is_none()) {
@@ -243,6 +243,7 @@ impl Supervisor {
             _ = s.ttin.recv() => Wake::AddWorker,
             _ = s.ttou.recv() => Wake::RemoveWorker,
             Some(c) = self.control_rx.recv() => Wake::Control(c),
+            Some(()) = async { match &mut self.cert_watch { Some((_, rx)) => rx.recv().await, None => std::future::pending().await } } => Wake::CertFiles,
             _ = tick => Wake::Tick,
         }
     }
@@ -271,6 +272,7 @@ impl Supervisor {
             control_fd: CONTROL_FD,
             num_workers: self.http_slots(),
             live_cert: self.config.cert_dir().join(tandem_shared::tls::LIVE_FILE),
+            cert_status: self.https_addr.map(|_| self.config.cert_dir().join(tandem_shared::tls::STATUS_FILE)),
             model_repository: self.model_repository.clone(),
             max_request_bytes: self.config.max_request_bytes,
             graceful_timeout: self.config.graceful_timeout,
@@ -381,7 +383,7 @@ impl Supervisor {
     fn announce(&self) {
         tracing::info!(url = %url("http", self.http_addr), workers = self.http_slots(), "serving HTTP");
         if let Some(addr) = self.https_addr {
-            tracing::info!(url = %url("https", addr), fingerprint = ?self.cert_fingerprint, "serving HTTPS");
+            tracing::info!(url = %url("https", addr), fingerprint = ?self.certs.as_ref().map(CertKeeper::fingerprint), "serving HTTPS");
         }
     }
 
@@ -537,53 +539,9 @@ impl Supervisor {
     /// Re-checks the certificate source; publishes and signals the HTTPS
     /// worker only when the certificate changed.
     async fn check_certificate(&mut self) {
-        let Some(certs) = &self.certs else { return };
-        let result = certs.obtain().await;
-        let now = Instant::now();
-        match result {
-            Ok((bundle, health, warning)) => {
-                if let Some(e) = &warning {
-                    tracing::warn!(error = %format!("{e:#}"), retry_s = self.cert_retry.as_secs(), "certificate source unavailable; keeping the cached certificate");
-                }
-                if health == CertHealth::Degraded {
-                    tracing::warn!("serving a generated stand-in certificate until the configured source answers");
-                }
-                self.cert_health = health;
-                if self.cert_fingerprint.as_deref() != Some(bundle.info.fingerprint.as_str()) {
-                    match certs.cache().publish(&bundle) {
-                        Ok(()) => {
-                            tracing::info!(fingerprint = %bundle.info.fingerprint, "published a new certificate");
-                            self.cert_fingerprint = Some(bundle.info.fingerprint);
-                            self.signal_role(Role::HttpsWorker, Signal::SIGHUP);
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %format!("{e:#}"), "cannot publish the new certificate; the previous one keeps serving")
-                        }
-                    }
-                }
-                if warning.is_some() {
-                    self.next_cert_check = Some(now + self.cert_retry);
-                    self.cert_retry = (self.cert_retry * 2).min(self.config.ssl_refresh_interval);
-                } else {
-                    self.cert_retry = CERT_RETRY_START;
-                    self.next_cert_check = Some(now + cert_interval(&self.config, health));
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "certificate refused; the previous one keeps serving");
-                self.next_cert_check = Some(now + self.cert_retry);
-                self.cert_retry = (self.cert_retry * 2).min(self.config.ssl_refresh_interval);
-            }
+        let Some(keeper) = &mut self.certs else { return };
+        if keeper.check().await {
+            self.signal_role(Role::HttpsWorker, Signal::SIGHUP);
         }
-    }
-}
-
-/// How often to re-check the certificate source.
-fn cert_interval(config: &Config, health: CertHealth) -> Duration {
-    match (&config.ssl_certificate, health) {
-        // Files are cheap to re-read; a change on disk should show within seconds.
-        (tandem_shared::config::CertSource::Path(_), _) => Duration::from_secs(2).min(config.ssl_refresh_interval),
-        (_, CertHealth::Degraded) => CERT_RETRY_START,
-        _ => config.ssl_refresh_interval,
     }
 }
