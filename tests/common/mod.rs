@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
+pub mod pki;
+
 /// The binary under test, built by cargo for this test run.
 pub const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
 

@@ -1,0 +1,62 @@
+//! Test PKI made in the test with rcgen: a CA and the certificates it issues.
+
+use std::path::Path;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+
+/// A certificate authority for one test.
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate, PEM.
+    pub pem: String,
+}
+
+/// An issued certificate and its key, PEM.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// SHA-256 of the leaf DER, lower-case hex (as tandem reports it).
+    pub fingerprint: String,
+}
+
+impl TestCa {
+    pub fn new() -> TestCa {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "tandem test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        TestCa { pem: cert.pem(), issuer: Issuer::new(params, key) }
+    }
+
+    /// A leaf for `names`, valid from `from_days` to `to_days` relative to now.
+    pub fn issue_valid(&self, names: &[&str], from_days: i64, to_days: i64) -> Issued {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(DnType::CommonName, "tandem test leaf");
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::days(from_days);
+        params.not_after = now + time::Duration::days(to_days);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let fingerprint = tandem_shared::tls::inspect(cert.der(), "test").unwrap().fingerprint;
+        // A full chain: leaf then CA.
+        Issued { cert_pem: format!("{}{}", cert.pem(), self.pem), key_pem: key.serialize_pem(), fingerprint }
+    }
+
+    /// A leaf for localhost and 127.0.0.1, valid for 90 days.
+    pub fn issue(&self) -> Issued {
+        self.issue_valid(&["localhost", "127.0.0.1"], -1, 90)
+    }
+}
+
+impl Issued {
+    /// Writes the chain and key to `dir/cert` and `dir/key`.
+    pub fn write(&self, dir: &Path, cert: &str, key: &str) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(cert), &self.cert_pem).unwrap();
+        std::fs::write(dir.join(key), &self.key_pem).unwrap();
+    }
+}
