@@ -19,6 +19,8 @@ use tokio::sync::oneshot;
 const MAX_RETRIES: u32 = 2;
 /// How long the completion thread sleeps before re-checking its stop flag.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
+/// How long a request may wait for a free slot before 503 (bursts queue, overload is refused).
+const QUEUE_WAIT: Duration = Duration::from_secs(1);
 
 /// Hop-by-hop headers: they describe one connection and never cross the ring.
 const HOP_BY_HOP: [header::HeaderName; 5] =
@@ -36,6 +38,8 @@ pub struct Completions {
     region: Arc<Region>,
     pending: Mutex<HashMap<u32, Waiter>>,
     stop: AtomicBool,
+    /// Signalled whenever a slot is freed, for requests waiting for one.
+    freed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Completions {
@@ -58,7 +62,12 @@ impl Completions {
         if freed + pending.len() > 0 {
             tracing::info!(freed, held_by_engines = pending.len(), "recovered slots left by a previous https worker");
         }
-        let c = Arc::new(Completions { region, pending: Mutex::new(pending), stop: AtomicBool::new(false) });
+        let c = Arc::new(Completions {
+            region,
+            pending: Mutex::new(pending),
+            stop: AtomicBool::new(false),
+            freed: tokio::sync::Notify::new(),
+        });
         let runner = c.clone();
         std::thread::Builder::new().name("shm-completions".into()).spawn(move || runner.run())?;
         Ok(c)
@@ -90,12 +99,21 @@ impl Completions {
                     };
                     if !delivered {
                         // Abandoned, or the task is gone (cancelled): nobody will read the answer.
-                        self.region.release(slot, state);
+                        self.release(slot, state);
                     }
                 }
             }
             self.region.wait_for_done(seen, IDLE_WAIT);
         }
+    }
+
+    /// Frees `slot` if it is in `state` and wakes requests waiting for a slot.
+    fn release(&self, slot: u32, state: u32) -> bool {
+        let freed = self.region.release(slot, state);
+        if freed {
+            self.freed.notify_waiters();
+        }
+        freed
     }
 
     /// Registers interest in `slot` before it is submitted.
@@ -109,14 +127,14 @@ impl Completions {
     fn abandon(&self, slot: u32) {
         let mut pending = self.lock();
         if let Some(waiter) = pending.get_mut(&slot) {
-            if self.region.release(slot, SUBMITTED) || self.region.release(slot, FAILED) {
+            if self.release(slot, SUBMITTED) || self.release(slot, FAILED) {
                 pending.remove(&slot);
             } else {
                 *waiter = Waiter::Abandoned;
             }
         } else {
             // Already signalled to the (now dropped) receiver: free it ourselves.
-            let _ = self.region.release(slot, DONE) || self.region.release(slot, FAILED);
+            let _ = self.release(slot, DONE) || self.release(slot, FAILED);
         }
     }
 }
@@ -199,8 +217,7 @@ impl Forwarder {
             parts.headers.remove(h);
         }
 
-        let hint = self.hint.fetch_add(1, Ordering::Relaxed);
-        let Some(mut writer) = self.region.reserve(hint) else {
+        let Some(mut writer) = self.reserve().await else {
             let mut res = json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "all shared-memory slots are busy; retry shortly or raise SHM_SLOTS / NUM_WORKERS",
@@ -232,7 +249,7 @@ impl Forwarder {
                     }
                 }
                 Ok(Ok(_failed)) => {
-                    self.region.release(slot, FAILED);
+                    self.completions.release(slot, FAILED);
                     let mut res = json_error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "the engine workers handling this request died; it was retried twice",
@@ -254,8 +271,26 @@ impl Forwarder {
         }
     }
 
+    /// A free slot, waiting up to QUEUE_WAIT (or REQUEST_TIMEOUT if shorter) for one.
+    async fn reserve(&self) -> Option<tandem_shared::sys::shm::RequestWriter> {
+        let deadline = tokio::time::Instant::now() + QUEUE_WAIT.min(self.timeout);
+        loop {
+            let hint = self.hint.fetch_add(1, Ordering::Relaxed);
+            // Register for the wake-up before looking, so a slot freed in between is not missed.
+            let freed = self.completions.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(w) = self.region.reserve(hint) {
+                return Some(w);
+            }
+            tokio::time::timeout_at(deadline, freed).await.ok()?;
+        }
+    }
+
     fn response(&self, slot: u32) -> Response<Full<Bytes>> {
-        let Some(bytes) = self.region.take_response(slot) else {
+        let bytes = self.region.take_response(slot);
+        self.completions.freed.notify_waiters();
+        let Some(bytes) = bytes else {
             return json_error(StatusCode::INTERNAL_SERVER_ERROR, "the response vanished from its slot");
         };
         match decode_response(&bytes) {

@@ -90,8 +90,16 @@ pub struct ShmSettings {
     pub request_timeout: Duration,
 }
 
+static LOGGING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether [`init_logging`] ran (errors then go through tracing, not a bare line).
+pub fn logging_ready() -> bool {
+    LOGGING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Sets up tracing to stderr with the given filter and format.
 pub fn init_logging(level: &str, format: LogFormat) {
+    LOGGING.store(true, std::sync::atomic::Ordering::Relaxed);
     let filter =
         tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

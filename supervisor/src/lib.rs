@@ -61,8 +61,11 @@ pub fn main(args: &[String]) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
         Outcome::Runtime(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("tandem: error: {e:#}");
+            if tandem_shared::logging_ready() {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("tandem: error: {e:#}");
+            }
             ExitCode::from(EXIT_RUNTIME)
         }
     }
