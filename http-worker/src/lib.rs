@@ -44,9 +44,11 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
     let shm = match &settings.shm {
         Some(shm) => {
             let region = tandem_shared::worker::open_region(shm)?;
-            // Hold a few more requests than can run, so the next one is ready when a thread frees up.
-            let server = shm_server::ShmServer::start(region, settings.worker_id, app.clone(), inference_threads * 2)
-                .context("cannot start the shared-memory claimer")?;
+            // One claimer per inference thread, and at least two so that a cheap
+            // request (metadata, health) never waits behind an inference.
+            let server =
+                shm_server::ShmServer::start(region, settings.worker_id, app.clone(), inference_threads.max(2))
+                    .context("cannot start the shared-memory claimer")?;
             Some(server)
         }
         None => None,

@@ -300,13 +300,19 @@ async fn run_infer(state: &AppState, p: &ModelPath, headers: &HeaderMap, body: B
         message: "the worker is shutting down".into(),
     })?;
     let runner = model.clone();
-    let outputs = tokio::task::spawn_blocking(move || runner.run(inputs))
-        .await
-        .map_err(|e| ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: format!("inference crashed: {e}"),
-        })?
-        .map_err(|e| ApiError { status: StatusCode::BAD_REQUEST, message: format!("inference failed: {e:#}") })?;
+    let crashed = |detail: String| ApiError {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        message: format!("inference crashed{detail}"),
+    };
+    let outputs = if crate::shm_server::on_claimer_thread() {
+        // A claimer thread is ours to block: no hop to the blocking pool. A
+        // panic in the engine is caught here as spawn_blocking would catch it.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || runner.run(inputs)))
+            .map_err(|_| crashed(String::new()))?
+    } else {
+        tokio::task::spawn_blocking(move || runner.run(inputs)).await.map_err(|e| crashed(format!(": {e}")))?
+    }
+    .map_err(|e| ApiError { status: StatusCode::BAD_REQUEST, message: format!("inference failed: {e:#}") })?;
     state.inner.metrics.inferences.fetch_add(1, Ordering::Relaxed);
     let (body, json_len) = encode_response(&model, &req, &outputs)?;
     let mut res = Response::new(Body::from(body));

@@ -10,45 +10,55 @@ use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use tandem_shared::frame::{decode_request, encode_response, FrameError};
 use tandem_shared::sys::shm::{Claim, Region};
-use tokio::sync::Semaphore;
 use tower::ServiceExt;
 
 use crate::router::Scheme;
 
-/// How long the claimer sleeps on the futex before re-checking its stop flag.
+/// How long a claimer sleeps on the futex before re-checking its stop flag.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
+
+tokio::task_local! {
+    /// Set while a claimer thread runs a request: inference may run inline on
+    /// that thread (it is ours to block) instead of hopping to the blocking pool.
+    static ON_CLAIMER: ();
+}
+
+/// Whether the current request runs on a claimer thread (see [`ON_CLAIMER`]).
+pub fn on_claimer_thread() -> bool {
+    ON_CLAIMER.try_with(|_| ()).is_ok()
+}
 
 /// Claims requests from the ring until stopped; see [`ShmServer::stop`].
 #[derive(Debug)]
 pub struct ShmServer {
     stop: Arc<AtomicBool>,
-    capacity: Arc<Semaphore>,
-    limit: u32,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl ShmServer {
-    /// Starts the claimer thread. At most `limit` requests are held at once, so
-    /// a busy worker leaves the rest of the queue to idle ones.
-    pub fn start(region: Arc<Region>, worker_id: u64, app: Router, limit: usize) -> std::io::Result<ShmServer> {
+    /// Starts `claimers` threads. Each claims one request at a time and runs it
+    /// to completion on its own thread, so a busy worker holds at most
+    /// `claimers` requests and leaves the rest of the queue to idle workers,
+    /// and a request costs one wake-up here instead of three thread hops.
+    pub fn start(region: Arc<Region>, worker_id: u64, app: Router, claimers: usize) -> std::io::Result<ShmServer> {
         let stop = Arc::new(AtomicBool::new(false));
-        let limit = limit.clamp(1, Semaphore::MAX_PERMITS) as u32;
-        let capacity = Arc::new(Semaphore::new(limit as usize));
-        let handle = tokio::runtime::Handle::current();
-        let thread = std::thread::Builder::new().name("shm-claimer".into()).spawn({
-            let (stop, capacity) = (stop.clone(), capacity.clone());
-            move || claim_loop(&region, worker_id, &app, &handle, &stop, &capacity)
-        })?;
-        Ok(ShmServer { stop, capacity, limit, thread: Some(thread) })
+        let rt = tokio::runtime::Handle::current();
+        let threads = (0..claimers.max(1))
+            .map(|i| {
+                let (region, app, rt, stop) = (region.clone(), app.clone(), rt.clone(), stop.clone());
+                std::thread::Builder::new()
+                    .name(format!("shm-claimer-{i}"))
+                    .spawn(move || claim_loop(&region, worker_id, &app, &rt, &stop, i as u32))
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(ShmServer { stop, threads })
     }
 
     /// Stops claiming and waits (up to `timeout`) for the requests held to be answered.
-    pub async fn stop(mut self, timeout: Duration) {
+    pub async fn stop(self, timeout: Duration) {
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-        if tokio::time::timeout(timeout, self.capacity.acquire_many(self.limit)).await.is_err() {
+        let joined = tokio::task::spawn_blocking(move || self.threads.into_iter().for_each(|t| drop(t.join())));
+        if tokio::time::timeout(timeout, joined).await.is_err() {
             tracing::warn!("shared-memory requests still running at the drain deadline");
         }
     }
@@ -60,26 +70,17 @@ fn claim_loop(
     app: &Router,
     rt: &tokio::runtime::Handle,
     stop: &AtomicBool,
-    capacity: &Arc<Semaphore>,
+    first: u32,
 ) {
-    let mut hint = worker_id as u32;
+    let mut hint = first;
     while !stop.load(Ordering::SeqCst) {
-        let Ok(permit) = rt.block_on(capacity.clone().acquire_owned()) else { return };
-        loop {
-            if stop.load(Ordering::SeqCst) {
-                return;
-            }
-            let seen = region.work_seq();
-            if let Some(claim) = region.claim(worker_id, hint) {
+        let seen = region.work_seq();
+        match region.claim(worker_id, hint) {
+            Some(claim) => {
                 hint = claim.slot().wrapping_add(1);
-                let app = app.clone();
-                rt.spawn(async move {
-                    answer(claim, app).await;
-                    drop(permit);
-                });
-                break;
+                rt.block_on(ON_CLAIMER.scope((), answer(claim, app.clone())));
             }
-            region.wait_for_work(seen, IDLE_WAIT);
+            None => region.wait_for_work(seen, IDLE_WAIT),
         }
     }
 }

@@ -185,7 +185,12 @@ pub fn decode_request(buf: &[u8]) -> Result<RequestFrame, FrameError> {
     let m = usize::from(r.u8()?);
     let method = Method::from_bytes(r.take(m)?).map_err(|_| FrameError::Invalid("method"))?;
     let u = r.u32()? as usize;
-    let uri = Uri::try_from(r.take(u)?).map_err(|_| FrameError::Invalid("uri"))?;
+    // Only origin form ("/path?query") is ever encoded.
+    let uri = r.take(u)?;
+    if uri.first() != Some(&b'/') {
+        return Err(FrameError::Invalid("uri"));
+    }
+    let uri = Uri::try_from(uri).map_err(|_| FrameError::Invalid("uri"))?;
     let headers = r.headers()?;
     let body = r.body()?;
     Ok(RequestFrame { method, uri, headers, body })
