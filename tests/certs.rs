@@ -411,3 +411,18 @@ fn twenty_reloads_under_load_fail_no_request() {
     assert!(seen.contains(&certs[0].fingerprint) && seen.contains(&certs[1].fingerprint), "clients saw {seen:?}");
     assert_eq!(t.workers("https-worker"), https_pid, "the https worker restarted");
 }
+
+#[test]
+fn a_certificate_in_its_last_third_is_served_with_a_warning() {
+    let ca = TestCa::new();
+    let b = TandemBuilder::new().ssl();
+    let dir = b.dir().join("certs");
+    let old = ca.issue_valid(&["localhost", "127.0.0.1"], -60, 10);
+    old.write(&dir, "tls.crt", "tls.key");
+    let t = b.env("SSL_CERTIFICATE", dir.join("tls.crt").to_str().unwrap()).start();
+    assert_eq!(fingerprint_now(&t, &ca.pem, "localhost").as_deref(), Some(old.fingerprint.as_str()));
+    assert!(t.stderr().contains("less than a third of its lifetime left"), "{}", t.explain());
+    let status = json_of(&t, "/");
+    assert_eq!(status["certificate"]["renew_soon"], true, "{status}");
+    assert!(status["certificate"]["days_left"].as_i64().unwrap() <= 10, "{status}");
+}
