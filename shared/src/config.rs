@@ -286,6 +286,11 @@ fn parse_range<T: std::str::FromStr + PartialOrd>(v: &str, lo: T, hi: T) -> Opti
     v.parse::<T>().ok().filter(|n| *n >= lo && *n <= hi)
 }
 
+/// A whole number of seconds in `lo..=hi`, with the phrase operators see when it is not.
+fn seconds(lo: u64, hi: u64) -> (String, impl Fn(&str) -> Option<Duration>) {
+    (format!("a whole number of seconds {lo}-{hi}"), move |v| parse_range(v, lo, hi).map(Duration::from_secs))
+}
+
 fn is_readable_file(p: &Path) -> bool {
     std::fs::File::open(p).and_then(|f| f.metadata()).map(|m| m.is_file()).unwrap_or(false)
 }
@@ -391,13 +396,10 @@ impl Config {
             c.get("MAX_REQUEST_BYTES", &raw.max_request_bytes, 64 << 20, "a byte count from 1024 to 4294967296", |v| {
                 parse_range(v, 1024u64, 1 << 32)
             });
-        let request_timeout = c.get(
-            "REQUEST_TIMEOUT",
-            &raw.request_timeout,
-            Duration::from_secs(60),
-            "a whole number of seconds 1-86400",
-            |v| parse_range(v, 1u64, 86400).map(Duration::from_secs),
-        );
+        let request_timeout = {
+            let (accepted, parse) = seconds(1, 86400);
+            c.get("REQUEST_TIMEOUT", &raw.request_timeout, Duration::from_secs(60), &accepted, parse)
+        };
         let shm_slots = c.get("SHM_SLOTS", &raw.shm_slots, 64u32, "an integer 2-4096", |v| parse_range(v, 2, 4096));
         let shm_slot_bytes =
             c.get("SHM_SLOT_BYTES", &raw.shm_slot_bytes, 8usize << 20, "a byte count from 65536 to 1073741824", |v| {
@@ -406,13 +408,10 @@ impl Config {
         if (shm_slots as u64) * (shm_slot_bytes as u64) * 2 > 64 << 30 {
             c.bad("SHM_SLOT_BYTES", &shm_slot_bytes.to_string(), "SHM_SLOTS x SHM_SLOT_BYTES x 2 of at most 64 GiB");
         }
-        let graceful_timeout = c.get(
-            "GRACEFUL_TIMEOUT",
-            &raw.graceful_timeout,
-            Duration::from_secs(30),
-            "a whole number of seconds 0-86400",
-            |v| parse_range(v, 0u64, 86400).map(Duration::from_secs),
-        );
+        let graceful_timeout = {
+            let (accepted, parse) = seconds(0, 86400);
+            c.get("GRACEFUL_TIMEOUT", &raw.graceful_timeout, Duration::from_secs(30), &accepted, parse)
+        };
         let log_level = c.get(
             "LOG_LEVEL",
             &raw.log_level,

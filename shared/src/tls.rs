@@ -32,18 +32,9 @@ pub const STATUS_FILE: &str = "status.json";
 pub struct CertStatus {
     /// `GENERATE`, `INDIRECT` or `PATH`.
     pub mode: String,
-    /// SHA-256 of the served leaf.
-    pub fingerprint: String,
-    /// Subject of the served leaf.
-    pub subject: String,
-    /// Issuer of the served leaf.
-    pub issuer: String,
-    /// SANs of the served leaf.
-    pub sans: Vec<String>,
-    /// Validity start, unix seconds.
-    pub not_before: i64,
-    /// Validity end, unix seconds.
-    pub not_after: i64,
+    /// The served leaf.
+    #[serde(flatten)]
+    pub info: CertInfo,
     /// A generated stand-in is served because the configured source failed.
     pub degraded: bool,
     /// The last failure of the source, if the last check failed.
@@ -55,25 +46,14 @@ pub struct CertStatus {
 impl CertStatus {
     /// The status of `info` as served from `mode`.
     pub fn new(mode: &str, info: &CertInfo, degraded: bool, last_error: Option<String>) -> Self {
-        CertStatus {
-            mode: mode.to_string(),
-            fingerprint: info.fingerprint.clone(),
-            subject: info.subject.clone(),
-            issuer: info.issuer.clone(),
-            sans: info.sans.clone(),
-            not_before: info.not_before,
-            not_after: info.not_after,
-            degraded,
-            last_error,
-            checked_at: unix_now(),
-        }
+        CertStatus { mode: mode.to_string(), info: info.clone(), degraded, last_error, checked_at: unix_now() }
     }
 
     /// A JSON view with the remaining lifetime computed now.
     pub fn to_json(&self) -> serde_json::Value {
         let now = unix_now();
-        let left = self.not_after - now;
-        let lifetime = (self.not_after - self.not_before).max(1);
+        let left = self.info.seconds_left(now);
+        let lifetime = (self.info.not_after - self.info.not_before).max(1);
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(o) = v.as_object_mut() {
             o.insert("seconds_left".into(), left.into());
@@ -157,7 +137,7 @@ pub enum CertError {
 }
 
 /// What an operator wants to know about a certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct CertInfo {
     /// SHA-256 of the leaf certificate's DER, lower-case hex.
     pub fingerprint: String,
