@@ -185,3 +185,45 @@ fn oversized_https_bodies_are_413_naming_the_limit() {
     let r = Tandem::http_client().post(t.http_url("/v2/models/digits/infer")).body(vec![b' '; 100_000]).send().unwrap();
     assert_eq!(r.status(), 400, "HTTP accepts the size and refuses the (blank) JSON");
 }
+
+#[test]
+fn sigterm_drains_https_requests_through_the_ring_promptly() {
+    let mut t = TandemBuilder::new().ssl().env("NUM_WORKERS", "2").env("GRACEFUL_TIMEOUT", "25").start();
+    let url = t.https_url("localhost", "/v2/models/digits/infer");
+    let chain = t.served_chain_pem();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    let client = Tandem::https_client(&chain);
+                    let mut out = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        // Refused or closed connections once the listener is gone are
+                        // expected; a timeout (a request left hanging) or an error status is not.
+                        match client.post(&url).body(digit_body(8)).send() {
+                            Ok(r) => out.push(r.status().as_u16()),
+                            Err(e) if e.is_timeout() => out.push(0),
+                            Err(_) => {}
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        t.signal(Signal::SIGTERM);
+        let status = t.wait_exit(Duration::from_secs(8));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(status.code(), Some(0), "{}", t.explain());
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    // Draining must not wait for GRACEFUL_TIMEOUT: the engines serve the ring until the HTTPS worker is gone.
+    assert!(statuses.len() > 10, "too little load: {}", statuses.len());
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "non-200 answers (0: timed out) during the stop: {:?}",
+        statuses.iter().filter(|&&s| s != 200).collect::<Vec<_>>()
+    );
+    assert!(!t.stderr().contains("did not drain in time"), "{}", t.explain());
+}

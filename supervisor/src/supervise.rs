@@ -222,6 +222,7 @@ impl Supervisor {
                 self.check_certificate().await;
             }
             if let Phase::Stopping { deadline } = self.phase {
+                self.stop_engines_when_https_drained();
                 if self.slots.iter().all(|s| s.pid.is_none()) {
                     tracing::info!("all workers stopped; exiting");
                     return Ok(());
@@ -471,7 +472,26 @@ impl Supervisor {
         for s in &mut self.slots {
             s.restart_at = None;
         }
-        self.kill_all(Signal::SIGTERM);
+        // The HTTPS worker drains first: its in-flight requests still need the
+        // engine workers to claim them from the ring. The engine workers get
+        // SIGTERM once it is gone (see `run`).
+        if self.slots.iter().any(|s| s.role == Role::HttpsWorker && s.pid.is_some()) {
+            self.signal_role(Role::HttpsWorker, Signal::SIGTERM);
+        } else {
+            self.kill_all(Signal::SIGTERM);
+        }
+    }
+
+    /// During a stop, the engine workers' turn comes when the HTTPS worker has exited.
+    fn stop_engines_when_https_drained(&mut self) {
+        let https_gone = self.slots.iter().all(|s| s.role != Role::HttpsWorker || s.pid.is_none());
+        let engines_running = self
+            .slots
+            .iter()
+            .any(|s| s.role == Role::HttpWorker && s.pid.is_some() && s.state != WorkerState::Draining);
+        if https_gone && engines_running {
+            self.kill_all(Signal::SIGTERM);
+        }
     }
 
     fn kill_all(&mut self, sig: Signal) {
