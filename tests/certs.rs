@@ -160,9 +160,19 @@ fn kubernetes_secret_swap_is_served_by_the_same_https_worker() {
         || t.explain(),
         || t.stderr().contains("certificate refused; the previous one keeps serving").then_some(()),
     );
+    // The status file is written just after the log line: wait for it too.
+    wait_for(
+        Duration::from_secs(10),
+        "the refusal in GET /",
+        || t.explain(),
+        || {
+            json_of(&t, "/")["certificate"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("does not match"))
+                .then_some(())
+        },
+    );
     assert_eq!(fingerprint_now(&t, &ca.pem, "localhost").as_deref(), Some(b_cert.fingerprint.as_str()));
-    let status = json_of(&t, "/");
-    assert!(status["certificate"]["last_error"].as_str().is_some_and(|e| e.contains("does not match")), "{status}");
 }
 
 /// The Python HTTPS distribution server, killed on drop.

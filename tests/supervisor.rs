@@ -20,8 +20,18 @@ fn process_tree_has_every_worker() {
     let http = children.iter().filter(|(_, c)| c == "tandem http-worker").count();
     let https = children.iter().filter(|(_, c)| c == "tandem https-worker").count();
     assert_eq!((http, https, children.len()), (3, 1, 4), "children: {children:?}\n{}", t.explain());
-    assert!(t.stderr().contains(&format!("url=http://127.0.0.1:{}", t.http_port)), "{}", t.explain());
-    assert!(t.stderr().contains(&format!("url=https://127.0.0.1:{}", t.https_port)), "{}", t.explain());
+    // The supervisor announces both URLs once every worker reported ready.
+    let (http, https) =
+        (format!("url=http://127.0.0.1:{}", t.http_port), format!("url=https://127.0.0.1:{}", t.https_port));
+    wait_for(
+        Duration::from_secs(10),
+        "the serving lines",
+        || t.explain(),
+        || {
+            let err = t.stderr();
+            (err.contains(&http) && err.contains(&https)).then_some(())
+        },
+    );
 }
 
 #[test]
