@@ -19,7 +19,7 @@ fn digit_body(value: u32) -> String {
     )
 }
 
-/// Worker ids of HTTP workers, from `GET /` over plain HTTP of each.
+/// Worker ids of the HTTP (engine) workers, from the supervisor's "worker started" lines.
 fn engine_ids(t: &Tandem) -> Vec<u64> {
     let re = t.stderr();
     re.lines()

@@ -104,26 +104,6 @@ impl DataType {
             _ => return None,
         })
     }
-
-    /// The tract element type.
-    pub fn datum(self) -> Option<DatumType> {
-        use DataType::*;
-        Some(match self {
-            BOOL => DatumType::Bool,
-            UINT8 => DatumType::U8,
-            UINT16 => DatumType::U16,
-            UINT32 => DatumType::U32,
-            UINT64 => DatumType::U64,
-            INT8 => DatumType::I8,
-            INT16 => DatumType::I16,
-            INT32 => DatumType::I32,
-            INT64 => DatumType::I64,
-            FP16 => DatumType::F16,
-            FP32 => DatumType::F32,
-            FP64 => DatumType::F64,
-            BYTES => return None,
-        })
-    }
 }
 
 impl fmt::Display for DataType {
@@ -213,8 +193,6 @@ pub struct Engine {
     pub models: BTreeMap<String, Model>,
     /// Bounds concurrent inferences to the threads this worker should use.
     pub permits: Semaphore,
-    /// Where the models came from.
-    pub repository: PathBuf,
 }
 
 impl Engine {
@@ -264,7 +242,7 @@ impl Engine {
         if models.is_empty() {
             return Err(LoadError::Empty(repository.to_path_buf()));
         }
-        Ok(Engine { models, permits: Semaphore::new(threads.max(1)), repository: repository.to_path_buf() })
+        Ok(Engine { models, permits: Semaphore::new(threads.max(1)) })
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tandem_shared::config::{CertSource, Config, KeyType};
-use tandem_shared::tls::{self, Bundle, CertCache, CertError, CertStatus, GENERATED_FILE, STATUS_FILE};
+use tandem_shared::tls::{self, Bundle, CertCache, CertError, CertInfo, CertStatus, GENERATED_FILE, STATUS_FILE};
 
 /// Lifetime of generated certificates.
 const GENERATED_LIFETIME: Duration = Duration::from_secs(365 * 86400);
@@ -84,11 +84,6 @@ impl CertManager {
     /// The cache.
     pub fn cache(&self) -> &CertCache {
         &self.cache
-    }
-
-    /// The configured source.
-    pub fn source(&self) -> &CertSource {
-        &self.source
     }
 
     /// The source's name as operators write it.
@@ -196,7 +191,8 @@ impl CertManager {
 pub struct CertKeeper {
     manager: CertManager,
     refresh: Duration,
-    fingerprint: String,
+    /// The certificate published in `live.pem` now.
+    served: CertInfo,
     retry: Duration,
     next_check: Instant,
     last_expiry_warning: Option<Instant>,
@@ -214,14 +210,14 @@ impl CertKeeper {
         let mut k = CertKeeper {
             manager,
             refresh,
-            fingerprint: served.info.fingerprint.clone(),
+            served: served.info.clone(),
             retry: RETRY_START,
             next_check: Instant::now(),
             last_expiry_warning: None,
         };
         k.schedule(health, error.is_some());
-        k.write_status(served, health, error);
-        k.warn_if_expiring(served);
+        k.write_status(health, error);
+        k.warn_if_expiring();
         k
     }
 
@@ -232,7 +228,7 @@ impl CertKeeper {
 
     /// The served certificate's fingerprint.
     pub fn fingerprint(&self) -> &str {
-        &self.fingerprint
+        &self.served.fingerprint
     }
 
     /// When the next check is due.
@@ -255,24 +251,24 @@ impl CertKeeper {
         }
     }
 
-    fn write_status(&self, served: &Bundle, health: CertHealth, error: Option<String>) {
-        let status = CertStatus::new(self.manager.mode(), &served.info, health == CertHealth::Degraded, error);
+    fn write_status(&self, health: CertHealth, error: Option<String>) {
+        let status = CertStatus::new(self.manager.mode(), &self.served, health == CertHealth::Degraded, error);
         let json = serde_json::to_vec_pretty(&status).unwrap_or_default();
         if let Err(e) = self.manager.cache.write_secret(STATUS_FILE, &json) {
             tracing::warn!(error = %format!("{:#}", anyhow::Error::new(e)), "cannot write the certificate status");
         }
     }
 
-    fn warn_if_expiring(&mut self, served: &Bundle) {
+    fn warn_if_expiring(&mut self) {
         let now = tls::unix_now();
-        if !served.info.needs_renewal(now) || self.last_expiry_warning.is_some_and(|t| t.elapsed() < EXPIRY_WARN_EVERY)
+        if !self.served.needs_renewal(now) || self.last_expiry_warning.is_some_and(|t| t.elapsed() < EXPIRY_WARN_EVERY)
         {
             return;
         }
         self.last_expiry_warning = Some(Instant::now());
         tracing::warn!(
-            fingerprint = %served.info.fingerprint,
-            days_left = served.info.seconds_left(now) / 86400,
+            fingerprint = %self.served.fingerprint,
+            days_left = self.served.seconds_left(now) / 86400,
             "the served certificate has less than a third of its lifetime left\nhint: renew it at its source; tandem publishes the new one as soon as it sees it"
         );
     }
@@ -294,11 +290,11 @@ impl CertKeeper {
                     );
                 }
                 let mut published = false;
-                if bundle.info.fingerprint != self.fingerprint {
+                if bundle.info.fingerprint != self.served.fingerprint {
                     match self.manager.cache.publish(&bundle) {
                         Ok(()) => {
-                            tracing::info!(fingerprint = %bundle.info.fingerprint, previous = %self.fingerprint, "published a new certificate");
-                            self.fingerprint = bundle.info.fingerprint.clone();
+                            tracing::info!(fingerprint = %bundle.info.fingerprint, previous = %self.served.fingerprint, "published a new certificate");
+                            self.served = bundle.info;
                             published = true;
                         }
                         Err(e) => {
@@ -308,17 +304,15 @@ impl CertKeeper {
                 }
                 self.schedule(health, error.is_some());
                 if published || error.is_some() || health == CertHealth::Degraded {
-                    self.write_status(&bundle, health, error);
+                    self.write_status(health, error);
                 }
-                self.warn_if_expiring(&bundle);
+                self.warn_if_expiring();
                 published
             }
             Err(e) => {
                 let e = format!("{:#}", anyhow::Error::new(e));
                 tracing::error!(error = %e, retry_s = self.retry.as_secs(), "certificate refused; the previous one keeps serving");
-                if let Ok(served) = self.manager.cache.load(tls::LIVE_FILE) {
-                    self.write_status(&served, CertHealth::Good, Some(e));
-                }
+                self.write_status(CertHealth::Good, Some(e));
                 self.schedule(CertHealth::Good, true);
                 false
             }
