@@ -278,38 +278,24 @@ impl Region {
 
     fn wake_engines(&self) {
         let h = self.header();
-        h.work_seq.fetch_add(1, Ordering::SeqCst);
-        if h.engine_sleepers.load(Ordering::SeqCst) > 0 {
-            futex_wake(&h.work_seq, 1);
-        }
+        bump(&h.work_seq, &h.engine_sleepers, 1);
     }
 
     fn bump_done(&self) {
         let h = self.header();
-        h.done_seq.fetch_add(1, Ordering::SeqCst);
-        if h.https_sleepers.load(Ordering::SeqCst) > 0 {
-            futex_wake(&h.done_seq, i32::MAX);
-        }
+        bump(&h.done_seq, &h.https_sleepers, i32::MAX);
     }
 
     /// Sleeps until a request is submitted after `seen` was read, or `timeout`.
     pub fn wait_for_work(&self, seen: u32, timeout: Duration) {
         let h = self.header();
-        h.engine_sleepers.fetch_add(1, Ordering::SeqCst);
-        if h.work_seq.load(Ordering::SeqCst) == seen {
-            futex_wait(&h.work_seq, seen, timeout);
-        }
-        h.engine_sleepers.fetch_sub(1, Ordering::SeqCst);
+        sleep_on(&h.work_seq, &h.engine_sleepers, seen, timeout);
     }
 
     /// Sleeps until a slot completes after `seen` was read, or `timeout`.
     pub fn wait_for_done(&self, seen: u32, timeout: Duration) {
         let h = self.header();
-        h.https_sleepers.fetch_add(1, Ordering::SeqCst);
-        if h.done_seq.load(Ordering::SeqCst) == seen {
-            futex_wait(&h.done_seq, seen, timeout);
-        }
-        h.https_sleepers.fetch_sub(1, Ordering::SeqCst);
+        sleep_on(&h.done_seq, &h.https_sleepers, seen, timeout);
     }
 }
 
@@ -393,6 +379,24 @@ impl Claim {
             self.region.bump_done();
         }
     }
+}
+
+/// Bumps a wake counter and wakes up to `n` sleepers; the syscall is skipped when nobody sleeps.
+/// SeqCst on both sides: either the sleeper sees the new count, or we see the sleeper.
+fn bump(seq: &AtomicU32, sleepers: &AtomicU32, n: i32) {
+    seq.fetch_add(1, Ordering::SeqCst);
+    if sleepers.load(Ordering::SeqCst) > 0 {
+        futex_wake(seq, n);
+    }
+}
+
+/// Sleeps on `seq` while it still equals `seen`, registered in `sleepers` so wakers know to wake.
+fn sleep_on(seq: &AtomicU32, sleepers: &AtomicU32, seen: u32, timeout: Duration) {
+    sleepers.fetch_add(1, Ordering::SeqCst);
+    if seq.load(Ordering::SeqCst) == seen {
+        futex_wait(seq, seen, timeout);
+    }
+    sleepers.fetch_sub(1, Ordering::SeqCst);
 }
 
 fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
