@@ -16,7 +16,6 @@ Usage: scripts/train_digits.py [--out models/digits]
 """
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -82,14 +81,19 @@ def main():
     accuracy = float((clf.predict(x_test / 16.0) == y_test).mean())
 
     export(clf, out / "1" / "model.onnx")
-    config = {
-        "name": "digits",
-        "platform": "onnx",
-        "max_batch_size": MAX_BATCH,
-        "labels": [str(d) for d in range(10)],
-        "description": "MLP classifier of scikit-learn's 8x8 digits; input: raw pixels 0-16",
-    }
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    config = f"""# MLP classifier of scikit-learn's 8x8 digits (scripts/train_digits.py); input: raw pixels 0-16.
+name: "digits"
+platform: "onnxruntime_onnx"
+max_batch_size: {MAX_BATCH}
+input [
+  {{ name: "pixels", data_type: TYPE_FP32, dims: [ 64 ] }}
+]
+output [
+  {{ name: "probabilities", data_type: TYPE_FP32, dims: [ 10 ], label_filename: "labels.txt" }}
+]
+"""
+    (out / "config.pbtxt").write_text(config)
+    (out / "labels.txt").write_text("".join(f"{d}\n" for d in range(10)))
     print(f"wrote {out / '1' / 'model.onnx'}", file=sys.stderr)
     print(f"held-out accuracy: {accuracy:.4f}")
     if accuracy < 0.95:

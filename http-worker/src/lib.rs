@@ -81,13 +81,16 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
 /// Loads the model repository named in the settings, sized for this worker's share of the cores.
 pub fn load_engine(settings: &WorkerSettings) -> anyhow::Result<Arc<engine::Engine>> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / settings.num_workers.max(1)).max(1);
+    // Concurrent inferences: this worker's share of the cores.
+    let permits = (cores / settings.num_workers.max(1)).max(1);
     let started = std::time::Instant::now();
-    let engine = engine::Engine::load(&settings.model_repository, threads)?;
+    let engine = engine::Engine::load(&settings.model_repository, &settings.engine, permits)?;
+    let ready = engine.models.values().filter(|m| m.ready()).count();
     tracing::info!(
         worker_id = settings.worker_id,
         models = engine.models.len(),
-        threads,
+        ready,
+        threads = settings.engine.threads,
         ms = started.elapsed().as_millis() as u64,
         "engine loaded"
     );

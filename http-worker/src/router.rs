@@ -13,8 +13,8 @@ use axum::{Extension, Json, Router};
 use serde_json::json;
 use tandem_shared::WorkerSettings;
 
-use crate::engine::{Engine, ModelVersion, TensorMeta};
-use crate::infer::{build_inputs, decode_body, encode_response, ApiError, HEADER_LENGTH};
+use crate::engine::{Engine, ModelVersion, TensorMeta, VersionState, PLATFORM};
+use crate::infer::{build_inputs, decode_body, encode_response, requested_outputs, ApiError, HEADER_LENGTH};
 
 /// Which listener a request arrived on; the HTTPS side inserts `Scheme::Https`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,7 @@ struct Inner {
     num_workers: usize,
     max_request_bytes: usize,
     engine: Arc<Engine>,
+    engine_info: serde_json::Value,
     cert_status: Option<std::path::PathBuf>,
     started: Instant,
     metrics: Metrics,
@@ -70,12 +71,24 @@ impl AppState {
                 num_workers: settings.num_workers,
                 max_request_bytes: usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX),
                 engine,
+                engine_info: engine_info(&settings.engine),
                 cert_status: settings.cert_status.clone(),
                 started: Instant::now(),
                 metrics: Metrics::default(),
             }),
         }
     }
+}
+
+/// What `GET /` says about the engine: backend, library and version, device, threads.
+fn engine_info(e: &tandem_shared::EngineSettings) -> serde_json::Value {
+    json!({
+        "default_backend": if e.onnxruntime.is_some() && e.backend != tandem_shared::BackendChoice::Tract { "onnxruntime" } else { "tract" },
+        "onnxruntime": e.onnxruntime.as_ref().map(|o| json!({ "version": o.version, "library": o.path, "cuda": o.cuda })),
+        "fallback_reason": e.fallback_reason,
+        "device": match e.device { tandem_shared::Device::Cpu => "cpu", tandem_shared::Device::Cuda => "cuda" },
+        "threads": e.threads,
+    })
 }
 
 /// A JSON error response `{"error": "..."}`.
@@ -132,14 +145,23 @@ fn find(state: &AppState, p: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> 
     let not_found = |message| ApiError { status: StatusCode::NOT_FOUND, message };
     let model =
         state.inner.engine.models.get(&p.name).ok_or_else(|| not_found(format!("unknown model {:?}", p.name)))?;
-    model.version(p.version.as_deref()).cloned().ok_or_else(|| {
-        not_found(format!(
+    let unavailable = |reason: &str| ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: format!("model {:?} is unavailable: {reason}", p.name),
+    };
+    if let Some(reason) = &model.error {
+        return Err(unavailable(reason));
+    }
+    match model.version(p.version.as_deref()) {
+        Some(VersionState::Ready(v)) => Ok(v.clone()),
+        Some(VersionState::Unavailable(reason)) => Err(unavailable(reason)),
+        None => Err(not_found(format!(
             "model {:?} has no version {:?}; it has {:?}",
             p.name,
             p.version.as_deref().unwrap_or(""),
             model.labels()
-        ))
-    })
+        ))),
+    }
 }
 
 /// The served certificate as the supervisor last recorded it, with its remaining lifetime.
@@ -157,8 +179,19 @@ async fn certificate(state: &AppState) -> serde_json::Value {
 
 async fn info(State(state): State<AppState>, scheme: Option<Extension<Scheme>>) -> Json<serde_json::Value> {
     let scheme = scheme.map_or(Scheme::Http, |Extension(s)| s);
-    let models: Vec<_> =
-        state.inner.engine.models.iter().map(|(n, m)| json!({ "name": n, "versions": m.labels() })).collect();
+    let models: Vec<_> = state
+        .inner
+        .engine
+        .models
+        .iter()
+        .map(|(n, m)| {
+            let mut entry = json!({ "name": n, "versions": m.labels(), "ready": m.ready() });
+            if let Some(reason) = m.reason() {
+                entry["reason"] = json!(reason);
+            }
+            entry
+        })
+        .collect();
     Json(json!({
         "name": "tandem",
         "version": tandem_shared::VERSION,
@@ -166,6 +199,7 @@ async fn info(State(state): State<AppState>, scheme: Option<Extension<Scheme>>) 
         "worker_id": state.inner.worker_id,
         "workers": state.inner.num_workers,
         "models": models,
+        "engine": state.inner.engine_info,
         "certificate": certificate(&state).await,
     }))
 }
@@ -182,12 +216,19 @@ async fn live() -> Json<serde_json::Value> {
     Json(json!({ "live": true }))
 }
 
-/// Ready once every model is loaded, which the worker does before it serves at all.
+/// Ready once the repository is loaded and (strict readiness) every model serves.
 /// A degraded certificate is reported here but does not make the server unready:
 /// it still serves, with a stand-in certificate.
-async fn ready(State(state): State<AppState>) -> Json<serde_json::Value> {
+async fn ready(State(state): State<AppState>) -> Response {
+    let engine = &state.inner.engine;
     let cert = certificate(&state).await;
-    let mut body = json!({ "ready": true, "models": state.inner.engine.models.len() });
+    let ready = engine.ready();
+    let mut body = json!({ "ready": ready, "models": engine.models.len() });
+    let unavailable: Vec<_> =
+        engine.models.iter().filter_map(|(n, m)| m.reason().map(|r| json!({ "name": n, "reason": r }))).collect();
+    if !unavailable.is_empty() {
+        body["unavailable"] = json!(unavailable);
+    }
     if !cert.is_null() {
         body["certificate"] = json!({
             "degraded": cert["degraded"],
@@ -195,14 +236,25 @@ async fn ready(State(state): State<AppState>) -> Json<serde_json::Value> {
             "fingerprint": cert["fingerprint"],
         });
     }
-    Json(body)
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
 }
 
+/// Triton's repository index: every model and version with its state and, when unavailable, the reason.
 async fn repository_index(State(state): State<AppState>) -> Json<serde_json::Value> {
     let mut out = Vec::new();
     for (name, m) in &state.inner.engine.models {
-        for v in m.labels() {
-            out.push(json!({ "name": name, "version": v, "state": "READY" }));
+        if let Some(reason) = &m.error {
+            out.push(json!({ "name": name, "state": "UNAVAILABLE", "reason": reason }));
+            continue;
+        }
+        for (v, s) in &m.versions {
+            out.push(match s {
+                VersionState::Ready(_) => json!({ "name": name, "version": v.to_string(), "state": "READY" }),
+                VersionState::Unavailable(r) => {
+                    json!({ "name": name, "version": v.to_string(), "state": "UNAVAILABLE", "reason": r })
+                }
+            });
         }
     }
     Json(json!(out))
@@ -214,21 +266,31 @@ async fn model_metadata(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let v = find(&state, &p)?;
     let versions = state.inner.engine.models.get(&p.name).map(|m| m.labels()).unwrap_or_default();
-    Ok(Json(json!({
+    let mut body = json!({
         "name": v.name,
         "versions": versions,
-        "platform": v.platform,
+        "platform": PLATFORM,
         "inputs": v.inputs,
         "outputs": v.outputs,
-    })))
+    });
+    if !v.unsupported_outputs.is_empty() {
+        body["unsupported_outputs"] = v
+            .unsupported_outputs
+            .iter()
+            .map(|(name, what)| json!({ "name": name, "type": what, "reason": "not a tensor; the protocol cannot carry it" }))
+            .collect();
+    }
+    Ok(Json(body))
 }
 
-async fn model_ready(
-    State(state): State<AppState>,
-    Path(p): Path<ModelPath>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let v = find(&state, &p)?;
-    Ok(Json(json!({ "name": v.name, "version": v.version, "ready": true })))
+async fn model_ready(State(state): State<AppState>, Path(p): Path<ModelPath>) -> Response {
+    match find(&state, &p) {
+        Ok(v) => Json(json!({ "name": v.name, "version": v.version, "ready": true })).into_response(),
+        Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
+            (e.status, Json(json!({ "name": p.name, "ready": false, "error": e.message }))).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Triton-style configuration (dims without the batch dimension).
@@ -239,11 +301,13 @@ async fn model_config(
     let v = find(&state, &p)?;
     let dims = |t: &TensorMeta| -> serde_json::Value {
         let skip = usize::from(v.max_batch_size > 0);
-        json!({ "name": t.name, "data_type": format!("TYPE_{}", t.datatype), "dims": t.shape.iter().skip(skip).collect::<Vec<_>>() })
+        json!({ "name": t.name, "data_type": t.datatype.triton_name(), "dims": t.shape.iter().skip(skip).collect::<Vec<_>>() })
     };
     Ok(Json(json!({
         "name": v.name,
-        "platform": v.platform,
+        "platform": PLATFORM,
+        "backend": v.backend,
+        "execution_provider": v.provider,
         "max_batch_size": v.max_batch_size,
         "input": v.inputs.iter().map(dims).collect::<Vec<_>>(),
         "output": v.outputs.iter().map(dims).collect::<Vec<_>>(),
@@ -293,6 +357,8 @@ async fn run_infer(state: &AppState, p: &ModelPath, headers: &HeaderMap, body: B
     let header_len = headers.get(HEADER_LENGTH).map(|v| v.to_str().unwrap_or("invalid"));
     let (req, binary) = decode_body(&bytes, header_len)?;
     let inputs = build_inputs(&model, &req, binary)?;
+    let requested = requested_outputs(&model, &req)?;
+    let wanted: Vec<usize> = requested.iter().map(|r| r.index).collect();
 
     let engine = &state.inner.engine;
     let _permit = engine.permits.acquire().await.map_err(|_| ApiError {
@@ -307,14 +373,14 @@ async fn run_infer(state: &AppState, p: &ModelPath, headers: &HeaderMap, body: B
     let outputs = if crate::shm_server::on_claimer_thread() {
         // A claimer thread is ours to block: no hop to the blocking pool. A
         // panic in the engine is caught here as spawn_blocking would catch it.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || runner.run(inputs)))
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || runner.run(inputs, &wanted)))
             .map_err(|_| crashed(String::new()))?
     } else {
-        tokio::task::spawn_blocking(move || runner.run(inputs)).await.map_err(|e| crashed(format!(": {e}")))?
+        tokio::task::spawn_blocking(move || runner.run(inputs, &wanted)).await.map_err(|e| crashed(format!(": {e}")))?
     }
-    .map_err(|e| ApiError { status: StatusCode::BAD_REQUEST, message: format!("inference failed: {e:#}") })?;
+    .map_err(|e| ApiError::bad(format!("inference failed: {e}")))?;
     state.inner.metrics.inferences.fetch_add(1, Ordering::Relaxed);
-    let (body, json_len) = encode_response(&model, &req, &outputs)?;
+    let (body, json_len) = encode_response(&model, &req, &requested, outputs)?;
     let mut res = Response::new(Body::from(body));
     let h = res.headers_mut();
     match json_len {

@@ -75,6 +75,32 @@ pub const ENV_VARS: &[EnvVar] = &[
         meaning: "Triton-style model repository (one folder per model)",
     },
     EnvVar {
+        name: "ORT_DYLIB_PATH",
+        default: "discovered",
+        meaning: "ONNX Runtime shared library (default: the onnxruntime Python package's)",
+    },
+    EnvVar {
+        name: "ENGINE_BACKEND",
+        default: "auto",
+        meaning: "default backend: auto (onnxruntime when found, else tract), onnxruntime or tract",
+    },
+    EnvVar {
+        name: "ENGINE_DEVICE",
+        default: "cpu",
+        meaning: "cpu or cuda (CUDA execution provider; exit 2 if missing)",
+    },
+    EnvVar { name: "ENGINE_THREADS", default: "cores / NUM_WORKERS", meaning: "intra-op threads per model (1-1024)" },
+    EnvVar {
+        name: "STRICT_READINESS",
+        default: "true",
+        meaning: "/v2/health/ready is false while any model is unavailable",
+    },
+    EnvVar {
+        name: "EXIT_ON_MODEL_ERROR",
+        default: "false",
+        meaning: "a model that fails to load stops start-up (exit 1)",
+    },
+    EnvVar {
         name: "MAX_REQUEST_BYTES",
         default: "67108864",
         meaning: "largest request body accepted (bytes); larger gets 413",
@@ -123,6 +149,28 @@ pub enum KeyType {
     EcdsaP256,
 }
 
+/// Device models run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Device {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU through ONNX Runtime's CUDA execution provider.
+    Cuda,
+}
+
+/// The default backend for models that do not name one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum BackendChoice {
+    /// ONNX Runtime when its library is found, else tract.
+    #[default]
+    Auto,
+    /// ONNX Runtime; start-up fails without it.
+    OnnxRuntime,
+    /// tract, pure Rust.
+    Tract,
+}
+
 /// Log line format on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LogFormat {
@@ -161,6 +209,18 @@ pub struct Config {
     pub model_cache_dir: PathBuf,
     /// Model repository, when set explicitly.
     pub model_repository: Option<PathBuf>,
+    /// ONNX Runtime library, when set explicitly.
+    pub ort_dylib_path: Option<PathBuf>,
+    /// Default backend.
+    pub engine_backend: BackendChoice,
+    /// Device models run on.
+    pub engine_device: Device,
+    /// Intra-op threads per model, when set.
+    pub engine_threads: Option<usize>,
+    /// Readiness needs every model ready.
+    pub strict_readiness: bool,
+    /// A model that fails to load stops start-up.
+    pub exit_on_model_error: bool,
     /// Largest accepted request body.
     pub max_request_bytes: u64,
     /// How long an HTTPS request may wait for the engine.
@@ -232,6 +292,12 @@ struct Raw {
     ssl_san: Option<String>,
     model_cache_dir: Option<String>,
     model_repository: Option<String>,
+    ort_dylib_path: Option<String>,
+    engine_backend: Option<String>,
+    engine_device: Option<String>,
+    engine_threads: Option<String>,
+    strict_readiness: Option<String>,
+    exit_on_model_error: Option<String>,
     max_request_bytes: Option<String>,
     request_timeout: Option<String>,
     shm_slots: Option<String>,
@@ -392,6 +458,47 @@ impl Config {
             let p = PathBuf::from(v);
             p.is_dir().then_some(Some(p))
         });
+        let ort_dylib_path =
+            c.get("ORT_DYLIB_PATH", &raw.ort_dylib_path, None, "the path of a readable ONNX Runtime library", |v| {
+                let p = PathBuf::from(v);
+                is_readable_file(&p).then_some(Some(p))
+            });
+        let engine_backend = c.get(
+            "ENGINE_BACKEND",
+            &raw.engine_backend,
+            BackendChoice::Auto,
+            "auto, onnxruntime or tract",
+            |v| match v.to_ascii_lowercase().as_str() {
+                "auto" => Some(BackendChoice::Auto),
+                "onnxruntime" | "ort" | "onnxruntime_onnx" => Some(BackendChoice::OnnxRuntime),
+                "tract" => Some(BackendChoice::Tract),
+                _ => None,
+            },
+        );
+        let engine_device = c.get("ENGINE_DEVICE", &raw.engine_device, Device::Cpu, "cpu or cuda", |v| {
+            match v.to_ascii_lowercase().as_str() {
+                "cpu" => Some(Device::Cpu),
+                "cuda" | "gpu" => Some(Device::Cuda),
+                _ => None,
+            }
+        });
+        let engine_threads =
+            c.get("ENGINE_THREADS", &raw.engine_threads, None, "auto or an integer 1-1024", |v| match v {
+                "auto" => Some(None),
+                n => parse_range(n, 1usize, 1024).map(Some),
+            });
+        if engine_backend == BackendChoice::Tract && engine_device == Device::Cuda {
+            c.bad("ENGINE_DEVICE", "cuda", "cpu, because ENGINE_BACKEND=tract has no CUDA support");
+        }
+        let strict_readiness =
+            c.get("STRICT_READINESS", &raw.strict_readiness, true, "true/false/1/0/yes/no (any case)", parse_bool);
+        let exit_on_model_error = c.get(
+            "EXIT_ON_MODEL_ERROR",
+            &raw.exit_on_model_error,
+            false,
+            "true/false/1/0/yes/no (any case)",
+            parse_bool,
+        );
         let max_request_bytes =
             c.get("MAX_REQUEST_BYTES", &raw.max_request_bytes, 64 << 20, "a byte count from 1024 to 4294967296", |v| {
                 parse_range(v, 1024u64, 1 << 32)
@@ -444,6 +551,12 @@ impl Config {
             ssl_san,
             model_cache_dir,
             model_repository,
+            ort_dylib_path,
+            engine_backend,
+            engine_device,
+            engine_threads,
+            strict_readiness,
+            exit_on_model_error,
             max_request_bytes,
             request_timeout,
             shm_slots,

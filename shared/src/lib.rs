@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use config::{Config, LogFormat};
+pub use config::{BackendChoice, Config, Device, LogFormat};
 
 /// The crate version, reported by `GET /`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -65,6 +65,8 @@ pub struct WorkerSettings {
     pub cert_status: Option<PathBuf>,
     /// Model repository (resolved by the supervisor).
     pub model_repository: PathBuf,
+    /// How the engine runs models (HTTP workers).
+    pub engine: EngineSettings,
     /// Largest accepted request body in bytes.
     pub max_request_bytes: u64,
     /// Drain time on stop.
@@ -75,6 +77,50 @@ pub struct WorkerSettings {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+}
+
+/// The ONNX Runtime library the supervisor found and probed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrtLibrary {
+    /// The shared library.
+    pub path: PathBuf,
+    /// ONNX Runtime's version, as the library reports it.
+    pub version: String,
+    /// Whether the CUDA execution provider is compiled into this library.
+    pub cuda: bool,
+}
+
+/// How the engine runs models, decided once by the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineSettings {
+    /// ONNX Runtime, when found and loadable.
+    pub onnxruntime: Option<OrtLibrary>,
+    /// Why ONNX Runtime is not the default, when it is not.
+    pub fallback_reason: Option<String>,
+    /// The default backend (`ENGINE_BACKEND`).
+    pub backend: BackendChoice,
+    /// Device models run on.
+    pub device: Device,
+    /// Intra-op threads per model.
+    pub threads: usize,
+    /// Readiness needs every model ready.
+    pub strict_readiness: bool,
+    /// A model that fails to load stops start-up.
+    pub exit_on_model_error: bool,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            onnxruntime: None,
+            fallback_reason: None,
+            backend: BackendChoice::Auto,
+            device: Device::Cpu,
+            threads: 1,
+            strict_readiness: true,
+            exit_on_model_error: false,
+        }
+    }
 }
 
 /// Where and how big the shared-memory ring is.

@@ -6,6 +6,7 @@
 
 pub mod cert_status;
 pub mod certs;
+pub mod engine_runtime;
 pub mod process;
 pub mod supervise;
 
@@ -44,6 +45,7 @@ pub fn main(args: &[String]) -> ExitCode {
         Some("http-worker") => worker(tandem_http_worker::run),
         Some("https-worker") => worker(tandem_https_worker::run),
         Some("cert") => return cert_command(&args[1..]),
+        Some("engine-probe") => return engine_probe(&args[1..]),
         Some("--version" | "-V") => {
             println!("tandem {}", tandem_shared::VERSION);
             Outcome::Ok
@@ -92,6 +94,24 @@ fn cert_command(args: &[String]) -> ExitCode {
         print!("{}", cert_status::render(&report));
     }
     ExitCode::from(if report.usable { EXIT_OK } else { EXIT_RUNTIME })
+}
+
+/// `tandem engine-probe PATH` (hidden): loads ONNX Runtime from PATH and prints its facts as JSON.
+fn engine_probe(args: &[String]) -> ExitCode {
+    let [path] = args else {
+        eprintln!("tandem: error: usage: tandem engine-probe LIBRARY");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    match tandem_http_worker::engine::onnx_runtime::probe(Path::new(path)) {
+        Ok(info) => {
+            println!("{}", serde_json::to_string(&info).unwrap_or_default());
+            ExitCode::from(EXIT_OK)
+        }
+        Err(e) => {
+            eprintln!("tandem: error: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 fn usage() -> String {
@@ -162,6 +182,11 @@ async fn start(config: Config) -> Outcome {
             ));
         }
     };
+    let engine = match engine_runtime::resolve(&config) {
+        Ok(e) => e,
+        Err(e) => return Outcome::Config(anyhow::Error::new(e)),
+    };
+    engine_runtime::announce(&engine);
     // A custom certificate is checked before anything is written, so a bad
     // pair is exit 2 with no cache directory created.
     if let (true, CertSource::Path(cert)) = (config.enable_ssl, &config.ssl_certificate) {
@@ -202,7 +227,7 @@ async fn start(config: Config) -> Outcome {
     if let Err(e) = become_reaper() {
         return Outcome::Runtime(e);
     }
-    let supervisor = match Supervisor::new(config, repository, listeners, certs) {
+    let supervisor = match Supervisor::new(config, repository, engine, listeners, certs) {
         Ok(s) => s,
         Err(e) => return Outcome::Runtime(e),
     };

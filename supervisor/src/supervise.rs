@@ -20,7 +20,7 @@ use nix::unistd::Pid;
 use tandem_shared::control::{parse_event, WorkerEvent};
 use tandem_shared::sys::shm::Region;
 use tandem_shared::sys::LISTEN_FDS_START;
-use tandem_shared::{url, Config, Role, ShmSettings, WorkerSettings, WORKER_SETTINGS_VAR};
+use tandem_shared::{url, Config, EngineSettings, Role, ShmSettings, WorkerSettings, WORKER_SETTINGS_VAR};
 use tokio::signal::unix::{signal, Signal as TokioSignal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -88,6 +88,7 @@ impl Listeners {
 pub struct Supervisor {
     config: Config,
     model_repository: PathBuf,
+    engine: EngineSettings,
     exe: PathBuf,
     listeners: Option<Listeners>,
     http_addr: SocketAddr,
@@ -143,6 +144,7 @@ impl Supervisor {
     pub fn new(
         config: Config,
         model_repository: PathBuf,
+        engine: EngineSettings,
         listeners: Listeners,
         certs: Option<CertKeeper>,
     ) -> anyhow::Result<Self> {
@@ -166,6 +168,7 @@ impl Supervisor {
         Ok(Supervisor {
             config,
             model_repository,
+            engine,
             exe,
             listeners: Some(listeners),
             http_addr,
@@ -275,6 +278,7 @@ impl Supervisor {
             live_cert: self.config.cert_dir().join(tandem_shared::tls::LIVE_FILE),
             cert_status: self.https_addr.map(|_| self.config.cert_dir().join(tandem_shared::tls::STATUS_FILE)),
             model_repository: self.model_repository.clone(),
+            engine: self.engine_settings(),
             max_request_bytes: self.config.max_request_bytes,
             graceful_timeout: self.config.graceful_timeout,
             shm: self.shm.as_ref().map(|_| ShmSettings {
@@ -517,6 +521,17 @@ impl Supervisor {
                 let _ = kill(pid, sig);
             }
         }
+    }
+
+    /// The engine settings for a worker spawned now: `ENGINE_THREADS`, else the
+    /// cores shared out over the engine workers, so the machine is never oversubscribed.
+    fn engine_settings(&self) -> EngineSettings {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = match self.engine.threads {
+            0 => (cores / self.http_slots().max(1)).max(1),
+            n => n,
+        };
+        EngineSettings { threads, ..self.engine.clone() }
     }
 
     fn http_slots(&self) -> usize {

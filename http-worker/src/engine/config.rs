@@ -1,0 +1,407 @@
+//! A model's configuration: Triton's `ModelConfig`, read from `config.pbtxt`
+//! (protobuf text format) or its JSON twin `config.json`, with a real parser
+//! generated from `proto/model_config.proto`. Misspelled fields are errors
+//! naming file, line and field; fields tandem does not act on are listed so
+//! the loader can log them once.
+
+use std::path::{Path, PathBuf};
+
+use miette::Diagnostic;
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, Value};
+
+/// Types generated from `proto/model_config.proto` (Triton's `inference` package).
+#[allow(missing_docs, clippy::all, reason = "generated code")]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/inference.rs"));
+}
+
+/// The encoded descriptor set of `model_config.proto`, written by `build.rs`.
+const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/model_config.bin"));
+
+/// File names tandem reads a configuration from, in order of preference.
+pub const CONFIG_FILES: [&str; 2] = ["config.pbtxt", "config.json"];
+
+/// Fields tandem acts on, as dotted paths; every other field that is set is reported as ignored.
+const ACTED_ON: &[&str] = &[
+    "name",
+    "platform",
+    "backend",
+    "version_policy",
+    "max_batch_size",
+    "input.name",
+    "input.data_type",
+    "input.dims",
+    "input.reshape",
+    "output.name",
+    "output.data_type",
+    "output.dims",
+    "output.reshape",
+    "output.label_filename",
+    "instance_group.name",
+    "instance_group.count",
+    "instance_group.kind",
+    "default_model_filename",
+    "parameters",
+];
+
+/// `parameters` keys tandem acts on (ONNX Runtime thread counts, as Triton's onnxruntime backend names them).
+pub const ACTED_ON_PARAMETERS: &[&str] = &["intra_op_thread_count", "inter_op_thread_count"];
+
+/// Why a configuration file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but cannot be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file does not parse as a `ModelConfig`.
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the problem.
+        line: usize,
+        /// 1-based column of the problem.
+        column: usize,
+        /// The parser's message (it names the field).
+        message: String,
+    },
+    /// The file parses but a value is not allowed.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A parsed configuration and what in it tandem ignores.
+#[derive(Debug, Clone, Default)]
+pub struct LoadedConfig {
+    /// The configuration (all defaults when the model has no file).
+    pub config: pb::ModelConfig,
+    /// The file it came from.
+    pub file: Option<PathBuf>,
+    /// Fields that are set but that tandem does not act on (dotted paths).
+    pub ignored: Vec<String>,
+}
+
+fn descriptor() -> MessageDescriptor {
+    // The descriptor set is built from our own proto file at compile time; a
+    // failure here is a build defect, caught by the unit tests.
+    #[allow(clippy::expect_used, reason = "compile-time data, checked by tests")]
+    let pool = DescriptorPool::decode(DESCRIPTORS).expect("model_config descriptor set decodes");
+    #[allow(clippy::expect_used, reason = "compile-time data, checked by tests")]
+    pool.get_message_by_name("inference.ModelConfig").expect("inference.ModelConfig is declared")
+}
+
+/// Reads `<dir>/config.pbtxt` (else `config.json`); no file means all defaults.
+pub fn read(dir: &Path) -> Result<LoadedConfig, ConfigError> {
+    for name in CONFIG_FILES {
+        let path = dir.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => return parse(&path, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        }
+    }
+    Ok(LoadedConfig::default())
+}
+
+/// Parses `text` as the file `path` (its extension picks text format or JSON).
+pub fn parse(path: &Path, text: &str) -> Result<LoadedConfig, ConfigError> {
+    let desc = descriptor();
+    let message = if path.extension().is_some_and(|e| e == "json") {
+        let options = prost_reflect::DeserializeOptions::new().deny_unknown_fields(true);
+        let mut de = serde_json::Deserializer::from_str(text);
+        DynamicMessage::deserialize_with_options(desc, &mut de, &options).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        })?
+    } else {
+        let (explicit, inserted) = explicit_list_colons(text);
+        DynamicMessage::parse_text_format(desc, &explicit).map_err(|e| {
+            let offset = e.labels().and_then(|mut l| l.next()).map_or(0, |l| l.offset());
+            let original = offset - inserted.iter().filter(|&&at| at < offset).count();
+            let (line, column) = line_column(text, original);
+            ConfigError::Parse { path: path.to_path_buf(), line, column, message: e.to_string() }
+        })?
+    };
+    let config: pb::ModelConfig = message
+        .transcode_to()
+        .map_err(|e| ConfigError::Invalid { path: path.to_path_buf(), message: e.to_string() })?;
+    let mut ignored = Vec::new();
+    ignored_fields(&message, "", &mut ignored);
+    for key in config.parameters.keys() {
+        if !ACTED_ON_PARAMETERS.contains(&key.as_str()) {
+            ignored.push(format!("parameters.{key}"));
+        }
+    }
+    let loaded = LoadedConfig { config, file: Some(path.to_path_buf()), ignored };
+    validate(&loaded.config).map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })?;
+    Ok(loaded)
+}
+
+/// Writes the optional colon between a field name and a `[` list of messages
+/// (`input [ { ... } ]`, as every Triton configuration writes it), which the
+/// text-format grammar allows but prost-reflect's parser requires. Strings and
+/// `#` comments are copied untouched. Returns the text and the offsets (in the
+/// new text) of the colons it inserted, so error positions map back.
+fn explicit_list_colons(text: &str) -> (String, Vec<usize>) {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut inserted = Vec::new();
+    let mut chars = text.chars().peekable();
+    // Whether the last token was an identifier (a field name when a `[` follows).
+    let mut after_ident = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '\'' => {
+                out.push(c);
+                while let Some(d) = chars.next() {
+                    out.push(d);
+                    if d == '\\' {
+                        if let Some(e) = chars.next() {
+                            out.push(e);
+                        }
+                    } else if d == c || d == '\n' {
+                        break;
+                    }
+                }
+                after_ident = false;
+            }
+            '#' => {
+                out.push(c);
+                for d in chars.by_ref() {
+                    out.push(d);
+                    if d == '\n' {
+                        break;
+                    }
+                }
+            }
+            '[' if after_ident => {
+                inserted.push(out.len());
+                out.push(':');
+                out.push(c);
+                after_ident = false;
+            }
+            c if c.is_ascii_alphanumeric() || c == '_' => {
+                out.push(c);
+                while let Some(&d) = chars.peek().filter(|d| d.is_ascii_alphanumeric() || **d == '_' || **d == '.') {
+                    out.push(d);
+                    chars.next();
+                }
+                after_ident = c.is_ascii_alphabetic() || c == '_';
+            }
+            c if c.is_whitespace() => out.push(c),
+            c => {
+                out.push(c);
+                after_ident = false;
+            }
+        }
+    }
+    (out, inserted)
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Collects the set fields below `prefix` that [`ACTED_ON`] does not cover.
+fn ignored_fields(message: &DynamicMessage, prefix: &str, out: &mut Vec<String>) {
+    for (field, value) in message.fields() {
+        let path = if prefix.is_empty() { field.name().to_string() } else { format!("{prefix}.{}", field.name()) };
+        if ACTED_ON.contains(&path.as_str()) {
+            continue;
+        }
+        let parent = format!("{path}.");
+        if !ACTED_ON.iter().any(|a| a.starts_with(&parent)) {
+            if !out.contains(&path) {
+                out.push(path);
+            }
+            continue;
+        }
+        let children: Vec<&DynamicMessage> = match value {
+            Value::Message(m) => vec![m],
+            Value::List(items) => items.iter().filter_map(Value::as_message).collect(),
+            _ => Vec::new(),
+        };
+        for child in children {
+            ignored_fields(child, &path, out);
+        }
+    }
+}
+
+/// Checks the values a parser cannot: ranges and choices.
+fn validate(c: &pb::ModelConfig) -> Result<(), String> {
+    if c.max_batch_size < 0 {
+        return Err(format!("max_batch_size is {}; it must be 0 (no batching) or more", c.max_batch_size));
+    }
+    let platform_ok = matches!(c.platform.as_str(), "" | "onnxruntime_onnx");
+    if !platform_ok {
+        return Err(format!(
+            "platform {:?} is not served by tandem; it serves ONNX models: platform \"onnxruntime_onnx\", or backend \"onnxruntime\" or \"tract\"",
+            c.platform
+        ));
+    }
+    if !matches!(c.backend.as_str(), "" | "onnxruntime" | "tract") {
+        return Err(format!(
+            "backend {:?} is not served by tandem; it has the \"onnxruntime\" and \"tract\" backends",
+            c.backend
+        ));
+    }
+    for (kind, name, dims) in
+        c.input.iter().map(|i| ("input", &i.name, &i.dims)).chain(c.output.iter().map(|o| ("output", &o.name, &o.dims)))
+    {
+        if name.is_empty() {
+            return Err(format!("an {kind} has no name"));
+        }
+        if let Some(d) = dims.iter().find(|&&d| d < -1) {
+            return Err(format!("{kind} {name}: dimension {d} is not allowed (-1 is any size)"));
+        }
+    }
+    if let Some(pb::model_version_policy::PolicyChoice::Latest(l)) =
+        c.version_policy.as_ref().and_then(|p| p.policy_choice.as_ref())
+    {
+        if l.num_versions == 0 {
+            return Err("version_policy latest: num_versions must be at least 1".into());
+        }
+    }
+    if let Some(g) = c.instance_group.iter().find(|g| g.count < 0) {
+        return Err(format!("instance_group count {} must be 1 or more", g.count));
+    }
+    for key in ACTED_ON_PARAMETERS {
+        if let Some(p) = c.parameters.get(*key) {
+            if p.string_value.trim().parse::<usize>().is_err() {
+                return Err(format!("parameters {key}: {:?} is not a thread count", p.string_value));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl pb::ModelConfig {
+    /// A thread-count parameter (`intra_op_thread_count`, ...), 0 meaning "default".
+    pub fn thread_parameter(&self, key: &str) -> usize {
+        self.parameters.get(key).and_then(|p| p.string_value.trim().parse().ok()).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pbtxt(text: &str) -> Result<LoadedConfig, ConfigError> {
+        parse(Path::new("/repo/m/config.pbtxt"), text)
+    }
+
+    #[test]
+    fn a_triton_config_parses_with_its_ignored_fields_listed() {
+        let c = pbtxt(
+            r#"
+name: "resnet"
+platform: "onnxruntime_onnx"
+max_batch_size: 8
+version_policy: { latest: { num_versions: 2 } }
+input [
+  { name: "x", data_type: TYPE_FP32, format: FORMAT_NCHW, dims: [ 3, -1, -1 ] }
+]
+output [
+  { name: "y", data_type: TYPE_FP32, dims: [ 1000 ], label_filename: "labels.txt" }
+]
+instance_group [ { count: 2, kind: KIND_CPU } ]
+dynamic_batching { preferred_batch_size: [ 4, 8 ] max_queue_delay_microseconds: 100 }
+parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
+parameters { key: "cudnn_conv_algo_search" value: { string_value: "0" } }
+"#,
+        )
+        .expect("parses");
+        assert_eq!(c.config.name, "resnet");
+        assert_eq!(c.config.max_batch_size, 8);
+        assert_eq!(c.config.input[0].dims, [3, -1, -1]);
+        assert_eq!(c.config.input[0].data_type, pb::DataType::TypeFp32 as i32);
+        assert_eq!(c.config.output[0].label_filename, "labels.txt");
+        assert_eq!(c.config.instance_group[0].count, 2);
+        assert_eq!(c.config.thread_parameter("intra_op_thread_count"), 1);
+        assert_eq!(c.ignored, ["input.format", "dynamic_batching", "parameters.cudnn_conv_algo_search"]);
+    }
+
+    #[test]
+    fn a_misspelled_field_names_file_line_and_field() {
+        let err = pbtxt("name: \"m\"\nmax_batch_size: 4\ninput [ { name: \"x\" dimz: [1] } ]\n").expect_err("typo");
+        let text = err.to_string();
+        assert!(text.starts_with("/repo/m/config.pbtxt:3:"), "{text}");
+        assert!(text.contains("dimz"), "{text}");
+        let err = pbtxt("max_batch_sise: 4").expect_err("typo");
+        assert!(err.to_string().contains(":1:1: field 'max_batch_sise' not found"), "{err}");
+    }
+
+    #[test]
+    fn the_json_twin_parses_and_refuses_unknown_fields() {
+        let path = Path::new("/repo/m/config.json");
+        let c = parse(
+            path,
+            r#"{"name":"m","max_batch_size":4,"input":[{"name":"x","data_type":"TYPE_INT64","dims":["-1"]}]}"#,
+        )
+        .expect("json");
+        assert_eq!(c.config.input[0].data_type, pb::DataType::TypeInt64 as i32);
+        assert_eq!(c.config.input[0].dims, [-1]);
+        let err = parse(path, "{\"name\":\"m\",\n\"labels\":[]}").expect_err("unknown");
+        assert!(err.to_string().contains("config.json:2:"), "{err}");
+        assert!(err.to_string().contains("labels"), "{err}");
+    }
+
+    #[test]
+    fn values_are_checked() {
+        for (text, want) in [
+            ("max_batch_size: -1", "max_batch_size"),
+            ("platform: \"tensorrt_plan\"", "tensorrt_plan"),
+            ("backend: \"python\"", "python"),
+            ("input [ { name: \"x\" dims: [ -2 ] } ]", "dimension -2"),
+            ("version_policy { latest { num_versions: 0 } }", "num_versions"),
+            ("parameters { key: \"intra_op_thread_count\" value { string_value: \"many\" } }", "thread count"),
+        ] {
+            let err = pbtxt(text).expect_err(text);
+            assert!(err.to_string().contains(want), "{want} not in {err}");
+        }
+    }
+
+    #[test]
+    fn no_file_is_all_defaults() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = read(dir.path()).expect("defaults");
+        assert!(c.file.is_none());
+        assert_eq!(c.config.max_batch_size, 0);
+    }
+
+    #[test]
+    fn lists_of_messages_need_no_colon() {
+        let (text, at) = explicit_list_colons("input [ { name: \"a [b\" } ] # x [y\ndims: [1]\nf[");
+        assert_eq!(text, "input :[ { name: \"a [b\" } ] # x [y\ndims: [1]\nf:[");
+        assert_eq!(at, [6, text.len() - 2]);
+        let c =
+            pbtxt("input [ { name: \"x\" dims: [ 2 ] }, { name: \"y\" } ]\noutput [{ name: \"z\" }]").expect("lists");
+        assert_eq!(c.config.input.len(), 2);
+        assert_eq!(c.config.output[0].name, "z");
+        // Positions after an inserted colon still point into the original text.
+        let err = pbtxt("input [ { name: \"x\" }, { nme: \"y\" } ]").expect_err("typo");
+        assert!(err.to_string().contains(":1:26:"), "{err}");
+    }
+
+    #[test]
+    fn line_column_counts_from_one() {
+        assert_eq!(line_column("ab\ncd", 0), (1, 1));
+        assert_eq!(line_column("ab\ncd", 4), (2, 2));
+    }
+}

@@ -1,0 +1,606 @@
+//! The engine: a Triton model repository served by ONNX Runtime (default) or
+//! tract, one model never a reason for another to stop.
+//!
+//! Each model folder is read into a configuration (`config.pbtxt` or
+//! `config.json`), its version policy picks version folders, and each chosen
+//! version is loaded by its backend. Anything that fails is kept as
+//! `UNAVAILABLE` with its reason and the rest serves.
+
+pub mod config;
+pub mod onnx_runtime;
+pub mod repository;
+pub mod tensor;
+pub mod tract_backend;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Serialize;
+use tandem_shared::{BackendChoice, Device, EngineSettings};
+use tokio::sync::Semaphore;
+
+use self::config::pb;
+use self::tensor::{DataType, Tensor};
+
+/// Largest batch of a model whose configuration does not say (Triton's auto-complete).
+pub const DEFAULT_MAX_BATCH_SIZE: usize = 64;
+
+/// The platform every model reports, as Triton names ONNX models.
+pub const PLATFORM: &str = "onnxruntime_onnx";
+
+/// Name, type and shape of one model input or output (`-1`: any size).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TensorMeta {
+    /// Tensor name in the ONNX graph.
+    pub name: String,
+    /// Element type.
+    pub datatype: DataType,
+    /// Dimensions; `-1` is dynamic.
+    pub shape: Vec<i64>,
+}
+
+/// A loaded model, as a backend runs it.
+pub trait Runner: Send + Sync {
+    /// Runs `inputs` (in the order of [`Loaded::inputs`]) and returns the tensor outputs at `wanted`
+    /// (indices into [`Loaded::outputs`]). Blocking: call from a thread that may block.
+    fn run(&self, inputs: Vec<Tensor>, wanted: &[usize]) -> Result<Vec<Tensor>, String>;
+}
+
+/// What a backend made of a model file.
+pub struct Loaded {
+    /// The runnable model.
+    pub runner: Box<dyn Runner>,
+    /// Inputs, in the order `run` takes them.
+    pub inputs: Vec<TensorMeta>,
+    /// Tensor outputs, in graph order.
+    pub outputs: Vec<TensorMeta>,
+    /// Outputs the protocol cannot carry (sequences, maps): name and what they are.
+    pub unsupported_outputs: Vec<(String, String)>,
+    /// The execution provider the model runs on (`CPUExecutionProvider`, `tract`).
+    pub provider: String,
+}
+
+/// How a backend should load one model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Intra-op threads.
+    pub threads: usize,
+    /// Inter-op threads (0: sequential execution).
+    pub inter_threads: usize,
+    /// Device to run on.
+    pub device: Device,
+    /// Sessions to keep (Triton's `instance_group` count).
+    pub instances: usize,
+    /// Whether the first dimension of every input is the batch.
+    pub batched: bool,
+    /// Dimensions the configuration fixes, per input name (full rank, `-1` where free).
+    pub pinned: BTreeMap<String, Vec<i64>>,
+}
+
+/// One loaded version of a model.
+pub struct ModelVersion {
+    /// Model name.
+    pub name: String,
+    /// Version label (the folder name).
+    pub version: String,
+    /// Backend that runs it (`onnxruntime`, `tract`).
+    pub backend: &'static str,
+    /// Execution provider it runs on.
+    pub provider: String,
+    /// Largest batch accepted; 0 means the model has no batch dimension.
+    pub max_batch_size: usize,
+    /// Inputs as clients send them, in the order the runner takes them.
+    pub inputs: Vec<TensorMeta>,
+    /// Tensor outputs as clients receive them.
+    pub outputs: Vec<TensorMeta>,
+    /// Outputs the protocol cannot carry: name and what they are.
+    pub unsupported_outputs: Vec<(String, String)>,
+    /// Class labels per output (`label_filename`), for the classification extension.
+    pub labels: Vec<Vec<String>>,
+    /// Shapes the model takes instead of the client's (config `reshape`), without the batch dimension.
+    input_reshape: Vec<Option<Vec<i64>>>,
+    /// Shapes clients receive instead of the model's (config `dims` of a reshaped output).
+    output_reshape: Vec<Option<Vec<i64>>>,
+    runner: Box<dyn Runner>,
+}
+
+impl std::fmt::Debug for ModelVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelVersion")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resolves a reshape target against the element count (one `-1` takes the rest).
+fn resolve(prefix: &[usize], target: &[i64], count: usize) -> Result<Vec<usize>, String> {
+    let fixed: usize =
+        prefix.iter().product::<usize>() * target.iter().filter(|&&d| d >= 0).map(|&d| d as usize).product::<usize>();
+    let mut out = prefix.to_vec();
+    for &d in target {
+        if d >= 0 {
+            out.push(d as usize);
+        } else if fixed == 0 || count % fixed != 0 {
+            return Err(format!("{count} elements cannot be reshaped to {target:?}"));
+        } else {
+            out.push(count / fixed);
+        }
+    }
+    if out.iter().product::<usize>() != count {
+        return Err(format!("{count} elements cannot be reshaped to {target:?}"));
+    }
+    Ok(out)
+}
+
+impl ModelVersion {
+    /// Runs the model on inputs in [`ModelVersion::inputs`] order; returns the outputs at `wanted`.
+    /// Blocking: call from a thread that may block.
+    pub fn run(&self, mut inputs: Vec<Tensor>, wanted: &[usize]) -> Result<Vec<Tensor>, String> {
+        let batch_rank = usize::from(self.max_batch_size > 0);
+        for (t, reshape) in inputs.iter_mut().zip(&self.input_reshape) {
+            if let Some(r) = reshape {
+                let prefix = &t.shape[..batch_rank.min(t.shape.len())];
+                t.shape = resolve(prefix, r, t.data.len())?;
+            }
+        }
+        let mut out = self.runner.run(inputs, wanted)?;
+        for (t, &i) in out.iter_mut().zip(wanted) {
+            if let Some(dims) = &self.output_reshape[i] {
+                let prefix = &t.shape[..batch_rank.min(t.shape.len())];
+                t.shape = resolve(prefix, dims, t.data.len())?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A version's state.
+#[derive(Debug, Clone)]
+pub enum VersionState {
+    /// Loaded and serving.
+    Ready(Arc<ModelVersion>),
+    /// Not serving, with the reason.
+    Unavailable(String),
+}
+
+/// All chosen versions of one model.
+#[derive(Debug, Default)]
+pub struct Model {
+    /// Versions by number.
+    pub versions: BTreeMap<u64, VersionState>,
+    /// Why the whole model is unavailable (configuration, no version folder), if it is.
+    pub error: Option<String>,
+}
+
+impl Model {
+    /// The requested version, or the newest ready one.
+    pub fn version(&self, v: Option<&str>) -> Option<&VersionState> {
+        match v {
+            Some(label) => self.versions.get(&label.parse::<u64>().ok()?),
+            None => self
+                .versions
+                .values()
+                .rev()
+                .find(|s| matches!(s, VersionState::Ready(_)))
+                .or_else(|| self.versions.values().next_back()),
+        }
+    }
+
+    /// Version labels, oldest first.
+    pub fn labels(&self) -> Vec<String> {
+        self.versions.keys().map(u64::to_string).collect()
+    }
+
+    /// Whether some version serves.
+    pub fn ready(&self) -> bool {
+        self.versions.values().any(|s| matches!(s, VersionState::Ready(_)))
+    }
+
+    /// Why the model does not serve (its own error, else the newest version's).
+    pub fn reason(&self) -> Option<String> {
+        if let Some(e) = &self.error {
+            return Some(e.clone());
+        }
+        if self.ready() {
+            return None;
+        }
+        self.versions.values().rev().find_map(|s| match s {
+            VersionState::Unavailable(r) => Some(r.clone()),
+            VersionState::Ready(_) => None,
+        })
+    }
+}
+
+/// The loaded repository and the inference pool.
+#[derive(Debug)]
+pub struct Engine {
+    /// Models by name.
+    pub models: BTreeMap<String, Model>,
+    /// Bounds concurrent inferences to the threads this worker should use.
+    pub permits: Semaphore,
+    /// Whether readiness requires every model to be ready (Triton's strict readiness).
+    pub strict_readiness: bool,
+}
+
+/// Why the repository could not be loaded at all.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The repository directory cannot be listed.
+    #[error("cannot read model repository {path}")]
+    Repository {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A model failed and `EXIT_ON_MODEL_ERROR` asks to stop.
+    #[error("model {model} is unavailable (EXIT_ON_MODEL_ERROR=true): {reason}")]
+    Model {
+        /// The model (and version).
+        model: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Engine {
+    /// Loads every model of the repository; `threads` bounds concurrent inferences.
+    pub fn load(repository: &Path, settings: &EngineSettings, threads: usize) -> Result<Engine, LoadError> {
+        let dirs = repository::scan(repository)
+            .map_err(|source| LoadError::Repository { path: repository.to_path_buf(), source })?;
+        if dirs.is_empty() {
+            tracing::warn!(repository = %repository.display(), "the model repository holds no model folder");
+        }
+        let mut models = BTreeMap::new();
+        for dir in dirs {
+            let model = load_model(&dir, settings);
+            if let Some(reason) = &model.error {
+                tracing::error!(model = %dir.name, reason = %reason, "model unavailable");
+            }
+            for (v, state) in &model.versions {
+                if let VersionState::Unavailable(reason) = state {
+                    tracing::error!(model = %dir.name, version = v, reason = %reason, "model version unavailable");
+                }
+            }
+            if settings.exit_on_model_error {
+                if let Some(reason) = model.reason().or_else(|| {
+                    model.versions.values().find_map(|s| match s {
+                        VersionState::Unavailable(r) => Some(r.clone()),
+                        VersionState::Ready(_) => None,
+                    })
+                }) {
+                    return Err(LoadError::Model { model: dir.name, reason });
+                }
+            }
+            models.insert(dir.name, model);
+        }
+        Ok(Engine { models, permits: Semaphore::new(threads.max(1)), strict_readiness: settings.strict_readiness })
+    }
+
+    /// Server readiness: every model ready (strict), or simply loaded.
+    pub fn ready(&self) -> bool {
+        !self.strict_readiness || self.models.values().all(Model::ready)
+    }
+}
+
+fn load_model(dir: &repository::ModelDir, settings: &EngineSettings) -> Model {
+    let loaded = match &dir.config {
+        Ok(c) => c,
+        Err(e) => return Model { error: Some(e.clone()), ..Model::default() },
+    };
+    if !loaded.ignored.is_empty() {
+        tracing::info!(model = %dir.name, fields = ?loaded.ignored, "configuration fields ignored by tandem");
+    }
+    let config = &loaded.config;
+    let chosen = match repository::versions(&dir.dir, config) {
+        Ok(c) => c,
+        Err(e) => return Model { error: Some(e), ..Model::default() },
+    };
+    let versions = chosen
+        .into_iter()
+        .map(|(v, file)| {
+            let state = file.and_then(|file| {
+                let started = std::time::Instant::now();
+                let mv = load_version(&dir.name, &dir.dir, v, &file, config, settings)
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                tracing::info!(
+                    model = %dir.name,
+                    version = v,
+                    backend = mv.backend,
+                    provider = %mv.provider,
+                    ms = started.elapsed().as_millis() as u64,
+                    "model loaded"
+                );
+                Ok(VersionState::Ready(Arc::new(mv)))
+            });
+            (v, state.unwrap_or_else(VersionState::Unavailable))
+        })
+        .collect();
+    Model { versions, error: None }
+}
+
+/// Which backend a model runs on, or why it cannot run: `backend: "tract"` or
+/// `"onnxruntime"` insist; otherwise (no backend, or `platform: "onnxruntime_onnx"`,
+/// which only says the model is ONNX) the default applies.
+fn backend_for(config: &pb::ModelConfig, settings: &EngineSettings) -> Result<&'static str, String> {
+    let ort = settings.onnxruntime.is_some();
+    let missing = || {
+        format!(
+            "the model needs ONNX Runtime, which is not available: {}",
+            settings.fallback_reason.as_deref().unwrap_or("no library")
+        )
+    };
+    match (config.backend.as_str(), settings.backend) {
+        ("tract", _) | ("", BackendChoice::Tract) => Ok("tract"),
+        ("onnxruntime", _) | ("", BackendChoice::OnnxRuntime) => {
+            if ort {
+                Ok("onnxruntime")
+            } else {
+                Err(missing())
+            }
+        }
+        _ => Ok(if ort { "onnxruntime" } else { "tract" }),
+    }
+}
+
+fn load_version(
+    name: &str,
+    dir: &Path,
+    version: u64,
+    file: &Path,
+    config: &pb::ModelConfig,
+    settings: &EngineSettings,
+) -> Result<ModelVersion, String> {
+    let backend = backend_for(config, settings)?;
+    use pb::model_instance_group::Kind;
+    let gpu = config.instance_group.iter().any(|g| g.kind == Kind::Gpu as i32);
+    if gpu && settings.device != Device::Cuda {
+        return Err("instance_group asks for KIND_GPU but ENGINE_DEVICE is cpu".into());
+    }
+    if backend == "tract" && settings.device == Device::Cuda {
+        return Err("ENGINE_DEVICE=cuda but the model runs on tract, which has no CUDA support".into());
+    }
+    let configured_batch = usize::try_from(config.max_batch_size).unwrap_or(0);
+    let batch_rank = usize::from(configured_batch > 0);
+    let mut pinned = BTreeMap::new();
+    for input in config.input.iter().filter(|i| i.reshape.is_none() && !i.dims.is_empty()) {
+        let mut dims = vec![-1; batch_rank];
+        dims.extend(&input.dims);
+        pinned.insert(input.name.clone(), dims);
+    }
+    let threads = match config.thread_parameter("intra_op_thread_count") {
+        0 => settings.threads,
+        n => n,
+    };
+    let mut opts = LoadOptions {
+        threads,
+        inter_threads: config.thread_parameter("inter_op_thread_count"),
+        device: settings.device,
+        instances: config.instance_group.iter().map(|g| g.count.max(1) as usize).sum::<usize>().max(1),
+        batched: configured_batch > 0,
+        pinned,
+    };
+    // Auto-complete batching as Triton does when the configuration says nothing:
+    // every input has a dynamic first dimension (and a rank of at least 2).
+    let loaded = if backend == "onnxruntime" {
+        let info = settings.onnxruntime.as_ref().ok_or("ONNX Runtime is not available")?;
+        onnx_runtime::load(info, file, &opts)?
+    } else {
+        if configured_batch == 0 && config.input.is_empty() {
+            opts.batched = tract_batched(file);
+        }
+        tract_backend::load(file, &opts)?
+    };
+    let autobatch = configured_batch == 0
+        && config.input.is_empty()
+        && !loaded.inputs.is_empty()
+        && loaded.inputs.iter().all(|i| i.shape.len() >= 2 && i.shape[0] == -1);
+    let max_batch_size = if autobatch { DEFAULT_MAX_BATCH_SIZE } else { configured_batch };
+    apply_config(name, dir, version, backend, config, loaded, max_batch_size)
+}
+
+/// Whether a model looks batched before tract loads it (every input's first dimension is dynamic).
+fn tract_batched(file: &Path) -> bool {
+    let Ok(proto) = tract_onnx::prelude::Framework::proto_model_for_path(&tract_onnx::onnx(), file) else {
+        return false;
+    };
+    let Some(graph) = proto.graph.as_ref() else { return false };
+    let init: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let mut inputs = graph.input.iter().filter(|v| !init.contains(&v.name.as_str())).peekable();
+    inputs.peek().is_some()
+        && inputs.all(|v| {
+            use tract_onnx::pb::{tensor_shape_proto::dimension::Value as D, type_proto::Value as T};
+            match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+                Some(T::TensorType(t)) => t
+                    .shape
+                    .as_ref()
+                    .is_some_and(|s| s.dim.len() >= 2 && !matches!(s.dim[0].value, Some(D::DimValue(n)) if n > 0)),
+                _ => false,
+            }
+        })
+}
+
+/// Checks the configuration against what the model declares and builds the served version.
+fn apply_config(
+    name: &str,
+    dir: &Path,
+    version: u64,
+    backend: &'static str,
+    config: &pb::ModelConfig,
+    loaded: Loaded,
+    max_batch_size: usize,
+) -> Result<ModelVersion, String> {
+    let Loaded { runner, mut inputs, mut outputs, unsupported_outputs, provider } = loaded;
+    let batch_rank = usize::from(max_batch_size > 0);
+    let mut input_reshape = vec![None; inputs.len()];
+    for ci in &config.input {
+        let Some(i) = inputs.iter().position(|m| m.name == ci.name) else {
+            let known: Vec<&str> = inputs.iter().map(|m| m.name.as_str()).collect();
+            return Err(format!("configuration input {:?} is not an input of the model; it has {known:?}", ci.name));
+        };
+        let meta = &mut inputs[i];
+        check_type(&meta.name, "input", meta.datatype, ci.data_type)?;
+        if max_batch_size > 0 && ci.reshape.is_none() && meta.shape.first().is_some_and(|&d| d > 0) {
+            return Err(format!(
+                "max_batch_size is {max_batch_size} but input {} has a fixed first dimension {}",
+                meta.name, meta.shape[0]
+            ));
+        }
+        if !ci.dims.is_empty() {
+            let mut shape = vec![-1; batch_rank];
+            shape.extend(&ci.dims);
+            match &ci.reshape {
+                Some(r) => input_reshape[i] = Some(r.shape.clone()),
+                None => check_dims(&meta.name, "input", &meta.shape, &shape)?,
+            }
+            meta.shape = shape;
+        }
+    }
+    let mut output_reshape = vec![None; outputs.len()];
+    let mut labels = vec![Vec::new(); outputs.len()];
+    for co in &config.output {
+        let Some(i) = outputs.iter().position(|m| m.name == co.name) else {
+            let known: Vec<&str> = outputs.iter().map(|m| m.name.as_str()).collect();
+            return Err(format!("configuration output {:?} is not an output of the model; it has {known:?}", co.name));
+        };
+        let meta = &mut outputs[i];
+        check_type(&meta.name, "output", meta.datatype, co.data_type)?;
+        if !co.dims.is_empty() {
+            let mut shape = vec![-1; batch_rank];
+            shape.extend(&co.dims);
+            if co.reshape.is_some() {
+                output_reshape[i] = Some(co.dims.clone());
+            } else {
+                check_dims(&meta.name, "output", &meta.shape, &shape)?;
+            }
+            meta.shape = shape;
+        }
+        if !co.label_filename.is_empty() {
+            let path = dir.join(&co.label_filename);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("output {}: cannot read label file {}: {e}", co.name, path.display()))?;
+            labels[i] = text.lines().map(|l| l.trim_end().to_string()).collect();
+        }
+    }
+    if batch_rank == 1 {
+        for m in inputs.iter_mut().chain(outputs.iter_mut()) {
+            if let Some(first) = m.shape.first_mut() {
+                *first = -1;
+            }
+        }
+    }
+    Ok(ModelVersion {
+        name: name.to_string(),
+        version: version.to_string(),
+        backend,
+        provider,
+        max_batch_size,
+        inputs,
+        outputs,
+        unsupported_outputs,
+        labels,
+        input_reshape,
+        output_reshape,
+        runner,
+    })
+}
+
+fn check_type(name: &str, kind: &str, model: DataType, configured: i32) -> Result<(), String> {
+    if configured == pb::DataType::TypeInvalid as i32 {
+        return Ok(());
+    }
+    let want = pb::DataType::try_from(configured).map(|d| d.as_str_name().to_string()).unwrap_or_default();
+    if want != model.triton_name() {
+        return Err(format!("{kind} {name}: the configuration says {want} but the model has {}", model.triton_name()));
+    }
+    Ok(())
+}
+
+fn check_dims(name: &str, kind: &str, model: &[i64], configured: &[i64]) -> Result<(), String> {
+    let fits = model.is_empty()
+        || (model.len() == configured.len()
+            && model.iter().zip(configured).all(|(&m, &c)| m == -1 || c == -1 || m == c));
+    if fits {
+        Ok(())
+    } else {
+        Err(format!("{kind} {name}: the configuration's shape {configured:?} does not fit the model's {model:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::tensor::TensorData;
+    use std::path::PathBuf;
+
+    fn builtin() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
+    }
+
+    fn tract_only() -> EngineSettings {
+        EngineSettings { backend: BackendChoice::Tract, threads: 1, ..EngineSettings::default() }
+    }
+
+    fn ready(engine: &Engine, name: &str) -> Arc<ModelVersion> {
+        match engine.models[name].version(None) {
+            Some(VersionState::Ready(v)) => v.clone(),
+            other => panic!("{name} not ready: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn builtin_digits_loads_on_tract_with_a_dynamic_batch() {
+        let engine = Engine::load(&builtin(), &tract_only(), 1).expect("load");
+        let v = ready(&engine, "digits");
+        assert_eq!(v.inputs, [TensorMeta { name: "pixels".into(), datatype: DataType::FP32, shape: vec![-1, 64] }]);
+        assert_eq!(v.outputs[0].shape, [-1, 10]);
+        assert_eq!(v.labels[0].len(), 10);
+        for batch in [1usize, 3, 17, 3] {
+            let x = Tensor::new(vec![batch, 64], TensorData::F32(vec![8.0; batch * 64])).expect("tensor");
+            let out = v.run(vec![x], &[0]).expect("run");
+            assert_eq!(out[0].shape, [batch, 10]);
+            let TensorData::F32(p) = &out[0].data else { panic!("f32") };
+            let sum: f32 = p.iter().take(10).sum();
+            assert!((sum - 1.0).abs() < 1e-4, "softmax row sums to {sum}");
+        }
+    }
+
+    #[test]
+    fn a_broken_model_is_unavailable_and_the_others_load() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let v = dir.path().join("broken/1");
+        std::fs::create_dir_all(&v).expect("mkdir");
+        std::fs::write(v.join("model.onnx"), b"not a protobuf").expect("write");
+        let digits = dir.path().join("digits");
+        std::fs::create_dir_all(digits.join("1")).expect("mkdir");
+        std::fs::copy(builtin().join("digits/1/model.onnx"), digits.join("1/model.onnx")).expect("copy");
+        std::fs::create_dir_all(dir.path().join("empty")).expect("mkdir");
+        let engine = Engine::load(dir.path(), &tract_only(), 1).expect("load");
+        assert!(engine.models["digits"].ready());
+        let reason = engine.models["broken"].reason().expect("reason");
+        assert!(reason.contains("broken/1/model.onnx"), "{reason}");
+        assert!(engine.models["empty"].reason().expect("reason").contains("no version folder"));
+        assert!(!engine.ready(), "strict readiness");
+        let settings = EngineSettings { exit_on_model_error: true, ..tract_only() };
+        let err = Engine::load(dir.path(), &settings, 1).expect_err("exit on error");
+        assert!(err.to_string().contains("broken"), "{err}");
+    }
+
+    #[test]
+    fn missing_repository_is_a_clear_error() {
+        let err = Engine::load(Path::new("/nonexistent/models"), &tract_only(), 1).expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/models"), "{err}");
+    }
+
+    #[test]
+    fn reshape_resolves_one_free_dimension() {
+        assert_eq!(resolve(&[2], &[3, -1], 24).expect("ok"), [2, 3, 4]);
+        assert_eq!(resolve(&[], &[6], 6).expect("ok"), [6]);
+        assert!(resolve(&[2], &[5, -1], 24).is_err());
+        assert!(resolve(&[2], &[3, 3], 24).is_err());
+    }
+}

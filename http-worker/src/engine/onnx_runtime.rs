@@ -1,0 +1,266 @@
+//! The ONNX Runtime backend (the default): the shared library from the
+//! `onnxruntime` Python package, loaded once per process through `ort`'s
+//! `load-dynamic`, one session per model instance.
+
+use std::path::Path;
+use std::sync::{Mutex, OnceLock};
+
+use ort::ep::ExecutionProvider;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
+use tandem_shared::OrtLibrary;
+
+use super::tensor::{DataType, Tensor, TensorData};
+use super::{Device, LoadOptions, Loaded, Runner, TensorMeta};
+
+struct Runtime {
+    env: ort::environment::Environment,
+}
+
+static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+
+/// Loads the library at `path` into this process (once) and creates the environment.
+fn runtime(path: &Path) -> Result<&'static Runtime, String> {
+    RUNTIME
+        .get_or_init(|| {
+            let builder = ort::init_from(path).map_err(|e| e.to_string())?;
+            let env = builder.with_name("tandem").build().map_err(|e| format!("cannot create the environment: {e}"))?;
+            Ok(Runtime { env })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Loads the library and reports its version and providers: the supervisor
+/// runs this in a child process (`tandem engine-probe PATH`) so that a broken
+/// library can never take the supervisor down.
+pub fn probe(path: &Path) -> Result<OrtLibrary, String> {
+    runtime(path)?;
+    let cuda = ort::ep::CUDA::is_available().unwrap_or(false);
+    Ok(OrtLibrary { path: path.to_path_buf(), version: version(path), cuda })
+}
+
+/// The version from the build string (`git-branch=rel-1.31.1`), else the file name (`libonnxruntime.so.1.31.1`).
+fn version(path: &Path) -> String {
+    let info = ort::info();
+    if let Some(v) = info.split(&[',', ' '][..]).find_map(|p| p.strip_prefix("git-branch=rel-")) {
+        return v.to_string();
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    match name.split_once(".so.") {
+        Some((_, v)) => v.to_string(),
+        None => "unknown".to_string(),
+    }
+}
+
+/// One loaded model: its sessions (one per instance), used round-robin by whoever is free.
+struct OrtRunner {
+    sessions: Vec<Mutex<Session>>,
+    input_names: Vec<String>,
+    /// Session output names of the tensor outputs, in graph order.
+    output_names: Vec<String>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// Loads `file` as a session (or several, one per instance) with `info`'s library.
+pub fn load(info: &OrtLibrary, file: &Path, opts: &LoadOptions) -> Result<Loaded, String> {
+    let rt = runtime(&info.path)?;
+    let instances = opts.instances.max(1);
+    let mut sessions = Vec::with_capacity(instances);
+    for _ in 0..instances {
+        sessions.push(session(rt, file, opts)?);
+    }
+    let first = &sessions[0];
+    let mut inputs = Vec::new();
+    for outlet in first.inputs() {
+        inputs.push(meta(outlet.name(), outlet.dtype()).map_err(|e| format!("input {}: {e}", outlet.name()))?);
+    }
+    let mut outputs = Vec::new();
+    let mut unsupported = Vec::new();
+    for outlet in first.outputs() {
+        match meta(outlet.name(), outlet.dtype()) {
+            Ok(m) => outputs.push(m),
+            Err(why) => unsupported.push((outlet.name().to_string(), why)),
+        }
+    }
+    let runner = OrtRunner {
+        input_names: inputs.iter().map(|m| m.name.clone()).collect(),
+        output_names: outputs.iter().map(|m| m.name.clone()).collect(),
+        sessions: sessions.into_iter().map(Mutex::new).collect(),
+        next: Default::default(),
+    };
+    let provider = if opts.device == Device::Cuda { "CUDAExecutionProvider" } else { "CPUExecutionProvider" };
+    Ok(Loaded {
+        runner: Box::new(runner),
+        inputs,
+        outputs,
+        unsupported_outputs: unsupported,
+        provider: provider.into(),
+    })
+}
+
+fn session(rt: &Runtime, file: &Path, opts: &LoadOptions) -> Result<Session, String> {
+    let e = |e: ort::Error<_>| e.to_string();
+    let mut builder = Session::builder(&rt.env)
+        .map_err(|e| e.to_string())?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(e)?
+        .with_intra_threads(opts.threads.max(1))
+        .map_err(e)?
+        // Spinning threads would steal the cores the HTTP side needs between requests.
+        .with_intra_op_spinning(false)
+        .map_err(e)?;
+    if opts.inter_threads > 0 {
+        builder =
+            builder.with_inter_threads(opts.inter_threads).map_err(e)?.with_parallel_execution(true).map_err(e)?;
+    }
+    if opts.device == Device::Cuda {
+        builder = builder
+            .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+            .map_err(|e| format!("cannot enable the CUDA execution provider: {e}"))?;
+    }
+    builder.commit_from_file(file).map_err(|e| e.to_string())
+}
+
+/// Metadata of a session input or output; an error for anything that is not a tensor the protocol carries.
+fn meta(name: &str, ty: &ValueType) -> Result<TensorMeta, String> {
+    match ty {
+        ValueType::Tensor { ty, shape, .. } => {
+            let datatype =
+                datatype(*ty).ok_or_else(|| format!("element type {ty:?} is not carried by the protocol"))?;
+            Ok(TensorMeta { name: name.to_string(), datatype, shape: shape.iter().map(|&d| d.max(-1)).collect() })
+        }
+        ValueType::Sequence(inner) => Err(format!("a sequence of {}", describe(inner))),
+        ValueType::Map { key, value } => Err(format!("a map from {key:?} to {value:?}")),
+        ValueType::Optional(inner) => Err(format!("an optional {}", describe(inner))),
+    }
+}
+
+fn describe(ty: &ValueType) -> String {
+    match ty {
+        ValueType::Tensor { ty, .. } => format!("{ty:?} tensors"),
+        ValueType::Sequence(inner) => format!("sequences of {}", describe(inner)),
+        ValueType::Map { key, value } => format!("maps from {key:?} to {value:?}"),
+        ValueType::Optional(inner) => format!("optional {}", describe(inner)),
+    }
+}
+
+fn datatype(t: TensorElementType) -> Option<DataType> {
+    use TensorElementType as T;
+    Some(match t {
+        T::Bool => DataType::BOOL,
+        T::Uint8 => DataType::UINT8,
+        T::Uint16 => DataType::UINT16,
+        T::Uint32 => DataType::UINT32,
+        T::Uint64 => DataType::UINT64,
+        T::Int8 => DataType::INT8,
+        T::Int16 => DataType::INT16,
+        T::Int32 => DataType::INT32,
+        T::Int64 => DataType::INT64,
+        T::Float16 => DataType::FP16,
+        T::Bfloat16 => DataType::BF16,
+        T::Float32 => DataType::FP32,
+        T::Float64 => DataType::FP64,
+        T::String => DataType::BYTES,
+        _ => return None,
+    })
+}
+
+fn to_value(name: &str, t: Tensor) -> Result<DynValue, String> {
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    macro_rules! owned {
+        ($v:expr) => {
+            OrtTensor::from_array((shape, $v)).map(|t| t.into_dyn())
+        };
+    }
+    let value = match t.data {
+        TensorData::Bool(v) => owned!(v),
+        TensorData::U8(v) => owned!(v),
+        TensorData::U16(v) => owned!(v),
+        TensorData::U32(v) => owned!(v),
+        TensorData::U64(v) => owned!(v),
+        TensorData::I8(v) => owned!(v),
+        TensorData::I16(v) => owned!(v),
+        TensorData::I32(v) => owned!(v),
+        TensorData::I64(v) => owned!(v),
+        TensorData::F16(v) => owned!(v),
+        TensorData::BF16(v) => owned!(v),
+        TensorData::F32(v) => owned!(v),
+        TensorData::F64(v) => owned!(v),
+        TensorData::Bytes(v) => {
+            let strings = v
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| {
+                    String::from_utf8(b).map_err(|_| {
+                        format!("input {name}: element {i} is not UTF-8 (ONNX Runtime string tensors hold UTF-8 text)")
+                    })
+                })
+                .collect::<Result<Vec<String>, String>>()?;
+            OrtTensor::from_string_array((shape, strings.as_slice())).map(|t| t.into_dyn())
+        }
+    };
+    value.map_err(|e| format!("input {name}: {e}"))
+}
+
+fn from_value(name: &str, v: &DynValue) -> Result<Tensor, String> {
+    let ValueType::Tensor { ty, .. } = v.dtype() else {
+        return Err(format!("output {name} is not a tensor"));
+    };
+    let err = |e: ort::Error| format!("output {name}: {e}");
+    macro_rules! copy {
+        ($t:ty, $variant:ident) => {{
+            let (shape, data) = v.try_extract_tensor::<$t>().map_err(err)?;
+            (shape.iter().map(|&d| d.max(0) as usize).collect::<Vec<_>>(), TensorData::$variant(data.to_vec()))
+        }};
+    }
+    use TensorElementType as T;
+    let (shape, data) = match ty {
+        T::Bool => copy!(bool, Bool),
+        T::Uint8 => copy!(u8, U8),
+        T::Uint16 => copy!(u16, U16),
+        T::Uint32 => copy!(u32, U32),
+        T::Uint64 => copy!(u64, U64),
+        T::Int8 => copy!(i8, I8),
+        T::Int16 => copy!(i16, I16),
+        T::Int32 => copy!(i32, I32),
+        T::Int64 => copy!(i64, I64),
+        T::Float16 => copy!(half::f16, F16),
+        T::Bfloat16 => copy!(half::bf16, BF16),
+        T::Float32 => copy!(f32, F32),
+        T::Float64 => copy!(f64, F64),
+        T::String => {
+            let (shape, strings) = v.try_extract_strings().map_err(err)?;
+            let shape = shape.iter().map(|&d| d.max(0) as usize).collect();
+            (shape, TensorData::Bytes(strings.into_iter().map(String::into_bytes).collect()))
+        }
+        other => return Err(format!("output {name}: element type {other:?} is not carried by the protocol")),
+    };
+    Tensor::new(shape, data).map_err(|e| format!("output {name}: {e}"))
+}
+
+impl Runner for OrtRunner {
+    fn run(&self, inputs: Vec<Tensor>, wanted: &[usize]) -> Result<Vec<Tensor>, String> {
+        let values = inputs
+            .into_iter()
+            .zip(&self.input_names)
+            .map(|(t, name)| Ok((name.as_str(), to_value(name, t)?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        // Any free session; else wait on the next one in turn.
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self.sessions.len();
+        let mut guard = (0..n)
+            .find_map(|i| self.sessions[(start + i) % n].try_lock().ok())
+            .map_or_else(|| self.sessions[start % n].lock().unwrap_or_else(|p| p.into_inner()), |g| g);
+        let outputs = guard.run(values).map_err(|e| e.to_string())?;
+        wanted
+            .iter()
+            .map(|&i| {
+                let name = &self.output_names[i];
+                let value = outputs.get(name.as_str()).ok_or_else(|| format!("output {name} was not produced"))?;
+                from_value(name, value)
+            })
+            .collect()
+    }
+}

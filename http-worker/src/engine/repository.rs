@@ -1,0 +1,166 @@
+//! The Triton model repository on disk: one folder per model, numeric version
+//! folders below it, a version policy choosing which of them to load. Every
+//! folder that cannot be served is reported by name, never skipped silently.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::config::{self, pb, LoadedConfig};
+
+/// One model folder as found on disk.
+#[derive(Debug)]
+pub struct ModelDir {
+    /// Model name (the folder name).
+    pub name: String,
+    /// The folder.
+    pub dir: PathBuf,
+    /// Its configuration, or why it cannot be used.
+    pub config: Result<LoadedConfig, String>,
+}
+
+/// A version chosen by the policy: its model file, or why it cannot be loaded.
+pub type Chosen = BTreeMap<u64, Result<PathBuf, String>>;
+
+/// Lists the model folders of `repository`, sorted by name (hidden entries skipped).
+pub fn scan(repository: &Path) -> std::io::Result<Vec<ModelDir>> {
+    let mut dirs: Vec<PathBuf> =
+        std::fs::read_dir(repository)?.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    dirs.sort();
+    Ok(dirs
+        .into_iter()
+        .filter_map(|dir| {
+            let name = dir.file_name()?.to_str()?.to_string();
+            if name.starts_with('.') {
+                return None;
+            }
+            let config = config::read(&dir).map_err(|e| e.to_string()).and_then(|c| {
+                if !c.config.name.is_empty() && c.config.name != name {
+                    return Err(format!(
+                        "{}: names the model {:?} but its folder is {name:?}",
+                        c.file.as_deref().unwrap_or(&dir).display(),
+                        c.config.name
+                    ));
+                }
+                Ok(c)
+            });
+            Some(ModelDir { name, dir, config })
+        })
+        .collect())
+}
+
+/// The versions `config`'s policy selects in `dir`, each with its model file or the reason it has none.
+/// An error means the model has no version folder at all.
+pub fn versions(dir: &Path, config: &pb::ModelConfig) -> Result<Chosen, String> {
+    let mut found: BTreeMap<u64, PathBuf> = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?.flatten() {
+        let path = entry.path();
+        let number = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok());
+        if let (Some(n), true) = (number, path.is_dir()) {
+            found.insert(n, path);
+        }
+    }
+    if found.is_empty() {
+        return Err(format!(
+            "{} has no version folder (expected {}/<version number>/{})",
+            dir.display(),
+            dir.display(),
+            model_filename(config)
+        ));
+    }
+    use pb::model_version_policy::PolicyChoice;
+    let wanted: Vec<u64> = match config.version_policy.as_ref().and_then(|p| p.policy_choice.as_ref()) {
+        Some(PolicyChoice::All(_)) => found.keys().copied().collect(),
+        Some(PolicyChoice::Specific(s)) => s.versions.iter().filter_map(|&v| u64::try_from(v).ok()).collect(),
+        Some(PolicyChoice::Latest(l)) => found.keys().rev().take(l.num_versions.max(1) as usize).copied().collect(),
+        None => found.keys().next_back().copied().into_iter().collect(),
+    };
+    let file_name = model_filename(config);
+    Ok(wanted
+        .into_iter()
+        .map(|v| {
+            let chosen = match found.get(&v) {
+                None => {
+                    Err(format!("version {v} is listed in version_policy but {}/{v} does not exist", dir.display()))
+                }
+                Some(vdir) => {
+                    let file = vdir.join(file_name);
+                    if file.exists() {
+                        Ok(file)
+                    } else {
+                        Err(format!("{} has no {file_name}", vdir.display()))
+                    }
+                }
+            };
+            (v, chosen)
+        })
+        .collect())
+}
+
+/// The model file name in each version folder (`default_model_filename`, else `model.onnx`).
+pub fn model_filename(config: &pb::ModelConfig) -> &str {
+    if config.default_model_filename.is_empty() {
+        "model.onnx"
+    } else {
+        &config.default_model_filename
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(dirs: &[&str], files: &[&str]) -> tempfile::TempDir {
+        let root = tempfile::tempdir().expect("tmp");
+        for d in dirs {
+            std::fs::create_dir_all(root.path().join(d)).expect("mkdir");
+        }
+        for f in files {
+            std::fs::write(root.path().join(f), b"x").expect("write");
+        }
+        root
+    }
+
+    fn policy(text: &str) -> pb::ModelConfig {
+        config::parse(Path::new("config.pbtxt"), text).expect("config").config
+    }
+
+    #[test]
+    fn latest_one_is_the_default_and_numbers_sort_numerically() {
+        let root = layout(&["1", "2", "10", "notes"], &["1/model.onnx", "2/model.onnx", "10/model.onnx"]);
+        let chosen = versions(root.path(), &pb::ModelConfig::default()).expect("versions");
+        assert_eq!(chosen.keys().copied().collect::<Vec<_>>(), [10]);
+    }
+
+    #[test]
+    fn policies_choose_and_report_what_is_missing() {
+        let root = layout(&["1", "2", "3"], &["1/model.onnx", "3/model.onnx"]);
+        let all = versions(root.path(), &policy("version_policy { all {} }")).expect("all");
+        assert!(all[&1].is_ok() && all[&3].is_ok());
+        assert!(all[&2].as_ref().expect_err("no file").contains("has no model.onnx"));
+        let latest = versions(root.path(), &policy("version_policy { latest { num_versions: 2 } }")).expect("l");
+        assert_eq!(latest.keys().copied().collect::<Vec<_>>(), [2, 3]);
+        let specific = versions(root.path(), &policy("version_policy { specific { versions: [1, 7] } }")).expect("s");
+        assert!(specific[&1].is_ok());
+        assert!(specific[&7].as_ref().expect_err("missing").contains("does not exist"));
+        let renamed = versions(root.path(), &policy("default_model_filename: \"net.onnx\"")).expect("renamed");
+        assert!(renamed[&3].as_ref().expect_err("no net.onnx").contains("has no net.onnx"));
+    }
+
+    #[test]
+    fn a_model_without_version_folders_is_reported() {
+        let root = layout(&["v1"], &[]);
+        let err = versions(root.path(), &pb::ModelConfig::default()).expect_err("none");
+        assert!(err.contains("has no version folder"), "{err}");
+    }
+
+    #[test]
+    fn scan_checks_the_configured_name() {
+        let root = layout(&["good/1", "bad/1", ".hidden"], &[]);
+        std::fs::write(root.path().join("bad/config.pbtxt"), "name: \"other\"").expect("write");
+        let dirs = scan(root.path()).expect("scan");
+        let names: Vec<_> = dirs.iter().map(|d| d.name.as_str()).collect();
+        assert_eq!(names, ["bad", "good"]);
+        assert!(dirs[0].config.as_ref().expect_err("mismatch").contains("\"other\""));
+        assert!(dirs[1].config.is_ok());
+    }
+}

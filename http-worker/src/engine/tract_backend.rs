@@ -1,0 +1,246 @@
+//! The tract backend: pure Rust, for machines without ONNX Runtime or models
+//! that ask for it. Input facts come from the model and its configuration
+//! (unnamed dimensions get names, configured dimensions are pinned), exporters'
+//! intermediate shape annotations are ignored, and a concrete plan is cached
+//! per batch size beside the symbolic one.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+
+use super::tensor::{DataType, Tensor as Tn, TensorData};
+use super::{LoadOptions, Loaded, Runner, TensorMeta};
+
+/// Concrete plans kept per model; beyond this, the symbolic plan serves.
+const MAX_PLANS: usize = 8;
+
+type Plan = Arc<TypedRunnableModel>;
+
+struct TractRunner {
+    /// The decluttered model with a symbolic batch, to concretise per batch size.
+    typed: TypedModel,
+    /// The optimised plan for any input size.
+    symbolic: Plan,
+    /// The batch symbol, when the model is batched.
+    batch: Option<Symbol>,
+    plans: Mutex<HashMap<usize, Plan>>,
+}
+
+/// Loads `file` with tract.
+pub fn load(file: &Path, opts: &LoadOptions) -> Result<Loaded, String> {
+    let onnx = tract_onnx::onnx().with_ignore_output_shapes(true).with_ignore_value_info(true);
+    let proto = onnx.proto_model_for_path(file).map_err(|e| format!("{e:#}"))?;
+    let graph = proto.graph.as_ref().ok_or("the file has no graph")?;
+    let initializers: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let graph_inputs: Vec<&pb::ValueInfoProto> =
+        graph.input.iter().filter(|v| !initializers.contains(&v.name.as_str())).collect();
+    let mut inputs = Vec::new();
+    for v in &graph_inputs {
+        inputs.push(meta(v).map_err(|e| format!("input {}: {e}", v.name))?);
+    }
+    let mut outputs = Vec::new();
+    let mut unsupported = Vec::new();
+    for v in &graph.output {
+        match meta(v) {
+            Ok(m) => outputs.push(m),
+            Err(why) => unsupported.push((v.name.clone(), why)),
+        }
+    }
+    if let Some(bad) = inputs.iter().chain(&outputs).find(|t| matches!(t.datatype, DataType::BYTES | DataType::BF16)) {
+        return Err(format!("{}: tract cannot run {} tensors; use the onnxruntime backend", bad.name, bad.datatype));
+    }
+    if let Some((name, _)) = unsupported.first() {
+        return Err(format!("output {name} is not a tensor; tract cannot run it, use the onnxruntime backend"));
+    }
+
+    let mut model = onnx.model_for_proto_model(&proto).map_err(|e| format!("{e:#}"))?;
+    let batch_sym = opts.batched.then(|| model.symbols.sym("N"));
+    for (i, (v, m)) in graph_inputs.iter().zip(&inputs).enumerate() {
+        let dims: TVec<TDim> = m
+            .shape
+            .iter()
+            .enumerate()
+            .map(|(axis, &d)| {
+                if let Some(pinned) = opts.pinned.get(&m.name).and_then(|p| p.get(axis).copied()).filter(|&p| p > 0) {
+                    return TDim::Val(pinned);
+                }
+                if d > 0 {
+                    return TDim::Val(d);
+                }
+                match (&batch_sym, axis) {
+                    (Some(n), 0) => n.clone().into(),
+                    _ => model.symbols.sym(&dim_name(v, axis)).into(),
+                }
+            })
+            .collect();
+        let dt = tract_datum(m.datatype).ok_or_else(|| format!("input {}: unsupported by tract", m.name))?;
+        model.set_input_fact(i, InferenceFact::dt_shape(dt, dims)).map_err(|e| format!("{e:#}"))?;
+    }
+    let typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(|e| format!("{e:#}"))?;
+    let symbolic = typed.clone().into_optimized().and_then(|m| m.into_runnable()).map_err(|e| format!("{e:#}"))?;
+    let runner = TractRunner { typed, symbolic, batch: batch_sym, plans: Mutex::new(HashMap::new()) };
+    Ok(Loaded { runner: Box::new(runner), inputs, outputs, unsupported_outputs: unsupported, provider: "tract".into() })
+}
+
+/// The symbol name of a dynamic dimension: the exporter's `dim_param`, else one made from the input and axis.
+fn dim_name(v: &pb::ValueInfoProto, axis: usize) -> String {
+    let param =
+        tensor_type(v).and_then(|t| t.shape.as_ref()).and_then(|s| s.dim.get(axis)).and_then(|d| match &d.value {
+            Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) if !p.is_empty() => Some(p.clone()),
+            _ => None,
+        });
+    let raw = param.unwrap_or_else(|| format!("{}_{axis}", v.name));
+    // tract symbols are identifiers.
+    let clean: String = raw.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    format!("d_{clean}")
+}
+
+fn tensor_type(v: &pb::ValueInfoProto) -> Option<&pb::type_proto::Tensor> {
+    match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(pb::type_proto::Value::TensorType(t)) => Some(t),
+        _ => None,
+    }
+}
+
+fn meta(v: &pb::ValueInfoProto) -> Result<TensorMeta, String> {
+    let t = tensor_type(v).ok_or("not a tensor (a sequence, map or optional)")?;
+    let datatype =
+        DataType::from_onnx(t.elem_type).ok_or_else(|| format!("element type {} is not carried", t.elem_type))?;
+    let shape = t
+        .shape
+        .as_ref()
+        .map(|s| {
+            s.dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(pb::tensor_shape_proto::dimension::Value::DimValue(n)) if n > 0 => n,
+                    _ => -1,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(TensorMeta { name: v.name.clone(), datatype, shape })
+}
+
+fn tract_datum(d: DataType) -> Option<DatumType> {
+    Some(match d {
+        DataType::BOOL => bool::datum_type(),
+        DataType::UINT8 => u8::datum_type(),
+        DataType::UINT16 => u16::datum_type(),
+        DataType::UINT32 => u32::datum_type(),
+        DataType::UINT64 => u64::datum_type(),
+        DataType::INT8 => i8::datum_type(),
+        DataType::INT16 => i16::datum_type(),
+        DataType::INT32 => i32::datum_type(),
+        DataType::INT64 => i64::datum_type(),
+        DataType::FP16 => f16::datum_type(),
+        DataType::FP32 => f32::datum_type(),
+        DataType::FP64 => f64::datum_type(),
+        DataType::BF16 | DataType::BYTES => return None,
+    })
+}
+
+fn to_tract(t: Tn) -> Result<TValue, String> {
+    macro_rules! tensor {
+        ($v:expr) => {
+            tract_onnx::prelude::Tensor::from_shape(&t.shape, &$v)
+        };
+    }
+    let tensor = match t.data {
+        TensorData::Bool(v) => tensor!(v),
+        TensorData::U8(v) => tensor!(v),
+        TensorData::U16(v) => tensor!(v),
+        TensorData::U32(v) => tensor!(v),
+        TensorData::U64(v) => tensor!(v),
+        TensorData::I8(v) => tensor!(v),
+        TensorData::I16(v) => tensor!(v),
+        TensorData::I32(v) => tensor!(v),
+        TensorData::I64(v) => tensor!(v),
+        TensorData::F16(v) => tensor!(v),
+        TensorData::F32(v) => tensor!(v),
+        TensorData::F64(v) => tensor!(v),
+        TensorData::BF16(_) | TensorData::Bytes(_) => return Err("tract cannot run BF16 or BYTES tensors".into()),
+    };
+    tensor.map(Into::into).map_err(|e| format!("{e:#}"))
+}
+
+fn from_tract(t: &tract_onnx::prelude::Tensor) -> Result<Tn, String> {
+    macro_rules! copy {
+        ($ty:ty, $variant:ident) => {
+            TensorData::$variant(
+                t.to_plain_array_view::<$ty>().map_err(|e| format!("{e:#}"))?.iter().copied().collect(),
+            )
+        };
+    }
+    let dt = t.datum_type();
+    let data = if dt == bool::datum_type() {
+        copy!(bool, Bool)
+    } else if dt == u8::datum_type() {
+        copy!(u8, U8)
+    } else if dt == u16::datum_type() {
+        copy!(u16, U16)
+    } else if dt == u32::datum_type() {
+        copy!(u32, U32)
+    } else if dt == u64::datum_type() {
+        copy!(u64, U64)
+    } else if dt == i8::datum_type() {
+        copy!(i8, I8)
+    } else if dt == i16::datum_type() {
+        copy!(i16, I16)
+    } else if dt == i32::datum_type() {
+        copy!(i32, I32)
+    } else if dt == i64::datum_type() {
+        copy!(i64, I64)
+    } else if dt == f16::datum_type() {
+        copy!(f16, F16)
+    } else if dt == f32::datum_type() {
+        copy!(f32, F32)
+    } else if dt == f64::datum_type() {
+        copy!(f64, F64)
+    } else {
+        return Err(format!("tract produced a {dt:?} tensor, which the protocol does not carry"));
+    };
+    Tn::new(t.shape().to_vec(), data)
+}
+
+impl TractRunner {
+    /// The plan for this batch size: cached concrete, else newly made (bounded), else symbolic.
+    fn plan(&self, batch: Option<usize>) -> Plan {
+        let (Some(sym), Some(n)) = (&self.batch, batch) else { return self.symbolic.clone() };
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = plans.get(&n) {
+            return p.clone();
+        }
+        if plans.len() >= MAX_PLANS {
+            return self.symbolic.clone();
+        }
+        let subs = HashMap::from([(sym.clone(), TDim::Val(n as i64))]);
+        let made = self.typed.set_symbols(&subs).and_then(|m| m.into_optimized()).and_then(|m| m.into_runnable());
+        match made {
+            Ok(p) => {
+                plans.insert(n, p.clone());
+                p
+            }
+            Err(e) => {
+                tracing::debug!(batch = n, error = %format!("{e:#}"), "no concrete plan; using the symbolic one");
+                self.symbolic.clone()
+            }
+        }
+    }
+}
+
+impl Runner for TractRunner {
+    fn run(&self, inputs: Vec<Tn>, wanted: &[usize]) -> Result<Vec<Tn>, String> {
+        let batch = inputs.first().and_then(|t| t.shape.first().copied());
+        let plan = self.plan(batch);
+        let values = inputs.into_iter().map(to_tract).collect::<Result<TVec<_>, _>>()?;
+        let outputs = plan.run(values).map_err(|e| format!("{e:#}"))?;
+        wanted
+            .iter()
+            .map(|&i| outputs.get(i).ok_or_else(|| format!("output {i} was not produced")).and_then(|t| from_tract(t)))
+            .collect()
+    }
+}
