@@ -168,16 +168,3 @@ fn sigterm_drains_a_request_in_flight() {
     assert!(response.contains("probabilities"));
     assert_eq!(t.wait_exit(Duration::from_secs(20)).code(), Some(0), "{}", t.explain());
 }
-
-#[test]
-fn broken_model_repository_fails_start_naming_the_file() {
-    let b = TandemBuilder::new();
-    let repo = b.dir().join("repo");
-    std::fs::create_dir_all(repo.join("bad/1")).unwrap();
-    std::fs::write(repo.join("bad/1/model.onnx"), b"garbage").unwrap();
-    let mut t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).spawn();
-    let status = t.wait_exit(Duration::from_secs(30));
-    assert_eq!(status.code(), Some(1), "{}", t.explain());
-    assert!(t.stderr().contains("bad/1/model.onnx"), "{}", t.explain());
-    assert!(Tandem::children_of(t.pid()).is_empty());
-}

@@ -151,6 +151,20 @@ impl TandemBuilder {
         t.wait_ready(ssl);
         t
     }
+
+    /// Starts tandem and waits until HTTP answers `/v2/health/live` (readiness may be false).
+    pub fn start_live(self) -> Tandem {
+        let t = self.spawn();
+        let http = Tandem::http_client();
+        let url = t.http_url("/v2/health/live");
+        wait_for(
+            START_DEADLINE,
+            "HTTP liveness",
+            || t.explain(),
+            || http.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| ()),
+        );
+        t
+    }
 }
 
 impl Tandem {

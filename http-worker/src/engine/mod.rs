@@ -24,7 +24,7 @@ use self::config::pb;
 use self::tensor::{DataType, Tensor};
 
 /// Largest batch of a model whose configuration does not say (Triton's auto-complete).
-pub const DEFAULT_MAX_BATCH_SIZE: usize = 64;
+pub const DEFAULT_MAX_BATCH_SIZE: usize = 1024;
 
 /// The platform every model reports, as Triton names ONNX models.
 pub const PLATFORM: &str = "onnxruntime_onnx";

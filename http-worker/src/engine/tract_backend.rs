@@ -2,7 +2,9 @@
 //! that ask for it. Input facts come from the model and its configuration
 //! (unnamed dimensions get names, configured dimensions are pinned), exporters'
 //! intermediate shape annotations are ignored, and a concrete plan is cached
-//! per batch size beside the symbolic one.
+//! per batch size beside the symbolic one. A model whose shapes tract cannot
+//! analyse symbolically (detectors with a variable height and width) is planned
+//! per concrete input shape instead.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,24 +16,38 @@ use tract_onnx::prelude::*;
 use super::tensor::{DataType, Tensor as Tn, TensorData};
 use super::{LoadOptions, Loaded, Runner, TensorMeta};
 
-/// Concrete plans kept per model; beyond this, the symbolic plan serves.
+/// Concrete plans kept per model; beyond this, the symbolic plan serves (or, for
+/// shape-planned models, the least recently made plan is dropped).
 const MAX_PLANS: usize = 8;
+
+/// The size given to free dimensions when checking at load that a shape-planned model runs.
+const PROBE_SIZE: usize = 64;
 
 type Plan = Arc<TypedRunnableModel>;
 
+enum Mode {
+    /// One symbolic plan, plus concrete ones per batch size.
+    Symbolic {
+        /// The decluttered model with a symbolic batch, to concretise per batch size.
+        typed: TypedModel,
+        /// The optimised plan for any input size.
+        symbolic: Plan,
+        /// The batch symbol, when the model is batched.
+        batch: Option<Symbol>,
+        plans: Mutex<HashMap<usize, Plan>>,
+    },
+    /// A plan per set of input shapes, made on first use.
+    PerShape { proto: Box<pb::ModelProto>, inputs: Vec<TensorMeta>, plans: Mutex<Vec<(Vec<Vec<usize>>, Plan)>> },
+}
+
 struct TractRunner {
-    /// The decluttered model with a symbolic batch, to concretise per batch size.
-    typed: TypedModel,
-    /// The optimised plan for any input size.
-    symbolic: Plan,
-    /// The batch symbol, when the model is batched.
-    batch: Option<Symbol>,
-    plans: Mutex<HashMap<usize, Plan>>,
+    mode: Mode,
+    opts: LoadOptions,
 }
 
 /// Loads `file` with tract.
 pub fn load(file: &Path, opts: &LoadOptions) -> Result<Loaded, String> {
-    let onnx = tract_onnx::onnx().with_ignore_output_shapes(true).with_ignore_value_info(true);
+    let onnx = onnx();
     let proto = onnx.proto_model_for_path(file).map_err(|e| format!("{e:#}"))?;
     let graph = proto.graph.as_ref().ok_or("the file has no graph")?;
     let initializers: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
@@ -56,14 +72,48 @@ pub fn load(file: &Path, opts: &LoadOptions) -> Result<Loaded, String> {
         return Err(format!("output {name} is not a tensor; tract cannot run it, use the onnxruntime backend"));
     }
 
-    let mut model = onnx.model_for_proto_model(&proto).map_err(|e| format!("{e:#}"))?;
+    let mode = match analyse(&onnx, &proto, &graph_inputs, &inputs, opts, None) {
+        Ok((typed, batch)) => {
+            let symbolic =
+                typed.clone().into_optimized().and_then(|m| m.into_runnable()).map_err(|e| format!("{e:#}"))?;
+            Mode::Symbolic { typed, symbolic, batch, plans: Mutex::new(HashMap::new()) }
+        }
+        Err(symbolic_error) => {
+            // Check now that the model plans at all, with every free dimension at PROBE_SIZE.
+            let probe: Vec<Vec<usize>> = inputs
+                .iter()
+                .map(|m| m.shape.iter().map(|&d| if d > 0 { d as usize } else { PROBE_SIZE }).collect())
+                .collect();
+            plan_for_shapes(&onnx, &proto, &graph_inputs, &inputs, opts, &probe)
+                .map_err(|e| format!("{symbolic_error} (and with concrete input shapes {probe:?}: {e})"))?;
+            tracing::info!(file = %file.display(), reason = %symbolic_error, "tract: symbolic shapes do not unify; planning per input shape");
+            Mode::PerShape { proto: Box::new(proto.clone()), inputs: inputs.clone(), plans: Mutex::new(Vec::new()) }
+        }
+    };
+    let runner = TractRunner { mode, opts: opts.clone() };
+    Ok(Loaded { runner: Box::new(runner), inputs, outputs, unsupported_outputs: unsupported, provider: "tract".into() })
+}
+
+/// Gives the inputs their facts and analyses the model into a decluttered typed model.
+fn analyse(
+    onnx: &tract_onnx::Onnx,
+    proto: &pb::ModelProto,
+    graph_inputs: &[&pb::ValueInfoProto],
+    inputs: &[TensorMeta],
+    opts: &LoadOptions,
+    concrete: Option<&[Vec<usize>]>,
+) -> Result<(TypedModel, Option<Symbol>), String> {
+    let mut model = onnx.model_for_proto_model(proto).map_err(|e| format!("{e:#}"))?;
     let batch_sym = opts.batched.then(|| model.symbols.sym("N"));
-    for (i, (v, m)) in graph_inputs.iter().zip(&inputs).enumerate() {
+    for (i, (v, m)) in graph_inputs.iter().zip(inputs).enumerate() {
         let dims: TVec<TDim> = m
             .shape
             .iter()
             .enumerate()
             .map(|(axis, &d)| {
+                if let Some(shape) = concrete {
+                    return TDim::Val(shape[i][axis] as i64);
+                }
                 if let Some(pinned) = opts.pinned.get(&m.name).and_then(|p| p.get(axis).copied()).filter(|&p| p > 0) {
                     return TDim::Val(pinned);
                 }
@@ -80,9 +130,24 @@ pub fn load(file: &Path, opts: &LoadOptions) -> Result<Loaded, String> {
         model.set_input_fact(i, InferenceFact::dt_shape(dt, dims)).map_err(|e| format!("{e:#}"))?;
     }
     let typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(|e| format!("{e:#}"))?;
-    let symbolic = typed.clone().into_optimized().and_then(|m| m.into_runnable()).map_err(|e| format!("{e:#}"))?;
-    let runner = TractRunner { typed, symbolic, batch: batch_sym, plans: Mutex::new(HashMap::new()) };
-    Ok(Loaded { runner: Box::new(runner), inputs, outputs, unsupported_outputs: unsupported, provider: "tract".into() })
+    Ok((typed, batch_sym))
+}
+
+/// An optimised plan for exactly these input shapes.
+fn plan_for_shapes(
+    onnx: &tract_onnx::Onnx,
+    proto: &pb::ModelProto,
+    graph_inputs: &[&pb::ValueInfoProto],
+    inputs: &[TensorMeta],
+    opts: &LoadOptions,
+    shapes: &[Vec<usize>],
+) -> Result<Plan, String> {
+    let (typed, _) = analyse(onnx, proto, graph_inputs, inputs, opts, Some(shapes))?;
+    typed.into_optimized().and_then(|m| m.into_runnable()).map_err(|e| format!("{e:#}"))
+}
+
+fn onnx() -> tract_onnx::Onnx {
+    tract_onnx::onnx().with_ignore_output_shapes(true).with_ignore_value_info(true)
 }
 
 /// The symbol name of a dynamic dimension: the exporter's `dim_param`, else one made from the input and axis.
@@ -207,26 +272,51 @@ fn from_tract(t: &tract_onnx::prelude::Tensor) -> Result<Tn, String> {
 }
 
 impl TractRunner {
-    /// The plan for this batch size: cached concrete, else newly made (bounded), else symbolic.
-    fn plan(&self, batch: Option<usize>) -> Plan {
-        let (Some(sym), Some(n)) = (&self.batch, batch) else { return self.symbolic.clone() };
-        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = plans.get(&n) {
-            return p.clone();
-        }
-        if plans.len() >= MAX_PLANS {
-            return self.symbolic.clone();
-        }
-        let subs = HashMap::from([(sym.clone(), TDim::Val(n as i64))]);
-        let made = self.typed.set_symbols(&subs).and_then(|m| m.into_optimized()).and_then(|m| m.into_runnable());
-        match made {
-            Ok(p) => {
-                plans.insert(n, p.clone());
-                p
+    /// The plan for these inputs: cached concrete, else newly made (bounded), else symbolic.
+    fn plan(&self, inputs: &[Tn]) -> Result<Plan, String> {
+        match &self.mode {
+            Mode::Symbolic { typed, symbolic, batch, plans } => {
+                let (Some(sym), Some(n)) = (batch, inputs.first().and_then(|t| t.shape.first().copied())) else {
+                    return Ok(symbolic.clone());
+                };
+                let mut plans = plans.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(p) = plans.get(&n) {
+                    return Ok(p.clone());
+                }
+                if plans.len() >= MAX_PLANS {
+                    return Ok(symbolic.clone());
+                }
+                let subs = HashMap::from([(sym.clone(), TDim::Val(n as i64))]);
+                match typed.set_symbols(&subs).and_then(|m| m.into_optimized()).and_then(|m| m.into_runnable()) {
+                    Ok(p) => {
+                        plans.insert(n, p.clone());
+                        Ok(p)
+                    }
+                    Err(e) => {
+                        tracing::debug!(batch = n, error = %format!("{e:#}"), "no concrete plan; using the symbolic one");
+                        Ok(symbolic.clone())
+                    }
+                }
             }
-            Err(e) => {
-                tracing::debug!(batch = n, error = %format!("{e:#}"), "no concrete plan; using the symbolic one");
-                self.symbolic.clone()
+            Mode::PerShape { proto, inputs: metas, plans } => {
+                let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape.clone()).collect();
+                let mut plans = plans.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(i) = plans.iter().position(|(s, _)| *s == shapes) {
+                    let hit = plans.remove(i);
+                    let plan = hit.1.clone();
+                    plans.push(hit);
+                    return Ok(plan);
+                }
+                let graph = proto.graph.as_ref().ok_or("the file has no graph")?;
+                let init: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+                let graph_inputs: Vec<&pb::ValueInfoProto> =
+                    graph.input.iter().filter(|v| !init.contains(&v.name.as_str())).collect();
+                let plan = plan_for_shapes(&onnx(), proto, &graph_inputs, metas, &self.opts, &shapes)?;
+                if plans.len() >= MAX_PLANS {
+                    plans.remove(0);
+                }
+                plans.push((shapes, plan.clone()));
+                Ok(plan)
             }
         }
     }
@@ -234,8 +324,7 @@ impl TractRunner {
 
 impl Runner for TractRunner {
     fn run(&self, inputs: Vec<Tn>, wanted: &[usize]) -> Result<Vec<Tn>, String> {
-        let batch = inputs.first().and_then(|t| t.shape.first().copied());
-        let plan = self.plan(batch);
+        let plan = self.plan(&inputs)?;
         let values = inputs.into_iter().map(to_tract).collect::<Result<TVec<_>, _>>()?;
         let outputs = plan.run(values).map_err(|e| format!("{e:#}"))?;
         wanted

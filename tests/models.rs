@@ -1,0 +1,252 @@
+//! End-to-end tests of the engine on real exported models (scripts/make_test_models.py):
+//! outputs compared with onnxruntime in Python over HTTP and HTTPS, failing models
+//! isolated with their reasons, the Triton configuration, the tract fallback and
+//! the engine settings that must stop start-up.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::*;
+
+/// The generated repository, made once per test binary.
+fn generated() -> &'static Path {
+    static REPO: OnceLock<PathBuf> = OnceLock::new();
+    REPO.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep().join("models");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_test_models.py");
+        let out = Command::new("python3").arg(&script).arg("--out").arg(&dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "make_test_models.py failed (scripts/test installs its packages):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// A repository in `dir`: the generated models plus `digits` and the broken and configured cases.
+fn repository(dir: &Path) -> PathBuf {
+    let repo = dir.join("repo");
+    copy_dir(generated(), &repo);
+    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits"), &repo.join("digits"));
+    // A corrupt model beside the good ones.
+    std::fs::create_dir_all(repo.join("corrupt/1")).unwrap();
+    std::fs::write(repo.join("corrupt/1/model.onnx"), b"\x08\x07garbage, not an ONNX protobuf").unwrap();
+    // A misspelled field in a Triton configuration.
+    copy_dir(&generated().join("half"), &repo.join("typo"));
+    std::fs::write(repo.join("typo/config.pbtxt"), "name: \"typo\"\nmax_batch_sise: 4\n").unwrap();
+    // Three versions, the policy keeps the newest two.
+    for v in ["1", "2", "3"] {
+        copy_dir(&generated().join("half/1"), &repo.join("versioned").join(v));
+    }
+    std::fs::write(
+        repo.join("versioned/config.pbtxt"),
+        "name: \"versioned\"\nversion_policy: { latest: { num_versions: 2 } }\ninstance_group [ { count: 2, kind: KIND_CPU } ]\n",
+    )
+    .unwrap();
+    // A model folder with no version folder, and a version folder with no model file.
+    std::fs::create_dir_all(repo.join("noversion/weights")).unwrap();
+    std::fs::create_dir_all(repo.join("nofile/1")).unwrap();
+    repo
+}
+
+/// Runs tests/python/compare_models.py against `url`.
+fn compare(t: &Tandem, url: &str, repo: &Path, ca: Option<&Path>, models: Option<&str>) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/compare_models.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(&script).arg(url).arg(repo);
+    if let Some(ca) = ca {
+        cmd.arg("--ca").arg(ca);
+    }
+    if let Some(m) = models {
+        cmd.arg("--models").arg(m);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "compare_models failed: {cmd:?}\n{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        t.explain()
+    );
+    assert!(stdout.contains("compare suite passed"), "{stdout}");
+    stdout
+}
+
+fn index(t: &Tandem) -> Vec<serde_json::Value> {
+    let resp = Tandem::http_client().post(t.http_url("/v2/repository/index")).send().unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json::<Vec<serde_json::Value>>().unwrap()
+}
+
+fn entry<'a>(index: &'a [serde_json::Value], name: &str, version: Option<&str>) -> &'a serde_json::Value {
+    index
+        .iter()
+        .find(|e| e["name"] == name && version.is_none_or(|v| e["version"] == v))
+        .unwrap_or_else(|| panic!("{name} {version:?} not in the index: {index:?}"))
+}
+
+#[test]
+fn real_models_match_onnxruntime_over_http_and_https_while_broken_ones_are_unavailable() {
+    let b = TandemBuilder::new().ssl().env("NUM_WORKERS", "2");
+    let repo = repository(b.dir());
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start_live();
+    let http = Tandem::http_client();
+
+    // Every model loads on ONNX Runtime, the default backend.
+    let info: serde_json::Value = http.get(t.http_url("/")).send().unwrap().json().unwrap();
+    assert_eq!(info["engine"]["default_backend"], "onnxruntime", "{info}");
+    assert!(info["engine"]["onnxruntime"]["version"].as_str().is_some_and(|v| v.starts_with("1.")), "{info}");
+    assert!(t.stderr().contains("engine: ONNX Runtime"), "{}", t.explain());
+
+    // The broken models are unavailable with their reasons; the others are ready.
+    let idx = index(&t);
+    let reason = |name: &str| entry(&idx, name, None)["reason"].as_str().unwrap_or_default().to_string();
+    assert_eq!(entry(&idx, "corrupt", Some("1"))["state"], "UNAVAILABLE");
+    assert!(reason("corrupt").contains("corrupt/1/model.onnx"), "{idx:?}");
+    assert!(reason("typo").contains("config.pbtxt:2:1") && reason("typo").contains("max_batch_sise"), "{idx:?}");
+    assert!(reason("noversion").contains("has no version folder"), "{idx:?}");
+    assert!(reason("nofile").contains("has no model.onnx"), "{idx:?}");
+    for name in ["detector", "branchy", "lstm", "forest", "boosting", "scaled_text", "zipmap", "half", "digits"] {
+        assert_eq!(entry(&idx, name, Some("1"))["state"], "READY", "{name}: {idx:?}");
+    }
+    assert!(!idx.iter().any(|e| e["name"] == "versioned" && e["version"] == "1"), "policy keeps 2 and 3: {idx:?}");
+    assert_eq!(entry(&idx, "versioned", Some("3"))["state"], "READY");
+    assert_eq!(entry(&idx, "versioned", Some("2"))["state"], "READY");
+    for line in ["model=corrupt", "model=typo"] {
+        assert!(t.stderr().lines().any(|l| l.contains("unavailable") && l.contains(line)), "{line}\n{}", t.explain());
+    }
+
+    // Strict readiness: not ready while a model failed, on both ports; the failed model says why.
+    let ready = http.get(t.http_url("/v2/health/ready")).send().unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().unwrap();
+    assert!(body["unavailable"].as_array().unwrap().iter().any(|m| m["name"] == "corrupt"), "{body}");
+    let model_ready = http.get(t.http_url("/v2/models/corrupt/ready")).send().unwrap();
+    assert_eq!(model_ready.status(), 503);
+    assert_eq!(http.get(t.http_url("/v2/models/digits/ready")).send().unwrap().status(), 200);
+    let ca = t.dir.path().join("ca.pem");
+    let https = wait_for(
+        START_DEADLINE,
+        "HTTPS liveness",
+        || t.explain(),
+        || {
+            let chain = std::fs::read_to_string(t.cert_dir().join("live.pem")).ok()?;
+            let pem = chain[chain.find("-----BEGIN CERTIFICATE-----")?..].to_string();
+            let client = Tandem::https_client(&pem);
+            client.get(t.https_url("localhost", "/v2/health/live")).send().ok().filter(|r| r.status() == 200)?;
+            std::fs::write(&ca, &pem).ok()?;
+            Some(client)
+        },
+    );
+    assert_eq!(https.get(t.https_url("localhost", "/v2/health/ready")).send().unwrap().status(), 503);
+
+    // Config: metadata from the model, dims from config.pbtxt, labels from label_filename.
+    let config: serde_json::Value = http.get(t.http_url("/v2/models/lstm/config")).send().unwrap().json().unwrap();
+    assert_eq!(config["max_batch_size"], 0, "{config}");
+    assert_eq!(config["backend"], "onnxruntime", "{config}");
+    let meta: serde_json::Value = http.get(t.http_url("/v2/models/detector")).send().unwrap().json().unwrap();
+    assert_eq!(meta["inputs"][0]["shape"], serde_json::json!([-1, 3, -1, -1]), "{meta}");
+    let versions: serde_json::Value = http.get(t.http_url("/v2/models/versioned")).send().unwrap().json().unwrap();
+    assert_eq!(versions["versions"], serde_json::json!(["2", "3"]), "{versions}");
+
+    // Every model agrees with onnxruntime in Python, over HTTP and over HTTPS.
+    let out = compare(&t, &format!("127.0.0.1:{}", t.http_port), generated(), None, None);
+    assert!(out.contains("ok: detector[1] binary scores"), "{out}");
+    compare(&t, &format!("localhost:{}", t.https_port), generated(), Some(&ca), None);
+    // Nothing above took a worker down.
+    assert!(!t.stderr().contains("exited"), "{}", t.explain());
+}
+
+#[test]
+fn non_strict_readiness_is_ready_with_a_failed_model_and_exit_on_error_stops_start_up() {
+    let b = TandemBuilder::new().env("STRICT_READINESS", "false");
+    let repo = b.dir().join("repo");
+    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits"), &repo.join("digits"));
+    std::fs::create_dir_all(repo.join("bad/1")).unwrap();
+    std::fs::write(repo.join("bad/1/model.onnx"), b"garbage").unwrap();
+    let repo_s = repo.to_str().unwrap().to_string();
+    let t = b.env("MODEL_REPOSITORY", &repo_s).start();
+    let body: serde_json::Value =
+        Tandem::http_client().get(t.http_url("/v2/health/ready")).send().unwrap().json().unwrap();
+    assert_eq!(body["ready"], true, "{body}");
+    assert!(body["unavailable"][0]["reason"].as_str().unwrap().contains("bad/1/model.onnx"), "{body}");
+    // `t` owns the directory holding the repository: it stays alive for the second run.
+
+    let mut t = TandemBuilder::new().env("MODEL_REPOSITORY", &repo_s).env("EXIT_ON_MODEL_ERROR", "true").spawn();
+    let status = t.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(1), "{}", t.explain());
+    assert!(t.stderr().contains("bad/1/model.onnx") && t.stderr().contains("EXIT_ON_MODEL_ERROR"), "{}", t.explain());
+    assert!(Tandem::children_of(t.pid()).is_empty());
+}
+
+#[test]
+fn tract_serves_when_onnx_runtime_is_hidden() {
+    // No Python on PATH: discovery finds no onnxruntime package.
+    let b = TandemBuilder::new();
+    let empty = b.dir().join("empty-path");
+    std::fs::create_dir_all(&empty).unwrap();
+    let repo = repository(b.dir());
+    let t = b.env("PATH", empty.to_str().unwrap()).env("MODEL_REPOSITORY", repo.to_str().unwrap()).start_live();
+    assert!(t.stderr().contains("ONNX Runtime is NOT available"), "{}", t.explain());
+    let http = Tandem::http_client();
+    let info: serde_json::Value = http.get(t.http_url("/")).send().unwrap().json().unwrap();
+    assert_eq!(info["engine"]["default_backend"], "tract", "{info}");
+    assert!(info["engine"]["fallback_reason"].as_str().unwrap().contains("no ONNX Runtime library"), "{info}");
+    let idx = index(&t);
+    // What tract runs serves; what needs ONNX Runtime says so.
+    for name in ["digits", "detector", "forest", "half"] {
+        assert_eq!(entry(&idx, name, Some("1"))["state"], "READY", "{name}: {idx:?}");
+    }
+    let lstm = entry(&idx, "lstm", Some("1"));
+    assert!(lstm["reason"].as_str().unwrap().contains("needs ONNX Runtime"), "{idx:?}");
+    assert_eq!(entry(&idx, "scaled_text", Some("1"))["state"], "UNAVAILABLE");
+    let config: serde_json::Value = http.get(t.http_url("/v2/models/detector/config")).send().unwrap().json().unwrap();
+    assert_eq!(config["backend"], "tract", "{config}");
+    // tract agrees with onnxruntime on the models it runs, the detector planned per input shape.
+    compare(&t, &format!("127.0.0.1:{}", t.http_port), generated(), None, Some("detector,forest,half"));
+}
+
+#[test]
+fn engine_settings_that_cannot_work_exit_2_before_anything_starts() {
+    let scratch = tempfile::tempdir().unwrap();
+    let fake = scratch.path().join("libonnxruntime.so.1.99.0");
+    std::fs::write(&fake, b"not a shared library").unwrap();
+    let fake = fake.to_str().unwrap().to_string();
+    let cases = [
+        (vec![("ENGINE_DEVICE", "cuda")], "ENGINE_DEVICE=cuda".to_string()),
+        (vec![("ORT_DYLIB_PATH", fake.as_str())], format!("cannot load ONNX Runtime from {fake}")),
+        (vec![("ENGINE_THREADS", "lots")], "ENGINE_THREADS=\"lots\"".to_string()),
+        (vec![("ENGINE_BACKEND", "tract"), ("ENGINE_DEVICE", "cuda")], "no CUDA support".to_string()),
+    ];
+    for (env, want) in cases {
+        let mut b = TandemBuilder::new();
+        for (k, v) in &env {
+            b = b.env(k, v);
+        }
+        let cache = PathBuf::from(b.dir()).join("cache");
+        let mut t = b.spawn();
+        let status = t.wait_exit(Duration::from_secs(60));
+        assert_eq!(status.code(), Some(2), "{env:?}\n{}", t.explain());
+        assert!(t.stderr().contains(&want), "{want:?} for {env:?}\n{}", t.explain());
+        assert!(!cache.exists(), "nothing may be written before exit 2: {env:?}");
+    }
+}

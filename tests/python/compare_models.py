@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Compares tandem's answers with onnxruntime in Python on the models of scripts/make_test_models.py.
+
+Usage: compare_models.py HOST:PORT REPOSITORY [--ca CA.pem] [--models a,b,...]
+
+For every model, deterministic inputs go to tandem through the stock
+tritonclient (binary tensors and JSON tensors) and to an in-process
+onnxruntime session on the same model.onnx; outputs must agree (max absolute
+difference within tolerance, labels and strings equal). Prints one line per
+check with the difference it measured; exits 1 on the first failure.
+"""
+
+import argparse
+import pathlib
+import sys
+
+import ml_dtypes
+import numpy as np
+import onnxruntime as ort
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+TOLERANCE = 1e-4
+RNG = np.random.default_rng(11)
+
+
+def check(name, cond, detail=""):
+    print(f"{'ok' if cond else 'FAIL'}: {name} {detail}".rstrip(), flush=True)
+    if not cond:
+        sys.exit(1)
+
+
+def rand(*shape, dtype=np.float32):
+    return RNG.standard_normal(shape).astype(dtype)
+
+
+def iris_like(n):
+    from sklearn.datasets import load_iris
+
+    return load_iris().data[:n].astype(np.float32)
+
+
+def diabetes_like(n):
+    from sklearn.datasets import load_diabetes
+
+    return load_diabetes().data[:n].astype(np.float32)
+
+
+def identity_inputs(n):
+    feeds = {}
+    for name, dt in [
+        ("bool", bool), ("uint8", np.uint8), ("uint16", np.uint16), ("uint32", np.uint32), ("uint64", np.uint64),
+        ("int8", np.int8), ("int16", np.int16), ("int32", np.int32), ("int64", np.int64),
+    ]:
+        info = np.iinfo(dt) if dt is not bool else None
+        if info is None:
+            feeds["in_bool"] = RNG.integers(0, 2, (n, 3)).astype(bool)
+        else:
+            feeds[f"in_{name}"] = RNG.integers(info.min, info.max, (n, 3), dtype=dt, endpoint=True)
+    feeds["in_fp16"] = rand(n, 3, dtype=np.float16)
+    feeds["in_fp32"] = rand(n, 3)
+    feeds["in_fp64"] = rand(n, 3, dtype=np.float64) * 1e10
+    words = np.array(["tandem", "héllo wörld", "", "ONNX", "x" * 300, "日本"], dtype=object)
+    feeds["in_bytes"] = RNG.choice(words, (n, 3))
+    return feeds
+
+
+# Per model: cases of inputs; outputs to ask for (None: all); outputs to skip comparing.
+CASES = {
+    "detector": [{"images": rand(1, 3, 64, 96)}, {"images": rand(2, 3, 32, 160)}],
+    "branchy": [{"x": rand(3, 4), "flag": np.array([True])}, {"x": rand(3, 4), "flag": np.array([False])}],
+    "lstm": [{"sequence": rand(100, 2, 8)}, {"sequence": rand(3, 5, 8)}],
+    "forest": [{"X": iris_like(150)}],
+    "boosting": [{"X": diabetes_like(40)}],
+    "scaled_text": [{"X": iris_like(150) * 10.0}],
+    "zipmap": [{"X": iris_like(20)}],
+    "half": [{"x": rand(5, 4, dtype=np.float16)}],
+    "identity_all": [identity_inputs(4)],
+    "bf16": [{"in_bf16": rand(4, 3).astype(ml_dtypes.bfloat16)}],
+}
+
+# onnxruntime's Python API takes no BF16 arrays: the reference is the graph's meaning, computed by numpy.
+REFERENCE = {
+    "bf16": lambda feeds: {"out_bf16": feeds["in_bf16"], "widened": feeds["in_bf16"].astype(np.float32)},
+}
+
+
+def compare(model, name, got, want):
+    if want.dtype == object or got.dtype == object:
+        got_s = [g.decode() if isinstance(g, bytes) else str(g) for g in got.reshape(-1)]
+        want_s = [w.decode() if isinstance(w, bytes) else str(w) for w in want.reshape(-1)]
+        return got.shape == want.shape and got_s == want_s, "strings equal" if got_s == want_s else f"{got_s[:4]} != {want_s[:4]}"
+    if got.shape != want.shape:
+        return False, f"shape {got.shape} != {want.shape}"
+    if want.dtype.kind in "biu":
+        equal = bool(np.array_equal(got, want))
+        return equal, "equal" if equal else f"{got.reshape(-1)[:4]} != {want.reshape(-1)[:4]}"
+    diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) if want.size else 0.0
+    scale = max(1.0, float(np.max(np.abs(want.astype(np.float64)))) if want.size else 1.0)
+    return diff <= TOLERANCE * scale, f"max abs diff {diff:.3g}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("url")
+    ap.add_argument("repository")
+    ap.add_argument("--ca")
+    ap.add_argument("--models", default=",".join(CASES))
+    args = ap.parse_args()
+    repo = pathlib.Path(args.repository)
+    if args.ca:
+        client = httpclient.InferenceServerClient(args.url, ssl=True, ssl_options={"ca_certs": args.ca})
+    else:
+        client = httpclient.InferenceServerClient(args.url)
+
+    for model in args.models.split(","):
+        session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        tensor_outputs = [o.name for o in session.get_outputs() if o.type.startswith("tensor")]
+        meta = client.get_model_metadata(model)
+        check(f"{model}: metadata platform", meta["platform"] == "onnxruntime_onnx", meta["platform"])
+        for case, feeds in enumerate(CASES[model]):
+            if model in REFERENCE:
+                want = REFERENCE[model](feeds)
+            else:
+                want = dict(zip(tensor_outputs, session.run(tensor_outputs, feeds)))
+            for binary in (True, False):
+                if not binary and any(v.dtype == ml_dtypes.bfloat16 for v in feeds.values()):
+                    continue  # tritonclient sends BF16 only as binary
+                inputs = []
+                for name, value in feeds.items():
+                    inp = httpclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+                    inp.set_data_from_numpy(value, binary_data=binary)
+                    inputs.append(inp)
+                outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in tensor_outputs]
+                result = client.infer(model, inputs, outputs=outputs)
+                kind = "binary" if binary else "json"
+                for name in tensor_outputs:
+                    got = result.as_numpy(name)
+                    ok, detail = compare(model, name, got, want[name])
+                    check(f"{model}[{case}] {kind} {name}", ok, detail)
+
+    if "zipmap" in args.models.split(","):
+        zipmap_checks(client)
+    client.close()
+    print("compare suite passed")
+
+
+def zipmap_checks(client):
+    """A non-tensor output is listed as unsupported; asking for it is a 400 naming it; the rest still works."""
+    meta = client.get_model_metadata("zipmap")
+    unsupported = [o["name"] for o in meta.get("unsupported_outputs", [])]
+    check("zipmap: the map output is listed as unsupported", unsupported == ["output_probability"], str(meta))
+    inp = httpclient.InferInput("X", [2, 4], "FP32")
+    inp.set_data_from_numpy(iris_like(2))
+    try:
+        client.infer("zipmap", [inp], outputs=[httpclient.InferRequestedOutput("output_probability")])
+        check("zipmap: asking for the map output is refused", False, "no error")
+    except InferenceServerException as e:
+        check("zipmap: asking for the map output is refused", "output_probability" in str(e), str(e))
+
+
+if __name__ == "__main__":
+    main()
