@@ -12,7 +12,6 @@ accuracy. Usage: scripts/make_bench_models.py [--out bench-models]
 """
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -26,7 +25,7 @@ def save(model, out, name, max_batch):
     d = out / name / "1"
     d.mkdir(parents=True, exist_ok=True)
     (d / "model.onnx").write_bytes(model.SerializeToString())
-    (out / name / "config.json").write_text(json.dumps({"max_batch_size": max_batch, "platform": "onnx"}) + "\n")
+    (out / name / "config.pbtxt").write_text(f'platform: "onnxruntime_onnx"\nmax_batch_size: {max_batch}\n')
     print(f"wrote {d / 'model.onnx'}", file=sys.stderr)
 
 

@@ -62,6 +62,13 @@ fn repository(dir: &Path) -> PathBuf {
         "name: \"versioned\"\nversion_policy: { latest: { num_versions: 2 } }\ninstance_group [ { count: 2, kind: KIND_CPU } ]\n",
     )
     .unwrap();
+    // Reshape: clients send and receive [batch, 2, 2]; the model takes and gives [batch, 4].
+    copy_dir(&generated().join("half"), &repo.join("reshaped"));
+    std::fs::write(
+        repo.join("reshaped/config.pbtxt"),
+        "max_batch_size: 8\ninput [ { name: \"x\", data_type: TYPE_FP16, dims: [ 2, 2 ], reshape: { shape: [ 4 ] } } ]\noutput [ { name: \"y\", dims: [ 2, 2 ], reshape: { shape: [ 4 ] } } ]\n",
+    )
+    .unwrap();
     // A model folder with no version folder, and a version folder with no model file.
     std::fs::create_dir_all(repo.join("noversion/weights")).unwrap();
     std::fs::create_dir_all(repo.join("nofile/1")).unwrap();
@@ -165,6 +172,13 @@ fn real_models_match_onnxruntime_over_http_and_https_while_broken_ones_are_unava
     assert_eq!(config["backend"], "onnxruntime", "{config}");
     let meta: serde_json::Value = http.get(t.http_url("/v2/models/detector")).send().unwrap().json().unwrap();
     assert_eq!(meta["inputs"][0]["shape"], serde_json::json!([-1, 3, -1, -1]), "{meta}");
+    let meta: serde_json::Value = http.get(t.http_url("/v2/models/reshaped")).send().unwrap().json().unwrap();
+    assert_eq!(meta["inputs"][0]["shape"], serde_json::json!([-1, 2, 2]), "{meta}");
+    let body = r#"{"inputs":[{"name":"x","shape":[3,2,2],"datatype":"FP16","data":[0,0,0,0,1,1,1,1,2,2,2,2]}]}"#;
+    let resp: serde_json::Value =
+        http.post(t.http_url("/v2/models/reshaped/infer")).body(body).send().unwrap().json().unwrap();
+    assert_eq!(resp["outputs"][0]["shape"], serde_json::json!([3, 2, 2]), "{resp}");
+    assert_eq!(resp["outputs"][0]["data"][0], 0.0, "tanh(0 * 0.5) {resp}");
     let versions: serde_json::Value = http.get(t.http_url("/v2/models/versioned")).send().unwrap().json().unwrap();
     assert_eq!(versions["versions"], serde_json::json!(["2", "3"]), "{versions}");
 

@@ -184,7 +184,7 @@ pub fn build_inputs(model: &ModelVersion, req: &InferRequest, binary: &[u8]) -> 
                     .ok_or_else(|| ApiError::bad(format!("input {name}: binary_data_size must be a byte count")))?
                     as usize;
                 if datatype != DataType::BYTES {
-                    let want = count.checked_mul(datatype.size()).unwrap_or(usize::MAX);
+                    let want = count.saturating_mul(datatype.size());
                     if size != want {
                         return Err(ApiError::bad(format!(
                             "input {name}: binary_data_size is {size} but shape {shape:?} of {datatype} needs {want} bytes"
@@ -568,7 +568,7 @@ macro_rules! with_fixed {
 }
 
 fn from_binary(name: &str, dt: DataType, count: usize, bytes: &[u8]) -> Result<TensorData, ApiError> {
-    with_fixed!(dt, T, V => Ok(V(bytes.chunks_exact(T::SIZE).map(|c| T::read_le(c)).collect())), bytes => {
+    with_fixed!(dt, T, V => Ok(V(bytes.chunks_exact(T::SIZE).map(T::read_le).collect())), bytes => {
         // Each element: a 4-byte little-endian length, then that many bytes.
         let mut items = Vec::with_capacity(count.min(1 << 20));
         let mut rest = bytes;

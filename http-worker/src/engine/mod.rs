@@ -123,7 +123,7 @@ fn resolve(prefix: &[usize], target: &[i64], count: usize) -> Result<Vec<usize>,
     for &d in target {
         if d >= 0 {
             out.push(d as usize);
-        } else if fixed == 0 || count % fixed != 0 {
+        } else if fixed == 0 || !count.is_multiple_of(fixed) {
             return Err(format!("{count} elements cannot be reshaped to {target:?}"));
         } else {
             out.push(count / fixed);

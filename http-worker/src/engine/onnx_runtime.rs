@@ -252,7 +252,7 @@ impl Runner for OrtRunner {
         let n = self.sessions.len();
         let mut guard = (0..n)
             .find_map(|i| self.sessions[(start + i) % n].try_lock().ok())
-            .map_or_else(|| self.sessions[start % n].lock().unwrap_or_else(|p| p.into_inner()), |g| g);
+            .unwrap_or_else(|| self.sessions[start % n].lock().unwrap_or_else(|p| p.into_inner()));
         let outputs = guard.run(values).map_err(|e| e.to_string())?;
         wanted
             .iter()
