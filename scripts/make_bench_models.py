@@ -3,6 +3,9 @@
 
 - `cnn`: a small convolutional network on [-1, 3, 64, 64] FP32 that costs a few
   milliseconds per inference on one core; for scaling benchmarks.
+- `vision`: a VGG-style image classifier on [-1, 3, 224, 224] FP32 (four stages
+  of two 3x3 convolutions, about 2.6 GMAC): tens of milliseconds per image on
+  one core, the size of model whose serving overhead must stay under 10%.
 - `large`: takes [-1, -1, 512, 512] FP32 (1 MiB per channel: 1 channel is
   1 MiB, 4 channels 4 MiB) and reduces it cheaply (global average pool), for
   request-body-size benchmarks.
@@ -57,6 +60,35 @@ def cnn(rng):
     return m
 
 
+def vision(rng):
+    chans = [3, 64, 128, 256, 512]
+    inits, nodes, x = [], [], "image"
+    for stage in range(4):
+        for j, (cin, stride) in enumerate([(chans[stage], 2), (chans[stage + 1], 1)]):
+            cout = chans[stage + 1]
+            w = (rng.standard_normal((cout, cin, 3, 3)) * (2.0 / (9 * cin)) ** 0.5).astype(np.float32)
+            name = f"s{stage}c{j}"
+            inits += [numpy_helper.from_array(w, f"{name}w"), numpy_helper.from_array(np.zeros(cout, np.float32), f"{name}b")]
+            nodes.append(helper.make_node("Conv", [x, f"{name}w", f"{name}b"], [name], pads=[1, 1, 1, 1], strides=[stride, stride]))
+            nodes.append(helper.make_node("Relu", [name], [f"{name}r"]))
+            x = f"{name}r"
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"]))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
+    wf = (rng.standard_normal((512, 1000)) * 0.05).astype(np.float32)
+    inits += [numpy_helper.from_array(wf, "wf"), numpy_helper.from_array(np.zeros(1000, np.float32), "bf")]
+    nodes.append(helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"]))
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
+    g = helper.make_graph(
+        nodes, "vision",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 224, 224])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 1000])],
+        initializer=inits,
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], producer_name="tandem-bench")
+    m.ir_version = 8
+    return m
+
+
 def large():
     nodes = [helper.make_node("ReduceMean", ["image"], ["mean"], axes=[2, 3], keepdims=0)]
     g = helper.make_graph(
@@ -76,6 +108,7 @@ def main():
     rng = np.random.default_rng(0)
     save(cnn(rng), out, "cnn", 16)
     save(large(), out, "large", 4)
+    save(vision(rng), out, "vision", 16)
     return 0
 
 
