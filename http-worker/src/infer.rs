@@ -289,7 +289,7 @@ pub fn encode_response(
     requested: &[Requested],
     outputs: Vec<Tensor>,
 ) -> Result<(Vec<u8>, Option<usize>), ApiError> {
-    let mut tail = Vec::new();
+    let mut binary: Vec<TensorData> = Vec::new();
     let mut json_outputs = Vec::with_capacity(requested.len());
     for (r, tensor) in requested.iter().zip(outputs) {
         let meta = &model.outputs[r.index];
@@ -305,9 +305,8 @@ pub fn encode_response(
             parameters: None,
         };
         if r.binary {
-            let before = tail.len();
-            write_binary(&tensor.data, &mut tail);
-            out.parameters = Some(serde_json::json!({ "binary_data_size": tail.len() - before }));
+            out.parameters = Some(serde_json::json!({ "binary_data_size": binary_size(&tensor.data) }));
+            binary.push(tensor.data);
         } else {
             out.data = Some(JsonData(tensor.data));
         }
@@ -321,11 +320,15 @@ pub fn encode_response(
     };
     let mut body =
         serde_json::to_vec(&response).map_err(|e| ApiError::internal(format!("cannot encode the response: {e}")))?;
-    if tail.is_empty() && requested.iter().all(|r| !r.binary) {
+    if requested.iter().all(|r| !r.binary) {
         return Ok((body, None));
     }
+    // The binary parts go straight after the JSON: one copy of each output.
     let json_len = body.len();
-    body.extend_from_slice(&tail);
+    body.reserve(binary.iter().map(binary_size).sum());
+    for data in &binary {
+        write_binary(data, &mut body);
+    }
     Ok((body, Some(json_len)))
 }
 
@@ -338,14 +341,17 @@ fn classify(t: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, ApiError>
         [b, rest @ ..] => (*b, rest.iter().product()),
     };
     let k = k.min(classes.max(1));
+    // Scores print in their own precision (an FP32 0.99998 is not 0.9999840259552002).
+    let single = matches!(t.data, TensorData::F32(_) | TensorData::F16(_) | TensorData::BF16(_));
+    let score = |x: f64| if single { (x as f32).to_string() } else { x.to_string() };
     let mut out = Vec::with_capacity(rows * k);
     for row in scores.chunks(classes.max(1)) {
         let mut idx: Vec<usize> = (0..row.len()).collect();
         idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
         for &i in idx.iter().take(k) {
             let text = match labels.get(i) {
-                Some(l) => format!("{}:{i}:{l}", row[i]),
-                None => format!("{}:{i}", row[i]),
+                Some(l) => format!("{}:{i}:{l}", score(row[i])),
+                None => format!("{}:{i}", score(row[i])),
             };
             out.push(text.into_bytes());
         }
@@ -431,6 +437,31 @@ trait Elem: Copy + Sized {
     fn from_json(v: &Value) -> Option<Self>;
     fn read_le(b: &[u8]) -> Self;
     fn write_le(self, out: &mut Vec<u8>);
+
+    /// Decodes a whole little-endian buffer (compiles to a plain copy loop; no zeroing first).
+    fn read_all(bytes: &[u8]) -> Vec<Self> {
+        bytes.chunks_exact(Self::SIZE).map(Self::read_le).collect()
+    }
+
+    /// Appends a whole slice little-endian.
+    fn write_all(v: &[Self], out: &mut Vec<u8>) {
+        out.reserve(v.len() * Self::SIZE);
+        v.iter().for_each(|&x| x.write_le(out));
+    }
+}
+
+/// Numbers whose memory is their little-endian encoding on this host: one copy out.
+macro_rules! pod_bulk {
+    () => {
+        fn write_all(v: &[Self], out: &mut Vec<u8>) {
+            if cfg!(target_endian = "little") {
+                out.extend_from_slice(bytemuck::cast_slice(v));
+            } else {
+                out.reserve(v.len() * Self::SIZE);
+                v.iter().for_each(|&x| x.write_le(out));
+            }
+        }
+    };
 }
 
 macro_rules! int_elem {
@@ -453,6 +484,7 @@ macro_rules! int_elem {
             fn write_le(self, out: &mut Vec<u8>) {
                 out.extend_from_slice(&self.to_le_bytes());
             }
+            pod_bulk!();
         }
     )*};
 }
@@ -471,6 +503,7 @@ macro_rules! float_elem {
             fn write_le(self, out: &mut Vec<u8>) {
                 out.extend_from_slice(&self.to_le_bytes());
             }
+            pod_bulk!();
         }
     )*};
 }
@@ -568,7 +601,7 @@ macro_rules! with_fixed {
 }
 
 fn from_binary(name: &str, dt: DataType, count: usize, bytes: &[u8]) -> Result<TensorData, ApiError> {
-    with_fixed!(dt, T, V => Ok(V(bytes.chunks_exact(T::SIZE).map(T::read_le).collect())), bytes => {
+    with_fixed!(dt, T, V => Ok(V(T::read_all(bytes))), bytes => {
         // Each element: a 4-byte little-endian length, then that many bytes.
         let mut items = Vec::with_capacity(count.min(1 << 20));
         let mut rest = bytes;
@@ -626,28 +659,36 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
     }
 }
 
+/// Bytes of the binary tensor encoding of `data`.
+fn binary_size(data: &TensorData) -> usize {
+    match data {
+        TensorData::Bytes(v) => v.iter().map(|b| 4 + b.len()).sum(),
+        other => other.len() * other.datatype().size(),
+    }
+}
+
 /// Appends the binary tensor encoding (little-endian; BYTES length-prefixed).
 fn write_binary(data: &TensorData, out: &mut Vec<u8>) {
     match data {
-        TensorData::U8(v) => out.extend_from_slice(v),
         TensorData::Bytes(v) => {
             for b in v {
                 out.extend_from_slice(&(b.len() as u32).to_le_bytes());
                 out.extend_from_slice(b);
             }
         }
-        TensorData::Bool(v) => v.iter().for_each(|&x| x.write_le(out)),
-        TensorData::U16(v) => v.iter().for_each(|&x| x.write_le(out)),
-        TensorData::U32(v) => v.iter().for_each(|&x| x.write_le(out)),
-        TensorData::U64(v) => v.iter().for_each(|&x| x.write_le(out)),
-        TensorData::I8(v) => v.iter().for_each(|&x| x.write_le(out)),
-        TensorData::I16(v) => v.iter().for_each(|&x| x.write_le(out)),
-        TensorData::I32(v) => v.iter().for_each(|&x| x.write_le(out)),
-        TensorData::I64(v) => v.iter().for_each(|&x| x.write_le(out)),
-        TensorData::F16(v) => v.iter().for_each(|&x| x.write_le(out)),
-        TensorData::BF16(v) => v.iter().for_each(|&x| x.write_le(out)),
-        TensorData::F32(v) => v.iter().for_each(|&x| x.write_le(out)),
-        TensorData::F64(v) => v.iter().for_each(|&x| x.write_le(out)),
+        TensorData::Bool(v) => Elem::write_all(v, out),
+        TensorData::U8(v) => Elem::write_all(v, out),
+        TensorData::U16(v) => Elem::write_all(v, out),
+        TensorData::U32(v) => Elem::write_all(v, out),
+        TensorData::U64(v) => Elem::write_all(v, out),
+        TensorData::I8(v) => Elem::write_all(v, out),
+        TensorData::I16(v) => Elem::write_all(v, out),
+        TensorData::I32(v) => Elem::write_all(v, out),
+        TensorData::I64(v) => Elem::write_all(v, out),
+        TensorData::F16(v) => Elem::write_all(v, out),
+        TensorData::BF16(v) => Elem::write_all(v, out),
+        TensorData::F32(v) => Elem::write_all(v, out),
+        TensorData::F64(v) => Elem::write_all(v, out),
     }
 }
 
@@ -815,6 +856,6 @@ mod tests {
         assert_eq!(v["id"], "r1");
         assert_eq!(v["outputs"][0]["datatype"], "BYTES");
         assert_eq!(v["outputs"][0]["shape"], serde_json::json!([1, 2]));
-        assert!(v["outputs"][0]["data"][0].as_str().expect("str").ends_with(":7:7"), "{v}");
+        assert_eq!(v["outputs"][0]["data"][0], "0.9:7:7", "FP32 scores print as FP32: {v}");
     }
 }

@@ -20,6 +20,7 @@ pub use router::{router, AppState, Scheme};
 
 /// Runs the HTTP worker until it is told to stop; returns when drained.
 pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
+    tandem_shared::sys::keep_large_allocations();
     let control = attach(&settings)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / settings.num_workers.max(1)).max(1);

@@ -28,6 +28,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the HTTPS worker until it is told to stop; returns when drained.
 pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
+    tandem_shared::sys::keep_large_allocations();
     let control = attach(&settings)?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the tokio runtime")?;

@@ -136,6 +136,19 @@ pub struct ShmSettings {
     pub request_timeout: Duration,
 }
 
+/// Variables a worker process keeps from the supervisor's environment: not
+/// tandem settings (those travel in [`WORKER_SETTINGS_VAR`]) but what the
+/// libraries in the process read: the dynamic loader and CUDA (`LD_LIBRARY_PATH`,
+/// `CUDA_VISIBLE_DEVICES`, `NVIDIA_*`), the C allocator (`GLIBC_TUNABLES`,
+/// `MALLOC_*`), OpenMP threads and the time zone.
+pub const INHERITED_PREFIXES: &[&str] =
+    &["LD_LIBRARY_PATH", "CUDA_", "NVIDIA_", "GLIBC_TUNABLES", "MALLOC_", "OMP_", "TZ"];
+
+/// The part of `vars` a worker keeps ([`INHERITED_PREFIXES`]).
+pub fn inherited_env(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    vars.into_iter().filter(|(k, _)| INHERITED_PREFIXES.iter().any(|p| k.starts_with(p))).collect()
+}
+
 static LOGGING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether [`init_logging`] ran (errors then go through tracing, not a bare line).

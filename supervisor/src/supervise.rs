@@ -304,6 +304,7 @@ impl Supervisor {
         cmd.arg0("tandem")
             .arg(role.subcommand())
             .env_clear()
+            .envs(tandem_shared::inherited_env(std::env::vars()))
             .env(WORKER_SETTINGS_VAR, serde_json::to_string(&settings)?)
             .env("LISTEN_FDS", "1")
             .env("LISTEN_FDNAMES", if role == Role::HttpWorker { "http" } else { "https" })
