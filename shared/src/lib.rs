@@ -107,6 +107,9 @@ pub struct EngineSettings {
     pub strict_readiness: bool,
     /// A model that fails to load stops start-up.
     pub exit_on_model_error: bool,
+    /// This worker logs what the configurations ask that tandem ignores (the
+    /// first engine worker does, so each note appears once per supervisor life).
+    pub log_config_notes: bool,
 }
 
 impl Default for EngineSettings {
@@ -119,6 +122,7 @@ impl Default for EngineSettings {
             threads: 1,
             strict_readiness: true,
             exit_on_model_error: false,
+            log_config_notes: true,
         }
     }
 }

@@ -196,7 +196,7 @@ pub fn announce(settings: &EngineSettings) {
             backend = "onnxruntime",
             version = %lib.version,
             library = %lib.path.display(),
-            device = ?settings.device,
+            device = if settings.device == Device::Cuda { "cuda" } else { "cpu" },
             cuda_available = lib.cuda,
             "engine: ONNX Runtime"
         ),

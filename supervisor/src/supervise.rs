@@ -278,7 +278,7 @@ impl Supervisor {
             live_cert: self.config.cert_dir().join(tandem_shared::tls::LIVE_FILE),
             cert_status: self.https_addr.map(|_| self.config.cert_dir().join(tandem_shared::tls::STATUS_FILE)),
             model_repository: self.model_repository.clone(),
-            engine: self.engine_settings(),
+            engine: self.engine_settings(worker_id),
             max_request_bytes: self.config.max_request_bytes,
             graceful_timeout: self.config.graceful_timeout,
             shm: self.shm.as_ref().map(|_| ShmSettings {
@@ -526,13 +526,13 @@ impl Supervisor {
 
     /// The engine settings for a worker spawned now: `ENGINE_THREADS`, else the
     /// cores shared out over the engine workers, so the machine is never oversubscribed.
-    fn engine_settings(&self) -> EngineSettings {
+    fn engine_settings(&self, worker_id: u64) -> EngineSettings {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = match self.engine.threads {
             0 => (cores / self.http_slots().max(1)).max(1),
             n => n,
         };
-        EngineSettings { threads, ..self.engine.clone() }
+        EngineSettings { threads, log_config_notes: worker_id == 1, ..self.engine.clone() }
     }
 
     fn http_slots(&self) -> usize {

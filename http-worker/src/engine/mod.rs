@@ -292,8 +292,9 @@ fn load_model(dir: &repository::ModelDir, settings: &EngineSettings) -> Model {
         Ok(c) => c,
         Err(e) => return Model { error: Some(e.clone()), ..Model::default() },
     };
-    if !loaded.ignored.is_empty() {
-        tracing::info!(model = %dir.name, fields = ?loaded.ignored, "configuration fields ignored by tandem");
+    if !loaded.ignored.is_empty() && settings.log_config_notes {
+        let fields = loaded.ignored.join(", ");
+        tracing::info!(model = %dir.name, %fields, "configuration fields tandem does not act on (ignored)");
     }
     let config = &loaded.config;
     let chosen = match repository::versions(&dir.dir, config) {
