@@ -464,6 +464,19 @@ macro_rules! pod_bulk {
     };
 }
 
+/// `read_le`, `write_le` and the bulk copies of a number type (its `to_le_bytes` encoding).
+macro_rules! le_codec {
+    ($t:ty) => {
+        fn read_le(b: &[u8]) -> Self {
+            <[u8; std::mem::size_of::<$t>()]>::try_from(b).map(<$t>::from_le_bytes).unwrap_or_default()
+        }
+        fn write_le(self, out: &mut Vec<u8>) {
+            out.extend_from_slice(&self.to_le_bytes());
+        }
+        pod_bulk!();
+    };
+}
+
 macro_rules! int_elem {
     ($($t:ty),*) => {$(
         impl Elem for $t {
@@ -478,13 +491,7 @@ macro_rules! int_elem {
                     _ => None,
                 }
             }
-            fn read_le(b: &[u8]) -> Self {
-                <[u8; std::mem::size_of::<$t>()]>::try_from(b).map(<$t>::from_le_bytes).unwrap_or_default()
-            }
-            fn write_le(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
-            }
-            pod_bulk!();
+            le_codec!($t);
         }
     )*};
 }
@@ -497,13 +504,7 @@ macro_rules! float_elem {
             fn from_json(v: &Value) -> Option<Self> {
                 v.as_f64().map($from)
             }
-            fn read_le(b: &[u8]) -> Self {
-                <[u8; std::mem::size_of::<$t>()]>::try_from(b).map(<$t>::from_le_bytes).unwrap_or_default()
-            }
-            fn write_le(self, out: &mut Vec<u8>) {
-                out.extend_from_slice(&self.to_le_bytes());
-            }
-            pod_bulk!();
+            le_codec!($t);
         }
     )*};
 }

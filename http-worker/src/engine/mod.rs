@@ -410,10 +410,9 @@ fn tract_batched(file: &Path) -> bool {
         return false;
     };
     let Some(graph) = proto.graph.as_ref() else { return false };
-    let init: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    let mut inputs = graph.input.iter().filter(|v| !init.contains(&v.name.as_str())).peekable();
-    inputs.peek().is_some()
-        && inputs.all(|v| {
+    let inputs = tract_backend::fed_inputs(graph);
+    !inputs.is_empty()
+        && inputs.iter().all(|v| {
             use tract_onnx::pb::{tensor_shape_proto::dimension::Value as D, type_proto::Value as T};
             match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
                 Some(T::TensorType(t)) => t
@@ -439,10 +438,7 @@ fn apply_config(
     let batch_rank = usize::from(max_batch_size > 0);
     let mut input_reshape = vec![None; inputs.len()];
     for ci in &config.input {
-        let Some(i) = inputs.iter().position(|m| m.name == ci.name) else {
-            let known: Vec<&str> = inputs.iter().map(|m| m.name.as_str()).collect();
-            return Err(format!("configuration input {:?} is not an input of the model; it has {known:?}", ci.name));
-        };
+        let i = position(&inputs, &ci.name, "input")?;
         let meta = &mut inputs[i];
         check_type(&meta.name, "input", meta.datatype, ci.data_type)?;
         if max_batch_size > 0 && ci.reshape.is_none() && meta.shape.first().is_some_and(|&d| d > 0) {
@@ -464,10 +460,7 @@ fn apply_config(
     let mut output_reshape = vec![None; outputs.len()];
     let mut labels = vec![Vec::new(); outputs.len()];
     for co in &config.output {
-        let Some(i) = outputs.iter().position(|m| m.name == co.name) else {
-            let known: Vec<&str> = outputs.iter().map(|m| m.name.as_str()).collect();
-            return Err(format!("configuration output {:?} is not an output of the model; it has {known:?}", co.name));
-        };
+        let i = position(&outputs, &co.name, "output")?;
         let meta = &mut outputs[i];
         check_type(&meta.name, "output", meta.datatype, co.data_type)?;
         if !co.dims.is_empty() {
@@ -507,6 +500,14 @@ fn apply_config(
         input_reshape,
         output_reshape,
         runner,
+    })
+}
+
+/// Where the model has the tensor a configuration names, or an error listing what it has.
+fn position(tensors: &[TensorMeta], name: &str, kind: &str) -> Result<usize, String> {
+    tensors.iter().position(|m| m.name == name).ok_or_else(|| {
+        let known: Vec<&str> = tensors.iter().map(|m| m.name.as_str()).collect();
+        format!("configuration {kind} {name:?} is not an {kind} of the model; it has {known:?}")
     })
 }
 

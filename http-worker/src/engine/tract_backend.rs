@@ -50,9 +50,7 @@ pub fn load(file: &Path, opts: &LoadOptions) -> Result<Loaded, String> {
     let onnx = onnx();
     let proto = onnx.proto_model_for_path(file).map_err(|e| format!("{e:#}"))?;
     let graph = proto.graph.as_ref().ok_or("the file has no graph")?;
-    let initializers: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    let graph_inputs: Vec<&pb::ValueInfoProto> =
-        graph.input.iter().filter(|v| !initializers.contains(&v.name.as_str())).collect();
+    let graph_inputs = fed_inputs(graph);
     let mut inputs = Vec::new();
     for v in &graph_inputs {
         inputs.push(meta(v).map_err(|e| format!("input {}: {e}", v.name))?);
@@ -131,6 +129,12 @@ fn analyse(
     }
     let typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(|e| format!("{e:#}"))?;
     Ok((typed, batch_sym))
+}
+
+/// The graph inputs a request feeds: those without an initializer (the others are weights).
+pub fn fed_inputs(graph: &pb::GraphProto) -> Vec<&pb::ValueInfoProto> {
+    let initializers: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    graph.input.iter().filter(|v| !initializers.contains(&v.name.as_str())).collect()
 }
 
 /// An optimised plan for exactly these input shapes.
@@ -308,10 +312,7 @@ impl TractRunner {
                     return Ok(plan);
                 }
                 let graph = proto.graph.as_ref().ok_or("the file has no graph")?;
-                let init: Vec<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-                let graph_inputs: Vec<&pb::ValueInfoProto> =
-                    graph.input.iter().filter(|v| !init.contains(&v.name.as_str())).collect();
-                let plan = plan_for_shapes(&onnx(), proto, &graph_inputs, metas, &self.opts, &shapes)?;
+                let plan = plan_for_shapes(&onnx(), proto, &fed_inputs(graph), metas, &self.opts, &shapes)?;
                 if plans.len() >= MAX_PLANS {
                     plans.remove(0);
                 }
