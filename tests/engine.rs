@@ -72,6 +72,16 @@ fn bad_requests_get_json_errors_and_never_kill_a_worker() {
         (b"{not json".to_vec(), vec![], 400),
         (br#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[1,2]}]}"#.to_vec(), vec![], 400),
         (br#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"INT64","data":[1]}]}"#.to_vec(), vec![], 400),
+        // Out of FP32's range: refused, not silently infinity.
+        (
+            format!(
+                r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[1e39{}]}}]}}"#,
+                ",1".repeat(63)
+            )
+            .into_bytes(),
+            vec![],
+            400,
+        ),
         (br#"{"inputs":[]}"#.to_vec(), vec![("inference-header-content-length", "999")], 400),
         (vec![b' '; 10_000], vec![], 413),
     ];
@@ -84,6 +94,9 @@ fn bad_requests_get_json_errors_and_never_kill_a_worker() {
         assert_eq!(resp.status().as_u16(), want);
         let json: serde_json::Value = resp.json().unwrap();
         assert!(json["error"].as_str().is_some_and(|e| !e.is_empty()), "{json}");
+        if json["error"].as_str().is_some_and(|e| e.contains("1e39")) {
+            assert!(json["error"].as_str().unwrap().contains("input pixels"), "{json}");
+        }
     }
     // A chunked body with no length is cut off at the limit too. Raw TCP:
     // the server answers before the client has finished sending.

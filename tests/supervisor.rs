@@ -302,3 +302,18 @@ fn taken_port_is_one_clear_error() {
     assert!(t.stderr().contains(&format!("127.0.0.1:{port}")), "address not named\n{}", t.explain());
     assert!(Tandem::children_of(t.pid()).is_empty());
 }
+
+#[test]
+fn environment_values_that_are_not_utf8_never_panic() {
+    // A variable tandem does not read: ignored, and passed to no worker.
+    let t = TandemBuilder::new().env_bytes("SOME_OTHER_TOOL", b"caf\xe9").start();
+    assert_eq!(Tandem::http_client().get(t.http_url("/v2/health/live")).send().unwrap().status(), 200);
+    drop(t);
+    // One it reads: exit 2 naming it, nothing written.
+    let b = TandemBuilder::new().env_bytes("PORT", b"90\xff1");
+    let cache = b.dir().join("cache");
+    let mut t = b.spawn();
+    assert_eq!(t.wait_exit(Duration::from_secs(20)).code(), Some(2), "{}", t.explain());
+    assert!(t.stderr().contains("PORT=") && t.stderr().contains("valid UTF-8"), "{}", t.explain());
+    assert!(!cache.exists());
+}

@@ -502,13 +502,19 @@ macro_rules! float_elem {
         impl Elem for $t {
             const SIZE: usize = std::mem::size_of::<$t>();
             fn from_json(v: &Value) -> Option<Self> {
-                v.as_f64().map($from)
+                v.as_f64().and_then($from)
             }
             le_codec!($t);
         }
     )*};
 }
-float_elem!(f32 => |f| f as f32, f64 => |f| f, f16 => f16::from_f64, bf16 => bf16::from_f64);
+// A JSON number is finite; one that only fits as infinity is out of the type's range, refused (not rounded to inf).
+float_elem!(
+    f32 => |f| Some(f as f32).filter(|x| x.is_finite()),
+    f64 => Some,
+    f16 => |f| Some(f16::from_f64(f)).filter(|x| x.is_finite()),
+    bf16 => |f| Some(bf16::from_f64(f)).filter(|x| x.is_finite())
+);
 
 impl Elem for bool {
     const SIZE: usize = 1;
@@ -833,9 +839,20 @@ mod tests {
             }
             assert_eq!(from_binary("x", dt, 2, &le).expect("from_le"), t, "{dt}");
         }
-        // Out of range for the type is refused, not wrapped.
-        let data: Value = serde_json::from_str("[256]").expect("json");
-        assert!(from_json("x", DataType::UINT8, 1, &data).is_err());
+        // Out of range for the type is refused, not wrapped or rounded to infinity.
+        for (dt, json) in [
+            (DataType::UINT8, "[256]"),
+            (DataType::INT8, "[-129]"),
+            (DataType::FP32, "[1e39]"),
+            (DataType::FP16, "[70000]"),
+            (DataType::BF16, "[-1e39]"),
+        ] {
+            let data: Value = serde_json::from_str(json).expect("json");
+            let err = from_json("x", dt, 1, &data).expect_err(json);
+            assert!(err.message.contains("input x: element 0") && err.message.contains(dt.name()), "{}", err.message);
+        }
+        let big: Value = serde_json::from_str("[3.4e38, 65504]").expect("json");
+        assert!(from_json("x", DataType::FP32, 2, &big).is_ok());
         // A BYTES length prefix that overruns the data is refused.
         assert!(from_binary("x", DataType::BYTES, 1, &[9, 0, 0, 0, b'a']).is_err());
         assert!(from_binary("x", DataType::BYTES, 1, &[1, 0]).is_err());

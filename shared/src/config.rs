@@ -1,6 +1,6 @@
 //! Configuration: every environment variable tandem reads, parsed once by the supervisor.
 //!
-//! The supervisor passes a map of variables (normally `std::env::vars()`) to
+//! The supervisor passes a map of variables (normally the process environment) to
 //! [`Config::from_vars`]; tests pass their own map and never touch the process
 //! environment. Every variable is checked and every problem is reported at once.
 
@@ -22,6 +22,9 @@ pub struct EnvVar {
     /// What it means and what it accepts.
     pub meaning: &'static str,
 }
+
+/// The most HTTP workers tandem runs (`NUM_WORKERS`, and SIGTTIN stops here).
+pub const MAX_WORKERS: usize = 256;
 
 /// Every environment variable tandem reads; the README's table mirrors this list.
 pub const ENV_VARS: &[EnvVar] = &[
@@ -57,7 +60,7 @@ pub const ENV_VARS: &[EnvVar] = &[
     EnvVar {
         name: "SSL_REFRESH_INTERVAL",
         default: "86400",
-        meaning: "seconds between checks of the certificate source",
+        meaning: "seconds between checks of the certificate source (1-31536000)",
     },
     EnvVar {
         name: "SSL_SAN",
@@ -364,7 +367,35 @@ fn is_readable_file(p: &Path) -> bool {
 impl Config {
     /// Parses the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_vars(std::env::vars())
+        // vars() would panic on a value that is not UTF-8, even in a variable tandem
+        // never reads; read bytes, and report the ones tandem does read.
+        let mut not_utf8 = Vec::new();
+        let vars: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| {
+                let k = k.into_string().ok()?;
+                match v.into_string() {
+                    Ok(v) => Some((k, v)),
+                    Err(v) => {
+                        if let Some(e) = ENV_VARS.iter().find(|e| e.name == k) {
+                            not_utf8.push(Problem {
+                                var: e.name,
+                                value: v.to_string_lossy().into_owned(),
+                                accepted: "valid UTF-8 text".into(),
+                            });
+                        }
+                        None
+                    }
+                }
+            })
+            .collect();
+        match Self::from_vars(vars) {
+            Ok(c) if not_utf8.is_empty() => Ok(c),
+            Ok(_) => Err(ConfigError { problems: not_utf8 }),
+            Err(mut e) => {
+                not_utf8.append(&mut e.problems);
+                Err(ConfigError { problems: not_utf8 })
+            }
+        }
     }
 
     /// Parses the given variables; names not listed in [`ENV_VARS`] are ignored.
@@ -385,7 +416,7 @@ impl Config {
         );
         let port = c.get("PORT", &raw.port, 9001u16, "a port number 0-65535", |v| v.parse().ok());
         let num_workers =
-            c.get("NUM_WORKERS", &raw.num_workers, 1usize, "an integer 1-256", |v| parse_range(v, 1, 256));
+            c.get("NUM_WORKERS", &raw.num_workers, 1usize, "an integer 1-256", |v| parse_range(v, 1, MAX_WORKERS));
         let enable_ssl = c.get("ENABLE_SSL", &raw.enable_ssl, false, "true/false/1/0/yes/no (any case)", parse_bool);
         let default_ssl_port = match port {
             80 => Some(443),
@@ -443,8 +474,8 @@ impl Config {
             "SSL_REFRESH_INTERVAL",
             &raw.ssl_refresh_interval,
             Duration::from_secs(86400),
-            "a whole number of seconds, at least 1",
-            |v| parse_range(v, 1u64, u64::MAX / 2).map(Duration::from_secs),
+            "a whole number of seconds 1-31536000 (one year)",
+            |v| parse_range(v, 1u64, 31_536_000).map(Duration::from_secs),
         );
         let ssl_san = c.get("SSL_SAN", &raw.ssl_san, Vec::new(), "comma-separated DNS names or IP addresses", |v| {
             let names: Vec<String> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
@@ -631,6 +662,13 @@ mod tests {
         assert_eq!(vars, ["PORT", "NUM_WORKERS", "ENABLE_SSL", "SSL_CERTIFICATE", "LOG_FORMAT"]);
         let text = err.to_string();
         assert!(text.contains("PORT=\"abc\": expected a port number 0-65535"), "{text}");
+    }
+
+    #[test]
+    fn a_refresh_interval_past_a_year_is_refused_not_overflowed() {
+        assert!(parse(&[("SSL_REFRESH_INTERVAL", "31536000")]).is_ok());
+        let err = parse(&[("SSL_REFRESH_INTERVAL", "9223372036854775807")]).expect_err("too long");
+        assert_eq!(err.problems[0].var, "SSL_REFRESH_INTERVAL");
     }
 
     #[test]

@@ -148,9 +148,12 @@ pub struct ShmSettings {
 pub const INHERITED_PREFIXES: &[&str] =
     &["LD_LIBRARY_PATH", "CUDA_", "NVIDIA_", "GLIBC_TUNABLES", "MALLOC_", "OMP_", "TZ"];
 
-/// The part of `vars` a worker keeps ([`INHERITED_PREFIXES`]).
-pub fn inherited_env(vars: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
-    vars.into_iter().filter(|(k, _)| INHERITED_PREFIXES.iter().any(|p| k.starts_with(p))).collect()
+/// The part of this process's environment a worker keeps ([`INHERITED_PREFIXES`]).
+/// Values pass through as bytes: a value that is not UTF-8 is kept, never a panic.
+pub fn inherited_env() -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    std::env::vars_os()
+        .filter(|(k, _)| k.to_str().is_some_and(|k| INHERITED_PREFIXES.iter().any(|p| k.starts_with(p))))
+        .collect()
 }
 
 static LOGGING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -99,7 +99,7 @@ fn probe(exe: &Path, path: &Path) -> Result<OrtLibrary, String> {
         .arg("engine-probe")
         .arg(path)
         .env_clear()
-        .envs(tandem_shared::inherited_env(std::env::vars()))
+        .envs(tandem_shared::inherited_env())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

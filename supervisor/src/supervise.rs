@@ -304,7 +304,7 @@ impl Supervisor {
         cmd.arg0("tandem")
             .arg(role.subcommand())
             .env_clear()
-            .envs(tandem_shared::inherited_env(std::env::vars()))
+            .envs(tandem_shared::inherited_env())
             .env(WORKER_SETTINGS_VAR, serde_json::to_string(&settings)?)
             .env("LISTEN_FDS", "1")
             .env("LISTEN_FDNAMES", if role == Role::HttpWorker { "http" } else { "https" })
@@ -541,6 +541,14 @@ impl Supervisor {
 
     fn add_worker(&mut self) -> anyhow::Result<()> {
         if matches!(self.phase, Phase::Stopping { .. }) {
+            return Ok(());
+        }
+        if self.http_slots() >= tandem_shared::config::MAX_WORKERS {
+            tracing::warn!(
+                workers = self.http_slots(),
+                max = tandem_shared::config::MAX_WORKERS,
+                "SIGTTIN ignored: already at the most HTTP workers tandem runs"
+            );
             return Ok(());
         }
         let at = self.slots.iter().rposition(|s| s.role == Role::HttpWorker).map_or(0, |i| i + 1);

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::TcpListener;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -71,6 +72,8 @@ pub struct Tandem {
 /// Builder for a tandem process.
 pub struct TandemBuilder {
     env: BTreeMap<String, String>,
+    /// Variables whose values are raw bytes (not UTF-8).
+    raw_env: Vec<(String, Vec<u8>)>,
     wrapper: Vec<String>,
     dir: tempfile::TempDir,
 }
@@ -88,11 +91,18 @@ impl TandemBuilder {
         env.insert("SSL_CERTIFICATE".into(), "GENERATE".into());
         env.insert("GRACEFUL_TIMEOUT".into(), "10".into());
         env.insert("LOG_LEVEL".into(), "info".into());
-        TandemBuilder { env, wrapper: Vec::new(), dir }
+        TandemBuilder { env, raw_env: Vec::new(), wrapper: Vec::new(), dir }
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.insert(k.into(), v.into());
+        self
+    }
+
+    /// Sets a variable to raw bytes (e.g. a value that is not UTF-8).
+    pub fn env_bytes(mut self, k: &str, v: &[u8]) -> Self {
+        self.env.remove(k);
+        self.raw_env.push((k.to_string(), v.to_vec()));
         self
     }
 
@@ -126,6 +136,7 @@ impl TandemBuilder {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(&self.env)
+            .envs(self.raw_env.iter().map(|(k, v)| (k, std::ffi::OsStr::from_bytes(v))))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
