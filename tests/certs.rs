@@ -436,3 +436,35 @@ fn a_certificate_in_its_last_third_is_served_with_a_warning() {
     assert_eq!(status["certificate"]["renew_soon"], true, "{status}");
     assert!(status["certificate"]["days_left"].as_i64().unwrap() <= 10, "{status}");
 }
+
+#[test]
+fn indirect_credentials_never_show_and_oversized_downloads_are_refused() {
+    let ca = TestCa::new();
+    let work = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(work.path().join("www")).unwrap();
+    let server = CertServer::start(work.path(), &ca);
+    let ca_file = work.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    // A "bundle" of 3 MiB: refused by size, not parsed.
+    std::fs::write(work.path().join("www/fullchain.pem"), vec![b'A'; 3 << 20]).unwrap();
+    std::fs::write(work.path().join("www/privkey.pem"), b"key").unwrap();
+    let url = format!("https://robot:s3cret@localhost:{}/certs/?token=t0ken#frag", server.port);
+    std::fs::create_dir_all(work.path().join("www/certs")).unwrap();
+    std::fs::rename(work.path().join("www/fullchain.pem"), work.path().join("www/certs/fullchain.pem")).unwrap();
+    std::fs::rename(work.path().join("www/privkey.pem"), work.path().join("www/certs/privkey.pem")).unwrap();
+    let t = TandemBuilder::new()
+        .ssl()
+        .env("SSL_CERTIFICATE", "INDIRECT")
+        .env("SSL_INDIRECT_URL", &url)
+        .env("SSL_CERT_FILE", ca_file.to_str().unwrap())
+        .start();
+    let info = json_of(&t, "/");
+    let error = info["certificate"]["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("larger than 1048576 bytes"), "{info}\n{}", t.explain());
+    assert!(error.contains("localhost"), "the redacted URL still says where: {error}");
+    assert_eq!(info["certificate"]["degraded"], true, "{info}");
+    for secret in ["s3cret", "t0ken", "robot", "frag"] {
+        assert!(!info.to_string().contains(secret), "GET / leaks {secret}: {info}");
+        assert!(!t.stderr().contains(secret), "the log leaks {secret}\n{}", t.explain());
+    }
+}

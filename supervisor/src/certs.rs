@@ -20,6 +20,26 @@ const FILE_POLL: Duration = Duration::from_secs(5);
 /// At most one expiry warning per this period.
 const EXPIRY_WARN_EVERY: Duration = Duration::from_secs(3600);
 
+/// The most a downloaded `fullchain.pem` or `privkey.pem` may hold.
+const MAX_DOWNLOAD_BYTES: usize = 1 << 20;
+
+/// A URL as it may be shown and logged: no user or password, and no query or
+/// fragment (where tokens live), so `GET /` and the log never leak a credential.
+pub fn redact_url(raw: &str) -> String {
+    match reqwest::Url::parse(raw) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            if u.query().is_some() {
+                u.set_query(Some("redacted"));
+            }
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => "(a URL that does not parse)".to_string(),
+    }
+}
+
 /// Why no certificate could be obtained.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -42,6 +62,14 @@ pub enum SourceError {
         /// The cause.
         #[source]
         source: reqwest::Error,
+    },
+    /// The download is larger than any certificate bundle.
+    #[error("{url} is larger than {limit} bytes; a certificate bundle is a few KiB")]
+    TooLarge {
+        /// The URL (redacted).
+        url: String,
+        /// The bound.
+        limit: usize,
     },
     /// The download client could not be built.
     #[error("cannot build the download client: {0}")]
@@ -163,25 +191,46 @@ impl CertManager {
             .https_only(true)
             .build()
             .map_err(|e| SourceError::Client(e.to_string()))?;
-        let base = if self.indirect_url.ends_with('/') {
-            self.indirect_url.clone()
-        } else {
-            format!("{}/", self.indirect_url)
+        // The files live below the base URL's path; its query (a signed-URL token) applies to each.
+        let file_url = |name: &str| -> Result<String, SourceError> {
+            let mut u = reqwest::Url::parse(&self.indirect_url)
+                .map_err(|e| SourceError::Client(format!("SSL_INDIRECT_URL does not parse: {e}")))?;
+            let mut path = u.path().to_string();
+            if !path.ends_with('/') {
+                path.push('/');
+            }
+            path.push_str(name);
+            u.set_path(&path);
+            u.set_fragment(None);
+            Ok(u.to_string())
         };
-        let fetch = |name: &str| {
-            let url = format!("{base}{name}");
+        let fetch = |url: String| {
+            let shown = redact_url(&url);
             let client = client.clone();
             async move {
-                let resp = client.get(&url).send().await.and_then(|r| r.error_for_status());
-                match resp {
-                    Ok(r) => r.bytes().await.map_err(|source| SourceError::Download { url, source }),
-                    Err(source) => Err(SourceError::Download { url, source }),
+                // reqwest's errors name the URL: strip it, ours is the redacted one.
+                let failed =
+                    |source: reqwest::Error| SourceError::Download { url: shown.clone(), source: source.without_url() };
+                let mut resp = client.get(&url).send().await.and_then(|r| r.error_for_status()).map_err(failed)?;
+                let too_large = || SourceError::TooLarge { url: shown.clone(), limit: MAX_DOWNLOAD_BYTES };
+                if resp.content_length().is_some_and(|n| n > MAX_DOWNLOAD_BYTES as u64) {
+                    return Err(too_large());
                 }
+                let mut body = Vec::new();
+                while let Some(chunk) = resp.chunk().await.map_err(failed)? {
+                    if body.len() + chunk.len() > MAX_DOWNLOAD_BYTES {
+                        return Err(too_large());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(body)
             }
         };
-        let chain = fetch("fullchain.pem").await?;
-        let key = fetch("privkey.pem").await?;
-        Ok(Bundle::parse(&chain, &key, &format!("{base}fullchain.pem with {base}privkey.pem"))?)
+        let (chain_url, key_url) = (file_url("fullchain.pem")?, file_url("privkey.pem")?);
+        let label = format!("{} with {}", redact_url(&chain_url), redact_url(&key_url));
+        let chain = fetch(chain_url).await?;
+        let key = fetch(key_url).await?;
+        Ok(Bundle::parse(&chain, &key, &label)?)
     }
 }
 
@@ -390,6 +439,18 @@ pub fn key_candidates(cert: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod redaction {
+    use super::redact_url;
+
+    #[test]
+    fn urls_lose_credentials_queries_and_fragments() {
+        assert_eq!(redact_url("https://u:p@h.example/a/?token=x#f"), "https://h.example/a/?redacted");
+        assert_eq!(redact_url("https://h.example/certificate/"), "https://h.example/certificate/");
+        assert!(!redact_url("not a url with secret").contains("secret"));
+    }
 }
 
 #[cfg(test)]
