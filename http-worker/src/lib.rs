@@ -9,7 +9,6 @@ pub mod router;
 pub mod shm_server;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use tandem_shared::control::WorkerEvent;
@@ -55,27 +54,40 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
         None => None,
     };
 
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = drain_rx.await;
-            })
-            .await
-    });
+    let budget = tandem_shared::serve::connection_budget();
+    let server = Arc::new(tandem_shared::serve::Server::new(settings.timeouts, budget));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let accepting = {
+        let server = server.clone();
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = stop_rx.await;
+            };
+            server.run(&listener, stop, |tcp, _| async move { Some(tcp) }, service).await;
+        })
+    };
     control
         .send(&WorkerEvent::Ready { addr: settings.listen_addr.to_string(), fingerprint: None })
         .context("cannot report ready to the supervisor")?;
-    tracing::info!(worker_id = settings.worker_id, pid = std::process::id(), addr = %settings.listen_addr, "http worker ready");
+    tracing::info!(worker_id = settings.worker_id, pid = std::process::id(), addr = %settings.listen_addr, max_connections = budget, "http worker ready");
 
     stop_signal().await;
     tracing::info!(worker_id = settings.worker_id, "draining in-flight requests");
     let _ = control.send(&WorkerEvent::Draining);
-    let _ = drain_tx.send(());
+    let _ = stop_tx.send(());
+    let _ = accepting.await;
     if let Some(shm) = shm {
         shm.stop(settings.graceful_timeout).await;
     }
-    drain(server, settings.graceful_timeout).await;
+    if server.drain(settings.graceful_timeout).await {
+        tracing::info!("drained");
+    } else {
+        tracing::warn!(
+            timeout_s = settings.graceful_timeout.as_secs(),
+            "drain timed out; exiting with requests in flight"
+        );
+    }
     Ok(())
 }
 
@@ -96,14 +108,4 @@ pub fn load_engine(settings: &WorkerSettings) -> anyhow::Result<Arc<engine::Engi
         "engine loaded"
     );
     Ok(Arc::new(engine))
-}
-
-/// Waits for a draining server task, giving up after `timeout`.
-pub async fn drain<E: std::fmt::Display>(server: tokio::task::JoinHandle<Result<(), E>>, timeout: Duration) {
-    match tokio::time::timeout(timeout, server).await {
-        Ok(Ok(Ok(()))) => tracing::info!("drained"),
-        Ok(Ok(Err(e))) => tracing::error!(error = %e, "server failed while draining"),
-        Ok(Err(e)) => tracing::error!(error = %e, "server task failed"),
-        Err(_) => tracing::warn!(timeout_s = timeout.as_secs(), "drain timed out; exiting with requests in flight"),
-    }
 }

@@ -7,11 +7,8 @@ pub mod forward;
 pub mod resolver;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tandem_shared::control::{ControlClient, WorkerEvent};
 use tandem_shared::tls::Bundle;
 use tandem_shared::worker::{attach, stop_signal};
@@ -20,11 +17,6 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_rustls::TlsAcceptor;
 
 pub use resolver::ReloadableResolver;
-
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send a request's headers (slow-client guard).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the HTTPS worker until it is told to stop; returns when drained.
 pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
@@ -67,67 +59,48 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     let max_request = usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX);
     let forwarder = Arc::new(forward::Forwarder::new(region, completions.clone(), max_request, shm.request_timeout));
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    let budget = tandem_shared::serve::connection_budget();
+    let server = tandem_shared::serve::Server::new(settings.timeouts, budget);
 
     control
         .send(&WorkerEvent::Ready { addr: settings.listen_addr.to_string(), fingerprint: Some(fingerprint.clone()) })
         .context("cannot report ready to the supervisor")?;
-    tracing::info!(worker_id = settings.worker_id, pid = std::process::id(), addr = %settings.listen_addr, %fingerprint, "https worker ready");
+    tracing::info!(worker_id = settings.worker_id, pid = std::process::id(), addr = %settings.listen_addr, %fingerprint, max_connections = budget, "https worker ready");
 
-    let stop = stop_signal();
-    tokio::pin!(stop);
-    loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            _ = hup.recv() => reload(&settings, &resolver, &control),
-            accepted = listener.accept() => {
-                let (tcp, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and friends: back off briefly instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let fwd = forwarder.clone();
-                let service = hyper::service::service_fn(move |req| fwd.clone().handle(req));
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                    if let Err(e) = watcher.watch(conn.into_owned()).await {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                });
+    let reloads = {
+        let (settings, resolver, control) = (settings.clone(), resolver.clone(), control.clone());
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                reload(&settings, &resolver, &control);
+            }
+        })
+    };
+    let handshake = move |tcp, peer: std::net::SocketAddr| {
+        let acceptor = acceptor.clone();
+        async move {
+            match acceptor.accept(tcp).await {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    None
+                }
             }
         }
-    }
+    };
+    let fwd = forwarder.clone();
+    let service = hyper::service::service_fn(move |req| fwd.clone().handle(req));
+    server.run(&listener, stop_signal(), handshake, service).await;
     drop(listener);
+    reloads.abort();
     tracing::info!(worker_id = settings.worker_id, "draining in-flight requests");
     let _ = control.send(&WorkerEvent::Draining);
-    match tokio::time::timeout(settings.graceful_timeout, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("drained"),
-        Err(_) => tracing::warn!(
+    if server.drain(settings.graceful_timeout).await {
+        tracing::info!("drained");
+    } else {
+        tracing::warn!(
             timeout_s = settings.graceful_timeout.as_secs(),
             "drain timed out; exiting with requests in flight"
-        ),
+        );
     }
     Ok(())
 }

@@ -123,6 +123,21 @@ pub const ENV_VARS: &[EnvVar] = &[
         default: "8388608",
         meaning: "largest HTTPS request or response carried to the engine (bytes)",
     },
+    EnvVar {
+        name: "HEADER_TIMEOUT",
+        default: "30",
+        meaning: "seconds a new connection has to finish its handshake and send a request's headers",
+    },
+    EnvVar {
+        name: "KEEPALIVE_TIMEOUT",
+        default: "60",
+        meaning: "seconds a connection with no request in flight stays open (HTTP/1.1 and HTTP/2)",
+    },
+    EnvVar {
+        name: "IDLE_TIMEOUT",
+        default: "300",
+        meaning: "seconds a connection may move no byte at all, request in flight or not (> REQUEST_TIMEOUT)",
+    },
     EnvVar { name: "GRACEFUL_TIMEOUT", default: "30", meaning: "seconds to drain on stop before SIGKILL" },
     EnvVar {
         name: "LOG_LEVEL",
@@ -232,6 +247,8 @@ pub struct Config {
     pub shm_slots: u32,
     /// Bytes per request (and per response) in a slot.
     pub shm_slot_bytes: usize,
+    /// Connection timeouts on both listeners.
+    pub timeouts: crate::serve::Timeouts,
     /// Drain time on stop before SIGKILL.
     pub graceful_timeout: Duration,
     /// Tracing filter directive.
@@ -305,6 +322,9 @@ struct Raw {
     request_timeout: Option<String>,
     shm_slots: Option<String>,
     shm_slot_bytes: Option<String>,
+    header_timeout: Option<String>,
+    keepalive_timeout: Option<String>,
+    idle_timeout: Option<String>,
     graceful_timeout: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
@@ -546,6 +566,24 @@ impl Config {
         if (shm_slots as u64) * (shm_slot_bytes as u64) * 2 > 64 << 30 {
             c.bad("SHM_SLOT_BYTES", &shm_slot_bytes.to_string(), "SHM_SLOTS x SHM_SLOT_BYTES x 2 of at most 64 GiB");
         }
+        let timeouts = {
+            let (accepted, parse) = seconds(1, 86400);
+            let header = c.get("HEADER_TIMEOUT", &raw.header_timeout, Duration::from_secs(30), &accepted, &parse);
+            let keepalive =
+                c.get("KEEPALIVE_TIMEOUT", &raw.keepalive_timeout, Duration::from_secs(60), &accepted, &parse);
+            let idle = c.get("IDLE_TIMEOUT", &raw.idle_timeout, Duration::from_secs(300), &accepted, &parse);
+            if idle <= request_timeout {
+                c.bad(
+                    "IDLE_TIMEOUT",
+                    &idle.as_secs().to_string(),
+                    format!(
+                        "more seconds than REQUEST_TIMEOUT ({}), or a slow inference is cut off",
+                        request_timeout.as_secs()
+                    ),
+                );
+            }
+            crate::serve::Timeouts { header, keepalive, idle }
+        };
         let graceful_timeout = {
             let (accepted, parse) = seconds(0, 86400);
             c.get("GRACEFUL_TIMEOUT", &raw.graceful_timeout, Duration::from_secs(30), &accepted, parse)
@@ -592,6 +630,7 @@ impl Config {
             request_timeout,
             shm_slots,
             shm_slot_bytes,
+            timeouts,
             graceful_timeout,
             log_level,
             log_format,

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod control;
 pub mod frame;
+pub mod serve;
 pub mod sys;
 pub mod tls;
 pub mod worker;
@@ -71,6 +72,8 @@ pub struct WorkerSettings {
     pub max_request_bytes: u64,
     /// Drain time on stop.
     pub graceful_timeout: Duration,
+    /// Connection timeouts on this worker's listener.
+    pub timeouts: serve::Timeouts,
     /// The shared-memory ring, when HTTPS is enabled.
     pub shm: Option<ShmSettings>,
     /// Tracing filter.

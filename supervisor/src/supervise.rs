@@ -281,6 +281,7 @@ impl Supervisor {
             engine: self.engine_settings(worker_id),
             max_request_bytes: self.config.max_request_bytes,
             graceful_timeout: self.config.graceful_timeout,
+            timeouts: self.config.timeouts,
             shm: self.shm.as_ref().map(|_| ShmSettings {
                 fd: SHM_FD,
                 slots: self.config.shm_slots,

@@ -1,0 +1,436 @@
+//! Serving connections the same way on both ports: a bounded number of them,
+//! each closed when it is silent, idle between requests or stalled, and all of
+//! them drained on stop. The HTTP worker serves plain TCP with it, the HTTPS
+//! worker TLS streams; the protocol (HTTP/1.1 or HTTP/2) is hyper's choice.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::body::{Body, Incoming};
+use hyper::service::Service;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+/// The timeouts every connection gets (`HEADER_TIMEOUT`, `KEEPALIVE_TIMEOUT`, `IDLE_TIMEOUT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeouts {
+    /// A new connection must send a request's headers within this, and any
+    /// request's headers must arrive within this once they start.
+    pub header: Duration,
+    /// A connection with no request in flight is closed after this (HTTP/1.1
+    /// keep-alive and idle HTTP/2 alike).
+    pub keepalive: Duration,
+    /// A connection on which no byte moves either way for this long is closed,
+    /// request in flight or not.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { header: Duration::from_secs(30), keepalive: Duration::from_secs(60), idle: Duration::from_secs(300) }
+    }
+}
+
+impl Timeouts {
+    /// How often a connection's timers are looked at.
+    fn tick(&self) -> Duration {
+        (self.header.min(self.keepalive).min(self.idle) / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+}
+
+/// Raises the open-file limit to its hard limit and returns how many
+/// connections this process may hold: the limit minus a reserve for model
+/// files, the ring, logs and the runtime's own descriptors.
+pub fn connection_budget() -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let soft = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 1024,
+    };
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX).min(1 << 20);
+    let reserve = (soft / 4).min(256);
+    soft.saturating_sub(reserve).max(8)
+}
+
+/// What one connection has been doing, for its timers.
+struct Activity {
+    start: Instant,
+    /// Milliseconds since `start` of the last byte read or written.
+    last_io: AtomicU64,
+    /// Milliseconds since `start` of the last request's end (or of the accept).
+    last_request: AtomicU64,
+    in_flight: AtomicUsize,
+    served: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_io: AtomicU64::new(0),
+            last_request: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn touch(&self) {
+        self.last_io.store(self.now(), Ordering::Relaxed);
+    }
+
+    /// Why the connection should close now: a reason, and whether it must be dropped (not drained).
+    fn expired(&self, t: &Timeouts) -> Option<(&'static str, bool)> {
+        let now = self.now();
+        let since = |at: &AtomicU64| Duration::from_millis(now.saturating_sub(at.load(Ordering::Relaxed)));
+        if since(&self.last_io) > t.idle {
+            return Some(("no byte moved within IDLE_TIMEOUT", true));
+        }
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        if self.served.load(Ordering::Relaxed) == 0 {
+            return (since(&self.last_request) > t.header).then_some(("no request within HEADER_TIMEOUT", false));
+        }
+        (since(&self.last_request) > t.keepalive).then_some(("idle past KEEPALIVE_TIMEOUT", false))
+    }
+}
+
+/// The connection's stream, noting every byte that moves.
+struct Touch<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Touch<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The service, counting requests in flight for the keep-alive timer.
+#[derive(Clone)]
+struct Counted<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+/// Ends a request's count when its handler finishes (or is dropped).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.last_request.store(a.now(), Ordering::Relaxed);
+        a.served.fetch_add(1, Ordering::Relaxed);
+        a.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<S, B> Service<Request<Incoming>> for Counted<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
+        let guard = InFlight(self.activity.clone());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let r = fut.await;
+            drop(guard);
+            r
+        })
+    }
+}
+
+/// Logs accept failures at most once a second, with how many there were.
+#[derive(Default)]
+struct AcceptErrors {
+    last: Mutex<Option<(Instant, u64)>>,
+}
+
+impl AcceptErrors {
+    fn note(&self, e: &io::Error) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *last {
+            Some((at, count)) if at.elapsed() < Duration::from_secs(1) => *count += 1,
+            _ => {
+                let suppressed = last.map_or(0, |(_, c)| c);
+                tracing::warn!(error = %e, suppressed, "accept failed; new connections wait in the backlog");
+                *last = Some((Instant::now(), 0));
+            }
+        }
+    }
+}
+
+/// Accepts and serves connections on one listener until stopped, then drains them.
+pub struct Server {
+    timeouts: Timeouts,
+    builder: auto::Builder<TokioExecutor>,
+    permits: Arc<Semaphore>,
+    max: usize,
+    drain: watch::Sender<bool>,
+    errors: AcceptErrors,
+}
+
+impl Server {
+    /// A server holding at most `max_connections` connections with these timeouts.
+    pub fn new(timeouts: Timeouts, max_connections: usize) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.header);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(256)
+            // Pings find peers that vanished without closing.
+            .keep_alive_interval(Some(Duration::from_secs(20)))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let max = max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        let (drain, _) = watch::channel(false);
+        Server {
+            timeouts,
+            builder,
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            drain,
+            errors: AcceptErrors::default(),
+        }
+    }
+
+    /// Accepts until `stop` resolves. Each connection is first given to `connect`
+    /// (the TLS handshake, or nothing) and then served by `service`. Beyond the
+    /// connection limit, new connections wait in the kernel's backlog.
+    pub async fn run<C, CF, IO, S, B>(
+        &self,
+        listener: &TcpListener,
+        stop: impl Future<Output = ()>,
+        connect: C,
+        service: S,
+    ) where
+        C: Fn(TcpStream, SocketAddr) -> CF,
+        CF: Future<Output = Option<IO>> + Send + 'static,
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        tokio::pin!(stop);
+        loop {
+            let permit = tokio::select! {
+                _ = &mut stop => return,
+                p = self.permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
+            let accepted = tokio::select! {
+                _ = &mut stop => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    self.errors.note(&e);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let handshake = connect(tcp, peer);
+            let builder = self.builder.clone();
+            let service = service.clone();
+            let timeouts = self.timeouts;
+            let drain = self.drain.subscribe();
+            tokio::spawn(async move {
+                let _permit = permit;
+                // The handshake counts against HEADER_TIMEOUT too.
+                let Ok(Some(io)) = tokio::time::timeout(timeouts.header, handshake).await else { return };
+                serve_connection(&builder, io, service, timeouts, drain, peer).await;
+            });
+        }
+    }
+
+    /// Asks every connection to finish its requests and close, and waits up to `timeout` for them.
+    /// Returns whether all of them closed in time.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let _ = self.drain.send(true);
+        let all = self.permits.acquire_many(u32::try_from(self.max).unwrap_or(u32::MAX));
+        tokio::time::timeout(timeout, all).await.is_ok()
+    }
+}
+
+async fn serve_connection<IO, S, B>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: IO,
+    service: S,
+    timeouts: Timeouts,
+    mut drain: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Touch { inner: io, activity: activity.clone() });
+    let service = Counted { inner: service, activity: activity.clone() };
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let mut tick = tokio::time::interval(timeouts.tick());
+    let mut closing = *drain.borrow();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    // When a timer closed the connection: a peer that does not take part in the
+    // close (an HTTP/2 client that never acknowledges the GOAWAY's ping) is dropped
+    // after HEADER_TIMEOUT more.
+    let mut timed_out: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = drain.changed(), if !closing => {
+                if changed.is_ok() {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            _ = tick.tick() => match activity.expired(&timeouts) {
+                Some((why, true)) => {
+                    tracing::debug!(%peer, why, "closing connection");
+                    return;
+                }
+                Some((why, false)) if !closing => {
+                    tracing::debug!(%peer, why, "closing connection");
+                    closing = true;
+                    timed_out = Some(Instant::now());
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ if timed_out.is_some_and(|at| at.elapsed() > timeouts.header) => {
+                    tracing::debug!(%peer, "the peer did not close; dropping the connection");
+                    return;
+                }
+                _ => {}
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            header: Duration::from_millis(100),
+            keepalive: Duration::from_millis(200),
+            idle: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn a_silent_connection_expires_after_the_header_timeout() {
+        let a = Activity::new();
+        assert_eq!(a.expired(&timeouts()), None);
+        std::thread::sleep(Duration::from_millis(150));
+        assert_eq!(a.expired(&timeouts()), Some(("no request within HEADER_TIMEOUT", false)));
+    }
+
+    #[test]
+    fn requests_in_flight_hold_the_connection_until_nothing_moves() {
+        let a = Arc::new(Activity::new());
+        a.in_flight.fetch_add(1, Ordering::Relaxed);
+        let guard = InFlight(a.clone());
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(a.expired(&timeouts()), None, "a request in flight is not idle");
+        drop(guard);
+        assert_eq!(a.expired(&timeouts()), None, "keep-alive counts from the request's end");
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(a.expired(&timeouts()), Some(("idle past KEEPALIVE_TIMEOUT", false)));
+        let t = Timeouts { idle: Duration::from_millis(100), ..timeouts() };
+        assert_eq!(a.expired(&t).map(|(_, hard)| hard), Some(true), "no byte moved: dropped");
+    }
+
+    #[test]
+    fn the_budget_stays_below_the_descriptor_limit() {
+        let budget = connection_budget();
+        let (soft, _) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).expect("limit");
+        assert!((budget as u64) < soft, "{budget} >= {soft}");
+    }
+}

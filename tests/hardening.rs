@@ -1,0 +1,155 @@
+//! End-to-end tests of tandem under hostile connections: silent and half-open
+//! connections on both ports under a low descriptor limit never keep
+//! legitimate clients out, and idle connections are closed by the server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::pem::PemObject;
+
+use common::*;
+
+/// Opens `n` connections to `port`; every third sends half a request line, the rest nothing.
+fn hostile(port: u16, n: usize) -> Vec<TcpStream> {
+    (0..n)
+        .filter_map(|i| {
+            let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2)).ok()?;
+            if i % 3 == 0 {
+                let _ = s.write_all(b"POST /v2/models/digits/infer HT");
+            }
+            Some(s)
+        })
+        .collect()
+}
+
+/// Whether the server closed `s` (EOF or reset) within `deadline`.
+fn closed_by_server(s: &mut TcpStream, deadline: Duration) -> bool {
+    s.set_read_timeout(Some(deadline)).unwrap();
+    let mut buf = [0u8; 512];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a 408 or similar before the close
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn silent_and_half_open_connections_under_a_low_fd_limit_never_keep_clients_out() {
+    // 256 descriptors for the whole tree: each worker may hold ~190 connections.
+    let t = TandemBuilder::new()
+        .ssl()
+        .env("HEADER_TIMEOUT", "2")
+        .env("KEEPALIVE_TIMEOUT", "3")
+        .wrapped(&["prlimit", "--nofile=256:256", "--"])
+        .start();
+    let ca = t.served_chain_pem();
+    let https = Tandem::https_client(&ca);
+    let http = Tandem::http_client();
+    let started = Instant::now();
+    // Twice the descriptors the workers have, on each port.
+    let mut plain = hostile(t.http_port, 500);
+    let mut tls = hostile(t.https_port, 500);
+    assert!(
+        plain.len() > 300 && tls.len() > 300,
+        "the kernel's backlog takes the connections: {} {}",
+        plain.len(),
+        tls.len()
+    );
+
+    // Legitimate clients get through while the hostile connections are open or timing out.
+    for _ in 0..5 {
+        let r = http.get(t.http_url("/v2/health/ready")).timeout(Duration::from_secs(20)).send();
+        assert!(r.as_ref().is_ok_and(|r| r.status() == 200), "HTTP: {r:?}\n{}", t.explain());
+        let r = https.get(t.https_url("localhost", "/v2/health/ready")).timeout(Duration::from_secs(20)).send();
+        assert!(r.as_ref().is_ok_and(|r| r.status() == 200), "HTTPS: {r:?}\n{}", t.explain());
+    }
+    // The server closes what it accepted: silent, half-open, never-handshaken.
+    let accepted_and_closed = |conns: &mut [TcpStream]| {
+        let mut closed = 0;
+        for s in conns.iter_mut().take(50) {
+            closed += usize::from(closed_by_server(s, Duration::from_secs(15)));
+        }
+        closed
+    };
+    assert_eq!(accepted_and_closed(&mut plain), 50, "HTTP connections left open\n{}", t.explain());
+    assert_eq!(accepted_and_closed(&mut tls), 50, "HTTPS connections left open\n{}", t.explain());
+    assert!(started.elapsed() < Duration::from_secs(60));
+    // Accept errors, if any, are reported at most about once a second.
+    let accept_lines = t.stderr().matches("accept failed").count();
+    assert!(
+        accept_lines <= 2 * started.elapsed().as_secs() as usize + 2,
+        "{accept_lines} accept lines\n{}",
+        t.explain()
+    );
+    // And the workers are the ones that started: nothing crashed.
+    assert!(!t.stderr().contains("exited"), "{}", t.explain());
+}
+
+#[test]
+fn idle_keep_alive_connections_are_closed_on_both_ports() {
+    let t = TandemBuilder::new().ssl().env("KEEPALIVE_TIMEOUT", "1").env("HEADER_TIMEOUT", "5").start();
+    // One request, then silence: the server closes the connection after KEEPALIVE_TIMEOUT.
+    let mut s = TcpStream::connect(("127.0.0.1", t.http_port)).unwrap();
+    s.write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let started = Instant::now();
+    assert!(closed_by_server(&mut s, Duration::from_secs(10)), "keep-alive connection left open\n{}", t.explain());
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(900), "closed before KEEPALIVE_TIMEOUT: {waited:?}");
+    // Over TLS, HTTP/1.1 after a request and HTTP/2 with no stream: closed the same way.
+    let ca = t.served_chain_pem();
+    let mut h1 = tls(t.https_port, &ca, b"http/1.1");
+    h1.write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
+    assert!(tls_closed(&mut h1, Duration::from_secs(10)), "HTTPS keep-alive connection left open\n{}", t.explain());
+    let mut h2 = tls(t.https_port, &ca, b"h2");
+    assert_eq!(h2.conn.alpn_protocol(), Some(&b"h2"[..]));
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").unwrap();
+    assert!(tls_closed(&mut h2, Duration::from_secs(15)), "idle HTTP/2 connection left open\n{}", t.explain());
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS connection to `port` trusting `ca_pem`, offering `alpn`.
+fn tls(port: u16, ca_pem: &str, alpn: &[u8]) -> Tls {
+    install_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    stream.flush().unwrap();
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).unwrap();
+    }
+    stream
+}
+
+/// Whether the server closed the TLS stream within `deadline` (anything it sends first is read and dropped).
+fn tls_closed(s: &mut Tls, deadline: Duration) -> bool {
+    s.sock.set_read_timeout(Some(deadline)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
