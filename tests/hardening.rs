@@ -153,3 +153,20 @@ fn tls_closed(s: &mut Tls, deadline: Duration) -> bool {
         }
     }
 }
+
+#[test]
+fn a_planted_certificate_cache_is_refused_with_exit_2() {
+    let b = TandemBuilder::new().ssl();
+    let cache = b.dir().join("cache");
+    let planted = b.dir().join("attacker");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::create_dir_all(&planted).unwrap();
+    std::os::unix::fs::symlink(&planted, cache.join("ssl_certificates")).unwrap();
+    let mut t = b.spawn();
+    assert_eq!(t.wait_exit(Duration::from_secs(30)).code(), Some(2), "{}", t.explain());
+    assert!(t.stderr().contains("symbolic link") && t.stderr().contains("hint:"), "{}", t.explain());
+    assert_eq!(std::fs::read_dir(&planted).unwrap().count(), 0, "nothing written into the planted directory");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&planted).unwrap().permissions().mode() & 0o777;
+    assert_ne!(mode, 0o700, "the planted directory's mode was not touched");
+}

@@ -7,7 +7,7 @@
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -84,6 +84,16 @@ pub enum CertError {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// The cache directory could be redirected or read by someone else.
+    #[error("{path} is not safe for private keys: {reason}\nhint: {fix}")]
+    Unsafe {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+        /// What the operator can do.
+        fix: String,
     },
     /// No certificate in the PEM data.
     #[error("{origin}: no PEM certificate found")]
@@ -349,6 +359,61 @@ pub fn generate(names: &[String], key_type: KeyType, lifetime: Duration) -> Resu
     Bundle::parse(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), "generated certificate")
 }
 
+/// `dir` must be a real directory (not a symbolic link), owned by this user,
+/// with none of the `forbidden` mode bits.
+fn check_owned_dir(dir: &Path, forbidden: u32) -> Result<(), CertError> {
+    use std::os::unix::fs::MetadataExt;
+    let unsafe_dir = |reason: String, fix: String| CertError::Unsafe { path: dir.to_path_buf(), reason, fix };
+    let meta = fs::symlink_metadata(dir).map_err(|source| CertError::Read { path: dir.to_path_buf(), source })?;
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir(
+            "it is a symbolic link".into(),
+            "point MODEL_CACHE_DIR at a real directory of your own".into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("it is not a directory".into(), "remove it or choose another MODEL_CACHE_DIR".into()));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(unsafe_dir(
+            format!("it belongs to uid {}, not to this user (uid {me})", meta.uid()),
+            "remove it, or choose a MODEL_CACHE_DIR that only this user owns".into(),
+        ));
+    }
+    if meta.mode() & forbidden != 0 {
+        return Err(unsafe_dir(
+            format!("its mode is {:o}: other users can reach it", meta.mode() & 0o777),
+            format!("chmod {:o} {} (tandem does not change modes it did not set)", 0o777 & !forbidden, dir.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// The directory holding the cache: owned by this user or root, and writable
+/// by others only with the sticky bit (as `/tmp`), so nobody can swap the
+/// cache for a link of theirs.
+fn check_parent(parent: &Path) -> Result<(), CertError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(parent).map_err(|source| CertError::Read { path: parent.to_path_buf(), source })?;
+    let me = nix::unistd::geteuid().as_raw();
+    let sticky = meta.mode() & 0o1000 != 0;
+    let writable_by_others = meta.mode() & 0o022 != 0;
+    let owner_ok = meta.uid() == me || meta.uid() == 0;
+    if !owner_ok || (writable_by_others && !sticky) {
+        return Err(CertError::Unsafe {
+            path: parent.to_path_buf(),
+            reason: format!(
+                "it holds the certificate cache but belongs to uid {} with mode {:o}, so someone else could replace the cache",
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+            fix: "choose a MODEL_CACHE_DIR inside a directory only this user (or root) can write".into(),
+        });
+    }
+    Ok(())
+}
+
 /// The certificate cache directory: 0700, secrets 0600 from their first byte.
 #[derive(Debug, Clone)]
 pub struct CertCache {
@@ -356,21 +421,27 @@ pub struct CertCache {
 }
 
 impl CertCache {
-    /// Opens the cache, creating it with mode 0700 if needed.
+    /// Opens the cache, creating it with mode 0700 if needed. An existing cache
+    /// (or the directory holding it) that someone else could redirect or read is
+    /// refused, never repaired: tandem does not follow a symbolic link there,
+    /// and does not chmod what it did not create.
     pub fn open(dir: &Path) -> Result<CertCache, CertError> {
         let werr = |source| CertError::Write { path: dir.to_path_buf(), source };
-        if !dir.exists() {
-            if let Some(parent) = dir.parent() {
+        if let Some(parent) = dir.parent() {
+            if !parent.exists() {
                 fs::create_dir_all(parent).map_err(werr)?;
             }
-            DirBuilder::new()
-                .mode(0o700)
-                .create(dir)
-                .or_else(|e| if dir.is_dir() { Ok(()) } else { Err(e) })
-                .map_err(werr)?;
+            check_parent(parent)?;
         }
-        // An existing directory may have been created by someone else with a looser mode.
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(werr)?;
+        match fs::symlink_metadata(dir) {
+            Ok(_) => check_owned_dir(dir, 0o077)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                DirBuilder::new().mode(0o700).create(dir).map_err(werr)?;
+                // The process umask may have taken bits away, never added any; check what we made.
+                check_owned_dir(dir, 0o077)?;
+            }
+            Err(e) => return Err(werr(e)),
+        }
         Ok(CertCache { dir: dir.to_path_buf() })
     }
 
@@ -441,6 +512,41 @@ mod tests {
             Bundle::parse(a.chain_pem().as_bytes(), b_pem.as_bytes(), "cert.pem + key.pem").expect_err("mismatch");
         assert!(matches!(err, CertError::KeyMismatch { .. }), "{err}");
         assert!(Bundle::parse(a_pem.as_bytes(), b"", "x").is_err());
+    }
+
+    #[test]
+    fn a_cache_someone_else_could_redirect_is_refused_and_left_alone() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let root = tempfile::tempdir().expect("tmp");
+        // A symbolic link where the cache should be.
+        let elsewhere = root.path().join("elsewhere");
+        fs::create_dir(&elsewhere).expect("mkdir");
+        symlink(&elsewhere, root.path().join("linked")).expect("symlink");
+        let err = CertCache::open(&root.path().join("linked")).expect_err("symlink");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        // A directory others can reach: refused, and its mode is not changed.
+        let loose = root.path().join("loose");
+        fs::create_dir(&loose).expect("mkdir");
+        fs::set_permissions(&loose, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let err = CertCache::open(&loose).expect_err("loose");
+        assert!(err.to_string().contains("chmod 700"), "{err}");
+        assert_eq!(fs::metadata(&loose).expect("meta").permissions().mode() & 0o777, 0o755);
+        // A parent anyone can write without the sticky bit.
+        let open_parent = root.path().join("open");
+        fs::create_dir(&open_parent).expect("mkdir");
+        fs::set_permissions(&open_parent, fs::Permissions::from_mode(0o777)).expect("chmod");
+        let err = CertCache::open(&open_parent.join("ssl_certificates")).expect_err("open parent");
+        assert!(err.to_string().contains("someone else could replace"), "{err}");
+        assert!(!open_parent.join("ssl_certificates").exists(), "nothing created inside");
+        // Someone else's directory (only root can make one to test with).
+        if nix::unistd::geteuid().is_root() {
+            let theirs = root.path().join("theirs");
+            fs::create_dir(&theirs).expect("mkdir");
+            fs::set_permissions(&theirs, fs::Permissions::from_mode(0o700)).expect("chmod");
+            std::os::unix::fs::chown(&theirs, Some(4242), Some(4242)).expect("chown");
+            let err = CertCache::open(&theirs).expect_err("theirs");
+            assert!(err.to_string().contains("uid 4242"), "{err}");
+        }
     }
 
     #[test]

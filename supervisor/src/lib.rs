@@ -197,6 +197,9 @@ async fn start(config: Config) -> Outcome {
     let certs = if config.enable_ssl {
         let manager = match CertManager::new(&config) {
             Ok(m) => m,
+            Err(e @ tandem_shared::tls::CertError::Unsafe { .. }) => {
+                return Outcome::Config(anyhow::Error::new(e).context("refusing the certificate cache"))
+            }
             Err(e) => return Outcome::Runtime(anyhow::Error::new(e).context("cannot prepare the certificate cache")),
         };
         let (bundle, health, warning) = match manager.obtain().await {
