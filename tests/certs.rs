@@ -59,7 +59,19 @@ fn custom_certificate_key_is_discovered_for_each_naming_pattern() {
         assert_eq!(status["certificate"]["mode"], "PATH");
         assert_eq!(status["certificate"]["fingerprint"], issued.fingerprint.as_str());
         assert!(status["certificate"]["days_left"].as_i64().unwrap() >= 88);
+        // The test wrote the key with the umask's mode (0644): tandem says so.
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.join(key)).unwrap().permissions());
+        if mode & 0o044 != 0 {
+            assert!(t.stderr().contains("private key is readable by other users"), "{}", t.explain());
+        }
     }
+    // A 0600 key draws no warning.
+    let b = TandemBuilder::new().ssl();
+    let dir = b.dir().join("certs");
+    ca.issue().write(&dir, "tls.crt", "tls.key");
+    std::fs::set_permissions(dir.join("tls.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let t = b.env("SSL_CERTIFICATE", dir.join("tls.crt").to_str().unwrap()).start();
+    assert!(!t.stderr().contains("readable by other users"), "{}", t.explain());
 }
 
 #[test]

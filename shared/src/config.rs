@@ -69,7 +69,7 @@ pub const ENV_VARS: &[EnvVar] = &[
     },
     EnvVar {
         name: "MODEL_CACHE_DIR",
-        default: "/tmp/cache",
+        default: "/var/cache/tandem (root), else ~/.cache/tandem",
         meaning: "cache root; certificates live in ssl_certificates/ below it",
     },
     EnvVar {
@@ -420,8 +420,13 @@ impl Config {
 
     /// Parses the given variables; names not listed in [`ENV_VARS`] are ignored.
     pub fn from_vars<I: IntoIterator<Item = (String, String)>>(vars: I) -> Result<Self, ConfigError> {
+        let all: Vec<(String, String)> = vars.into_iter().collect();
+        let ambient =
+            |name: &str| all.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
+        let default_cache =
+            default_cache_dir(nix::unistd::geteuid().is_root(), ambient("XDG_CACHE_HOME"), ambient("HOME"));
         let known: BTreeMap<String, String> =
-            vars.into_iter().filter(|(k, _)| ENV_VARS.iter().any(|e| e.name == k)).collect();
+            all.iter().filter(|(k, _)| ENV_VARS.iter().any(|e| e.name == k)).cloned().collect();
         // Only known names with string values reach envy, so it cannot fail; keep the
         // error path anyway rather than unwrapping on operator input.
         let raw: Raw = envy::from_iter(known).unwrap_or_default();
@@ -501,10 +506,9 @@ impl Config {
             let names: Vec<String> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
             names.iter().all(|n| n.parse::<IpAddr>().is_ok() || is_dns_name(n)).then_some(names)
         });
-        let model_cache_dir =
-            c.get("MODEL_CACHE_DIR", &raw.model_cache_dir, PathBuf::from("/tmp/cache"), "a directory path", |v| {
-                Some(PathBuf::from(v))
-            });
+        let model_cache_dir = c.get("MODEL_CACHE_DIR", &raw.model_cache_dir, default_cache, "a directory path", |v| {
+            Some(PathBuf::from(v))
+        });
         let model_repository = c.get("MODEL_REPOSITORY", &raw.model_repository, None, "an existing directory", |v| {
             let p = PathBuf::from(v);
             p.is_dir().then_some(Some(p))
@@ -638,6 +642,22 @@ impl Config {
     }
 }
 
+/// The cache root when `MODEL_CACHE_DIR` is not set: never the world-writable
+/// `/tmp`, where another local user could plant it. Root (a container, a
+/// system service) uses `/var/cache/tandem`; a user `$XDG_CACHE_HOME/tandem`,
+/// else `~/.cache/tandem`.
+pub fn default_cache_dir(root: bool, xdg_cache_home: Option<String>, home: Option<String>) -> PathBuf {
+    if root {
+        return PathBuf::from("/var/cache/tandem");
+    }
+    match (xdg_cache_home, home) {
+        (Some(xdg), _) if Path::new(&xdg).is_absolute() => Path::new(&xdg).join("tandem"),
+        (_, Some(home)) => Path::new(&home).join(".cache/tandem"),
+        // No home at all: a directory of this user's own below /tmp, still checked by the cache.
+        _ => PathBuf::from(format!("/tmp/tandem-{}", nix::unistd::geteuid())),
+    }
+}
+
 /// A DNS name or wildcard as accepted in a certificate SAN.
 fn is_dns_name(n: &str) -> bool {
     let n = n.strip_prefix("*.").unwrap_or(n);
@@ -668,7 +688,10 @@ mod tests {
         assert_eq!(c.num_workers, 1);
         assert!(!c.enable_ssl);
         assert_eq!(c.ssl_certificate, CertSource::Indirect);
-        assert_eq!(c.cert_dir(), PathBuf::from("/tmp/cache/ssl_certificates"));
+        let root = nix::unistd::geteuid().is_root();
+        let want = default_cache_dir(root, None, None).join("ssl_certificates");
+        assert_eq!(c.cert_dir(), want);
+        assert!(!c.model_cache_dir.starts_with("/tmp/cache"));
     }
 
     #[test]
@@ -708,6 +731,17 @@ mod tests {
         assert!(parse(&[("SSL_REFRESH_INTERVAL", "31536000")]).is_ok());
         let err = parse(&[("SSL_REFRESH_INTERVAL", "9223372036854775807")]).expect_err("too long");
         assert_eq!(err.problems[0].var, "SSL_REFRESH_INTERVAL");
+    }
+
+    #[test]
+    fn the_default_cache_is_never_in_a_shared_tmp() {
+        assert_eq!(default_cache_dir(true, None, Some("/root".into())), PathBuf::from("/var/cache/tandem"));
+        let user =
+            |x: Option<&str>, h: Option<&str>| default_cache_dir(false, x.map(String::from), h.map(String::from));
+        assert_eq!(user(Some("/home/a/.xdg"), Some("/home/a")), PathBuf::from("/home/a/.xdg/tandem"));
+        assert_eq!(user(Some("relative"), Some("/home/a")), PathBuf::from("/home/a/.cache/tandem"));
+        assert_eq!(user(None, Some("/home/a")), PathBuf::from("/home/a/.cache/tandem"));
+        assert!(user(None, None).to_string_lossy().starts_with("/tmp/tandem-"));
     }
 
     #[test]

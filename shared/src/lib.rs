@@ -169,8 +169,17 @@ pub fn logging_ready() -> bool {
 /// Sets up tracing to stderr with the given filter and format.
 pub fn init_logging(level: &str, format: LogFormat) {
     LOGGING.store(true, std::sync::atomic::Ordering::Relaxed);
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(level).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Libraries that log per connection or per session stay quiet unless asked:
+    // rustls warns on every handshake with an IP address as SNI, which any client can send.
+    let mut directives = level.to_string();
+    for (target, quiet) in [("rustls", "rustls=error"), ("ort", "ort=warn")] {
+        if !level.contains(target) {
+            directives.push(',');
+            directives.push_str(quiet);
+        }
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustls=error,ort=warn"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -204,9 +204,24 @@ impl Bundle {
     pub fn parse(cert_pem: &[u8], key_pem: &[u8], origin: &str) -> Result<Bundle, CertError> {
         let pem_err =
             |e: rustls_pki_types::pem::Error| CertError::Pem { origin: origin.to_string(), reason: e.to_string() };
+        if cert_pem.len() > MAX_CHAIN_BYTES {
+            return Err(CertError::Pem {
+                origin: origin.to_string(),
+                reason: format!(
+                    "the chain is {} bytes; more than {MAX_CHAIN_BYTES} is not a certificate chain",
+                    cert_pem.len()
+                ),
+            });
+        }
         let chain = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>().map_err(pem_err)?;
         if chain.is_empty() {
             return Err(CertError::NoCertificate { origin: origin.to_string() });
+        }
+        if chain.len() > MAX_CHAIN_CERTS {
+            return Err(CertError::Pem {
+                origin: origin.to_string(),
+                reason: format!("the chain has {} certificates; at most {MAX_CHAIN_CERTS} are served", chain.len()),
+            });
         }
         let key = match PrivateKeyDer::from_pem_slice(key_pem) {
             Ok(k) => k,
@@ -414,6 +429,11 @@ fn check_parent(parent: &Path) -> Result<(), CertError> {
     Ok(())
 }
 
+/// The largest certificate chain accepted (PEM bytes): a handshake must carry it.
+pub const MAX_CHAIN_BYTES: usize = 256 << 10;
+/// The most certificates in a served chain.
+pub const MAX_CHAIN_CERTS: usize = 10;
+
 /// The certificate cache directory: 0700, secrets 0600 from their first byte.
 #[derive(Debug, Clone)]
 pub struct CertCache {
@@ -466,9 +486,13 @@ impl CertCache {
         };
         let _ = fs::remove_file(&tmp);
         let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(werr(&tmp))?;
-        f.write_all(bytes).and_then(|()| f.sync_all()).map_err(werr(&tmp))?;
+        let written = f.write_all(bytes).and_then(|()| f.sync_all()).map_err(werr(&tmp));
         drop(f);
-        fs::rename(&tmp, &target).map_err(werr(&target))?;
+        // A failed write leaves nothing behind, not a truncated temporary file.
+        if let Err(e) = written.and_then(|()| fs::rename(&tmp, &target).map_err(werr(&target))) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(werr(&self.dir))?;
         Ok(())
     }
@@ -487,6 +511,7 @@ impl CertCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn generated_certificate_round_trips() {
@@ -499,6 +524,23 @@ mod tests {
         let pem = b.to_pem();
         let again = Bundle::parse(pem.as_bytes(), pem.as_bytes(), "round trip").expect("parse");
         assert_eq!(again.info.fingerprint, b.info.fingerprint);
+    }
+
+    #[test]
+    fn chains_too_long_for_a_handshake_are_refused() {
+        let b = generate(&[], KeyType::EcdsaP256, Duration::from_secs(3600)).expect("generate");
+        let pem = b.to_pem();
+        let start = pem.find("-----BEGIN CERTIFICATE-----").expect("cert");
+        let (key, cert) = pem.split_at(start);
+        let eleven = cert.repeat(MAX_CHAIN_CERTS + 1);
+        let err = Bundle::parse(eleven.as_bytes(), key.as_bytes(), "chain").expect_err("too many");
+        assert!(err.to_string().contains("at most 10"), "{err}");
+        let huge = format!("{cert}{}", "#".repeat(MAX_CHAIN_BYTES));
+        assert!(Bundle::parse(huge.as_bytes(), key.as_bytes(), "chain")
+            .expect_err("big")
+            .to_string()
+            .contains("bytes"));
+        assert!(Bundle::parse(cert.as_bytes(), key.as_bytes(), "chain").is_ok());
     }
 
     #[test]
@@ -516,7 +558,7 @@ mod tests {
 
     #[test]
     fn a_cache_someone_else_could_redirect_is_refused_and_left_alone() {
-        use std::os::unix::fs::{symlink, PermissionsExt};
+        use std::os::unix::fs::symlink;
         let root = tempfile::tempdir().expect("tmp");
         // A symbolic link where the cache should be.
         let elsewhere = root.path().join("elsewhere");

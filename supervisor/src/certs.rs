@@ -405,6 +405,12 @@ pub fn load_custom(cert: &Path, key: Option<&Path>) -> Result<Bundle, SourceErro
     };
     let read = |p: &Path| std::fs::read(p).map_err(|source| CertError::Read { path: p.to_path_buf(), source });
     let origin = format!("certificate {} with key {}", cert.display(), key.display());
+    if let Ok(meta) = std::fs::metadata(&key) {
+        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
+        if mode & 0o044 != 0 {
+            tracing::warn!(key = %key.display(), mode = format!("{mode:o}"), "the private key is readable by other users\nhint: chmod 600 the key file");
+        }
+    }
     Ok(Bundle::parse(&read(cert)?, &read(&key)?, &origin)?)
 }
 
