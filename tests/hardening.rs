@@ -170,3 +170,63 @@ fn a_planted_certificate_cache_is_refused_with_exit_2() {
     let mode = std::fs::metadata(&planted).unwrap().permissions().mode() & 0o777;
     assert_ne!(mode, 0o700, "the planted directory's mode was not touched");
 }
+
+/// A binary-extension request for `large` ([batch, channels, 512, 512] FP32, 1 MiB per channel).
+fn large_request(dir: &std::path::Path, channels: usize) -> (std::path::PathBuf, usize) {
+    let header = format!(
+        r#"{{"inputs":[{{"name":"image","shape":[1,{channels},512,512],"datatype":"FP32","parameters":{{"binary_data_size":{}}}}}]}}"#,
+        channels << 20
+    );
+    let mut body = header.clone().into_bytes();
+    body.resize(header.len() + (channels << 20), 0);
+    let path = dir.join(format!("large-{channels}.bin"));
+    std::fs::write(&path, body).unwrap();
+    (path, header.len())
+}
+
+fn curl_infer(
+    t: &Tandem,
+    ca: &std::path::Path,
+    proto: &str,
+    body: &std::path::Path,
+    json_len: usize,
+) -> (String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", proto, "--cacert", ca.to_str().unwrap(), "-w", "\n%{http_code}", "--data-binary"])
+        .arg(format!("@{}", body.display()))
+        .args(["-H", &format!("inference-header-content-length: {json_len}")])
+        .arg(t.https_url("localhost", "/v2/models/large/infer"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+    (body.to_string(), code.to_string())
+}
+
+#[test]
+fn https_carries_the_bodies_http_carries_and_refuses_larger_ones_readably() {
+    let b = TandemBuilder::new().ssl().env("MAX_REQUEST_BYTES", "33554432");
+    let models = b.dir().join("bench");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_bench_models.py");
+    let made = std::process::Command::new("python3").arg(script).arg("--out").arg(&models).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let repo = b.dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::os::unix::fs::symlink(models.join("large"), repo.join("large")).unwrap();
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
+    let ca = t.dir.path().join("ca.pem");
+    std::fs::write(&ca, t.served_chain_pem()).unwrap();
+    // 20 MiB: more than the old 8 MiB slots, within MAX_REQUEST_BYTES; both protocols.
+    let (body, json_len) = large_request(t.dir.path(), 20);
+    for proto in ["--http1.1", "--http2"] {
+        let (answer, code) = curl_infer(&t, &ca, proto, &body, json_len);
+        assert_eq!(code, "200", "{proto}: {answer}\n{}", t.explain());
+        let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(v["outputs"][0]["shape"], serde_json::json!([1, 20]), "{v}");
+    }
+    // Above MAX_REQUEST_BYTES: a 413 the client reads, as over HTTP.
+    let (too_big, json_len) = large_request(t.dir.path(), 40);
+    let (answer, code) = curl_infer(&t, &ca, "--http2", &too_big, json_len);
+    assert_eq!(code, "413", "{answer}\n{}", t.explain());
+    assert!(answer.contains("MAX_REQUEST_BYTES"), "{answer}");
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tandem_shared::frame::{decode_response, encode_request, FrameError};
 use tandem_shared::sys::shm::{Region, DONE, FAILED, SUBMITTED};
@@ -21,6 +21,48 @@ const MAX_RETRIES: u32 = 2;
 const IDLE_WAIT: Duration = Duration::from_millis(200);
 /// How long a request may wait for a free slot before 503 (bursts queue, overload is refused).
 const QUEUE_WAIT: Duration = Duration::from_secs(1);
+
+/// How much of a too-large body is still read (and dropped) so that a client
+/// that is still sending reads the 413 instead of a broken connection.
+const DRAIN_BYTES: usize = 64 << 20;
+
+/// Why a request body was not read.
+enum BodyError {
+    /// Over the limit (the rest was drained, up to [`DRAIN_BYTES`]).
+    TooLarge,
+    /// The connection failed.
+    Read(hyper::Error),
+}
+
+/// Reads a body of at most `limit` bytes. Past the limit it reads on and drops
+/// up to [`DRAIN_BYTES`] more, so the 413 reaches a client still sending (an
+/// HTTP/2 stream answered before its body would be reset under the client).
+async fn read_body(mut body: Incoming, limit: usize, expected: Option<u64>) -> Result<Bytes, BodyError> {
+    // One allocation when the length is declared (no regrowth copies of a large body).
+    let mut buf = bytes::BytesMut::with_capacity(expected.map_or(0, |n| n.min(limit as u64) as usize));
+    let mut over = false;
+    let mut drained = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Read)?;
+        let Ok(data) = frame.into_data() else { continue };
+        if over {
+            drained += data.len();
+            if drained > DRAIN_BYTES {
+                break;
+            }
+        } else if buf.len() + data.len() > limit {
+            over = true;
+            buf.clear();
+        } else {
+            buf.extend_from_slice(&data);
+        }
+    }
+    if over {
+        Err(BodyError::TooLarge)
+    } else {
+        Ok(buf.freeze())
+    }
+}
 
 /// Hop-by-hop headers: they describe one connection and never cross the ring.
 const HOP_BY_HOP: [header::HeaderName; 5] =
@@ -198,14 +240,19 @@ impl Forwarder {
             json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body exceeds {which}"))
         };
         let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return too_large();
+        if declared.is_some_and(|n| n > (limit + DRAIN_BYTES) as u64) {
+            // Too much to read through: answer and close, as RFC 9110 allows.
+            let mut res = too_large();
+            res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return res;
         }
         let (mut parts, body) = req.into_parts();
-        let body = match tokio::time::timeout(self.timeout, Limited::new(body, limit).collect()).await {
-            Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
-            Ok(Err(e)) => return json_error(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}")),
+        let body = match tokio::time::timeout(self.timeout, read_body(body, limit, declared)).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(BodyError::TooLarge)) => return too_large(),
+            Ok(Err(BodyError::Read(e))) => {
+                return json_error(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}"))
+            }
             Err(_) => {
                 return json_error(
                     StatusCode::REQUEST_TIMEOUT,

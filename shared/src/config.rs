@@ -120,8 +120,9 @@ pub const ENV_VARS: &[EnvVar] = &[
     },
     EnvVar {
         name: "SHM_SLOT_BYTES",
-        default: "8388608",
-        meaning: "largest HTTPS request or response carried to the engine (bytes)",
+        default: "MAX_REQUEST_BYTES + 1 MiB",
+        meaning:
+            "largest HTTPS request or response carried to the engine (bytes; pages past 1 MiB are returned after use)",
     },
     EnvVar {
         name: "HEADER_TIMEOUT",
@@ -563,9 +564,15 @@ impl Config {
             c.get("REQUEST_TIMEOUT", &raw.request_timeout, Duration::from_secs(60), &accepted, parse)
         };
         let shm_slots = c.get("SHM_SLOTS", &raw.shm_slots, 64u32, "an integer 2-4096", |v| parse_range(v, 2, 4096));
+        // By default a slot carries what HTTP accepts (plus room for the headers),
+        // so HTTPS takes every body HTTP takes; pages past 1 MiB are given back after use.
+        // (Within the region's 64 GiB bound: with thousands of slots, slots shrink to fit.)
+        let fits = (64usize << 30) / (2 * shm_slots.max(1) as usize);
+        let default_slot =
+            usize::try_from(max_request_bytes).unwrap_or(usize::MAX).saturating_add(1 << 20).min(fits / 4096 * 4096);
         let shm_slot_bytes =
-            c.get("SHM_SLOT_BYTES", &raw.shm_slot_bytes, 8usize << 20, "a byte count from 65536 to 1073741824", |v| {
-                parse_range(v, 65536usize, 1 << 30)
+            c.get("SHM_SLOT_BYTES", &raw.shm_slot_bytes, default_slot, "a byte count from 65536 to 4296015872", |v| {
+                parse_range(v, 65536usize, (1 << 32) + (1 << 20))
             });
         if (shm_slots as u64) * (shm_slot_bytes as u64) * 2 > 64 << 30 {
             c.bad("SHM_SLOT_BYTES", &shm_slot_bytes.to_string(), "SHM_SLOTS x SHM_SLOT_BYTES x 2 of at most 64 GiB");
@@ -742,6 +749,15 @@ mod tests {
         assert_eq!(user(Some("relative"), Some("/home/a")), PathBuf::from("/home/a/.cache/tandem"));
         assert_eq!(user(None, Some("/home/a")), PathBuf::from("/home/a/.cache/tandem"));
         assert!(user(None, None).to_string_lossy().starts_with("/tmp/tandem-"));
+    }
+
+    #[test]
+    fn https_slots_carry_what_http_accepts_by_default() {
+        let c = parse(&[]).expect("defaults");
+        assert_eq!(c.shm_slot_bytes as u64, c.max_request_bytes + (1 << 20));
+        let c = parse(&[("MAX_REQUEST_BYTES", "4294967296"), ("SHM_SLOTS", "4096")]).expect("fits the region");
+        assert!((c.shm_slots as u64) * (c.shm_slot_bytes as u64) * 2 <= 64 << 30);
+        assert_eq!(parse(&[("SHM_SLOT_BYTES", "65536")]).expect("explicit").shm_slot_bytes, 65536);
     }
 
     #[test]

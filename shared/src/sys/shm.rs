@@ -30,6 +30,8 @@ const MAGIC: u64 = 0x544e_444d_5348_4d31; // "TNDMSHM1"
 /// Layout version of the region; bump on any change.
 pub const LAYOUT_VERSION: u32 = 1;
 const HEADER_BYTES: usize = 4096;
+/// Bytes of each slot half that stay resident; pages beyond are given back after use.
+pub const RESIDENT_BYTES: usize = 1 << 20;
 const META_BYTES: usize = 64;
 
 /// Slot is free.
@@ -230,8 +232,37 @@ impl Region {
         // bytes (published by the Release store of DONE, observed above with
         // Acquire) and only this process frees it, so nobody writes it now.
         unsafe { std::ptr::copy_nonoverlapping(self.buffer(slot, 1), out.as_mut_ptr(), len) };
+        let request_len = self.meta(slot).request_len.load(Ordering::Acquire) as usize;
+        self.shrink(slot, 0, request_len);
+        self.shrink(slot, 1, len);
         self.meta(slot).state.store(FREE, Ordering::Release);
         Some(out)
+    }
+
+    /// Gives back the pages of a half beyond [`RESIDENT_BYTES`] after a large
+    /// request or response, so slots as large as `MAX_REQUEST_BYTES` cost memory
+    /// only while such a request is in flight. Call while owning the slot.
+    fn shrink(&self, slot: u32, half: usize, used: usize) {
+        if used <= RESIDENT_BYTES {
+            return;
+        }
+        let start = self.data_offset + (slot as usize * 2 + half) * self.slot_bytes;
+        let from = (start + RESIDENT_BYTES).next_multiple_of(4096);
+        let to = (start + used.min(self.slot_bytes)) / 4096 * 4096;
+        if to <= from {
+            return;
+        }
+        // SAFETY: [from, to) is page-aligned and inside this slot's half (checked
+        // against the geometry above), which the caller owns (the slot is DONE and
+        // only this process frees it), so no one reads or writes those pages now.
+        // MADV_REMOVE frees the memfd's backing pages; the next touch sees zeros,
+        // and every reader only reads the lengths a writer wrote first.
+        let ptr = unsafe { self.base.add(from) };
+        if let Err(e) =
+            unsafe { nix::sys::mman::madvise(ptr.cast(), to - from, nix::sys::mman::MmapAdvise::MADV_REMOVE) }
+        {
+            tracing::debug!(slot, error = %e, "could not give back a large slot's pages");
+        }
     }
 
     /// Puts a FAILED slot back in the queue (its request is intact).
@@ -451,6 +482,31 @@ mod tests {
         assert_eq!(r.take_response(slot).expect("done"), b"bye");
         assert_eq!(r.state(slot), FREE);
         assert!(Region::open(&fd, 5, 1024).is_err(), "geometry mismatch must be refused");
+    }
+
+    #[test]
+    fn a_large_round_trip_gives_its_pages_back() {
+        let slot_bytes = 8 << 20;
+        let (r, fd) = Region::create(2, slot_bytes).expect("create");
+        let allocated = || nix::sys::stat::fstat(&fd).expect("fstat").st_blocks as usize * 512;
+        let mut w = r.reserve(0).expect("slot");
+        w.buf()[..6 << 20].fill(7);
+        let slot = w.submit(6 << 20);
+        let mut c = r.claim(1, 0).expect("claim");
+        assert!(c.request().iter().all(|&b| b == 7));
+        c.response_buf()[..5 << 20].fill(9);
+        c.finish(5 << 20);
+        assert!(allocated() >= 11 << 20, "both halves were touched: {}", allocated());
+        let response = r.take_response(slot).expect("done");
+        assert_eq!(response.len(), 5 << 20);
+        assert!(response.iter().all(|&b| b == 9));
+        assert!(allocated() <= 3 << 20, "pages past RESIDENT_BYTES were kept: {}", allocated());
+        // The slot still works, and what it carries next is intact.
+        let mut w = r.reserve(slot).expect("slot");
+        w.buf()[..3 << 20].fill(5);
+        let slot = w.submit(3 << 20);
+        let c = r.claim(1, slot).expect("claim");
+        assert!(c.request()[..3 << 20].iter().all(|&b| b == 5));
     }
 
     #[test]
