@@ -227,3 +227,73 @@ fn sigterm_drains_https_requests_through_the_ring_promptly() {
     );
     assert!(!t.stderr().contains("did not drain in time"), "{}", t.explain());
 }
+
+#[test]
+fn losing_the_supervisor_strands_no_https_request() {
+    let b = TandemBuilder::new().ssl().env("NUM_WORKERS", "1");
+    let models = b.dir().join("bench");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_bench_models.py");
+    let made = std::process::Command::new("python3").arg(script).arg("--out").arg(&models).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let repo = b.dir().join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::os::unix::fs::symlink(models.join("cnn"), repo.join("cnn")).unwrap();
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
+    let workers: Vec<_> = Tandem::children_of(t.pid()).into_iter().map(|(p, _)| p).collect();
+    let ca = t.served_chain_pem();
+    let url = t.https_url("localhost", "/v2/models/cnn/infer");
+    let body = format!(
+        r#"{{"inputs":[{{"name":"image","shape":[1,3,64,64],"datatype":"FP32","data":[{}]}}]}}"#,
+        vec!["0.5"; 3 * 64 * 64].join(",")
+    );
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let killed_at = std::sync::OnceLock::<std::time::Instant>::new();
+    // 32 clients keep the ring full (a cnn inference takes milliseconds; one engine worker).
+    let slowest_after_kill = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..32)
+            .map(|_| {
+                s.spawn(|| {
+                    let client = reqwest::blocking::Client::builder()
+                        .use_rustls_tls()
+                        .tls_built_in_root_certs(false)
+                        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+                        .timeout(Duration::from_secs(90))
+                        .build()
+                        .unwrap();
+                    let mut slowest = Duration::ZERO;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        let sent = std::time::Instant::now();
+                        let r = client.post(&url).body(body.clone()).send();
+                        if let Some(k) = killed_at.get() {
+                            // Time from the later of (kill, send) to the answer or the error.
+                            slowest = slowest.max(sent.max(*k).elapsed());
+                        }
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                    slowest
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(2));
+        install_provider();
+        nix::sys::signal::kill(t.pid(), Signal::SIGKILL).unwrap();
+        killed_at.set(std::time::Instant::now()).unwrap();
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        clients.into_iter().map(|c| c.join().unwrap()).max().unwrap()
+    });
+    // Before: requests no engine had claimed waited for REQUEST_TIMEOUT (60 s), then 504.
+    assert!(
+        slowest_after_kill < Duration::from_secs(10),
+        "a request waited {slowest_after_kill:?} after the kill\n{}",
+        t.explain()
+    );
+    wait_for(
+        Duration::from_secs(15),
+        "every worker to exit",
+        || t.explain(),
+        || workers.iter().all(|&p| !matches!(process_state(p), Some(s) if s != 'Z')).then_some(()),
+    );
+}

@@ -158,6 +158,12 @@ impl Completions {
         freed
     }
 
+    /// Fails every pending request no engine has claimed (their waiters see FAILED).
+    fn withdraw_unclaimed(&self) -> usize {
+        let slots: Vec<u32> = self.lock().keys().copied().collect();
+        slots.into_iter().filter(|&s| self.region.withdraw(s)).count()
+    }
+
     /// Registers interest in `slot` before it is submitted.
     fn register(&self, slot: u32) -> oneshot::Receiver<u32> {
         let (tx, rx) = oneshot::channel();
@@ -191,6 +197,19 @@ pub struct Forwarder {
     hint: AtomicU32,
     /// Headers added to every HTTPS response (e.g. HSTS), set by the operator.
     extra_headers: HeaderMap,
+    /// The supervisor is gone: the engines are stopping, nothing new is started.
+    orphaned: AtomicBool,
+}
+
+/// The answer to a request that no engine will start because the supervisor died.
+fn orphaned() -> Response<Full<Bytes>> {
+    let mut res = json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "tandem is stopping (its supervisor is gone); the request was not started, retry on another instance",
+    );
+    res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    res
 }
 
 fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
@@ -216,6 +235,7 @@ impl Forwarder {
             timeout,
             hint: AtomicU32::new(0),
             extra_headers: HeaderMap::new(),
+            orphaned: AtomicBool::new(false),
         }
     }
 
@@ -277,6 +297,9 @@ impl Forwarder {
             Err(FrameError::TooLarge { .. }) => return too_large(),
             Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("cannot forward the request: {e}")),
         };
+        if self.orphaned.load(Ordering::SeqCst) {
+            return orphaned();
+        }
         let slot = writer.slot();
         let mut rx = self.completions.register(slot);
         writer.submit(len);
@@ -286,6 +309,10 @@ impl Forwarder {
         loop {
             match tokio::time::timeout_at(deadline, &mut rx).await {
                 Ok(Ok(DONE)) => return self.response(slot),
+                Ok(Ok(_failed)) if self.orphaned.load(Ordering::SeqCst) => {
+                    self.completions.release(slot, FAILED);
+                    return orphaned();
+                }
                 Ok(Ok(_failed)) if retries < MAX_RETRIES => {
                     retries += 1;
                     tracing::warn!(slot, retries, "engine worker died holding a request; resubmitting");
@@ -332,6 +359,14 @@ impl Forwarder {
             }
             tokio::time::timeout_at(deadline, freed).await.ok()?;
         }
+    }
+
+    /// The supervisor died: every request no engine has claimed is answered 503
+    /// now, and nothing new is sent to the engines (they are stopping too).
+    /// Requests an engine holds still get its answer. Returns how many were failed.
+    pub fn orphan(&self) -> usize {
+        self.orphaned.store(true, Ordering::SeqCst);
+        self.completions.withdraw_unclaimed()
     }
 
     fn response(&self, slot: u32) -> Response<Full<Bytes>> {

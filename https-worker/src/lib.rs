@@ -18,6 +18,9 @@ use tokio_rustls::TlsAcceptor;
 
 pub use resolver::ReloadableResolver;
 
+/// How long the HTTPS worker waits for requests the engines hold once the supervisor is gone.
+const ORPHAN_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs the HTTPS worker until it is told to stop; returns when drained.
 pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
     tandem_shared::sys::keep_large_allocations();
@@ -94,7 +97,20 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     reloads.abort();
     tracing::info!(worker_id = settings.worker_id, "draining in-flight requests");
     let _ = control.send(&WorkerEvent::Draining);
-    if server.drain(settings.graceful_timeout).await {
+    // A stop because the supervisor was killed (its end of the control channel
+    // closes) means the engines are stopping too: answer what they will never
+    // start now, wait briefly for what they hold, and go.
+    let orphaned = async {
+        control.closed().await;
+        let failed = forwarder.orphan();
+        tracing::error!(failed, "the supervisor is gone; answering unstarted requests 503 and exiting");
+        tokio::time::sleep(ORPHAN_DRAIN).await;
+    };
+    let drained = tokio::select! {
+        d = server.drain(settings.graceful_timeout) => d,
+        () = orphaned => false,
+    };
+    if drained {
         tracing::info!("drained");
     } else {
         tracing::warn!(

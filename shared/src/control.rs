@@ -54,6 +54,30 @@ impl ControlClient {
         let mut s = self.stream.lock().unwrap_or_else(|p| p.into_inner());
         s.write_all(&line)
     }
+
+    /// Resolves when the supervisor's end of the channel closes: the supervisor
+    /// is gone (killed), not merely asking this worker to stop. Reading a
+    /// duplicate of the socket never disturbs `send`.
+    pub async fn closed(&self) {
+        let dup = self.stream.lock().unwrap_or_else(|p| p.into_inner()).try_clone();
+        let stream = match dup.and_then(|d| d.set_nonblocking(true).map(|()| d)) {
+            Ok(d) => tokio::net::UnixStream::from_std(d),
+            Err(e) => Err(e),
+        };
+        let Ok(stream) = stream else { return std::future::pending().await };
+        let mut buf = [0u8; 256];
+        loop {
+            if stream.readable().await.is_err() {
+                return;
+            }
+            match stream.try_read(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => return,
+            }
+        }
+    }
 }
 
 /// Parses one line received from a worker.

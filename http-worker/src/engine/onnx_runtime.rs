@@ -25,7 +25,12 @@ fn runtime(path: &Path) -> Result<&'static Runtime, String> {
     RUNTIME
         .get_or_init(|| {
             let builder = ort::init_from(path).map_err(|e| e.to_string())?;
-            let env = builder.with_name("tandem").build().map_err(|e| format!("cannot create the environment: {e}"))?;
+            // No telemetry: an inference server does not report to a third party.
+            let env = builder
+                .with_name("tandem")
+                .with_telemetry(false)
+                .build()
+                .map_err(|e| format!("cannot create the environment: {e}"))?;
             Ok(Runtime { env })
         })
         .as_ref()

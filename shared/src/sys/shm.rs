@@ -274,6 +274,16 @@ impl Region {
         ok
     }
 
+    /// Takes back a request no engine claimed yet (SUBMITTED → FAILED) and wakes
+    /// its waiter; false if an engine has it (or it moved on).
+    pub fn withdraw(&self, slot: u32) -> bool {
+        let ok = self.cas(slot, SUBMITTED, FAILED);
+        if ok {
+            self.bump_done();
+        }
+        ok
+    }
+
     /// Frees a slot in `state` (a request given up); false if it moved on.
     pub fn release(&self, slot: u32, state: u32) -> bool {
         self.cas(slot, state, FREE)
