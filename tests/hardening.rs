@@ -206,13 +206,7 @@ fn curl_infer(
 #[test]
 fn https_carries_the_bodies_http_carries_and_refuses_larger_ones_readably() {
     let b = TandemBuilder::new().ssl().env("MAX_REQUEST_BYTES", "33554432");
-    let models = b.dir().join("bench");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_bench_models.py");
-    let made = std::process::Command::new("python3").arg(script).arg("--out").arg(&models).output().unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let repo = b.dir().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::os::unix::fs::symlink(models.join("large"), repo.join("large")).unwrap();
+    let repo = bench_model_repository(b.dir(), "large");
     let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
     let ca = t.dir.path().join("ca.pem");
     std::fs::write(&ca, t.served_chain_pem()).unwrap();

@@ -231,13 +231,7 @@ fn sigterm_drains_https_requests_through_the_ring_promptly() {
 #[test]
 fn losing_the_supervisor_strands_no_https_request() {
     let b = TandemBuilder::new().ssl().env("NUM_WORKERS", "1");
-    let models = b.dir().join("bench");
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_bench_models.py");
-    let made = std::process::Command::new("python3").arg(script).arg("--out").arg(&models).output().unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let repo = b.dir().join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::os::unix::fs::symlink(models.join("cnn"), repo.join("cnn")).unwrap();
+    let repo = bench_model_repository(b.dir(), "cnn");
     let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
     let workers: Vec<_> = Tandem::children_of(t.pid()).into_iter().map(|(p, _)| p).collect();
     let ca = t.served_chain_pem();

@@ -227,6 +227,32 @@ impl AcceptErrors {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request handler hyper can serve on many connections at once.
+pub trait HttpService<B>:
+    Service<Request<Incoming>, Response = Response<B>, Future: Send + 'static, Error: Into<BoxError>>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S where
+    S: Service<Request<Incoming>, Response = Response<B>, Future: Send + 'static, Error: Into<BoxError>>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A response body hyper can send from any thread.
+pub trait ResponseBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
+impl<B> ResponseBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
+
 /// Accepts and serves connections on one listener until stopped, then drains them.
 pub struct Server {
     timeouts: Timeouts,
@@ -274,12 +300,8 @@ impl Server {
         C: Fn(TcpStream, SocketAddr) -> CF,
         CF: Future<Output = Option<IO>> + Send + 'static,
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        B: Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        S: HttpService<B>,
+        B: ResponseBody,
     {
         tokio::pin!(stop);
         loop {
@@ -336,12 +358,8 @@ async fn serve_connection<IO, S, B>(
     peer: SocketAddr,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: HttpService<B>,
+    B: ResponseBody,
 {
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Touch { inner: io, activity: activity.clone() });

@@ -327,3 +327,15 @@ pub fn served_fingerprint(resp: &reqwest::blocking::Response) -> String {
     let der = info.peer_certificate().expect("peer certificate");
     tandem_shared::tls::inspect(&der.to_vec().into(), "served").unwrap().fingerprint
 }
+
+/// A repository in `dir` holding only the benchmark model `name` (scripts/make_bench_models.py).
+pub fn bench_model_repository(dir: &Path, name: &str) -> PathBuf {
+    let models = dir.join("bench");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_bench_models.py");
+    let made = Command::new("python3").arg(script).arg("--out").arg(&models).output().unwrap();
+    assert!(made.status.success(), "make_bench_models.py: {}", String::from_utf8_lossy(&made.stderr));
+    let repo = dir.join("repo");
+    fs::create_dir_all(&repo).unwrap();
+    std::os::unix::fs::symlink(models.join(name), repo.join(name)).unwrap();
+    repo
+}
