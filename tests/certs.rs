@@ -480,3 +480,33 @@ fn indirect_credentials_never_show_and_oversized_downloads_are_refused() {
         assert!(!t.stderr().contains(secret), "the log leaks {secret}\n{}", t.explain());
     }
 }
+
+#[test]
+fn a_certificate_path_that_turns_into_a_fifo_never_freezes_the_supervisor() {
+    let ca = TestCa::new();
+    let b = TandemBuilder::new().ssl();
+    let dir = b.dir().join("certs");
+    let issued = ca.issue();
+    issued.write(&dir, "tls.crt", "tls.key");
+    let t = b.env("SSL_CERTIFICATE", dir.join("tls.crt").to_str().unwrap()).start();
+    // The certificate becomes a FIFO: reading it would block for ever.
+    std::fs::remove_file(dir.join("tls.crt")).unwrap();
+    nix::unistd::mkfifo(&dir.join("tls.crt"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the FIFO to be refused",
+        || t.explain(),
+        || t.stderr().contains("not a regular file").then_some(()),
+    );
+    // The supervisor still supervises: a killed engine worker comes back at once.
+    let engine = t.workers("http-worker")[0];
+    nix::sys::signal::kill(engine, Signal::SIGKILL).unwrap();
+    wait_for(
+        Duration::from_secs(5),
+        "the engine worker to be restarted",
+        || t.explain(),
+        || t.workers("http-worker").iter().any(|&p| p != engine).then_some(()),
+    );
+    // And the old certificate keeps serving.
+    assert_eq!(fingerprint_now(&t, &ca.pem, "localhost").as_deref(), Some(issued.fingerprint.as_str()));
+}

@@ -381,8 +381,12 @@ fn seconds(lo: u64, hi: u64) -> (String, impl Fn(&str) -> Option<Duration>) {
     (format!("a whole number of seconds {lo}-{hi}"), move |v| parse_range(v, lo, hi).map(Duration::from_secs))
 }
 
+/// A regular file this process can open; checked without opening anything
+/// else (opening a FIFO would block start-up for ever).
 fn is_readable_file(p: &Path) -> bool {
-    std::fs::File::open(p).and_then(|f| f.metadata()).map(|m| m.is_file()).unwrap_or(false)
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file())
+        && std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(p).is_ok()
 }
 
 impl Config {

@@ -246,7 +246,7 @@ impl Bundle {
 
     /// Reads a combined key + chain file such as `live.pem`.
     pub fn load(path: &Path) -> Result<Bundle, CertError> {
-        let bytes = fs::read(path).map_err(|source| CertError::Read { path: path.to_path_buf(), source })?;
+        let bytes = read_pem_file(path)?;
         Bundle::parse(&bytes, &bytes, &path.display().to_string())
     }
 
@@ -427,6 +427,24 @@ fn check_parent(parent: &Path) -> Result<(), CertError> {
         });
     }
     Ok(())
+}
+
+/// Reads a certificate or key file: a regular file (a FIFO or device would
+/// block or never end), opened non-blocking, at most 1 MiB.
+pub fn read_pem_file(path: &Path) -> Result<Vec<u8>, CertError> {
+    use std::io::Read;
+    let rerr = |source| CertError::Read { path: path.to_path_buf(), source };
+    let file = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(rerr)?;
+    let meta = file.metadata().map_err(rerr)?;
+    if !meta.is_file() {
+        return Err(rerr(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
+    }
+    let mut bytes = Vec::new();
+    file.take(1 << 20 | 1).read_to_end(&mut bytes).map_err(rerr)?;
+    if bytes.len() > 1 << 20 {
+        return Err(rerr(std::io::Error::new(std::io::ErrorKind::InvalidData, "larger than 1 MiB")));
+    }
+    Ok(bytes)
 }
 
 /// The largest certificate chain accepted (PEM bytes): a handshake must carry it.

@@ -2,6 +2,7 @@
 //! validates it, caches it and publishes `live.pem` for the HTTPS worker.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_shared::config::{CertSource, Config, KeyType};
@@ -369,6 +370,81 @@ impl CertKeeper {
     }
 }
 
+/// Quiet time after a file event before re-reading certificate files (editors write in steps).
+const CERT_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// What the certificate thread reports after each check.
+#[derive(Debug, Clone, Copy)]
+pub struct CertChecked {
+    /// A new certificate was published: the HTTPS worker must reload.
+    pub published: bool,
+    /// The check was asked for (SIGHUP): the HTTPS worker reloads either way.
+    pub requested: bool,
+}
+
+/// The supervisor's side of the certificate thread.
+#[derive(Debug)]
+pub struct CertHandle {
+    requests: tokio::sync::mpsc::UnboundedSender<()>,
+    /// One report per check.
+    pub events: tokio::sync::mpsc::UnboundedReceiver<CertChecked>,
+    fingerprint: Arc<std::sync::Mutex<String>>,
+}
+
+impl CertHandle {
+    /// Asks for a check now (SIGHUP); the answer comes as an event.
+    pub fn check_now(&self) {
+        let _ = self.requests.send(());
+    }
+
+    /// The served certificate's fingerprint.
+    pub fn fingerprint(&self) -> String {
+        self.fingerprint.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl CertKeeper {
+    /// Runs the keeper on a thread of its own: downloads, file reads and key
+    /// generation can take seconds (or, for a hostile file, block), and the
+    /// supervisor's loop must keep reaping and restarting workers meanwhile.
+    pub fn spawn(mut self) -> std::io::Result<CertHandle> {
+        let (requests, mut asked) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let (report, events) = tokio::sync::mpsc::unbounded_channel();
+        let fingerprint = Arc::new(std::sync::Mutex::new(self.served.fingerprint.clone()));
+        let shown = fingerprint.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        std::thread::Builder::new().name("cert-keeper".into()).spawn(move || {
+            runtime.block_on(async move {
+                let mut files = watch(&self.manager.watched_dirs());
+                loop {
+                    let requested = tokio::select! {
+                        r = asked.recv() => match r {
+                            Some(()) => true,
+                            None => return,
+                        },
+                        _ = tokio::time::sleep_until(self.next_check.into()) => false,
+                        Some(()) = async { match &mut files { Some((_, rx)) => rx.recv().await, None => std::future::pending().await } } => {
+                            // Let a multi-file update (key and chain, or a ..data swap) settle.
+                            tokio::time::sleep(CERT_DEBOUNCE).await;
+                            if let Some((_, rx)) = &mut files {
+                                while rx.try_recv().is_ok() {}
+                            }
+                            tracing::debug!("certificate files changed on disk");
+                            false
+                        }
+                    };
+                    let published = self.check().await;
+                    *shown.lock().unwrap_or_else(|p| p.into_inner()) = self.served.fingerprint.clone();
+                    if report.send(CertChecked { published, requested }).is_err() {
+                        return;
+                    }
+                }
+            });
+        })?;
+        Ok(CertHandle { requests, events, fingerprint })
+    }
+}
+
 /// Watches the directories of a custom certificate (inotify through `notify`)
 /// and reports that something changed; the periodic poll covers anything missed.
 pub fn watch(dirs: &[PathBuf]) -> Option<(notify::RecommendedWatcher, tokio::sync::mpsc::UnboundedReceiver<()>)> {
@@ -403,7 +479,7 @@ pub fn load_custom(cert: &Path, key: Option<&Path>) -> Result<Bundle, SourceErro
         Some(k) => k.to_path_buf(),
         None => discover_key(cert)?,
     };
-    let read = |p: &Path| std::fs::read(p).map_err(|source| CertError::Read { path: p.to_path_buf(), source });
+    let read = |p: &Path| tls::read_pem_file(p);
     let origin = format!("certificate {} with key {}", cert.display(), key.display());
     if let Ok(meta) = std::fs::metadata(&key) {
         let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;

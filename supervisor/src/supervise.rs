@@ -24,15 +24,13 @@ use tandem_shared::{url, Config, EngineSettings, Role, ShmSettings, WorkerSettin
 use tokio::signal::unix::{signal, Signal as TokioSignal, SignalKind};
 use tokio::sync::mpsc;
 
-use crate::certs::CertKeeper;
+use crate::certs::{CertChecked, CertHandle, CertKeeper};
 use crate::process::{describe_exit, Slot, WorkerState};
 
 /// Descriptor number of the control socket in a worker (right after its one listener).
 const CONTROL_FD: i32 = LISTEN_FDS_START + 1;
 /// Descriptor number of the shared-memory memfd in a worker.
 const SHM_FD: i32 = LISTEN_FDS_START + 2;
-/// Quiet time after a file event before re-reading certificate files (editors write in steps).
-const CERT_DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// The supervisor's phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,8 +97,8 @@ pub struct Supervisor {
     control_tx: mpsc::UnboundedSender<Control>,
     control_rx: mpsc::UnboundedReceiver<Control>,
     shm: Option<(Arc<Region>, OwnedFd)>,
-    certs: Option<CertKeeper>,
-    cert_watch: Option<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>)>,
+    /// The certificate thread (renewal, file watching, downloads): never on this loop.
+    certs: Option<CertHandle>,
 }
 
 /// Signals the supervisor handles, registered before any child exists.
@@ -135,7 +133,7 @@ enum Wake {
     AddWorker,
     RemoveWorker,
     Control(Control),
-    CertFiles,
+    Cert(CertChecked),
     Tick,
 }
 
@@ -164,7 +162,7 @@ impl Supervisor {
         if https_addr.is_some() {
             slots.push(Slot::new(Role::HttpsWorker));
         }
-        let cert_watch = certs.as_ref().and_then(|k: &CertKeeper| crate::certs::watch(&k.manager().watched_dirs()));
+        let certs = certs.map(CertKeeper::spawn).transpose().context("cannot start the certificate thread")?;
         Ok(Supervisor {
             config,
             model_repository,
@@ -180,7 +178,6 @@ impl Supervisor {
             control_rx,
             shm,
             certs,
-            cert_watch,
         })
     }
 
@@ -198,21 +195,18 @@ impl Supervisor {
                 Wake::Stop => self.stop(),
                 Wake::Hup => {
                     tracing::info!("SIGHUP: re-checking the certificate source");
-                    self.check_certificate().await;
-                    self.signal_role(Role::HttpsWorker, Signal::SIGHUP);
+                    match &self.certs {
+                        // The HTTPS worker reloads when the check is done (Wake::Cert).
+                        Some(certs) => certs.check_now(),
+                        None => self.signal_role(Role::HttpsWorker, Signal::SIGHUP),
+                    }
                 }
                 Wake::AddWorker => self.add_worker()?,
                 Wake::RemoveWorker => self.remove_worker(),
                 Wake::Control(c) => self.on_control(c),
-                Wake::CertFiles => {
-                    // Let a multi-file update (key and chain, or a ..data swap) settle.
-                    tokio::time::sleep(CERT_DEBOUNCE).await;
-                    if let Some((_, rx)) = &mut self.cert_watch {
-                        while rx.try_recv().is_ok() {}
-                    }
-                    if matches!(self.phase, Phase::Running) {
-                        tracing::debug!("certificate files changed on disk");
-                        self.check_certificate().await;
+                Wake::Cert(CertChecked { published, requested }) => {
+                    if (published || requested) && matches!(self.phase, Phase::Running) {
+                        self.signal_role(Role::HttpsWorker, Signal::SIGHUP);
                     }
                 }
                 Wake::Tick => {}
@@ -220,10 +214,6 @@ impl Supervisor {
             // SIGCHLD can coalesce; reaping on every wake costs one syscall.
             self.reap()?;
             self.restart_due()?;
-            let cert_due = self.certs.as_ref().is_some_and(|k| Instant::now() >= k.next_check());
-            if cert_due && matches!(self.phase, Phase::Running) {
-                self.check_certificate().await;
-            }
             if let Phase::Stopping { deadline } = self.phase {
                 self.stop_engines_when_https_drained();
                 if self.slots.iter().all(|s| s.pid.is_none()) {
@@ -247,7 +237,7 @@ impl Supervisor {
             _ = s.ttin.recv() => Wake::AddWorker,
             _ = s.ttou.recv() => Wake::RemoveWorker,
             Some(c) = self.control_rx.recv() => Wake::Control(c),
-            Some(()) = async { match &mut self.cert_watch { Some((_, rx)) => rx.recv().await, None => std::future::pending().await } } => Wake::CertFiles,
+            Some(checked) = async { match &mut self.certs { Some(c) => c.events.recv().await, None => std::future::pending().await } } => Wake::Cert(checked),
             _ = tick => Wake::Tick,
         }
     }
@@ -390,7 +380,7 @@ impl Supervisor {
     fn announce(&self) {
         tracing::info!(url = %url("http", self.http_addr), workers = self.http_slots(), "serving HTTP");
         if let Some(addr) = self.https_addr {
-            tracing::info!(url = %url("https", addr), fingerprint = ?self.certs.as_ref().map(CertKeeper::fingerprint), "serving HTTPS");
+            tracing::info!(url = %url("https", addr), fingerprint = ?self.certs.as_ref().map(CertHandle::fingerprint), "serving HTTPS");
         }
     }
 
@@ -579,14 +569,5 @@ impl Supervisor {
             }
         }
         tracing::info!(workers = self.http_slots(), "SIGTTOU: removing an HTTP worker");
-    }
-
-    /// Re-checks the certificate source; publishes and signals the HTTPS
-    /// worker only when the certificate changed.
-    async fn check_certificate(&mut self) {
-        let Some(keeper) = &mut self.certs else { return };
-        if keeper.check().await {
-            self.signal_role(Role::HttpsWorker, Signal::SIGHUP);
-        }
     }
 }
