@@ -135,16 +135,27 @@ fn check_shape(meta: &TensorMeta, shape: &[i64], max_batch: usize) -> Result<Vec
 
 /// The model's inputs in its order, built from the request.
 pub fn build_inputs(model: &ModelVersion, req: &InferRequest, binary: &[u8]) -> Result<Vec<Tensor>, ApiError> {
+    decode_inputs(&model.inputs, model.max_batch_size, req, binary)
+}
+
+/// The inputs `metas` describes (in their order), built from the request; the
+/// part of [`build_inputs`] that needs no loaded model (fuzzed on its own).
+pub fn decode_inputs(
+    metas: &[TensorMeta],
+    max_batch_size: usize,
+    req: &InferRequest,
+    binary: &[u8],
+) -> Result<Vec<Tensor>, ApiError> {
     for (i, input) in req.inputs.iter().enumerate() {
-        if !model.inputs.iter().any(|m| m.name == input.name) {
-            let known: Vec<&str> = model.inputs.iter().map(|m| m.name.as_str()).collect();
+        if !metas.iter().any(|m| m.name == input.name) {
+            let known: Vec<&str> = metas.iter().map(|m| m.name.as_str()).collect();
             return Err(ApiError::bad(format!("unknown input {:?}; the model takes {known:?}", input.name)));
         }
         if req.inputs[..i].iter().any(|o| o.name == input.name) {
             return Err(ApiError::bad(format!("input {:?} is given twice", input.name)));
         }
     }
-    if let Some(missing) = model.inputs.iter().find(|m| !req.inputs.iter().any(|i| i.name == m.name)) {
+    if let Some(missing) = metas.iter().find(|m| !req.inputs.iter().any(|i| i.name == m.name)) {
         return Err(ApiError::bad(format!("missing input {:?}", missing.name)));
     }
     // Binary parts follow the order of the request's inputs.
@@ -152,8 +163,8 @@ pub fn build_inputs(model: &ModelVersion, req: &InferRequest, binary: &[u8]) -> 
     let mut tensors: Vec<(usize, Tensor)> = Vec::with_capacity(req.inputs.len());
     let mut batch: Option<(usize, &str)> = None;
     for input in &req.inputs {
-        let index = model.inputs.iter().position(|m| m.name == input.name).unwrap_or_default();
-        let meta = &model.inputs[index];
+        let index = metas.iter().position(|m| m.name == input.name).unwrap_or_default();
+        let meta = &metas[index];
         let name = &input.name;
         let datatype = DataType::parse(&input.datatype)
             .ok_or_else(|| ApiError::bad(format!("input {name}: unknown datatype {:?}", input.datatype)))?;
@@ -163,8 +174,8 @@ pub fn build_inputs(model: &ModelVersion, req: &InferRequest, binary: &[u8]) -> 
                 meta.datatype
             )));
         }
-        let shape = check_shape(meta, &input.shape, model.max_batch_size)?;
-        if model.max_batch_size > 0 {
+        let shape = check_shape(meta, &input.shape, max_batch_size)?;
+        if max_batch_size > 0 {
             match batch {
                 None => batch = Some((shape[0], name)),
                 Some((b, first)) if b != shape[0] => {

@@ -47,6 +47,8 @@ pub struct Slot {
     pub restart_at: Option<Instant>,
     /// Removed by SIGTTOU: do not restart when it exits.
     pub retired: bool,
+    /// The current process was sent SIGKILL (once, and said once).
+    pub killed: bool,
 }
 
 impl Slot {
@@ -62,6 +64,7 @@ impl Slot {
             backoff: BACKOFF_START,
             restart_at: None,
             retired: false,
+            killed: false,
         }
     }
 

@@ -310,6 +310,7 @@ impl Supervisor {
         let slot = &mut self.slots[index];
         slot.worker_id = worker_id;
         slot.pid = Some(pid);
+        slot.killed = false;
         slot.state = WorkerState::Starting;
         slot.started = Instant::now();
         slot.restart_at = None;
@@ -494,6 +495,11 @@ impl Supervisor {
         for s in &mut self.slots {
             if let Some(pid) = s.pid {
                 if sig == Signal::SIGKILL {
+                    if s.killed {
+                        // Already killed, not yet reaped: no second signal, no second line.
+                        continue;
+                    }
+                    s.killed = true;
                     tracing::warn!(
                         worker_id = s.worker_id,
                         pid = pid.as_raw(),
