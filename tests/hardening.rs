@@ -224,3 +224,24 @@ fn https_carries_the_bodies_http_carries_and_refuses_larger_ones_readably() {
     assert_eq!(code, "413", "{answer}\n{}", t.explain());
     assert!(answer.contains("MAX_REQUEST_BYTES"), "{answer}");
 }
+
+#[test]
+fn clients_cannot_flood_the_log_with_ip_address_sni() {
+    let t = TandemBuilder::new().ssl().start();
+    let before = t.stderr().lines().count();
+    for _ in 0..20 {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{}", t.https_port), "-servername", "127.0.0.1"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("BEGIN CERTIFICATE"), "handshake failed");
+    }
+    let after: Vec<String> = t.stderr().lines().skip(before).map(String::from).collect();
+    assert!(
+        after.len() < 5,
+        "20 handshakes with an IP address as SNI wrote {} log lines:\n{}",
+        after.len(),
+        after.join("\n")
+    );
+}
