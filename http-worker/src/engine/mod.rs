@@ -74,6 +74,8 @@ pub struct LoadOptions {
     pub instances: usize,
     /// Whether the first dimension of every input is the batch.
     pub batched: bool,
+    /// The configuration says nothing about batching: batch when the model looks batched ([`looks_batched`]).
+    pub auto_batch: bool,
     /// Dimensions the configuration fixes, per input name (full rank, `-1` where free).
     pub pinned: BTreeMap<String, Vec<i64>>,
 }
@@ -377,51 +379,31 @@ fn load_version(
         0 => settings.threads,
         n => n,
     };
-    let mut opts = LoadOptions {
+    let auto_batch = configured_batch == 0 && config.input.is_empty();
+    let opts = LoadOptions {
         threads,
         inter_threads: config.thread_parameter("inter_op_thread_count"),
         device: settings.device,
         instances: config.instance_group.iter().map(|g| g.count.max(1) as usize).sum::<usize>().max(1),
         batched: configured_batch > 0,
+        auto_batch,
         pinned,
     };
-    // Auto-complete batching as Triton does when the configuration says nothing:
-    // every input has a dynamic first dimension (and a rank of at least 2).
     let loaded = if backend == "onnxruntime" {
         let info = settings.onnxruntime.as_ref().ok_or("ONNX Runtime is not available")?;
         onnx_runtime::load(info, file, &opts)?
     } else {
-        if configured_batch == 0 && config.input.is_empty() {
-            opts.batched = tract_batched(file);
-        }
         tract_backend::load(file, &opts)?
     };
-    let autobatch = configured_batch == 0
-        && config.input.is_empty()
-        && !loaded.inputs.is_empty()
-        && loaded.inputs.iter().all(|i| i.shape.len() >= 2 && i.shape[0] == -1);
-    let max_batch_size = if autobatch { DEFAULT_MAX_BATCH_SIZE } else { configured_batch };
+    let max_batch_size =
+        if auto_batch && looks_batched(&loaded.inputs) { DEFAULT_MAX_BATCH_SIZE } else { configured_batch };
     apply_config(name, dir, version, backend, config, loaded, max_batch_size)
 }
 
-/// Whether a model looks batched before tract loads it (every input's first dimension is dynamic).
-fn tract_batched(file: &Path) -> bool {
-    let Ok(proto) = tract_onnx::prelude::Framework::proto_model_for_path(&tract_onnx::onnx(), file) else {
-        return false;
-    };
-    let Some(graph) = proto.graph.as_ref() else { return false };
-    let inputs = tract_backend::fed_inputs(graph);
-    !inputs.is_empty()
-        && inputs.iter().all(|v| {
-            use tract_onnx::pb::{tensor_shape_proto::dimension::Value as D, type_proto::Value as T};
-            match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-                Some(T::TensorType(t)) => t
-                    .shape
-                    .as_ref()
-                    .is_some_and(|s| s.dim.len() >= 2 && !matches!(s.dim[0].value, Some(D::DimValue(n)) if n > 0)),
-                _ => false,
-            }
-        })
+/// Triton's auto-completed batching: every input has a dynamic first dimension
+/// (and a rank of at least 2, so a 1-D signal is not taken for a batch).
+pub fn looks_batched(inputs: &[TensorMeta]) -> bool {
+    !inputs.is_empty() && inputs.iter().all(|i| i.shape.len() >= 2 && i.shape[0] == -1)
 }
 
 /// Checks the configuration against what the model declares and builds the served version.

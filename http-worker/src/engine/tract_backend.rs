@@ -70,6 +70,10 @@ pub fn load(file: &Path, opts: &LoadOptions) -> Result<Loaded, String> {
         return Err(format!("output {name} is not a tensor; tract cannot run it, use the onnxruntime backend"));
     }
 
+    // The batch symbol needs to be known before analysis, so the auto-completed
+    // batching is decided here from the same metadata the engine uses afterwards.
+    let opts =
+        &LoadOptions { batched: opts.batched || (opts.auto_batch && super::looks_batched(&inputs)), ..opts.clone() };
     let mode = match analyse(&onnx, &proto, &graph_inputs, &inputs, opts, None) {
         Ok((typed, batch)) => {
             let symbolic =
