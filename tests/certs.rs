@@ -228,6 +228,16 @@ impl CertServer {
         }
     }
 
+    /// A server in a fresh directory, and the file of the CA its certificate chains to.
+    fn with_ca_file(ca: &TestCa) -> (tempfile::TempDir, CertServer, PathBuf) {
+        let work = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(work.path().join("www")).unwrap();
+        let server = CertServer::start(work.path(), ca);
+        let ca_file = work.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca.pem).unwrap();
+        (work, server, ca_file)
+    }
+
     fn url(&self) -> String {
         format!("https://localhost:{}/", self.port)
     }
@@ -243,11 +253,7 @@ impl Drop for CertServer {
 #[test]
 fn indirect_downloads_renews_survives_outages_and_recovers_from_degraded() {
     let ca = TestCa::new();
-    let work = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(work.path().join("www")).unwrap();
-    let server = CertServer::start(work.path(), &ca);
-    let ca_file = work.path().join("ca.pem");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (work, server, ca_file) = CertServer::with_ca_file(&ca);
     let cache = work.path().join("cache");
     let (a, b) = (ca.issue(), ca.issue());
     server.serve(&a);
@@ -452,18 +458,13 @@ fn a_certificate_in_its_last_third_is_served_with_a_warning() {
 #[test]
 fn indirect_credentials_never_show_and_oversized_downloads_are_refused() {
     let ca = TestCa::new();
-    let work = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(work.path().join("www")).unwrap();
-    let server = CertServer::start(work.path(), &ca);
-    let ca_file = work.path().join("ca.pem");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
-    // A "bundle" of 3 MiB: refused by size, not parsed.
-    std::fs::write(work.path().join("www/fullchain.pem"), vec![b'A'; 3 << 20]).unwrap();
-    std::fs::write(work.path().join("www/privkey.pem"), b"key").unwrap();
+    let (work, server, ca_file) = CertServer::with_ca_file(&ca);
+    // A "bundle" of 3 MiB below a path: refused by size, not parsed.
+    let certs = work.path().join("www/certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::write(certs.join("fullchain.pem"), vec![b'A'; 3 << 20]).unwrap();
+    std::fs::write(certs.join("privkey.pem"), b"key").unwrap();
     let url = format!("https://robot:s3cret@localhost:{}/certs/?token=t0ken#frag", server.port);
-    std::fs::create_dir_all(work.path().join("www/certs")).unwrap();
-    std::fs::rename(work.path().join("www/fullchain.pem"), work.path().join("www/certs/fullchain.pem")).unwrap();
-    std::fs::rename(work.path().join("www/privkey.pem"), work.path().join("www/certs/privkey.pem")).unwrap();
     let t = TandemBuilder::new()
         .ssl()
         .env("SSL_CERTIFICATE", "INDIRECT")
