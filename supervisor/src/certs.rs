@@ -271,21 +271,6 @@ impl CertKeeper {
         k
     }
 
-    /// The manager.
-    pub fn manager(&self) -> &CertManager {
-        &self.manager
-    }
-
-    /// The served certificate's fingerprint.
-    pub fn fingerprint(&self) -> &str {
-        &self.served.fingerprint
-    }
-
-    /// When the next check is due.
-    pub fn next_check(&self) -> Instant {
-        self.next_check
-    }
-
     fn schedule(&mut self, health: CertHealth, failed: bool) {
         let now = Instant::now();
         if failed || health == CertHealth::Degraded {
