@@ -1,6 +1,7 @@
-"""Helpers shared by the benchmark scripts (scripts/bench, scripts/bench-models):
-processes that are always stopped at exit, free ports, readiness waits, wrk
-runs and alternating rounds. Loopback only; progress goes to stderr."""
+"""Helpers shared by the benchmark and soak scripts (scripts/bench,
+scripts/bench-models, scripts/soak): processes that are always stopped at exit,
+free ports, readiness waits, a tandem with a swappable certificate, wrk and
+h2load runs and alternating rounds. Loopback only; progress goes to stderr."""
 
 import atexit
 import os
@@ -146,10 +147,15 @@ def wrk(url, lua, conns, seconds, threads=2):
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     p50 = parse_latency(re.search(r"\s50%\s+(\S+)", out).group(1))
     p99 = parse_latency(re.search(r"\s99%\s+(\S+)", out).group(1))
+    total, failed = wrk_outcome(out)
+    return {"rps": rps, "p50": p50, "p99": p99, "errors": failed, "total": total}
+
+
+def wrk_outcome(out):
+    """(requests, failed requests) from wrk's report: socket errors plus non-2xx answers."""
     errors = sum(int(x) for x in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = int((re.search(r"Non-2xx or 3xx responses: (\d+)", out) or [0, 0])[1])
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    return {"rps": rps, "p50": p50, "p99": p99, "errors": errors + non2xx, "total": total}
+    return int(re.search(r"(\d+) requests in", out).group(1)), errors + non2xx
 
 
 def alternate(rounds, cases):
@@ -165,3 +171,63 @@ def alternate(rounds, cases):
 
 def med(results, key):
     return statistics.median(r[key] for r in results)
+
+
+def make_cert(kind, name=None):
+    """A generated certificate of `kind` (rsa2048 / ecdsa-p256) split into chain and key files."""
+    name = name or kind
+    cache = WORK / f"certgen-{name}"
+    env = {"PATH": os.environ["PATH"], "MODEL_CACHE_DIR": str(cache), "SSL_CERTIFICATE": "GENERATE", "SSL_KEY_TYPE": kind, "ENABLE_SSL": "1", "HOST": "127.0.0.1", "PORT": str(free_port()), "SSL_PORT": str(free_port()), "LOG_LEVEL": "warn"}
+    p = start([TANDEM], env=env, name=f"certgen-{kind}")
+    wait_url(f"http://127.0.0.1:{env['PORT']}/v2/health/live")
+    stop(p)
+    live = (cache / "ssl_certificates/live.pem").read_text()
+    i = live.index("-----BEGIN CERTIFICATE-----")
+    d = WORK / f"cert-{name}"
+    d.mkdir()
+    (d / "tls.crt").write_text(live[i:])
+    (d / "tls.key").write_text(live[:i])
+    os.chmod(d / "tls.key", 0o600)
+    (d / "combined.pem").write_text(live[i:] + live[:i])
+    return d
+
+
+class Tandem:
+    def __init__(self, repo, cert_dir, workers=2, name="tandem", extra=None):
+        self.http = free_port()
+        self.https = free_port()
+        self.cache = WORK / f"cache-{name}-{self.http}"
+        env = {"PATH": os.environ["PATH"], "HOST": "127.0.0.1", "PORT": str(self.http), "SSL_PORT": str(self.https), "ENABLE_SSL": "1",
+               "NUM_WORKERS": str(workers), "MODEL_REPOSITORY": str(repo), "MODEL_CACHE_DIR": str(self.cache),
+               "SSL_CERTIFICATE": str(cert_dir / "tls.crt"), "SSL_KEY": str(cert_dir / "tls.key"), "LOG_LEVEL": "warn", **(extra or {})}
+        t0 = time.time()
+        self.proc = start([TANDEM], env=env, name=name)
+        wait_url(f"http://127.0.0.1:{self.http}/v2/health/ready")
+        wait_url(f"https://127.0.0.1:{self.https}/v2/health/ready")
+        self.startup_s = time.time() - t0
+
+    def stop(self):
+        stop(self.proc)
+
+
+def digits_body():
+    path = WORK / "digits.json"
+    if not path.exists():
+        px = ",".join(["7"] * 64)
+        path.write_text('{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[%s]}]}' % px)
+    return path
+
+
+def h2load(url, body, conns, seconds, streams=10):
+    out = run(["h2load", "-D", str(seconds), "-c", str(conns), "-m", str(streams), "-d", str(body), "-H", "content-type: application/json", url])
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out).group(1)
+    failed = int(re.search(r"(\d+) failed", out).group(1))
+    return {"rps": rps, "mean": parse_latency(mean), "errors": failed}
+
+
+def swap_cert_files(src_dir, dst_dir):
+    for f in ("tls.crt", "tls.key", "combined.pem"):
+        tmp = dst_dir / (f + ".tmp")
+        shutil.copyfile(src_dir / f, tmp)
+        os.replace(tmp, dst_dir / f)

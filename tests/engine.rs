@@ -121,7 +121,11 @@ fn bad_requests_get_json_errors_and_never_kill_a_worker() {
     assert_eq!(resp.status(), 404);
     assert_eq!(t.workers("http-worker"), workers, "a bad request must not restart a worker\n{}", t.explain());
     let metrics = http.get(t.http_url("/metrics")).send().unwrap().text().unwrap();
-    assert!(metrics.contains("outcome=\"client_error\"} "), "{metrics}");
+    let failures = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"tandem_model_failures_total{model="digits",version="1"}"#))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(!failures.ends_with(" 0"), "the bad requests are counted as failures: {failures}");
 }
 
 #[test]

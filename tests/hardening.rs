@@ -245,3 +245,40 @@ fn clients_cannot_flood_the_log_with_ip_address_sni() {
         after.join("\n")
     );
 }
+
+#[test]
+fn a_worker_that_does_not_drain_is_killed_and_reported_once() {
+    let mut t = TandemBuilder::new().ssl().env("NUM_WORKERS", "2").env("GRACEFUL_TIMEOUT", "1").start();
+    let workers: Vec<_> = Tandem::children_of(t.pid()).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(workers.len(), 3, "{}", t.explain());
+    // Stopped processes cannot drain: every one meets the deadline.
+    for w in &workers {
+        nix::sys::signal::kill(*w, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    }
+    t.signal(nix::sys::signal::Signal::SIGTERM);
+    t.wait_exit(Duration::from_secs(15));
+    let err = t.stderr();
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("did not drain")).collect();
+    assert_eq!(lines.len(), workers.len(), "one line per killed worker:\n{}", t.explain());
+    for w in &workers {
+        assert_eq!(process_state(*w), None, "worker {w} outlived the supervisor");
+        assert_eq!(lines.iter().filter(|l| l.contains(&format!("pid={w}"))).count(), 1, "{}", t.explain());
+    }
+}
+
+#[test]
+fn a_failed_write_at_start_up_leaves_no_temporary_file() {
+    // Files are limited to 1 KiB (SIGXFSZ ignored, so the write fails with EFBIG):
+    // the generated RSA key cannot be written.
+    let b = TandemBuilder::new().ssl().wrapped(&["sh", "-c", "trap '' XFSZ; ulimit -f 2; exec \"$@\"", "sh"]);
+    let certs = b.dir().join("cache/ssl_certificates");
+    let mut t = b.spawn();
+    let status = t.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "{}", t.explain());
+    assert!(t.stderr().contains("ssl_certificates"), "the failed path is named\n{}", t.explain());
+    let left: Vec<String> = std::fs::read_dir(&certs)
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(left.iter().all(|n| !n.ends_with(".tmp")), "temporary files left: {left:?}\n{}", t.explain());
+    assert!(left.iter().all(|n| n != "live.pem"), "a partial live.pem: {left:?}");
+}

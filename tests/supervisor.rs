@@ -165,7 +165,7 @@ fn sigint_stops_cleanly_too() {
 
 #[test]
 fn ttin_and_ttou_scale_http_workers() {
-    let t = TandemBuilder::new().env("NUM_WORKERS", "1").start();
+    let t = TandemBuilder::new().env("NUM_WORKERS", "1").env("MAX_WORKERS", "2").start();
     t.signal(Signal::SIGTTIN);
     wait_for(
         Duration::from_secs(10),
@@ -173,6 +173,18 @@ fn ttin_and_ttou_scale_http_workers() {
         || t.explain(),
         || (t.workers("http-worker").len() == 2).then_some(()),
     );
+    // MAX_WORKERS is a ceiling: two more SIGTTIN add nobody, one warning each.
+    for _ in 0..2 {
+        t.signal(Signal::SIGTTIN);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_for(
+        Duration::from_secs(10),
+        "two refused SIGTTIN",
+        || t.explain(),
+        || (t.stderr().matches("SIGTTIN ignored").count() == 2).then_some(()),
+    );
+    assert_eq!(t.workers("http-worker").len(), 2, "{}", t.explain());
     t.signal(Signal::SIGTTOU);
     wait_for(
         Duration::from_secs(10),
@@ -280,6 +292,8 @@ fn every_bad_variable_exits_2_naming_it() {
     expect_config_error(&[("PORT", "abc")], &["PORT"]);
     expect_config_error(&[("PORT", "70000")], &["PORT"]);
     expect_config_error(&[("NUM_WORKERS", "0")], &["NUM_WORKERS"]);
+    expect_config_error(&[("NUM_WORKERS", "300")], &["NUM_WORKERS", "1-256"]);
+    expect_config_error(&[("NUM_WORKERS", "4"), ("MAX_WORKERS", "3")], &["MAX_WORKERS", "4-256"]);
     expect_config_error(&[("ENABLE_SSL", "maybe")], &["ENABLE_SSL", "true/false"]);
     expect_config_error(&[("SSL_CERTIFICATE", "/missing.pem")], &["SSL_CERTIFICATE", "INDIRECT, GENERATE"]);
     expect_config_error(&[("HOST", "not-an-ip")], &["HOST"]);

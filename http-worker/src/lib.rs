@@ -5,6 +5,7 @@
 
 pub mod engine;
 pub mod infer;
+pub mod metrics;
 pub mod router;
 pub mod shm_server;
 
@@ -38,12 +39,18 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
         .context("no listener inherited: LISTEN_FDS is not set")?;
     std_listener.set_nonblocking(true).context("cannot make the listener non-blocking")?;
     let listener = tokio::net::TcpListener::from_std(std_listener).context("cannot register the listener")?;
+    let stats = tandem_shared::worker::open_stats(
+        &settings.stats,
+        tandem_shared::stats::ProcessRole::Engine,
+        settings.worker_id,
+    )
+    .context("cannot map the statistics region")?;
     let engine = load_engine(&settings)?;
     let inference_threads = engine.permits.available_permits();
-    let app = router(AppState::new(&settings, engine));
-    let shm = match &settings.shm {
-        Some(shm) => {
-            let region = tandem_shared::worker::open_region(shm)?;
+    let region = settings.shm.as_ref().map(tandem_shared::worker::open_region).transpose()?;
+    let app = router(AppState::new(&settings, engine, stats, region.clone()));
+    let shm = match region {
+        Some(region) => {
             // One claimer per inference thread, and at least two so that a cheap
             // request (metadata, health) never waits behind an inference.
             let server =

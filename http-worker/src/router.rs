@@ -1,7 +1,7 @@
 //! The API router, a plain function so that every listener serves the very same API.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -11,6 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::json;
+use tandem_shared::stats::{ModelStats, Stats, Timings};
+use tandem_shared::sys::shm::Region;
 use tandem_shared::WorkerSettings;
 
 use crate::engine::{Engine, ModelVersion, TensorMeta, VersionState, PLATFORM};
@@ -48,23 +50,17 @@ struct Inner {
     engine: Arc<Engine>,
     engine_info: serde_json::Value,
     cert_status: Option<std::path::PathBuf>,
-    started: Instant,
-    metrics: Metrics,
-}
-
-/// Counters exported on `/metrics`.
-#[derive(Debug, Default)]
-struct Metrics {
-    infer_ok: AtomicU64,
-    infer_client_error: AtomicU64,
-    infer_server_error: AtomicU64,
-    infer_micros: AtomicU64,
-    inferences: AtomicU64,
+    /// This worker's block of the whole-server statistics.
+    stats: Stats,
+    /// The ring, when HTTPS is on (its busy slots are a metric).
+    ring: Option<Arc<Region>>,
+    /// Per model name and version: its counters in `stats` (`None`: no entry left).
+    model_stats: RwLock<HashMap<String, HashMap<String, Option<ModelStats>>>>,
 }
 
 impl AppState {
-    /// State for the worker described by `settings`, serving `engine`.
-    pub fn new(settings: &WorkerSettings, engine: Arc<Engine>) -> Self {
+    /// State for the worker described by `settings`, serving `engine`, counting into `stats`.
+    pub fn new(settings: &WorkerSettings, engine: Arc<Engine>, stats: Stats, ring: Option<Arc<Region>>) -> Self {
         AppState {
             inner: Arc::new(Inner {
                 worker_id: settings.worker_id,
@@ -73,10 +69,42 @@ impl AppState {
                 engine,
                 engine_info: engine_info(&settings.engine),
                 cert_status: settings.cert_status.clone(),
-                started: Instant::now(),
-                metrics: Metrics::default(),
+                stats,
+                ring,
+                model_stats: RwLock::new(HashMap::new()),
             }),
         }
+    }
+
+    /// This worker's statistics block (and through it the whole region).
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// The shared-memory ring, when HTTPS is on.
+    pub(crate) fn ring(&self) -> Option<&Region> {
+        self.inner.ring.as_deref()
+    }
+
+    /// The models this worker serves.
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The counters of `v` in this worker's block, found once per model version.
+    fn model_stats(&self, v: &ModelVersion) -> Option<ModelStats> {
+        let map = &self.inner.model_stats;
+        if let Some(found) = map.read().unwrap_or_else(|p| p.into_inner()).get(&v.name).and_then(|m| m.get(&v.version))
+        {
+            return found.clone();
+        }
+        let version = v.version.parse().unwrap_or(0);
+        let entry = self.inner.stats.model(&v.name, version);
+        if entry.is_none() {
+            tracing::warn!(model = %v.name, version = %v.version, "no statistics entry left for this model version; it is served but not counted");
+        }
+        let mut w = map.write().unwrap_or_else(|p| p.into_inner());
+        w.entry(v.name.clone()).or_default().entry(v.version.clone()).or_insert(entry).clone()
     }
 }
 
@@ -105,9 +133,13 @@ impl IntoResponse for ApiError {
 /// The API, served identically on the HTTP and HTTPS listeners.
 pub fn router(state: AppState) -> Router {
     let worker_id = HeaderValue::from(state.inner.worker_id);
+    let stats = state.inner.stats.clone();
     Router::new()
         .route("/", get(info))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(crate::metrics::metrics))
+        .route("/v2/models/stats", get(crate::metrics::all_model_stats))
+        .route("/v2/models/{name}/stats", get(crate::metrics::model_stats))
+        .route("/v2/models/{name}/versions/{version}/stats", get(crate::metrics::model_stats))
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -125,10 +157,16 @@ pub fn router(state: AppState) -> Router {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         })
         .with_state(state)
-        .layer(axum::middleware::map_response(move |mut res: Response| {
-            let worker_id = worker_id.clone();
+        .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let (worker_id, stats) = (worker_id.clone(), stats.clone());
             async move {
+                let started = Instant::now();
+                let https = req.extensions().get::<Scheme>() == Some(&Scheme::Https);
+                let route = tandem_shared::stats::route_index(req.uri().path());
+                let method = req.method().clone();
+                let mut res = next.run(req).await;
                 res.headers_mut().insert("x-tandem-worker", worker_id);
+                stats.request(https, route, method.as_str(), res.status().as_u16(), started.elapsed());
                 res
             }
         }))
@@ -136,12 +174,12 @@ pub fn router(state: AppState) -> Router {
 
 /// Path parameters: model name and optional version.
 #[derive(Debug, serde::Deserialize)]
-struct ModelPath {
-    name: String,
-    version: Option<String>,
+pub(crate) struct ModelPath {
+    pub(crate) name: String,
+    pub(crate) version: Option<String>,
 }
 
-fn find(state: &AppState, p: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> {
+pub(crate) fn find(state: &AppState, p: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> {
     let not_found = |message| ApiError { status: StatusCode::NOT_FOUND, message };
     let model =
         state.inner.engine.models.get(&p.name).ok_or_else(|| not_found(format!("unknown model {:?}", p.name)))?;
@@ -165,7 +203,7 @@ fn find(state: &AppState, p: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> 
 }
 
 /// The served certificate as the supervisor last recorded it, with its remaining lifetime.
-async fn certificate(state: &AppState) -> serde_json::Value {
+pub(crate) async fn certificate(state: &AppState) -> serde_json::Value {
     let Some(path) = &state.inner.cert_status else { return serde_json::Value::Null };
     match tokio::fs::read(path)
         .await
@@ -315,25 +353,36 @@ async fn model_config(
 }
 
 async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, headers: HeaderMap, body: Body) -> Response {
-    let m = &state.inner.metrics;
     let started = Instant::now();
-    let result = run_infer(&state, &p, &headers, body).await;
-    m.infer_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-    match result {
-        Ok(r) => {
-            m.infer_ok.fetch_add(1, Ordering::Relaxed);
-            r
+    let model = match find(&state, &p) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let counters = state.model_stats(&model);
+    match run_infer(&state, &model, &headers, body, started).await {
+        Ok((res, batch, timings)) => {
+            if let Some(c) = counters {
+                c.success(batch, timings, started.elapsed());
+            }
+            res
         }
         Err(e) => {
-            let counter = if e.status.is_client_error() { &m.infer_client_error } else { &m.infer_server_error };
-            counter.fetch_add(1, Ordering::Relaxed);
+            if let Some(c) = counters {
+                c.failure(started.elapsed());
+            }
             e.into_response()
         }
     }
 }
 
-async fn run_infer(state: &AppState, p: &ModelPath, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
-    let model = find(state, p)?;
+/// Runs one inference request; returns the response, its batch size and where its time went.
+async fn run_infer(
+    state: &AppState,
+    model: &Arc<ModelVersion>,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+) -> Result<(Response, u64, Timings), ApiError> {
     let limit = state.inner.max_request_bytes;
     let too_large = || ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -354,22 +403,30 @@ async fn run_infer(state: &AppState, p: &ModelPath, headers: &HeaderMap, body: B
         }
         ApiError::bad(format!("cannot read the request body: {e}"))
     })?;
+    let decoding = Instant::now();
     let header_len = headers.get(HEADER_LENGTH).map(|v| v.to_str().unwrap_or("invalid"));
     let (req, binary) = decode_body(&bytes, header_len)?;
-    let inputs = build_inputs(&model, &req, binary)?;
-    let requested = requested_outputs(&model, &req)?;
+    let inputs = build_inputs(model, &req, binary)?;
+    let requested = requested_outputs(model, &req)?;
     let wanted: Vec<usize> = requested.iter().map(|r| r.index).collect();
+    let batch =
+        if model.max_batch_size > 0 { inputs.first().and_then(|t| t.shape.first()).copied().unwrap_or(1) } else { 1 };
+    let mut timings = Timings { input: decoding.elapsed(), ..Timings::default() };
 
     let engine = &state.inner.engine;
+    let queued = Instant::now();
     let _permit = engine.permits.acquire().await.map_err(|_| ApiError {
         status: StatusCode::SERVICE_UNAVAILABLE,
         message: "the worker is shutting down".into(),
     })?;
+    // Queue time: reading the body and waiting for an inference thread.
+    timings.queue = decoding.duration_since(started) + queued.elapsed();
     let runner = model.clone();
     let crashed = |detail: String| ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
         message: format!("inference crashed{detail}"),
     };
+    let running = Instant::now();
     let outputs = if crate::shm_server::on_claimer_thread() {
         // A claimer thread is ours to block: no hop to the blocking pool. A
         // panic in the engine is caught here as spawn_blocking would catch it.
@@ -379,8 +436,9 @@ async fn run_infer(state: &AppState, p: &ModelPath, headers: &HeaderMap, body: B
         tokio::task::spawn_blocking(move || runner.run(inputs, &wanted)).await.map_err(|e| crashed(format!(": {e}")))?
     }
     .map_err(|e| ApiError::bad(format!("inference failed: {e}")))?;
-    state.inner.metrics.inferences.fetch_add(1, Ordering::Relaxed);
-    let (body, json_len) = encode_response(&model, &req, &requested, outputs)?;
+    timings.infer = running.elapsed();
+    let encoding = Instant::now();
+    let (body, json_len) = encode_response(model, &req, &requested, outputs)?;
     let mut res = Response::new(Body::from(body));
     let h = res.headers_mut();
     match json_len {
@@ -392,30 +450,6 @@ async fn run_infer(state: &AppState, p: &ModelPath, headers: &HeaderMap, body: B
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
     }
-    Ok(res)
-}
-
-async fn metrics(State(state): State<AppState>) -> Response {
-    let m = &state.inner.metrics;
-    let id = state.inner.worker_id;
-    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let text = format!(
-        "# HELP tandem_infer_requests_total Inference requests by outcome, per worker.\n\
-         # TYPE tandem_infer_requests_total counter\n\
-         tandem_infer_requests_total{{worker=\"{id}\",outcome=\"ok\"}} {}\n\
-         tandem_infer_requests_total{{worker=\"{id}\",outcome=\"client_error\"}} {}\n\
-         tandem_infer_requests_total{{worker=\"{id}\",outcome=\"server_error\"}} {}\n\
-         # HELP tandem_infer_duration_seconds_sum Time spent answering inference requests.\n\
-         # TYPE tandem_infer_duration_seconds_sum counter\n\
-         tandem_infer_duration_seconds_sum{{worker=\"{id}\"}} {:.6}\n\
-         # HELP tandem_worker_uptime_seconds Seconds since this worker started.\n\
-         # TYPE tandem_worker_uptime_seconds gauge\n\
-         tandem_worker_uptime_seconds{{worker=\"{id}\"}} {:.3}\n",
-        get(&m.infer_ok),
-        get(&m.infer_client_error),
-        get(&m.infer_server_error),
-        get(&m.infer_micros) as f64 / 1e6,
-        state.inner.started.elapsed().as_secs_f64(),
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    timings.output = encoding.elapsed();
+    Ok((res, batch as u64, timings))
 }

@@ -12,6 +12,7 @@ use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tandem_shared::frame::{decode_response, encode_request, FrameError};
+use tandem_shared::stats::Stats;
 use tandem_shared::sys::shm::{Region, DONE, FAILED, SUBMITTED};
 use tokio::sync::oneshot;
 
@@ -199,6 +200,8 @@ pub struct Forwarder {
     extra_headers: HeaderMap,
     /// The supervisor is gone: the engines are stopping, nothing new is started.
     orphaned: AtomicBool,
+    /// The HTTPS worker's statistics block.
+    stats: Stats,
 }
 
 /// The answer to a request that no engine will start because the supervisor died.
@@ -212,12 +215,27 @@ fn orphaned() -> Response<Full<Bytes>> {
     res
 }
 
+/// Marks a response the HTTPS worker made itself (the engine counts the ones it made).
+#[derive(Debug, Clone, Copy)]
+struct AnsweredHere;
+
 fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({ "error": message }).to_string();
     let mut res = Response::new(Full::new(Bytes::from(body)));
     *res.status_mut() = status;
     res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res.extensions_mut().insert(AnsweredHere);
     res
+}
+
+/// Ring events counted in the statistics (indexes into `stats::RING_EVENTS`).
+mod event {
+    pub const WAIT: usize = 0;
+    pub const BUSY: usize = 1;
+    pub const TIMEOUT: usize = 2;
+    pub const RESUBMIT: usize = 3;
+    pub const TOO_LARGE: usize = 4;
+    pub const ENGINE_FAILED: usize = 5;
 }
 
 impl Forwarder {
@@ -227,8 +245,10 @@ impl Forwarder {
         completions: Arc<Completions>,
         max_request_bytes: usize,
         timeout: Duration,
+        stats: Stats,
     ) -> Self {
         Forwarder {
+            stats,
             region,
             completions,
             max_request_bytes,
@@ -241,7 +261,16 @@ impl Forwarder {
 
     /// Serves one request; never fails (errors are JSON responses).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let started = std::time::Instant::now();
+        let (route, method) = (tandem_shared::stats::route_index(req.uri().path()), req.method().clone());
         let mut res = self.forward(req).await;
+        if res.extensions().get::<AnsweredHere>().is_some() {
+            let status = res.status();
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                self.stats.ring(event::TOO_LARGE);
+            }
+            self.stats.request(true, route, method.as_str(), status.as_u16(), started.elapsed());
+        }
         for (k, v) in &self.extra_headers {
             res.headers_mut().insert(k, v.clone());
         }
@@ -285,6 +314,7 @@ impl Forwarder {
         }
 
         let Some(mut writer) = self.reserve().await else {
+            self.stats.ring(event::BUSY);
             let mut res = json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "all shared-memory slots are busy; retry shortly or raise SHM_SLOTS / NUM_WORKERS",
@@ -315,6 +345,7 @@ impl Forwarder {
                 }
                 Ok(Ok(_failed)) if retries < MAX_RETRIES => {
                     retries += 1;
+                    self.stats.ring(event::RESUBMIT);
                     tracing::warn!(slot, retries, "engine worker died holding a request; resubmitting");
                     rx = self.completions.register(slot);
                     if !self.region.resubmit(slot) {
@@ -323,6 +354,7 @@ impl Forwarder {
                     }
                 }
                 Ok(Ok(_failed)) => {
+                    self.stats.ring(event::ENGINE_FAILED);
                     self.completions.release(slot, FAILED);
                     let mut res = json_error(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -335,6 +367,7 @@ impl Forwarder {
                     return json_error(StatusCode::INTERNAL_SERVER_ERROR, "the completion thread stopped");
                 }
                 Err(_) => {
+                    self.stats.ring(event::TIMEOUT);
                     self.completions.abandon(slot);
                     return json_error(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -348,6 +381,7 @@ impl Forwarder {
     /// A free slot, waiting up to QUEUE_WAIT (or REQUEST_TIMEOUT if shorter) for one.
     async fn reserve(&self) -> Option<tandem_shared::sys::shm::RequestWriter> {
         let deadline = tokio::time::Instant::now() + QUEUE_WAIT.min(self.timeout);
+        let mut waited = false;
         loop {
             let hint = self.hint.fetch_add(1, Ordering::Relaxed);
             // Register for the wake-up before looking, so a slot freed in between is not missed.
@@ -356,6 +390,10 @@ impl Forwarder {
             freed.as_mut().enable();
             if let Some(w) = self.region.reserve(hint) {
                 return Some(w);
+            }
+            if !waited {
+                waited = true;
+                self.stats.ring(event::WAIT);
             }
             tokio::time::timeout_at(deadline, freed).await.ok()?;
         }

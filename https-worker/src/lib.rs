@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod forward;
+mod handshake;
 pub mod resolver;
 
 use std::sync::Arc;
@@ -43,6 +44,12 @@ pub fn server_config(resolver: Arc<ReloadableResolver>) -> anyhow::Result<rustls
 }
 
 async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow::Result<()> {
+    let stats = tandem_shared::worker::open_stats(
+        &settings.stats,
+        tandem_shared::stats::ProcessRole::Https,
+        settings.worker_id,
+    )
+    .context("cannot map the statistics region")?;
     let bundle = Bundle::load(&settings.live_cert).context("cannot load the published certificate")?;
     let fingerprint = bundle.info.fingerprint.clone();
     let resolver = Arc::new(ReloadableResolver::new(bundle.certified_key()));
@@ -60,7 +67,8 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     let region = tandem_shared::worker::open_region(shm).context("cannot map the shared-memory region")?;
     let completions = forward::Completions::start(region.clone()).context("cannot start the completion thread")?;
     let max_request = usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX);
-    let forwarder = Arc::new(forward::Forwarder::new(region, completions.clone(), max_request, shm.request_timeout));
+    let forwarder =
+        Arc::new(forward::Forwarder::new(region, completions.clone(), max_request, shm.request_timeout, stats.clone()));
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let budget = tandem_shared::serve::connection_budget();
     let server = tandem_shared::serve::Server::new(settings.timeouts, budget);
@@ -71,19 +79,25 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     tracing::info!(worker_id = settings.worker_id, pid = std::process::id(), addr = %settings.listen_addr, %fingerprint, max_connections = budget, "https worker ready");
 
     let reloads = {
-        let (settings, resolver, control) = (settings.clone(), resolver.clone(), control.clone());
+        let (settings, resolver, control, stats) = (settings.clone(), resolver.clone(), control.clone(), stats.clone());
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                reload(&settings, &resolver, &control);
+                stats.tls_reload(reload(&settings, &resolver, &control));
             }
         })
     };
     let handshake = move |tcp, peer: std::net::SocketAddr| {
-        let acceptor = acceptor.clone();
+        let (acceptor, stats) = (acceptor.clone(), stats.clone());
         async move {
+            // Counted as a timeout unless it ends here (the server drops it at HEADER_TIMEOUT).
+            let mut pending = handshake::Pending::new(&stats);
             match acceptor.accept(tcp).await {
-                Ok(tls) => Some(tls),
+                Ok(tls) => {
+                    pending.done(tls.get_ref().1);
+                    Some(tls)
+                }
                 Err(e) => {
+                    pending.failed(&e);
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     None
                 }
@@ -122,8 +136,9 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
 }
 
 /// Re-reads `live.pem`, validates it and swaps it in; the old certificate
-/// keeps serving when the new one is refused. Acknowledges on the control channel.
-fn reload(settings: &WorkerSettings, resolver: &ReloadableResolver, control: &ControlClient) {
+/// keeps serving when the new one is refused. Acknowledges on the control
+/// channel; returns whether the new certificate serves.
+fn reload(settings: &WorkerSettings, resolver: &ReloadableResolver, control: &ControlClient) -> bool {
     let event = match Bundle::load(&settings.live_cert) {
         Ok(bundle) => {
             resolver.swap(bundle.certified_key());
@@ -136,7 +151,9 @@ fn reload(settings: &WorkerSettings, resolver: &ReloadableResolver, control: &Co
             WorkerEvent::ReloadFailed { reason }
         }
     };
+    let ok = matches!(event, WorkerEvent::Reloaded { .. });
     if let Err(e) = control.send(&event) {
         tracing::warn!(error = %e, "cannot acknowledge the reload to the supervisor");
     }
+    ok
 }

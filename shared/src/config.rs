@@ -23,7 +23,7 @@ pub struct EnvVar {
     pub meaning: &'static str,
 }
 
-/// The most HTTP workers tandem runs (`NUM_WORKERS`, and SIGTTIN stops here).
+/// The most HTTP workers tandem ever runs (`NUM_WORKERS` and `MAX_WORKERS` are at most this).
 pub const MAX_WORKERS: usize = 256;
 
 /// Every environment variable tandem reads; the README's table mirrors this list.
@@ -31,6 +31,7 @@ pub const ENV_VARS: &[EnvVar] = &[
     EnvVar { name: "HOST", default: "0.0.0.0", meaning: "bind address (an IP address) for both listeners" },
     EnvVar { name: "PORT", default: "9001", meaning: "HTTP port (0-65535; 0 picks a free port)" },
     EnvVar { name: "NUM_WORKERS", default: "1", meaning: "HTTP inference worker processes (1-256)" },
+    EnvVar { name: "MAX_WORKERS", default: "256", meaning: "most HTTP workers SIGTTIN scales up to (NUM_WORKERS-256)" },
     EnvVar { name: "ENABLE_SSL", default: "False", meaning: "also serve HTTPS (true/false/1/0/yes/no, any case)" },
     EnvVar {
         name: "SSL_PORT",
@@ -208,6 +209,8 @@ pub struct Config {
     pub port: u16,
     /// Number of HTTP inference workers.
     pub num_workers: usize,
+    /// The most HTTP workers SIGTTIN adds up to.
+    pub max_workers: usize,
     /// Whether the HTTPS listener is enabled.
     pub enable_ssl: bool,
     /// HTTPS port.
@@ -303,6 +306,7 @@ struct Raw {
     host: Option<String>,
     port: Option<String>,
     num_workers: Option<String>,
+    max_workers: Option<String>,
     enable_ssl: Option<String>,
     ssl_port: Option<String>,
     ssl_certificate: Option<String>,
@@ -447,6 +451,13 @@ impl Config {
         let port = c.get("PORT", &raw.port, 9001u16, "a port number 0-65535", |v| v.parse().ok());
         let num_workers =
             c.get("NUM_WORKERS", &raw.num_workers, 1usize, "an integer 1-256", |v| parse_range(v, 1, MAX_WORKERS));
+        let max_workers = c.get(
+            "MAX_WORKERS",
+            &raw.max_workers,
+            MAX_WORKERS,
+            &format!("an integer {num_workers}-{MAX_WORKERS} (at least NUM_WORKERS)"),
+            |v| parse_range(v, num_workers, MAX_WORKERS),
+        );
         let enable_ssl = c.get("ENABLE_SSL", &raw.enable_ssl, false, "true/false/1/0/yes/no (any case)", parse_bool);
         let default_ssl_port = match port {
             80 => Some(443),
@@ -625,6 +636,7 @@ impl Config {
             host,
             port,
             num_workers,
+            max_workers,
             enable_ssl,
             ssl_port,
             ssl_certificate,

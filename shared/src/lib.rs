@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod frame;
 pub mod serve;
+pub mod stats;
 pub mod sys;
 pub mod tls;
 pub mod worker;
@@ -76,6 +77,8 @@ pub struct WorkerSettings {
     pub timeouts: serve::Timeouts,
     /// The shared-memory ring, when HTTPS is enabled.
     pub shm: Option<ShmSettings>,
+    /// The statistics region and this worker's block in it.
+    pub stats: StatsSettings,
     /// Tracing filter.
     pub log_level: String,
     /// Log format.
@@ -141,6 +144,17 @@ pub struct ShmSettings {
     pub slot_bytes: usize,
     /// How long a request may wait for the engine.
     pub request_timeout: Duration,
+}
+
+/// Where the statistics region is and which block of it a worker writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatsSettings {
+    /// Descriptor number of the memfd in the worker.
+    pub fd: i32,
+    /// Size of the region in 64-bit words.
+    pub words: usize,
+    /// The worker's block.
+    pub block: usize,
 }
 
 /// Variables a worker process keeps from the supervisor's environment: not

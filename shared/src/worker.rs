@@ -74,3 +74,16 @@ pub fn open_region(shm: &crate::ShmSettings) -> std::io::Result<Arc<crate::sys::
     let fd = crate::sys::adopt_fd(shm.fd)?;
     crate::sys::shm::Region::open(&fd, shm.slots, shm.slot_bytes)
 }
+
+/// Maps the statistics region and claims this worker's block in it.
+pub fn open_stats(
+    settings: &crate::StatsSettings,
+    role: crate::stats::ProcessRole,
+    worker_id: u64,
+) -> std::io::Result<crate::stats::Stats> {
+    let fd = crate::sys::adopt_fd(settings.fd)?;
+    let region = crate::sys::counters::Counters::open(&fd, settings.words)?;
+    let stats = crate::stats::Stats::attach(region, settings.block, role, worker_id);
+    crate::stats::spawn_gauge_thread(stats.clone());
+    Ok(stats)
+}

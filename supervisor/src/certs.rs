@@ -246,6 +246,8 @@ pub struct CertKeeper {
     retry: Duration,
     next_check: Instant,
     last_expiry_warning: Option<Instant>,
+    /// Where checks and the served certificate's expiry are counted (set by `spawn`).
+    stats: Option<tandem_shared::stats::Stats>,
 }
 
 impl CertKeeper {
@@ -264,6 +266,7 @@ impl CertKeeper {
             retry: RETRY_START,
             next_check: Instant::now(),
             last_expiry_warning: None,
+            stats: None,
         };
         k.schedule(health, error.is_some());
         k.write_status(health, error);
@@ -311,6 +314,15 @@ impl CertKeeper {
     /// Checks the source now. Returns true when a new certificate was
     /// published (the HTTPS worker must reload).
     pub async fn check(&mut self) -> bool {
+        let (published, failed) = self.check_source().await;
+        if let Some(stats) = &self.stats {
+            stats.cert_checked(Some(self.served.not_after), failed, published);
+        }
+        published
+    }
+
+    /// One check; returns whether a certificate was published and whether the source failed.
+    async fn check_source(&mut self) -> (bool, bool) {
         let result = self.manager.obtain().await;
         match result {
             Ok((bundle, health, warning)) => {
@@ -337,19 +349,20 @@ impl CertKeeper {
                         }
                     }
                 }
-                self.schedule(health, error.is_some());
-                if published || error.is_some() || health == CertHealth::Degraded {
+                let failed = error.is_some();
+                self.schedule(health, failed);
+                if published || failed || health == CertHealth::Degraded {
                     self.write_status(health, error);
                 }
                 self.warn_if_expiring();
-                published
+                (published, failed)
             }
             Err(e) => {
                 let e = format!("{:#}", anyhow::Error::new(e));
                 tracing::error!(error = %e, retry_s = self.retry.as_secs(), "certificate refused; the previous one keeps serving");
                 self.write_status(CertHealth::Good, Some(e));
                 self.schedule(CertHealth::Good, true);
-                false
+                (false, true)
             }
         }
     }
@@ -392,7 +405,10 @@ impl CertKeeper {
     /// Runs the keeper on a thread of its own: downloads, file reads and key
     /// generation can take seconds (or, for a hostile file, block), and the
     /// supervisor's loop must keep reaping and restarting workers meanwhile.
-    pub fn spawn(mut self) -> std::io::Result<CertHandle> {
+    /// Checks are counted in `stats`.
+    pub fn spawn(mut self, stats: tandem_shared::stats::Stats) -> std::io::Result<CertHandle> {
+        stats.cert_checked(Some(self.served.not_after), false, false);
+        self.stats = Some(stats);
         let (requests, mut asked) = tokio::sync::mpsc::unbounded_channel::<()>();
         let (report, events) = tokio::sync::mpsc::unbounded_channel();
         let fingerprint = Arc::new(std::sync::Mutex::new(self.served.fingerprint.clone()));

@@ -49,11 +49,13 @@ pub struct Slot {
     pub retired: bool,
     /// The current process was sent SIGKILL (once, and said once).
     pub killed: bool,
+    /// The slot's block in the statistics region, kept across restarts so totals never go back.
+    pub block: usize,
 }
 
 impl Slot {
-    /// A slot about to get its first process.
-    pub fn new(role: Role) -> Self {
+    /// A slot about to get its first process, counting into statistics block `block`.
+    pub fn new(role: Role, block: usize) -> Self {
         Slot {
             role,
             worker_id: 0,
@@ -65,6 +67,7 @@ impl Slot {
             restart_at: None,
             retired: false,
             killed: false,
+            block,
         }
     }
 
@@ -101,7 +104,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_the_cap_and_resets_after_health() {
-        let mut s = Slot::new(Role::HttpWorker);
+        let mut s = Slot::new(Role::HttpWorker, 2);
         let t0 = Instant::now();
         s.started = t0;
         let delays: Vec<_> = (0..12).map(|_| s.exited(t0)).collect();

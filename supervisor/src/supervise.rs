@@ -18,9 +18,13 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tandem_shared::control::{parse_event, WorkerEvent};
+use tandem_shared::stats::{self, ProcessRole, Stats};
+use tandem_shared::sys::counters::Counters;
 use tandem_shared::sys::shm::Region;
 use tandem_shared::sys::LISTEN_FDS_START;
-use tandem_shared::{url, Config, EngineSettings, Role, ShmSettings, WorkerSettings, WORKER_SETTINGS_VAR};
+use tandem_shared::{
+    url, Config, EngineSettings, Role, ShmSettings, StatsSettings, WorkerSettings, WORKER_SETTINGS_VAR,
+};
 use tokio::signal::unix::{signal, Signal as TokioSignal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -31,6 +35,7 @@ use crate::process::{describe_exit, Slot, WorkerState};
 const CONTROL_FD: i32 = LISTEN_FDS_START + 1;
 /// Descriptor number of the shared-memory memfd in a worker.
 const SHM_FD: i32 = LISTEN_FDS_START + 2;
+const STATS_FD: i32 = LISTEN_FDS_START + 3;
 
 /// The supervisor's phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +102,9 @@ pub struct Supervisor {
     control_tx: mpsc::UnboundedSender<Control>,
     control_rx: mpsc::UnboundedReceiver<Control>,
     shm: Option<(Arc<Region>, OwnedFd)>,
+    /// The statistics region every process counts into, and the supervisor's own block.
+    stats: (Arc<Counters>, OwnedFd),
+    own_stats: Stats,
     /// The certificate thread (renewal, file watching, downloads): never on this loop.
     certs: Option<CertHandle>,
 }
@@ -158,11 +166,17 @@ impl Supervisor {
         } else {
             None
         };
-        let mut slots: Vec<Slot> = (0..config.num_workers).map(|_| Slot::new(Role::HttpWorker)).collect();
+        let (counters, stats_fd) = Counters::create(stats::region_words(stats::blocks_for(config.max_workers)))
+            .context("cannot create the statistics region (memfd_create)")?;
+        let own_stats = Stats::attach(counters.clone(), stats::SUPERVISOR_BLOCK, ProcessRole::Supervisor, 0);
+        stats::spawn_gauge_thread(own_stats.clone());
+        let mut slots: Vec<Slot> =
+            (0..config.num_workers).map(|i| Slot::new(Role::HttpWorker, stats::FIRST_ENGINE_BLOCK + i)).collect();
         if https_addr.is_some() {
-            slots.push(Slot::new(Role::HttpsWorker));
+            slots.push(Slot::new(Role::HttpsWorker, stats::HTTPS_BLOCK));
         }
-        let certs = certs.map(CertKeeper::spawn).transpose().context("cannot start the certificate thread")?;
+        let certs =
+            certs.map(|c| c.spawn(own_stats.clone())).transpose().context("cannot start the certificate thread")?;
         Ok(Supervisor {
             config,
             model_repository,
@@ -177,6 +191,8 @@ impl Supervisor {
             control_tx,
             control_rx,
             shm,
+            stats: (counters, stats_fd),
+            own_stats,
             certs,
         })
     }
@@ -278,12 +294,17 @@ impl Supervisor {
                 slot_bytes: self.config.shm_slot_bytes,
                 request_timeout: self.config.request_timeout,
             }),
+            stats: StatsSettings { fd: STATS_FD, words: self.stats.0.words().len(), block: self.slots[index].block },
             log_level: self.config.log_level.clone(),
             log_format: self.config.log_format,
         };
         let mut fds = vec![
             FdMapping { parent_fd: listener_fd.into(), child_fd: LISTEN_FDS_START },
             FdMapping { parent_fd: theirs.into(), child_fd: CONTROL_FD },
+            FdMapping {
+                parent_fd: self.stats.1.try_clone().context("cannot duplicate the statistics memfd")?,
+                child_fd: STATS_FD,
+            },
         ];
         if let Some((_, memfd)) = &self.shm {
             fds.push(FdMapping {
@@ -417,6 +438,7 @@ impl Supervisor {
                 );
             }
         }
+        Stats::vacate(&self.stats.0, self.slots[index].block);
         let slot = &mut self.slots[index];
         let (worker_id, pid) = (slot.worker_id, slot.pid.map_or(0, Pid::as_raw));
         let role = slot.role.subcommand();
@@ -434,6 +456,7 @@ impl Supervisor {
         }
         let delay = slot.exited(Instant::now());
         slot.restarts += 1;
+        self.own_stats.restart(slot.role == Role::HttpsWorker, matches!(status, WaitStatus::Signaled(..)));
         tracing::warn!(worker_id, pid, role, %how, restarts = slot.restarts, delay_ms = delay.as_millis() as u64, "worker died; restarting");
         Ok(())
     }
@@ -532,6 +555,14 @@ impl Supervisor {
         EngineSettings { threads, log_config_notes: worker_id == 1, ..self.engine.clone() }
     }
 
+    /// The lowest engine block no slot holds (a draining worker still holds its own).
+    fn free_engine_block(&self) -> usize {
+        let blocks = self.stats.0.words().len() / stats::region_words(1);
+        (stats::FIRST_ENGINE_BLOCK..blocks)
+            .find(|b| self.slots.iter().all(|s| s.block != *b))
+            .unwrap_or(stats::FIRST_ENGINE_BLOCK)
+    }
+
     fn http_slots(&self) -> usize {
         self.slots.iter().filter(|s| s.role == Role::HttpWorker && !s.retired).count()
     }
@@ -540,16 +571,17 @@ impl Supervisor {
         if matches!(self.phase, Phase::Stopping { .. }) {
             return Ok(());
         }
-        if self.http_slots() >= tandem_shared::config::MAX_WORKERS {
+        if self.http_slots() >= self.config.max_workers {
             tracing::warn!(
                 workers = self.http_slots(),
-                max = tandem_shared::config::MAX_WORKERS,
-                "SIGTTIN ignored: already at the most HTTP workers tandem runs"
+                max_workers = self.config.max_workers,
+                "SIGTTIN ignored: already at MAX_WORKERS HTTP workers"
             );
             return Ok(());
         }
         let at = self.slots.iter().rposition(|s| s.role == Role::HttpWorker).map_or(0, |i| i + 1);
-        self.slots.insert(at, Slot::new(Role::HttpWorker));
+        let block = self.free_engine_block();
+        self.slots.insert(at, Slot::new(Role::HttpWorker, block));
         tracing::info!(workers = self.http_slots(), "SIGTTIN: adding an HTTP worker");
         self.spawn(at)
     }

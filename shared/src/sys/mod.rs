@@ -1,5 +1,6 @@
 //! The only module with `unsafe`: adopting file descriptors handed down by the
-//! supervisor, the C allocator's thresholds, and the shared-memory ring ([`shm`]).
+//! supervisor, the C allocator's thresholds, the shared-memory ring ([`shm`])
+//! and the statistics region ([`counters`]).
 //!
 //! Workers receive their listener (LISTEN_FDS convention, from fd 3) and their
 //! control socket at fixed descriptor numbers. Taking ownership of a raw
@@ -7,6 +8,7 @@
 
 #![allow(unsafe_code, reason = "inherited descriptors, mallopt and shared memory; every block says why it is sound")]
 
+pub mod counters;
 pub mod shm;
 
 use std::io;

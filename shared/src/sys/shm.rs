@@ -110,7 +110,7 @@ fn geometry(slots: u32, slot_bytes: usize) -> io::Result<(usize, usize)> {
     Ok((data_offset, data_offset.checked_add(data).ok_or_else(overflow)?))
 }
 
-fn map(fd: &OwnedFd, len: usize) -> io::Result<NonNull<u8>> {
+pub(super) fn map(fd: &OwnedFd, len: usize) -> io::Result<NonNull<u8>> {
     let size = NonZeroUsize::new(len).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty region"))?;
     // SAFETY: a fresh shared mapping of our own memfd: no existing Rust object
     // aliases it, and it stays mapped until `Region::drop`.

@@ -1,0 +1,75 @@
+//! Counts TLS handshakes for the statistics: completed ones by protocol and
+//! ALPN, failed ones by a reason an operator can act on.
+
+use rustls::ServerConnection;
+use tandem_shared::stats::{Stats, TLS_ALPN, TLS_FAILURES, TLS_PROTOCOLS};
+
+fn failure(reason: &str) -> usize {
+    TLS_FAILURES.iter().position(|r| *r == reason).unwrap_or(TLS_FAILURES.len() - 1)
+}
+
+/// Why the handshake failed, from the error tokio-rustls returned.
+pub fn reason(e: &std::io::Error) -> usize {
+    use std::io::ErrorKind::*;
+    if let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        return failure(match tls {
+            rustls::Error::InvalidMessage(_)
+            | rustls::Error::InappropriateMessage { .. }
+            | rustls::Error::InappropriateHandshakeMessage { .. } => "invalid_message",
+            rustls::Error::PeerIncompatible(_) => "incompatible",
+            rustls::Error::AlertReceived(_) => "alert_received",
+            rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_) => "bad_certificate",
+            _ => "other",
+        });
+    }
+    failure(match e.kind() {
+        UnexpectedEof => "eof",
+        ConnectionReset | ConnectionAborted | BrokenPipe => "reset",
+        TimedOut => "timeout",
+        InvalidData => "invalid_message",
+        _ => "other",
+    })
+}
+
+/// A handshake under way: counted once, as done, failed, or (dropped unfinished) timed out.
+pub struct Pending<'a> {
+    stats: &'a Stats,
+    counted: bool,
+}
+
+impl<'a> Pending<'a> {
+    /// Starts counting a handshake.
+    pub fn new(stats: &'a Stats) -> Self {
+        Pending { stats, counted: false }
+    }
+
+    /// The handshake completed on `conn`.
+    pub fn done(&mut self, conn: &ServerConnection) {
+        let protocol = match conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => 1,
+            _ => 0,
+        };
+        let alpn = match conn.alpn_protocol() {
+            Some(b"h2") => 0,
+            Some(b"http/1.1") => 1,
+            _ => TLS_ALPN.len() - 1,
+        };
+        debug_assert!(protocol < TLS_PROTOCOLS.len());
+        self.stats.tls_handshake(protocol, alpn);
+        self.counted = true;
+    }
+
+    /// The handshake failed with `e`.
+    pub fn failed(&mut self, e: &std::io::Error) {
+        self.stats.tls_failure(reason(e));
+        self.counted = true;
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.stats.tls_failure(failure("timeout"));
+        }
+    }
+}

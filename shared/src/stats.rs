@@ -1,0 +1,713 @@
+//! Whole-server statistics: the layout of the shared counters region
+//! ([`crate::sys::counters`]), the writers each process uses on its hot path,
+//! and the reader that sums every process into one [`Snapshot`].
+//!
+//! The region holds one fixed-size block per process (the supervisor, the
+//! HTTPS worker, one per engine worker slot). A process only adds to its own
+//! block with relaxed atomic adds, so nothing on the hot path takes a lock. A
+//! restarted worker gets its slot's block back and carries on adding, so the
+//! totals never go backwards. Whoever answers `/metrics` or `/stats` sums every
+//! block in use.
+//!
+//! Every word is a counter updated with `fetch_add`, except the few gauges in
+//! a block's header, so two processes sharing a block (only when more workers
+//! run than blocks exist) still count correctly.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::sys::counters::Counters;
+
+/// Upper bounds (seconds) of the request-duration histograms; a last bucket takes the rest.
+pub const DURATION_BOUNDS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const BUCKETS: usize = DURATION_BOUNDS.len() + 1;
+
+/// The API's route templates, literal ones before the templates they would also
+/// match (`/v2/models/stats` before `/v2/models/{name}`); a path that matches
+/// none is counted as `other`.
+pub const ROUTES: &[&str] = &[
+    "/",
+    "/metrics",
+    "/v2",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/v2/repository/index",
+    "/v2/repository/models/{name}/load",
+    "/v2/repository/models/{name}/unload",
+    "/v2/models/stats",
+    "/v2/models/{name}",
+    "/v2/models/{name}/ready",
+    "/v2/models/{name}/config",
+    "/v2/models/{name}/stats",
+    "/v2/models/{name}/infer",
+    "/v2/models/{name}/versions/{version}",
+    "/v2/models/{name}/versions/{version}/ready",
+    "/v2/models/{name}/versions/{version}/config",
+    "/v2/models/{name}/versions/{version}/stats",
+    "/v2/models/{name}/versions/{version}/infer",
+    "other",
+];
+const NR: usize = ROUTES.len();
+/// Methods counted by name; the rest are `other`.
+pub const METHODS: &[&str] = &["GET", "POST", "HEAD", "other"];
+const NM: usize = METHODS.len();
+/// Status codes counted by number; the rest are `other` (index `STATUSES.len()`).
+pub const STATUSES: &[u16] = &[200, 204, 400, 404, 405, 408, 413, 415, 429, 500, 502, 503, 504];
+const NS: usize = STATUSES.len() + 1;
+/// The two listeners.
+pub const LISTENERS: [&str; 2] = ["http", "https"];
+
+/// Ring events the HTTPS worker counts.
+pub const RING_EVENTS: &[&str] =
+    &["waits", "busy_503", "timeout_504", "resubmissions", "too_large_413", "engine_failed_502"];
+/// TLS protocol versions counted by name.
+pub const TLS_PROTOCOLS: [&str; 2] = ["TLSv1.2", "TLSv1.3"];
+/// ALPN results counted by name.
+pub const TLS_ALPN: [&str; 3] = ["h2", "http/1.1", "none"];
+/// Why a TLS handshake failed.
+pub const TLS_FAILURES: &[&str] =
+    &["eof", "reset", "timeout", "invalid_message", "incompatible", "alert_received", "bad_certificate", "other"];
+/// Why a worker was restarted.
+pub const RESTART_CAUSES: [&str; 2] = ["exited", "signalled"];
+
+/// Which process a block belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ProcessRole {
+    /// The supervisor.
+    Supervisor = 1,
+    /// The HTTPS worker.
+    Https = 2,
+    /// An engine (HTTP) worker.
+    Engine = 3,
+}
+
+impl ProcessRole {
+    /// The label used in metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            ProcessRole::Supervisor => "supervisor",
+            ProcessRole::Https => "https-worker",
+            ProcessRole::Engine => "http-worker",
+        }
+    }
+
+    fn from_word(w: u64) -> Option<ProcessRole> {
+        match w {
+            1 => Some(ProcessRole::Supervisor),
+            2 => Some(ProcessRole::Https),
+            3 => Some(ProcessRole::Engine),
+            _ => None,
+        }
+    }
+}
+
+// ---- block layout (in 64-bit words) ----
+const H_ROLE: usize = 0;
+const H_PID: usize = 1;
+const H_WORKER_ID: usize = 2;
+const H_RSS: usize = 3;
+const H_FDS: usize = 4;
+const H_STARTED_MS: usize = 5;
+const H_MODELS_USED: usize = 6;
+const HEADER: usize = 16;
+const REQ: usize = HEADER;
+const REQ_WORDS: usize = 2 * NR * NM * NS;
+const DUR: usize = REQ + REQ_WORDS;
+/// Per listener and route: the buckets, then the sum in nanoseconds.
+const DUR_WORDS: usize = 2 * NR * (BUCKETS + 1);
+const RING: usize = DUR + DUR_WORDS;
+const RING_WORDS: usize = 8;
+const TLS_OK: usize = RING + RING_WORDS;
+const TLS_FAIL: usize = TLS_OK + TLS_PROTOCOLS.len() * TLS_ALPN.len();
+const TLS_RELOAD: usize = TLS_FAIL + 8; // ok, refused
+const SUP: usize = TLS_RELOAD + 2;
+const SUP_RESTARTS: usize = SUP; // [role 2][cause 2]
+const SUP_CERT_NOT_AFTER: usize = SUP + 4;
+const SUP_CERT_CHECKS: usize = SUP + 5;
+const SUP_CERT_SOURCE_ERRORS: usize = SUP + 6;
+const SUP_CERT_PUBLISHED: usize = SUP + 7;
+const MODELS: usize = (SUP + 8).next_multiple_of(8);
+/// Model versions counted per process; more are served but not counted (logged once).
+pub const MODEL_ENTRIES: usize = 256;
+const NAME_WORDS: usize = 32;
+const E_STATE: usize = 0;
+const E_VERSION: usize = 1;
+const E_NAME_LEN: usize = 2;
+const E_NAME: usize = 3;
+const E_COUNTERS: usize = E_NAME + NAME_WORDS;
+const ENTRY_WORDS: usize = 72;
+const BLOCK_WORDS: usize = (MODELS + MODEL_ENTRIES * ENTRY_WORDS).next_multiple_of(512);
+const _: () = assert!(TLS_FAILURES.len() <= 8 && RING_EVENTS.len() <= RING_WORDS);
+const _: () = assert!(E_COUNTERS + ModelCounter::COUNT + BUCKETS <= ENTRY_WORDS);
+
+const ENTRY_FREE: u64 = 0;
+const ENTRY_WRITING: u64 = 1;
+const ENTRY_READY: u64 = 2;
+
+/// The counters kept per model version (Triton's statistics, plus a histogram).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelCounter {
+    /// Inferences (batch items) run.
+    InferenceCount,
+    /// Executions of the model (one per batch).
+    ExecutionCount,
+    /// Successful requests and their total time.
+    SuccessCount,
+    /// Nanoseconds of successful requests.
+    SuccessNs,
+    /// Failed requests.
+    FailCount,
+    /// Nanoseconds of failed requests.
+    FailNs,
+    /// Requests that waited for the engine, and how long.
+    QueueCount,
+    /// Nanoseconds waiting.
+    QueueNs,
+    /// Input decoding.
+    InputCount,
+    /// Nanoseconds decoding inputs.
+    InputNs,
+    /// Model execution.
+    InferCount,
+    /// Nanoseconds executing.
+    InferNs,
+    /// Output encoding.
+    OutputCount,
+    /// Nanoseconds encoding outputs.
+    OutputNs,
+    /// Unix time in milliseconds of the last inference.
+    LastInferenceMs,
+}
+
+impl ModelCounter {
+    /// How many counters there are.
+    pub const COUNT: usize = 15;
+}
+
+/// How many words a region for `blocks` processes needs.
+pub fn region_words(blocks: usize) -> usize {
+    blocks * BLOCK_WORDS
+}
+
+/// Blocks the supervisor creates for `max_workers` engine workers: its own, the
+/// HTTPS worker's, one per engine worker and a few for workers still draining
+/// when their replacements start.
+pub fn blocks_for(max_workers: usize) -> usize {
+    2 + max_workers + 4
+}
+
+/// The supervisor's block.
+pub const SUPERVISOR_BLOCK: usize = 0;
+/// The HTTPS worker's block.
+pub const HTTPS_BLOCK: usize = 1;
+/// The first engine worker block.
+pub const FIRST_ENGINE_BLOCK: usize = 2;
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn bucket(d: Duration) -> usize {
+    let s = d.as_secs_f64();
+    DURATION_BOUNDS.iter().position(|&b| s <= b).unwrap_or(DURATION_BOUNDS.len())
+}
+
+/// The index of `path`'s route template in [`ROUTES`] (`other` when none matches).
+pub fn route_index(path: &str) -> usize {
+    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    ROUTES
+        .iter()
+        .position(|t| {
+            let ts: Vec<&str> = t.trim_end_matches('/').split('/').collect();
+            ts.len() == segs.len() && ts.iter().zip(&segs).all(|(t, s)| (t.starts_with('{') && !s.is_empty()) || t == s)
+        })
+        .unwrap_or(NR - 1)
+}
+
+fn method_index(m: &str) -> usize {
+    METHODS.iter().position(|x| *x == m).unwrap_or(NM - 1)
+}
+
+fn status_index(s: u16) -> usize {
+    STATUSES.iter().position(|x| *x == s).unwrap_or(NS - 1)
+}
+
+/// One process's handle on its block.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    region: Arc<Counters>,
+    base: usize,
+}
+
+impl Stats {
+    /// The handle on block `block` of `region`, claimed for the calling process.
+    pub fn attach(region: Arc<Counters>, block: usize, role: ProcessRole, worker_id: u64) -> Stats {
+        let blocks = region.words().len() / BLOCK_WORDS;
+        let s = Stats { region, base: block.min(blocks.saturating_sub(1)) * BLOCK_WORDS };
+        s.set(H_ROLE, role as u64);
+        s.set(H_PID, u64::from(std::process::id()));
+        s.set(H_WORKER_ID, worker_id);
+        s.set(H_STARTED_MS, unix_ms());
+        s
+    }
+
+    /// The whole region, for reading a [`Snapshot`].
+    pub fn region(&self) -> &Counters {
+        &self.region
+    }
+
+    fn w(&self, i: usize) -> &AtomicU64 {
+        &self.region.words()[self.base + i]
+    }
+
+    fn add(&self, i: usize, n: u64) {
+        self.w(i).fetch_add(n, Relaxed);
+    }
+
+    fn set(&self, i: usize, v: u64) {
+        self.w(i).store(v, Relaxed);
+    }
+
+    /// Counts one HTTP request answered by this process.
+    pub fn request(&self, https: bool, route: usize, method: &str, status: u16, took: Duration) {
+        let l = usize::from(https);
+        let route = route.min(NR - 1);
+        self.add(REQ + ((l * NR + route) * NM + method_index(method)) * NS + status_index(status), 1);
+        let d = DUR + (l * NR + route) * (BUCKETS + 1);
+        self.add(d + bucket(took), 1);
+        self.add(d + BUCKETS, nanos(took));
+    }
+
+    /// Counts a ring event (index into [`RING_EVENTS`]).
+    pub fn ring(&self, event: usize) {
+        self.add(RING + event.min(RING_WORDS - 1), 1);
+    }
+
+    /// Counts a completed TLS handshake.
+    pub fn tls_handshake(&self, protocol: usize, alpn: usize) {
+        self.add(TLS_OK + protocol.min(1) * TLS_ALPN.len() + alpn.min(TLS_ALPN.len() - 1), 1);
+    }
+
+    /// Counts a failed TLS handshake (index into [`TLS_FAILURES`]).
+    pub fn tls_failure(&self, reason: usize) {
+        self.add(TLS_FAIL + reason.min(TLS_FAILURES.len() - 1), 1);
+    }
+
+    /// Counts a certificate reload in the HTTPS worker.
+    pub fn tls_reload(&self, ok: bool) {
+        self.add(TLS_RELOAD + usize::from(!ok), 1);
+    }
+
+    /// Counts a worker restart (supervisor).
+    pub fn restart(&self, https: bool, signalled: bool) {
+        self.add(SUP_RESTARTS + usize::from(https) * 2 + usize::from(signalled), 1);
+    }
+
+    /// Records a check of the certificate source and, when known, the served certificate's expiry.
+    pub fn cert_checked(&self, not_after_unix: Option<i64>, error: bool, published: bool) {
+        if let Some(t) = not_after_unix {
+            self.set(SUP_CERT_NOT_AFTER, t.max(0) as u64);
+        }
+        self.add(SUP_CERT_CHECKS, 1);
+        if error {
+            self.add(SUP_CERT_SOURCE_ERRORS, 1);
+        }
+        if published {
+            self.add(SUP_CERT_PUBLISHED, 1);
+        }
+    }
+
+    /// Stores this process's resident memory and open descriptors.
+    pub fn process_gauges(&self, rss_bytes: u64, fds: u64) {
+        self.set(H_RSS, rss_bytes);
+        self.set(H_FDS, fds);
+    }
+
+    /// Marks block `block` as no longer run by a live process (the supervisor, on reaping it).
+    pub fn vacate(region: &Counters, block: usize) {
+        let base = block * BLOCK_WORDS;
+        if let Some(words) = region.words().get(base..base + HEADER) {
+            for i in [H_PID, H_RSS, H_FDS] {
+                words[i].store(0, Relaxed);
+            }
+        }
+    }
+
+    /// The counters of model `name` version `version` in this block, claiming an
+    /// entry the first time. `None` when every entry is taken or the name is too long.
+    pub fn model(&self, name: &str, version: u64) -> Option<ModelStats> {
+        let bytes = name.as_bytes();
+        if bytes.len() > NAME_WORDS * 8 {
+            return None;
+        }
+        for i in 0..MODEL_ENTRIES {
+            let e = MODELS + i * ENTRY_WORDS;
+            match self.w(e + E_STATE).load(std::sync::atomic::Ordering::Acquire) {
+                ENTRY_READY if self.entry_is(e, name, version) => {
+                    return Some(ModelStats { stats: self.clone(), entry: e });
+                }
+                ENTRY_FREE => {
+                    if self.w(e + E_STATE).compare_exchange(ENTRY_FREE, ENTRY_WRITING, Relaxed, Relaxed).is_err() {
+                        continue;
+                    }
+                    self.set(e + E_VERSION, version);
+                    self.set(e + E_NAME_LEN, bytes.len() as u64);
+                    for (k, chunk) in bytes.chunks(8).enumerate() {
+                        let mut word = [0u8; 8];
+                        word[..chunk.len()].copy_from_slice(chunk);
+                        self.set(e + E_NAME + k, u64::from_le_bytes(word));
+                    }
+                    self.w(e + E_STATE).store(ENTRY_READY, std::sync::atomic::Ordering::Release);
+                    self.w(H_MODELS_USED).fetch_max(i as u64 + 1, Relaxed);
+                    return Some(ModelStats { stats: self.clone(), entry: e });
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn entry_is(&self, e: usize, name: &str, version: u64) -> bool {
+        self.w(e + E_VERSION).load(Relaxed) == version && read_name(self.region.words(), self.base + e) == name
+    }
+}
+
+fn read_name(words: &[AtomicU64], e: usize) -> String {
+    let len = (words[e + E_NAME_LEN].load(Relaxed) as usize).min(NAME_WORDS * 8);
+    let mut bytes = Vec::with_capacity(NAME_WORDS * 8);
+    for k in 0..NAME_WORDS {
+        bytes.extend_from_slice(&words[e + E_NAME + k].load(Relaxed).to_le_bytes());
+    }
+    bytes.truncate(len);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// A model version's counters in one process's block.
+#[derive(Debug, Clone)]
+pub struct ModelStats {
+    stats: Stats,
+    entry: usize,
+}
+
+/// Where one successful inference request spent its time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Waiting for the engine.
+    pub queue: Duration,
+    /// Decoding the inputs.
+    pub input: Duration,
+    /// Running the model.
+    pub infer: Duration,
+    /// Encoding the outputs.
+    pub output: Duration,
+}
+
+impl ModelStats {
+    fn add(&self, c: ModelCounter, n: u64) {
+        self.stats.add(self.entry + E_COUNTERS + c as usize, n);
+    }
+
+    fn hist(&self, took: Duration) {
+        self.stats.add(self.entry + E_COUNTERS + ModelCounter::COUNT + bucket(took), 1);
+    }
+
+    /// Counts a successful request of `batch` inferences run in one execution.
+    pub fn success(&self, batch: u64, t: Timings, total: Duration) {
+        use ModelCounter::*;
+        self.add(InferenceCount, batch);
+        self.add(ExecutionCount, 1);
+        self.add(SuccessCount, 1);
+        self.add(SuccessNs, nanos(total));
+        for (count, ns, d) in [
+            (QueueCount, QueueNs, t.queue),
+            (InputCount, InputNs, t.input),
+            (InferCount, InferNs, t.infer),
+            (OutputCount, OutputNs, t.output),
+        ] {
+            self.add(count, 1);
+            self.add(ns, nanos(d));
+        }
+        self.stats.set(self.entry + E_COUNTERS + LastInferenceMs as usize, unix_ms());
+        self.hist(total);
+    }
+
+    /// Counts a failed request.
+    pub fn failure(&self, total: Duration) {
+        self.add(ModelCounter::FailCount, 1);
+        self.add(ModelCounter::FailNs, nanos(total));
+        self.hist(total);
+    }
+}
+
+/// One live process, as its block says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    /// Its role.
+    pub role: ProcessRole,
+    /// Its pid.
+    pub pid: u32,
+    /// Its worker id (0 for the supervisor).
+    pub worker_id: u64,
+    /// Resident memory, bytes.
+    pub rss_bytes: u64,
+    /// Open descriptors.
+    pub fds: u64,
+}
+
+/// A model version's totals over every process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelTotals {
+    /// The counters, indexed by [`ModelCounter`] (the last inference is the latest, not a sum).
+    pub counters: [u64; ModelCounter::COUNT],
+    /// Request-duration histogram (not cumulative), one per bucket.
+    pub buckets: [u64; BUCKETS],
+}
+
+impl ModelTotals {
+    /// One counter.
+    pub fn get(&self, c: ModelCounter) -> u64 {
+        self.counters[c as usize]
+    }
+}
+
+/// A request counter: listener, route, method and status with its count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestCount {
+    /// `http` or `https`.
+    pub listener: &'static str,
+    /// Route template.
+    pub route: &'static str,
+    /// Method.
+    pub method: &'static str,
+    /// Status code, `other` as 0.
+    pub status: u16,
+    /// How many.
+    pub count: u64,
+}
+
+/// A request-duration histogram per listener and route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurationHistogram {
+    /// `http` or `https`.
+    pub listener: &'static str,
+    /// Route template.
+    pub route: &'static str,
+    /// Not cumulative, one per bucket.
+    pub buckets: [u64; BUCKETS],
+    /// Total nanoseconds.
+    pub sum_ns: u64,
+}
+
+/// Everything the region holds, summed over every process.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Non-zero request counters.
+    pub requests: Vec<RequestCount>,
+    /// Request-duration histograms with at least one request.
+    pub durations: Vec<DurationHistogram>,
+    /// Ring events, by [`RING_EVENTS`].
+    pub ring: [u64; RING_WORDS],
+    /// Completed handshakes by protocol and ALPN.
+    pub tls_handshakes: [[u64; 3]; 2],
+    /// Failed handshakes by [`TLS_FAILURES`].
+    pub tls_failures: [u64; 8],
+    /// Certificate reloads in the HTTPS worker: ok, refused.
+    pub tls_reloads: [u64; 2],
+    /// Worker restarts by role (engine, https) and [`RESTART_CAUSES`].
+    pub restarts: [[u64; 2]; 2],
+    /// The served certificate's expiry (Unix seconds), when known.
+    pub cert_not_after: Option<u64>,
+    /// Checks of the certificate source, errors among them, certificates published.
+    pub cert_checks: [u64; 3],
+    /// Live processes.
+    pub processes: Vec<Process>,
+    /// Per model and version.
+    pub models: BTreeMap<(String, u64), ModelTotals>,
+}
+
+impl Snapshot {
+    /// Sums every block of `region` in use.
+    pub fn read(region: &Counters) -> Snapshot {
+        let words = region.words();
+        let mut s = Snapshot::default();
+        let mut req = vec![0u64; REQ_WORDS];
+        let mut dur = vec![0u64; DUR_WORDS];
+        let sum = |acc: &mut [u64], base: usize| {
+            for (a, w) in acc.iter_mut().zip(&words[base..]) {
+                *a = a.wrapping_add(w.load(Relaxed));
+            }
+        };
+        for block in 0..words.len() / BLOCK_WORDS {
+            let b = block * BLOCK_WORDS;
+            let get = |i: usize| words[b + i].load(Relaxed);
+            let Some(role) = ProcessRole::from_word(get(H_ROLE)) else { continue };
+            if get(H_PID) != 0 {
+                s.processes.push(Process {
+                    role,
+                    pid: get(H_PID) as u32,
+                    worker_id: get(H_WORKER_ID),
+                    rss_bytes: get(H_RSS),
+                    fds: get(H_FDS),
+                });
+            }
+            sum(&mut req, b + REQ);
+            sum(&mut dur, b + DUR);
+            sum(&mut s.ring, b + RING);
+            for p in 0..2 {
+                sum(&mut s.tls_handshakes[p], b + TLS_OK + p * 3);
+                sum(&mut s.restarts[p], b + SUP_RESTARTS + p * 2);
+            }
+            sum(&mut s.tls_failures, b + TLS_FAIL);
+            sum(&mut s.tls_reloads, b + TLS_RELOAD);
+            sum(&mut s.cert_checks, b + SUP_CERT_CHECKS);
+            if get(SUP_CERT_NOT_AFTER) != 0 {
+                s.cert_not_after = Some(get(SUP_CERT_NOT_AFTER));
+            }
+            let used = (get(H_MODELS_USED) as usize).min(MODEL_ENTRIES);
+            for i in 0..used {
+                let e = b + MODELS + i * ENTRY_WORDS;
+                if words[e + E_STATE].load(std::sync::atomic::Ordering::Acquire) != ENTRY_READY {
+                    continue;
+                }
+                let key = (read_name(words, e), words[e + E_VERSION].load(Relaxed));
+                let t = s.models.entry(key).or_default();
+                let last = t.counters[ModelCounter::LastInferenceMs as usize];
+                sum(&mut t.counters, e + E_COUNTERS);
+                let this_last = words[e + E_COUNTERS + ModelCounter::LastInferenceMs as usize].load(Relaxed);
+                t.counters[ModelCounter::LastInferenceMs as usize] = last.max(this_last);
+                sum(&mut t.buckets, e + E_COUNTERS + ModelCounter::COUNT);
+            }
+        }
+        for l in 0..2 {
+            for r in 0..NR {
+                for m in 0..NM {
+                    for st in 0..NS {
+                        let count = req[((l * NR + r) * NM + m) * NS + st];
+                        if count > 0 {
+                            s.requests.push(RequestCount {
+                                listener: LISTENERS[l],
+                                route: ROUTES[r],
+                                method: METHODS[m],
+                                status: STATUSES.get(st).copied().unwrap_or(0),
+                                count,
+                            });
+                        }
+                    }
+                }
+                let d = (l * NR + r) * (BUCKETS + 1);
+                let mut buckets = [0u64; BUCKETS];
+                buckets.copy_from_slice(&dur[d..d + BUCKETS]);
+                if buckets.iter().any(|&n| n > 0) {
+                    s.durations.push(DurationHistogram {
+                        listener: LISTENERS[l],
+                        route: ROUTES[r],
+                        buckets,
+                        sum_ns: dur[d + BUCKETS],
+                    });
+                }
+            }
+        }
+        s
+    }
+}
+
+/// Resident memory and open descriptors of the calling process, from `/proc/self`.
+pub fn own_process_gauges() -> (u64, u64) {
+    let page = 4096u64;
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * page);
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    (rss, fds)
+}
+
+/// Keeps this process's memory and descriptor gauges fresh (every 5 s) from a small thread.
+pub fn spawn_gauge_thread(stats: Stats) {
+    let _ = std::thread::Builder::new().name("stats-gauges".into()).spawn(move || loop {
+        let (rss, fds) = own_process_gauges();
+        stats.process_gauges(rss, fds);
+        std::thread::sleep(Duration::from_secs(5));
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(blocks: usize) -> Arc<Counters> {
+        Counters::create(region_words(blocks)).unwrap().0
+    }
+
+    #[test]
+    fn routes_match_their_templates() {
+        let r = |p| ROUTES[route_index(p)];
+        assert_eq!(r("/"), "/");
+        assert_eq!(r("/v2/models/digits/infer"), "/v2/models/{name}/infer");
+        assert_eq!(r("/v2/models/digits/versions/3/infer"), "/v2/models/{name}/versions/{version}/infer");
+        assert_eq!(r("/v2/models/stats"), "/v2/models/stats");
+        assert_eq!(r("/v2/models/digits"), "/v2/models/{name}");
+        assert_eq!(r("/v2/models/digits/stats"), "/v2/models/{name}/stats");
+        assert_eq!(r("/nope/x"), "other");
+        assert_eq!(r("/v2/models//infer"), "other");
+    }
+
+    #[test]
+    fn blocks_sum_and_a_returning_process_carries_on() {
+        let reg = region(4);
+        let a = Stats::attach(reg.clone(), 2, ProcessRole::Engine, 1);
+        let b = Stats::attach(reg.clone(), 3, ProcessRole::Engine, 2);
+        a.request(false, 13, "POST", 200, Duration::from_millis(2));
+        b.request(true, 13, "POST", 200, Duration::from_millis(20));
+        b.request(true, 13, "POST", 400, Duration::from_micros(10));
+        let ma = a.model("digits", 1).unwrap();
+        let mb = b.model("digits", 1).unwrap();
+        ma.success(4, Timings::default(), Duration::from_millis(1));
+        mb.success(1, Timings::default(), Duration::from_millis(1));
+        mb.failure(Duration::from_millis(1));
+        // Worker 1 dies and is replaced in its block: its counts stay.
+        Stats::vacate(&reg, 2);
+        let a2 = Stats::attach(reg.clone(), 2, ProcessRole::Engine, 3);
+        a2.model("digits", 1).unwrap().success(1, Timings::default(), Duration::from_millis(1));
+
+        let s = Snapshot::read(&reg);
+        let total: u64 = s.requests.iter().map(|r| r.count).sum();
+        assert_eq!(total, 3);
+        assert_eq!(s.requests.iter().filter(|r| r.listener == "https").map(|r| r.count).sum::<u64>(), 2);
+        let m = &s.models[&("digits".to_string(), 1)];
+        assert_eq!(m.get(ModelCounter::InferenceCount), 6);
+        assert_eq!(m.get(ModelCounter::ExecutionCount), 3);
+        assert_eq!(m.get(ModelCounter::FailCount), 1);
+        assert_eq!(m.buckets.iter().sum::<u64>(), 4);
+        assert_eq!(s.processes.len(), 2, "{:?}", s.processes);
+        assert_eq!(s.durations.iter().map(|d| d.buckets.iter().sum::<u64>()).sum::<u64>(), 3);
+    }
+
+    #[test]
+    fn a_shared_block_still_counts_every_add_and_finds_one_entry_per_model() {
+        let reg = region(3);
+        let a = Stats::attach(reg.clone(), 2, ProcessRole::Engine, 1);
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let a = a.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        a.model("m", 2).unwrap().success(1, Timings::default(), Duration::ZERO);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let s = Snapshot::read(&reg);
+        assert_eq!(s.models[&("m".to_string(), 2)].get(ModelCounter::SuccessCount), 4000);
+    }
+}
