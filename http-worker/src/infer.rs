@@ -721,8 +721,8 @@ mod tests {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
         let settings =
             tandem_shared::EngineSettings { backend: tandem_shared::BackendChoice::Tract, ..Default::default() };
-        let engine = Engine::load(&repo, &settings, 1).expect("load");
-        match engine.models["digits"].version(None) {
+        let engine = Engine::load(&repo, &settings, 1, &std::collections::BTreeMap::new()).expect("load");
+        match engine.models()["digits"].version(None) {
             Some(VersionState::Ready(v)) => v.clone(),
             other => panic!("digits: {other:?}"),
         }

@@ -6,6 +6,7 @@
 pub mod engine;
 pub mod infer;
 pub mod metrics;
+pub mod model_control;
 pub mod router;
 pub mod shm_server;
 
@@ -48,14 +49,15 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
     let engine = load_engine(&settings)?;
     let inference_threads = engine.permits.available_permits();
     let region = settings.shm.as_ref().map(tandem_shared::worker::open_region).transpose()?;
-    let app = router(AppState::new(&settings, engine, stats, region.clone()));
+    let app = router(AppState::new(&settings, engine.clone(), stats, region.clone(), control.clone()));
     let shm = match region {
         Some(region) => {
             // One claimer per inference thread, and at least two so that a cheap
-            // request (metadata, health) never waits behind an inference.
-            let server =
-                shm_server::ShmServer::start(region, settings.worker_id, app.clone(), inference_threads.max(2))
-                    .context("cannot start the shared-memory claimer")?;
+            // request (metadata, health) never waits behind an inference. Dynamic
+            // batching needs requests gathered from the ring: then 16 claimers.
+            let claimers = if batching_possible(&settings, &engine) { 16 } else { inference_threads.max(2) };
+            let server = shm_server::ShmServer::start(region, settings.worker_id, app.clone(), claimers)
+                .context("cannot start the shared-memory claimer")?;
             Some(server)
         }
         None => None,
@@ -98,17 +100,27 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
     Ok(())
 }
 
+/// Whether a model may be dynamically batched in this worker: one is now, or
+/// models can change while running.
+fn batching_possible(settings: &WorkerSettings, engine: &engine::Engine) -> bool {
+    settings.model_control != tandem_shared::config::ModelControlMode::None
+        || engine.models().values().any(|m| {
+            m.versions.values().any(|v| matches!(v, engine::VersionState::Ready(mv) if mv.dynamic_batching.is_some()))
+        })
+}
+
 /// Loads the model repository named in the settings, sized for this worker's share of the cores.
 pub fn load_engine(settings: &WorkerSettings) -> anyhow::Result<Arc<engine::Engine>> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Concurrent inferences: this worker's share of the cores.
     let permits = (cores / settings.num_workers.max(1)).max(1);
     let started = std::time::Instant::now();
-    let engine = engine::Engine::load(&settings.model_repository, &settings.engine, permits)?;
-    let ready = engine.models.values().filter(|m| m.ready()).count();
+    let engine = engine::Engine::load(&settings.model_repository, &settings.engine, permits, &settings.models_wanted)?;
+    let models = engine.models();
+    let ready = models.values().filter(|m| m.ready()).count();
     tracing::info!(
         worker_id = settings.worker_id,
-        models = engine.models.len(),
+        models = models.len(),
         ready,
         threads = settings.engine.threads,
         ms = started.elapsed().as_millis() as u64,

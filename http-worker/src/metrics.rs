@@ -302,7 +302,7 @@ pub(crate) async fn model_stats(State(state): State<AppState>, Path(p): Path<Mod
 fn stats_of(state: &AppState, only: Option<&ModelPath>) -> Response {
     let snap = Snapshot::read(state.stats().region());
     let mut out = Vec::new();
-    for (name, model) in &state.engine().models {
+    for (name, model) in state.engine().models().iter() {
         if only.is_some_and(|p| &p.name != name) {
             continue;
         }

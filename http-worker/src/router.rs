@@ -52,15 +52,27 @@ struct Inner {
     cert_status: Option<std::path::PathBuf>,
     /// This worker's block of the whole-server statistics.
     stats: Stats,
+    /// Write one log line per request.
+    access_log: bool,
     /// The ring, when HTTPS is on (its busy slots are a metric).
     ring: Option<Arc<Region>>,
+    /// Load and unload through the supervisor.
+    model_control: Arc<crate::model_control::ModelControl>,
     /// Per model name and version: its counters in `stats` (`None`: no entry left).
     model_stats: RwLock<HashMap<String, HashMap<String, Option<ModelStats>>>>,
 }
 
 impl AppState {
     /// State for the worker described by `settings`, serving `engine`, counting into `stats`.
-    pub fn new(settings: &WorkerSettings, engine: Arc<Engine>, stats: Stats, ring: Option<Arc<Region>>) -> Self {
+    /// `control` carries model load and unload to the supervisor.
+    pub fn new(
+        settings: &WorkerSettings,
+        engine: Arc<Engine>,
+        stats: Stats,
+        ring: Option<Arc<Region>>,
+        control: Arc<tandem_shared::control::ControlClient>,
+    ) -> Self {
+        let model_control = crate::model_control::ModelControl::start(settings.model_control, control, engine.clone());
         AppState {
             inner: Arc::new(Inner {
                 worker_id: settings.worker_id,
@@ -70,7 +82,9 @@ impl AppState {
                 engine_info: engine_info(&settings.engine),
                 cert_status: settings.cert_status.clone(),
                 stats,
+                access_log: settings.access_log,
                 ring,
+                model_control,
                 model_stats: RwLock::new(HashMap::new()),
             }),
         }
@@ -84,6 +98,11 @@ impl AppState {
     /// The shared-memory ring, when HTTPS is on.
     pub(crate) fn ring(&self) -> Option<&Region> {
         self.inner.ring.as_deref()
+    }
+
+    /// Model load and unload.
+    pub(crate) fn model_control(&self) -> &crate::model_control::ModelControl {
+        &self.inner.model_control
     }
 
     /// The models this worker serves.
@@ -133,7 +152,9 @@ impl IntoResponse for ApiError {
 /// The API, served identically on the HTTP and HTTPS listeners.
 pub fn router(state: AppState) -> Router {
     let worker_id = HeaderValue::from(state.inner.worker_id);
+    let id = state.inner.worker_id;
     let stats = state.inner.stats.clone();
+    let access_log = state.inner.access_log;
     Router::new()
         .route("/", get(info))
         .route("/metrics", get(crate::metrics::metrics))
@@ -144,6 +165,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
         .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{name}/load", post(crate::model_control::load))
+        .route("/v2/repository/models/{name}/unload", post(crate::model_control::unload))
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
         .route("/v2/models/{name}/config", get(model_config))
@@ -157,6 +180,12 @@ pub fn router(state: AppState) -> Router {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         })
         .with_state(state)
+        // Bodies sent with Content-Encoding gzip or deflate (tritonclient's
+        // request compression) are inflated on the way in; the inflated size is
+        // what MAX_REQUEST_BYTES bounds (`run_infer` reads with that limit).
+        .layer(tower_http::decompression::RequestDecompressionLayer::new())
+        // Responses are compressed when the client's Accept-Encoding asks.
+        .layer(tower_http::compression::CompressionLayer::new())
         .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
             let (worker_id, stats) = (worker_id.clone(), stats.clone());
             async move {
@@ -164,9 +193,37 @@ pub fn router(state: AppState) -> Router {
                 let https = req.extensions().get::<Scheme>() == Some(&Scheme::Https);
                 let route = tandem_shared::stats::route_index(req.uri().path());
                 let method = req.method().clone();
+                let logged = access_log.then(|| {
+                    let peer = req.extensions().get::<tandem_shared::serve::Peer>().map(|p| p.0);
+                    let bytes_in = axum::body::HttpBody::size_hint(req.body()).exact();
+                    (req.uri().path().to_string(), peer, bytes_in)
+                });
                 let mut res = next.run(req).await;
+                if res.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE
+                    && !res.headers().contains_key(header::CONTENT_TYPE)
+                {
+                    // The decompression layer's refusal of an unknown Content-Encoding, as JSON.
+                    res = error(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "unsupported Content-Encoding; tandem accepts gzip, deflate and identity",
+                    );
+                }
                 res.headers_mut().insert("x-tandem-worker", worker_id);
-                stats.request(https, route, method.as_str(), res.status().as_u16(), started.elapsed());
+                let took = started.elapsed();
+                stats.request(https, route, method.as_str(), res.status().as_u16(), took);
+                if let Some((path, peer, bytes_in)) = logged {
+                    tandem_shared::access::log(&tandem_shared::access::Entry {
+                        listener: if https { "https" } else { "http" },
+                        peer,
+                        method: method.as_str(),
+                        path: &path,
+                        status: res.status().as_u16(),
+                        bytes_in,
+                        bytes_out: axum::body::HttpBody::size_hint(res.body()).exact(),
+                        took,
+                        worker: id,
+                    });
+                }
                 res
             }
         }))
@@ -181,8 +238,8 @@ pub(crate) struct ModelPath {
 
 pub(crate) fn find(state: &AppState, p: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> {
     let not_found = |message| ApiError { status: StatusCode::NOT_FOUND, message };
-    let model =
-        state.inner.engine.models.get(&p.name).ok_or_else(|| not_found(format!("unknown model {:?}", p.name)))?;
+    let models = state.inner.engine.models();
+    let model = models.get(&p.name).ok_or_else(|| not_found(format!("unknown model {:?}", p.name)))?;
     let unavailable = |reason: &str| ApiError {
         status: StatusCode::SERVICE_UNAVAILABLE,
         message: format!("model {:?} is unavailable: {reason}", p.name),
@@ -220,7 +277,7 @@ async fn info(State(state): State<AppState>, scheme: Option<Extension<Scheme>>) 
     let models: Vec<_> = state
         .inner
         .engine
-        .models
+        .models()
         .iter()
         .map(|(n, m)| {
             let mut entry = json!({ "name": n, "versions": m.labels(), "ready": m.ready() });
@@ -242,12 +299,13 @@ async fn info(State(state): State<AppState>, scheme: Option<Extension<Scheme>>) 
     }))
 }
 
-async fn server_metadata() -> Json<serde_json::Value> {
-    Json(json!({
-        "name": "tandem",
-        "version": tandem_shared::VERSION,
-        "extensions": ["classification", "binary_tensor_data", "model_repository"],
-    }))
+/// Server metadata; the extensions are the ones served (model load and unload only in explicit mode).
+async fn server_metadata(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let mut extensions = vec!["classification", "binary_tensor_data", "statistics"];
+    if state.inner.model_control.mode == tandem_shared::config::ModelControlMode::Explicit {
+        extensions.push("model_repository");
+    }
+    Json(json!({ "name": "tandem", "version": tandem_shared::VERSION, "extensions": extensions }))
 }
 
 async fn live() -> Json<serde_json::Value> {
@@ -261,9 +319,10 @@ async fn ready(State(state): State<AppState>) -> Response {
     let engine = &state.inner.engine;
     let cert = certificate(&state).await;
     let ready = engine.ready();
-    let mut body = json!({ "ready": ready, "models": engine.models.len() });
+    let models = engine.models();
+    let mut body = json!({ "ready": ready, "models": models.len() });
     let unavailable: Vec<_> =
-        engine.models.iter().filter_map(|(n, m)| m.reason().map(|r| json!({ "name": n, "reason": r }))).collect();
+        models.iter().filter_map(|(n, m)| m.reason().map(|r| json!({ "name": n, "reason": r }))).collect();
     if !unavailable.is_empty() {
         body["unavailable"] = json!(unavailable);
     }
@@ -281,7 +340,7 @@ async fn ready(State(state): State<AppState>) -> Response {
 /// Triton's repository index: every model and version with its state and, when unavailable, the reason.
 async fn repository_index(State(state): State<AppState>) -> Json<serde_json::Value> {
     let mut out = Vec::new();
-    for (name, m) in &state.inner.engine.models {
+    for (name, m) in state.inner.engine.models().iter() {
         if let Some(reason) = &m.error {
             out.push(json!({ "name": name, "state": "UNAVAILABLE", "reason": reason }));
             continue;
@@ -303,7 +362,7 @@ async fn model_metadata(
     Path(p): Path<ModelPath>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let v = find(&state, &p)?;
-    let versions = state.inner.engine.models.get(&p.name).map(|m| m.labels()).unwrap_or_default();
+    let versions = state.inner.engine.models().get(&p.name).map(|m| m.labels()).unwrap_or_default();
     let mut body = json!({
         "name": v.name,
         "versions": versions,
@@ -341,7 +400,7 @@ async fn model_config(
         let skip = usize::from(v.max_batch_size > 0);
         json!({ "name": t.name, "data_type": t.datatype.triton_name(), "dims": t.shape.iter().skip(skip).collect::<Vec<_>>() })
     };
-    Ok(Json(json!({
+    let mut config = json!({
         "name": v.name,
         "platform": PLATFORM,
         "backend": v.backend,
@@ -349,7 +408,14 @@ async fn model_config(
         "max_batch_size": v.max_batch_size,
         "input": v.inputs.iter().map(dims).collect::<Vec<_>>(),
         "output": v.outputs.iter().map(dims).collect::<Vec<_>>(),
-    })))
+    });
+    if let Some(d) = &v.dynamic_batching {
+        config["dynamic_batching"] = json!({
+            "preferred_batch_size": d.preferred,
+            "max_queue_delay_microseconds": d.max_delay.as_micros() as u64,
+        });
+    }
+    Ok(Json(config))
 }
 
 async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, headers: HeaderMap, body: Body) -> Response {
@@ -360,9 +426,9 @@ async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, headers:
     };
     let counters = state.model_stats(&model);
     match run_infer(&state, &model, &headers, body, started).await {
-        Ok((res, batch, timings)) => {
+        Ok((res, batch, executions, timings)) => {
             if let Some(c) = counters {
-                c.success(batch, timings, started.elapsed());
+                c.success(batch, executions, timings, started.elapsed());
             }
             res
         }
@@ -375,14 +441,15 @@ async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, headers:
     }
 }
 
-/// Runs one inference request; returns the response, its batch size and where its time went.
+/// Runs one inference request; returns the response, its batch size, the
+/// executions it stands for and where its time went.
 async fn run_infer(
     state: &AppState,
     model: &Arc<ModelVersion>,
     headers: &HeaderMap,
     body: Body,
     started: Instant,
-) -> Result<(Response, u64, Timings), ApiError> {
+) -> Result<(Response, u64, u64, Timings), ApiError> {
     let limit = state.inner.max_request_bytes;
     let too_large = || ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
@@ -414,29 +481,46 @@ async fn run_infer(
     let mut timings = Timings { input: decoding.elapsed(), ..Timings::default() };
 
     let engine = &state.inner.engine;
-    let queued = Instant::now();
-    let _permit = engine.permits.acquire().await.map_err(|_| ApiError {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        message: "the worker is shutting down".into(),
-    })?;
-    // Queue time: reading the body and waiting for an inference thread.
-    timings.queue = decoding.duration_since(started) + queued.elapsed();
-    let runner = model.clone();
     let crashed = |detail: String| ApiError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
         message: format!("inference crashed{detail}"),
     };
-    let running = Instant::now();
-    let outputs = if crate::shm_server::on_claimer_thread() {
-        // A claimer thread is ours to block: no hop to the blocking pool. A
-        // panic in the engine is caught here as spawn_blocking would catch it.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || runner.run(inputs, &wanted)))
-            .map_err(|_| crashed(String::new()))?
+    let mut executions = 1;
+    let outputs = if let Some(policy) = &model.dynamic_batching {
+        // Dynamic batching: the batcher waits for an inference thread and runs this request with others.
+        let batcher = model
+            .batcher
+            .get_or_init(|| crate::engine::batcher::Batcher::start(model, policy.clone(), engine.permits.clone()));
+        let done =
+            batcher.infer(inputs, wanted, batch).await.map_err(|e| ApiError::bad(format!("inference failed: {e}")))?;
+        timings.queue = decoding.duration_since(started) + done.queue;
+        timings.infer = done.infer;
+        executions = u64::from(done.counts_execution);
+        done.outputs
     } else {
-        tokio::task::spawn_blocking(move || runner.run(inputs, &wanted)).await.map_err(|e| crashed(format!(": {e}")))?
-    }
-    .map_err(|e| ApiError::bad(format!("inference failed: {e}")))?;
-    timings.infer = running.elapsed();
+        let queued = Instant::now();
+        let _permit = engine.permits.acquire().await.map_err(|_| ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: "the worker is shutting down".into(),
+        })?;
+        // Queue time: reading the body and waiting for an inference thread.
+        timings.queue = decoding.duration_since(started) + queued.elapsed();
+        let runner = model.clone();
+        let running = Instant::now();
+        let outputs = if crate::shm_server::on_claimer_thread() {
+            // A claimer thread is ours to block: no hop to the blocking pool. A
+            // panic in the engine is caught here as spawn_blocking would catch it.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || runner.run(inputs, &wanted)))
+                .map_err(|_| crashed(String::new()))?
+        } else {
+            tokio::task::spawn_blocking(move || runner.run(inputs, &wanted))
+                .await
+                .map_err(|e| crashed(format!(": {e}")))?
+        }
+        .map_err(|e| ApiError::bad(format!("inference failed: {e}")))?;
+        timings.infer = running.elapsed();
+        outputs
+    };
     let encoding = Instant::now();
     let (body, json_len) = encode_response(model, &req, &requested, outputs)?;
     let mut res = Response::new(Body::from(body));
@@ -451,5 +535,5 @@ async fn run_infer(
         }
     }
     timings.output = encoding.elapsed();
-    Ok((res, batch as u64, timings))
+    Ok((res, batch as u64, executions, timings))
 }

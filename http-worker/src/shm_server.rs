@@ -94,6 +94,12 @@ async fn answer(mut claim: Claim, app: Router) {
             *req.uri_mut() = frame.uri;
             *req.headers_mut() = frame.headers;
             req.extensions_mut().insert(Scheme::Https);
+            // The client's address, as the HTTPS worker wrote it (never the client).
+            if let Some(peer) = req.headers_mut().remove(tandem_shared::access::PEER_HEADER) {
+                if let Some(addr) = peer.to_str().ok().and_then(|p| p.parse().ok()) {
+                    req.extensions_mut().insert(tandem_shared::serve::Peer(addr));
+                }
+            }
             let Ok(res) = app.oneshot(req).await;
             let (parts, body) = res.into_parts();
             match axum::body::to_bytes(body, usize::MAX).await {

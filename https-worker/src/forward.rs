@@ -202,6 +202,8 @@ pub struct Forwarder {
     orphaned: AtomicBool,
     /// The HTTPS worker's statistics block.
     stats: Stats,
+    /// With `ACCESS_LOG`: this worker's id, for the lines of the answers it makes itself.
+    access_log: Option<u64>,
 }
 
 /// The answer to a request that no engine will start because the supervisor died.
@@ -246,9 +248,11 @@ impl Forwarder {
         max_request_bytes: usize,
         timeout: Duration,
         stats: Stats,
+        access_log: Option<u64>,
     ) -> Self {
         Forwarder {
             stats,
+            access_log,
             region,
             completions,
             max_request_bytes,
@@ -263,13 +267,32 @@ impl Forwarder {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
         let started = std::time::Instant::now();
         let (route, method) = (tandem_shared::stats::route_index(req.uri().path()), req.method().clone());
+        let logged = self.access_log.map(|worker| {
+            let peer = req.extensions().get::<tandem_shared::serve::Peer>().map(|p| p.0);
+            let bytes_in = hyper::body::Body::size_hint(req.body()).exact();
+            (worker, req.uri().path().to_string(), peer, bytes_in)
+        });
         let mut res = self.forward(req).await;
         if res.extensions().get::<AnsweredHere>().is_some() {
             let status = res.status();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
                 self.stats.ring(event::TOO_LARGE);
             }
-            self.stats.request(true, route, method.as_str(), status.as_u16(), started.elapsed());
+            let took = started.elapsed();
+            self.stats.request(true, route, method.as_str(), status.as_u16(), took);
+            if let Some((worker, path, peer, bytes_in)) = logged {
+                tandem_shared::access::log(&tandem_shared::access::Entry {
+                    listener: "https",
+                    peer,
+                    method: method.as_str(),
+                    path: &path,
+                    status: status.as_u16(),
+                    bytes_in,
+                    bytes_out: hyper::body::Body::size_hint(res.body()).exact(),
+                    took,
+                    worker,
+                });
+            }
         }
         for (k, v) in &self.extra_headers {
             res.headers_mut().insert(k, v.clone());
@@ -311,6 +334,13 @@ impl Forwarder {
         };
         for h in &HOP_BY_HOP {
             parts.headers.remove(h);
+        }
+        // The client's address travels with the request; a client never sets it.
+        parts.headers.remove(tandem_shared::access::PEER_HEADER);
+        if let Some(peer) = parts.extensions.get::<tandem_shared::serve::Peer>() {
+            if let Ok(v) = HeaderValue::from_str(&peer.0.to_string()) {
+                parts.headers.insert(tandem_shared::access::PEER_HEADER, v);
+            }
         }
 
         let Some(mut writer) = self.reserve().await else {

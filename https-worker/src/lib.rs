@@ -67,8 +67,14 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     let region = tandem_shared::worker::open_region(shm).context("cannot map the shared-memory region")?;
     let completions = forward::Completions::start(region.clone()).context("cannot start the completion thread")?;
     let max_request = usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX);
-    let forwarder =
-        Arc::new(forward::Forwarder::new(region, completions.clone(), max_request, shm.request_timeout, stats.clone()));
+    let forwarder = Arc::new(forward::Forwarder::new(
+        region,
+        completions.clone(),
+        max_request,
+        shm.request_timeout,
+        stats.clone(),
+        settings.access_log.then_some(settings.worker_id),
+    ));
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let budget = tandem_shared::serve::connection_budget();
     let server = tandem_shared::serve::Server::new(settings.timeouts, budget);

@@ -147,6 +147,21 @@ pub const ENV_VARS: &[EnvVar] = &[
         meaning: "tracing filter (error, warn, info, debug, trace or a directive list)",
     },
     EnvVar { name: "LOG_FORMAT", default: "text", meaning: "log format on stderr: text or json" },
+    EnvVar {
+        name: "MODEL_CONTROL_MODE",
+        default: "none",
+        meaning: "none (models fixed at start), explicit (repository load/unload API) or poll (rescan the repository)",
+    },
+    EnvVar {
+        name: "REPOSITORY_POLL_SECS",
+        default: "15",
+        meaning: "seconds between rescans of the repository with MODEL_CONTROL_MODE=poll (1-86400)",
+    },
+    EnvVar {
+        name: "ACCESS_LOG",
+        default: "False",
+        meaning: "one log line per request (listener, peer, method, path, status, bytes, duration, model, worker)",
+    },
 ];
 
 /// Where the HTTPS certificate comes from.
@@ -189,6 +204,18 @@ pub enum BackendChoice {
     OnnxRuntime,
     /// tract, pure Rust.
     Tract,
+}
+
+/// How the served models may change while tandem runs (Triton's `--model-control-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ModelControlMode {
+    /// The repository is read once at start.
+    #[default]
+    None,
+    /// `POST /v2/repository/models/{m}/load` and `/unload` change them.
+    Explicit,
+    /// The repository is rescanned every `REPOSITORY_POLL_SECS`.
+    Poll,
 }
 
 /// Log line format on stderr.
@@ -241,6 +268,12 @@ pub struct Config {
     pub engine_threads: Option<usize>,
     /// Readiness needs every model ready.
     pub strict_readiness: bool,
+    /// One log line per request.
+    pub access_log: bool,
+    /// How models may change while running.
+    pub model_control_mode: ModelControlMode,
+    /// Between repository rescans (poll mode).
+    pub repository_poll: Duration,
     /// A model that fails to load stops start-up.
     pub exit_on_model_error: bool,
     /// Largest accepted request body.
@@ -333,6 +366,9 @@ struct Raw {
     graceful_timeout: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
+    access_log: Option<String>,
+    model_control_mode: Option<String>,
+    repository_poll_secs: Option<String>,
 }
 
 /// Collects problems while parsing each variable.
@@ -629,6 +665,24 @@ impl Config {
             }
         });
 
+        let access_log = c.get("ACCESS_LOG", &raw.access_log, false, "true/false/1/0/yes/no (any case)", parse_bool);
+        let model_control_mode = c.get(
+            "MODEL_CONTROL_MODE",
+            &raw.model_control_mode,
+            ModelControlMode::None,
+            "none, explicit or poll",
+            |v| match v.to_ascii_lowercase().as_str() {
+                "none" => Some(ModelControlMode::None),
+                "explicit" => Some(ModelControlMode::Explicit),
+                "poll" => Some(ModelControlMode::Poll),
+                _ => None,
+            },
+        );
+        let repository_poll = {
+            let (accepted, parse) = seconds(1, 86400);
+            c.get("REPOSITORY_POLL_SECS", &raw.repository_poll_secs, Duration::from_secs(15), &accepted, parse)
+        };
+
         if !c.problems.is_empty() {
             return Err(ConfigError { problems: c.problems });
         }
@@ -652,6 +706,9 @@ impl Config {
             engine_device,
             engine_threads,
             strict_readiness,
+            access_log,
+            model_control_mode,
+            repository_poll,
             exit_on_model_error,
             max_request_bytes,
             request_timeout,

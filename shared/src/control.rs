@@ -1,11 +1,14 @@
 //! Control channel messages between the supervisor and a worker.
 //!
 //! Each worker holds one end of a Unix socketpair. Messages are one JSON
-//! object per line. Signals trigger actions; this channel acknowledges them.
+//! object per line, both ways: workers report events ([`WorkerEvent`]), the
+//! supervisor sends commands ([`Command`]: model changes to carry out).
+//! Signals trigger the other actions; this channel acknowledges them.
 
-use std::io::{self, Write};
+use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -33,18 +36,112 @@ pub enum WorkerEvent {
         /// Why.
         reason: String,
     },
+    /// A client asked this engine worker to load or unload a model; the
+    /// supervisor has every engine worker do it and answers with
+    /// [`Command::ModelChangeDone`].
+    ModelChangeRequested {
+        /// The worker's number for the request, echoed in the answer.
+        request: u64,
+        /// What to change.
+        change: ModelChange,
+    },
+    /// This engine worker carried out [`Command::ApplyModelChange`] `op`.
+    ModelChanged {
+        /// The supervisor's operation number.
+        op: u64,
+        /// Why it failed here, if it did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+/// A change to the served models (Triton's repository load and unload).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ModelChange {
+    /// Load or reload a model from the repository.
+    Load {
+        /// The model (its folder name).
+        model: String,
+        /// A JSON `ModelConfig` used instead of the model's configuration files.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        config: Option<String>,
+    },
+    /// Stop serving a model.
+    Unload {
+        /// The model.
+        model: String,
+    },
+}
+
+impl ModelChange {
+    /// The model it changes.
+    pub fn model(&self) -> &str {
+        match self {
+            ModelChange::Load { model, .. } | ModelChange::Unload { model } => model,
+        }
+    }
+}
+
+/// A message from the supervisor to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
+pub enum Command {
+    /// Carry out a model change and report [`WorkerEvent::ModelChanged`].
+    ApplyModelChange {
+        /// The supervisor's operation number.
+        op: u64,
+        /// What to change.
+        change: ModelChange,
+    },
+    /// The answer to this worker's [`WorkerEvent::ModelChangeRequested`]: every
+    /// engine worker has carried it out, or some failed.
+    ModelChangeDone {
+        /// The worker's request number.
+        request: u64,
+        /// What failed, per worker, if anything did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
 }
 
 /// The worker's end of the control channel.
 #[derive(Debug)]
 pub struct ControlClient {
     stream: Mutex<UnixStream>,
+    /// The supervisor's end closed (it is gone).
+    gone: Arc<AtomicBool>,
+    gone_notify: Arc<tokio::sync::Notify>,
+    commands: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Command>>>,
 }
 
 impl ControlClient {
-    /// Wraps the worker's end of the socketpair.
+    /// Wraps the worker's end of the socketpair and starts reading the
+    /// supervisor's commands on a small thread of its own.
     pub fn new(stream: UnixStream) -> Self {
-        ControlClient { stream: Mutex::new(stream) }
+        let gone = Arc::new(AtomicBool::new(false));
+        let gone_notify = Arc::new(tokio::sync::Notify::new());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Ok(reader) = stream.try_clone() {
+            let (gone, notify) = (gone.clone(), gone_notify.clone());
+            let spawned = std::thread::Builder::new().name("control-reader".into()).spawn(move || {
+                for line in BufReader::new(reader).lines() {
+                    let Ok(line) = line else { break };
+                    match serde_json::from_str::<Command>(&line) {
+                        Ok(c) => {
+                            let _ = tx.send(c);
+                        }
+                        Err(e) => tracing::warn!(error = %e, line, "unreadable command from the supervisor"),
+                    }
+                }
+                gone.store(true, Ordering::SeqCst);
+                notify.notify_waiters();
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the control reader thread");
+            }
+        }
+        ControlClient { stream: Mutex::new(stream), gone, gone_notify, commands: Mutex::new(Some(rx)) }
     }
 
     /// Sends one event; a write error means the supervisor is gone.
@@ -55,28 +152,42 @@ impl ControlClient {
         s.write_all(&line)
     }
 
+    /// The supervisor's commands, in order (the receiver can be taken once).
+    pub fn commands(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Command>> {
+        self.commands.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
     /// Resolves when the supervisor's end of the channel closes: the supervisor
-    /// is gone (killed), not merely asking this worker to stop. Reading a
-    /// duplicate of the socket never disturbs `send`.
+    /// is gone (killed), not merely asking this worker to stop.
     pub async fn closed(&self) {
-        let dup = self.stream.lock().unwrap_or_else(|p| p.into_inner()).try_clone();
-        let stream = match dup.and_then(|d| d.set_nonblocking(true).map(|()| d)) {
-            Ok(d) => tokio::net::UnixStream::from_std(d),
-            Err(e) => Err(e),
-        };
-        let Ok(stream) = stream else { return std::future::pending().await };
-        let mut buf = [0u8; 256];
         loop {
-            if stream.readable().await.is_err() {
+            let notified = self.gone_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.gone.load(Ordering::SeqCst) {
                 return;
             }
-            match stream.try_read(&mut buf) {
-                Ok(0) => return,
-                Ok(_) => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(_) => return,
-            }
+            notified.await;
         }
+    }
+}
+
+/// Writes `command` to a worker's end without ever blocking the caller: a
+/// worker that does not read its channel loses the command (and says nothing),
+/// the supervisor's loop never waits on it.
+pub fn send_command(stream: &UnixStream, command: &Command) -> io::Result<()> {
+    let mut line = serde_json::to_vec(command).map_err(io::Error::other)?;
+    line.push(b'\n');
+    let n = nix::sys::socket::send(
+        std::os::fd::AsRawFd::as_raw_fd(stream),
+        &line,
+        nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+    )
+    .map_err(io::Error::from)?;
+    if n == line.len() {
+        Ok(())
+    } else {
+        Err(io::Error::new(io::ErrorKind::WouldBlock, "the worker's control channel is full"))
     }
 }
 
@@ -100,5 +211,17 @@ mod tests {
         BufReader::new(b).read_line(&mut line).expect("read");
         assert_eq!(parse_event(line.trim()).expect("parse"), sent);
         assert!(line.contains("\"event\":\"reloaded\""), "{line}");
+    }
+
+    #[tokio::test]
+    async fn commands_reach_the_worker_and_a_closed_end_is_noticed() {
+        let (worker, supervisor) = UnixStream::pair().expect("pair");
+        let client = ControlClient::new(worker);
+        let mut commands = client.commands().expect("first take");
+        let cmd = Command::ModelChangeDone { request: 7, error: None };
+        send_command(&supervisor, &cmd).expect("send");
+        assert_eq!(commands.recv().await, Some(cmd));
+        drop(supervisor);
+        tokio::time::timeout(std::time::Duration::from_secs(5), client.closed()).await.expect("closed noticed");
     }
 }

@@ -3,6 +3,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod access;
 pub mod config;
 pub mod control;
 pub mod frame;
@@ -83,6 +84,13 @@ pub struct WorkerSettings {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// One log line per request.
+    pub access_log: bool,
+    /// How models may change while running (engine workers).
+    pub model_control: config::ModelControlMode,
+    /// Models whose load differs from the repository's files, as changed by
+    /// explicit load/unload: `None` unloaded, `Some(config)` loaded with that JSON config.
+    pub models_wanted: std::collections::BTreeMap<String, Option<String>>,
 }
 
 /// The ONNX Runtime library the supervisor found and probed.

@@ -167,12 +167,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<T> {
     }
 }
 
-/// The service, counting requests in flight for the keep-alive timer.
+/// The service, counting requests in flight for the keep-alive timer and
+/// giving every request its connection's [`Peer`].
 #[derive(Clone)]
 struct Counted<S> {
     inner: S,
     activity: Arc<Activity>,
+    peer: Peer,
 }
+
+/// The client address of the connection a request came on (a request extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer(pub SocketAddr);
 
 /// Ends a request's count when its handler finishes (or is dropped).
 struct InFlight(Arc<Activity>);
@@ -195,7 +201,8 @@ where
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        req.extensions_mut().insert(self.peer);
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         let guard = InFlight(self.activity.clone());
         let fut = self.inner.call(req);
@@ -363,7 +370,7 @@ async fn serve_connection<IO, S, B>(
 {
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Touch { inner: io, activity: activity.clone() });
-    let service = Counted { inner: service, activity: activity.clone() };
+    let service = Counted { inner: service, activity: activity.clone(), peer: Peer(peer) };
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let mut tick = tokio::time::interval(timeouts.tick());

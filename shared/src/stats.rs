@@ -418,11 +418,13 @@ impl ModelStats {
         self.stats.add(self.entry + E_COUNTERS + ModelCounter::COUNT + bucket(took), 1);
     }
 
-    /// Counts a successful request of `batch` inferences run in one execution.
-    pub fn success(&self, batch: u64, t: Timings, total: Duration) {
+    /// Counts a successful request of `batch` inferences that stands for
+    /// `executions` model executions (1 unbatched; under dynamic batching one
+    /// request of each batch carries its execution, the others 0).
+    pub fn success(&self, batch: u64, executions: u64, t: Timings, total: Duration) {
         use ModelCounter::*;
         self.add(InferenceCount, batch);
-        self.add(ExecutionCount, 1);
+        self.add(ExecutionCount, executions);
         self.add(SuccessCount, 1);
         self.add(SuccessNs, nanos(total));
         for (count, ns, d) in [
@@ -669,13 +671,13 @@ mod tests {
         b.request(true, 13, "POST", 400, Duration::from_micros(10));
         let ma = a.model("digits", 1).unwrap();
         let mb = b.model("digits", 1).unwrap();
-        ma.success(4, Timings::default(), Duration::from_millis(1));
-        mb.success(1, Timings::default(), Duration::from_millis(1));
+        ma.success(4, 1, Timings::default(), Duration::from_millis(1));
+        mb.success(1, 1, Timings::default(), Duration::from_millis(1));
         mb.failure(Duration::from_millis(1));
         // Worker 1 dies and is replaced in its block: its counts stay.
         Stats::vacate(&reg, 2);
         let a2 = Stats::attach(reg.clone(), 2, ProcessRole::Engine, 3);
-        a2.model("digits", 1).unwrap().success(1, Timings::default(), Duration::from_millis(1));
+        a2.model("digits", 1).unwrap().success(1, 1, Timings::default(), Duration::from_millis(1));
 
         let s = Snapshot::read(&reg);
         let total: u64 = s.requests.iter().map(|r| r.count).sum();
@@ -699,7 +701,7 @@ mod tests {
                 let a = a.clone();
                 std::thread::spawn(move || {
                     for _ in 0..1000 {
-                        a.model("m", 2).unwrap().success(1, Timings::default(), Duration::ZERO);
+                        a.model("m", 2).unwrap().success(1, 1, Timings::default(), Duration::ZERO);
                     }
                 })
             })

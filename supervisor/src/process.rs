@@ -51,6 +51,8 @@ pub struct Slot {
     pub killed: bool,
     /// The slot's block in the statistics region, kept across restarts so totals never go back.
     pub block: usize,
+    /// The supervisor's writing end of the current process's control channel.
+    pub control: Option<std::os::unix::net::UnixStream>,
 }
 
 impl Slot {
@@ -68,6 +70,7 @@ impl Slot {
             retired: false,
             killed: false,
             block,
+            control: None,
         }
     }
 

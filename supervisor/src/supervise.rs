@@ -17,7 +17,8 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tandem_shared::control::{parse_event, WorkerEvent};
+use tandem_shared::config::ModelControlMode;
+use tandem_shared::control::{parse_event, send_command, Command as ToWorker, ModelChange, WorkerEvent};
 use tandem_shared::stats::{self, ProcessRole, Stats};
 use tandem_shared::sys::counters::Counters;
 use tandem_shared::sys::shm::Region;
@@ -29,6 +30,7 @@ use tokio::signal::unix::{signal, Signal as TokioSignal, SignalKind};
 use tokio::sync::mpsc;
 
 use crate::certs::{CertChecked, CertHandle, CertKeeper};
+use crate::models::{Finished, ModelOps, Origin};
 use crate::process::{describe_exit, Slot, WorkerState};
 
 /// Descriptor number of the control socket in a worker (right after its one listener).
@@ -107,6 +109,10 @@ pub struct Supervisor {
     own_stats: Stats,
     /// The certificate thread (renewal, file watching, downloads): never on this loop.
     certs: Option<CertHandle>,
+    /// Model changes under way across the engine workers.
+    model_ops: ModelOps,
+    /// Changes found by the repository poller (`MODEL_CONTROL_MODE=poll`).
+    repository_changes: Option<mpsc::UnboundedReceiver<Vec<ModelChange>>>,
 }
 
 /// Signals the supervisor handles, registered before any child exists.
@@ -142,6 +148,7 @@ enum Wake {
     RemoveWorker,
     Control(Control),
     Cert(CertChecked),
+    Repository(Vec<ModelChange>),
     Tick,
 }
 
@@ -177,6 +184,10 @@ impl Supervisor {
         }
         let certs =
             certs.map(|c| c.spawn(own_stats.clone())).transpose().context("cannot start the certificate thread")?;
+        let repository_changes = (config.model_control_mode == ModelControlMode::Poll)
+            .then(|| crate::models::poll(model_repository.clone(), config.repository_poll))
+            .transpose()
+            .context("cannot start the repository poller")?;
         Ok(Supervisor {
             config,
             model_repository,
@@ -194,6 +205,8 @@ impl Supervisor {
             stats: (counters, stats_fd),
             own_stats,
             certs,
+            model_ops: ModelOps::default(),
+            repository_changes,
         })
     }
 
@@ -225,6 +238,12 @@ impl Supervisor {
                         self.signal_role(Role::HttpsWorker, Signal::SIGHUP);
                     }
                 }
+                Wake::Repository(changes) => {
+                    for change in changes {
+                        tracing::info!(?change, "the model repository changed");
+                        self.start_model_change(Origin::Poll, change);
+                    }
+                }
                 Wake::Tick => {}
             }
             // SIGCHLD can coalesce; reaping on every wake costs one syscall.
@@ -254,6 +273,7 @@ impl Supervisor {
             _ = s.ttou.recv() => Wake::RemoveWorker,
             Some(c) = self.control_rx.recv() => Wake::Control(c),
             Some(checked) = async { match &mut self.certs { Some(c) => c.events.recv().await, None => std::future::pending().await } } => Wake::Cert(checked),
+            Some(changes) = async { match &mut self.repository_changes { Some(r) => r.recv().await, None => std::future::pending().await } } => Wake::Repository(changes),
             _ = tick => Wake::Tick,
         }
     }
@@ -297,6 +317,9 @@ impl Supervisor {
             stats: StatsSettings { fd: STATS_FD, words: self.stats.0.words().len(), block: self.slots[index].block },
             log_level: self.config.log_level.clone(),
             log_format: self.config.log_format,
+            access_log: self.config.access_log,
+            model_control: self.config.model_control_mode,
+            models_wanted: self.model_ops.wanted.clone(),
         };
         let mut fds = vec![
             FdMapping { parent_fd: listener_fd.into(), child_fd: LISTEN_FDS_START },
@@ -332,6 +355,7 @@ impl Supervisor {
         slot.worker_id = worker_id;
         slot.pid = Some(pid);
         slot.killed = false;
+        slot.control = ours.try_clone().ok();
         slot.state = WorkerState::Starting;
         slot.started = Instant::now();
         slot.restart_at = None;
@@ -393,9 +417,71 @@ impl Supervisor {
                     WorkerEvent::ReloadFailed { reason } => {
                         tracing::error!(worker_id = id, %reason, "https worker refused the certificate; the previous one keeps serving");
                     }
+                    WorkerEvent::ModelChangeRequested { request, change } => {
+                        if self.config.model_control_mode == ModelControlMode::Explicit {
+                            self.start_model_change(Origin::Client(id, request), change);
+                        } else {
+                            let error = Some("model load and unload need MODEL_CONTROL_MODE=explicit".to_string());
+                            self.tell(id, &ToWorker::ModelChangeDone { request, error });
+                        }
+                    }
+                    WorkerEvent::ModelChanged { op, error } => {
+                        if let Some(done) = self.model_ops.answered(op, id, error) {
+                            self.model_change_finished(done);
+                        }
+                    }
                 }
             }
             Control::Closed(id) => tracing::debug!(worker_id = id, "control channel closed"),
+        }
+    }
+
+    /// Has every engine worker carry out `change`; `origin` is told when all have.
+    fn start_model_change(&mut self, origin: Origin, change: ModelChange) {
+        let ids: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|s| s.role == Role::HttpWorker && s.pid.is_some() && s.state != WorkerState::Draining)
+            .map(|s| s.worker_id)
+            .collect();
+        let op = self.model_ops.start(origin, change.clone(), ids.iter().copied().collect());
+        let command = ToWorker::ApplyModelChange { op, change };
+        for id in ids {
+            if !self.tell(id, &command) {
+                if let Some(done) = self.model_ops.answered(op, id, Some("its control channel is unusable".into())) {
+                    self.model_change_finished(done);
+                }
+            }
+        }
+        if let Some(done) = self.model_ops.finish_if_done(op) {
+            self.model_change_finished(done);
+        }
+    }
+
+    fn model_change_finished(&mut self, done: Finished) {
+        match done.origin {
+            Origin::Client(worker, request) => {
+                self.tell(worker, &ToWorker::ModelChangeDone { request, error: done.error.clone() });
+            }
+            Origin::Poll => {}
+        }
+        match &done.error {
+            None => tracing::info!(change = ?done.change, "every engine worker carried out the model change"),
+            Some(e) => tracing::error!(change = ?done.change, error = %e, "a model change failed"),
+        }
+    }
+
+    /// Sends `command` to worker `id`; false when it could not be sent.
+    fn tell(&self, id: u64, command: &ToWorker) -> bool {
+        let Some(stream) = self.slots.iter().find(|s| s.worker_id == id).and_then(|s| s.control.as_ref()) else {
+            return false;
+        };
+        match send_command(stream, command) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(worker_id = id, error = %e, "cannot send a command to the worker");
+                false
+            }
         }
     }
 
@@ -439,6 +525,10 @@ impl Supervisor {
             }
         }
         Stats::vacate(&self.stats.0, self.slots[index].block);
+        self.slots[index].control = None;
+        for done in self.model_ops.worker_gone(self.slots[index].worker_id) {
+            self.model_change_finished(done);
+        }
         let slot = &mut self.slots[index];
         let (worker_id, pid) = (slot.worker_id, slot.pid.map_or(0, Pid::as_raw));
         let role = slot.role.subcommand();

@@ -42,6 +42,8 @@ const ACTED_ON: &[&str] = &[
     "instance_group.kind",
     "default_model_filename",
     "parameters",
+    "dynamic_batching.preferred_batch_size",
+    "dynamic_batching.max_queue_delay_microseconds",
 ];
 
 /// `parameters` keys tandem acts on (ONNX Runtime thread counts, as Triton's onnxruntime backend names them).
@@ -248,6 +250,16 @@ fn validate(c: &pb::ModelConfig) -> Result<(), String> {
     if c.max_batch_size < 0 {
         return Err(format!("max_batch_size is {}; it must be 0 (no batching) or more", c.max_batch_size));
     }
+    if let Some(d) = c.dynamic_batching() {
+        if let Some(n) =
+            d.preferred_batch_size.iter().find(|&&n| n < 1 || (c.max_batch_size > 0 && n > c.max_batch_size))
+        {
+            return Err(format!(
+                "dynamic_batching.preferred_batch_size {n} must be 1-{} (max_batch_size)",
+                c.max_batch_size
+            ));
+        }
+    }
     let platform_ok = matches!(c.platform.as_str(), "" | "onnxruntime_onnx");
     if !platform_ok {
         return Err(format!(
@@ -292,6 +304,14 @@ fn validate(c: &pb::ModelConfig) -> Result<(), String> {
 }
 
 impl pb::ModelConfig {
+    /// The `dynamic_batching` section, when the scheduling choice is dynamic batching.
+    pub fn dynamic_batching(&self) -> Option<&pb::ModelDynamicBatching> {
+        match &self.scheduling_choice {
+            Some(pb::model_config::SchedulingChoice::DynamicBatching(d)) => Some(d),
+            _ => None,
+        }
+    }
+
     /// A thread-count parameter (`intra_op_thread_count`, ...), 0 meaning "default".
     pub fn thread_parameter(&self, key: &str) -> usize {
         self.parameters.get(key).and_then(|p| p.string_value.trim().parse().ok()).unwrap_or(0)
@@ -321,7 +341,7 @@ output [
   { name: "y", data_type: TYPE_FP32, dims: [ 1000 ], label_filename: "labels.txt" }
 ]
 instance_group [ { count: 2, kind: KIND_CPU } ]
-dynamic_batching { preferred_batch_size: [ 4, 8 ] max_queue_delay_microseconds: 100 }
+dynamic_batching { preferred_batch_size: [ 4, 8 ] max_queue_delay_microseconds: 100 preserve_ordering: true }
 parameters { key: "intra_op_thread_count" value: { string_value: "1" } }
 parameters { key: "cudnn_conv_algo_search" value: { string_value: "0" } }
 "#,
@@ -334,7 +354,10 @@ parameters { key: "cudnn_conv_algo_search" value: { string_value: "0" } }
         assert_eq!(c.config.output[0].label_filename, "labels.txt");
         assert_eq!(c.config.instance_group[0].count, 2);
         assert_eq!(c.config.thread_parameter("intra_op_thread_count"), 1);
-        assert_eq!(c.ignored, ["input.format", "dynamic_batching", "parameters.cudnn_conv_algo_search"]);
+        assert_eq!(
+            c.ignored,
+            ["input.format", "dynamic_batching.preserve_ordering", "parameters.cudnn_conv_algo_search"]
+        );
     }
 
     #[test]

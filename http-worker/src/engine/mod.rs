@@ -6,6 +6,7 @@
 //! version is loaded by its backend. Anything that fails is kept as
 //! `UNAVAILABLE` with its reason and the rest serves.
 
+pub mod batcher;
 pub mod config;
 pub mod onnx_runtime;
 pub mod repository;
@@ -16,6 +17,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 use tandem_shared::{BackendChoice, Device, EngineSettings};
 use tokio::sync::Semaphore;
@@ -104,6 +106,10 @@ pub struct ModelVersion {
     input_reshape: Vec<Option<Vec<i64>>>,
     /// Shapes clients receive instead of the model's (config `dims` of a reshaped output).
     output_reshape: Vec<Option<Vec<i64>>>,
+    /// Dynamic batching, when the configuration asks for it (and the model batches).
+    pub dynamic_batching: Option<batcher::BatchPolicy>,
+    /// The batcher, started on the first request.
+    pub batcher: std::sync::OnceLock<batcher::Batcher>,
     runner: Box<dyn Runner>,
 }
 
@@ -169,7 +175,7 @@ pub enum VersionState {
 }
 
 /// All chosen versions of one model.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Model {
     /// Versions by number.
     pub versions: BTreeMap<u64, VersionState>,
@@ -219,10 +225,15 @@ impl Model {
 /// The loaded repository and the inference pool.
 #[derive(Debug)]
 pub struct Engine {
-    /// Models by name.
-    pub models: BTreeMap<String, Model>,
+    /// Models by name; swapped whole when one is loaded or unloaded, so a
+    /// request holds the models it found for as long as it runs.
+    models: ArcSwap<BTreeMap<String, Model>>,
+    /// Serialises loads and unloads (requests never wait on it).
+    changing: std::sync::Mutex<()>,
+    repository: std::path::PathBuf,
+    settings: EngineSettings,
     /// Bounds concurrent inferences to the threads this worker should use.
-    pub permits: Semaphore,
+    pub permits: Arc<Semaphore>,
     /// Whether readiness requires every model to be ready (Triton's strict readiness).
     pub strict_readiness: bool,
 }
@@ -249,9 +260,31 @@ pub enum LoadError {
     },
 }
 
+/// The reason an unloaded model gives.
+pub const UNLOADED: &str = "unloaded";
+
+fn log_unavailable(name: &str, model: &Model) {
+    if let Some(reason) = &model.error {
+        tracing::error!(model = %name, reason = %reason, "model unavailable");
+    }
+    for (v, state) in &model.versions {
+        if let VersionState::Unavailable(reason) = state {
+            tracing::error!(model = %name, version = v, reason = %reason, "model version unavailable");
+        }
+    }
+}
+
 impl Engine {
-    /// Loads every model of the repository; `threads` bounds concurrent inferences.
-    pub fn load(repository: &Path, settings: &EngineSettings, threads: usize) -> Result<Engine, LoadError> {
+    /// Loads the models of the repository; `threads` bounds concurrent
+    /// inferences. `wanted` overrides what is loaded per model: `None` leaves
+    /// the model out (unloaded), `Some(config)` loads it with that JSON
+    /// configuration instead of its files (as Triton's load request does).
+    pub fn load(
+        repository: &Path,
+        settings: &EngineSettings,
+        threads: usize,
+        wanted: &BTreeMap<String, Option<String>>,
+    ) -> Result<Engine, LoadError> {
         let dirs = repository::scan(repository)
             .map_err(|source| LoadError::Repository { path: repository.to_path_buf(), source })?;
         if dirs.is_empty() {
@@ -259,16 +292,16 @@ impl Engine {
         }
         let mut models = BTreeMap::new();
         for dir in dirs {
-            let model = load_model(&dir, settings);
-            if let Some(reason) = &model.error {
-                tracing::error!(model = %dir.name, reason = %reason, "model unavailable");
-            }
-            for (v, state) in &model.versions {
-                if let VersionState::Unavailable(reason) = state {
-                    tracing::error!(model = %dir.name, version = v, reason = %reason, "model version unavailable");
-                }
-            }
-            if settings.exit_on_model_error {
+            let model = match wanted.get(&dir.name) {
+                Some(None) => Model { error: Some(UNLOADED.into()), ..Model::default() },
+                Some(Some(config)) => match repository::find(repository, &dir.name, Some(config)) {
+                    Some(d) => load_model(&d, settings),
+                    None => continue,
+                },
+                None => load_model(&dir, settings),
+            };
+            log_unavailable(&dir.name, &model);
+            if settings.exit_on_model_error && model.reason().as_deref() != Some(UNLOADED) {
                 if let Some(reason) = model.reason().or_else(|| {
                     model.versions.values().find_map(|s| match s {
                         VersionState::Unavailable(r) => Some(r.clone()),
@@ -280,12 +313,73 @@ impl Engine {
             }
             models.insert(dir.name, model);
         }
-        Ok(Engine { models, permits: Semaphore::new(threads.max(1)), strict_readiness: settings.strict_readiness })
+        Ok(Engine {
+            models: ArcSwap::from_pointee(models),
+            changing: std::sync::Mutex::new(()),
+            repository: repository.to_path_buf(),
+            settings: settings.clone(),
+            permits: Arc::new(Semaphore::new(threads.max(1))),
+            strict_readiness: settings.strict_readiness,
+        })
+    }
+
+    /// The models served now.
+    pub fn models(&self) -> Arc<BTreeMap<String, Model>> {
+        self.models.load_full()
     }
 
     /// Server readiness: every model ready (strict), or simply loaded.
+    /// Unloaded models do not count against it.
     pub fn ready(&self) -> bool {
-        !self.strict_readiness || self.models.values().all(Model::ready)
+        !self.strict_readiness
+            || self.models.load().values().all(|m| m.ready() || m.reason().as_deref() == Some(UNLOADED))
+    }
+
+    /// Loads (or reloads) model `name` from the repository, with `config` (JSON)
+    /// in place of its configuration files when given. The other models serve
+    /// throughout; requests already running on the previous load finish on it.
+    /// When the new load has no ready version the previous one keeps serving
+    /// and the error says why.
+    pub fn load_model(&self, name: &str, config: Option<&str>) -> Result<(), String> {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = repository::find(&self.repository, name, config)
+            .ok_or_else(|| format!("no model folder {name:?} in the repository {}", self.repository.display()))?;
+        let started = std::time::Instant::now();
+        let model = load_model(&dir, &self.settings);
+        log_unavailable(name, &model);
+        let current = self.models.load_full();
+        let serving = current.get(name).is_some_and(Model::ready);
+        if !model.ready() {
+            let reason = model.reason().unwrap_or_else(|| "no version is ready".into());
+            if !serving {
+                self.replace(name, Some(model));
+            }
+            return Err(if serving {
+                format!("model {name:?} failed to load ({reason}); the previous load keeps serving")
+            } else {
+                format!("model {name:?} failed to load: {reason}")
+            });
+        }
+        self.replace(name, Some(model));
+        tracing::info!(model = %name, ms = started.elapsed().as_millis() as u64, "model (re)loaded on request");
+        Ok(())
+    }
+
+    /// Unloads model `name`: new requests are refused as unloaded; those running finish.
+    pub fn unload_model(&self, name: &str) -> Result<(), String> {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.models.load().contains_key(name) {
+            return Err(format!("unknown model {name:?}"));
+        }
+        self.replace(name, None);
+        tracing::info!(model = %name, "model unloaded on request");
+        Ok(())
+    }
+
+    fn replace(&self, name: &str, model: Option<Model>) {
+        let mut next = (*self.models.load_full()).clone();
+        next.insert(name.to_string(), model.unwrap_or(Model { error: Some(UNLOADED.into()), ..Model::default() }));
+        self.models.store(Arc::new(next));
     }
 }
 
@@ -481,6 +575,16 @@ fn apply_config(
         labels,
         input_reshape,
         output_reshape,
+        dynamic_batching: config.dynamic_batching().filter(|_| max_batch_size > 0).map(|d| batcher::BatchPolicy {
+            preferred: d
+                .preferred_batch_size
+                .iter()
+                .filter_map(|&n| usize::try_from(n).ok())
+                .filter(|&n| n > 0)
+                .collect(),
+            max_delay: std::time::Duration::from_micros(d.max_queue_delay_microseconds),
+        }),
+        batcher: std::sync::OnceLock::new(),
         runner,
     })
 }
@@ -530,7 +634,7 @@ mod tests {
     }
 
     fn ready(engine: &Engine, name: &str) -> Arc<ModelVersion> {
-        match engine.models[name].version(None) {
+        match engine.models()[name].version(None) {
             Some(VersionState::Ready(v)) => v.clone(),
             other => panic!("{name} not ready: {other:?}"),
         }
@@ -538,7 +642,7 @@ mod tests {
 
     #[test]
     fn builtin_digits_loads_on_tract_with_a_dynamic_batch() {
-        let engine = Engine::load(&builtin(), &tract_only(), 1).expect("load");
+        let engine = Engine::load(&builtin(), &tract_only(), 1, &BTreeMap::new()).expect("load");
         let v = ready(&engine, "digits");
         assert_eq!(v.inputs, [TensorMeta { name: "pixels".into(), datatype: DataType::FP32, shape: vec![-1, 64] }]);
         assert_eq!(v.outputs[0].shape, [-1, 10]);
@@ -563,20 +667,21 @@ mod tests {
         std::fs::create_dir_all(digits.join("1")).expect("mkdir");
         std::fs::copy(builtin().join("digits/1/model.onnx"), digits.join("1/model.onnx")).expect("copy");
         std::fs::create_dir_all(dir.path().join("empty")).expect("mkdir");
-        let engine = Engine::load(dir.path(), &tract_only(), 1).expect("load");
-        assert!(engine.models["digits"].ready());
-        let reason = engine.models["broken"].reason().expect("reason");
+        let engine = Engine::load(dir.path(), &tract_only(), 1, &BTreeMap::new()).expect("load");
+        assert!(engine.models()["digits"].ready());
+        let reason = engine.models()["broken"].reason().expect("reason");
         assert!(reason.contains("broken/1/model.onnx"), "{reason}");
-        assert!(engine.models["empty"].reason().expect("reason").contains("no version folder"));
+        assert!(engine.models()["empty"].reason().expect("reason").contains("no version folder"));
         assert!(!engine.ready(), "strict readiness");
         let settings = EngineSettings { exit_on_model_error: true, ..tract_only() };
-        let err = Engine::load(dir.path(), &settings, 1).expect_err("exit on error");
+        let err = Engine::load(dir.path(), &settings, 1, &BTreeMap::new()).expect_err("exit on error");
         assert!(err.to_string().contains("broken"), "{err}");
     }
 
     #[test]
     fn missing_repository_is_a_clear_error() {
-        let err = Engine::load(Path::new("/nonexistent/models"), &tract_only(), 1).expect_err("missing");
+        let err =
+            Engine::load(Path::new("/nonexistent/models"), &tract_only(), 1, &BTreeMap::new()).expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/models"), "{err}");
     }
 

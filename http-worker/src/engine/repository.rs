@@ -26,26 +26,38 @@ pub fn scan(repository: &Path) -> std::io::Result<Vec<ModelDir>> {
     let mut dirs: Vec<PathBuf> =
         std::fs::read_dir(repository)?.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect();
     dirs.sort();
-    Ok(dirs
-        .into_iter()
-        .filter_map(|dir| {
-            let name = dir.file_name()?.to_str()?.to_string();
-            if name.starts_with('.') {
-                return None;
-            }
-            let config = config::read(&dir).map_err(|e| e.to_string()).and_then(|c| {
-                if !c.config.name.is_empty() && c.config.name != name {
-                    return Err(format!(
-                        "{}: names the model {:?} but its folder is {name:?}",
-                        c.file.as_deref().unwrap_or(&dir).display(),
-                        c.config.name
-                    ));
-                }
-                Ok(c)
-            });
-            Some(ModelDir { name, dir, config })
-        })
-        .collect())
+    Ok(dirs.into_iter().filter_map(|dir| model_dir(dir, None)).collect())
+}
+
+/// The folder of model `name` in `repository`, read with `config` (a JSON
+/// `ModelConfig`, as Triton's load request carries it) in place of its files
+/// when given. `None` when there is no such folder or the name is not a plain folder name.
+pub fn find(repository: &Path, name: &str, config: Option<&str>) -> Option<ModelDir> {
+    let plain = !name.is_empty() && !name.starts_with('.') && !name.contains(['/', '\\', '\0']);
+    let dir = repository.join(name);
+    (plain && dir.is_dir()).then(|| model_dir(dir, config)).flatten()
+}
+
+fn model_dir(dir: PathBuf, override_config: Option<&str>) -> Option<ModelDir> {
+    let name = dir.file_name()?.to_str()?.to_string();
+    if name.starts_with('.') {
+        return None;
+    }
+    let read = match override_config {
+        Some(text) => config::parse(Path::new("load request config.json"), text),
+        None => config::read(&dir),
+    };
+    let config = read.map_err(|e| e.to_string()).and_then(|c| {
+        if !c.config.name.is_empty() && c.config.name != name {
+            return Err(format!(
+                "{}: names the model {:?} but its folder is {name:?}",
+                c.file.as_deref().unwrap_or(&dir).display(),
+                c.config.name
+            ));
+        }
+        Ok(c)
+    });
+    Some(ModelDir { name, dir, config })
 }
 
 /// The versions `config`'s policy selects in `dir`, each with its model file or the reason it has none.

@@ -198,6 +198,86 @@ impl TensorData {
     }
 }
 
+/// Runs `$body` with `$a` and `$b` bound to the vectors inside two
+/// [`TensorData`] of the same type; `$other` when the types differ.
+macro_rules! both_data {
+    ($x:expr, $y:expr, $a:ident, $b:ident => $body:expr, $other:expr) => {{
+        use TensorData as D;
+        match ($x, $y) {
+            (D::Bool($a), D::Bool($b)) => $body,
+            (D::U8($a), D::U8($b)) => $body,
+            (D::U16($a), D::U16($b)) => $body,
+            (D::U32($a), D::U32($b)) => $body,
+            (D::U64($a), D::U64($b)) => $body,
+            (D::I8($a), D::I8($b)) => $body,
+            (D::I16($a), D::I16($b)) => $body,
+            (D::I32($a), D::I32($b)) => $body,
+            (D::I64($a), D::I64($b)) => $body,
+            (D::F16($a), D::F16($b)) => $body,
+            (D::BF16($a), D::BF16($b)) => $body,
+            (D::F32($a), D::F32($b)) => $body,
+            (D::F64($a), D::F64($b)) => $body,
+            (D::Bytes($a), D::Bytes($b)) => $body,
+            _ => $other,
+        }
+    }};
+}
+
+/// Stacks tensors along their first (batch) dimension; the other dimensions
+/// and the element types must agree.
+pub fn concat_batch(parts: &[Tensor]) -> Result<Tensor, String> {
+    let first = parts.first().ok_or("nothing to batch")?;
+    let rest_shape = first.shape.get(1..).ok_or("a batched tensor has a batch dimension")?;
+    let mut rows = 0usize;
+    let mut data = first.data.clone();
+    each_data!(&mut data, v => v.clear());
+    for t in parts {
+        if t.shape.get(1..) != Some(rest_shape) {
+            return Err(format!("shape {:?} does not stack with {:?}", t.shape, first.shape));
+        }
+        rows += t.shape[0];
+        both_data!(&mut data, &t.data, a, b => a.extend_from_slice(b), return Err("element types differ".into()));
+    }
+    let mut shape = first.shape.clone();
+    shape[0] = rows;
+    Tensor::new(shape, data)
+}
+
+/// Splits a tensor along its first dimension into parts of `rows` rows each.
+pub fn split_batch(t: Tensor, rows: &[usize]) -> Result<Vec<Tensor>, String> {
+    let total: usize = rows.iter().sum();
+    if t.shape.first() != Some(&total) {
+        return Err(format!("its shape {:?} does not start with the batch of {total}", t.shape));
+    }
+    let per_row: usize = t.shape[1..].iter().product();
+    let mut out = Vec::with_capacity(rows.len());
+    let mut at = 0;
+    for &n in rows {
+        let mut shape = t.shape.clone();
+        shape[0] = n;
+        let range = at * per_row..(at + n) * per_row;
+        let data = match &t.data {
+            TensorData::Bool(v) => TensorData::Bool(v[range].to_vec()),
+            TensorData::U8(v) => TensorData::U8(v[range].to_vec()),
+            TensorData::U16(v) => TensorData::U16(v[range].to_vec()),
+            TensorData::U32(v) => TensorData::U32(v[range].to_vec()),
+            TensorData::U64(v) => TensorData::U64(v[range].to_vec()),
+            TensorData::I8(v) => TensorData::I8(v[range].to_vec()),
+            TensorData::I16(v) => TensorData::I16(v[range].to_vec()),
+            TensorData::I32(v) => TensorData::I32(v[range].to_vec()),
+            TensorData::I64(v) => TensorData::I64(v[range].to_vec()),
+            TensorData::F16(v) => TensorData::F16(v[range].to_vec()),
+            TensorData::BF16(v) => TensorData::BF16(v[range].to_vec()),
+            TensorData::F32(v) => TensorData::F32(v[range].to_vec()),
+            TensorData::F64(v) => TensorData::F64(v[range].to_vec()),
+            TensorData::Bytes(v) => TensorData::Bytes(v[range].to_vec()),
+        };
+        out.push(Tensor { shape, data });
+        at += n;
+    }
+    Ok(out)
+}
+
 /// A tensor: shape plus row-major elements.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
@@ -235,6 +315,19 @@ mod tests {
         assert_eq!(DataType::parse("FP33"), None);
         assert_eq!(DataType::BYTES.triton_name(), "TYPE_STRING");
         assert_eq!(DataType::BF16.triton_name(), "TYPE_BF16");
+    }
+
+    #[test]
+    fn batches_stack_and_split_back() {
+        let a = Tensor::new(vec![1, 2], TensorData::F32(vec![1.0, 2.0])).unwrap();
+        let b = Tensor::new(vec![2, 2], TensorData::F32(vec![3.0, 4.0, 5.0, 6.0])).unwrap();
+        let both = concat_batch(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!(both.shape, [3, 2]);
+        assert_eq!(split_batch(both, &[1, 2]).unwrap(), [a.clone(), b]);
+        let c = Tensor::new(vec![1, 3], TensorData::F32(vec![0.0; 3])).unwrap();
+        assert!(concat_batch(&[a.clone(), c]).is_err(), "other dims differ");
+        let d = Tensor::new(vec![1, 2], TensorData::I32(vec![0; 2])).unwrap();
+        assert!(concat_batch(&[a, d]).is_err(), "types differ");
     }
 
     #[test]

@@ -1,0 +1,184 @@
+//! Model control in an engine worker. `POST /v2/repository/models/{m}/load`
+//! and `/unload` ask the supervisor, which has every engine worker carry the
+//! change out and answers when all have; the supervisor's commands (from a
+//! client of any worker, or from the repository poller) are carried out here,
+//! off the request path, while every other model keeps serving.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use tandem_shared::config::ModelControlMode;
+use tandem_shared::control::{Command, ControlClient, ModelChange, WorkerEvent};
+use tokio::sync::oneshot;
+
+use crate::engine::Engine;
+use crate::router::{error, AppState};
+
+/// How long a client waits for every engine worker to carry out a change.
+const ANSWER_WITHIN: Duration = Duration::from_secs(600);
+
+/// This worker's side of model control.
+#[derive(Debug)]
+pub struct ModelControl {
+    /// The configured mode.
+    pub mode: ModelControlMode,
+    control: Arc<ControlClient>,
+    next: AtomicU64,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Option<String>>>>,
+}
+
+impl ModelControl {
+    /// Model control over `control`, carrying out the supervisor's commands on `engine`.
+    pub fn start(mode: ModelControlMode, control: Arc<ControlClient>, engine: Arc<Engine>) -> Arc<ModelControl> {
+        let mc = Arc::new(ModelControl { mode, control, next: AtomicU64::new(0), pending: Mutex::new(HashMap::new()) });
+        if let Some(mut commands) = mc.control.commands() {
+            let mc = mc.clone();
+            tokio::spawn(async move {
+                while let Some(command) = commands.recv().await {
+                    mc.on_command(command, &engine).await;
+                }
+            });
+        }
+        mc
+    }
+
+    async fn on_command(&self, command: Command, engine: &Arc<Engine>) {
+        match command {
+            Command::ApplyModelChange { op, change } => {
+                let engine = engine.clone();
+                let result = tokio::task::spawn_blocking(move || match &change {
+                    ModelChange::Load { model, config } => engine.load_model(model, config.as_deref()),
+                    ModelChange::Unload { model } => engine.unload_model(model),
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("the load crashed: {e}")));
+                let _ = self.control.send(&WorkerEvent::ModelChanged { op, error: result.err() });
+            }
+            Command::ModelChangeDone { request, error } => {
+                let waiter = self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request);
+                if let Some(w) = waiter {
+                    let _ = w.send(error);
+                }
+            }
+        }
+    }
+
+    /// Asks the supervisor for `change` and waits until every engine worker did it.
+    async fn request(&self, change: ModelChange) -> Result<(), (StatusCode, String)> {
+        let request = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(request, tx);
+        let sent = self.control.send(&WorkerEvent::ModelChangeRequested { request, change });
+        let forget = || {
+            self.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&request);
+        };
+        if let Err(e) = sent {
+            forget();
+            return Err((StatusCode::SERVICE_UNAVAILABLE, format!("cannot reach the supervisor: {e}")));
+        }
+        match tokio::time::timeout(ANSWER_WITHIN, rx).await {
+            Ok(Ok(None)) => Ok(()),
+            Ok(Ok(Some(e))) => Err((StatusCode::BAD_REQUEST, e)),
+            Ok(Err(_)) => Err((StatusCode::SERVICE_UNAVAILABLE, "the worker is stopping".into())),
+            Err(_) => {
+                forget();
+                Err((StatusCode::GATEWAY_TIMEOUT, format!("the change took longer than {} s", ANSWER_WITHIN.as_secs())))
+            }
+        }
+    }
+}
+
+fn refused(mode: ModelControlMode) -> Option<Response> {
+    (mode != ModelControlMode::Explicit).then(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "model load and unload need MODEL_CONTROL_MODE=explicit (it is {})",
+                match mode {
+                    ModelControlMode::None => "none",
+                    ModelControlMode::Poll => "poll: the repository is watched instead",
+                    ModelControlMode::Explicit => "explicit",
+                }
+            ),
+        )
+    })
+}
+
+/// The configuration override of a load request (Triton's `parameters.config`, a JSON string).
+fn config_of(body: &[u8]) -> Result<Option<String>, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("the load request is not JSON: {e}"))?;
+    let Some(params) = v.get("parameters") else { return Ok(None) };
+    let params = params.as_object().ok_or("\"parameters\" must be an object")?;
+    if let Some(k) = params.keys().find(|k| k.starts_with("file:")) {
+        return Err(format!(
+            "{k:?}: loading model files sent in the request is not supported; place them in the repository"
+        ));
+    }
+    match params.get("config") {
+        None => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err("\"parameters.config\" must be a string holding the JSON model configuration".into()),
+    }
+}
+
+/// `POST /v2/repository/models/{m}/load`.
+pub(crate) async fn load(State(state): State<AppState>, Path(model): Path<String>, body: Bytes) -> Response {
+    let mc = state.model_control();
+    if let Some(r) = refused(mc.mode) {
+        return r;
+    }
+    let config = match config_of(&body) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    answer(mc.request(ModelChange::Load { model, config }).await)
+}
+
+/// `POST /v2/repository/models/{m}/unload`.
+pub(crate) async fn unload(State(state): State<AppState>, Path(model): Path<String>) -> Response {
+    let mc = state.model_control();
+    if let Some(r) = refused(mc.mode) {
+        return r;
+    }
+    if !state.engine().models().contains_key(&model) {
+        return error(StatusCode::BAD_REQUEST, format!("unknown model {model:?}"));
+    }
+    answer(mc.request(ModelChange::Unload { model }).await)
+}
+
+fn answer(result: Result<(), (StatusCode, String)>) -> Response {
+    match result {
+        Ok(()) => Json(json!({})).into_response(),
+        Err((status, e)) => error(status, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_requests_carry_a_config_string_or_nothing() {
+        assert_eq!(config_of(b"").unwrap(), None);
+        assert_eq!(config_of(br#"{}"#).unwrap(), None);
+        assert_eq!(
+            config_of(br#"{"parameters":{"config":"{\"max_batch_size\":4}"}}"#).unwrap().unwrap(),
+            r#"{"max_batch_size":4}"#
+        );
+        assert!(config_of(br#"{"parameters":{"config":{"a":1}}}"#).is_err());
+        assert!(config_of(br#"{"parameters":{"file:1/model.onnx":"AAAA"}}"#).unwrap_err().contains("not supported"));
+        assert!(config_of(b"nope").is_err());
+    }
+}

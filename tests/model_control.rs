@@ -1,0 +1,224 @@
+//! End-to-end tests of model control (`MODEL_CONTROL_MODE`): explicit load
+//! and unload carried out by every engine worker, with a configuration
+//! override that survives a worker restart; the repository poller picking up
+//! a model copied in and one removed; and, throughout, zero failed requests on
+//! another model served over both ports.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn digits_body() -> String {
+    format!(
+        r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[{}]}}]}}"#,
+        vec!["1"; 64].join(",")
+    )
+}
+
+fn copy_model(to: &Path, name: &str) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits");
+    std::fs::create_dir_all(to.join(name).join("1")).unwrap();
+    std::fs::copy(from.join("1/model.onnx"), to.join(name).join("1/model.onnx")).unwrap();
+    std::fs::copy(from.join("labels.txt"), to.join(name).join("labels.txt")).unwrap();
+    let config = std::fs::read_to_string(from.join("config.pbtxt"))
+        .unwrap()
+        .replace("name: \"digits\"", &format!("name: \"{name}\""));
+    std::fs::write(to.join(name).join("config.pbtxt"), config).unwrap();
+}
+
+/// A repository with `digits` and each of `others` (copies of it).
+fn repository(dir: &Path, others: &[&str]) -> PathBuf {
+    let repo = dir.join("models");
+    copy_model(&repo, "digits");
+    for o in others {
+        copy_model(&repo, o);
+    }
+    repo
+}
+
+/// Requests to `digits` over both ports until stopped; counts the failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    failed: Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(t: &Tandem) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let ca = t.served_chain_pem();
+        let targets = [
+            (Tandem::http_client(), t.http_url("/v2/models/digits/infer")),
+            (Tandem::https_client(&ca), t.https_url("localhost", "/v2/models/digits/infer")),
+        ];
+        let threads = targets
+            .into_iter()
+            .map(|(client, url)| {
+                let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        match client.post(&url).body(digits_body()).send() {
+                            Ok(r) if r.status() == 200 => {}
+                            Ok(r) => failed.lock().unwrap().push(format!(
+                                "{url}: {} {}",
+                                r.status(),
+                                r.text().unwrap_or_default()
+                            )),
+                            Err(e) => failed.lock().unwrap().push(format!("{url}: {e}")),
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Load { stop, sent, failed, threads }
+    }
+
+    /// Stops and asserts nothing failed.
+    fn finish(self, t: &Tandem) {
+        self.stop.store(true, Ordering::Relaxed);
+        for th in self.threads {
+            th.join().unwrap();
+        }
+        let failed = self.failed.lock().unwrap();
+        let sent = self.sent.load(Ordering::Relaxed);
+        assert!(sent > 10, "the load ran ({sent} requests)");
+        assert!(
+            failed.is_empty(),
+            "{} of {sent} requests to digits failed: {:?}\n{}",
+            failed.len(),
+            &failed[..failed.len().min(5)],
+            t.explain()
+        );
+    }
+}
+
+/// Asks `count` times on new connections (so that every worker is asked) and returns the answers' statuses and workers.
+fn ask_everyone(t: &Tandem, path: &str, body: Option<String>, count: usize) -> Vec<(u16, String, Value)> {
+    let client = reqwest::blocking::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    (0..count)
+        .map(|_| {
+            let r = match &body {
+                Some(b) => client.post(t.http_url(path)).body(b.clone()).send().unwrap(),
+                None => client.get(t.http_url(path)).send().unwrap(),
+            };
+            let worker = r.headers()["x-tandem-worker"].to_str().unwrap().to_string();
+            let status = r.status().as_u16();
+            (status, worker, r.json::<Value>().unwrap_or(Value::Null))
+        })
+        .collect()
+}
+
+fn post(t: &Tandem, path: &str, body: &str) -> (u16, Value) {
+    let r = Tandem::http_client().post(t.http_url(path)).body(body.to_string()).send().unwrap();
+    (r.status().as_u16(), r.json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn explicit_load_and_unload_reach_every_worker_while_other_models_serve() {
+    let b = TandemBuilder::new().ssl().env("NUM_WORKERS", "2").env("MODEL_CONTROL_MODE", "explicit");
+    let repo = repository(b.dir(), &["other"]);
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
+    let v2: Value = Tandem::http_client().get(t.http_url("/v2")).send().unwrap().json().unwrap();
+    assert!(v2["extensions"].as_array().unwrap().contains(&"model_repository".into()), "{v2}");
+    let load = Load::start(&t);
+
+    let (status, body) = post(&t, "/v2/repository/models/other/unload", "");
+    assert_eq!(status, 200, "{body}\n{}", t.explain());
+    let answers = ask_everyone(&t, "/v2/models/other/infer", Some(digits_body()), 8);
+    assert!(answers.iter().all(|(s, _, _)| *s == 503), "every worker refuses the unloaded model: {answers:?}");
+    assert!(answers[0].2["error"].as_str().unwrap().contains("unloaded"), "{answers:?}");
+    assert_eq!(answers.iter().map(|a| &a.1).collect::<BTreeSet<_>>().len(), 2, "both workers asked");
+
+    // Loaded again with a configuration override: every worker serves it so.
+    let config = r#"{"name":"other","platform":"onnxruntime_onnx","max_batch_size":8,"input":[{"name":"pixels","data_type":"TYPE_FP32","dims":[64]}],"output":[{"name":"probabilities","data_type":"TYPE_FP32","dims":[10]}]}"#;
+    let request = serde_json::json!({ "parameters": { "config": config } }).to_string();
+    let (status, body) = post(&t, "/v2/repository/models/other/load", &request);
+    assert_eq!(status, 200, "{body}\n{}", t.explain());
+    let mut before = BTreeSet::new();
+    for (status, worker, config) in ask_everyone(&t, "/v2/models/other/config", None, 8) {
+        assert_eq!(status, 200, "worker {worker}: {config}");
+        assert_eq!(config["max_batch_size"], 8, "worker {worker}: {config}");
+        before.insert(worker);
+    }
+    assert!(ask_everyone(&t, "/v2/models/other/infer", Some(digits_body()), 4).iter().all(|a| a.0 == 200));
+
+    // A replacement worker starts with the override, not the files. (The load
+    // pauses: a killed worker takes its open connections with it.)
+    load.finish(&t);
+    let victim = t.workers("http-worker")[0];
+    nix::sys::signal::kill(victim, nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "the replacement worker",
+        || t.explain(),
+        || (t.stderr().matches("http worker ready").count() >= 3).then_some(()),
+    );
+    let answers = ask_everyone(&t, "/v2/models/other/config", None, 8);
+    assert!(answers.iter().any(|a| !before.contains(&a.1)), "the new worker answered: {answers:?}");
+    assert!(answers.iter().all(|a| a.2["max_batch_size"] == 8), "{answers:?}");
+    let load = Load::start(&t);
+
+    // Failures name their reason and change nothing.
+    let (status, body) = post(&t, "/v2/repository/models/missing/load", "");
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("no model folder"), "{body}");
+    let (status, body) =
+        post(&t, "/v2/repository/models/other/load", r#"{"parameters":{"config":"{\"max_batch_size\": \"x\"}"}}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("previous load keeps serving"), "{body}");
+    assert!(ask_everyone(&t, "/v2/models/other/infer", Some(digits_body()), 4).iter().all(|a| a.0 == 200));
+    load.finish(&t);
+}
+
+#[test]
+fn the_poller_loads_a_model_copied_in_and_unloads_one_removed() {
+    let b = TandemBuilder::new()
+        .ssl()
+        .env("NUM_WORKERS", "2")
+        .env("MODEL_CONTROL_MODE", "poll")
+        .env("REPOSITORY_POLL_SECS", "1");
+    let repo = repository(b.dir(), &[]);
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
+    let load = Load::start(&t);
+    let (status, body) = post(&t, "/v2/repository/models/digits/unload", "");
+    assert_eq!(status, 400, "poll mode refuses explicit changes: {body}");
+
+    copy_model(&repo, "fresh");
+    wait_for(
+        Duration::from_secs(20),
+        "every worker to serve the new model",
+        || t.explain(),
+        || ask_everyone(&t, "/v2/models/fresh/infer", Some(digits_body()), 6).iter().all(|a| a.0 == 200).then_some(()),
+    );
+    std::fs::remove_dir_all(repo.join("fresh")).unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "every worker to stop serving the removed model",
+        || t.explain(),
+        || ask_everyone(&t, "/v2/models/fresh/infer", Some(digits_body()), 6).iter().all(|a| a.0 != 200).then_some(()),
+    );
+    load.finish(&t);
+}
+
+#[test]
+fn without_model_control_load_is_refused_and_not_advertised() {
+    let t = TandemBuilder::new().start();
+    let (status, body) = post(&t, "/v2/repository/models/digits/load", "");
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("MODEL_CONTROL_MODE=explicit"), "{body}");
+    let v2: Value = Tandem::http_client().get(t.http_url("/v2")).send().unwrap().json().unwrap();
+    assert!(!v2["extensions"].as_array().unwrap().contains(&"model_repository".into()), "{v2}");
+}
