@@ -193,7 +193,7 @@ def make_cert(kind, name=None):
 
 
 class Tandem:
-    def __init__(self, repo, cert_dir, workers=2, name="tandem", extra=None):
+    def __init__(self, repo, cert_dir, workers=2, name="tandem", extra=None, binary=None):
         self.http = free_port()
         self.https = free_port()
         self.cache = WORK / f"cache-{name}-{self.http}"
@@ -201,7 +201,7 @@ class Tandem:
                "NUM_WORKERS": str(workers), "MODEL_REPOSITORY": str(repo), "MODEL_CACHE_DIR": str(self.cache),
                "SSL_CERTIFICATE": str(cert_dir / "tls.crt"), "SSL_KEY": str(cert_dir / "tls.key"), "LOG_LEVEL": "warn", **(extra or {})}
         t0 = time.time()
-        self.proc = start([TANDEM], env=env, name=name)
+        self.proc = start([binary or TANDEM], env=env, name=name)
         wait_url(f"http://127.0.0.1:{self.http}/v2/health/ready")
         wait_url(f"https://127.0.0.1:{self.https}/v2/health/ready")
         self.startup_s = time.time() - t0

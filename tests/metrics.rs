@@ -138,3 +138,25 @@ fn metrics_and_statistics_sum_every_worker_on_both_ports_across_a_restart() {
     assert_eq!(r.status(), 404);
     assert!(r.json::<Value>().unwrap()["error"].as_str().unwrap().contains("nope"));
 }
+
+#[test]
+fn metrics_port_is_served_by_the_supervisor_even_while_workers_restart() {
+    let port = free_port();
+    let t = TandemBuilder::new().env("NUM_WORKERS", "1").env("METRICS_PORT", &port.to_string()).start();
+    let http = Tandem::http_client();
+    send(&http, &t.http_url("/v2/models/digits/infer"), &digits(1), 3, 200);
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let worker = t.workers("http-worker")[0];
+    kill(worker, Signal::SIGSTOP).unwrap();
+    // The only engine worker is frozen: the supervisor still answers.
+    let text = http.get(&url).send().unwrap().text().unwrap();
+    kill(worker, Signal::SIGCONT).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(r#"tandem_http_requests_total{listener="http",route="/v2/models/{name}/infer",method="POST",code="200"}"#))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.ends_with(" 3"), "{line}");
+    let other = http.get(format!("http://127.0.0.1:{port}/")).send().unwrap();
+    assert_eq!(other.status(), 404);
+    assert!(other.json::<Value>().unwrap()["error"].as_str().unwrap().contains("/metrics"));
+}

@@ -14,6 +14,9 @@ use tandem_shared::stats::{
     TLS_PROTOCOLS,
 };
 
+use tandem_shared::sys::counters::Counters;
+use tandem_shared::sys::shm::Region;
+
 use crate::engine::VersionState;
 use crate::infer::ApiError;
 use crate::router::{AppState, ModelPath};
@@ -247,14 +250,28 @@ fn model_families(e: &mut Exposition, snap: &Snapshot) {
     }
 }
 
+/// Busy and total slots of the ring.
+pub fn ring_busy(r: &Region) -> (u32, u32) {
+    ((0..r.slots()).filter(|&s| r.state(s) != 0).count() as u32, r.slots())
+}
+
+/// The certificate source named in the status file (`GENERATE`, `INDIRECT`, `PATH`).
+pub fn cert_source(status_file: &std::path::Path) -> Option<String> {
+    let bytes = std::fs::read(status_file).ok()?;
+    serde_json::from_slice::<tandem_shared::tls::CertStatus>(&bytes).ok().map(|s| s.mode)
+}
+
+/// The whole `/metrics` response for `counters`.
+pub fn response(counters: &Counters, ring: Option<&Region>, cert_status: Option<&std::path::Path>) -> Response {
+    let snap = Snapshot::read(counters);
+    let ring = ring.map(ring_busy);
+    let source = cert_status.map(|p| cert_source(p).unwrap_or_else(|| "unknown".into()));
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&snap, ring, source.as_deref())).into_response()
+}
+
 /// `GET /metrics`: every process's counters, summed.
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    let snap = Snapshot::read(state.stats().region());
-    let ring = state.ring().map(|r| ((0..r.slots()).filter(|&s| r.state(s) != 0).count() as u32, r.slots()));
-    let cert = crate::router::certificate(&state).await;
-    let source = cert.get("mode").and_then(|m| m.as_str()).map(str::to_string);
-    let text = render(&snap, ring, source.as_deref().or(ring.map(|_| "unknown")));
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+    response(state.stats().region(), state.ring(), state.cert_status())
 }
 
 fn duration(count: u64, ns: u64) -> serde_json::Value {

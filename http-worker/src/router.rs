@@ -95,6 +95,11 @@ impl AppState {
         &self.inner.stats
     }
 
+    /// The certificate status file, when HTTPS is on.
+    pub(crate) fn cert_status(&self) -> Option<&std::path::Path> {
+        self.inner.cert_status.as_deref()
+    }
+
     /// The shared-memory ring, when HTTPS is on.
     pub(crate) fn ring(&self) -> Option<&Region> {
         self.inner.ring.as_deref()

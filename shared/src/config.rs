@@ -39,6 +39,11 @@ pub const ENV_VARS: &[EnvVar] = &[
         meaning: "HTTPS port; an explicit value always wins",
     },
     EnvVar {
+        name: "METRICS_PORT",
+        default: "unset (off)",
+        meaning: "also serve /metrics on this port, from the supervisor (0-65535)",
+    },
+    EnvVar {
         name: "SSL_CERTIFICATE",
         default: "INDIRECT",
         meaning: "INDIRECT, GENERATE, or a path to a PEM certificate (chain)",
@@ -242,6 +247,8 @@ pub struct Config {
     pub enable_ssl: bool,
     /// HTTPS port.
     pub ssl_port: u16,
+    /// The supervisor's own `/metrics` port, when set.
+    pub metrics_port: Option<u16>,
     /// Certificate source.
     pub ssl_certificate: CertSource,
     /// Explicit private key path for a custom certificate.
@@ -342,6 +349,7 @@ struct Raw {
     max_workers: Option<String>,
     enable_ssl: Option<String>,
     ssl_port: Option<String>,
+    metrics_port: Option<String>,
     ssl_certificate: Option<String>,
     ssl_key: Option<String>,
     ssl_key_type: Option<String>,
@@ -514,6 +522,11 @@ impl Config {
         };
         if enable_ssl && ssl_port == port && port != 0 {
             c.bad("SSL_PORT", &ssl_port.to_string(), format!("a port different from PORT ({port})"));
+        }
+        let metrics_port =
+            c.get("METRICS_PORT", &raw.metrics_port, None, "a port number 0-65535", |v| v.parse().ok().map(Some));
+        if metrics_port.is_some_and(|m| m != 0 && (m == port || (enable_ssl && m == ssl_port))) {
+            c.bad("METRICS_PORT", raw.metrics_port.as_deref().unwrap_or(""), "a port different from PORT and SSL_PORT");
         }
         let ssl_certificate = c.get(
             "SSL_CERTIFICATE",
@@ -693,6 +706,7 @@ impl Config {
             max_workers,
             enable_ssl,
             ssl_port,
+            metrics_port,
             ssl_certificate,
             ssl_key,
             ssl_key_type,

@@ -7,6 +7,7 @@
 pub mod cert_status;
 pub mod certs;
 pub mod engine_runtime;
+pub mod metrics_port;
 pub mod models;
 pub mod process;
 pub mod supervise;

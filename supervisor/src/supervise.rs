@@ -68,6 +68,8 @@ pub struct Listeners {
     pub http: TcpListener,
     /// HTTPS, when enabled.
     pub https: Option<TcpListener>,
+    /// The supervisor's own `/metrics` port (`METRICS_PORT`), when set.
+    pub metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -76,12 +78,13 @@ impl Listeners {
         let bind = |port: u16, what: &str| {
             let addr = SocketAddr::new(config.host, port);
             TcpListener::bind(addr).with_context(|| {
-                format!("cannot bind the {what} listener on {addr}\nhint: another process may hold the port; choose another with {}", if what == "HTTP" { "PORT" } else { "SSL_PORT" })
+                format!("cannot bind the {what} listener on {addr}\nhint: another process may hold the port; choose another with {}", match what { "HTTP" => "PORT", "HTTPS" => "SSL_PORT", _ => "METRICS_PORT" })
             })
         };
         let http = bind(config.port, "HTTP")?;
         let https = if config.enable_ssl { Some(bind(config.ssl_port, "HTTPS")?) } else { None };
-        Ok(Listeners { http, https })
+        let metrics = config.metrics_port.map(|p| bind(p, "metrics")).transpose()?;
+        Ok(Listeners { http, https, metrics })
     }
 
     fn addr(l: &TcpListener) -> anyhow::Result<SocketAddr> {
@@ -184,6 +187,18 @@ impl Supervisor {
         }
         let certs =
             certs.map(|c| c.spawn(own_stats.clone())).transpose().context("cannot start the certificate thread")?;
+        if let Some(l) = listeners.metrics.as_ref().map(TcpListener::try_clone).transpose()? {
+            let addr = Listeners::addr(&l)?;
+            crate::metrics_port::spawn(
+                l,
+                counters.clone(),
+                shm.as_ref().map(|(r, _)| r.clone()),
+                https_addr.map(|_| config.cert_dir().join(tandem_shared::tls::STATUS_FILE)),
+                config.timeouts,
+            )
+            .context("cannot start the metrics port")?;
+            tracing::info!(url = %url("http", addr), "serving /metrics");
+        }
         let repository_changes = (config.model_control_mode == ModelControlMode::Poll)
             .then(|| crate::models::poll(model_repository.clone(), config.repository_poll))
             .transpose()

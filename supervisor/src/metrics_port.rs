@@ -1,0 +1,57 @@
+//! `METRICS_PORT`: the supervisor serves `/metrics` itself, on a thread and
+//! runtime of its own (its event loop never waits on a scrape), from the same
+//! statistics region the workers count into, so scrapes work while workers
+//! restart and never touch the inference ports.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use tandem_shared::serve::{Server, Timeouts};
+use tandem_shared::sys::counters::Counters;
+use tandem_shared::sys::shm::Region;
+
+/// Connections the metrics port holds at once (scrapers are few).
+const MAX_CONNECTIONS: usize = 64;
+
+/// Serves `/metrics` on `listener` until the process exits.
+pub fn spawn(
+    listener: TcpListener,
+    counters: Arc<Counters>,
+    ring: Option<Arc<Region>>,
+    cert_status: Option<PathBuf>,
+    timeouts: Timeouts,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    listener.set_nonblocking(true).context("cannot make the metrics listener non-blocking")?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("metrics-port".into()).spawn(move || {
+        runtime.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+            let app =
+                axum::Router::new()
+                    .route(
+                        "/metrics",
+                        axum::routing::get(move || {
+                            let (counters, ring, status) = (counters.clone(), ring.clone(), cert_status.clone());
+                            async move {
+                                tandem_http_worker::metrics::response(&counters, ring.as_deref(), status.as_deref())
+                            }
+                        }),
+                    )
+                    .fallback(|| async {
+                        tandem_http_worker::router::error(
+                            StatusCode::NOT_FOUND,
+                            "only /metrics is served on METRICS_PORT",
+                        )
+                        .into_response()
+                    });
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let server = Server::new(timeouts, MAX_CONNECTIONS);
+            server.run(&listener, std::future::pending(), |tcp, _| async move { Some(tcp) }, service).await;
+        });
+    })?;
+    Ok(())
+}

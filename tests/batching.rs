@@ -1,0 +1,93 @@
+//! End-to-end test of dynamic batching: concurrent requests to a model whose
+//! configuration asks for `dynamic_batching` run in fewer executions than
+//! requests (Triton's statistics say so) and get exactly the answers the same
+//! model gives unbatched, over both ports.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::Value;
+
+/// A copy of the built-in digits model named `name`, with `extra` appended to its configuration.
+fn digits_as(repo: &Path, name: &str, extra: &str) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits");
+    std::fs::create_dir_all(repo.join(name).join("1")).unwrap();
+    std::fs::copy(from.join("1/model.onnx"), repo.join(name).join("1/model.onnx")).unwrap();
+    std::fs::copy(from.join("labels.txt"), repo.join(name).join("labels.txt")).unwrap();
+    let config = std::fs::read_to_string(from.join("config.pbtxt"))
+        .unwrap()
+        .replace("name: \"digits\"", &format!("name: \"{name}\""));
+    std::fs::write(repo.join(name).join("config.pbtxt"), config + extra).unwrap();
+}
+
+/// Request `i`: `rows` rows of pixel values that differ per request and row.
+fn request(i: usize, rows: usize) -> String {
+    let data: Vec<String> = (0..rows * 64).map(|k| ((i * 7 + k * 3) % 17).to_string()).collect();
+    format!(r#"{{"inputs":[{{"name":"pixels","shape":[{rows},64],"datatype":"FP32","data":[{}]}}]}}"#, data.join(","))
+}
+
+#[test]
+fn concurrent_requests_share_executions_and_get_the_unbatched_answers() {
+    let b = TandemBuilder::new().ssl().env("NUM_WORKERS", "1");
+    let repo = b.dir().join("models");
+    digits_as(&repo, "plain", "");
+    digits_as(
+        &repo,
+        "batched",
+        "dynamic_batching { preferred_batch_size: [ 16 ] max_queue_delay_microseconds: 50000 }\n",
+    );
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
+    let config: Value =
+        Tandem::http_client().get(t.http_url("/v2/models/batched/config")).send().unwrap().json().unwrap();
+    assert_eq!(config["dynamic_batching"]["preferred_batch_size"], serde_json::json!([16]), "{config}");
+
+    let ca = t.served_chain_pem();
+    let n = 48;
+    let answers: Vec<(Value, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .map(|i| {
+                let (t, ca) = (&t, &ca);
+                s.spawn(move || {
+                    let rows = 1 + i % 3;
+                    let body = request(i, rows);
+                    let (client, url) = if i % 2 == 0 {
+                        (Tandem::http_client(), t.http_url("/v2/models/batched/infer"))
+                    } else {
+                        (Tandem::https_client(ca), t.https_url("localhost", "/v2/models/batched/infer"))
+                    };
+                    let batched = client.post(&url).body(body.clone()).send().unwrap();
+                    assert_eq!(batched.status(), 200);
+                    let batched: Value = batched.json().unwrap();
+                    let plain: Value = Tandem::http_client()
+                        .post(t.http_url("/v2/models/plain/infer"))
+                        .body(body)
+                        .send()
+                        .unwrap()
+                        .json()
+                        .unwrap();
+                    assert_eq!(batched["outputs"][0]["shape"], serde_json::json!([rows, 10]), "{batched}");
+                    (batched, plain)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (batched, plain) in &answers {
+        assert_eq!(
+            batched["outputs"][0]["data"], plain["outputs"][0]["data"],
+            "a batched answer differs from the unbatched one"
+        );
+    }
+    let stats: Value =
+        Tandem::http_client().get(t.http_url("/v2/models/batched/stats")).send().unwrap().json().unwrap();
+    let s = &stats["model_stats"][0];
+    let rows: u64 = (0..n).map(|i| 1 + (i % 3) as u64).sum();
+    assert_eq!(s["inference_count"], rows, "{s}");
+    assert_eq!(s["inference_stats"]["success"]["count"], n as u64, "{s}");
+    let executions = s["execution_count"].as_u64().unwrap();
+    assert!(executions < n as u64, "{n} concurrent requests ran in {executions} executions: no batching\n{s}");
+}
