@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod compression;
 pub mod engine;
 pub mod infer;
 pub mod metrics;
@@ -53,11 +54,11 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
     let shm = match region {
         Some(region) => {
             // One claimer per inference thread, and at least two so that a cheap
-            // request (metadata, health) never waits behind an inference. Dynamic
-            // batching needs requests gathered from the ring: then 16 claimers.
-            let claimers = if batching_possible(&settings, &engine) { 16 } else { inference_threads.max(2) };
-            let server = shm_server::ShmServer::start(region, settings.worker_id, app.clone(), claimers)
-                .context("cannot start the shared-memory claimer")?;
+            // request (metadata, health) never waits behind an inference.
+            let claimers = inference_threads.max(2);
+            let server =
+                shm_server::ShmServer::start(region, settings.worker_id, app.clone(), claimers, is_batched(&engine))
+                    .context("cannot start the shared-memory claimer")?;
             Some(server)
         }
         None => None,
@@ -100,13 +101,25 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
     Ok(())
 }
 
-/// Whether a model may be dynamically batched in this worker: one is now, or
-/// models can change while running.
-fn batching_possible(settings: &WorkerSettings, engine: &engine::Engine) -> bool {
-    settings.model_control != tandem_shared::config::ModelControlMode::None
-        || engine.models().values().any(|m| {
-            m.versions.values().any(|v| matches!(v, engine::VersionState::Ready(mv) if mv.dynamic_batching.is_some()))
-        })
+/// Whether a request path is an inference on a model version served with
+/// dynamic batching now (models can change while running, so it looks each time).
+fn is_batched(engine: &Arc<engine::Engine>) -> shm_server::IsBatched {
+    let engine = engine.clone();
+    Arc::new(move |path: &str| {
+        let Some(rest) = path.strip_prefix("/v2/models/") else { return false };
+        let mut segs = rest.split('/');
+        let (Some(name), Some(next)) = (segs.next(), segs.next()) else { return false };
+        let version = match (next, segs.next(), segs.next()) {
+            ("infer", None, _) => None,
+            ("versions", Some(v), Some("infer")) => Some(v),
+            _ => return false,
+        };
+        engine
+            .models_now()
+            .get(name)
+            .and_then(|m| m.version(version))
+            .is_some_and(|v| matches!(v, engine::VersionState::Ready(mv) if mv.dynamic_batching.is_some()))
+    })
 }
 
 /// Loads the model repository named in the settings, sized for this worker's share of the cores.

@@ -1,7 +1,6 @@
 //! The API router, a plain function so that every listener serves the very same API.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -54,12 +53,12 @@ struct Inner {
     stats: Stats,
     /// Write one log line per request.
     access_log: bool,
+    /// `SSL_REDIRECT_HTTP`: the HTTPS port plain HTTP is sent to.
+    redirect_to_https: Option<u16>,
     /// The ring, when HTTPS is on (its busy slots are a metric).
     ring: Option<Arc<Region>>,
     /// Load and unload through the supervisor.
     model_control: Arc<crate::model_control::ModelControl>,
-    /// Per model name and version: its counters in `stats` (`None`: no entry left).
-    model_stats: RwLock<HashMap<String, HashMap<String, Option<ModelStats>>>>,
 }
 
 impl AppState {
@@ -83,9 +82,9 @@ impl AppState {
                 cert_status: settings.cert_status.clone(),
                 stats,
                 access_log: settings.access_log,
+                redirect_to_https: settings.redirect_to_https,
                 ring,
                 model_control,
-                model_stats: RwLock::new(HashMap::new()),
             }),
         }
     }
@@ -116,19 +115,16 @@ impl AppState {
     }
 
     /// The counters of `v` in this worker's block, found once per model version.
-    fn model_stats(&self, v: &ModelVersion) -> Option<ModelStats> {
-        let map = &self.inner.model_stats;
-        if let Some(found) = map.read().unwrap_or_else(|p| p.into_inner()).get(&v.name).and_then(|m| m.get(&v.version))
-        {
-            return found.clone();
-        }
-        let version = v.version.parse().unwrap_or(0);
-        let entry = self.inner.stats.model(&v.name, version);
-        if entry.is_none() {
-            tracing::warn!(model = %v.name, version = %v.version, "no statistics entry left for this model version; it is served but not counted");
-        }
-        let mut w = map.write().unwrap_or_else(|p| p.into_inner());
-        w.entry(v.name.clone()).or_default().entry(v.version.clone()).or_insert(entry).clone()
+    fn model_stats<'v>(&self, v: &'v ModelVersion) -> Option<&'v ModelStats> {
+        v.stats
+            .get_or_init(|| {
+                let entry = self.inner.stats.model(&v.name, v.version.parse().unwrap_or(0));
+                if entry.is_none() {
+                    tracing::warn!(model = %v.name, version = %v.version, "no statistics entry left for this model version; it is served but not counted");
+                }
+                entry
+            })
+            .as_ref()
     }
 }
 
@@ -160,6 +156,7 @@ pub fn router(state: AppState) -> Router {
     let id = state.inner.worker_id;
     let stats = state.inner.stats.clone();
     let access_log = state.inner.access_log;
+    let redirect = state.inner.redirect_to_https;
     Router::new()
         .route("/", get(info))
         .route("/metrics", get(crate::metrics::metrics))
@@ -185,12 +182,6 @@ pub fn router(state: AppState) -> Router {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         })
         .with_state(state)
-        // Bodies sent with Content-Encoding gzip or deflate (tritonclient's
-        // request compression) are inflated on the way in; the inflated size is
-        // what MAX_REQUEST_BYTES bounds (`run_infer` reads with that limit).
-        .layer(tower_http::decompression::RequestDecompressionLayer::new())
-        // Responses are compressed when the client's Accept-Encoding asks.
-        .layer(tower_http::compression::CompressionLayer::new())
         .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
             let (worker_id, stats) = (worker_id.clone(), stats.clone());
             async move {
@@ -198,20 +189,21 @@ pub fn router(state: AppState) -> Router {
                 let https = req.extensions().get::<Scheme>() == Some(&Scheme::Https);
                 let route = tandem_shared::stats::route_index(req.uri().path());
                 let method = req.method().clone();
+                if let Some(port) = redirect.filter(|_| !https) {
+                    if let Some(res) = redirect_to_https(&req, port) {
+                        return res;
+                    }
+                }
                 let logged = access_log.then(|| {
                     let peer = req.extensions().get::<tandem_shared::serve::Peer>().map(|p| p.0);
                     let bytes_in = axum::body::HttpBody::size_hint(req.body()).exact();
                     (req.uri().path().to_string(), peer, bytes_in)
                 });
+                // Answers are compressed when the client's Accept-Encoding asks.
+                let encoding = crate::compression::wanted(req.headers());
                 let mut res = next.run(req).await;
-                if res.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE
-                    && !res.headers().contains_key(header::CONTENT_TYPE)
-                {
-                    // The decompression layer's refusal of an unknown Content-Encoding, as JSON.
-                    res = error(
-                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                        "unsupported Content-Encoding; tandem accepts gzip, deflate and identity",
-                    );
+                if let Some(e) = encoding {
+                    res = crate::compression::compress_response(res, e).await;
                 }
                 res.headers_mut().insert("x-tandem-worker", worker_id);
                 let took = started.elapsed();
@@ -234,6 +226,30 @@ pub fn router(state: AppState) -> Router {
         }))
 }
 
+/// `SSL_REDIRECT_HTTP`: a 308 to the same URL over HTTPS, except for health
+/// checks (load balancers probe plain HTTP) and ACME HTTP-01 challenges.
+fn redirect_to_https(req: &axum::extract::Request, port: u16) -> Option<Response> {
+    let path = req.uri().path();
+    if path.starts_with("/v2/health/") || path.starts_with("/.well-known/acme-challenge/") {
+        return None;
+    }
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    // The host without its port ("[::1]:9001" -> "[::1]", "a.example:80" -> "a.example").
+    let name = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    };
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b)) {
+        return Some(error(StatusCode::BAD_REQUEST, "a Host header is needed to redirect to HTTPS"));
+    }
+    let authority = if port == 443 { name.to_string() } else { format!("{name}:{port}") };
+    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let location = HeaderValue::from_str(&format!("https://{authority}{target}")).ok()?;
+    let mut res = error(StatusCode::PERMANENT_REDIRECT, "this server answers over HTTPS");
+    res.headers_mut().insert(header::LOCATION, location);
+    Some(res)
+}
+
 /// Path parameters: model name and optional version.
 #[derive(Debug, serde::Deserialize)]
 pub(crate) struct ModelPath {
@@ -243,7 +259,7 @@ pub(crate) struct ModelPath {
 
 pub(crate) fn find(state: &AppState, p: &ModelPath) -> Result<Arc<ModelVersion>, ApiError> {
     let not_found = |message| ApiError { status: StatusCode::NOT_FOUND, message };
-    let models = state.inner.engine.models();
+    let models = state.inner.engine.models_now();
     let model = models.get(&p.name).ok_or_else(|| not_found(format!("unknown model {:?}", p.name)))?;
     let unavailable = |reason: &str| ApiError {
         status: StatusCode::SERVICE_UNAVAILABLE,
@@ -475,6 +491,11 @@ async fn run_infer(
         }
         ApiError::bad(format!("cannot read the request body: {e}"))
     })?;
+    // gzip / deflate bodies (tritonclient's request compression), inflated within MAX_REQUEST_BYTES.
+    let bytes = match crate::compression::inflate(headers, &bytes, limit)? {
+        Some(inflated) => axum::body::Bytes::from(inflated),
+        None => bytes,
+    };
     let decoding = Instant::now();
     let header_len = headers.get(HEADER_LENGTH).map(|v| v.to_str().unwrap_or("invalid"));
     let (req, binary) = decode_body(&bytes, header_len)?;

@@ -1,14 +1,14 @@
 //! The engine side of the shared-memory ring: claim requests the HTTPS worker
 //! submitted, run them through the same router as plain HTTP, write the answer back.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
-use tandem_shared::frame::{decode_request, encode_response, FrameError};
+use tandem_shared::frame::{decode_request, encode_response, FrameError, RequestFrame};
 use tandem_shared::sys::shm::{Claim, Region};
 use tower::ServiceExt;
 
@@ -16,6 +16,12 @@ use crate::router::Scheme;
 
 /// How long a claimer sleeps on the futex before re-checking its stop flag.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
+/// Requests for dynamically batched models a worker holds at once: they wait
+/// in the batcher as tasks, so the claimers go on claiming (the batch forms).
+const MAX_BATCHED_HELD: usize = 256;
+
+/// Whether a request path is an inference on a dynamically batched model.
+pub type IsBatched = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 tokio::task_local! {
     /// Set while a claimer thread runs a request: inference may run inline on
@@ -40,15 +46,28 @@ impl ShmServer {
     /// to completion on its own thread, so a busy worker holds at most
     /// `claimers` requests and leaves the rest of the queue to idle workers,
     /// and a request costs one wake-up here instead of three thread hops.
-    pub fn start(region: Arc<Region>, worker_id: u64, app: Router, claimers: usize) -> std::io::Result<ShmServer> {
+    ///
+    /// Requests for which `batched` says yes are the exception: they are
+    /// handed to the runtime as tasks (up to [`MAX_BATCHED_HELD`] at once), so
+    /// that enough of them wait together for the batcher to form batches.
+    pub fn start(
+        region: Arc<Region>,
+        worker_id: u64,
+        app: Router,
+        claimers: usize,
+        batched: IsBatched,
+    ) -> std::io::Result<ShmServer> {
         let stop = Arc::new(AtomicBool::new(false));
         let rt = tokio::runtime::Handle::current();
+        let held = Arc::new(AtomicUsize::new(0));
         let threads = (0..claimers.max(1))
             .map(|i| {
                 let (region, app, rt, stop) = (region.clone(), app.clone(), rt.clone(), stop.clone());
-                std::thread::Builder::new()
-                    .name(format!("shm-claimer-{i}"))
-                    .spawn(move || claim_loop(&region, worker_id, &app, &rt, &stop, i as u32))
+                let (batched, held) = (batched.clone(), held.clone());
+                std::thread::Builder::new().name(format!("shm-claimer-{i}")).spawn(move || {
+                    let ctx = Claimer { region: &region, worker_id, app: &app, rt: &rt, stop: &stop, batched, held };
+                    claim_loop(&ctx, i as u32)
+                })
             })
             .collect::<std::io::Result<Vec<_>>>()?;
         Ok(ShmServer { stop, threads })
@@ -64,30 +83,46 @@ impl ShmServer {
     }
 }
 
-fn claim_loop(
-    region: &Arc<Region>,
+struct Claimer<'a> {
+    region: &'a Arc<Region>,
     worker_id: u64,
-    app: &Router,
-    rt: &tokio::runtime::Handle,
-    stop: &AtomicBool,
-    first: u32,
-) {
+    app: &'a Router,
+    rt: &'a tokio::runtime::Handle,
+    stop: &'a AtomicBool,
+    batched: IsBatched,
+    held: Arc<AtomicUsize>,
+}
+
+fn claim_loop(c: &Claimer<'_>, first: u32) {
     let mut hint = first;
-    while !stop.load(Ordering::SeqCst) {
-        let seen = region.work_seq();
-        match region.claim(worker_id, hint) {
+    while !c.stop.load(Ordering::SeqCst) {
+        let seen = c.region.work_seq();
+        match c.region.claim(c.worker_id, hint) {
             Some(claim) => {
                 hint = claim.slot().wrapping_add(1);
-                rt.block_on(ON_CLAIMER.scope((), answer(claim, app.clone())));
+                let frame = decode_request(claim.request());
+                let to_batch = frame.as_ref().is_ok_and(|f| (c.batched)(f.uri.path()));
+                if to_batch && c.held.fetch_add(1, Ordering::SeqCst) < MAX_BATCHED_HELD {
+                    let (app, held) = (c.app.clone(), c.held.clone());
+                    c.rt.spawn(async move {
+                        answer(claim, frame, app).await;
+                        held.fetch_sub(1, Ordering::SeqCst);
+                    });
+                } else {
+                    if to_batch {
+                        c.held.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    c.rt.block_on(ON_CLAIMER.scope((), answer(claim, frame, c.app.clone())));
+                }
             }
-            None => region.wait_for_work(seen, IDLE_WAIT),
+            None => c.region.wait_for_work(seen, IDLE_WAIT),
         }
     }
 }
 
 /// Runs one claimed request through the router and publishes the response.
-async fn answer(mut claim: Claim, app: Router) {
-    let (status, headers, body) = match decode_request(claim.request()) {
+async fn answer(mut claim: Claim, frame: Result<RequestFrame, FrameError>, app: Router) {
+    let (status, headers, body) = match frame {
         Ok(frame) => {
             let mut req = Request::new(Body::from(frame.body));
             *req.method_mut() = frame.method;

@@ -217,6 +217,19 @@ fn orphaned() -> Response<Full<Bytes>> {
     res
 }
 
+/// How the forwarder treats requests.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions {
+    /// MAX_REQUEST_BYTES.
+    pub max_request_bytes: usize,
+    /// REQUEST_TIMEOUT.
+    pub timeout: Duration,
+    /// With `ACCESS_LOG`: this worker's id.
+    pub access_log: Option<u64>,
+    /// Headers added to every answer (`Strict-Transport-Security`).
+    pub extra_headers: HeaderMap,
+}
+
 /// Marks a response the HTTPS worker made itself (the engine counts the ones it made).
 #[derive(Debug, Clone, Copy)]
 struct AnsweredHere;
@@ -241,24 +254,17 @@ mod event {
 }
 
 impl Forwarder {
-    /// A forwarder over `region`; `max_request_bytes` is MAX_REQUEST_BYTES.
-    pub fn new(
-        region: Arc<Region>,
-        completions: Arc<Completions>,
-        max_request_bytes: usize,
-        timeout: Duration,
-        stats: Stats,
-        access_log: Option<u64>,
-    ) -> Self {
+    /// A forwarder over `region`, counting into `stats`.
+    pub fn new(region: Arc<Region>, completions: Arc<Completions>, stats: Stats, options: ForwardOptions) -> Self {
         Forwarder {
             stats,
-            access_log,
+            access_log: options.access_log,
             region,
             completions,
-            max_request_bytes,
-            timeout,
+            max_request_bytes: options.max_request_bytes,
+            timeout: options.timeout,
             hint: AtomicU32::new(0),
-            extra_headers: HeaderMap::new(),
+            extra_headers: options.extra_headers,
             orphaned: AtomicBool::new(false),
         }
     }
@@ -335,9 +341,10 @@ impl Forwarder {
         for h in &HOP_BY_HOP {
             parts.headers.remove(h);
         }
-        // The client's address travels with the request; a client never sets it.
+        // With the access log on, the client's address travels with the request;
+        // a client never sets it.
         parts.headers.remove(tandem_shared::access::PEER_HEADER);
-        if let Some(peer) = parts.extensions.get::<tandem_shared::serve::Peer>() {
+        if let Some(peer) = parts.extensions.get::<tandem_shared::serve::Peer>().filter(|_| self.access_log.is_some()) {
             if let Ok(v) = HeaderValue::from_str(&peer.0.to_string()) {
                 parts.headers.insert(tandem_shared::access::PEER_HEADER, v);
             }

@@ -31,6 +31,40 @@ pub fn reason(e: &std::io::Error) -> usize {
     })
 }
 
+/// Whether the first byte a client sent starts a plain HTTP request (a TLS
+/// connection starts with a handshake record, 0x16).
+pub fn looks_like_http(first: u8) -> bool {
+    first.is_ascii_uppercase()
+}
+
+/// Answers a plain HTTP request sent to the TLS port with a 400 that says so
+/// (as nginx does), after reading what the client sent of its request.
+pub async fn refuse_plain_http(mut tcp: tokio::net::TcpStream, https_url: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = async {
+        while seen.len() < 16 << 10 && !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
+    let body = serde_json::json!({
+        "error": format!("this port speaks TLS: the request was sent as plain HTTP; use {https_url}")
+    })
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tcp.write_all(head.as_bytes()).await;
+    let _ = tcp.write_all(body.as_bytes()).await;
+    let _ = tcp.shutdown().await;
+}
+
 /// A handshake under way: counted once, as done, failed, or (dropped unfinished) timed out.
 pub struct Pending<'a> {
     stats: &'a Stats,
@@ -56,6 +90,12 @@ impl<'a> Pending<'a> {
         };
         debug_assert!(protocol < TLS_PROTOCOLS.len());
         self.stats.tls_handshake(protocol, alpn);
+        self.counted = true;
+    }
+
+    /// The client spoke plain HTTP to the TLS port.
+    pub fn plain_http(&mut self) {
+        self.stats.tls_failure(failure("plain_http"));
         self.counted = true;
     }
 

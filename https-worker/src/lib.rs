@@ -31,11 +31,18 @@ pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
     runtime.block_on(serve(settings, control))
 }
 
-/// A rustls server config for TLS 1.2 and 1.3 with ALPN h2 and http/1.1.
-pub fn server_config(resolver: Arc<ReloadableResolver>) -> anyhow::Result<rustls::ServerConfig> {
+/// A rustls server config for TLS 1.3 and (unless `min` says 1.3) 1.2, with ALPN h2 and http/1.1.
+pub fn server_config(
+    resolver: Arc<ReloadableResolver>,
+    min: tandem_shared::config::TlsVersion,
+) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let versions: &[&rustls::SupportedProtocolVersion] = match min {
+        tandem_shared::config::TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        tandem_shared::config::TlsVersion::Tls13 => &[&rustls::version::TLS13],
+    };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(versions)
         .context("cannot select TLS versions")?
         .with_no_client_auth()
         .with_cert_resolver(resolver);
@@ -53,7 +60,7 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     let bundle = Bundle::load(&settings.live_cert).context("cannot load the published certificate")?;
     let fingerprint = bundle.info.fingerprint.clone();
     let resolver = Arc::new(ReloadableResolver::new(bundle.certified_key()));
-    let acceptor = TlsAcceptor::from(Arc::new(server_config(resolver.clone())?));
+    let acceptor = TlsAcceptor::from(Arc::new(server_config(resolver.clone(), settings.tls_min_version)?));
 
     let std_listener = listenfd::ListenFd::from_env()
         .take_tcp_listener(0)
@@ -67,14 +74,19 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     let region = tandem_shared::worker::open_region(shm).context("cannot map the shared-memory region")?;
     let completions = forward::Completions::start(region.clone()).context("cannot start the completion thread")?;
     let max_request = usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX);
-    let forwarder = Arc::new(forward::Forwarder::new(
-        region,
-        completions.clone(),
-        max_request,
-        shm.request_timeout,
-        stats.clone(),
-        settings.access_log.then_some(settings.worker_id),
-    ));
+    let mut extra_headers = http::HeaderMap::new();
+    if let Some(hsts) = &settings.hsts {
+        // Validated at start-up (config::valid_hsts); sent over HTTPS only, as RFC 6797 requires.
+        let value = http::HeaderValue::from_str(hsts).context("SSL_HSTS is not a valid header value")?;
+        extra_headers.insert(http::header::STRICT_TRANSPORT_SECURITY, value);
+    }
+    let options = forward::ForwardOptions {
+        max_request_bytes: max_request,
+        timeout: shm.request_timeout,
+        access_log: settings.access_log.then_some(settings.worker_id),
+        extra_headers,
+    };
+    let forwarder = Arc::new(forward::Forwarder::new(region, completions.clone(), stats.clone(), options));
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let budget = tandem_shared::serve::connection_budget();
     let server = tandem_shared::serve::Server::new(settings.timeouts, budget);
@@ -92,11 +104,18 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
             }
         })
     };
-    let handshake = move |tcp, peer: std::net::SocketAddr| {
-        let (acceptor, stats) = (acceptor.clone(), stats.clone());
+    let https_url = tandem_shared::url("https", settings.listen_addr);
+    let handshake = move |tcp: tokio::net::TcpStream, peer: std::net::SocketAddr| {
+        let (acceptor, stats, https_url) = (acceptor.clone(), stats.clone(), https_url.clone());
         async move {
             // Counted as a timeout unless it ends here (the server drops it at HEADER_TIMEOUT).
             let mut pending = handshake::Pending::new(&stats);
+            let mut first = [0u8; 1];
+            if matches!(tcp.peek(&mut first).await, Ok(1)) && handshake::looks_like_http(first[0]) {
+                pending.plain_http();
+                handshake::refuse_plain_http(tcp, &https_url).await;
+                return None;
+            }
             match acceptor.accept(tcp).await {
                 Ok(tls) => {
                     pending.done(tls.get_ref().1);

@@ -74,6 +74,21 @@ pub const ENV_VARS: &[EnvVar] = &[
         meaning: "extra DNS names / IPs for generated certificates, comma-separated",
     },
     EnvVar {
+        name: "SSL_MIN_VERSION",
+        default: "1.2",
+        meaning: "oldest TLS version the HTTPS port accepts: 1.2 or 1.3",
+    },
+    EnvVar {
+        name: "SSL_HSTS",
+        default: "(none)",
+        meaning: "Strict-Transport-Security value sent on HTTPS answers, e.g. max-age=31536000; includeSubDomains",
+    },
+    EnvVar {
+        name: "SSL_REDIRECT_HTTP",
+        default: "False",
+        meaning: "answer plain HTTP with 308 to the HTTPS URL (health checks and ACME challenges excepted)",
+    },
+    EnvVar {
         name: "MODEL_CACHE_DIR",
         default: "/var/cache/tandem (root), else ~/.cache/tandem",
         meaning: "cache root; certificates live in ssl_certificates/ below it",
@@ -211,6 +226,16 @@ pub enum BackendChoice {
     Tract,
 }
 
+/// The oldest TLS version the HTTPS port accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    Tls12,
+    /// TLS 1.3 only.
+    Tls13,
+}
+
 /// How the served models may change while tandem runs (Triton's `--model-control-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum ModelControlMode {
@@ -261,6 +286,12 @@ pub struct Config {
     pub ssl_refresh_interval: Duration,
     /// Extra subject alternative names for generated certificates.
     pub ssl_san: Vec<String>,
+    /// Oldest TLS version accepted.
+    pub ssl_min_version: TlsVersion,
+    /// `Strict-Transport-Security` value for HTTPS answers.
+    pub ssl_hsts: Option<String>,
+    /// Redirect plain HTTP to HTTPS.
+    pub ssl_redirect_http: bool,
     /// Cache root.
     pub model_cache_dir: PathBuf,
     /// Model repository, when set explicitly.
@@ -356,6 +387,9 @@ struct Raw {
     ssl_indirect_url: Option<String>,
     ssl_refresh_interval: Option<String>,
     ssl_san: Option<String>,
+    ssl_min_version: Option<String>,
+    ssl_hsts: Option<String>,
+    ssl_redirect_http: Option<String>,
     model_cache_dir: Option<String>,
     model_repository: Option<String>,
     ort_dylib_path: Option<String>,
@@ -409,6 +443,23 @@ impl Checker {
             },
         }
     }
+}
+
+/// A `Strict-Transport-Security` value RFC 6797 allows: `max-age` (required,
+/// once) and the `includeSubDomains` / `preload` flags, separated by `;`.
+pub fn valid_hsts(v: &str) -> bool {
+    let mut max_age = 0;
+    for d in v.split(';').map(str::trim) {
+        let lower = d.to_ascii_lowercase();
+        match lower.split_once('=') {
+            Some(("max-age", n)) if !n.is_empty() && n.trim_matches('"').bytes().all(|b| b.is_ascii_digit()) => {
+                max_age += 1
+            }
+            None if lower == "includesubdomains" || lower == "preload" => {}
+            _ => return false,
+        }
+    }
+    max_age == 1 && v.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
 }
 
 /// Parses a boolean the way operators write them.
@@ -571,6 +622,25 @@ impl Config {
             let names: Vec<String> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
             names.iter().all(|n| n.parse::<IpAddr>().is_ok() || is_dns_name(n)).then_some(names)
         });
+        let ssl_min_version = c.get("SSL_MIN_VERSION", &raw.ssl_min_version, TlsVersion::Tls12, "1.2 or 1.3", |v| {
+            match v.to_ascii_lowercase().trim_start_matches("tlsv").trim_start_matches("tls") {
+                "1.2" => Some(TlsVersion::Tls12),
+                "1.3" => Some(TlsVersion::Tls13),
+                _ => None,
+            }
+        });
+        let ssl_hsts = c.get(
+            "SSL_HSTS",
+            &raw.ssl_hsts,
+            None,
+            "max-age=SECONDS, optionally with ; includeSubDomains and ; preload",
+            |v| valid_hsts(v).then(|| Some(v.to_string())),
+        );
+        let ssl_redirect_http =
+            c.get("SSL_REDIRECT_HTTP", &raw.ssl_redirect_http, false, "true/false/1/0/yes/no (any case)", parse_bool);
+        if ssl_redirect_http && !enable_ssl {
+            c.bad("SSL_REDIRECT_HTTP", "true", "false, unless ENABLE_SSL=true (there is no HTTPS port to redirect to)");
+        }
         let model_cache_dir = c.get("MODEL_CACHE_DIR", &raw.model_cache_dir, default_cache, "a directory path", |v| {
             Some(PathBuf::from(v))
         });
@@ -713,6 +783,9 @@ impl Config {
             ssl_indirect_url,
             ssl_refresh_interval,
             ssl_san,
+            ssl_min_version,
+            ssl_hsts,
+            ssl_redirect_http,
             model_cache_dir,
             model_repository,
             ort_dylib_path,
@@ -857,6 +930,17 @@ mod tests {
         let c = parse(&[("SSL_SAN", "example.com, 10.0.0.1,*.svc.local")]).expect("ok");
         assert_eq!(c.ssl_san, ["example.com", "10.0.0.1", "*.svc.local"]);
         assert!(parse(&[("SSL_SAN", "bad name!")]).is_err());
+    }
+
+    #[test]
+    fn hsts_values_are_checked() {
+        assert!(valid_hsts("max-age=31536000"));
+        assert!(valid_hsts("max-age=31536000; includeSubDomains; preload"));
+        assert!(!valid_hsts("includeSubDomains"));
+        assert!(!valid_hsts("max-age=abc"));
+        assert!(!valid_hsts("max-age=1; max-age=2"));
+        assert!(!valid_hsts("max-age=1\r\nSet-Cookie: x"));
+        assert!(parse(&[("SSL_REDIRECT_HTTP", "true")]).is_err(), "needs ENABLE_SSL");
     }
 }
 

@@ -88,6 +88,12 @@ pub struct WorkerSettings {
     pub access_log: bool,
     /// How models may change while running (engine workers).
     pub model_control: config::ModelControlMode,
+    /// Oldest TLS version accepted (HTTPS worker).
+    pub tls_min_version: config::TlsVersion,
+    /// `Strict-Transport-Security` value for HTTPS answers (HTTPS worker).
+    pub hsts: Option<String>,
+    /// Plain HTTP is redirected to HTTPS on this port (HTTP workers).
+    pub redirect_to_https: Option<u16>,
     /// Models whose load differs from the repository's files, as changed by
     /// explicit load/unload: `None` unloaded, `Some(config)` loaded with that JSON config.
     pub models_wanted: std::collections::BTreeMap<String, Option<String>>,

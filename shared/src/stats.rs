@@ -68,8 +68,17 @@ pub const TLS_PROTOCOLS: [&str; 2] = ["TLSv1.2", "TLSv1.3"];
 /// ALPN results counted by name.
 pub const TLS_ALPN: [&str; 3] = ["h2", "http/1.1", "none"];
 /// Why a TLS handshake failed.
-pub const TLS_FAILURES: &[&str] =
-    &["eof", "reset", "timeout", "invalid_message", "incompatible", "alert_received", "bad_certificate", "other"];
+pub const TLS_FAILURES: &[&str] = &[
+    "eof",
+    "reset",
+    "timeout",
+    "invalid_message",
+    "incompatible",
+    "alert_received",
+    "bad_certificate",
+    "plain_http",
+    "other",
+];
 /// Why a worker was restarted.
 pub const RESTART_CAUSES: [&str; 2] = ["exited", "signalled"];
 
@@ -122,7 +131,8 @@ const RING: usize = DUR + DUR_WORDS;
 const RING_WORDS: usize = 8;
 const TLS_OK: usize = RING + RING_WORDS;
 const TLS_FAIL: usize = TLS_OK + TLS_PROTOCOLS.len() * TLS_ALPN.len();
-const TLS_RELOAD: usize = TLS_FAIL + 8; // ok, refused
+const TLS_FAIL_WORDS: usize = 12;
+const TLS_RELOAD: usize = TLS_FAIL + TLS_FAIL_WORDS; // ok, refused
 const SUP: usize = TLS_RELOAD + 2;
 const SUP_RESTARTS: usize = SUP; // [role 2][cause 2]
 const SUP_CERT_NOT_AFTER: usize = SUP + 4;
@@ -140,7 +150,7 @@ const E_NAME: usize = 3;
 const E_COUNTERS: usize = E_NAME + NAME_WORDS;
 const ENTRY_WORDS: usize = 72;
 const BLOCK_WORDS: usize = (MODELS + MODEL_ENTRIES * ENTRY_WORDS).next_multiple_of(512);
-const _: () = assert!(TLS_FAILURES.len() <= 8 && RING_EVENTS.len() <= RING_WORDS);
+const _: () = assert!(TLS_FAILURES.len() <= TLS_FAIL_WORDS && RING_EVENTS.len() <= RING_WORDS);
 const _: () = assert!(E_COUNTERS + ModelCounter::COUNT + BUCKETS <= ENTRY_WORDS);
 
 const ENTRY_FREE: u64 = 0;
@@ -221,15 +231,33 @@ fn bucket(d: Duration) -> usize {
 
 /// The index of `path`'s route template in [`ROUTES`] (`other` when none matches).
 pub fn route_index(path: &str) -> usize {
-    let segs: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    // The common case first, with no scan of the table: an inference.
+    if let Some(rest) = path.strip_prefix("/v2/models/") {
+        if let Some(name) = rest.strip_suffix("/infer") {
+            if !name.is_empty() && !name.contains('/') {
+                return INFER_ROUTE;
+            }
+        }
+    }
+    let path = path.trim_end_matches('/');
     ROUTES
         .iter()
         .position(|t| {
-            let ts: Vec<&str> = t.trim_end_matches('/').split('/').collect();
-            ts.len() == segs.len() && ts.iter().zip(&segs).all(|(t, s)| (t.starts_with('{') && !s.is_empty()) || t == s)
+            let (mut ts, mut ps) = (t.trim_end_matches('/').split('/'), path.split('/'));
+            loop {
+                match (ts.next(), ps.next()) {
+                    (None, None) => return true,
+                    (Some(t), Some(p)) if (t.starts_with('{') && !p.is_empty()) || t == p => {}
+                    _ => return false,
+                }
+            }
         })
         .unwrap_or(NR - 1)
 }
+
+/// `/v2/models/{name}/infer` in [`ROUTES`].
+const INFER_ROUTE: usize = 13;
+const _: () = assert!(ROUTES[INFER_ROUTE].len() == "/v2/models/{name}/infer".len());
 
 fn method_index(m: &str) -> usize {
     METHODS.iter().position(|x| *x == m).unwrap_or(NM - 1)
@@ -519,7 +547,7 @@ pub struct Snapshot {
     /// Completed handshakes by protocol and ALPN.
     pub tls_handshakes: [[u64; 3]; 2],
     /// Failed handshakes by [`TLS_FAILURES`].
-    pub tls_failures: [u64; 8],
+    pub tls_failures: [u64; TLS_FAIL_WORDS],
     /// Certificate reloads in the HTTPS worker: ok, refused.
     pub tls_reloads: [u64; 2],
     /// Worker restarts by role (engine, https) and [`RESTART_CAUSES`].
@@ -653,6 +681,8 @@ mod tests {
         let r = |p| ROUTES[route_index(p)];
         assert_eq!(r("/"), "/");
         assert_eq!(r("/v2/models/digits/infer"), "/v2/models/{name}/infer");
+        assert_eq!(ROUTES[INFER_ROUTE], "/v2/models/{name}/infer");
+        assert_eq!(r("/v2/models/stats/infer"), "/v2/models/{name}/infer");
         assert_eq!(r("/v2/models/digits/versions/3/infer"), "/v2/models/{name}/versions/{version}/infer");
         assert_eq!(r("/v2/models/stats"), "/v2/models/stats");
         assert_eq!(r("/v2/models/digits"), "/v2/models/{name}");

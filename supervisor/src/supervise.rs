@@ -334,6 +334,9 @@ impl Supervisor {
             log_format: self.config.log_format,
             access_log: self.config.access_log,
             model_control: self.config.model_control_mode,
+            tls_min_version: self.config.ssl_min_version,
+            hsts: self.config.ssl_hsts.clone(),
+            redirect_to_https: (self.config.ssl_redirect_http).then(|| self.https_addr.map(|a| a.port())).flatten(),
             models_wanted: self.model_ops.wanted.clone(),
         };
         let mut fds = vec![

@@ -110,6 +110,9 @@ pub struct ModelVersion {
     pub dynamic_batching: Option<batcher::BatchPolicy>,
     /// The batcher, started on the first request.
     pub batcher: std::sync::OnceLock<batcher::Batcher>,
+    /// This version's counters in the worker's statistics block, found on the
+    /// first request (`None`: no entry left).
+    pub stats: std::sync::OnceLock<Option<tandem_shared::stats::ModelStats>>,
     runner: Box<dyn Runner>,
 }
 
@@ -326,6 +329,12 @@ impl Engine {
     /// The models served now.
     pub fn models(&self) -> Arc<BTreeMap<String, Model>> {
         self.models.load_full()
+    }
+
+    /// The models served now, for a look that ends before any await (no
+    /// reference count is touched: the request path's way in).
+    pub fn models_now(&self) -> arc_swap::Guard<Arc<BTreeMap<String, Model>>> {
+        self.models.load()
     }
 
     /// Server readiness: every model ready (strict), or simply loaded.
@@ -585,6 +594,7 @@ fn apply_config(
             max_delay: std::time::Duration::from_micros(d.max_queue_delay_microseconds),
         }),
         batcher: std::sync::OnceLock::new(),
+        stats: std::sync::OnceLock::new(),
         runner,
     })
 }
