@@ -74,7 +74,9 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
             let stop = async {
                 let _ = stop_rx.await;
             };
-            server.run(&listener, stop, |tcp, _| async move { Some(tcp) }, service).await;
+            server
+                .run(&listener, stop, |tcp, _| async move { Some(tandem_shared::serve::Accepted::plain(tcp)) }, service)
+                .await;
         })
     };
     control

@@ -182,11 +182,17 @@ pub fn router(state: AppState) -> Router {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         })
         .with_state(state)
-        .layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+        .layer(axum::middleware::from_fn(move |mut req: axum::extract::Request, next: axum::middleware::Next| {
             let (worker_id, stats) = (worker_id.clone(), stats.clone());
             async move {
                 let started = Instant::now();
                 let https = req.extensions().get::<Scheme>() == Some(&Scheme::Https);
+                if !https {
+                    // Only the HTTPS worker vouches for a client certificate.
+                    for h in tandem_shared::access::CLIENT_HEADERS {
+                        req.headers_mut().remove(h);
+                    }
+                }
                 let route = tandem_shared::stats::route_index(req.uri().path());
                 let method = req.method().clone();
                 if let Some(port) = redirect.filter(|_| !https) {
@@ -197,7 +203,14 @@ pub fn router(state: AppState) -> Router {
                 let logged = access_log.then(|| {
                     let peer = req.extensions().get::<tandem_shared::serve::Peer>().map(|p| p.0);
                     let bytes_in = axum::body::HttpBody::size_hint(req.body()).exact();
-                    (req.uri().path().to_string(), peer, bytes_in)
+                    let header = |i: usize| {
+                        req.headers()
+                            .get(tandem_shared::access::CLIENT_HEADERS[i])
+                            .and_then(|v| v.to_str().ok())
+                            .map(String::from)
+                    };
+                    let client = header(0).zip(header(2));
+                    (req.uri().path().to_string(), peer, bytes_in, client)
                 });
                 // Answers are compressed when the client's Accept-Encoding asks.
                 let encoding = crate::compression::wanted(req.headers());
@@ -208,7 +221,7 @@ pub fn router(state: AppState) -> Router {
                 res.headers_mut().insert("x-tandem-worker", worker_id);
                 let took = started.elapsed();
                 stats.request(https, route, method.as_str(), res.status().as_u16(), took);
-                if let Some((path, peer, bytes_in)) = logged {
+                if let Some((path, peer, bytes_in, client)) = logged {
                     tandem_shared::access::log(&tandem_shared::access::Entry {
                         listener: if https { "https" } else { "http" },
                         peer,
@@ -219,6 +232,7 @@ pub fn router(state: AppState) -> Router {
                         bytes_out: axum::body::HttpBody::size_hint(res.body()).exact(),
                         took,
                         worker: id,
+                        client: client.as_ref().map(|(s, f)| (s.as_str(), f.as_str())),
                     });
                 }
                 res

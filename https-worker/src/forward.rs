@@ -276,7 +276,8 @@ impl Forwarder {
         let logged = self.access_log.map(|worker| {
             let peer = req.extensions().get::<tandem_shared::serve::Peer>().map(|p| p.0);
             let bytes_in = hyper::body::Body::size_hint(req.body()).exact();
-            (worker, req.uri().path().to_string(), peer, bytes_in)
+            let client = req.extensions().get::<Arc<tandem_shared::serve::ClientIdentity>>().cloned();
+            (worker, req.uri().path().to_string(), peer, bytes_in, client)
         });
         let mut res = self.forward(req).await;
         if res.extensions().get::<AnsweredHere>().is_some() {
@@ -286,7 +287,7 @@ impl Forwarder {
             }
             let took = started.elapsed();
             self.stats.request(true, route, method.as_str(), status.as_u16(), took);
-            if let Some((worker, path, peer, bytes_in)) = logged {
+            if let Some((worker, path, peer, bytes_in, client)) = logged {
                 tandem_shared::access::log(&tandem_shared::access::Entry {
                     listener: "https",
                     peer,
@@ -297,6 +298,7 @@ impl Forwarder {
                     bytes_out: hyper::body::Body::size_hint(res.body()).exact(),
                     took,
                     worker,
+                    client: client.as_ref().map(|c| (c.subject.as_str(), c.fingerprint.as_str())),
                 });
             }
         }
@@ -341,9 +343,20 @@ impl Forwarder {
         for h in &HOP_BY_HOP {
             parts.headers.remove(h);
         }
-        // With the access log on, the client's address travels with the request;
-        // a client never sets it.
+        // With the access log on, the client's address travels with the request,
+        // and so does a verified client certificate; a client never sets either.
         parts.headers.remove(tandem_shared::access::PEER_HEADER);
+        for h in tandem_shared::access::CLIENT_HEADERS {
+            parts.headers.remove(h);
+        }
+        if let Some(id) = parts.extensions.get::<Arc<tandem_shared::serve::ClientIdentity>>() {
+            let values = [id.subject.clone(), id.sans.join(","), id.fingerprint.clone()];
+            for (name, value) in tandem_shared::access::CLIENT_HEADERS.iter().zip(values) {
+                if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
+                    parts.headers.insert(*name, v);
+                }
+            }
+        }
         if let Some(peer) = parts.extensions.get::<tandem_shared::serve::Peer>().filter(|_| self.access_log.is_some()) {
             if let Ok(v) = HeaderValue::from_str(&peer.0.to_string()) {
                 parts.headers.insert(tandem_shared::access::PEER_HEADER, v);

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod client_auth;
 pub mod forward;
 mod handshake;
 pub mod resolver;
@@ -15,7 +16,6 @@ use tandem_shared::tls::Bundle;
 use tandem_shared::worker::{attach, stop_signal};
 use tandem_shared::WorkerSettings;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio_rustls::TlsAcceptor;
 
 pub use resolver::ReloadableResolver;
 
@@ -32,20 +32,25 @@ pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
 }
 
 /// A rustls server config for TLS 1.3 and (unless `min` says 1.3) 1.2, with ALPN h2 and http/1.1.
+/// `client` verifies client certificates (mTLS) when given.
 pub fn server_config(
     resolver: Arc<ReloadableResolver>,
     min: tandem_shared::config::TlsVersion,
+    client: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = match min {
         tandem_shared::config::TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         tandem_shared::config::TlsVersion::Tls13 => &[&rustls::version::TLS13],
     };
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
-        .context("cannot select TLS versions")?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+        .context("cannot select TLS versions")?;
+    let config = match client {
+        Some(v) => config.with_client_cert_verifier(v),
+        None => config.with_no_client_auth(),
+    };
+    let mut config = config.with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -60,7 +65,13 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     let bundle = Bundle::load(&settings.live_cert).context("cannot load the published certificate")?;
     let fingerprint = bundle.info.fingerprint.clone();
     let resolver = Arc::new(ReloadableResolver::new(bundle.certified_key()));
-    let acceptor = TlsAcceptor::from(Arc::new(server_config(resolver.clone(), settings.tls_min_version)?));
+    let acceptors = client_auth::Acceptors::new(
+        resolver.clone(),
+        settings.tls_min_version,
+        settings.client_ca.clone(),
+        settings.client_auth,
+    )?;
+    acceptors.watch();
 
     let std_listener = listenfd::ListenFd::from_env()
         .take_tcp_listener(0)
@@ -98,15 +109,17 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
 
     let reloads = {
         let (settings, resolver, control, stats) = (settings.clone(), resolver.clone(), control.clone(), stats.clone());
+        let acceptors = acceptors.clone();
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 stats.tls_reload(reload(&settings, &resolver, &control));
+                acceptors.reload();
             }
         })
     };
     let https_url = tandem_shared::url("https", settings.listen_addr);
     let handshake = move |tcp: tokio::net::TcpStream, peer: std::net::SocketAddr| {
-        let (acceptor, stats, https_url) = (acceptor.clone(), stats.clone(), https_url.clone());
+        let (acceptor, stats, https_url) = (acceptors.current(), stats.clone(), https_url.clone());
         async move {
             // Counted as a timeout unless it ends here (the server drops it at HEADER_TIMEOUT).
             let mut pending = handshake::Pending::new(&stats);
@@ -119,7 +132,8 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
             match acceptor.accept(tcp).await {
                 Ok(tls) => {
                     pending.done(tls.get_ref().1);
-                    Some(tls)
+                    let client = client_auth::identity(tls.get_ref().1);
+                    Some(tandem_shared::serve::Accepted { io: tls, client })
                 }
                 Err(e) => {
                     pending.failed(&e);

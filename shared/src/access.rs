@@ -10,6 +10,12 @@ use std::time::Duration;
 /// HTTPS worker always overwrites it, so a client cannot choose its value.
 pub const PEER_HEADER: &str = "x-tandem-peer";
 
+/// Request headers that carry the verified client certificate to the engine
+/// (subject, subject alternative names comma-separated, SHA-256 fingerprint).
+/// Only the HTTPS worker sets them; every incoming header of these names is removed.
+pub const CLIENT_HEADERS: [&str; 3] =
+    ["x-tandem-client-subject", "x-tandem-client-sans", "x-tandem-client-fingerprint"];
+
 /// One answered request.
 #[derive(Debug, Clone)]
 pub struct Entry<'a> {
@@ -31,6 +37,8 @@ pub struct Entry<'a> {
     pub took: Duration,
     /// The worker that answered.
     pub worker: u64,
+    /// The client certificate's subject and fingerprint, when one was verified.
+    pub client: Option<(&'a str, &'a str)>,
 }
 
 /// The model a `/v2/models/{name}/...` path names.
@@ -53,6 +61,8 @@ pub fn log(e: &Entry<'_>) {
         duration_ms = e.took.as_secs_f64() * 1e3,
         model = model_of(e.path),
         worker = e.worker,
+        client = e.client.map(|c| c.0),
+        client_fingerprint = e.client.map(|c| c.1),
         "access"
     );
 }

@@ -74,6 +74,17 @@ pub const ENV_VARS: &[EnvVar] = &[
         meaning: "extra DNS names / IPs for generated certificates, comma-separated",
     },
     EnvVar {
+        name: "SSL_CLIENT_CA",
+        default: "(none)",
+        meaning:
+            "PEM bundle of the CAs whose client certificates the HTTPS port verifies (mTLS); reloaded when it changes",
+    },
+    EnvVar {
+        name: "SSL_CLIENT_AUTH",
+        default: "required with SSL_CLIENT_CA, else off",
+        meaning: "client certificates: off, optional (verified when presented) or required",
+    },
+    EnvVar {
         name: "SSL_MIN_VERSION",
         default: "1.2",
         meaning: "oldest TLS version the HTTPS port accepts: 1.2 or 1.3",
@@ -226,6 +237,18 @@ pub enum BackendChoice {
     Tract,
 }
 
+/// Whether the HTTPS port asks for client certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum ClientAuth {
+    /// Never.
+    #[default]
+    Off,
+    /// Verified when presented; clients without one are served too.
+    Optional,
+    /// Every client must present one signed by `SSL_CLIENT_CA`.
+    Required,
+}
+
 /// The oldest TLS version the HTTPS port accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum TlsVersion {
@@ -286,6 +309,10 @@ pub struct Config {
     pub ssl_refresh_interval: Duration,
     /// Extra subject alternative names for generated certificates.
     pub ssl_san: Vec<String>,
+    /// CAs that sign accepted client certificates.
+    pub ssl_client_ca: Option<PathBuf>,
+    /// Whether client certificates are asked for.
+    pub ssl_client_auth: ClientAuth,
     /// Oldest TLS version accepted.
     pub ssl_min_version: TlsVersion,
     /// `Strict-Transport-Security` value for HTTPS answers.
@@ -387,6 +414,8 @@ struct Raw {
     ssl_indirect_url: Option<String>,
     ssl_refresh_interval: Option<String>,
     ssl_san: Option<String>,
+    ssl_client_ca: Option<String>,
+    ssl_client_auth: Option<String>,
     ssl_min_version: Option<String>,
     ssl_hsts: Option<String>,
     ssl_redirect_http: Option<String>,
@@ -622,6 +651,40 @@ impl Config {
             let names: Vec<String> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
             names.iter().all(|n| n.parse::<IpAddr>().is_ok() || is_dns_name(n)).then_some(names)
         });
+        let ssl_client_ca = c.get(
+            "SSL_CLIENT_CA",
+            &raw.ssl_client_ca,
+            None,
+            "the path of a readable PEM bundle of CA certificates",
+            |v| {
+                let p = PathBuf::from(v);
+                is_readable_file(&p).then_some(Some(p))
+            },
+        );
+        let auth_default = if ssl_client_ca.is_some() { ClientAuth::Required } else { ClientAuth::Off };
+        let ssl_client_auth =
+            c.get("SSL_CLIENT_AUTH", &raw.ssl_client_auth, auth_default, "off, optional or required", |v| {
+                match v.to_ascii_lowercase().as_str() {
+                    "off" | "none" => Some(ClientAuth::Off),
+                    "optional" => Some(ClientAuth::Optional),
+                    "required" | "require" => Some(ClientAuth::Required),
+                    _ => None,
+                }
+            });
+        if ssl_client_auth != ClientAuth::Off && ssl_client_ca.is_none() && raw.ssl_client_auth.is_some() {
+            c.bad(
+                "SSL_CLIENT_AUTH",
+                raw.ssl_client_auth.as_deref().unwrap_or(""),
+                "off, unless SSL_CLIENT_CA names the CAs to verify against",
+            );
+        }
+        if ssl_client_ca.is_some() && !enable_ssl {
+            c.bad(
+                "SSL_CLIENT_CA",
+                raw.ssl_client_ca.as_deref().unwrap_or(""),
+                "unset, unless ENABLE_SSL=true (client certificates need the HTTPS port)",
+            );
+        }
         let ssl_min_version = c.get("SSL_MIN_VERSION", &raw.ssl_min_version, TlsVersion::Tls12, "1.2 or 1.3", |v| {
             match v.to_ascii_lowercase().trim_start_matches("tlsv").trim_start_matches("tls") {
                 "1.2" => Some(TlsVersion::Tls12),
@@ -783,6 +846,8 @@ impl Config {
             ssl_indirect_url,
             ssl_refresh_interval,
             ssl_san,
+            ssl_client_ca,
+            ssl_client_auth,
             ssl_min_version,
             ssl_hsts,
             ssl_redirect_http,

@@ -88,6 +88,10 @@ pub struct WorkerSettings {
     pub access_log: bool,
     /// How models may change while running (engine workers).
     pub model_control: config::ModelControlMode,
+    /// Client certificates (HTTPS worker): the CA bundle and whether they are asked for.
+    pub client_ca: Option<PathBuf>,
+    /// See [`config::ClientAuth`].
+    pub client_auth: config::ClientAuth,
     /// Oldest TLS version accepted (HTTPS worker).
     pub tls_min_version: config::TlsVersion,
     /// `Strict-Transport-Security` value for HTTPS answers (HTTPS worker).

@@ -173,12 +173,45 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<T> {
 struct Counted<S> {
     inner: S,
     activity: Arc<Activity>,
-    peer: Peer,
+    conn: ConnInfo,
 }
 
 /// The client address of the connection a request came on (a request extension).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer(pub SocketAddr);
+
+/// The verified client certificate of the connection a request came on (a
+/// request extension, on the HTTPS port with `SSL_CLIENT_AUTH`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// Subject distinguished name.
+    pub subject: String,
+    /// Subject alternative names (`DNS:x`, `IP:y`, ...).
+    pub sans: Vec<String>,
+    /// SHA-256 of the certificate's DER, lower-case hex.
+    pub fingerprint: String,
+}
+
+/// A connection ready to serve, as the `connect` step of [`Server::run`] returns it.
+pub struct Accepted<IO> {
+    /// The stream (TCP, or TLS over it).
+    pub io: IO,
+    /// The client's verified certificate, if it presented one.
+    pub client: Option<Arc<ClientIdentity>>,
+}
+
+impl<IO> Accepted<IO> {
+    /// A connection with no client certificate.
+    pub fn plain(io: IO) -> Self {
+        Accepted { io, client: None }
+    }
+}
+
+#[derive(Clone)]
+struct ConnInfo {
+    peer: Peer,
+    client: Option<Arc<ClientIdentity>>,
+}
 
 /// Ends a request's count when its handler finishes (or is dropped).
 struct InFlight(Arc<Activity>);
@@ -202,7 +235,10 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Response<B>, S::Error>> + Send>>;
 
     fn call(&self, mut req: Request<Incoming>) -> Self::Future {
-        req.extensions_mut().insert(self.peer);
+        req.extensions_mut().insert(self.conn.peer);
+        if let Some(client) = &self.conn.client {
+            req.extensions_mut().insert(client.clone());
+        }
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         let guard = InFlight(self.activity.clone());
         let fut = self.inner.call(req);
@@ -305,7 +341,7 @@ impl Server {
         service: S,
     ) where
         C: Fn(TcpStream, SocketAddr) -> CF,
-        CF: Future<Output = Option<IO>> + Send + 'static,
+        CF: Future<Output = Option<Accepted<IO>>> + Send + 'static,
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: HttpService<B>,
         B: ResponseBody,
@@ -341,8 +377,9 @@ impl Server {
             tokio::spawn(async move {
                 let _permit = permit;
                 // The handshake counts against HEADER_TIMEOUT too.
-                let Ok(Some(io)) = tokio::time::timeout(timeouts.header, handshake).await else { return };
-                serve_connection(&builder, io, service, timeouts, drain, peer).await;
+                let Ok(Some(accepted)) = tokio::time::timeout(timeouts.header, handshake).await else { return };
+                let conn = ConnInfo { peer: Peer(peer), client: accepted.client };
+                serve_connection(&builder, accepted.io, service, timeouts, drain, conn).await;
             });
         }
     }
@@ -362,7 +399,7 @@ async fn serve_connection<IO, S, B>(
     service: S,
     timeouts: Timeouts,
     mut drain: watch::Receiver<bool>,
-    peer: SocketAddr,
+    conn: ConnInfo,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<B>,
@@ -370,7 +407,8 @@ async fn serve_connection<IO, S, B>(
 {
     let activity = Arc::new(Activity::new());
     let io = TokioIo::new(Touch { inner: io, activity: activity.clone() });
-    let service = Counted { inner: service, activity: activity.clone(), peer: Peer(peer) };
+    let peer = conn.peer.0;
+    let service = Counted { inner: service, activity: activity.clone(), conn };
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let mut tick = tokio::time::interval(timeouts.tick());

@@ -50,7 +50,14 @@ pub fn spawn(
                     });
             let service = hyper_util::service::TowerToHyperService::new(app);
             let server = Server::new(timeouts, MAX_CONNECTIONS);
-            server.run(&listener, std::future::pending(), |tcp, _| async move { Some(tcp) }, service).await;
+            server
+                .run(
+                    &listener,
+                    std::future::pending(),
+                    |tcp, _| async move { Some(tandem_shared::serve::Accepted::plain(tcp)) },
+                    service,
+                )
+                .await;
         });
     })?;
     Ok(())

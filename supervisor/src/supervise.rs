@@ -334,6 +334,8 @@ impl Supervisor {
             log_format: self.config.log_format,
             access_log: self.config.access_log,
             model_control: self.config.model_control_mode,
+            client_ca: self.config.ssl_client_ca.clone(),
+            client_auth: self.config.ssl_client_auth,
             tls_min_version: self.config.ssl_min_version,
             hsts: self.config.ssl_hsts.clone(),
             redirect_to_https: (self.config.ssl_redirect_http).then(|| self.https_addr.map(|a| a.port())).flatten(),

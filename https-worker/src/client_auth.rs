@@ -1,0 +1,126 @@
+//! Client certificates (mTLS, `SSL_CLIENT_CA` / `SSL_CLIENT_AUTH`): the TLS
+//! acceptor with its client verifier, rebuilt when the CA bundle changes on
+//! disk or on SIGHUP (a bundle that does not load keeps the previous one), and
+//! the verified identity of a connection's client.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ServerConnection, WebPkiClientVerifier};
+use tandem_shared::config::{ClientAuth, TlsVersion};
+use tandem_shared::serve::ClientIdentity;
+use tokio_rustls::TlsAcceptor;
+
+use crate::ReloadableResolver;
+
+/// How often the CA bundle's size and modification time are looked at.
+const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+/// The acceptor in use, swapped whole when the client CA bundle changes.
+pub struct Acceptors {
+    current: ArcSwap<TlsAcceptor>,
+    resolver: Arc<ReloadableResolver>,
+    min: TlsVersion,
+    ca: Option<PathBuf>,
+    auth: ClientAuth,
+}
+
+impl std::fmt::Debug for Acceptors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acceptors").field("ca", &self.ca).field("auth", &self.auth).finish_non_exhaustive()
+    }
+}
+
+fn verifier(ca: &std::path::Path, auth: ClientAuth) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
+    use anyhow::Context;
+    let pem =
+        tandem_shared::tls::read_pem_file(ca).with_context(|| format!("cannot read SSL_CLIENT_CA {}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.with_context(|| format!("{} is not a PEM certificate bundle", ca.display()))?;
+        roots.add(cert).with_context(|| format!("{} holds a certificate that is not a usable CA", ca.display()))?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "{} holds no certificate", ca.display());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let builder = if auth == ClientAuth::Optional { builder.allow_unauthenticated() } else { builder };
+    builder.build().context("cannot build the client certificate verifier")
+}
+
+fn build(
+    resolver: &Arc<ReloadableResolver>,
+    min: TlsVersion,
+    ca: Option<&std::path::Path>,
+    auth: ClientAuth,
+) -> anyhow::Result<TlsAcceptor> {
+    let verifier = match (ca, auth) {
+        (Some(ca), ClientAuth::Optional | ClientAuth::Required) => Some(verifier(ca, auth)?),
+        _ => None,
+    };
+    Ok(TlsAcceptor::from(Arc::new(crate::server_config(resolver.clone(), min, verifier)?)))
+}
+
+fn stamp(path: &std::path::Path) -> Option<(u64, Option<SystemTime>)> {
+    std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok()))
+}
+
+impl Acceptors {
+    /// The acceptor for `resolver`'s certificate, verifying clients as configured.
+    pub fn new(
+        resolver: Arc<ReloadableResolver>,
+        min: TlsVersion,
+        ca: Option<PathBuf>,
+        auth: ClientAuth,
+    ) -> anyhow::Result<Arc<Acceptors>> {
+        let first = build(&resolver, min, ca.as_deref(), auth)?;
+        Ok(Arc::new(Acceptors { current: ArcSwap::from_pointee(first), resolver, min, ca, auth }))
+    }
+
+    /// The acceptor for a new connection.
+    pub fn current(&self) -> Arc<TlsAcceptor> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the CA bundle; the previous acceptor stays when it does not load.
+    pub fn reload(&self) {
+        let Some(ca) = &self.ca else { return };
+        match build(&self.resolver, self.min, Some(ca), self.auth) {
+            Ok(a) => {
+                self.current.store(Arc::new(a));
+                tracing::info!(bundle = %ca.display(), "client CA bundle reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "client CA bundle refused; the previous one keeps verifying")
+            }
+        }
+    }
+
+    /// Watches the CA bundle (size and modification time) and reloads it when it changes.
+    pub fn watch(self: &Arc<Self>) {
+        let Some(ca) = self.ca.clone() else { return };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut seen = stamp(&ca);
+            loop {
+                tokio::time::sleep(WATCH_EVERY).await;
+                let now = stamp(&ca);
+                if now != seen && now.is_some() {
+                    seen = now;
+                    me.reload();
+                }
+            }
+        });
+    }
+}
+
+/// The verified client certificate of `conn`, if the client presented one.
+pub fn identity(conn: &ServerConnection) -> Option<Arc<ClientIdentity>> {
+    let leaf = conn.peer_certificates()?.first()?;
+    let info = tandem_shared::tls::inspect(leaf, "client certificate").ok()?;
+    Some(Arc::new(ClientIdentity { subject: info.subject, sans: info.sans, fingerprint: info.fingerprint }))
+}
