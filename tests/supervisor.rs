@@ -331,3 +331,27 @@ fn environment_values_that_are_not_utf8_never_panic() {
     assert!(t.stderr().contains("PORT=") && t.stderr().contains("valid UTF-8"), "{}", t.explain());
     assert!(!cache.exists());
 }
+
+#[test]
+fn check_names_the_serve_mode_and_every_ignored_variable() {
+    let run = |vars: &[(&str, &str)]| {
+        let out =
+            std::process::Command::new(TANDEM).arg("check").env_clear().envs(vars.iter().copied()).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) =
+        run(&[("ENABLE_SSL", "true"), ("SSL_CERTIFICATE", "GENERATE"), ("SSL_INDIRECT_URL", "https://example.com/")]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("serve mode: generate"), "{out}");
+    assert!(out.contains("SSL_INDIRECT_URL: SSL_CERTIFICATE is not INDIRECT"), "{out}");
+    let (code, _, err) = run(&[("SSL_CLIENT_AUTH", "required")]);
+    assert_eq!(code, Some(2), "a conflict is exit 2");
+    assert!(err.contains("SSL_CLIENT_AUTH"), "{err}");
+    // The supervisor says the same at start-up.
+    let t = TandemBuilder::new().env("SSL_HSTS", "max-age=60").start();
+    assert!(t.stderr().contains("variable set but ignored") && t.stderr().contains("SSL_HSTS"), "{}", t.explain());
+}

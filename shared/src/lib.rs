@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod access;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod frame;

@@ -47,6 +47,7 @@ pub fn main(args: &[String]) -> ExitCode {
         Some("http-worker") => worker(tandem_http_worker::run),
         Some("https-worker") => worker(tandem_https_worker::run),
         Some("cert") => return cert_command(&args[1..]),
+        Some("check") => return check_command(&args[1..]),
         Some("engine-probe") => return engine_probe(&args[1..]),
         Some("--version" | "-V") => {
             println!("tandem {}", tandem_shared::VERSION);
@@ -71,6 +72,25 @@ pub fn main(args: &[String]) -> ExitCode {
                 eprintln!("tandem: error: {e:#}");
             }
             ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// `tandem check`: the serve mode, the effective configuration and the ignored
+/// variables; exit 2 (with every problem) when the configuration is refused.
+fn check_command(args: &[String]) -> ExitCode {
+    if !args.is_empty() {
+        eprintln!("tandem: error: usage: tandem check");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match Config::from_env() {
+        Ok(c) => {
+            print!("{}", tandem_shared::check::report(&c, &tandem_shared::check::set_in_env));
+            ExitCode::from(EXIT_OK)
+        }
+        Err(e) => {
+            eprintln!("tandem: error: {e}");
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }
@@ -118,7 +138,7 @@ fn engine_probe(args: &[String]) -> ExitCode {
 
 fn usage() -> String {
     let mut s = String::from(
-        "usage: tandem                     run the supervisor (configured by the environment)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem --version\n\nenvironment:\n",
+        "usage: tandem                     run the supervisor (configured by the environment)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem check                 the serve mode, effective configuration and ignored variables\n       tandem --version\n\nenvironment:\n",
     );
     for v in tandem_shared::config::ENV_VARS {
         s.push_str(&format!("  {:<22} {} (default: {})\n", v.name, v.meaning, v.default));
@@ -146,6 +166,9 @@ fn supervisor() -> Outcome {
         Err(e) => return Outcome::Config(anyhow::Error::new(e)),
     };
     tandem_shared::init_logging(&config.log_level, config.log_format);
+    for n in tandem_shared::check::ignored(&config, &tandem_shared::check::set_in_env) {
+        tracing::warn!(variable = n.var, hint = %n.hint, "variable set but ignored");
+    }
     // One crypto provider for everything (rustls server, reqwest client).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
