@@ -299,6 +299,8 @@ fn every_bad_variable_exits_2_naming_it() {
     expect_config_error(&[("HOST", "not-an-ip")], &["HOST"]);
     expect_config_error(&[("LOG_FORMAT", "xml")], &["LOG_FORMAT", "text or json"]);
     expect_config_error(&[("GRACEFUL_TIMEOUT", "-1")], &["GRACEFUL_TIMEOUT"]);
+    expect_config_error(&[("LOG_LEVEL", "verbose")], &["LOG_LEVEL"]);
+    expect_config_error(&[("LOG_LEVEL", "off")], &["LOG_LEVEL", "fatal errors"]);
     // All at once: every one is reported.
     expect_config_error(
         &[("PORT", "abc"), ("NUM_WORKERS", "0"), ("ENABLE_SSL", "maybe"), ("SSL_CERTIFICATE", "/missing.pem")],
@@ -354,4 +356,23 @@ fn check_names_the_serve_mode_and_every_ignored_variable() {
     // The supervisor says the same at start-up.
     let t = TandemBuilder::new().env("SSL_HSTS", "max-age=60").start();
     assert!(t.stderr().contains("variable set but ignored") && t.stderr().contains("SSL_HSTS"), "{}", t.explain());
+}
+
+#[test]
+fn log_level_warning_means_warn() {
+    let t = TandemBuilder::new().env("LOG_LEVEL", "warning").env("SSL_HSTS", "max-age=60").start();
+    let err = t.stderr();
+    assert!(err.contains("variable set but ignored"), "warnings are shown\n{}", t.explain());
+    assert!(!err.contains("serving HTTP"), "info lines are not\n{}", t.explain());
+}
+
+#[test]
+fn a_fatal_error_reaches_stderr_whatever_the_filter() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    // A filter that lets nothing of the supervisor's own through.
+    let mut t =
+        TandemBuilder::new().env("PORT", &port.to_string()).env("LOG_LEVEL", "tandem_http_worker=error").spawn();
+    assert_eq!(t.wait_exit(Duration::from_secs(10)).code(), Some(1), "{}", t.explain());
+    assert!(t.stderr().contains(&format!("127.0.0.1:{port}")), "the fatal error is on stderr\n{}", t.explain());
 }

@@ -175,7 +175,7 @@ pub const ENV_VARS: &[EnvVar] = &[
     EnvVar {
         name: "LOG_LEVEL",
         default: "info",
-        meaning: "tracing filter (error, warn, info, debug, trace or a directive list)",
+        meaning: "error, warn (or warning), info, debug, trace, or LEVEL,TARGET=LEVEL directives; off is refused",
     },
     EnvVar { name: "LOG_FORMAT", default: "text", meaning: "log format on stderr: text or json" },
     EnvVar {
@@ -491,6 +491,36 @@ pub fn valid_hsts(v: &str) -> bool {
     max_age == 1 && v.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
 }
 
+/// A level word as operators write it, as tracing spells it.
+fn level_word(w: &str) -> Option<&'static str> {
+    match w.trim().to_ascii_lowercase().as_str() {
+        "error" | "critical" | "fatal" => Some("error"),
+        "warn" | "warning" => Some("warn"),
+        "info" => Some("info"),
+        "debug" => Some("debug"),
+        "trace" => Some("trace"),
+        _ => None,
+    }
+}
+
+/// `LOG_LEVEL` as a tracing filter: each directive is a level or `target=level`
+/// (levels normalised; `off` and unknown words refused, since a filter that
+/// does not parse as meant silences everything).
+pub fn log_filter(v: &str) -> Option<String> {
+    let mut out = Vec::new();
+    for d in v.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        match d.split_once('=') {
+            Some((target, level)) if !target.is_empty() && !target.contains(char::is_whitespace) => {
+                out.push(format!("{target}={}", level_word(level)?));
+            }
+            None => out.push(level_word(d)?.to_string()),
+            _ => return None,
+        }
+    }
+    let joined = out.join(",");
+    (!out.is_empty() && tracing_subscriber::EnvFilter::try_new(&joined).is_ok()).then_some(joined)
+}
+
 /// Parses a boolean the way operators write them.
 pub fn parse_bool(v: &str) -> Option<bool> {
     match v.to_ascii_lowercase().as_str() {
@@ -800,8 +830,8 @@ impl Config {
             "LOG_LEVEL",
             &raw.log_level,
             "info".to_string(),
-            "a tracing filter such as error, warn, info, debug, trace or tandem=debug",
-            |v| tracing_subscriber::EnvFilter::try_new(v).ok().map(|_| v.to_string()),
+            "a level (error, warn, info, debug, trace; warning, critical and fatal are read as warn and error) or a list of LEVEL and TARGET=LEVEL directives such as info,tandem_supervisor=debug; off is refused: it would hide fatal errors",
+            log_filter,
         );
         let log_format = c.get("LOG_FORMAT", &raw.log_format, LogFormat::Text, "text or json", |v| {
             match v.to_ascii_lowercase().as_str() {
@@ -995,6 +1025,17 @@ mod tests {
         let c = parse(&[("SSL_SAN", "example.com, 10.0.0.1,*.svc.local")]).expect("ok");
         assert_eq!(c.ssl_san, ["example.com", "10.0.0.1", "*.svc.local"]);
         assert!(parse(&[("SSL_SAN", "bad name!")]).is_err());
+    }
+
+    #[test]
+    fn log_levels_are_words_operators_use() {
+        assert_eq!(log_filter("warning").as_deref(), Some("warn"));
+        assert_eq!(log_filter("CRITICAL").as_deref(), Some("error"));
+        assert_eq!(log_filter("info, tandem_supervisor=Debug").as_deref(), Some("info,tandem_supervisor=debug"));
+        assert_eq!(log_filter("off"), None);
+        assert_eq!(log_filter("verbose"), None);
+        assert_eq!(log_filter("tandem=loud"), None);
+        assert_eq!(log_filter(""), None);
     }
 
     #[test]

@@ -74,6 +74,16 @@ pub enum ModelChange {
     },
 }
 
+impl std::fmt::Display for ModelChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelChange::Load { model, config: None } => write!(f, "load {model}"),
+            ModelChange::Load { model, config: Some(_) } => write!(f, "load {model} (configuration override)"),
+            ModelChange::Unload { model } => write!(f, "unload {model}"),
+        }
+    }
+}
+
 impl ModelChange {
     /// The model it changes.
     pub fn model(&self) -> &str {

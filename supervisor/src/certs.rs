@@ -177,7 +177,7 @@ impl CertManager {
         }
         let bundle = tls::generate(&self.sans, self.key_type, GENERATED_LIFETIME)?;
         self.cache.write_secret(GENERATED_FILE, bundle.to_pem().as_bytes())?;
-        tracing::info!(fingerprint = %bundle.info.fingerprint, sans = ?bundle.info.sans, "generated a self-signed certificate");
+        tracing::info!(fingerprint = %bundle.info.fingerprint, sans = %bundle.info.sans.join(","), "generated a self-signed certificate");
         Ok(bundle)
     }
 

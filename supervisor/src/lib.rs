@@ -66,7 +66,8 @@ pub fn main(args: &[String]) -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
         Outcome::Runtime(e) => {
-            if tandem_shared::logging_ready() {
+            // A fatal error always reaches stderr, whatever the filter lets through.
+            if tandem_shared::logging_ready() && tracing::enabled!(tracing::Level::ERROR) {
                 tracing::error!("{e:#}");
             } else {
                 eprintln!("tandem: error: {e:#}");

@@ -255,7 +255,7 @@ impl Supervisor {
                 }
                 Wake::Repository(changes) => {
                     for change in changes {
-                        tracing::info!(?change, "the model repository changed");
+                        tracing::info!(change = %change, "the model repository changed");
                         self.start_model_change(Origin::Poll, change);
                     }
                 }
@@ -486,8 +486,8 @@ impl Supervisor {
             Origin::Poll => {}
         }
         match &done.error {
-            None => tracing::info!(change = ?done.change, "every engine worker carried out the model change"),
-            Some(e) => tracing::error!(change = ?done.change, error = %e, "a model change failed"),
+            None => tracing::info!(change = %done.change, "every engine worker carried out the model change"),
+            Some(e) => tracing::error!(change = %done.change, error = %e, "a model change failed"),
         }
     }
 
@@ -508,7 +508,7 @@ impl Supervisor {
     fn announce(&self) {
         tracing::info!(url = %url("http", self.http_addr), workers = self.http_slots(), "serving HTTP");
         if let Some(addr) = self.https_addr {
-            tracing::info!(url = %url("https", addr), fingerprint = ?self.certs.as_ref().map(CertHandle::fingerprint), "serving HTTPS");
+            tracing::info!(url = %url("https", addr), fingerprint = self.certs.as_ref().map(CertHandle::fingerprint).as_deref(), "serving HTTPS");
         }
     }
 
