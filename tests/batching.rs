@@ -7,22 +7,8 @@
 
 mod common;
 
-use std::path::Path;
-
 use common::*;
 use serde_json::Value;
-
-/// A copy of the built-in digits model named `name`, with `extra` appended to its configuration.
-fn digits_as(repo: &Path, name: &str, extra: &str) {
-    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits");
-    std::fs::create_dir_all(repo.join(name).join("1")).unwrap();
-    std::fs::copy(from.join("1/model.onnx"), repo.join(name).join("1/model.onnx")).unwrap();
-    std::fs::copy(from.join("labels.txt"), repo.join(name).join("labels.txt")).unwrap();
-    let config = std::fs::read_to_string(from.join("config.pbtxt"))
-        .unwrap()
-        .replace("name: \"digits\"", &format!("name: \"{name}\""));
-    std::fs::write(repo.join(name).join("config.pbtxt"), config + extra).unwrap();
-}
 
 /// Request `i`: `rows` rows of pixel values that differ per request and row.
 fn request(i: usize, rows: usize) -> String {
@@ -34,8 +20,8 @@ fn request(i: usize, rows: usize) -> String {
 fn concurrent_requests_share_executions_and_get_the_unbatched_answers() {
     let b = TandemBuilder::new().ssl().env("NUM_WORKERS", "1");
     let repo = b.dir().join("models");
-    digits_as(&repo, "plain", "");
-    digits_as(
+    copy_digits(&repo, "plain", "");
+    copy_digits(
         &repo,
         "batched",
         "dynamic_batching { preferred_batch_size: [ 16 ] max_queue_delay_microseconds: 50000 }\n",

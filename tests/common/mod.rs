@@ -339,3 +339,16 @@ pub fn bench_model_repository(dir: &Path, name: &str) -> PathBuf {
     std::os::unix::fs::symlink(models.join(name), repo.join(name)).unwrap();
     repo
 }
+
+/// A copy of the built-in digits model in `repo` named `name`, with `extra`
+/// appended to its configuration (e.g. a `dynamic_batching` section).
+pub fn copy_digits(repo: &Path, name: &str, extra: &str) {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits");
+    fs::create_dir_all(repo.join(name).join("1")).unwrap();
+    fs::copy(from.join("1/model.onnx"), repo.join(name).join("1/model.onnx")).unwrap();
+    fs::copy(from.join("labels.txt"), repo.join(name).join("labels.txt")).unwrap();
+    let config = fs::read_to_string(from.join("config.pbtxt"))
+        .unwrap()
+        .replace("name: \"digits\"", &format!("name: \"{name}\""));
+    fs::write(repo.join(name).join("config.pbtxt"), config + extra).unwrap();
+}
