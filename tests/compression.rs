@@ -14,20 +14,8 @@ use common::*;
 use serde_json::Value;
 
 fn compression_suite(t: &Tandem, url: &str, ca: Option<&Path>) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/compression.py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(&script).arg(url);
-    if let Some(ca) = ca {
-        cmd.arg("--ca").arg(ca);
-    }
-    let out = cmd.output().expect("python3 runs (scripts/test installs tritonclient)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("compression passed"),
-        "{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        t.explain()
-    );
+    let stdout = python_client(t, "compression.py", url, ca);
+    assert!(stdout.contains("compression passed"), "{stdout}\n{}", t.explain());
 }
 
 #[test]

@@ -17,16 +17,7 @@ use nix::sys::signal::Signal;
 
 /// Runs the Python tritonclient suite against `url`; `ca` switches to HTTPS.
 fn tritonclient_suite(t: &Tandem, url: &str, ca: Option<&Path>) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/tritonclient_suite.py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(&script).arg(url);
-    if let Some(ca) = ca {
-        cmd.arg("--ca").arg(ca);
-    }
-    let out = cmd.output().expect("python3 runs (scripts/test installs tritonclient)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "tritonclient suite failed: {cmd:?}\n{stdout}\n{stderr}\n{}", t.explain());
+    let stdout = python_client(t, "tritonclient_suite.py", url, ca);
     assert!(stdout.contains("tritonclient suite passed"), "{stdout}");
 }
 

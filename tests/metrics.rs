@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -23,15 +22,7 @@ fn digits(batch: usize) -> String {
 
 /// Scrapes `url` (HTTPS when `ca` is given) with the Python clients.
 fn scrape(t: &Tandem, url: &str, ca: Option<&Path>) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/scrape_stats.py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(&script).arg(url);
-    if let Some(ca) = ca {
-        cmd.arg("--ca").arg(ca);
-    }
-    let out = cmd.output().expect("python3 runs (scripts/test installs prometheus-client and tritonclient)");
-    assert!(out.status.success(), "scrape_stats.py failed:\n{}\n{}", String::from_utf8_lossy(&out.stderr), t.explain());
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_str(&python_client(t, "scrape_stats.py", url, ca)).unwrap()
 }
 
 fn sample(v: &Value, key: &str) -> f64 {

@@ -352,3 +352,23 @@ pub fn copy_digits(repo: &Path, name: &str, extra: &str) {
         .replace("name: \"digits\"", &format!("name: \"{name}\""));
     fs::write(repo.join(name).join("config.pbtxt"), config + extra).unwrap();
 }
+
+/// Runs `tests/python/<script> URL [--ca CA]` (HTTPS when `ca` is given) and
+/// returns its stdout; fails the test, with the server's story, when it fails.
+pub fn python_client(t: &Tandem, script: &str, url: &str, ca: Option<&Path>) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
+    let mut cmd = Command::new("python3");
+    cmd.arg(&path).arg(url);
+    if let Some(ca) = ca {
+        cmd.arg("--ca").arg(ca);
+    }
+    let out = cmd.output().expect("python3 runs (scripts/test installs the pinned clients)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script} failed: {cmd:?}\n{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        t.explain()
+    );
+    stdout
+}
