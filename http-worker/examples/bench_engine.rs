@@ -27,9 +27,10 @@ fn main() {
         settings.onnxruntime = Some(lib);
         settings.backend = BackendChoice::OnnxRuntime;
     }
-    let engine = Engine::load(&repo, &settings, 1).expect("load repository");
-    let Some(VersionState::Ready(v)) = engine.models.get(model).and_then(|m| m.version(None)) else {
-        panic!("{model} is not ready: {:?}", engine.models.get(model).and_then(|m| m.reason()));
+    let engine = Engine::load(&repo, &settings, 1, &Default::default()).expect("load repository");
+    let models = engine.models();
+    let Some(VersionState::Ready(v)) = models.get(model).and_then(|m| m.version(None)) else {
+        panic!("{model} is not ready: {:?}", models.get(model).and_then(|m| m.reason()));
     };
     let input = &v.inputs[0];
     assert_eq!(input.datatype, DataType::FP32, "the benchmark feeds FP32");

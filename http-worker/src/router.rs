@@ -59,6 +59,8 @@ struct Inner {
     ring: Option<Arc<Region>>,
     /// Load and unload through the supervisor.
     model_control: Arc<crate::model_control::ModelControl>,
+    /// ACME HTTP-01: the directory of key authorizations, one file per token.
+    acme_http01: Option<std::path::PathBuf>,
 }
 
 impl AppState {
@@ -85,6 +87,7 @@ impl AppState {
                 redirect_to_https: settings.redirect_to_https,
                 ring,
                 model_control,
+                acme_http01: settings.acme_http01.clone(),
             }),
         }
     }
@@ -163,6 +166,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/models/stats", get(crate::metrics::all_model_stats))
         .route("/v2/models/{name}/stats", get(crate::metrics::model_stats))
         .route("/v2/models/{name}/versions/{version}/stats", get(crate::metrics::model_stats))
+        .route("/.well-known/acme-challenge/{token}", get(acme_challenge))
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -264,6 +268,24 @@ fn redirect_to_https(req: &axum::extract::Request, port: u16) -> Option<Response
     Some(res)
 }
 
+/// ACME HTTP-01: the key authorization for `token`, as the supervisor wrote it
+/// for the order in progress; 404 for anything else (RFC 8555 §8.3).
+async fn acme_challenge(State(state): State<AppState>, Path(token): Path<String>) -> Response {
+    let valid = tandem_shared::cert_cache::http01_token_ok(&token);
+    let found = state.inner.acme_http01.as_ref().filter(|_| valid).and_then(|dir| {
+        let bytes = std::fs::read(dir.join(&token)).ok()?;
+        (bytes.len() <= 1024).then_some(bytes)
+    });
+    match found {
+        Some(body) => {
+            let mut res = Response::new(Body::from(body));
+            res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            res
+        }
+        None => error(StatusCode::NOT_FOUND, "no ACME challenge with this token"),
+    }
+}
+
 /// Path parameters: model name and optional version.
 #[derive(Debug, serde::Deserialize)]
 pub(crate) struct ModelPath {
@@ -300,7 +322,7 @@ pub(crate) async fn certificate(state: &AppState) -> serde_json::Value {
     match tokio::fs::read(path)
         .await
         .ok()
-        .and_then(|b| serde_json::from_slice::<tandem_shared::tls::CertStatus>(&b).ok())
+        .and_then(|b| serde_json::from_slice::<tandem_shared::cert_status::CertStatus>(&b).ok())
     {
         Some(status) => status.to_json(),
         None => json!({ "error": "certificate status not available yet" }),

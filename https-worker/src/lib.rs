@@ -50,8 +50,13 @@ pub fn server_config(
         Some(v) => config.with_client_cert_verifier(v),
         None => config.with_no_client_auth(),
     };
+    let acme = resolver.answers_acme();
     let mut config = config.with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    if acme {
+        // Only ever chosen for a client that offers it (an ACME server validating TLS-ALPN-01).
+        config.alpn_protocols.push(resolver::ACME_TLS_ALPN.to_vec());
+    }
     Ok(config)
 }
 
@@ -64,7 +69,7 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     .context("cannot map the statistics region")?;
     let bundle = Bundle::load(&settings.live_cert).context("cannot load the published certificate")?;
     let fingerprint = bundle.info.fingerprint.clone();
-    let resolver = Arc::new(ReloadableResolver::new(bundle.certified_key()));
+    let resolver = Arc::new(ReloadableResolver::new(bundle.certified_key(), settings.acme_alpn01.clone()));
     let acceptors = client_auth::Acceptors::new(
         resolver.clone(),
         settings.tls_min_version,
@@ -132,6 +137,10 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
             match acceptor.accept(tcp).await {
                 Ok(tls) => {
                     pending.done(tls.get_ref().1);
+                    if tls.get_ref().1.alpn_protocol() == Some(resolver::ACME_TLS_ALPN) {
+                        // A TLS-ALPN-01 validation ends with the handshake (RFC 8737 §3).
+                        return None;
+                    }
                     let client = client_auth::identity(tls.get_ref().1);
                     Some(tandem_shared::serve::Accepted { io: tls, client })
                 }

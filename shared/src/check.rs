@@ -16,6 +16,10 @@ pub enum ServeMode {
     Indirect,
     /// HTTPS with certificate files on disk.
     Custom,
+    /// HTTPS with short-lived leaves from the private CA.
+    Ca,
+    /// HTTPS with a certificate from an ACME server.
+    Acme,
 }
 
 impl ServeMode {
@@ -26,6 +30,8 @@ impl ServeMode {
             ServeMode::Generate => "generate (self-signed certificate)",
             ServeMode::Indirect => "indirect (downloaded certificate)",
             ServeMode::Custom => "custom (certificate files)",
+            ServeMode::Ca => "ca (leaves from the private CA)",
+            ServeMode::Acme => "acme (certificate from an ACME server, renewed by tandem)",
         }
     }
 }
@@ -37,6 +43,8 @@ pub fn serve_mode(c: &Config) -> ServeMode {
         (true, CertSource::Generate) => ServeMode::Generate,
         (true, CertSource::Indirect) => ServeMode::Indirect,
         (true, CertSource::Path(_)) => ServeMode::Custom,
+        (true, CertSource::Ca) => ServeMode::Ca,
+        (true, CertSource::Acme) => ServeMode::Acme,
     }
 }
 
@@ -66,9 +74,16 @@ pub fn ignored(c: &Config, is_set: &dyn Fn(&str) -> bool) -> Vec<Ignored> {
             "SSL_KEY_TYPE",
             "SSL_INDIRECT_URL",
             "SSL_REFRESH_INTERVAL",
+            "SSL_CERT_VALIDITY",
             "SSL_SAN",
             "SSL_MIN_VERSION",
             "SSL_HSTS",
+            "ACME_DOMAINS",
+            "ACME_EMAIL",
+            "ACME_DIRECTORY",
+            "ACME_STAGING",
+            "ACME_CHALLENGE",
+            "ACME_DNS_HOOK",
             "SHM_SLOTS",
             "SHM_SLOT_BYTES",
         ] {
@@ -80,6 +95,24 @@ pub fn ignored(c: &Config, is_set: &dyn Fn(&str) -> bool) -> Vec<Ignored> {
         }
         if mode != ServeMode::Indirect {
             note("SSL_INDIRECT_URL", "SSL_CERTIFICATE is not INDIRECT");
+        }
+        if mode != ServeMode::Acme {
+            for var in
+                ["ACME_DOMAINS", "ACME_EMAIL", "ACME_DIRECTORY", "ACME_STAGING", "ACME_CHALLENGE", "ACME_DNS_HOOK"]
+            {
+                note(
+                    var,
+                    "SSL_CERTIFICATE is not ACME; set SSL_CERTIFICATE=ACME to get a certificate from an ACME server",
+                );
+            }
+        } else if c.acme.challenge != crate::config::AcmeChallenge::Dns01 {
+            note("ACME_DNS_HOOK", "ACME_CHALLENGE is not dns-01; the hook is only run for dns-01");
+        }
+        if mode != ServeMode::Ca {
+            note(
+                "SSL_CERT_VALIDITY",
+                "SSL_CERTIFICATE is not CA; SSL_CERT_VALIDITY is the lifetime of the private CA's leaves",
+            );
         }
         if mode == ServeMode::Custom {
             note("SSL_KEY_TYPE", "the certificate comes from files; SSL_KEY_TYPE is for generated ones");

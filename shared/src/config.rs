@@ -46,7 +46,8 @@ pub const ENV_VARS: &[EnvVar] = &[
     EnvVar {
         name: "SSL_CERTIFICATE",
         default: "INDIRECT",
-        meaning: "INDIRECT, GENERATE, or a path to a PEM certificate (chain)",
+        meaning:
+            "INDIRECT, GENERATE, CA (the private CA of `tandem ca init`), ACME, or a path to a PEM certificate (chain)",
     },
     EnvVar {
         name: "SSL_KEY",
@@ -67,6 +68,11 @@ pub const ENV_VARS: &[EnvVar] = &[
         name: "SSL_REFRESH_INTERVAL",
         default: "86400",
         meaning: "seconds between checks of the certificate source (1-31536000)",
+    },
+    EnvVar {
+        name: "SSL_CERT_VALIDITY",
+        default: "7d",
+        meaning: "lifetime of the leaves SSL_CERTIFICATE=CA issues (seconds, or with s/m/h/d; 1m-365d), renewed at 2/3",
     },
     EnvVar {
         name: "SSL_SAN",
@@ -98,6 +104,33 @@ pub const ENV_VARS: &[EnvVar] = &[
         name: "SSL_REDIRECT_HTTP",
         default: "False",
         meaning: "answer plain HTTP with 308 to the HTTPS URL (health checks and ACME challenges excepted)",
+    },
+    EnvVar {
+        name: "ACME_DOMAINS",
+        default: "(none)",
+        meaning:
+            "with SSL_CERTIFICATE=ACME: the DNS names to get a certificate for, comma-separated (*.name needs dns-01)",
+    },
+    EnvVar { name: "ACME_EMAIL", default: "(none)", meaning: "contact address for the ACME account (expiry notices)" },
+    EnvVar {
+        name: "ACME_DIRECTORY",
+        default: "Let's Encrypt",
+        meaning: "the ACME server's directory URL (https); default Let's Encrypt production",
+    },
+    EnvVar {
+        name: "ACME_STAGING",
+        default: "False",
+        meaning: "use Let's Encrypt's staging directory (untrusted certificates, generous limits)",
+    },
+    EnvVar {
+        name: "ACME_CHALLENGE",
+        default: "http-01",
+        meaning: "how domains are proven: http-01 (on PORT), tls-alpn-01 (on SSL_PORT) or dns-01 (ACME_DNS_HOOK)",
+    },
+    EnvVar {
+        name: "ACME_DNS_HOOK",
+        default: "(none)",
+        meaning: "dns-01: a command run as `HOOK set|clear NAME VALUE` that sets / removes the TXT record",
     },
     EnvVar {
         name: "MODEL_CACHE_DIR",
@@ -204,6 +237,42 @@ pub enum CertSource {
     Generate,
     /// A PEM certificate chain on disk.
     Path(PathBuf),
+    /// Leaves issued by the private CA in the cache (`tandem ca init`).
+    Ca,
+    /// A certificate from an ACME server (Let's Encrypt), renewed by tandem.
+    Acme,
+}
+
+/// Let's Encrypt's production directory.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+/// Let's Encrypt's staging directory.
+pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+
+/// How an ACME server is shown that we control a domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum AcmeChallenge {
+    /// A file under `/.well-known/acme-challenge/` on the HTTP port.
+    #[default]
+    Http01,
+    /// A special certificate answered on the HTTPS port for ALPN `acme-tls/1`.
+    TlsAlpn01,
+    /// A TXT record, set and removed by `ACME_DNS_HOOK`.
+    Dns01,
+}
+
+/// The ACME settings (used with `SSL_CERTIFICATE=ACME`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AcmeSettings {
+    /// The directory URL.
+    pub directory: String,
+    /// The account's contact address.
+    pub email: Option<String>,
+    /// The names to certify.
+    pub domains: Vec<String>,
+    /// How they are proven.
+    pub challenge: AcmeChallenge,
+    /// dns-01's hook command.
+    pub dns_hook: Option<String>,
 }
 
 /// Key algorithm for generated certificates.
@@ -307,6 +376,8 @@ pub struct Config {
     pub ssl_indirect_url: String,
     /// Interval between checks of the certificate source.
     pub ssl_refresh_interval: Duration,
+    /// `SSL_CERT_VALIDITY`: lifetime of the leaves the private CA issues.
+    pub ssl_cert_validity: Duration,
     /// Extra subject alternative names for generated certificates.
     pub ssl_san: Vec<String>,
     /// CAs that sign accepted client certificates.
@@ -319,6 +390,8 @@ pub struct Config {
     pub ssl_hsts: Option<String>,
     /// Redirect plain HTTP to HTTPS.
     pub ssl_redirect_http: bool,
+    /// `ACME_*`: the ACME account, names and challenge.
+    pub acme: AcmeSettings,
     /// Cache root.
     pub model_cache_dir: PathBuf,
     /// Model repository, when set explicitly.
@@ -413,12 +486,19 @@ struct Raw {
     ssl_key_type: Option<String>,
     ssl_indirect_url: Option<String>,
     ssl_refresh_interval: Option<String>,
+    ssl_cert_validity: Option<String>,
     ssl_san: Option<String>,
     ssl_client_ca: Option<String>,
     ssl_client_auth: Option<String>,
     ssl_min_version: Option<String>,
     ssl_hsts: Option<String>,
     ssl_redirect_http: Option<String>,
+    acme_domains: Option<String>,
+    acme_email: Option<String>,
+    acme_directory: Option<String>,
+    acme_staging: Option<String>,
+    acme_challenge: Option<String>,
+    acme_dns_hook: Option<String>,
     model_cache_dir: Option<String>,
     model_repository: Option<String>,
     ort_dylib_path: Option<String>,
@@ -539,6 +619,93 @@ fn seconds(lo: u64, hi: u64) -> (String, impl Fn(&str) -> Option<Duration>) {
     (format!("a whole number of seconds {lo}-{hi}"), move |v| parse_range(v, lo, hi).map(Duration::from_secs))
 }
 
+/// The `ACME_*` variables; with `required` (ACME is the source), the domains
+/// and, for dns-01, the hook must be there.
+fn parse_acme(c: &mut Checker, raw: &Raw, required: bool) -> AcmeSettings {
+    let domains = c.get(
+        "ACME_DOMAINS",
+        &raw.acme_domains,
+        Vec::new(),
+        "comma-separated DNS names (e.g. api.example.com,*.example.com)",
+        |v| {
+            let names: Vec<String> = v
+                .split(',')
+                .map(|n| n.trim().trim_end_matches('.').to_ascii_lowercase())
+                .filter(|n| !n.is_empty())
+                .collect();
+            (!names.is_empty()
+                && names.iter().all(|n| n.contains('.') && n.parse::<IpAddr>().is_err() && is_dns_name(n)))
+            .then_some(names)
+        },
+    );
+    let email = c.get("ACME_EMAIL", &raw.acme_email, None, "an email address (name@domain)", |v| {
+        let ok = v.split_once('@').is_some_and(|(u, d)| !u.is_empty() && d.contains('.'))
+            && !v.chars().any(|ch| ch.is_whitespace() || ch == ',');
+        ok.then(|| Some(v.to_string()))
+    });
+    let staging = c.get("ACME_STAGING", &raw.acme_staging, false, "true/false/1/0/yes/no (any case)", parse_bool);
+    let directory = c.get("ACME_DIRECTORY", &raw.acme_directory, None, "the https URL of an ACME directory", |v| {
+        let ok = v.starts_with("https://") && v.len() > "https://".len() && !v.contains(char::is_whitespace);
+        ok.then(|| Some(v.to_string()))
+    });
+    if staging && directory.is_some() {
+        c.bad(
+            "ACME_STAGING",
+            "true",
+            "false when ACME_DIRECTORY is set (staging means Let's Encrypt's staging directory; set one or the other)",
+        );
+    }
+    let directory = directory.unwrap_or_else(|| if staging { LETS_ENCRYPT_STAGING } else { LETS_ENCRYPT }.to_string());
+    let challenge =
+        c.get("ACME_CHALLENGE", &raw.acme_challenge, AcmeChallenge::Http01, "http-01, tls-alpn-01 or dns-01", |v| {
+            match v.to_ascii_lowercase().as_str() {
+                "http-01" | "http01" | "http" => Some(AcmeChallenge::Http01),
+                "tls-alpn-01" | "tlsalpn01" | "tls-alpn" => Some(AcmeChallenge::TlsAlpn01),
+                "dns-01" | "dns01" | "dns" => Some(AcmeChallenge::Dns01),
+                _ => None,
+            }
+        });
+    let dns_hook = c.get("ACME_DNS_HOOK", &raw.acme_dns_hook, None, "a command", |v| Some(Some(v.to_string())));
+    if required {
+        if domains.is_empty() && raw.acme_domains.as_deref().is_none_or(|v| v.trim().is_empty()) {
+            c.bad(
+                "ACME_DOMAINS",
+                "",
+                "the DNS names to certify, because SSL_CERTIFICATE=ACME (e.g. ACME_DOMAINS=api.example.com)",
+            );
+        }
+        if challenge == AcmeChallenge::Dns01 && dns_hook.is_none() {
+            c.bad("ACME_DNS_HOOK", "", "a command that sets and clears TXT records, because ACME_CHALLENGE=dns-01");
+        }
+        if challenge != AcmeChallenge::Dns01 {
+            if let Some(w) = domains.iter().find(|d| d.starts_with("*.")) {
+                c.bad(
+                    "ACME_CHALLENGE",
+                    raw.acme_challenge.as_deref().unwrap_or("http-01"),
+                    format!("dns-01, because ACME_DOMAINS has the wildcard {w} (only dns-01 proves wildcards)"),
+                );
+            }
+        }
+    }
+    AcmeSettings { directory, email, domains, challenge, dns_hook }
+}
+
+/// A lifetime written as seconds (`3600`) or with a unit (`90s`, `30m`, `12h`, `7d`).
+fn parse_lifetime(v: &str) -> Option<Duration> {
+    let (digits, unit) = match v.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => v.split_at(i),
+        None => (v, ""),
+    };
+    let unit = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return None,
+    };
+    digits.parse::<u64>().ok()?.checked_mul(unit).map(Duration::from_secs)
+}
+
 /// A regular file this process can open; checked without opening anything
 /// else (opening a FIFO would block start-up for ever).
 fn is_readable_file(p: &Path) -> bool {
@@ -642,10 +809,12 @@ impl Config {
             "SSL_CERTIFICATE",
             &raw.ssl_certificate,
             CertSource::Indirect,
-            "INDIRECT, GENERATE, or the path of a readable PEM certificate file",
+            "INDIRECT, GENERATE, CA, ACME, or the path of a readable PEM certificate file",
             |v| match v.to_ascii_uppercase().as_str() {
                 "INDIRECT" => Some(CertSource::Indirect),
                 "GENERATE" => Some(CertSource::Generate),
+                "CA" => Some(CertSource::Ca),
+                "ACME" => Some(CertSource::Acme),
                 _ => {
                     let p = PathBuf::from(v);
                     is_readable_file(&p).then_some(CertSource::Path(p))
@@ -676,6 +845,13 @@ impl Config {
             Duration::from_secs(86400),
             "a whole number of seconds 1-31536000 (one year)",
             |v| parse_range(v, 1u64, 31_536_000).map(Duration::from_secs),
+        );
+        let ssl_cert_validity = c.get(
+            "SSL_CERT_VALIDITY",
+            &raw.ssl_cert_validity,
+            Duration::from_secs(7 * 86400),
+            "a lifetime from 60 seconds to 365 days: seconds, or a number with s, m, h or d (e.g. 7d, 12h)",
+            |v| parse_lifetime(v).filter(|d| (60..=365 * 86400).contains(&d.as_secs())),
         );
         let ssl_san = c.get("SSL_SAN", &raw.ssl_san, Vec::new(), "comma-separated DNS names or IP addresses", |v| {
             let names: Vec<String> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect();
@@ -734,6 +910,7 @@ impl Config {
         if ssl_redirect_http && !enable_ssl {
             c.bad("SSL_REDIRECT_HTTP", "true", "false, unless ENABLE_SSL=true (there is no HTTPS port to redirect to)");
         }
+        let acme = parse_acme(&mut c, &raw, ssl_certificate == CertSource::Acme && enable_ssl);
         let model_cache_dir = c.get("MODEL_CACHE_DIR", &raw.model_cache_dir, default_cache, "a directory path", |v| {
             Some(PathBuf::from(v))
         });
@@ -875,12 +1052,14 @@ impl Config {
             ssl_key_type,
             ssl_indirect_url,
             ssl_refresh_interval,
+            ssl_cert_validity,
             ssl_san,
             ssl_client_ca,
             ssl_client_auth,
             ssl_min_version,
             ssl_hsts,
             ssl_redirect_http,
+            acme,
             model_cache_dir,
             model_repository,
             ort_dylib_path,
@@ -921,7 +1100,7 @@ pub fn default_cache_dir(root: bool, xdg_cache_home: Option<String>, home: Optio
 }
 
 /// A DNS name or wildcard as accepted in a certificate SAN.
-fn is_dns_name(n: &str) -> bool {
+pub fn is_dns_name(n: &str) -> bool {
     let n = n.strip_prefix("*.").unwrap_or(n);
     !n.is_empty()
         && n.len() <= 253
@@ -993,6 +1172,19 @@ mod tests {
         assert!(parse(&[("SSL_REFRESH_INTERVAL", "31536000")]).is_ok());
         let err = parse(&[("SSL_REFRESH_INTERVAL", "9223372036854775807")]).expect_err("too long");
         assert_eq!(err.problems[0].var, "SSL_REFRESH_INTERVAL");
+    }
+
+    #[test]
+    fn ca_leaf_lifetimes_take_units_and_stay_in_range() {
+        let c = parse(&[("SSL_CERTIFICATE", "ca"), ("SSL_CERT_VALIDITY", "12h")]).expect("ok");
+        assert_eq!(c.ssl_certificate, CertSource::Ca);
+        assert_eq!(c.ssl_cert_validity, Duration::from_secs(12 * 3600));
+        assert_eq!(parse(&[]).expect("default").ssl_cert_validity, Duration::from_secs(7 * 86400));
+        assert_eq!(parse(&[("SSL_CERT_VALIDITY", "90")]).expect("s").ssl_cert_validity, Duration::from_secs(90));
+        for bad in ["59", "366d", "7w", "d", "-1d", "99999999999999999999d"] {
+            let err = parse(&[("SSL_CERT_VALIDITY", bad)]).expect_err(bad);
+            assert_eq!(err.problems[0].var, "SSL_CERT_VALIDITY", "{bad}");
+        }
     }
 
     #[test]

@@ -4,6 +4,8 @@
 #![deny(unsafe_code)]
 
 pub mod access;
+pub mod cert_cache;
+pub mod cert_status;
 pub mod check;
 pub mod config;
 pub mod control;
@@ -99,6 +101,10 @@ pub struct WorkerSettings {
     pub hsts: Option<String>,
     /// Plain HTTP is redirected to HTTPS on this port (HTTP workers).
     pub redirect_to_https: Option<u16>,
+    /// ACME: where HTTP-01 key authorizations wait, one file per token (HTTP workers serve them).
+    pub acme_http01: Option<PathBuf>,
+    /// ACME: where TLS-ALPN-01 certificates wait, one per name (the HTTPS worker answers `acme-tls/1`).
+    pub acme_alpn01: Option<PathBuf>,
     /// Models whose load differs from the repository's files, as changed by
     /// explicit load/unload: `None` unloaded, `Some(config)` loaded with that JSON config.
     pub models_wanted: std::collections::BTreeMap<String, Option<String>>,

@@ -1,68 +1,23 @@
-//! Certificate primitives: parse and validate a key + chain, generate a
-//! self-signed certificate, and write secrets into the cache safely.
+//! Certificate primitives: parse and validate a key + chain, inspect a leaf,
+//! generate a self-signed certificate.
 //!
-//! The supervisor decides *which* certificate to publish; the HTTPS worker
-//! only ever reads `live.pem` through [`Bundle::load`].
+//! The supervisor decides *which* certificate to publish (its `certs` module)
+//! and where it lives ([`crate::cert_cache`]); the HTTPS worker only ever reads
+//! `live.pem` through [`Bundle::load`].
 
-use std::fs::{self, DirBuilder, OpenOptions};
-use std::io::Write;
+use std::fs::OpenOptions;
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use crate::cert_status::{unix_now, CertInfo};
+use crate::config::KeyType;
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use serde::Serialize;
-
-use crate::config::KeyType;
-
-/// The file the HTTPS worker serves: private key and full chain together.
-pub const LIVE_FILE: &str = "live.pem";
-/// The cached self-signed certificate (key + certificate).
-pub const GENERATED_FILE: &str = "generated.pem";
-/// What the supervisor last learnt about the served certificate (JSON, no secret).
-pub const STATUS_FILE: &str = "status.json";
-
-/// The served certificate's state, written by the supervisor for `GET /` and readiness.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct CertStatus {
-    /// `GENERATE`, `INDIRECT` or `PATH`.
-    pub mode: String,
-    /// The served leaf.
-    #[serde(flatten)]
-    pub info: CertInfo,
-    /// A generated stand-in is served because the configured source failed.
-    pub degraded: bool,
-    /// The last failure of the source, if the last check failed.
-    pub last_error: Option<String>,
-    /// When the source was last checked, unix seconds.
-    pub checked_at: i64,
-}
-
-impl CertStatus {
-    /// The status of `info` as served from `mode`.
-    pub fn new(mode: &str, info: &CertInfo, degraded: bool, last_error: Option<String>) -> Self {
-        CertStatus { mode: mode.to_string(), info: info.clone(), degraded, last_error, checked_at: unix_now() }
-    }
-
-    /// A JSON view with the remaining lifetime computed now.
-    pub fn to_json(&self) -> serde_json::Value {
-        let now = unix_now();
-        let left = self.info.seconds_left(now);
-        let lifetime = (self.info.not_after - self.info.not_before).max(1);
-        let mut v = serde_json::to_value(self).unwrap_or_default();
-        if let Some(o) = v.as_object_mut() {
-            o.insert("seconds_left".into(), left.into());
-            o.insert("days_left".into(), (left / 86400).into());
-            o.insert("renew_soon".into(), (left * 3 < lifetime).into());
-        }
-        v
-    }
-}
 
 /// Why a certificate could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -146,38 +101,6 @@ pub enum CertError {
     Generate(String),
 }
 
-/// What an operator wants to know about a certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct CertInfo {
-    /// SHA-256 of the leaf certificate's DER, lower-case hex.
-    pub fingerprint: String,
-    /// Subject distinguished name.
-    pub subject: String,
-    /// Issuer distinguished name.
-    pub issuer: String,
-    /// Subject alternative names (`DNS:x`, `IP:y`).
-    pub sans: Vec<String>,
-    /// Start of validity, unix seconds.
-    pub not_before: i64,
-    /// End of validity, unix seconds.
-    pub not_after: i64,
-    /// Public key algorithm and size, e.g. `RSA-2048` or `EC-256`.
-    pub key_algorithm: String,
-}
-
-impl CertInfo {
-    /// Seconds left until expiry (negative once expired).
-    pub fn seconds_left(&self, now: i64) -> i64 {
-        self.not_after - now
-    }
-
-    /// Whether less than a third of the lifetime is left.
-    pub fn needs_renewal(&self, now: i64) -> bool {
-        let lifetime = (self.not_after - self.not_before).max(1);
-        self.seconds_left(now) * 3 < lifetime
-    }
-}
-
 /// A validated private key with its certificate chain.
 #[derive(Debug)]
 pub struct Bundle {
@@ -187,11 +110,6 @@ pub struct Bundle {
     /// Facts about the leaf.
     pub info: CertInfo,
     certified: Arc<CertifiedKey>,
-}
-
-/// Current time as unix seconds.
-pub fn unix_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -374,61 +292,6 @@ pub fn generate(names: &[String], key_type: KeyType, lifetime: Duration) -> Resu
     Bundle::parse(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), "generated certificate")
 }
 
-/// `dir` must be a real directory (not a symbolic link), owned by this user,
-/// with none of the `forbidden` mode bits.
-fn check_owned_dir(dir: &Path, forbidden: u32) -> Result<(), CertError> {
-    use std::os::unix::fs::MetadataExt;
-    let unsafe_dir = |reason: String, fix: String| CertError::Unsafe { path: dir.to_path_buf(), reason, fix };
-    let meta = fs::symlink_metadata(dir).map_err(|source| CertError::Read { path: dir.to_path_buf(), source })?;
-    if meta.file_type().is_symlink() {
-        return Err(unsafe_dir(
-            "it is a symbolic link".into(),
-            "point MODEL_CACHE_DIR at a real directory of your own".into(),
-        ));
-    }
-    if !meta.is_dir() {
-        return Err(unsafe_dir("it is not a directory".into(), "remove it or choose another MODEL_CACHE_DIR".into()));
-    }
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me {
-        return Err(unsafe_dir(
-            format!("it belongs to uid {}, not to this user (uid {me})", meta.uid()),
-            "remove it, or choose a MODEL_CACHE_DIR that only this user owns".into(),
-        ));
-    }
-    if meta.mode() & forbidden != 0 {
-        return Err(unsafe_dir(
-            format!("its mode is {:o}: other users can reach it", meta.mode() & 0o777),
-            format!("chmod {:o} {} (tandem does not change modes it did not set)", 0o777 & !forbidden, dir.display()),
-        ));
-    }
-    Ok(())
-}
-
-/// The directory holding the cache: owned by this user or root, and writable
-/// by others only with the sticky bit (as `/tmp`), so nobody can swap the
-/// cache for a link of theirs.
-fn check_parent(parent: &Path) -> Result<(), CertError> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = fs::metadata(parent).map_err(|source| CertError::Read { path: parent.to_path_buf(), source })?;
-    let me = nix::unistd::geteuid().as_raw();
-    let sticky = meta.mode() & 0o1000 != 0;
-    let writable_by_others = meta.mode() & 0o022 != 0;
-    let owner_ok = meta.uid() == me || meta.uid() == 0;
-    if !owner_ok || (writable_by_others && !sticky) {
-        return Err(CertError::Unsafe {
-            path: parent.to_path_buf(),
-            reason: format!(
-                "it holds the certificate cache but belongs to uid {} with mode {:o}, so someone else could replace the cache",
-                meta.uid(),
-                meta.mode() & 0o7777
-            ),
-            fix: "choose a MODEL_CACHE_DIR inside a directory only this user (or root) can write".into(),
-        });
-    }
-    Ok(())
-}
-
 /// Reads a certificate or key file: a regular file (a FIFO or device would
 /// block or never end), opened non-blocking, at most 1 MiB.
 pub fn read_pem_file(path: &Path) -> Result<Vec<u8>, CertError> {
@@ -452,84 +315,9 @@ pub const MAX_CHAIN_BYTES: usize = 256 << 10;
 /// The most certificates in a served chain.
 pub const MAX_CHAIN_CERTS: usize = 10;
 
-/// The certificate cache directory: 0700, secrets 0600 from their first byte.
-#[derive(Debug, Clone)]
-pub struct CertCache {
-    dir: PathBuf,
-}
-
-impl CertCache {
-    /// Opens the cache, creating it with mode 0700 if needed. An existing cache
-    /// (or the directory holding it) that someone else could redirect or read is
-    /// refused, never repaired: tandem does not follow a symbolic link there,
-    /// and does not chmod what it did not create.
-    pub fn open(dir: &Path) -> Result<CertCache, CertError> {
-        let werr = |source| CertError::Write { path: dir.to_path_buf(), source };
-        if let Some(parent) = dir.parent() {
-            if !parent.exists() {
-                fs::create_dir_all(parent).map_err(werr)?;
-            }
-            check_parent(parent)?;
-        }
-        match fs::symlink_metadata(dir) {
-            Ok(_) => check_owned_dir(dir, 0o077)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                DirBuilder::new().mode(0o700).create(dir).map_err(werr)?;
-                // The process umask may have taken bits away, never added any; check what we made.
-                check_owned_dir(dir, 0o077)?;
-            }
-            Err(e) => return Err(werr(e)),
-        }
-        Ok(CertCache { dir: dir.to_path_buf() })
-    }
-
-    /// The cache directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// Path of a file in the cache.
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    /// Writes `bytes` to `name` atomically: a 0600 temporary file in the same
-    /// directory, fsync, rename, fsync of the directory.
-    pub fn write_secret(&self, name: &str, bytes: &[u8]) -> Result<(), CertError> {
-        let target = self.path(name);
-        let tmp = self.dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let werr = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| CertError::Write { path, source }
-        };
-        let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(werr(&tmp))?;
-        let written = f.write_all(bytes).and_then(|()| f.sync_all()).map_err(werr(&tmp));
-        drop(f);
-        // A failed write leaves nothing behind, not a truncated temporary file.
-        if let Err(e) = written.and_then(|()| fs::rename(&tmp, &target).map_err(werr(&target))) {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(werr(&self.dir))?;
-        Ok(())
-    }
-
-    /// Publishes `bundle` as `live.pem`.
-    pub fn publish(&self, bundle: &Bundle) -> Result<(), CertError> {
-        self.write_secret(LIVE_FILE, bundle.to_pem().as_bytes())
-    }
-
-    /// Loads a cached key + chain file, if present and valid.
-    pub fn load(&self, name: &str) -> Result<Bundle, CertError> {
-        Bundle::load(&self.path(name))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn generated_certificate_round_trips() {
@@ -572,51 +360,5 @@ mod tests {
             Bundle::parse(a.chain_pem().as_bytes(), b_pem.as_bytes(), "cert.pem + key.pem").expect_err("mismatch");
         assert!(matches!(err, CertError::KeyMismatch { .. }), "{err}");
         assert!(Bundle::parse(a_pem.as_bytes(), b"", "x").is_err());
-    }
-
-    #[test]
-    fn a_cache_someone_else_could_redirect_is_refused_and_left_alone() {
-        use std::os::unix::fs::symlink;
-        let root = tempfile::tempdir().expect("tmp");
-        // A symbolic link where the cache should be.
-        let elsewhere = root.path().join("elsewhere");
-        fs::create_dir(&elsewhere).expect("mkdir");
-        symlink(&elsewhere, root.path().join("linked")).expect("symlink");
-        let err = CertCache::open(&root.path().join("linked")).expect_err("symlink");
-        assert!(err.to_string().contains("symbolic link"), "{err}");
-        // A directory others can reach: refused, and its mode is not changed.
-        let loose = root.path().join("loose");
-        fs::create_dir(&loose).expect("mkdir");
-        fs::set_permissions(&loose, fs::Permissions::from_mode(0o755)).expect("chmod");
-        let err = CertCache::open(&loose).expect_err("loose");
-        assert!(err.to_string().contains("chmod 700"), "{err}");
-        assert_eq!(fs::metadata(&loose).expect("meta").permissions().mode() & 0o777, 0o755);
-        // A parent anyone can write without the sticky bit.
-        let open_parent = root.path().join("open");
-        fs::create_dir(&open_parent).expect("mkdir");
-        fs::set_permissions(&open_parent, fs::Permissions::from_mode(0o777)).expect("chmod");
-        let err = CertCache::open(&open_parent.join("ssl_certificates")).expect_err("open parent");
-        assert!(err.to_string().contains("someone else could replace"), "{err}");
-        assert!(!open_parent.join("ssl_certificates").exists(), "nothing created inside");
-        // Someone else's directory (only root can make one to test with).
-        if nix::unistd::geteuid().is_root() {
-            let theirs = root.path().join("theirs");
-            fs::create_dir(&theirs).expect("mkdir");
-            fs::set_permissions(&theirs, fs::Permissions::from_mode(0o700)).expect("chmod");
-            std::os::unix::fs::chown(&theirs, Some(4242), Some(4242)).expect("chown");
-            let err = CertCache::open(&theirs).expect_err("theirs");
-            assert!(err.to_string().contains("uid 4242"), "{err}");
-        }
-    }
-
-    #[test]
-    fn secrets_are_private_from_creation() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let cache = CertCache::open(&tmp.path().join("a/ssl")).expect("open");
-        cache.write_secret("k.pem", b"secret").expect("write");
-        let mode = fs::metadata(cache.path("k.pem")).expect("meta").permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        let dmode = fs::metadata(cache.dir()).expect("meta").permissions().mode() & 0o777;
-        assert_eq!(dmode, 0o700);
     }
 }

@@ -4,7 +4,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod cert_status;
 pub mod certs;
 pub mod engine_runtime;
 pub mod metrics_port;
@@ -16,10 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use tandem_shared::config::{CertSource, Config};
+use tandem_shared::config::Config;
 use tandem_shared::worker::settings_from_supervisor;
 
-use crate::certs::{CertManager, SourceError};
 use crate::supervise::{Listeners, Supervisor};
 
 /// Exit status: clean stop.
@@ -47,6 +45,7 @@ pub fn main(args: &[String]) -> ExitCode {
         Some("http-worker") => worker(tandem_http_worker::run),
         Some("https-worker") => worker(tandem_https_worker::run),
         Some("cert") => return cert_command(&args[1..]),
+        Some("ca") => return certs::ca::command(&args[1..]),
         Some("check") => return check_command(&args[1..]),
         Some("engine-probe") => return engine_probe(&args[1..]),
         Some("--version" | "-V") => {
@@ -110,11 +109,11 @@ fn cert_command(args: &[String]) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let report = cert_status::report(&config);
+    let report = certs::status::report(&config);
     if json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     } else {
-        print!("{}", cert_status::render(&report));
+        print!("{}", certs::status::render(&report));
     }
     ExitCode::from(if report.usable { EXIT_OK } else { EXIT_RUNTIME })
 }
@@ -139,7 +138,7 @@ fn engine_probe(args: &[String]) -> ExitCode {
 
 fn usage() -> String {
     let mut s = String::from(
-        "usage: tandem                     run the supervisor (configured by the environment)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem check                 the serve mode, effective configuration and ignored variables\n       tandem --version\n\nenvironment:\n",
+        "usage: tandem                     run the supervisor (configured by the environment)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem ca init|status|export|issue  the private CA (SSL_CERTIFICATE=CA); `tandem ca` for usage\n       tandem check                 the serve mode, effective configuration and ignored variables\n       tandem --version\n\nenvironment:\n",
     );
     for v in tandem_shared::config::ENV_VARS {
         s.push_str(&format!("  {:<22} {} (default: {})\n", v.name, v.meaning, v.default));
@@ -213,39 +212,15 @@ async fn start(config: Config) -> Outcome {
         Err(e) => return Outcome::Config(anyhow::Error::new(e)),
     };
     engine_runtime::announce(&engine);
-    // A custom certificate is checked before anything is written, so a bad
-    // pair is exit 2 with no cache directory created.
-    if let (true, CertSource::Path(cert)) = (config.enable_ssl, &config.ssl_certificate) {
-        if let Err(e) = certs::load_custom(cert, config.ssl_key.as_deref()) {
-            return Outcome::Config(anyhow::Error::new(e).context("SSL_CERTIFICATE is not usable"));
-        }
-    }
+    // The keeper checks its source before anything is written (a bad custom
+    // pair or a missing CA is exit 2 with no cache created), then obtains and
+    // publishes the first certificate.
     let certs = if config.enable_ssl {
-        let manager = match CertManager::new(&config) {
-            Ok(m) => m,
-            Err(e @ tandem_shared::tls::CertError::Unsafe { .. }) => {
-                return Outcome::Config(anyhow::Error::new(e).context("refusing the certificate cache"))
-            }
-            Err(e) => return Outcome::Runtime(anyhow::Error::new(e).context("cannot prepare the certificate cache")),
-        };
-        let (bundle, health, warning) = match manager.obtain().await {
-            Ok(r) => r,
-            Err(e @ (SourceError::Invalid(_) | SourceError::KeyNotFound { .. })) => {
-                return Outcome::Config(anyhow::Error::new(e).context("SSL_CERTIFICATE is not usable"))
-            }
-            Err(e) => return Outcome::Runtime(anyhow::Error::new(e)),
-        };
-        let error = warning.map(|w| format!("{:#}", anyhow::Error::new(w)));
-        if let Some(e) = &error {
-            tracing::warn!(error = %e, "certificate source unavailable at start");
+        match certs::CertKeeper::start(&config).await {
+            Ok(k) => Some(k),
+            Err(certs::StartError::Config(e)) => return Outcome::Config(e),
+            Err(certs::StartError::Runtime(e)) => return Outcome::Runtime(e),
         }
-        if health == certs::CertHealth::Degraded {
-            tracing::warn!("no usable certificate from SSL_INDIRECT_URL and none cached: serving a generated self-signed certificate until the download succeeds\nhint: check network access to SSL_INDIRECT_URL, or set SSL_CERTIFICATE=GENERATE or a path");
-        }
-        if let Err(e) = manager.cache().publish(&bundle) {
-            return Outcome::Runtime(anyhow::Error::new(e).context("cannot publish the certificate"));
-        }
-        Some(certs::CertKeeper::new(manager, config.ssl_refresh_interval, &bundle, health, error))
     } else {
         None
     };

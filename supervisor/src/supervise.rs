@@ -17,7 +17,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tandem_shared::config::ModelControlMode;
+use tandem_shared::config::{AcmeChallenge, CertSource, ModelControlMode};
 use tandem_shared::control::{parse_event, send_command, Command as ToWorker, ModelChange, WorkerEvent};
 use tandem_shared::stats::{self, ProcessRole, Stats};
 use tandem_shared::sys::counters::Counters;
@@ -193,7 +193,7 @@ impl Supervisor {
                 l,
                 counters.clone(),
                 shm.as_ref().map(|(r, _)| r.clone()),
-                https_addr.map(|_| config.cert_dir().join(tandem_shared::tls::STATUS_FILE)),
+                https_addr.map(|_| tandem_shared::cert_cache::Layout::of(&config.cert_dir()).status()),
                 config.timeouts,
             )
             .context("cannot start the metrics port")?;
@@ -316,8 +316,10 @@ impl Supervisor {
             listen_addr: addr,
             control_fd: CONTROL_FD,
             num_workers: self.http_slots(),
-            live_cert: self.config.cert_dir().join(tandem_shared::tls::LIVE_FILE),
-            cert_status: self.https_addr.map(|_| self.config.cert_dir().join(tandem_shared::tls::STATUS_FILE)),
+            live_cert: tandem_shared::cert_cache::Layout::of(&self.config.cert_dir()).live(),
+            cert_status: self
+                .https_addr
+                .map(|_| tandem_shared::cert_cache::Layout::of(&self.config.cert_dir()).status()),
             model_repository: self.model_repository.clone(),
             engine: self.engine_settings(worker_id),
             max_request_bytes: self.config.max_request_bytes,
@@ -339,6 +341,11 @@ impl Supervisor {
             tls_min_version: self.config.ssl_min_version,
             hsts: self.config.ssl_hsts.clone(),
             redirect_to_https: (self.config.ssl_redirect_http).then(|| self.https_addr.map(|a| a.port())).flatten(),
+            acme_http01: self.acme_dirs().map(|l| l.acme_http01()),
+            acme_alpn01: self
+                .acme_dirs()
+                .filter(|_| self.config.acme.challenge == AcmeChallenge::TlsAlpn01)
+                .map(|l| l.acme_alpn01()),
             models_wanted: self.model_ops.wanted.clone(),
         };
         let mut fds = vec![
@@ -505,10 +512,21 @@ impl Supervisor {
         }
     }
 
+    /// The cache layout, when ACME is the certificate source (its challenges are answered by the workers).
+    fn acme_dirs(&self) -> Option<tandem_shared::cert_cache::Layout> {
+        (self.https_addr.is_some() && self.config.ssl_certificate == CertSource::Acme)
+            .then(|| tandem_shared::cert_cache::Layout::of(&self.config.cert_dir()))
+    }
+
     fn announce(&self) {
         tracing::info!(url = %url("http", self.http_addr), workers = self.http_slots(), "serving HTTP");
         if let Some(addr) = self.https_addr {
             tracing::info!(url = %url("https", addr), fingerprint = self.certs.as_ref().map(CertHandle::fingerprint).as_deref(), "serving HTTPS");
+        }
+        // A stand-in serves until the source delivers; a source whose proof the
+        // workers answer (ACME) can try now that they do.
+        if let Some(certs) = self.certs.as_ref().filter(|c| c.degraded()) {
+            certs.check_now();
         }
     }
 

@@ -106,6 +106,11 @@ impl TandemBuilder {
         self
     }
 
+    /// The value a variable will have.
+    pub fn env_value(&self, k: &str) -> Option<&str> {
+        self.env.get(k).map(String::as_str)
+    }
+
     pub fn unset(mut self, k: &str) -> Self {
         self.env.remove(k);
         self

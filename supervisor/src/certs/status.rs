@@ -5,16 +5,18 @@ use std::path::{Path, PathBuf};
 
 use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
-use tandem_shared::config::{CertSource, Config};
-use tandem_shared::tls::{self, Bundle, CertInfo, GENERATED_FILE, LIVE_FILE};
-
-use crate::certs::{discover_key, INDIRECT_FILE};
+use tandem_shared::cert_cache::Layout;
+use tandem_shared::cert_status::{unix_now, CertInfo};
+use tandem_shared::config::Config;
+use tandem_shared::tls::{self, Bundle};
 
 /// One certificate as reported.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// `GENERATE`, `INDIRECT` or `PATH`.
+    /// The source, as `SSL_CERTIFICATE` names it: `GENERATE`, `INDIRECT`, `PATH`, `CA` or `ACME`.
     pub mode: &'static str,
+    /// Where the certificate comes from, in words.
+    pub source: String,
     /// The certificate file.
     pub certificate_file: PathBuf,
     /// The key file (the same file for cache entries).
@@ -49,21 +51,16 @@ fn mode_of(p: &Path) -> Option<String> {
 
 /// Inspects the configured source without changing anything.
 pub fn report(config: &Config) -> Report {
-    let dir = config.cert_dir();
-    let (mode, cert, key): (&'static str, PathBuf, Result<PathBuf, String>) = match &config.ssl_certificate {
-        CertSource::Generate => ("GENERATE", dir.join(GENERATED_FILE), Ok(dir.join(GENERATED_FILE))),
-        CertSource::Indirect => ("INDIRECT", dir.join(INDIRECT_FILE), Ok(dir.join(INDIRECT_FILE))),
-        CertSource::Path(c) => {
-            let key = match &config.ssl_key {
-                Some(k) => Ok(k.clone()),
-                None => discover_key(c).map_err(|e| e.to_string()),
-            };
-            ("PATH", c.clone(), key)
-        }
+    let layout = Layout::of(&config.cert_dir());
+    let source = super::choose(config);
+    let (cert, key) = match source.files(&layout) {
+        Ok((c, k)) => (c, Ok(k)),
+        Err(e) => (PathBuf::new(), Err(e)),
     };
-    let served_fingerprint = Bundle::load(&dir.join(LIVE_FILE)).ok().map(|b| b.info.fingerprint);
+    let served_fingerprint = Bundle::load(&layout.live()).ok().map(|b| b.info.fingerprint);
     let mut r = Report {
-        mode,
+        mode: source.mode(),
+        source: source.describe(),
         certificate_file: cert.clone(),
         key_file: key.as_ref().ok().cloned(),
         key_file_mode: key.as_ref().ok().and_then(|k| mode_of(k)),
@@ -103,7 +100,7 @@ pub fn report(config: &Config) -> Report {
     if let Some(info) = &r.info {
         r.valid_from = rfc3339(info.not_before);
         r.valid_until = rfc3339(info.not_after);
-        r.days_left = Some(info.seconds_left(tls::unix_now()) / 86400);
+        r.days_left = Some(info.seconds_left(unix_now()) / 86400);
     }
     r
 }
@@ -113,6 +110,7 @@ pub fn render(r: &Report) -> String {
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<13} {v}\n"));
     line("mode", r.mode.to_string());
+    line("source", r.source.clone());
     line("certificate", r.certificate_file.display().to_string());
     line("key", r.key_file.as_ref().map_or("-".into(), |k| k.display().to_string()));
     line("key mode", r.key_file_mode.clone().unwrap_or_else(|| "-".into()));

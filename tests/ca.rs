@@ -1,0 +1,174 @@
+//! End-to-end tests of the private CA: `tandem ca init|status|export|issue`
+//! with real files and openssl's verifier, and `SSL_CERTIFICATE=CA` serving
+//! short-lived leaves that chain to the exported root and are renewed and
+//! hot-swapped by the same HTTPS worker.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+
+fn ca(cache: &Path, args: &[&str]) -> Output {
+    Command::new(TANDEM).arg("ca").args(args).env_clear().env("MODEL_CACHE_DIR", cache).output().unwrap()
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn ca_mode_without_a_ca_exits_2_and_says_to_run_init() {
+    let mut t = TandemBuilder::new().ssl().env("SSL_CERTIFICATE", "CA").spawn();
+    let status = t.wait_exit(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(2), "{}", t.explain());
+    assert!(t.stderr().contains("tandem ca init"), "{}", t.explain());
+    assert!(!t.cert_dir().exists(), "nothing written before the configuration is accepted");
+}
+
+#[test]
+fn the_ca_commands_make_export_and_issue() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let ca_dir = cache.join("ssl_certificates/ca");
+    // status and export before init: a hint, exit 2.
+    let out = ca(&cache, &["status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tandem ca init"), "{}", text(&out));
+    let out = ca(&cache, &["init"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(mode(&ca_dir), 0o700);
+    for key in ["root.key", "intermediate.key"] {
+        assert_eq!(mode(&ca_dir.join(key)), 0o600, "{key}");
+    }
+    // A second init never overwrites.
+    let again = ca(&cache, &["init"]);
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    let status: serde_json::Value = serde_json::from_slice(&ca(&cache, &["status", "--json"]).stdout).unwrap();
+    assert_eq!(status["root_key_present"], true);
+    assert!(status["intermediate_days_left"].as_i64().unwrap() >= 364, "{status}");
+    assert_eq!(status["root"]["fingerprint"].as_str().unwrap().len(), 64);
+    let root = ca(&cache, &["export"]);
+    assert!(root.status.success());
+    let root_pem = String::from_utf8(root.stdout).unwrap();
+    assert_eq!(root_pem.matches("BEGIN CERTIFICATE").count(), 1, "{root_pem}");
+    assert!(!root_pem.contains("PRIVATE"), "export never prints a key");
+    std::fs::write(dir.path().join("root.pem"), &root_pem).unwrap();
+    // A leaf for another service, as files; openssl verifies it against the root alone.
+    let out_dir = dir.path().join("issued");
+    std::fs::create_dir(&out_dir).unwrap();
+    let out = ca(
+        &cache,
+        &[
+            "issue",
+            "--san",
+            "db.internal",
+            "--san",
+            "10.9.8.7",
+            "--days",
+            "3",
+            "--client",
+            "--out",
+            out_dir.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let (cert, key) = (out_dir.join("db.internal.pem"), out_dir.join("db.internal.key"));
+    assert_eq!(mode(&key), 0o600);
+    let verify = Command::new("openssl")
+        .args(["verify", "-purpose", "sslserver", "-CAfile"])
+        .arg(dir.path().join("root.pem"))
+        .arg("-untrusted")
+        .arg(&cert)
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{}", text(&verify));
+    let shown = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName,extendedKeyUsage", "-in"])
+        .arg(&cert)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("DNS:db.internal") && shown.contains("IP Address:10.9.8.7"), "{shown}");
+    assert!(shown.contains("TLS Web Client Authentication"), "{shown}");
+    // PEM on stdout without --out; bad usage is exit 2.
+    let out = ca(&cache, &["issue", "--san", "x.internal"]);
+    let pem = String::from_utf8_lossy(&out.stdout);
+    assert!(pem.contains("PRIVATE KEY") && pem.matches("BEGIN CERTIFICATE").count() == 2, "{}", text(&out));
+    for bad in
+        [&["issue"][..], &["issue", "--san", "bad name!"], &["issue", "--san", "a", "--days", "0"], &["frobnicate"]]
+    {
+        assert_eq!(ca(&cache, bad).status.code(), Some(2), "{bad:?}");
+    }
+}
+
+#[test]
+fn ca_mode_serves_short_leaves_that_chain_to_the_root_and_renews_them_in_place() {
+    let b = TandemBuilder::new()
+        .ssl()
+        .env("SSL_CERTIFICATE", "CA")
+        .env("SSL_CERT_VALIDITY", "60")
+        .env("SSL_SAN", "svc.example.internal");
+    let cache = b.dir().join("cache");
+    let out = ca(&cache, &["init"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // The root key goes offline: the intermediate keeps issuing.
+    std::fs::remove_file(cache.join("ssl_certificates/ca/root.key")).unwrap();
+    let root_pem = String::from_utf8(ca(&cache, &["export"]).stdout).unwrap();
+    let mut t = b.spawn();
+    let client = Tandem::https_client(&root_pem);
+    let url = t.https_url("localhost", "/v2/health/ready");
+    let first = wait_for(
+        START_DEADLINE,
+        "HTTPS with a leaf from the private CA",
+        || t.explain(),
+        || client.get(&url).send().ok().filter(|r| r.status().is_success()).map(|r| served_fingerprint(&r)),
+    );
+    t.wait_ready(true);
+    let https = t.workers("https-worker");
+    let live = tandem_shared::tls::Bundle::load(&t.cert_dir().join("live.pem")).unwrap();
+    assert_eq!(live.chain.len(), 2, "leaf and intermediate are served");
+    assert!(live.info.sans.contains(&"DNS:svc.example.internal".to_string()), "{:?}", live.info.sans);
+    assert!(live.info.sans.contains(&"IP:127.0.0.1".to_string()));
+    let lifetime = live.info.not_after - live.info.not_before;
+    assert!(
+        (60..=71).contains(&lifetime),
+        "SSL_CERT_VALIDITY=60 gives a one-minute leaf (plus a sixth back-dated): {lifetime}"
+    );
+    // `tandem cert status` names the source it describes.
+    let status = Command::new(TANDEM).args(["cert", "status", "--json"]).env_clear().envs(&t.env).output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(report["mode"], "CA", "{report}");
+    assert!(report["source"].as_str().unwrap().contains("private CA"), "{report}");
+    assert_eq!(report["served_fingerprint"], first.as_str());
+    // Renewed at two thirds of its lifetime (~37 s after issue), swapped in by the same worker.
+    let renewed = wait_for(
+        Duration::from_secs(90),
+        "a renewed leaf",
+        || t.explain(),
+        || {
+            // A new connection per look: a kept-alive one shows the certificate of its handshake.
+            let r = Tandem::https_client(&root_pem).get(&url).send().ok().filter(|r| r.status().is_success())?;
+            let fp = served_fingerprint(&r);
+            (fp != first).then_some(fp)
+        },
+    );
+    assert_ne!(renewed, first);
+    assert_eq!(t.workers("https-worker"), https, "the same HTTPS worker serves the renewed leaf");
+    assert!(t.stderr().contains("issued a leaf from the private CA"), "{}", t.explain());
+}
