@@ -15,8 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse, ChallengeType, HttpClient,
-    Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse, CertificateIdentifier, ChallengeType,
+    HttpClient, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 use tandem_shared::cert_cache::{self, alpn01_file_name, http01_token_ok, CertCache, Layout};
 use tandem_shared::cert_status::unix_now;
@@ -120,6 +120,36 @@ impl Acme {
         cache.write_secret(&format!("{}/account.json", cert_cache::ACME_DIR), &json)?;
         tracing::info!(directory = %super::redact_url(&self.settings.directory), account = account.id(), "created an ACME account");
         Ok(account)
+    }
+
+    /// ACME renewal information (RFC 9773), where the server offers it: true
+    /// once the point this certificate picked in the server's suggested
+    /// window has passed (the server may move the window earlier, e.g. before
+    /// a mass revocation). Any failure means "no advice": the two-thirds rule stands.
+    async fn renewal_window_open(&self, cache: &CertCache, cert: &Bundle) -> bool {
+        let Ok(id) = CertificateIdentifier::try_from(&cert.chain[0]) else { return false };
+        let Ok(account) = self.account(cache).await else { return false };
+        match account.renewal_info(&id).await {
+            Ok((info, _retry_after)) => {
+                let (start, end) =
+                    (info.suggested_window.start.unix_timestamp(), info.suggested_window.end.unix_timestamp());
+                let at = ari_point(start, end, &cert.info.fingerprint);
+                let open = unix_now() >= at;
+                if open {
+                    tracing::info!(
+                        window_start = start,
+                        window_end = end,
+                        "the ACME server's renewal window (ARI) is open: renewing early"
+                    );
+                }
+                open
+            }
+            Err(instant_acme::Error::Unsupported(_)) => false,
+            Err(e) => {
+                tracing::debug!(error = %describe_error(&e), "no ACME renewal information; renewing at two thirds");
+                false
+            }
+        }
     }
 
     /// One order, from account to certificate; challenge files and records are removed whatever happens.
@@ -232,6 +262,15 @@ fn private(cache: &CertCache, sub: &str) -> Result<PathBuf, SourceError> {
     Ok(cache.private_dir(&format!("{}/{sub}", cert_cache::ACME_DIR))?)
 }
 
+/// The moment in the suggested window `start..end` at which a certificate
+/// renews: spread over the window by its fingerprint, as RFC 9773 asks
+/// (clients pick a point, so renewals of many certificates do not bunch).
+pub fn ari_point(start: i64, end: i64, fingerprint: &str) -> i64 {
+    let span = (end - start).max(0);
+    let spread = u64::from_str_radix(fingerprint.get(..8).unwrap_or("0"), 16).unwrap_or(0);
+    start + i64::try_from(spread % (span as u64 + 1)).unwrap_or(0)
+}
+
 /// The TLS-ALPN-01 certificate for `name` (RFC 8737): self-signed, the name as
 /// its only SAN and the key authorization's digest in the critical
 /// acmeIdentifier extension; key then certificate, PEM.
@@ -338,7 +377,8 @@ impl Source for Acme {
             let cached = self.cached(cache);
             if let Some(b) = &cached {
                 let due = super::renewal::due_at(Refresh::TWO_THIRDS, b.info.not_before, b.info.not_after);
-                if due.is_some_and(|d| unix_now() < d) {
+                let ari_says_now = self.renewal_window_open(cache, b).await;
+                if due.is_some_and(|d| unix_now() < d) && !ari_says_now {
                     return Ok(Obtained::good(cache.load(cert_cache::ACME_CERT)?));
                 }
             }
@@ -419,6 +459,16 @@ impl HttpClient for AcmeHttp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewal_points_stay_inside_the_window_and_spread() {
+        assert_eq!(ari_point(100, 100, "ffffffff"), 100);
+        let points: Vec<i64> =
+            ["00000000", "7fffffff", "ffffffff", "1234abcd"].iter().map(|f| ari_point(1000, 2000, f)).collect();
+        assert!(points.iter().all(|p| (1000..=2000).contains(p)), "{points:?}");
+        assert!(points.windows(2).any(|w| w[0] != w[1]), "{points:?}");
+        assert_eq!(ari_point(1000, 900, "ff"), 1000, "an inverted window is its start");
+    }
 
     #[test]
     fn the_alpn_certificate_carries_the_critical_acme_identifier() {
