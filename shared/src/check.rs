@@ -204,4 +204,27 @@ mod tests {
         let text = report(&c, &|v| v == "SSL_INDIRECT_URL");
         assert!(text.contains("serve mode: generate") && text.contains("graceful_timeout = 30s"), "{text}");
     }
+
+    #[test]
+    fn acme_and_ca_variables_are_named_where_they_do_nothing() {
+        // ACME_DOMAINS while generating, SSL_CERT_VALIDITY without the CA.
+        let c = config(&[("ENABLE_SSL", "true"), ("SSL_CERTIFICATE", "GENERATE"), ("ACME_DOMAINS", "a.example.com")]);
+        let set = |v: &str| v == "ACME_DOMAINS" || v == "SSL_CERT_VALIDITY";
+        let notes = ignored(&c, &set);
+        let vars: Vec<&str> = notes.iter().map(|n| n.var).collect();
+        assert_eq!(vars, ["ACME_DOMAINS", "SSL_CERT_VALIDITY"]);
+        assert!(notes[0].hint.contains("SSL_CERTIFICATE=ACME"), "{}", notes[0].hint);
+        let c = config(&[
+            ("ENABLE_SSL", "true"),
+            ("SSL_CERTIFICATE", "ACME"),
+            ("ACME_DOMAINS", "a.example.com"),
+            ("ACME_DNS_HOOK", "x"),
+        ]);
+        assert_eq!(serve_mode(&c), ServeMode::Acme);
+        let vars: Vec<&str> = ignored(&c, &|v| v == "ACME_DNS_HOOK").into_iter().map(|n| n.var).collect();
+        assert_eq!(vars, ["ACME_DNS_HOOK"], "the hook is only for dns-01");
+        let c = config(&[("ENABLE_SSL", "true"), ("SSL_CERTIFICATE", "CA"), ("SSL_CERT_VALIDITY", "1d")]);
+        assert_eq!(serve_mode(&c), ServeMode::Ca);
+        assert!(ignored(&c, &|v| v == "SSL_CERT_VALIDITY").is_empty());
+    }
 }

@@ -1175,6 +1175,54 @@ mod tests {
     }
 
     #[test]
+    fn acme_settings_are_checked_together() {
+        let acme = |extra: &[(&str, &str)]| {
+            let mut v = vec![("ENABLE_SSL", "true"), ("SSL_CERTIFICATE", "acme")];
+            v.extend_from_slice(extra);
+            parse(&v)
+        };
+        let c = acme(&[("ACME_DOMAINS", "API.example.com, b.example.com."), ("ACME_EMAIL", "ops@example.com")])
+            .expect("ok");
+        assert_eq!(c.ssl_certificate, CertSource::Acme);
+        assert_eq!(c.acme.domains, ["api.example.com", "b.example.com"]);
+        assert_eq!(c.acme.directory, LETS_ENCRYPT);
+        assert_eq!(c.acme.challenge, AcmeChallenge::Http01);
+        let staging = acme(&[("ACME_DOMAINS", "a.example.com"), ("ACME_STAGING", "yes")]).expect("staging");
+        assert_eq!(staging.acme.directory, LETS_ENCRYPT_STAGING);
+        let refused = |extra: &[(&str, &str)], var: &str| {
+            let err = acme(extra).expect_err(var);
+            assert!(err.problems.iter().any(|p| p.var == var), "{var}: {err}");
+        };
+        refused(&[], "ACME_DOMAINS");
+        refused(&[("ACME_DOMAINS", "10.0.0.1")], "ACME_DOMAINS");
+        refused(&[("ACME_DOMAINS", "bad name!.example.com")], "ACME_DOMAINS");
+        refused(&[("ACME_DOMAINS", "a.example.com"), ("ACME_CHALLENGE", "dns-01")], "ACME_DNS_HOOK");
+        refused(&[("ACME_DOMAINS", "*.example.com")], "ACME_CHALLENGE");
+        refused(&[("ACME_DOMAINS", "a.example.com"), ("ACME_CHALLENGE", "smoke-signals")], "ACME_CHALLENGE");
+        refused(&[("ACME_DOMAINS", "a.example.com"), ("ACME_EMAIL", "nobody")], "ACME_EMAIL");
+        refused(
+            &[("ACME_DOMAINS", "a.example.com"), ("ACME_DIRECTORY", "http://insecure.example/dir")],
+            "ACME_DIRECTORY",
+        );
+        refused(
+            &[
+                ("ACME_DOMAINS", "a.example.com"),
+                ("ACME_STAGING", "true"),
+                ("ACME_DIRECTORY", "https://ca.example/dir"),
+            ],
+            "ACME_STAGING",
+        );
+        let dns = acme(&[
+            ("ACME_DOMAINS", "*.example.com,example.com"),
+            ("ACME_CHALLENGE", "DNS-01"),
+            ("ACME_DNS_HOOK", "/bin/hook"),
+        ]);
+        assert_eq!(dns.expect("dns-01 with a hook").acme.challenge, AcmeChallenge::Dns01);
+        // Without ACME as the source nothing is required (tandem check reports them as ignored).
+        assert!(parse(&[("ACME_CHALLENGE", "dns-01")]).is_ok());
+    }
+
+    #[test]
     fn ca_leaf_lifetimes_take_units_and_stay_in_range() {
         let c = parse(&[("SSL_CERTIFICATE", "ca"), ("SSL_CERT_VALIDITY", "12h")]).expect("ok");
         assert_eq!(c.ssl_certificate, CertSource::Ca);
