@@ -6,6 +6,7 @@
 
 pub mod certs;
 pub mod engine_runtime;
+mod health;
 pub mod metrics_port;
 pub mod models;
 pub mod process;
@@ -46,6 +47,7 @@ pub fn main(args: &[String]) -> ExitCode {
         Some("https-worker") => worker(tandem_https_worker::run),
         Some("cert") => return cert_command(&args[1..]),
         Some("ca") => return certs::ca::command(&args[1..]),
+        Some("health") => return health::command(&args[1..]),
         Some("check") => return check_command(&args[1..]),
         Some("engine-probe") => return engine_probe(&args[1..]),
         Some("--version" | "-V") => {
@@ -138,7 +140,7 @@ fn engine_probe(args: &[String]) -> ExitCode {
 
 fn usage() -> String {
     let mut s = String::from(
-        "usage: tandem                     run the supervisor (configured by the environment)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem ca init|status|export|issue  the private CA (SSL_CERTIFICATE=CA); `tandem ca` for usage\n       tandem check                 the serve mode, effective configuration and ignored variables\n       tandem --version\n\nenvironment:\n",
+        "usage: tandem                     run the supervisor (configured by the environment)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem ca init|status|export|issue  the private CA (SSL_CERTIFICATE=CA); `tandem ca` for usage\n       tandem health [--live]       probe the local server's readiness (liveness) over HTTP and HTTPS; exit 0 healthy, 1 not\n       tandem check                 the serve mode, effective configuration and ignored variables\n       tandem --version\n\nenvironment:\n",
     );
     for v in tandem_shared::config::ENV_VARS {
         s.push_str(&format!("  {:<22} {} (default: {})\n", v.name, v.meaning, v.default));

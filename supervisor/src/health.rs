@@ -1,0 +1,113 @@
+//! `tandem health [--live]`: probes the local server the environment
+//! describes (readiness, or liveness with `--live`) over HTTP and, with
+//! `ENABLE_SSL`, over HTTPS pinned to the certificate tandem publishes; exit 0
+//! healthy, 1 not. For Docker's `HEALTHCHECK`, Kubernetes exec probes and scripts.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tandem_shared::cert_cache::Layout;
+use tandem_shared::config::{ClientAuth, Config};
+use tandem_shared::tls::Bundle;
+
+/// How long each probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a listener bound to `host` answers locally.
+fn local(host: IpAddr, port: u16) -> SocketAddr {
+    let ip = match host {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        other => other,
+    };
+    SocketAddr::new(ip, port)
+}
+
+fn fingerprint(der: &[u8]) -> Option<String> {
+    tandem_shared::tls::inspect(&rustls_pki_types::CertificateDer::from(der.to_vec()), "the served certificate")
+        .ok()
+        .map(|i| i.fingerprint)
+}
+
+/// One probe: the status, and over HTTPS the served certificate's fingerprint.
+async fn probe(client: &reqwest::Client, url: &str) -> Result<(u16, Option<String>), String> {
+    let r = client.get(url).send().await.map_err(|e| format!("{url}: {}", e.without_url()))?;
+    let fingerprint =
+        r.extensions().get::<reqwest::tls::TlsInfo>().and_then(|i| i.peer_certificate()).and_then(fingerprint);
+    Ok((r.status().as_u16(), fingerprint))
+}
+
+/// `tandem health`.
+pub fn command(args: &[String]) -> ExitCode {
+    let live = match args {
+        [] => false,
+        [flag] if flag == "--live" => true,
+        _ => {
+            eprintln!("tandem: error: usage: tandem health [--live]");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tandem: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+        eprintln!("tandem: error: cannot start a runtime");
+        return ExitCode::from(1);
+    };
+    match runtime.block_on(check(&config, live)) {
+        Ok(summary) => {
+            println!("healthy: {summary}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("tandem: unhealthy: {why}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn check(config: &Config, live: bool) -> Result<String, String> {
+    let path = if live { "/v2/health/live" } else { "/v2/health/ready" };
+    let plain = reqwest::Client::builder().timeout(PROBE_TIMEOUT).build().map_err(|e| e.to_string())?;
+    let http = local(config.host, config.port);
+    let (status, _) = probe(&plain, &format!("http://{http}{path}")).await?;
+    if status != 200 {
+        return Err(format!("http://{http}{path} answered {status}"));
+    }
+    let mut summary = format!("http {status}");
+    if !config.enable_ssl {
+        return Ok(summary);
+    }
+    if config.ssl_client_auth == ClientAuth::Required {
+        summary.push_str(", https not probed (SSL_CLIENT_AUTH=required and the probe has no client certificate)");
+        return Ok(summary);
+    }
+    // Pinned to what tandem publishes, so any certificate source (self-signed, private CA,
+    // ACME, files) is checked the same way, whatever names it carries.
+    let published = Bundle::load(&Layout::of(&config.cert_dir()).live()).ok().map(|b| b.info.fingerprint);
+    let pinned = reqwest::Client::builder()
+        .timeout(PROBE_TIMEOUT)
+        .danger_accept_invalid_certs(true)
+        .tls_info(true)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let https = local(config.host, config.ssl_port);
+    let (status, served) = probe(&pinned, &format!("https://{https}{path}")).await?;
+    if status != 200 {
+        return Err(format!("https://{https}{path} answered {status}"));
+    }
+    match (&published, &served) {
+        (Some(p), Some(s)) if p != s => {
+            return Err(format!("the HTTPS port serves certificate {s}, not the published {p}"));
+        }
+        (Some(p), _) => summary.push_str(&format!(", https {status} (certificate {})", &p[..16.min(p.len())])),
+        (None, _) => summary.push_str(&format!(", https {status} (published certificate not readable here)")),
+    }
+    Ok(summary)
+}

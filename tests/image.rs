@@ -1,0 +1,259 @@
+//! The container image, for real: built from the repository's Dockerfile
+//! (`--target prebuilt`, with the binary built for this test run, stripped) on
+//! a Debian base made locally with debootstrap and `docker import` (no
+//! registry here), then run: tandem is PID 1, HTTP and HTTPS answer, an
+//! orphaned grandchild is reaped, the cache on a mounted directory is 0700 /
+//! 0600 and owned by the container user, a Kubernetes-style `..data` secret
+//! swap is served by the same HTTPS worker, the health check turns healthy,
+//! and `docker stop` drains and exits 0 within GRACEFUL_TIMEOUT.
+//!
+//! Skipped, saying so, where there is no Docker Engine.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
+
+mod common;
+
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const BASE: &str = "tandem-test-base:bookworm";
+const UID: u32 = 10001;
+
+fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn docker_available() -> bool {
+    Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output().is_ok_and(|o| o.status.success())
+}
+
+/// The Debian base image, made once with debootstrap and kept in the engine.
+fn ensure_base() {
+    if Command::new("docker").args(["image", "inspect", BASE]).output().unwrap().status.success() {
+        return;
+    }
+    let have = Command::new("sh").args(["-c", "command -v debootstrap"]).status().unwrap().success();
+    assert!(have, "debootstrap is not installed: apt-get install debootstrap (.ci/run does)");
+    let root = tempfile::tempdir().unwrap();
+    eprintln!("image test: making the {BASE} base with debootstrap (a minute or two, once)");
+    run(Command::new("debootstrap")
+        .args(["--variant=minbase", "--include=ca-certificates", "bookworm"])
+        .arg(root.path())
+        .arg("http://deb.debian.org/debian"));
+    run(Command::new("sh").arg("-c").arg(format!("tar -C {} -c . | docker import - {BASE}", root.path().display())));
+}
+
+/// The ONNX Runtime library the host's Python package ships.
+fn host_onnxruntime() -> PathBuf {
+    let out = run(Command::new("python3").args(["-c", "import onnxruntime, os, glob; print(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*'))[0])"]));
+    PathBuf::from(text(&out))
+}
+
+/// Builds the image from a small context: the Dockerfile, the models, the prebuilt binary and library.
+fn build_image(tag: &str) {
+    let ctx = tempfile::tempdir().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(root.join("Dockerfile"), ctx.path().join("Dockerfile")).unwrap();
+    run(Command::new("cp").arg("-r").arg(root.join("models")).arg(ctx.path()));
+    std::fs::create_dir_all(ctx.path().join("prebuilt/lib")).unwrap();
+    run(Command::new("objcopy").args(["--strip-debug", TANDEM]).arg(ctx.path().join("prebuilt/tandem")));
+    let ort = host_onnxruntime();
+    std::fs::copy(&ort, ctx.path().join("prebuilt/lib/libonnxruntime.so")).unwrap();
+    let shared = ort.with_file_name("libonnxruntime_providers_shared.so");
+    if shared.exists() {
+        std::fs::copy(&shared, ctx.path().join("prebuilt/lib/libonnxruntime_providers_shared.so")).unwrap();
+    }
+    // The classic builder (this engine has no buildx): it stops at the target stage.
+    run(Command::new("docker")
+        .env("DOCKER_BUILDKIT", "0")
+        .args(["build", "-q", "--target", "prebuilt", "--build-arg", &format!("BASE={BASE}"), "-t", tag])
+        .arg(ctx.path()));
+}
+
+/// A container, removed on drop.
+struct Container(String);
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+    }
+}
+
+impl Container {
+    fn exec(&self, script: &str) -> String {
+        text(&run(Command::new("docker").args(["exec", &self.0, "sh", "-c", script])))
+    }
+
+    fn port(&self, inner: u16) -> u16 {
+        let out = text(&run(Command::new("docker").args(["port", &self.0, &format!("{inner}/tcp")])));
+        out.lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()).unwrap()
+    }
+
+    fn inspect(&self, format: &str) -> String {
+        text(&run(Command::new("docker").args(["inspect", "-f", format, &self.0])))
+    }
+
+    fn logs(&self) -> String {
+        let out = Command::new("docker").args(["logs", &self.0]).output().unwrap();
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    }
+
+    /// The pid (in the container) of the process whose argv[1] is `role`.
+    fn pid_of(&self, role: &str) -> String {
+        self.exec(&format!(
+            "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline | grep -q '^tandem {role}' && basename $p; done; true"
+        ))
+    }
+}
+
+/// A Kubernetes-style secret volume: `..data` points at a timestamped directory, the files point through it.
+fn secret_volume(dir: &Path, issued: &pki::Issued, generation: u32) {
+    let real = dir.join(format!("..2026_12_02_{generation}"));
+    issued.write(&real, "tls.crt", "tls.key");
+    for f in ["tls.crt", "tls.key"] {
+        std::os::unix::fs::chown(real.join(f), Some(UID), Some(UID)).unwrap();
+    }
+    std::os::unix::fs::chown(&real, Some(UID), Some(UID)).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    symlink(real.file_name().unwrap(), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    for f in ["tls.crt", "tls.key"] {
+        if std::fs::symlink_metadata(dir.join(f)).is_err() {
+            symlink(format!("..data/{f}"), dir.join(f)).unwrap();
+        }
+    }
+}
+
+fn served(port: u16, ca: &str) -> Option<String> {
+    let r = Tandem::https_client(ca).get(format!("https://localhost:{port}/v2/health/ready")).send().ok()?;
+    r.status().is_success().then(|| served_fingerprint(&r))
+}
+
+#[test]
+fn the_image_runs_tandem_as_pid_1_and_behaves_as_a_container_entrypoint() {
+    if !docker_available() {
+        eprintln!("image test skipped: no Docker Engine answers `docker info` here");
+        return;
+    }
+    ensure_base();
+    let tag = format!("tandem-test:{}", std::process::id());
+    build_image(&tag);
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The cache: a host directory the container user owns.
+    let cache = work.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::os::unix::fs::chown(&cache, Some(UID), Some(UID)).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // The certificate: a secret volume, as cert-manager's would be mounted.
+    let ca = pki::TestCa::new();
+    let secret = work.path().join("secret");
+    std::fs::create_dir(&secret).unwrap();
+    let (first, second) = (ca.issue(), ca.issue());
+    secret_volume(&secret, &first, 1);
+    let name = format!("tandem-test-{}", std::process::id());
+    let out = run(Command::new("docker")
+        .args(["run", "-d", "--name", &name, "-p", "127.0.0.1::9001", "-p", "127.0.0.1::9002"])
+        .args([
+            "-e",
+            "ENABLE_SSL=true",
+            "-e",
+            "SSL_CERTIFICATE=/certs/tls.crt",
+            "-e",
+            "GRACEFUL_TIMEOUT=10",
+            "-e",
+            "NUM_WORKERS=2",
+        ])
+        .arg("-v")
+        .arg(format!("{}:/var/cache/tandem", cache.display()))
+        .arg("-v")
+        .arg(format!("{}:/certs:ro", secret.display()))
+        .arg(&tag));
+    let c = Container(text(&out));
+    let _image = ImageGuard(tag.clone());
+    let (http, https) = (c.port(9001), c.port(9002));
+    let client = Tandem::http_client();
+    wait_for(
+        START_DEADLINE,
+        "HTTP from the container",
+        || c.logs(),
+        || {
+            client
+                .get(format!("http://127.0.0.1:{http}/v2/health/ready"))
+                .send()
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ())
+        },
+    );
+    let fp = wait_for(START_DEADLINE, "HTTPS from the container", || c.logs(), || served(https, &ca.pem));
+    assert_eq!(fp, first.fingerprint);
+    // PID 1, as the non-root user, with ONNX Runtime loaded.
+    assert_eq!(c.exec("cat /proc/1/comm"), "tandem");
+    assert!(c.exec("grep '^Uid:' /proc/1/status").contains(&UID.to_string()));
+    let info: serde_json::Value = client.get(format!("http://127.0.0.1:{http}/")).send().unwrap().json().unwrap();
+    assert!(info.to_string().contains("onnxruntime"), "{info}");
+    // An orphaned grandchild is re-parented to tandem and reaped when it exits.
+    let parent = c.exec("(sleep 2 &) ; sleep 0.3; for p in /proc/[0-9]*; do [ \"$(cat $p/comm)\" = sleep ] && grep '^PPid:' $p/status; done; true");
+    assert!(parent.contains("PPid:\t1"), "the orphan's parent: {parent:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    let zombies =
+        c.exec("for p in /proc/[0-9]*; do grep -q '^State:.*Z' $p/status 2>/dev/null && cat $p/comm; done; true");
+    assert_eq!(zombies, "", "no zombie left");
+    // The cache, created by tandem on the mounted directory.
+    let certs = cache.join("ssl_certificates");
+    let meta = std::fs::metadata(&certs).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.uid()), (0o700, UID));
+    let live = std::fs::metadata(certs.join("live.pem")).unwrap();
+    assert_eq!((live.mode() & 0o777, live.uid()), (0o600, UID));
+    // A ..data swap: the same HTTPS worker serves the new certificate.
+    let https_worker = c.pid_of("https-worker");
+    assert!(!https_worker.is_empty(), "{}", c.logs());
+    secret_volume(&secret, &second, 2);
+    wait_for(
+        Duration::from_secs(30),
+        "the swapped secret",
+        || c.logs(),
+        || (served(https, &ca.pem).as_deref() == Some(second.fingerprint.as_str())).then_some(()),
+    );
+    assert_eq!(c.pid_of("https-worker"), https_worker, "same HTTPS worker");
+    // The health check (tandem health) turns healthy.
+    wait_for(
+        Duration::from_secs(60),
+        "a healthy container",
+        || c.inspect("{{json .State.Health}}"),
+        || (c.inspect("{{.State.Health.Status}}") == "healthy").then_some(()),
+    );
+    // docker stop: SIGTERM, drain, exit 0 well within GRACEFUL_TIMEOUT.
+    let stopping = Instant::now();
+    run(Command::new("docker").args(["stop", "-t", "30", &c.0]));
+    let took = stopping.elapsed();
+    assert_eq!(c.inspect("{{.State.ExitCode}}"), "0", "{}", c.logs());
+    assert!(took < Duration::from_secs(10), "stopped in {took:?}");
+    assert!(c.logs().contains("drained"), "{}", c.logs());
+}
+
+/// Removes the test's image on drop.
+struct ImageGuard(String);
+
+impl Drop for ImageGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
+    }
+}
