@@ -11,6 +11,7 @@ pub mod metrics_port;
 pub mod models;
 pub mod process;
 pub mod supervise;
+mod systemd;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

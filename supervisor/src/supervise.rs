@@ -74,7 +74,11 @@ pub struct Listeners {
 
 impl Listeners {
     /// Binds every listener; a taken port is one error naming the address.
+    /// Listeners systemd passed (socket activation) are used as they are.
     pub fn bind(config: &Config) -> anyhow::Result<Self> {
+        if let Some(passed) = crate::systemd::passed_listeners(config)? {
+            return Self::from_passed(config, passed);
+        }
         let bind = |port: u16, what: &str| {
             let addr = SocketAddr::new(config.host, port);
             TcpListener::bind(addr).with_context(|| {
@@ -85,6 +89,27 @@ impl Listeners {
         let https = if config.enable_ssl { Some(bind(config.ssl_port, "HTTPS")?) } else { None };
         let metrics = config.metrics_port.map(|p| bind(p, "metrics")).transpose()?;
         Ok(Listeners { http, https, metrics })
+    }
+
+    fn from_passed(config: &Config, passed: Vec<(crate::systemd::Which, TcpListener)>) -> anyhow::Result<Self> {
+        use crate::systemd::Which;
+        let (mut http, mut https, mut metrics) = (None, None, None);
+        for (which, l) in passed {
+            tracing::info!(listener = ?which, addr = %Self::addr(&l)?, "using a listener passed by systemd");
+            match which {
+                Which::Http => http = Some(l),
+                Which::Https => https = Some(l),
+                Which::Metrics => metrics = Some(l),
+            }
+        }
+        let http = http.context("systemd passed no HTTP listener (name it FileDescriptorName=http)")?;
+        if config.enable_ssl && https.is_none() {
+            anyhow::bail!("ENABLE_SSL=true but systemd passed no HTTPS listener\nhint: add a ListenStream for SSL_PORT named https");
+        }
+        if config.metrics_port.is_some() && metrics.is_none() {
+            anyhow::bail!("METRICS_PORT is set but systemd passed no metrics listener\nhint: add a ListenStream named metrics, or unset METRICS_PORT");
+        }
+        Ok(Listeners { http, https: https.filter(|_| config.enable_ssl), metrics })
     }
 
     fn addr(l: &TcpListener) -> anyhow::Result<SocketAddr> {
@@ -110,6 +135,8 @@ pub struct Supervisor {
     /// The statistics region every process counts into, and the supervisor's own block.
     stats: (Arc<Counters>, OwnedFd),
     own_stats: Stats,
+    /// `WATCHDOG=1` to systemd, from this loop.
+    watchdog: crate::systemd::Watchdog,
     /// The certificate thread (renewal, file watching, downloads): never on this loop.
     certs: Option<CertHandle>,
     /// Model changes under way across the engine workers.
@@ -219,6 +246,7 @@ impl Supervisor {
             shm,
             stats: (counters, stats_fd),
             own_stats,
+            watchdog: crate::systemd::Watchdog::from_env(),
             certs,
             model_ops: ModelOps::default(),
             repository_changes,
@@ -250,6 +278,8 @@ impl Supervisor {
                 Wake::Control(c) => self.on_control(c),
                 Wake::Cert(CertChecked { published, requested }) => {
                     if (published || requested) && matches!(self.phase, Phase::Running) {
+                        // READY=1 again when the HTTPS worker answers (reloaded or refused).
+                        crate::systemd::reloading();
                         self.signal_role(Role::HttpsWorker, Signal::SIGHUP);
                     }
                 }
@@ -264,6 +294,7 @@ impl Supervisor {
             // SIGCHLD can coalesce; reaping on every wake costs one syscall.
             self.reap()?;
             self.restart_due()?;
+            self.watchdog.ping_if_due();
             if let Phase::Stopping { deadline } = self.phase {
                 self.stop_engines_when_https_drained();
                 if self.slots.iter().all(|s| s.pid.is_none()) {
@@ -440,9 +471,11 @@ impl Supervisor {
                     WorkerEvent::Draining => slot.state = WorkerState::Draining,
                     WorkerEvent::Reloaded { fingerprint } => {
                         tracing::info!(worker_id = id, %fingerprint, "https worker serves the new certificate");
+                        crate::systemd::notify("READY=1");
                     }
                     WorkerEvent::ReloadFailed { reason } => {
                         tracing::error!(worker_id = id, %reason, "https worker refused the certificate; the previous one keeps serving");
+                        crate::systemd::notify("READY=1");
                     }
                     WorkerEvent::ModelChangeRequested { request, change } => {
                         if self.config.model_control_mode == ModelControlMode::Explicit {
@@ -520,6 +553,11 @@ impl Supervisor {
 
     fn announce(&self) {
         tracing::info!(url = %url("http", self.http_addr), workers = self.http_slots(), "serving HTTP");
+        crate::systemd::notify(&format!(
+            "READY=1\nSTATUS=serving HTTP on {} with {} workers",
+            self.http_addr,
+            self.http_slots()
+        ));
         if let Some(addr) = self.https_addr {
             tracing::info!(url = %url("https", addr), fingerprint = self.certs.as_ref().map(CertHandle::fingerprint).as_deref(), "serving HTTPS");
         }
@@ -615,6 +653,7 @@ impl Supervisor {
         let deadline = Instant::now() + self.config.graceful_timeout;
         self.phase = Phase::Stopping { deadline };
         tracing::info!(timeout_s = self.config.graceful_timeout.as_secs(), "stopping: draining workers");
+        crate::systemd::notify("STOPPING=1");
         // Our copies of the listeners go; each worker closes its own as it drains.
         self.listeners = None;
         for s in &mut self.slots {

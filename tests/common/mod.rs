@@ -106,6 +106,11 @@ impl TandemBuilder {
         self
     }
 
+    /// The variables set so far.
+    pub fn env_keys(&self) -> Vec<String> {
+        self.env.keys().cloned().collect()
+    }
+
     /// The value a variable will have.
     pub fn env_value(&self, k: &str) -> Option<&str> {
         self.env.get(k).map(String::as_str)
