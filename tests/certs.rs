@@ -65,11 +65,11 @@ fn custom_certificate_key_is_discovered_for_each_naming_pattern() {
             assert!(t.stderr().contains("private key is readable by other users"), "{}", t.explain());
         }
     }
-    // A 0600 key draws no warning.
+    // A key only we and our own group can read (0640, as Kubernetes mounts a secret with fsGroup) draws no warning.
     let b = TandemBuilder::new().ssl();
     let dir = b.dir().join("certs");
     ca.issue().write(&dir, "tls.crt", "tls.key");
-    std::fs::set_permissions(dir.join("tls.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(dir.join("tls.key"), std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
     let t = b.env("SSL_CERTIFICATE", dir.join("tls.crt").to_str().unwrap()).start();
     assert!(!t.stderr().contains("readable by other users"), "{}", t.explain());
 }

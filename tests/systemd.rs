@@ -59,9 +59,12 @@ fn socket_activated_and_notifying_as_a_type_notify_service() {
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let mut t = b.wrapped(&argv).spawn();
     // systemd-socket-activate starts tandem on the first connection, which waits in the passed socket's queue.
-    let first = wait_for(Duration::from_secs(10), "the activating socket", || t.explain(), || {
-        std::net::TcpStream::connect(format!("127.0.0.1:{http}")).ok()
-    });
+    let first = wait_for(
+        Duration::from_secs(10),
+        "the activating socket",
+        || t.explain(),
+        || std::net::TcpStream::connect(format!("127.0.0.1:{http}")).ok(),
+    );
     let seen = until(&notify, "READY=1", START_DEADLINE, &t);
     // The connection made before tandem ran is served.
     {

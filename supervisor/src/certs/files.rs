@@ -81,8 +81,15 @@ pub fn load_custom(cert: &Path, key: Option<&Path>) -> Result<Bundle, SourceErro
     let read = |p: &Path| tls::read_pem_file(p);
     let origin = format!("certificate {} with key {}", cert.display(), key.display());
     if let Ok(meta) = std::fs::metadata(&key) {
-        let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777;
-        if mode & 0o044 != 0 {
+        use std::os::unix::fs::MetadataExt;
+        let mode = meta.mode() & 0o777;
+        // Group access for our own group is how Kubernetes mounts secrets (fsGroup, mode 0440).
+        let others = mode & 0o004 != 0 || (mode & 0o040 != 0 && meta.gid() != nix::unistd::getegid().as_raw());
+        // Once per key and mode: the files are re-read every few seconds.
+        static WARNED: std::sync::Mutex<Vec<(PathBuf, u32)>> = std::sync::Mutex::new(Vec::new());
+        let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+        if others && !warned.contains(&(key.clone(), mode)) {
+            warned.push((key.clone(), mode));
             tracing::warn!(key = %key.display(), mode = format!("{mode:o}"), "the private key is readable by other users\nhint: chmod 600 the key file");
         }
     }
