@@ -374,13 +374,17 @@ impl Source for Acme {
 
     fn obtain<'a>(&'a self, cache: &'a CertCache) -> Obtaining<'a> {
         Box::pin(async move {
-            let cached = self.cached(cache);
-            if let Some(b) = &cached {
-                let due = super::renewal::due_at(Refresh::TWO_THIRDS, b.info.not_before, b.info.not_after);
-                let ari_says_now = self.renewal_window_open(cache, b).await;
-                if due.is_some_and(|d| unix_now() < d) && !ari_says_now {
-                    return Ok(Obtained::good(cache.load(cert_cache::ACME_CERT)?));
+            let mut cached = self.cached(cache);
+            let keep = match &cached {
+                Some(b) => {
+                    let due = super::renewal::due_at(Refresh::TWO_THIRDS, b.info.not_before, b.info.not_after);
+                    // Renewal information is only asked while the two-thirds rule says "not yet".
+                    due.is_some_and(|d| unix_now() < d) && !self.renewal_window_open(cache, b).await
                 }
+                None => false,
+            };
+            if let Some(b) = cached.take_if(|_| keep) {
+                return Ok(Obtained::good(b));
             }
             tracing::info!(domains = %self.settings.domains.join(","), challenge = ?self.settings.challenge, "ordering a certificate from the ACME server");
             match self.order(cache).await {
