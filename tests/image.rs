@@ -14,13 +14,12 @@
 mod common;
 
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
 
-const BASE: &str = "tandem-test-base:bookworm";
 const UID: u32 = 10001;
 
 fn run(cmd: &mut Command) -> Output {
@@ -42,47 +41,10 @@ fn docker_available() -> bool {
     Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output().is_ok_and(|o| o.status.success())
 }
 
-/// The Debian base image, made once with debootstrap and kept in the engine.
-fn ensure_base() {
-    if Command::new("docker").args(["image", "inspect", BASE]).output().unwrap().status.success() {
-        return;
-    }
-    let have = Command::new("sh").args(["-c", "command -v debootstrap"]).status().unwrap().success();
-    assert!(have, "debootstrap is not installed: apt-get install debootstrap (.ci/run does)");
-    let root = tempfile::tempdir().unwrap();
-    eprintln!("image test: making the {BASE} base with debootstrap (a minute or two, once)");
-    run(Command::new("debootstrap")
-        .args(["--variant=minbase", "--include=ca-certificates", "bookworm"])
-        .arg(root.path())
-        .arg("http://deb.debian.org/debian"));
-    run(Command::new("sh").arg("-c").arg(format!("tar -C {} -c . | docker import - {BASE}", root.path().display())));
-}
-
-/// The ONNX Runtime library the host's Python package ships.
-fn host_onnxruntime() -> PathBuf {
-    let out = run(Command::new("python3").args(["-c", "import onnxruntime, os, glob; print(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), 'capi', 'libonnxruntime.so*'))[0])"]));
-    PathBuf::from(text(&out))
-}
-
-/// Builds the image from a small context: the Dockerfile, the models, the prebuilt binary and library.
+/// Builds the image (`scripts/test-image`: the `prebuilt` target on a locally made base, with this run's binary).
 fn build_image(tag: &str) {
-    let ctx = tempfile::tempdir().unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    std::fs::copy(root.join("Dockerfile"), ctx.path().join("Dockerfile")).unwrap();
-    run(Command::new("cp").arg("-r").arg(root.join("models")).arg(ctx.path()));
-    std::fs::create_dir_all(ctx.path().join("prebuilt/lib")).unwrap();
-    run(Command::new("objcopy").args(["--strip-debug", TANDEM]).arg(ctx.path().join("prebuilt/tandem")));
-    let ort = host_onnxruntime();
-    std::fs::copy(&ort, ctx.path().join("prebuilt/lib/libonnxruntime.so")).unwrap();
-    let shared = ort.with_file_name("libonnxruntime_providers_shared.so");
-    if shared.exists() {
-        std::fs::copy(&shared, ctx.path().join("prebuilt/lib/libonnxruntime_providers_shared.so")).unwrap();
-    }
-    // The classic builder (this engine has no buildx): it stops at the target stage.
-    run(Command::new("docker")
-        .env("DOCKER_BUILDKIT", "0")
-        .args(["build", "-q", "--target", "prebuilt", "--build-arg", &format!("BASE={BASE}"), "-t", tag])
-        .arg(ctx.path()));
+    run(Command::new("bash").arg(root.join("scripts/test-image")).arg(TANDEM).arg(tag));
 }
 
 /// A container, removed on drop.
@@ -151,7 +113,6 @@ fn the_image_runs_tandem_as_pid_1_and_behaves_as_a_container_entrypoint() {
         eprintln!("image test skipped: no Docker Engine answers `docker info` here");
         return;
     }
-    ensure_base();
     let tag = format!("tandem-test:{}", std::process::id());
     build_image(&tag);
     let work = tempfile::tempdir().unwrap();
