@@ -409,9 +409,7 @@ fn issue_command(config: &Config, layout: &Layout, flags: &[String]) -> ExitCode
     while let Some(f) = it.next() {
         match f.as_str() {
             "--san" => match it.next() {
-                Some(n) if tls::san_strings(std::slice::from_ref(n)).len() == 1 && !n.is_empty() => {
-                    sans.push(n.clone())
-                }
+                Some(n) if !n.is_empty() => sans.push(n.clone()),
                 _ => return usage("--san needs a DNS name or an IP address"),
             },
             "--days" => match it.next().and_then(|d| d.parse::<u64>().ok()).filter(|d| (1..=3650).contains(d)) {
