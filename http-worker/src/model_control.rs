@@ -68,6 +68,8 @@ impl ModelControl {
                     let _ = w.send(error);
                 }
             }
+            // Meant for the proxy worker (WORKER_COMMAND); an engine has no copies.
+            Command::Backends { .. } => {}
         }
     }
 

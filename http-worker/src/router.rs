@@ -251,18 +251,11 @@ fn redirect_to_https(req: &axum::extract::Request, port: u16) -> Option<Response
     if path.starts_with("/v2/health/") || path.starts_with("/.well-known/acme-challenge/") {
         return None;
     }
-    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-    // The host without its port ("[::1]:9001" -> "[::1]", "a.example:80" -> "a.example").
-    let name = match host.rfind(':') {
-        Some(i) if !host[i..].contains(']') => &host[..i],
-        _ => host,
-    };
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b)) {
-        return Some(error(StatusCode::BAD_REQUEST, "a Host header is needed to redirect to HTTPS"));
-    }
-    let authority = if port == 443 { name.to_string() } else { format!("{name}:{port}") };
+    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
     let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let location = HeaderValue::from_str(&format!("https://{authority}{target}")).ok()?;
+    let Some(location) = tandem_shared::serve::https_location(host, port, target) else {
+        return Some(error(StatusCode::BAD_REQUEST, "a Host header is needed to redirect to HTTPS"));
+    };
     let mut res = error(StatusCode::PERMANENT_REDIRECT, "this server answers over HTTPS");
     res.headers_mut().insert(header::LOCATION, location);
     Some(res)
@@ -271,11 +264,7 @@ fn redirect_to_https(req: &axum::extract::Request, port: u16) -> Option<Response
 /// ACME HTTP-01: the key authorization for `token`, as the supervisor wrote it
 /// for the order in progress; 404 for anything else (RFC 8555 §8.3).
 async fn acme_challenge(State(state): State<AppState>, Path(token): Path<String>) -> Response {
-    let valid = tandem_shared::cert_cache::http01_token_ok(&token);
-    let found = state.inner.acme_http01.as_ref().filter(|_| valid).and_then(|dir| {
-        let bytes = std::fs::read(dir.join(&token)).ok()?;
-        (bytes.len() <= 1024).then_some(bytes)
-    });
+    let found = state.inner.acme_http01.as_ref().and_then(|dir| tandem_shared::cert_cache::http01_answer(dir, &token));
     match found {
         Some(body) => {
             let mut res = Response::new(Body::from(body));

@@ -28,7 +28,7 @@ const QUEUE_WAIT: Duration = Duration::from_secs(1);
 const DRAIN_BYTES: usize = 64 << 20;
 
 /// Why a request body was not read.
-enum BodyError {
+pub enum BodyError {
     /// Over the limit (the rest was drained, up to [`DRAIN_BYTES`]).
     TooLarge,
     /// The connection failed.
@@ -38,7 +38,7 @@ enum BodyError {
 /// Reads a body of at most `limit` bytes. Past the limit it reads on and drops
 /// up to [`DRAIN_BYTES`] more, so the 413 reaches a client still sending (an
 /// HTTP/2 stream answered before its body would be reset under the client).
-async fn read_body(mut body: Incoming, limit: usize, expected: Option<u64>) -> Result<Bytes, BodyError> {
+pub async fn read_body(mut body: Incoming, limit: usize, expected: Option<u64>) -> Result<Bytes, BodyError> {
     // One allocation when the length is declared (no regrowth copies of a large body).
     let mut buf = bytes::BytesMut::with_capacity(expected.map_or(0, |n| n.min(limit as u64) as usize));
     let mut over = false;

@@ -60,6 +60,99 @@ pub fn server_config(
     Ok(config)
 }
 
+/// TLS on a listener: the published certificate behind a reloadable resolver,
+/// client authentication, and the handshake. The HTTPS worker and the proxy
+/// worker terminate TLS with it.
+pub struct Tls {
+    resolver: Arc<ReloadableResolver>,
+    acceptors: Arc<client_auth::Acceptors>,
+    /// Fingerprint of the certificate served at start.
+    pub fingerprint: String,
+}
+
+impl Tls {
+    /// Loads `live.pem` and the client CAs the settings name.
+    pub fn start(settings: &WorkerSettings) -> anyhow::Result<Tls> {
+        let bundle = Bundle::load(&settings.live_cert).context("cannot load the published certificate")?;
+        let fingerprint = bundle.info.fingerprint.clone();
+        let resolver = Arc::new(ReloadableResolver::new(bundle.certified_key(), settings.acme_alpn01.clone()));
+        let acceptors = client_auth::Acceptors::new(
+            resolver.clone(),
+            settings.tls_min_version,
+            settings.client_ca.clone(),
+            settings.client_auth,
+        )?;
+        acceptors.watch();
+        Ok(Tls { resolver, acceptors, fingerprint })
+    }
+
+    /// Reloads the certificate (and client CAs) on every SIGHUP, acknowledging on the control channel.
+    pub fn spawn_reloads(
+        &self,
+        settings: &WorkerSettings,
+        control: Arc<ControlClient>,
+        stats: tandem_shared::stats::Stats,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+        let (settings, resolver, acceptors) = (settings.clone(), self.resolver.clone(), self.acceptors.clone());
+        Ok(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                stats.tls_reload(reload(&settings, &resolver, &control));
+                acceptors.reload();
+            }
+        }))
+    }
+
+    /// The handshake step for [`tandem_shared::serve::Server::run`] on the listener at `addr`.
+    pub fn handshaker(&self, stats: tandem_shared::stats::Stats, addr: std::net::SocketAddr) -> Handshaker {
+        Handshaker { acceptors: self.acceptors.clone(), stats, https_url: tandem_shared::url("https", addr).into() }
+    }
+}
+
+/// Accepts TLS on one connection: plain HTTP is refused with a hint, ACME
+/// validations end with the handshake, failures are counted by reason.
+#[derive(Clone)]
+pub struct Handshaker {
+    acceptors: Arc<client_auth::Acceptors>,
+    stats: tandem_shared::stats::Stats,
+    https_url: Arc<str>,
+}
+
+impl Handshaker {
+    /// The TLS stream and the client's verified certificate, or None when the connection ends here.
+    pub async fn accept(
+        self,
+        tcp: tokio::net::TcpStream,
+        peer: std::net::SocketAddr,
+    ) -> Option<tandem_shared::serve::Accepted<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+        let acceptor = self.acceptors.current();
+        // Counted as a timeout unless it ends here (the server drops it at HEADER_TIMEOUT).
+        let mut pending = handshake::Pending::new(&self.stats);
+        let mut first = [0u8; 1];
+        if matches!(tcp.peek(&mut first).await, Ok(1)) && handshake::looks_like_http(first[0]) {
+            pending.plain_http();
+            handshake::refuse_plain_http(tcp, &self.https_url).await;
+            return None;
+        }
+        match acceptor.accept(tcp).await {
+            Ok(tls) => {
+                pending.done(tls.get_ref().1);
+                if tls.get_ref().1.alpn_protocol() == Some(resolver::ACME_TLS_ALPN) {
+                    // A TLS-ALPN-01 validation ends with the handshake (RFC 8737 §3).
+                    return None;
+                }
+                let client = client_auth::identity(tls.get_ref().1);
+                Some(tandem_shared::serve::Accepted { io: tls, client })
+            }
+            Err(e) => {
+                pending.failed(&e);
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                None
+            }
+        }
+    }
+}
+
 async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow::Result<()> {
     let stats = tandem_shared::worker::open_stats(
         &settings.stats,
@@ -67,16 +160,8 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         settings.worker_id,
     )
     .context("cannot map the statistics region")?;
-    let bundle = Bundle::load(&settings.live_cert).context("cannot load the published certificate")?;
-    let fingerprint = bundle.info.fingerprint.clone();
-    let resolver = Arc::new(ReloadableResolver::new(bundle.certified_key(), settings.acme_alpn01.clone()));
-    let acceptors = client_auth::Acceptors::new(
-        resolver.clone(),
-        settings.tls_min_version,
-        settings.client_ca.clone(),
-        settings.client_auth,
-    )?;
-    acceptors.watch();
+    let tls = Tls::start(&settings)?;
+    let fingerprint = tls.fingerprint.clone();
 
     let std_listener = listenfd::ListenFd::from_env()
         .take_tcp_listener(0)
@@ -103,7 +188,6 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         extra_headers,
     };
     let forwarder = Arc::new(forward::Forwarder::new(region, completions.clone(), stats.clone(), options));
-    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let budget = tandem_shared::serve::connection_budget();
     let server = tandem_shared::serve::Server::new(settings.timeouts, budget);
 
@@ -112,46 +196,9 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         .context("cannot report ready to the supervisor")?;
     tracing::info!(worker_id = settings.worker_id, pid = std::process::id(), addr = %settings.listen_addr, %fingerprint, max_connections = budget, "https worker ready");
 
-    let reloads = {
-        let (settings, resolver, control, stats) = (settings.clone(), resolver.clone(), control.clone(), stats.clone());
-        let acceptors = acceptors.clone();
-        tokio::spawn(async move {
-            while hup.recv().await.is_some() {
-                stats.tls_reload(reload(&settings, &resolver, &control));
-                acceptors.reload();
-            }
-        })
-    };
-    let https_url = tandem_shared::url("https", settings.listen_addr);
-    let handshake = move |tcp: tokio::net::TcpStream, peer: std::net::SocketAddr| {
-        let (acceptor, stats, https_url) = (acceptors.current(), stats.clone(), https_url.clone());
-        async move {
-            // Counted as a timeout unless it ends here (the server drops it at HEADER_TIMEOUT).
-            let mut pending = handshake::Pending::new(&stats);
-            let mut first = [0u8; 1];
-            if matches!(tcp.peek(&mut first).await, Ok(1)) && handshake::looks_like_http(first[0]) {
-                pending.plain_http();
-                handshake::refuse_plain_http(tcp, &https_url).await;
-                return None;
-            }
-            match acceptor.accept(tcp).await {
-                Ok(tls) => {
-                    pending.done(tls.get_ref().1);
-                    if tls.get_ref().1.alpn_protocol() == Some(resolver::ACME_TLS_ALPN) {
-                        // A TLS-ALPN-01 validation ends with the handshake (RFC 8737 §3).
-                        return None;
-                    }
-                    let client = client_auth::identity(tls.get_ref().1);
-                    Some(tandem_shared::serve::Accepted { io: tls, client })
-                }
-                Err(e) => {
-                    pending.failed(&e);
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    None
-                }
-            }
-        }
-    };
+    let reloads = tls.spawn_reloads(&settings, control.clone(), stats.clone())?;
+    let handshaker = tls.handshaker(stats.clone(), settings.listen_addr);
+    let handshake = move |tcp, peer| handshaker.clone().accept(tcp, peer);
     let fwd = forwarder.clone();
     let service = hyper::service::service_fn(move |req| fwd.clone().handle(req));
     server.run(&listener, stop_signal(), handshake, service).await;

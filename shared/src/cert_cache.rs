@@ -110,6 +110,16 @@ pub fn http01_token_ok(token: &str) -> bool {
         && token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// The key authorization waiting in `dir` (the cache's `acme_http01`) for
+/// `token`, when the token is well-formed and an order is in progress.
+pub fn http01_answer(dir: &Path, token: &str) -> Option<Vec<u8>> {
+    if !http01_token_ok(token) {
+        return None;
+    }
+    let bytes = std::fs::read(dir.join(token)).ok()?;
+    (bytes.len() <= 1024).then_some(bytes)
+}
+
 /// The file in [`Layout::acme_alpn01`] holding the TLS-ALPN-01 certificate for `name`.
 pub fn alpn01_file_name(name: &str) -> String {
     let safe: String =

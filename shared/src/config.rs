@@ -226,6 +226,21 @@ pub const ENV_VARS: &[EnvVar] = &[
         default: "False",
         meaning: "one log line per request (listener, peer, method, path, status, bytes, duration, model, worker)",
     },
+    EnvVar {
+        name: "WORKER_COMMAND",
+        default: "unset (tandem's own engine)",
+        meaning: "run NUM_WORKERS copies of this HTTP server command line instead of the engine, behind both ports; {port}, {socket} and {worker} are filled in per copy (docs/PROXY.md)",
+    },
+    EnvVar {
+        name: "WORKER_READY_PATH",
+        default: "/",
+        meaning: "path a WORKER_COMMAND copy must answer with 2xx or 3xx before it gets requests, and keep answering while it runs",
+    },
+    EnvVar {
+        name: "WORKER_START_TIMEOUT",
+        default: "120",
+        meaning: "seconds a WORKER_COMMAND copy has to become ready before it is restarted (1-86400)",
+    },
 ];
 
 /// Where the HTTPS certificate comes from.
@@ -430,6 +445,12 @@ pub struct Config {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// `WORKER_COMMAND` (or `tandem run -- ...`): the server whose copies replace the engine.
+    pub worker_command: Option<Vec<String>>,
+    /// Readiness and health path of the copies.
+    pub worker_ready_path: String,
+    /// How long a copy may take to become ready.
+    pub worker_start_timeout: Duration,
 }
 
 impl Config {
@@ -520,6 +541,9 @@ struct Raw {
     access_log: Option<String>,
     model_control_mode: Option<String>,
     repository_poll_secs: Option<String>,
+    worker_command: Option<String>,
+    worker_ready_path: Option<String>,
+    worker_start_timeout: Option<String>,
 }
 
 /// Collects problems while parsing each variable.
@@ -1035,6 +1059,28 @@ impl Config {
             let (accepted, parse) = seconds(1, 86400);
             c.get("REPOSITORY_POLL_SECS", &raw.repository_poll_secs, Duration::from_secs(15), &accepted, parse)
         };
+        let worker_command = c.get(
+            "WORKER_COMMAND",
+            &raw.worker_command,
+            None,
+            "a command line (shell quoting, no shell operators) whose program exists and is executable",
+            |v| {
+                let argv = shell_words::split(v).ok()?;
+                find_program(argv.first()?, ambient("PATH").as_deref()).ok()?;
+                Some(Some(argv))
+            },
+        );
+        let worker_ready_path = c.get(
+            "WORKER_READY_PATH",
+            &raw.worker_ready_path,
+            "/".to_string(),
+            "an absolute path such as / or /health (no spaces or control characters)",
+            |v| (v.starts_with('/') && v.bytes().all(|b| b.is_ascii_graphic())).then(|| v.to_string()),
+        );
+        let worker_start_timeout = {
+            let (accepted, parse) = seconds(1, 86400);
+            c.get("WORKER_START_TIMEOUT", &raw.worker_start_timeout, Duration::from_secs(120), &accepted, parse)
+        };
 
         if !c.problems.is_empty() {
             return Err(ConfigError { problems: c.problems });
@@ -1079,8 +1125,32 @@ impl Config {
             graceful_timeout,
             log_level,
             log_format,
+            worker_command,
+            worker_ready_path,
+            worker_start_timeout,
         })
     }
+}
+
+/// Where `program` (the first word of a `WORKER_COMMAND`) is: a path with a
+/// `/` as it is, a bare name looked up in `path` (`PATH`, else the usual
+/// directories). Err says why it cannot be run.
+pub fn find_program(program: &str, path: Option<&str>) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+    if program.is_empty() {
+        return Err("the command is empty".into());
+    }
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return if runnable(&p) { Ok(p) } else { Err(format!("{program} is not an executable file")) };
+    }
+    let path = path.unwrap_or("/usr/local/bin:/usr/bin:/bin");
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(program))
+        .find(|p| runnable(p))
+        .ok_or_else(|| format!("{program} is not on PATH ({path})"))
 }
 
 /// The cache root when `MODEL_CACHE_DIR` is not set: never the world-writable

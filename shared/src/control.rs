@@ -53,6 +53,56 @@ pub enum WorkerEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },
+    /// The proxy worker has no request left in flight on backend `id`, which
+    /// the supervisor marked [`BackendState::Draining`]: it can be stopped.
+    BackendIdle {
+        /// The backend (the copy's worker id).
+        id: u64,
+    },
+}
+
+/// Where a `WORKER_COMMAND` copy listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "at", rename_all = "snake_case")]
+pub enum BackendAddr {
+    /// A loopback TCP port (`{port}`).
+    Tcp(std::net::SocketAddr),
+    /// A Unix socket (`{socket}`).
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendAddr::Tcp(a) => write!(f, "http://{a}"),
+            BackendAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Whether the proxy worker sends a copy requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// Ready and answering its health probe: in rotation.
+    Ready,
+    /// Running but not answering its probe: out of rotation (used only when no copy is ready).
+    Unhealthy,
+    /// Being stopped: no new requests; the proxy reports [`WorkerEvent::BackendIdle`] when its last one ends.
+    Draining,
+}
+
+/// One `WORKER_COMMAND` copy, as the proxy worker sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backend {
+    /// The copy's worker id (never reused, so a restarted copy is a new backend).
+    pub id: u64,
+    /// Its worker number (1-based slot, kept across restarts; `{worker}`).
+    pub worker: usize,
+    /// Where it listens.
+    pub addr: BackendAddr,
+    /// Whether it gets requests.
+    pub state: BackendState,
 }
 
 /// A change to the served models (Triton's repository load and unload).
@@ -112,6 +162,12 @@ pub enum Command {
         /// What failed, per worker, if anything did.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+    },
+    /// The `WORKER_COMMAND` copies the proxy worker routes to: the whole set,
+    /// sent whenever one changes (a copy missing from it is gone).
+    Backends {
+        /// Every copy that is running.
+        backends: Vec<Backend>,
     },
 }
 

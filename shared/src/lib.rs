@@ -38,14 +38,27 @@ pub enum Role {
     HttpWorker,
     /// TLS termination.
     HttpsWorker,
+    /// With `WORKER_COMMAND`: serves both ports and forwards every request to a copy.
+    ProxyWorker,
+    /// With `WORKER_COMMAND`: one copy of the operator's server (not a tandem process).
+    App,
 }
 
 impl Role {
+    /// Whether this process serves the ports in front of the engines or copies
+    /// (it drains first on stop, and gets SIGHUP for certificates).
+    pub fn is_front(self) -> bool {
+        matches!(self, Role::HttpsWorker | Role::ProxyWorker)
+    }
+
     /// The hidden subcommand that starts this role.
     pub fn subcommand(self) -> &'static str {
         match self {
             Role::HttpWorker => "http-worker",
             Role::HttpsWorker => "https-worker",
+            Role::ProxyWorker => "proxy-worker",
+            // Never run as a tandem subcommand; the name is for logs.
+            Role::App => "worker-command",
         }
     }
 }
@@ -108,6 +121,23 @@ pub struct WorkerSettings {
     /// Models whose load differs from the repository's files, as changed by
     /// explicit load/unload: `None` unloaded, `Some(config)` loaded with that JSON config.
     pub models_wanted: std::collections::BTreeMap<String, Option<String>>,
+    /// The proxy worker's settings (`WORKER_COMMAND`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxySettings>,
+}
+
+/// What the proxy worker needs beyond the common settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxySettings {
+    /// Descriptor and address of the HTTPS listener, when `ENABLE_SSL` (the
+    /// HTTP listener is the first, as for every worker).
+    pub https: Option<(i32, SocketAddr)>,
+    /// `REQUEST_TIMEOUT`: how long a copy may take to start answering.
+    pub request_timeout: Duration,
+    /// The copies running when the proxy worker was spawned.
+    pub backends: Vec<control::Backend>,
+    /// `WORKER_READY_PATH` (a health check: never redirected to HTTPS).
+    pub ready_path: String,
 }
 
 /// The ONNX Runtime library the supervisor found and probed.

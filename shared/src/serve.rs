@@ -22,6 +22,22 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+/// `SSL_REDIRECT_HTTP`: where a plain HTTP request for `target` (path and
+/// query) on `host` goes on HTTPS `port`; None when the host is missing or not a name.
+pub fn https_location(host: Option<&str>, port: u16, target: &str) -> Option<http::HeaderValue> {
+    let host = host.unwrap_or("localhost");
+    // The host without its port ("[::1]:9001" -> "[::1]", "a.example:80" -> "a.example").
+    let name = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => &host[..i],
+        _ => host,
+    };
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b)) {
+        return None;
+    }
+    let authority = if port == 443 { name.to_string() } else { format!("{name}:{port}") };
+    http::HeaderValue::from_str(&format!("https://{authority}{target}")).ok()
+}
+
 /// The timeouts every connection gets (`HEADER_TIMEOUT`, `KEEPALIVE_TIMEOUT`, `IDLE_TIMEOUT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timeouts {

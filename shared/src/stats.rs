@@ -91,6 +91,8 @@ pub enum ProcessRole {
     Https = 2,
     /// An engine (HTTP) worker.
     Engine = 3,
+    /// The proxy worker in front of `WORKER_COMMAND` copies.
+    Proxy = 4,
 }
 
 impl ProcessRole {
@@ -100,6 +102,7 @@ impl ProcessRole {
             ProcessRole::Supervisor => "supervisor",
             ProcessRole::Https => "https-worker",
             ProcessRole::Engine => "http-worker",
+            ProcessRole::Proxy => "proxy-worker",
         }
     }
 
@@ -108,6 +111,7 @@ impl ProcessRole {
             1 => Some(ProcessRole::Supervisor),
             2 => Some(ProcessRole::Https),
             3 => Some(ProcessRole::Engine),
+            4 => Some(ProcessRole::Proxy),
             _ => None,
         }
     }

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod apps;
 pub mod certs;
 pub mod engine_runtime;
 mod health;
@@ -43,9 +44,14 @@ pub enum Outcome {
 /// Entry point: dispatches on the (hidden) subcommand and maps the outcome to an exit status.
 pub fn main(args: &[String]) -> ExitCode {
     let outcome = match args.first().map(String::as_str) {
-        None => supervisor(),
+        None => supervisor(None),
+        Some("run") => match run_args(&args[1..]) {
+            Ok(argv) => supervisor(Some(argv)),
+            Err(e) => Outcome::Config(e),
+        },
         Some("http-worker") => worker(tandem_http_worker::run),
         Some("https-worker") => worker(tandem_https_worker::run),
+        Some("proxy-worker") => worker(tandem_proxy_worker::run),
         Some("cert") => return cert_command(&args[1..]),
         Some("ca") => return certs::ca::command(&args[1..]),
         Some("health") => return health::command(&args[1..]),
@@ -141,7 +147,7 @@ fn engine_probe(args: &[String]) -> ExitCode {
 
 fn usage() -> String {
     let mut s = String::from(
-        "usage: tandem                     run the supervisor (configured by the environment)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem ca init|status|export|issue  the private CA (SSL_CERTIFICATE=CA); `tandem ca` for usage\n       tandem health [--live]       probe the local server's readiness (liveness) over HTTP and HTTPS; exit 0 healthy, 1 not\n       tandem check                 the serve mode, effective configuration and ignored variables\n       tandem --version\n\nenvironment:\n",
+        "usage: tandem                     run the supervisor (configured by the environment)\n       tandem run -- CMD ARGS...    run NUM_WORKERS copies of an HTTP server command behind both ports (as WORKER_COMMAND)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem ca init|status|export|issue  the private CA (SSL_CERTIFICATE=CA); `tandem ca` for usage\n       tandem health [--live]       probe the local server's readiness (liveness) over HTTP and HTTPS; exit 0 healthy, 1 not\n       tandem check                 the serve mode, effective configuration and ignored variables\n       tandem --version\n\nenvironment:\n",
     );
     for v in tandem_shared::config::ENV_VARS {
         s.push_str(&format!("  {:<22} {} (default: {})\n", v.name, v.meaning, v.default));
@@ -163,11 +169,29 @@ fn worker(run: fn(tandem_shared::WorkerSettings) -> anyhow::Result<()>) -> Outco
     }
 }
 
-fn supervisor() -> Outcome {
-    let config = match Config::from_env() {
+/// The command of `tandem run [--] CMD ARGS...`, checked like `WORKER_COMMAND`.
+fn run_args(args: &[String]) -> anyhow::Result<Vec<String>> {
+    let argv = match args.first().map(String::as_str) {
+        Some("--") => &args[1..],
+        _ => args,
+    };
+    let Some(program) = argv.first() else {
+        anyhow::bail!("usage: tandem run -- COMMAND [ARGS...]  (the server to run NUM_WORKERS copies of)");
+    };
+    tandem_shared::config::find_program(program, std::env::var("PATH").ok().as_deref())
+        .map_err(|why| anyhow::anyhow!("tandem run: cannot run {program:?}: {why}"))?;
+    Ok(argv.to_vec())
+}
+
+fn supervisor(command: Option<Vec<String>>) -> Outcome {
+    let mut config = match Config::from_env() {
         Ok(c) => c,
         Err(e) => return Outcome::Config(anyhow::Error::new(e)),
     };
+    if command.is_some() {
+        // `tandem run -- ...` wins over WORKER_COMMAND.
+        config.worker_command = command;
+    }
     tandem_shared::init_logging(&config.log_level, config.log_format);
     for n in tandem_shared::check::ignored(&config, &tandem_shared::check::set_in_env) {
         tracing::warn!(variable = n.var, hint = %n.hint, "variable set but ignored");
@@ -200,21 +224,15 @@ pub fn model_repository(config: &Config) -> Result<PathBuf, Vec<PathBuf>> {
 }
 
 async fn start(config: Config) -> Outcome {
-    let repository = match model_repository(&config) {
-        Ok(r) => r,
-        Err(tried) => {
-            let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
-            return Outcome::Config(anyhow::anyhow!(
-                "MODEL_REPOSITORY is not set and no built-in model repository was found; tried {}\nhint: set MODEL_REPOSITORY to a directory of <model>/<version>/model.onnx",
-                tried.join(", ")
-            ));
+    let (repository, engine) = if config.worker_command.is_some() {
+        // The operator's server replaces the engine: no models, no ONNX Runtime.
+        (PathBuf::new(), tandem_shared::EngineSettings::default())
+    } else {
+        match engine_setup(&config) {
+            Ok(r) => r,
+            Err(o) => return o,
         }
     };
-    let engine = match engine_runtime::resolve(&config) {
-        Ok(e) => e,
-        Err(e) => return Outcome::Config(anyhow::Error::new(e)),
-    };
-    engine_runtime::announce(&engine);
     // The keeper checks its source before anything is written (a bad custom
     // pair or a missing CA is exit 2 with no cache created), then obtains and
     // publishes the first certificate.
@@ -242,6 +260,23 @@ async fn start(config: Config) -> Outcome {
         Ok(()) => Outcome::Ok,
         Err(e) => Outcome::Runtime(e),
     }
+}
+
+/// The model repository and the engine's runtime, for tandem's own engine.
+fn engine_setup(config: &Config) -> Result<(PathBuf, tandem_shared::EngineSettings), Outcome> {
+    let repository = match model_repository(config) {
+        Ok(r) => r,
+        Err(tried) => {
+            let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+            return Err(Outcome::Config(anyhow::anyhow!(
+                "MODEL_REPOSITORY is not set and no built-in model repository was found; tried {}\nhint: set MODEL_REPOSITORY to a directory of <model>/<version>/model.onnx",
+                tried.join(", ")
+            )));
+        }
+    };
+    let engine = engine_runtime::resolve(config).map_err(|e| Outcome::Config(anyhow::Error::new(e)))?;
+    engine_runtime::announce(&engine);
+    Ok((repository, engine))
 }
 
 /// PID 1 reaps orphans by definition; anywhere else, ask the kernel to

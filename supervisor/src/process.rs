@@ -53,6 +53,10 @@ pub struct Slot {
     pub block: usize,
     /// The supervisor's writing end of the current process's control channel.
     pub control: Option<std::os::unix::net::UnixStream>,
+    /// A `WORKER_COMMAND` copy's number (1-based, kept across restarts; `{worker}`); 0 otherwise.
+    pub number: usize,
+    /// The running `WORKER_COMMAND` copy, for [`Role::App`] slots.
+    pub app: Option<crate::apps::Running>,
 }
 
 impl Slot {
@@ -71,6 +75,8 @@ impl Slot {
             killed: false,
             block,
             control: None,
+            number: 0,
+            app: None,
         }
     }
 

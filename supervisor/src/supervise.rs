@@ -29,6 +29,7 @@ use tandem_shared::{
 use tokio::signal::unix::{signal, Signal as TokioSignal, SignalKind};
 use tokio::sync::mpsc;
 
+use crate::apps::{signal_group, Apps, Health};
 use crate::certs::{CertChecked, CertHandle, CertKeeper};
 use crate::models::{Finished, ModelOps, Origin};
 use crate::process::{describe_exit, Slot, WorkerState};
@@ -38,6 +39,8 @@ const CONTROL_FD: i32 = LISTEN_FDS_START + 1;
 /// Descriptor number of the shared-memory memfd in a worker.
 const SHM_FD: i32 = LISTEN_FDS_START + 2;
 const STATS_FD: i32 = LISTEN_FDS_START + 3;
+/// Descriptor number of the HTTPS listener in the proxy worker (which has no ring).
+const PROXY_HTTPS_FD: i32 = LISTEN_FDS_START + 2;
 
 /// The supervisor's phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +146,10 @@ pub struct Supervisor {
     model_ops: ModelOps,
     /// Changes found by the repository poller (`MODEL_CONTROL_MODE=poll`).
     repository_changes: Option<mpsc::UnboundedReceiver<Vec<ModelChange>>>,
+    /// `WORKER_COMMAND`: the operator's server, run instead of the engine.
+    apps: Option<Apps>,
+    /// What the copies' probes found.
+    health: mpsc::UnboundedReceiver<(u64, Health)>,
 }
 
 /// Signals the supervisor handles, registered before any child exists.
@@ -179,6 +186,7 @@ enum Wake {
     Control(Control),
     Cert(CertChecked),
     Repository(Vec<ModelChange>),
+    Health(u64, Health),
     Tick,
 }
 
@@ -195,8 +203,14 @@ impl Supervisor {
         let http_addr = Listeners::addr(&listeners.http)?;
         let https_addr = listeners.https.as_ref().map(Listeners::addr).transpose()?;
         let (control_tx, control_rx) = mpsc::unbounded_channel();
-        // The ring exists only for HTTPS: the HTTPS worker hands requests to the engine through it.
-        let shm = if https_addr.is_some() {
+        let (health_tx, health) = mpsc::unbounded_channel();
+        let apps = config
+            .worker_command
+            .clone()
+            .map(|argv| Apps::new(argv, config.worker_ready_path.clone(), health_tx))
+            .transpose()?;
+        // The ring exists only for HTTPS to the engine: the HTTPS worker hands requests to it through it.
+        let shm = if https_addr.is_some() && apps.is_none() {
             let (region, fd) = Region::create(config.shm_slots, config.shm_slot_bytes)
                 .context("cannot create the shared-memory region (memfd_create)")?;
             Some((region, fd))
@@ -207,9 +221,18 @@ impl Supervisor {
             .context("cannot create the statistics region (memfd_create)")?;
         let own_stats = Stats::attach(counters.clone(), stats::SUPERVISOR_BLOCK, ProcessRole::Supervisor, 0);
         stats::spawn_gauge_thread(own_stats.clone());
-        let mut slots: Vec<Slot> =
-            (0..config.num_workers).map(|i| Slot::new(Role::HttpWorker, stats::FIRST_ENGINE_BLOCK + i)).collect();
-        if https_addr.is_some() {
+        let engine_role = if apps.is_some() { Role::App } else { Role::HttpWorker };
+        let mut slots: Vec<Slot> = (0..config.num_workers)
+            .map(|i| {
+                let mut s = Slot::new(engine_role, stats::FIRST_ENGINE_BLOCK + i);
+                s.number = i + 1;
+                s
+            })
+            .collect();
+        if apps.is_some() {
+            // Both ports are the proxy worker's: it forwards every request to a copy.
+            slots.push(Slot::new(Role::ProxyWorker, stats::HTTPS_BLOCK));
+        } else if https_addr.is_some() {
             slots.push(Slot::new(Role::HttpsWorker, stats::HTTPS_BLOCK));
         }
         let certs =
@@ -250,6 +273,8 @@ impl Supervisor {
             certs,
             model_ops: ModelOps::default(),
             repository_changes,
+            apps,
+            health,
         })
     }
 
@@ -270,7 +295,7 @@ impl Supervisor {
                     match &self.certs {
                         // The HTTPS worker reloads when the check is done (Wake::Cert).
                         Some(certs) => certs.check_now(),
-                        None => self.signal_role(Role::HttpsWorker, Signal::SIGHUP),
+                        None => self.signal_role(self.tls_role(), Signal::SIGHUP),
                     }
                 }
                 Wake::AddWorker => self.add_worker()?,
@@ -280,7 +305,7 @@ impl Supervisor {
                     if (published || requested) && matches!(self.phase, Phase::Running) {
                         // READY=1 again when the HTTPS worker answers (reloaded or refused).
                         crate::systemd::reloading();
-                        self.signal_role(Role::HttpsWorker, Signal::SIGHUP);
+                        self.signal_role(self.tls_role(), Signal::SIGHUP);
                     }
                 }
                 Wake::Repository(changes) => {
@@ -289,8 +314,10 @@ impl Supervisor {
                         self.start_model_change(Origin::Poll, change);
                     }
                 }
+                Wake::Health(id, health) => self.on_health(id, health),
                 Wake::Tick => {}
             }
+            self.app_timers();
             // SIGCHLD can coalesce; reaping on every wake costs one syscall.
             self.reap()?;
             self.restart_due()?;
@@ -320,6 +347,7 @@ impl Supervisor {
             Some(c) = self.control_rx.recv() => Wake::Control(c),
             Some(checked) = async { match &mut self.certs { Some(c) => c.events.recv().await, None => std::future::pending().await } } => Wake::Cert(checked),
             Some(changes) = async { match &mut self.repository_changes { Some(r) => r.recv().await, None => std::future::pending().await } } => Wake::Repository(changes),
+            Some((id, health)) = self.health.recv(), if self.apps.is_some() => Wake::Health(id, health),
             _ = tick => Wake::Tick,
         }
     }
@@ -329,12 +357,21 @@ impl Supervisor {
             return Ok(());
         };
         let role = self.slots[index].role;
+        if role == Role::App {
+            return self.spawn_app(index);
+        }
         let (listener, addr) = match role {
-            Role::HttpWorker => (&listeners.http, self.http_addr),
+            Role::HttpWorker | Role::ProxyWorker | Role::App => (&listeners.http, self.http_addr),
             Role::HttpsWorker => match (&listeners.https, self.https_addr) {
                 (Some(l), Some(a)) => (l, a),
                 _ => anyhow::bail!("no HTTPS listener for the HTTPS worker"),
             },
+        };
+        let proxy_https = match (role, &listeners.https, self.https_addr) {
+            (Role::ProxyWorker, Some(l), Some(a)) => {
+                Some((l.try_clone().context("cannot duplicate the HTTPS listener")?, a))
+            }
+            _ => None,
         };
         let listener_fd = listener.try_clone().context("cannot duplicate the listener for a worker")?;
         let (ours, theirs) = UnixStream::pair().context("cannot create a control socketpair")?;
@@ -378,6 +415,12 @@ impl Supervisor {
                 .filter(|_| self.config.acme.challenge == AcmeChallenge::TlsAlpn01)
                 .map(|l| l.acme_alpn01()),
             models_wanted: self.model_ops.wanted.clone(),
+            proxy: (role == Role::ProxyWorker).then(|| tandem_shared::ProxySettings {
+                https: proxy_https.as_ref().map(|(_, a)| (PROXY_HTTPS_FD, *a)),
+                request_timeout: self.config.request_timeout,
+                backends: self.backends(),
+                ready_path: self.config.worker_ready_path.clone(),
+            }),
         };
         let mut fds = vec![
             FdMapping { parent_fd: listener_fd.into(), child_fd: LISTEN_FDS_START },
@@ -393,6 +436,9 @@ impl Supervisor {
                 child_fd: SHM_FD,
             });
         }
+        if let Some((l, _)) = proxy_https {
+            fds.push(FdMapping { parent_fd: l.into(), child_fd: PROXY_HTTPS_FD });
+        }
         let mut cmd = Command::new(&self.exe);
         cmd.arg0("tandem")
             .arg(role.subcommand())
@@ -400,7 +446,7 @@ impl Supervisor {
             .envs(tandem_shared::inherited_env())
             .env(WORKER_SETTINGS_VAR, serde_json::to_string(&settings)?)
             .env("LISTEN_FDS", "1")
-            .env("LISTEN_FDNAMES", if role == Role::HttpWorker { "http" } else { "https" })
+            .env("LISTEN_FDNAMES", if role == Role::HttpsWorker { "https" } else { "http" })
             .stdin(Stdio::null())
             .fd_mappings(fds)
             .context("descriptor mapping collision")?;
@@ -463,6 +509,10 @@ impl Supervisor {
                             slot.state = WorkerState::Ready;
                         }
                         tracing::debug!(worker_id = id, %addr, ?fingerprint, "worker ready");
+                        if slot.role == Role::ProxyWorker {
+                            // Whatever changed while it started.
+                            self.publish_backends();
+                        }
                         if self.phase == Phase::Starting && self.slots.iter().all(|s| s.state == WorkerState::Ready) {
                             self.phase = Phase::Running;
                             self.announce();
@@ -490,6 +540,7 @@ impl Supervisor {
                             self.model_change_finished(done);
                         }
                     }
+                    WorkerEvent::BackendIdle { id: copy } => self.terminate_drained_copy(copy),
                 }
             }
             Control::Closed(id) => tracing::debug!(worker_id = id, "control channel closed"),
@@ -600,8 +651,18 @@ impl Supervisor {
                 );
             }
         }
-        Stats::vacate(&self.stats.0, self.slots[index].block);
+        if self.slots[index].role != Role::App {
+            Stats::vacate(&self.stats.0, self.slots[index].block);
+        }
         self.slots[index].control = None;
+        let app = self.slots[index].app.take();
+        if let (Some(app), Some(pid)) = (&app, self.slots[index].pid) {
+            // What the copy started and left behind goes with it (a restart must find its port free).
+            signal_group(pid, Signal::SIGKILL);
+            app.settle();
+            self.app_exited(index, app, &how);
+            self.publish_backends();
+        }
         for done in self.model_ops.worker_gone(self.slots[index].worker_id) {
             self.model_change_finished(done);
         }
@@ -617,12 +678,23 @@ impl Supervisor {
             }
             return Ok(());
         }
-        if self.phase == Phase::Starting && slot.state == WorkerState::Starting {
+        let timed_out = app.as_ref().is_some_and(|a| a.start_timed_out);
+        if self.phase == Phase::Starting && slot.state == WorkerState::Starting && !timed_out {
+            if let Some(app) = &app {
+                let number = slot.number;
+                anyhow::bail!(
+                    "WORKER_COMMAND copy {number} (pid {pid}) exited before it was ready ({how}); its last output:{}",
+                    app.tail_text()
+                );
+            }
             anyhow::bail!("{role} {worker_id} (pid {pid}) exited before it was ready ({how}); its log above says why");
         }
         let delay = slot.exited(Instant::now());
         slot.restarts += 1;
-        self.own_stats.restart(slot.role == Role::HttpsWorker, matches!(status, WaitStatus::Signaled(..)));
+        self.own_stats.restart(
+            matches!(slot.role, Role::HttpsWorker | Role::ProxyWorker),
+            matches!(status, WaitStatus::Signaled(..)),
+        );
         tracing::warn!(worker_id, pid, role, %how, restarts = slot.restarts, delay_ms = delay.as_millis() as u64, "worker died; restarting");
         Ok(())
     }
@@ -662,8 +734,8 @@ impl Supervisor {
         // The HTTPS worker drains first: its in-flight requests still need the
         // engine workers to claim them from the ring. The engine workers get
         // SIGTERM once it is gone (see `run`).
-        if self.slots.iter().any(|s| s.role == Role::HttpsWorker && s.pid.is_some()) {
-            self.signal_role(Role::HttpsWorker, Signal::SIGTERM);
+        if self.slots.iter().any(|s| s.role.is_front() && s.pid.is_some()) {
+            self.signal_role(self.tls_role(), Signal::SIGTERM);
         } else {
             self.kill_all(Signal::SIGTERM);
         }
@@ -671,11 +743,11 @@ impl Supervisor {
 
     /// During a stop, the engine workers' turn comes when the HTTPS worker has exited.
     fn stop_engines_when_https_drained(&mut self) {
-        let https_gone = self.slots.iter().all(|s| s.role != Role::HttpsWorker || s.pid.is_none());
+        let https_gone = self.slots.iter().all(|s| !s.role.is_front() || s.pid.is_none());
         let engines_running = self
             .slots
             .iter()
-            .any(|s| s.role == Role::HttpWorker && s.pid.is_some() && s.state != WorkerState::Draining);
+            .any(|s| !s.role.is_front() && s.pid.is_some() && s.state != WorkerState::Draining);
         if https_gone && engines_running {
             self.kill_all(Signal::SIGTERM);
         }
@@ -698,7 +770,11 @@ impl Supervisor {
                 } else {
                     s.state = WorkerState::Draining;
                 }
-                let _ = kill(pid, sig);
+                if s.role == Role::App {
+                    signal_group(pid, sig);
+                } else {
+                    let _ = kill(pid, sig);
+                }
             }
         }
     }
@@ -731,7 +807,16 @@ impl Supervisor {
     }
 
     fn http_slots(&self) -> usize {
-        self.slots.iter().filter(|s| s.role == Role::HttpWorker && !s.retired).count()
+        self.slots.iter().filter(|s| !s.role.is_front() && !s.retired).count()
+    }
+
+    /// The process that terminates TLS (and, with `WORKER_COMMAND`, serves both ports).
+    fn tls_role(&self) -> Role {
+        if self.apps.is_some() {
+            Role::ProxyWorker
+        } else {
+            Role::HttpsWorker
+        }
     }
 
     fn add_worker(&mut self) -> anyhow::Result<()> {
@@ -746,9 +831,12 @@ impl Supervisor {
             );
             return Ok(());
         }
-        let at = self.slots.iter().rposition(|s| s.role == Role::HttpWorker).map_or(0, |i| i + 1);
+        let at = self.slots.iter().rposition(|s| !s.role.is_front()).map_or(0, |i| i + 1);
         let block = self.free_engine_block();
-        self.slots.insert(at, Slot::new(Role::HttpWorker, block));
+        let role = if self.apps.is_some() { Role::App } else { Role::HttpWorker };
+        let mut slot = Slot::new(role, block);
+        slot.number = (1..).find(|n| self.slots.iter().all(|s| s.number != *n)).unwrap_or(1);
+        self.slots.insert(at, slot);
         tracing::info!(workers = self.http_slots(), "SIGTTIN: adding an HTTP worker");
         self.spawn(at)
     }
@@ -758,21 +846,185 @@ impl Supervisor {
             tracing::info!("SIGTTOU ignored: at least one HTTP worker must remain");
             return;
         }
-        let Some(i) = self.slots.iter().rposition(|s| s.role == Role::HttpWorker && !s.retired) else {
+        let Some(i) = self.slots.iter().rposition(|s| !s.role.is_front() && !s.retired) else {
             return;
         };
         let slot = &mut self.slots[i];
         slot.retired = true;
         slot.restart_at = None;
-        match slot.pid {
-            Some(pid) => {
+        match (slot.pid, slot.app.as_mut()) {
+            (Some(_), Some(app)) => {
+                // The proxy stops routing to it and says when its last request ended; SIGTERM then.
+                slot.state = WorkerState::Draining;
+                app.draining_since = Some(Instant::now());
+                self.publish_backends();
+            }
+            (Some(pid), None) => {
                 slot.state = WorkerState::Draining;
                 let _ = kill(pid, Signal::SIGTERM);
             }
-            None => {
+            (None, _) => {
                 self.slots.remove(i);
             }
         }
         tracing::info!(workers = self.http_slots(), "SIGTTOU: removing an HTTP worker");
+    }
+}
+
+/// `WORKER_COMMAND`: the copies' lives, as the event loop sees them.
+impl Supervisor {
+    fn spawn_app(&mut self, index: usize) -> anyhow::Result<()> {
+        let Some(apps) = &self.apps else { anyhow::bail!("no WORKER_COMMAND to run") };
+        let worker_id = self.next_id;
+        self.next_id += 1;
+        let number = self.slots[index].number;
+        let (pid, running) = apps.spawn(number, worker_id)?;
+        tracing::info!(
+            worker_id,
+            worker = number,
+            pid = pid.as_raw(),
+            listen = %running.addr,
+            restarts = self.slots[index].restarts,
+            "worker command started"
+        );
+        let slot = &mut self.slots[index];
+        slot.worker_id = worker_id;
+        slot.pid = Some(pid);
+        slot.killed = false;
+        slot.state = WorkerState::Starting;
+        slot.started = Instant::now();
+        slot.restart_at = None;
+        slot.app = Some(running);
+        Ok(())
+    }
+
+    /// What a copy's probe found.
+    fn on_health(&mut self, id: u64, health: Health) {
+        let Some(slot) = self.slots.iter_mut().find(|s| s.worker_id == id && s.pid.is_some()) else { return };
+        let (number, started) = (slot.number, slot.started);
+        let Some(app) = slot.app.as_mut() else { return };
+        match health {
+            Health::Ready => {
+                app.was_ready = true;
+                app.healthy = true;
+                if slot.state == WorkerState::Starting {
+                    slot.state = WorkerState::Ready;
+                }
+                tracing::info!(
+                    worker_id = id,
+                    worker = number,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "worker command ready"
+                );
+            }
+            Health::Unhealthy(why) => {
+                app.healthy = false;
+                tracing::warn!(worker_id = id, worker = number, %why, "worker command stopped answering; out of rotation");
+            }
+            Health::Recovered => {
+                app.healthy = true;
+                tracing::info!(worker_id = id, worker = number, "worker command answers again; back in rotation");
+            }
+        }
+        self.publish_backends();
+        if self.phase == Phase::Starting && self.slots.iter().all(|s| s.state == WorkerState::Ready) {
+            self.phase = Phase::Running;
+            self.announce();
+        }
+    }
+
+    /// Every copy that runs and has been ready, as the proxy worker routes to them.
+    fn backends(&self) -> Vec<tandem_shared::control::Backend> {
+        use tandem_shared::control::{Backend, BackendState};
+        self.slots
+            .iter()
+            .filter(|s| s.pid.is_some())
+            .filter_map(|s| {
+                let app = s.app.as_ref().filter(|a| a.was_ready)?;
+                let state = match (s.state, app.healthy) {
+                    (WorkerState::Draining, _) => BackendState::Draining,
+                    (_, true) => BackendState::Ready,
+                    (_, false) => BackendState::Unhealthy,
+                };
+                Some(Backend { id: s.worker_id, worker: s.number, addr: app.addr.clone(), state })
+            })
+            .collect()
+    }
+
+    /// Tells the proxy worker the current set of copies.
+    fn publish_backends(&self) {
+        if self.apps.is_none() {
+            return;
+        }
+        let command = ToWorker::Backends { backends: self.backends() };
+        for s in self.slots.iter().filter(|s| s.role == Role::ProxyWorker && s.pid.is_some()) {
+            if let Some(stream) = &s.control {
+                if let Err(e) = send_command(stream, &command) {
+                    tracing::warn!(worker_id = s.worker_id, error = %e, "cannot tell the proxy worker the copies");
+                }
+            }
+        }
+    }
+
+    /// A copy exited: say why, the first failure to start with its last output.
+    fn app_exited(&self, index: usize, app: &crate::apps::Running, how: &str) {
+        let slot = &self.slots[index];
+        if app.was_ready || matches!(self.phase, Phase::Stopping { .. }) || slot.retired {
+            return;
+        }
+        let why = if app.start_timed_out {
+            format!("did not answer {} within WORKER_START_TIMEOUT", self.config.worker_ready_path)
+        } else {
+            format!("exited before it was ready ({how})")
+        };
+        if slot.restarts == 0 || app.start_timed_out {
+            tracing::error!(worker = slot.number, "worker command {why}; its last output:{}", app.tail_text());
+        }
+    }
+
+    /// The proxy has no request left on draining copy `id`: stop it.
+    fn terminate_drained_copy(&mut self, id: u64) {
+        let Some(slot) = self.slots.iter_mut().find(|s| s.worker_id == id) else { return };
+        if let (Some(pid), Some(app)) = (slot.pid, slot.app.as_mut()) {
+            if slot.state == WorkerState::Draining && app.terminated_at.is_none() {
+                tracing::info!(worker_id = id, worker = slot.number, "worker command drained; stopping it");
+                app.terminated_at = Some(Instant::now());
+                signal_group(pid, Signal::SIGTERM);
+            }
+        }
+    }
+
+    /// Deadlines of the copies: a start that takes too long, a drain or a stop that does.
+    fn app_timers(&mut self) {
+        if self.apps.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        let (start_timeout, grace) = (self.config.worker_start_timeout, self.config.graceful_timeout);
+        let mut drained = Vec::new();
+        for s in &mut self.slots {
+            let (Some(pid), Some(app)) = (s.pid, s.app.as_mut()) else { continue };
+            if s.state == WorkerState::Starting && !app.start_timed_out && now.duration_since(s.started) > start_timeout {
+                app.start_timed_out = true;
+                tracing::warn!(
+                    worker_id = s.worker_id,
+                    worker = s.number,
+                    timeout_s = start_timeout.as_secs(),
+                    "worker command not ready within WORKER_START_TIMEOUT; killing it to start again"
+                );
+                signal_group(pid, Signal::SIGKILL);
+            }
+            if app.draining_since.is_some_and(|t| now.duration_since(t) > grace) && app.terminated_at.is_none() {
+                drained.push(s.worker_id);
+            }
+            if app.terminated_at.is_some_and(|t| now.duration_since(t) > grace) && !s.killed {
+                s.killed = true;
+                tracing::warn!(worker_id = s.worker_id, worker = s.number, "worker command did not stop in time; killing");
+                signal_group(pid, Signal::SIGKILL);
+            }
+        }
+        for id in drained {
+            self.terminate_drained_copy(id);
+        }
     }
 }

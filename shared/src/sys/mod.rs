@@ -60,3 +60,24 @@ pub fn keep_large_allocations() {
         }
     }
 }
+
+/// Makes a command's process receive `signal` when the thread that spawned it
+/// (the supervisor's) dies, so a `WORKER_COMMAND` copy never outlives a
+/// supervisor that was killed outright. Runs between fork and exec.
+pub fn die_with_parent(cmd: &mut std::process::Command, signal: nix::sys::signal::Signal) {
+    use std::os::unix::process::CommandExt;
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec; it only calls
+    // prctl(2) and getppid(2), which are async-signal-safe, allocates nothing
+    // and touches no lock. Checking the parent closes the race where the
+    // supervisor died between fork and prctl.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(signal).map_err(io::Error::from)?;
+            if nix::unistd::getppid() != parent {
+                return Err(io::Error::other("the supervisor exited while the worker started"));
+            }
+            Ok(())
+        });
+    }
+}

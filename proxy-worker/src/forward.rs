@@ -1,0 +1,573 @@
+//! One request through the proxy worker: headers rewritten as a reverse proxy
+//! must (RFC 9110 §7.6: hop-by-hop headers dropped, `Forwarded` and
+//! `X-Forwarded-*` set by tandem alone), sent to the copy with the fewest
+//! requests in flight, retried on another copy when that is safe, streamed
+//! back, and upgraded connections (WebSocket) tunnelled through.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use tandem_https_worker::forward::{read_body, BodyError};
+use tandem_shared::serve::{ClientIdentity, Peer};
+use tandem_shared::stats::Stats;
+
+use crate::pool::{Lease, Pool, ProxyBody};
+
+/// Copies a request is tried on at most.
+const MAX_ATTEMPTS: usize = 3;
+/// Request bodies up to this are read before forwarding, so that the request
+/// can go to another copy if the first one fails (larger ones stream through).
+const REPLAYABLE_BYTES: u64 = 16 << 20;
+
+/// Headers that describe one connection and never cross a proxy (RFC 9110
+/// §7.6.1), with those the client may not set because tandem does.
+const DROPPED: [&str; 17] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "expect",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-real-ip",
+    tandem_shared::access::PEER_HEADER,
+    "via",
+];
+
+/// The first entries of [`DROPPED`] are hop-by-hop (requests and responses alike).
+const HOP_BY_HOP: usize = 7;
+
+/// How the proxy treats requests.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `MAX_REQUEST_BYTES`.
+    pub max_request_bytes: u64,
+    /// `REQUEST_TIMEOUT`: until the copy's response headers (and the wait for a copy).
+    pub timeout: Duration,
+    /// With `ACCESS_LOG`: this worker's id.
+    pub access_log: Option<u64>,
+    /// `SSL_HSTS`, on HTTPS answers.
+    pub hsts: Option<HeaderValue>,
+    /// `SSL_REDIRECT_HTTP`: the HTTPS port plain HTTP goes to.
+    pub redirect_to_https: Option<u16>,
+    /// `WORKER_READY_PATH`, never redirected (load balancers probe plain HTTP).
+    pub ready_path: String,
+    /// ACME HTTP-01 answers, when ACME is the certificate source.
+    pub acme_http01: Option<PathBuf>,
+}
+
+/// The proxy: a pool of copies and how to treat requests.
+pub struct Proxy {
+    pool: Arc<Pool>,
+    stats: Stats,
+    opts: Options,
+}
+
+/// What one request came with, for the headers tandem sets.
+struct Origin<'a> {
+    https: bool,
+    /// The port of the listener it came on.
+    port: u16,
+    peer: Option<SocketAddr>,
+    client: Option<&'a ClientIdentity>,
+}
+
+fn local(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let body = serde_json::json!({ "error": message }).to_string();
+    let mut res = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed_unsync());
+    *res.status_mut() = status;
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
+fn unavailable(message: &str) -> Response<ProxyBody> {
+    let mut res = local(StatusCode::SERVICE_UNAVAILABLE, message);
+    res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    res
+}
+
+/// Methods a request of which may be sent twice (RFC 9110 §9.2.2).
+fn idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+/// The `Upgrade` value of an HTTP/1.1 request asking to switch protocols.
+fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
+    asks.then(|| req.headers().get(header::UPGRADE).cloned()).flatten()
+}
+
+/// Drops the hop-by-hop headers (and those `Connection` names).
+fn drop_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for h in &DROPPED[..HOP_BY_HOP] {
+        headers.remove(*h);
+    }
+}
+
+/// The request headers a copy sees: the client's, less what is hop-by-hop or
+/// tandem's to say, plus who the client is as tandem saw it.
+fn rewrite(headers: &mut HeaderMap, authority: Option<&str>, origin: &Origin<'_>, upgrade: Option<&HeaderValue>) {
+    drop_hop_by_hop(headers);
+    for h in DROPPED.iter().skip(HOP_BY_HOP) {
+        headers.remove(*h);
+    }
+    for h in tandem_shared::access::CLIENT_HEADERS {
+        headers.remove(h);
+    }
+    if !headers.contains_key(header::HOST) {
+        // HTTP/2 carries the host in :authority; HTTP/1.1 to the copy needs Host.
+        if let Some(v) = authority.and_then(|a| HeaderValue::from_str(a).ok()) {
+            headers.insert(header::HOST, v);
+        }
+    }
+    let proto = if origin.https { "https" } else { "http" };
+    let mut forwarded = String::new();
+    if let Some(peer) = origin.peer {
+        let ip = peer.ip().to_canonical();
+        if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+            headers.insert("x-forwarded-for", v.clone());
+            headers.insert("x-real-ip", v);
+        }
+        forwarded = if ip.is_ipv6() { format!("for=\"[{ip}]\";") } else { format!("for={ip};") };
+    }
+    forwarded.push_str("proto=");
+    forwarded.push_str(proto);
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(if origin.https { "https" } else { "http" }));
+    headers.insert("x-forwarded-port", HeaderValue::from(origin.port));
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        if let Ok(h) = host.to_str() {
+            if h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b)) {
+                forwarded.push_str(&format!(";host=\"{h}\""));
+            }
+        }
+        headers.insert("x-forwarded-host", host);
+    }
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+    if let Some(id) = origin.client {
+        let values = [id.subject.as_str(), &id.sans.join(","), id.fingerprint.as_str()];
+        for (name, value) in tandem_shared::access::CLIENT_HEADERS.iter().zip(values) {
+            if let Ok(v) = HeaderValue::from_str(value) {
+                headers.insert(*name, v);
+            }
+        }
+    }
+    if let Some(u) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, u.clone());
+    }
+}
+
+/// A response body that holds the copy's lease until it has been sent.
+struct Leased {
+    inner: Incoming,
+    _lease: Lease,
+}
+
+impl Body for Leased {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The request body as it will be sent: in memory (it can be sent again) or streamed once.
+enum Outgoing {
+    Replayable(Bytes),
+    Stream(Option<Limited<Incoming>>),
+}
+
+impl Outgoing {
+    fn take(&mut self) -> Option<ProxyBody> {
+        match self {
+            Outgoing::Replayable(b) if b.is_empty() => Some(Empty::new().map_err(|n| match n {}).boxed_unsync()),
+            Outgoing::Replayable(b) => Some(Full::new(b.clone()).map_err(|n| match n {}).boxed_unsync()),
+            Outgoing::Stream(s) => s.take().map(|s| s.boxed_unsync()),
+        }
+    }
+}
+
+/// Why an attempt failed.
+enum Failure {
+    /// The copy could not be reached: the request was not sent (safe to send elsewhere).
+    Connect(String),
+    /// The request was (maybe partly) sent and the copy failed before answering.
+    Sent(String),
+    /// The client's body was over `MAX_REQUEST_BYTES`.
+    TooLarge,
+}
+
+fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
+    use std::error::Error as _;
+    if e.is_connect() {
+        return Failure::Connect(cause(e));
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return Failure::TooLarge;
+        }
+        source = s.source();
+    }
+    Failure::Sent(cause(e))
+}
+
+/// The innermost cause of an error, readable.
+fn cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        last = s.to_string();
+        source = s.source();
+    }
+    last
+}
+
+impl Proxy {
+    /// A proxy over `pool`, counting into `stats`.
+    pub fn new(pool: Arc<Pool>, stats: Stats, opts: Options) -> Self {
+        Proxy { pool, stats, opts }
+    }
+
+    /// Serves one request that came on the listener at `port`; never fails
+    /// (errors are JSON responses).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        https: bool,
+        port: u16,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let peer = req.extensions().get::<Peer>().map(|p| p.0);
+        let client = req.extensions().get::<Arc<ClientIdentity>>().cloned();
+        let bytes_in = req.body().size_hint().exact();
+        let origin = Origin { https, port, peer, client: client.as_deref() };
+        let (mut res, worker) = self.route(req, &path, &origin).await;
+        if https {
+            if let Some(h) = &self.opts.hsts {
+                res.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+            }
+        }
+        let took = started.elapsed();
+        let status = res.status().as_u16();
+        self.stats.request(https, tandem_shared::stats::route_index(&path), method.as_str(), status, took);
+        if let Some(own) = self.opts.access_log {
+            tandem_shared::access::log(&tandem_shared::access::Entry {
+                listener: if https { "https" } else { "http" },
+                peer,
+                method: method.as_str(),
+                path: &path,
+                status,
+                bytes_in,
+                bytes_out: res.body().size_hint().exact(),
+                took,
+                worker: worker.map_or(own, |w| w as u64),
+                client: client.as_ref().map(|c| (c.subject.as_str(), c.fingerprint.as_str())),
+            });
+        }
+        Ok(res)
+    }
+
+    /// The answer, and the copy (worker number) that gave it.
+    async fn route(&self, req: Request<Incoming>, path: &str, origin: &Origin<'_>) -> (Response<ProxyBody>, Option<usize>) {
+        if !origin.https {
+            if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
+                if let Some(dir) = &self.opts.acme_http01 {
+                    return (acme_answer(dir, token), None);
+                }
+            }
+            if let Some(port) = self.opts.redirect_to_https.filter(|_| path != self.opts.ready_path) {
+                let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+                let host = host.or(req.uri().authority().map(|a| a.as_str()));
+                let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+                return match tandem_shared::serve::https_location(host, port, target) {
+                    Some(location) => {
+                        let mut res = local(StatusCode::PERMANENT_REDIRECT, "this server answers over HTTPS");
+                        res.headers_mut().insert(header::LOCATION, location);
+                        (res, None)
+                    }
+                    None => (local(StatusCode::BAD_REQUEST, "a Host header is needed to redirect to HTTPS"), None),
+                };
+            }
+        }
+        self.forward(req, origin).await
+    }
+
+    async fn forward(&self, mut req: Request<Incoming>, origin: &Origin<'_>) -> (Response<ProxyBody>, Option<usize>) {
+        let deadline = tokio::time::Instant::now() + self.opts.timeout;
+        let upgrade = upgrade_of(&req);
+        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let authority = parts.uri.authority().map(|a| a.to_string());
+        rewrite(&mut parts.headers, authority.as_deref(), origin, upgrade.as_ref());
+        let limit = self.opts.max_request_bytes;
+        let too_large = || {
+            let mut res = local(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body exceeds MAX_REQUEST_BYTES ({limit} bytes)"),
+            );
+            res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            res
+        };
+        let declared = body.size_hint().exact();
+        if declared.is_some_and(|n| n > limit) {
+            return (too_large(), None);
+        }
+        let mut outgoing = if body.is_end_stream() {
+            Outgoing::Replayable(Bytes::new())
+        } else if declared.is_some_and(|n| n <= REPLAYABLE_BYTES) {
+            let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+            match tokio::time::timeout_at(deadline, read_body(body, cap, declared)).await {
+                Ok(Ok(b)) => Outgoing::Replayable(b),
+                Ok(Err(BodyError::TooLarge)) => return (too_large(), None),
+                Ok(Err(BodyError::Read(e))) => {
+                    return (local(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}")), None)
+                }
+                Err(_) => {
+                    return (
+                        local(StatusCode::REQUEST_TIMEOUT, "the request body did not arrive within REQUEST_TIMEOUT"),
+                        None,
+                    )
+                }
+            }
+        } else {
+            Outgoing::Stream(Some(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))))
+        };
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string();
+        let retry_sent = idempotent(&parts.method) && matches!(outgoing, Outgoing::Replayable(_));
+        let mut tried: Vec<u64> = Vec::new();
+        let mut last_error = String::new();
+        for _ in 0..MAX_ATTEMPTS {
+            let lease = match self.lease(&tried, deadline).await {
+                Some(l) => l,
+                None if tried.is_empty() => {
+                    return (unavailable("no WORKER_COMMAND copy became ready within REQUEST_TIMEOUT"), None)
+                }
+                None => break,
+            };
+            let (id, worker) = (lease.entry.id, lease.entry.worker);
+            let Some(body) = outgoing.take() else { break };
+            let Ok(uri) = Uri::try_from(format!("http://worker-{worker}{target}")) else {
+                return (local(StatusCode::BAD_REQUEST, "the request target cannot be forwarded"), None);
+            };
+            let mut out = Request::new(body);
+            *out.method_mut() = parts.method.clone();
+            *out.uri_mut() = uri;
+            *out.version_mut() = Version::HTTP_11;
+            *out.headers_mut() = parts.headers.clone();
+            let sent = tokio::time::timeout_at(deadline, lease.entry.client.request(out)).await;
+            let failure = match sent {
+                Ok(Ok(res)) => return (self.answer(res, lease, client_upgrade), Some(worker)),
+                Ok(Err(e)) => classify(&e),
+                Err(_) => {
+                    return (
+                        local(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            &format!(
+                                "WORKER_COMMAND copy {worker} did not answer within REQUEST_TIMEOUT ({} s)",
+                                self.opts.timeout.as_secs()
+                            ),
+                        ),
+                        Some(worker),
+                    )
+                }
+            };
+            tried.push(id);
+            match failure {
+                Failure::TooLarge => return (too_large(), Some(worker)),
+                Failure::Connect(why) => {
+                    self.pool.suspect(&lease.entry);
+                    tracing::warn!(worker, error = %why, "cannot connect to a WORKER_COMMAND copy; trying another");
+                    last_error = format!("cannot connect to WORKER_COMMAND copy {worker}: {why}");
+                }
+                Failure::Sent(why) => {
+                    last_error = format!("WORKER_COMMAND copy {worker} failed before answering: {why}");
+                    if !retry_sent {
+                        tracing::warn!(worker, error = %why, "a copy failed with a request that cannot be sent twice");
+                        return (local(StatusCode::BAD_GATEWAY, &last_error), Some(worker));
+                    }
+                    tracing::warn!(worker, error = %why, "a copy failed before answering; trying another");
+                }
+            }
+        }
+        (local(StatusCode::BAD_GATEWAY, &last_error), None)
+    }
+
+    /// A copy for the request, waiting for one to become ready (up to `deadline`)
+    /// when none is; None when every copy was tried or none came.
+    async fn lease(&self, tried: &[u64], deadline: tokio::time::Instant) -> Option<Lease> {
+        loop {
+            if let Some(l) = self.pool.pick(tried) {
+                return Some(l);
+            }
+            if !tried.is_empty() || !self.pool.changed(deadline).await {
+                return None;
+            }
+        }
+    }
+
+    /// The copy's answer for the client: hop-by-hop headers dropped, the body
+    /// streamed with the lease, or an upgraded connection tunnelled.
+    fn answer(
+        &self,
+        mut res: Response<Incoming>,
+        lease: Lease,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<ProxyBody> {
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client) = client_upgrade else {
+                return local(StatusCode::BAD_GATEWAY, "the copy switched protocols unasked");
+            };
+            let upgrade = res.headers().get(header::UPGRADE).cloned();
+            let backend = hyper::upgrade::on(&mut res);
+            tokio::spawn(async move {
+                // The lease lives as long as the tunnel: a copy busy with sockets gets fewer new ones.
+                let _lease = lease;
+                match tokio::try_join!(client, backend) {
+                    Ok((c, b)) => {
+                        let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut b).await {
+                            tracing::debug!(error = %e, "upgraded connection ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "the protocol switch did not complete"),
+                }
+            });
+            let (mut parts, _) = res.into_parts();
+            drop_hop_by_hop(&mut parts.headers);
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(u) = upgrade {
+                parts.headers.insert(header::UPGRADE, u);
+            }
+            return Response::from_parts(parts, Empty::new().map_err(|n| match n {}).boxed_unsync());
+        }
+        let (mut parts, body) = res.into_parts();
+        drop_hop_by_hop(&mut parts.headers);
+        let body = Leased { inner: body, _lease: lease }.map_err(Into::into).boxed_unsync();
+        Response::from_parts(parts, body)
+    }
+}
+
+/// ACME HTTP-01 on plain HTTP: the key authorization for `token`, or 404.
+fn acme_answer(dir: &std::path::Path, token: &str) -> Response<ProxyBody> {
+    match tandem_shared::cert_cache::http01_answer(dir, token) {
+        Some(body) => {
+            let mut res = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed_unsync());
+            res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            res
+        }
+        None => local(StatusCode::NOT_FOUND, "no ACME challenge with this token"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin(https: bool, peer: &str) -> Origin<'static> {
+        Origin { https, port: 8443, peer: Some(peer.parse().expect("addr")), client: None }
+    }
+
+    #[test]
+    fn hop_by_hop_and_client_supplied_forwarding_headers_are_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("api.example:8443"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert(header::FORWARDED, HeaderValue::from_static("for=6.6.6.6"));
+        h.insert("x-tandem-client-subject", HeaderValue::from_static("CN=forged"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        rewrite(&mut h, None, &origin(true, "10.1.2.3:5555"), None);
+        for gone in ["connection", "x-secret", "keep-alive", "x-tandem-client-subject"] {
+            assert!(!h.contains_key(gone), "{gone} should be dropped");
+        }
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "api.example:8443");
+        assert_eq!(h["x-forwarded-port"], "8443");
+        assert_eq!(h[header::FORWARDED], "for=10.1.2.3;proto=https;host=\"api.example:8443\"");
+        assert_eq!(h["x-app"], "kept");
+    }
+
+    #[test]
+    fn ipv6_peers_are_quoted_and_http2_authority_becomes_host() {
+        let mut h = HeaderMap::new();
+        rewrite(&mut h, Some("[::1]:9001"), &origin(false, "[::1]:4000"), None);
+        assert_eq!(h[header::HOST], "[::1]:9001");
+        assert_eq!(h[header::FORWARDED], "for=\"[::1]\";proto=http;host=\"[::1]:9001\"");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_connection_headers() {
+        let req = Request::builder()
+            .header(header::CONNECTION, "keep-alive, Upgrade")
+            .header(header::UPGRADE, "websocket")
+            .body(())
+            .expect("request");
+        let u = upgrade_of(&req).expect("an upgrade");
+        let mut h = req.headers().clone();
+        rewrite(&mut h, None, &origin(false, "127.0.0.1:1"), Some(&u));
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        assert_eq!(h[header::UPGRADE], "websocket");
+        let plain = Request::builder().header(header::UPGRADE, "websocket").body(()).expect("request");
+        assert!(upgrade_of(&plain).is_none(), "Upgrade without Connection: upgrade is not a request to switch");
+    }
+
+    #[test]
+    fn only_idempotent_methods_are_sent_twice() {
+        assert!(idempotent(&Method::GET) && idempotent(&Method::PUT) && idempotent(&Method::DELETE));
+        assert!(!idempotent(&Method::POST) && !idempotent(&Method::PATCH));
+    }
+}
