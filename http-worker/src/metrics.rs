@@ -127,20 +127,24 @@ pub fn render(snap: &Snapshot, ring_busy: Option<(u32, u32)>, cert_source: Optio
         e.sample(name, &[], snap.ring[i]);
     }
 
+    // With WORKER_COMMAND the copies stand where the engines do, the proxy where the HTTPS worker does.
+    let proxied = snap.processes.iter().any(|p| p.role == tandem_shared::stats::ProcessRole::Proxy);
+    let roles = if proxied { ["worker-command", "proxy-worker"] } else { ["http-worker", "https-worker"] };
     e.family("tandem_workers", "gauge", "Worker processes running now, by role.");
-    for role in ["http-worker", "https-worker"] {
+    for role in roles {
         let n = snap.processes.iter().filter(|p| p.role.label() == role).count();
         e.sample("tandem_workers", &[("role", role)], n);
     }
     e.family("tandem_worker_restarts_total", "counter", "Workers restarted after dying, by role and cause.");
-    for (r, role) in ["http-worker", "https-worker"].iter().enumerate() {
+    for (r, role) in roles.iter().enumerate() {
         for (c, cause) in RESTART_CAUSES.iter().enumerate() {
             e.sample("tandem_worker_restarts_total", &[("role", role), ("cause", cause)], snap.restarts[r][c]);
         }
     }
     e.family("tandem_process_resident_memory_bytes", "gauge", "Resident memory, summed by role.");
     e.family("tandem_process_open_fds", "gauge", "Open file descriptors, summed by role.");
-    for role in ["supervisor", "http-worker", "https-worker"] {
+    // (A copy's memory is its own business: tandem does not measure it.)
+    for role in ["supervisor", "http-worker", "https-worker", "proxy-worker"] {
         let of = snap.processes.iter().filter(|p| p.role.label() == role);
         if of.clone().next().is_none() {
             continue;

@@ -319,7 +319,12 @@ impl Proxy {
     }
 
     /// The answer, and the copy (worker number) that gave it.
-    async fn route(&self, req: Request<Incoming>, path: &str, origin: &Origin<'_>) -> (Response<ProxyBody>, Option<usize>) {
+    async fn route(
+        &self,
+        req: Request<Incoming>,
+        path: &str,
+        origin: &Origin<'_>,
+    ) -> (Response<ProxyBody>, Option<usize>) {
         if !origin.https {
             if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
                 if let Some(dir) = &self.opts.acme_http01 {

@@ -35,9 +35,12 @@ fn listener(fd: i32, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
 
 async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow::Result<()> {
     let proxy = settings.proxy.clone().context("the proxy worker was started without its settings")?;
-    let stats =
-        tandem_shared::worker::open_stats(&settings.stats, tandem_shared::stats::ProcessRole::Proxy, settings.worker_id)
-            .context("cannot map the statistics region")?;
+    let stats = tandem_shared::worker::open_stats(
+        &settings.stats,
+        tandem_shared::stats::ProcessRole::Proxy,
+        settings.worker_id,
+    )
+    .context("cannot map the statistics region")?;
     let pool = pool::Pool::new(&proxy.backends, control.clone());
     if let Some(mut commands) = control.commands() {
         let pool = pool.clone();
@@ -116,7 +119,9 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
             let fwd = forwarder.clone();
             let port = addr.port();
             let service = hyper::service::service_fn(move |req| fwd.clone().handle(req, true, port));
-            secure.run(listener, stopped(stop_rx.clone()), move |tcp, peer| handshaker.clone().accept(tcp, peer), service).await;
+            secure
+                .run(listener, stopped(stop_rx.clone()), move |tcp, peer| handshaker.clone().accept(tcp, peer), service)
+                .await;
         }
     };
     tokio::join!(serve_http, serve_https);

@@ -122,6 +122,27 @@ pub fn ignored(c: &Config, is_set: &dyn Fn(&str) -> bool) -> Vec<Ignored> {
             note("SSL_CLIENT_CA", "SSL_CLIENT_AUTH=off; set it to optional or required to verify clients");
         }
     }
+    if c.worker_command.is_some() {
+        for var in [
+            "MODEL_REPOSITORY",
+            "ORT_DYLIB_PATH",
+            "ENGINE_BACKEND",
+            "ENGINE_DEVICE",
+            "ENGINE_THREADS",
+            "STRICT_READINESS",
+            "EXIT_ON_MODEL_ERROR",
+            "MODEL_CONTROL_MODE",
+            "REPOSITORY_POLL_SECS",
+            "SHM_SLOTS",
+            "SHM_SLOT_BYTES",
+        ] {
+            note(var, "WORKER_COMMAND runs your server instead of tandem's engine; engine settings do nothing");
+        }
+        return out;
+    }
+    for var in ["WORKER_READY_PATH", "WORKER_START_TIMEOUT"] {
+        note(var, "WORKER_COMMAND is not set; this is for the copies of your own server");
+    }
     if c.model_control_mode != ModelControlMode::Poll {
         note("REPOSITORY_POLL_SECS", "MODEL_CONTROL_MODE is not poll");
     }
@@ -138,7 +159,11 @@ pub fn set_in_env(var: &str) -> bool {
 
 /// The `tandem check` report: serve mode, the effective configuration and the ignored variables.
 pub fn report(c: &Config, is_set: &dyn Fn(&str) -> bool) -> String {
-    let mut s = format!("serve mode: {}\n\neffective configuration:\n", serve_mode(c).name());
+    let workers = match &c.worker_command {
+        Some(argv) => format!("{} copies of `{}` (WORKER_COMMAND)", c.num_workers, shell_words::join(argv)),
+        None => format!("{} engine workers", c.num_workers),
+    };
+    let mut s = format!("serve mode: {}\nworkers: {workers}\n\neffective configuration:\n", serve_mode(c).name());
     if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(c) {
         for (k, v) in fields {
             s.push_str(&format!("  {k} = {}\n", plain(&v)));
@@ -226,5 +251,18 @@ mod tests {
         let c = config(&[("ENABLE_SSL", "true"), ("SSL_CERTIFICATE", "CA"), ("SSL_CERT_VALIDITY", "1d")]);
         assert_eq!(serve_mode(&c), ServeMode::Ca);
         assert!(ignored(&c, &|v| v == "SSL_CERT_VALIDITY").is_empty());
+    }
+
+    #[test]
+    fn engine_settings_are_named_when_a_worker_command_replaces_the_engine() {
+        let c = config(&[("WORKER_COMMAND", "sh -c 'exec true'"), ("ENGINE_THREADS", "2")]);
+        assert_eq!(c.worker_command.as_deref(), Some(&["sh".to_string(), "-c".into(), "exec true".into()][..]));
+        let set = |v: &str| v == "ENGINE_THREADS" || v == "WORKER_READY_PATH";
+        let vars: Vec<&str> = ignored(&c, &set).into_iter().map(|n| n.var).collect();
+        assert_eq!(vars, ["ENGINE_THREADS"]);
+        assert!(report(&c, &set).contains("workers: 1 copies of `sh -c 'exec true'`"));
+        let c = config(&[]);
+        let vars: Vec<&str> = ignored(&c, &set).into_iter().map(|n| n.var).collect();
+        assert_eq!(vars, ["WORKER_READY_PATH"]);
     }
 }

@@ -1059,17 +1059,26 @@ impl Config {
             let (accepted, parse) = seconds(1, 86400);
             c.get("REPOSITORY_POLL_SECS", &raw.repository_poll_secs, Duration::from_secs(15), &accepted, parse)
         };
-        let worker_command = c.get(
-            "WORKER_COMMAND",
-            &raw.worker_command,
-            None,
-            "a command line (shell quoting, no shell operators) whose program exists and is executable",
-            |v| {
-                let argv = shell_words::split(v).ok()?;
-                find_program(argv.first()?, ambient("PATH").as_deref()).ok()?;
-                Some(Some(argv))
-            },
-        );
+        let worker_command = match raw.worker_command.as_deref().map(str::trim).filter(|v| !v.is_empty()) {
+            None => None,
+            Some(v) => {
+                let checked = shell_words::split(v)
+                    .map_err(|e| format!("a command line with balanced quotes ({e})"))
+                    .and_then(|argv| match argv.first() {
+                        Some(program) => find_program(program, ambient("PATH").as_deref())
+                            .map(|_| argv.clone())
+                            .map_err(|why| format!("a command whose program can run ({why})")),
+                        None => Err("a command line".to_string()),
+                    });
+                match checked {
+                    Ok(argv) => Some(argv),
+                    Err(accepted) => {
+                        c.bad("WORKER_COMMAND", v, accepted);
+                        None
+                    }
+                }
+            }
+        };
         let worker_ready_path = c.get(
             "WORKER_READY_PATH",
             &raw.worker_ready_path,
@@ -1203,6 +1212,28 @@ mod tests {
         let want = default_cache_dir(root, None, None).join("ssl_certificates");
         assert_eq!(c.cert_dir(), want);
         assert!(!c.model_cache_dir.starts_with("/tmp/cache"));
+    }
+
+    #[test]
+    fn a_worker_command_is_split_like_a_shell_and_its_program_must_exist() {
+        let c =
+            parse(&[("WORKER_COMMAND", "python3 -m uvicorn 'my app:app' --port {port}"), ("PATH", "/usr/bin:/bin")])
+                .expect("ok");
+        let argv = c.worker_command.expect("set");
+        assert_eq!(argv, ["python3", "-m", "uvicorn", "my app:app", "--port", "{port}"]);
+        assert_eq!(c.worker_ready_path, "/");
+        for (value, says) in [
+            ("python3 'unbalanced", "balanced quotes"),
+            ("no-such-program-here --port {port}", "not on PATH"),
+            ("/etc/passwd", "not an executable file"),
+        ] {
+            let err = parse(&[("WORKER_COMMAND", value), ("PATH", "/usr/bin:/bin")]).expect_err(value);
+            assert_eq!(err.problems[0].var, "WORKER_COMMAND");
+            assert!(err.problems[0].accepted.contains(says), "{value}: {}", err.problems[0].accepted);
+        }
+        let err = parse(&[("WORKER_READY_PATH", "health"), ("WORKER_START_TIMEOUT", "0")]).expect_err("bad");
+        let vars: Vec<&str> = err.problems.iter().map(|p| p.var).collect();
+        assert_eq!(vars, ["WORKER_READY_PATH", "WORKER_START_TIMEOUT"]);
     }
 
     #[test]

@@ -93,6 +93,8 @@ pub enum ProcessRole {
     Engine = 3,
     /// The proxy worker in front of `WORKER_COMMAND` copies.
     Proxy = 4,
+    /// A `WORKER_COMMAND` copy (its block is claimed by the supervisor; it counts nothing itself).
+    App = 5,
 }
 
 impl ProcessRole {
@@ -103,6 +105,7 @@ impl ProcessRole {
             ProcessRole::Https => "https-worker",
             ProcessRole::Engine => "http-worker",
             ProcessRole::Proxy => "proxy-worker",
+            ProcessRole::App => "worker-command",
         }
     }
 
@@ -112,6 +115,7 @@ impl ProcessRole {
             2 => Some(ProcessRole::Https),
             3 => Some(ProcessRole::Engine),
             4 => Some(ProcessRole::Proxy),
+            5 => Some(ProcessRole::App),
             _ => None,
         }
     }
@@ -281,10 +285,16 @@ pub struct Stats {
 impl Stats {
     /// The handle on block `block` of `region`, claimed for the calling process.
     pub fn attach(region: Arc<Counters>, block: usize, role: ProcessRole, worker_id: u64) -> Stats {
+        Self::attach_for(region, block, role, worker_id, std::process::id())
+    }
+
+    /// The handle on block `block`, claimed for process `pid` (the supervisor
+    /// claims the blocks of `WORKER_COMMAND` copies, which know nothing of them).
+    pub fn attach_for(region: Arc<Counters>, block: usize, role: ProcessRole, worker_id: u64, pid: u32) -> Stats {
         let blocks = region.words().len() / BLOCK_WORDS;
         let s = Stats { region, base: block.min(blocks.saturating_sub(1)) * BLOCK_WORDS };
         s.set(H_ROLE, role as u64);
-        s.set(H_PID, u64::from(std::process::id()));
+        s.set(H_PID, u64::from(pid));
         s.set(H_WORKER_ID, worker_id);
         s.set(H_STARTED_MS, unix_ms());
         s

@@ -25,7 +25,7 @@ const TAIL_LINES: usize = 20;
 /// A longer output line is cut here (a copy cannot flood the log with one line).
 const MAX_LINE: usize = 16 << 10;
 /// How long one probe may take.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Between probes while a copy runs.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Failed probes in a row that take a running copy out of rotation.
@@ -216,7 +216,10 @@ impl Apps {
             }
             let (mut failures, mut healthy) = (0u32, true);
             while !stop.load(Ordering::SeqCst) {
-                std::thread::sleep(PROBE_EVERY);
+                // A failed probe is repeated at once: a hung copy leaves rotation in about three seconds.
+                if failures == 0 {
+                    std::thread::sleep(PROBE_EVERY);
+                }
                 if stop.load(Ordering::SeqCst) {
                     return;
                 }
@@ -257,9 +260,7 @@ pub fn signal_group(pid: Pid, sig: Signal) {
 
 /// The supervisor's environment minus what is tandem's alone ([`HIDDEN_PREFIXES`]).
 fn copy_env() -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
-    std::env::vars_os()
-        .filter(|(k, _)| !k.to_str().is_some_and(hidden))
-        .collect()
+    std::env::vars_os().filter(|(k, _)| !k.to_str().is_some_and(hidden)).collect()
 }
 
 /// A loopback port free right now (the copy binds it a moment later).
@@ -306,7 +307,8 @@ fn relay(
 
 /// One `GET path` to the copy; Ok with the status when it is 2xx or 3xx.
 pub fn probe(addr: &BackendAddr, path: &str) -> Result<u16, String> {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: tandem-probe\r\nConnection: close\r\n\r\n");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: tandem-probe\r\nConnection: close\r\n\r\n");
     let head = match addr {
         BackendAddr::Tcp(a) => {
             let s = TcpStream::connect_timeout(a, PROBE_TIMEOUT).map_err(|e| format!("cannot connect to {a}: {e}"))?;
@@ -400,7 +402,9 @@ mod tests {
 
     #[test]
     fn tandem_s_own_settings_never_reach_a_copy() {
-        for name in ["SSL_KEY", "SSL_CERTIFICATE", "ACME_EMAIL", "TANDEM_WORKER_SETTINGS", "LISTEN_FDS", "WORKER_COMMAND"] {
+        for name in
+            ["SSL_KEY", "SSL_CERTIFICATE", "ACME_EMAIL", "TANDEM_WORKER_SETTINGS", "LISTEN_FDS", "WORKER_COMMAND"]
+        {
             assert!(hidden(name), "{name}");
         }
         for name in ["PATH", "HOME", "MODEL_CACHE_DIR", "CUDA_VISIBLE_DEVICES", "PYTHONPATH", "WORKER_CONCURRENCY"] {

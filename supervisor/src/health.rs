@@ -73,11 +73,27 @@ pub fn command(args: &[String]) -> ExitCode {
 }
 
 async fn check(config: &Config, live: bool) -> Result<String, String> {
-    let path = if live { "/v2/health/live" } else { "/v2/health/ready" };
-    let plain = reqwest::Client::builder().timeout(PROBE_TIMEOUT).build().map_err(|e| e.to_string())?;
+    // With WORKER_COMMAND the copies' own ready path, through tandem: ready when it
+    // answers 2xx/3xx, live when tandem answers at all.
+    let proxied = config.worker_command.is_some();
+    let path = match (proxied, live) {
+        (true, _) => config.worker_ready_path.as_str(),
+        (false, true) => "/v2/health/live",
+        (false, false) => "/v2/health/ready",
+    };
+    let healthy = |status: u16| match (proxied, live) {
+        (true, true) => true,
+        (true, false) => (200..400).contains(&status),
+        (false, _) => status == 200,
+    };
+    let plain = reqwest::Client::builder()
+        .timeout(PROBE_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| e.to_string())?;
     let http = local(config.host, config.port);
     let (status, _) = probe(&plain, &format!("http://{http}{path}")).await?;
-    if status != 200 {
+    if !healthy(status) {
         return Err(format!("http://{http}{path} answered {status}"));
     }
     let mut summary = format!("http {status}");
@@ -93,13 +109,14 @@ async fn check(config: &Config, live: bool) -> Result<String, String> {
     let published = Bundle::load(&Layout::of(&config.cert_dir()).live()).ok().map(|b| b.info.fingerprint);
     let pinned = reqwest::Client::builder()
         .timeout(PROBE_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
         .danger_accept_invalid_certs(true)
         .tls_info(true)
         .build()
         .map_err(|e| e.to_string())?;
     let https = local(config.host, config.ssl_port);
     let (status, served) = probe(&pinned, &format!("https://{https}{path}")).await?;
-    if status != 200 {
+    if !healthy(status) {
         return Err(format!("https://{https}{path} answered {status}"));
     }
     match (&published, &served) {

@@ -651,9 +651,7 @@ impl Supervisor {
                 );
             }
         }
-        if self.slots[index].role != Role::App {
-            Stats::vacate(&self.stats.0, self.slots[index].block);
-        }
+        Stats::vacate(&self.stats.0, self.slots[index].block);
         self.slots[index].control = None;
         let app = self.slots[index].app.take();
         if let (Some(app), Some(pid)) = (&app, self.slots[index].pid) {
@@ -744,10 +742,8 @@ impl Supervisor {
     /// During a stop, the engine workers' turn comes when the HTTPS worker has exited.
     fn stop_engines_when_https_drained(&mut self) {
         let https_gone = self.slots.iter().all(|s| !s.role.is_front() || s.pid.is_none());
-        let engines_running = self
-            .slots
-            .iter()
-            .any(|s| !s.role.is_front() && s.pid.is_some() && s.state != WorkerState::Draining);
+        let engines_running =
+            self.slots.iter().any(|s| !s.role.is_front() && s.pid.is_some() && s.state != WorkerState::Draining);
         if https_gone && engines_running {
             self.kill_all(Signal::SIGTERM);
         }
@@ -887,6 +883,14 @@ impl Supervisor {
             restarts = self.slots[index].restarts,
             "worker command started"
         );
+        // Counted as a running worker (the copy itself writes nothing there).
+        Stats::attach_for(
+            self.stats.0.clone(),
+            self.slots[index].block,
+            ProcessRole::App,
+            worker_id,
+            pid.as_raw() as u32,
+        );
         let slot = &mut self.slots[index];
         slot.worker_id = worker_id;
         slot.pid = Some(pid);
@@ -972,6 +976,10 @@ impl Supervisor {
         if app.was_ready || matches!(self.phase, Phase::Stopping { .. }) || slot.retired {
             return;
         }
+        if self.phase == Phase::Starting && !app.start_timed_out {
+            // Start-up stops here, with this report as its error.
+            return;
+        }
         let why = if app.start_timed_out {
             format!("did not answer {} within WORKER_START_TIMEOUT", self.config.worker_ready_path)
         } else {
@@ -1004,7 +1012,8 @@ impl Supervisor {
         let mut drained = Vec::new();
         for s in &mut self.slots {
             let (Some(pid), Some(app)) = (s.pid, s.app.as_mut()) else { continue };
-            if s.state == WorkerState::Starting && !app.start_timed_out && now.duration_since(s.started) > start_timeout {
+            if s.state == WorkerState::Starting && !app.start_timed_out && now.duration_since(s.started) > start_timeout
+            {
                 app.start_timed_out = true;
                 tracing::warn!(
                     worker_id = s.worker_id,
@@ -1019,7 +1028,11 @@ impl Supervisor {
             }
             if app.terminated_at.is_some_and(|t| now.duration_since(t) > grace) && !s.killed {
                 s.killed = true;
-                tracing::warn!(worker_id = s.worker_id, worker = s.number, "worker command did not stop in time; killing");
+                tracing::warn!(
+                    worker_id = s.worker_id,
+                    worker = s.number,
+                    "worker command did not stop in time; killing"
+                );
                 signal_group(pid, Signal::SIGKILL);
             }
         }

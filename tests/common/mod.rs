@@ -75,6 +75,8 @@ pub struct TandemBuilder {
     /// Variables whose values are raw bytes (not UTF-8).
     raw_env: Vec<(String, Vec<u8>)>,
     wrapper: Vec<String>,
+    /// Arguments to tandem itself (a subcommand such as `run -- ...`).
+    args: Vec<String>,
     dir: tempfile::TempDir,
 }
 
@@ -91,7 +93,7 @@ impl TandemBuilder {
         env.insert("SSL_CERTIFICATE".into(), "GENERATE".into());
         env.insert("GRACEFUL_TIMEOUT".into(), "10".into());
         env.insert("LOG_LEVEL".into(), "info".into());
-        TandemBuilder { env, raw_env: Vec::new(), wrapper: Vec::new(), dir }
+        TandemBuilder { env, raw_env: Vec::new(), wrapper: Vec::new(), args: Vec::new(), dir }
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -125,6 +127,12 @@ impl TandemBuilder {
         self.env("ENABLE_SSL", "true")
     }
 
+    /// Passes `args` to tandem (e.g. `run -- CMD ...`).
+    pub fn args(mut self, args: &[String]) -> Self {
+        self.args = args.to_vec();
+        self
+    }
+
     /// Runs tandem under another program (e.g. `unshare --pid --fork`).
     pub fn wrapped(mut self, argv: &[&str]) -> Self {
         self.wrapper = argv.iter().map(|s| s.to_string()).collect();
@@ -141,6 +149,7 @@ impl TandemBuilder {
         let stderr = fs::File::create(&stderr_path).unwrap();
         let mut program = self.wrapper.clone();
         program.push(TANDEM.to_string());
+        program.extend(self.args.iter().cloned());
         let mut cmd = Command::new(&program[0]);
         cmd.args(&program[1..])
             .env_clear()
