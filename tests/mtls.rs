@@ -12,27 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use common::pki::ca_and_client;
 use common::*;
 use serde_json::Value;
-
-fn sh(dir: &Path, script: &str) {
-    let out = Command::new("bash").arg("-c").arg(script).current_dir(dir).output().unwrap();
-    assert!(out.status.success(), "{script}\n{}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A CA `ca` and a client certificate `name` it signs (CN=name, SAN DNS:name.example, clientAuth).
-fn ca_and_client(dir: &Path, ca: &str, name: &str) {
-    sh(
-        dir,
-        &format!(
-            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {ca}.key -out {ca}.pem \
-               -subj /CN={ca} -days 2 -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null && \
-             openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name} 2>/dev/null && \
-             printf 'subjectAltName=DNS:{name}.example\\nextendedKeyUsage=clientAuth\\n' > {name}.ext && \
-             openssl x509 -req -in {name}.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial -out {name}.pem -days 1 -extfile {name}.ext 2>/dev/null"
-        ),
-    );
-}
 
 /// curl over HTTPS with an optional client certificate; returns the HTTP code ("000" when the handshake fails).
 fn curl(t: &Tandem, server_ca: &Path, client: Option<(&Path, &str)>, extra: &[&str]) -> String {

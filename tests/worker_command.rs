@@ -98,7 +98,7 @@ impl Load {
         let mut i = 0u64;
         while !self.stop.load(Ordering::Relaxed) {
             i += 1;
-            let r = if post && i % 2 == 0 {
+            let r = if post && i.is_multiple_of(2) {
                 client.post(format!("{base}/echo")).body(vec![b'x'; 4096]).send()
             } else {
                 client.get(format!("{base}/")).send()
@@ -248,8 +248,8 @@ fn a_killed_copy_is_replaced_and_loses_at_most_its_requests_in_flight() {
     std::thread::scope(|s| {
         for i in 0..THREADS {
             let (load, ca) = (&load, t.served_chain_pem());
-            let base = if i % 2 == 0 { t.http_url("") } else { t.https_url("localhost", "") };
-            let client = if i % 2 == 0 { Tandem::http_client() } else { Tandem::https_client(&ca) };
+            let base = if i.is_multiple_of(2) { t.http_url("") } else { t.https_url("localhost", "") };
+            let client = if i.is_multiple_of(2) { Tandem::http_client() } else { Tandem::https_client(&ca) };
             s.spawn(move || load.run(client, base, true));
         }
         std::thread::sleep(Duration::from_secs(1));
@@ -446,4 +446,44 @@ fn a_copy_that_never_becomes_ready_is_restarted_with_its_output_reported() {
     let r = Tandem::http_client().get(t.http_url("/")).send().unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.text().unwrap().contains("no WORKER_COMMAND copy became ready"));
+}
+
+#[test]
+fn client_certificates_reach_the_copy_as_tandem_s_identity_headers_and_logs_stay_json() {
+    let b = TandemBuilder::new();
+    let dir = b.dir().join("pki");
+    std::fs::create_dir_all(&dir).unwrap();
+    common::pki::ca_and_client(&dir, "ca1", "alice");
+    let t = start(
+        b.ssl()
+            .env("WORKER_COMMAND", &uvicorn().replace("warning", "info"))
+            .env("SSL_CLIENT_CA", dir.join("ca1.pem").to_str().unwrap())
+            .env("SSL_CLIENT_AUTH", "optional")
+            .env("LOG_FORMAT", "json"),
+    );
+    let server_ca = dir.join("server.pem");
+    std::fs::write(&server_ca, t.served_chain_pem()).unwrap();
+    let curl = |client: bool| {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-s", "--cacert"]).arg(&server_ca).args(["-H", "X-Tandem-Client-Subject: CN=mallory"]);
+        if client {
+            cmd.arg("--cert").arg(dir.join("alice.pem")).arg("--key").arg(dir.join("alice.key"));
+        }
+        let out = cmd.arg(t.https_url("localhost", "/whoami")).output().unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+    };
+    let with = curl(true);
+    let h = &with["headers"];
+    assert!(h["x-tandem-client-subject"].as_str().unwrap().contains("CN=alice"), "{with}");
+    assert!(h["x-tandem-client-sans"].as_str().unwrap().contains("alice.example"), "{with}");
+    assert_eq!(h["x-tandem-client-fingerprint"].as_str().unwrap().len(), 64, "{with}");
+    let without = curl(false);
+    assert!(without["headers"].get("x-tandem-client-subject").is_none(), "a forged identity passed: {without}");
+    // The copies' own output is relayed as JSON lines too, with their number.
+    let relayed = t
+        .stderr()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["stream"] == "stderr" && v["worker"] == 1);
+    assert!(relayed.is_some(), "no JSON line from copy 1\n{}", t.explain());
 }

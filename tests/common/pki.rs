@@ -1,6 +1,7 @@
 //! Test PKI made in the test with rcgen: a CA and the certificates it issues.
 
 use std::path::Path;
+use std::process::Command;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 
@@ -59,4 +60,24 @@ impl Issued {
         std::fs::write(dir.join(cert), &self.cert_pem).unwrap();
         std::fs::write(dir.join(key), &self.key_pem).unwrap();
     }
+}
+
+fn sh(dir: &Path, script: &str) {
+    let out = Command::new("bash").arg("-c").arg(script).current_dir(dir).output().unwrap();
+    assert!(out.status.success(), "{script}\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// With the openssl CLI, in `dir`: a CA `ca` and a client certificate `name`
+/// it signs (CN=name, SAN DNS:name.example, clientAuth), as `.pem` and `.key`.
+pub fn ca_and_client(dir: &Path, ca: &str, name: &str) {
+    sh(
+        dir,
+        &format!(
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {ca}.key -out {ca}.pem \
+               -subj /CN={ca} -days 2 -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null && \
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name} 2>/dev/null && \
+             printf 'subjectAltName=DNS:{name}.example\\nextendedKeyUsage=clientAuth\\n' > {name}.ext && \
+             openssl x509 -req -in {name}.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial -out {name}.pem -days 1 -extfile {name}.ext 2>/dev/null"
+        ),
+    );
 }
