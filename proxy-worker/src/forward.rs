@@ -410,7 +410,7 @@ impl Proxy {
             *out.uri_mut() = uri;
             *out.version_mut() = Version::HTTP_11;
             *out.headers_mut() = parts.headers.clone();
-            let sent = tokio::time::timeout_at(deadline, lease.entry.client.request(out)).await;
+            let sent = tokio::time::timeout_at(deadline, lease.entry.client().request(out)).await;
             let failure = match sent {
                 Ok(Ok(res)) => return (self.answer(res, lease, client_upgrade), Some(worker)),
                 Ok(Err(e)) => classify(&e),
@@ -452,10 +452,11 @@ impl Proxy {
     /// when none is; None when every copy was tried or none came.
     async fn lease(&self, tried: &[u64], deadline: tokio::time::Instant) -> Option<Lease> {
         loop {
+            let mut watch = self.pool.watch();
             if let Some(l) = self.pool.pick(tried) {
                 return Some(l);
             }
-            if !tried.is_empty() || !self.pool.changed(deadline).await {
+            if !tried.is_empty() || !Pool::changed(&mut watch, deadline).await {
                 return None;
             }
         }

