@@ -50,6 +50,9 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
     let engine = load_engine(&settings)?;
     let inference_threads = engine.permits.available_permits();
     let region = settings.shm.as_ref().map(tandem_shared::worker::open_region).transpose()?;
+    // Connections spread over the engine workers (they share one socket): see shared::balance.
+    let balance =
+        Arc::new(tandem_shared::balance::AcceptBalance::new(stats.clone(), tandem_shared::stats::ProcessRole::Engine));
     let app = router(AppState::new(&settings, engine.clone(), stats, region.clone(), control.clone()));
     let shm = match region {
         Some(region) => {
@@ -65,7 +68,7 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
     };
 
     let budget = tandem_shared::serve::connection_budget();
-    let server = Arc::new(tandem_shared::serve::Server::new(settings.timeouts, budget));
+    let server = Arc::new(tandem_shared::serve::Server::new(settings.timeouts, budget).with_pacing(balance));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let service = hyper_util::service::TowerToHyperService::new(app);
     let accepting = {

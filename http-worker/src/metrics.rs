@@ -135,6 +135,25 @@ pub fn render(snap: &Snapshot, ring_busy: Option<(u32, u32)>, cert_source: Optio
         let n = snap.processes.iter().filter(|p| p.role.label() == role).count();
         e.sample("tandem_workers", &[("role", role)], n);
     }
+    if !snap.slots.is_empty() {
+        e.family(
+            "tandem_worker_requests_total",
+            "counter",
+            "Requests each engine worker slot answered (kept across its restarts), by listener.",
+        );
+        for sl in &snap.slots {
+            let slot = sl.slot.to_string();
+            for (l, listener) in ["http", "https"].iter().enumerate() {
+                e.sample("tandem_worker_requests_total", &[("slot", &slot), ("listener", listener)], sl.answered[l]);
+            }
+        }
+        e.family("tandem_worker_connections", "gauge", "Plain HTTP connections each accepting engine worker holds.");
+        for sl in &snap.slots {
+            if let Some(n) = sl.connections {
+                e.sample("tandem_worker_connections", &[("slot", &sl.slot.to_string())], n);
+            }
+        }
+    }
     e.family("tandem_worker_restarts_total", "counter", "Workers restarted after dying, by role and cause.");
     for (r, role) in roles.iter().enumerate() {
         for (c, cause) in RESTART_CAUSES.iter().enumerate() {

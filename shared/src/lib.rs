@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod access;
+pub mod balance;
 pub mod cert_cache;
 pub mod cert_status;
 pub mod check;

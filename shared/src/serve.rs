@@ -312,6 +312,42 @@ pub trait ResponseBody: Body<Data: Send, Error: Into<BoxError>> + Send + 'static
 
 impl<B> ResponseBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static {}
 
+/// Spreads connections over processes accepting from one socket: told of
+/// every connection opened and closed, it says how long to hold back before
+/// the next accept ([`crate::balance::AcceptBalance`]).
+pub trait Pacing: Send + Sync + 'static {
+    /// The server starts or stops accepting.
+    fn accepting(&self, on: bool);
+    /// How long to wait before the next accept.
+    fn wait(&self) -> Duration;
+    /// A connection was accepted.
+    fn opened(&self);
+    /// A connection ended (`accepting`: the server still accepts).
+    fn closed(&self, accepting: bool);
+}
+
+/// Tells the pacing the server stopped accepting (when `run` returns).
+struct Stopped(Option<Arc<dyn Pacing>>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            p.accepting(false);
+        }
+    }
+}
+
+/// Tells the pacing when its connection ends.
+struct Opened(Option<(Arc<dyn Pacing>, watch::Receiver<bool>)>);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        if let Some((p, drain)) = &self.0 {
+            p.closed(!*drain.borrow());
+        }
+    }
+}
+
 /// Accepts and serves connections on one listener until stopped, then drains them.
 pub struct Server {
     timeouts: Timeouts,
@@ -320,6 +356,7 @@ pub struct Server {
     max: usize,
     drain: watch::Sender<bool>,
     errors: AcceptErrors,
+    pacing: Option<Arc<dyn Pacing>>,
 }
 
 impl Server {
@@ -343,7 +380,14 @@ impl Server {
             max,
             drain,
             errors: AcceptErrors::default(),
+            pacing: None,
         }
+    }
+
+    /// Paces accepts with `pacing` (several processes on one socket).
+    pub fn with_pacing(mut self, pacing: Arc<dyn Pacing>) -> Self {
+        self.pacing = Some(pacing);
+        self
     }
 
     /// Accepts until `stop` resolves. Each connection is first given to `connect`
@@ -363,6 +407,10 @@ impl Server {
         B: ResponseBody,
     {
         tokio::pin!(stop);
+        if let Some(p) = &self.pacing {
+            p.accepting(true);
+        }
+        let _stopped = Stopped(self.pacing.clone());
         loop {
             let permit = tokio::select! {
                 _ = &mut stop => return,
@@ -371,6 +419,13 @@ impl Server {
                     Err(_) => return,
                 },
             };
+            if let Some(pause) = self.pacing.as_ref().map(|p| p.wait()).filter(|d| !d.is_zero()) {
+                // Ahead of another process: let it take this connection if it can.
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
             let accepted = tokio::select! {
                 _ = &mut stop => return,
                 a = listener.accept() => a,
@@ -385,6 +440,10 @@ impl Server {
                 }
             };
             let _ = tcp.set_nodelay(true);
+            let opened = Opened(self.pacing.clone().map(|p| {
+                p.opened();
+                (p, self.drain.subscribe())
+            }));
             let handshake = connect(tcp, peer);
             let builder = self.builder.clone();
             let service = service.clone();
@@ -392,6 +451,7 @@ impl Server {
             let drain = self.drain.subscribe();
             tokio::spawn(async move {
                 let _permit = permit;
+                let _opened = opened;
                 // The handshake counts against HEADER_TIMEOUT too.
                 let Ok(Some(accepted)) = tokio::time::timeout(timeouts.header, handshake).await else { return };
                 let conn = ConnInfo { peer: Peer(peer), client: accepted.client };
@@ -401,6 +461,7 @@ impl Server {
     }
 
     /// Asks every connection to finish its requests and close, and waits up to `timeout` for them.
+    /// (A paced server stopped accepting when [`Server::run`] returned.)
     /// Returns whether all of them closed in time.
     pub async fn drain(&self, timeout: Duration) -> bool {
         let _ = self.drain.send(true);

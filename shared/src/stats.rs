@@ -129,7 +129,14 @@ const H_RSS: usize = 3;
 const H_FDS: usize = 4;
 const H_STARTED_MS: usize = 5;
 const H_MODELS_USED: usize = 6;
+/// Requests this block's process answered, plain HTTP then HTTPS (two words).
+const H_ANSWERED: usize = 7;
+/// Connections the process holds now; [`NOT_ACCEPTING`] while it does not accept.
+const H_CONNS: usize = 9;
 const HEADER: usize = 16;
+
+/// [`H_CONNS`] of a process that is not accepting (starting, draining, gone).
+const NOT_ACCEPTING: u64 = u64::MAX;
 const REQ: usize = HEADER;
 const REQ_WORDS: usize = 2 * NR * NM * NS;
 const DUR: usize = REQ + REQ_WORDS;
@@ -297,6 +304,7 @@ impl Stats {
         s.set(H_PID, u64::from(pid));
         s.set(H_WORKER_ID, worker_id);
         s.set(H_STARTED_MS, unix_ms());
+        s.set(H_CONNS, NOT_ACCEPTING);
         s
     }
 
@@ -320,11 +328,29 @@ impl Stats {
     /// Counts one HTTP request answered by this process.
     pub fn request(&self, https: bool, route: usize, method: &str, status: u16, took: Duration) {
         let l = usize::from(https);
+        self.add(H_ANSWERED + l, 1);
         let route = route.min(NR - 1);
         self.add(REQ + ((l * NR + route) * NM + method_index(method)) * NS + status_index(status), 1);
         let d = DUR + (l * NR + route) * (BUCKETS + 1);
         self.add(d + bucket(took), 1);
         self.add(d + BUCKETS, nanos(took));
+    }
+
+    /// Publishes how many connections this process holds (None: it does not accept).
+    pub fn set_connections(&self, open: Option<u64>) {
+        self.set(H_CONNS, open.unwrap_or(NOT_ACCEPTING));
+    }
+
+    /// The fewest connections any other live, accepting process of `role` holds.
+    pub fn least_connections_elsewhere(&self, role: ProcessRole) -> Option<u64> {
+        let words = self.region.words();
+        (0..words.len() / BLOCK_WORDS)
+            .map(|b| b * BLOCK_WORDS)
+            .filter(|&b| b != self.base)
+            .filter(|&b| words[b + H_ROLE].load(Relaxed) == role as u64 && words[b + H_PID].load(Relaxed) != 0)
+            .map(|b| words[b + H_CONNS].load(Relaxed))
+            .filter(|&n| n != NOT_ACCEPTING)
+            .min()
     }
 
     /// Counts a ring event (index into [`RING_EVENTS`]).
@@ -379,6 +405,7 @@ impl Stats {
             for i in [H_PID, H_RSS, H_FDS] {
                 words[i].store(0, Relaxed);
             }
+            words[H_CONNS].store(NOT_ACCEPTING, Relaxed);
         }
     }
 
@@ -521,6 +548,17 @@ impl ModelTotals {
     }
 }
 
+/// One engine slot's share of the work (its block, kept across restarts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotLoad {
+    /// The slot, 1-based.
+    pub slot: usize,
+    /// Requests answered over plain HTTP and over HTTPS (through the ring).
+    pub answered: [u64; 2],
+    /// Connections held now (plain HTTP), when its process accepts.
+    pub connections: Option<u64>,
+}
+
 /// A request counter: listener, route, method and status with its count.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestCount {
@@ -574,6 +612,8 @@ pub struct Snapshot {
     pub processes: Vec<Process>,
     /// Per model and version.
     pub models: BTreeMap<(String, u64), ModelTotals>,
+    /// Per engine slot.
+    pub slots: Vec<SlotLoad>,
 }
 
 impl Snapshot {
@@ -599,6 +639,14 @@ impl Snapshot {
                     worker_id: get(H_WORKER_ID),
                     rss_bytes: get(H_RSS),
                     fds: get(H_FDS),
+                });
+            }
+            if role == ProcessRole::Engine {
+                let conns = get(H_CONNS);
+                s.slots.push(SlotLoad {
+                    slot: block + 1 - FIRST_ENGINE_BLOCK.min(block),
+                    answered: [get(H_ANSWERED), get(H_ANSWERED + 1)],
+                    connections: (get(H_PID) != 0 && conns != NOT_ACCEPTING).then_some(conns),
                 });
             }
             sum(&mut req, b + REQ);

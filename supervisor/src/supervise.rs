@@ -676,8 +676,9 @@ impl Supervisor {
             }
             return Ok(());
         }
-        let timed_out = app.as_ref().is_some_and(|a| a.start_timed_out);
-        if self.phase == Phase::Starting && slot.state == WorkerState::Starting && !timed_out {
+        // A copy already restarted (after a start timeout) keeps being restarted.
+        let retrying = app.as_ref().is_some_and(|a| a.start_timed_out) || (app.is_some() && slot.restarts > 0);
+        if self.phase == Phase::Starting && slot.state == WorkerState::Starting && !retrying {
             if let Some(app) = &app {
                 let number = slot.number;
                 anyhow::bail!(
@@ -976,7 +977,7 @@ impl Supervisor {
         if app.was_ready || matches!(self.phase, Phase::Stopping { .. }) || slot.retired {
             return;
         }
-        if self.phase == Phase::Starting && !app.start_timed_out {
+        if self.phase == Phase::Starting && !app.start_timed_out && slot.restarts == 0 {
             // Start-up stops here, with this report as its error.
             return;
         }
