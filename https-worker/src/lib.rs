@@ -26,9 +26,32 @@ const ORPHAN_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
     tandem_shared::sys::keep_large_allocations();
     let control = attach(&settings)?;
+    // One single-threaded runtime per core (Server::spawn_threads): this one, and the others.
     let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the tokio runtime")?;
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the tokio runtime")?;
     runtime.block_on(serve(settings, control))
+}
+
+/// Sessions held for TLS 1.2 session-ID resumption (about 200 bytes each).
+const SESSION_CACHE: usize = 1 << 14;
+
+/// Resumption state, one per process, kept across the acceptors a CA reload
+/// rebuilds: a session cache for TLS 1.2 session IDs and a ticketer (keys in
+/// memory only, rotated every 6 hours) so TLS 1.3 and 1.2 clients resume from
+/// a ticket without a cache lookup. rustls' default is a 256-entry cache and
+/// no ticketer, which a few hundred clients churn through.
+type Resumption = (Arc<dyn rustls::server::StoresServerSessions>, Option<Arc<dyn rustls::server::ProducesTickets>>);
+
+fn resumption() -> Resumption {
+    static STATE: std::sync::OnceLock<Resumption> = std::sync::OnceLock::new();
+    STATE
+        .get_or_init(|| {
+            let tickets = rustls::crypto::aws_lc_rs::Ticketer::new()
+                .map_err(|e| tracing::warn!(error = %e, "no session tickets (cannot make ticket keys); session IDs only"))
+                .ok();
+            (rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE), tickets)
+        })
+        .clone()
 }
 
 /// The provider's cipher suites with AES-128-GCM/SHA-256 first. Clients
@@ -72,6 +95,14 @@ pub fn server_config(
     let mut config = config.with_cert_resolver(resolver);
     // Our order, not the client's (every suite offered is strong): see `fast_first`.
     config.ignore_client_order = true;
+    let (sessions, tickets) = resumption();
+    config.session_storage = sessions;
+    if let Some(t) = tickets {
+        config.ticketer = t;
+    }
+    // One TLS 1.3 ticket per connection (rustls sends two by default): a
+    // client resumes each new connection with the ticket the last one got.
+    config.send_tls13_tickets = 1;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     if acme {
         // Only ever chosen for a client that offers it (an ACME server validating TLS-ALPN-01).
@@ -188,7 +219,10 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         .context("cannot take the inherited listener (LISTEN_FDS)")?
         .context("no listener inherited: LISTEN_FDS is not set")?;
     std_listener.set_nonblocking(true).context("cannot make the listener non-blocking")?;
-    let listener = tokio::net::TcpListener::from_std(std_listener).context("cannot register the listener")?;
+    let listener = tokio::net::TcpListener::from_std(
+        std_listener.try_clone().context("cannot duplicate the listener")?,
+    )
+    .context("cannot register the listener")?;
 
     // No model here: every request goes to the engine workers through shared memory.
     let shm = settings.shm.as_ref().context("the HTTPS worker needs the shared-memory ring")?;
@@ -209,7 +243,7 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     };
     let forwarder = Arc::new(forward::Forwarder::new(region, completions.clone(), stats.clone(), options));
     let budget = tandem_shared::serve::connection_budget();
-    let server = tandem_shared::serve::Server::new(settings.timeouts, budget);
+    let server = Arc::new(tandem_shared::serve::Server::new(settings.timeouts, budget));
 
     control
         .send(&WorkerEvent::Ready { addr: settings.listen_addr.to_string(), fingerprint: Some(fingerprint.clone()) })
@@ -221,7 +255,22 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     let handshake = move |tcp, peer| handshaker.clone().accept(tcp, peer);
     let fwd = forwarder.clone();
     let service = hyper::service::service_fn(move |req| fwd.clone().handle(req));
-    server.run(&listener, stop_signal(), handshake, service).await;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let threads = server
+        .spawn_threads(
+            tandem_shared::serve::serving_threads() - 1,
+            &std_listener,
+            stop_rx.clone(),
+            handshake.clone(),
+            service.clone(),
+        )
+        .context("cannot start the serving threads")?;
+    drop(std_listener);
+    let stop = async move {
+        stop_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    server.run(&listener, stop, handshake, service).await;
     drop(listener);
     reloads.abort();
     tracing::info!(worker_id = settings.worker_id, "draining in-flight requests");
@@ -239,6 +288,8 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         d = server.drain(settings.graceful_timeout) => d,
         () = orphaned => false,
     };
+    // The other threads' connections are done (or out of time): let them go.
+    threads.finish();
     if drained {
         tracing::info!("drained");
     } else {

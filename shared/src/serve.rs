@@ -470,6 +470,75 @@ impl Server {
     }
 }
 
+/// Extra serving threads started by [`Server::spawn_threads`]; they keep
+/// their runtimes (and so their connections) alive until [`Threads::finish`].
+pub struct Threads {
+    handles: Vec<std::thread::JoinHandle<()>>,
+    finished: watch::Sender<bool>,
+}
+
+impl Threads {
+    /// Lets the threads end (call after [`Server::drain`]) and waits for them.
+    pub fn finish(self) {
+        let _ = self.finished.send(true);
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Resolves once `rx` reads true.
+async fn until(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+impl Server {
+    /// Serves `listener` from `extra` more threads, each with a single-threaded
+    /// runtime of its own, sharing this server's connection budget and drain:
+    /// a connection lives on the thread that accepted it, so nothing it does
+    /// wakes another thread (a multi-threaded runtime spent a third of a TLS
+    /// worker's time parking and waking threads). They stop accepting when
+    /// `stop` reads true; [`Threads::finish`] ends them.
+    pub fn spawn_threads<C, CF, IO, S, B>(
+        self: &Arc<Self>,
+        extra: usize,
+        listener: &std::net::TcpListener,
+        stop: watch::Receiver<bool>,
+        connect: C,
+        service: S,
+    ) -> io::Result<Threads>
+    where
+        C: Fn(TcpStream, SocketAddr) -> CF + Clone + Send + 'static,
+        CF: Future<Output = Option<Accepted<IO>>> + Send + 'static,
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: HttpService<B>,
+        B: ResponseBody,
+    {
+        let (finished, done) = watch::channel(false);
+        let mut handles = Vec::with_capacity(extra);
+        for i in 1..=extra {
+            let (server, listener) = (self.clone(), listener.try_clone()?);
+            let (stop, done, connect, service) = (stop.clone(), done.clone(), connect.clone(), service.clone());
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            handles.push(std::thread::Builder::new().name(format!("serve-{i}")).spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => server.run(&l, until(stop), connect, service).await,
+                        Err(e) => tracing::error!(thread = i, error = %e, "cannot register the listener"),
+                    }
+                    until(done).await;
+                });
+            })?);
+        }
+        Ok(Threads { handles, finished })
+    }
+}
+
+/// Threads to serve with: one per core, at most 16.
+pub fn serving_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 16)
+}
+
 async fn serve_connection<IO, S, B>(
     builder: &auto::Builder<TokioExecutor>,
     io: IO,
