@@ -47,7 +47,9 @@ fn resumption() -> Resumption {
     STATE
         .get_or_init(|| {
             let tickets = rustls::crypto::aws_lc_rs::Ticketer::new()
-                .map_err(|e| tracing::warn!(error = %e, "no session tickets (cannot make ticket keys); session IDs only"))
+                .map_err(
+                    |e| tracing::warn!(error = %e, "no session tickets (cannot make ticket keys); session IDs only"),
+                )
                 .ok();
             (rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE), tickets)
         })
@@ -219,10 +221,9 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         .context("cannot take the inherited listener (LISTEN_FDS)")?
         .context("no listener inherited: LISTEN_FDS is not set")?;
     std_listener.set_nonblocking(true).context("cannot make the listener non-blocking")?;
-    let listener = tokio::net::TcpListener::from_std(
-        std_listener.try_clone().context("cannot duplicate the listener")?,
-    )
-    .context("cannot register the listener")?;
+    let listener =
+        tokio::net::TcpListener::from_std(std_listener.try_clone().context("cannot duplicate the listener")?)
+            .context("cannot register the listener")?;
 
     // No model here: every request goes to the engine workers through shared memory.
     let shm = settings.shm.as_ref().context("the HTTPS worker needs the shared-memory ring")?;

@@ -50,6 +50,9 @@ const DROPPED: [&str; 17] = [
     "via",
 ];
 
+/// Answers up to this size (by `Content-Length`) are read whole before they are sent on.
+const SMALL_ANSWER: u64 = 64 << 10;
+
 /// The first entries of [`DROPPED`] are hop-by-hop (requests and responses alike).
 const HOP_BY_HOP: usize = 7;
 
@@ -412,7 +415,7 @@ impl Proxy {
             *out.headers_mut() = parts.headers.clone();
             let sent = tokio::time::timeout_at(deadline, lease.entry.client().request(out)).await;
             let failure = match sent {
-                Ok(Ok(res)) => return (self.answer(res, lease, client_upgrade), Some(worker)),
+                Ok(Ok(res)) => return (self.answer(res, lease, client_upgrade, deadline).await, Some(worker)),
                 Ok(Err(e)) => classify(&e),
                 Err(_) => {
                     return (
@@ -464,11 +467,12 @@ impl Proxy {
 
     /// The copy's answer for the client: hop-by-hop headers dropped, the body
     /// streamed with the lease, or an upgraded connection tunnelled.
-    fn answer(
+    async fn answer(
         &self,
         mut res: Response<Incoming>,
         lease: Lease,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        deadline: tokio::time::Instant,
     ) -> Response<ProxyBody> {
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client) = client_upgrade else {
@@ -499,6 +503,19 @@ impl Proxy {
         }
         let (mut parts, body) = res.into_parts();
         drop_hop_by_hop(&mut parts.headers);
+        if body.size_hint().exact().is_some_and(|n| n <= SMALL_ANSWER) {
+            // A small answer of known length is read whole, so its head and
+            // body leave in one write (streamed, they took one write each).
+            let read = tokio::time::timeout_at(deadline, body.collect()).await;
+            drop(lease);
+            return match read {
+                Ok(Ok(b)) => {
+                    Response::from_parts(parts, Full::new(b.to_bytes()).map_err(|n| match n {}).boxed_unsync())
+                }
+                Ok(Err(e)) => local(StatusCode::BAD_GATEWAY, &format!("the copy's answer broke off: {}", cause(&e))),
+                Err(_) => local(StatusCode::GATEWAY_TIMEOUT, "the copy's answer did not arrive within REQUEST_TIMEOUT"),
+            };
+        }
         let body = Leased { inner: body, _lease: lease }.map_err(Into::into).boxed_unsync();
         Response::from_parts(parts, body)
     }
