@@ -327,6 +327,17 @@ fn sigterm_drains_a_slow_request_then_stops_every_copy() {
 #[test]
 fn sigttou_drains_the_removed_copy_before_stopping_it() {
     let t = start(TandemBuilder::new().env("NUM_WORKERS", "1").env("WORKER_COMMAND", &uvicorn()));
+    // Without HTTPS a SIGHUP has nothing to reload, and must not touch the proxy worker.
+    let proxy = t.workers("proxy-worker");
+    t.signal(Signal::SIGHUP);
+    wait_for(
+        Duration::from_secs(10),
+        "the SIGHUP noted",
+        || t.explain(),
+        || t.stderr().contains("SIGHUP: HTTPS is off").then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(t.workers("proxy-worker"), proxy, "a SIGHUP restarted the proxy worker\n{}", t.explain());
     t.signal(Signal::SIGTTIN);
     let http = Tandem::http_client();
     wait_for(

@@ -295,7 +295,8 @@ impl Supervisor {
                     match &self.certs {
                         // The HTTPS worker reloads when the check is done (Wake::Cert).
                         Some(certs) => certs.check_now(),
-                        None => self.signal_role(self.tls_role(), Signal::SIGHUP),
+                        // No HTTPS, nothing to reload (and the proxy worker would die of the signal).
+                        None => tracing::info!("SIGHUP: HTTPS is off; nothing to reload"),
                     }
                 }
                 Wake::AddWorker => self.add_worker()?,
