@@ -95,14 +95,7 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
     if let Some(shm) = shm {
         shm.stop(settings.graceful_timeout).await;
     }
-    if server.drain(settings.graceful_timeout).await {
-        tracing::info!("drained");
-    } else {
-        tracing::warn!(
-            timeout_s = settings.graceful_timeout.as_secs(),
-            "drain timed out; exiting with requests in flight"
-        );
-    }
+    tandem_shared::worker::report_drain(server.drain(settings.graceful_timeout).await, settings.graceful_timeout);
     Ok(())
 }
 

@@ -291,14 +291,7 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     };
     // The other threads' connections are done (or out of time): let them go.
     threads.finish();
-    if drained {
-        tracing::info!("drained");
-    } else {
-        tracing::warn!(
-            timeout_s = settings.graceful_timeout.as_secs(),
-            "drain timed out; exiting with requests in flight"
-        );
-    }
+    tandem_shared::worker::report_drain(drained, settings.graceful_timeout);
     Ok(())
 }
 

@@ -143,14 +143,7 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>, threads: u
     for t in others {
         drained &= t.join().map_err(|_| anyhow::anyhow!("a proxy thread panicked"))??;
     }
-    if drained {
-        tracing::info!("drained");
-    } else {
-        tracing::warn!(
-            timeout_s = settings.graceful_timeout.as_secs(),
-            "drain timed out; exiting with requests in flight"
-        );
-    }
+    tandem_shared::worker::report_drain(drained, settings.graceful_timeout);
     Ok(())
 }
 

@@ -58,6 +58,15 @@ pub async fn stop_signal() {
     }
 }
 
+/// Logs how a worker's drain ended: every request finished, or `timeout` ran out.
+pub fn report_drain(drained: bool, timeout: std::time::Duration) {
+    if drained {
+        tracing::info!("drained");
+    } else {
+        tracing::warn!(timeout_s = timeout.as_secs(), "drain timed out; exiting with requests in flight");
+    }
+}
+
 /// Reads the worker's settings from the variable the supervisor set.
 pub fn settings_from_supervisor() -> Result<WorkerSettings, String> {
     let raw = std::env::var(crate::WORKER_SETTINGS_VAR).map_err(|_| {
