@@ -24,10 +24,7 @@ fn per_slot(metrics: &str) -> Vec<(String, f64)> {
 fn sixteen_keep_alive_connections_spread_over_two_engine_workers() {
     let t = TandemBuilder::new().env("NUM_WORKERS", "2").start();
     let url = t.http_url("/v2/models/digits/infer");
-    let body = format!(
-        r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[{}]}}]}}"#,
-        vec!["3"; 64].join(",")
-    );
+    let body = common::digits_body(3);
     let before = per_slot(&common::Tandem::http_client().get(t.http_url("/metrics")).send().unwrap().text().unwrap());
     let barrier = std::sync::Barrier::new(16);
     std::thread::scope(|s| {

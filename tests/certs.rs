@@ -166,12 +166,7 @@ fn kubernetes_secret_swap_is_served_by_the_same_https_worker() {
     let mut broken = ca.issue();
     broken.key_pem = ca.issue().key_pem;
     volume.swap(&broken);
-    wait_for(
-        Duration::from_secs(15),
-        "the refusal",
-        || t.explain(),
-        || t.stderr().contains("certificate refused; the previous one keeps serving").then_some(()),
-    );
+    t.wait_for_log(Duration::from_secs(15), "certificate refused; the previous one keeps serving", 1);
     // The status file is written just after the log line: wait for it too.
     wait_for(
         Duration::from_secs(10),
@@ -383,10 +378,7 @@ fn twenty_reloads_under_load_fail_no_request() {
     let t = b.env("SSL_CERTIFICATE", volume.cert().to_str().unwrap()).start();
     let https_pid = t.workers("https-worker");
     let url = t.https_url("localhost", "/v2/models/digits/infer");
-    let body = format!(
-        r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[{}]}}]}}"#,
-        vec!["6"; 64].join(",")
-    );
+    let body = common::digits_body(6);
     let stop = AtomicBool::new(false);
     let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
     let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
@@ -421,12 +413,7 @@ fn twenty_reloads_under_load_fail_no_request() {
         for i in 1..=20 {
             volume.swap(&certs[i % 2]);
             t.signal(Signal::SIGHUP);
-            wait_for(
-                Duration::from_secs(15),
-                "the reload acknowledgement",
-                || t.explain(),
-                || (t.stderr().matches("https worker serves the new certificate").count() >= i).then_some(()),
-            );
+            t.wait_for_log(Duration::from_secs(15), "https worker serves the new certificate", i);
             std::thread::sleep(Duration::from_millis(100));
         }
         stop.store(true, Ordering::Relaxed);
@@ -493,12 +480,7 @@ fn a_certificate_path_that_turns_into_a_fifo_never_freezes_the_supervisor() {
     // The certificate becomes a FIFO: reading it would block for ever.
     std::fs::remove_file(dir.join("tls.crt")).unwrap();
     nix::unistd::mkfifo(&dir.join("tls.crt"), nix::sys::stat::Mode::S_IRWXU).unwrap();
-    wait_for(
-        Duration::from_secs(20),
-        "the FIFO to be refused",
-        || t.explain(),
-        || t.stderr().contains("not a regular file").then_some(()),
-    );
+    t.wait_for_log(Duration::from_secs(20), "not a regular file", 1);
     // The supervisor still supervises: a killed engine worker comes back at once.
     let engine = t.workers("http-worker")[0];
     nix::sys::signal::kill(engine, Signal::SIGKILL).unwrap();

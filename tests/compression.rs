@@ -75,10 +75,7 @@ fn a_gzip_bomb_is_a_413_and_no_worker_dies() {
     let ok = Tandem::http_client()
         .post(&http)
         .header("content-type", "application/json")
-        .body(format!(
-            r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[{}]}}]}}"#,
-            vec!["1"; 64].join(",")
-        ))
+        .body(common::digits_body(1))
         .send()
         .unwrap();
     assert_eq!(ok.status(), 200);
@@ -92,10 +89,7 @@ fn the_access_log_has_one_json_line_per_answer_with_the_real_client() {
         .env("LOG_FORMAT", "json")
         .env("MAX_REQUEST_BYTES", "4096")
         .start();
-    let body = format!(
-        r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[{}]}}]}}"#,
-        vec!["1"; 64].join(",")
-    );
+    let body = common::digits_body(1);
     let http = Tandem::http_client();
     let https = Tandem::https_client(&t.served_chain_pem());
     let r = http.post(t.http_url("/v2/models/digits/infer")).body(body.clone()).send().unwrap();

@@ -123,10 +123,7 @@ fn bad_requests_get_json_errors_and_never_kill_a_worker() {
 fn load_spreads_over_workers_and_every_response_names_its_worker() {
     let t = TandemBuilder::new().env("NUM_WORKERS", "2").start();
     let url = t.http_url("/v2/models/digits/infer");
-    let body = format!(
-        r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[{}]}}]}}"#,
-        vec!["3"; 64].join(",")
-    );
+    let body = common::digits_body(3);
     let seen: BTreeSet<String> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8)
             .map(|_| {
@@ -151,10 +148,7 @@ fn load_spreads_over_workers_and_every_response_names_its_worker() {
 #[test]
 fn sigterm_drains_a_request_in_flight() {
     let mut t = TandemBuilder::new().env("NUM_WORKERS", "1").start();
-    let body = format!(
-        r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[{}]}}]}}"#,
-        vec!["5"; 64].join(",")
-    );
+    let body = common::digits_body(5);
     let (first, rest) = body.as_bytes().split_at(body.len() / 2);
     let mut conn = TcpStream::connect(("127.0.0.1", t.http_port)).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(20))).unwrap();

@@ -17,13 +17,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-fn digits_body() -> String {
-    format!(
-        r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[{}]}}]}}"#,
-        vec!["1"; 64].join(",")
-    )
-}
-
 /// A repository with `digits` and each of `others` (copies of it).
 fn repository(dir: &Path, others: &[&str]) -> PathBuf {
     let repo = dir.join("models");
@@ -58,7 +51,7 @@ impl Load {
                 let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
                 std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        match client.post(&url).body(digits_body()).send() {
+                        match client.post(&url).body(common::digits_body(1)).send() {
                             Ok(r) if r.status() == 200 => {}
                             Ok(r) => failed.lock().unwrap().push(format!(
                                 "{url}: {} {}",
@@ -132,7 +125,7 @@ fn explicit_load_and_unload_reach_every_worker_while_other_models_serve() {
 
     let (status, body) = post(&t, "/v2/repository/models/other/unload", "");
     assert_eq!(status, 200, "{body}\n{}", t.explain());
-    let answers = ask_everyone(&t, "/v2/models/other/infer", Some(digits_body()), 8);
+    let answers = ask_everyone(&t, "/v2/models/other/infer", Some(common::digits_body(1)), 8);
     assert!(answers.iter().all(|(s, _, _)| *s == 503), "every worker refuses the unloaded model: {answers:?}");
     assert!(answers[0].2["error"].as_str().unwrap().contains("unloaded"), "{answers:?}");
     assert_eq!(answers.iter().map(|a| &a.1).collect::<BTreeSet<_>>().len(), 2, "both workers asked");
@@ -148,7 +141,7 @@ fn explicit_load_and_unload_reach_every_worker_while_other_models_serve() {
         assert_eq!(config["max_batch_size"], 8, "worker {worker}: {config}");
         before.insert(worker);
     }
-    assert!(ask_everyone(&t, "/v2/models/other/infer", Some(digits_body()), 4).iter().all(|a| a.0 == 200));
+    assert!(ask_everyone(&t, "/v2/models/other/infer", Some(common::digits_body(1)), 4).iter().all(|a| a.0 == 200));
 
     // A replacement worker starts with the override, not the files. (The load
     // pauses: a killed worker takes its open connections with it.)
@@ -174,7 +167,7 @@ fn explicit_load_and_unload_reach_every_worker_while_other_models_serve() {
         post(&t, "/v2/repository/models/other/load", r#"{"parameters":{"config":"{\"max_batch_size\": \"x\"}"}}"#);
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("previous load keeps serving"), "{body}");
-    assert!(ask_everyone(&t, "/v2/models/other/infer", Some(digits_body()), 4).iter().all(|a| a.0 == 200));
+    assert!(ask_everyone(&t, "/v2/models/other/infer", Some(common::digits_body(1)), 4).iter().all(|a| a.0 == 200));
     load.finish(&t);
 }
 
@@ -196,14 +189,24 @@ fn the_poller_loads_a_model_copied_in_and_unloads_one_removed() {
         Duration::from_secs(20),
         "every worker to serve the new model",
         || t.explain(),
-        || ask_everyone(&t, "/v2/models/fresh/infer", Some(digits_body()), 6).iter().all(|a| a.0 == 200).then_some(()),
+        || {
+            ask_everyone(&t, "/v2/models/fresh/infer", Some(common::digits_body(1)), 6)
+                .iter()
+                .all(|a| a.0 == 200)
+                .then_some(())
+        },
     );
     std::fs::remove_dir_all(repo.join("fresh")).unwrap();
     wait_for(
         Duration::from_secs(20),
         "every worker to stop serving the removed model",
         || t.explain(),
-        || ask_everyone(&t, "/v2/models/fresh/infer", Some(digits_body()), 6).iter().all(|a| a.0 != 200).then_some(()),
+        || {
+            ask_everyone(&t, "/v2/models/fresh/infer", Some(common::digits_body(1)), 6)
+                .iter()
+                .all(|a| a.0 != 200)
+                .then_some(())
+        },
     );
     load.finish(&t);
 }

@@ -12,13 +12,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::{kill, Signal};
 
-fn digit_body(value: u32) -> String {
-    format!(
-        r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[{}]}}]}}"#,
-        vec![value.to_string(); 64].join(",")
-    )
-}
-
 /// Worker ids of the HTTP (engine) workers, from the supervisor's "worker started" lines.
 fn engine_ids(t: &Tandem) -> Vec<u64> {
     let re = t.stderr();
@@ -40,7 +33,7 @@ fn https_inference_is_spread_over_every_engine_worker() {
                     let client = Tandem::https_client(&chain);
                     (0..100)
                         .map(|i| {
-                            let r = client.post(&url).body(digit_body(i % 16)).send().unwrap();
+                            let r = client.post(&url).body(common::digits_body(i % 16)).send().unwrap();
                             assert!(r.status().is_success(), "{}", r.status());
                             r.headers()["x-tandem-worker"].to_str().unwrap().to_string()
                         })
@@ -88,7 +81,11 @@ fn killed_engine_worker_under_https_load_loses_nothing_that_could_be_retried() {
                     let mut out = Vec::new();
                     while Instant::now() < stop_at {
                         let started = Instant::now();
-                        let ok = client.post(&url).body(digit_body(9)).send().is_ok_and(|r| r.status().is_success());
+                        let ok = client
+                            .post(&url)
+                            .body(common::digits_body(9))
+                            .send()
+                            .is_ok_and(|r| r.status().is_success());
                         out.push((ok, started.elapsed()));
                     }
                     out
@@ -120,7 +117,7 @@ fn killed_engine_worker_under_https_load_loses_nothing_that_could_be_retried() {
         Duration::from_secs(10),
         "HTTPS inference after the restart",
         || t.explain(),
-        || client.post(&url).body(digit_body(1)).send().ok().filter(|r| r.status().is_success()),
+        || client.post(&url).body(common::digits_body(1)).send().ok().filter(|r| r.status().is_success()),
     );
 }
 
@@ -141,7 +138,7 @@ fn full_queue_is_503_and_a_stalled_engine_is_504_at_the_deadline() {
                 s.spawn(|| {
                     let client = Tandem::https_client(&chain);
                     let started = Instant::now();
-                    let r = client.post(&url).body(digit_body(2)).send().unwrap();
+                    let r = client.post(&url).body(common::digits_body(2)).send().unwrap();
                     let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
                     (r.status().as_u16(), retry, r.text().unwrap(), started.elapsed())
                 })
@@ -164,7 +161,7 @@ fn full_queue_is_503_and_a_stalled_engine_is_504_at_the_deadline() {
     // The abandoned slots were given back: the queue serves again.
     let client = Tandem::https_client(&chain);
     for _ in 0..10 {
-        let r = client.post(&url).body(digit_body(4)).send().unwrap();
+        let r = client.post(&url).body(common::digits_body(4)).send().unwrap();
         assert!(r.status().is_success(), "{}\n{}", r.status(), t.explain());
     }
 }
@@ -179,7 +176,7 @@ fn oversized_https_bodies_are_413_naming_the_limit() {
     let body: serde_json::Value = r.json().unwrap();
     assert!(body["error"].as_str().unwrap().contains("SHM_SLOT_BYTES"), "{body}");
     // Under the limit works, and so does a request with a large JSON batch.
-    let r = client.post(&url).body(digit_body(5)).send().unwrap();
+    let r = client.post(&url).body(common::digits_body(5)).send().unwrap();
     assert!(r.status().is_success());
     // Plain HTTP is limited by MAX_REQUEST_BYTES only.
     let r = Tandem::http_client().post(t.http_url("/v2/models/digits/infer")).body(vec![b' '; 100_000]).send().unwrap();
@@ -201,7 +198,7 @@ fn sigterm_drains_https_requests_through_the_ring_promptly() {
                     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                         // Refused or closed connections once the listener is gone are
                         // expected; a timeout (a request left hanging) or an error status is not.
-                        match client.post(&url).body(digit_body(8)).send() {
+                        match client.post(&url).body(common::digits_body(8)).send() {
                             Ok(r) => out.push(r.status().as_u16()),
                             Err(e) if e.is_timeout() => out.push(0),
                             Err(_) => {}

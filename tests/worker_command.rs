@@ -44,12 +44,7 @@ fn start(b: TandemBuilder) -> Tandem {
         || t.explain(),
         || http.get(t.http_url("/")).send().ok().filter(|r| r.status().is_success()).map(|_| ()),
     );
-    wait_for(
-        Duration::from_secs(60),
-        "every copy ready",
-        || t.explain(),
-        || t.stderr().contains("serving HTTP").then_some(()),
-    );
+    t.wait_for_log(Duration::from_secs(60), "serving HTTP", 1);
     if ssl {
         let https = Tandem::https_client(&t.served_chain_pem());
         let url = t.https_url("localhost", "/");
@@ -254,12 +249,7 @@ fn a_killed_copy_is_replaced_and_loses_at_most_its_requests_in_flight() {
         }
         std::thread::sleep(Duration::from_secs(1));
         kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
-        wait_for(
-            Duration::from_secs(30),
-            "the copy's replacement",
-            || t.explain(),
-            || (t.stderr().matches("worker command ready").count() >= 3).then_some(()),
-        );
+        t.wait_for_log(Duration::from_secs(30), "worker command ready", 3);
         std::thread::sleep(Duration::from_secs(1));
         load.stop.store(true, Ordering::Relaxed);
     });
@@ -284,23 +274,13 @@ fn a_hung_copy_leaves_rotation_and_comes_back() {
     let (hung_worker, hung) = whoami(&http, &t.http_url("/whoami"));
     // Its whole process group, as a stuck interpreter would be.
     kill(Pid::from_raw(-hung), Signal::SIGSTOP).unwrap();
-    wait_for(
-        Duration::from_secs(15),
-        "the hung copy out of rotation",
-        || t.explain(),
-        || t.stderr().contains("stopped answering; out of rotation").then_some(()),
-    );
+    t.wait_for_log(Duration::from_secs(15), "stopped answering; out of rotation", 1);
     let started = Instant::now();
     let seen = copies_seen(&http, &t.http_url("/whoami"), 20);
     let _ = kill(Pid::from_raw(-hung), Signal::SIGCONT);
     assert!(!seen.contains(&hung_worker), "requests went to the hung copy: {seen:?}");
     assert!(started.elapsed() < Duration::from_secs(8), "the others answered slowly: {:?}", started.elapsed());
-    wait_for(
-        Duration::from_secs(15),
-        "the copy back in rotation",
-        || t.explain(),
-        || t.stderr().contains("answers again; back in rotation").then_some(()),
-    );
+    t.wait_for_log(Duration::from_secs(15), "answers again; back in rotation", 1);
     assert_eq!(copies_seen(&http, &t.http_url("/whoami"), 20).len(), 2);
 }
 
@@ -330,12 +310,7 @@ fn sigttou_drains_the_removed_copy_before_stopping_it() {
     // Without HTTPS a SIGHUP has nothing to reload, and must not touch the proxy worker.
     let proxy = t.workers("proxy-worker");
     t.signal(Signal::SIGHUP);
-    wait_for(
-        Duration::from_secs(10),
-        "the SIGHUP noted",
-        || t.explain(),
-        || t.stderr().contains("SIGHUP: HTTPS is off").then_some(()),
-    );
+    t.wait_for_log(Duration::from_secs(10), "SIGHUP: HTTPS is off", 1);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(t.workers("proxy-worker"), proxy, "a SIGHUP restarted the proxy worker\n{}", t.explain());
     t.signal(Signal::SIGTTIN);
@@ -357,12 +332,7 @@ fn sigttou_drains_the_removed_copy_before_stopping_it() {
     t.signal(Signal::SIGTTOU);
     let answers: Vec<_> = slow.into_iter().map(|h| h.join().unwrap()["worker"].clone()).collect();
     assert!(answers.contains(&"2".into()), "the draining copy finished its request: {answers:?}");
-    wait_for(
-        Duration::from_secs(15),
-        "the drained copy stopped",
-        || t.explain(),
-        || t.stderr().contains("worker command drained; stopping it").then_some(()),
-    );
+    t.wait_for_log(Duration::from_secs(15), "worker command drained; stopping it", 1);
     assert_eq!(copies_seen(&http, &t.http_url("/whoami"), 6), BTreeSet::from(["1".into()]));
 }
 
@@ -400,12 +370,7 @@ fn certificate_reloads_under_load_fail_no_request() {
         for i in 1..=6 {
             swap_files(&dir, &certs[i % 2]);
             t.signal(Signal::SIGHUP);
-            wait_for(
-                Duration::from_secs(15),
-                "the reload acknowledgement",
-                || t.explain(),
-                || (t.stderr().matches("serves the new certificate").count() >= i).then_some(()),
-            );
+            t.wait_for_log(Duration::from_secs(15), "serves the new certificate", i);
             std::thread::sleep(Duration::from_millis(200));
         }
         load.stop.store(true, Ordering::Relaxed);

@@ -273,6 +273,16 @@ impl Tandem {
         }
     }
 
+    /// Waits until `text` has appeared `count` times in tandem's stderr.
+    pub fn wait_for_log(&self, deadline: Duration, text: &str, count: usize) {
+        wait_for(
+            deadline,
+            &format!("{count} x {text:?} in the log"),
+            || self.explain(),
+            || (self.stderr().matches(text).count() >= count).then_some(()),
+        );
+    }
+
     /// Sends a signal to the supervisor.
     pub fn signal(&self, sig: Signal) {
         kill(self.pid(), sig).unwrap();
@@ -326,6 +336,14 @@ impl Drop for Tandem {
             eprintln!("{}", self.explain());
         }
     }
+}
+
+/// A `digits` inference request (Open Inference Protocol JSON), every pixel `pixel`.
+pub fn digits_body(pixel: u32) -> String {
+    format!(
+        r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[{}]}}]}}"#,
+        vec![pixel.to_string(); 64].join(",")
+    )
 }
 
 /// Installs the process-wide rustls crypto provider once.
