@@ -169,7 +169,7 @@ fn rewrite(headers: &mut HeaderMap, authority: Option<&str>, origin: &Origin<'_>
     }
     forwarded.push_str("proto=");
     forwarded.push_str(proto);
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(if origin.https { "https" } else { "http" }));
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
     headers.insert("x-forwarded-port", HeaderValue::from(origin.port));
     if let Some(host) = headers.get(header::HOST).cloned() {
         if let Ok(h) = host.to_str() {

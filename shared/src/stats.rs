@@ -644,7 +644,7 @@ impl Snapshot {
             if role == ProcessRole::Engine {
                 let conns = get(H_CONNS);
                 s.slots.push(SlotLoad {
-                    slot: block + 1 - FIRST_ENGINE_BLOCK.min(block),
+                    slot: block.saturating_sub(FIRST_ENGINE_BLOCK) + 1,
                     answered: [get(H_ANSWERED), get(H_ANSWERED + 1)],
                     connections: (get(H_PID) != 0 && conns != NOT_ACCEPTING).then_some(conns),
                 });
