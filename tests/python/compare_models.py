@@ -102,8 +102,8 @@ def compare(model, name, got, want):
 
 def tolerance(dtype):
     """TOLERANCE, or two units in the last place for types coarser than it:
-    float16 keeps 10 bits, so two engines that round one sum in a different
-    order (tract on some CPUs accumulates fp16 in fp32) differ by an ulp."""
+    float16 keeps 10 bits, so two engines whose kernels round differently
+    (tract's fp16 Tanh against ONNX Runtime's, on some CPUs) differ by an ulp."""
     return max(TOLERANCE, 2.0 * float(ml_dtypes.finfo(dtype).eps))
 
 
