@@ -24,13 +24,10 @@ pub use router::{router, AppState, Scheme};
 pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
     tandem_shared::sys::keep_large_allocations();
     let control = attach(&settings)?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = (cores / settings.num_workers.max(1)).max(1);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
+    // One single-threaded runtime per inference thread (Server::spawn_threads):
+    // this one, which also answers the control channel, and the others.
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the tokio runtime")?;
     runtime.block_on(serve(settings, control))
 }
 
@@ -40,7 +37,9 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
         .context("cannot take the inherited listener (LISTEN_FDS)")?
         .context("no listener inherited: LISTEN_FDS is not set")?;
     std_listener.set_nonblocking(true).context("cannot make the listener non-blocking")?;
-    let listener = tokio::net::TcpListener::from_std(std_listener).context("cannot register the listener")?;
+    let listener =
+        tokio::net::TcpListener::from_std(std_listener.try_clone().context("cannot duplicate the listener")?)
+            .context("cannot register the listener")?;
     let stats = tandem_shared::worker::open_stats(
         &settings.stats,
         tandem_shared::stats::ProcessRole::Engine,
@@ -69,17 +68,22 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
 
     let budget = tandem_shared::serve::connection_budget();
     let server = Arc::new(tandem_shared::serve::Server::new(settings.timeouts, budget).with_pacing(balance));
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let service = hyper_util::service::TowerToHyperService::new(app);
+    let plain = |tcp, _| async move { Some(tandem_shared::serve::Accepted::plain(tcp)) };
+    // A connection lives on the thread that accepted it, and a quick inference
+    // runs there too: a plain-HTTP request wakes no other thread.
+    let threads = server
+        .spawn_threads(inference_threads.saturating_sub(1), &std_listener, stop_rx.clone(), plain, service.clone())
+        .context("cannot start the serving threads")?;
+    drop(std_listener);
     let accepting = {
-        let server = server.clone();
+        let (server, mut stop_rx) = (server.clone(), stop_rx);
         tokio::spawn(async move {
-            let stop = async {
-                let _ = stop_rx.await;
+            let stop = async move {
+                let _ = stop_rx.wait_for(|stopped| *stopped).await;
             };
-            server
-                .run(&listener, stop, |tcp, _| async move { Some(tandem_shared::serve::Accepted::plain(tcp)) }, service)
-                .await;
+            server.run(&listener, stop, plain, service).await;
         })
     };
     control
@@ -90,12 +94,15 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
     stop_signal().await;
     tracing::info!(worker_id = settings.worker_id, "draining in-flight requests");
     let _ = control.send(&WorkerEvent::Draining);
-    let _ = stop_tx.send(());
+    let _ = stop_tx.send(true);
     let _ = accepting.await;
     if let Some(shm) = shm {
         shm.stop(settings.graceful_timeout).await;
     }
-    tandem_shared::worker::report_drain(server.drain(settings.graceful_timeout).await, settings.graceful_timeout);
+    let drained = server.drain(settings.graceful_timeout).await;
+    // The other threads' connections are done (or out of time): let them go.
+    threads.finish();
+    tandem_shared::worker::report_drain(drained, settings.graceful_timeout);
     Ok(())
 }
 

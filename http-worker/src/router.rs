@@ -558,9 +558,11 @@ async fn run_infer(
         timings.queue = decoding.duration_since(started) + queued.elapsed();
         let runner = model.clone();
         let running = Instant::now();
-        let outputs = if crate::shm_server::on_claimer_thread() {
-            // A claimer thread is ours to block: no hop to the blocking pool. A
-            // panic in the engine is caught here as spawn_blocking would catch it.
+        // A claimer thread is ours to block, and a serving thread may run a quick
+        // version itself: no hop to the blocking pool (ModelVersion::runs_quickly).
+        // A panic in the engine is caught here as spawn_blocking would catch it.
+        let inline = crate::shm_server::on_claimer_thread() || (model.runs_quickly() && on_serving_thread());
+        let outputs = if inline {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || runner.run(inputs, &wanted)))
                 .map_err(|_| crashed(String::new()))?
         } else {
@@ -587,4 +589,13 @@ async fn run_infer(
     }
     timings.output = encoding.elapsed();
     Ok((res, batch as u64, executions, timings))
+}
+
+/// Whether this task runs on a single-threaded runtime (one of the worker's
+/// serving threads): blocking it briefly holds up only that thread's own
+/// connections. On a multi-threaded runtime a blocked worker thread also
+/// stalls the tasks queued behind it, so the blocking pool is used there.
+fn on_serving_thread() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| matches!(h.runtime_flavor(), tokio::runtime::RuntimeFlavor::CurrentThread))
 }

@@ -15,6 +15,7 @@ pub mod tract_backend;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -113,8 +114,16 @@ pub struct ModelVersion {
     /// This version's counters in the worker's statistics block, found on the
     /// first request (`None`: no entry left).
     pub stats: std::sync::OnceLock<Option<tandem_shared::stats::ModelStats>>,
+    /// Recent mean time of one run, in nanoseconds (0: never run); see [`ModelVersion::runs_quickly`].
+    recent_ns: AtomicU64,
     runner: Box<dyn Runner>,
 }
+
+/// A version whose recent runs took less than this on average is run on the
+/// thread serving its request: a hop to the blocking pool and back costs two
+/// thread wake-ups, more than such a run itself, while a longer run would hold
+/// up the other connections of that thread.
+pub const INLINE_BELOW: std::time::Duration = std::time::Duration::from_micros(250);
 
 impl std::fmt::Debug for ModelVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -147,6 +156,22 @@ fn resolve(prefix: &[usize], target: &[i64], count: usize) -> Result<Vec<usize>,
 }
 
 impl ModelVersion {
+    /// Whether this version's recent runs were short enough to run on the
+    /// serving thread ([`INLINE_BELOW`]); a version never run yet is not.
+    pub fn runs_quickly(&self) -> bool {
+        let ns = self.recent_ns.load(Ordering::Relaxed);
+        ns != 0 && ns < INLINE_BELOW.as_nanos() as u64
+    }
+
+    /// Folds one run's time into the recent mean (an exponential average over about eight runs).
+    fn note_run(&self, took: std::time::Duration) {
+        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1);
+        // Racing updates may lose one sample: the mean is a hint, not a count.
+        let old = self.recent_ns.load(Ordering::Relaxed);
+        let new = if old == 0 { ns } else { old - old / 8 + ns / 8 };
+        self.recent_ns.store(new.max(1), Ordering::Relaxed);
+    }
+
     /// Runs the model on inputs in [`ModelVersion::inputs`] order; returns the outputs at `wanted`.
     /// Blocking: call from a thread that may block.
     pub fn run(&self, mut inputs: Vec<Tensor>, wanted: &[usize]) -> Result<Vec<Tensor>, String> {
@@ -157,7 +182,10 @@ impl ModelVersion {
                 t.shape = resolve(prefix, r, t.data.len())?;
             }
         }
-        let mut out = self.runner.run(inputs, wanted)?;
+        let started = std::time::Instant::now();
+        let ran = self.runner.run(inputs, wanted);
+        self.note_run(started.elapsed());
+        let mut out = ran?;
         for (t, &i) in out.iter_mut().zip(wanted) {
             if let Some(dims) = &self.output_reshape[i] {
                 let prefix = &t.shape[..batch_rank.min(t.shape.len())];
@@ -595,6 +623,7 @@ fn apply_config(
         }),
         batcher: std::sync::OnceLock::new(),
         stats: std::sync::OnceLock::new(),
+        recent_ns: AtomicU64::new(0),
         runner,
     })
 }
