@@ -561,7 +561,8 @@ async fn run_infer(
         // A claimer thread is ours to block, and a serving thread may run a quick
         // version itself: no hop to the blocking pool (ModelVersion::runs_quickly).
         // A panic in the engine is caught here as spawn_blocking would catch it.
-        let inline = crate::shm_server::on_claimer_thread() || (model.runs_quickly() && on_serving_thread());
+        let elements = inputs.iter().map(|t| t.data.len()).sum();
+        let inline = crate::shm_server::on_claimer_thread() || (model.runs_quickly(elements) && on_serving_thread());
         let outputs = if inline {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || runner.run(inputs, &wanted)))
                 .map_err(|_| crashed(String::new()))?

@@ -114,13 +114,14 @@ pub struct ModelVersion {
     /// This version's counters in the worker's statistics block, found on the
     /// first request (`None`: no entry left).
     pub stats: std::sync::OnceLock<Option<tandem_shared::stats::ModelStats>>,
-    /// Recent mean time of one run, in nanoseconds (0: never run); see [`ModelVersion::runs_quickly`].
-    recent_ns: AtomicU64,
+    /// Recent mean time of a run per input element, in picoseconds (0: never
+    /// run); see [`ModelVersion::runs_quickly`].
+    recent_ps_per_element: AtomicU64,
     runner: Box<dyn Runner>,
 }
 
-/// A version whose recent runs took less than this on average is run on the
-/// thread serving its request: a hop to the blocking pool and back costs two
+/// A request this version's recent runs say will take less than this is run
+/// on the thread serving it: a hop to the blocking pool and back costs two
 /// thread wake-ups, more than such a run itself, while a longer run would hold
 /// up the other connections of that thread.
 pub const INLINE_BELOW: std::time::Duration = std::time::Duration::from_micros(250);
@@ -155,21 +156,35 @@ fn resolve(prefix: &[usize], target: &[i64], count: usize) -> Result<Vec<usize>,
     Ok(out)
 }
 
+/// Whether `elements` input elements at `ps_per_element` (0: unknown) are expected to run within [`INLINE_BELOW`].
+fn quick(ps_per_element: u64, elements: usize) -> bool {
+    let expected_ns = u128::from(ps_per_element) * elements.max(1) as u128 / 1000;
+    ps_per_element != 0 && expected_ns < INLINE_BELOW.as_nanos()
+}
+
+/// The mean per input element `old` (0: none yet) with a run of `took` on `elements` folded in.
+fn fold(old: u64, took: std::time::Duration, elements: usize) -> u64 {
+    let ps = took.as_nanos().saturating_mul(1000) / elements.max(1) as u128;
+    let ps = u64::try_from(ps).unwrap_or(u64::MAX).max(1);
+    let new = if old == 0 { ps } else { old - old / 8 + ps / 8 };
+    new.max(1)
+}
+
 impl ModelVersion {
-    /// Whether this version's recent runs were short enough to run on the
-    /// serving thread ([`INLINE_BELOW`]); a version never run yet is not.
-    pub fn runs_quickly(&self) -> bool {
-        let ns = self.recent_ns.load(Ordering::Relaxed);
-        ns != 0 && ns < INLINE_BELOW.as_nanos() as u64
+    /// Whether a run on `elements` input elements is expected to be short
+    /// enough to run on the serving thread ([`INLINE_BELOW`]), from the recent
+    /// mean time per input element (which overestimates large inputs, whose
+    /// fixed cost is spread thinner: the safe side); a version never run yet is not.
+    pub fn runs_quickly(&self, elements: usize) -> bool {
+        quick(self.recent_ps_per_element.load(Ordering::Relaxed), elements)
     }
 
-    /// Folds one run's time into the recent mean (an exponential average over about eight runs).
-    fn note_run(&self, took: std::time::Duration) {
-        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1);
+    /// Folds one run's time per input element into the recent mean (an
+    /// exponential average over about eight runs).
+    fn note_run(&self, took: std::time::Duration, elements: usize) {
         // Racing updates may lose one sample: the mean is a hint, not a count.
-        let old = self.recent_ns.load(Ordering::Relaxed);
-        let new = if old == 0 { ns } else { old - old / 8 + ns / 8 };
-        self.recent_ns.store(new.max(1), Ordering::Relaxed);
+        let old = self.recent_ps_per_element.load(Ordering::Relaxed);
+        self.recent_ps_per_element.store(fold(old, took, elements), Ordering::Relaxed);
     }
 
     /// Runs the model on inputs in [`ModelVersion::inputs`] order; returns the outputs at `wanted`.
@@ -182,9 +197,10 @@ impl ModelVersion {
                 t.shape = resolve(prefix, r, t.data.len())?;
             }
         }
+        let elements = inputs.iter().map(|t| t.data.len()).sum();
         let started = std::time::Instant::now();
         let ran = self.runner.run(inputs, wanted);
-        self.note_run(started.elapsed());
+        self.note_run(started.elapsed(), elements);
         let mut out = ran?;
         for (t, &i) in out.iter_mut().zip(wanted) {
             if let Some(dims) = &self.output_reshape[i] {
@@ -623,7 +639,7 @@ fn apply_config(
         }),
         batcher: std::sync::OnceLock::new(),
         stats: std::sync::OnceLock::new(),
-        recent_ns: AtomicU64::new(0),
+        recent_ps_per_element: AtomicU64::new(0),
         runner,
     })
 }
@@ -663,6 +679,24 @@ mod tests {
     use super::*;
     use crate::engine::tensor::TensorData;
     use std::path::PathBuf;
+    use std::time::Duration;
+
+    #[test]
+    fn a_version_runs_inline_only_once_its_runs_are_known_to_be_short_for_the_size_asked() {
+        assert!(!quick(0, 64), "never run: not inline");
+        // 20 µs for 64 elements: the same size is quick, 64 times the size is not.
+        let mean = fold(0, Duration::from_micros(20), 64);
+        assert!(quick(mean, 64));
+        assert!(!quick(mean, 64 * 64));
+        // One slow run moves the mean by an eighth; a run of slow ones takes it over.
+        let mut m = mean;
+        for _ in 0..40 {
+            m = fold(m, Duration::from_millis(5), 64);
+        }
+        assert!(!quick(m, 64), "a version that became slow leaves the serving thread");
+        assert_eq!(fold(0, Duration::from_secs(3600), 0), 3_600_000_000_000_000, "no input: counted as one element");
+        assert!(!quick(u64::MAX, usize::MAX), "no overflow");
+    }
 
     fn builtin() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../models")
