@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
@@ -20,6 +20,10 @@ use tokio::sync::oneshot;
 const MAX_RETRIES: u32 = 2;
 /// How long the completion thread sleeps before re-checking its stop flag.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
+/// How long a serving thread with nothing else to do watches the ring for an
+/// answer before it sleeps ([`Completions::watch_before_park`]): about what
+/// a health check or a small model takes in an engine.
+const WATCH_BEFORE_PARK: Duration = Duration::from_micros(30);
 /// How long a request may wait for a free slot before 503 (bursts queue, overload is refused).
 const QUEUE_WAIT: Duration = Duration::from_secs(1);
 
@@ -128,25 +132,46 @@ impl Completions {
     fn run(&self) {
         while !self.stop.load(Ordering::SeqCst) {
             let seen = self.region.done_seq();
-            {
-                let mut pending = self.lock();
-                let finished: Vec<(u32, u32)> = pending
-                    .keys()
-                    .map(|&s| (s, self.region.state(s)))
-                    .filter(|&(_, st)| st == DONE || st == FAILED)
-                    .collect();
-                for (slot, state) in finished {
-                    let delivered = match pending.remove(&slot) {
-                        Some(Waiter::Waiting(tx)) => tx.send(state).is_ok(),
-                        Some(Waiter::Abandoned) | None => false,
-                    };
-                    if !delivered {
-                        // Abandoned, or the task is gone (cancelled): nobody will read the answer.
-                        self.release(slot, state);
-                    }
-                }
-            }
+            self.deliver();
             self.region.wait_for_done(seen, IDLE_WAIT);
+        }
+    }
+
+    /// Hands every finished slot to its waiter (or frees it when nobody waits).
+    fn deliver(&self) {
+        let mut pending = self.lock();
+        let finished: Vec<(u32, u32)> =
+            pending.keys().map(|&s| (s, self.region.state(s))).filter(|&(_, st)| st == DONE || st == FAILED).collect();
+        for (slot, state) in finished {
+            let delivered = match pending.remove(&slot) {
+                Some(Waiter::Waiting(tx)) => tx.send(state).is_ok(),
+                Some(Waiter::Abandoned) | None => false,
+            };
+            if !delivered {
+                // Abandoned, or the task is gone (cancelled): nobody will read the answer.
+                self.release(slot, state);
+            }
+        }
+    }
+
+    /// For a serving thread about to sleep (tokio's `on_thread_park`): while a
+    /// request is in the ring, watch it for up to [`WATCH_BEFORE_PARK`],
+    /// yielding the core to anyone else runnable (an engine, often), and
+    /// deliver what completes. A quick answer then resumes its task on this
+    /// thread without a wake-up through the completion thread, which still
+    /// delivers whatever takes longer.
+    pub fn watch_before_park(&self) {
+        if self.lock().is_empty() {
+            return;
+        }
+        let seen = self.region.done_seq();
+        let until = Instant::now() + WATCH_BEFORE_PARK;
+        while Instant::now() < until {
+            if self.region.done_seq() != seen {
+                self.deliver();
+                return;
+            }
+            std::thread::yield_now();
         }
     }
 
@@ -184,6 +209,26 @@ impl Completions {
         } else {
             // Already signalled to the (now dropped) receiver: free it ourselves.
             let _ = self.release(slot, DONE) || self.release(slot, FAILED);
+        }
+    }
+}
+
+/// A request's hold on the slot it submitted. Dropped while armed (the
+/// request was cancelled: its client went away or its connection was closed
+/// while it waited), it gives the slot back through [`Completions::abandon`],
+/// now or when the engine finishes, whether or not the answer had already been
+/// handed to the dropped task: without it such a slot stayed DONE for ever and
+/// the ring ran out of slots.
+struct InRing<'a> {
+    completions: &'a Completions,
+    slot: u32,
+    armed: bool,
+}
+
+impl Drop for InRing<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.completions.abandon(self.slot);
         }
     }
 }
@@ -309,16 +354,8 @@ impl Forwarder {
     }
 
     async fn forward(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        let slot_limit = self.region.slot_bytes();
-        let limit = self.max_request_bytes.min(slot_limit);
-        let too_large = || {
-            let which = if self.max_request_bytes <= slot_limit {
-                format!("MAX_REQUEST_BYTES ({} bytes)", self.max_request_bytes)
-            } else {
-                format!("a shared-memory slot ({slot_limit} bytes); raise SHM_SLOT_BYTES")
-            };
-            json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body exceeds {which}"))
-        };
+        let limit = self.max_request_bytes.min(self.region.slot_bytes());
+        let too_large = || self.too_large();
         let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > (limit + DRAIN_BYTES) as u64) {
             // Too much to read through: answer and close, as RFC 9110 allows.
@@ -362,7 +399,23 @@ impl Forwarder {
                 parts.headers.insert(tandem_shared::access::PEER_HEADER, v);
             }
         }
+        self.exchange(&parts, &body).await
+    }
 
+    /// The 413 for a body over MAX_REQUEST_BYTES or a slot, naming the smaller.
+    fn too_large(&self) -> Response<Full<Bytes>> {
+        let slot_limit = self.region.slot_bytes();
+        let which = if self.max_request_bytes <= slot_limit {
+            format!("MAX_REQUEST_BYTES ({} bytes)", self.max_request_bytes)
+        } else {
+            format!("a shared-memory slot ({slot_limit} bytes); raise SHM_SLOT_BYTES")
+        };
+        json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body exceeds {which}"))
+    }
+
+    /// Sends one request (headers as the engine should see them, body read
+    /// whole) through the ring and waits for its answer.
+    async fn exchange(&self, parts: &http::request::Parts, body: &[u8]) -> Response<Full<Bytes>> {
         let Some(mut writer) = self.reserve().await else {
             self.stats.ring(event::BUSY);
             let mut res = json_error(
@@ -372,9 +425,9 @@ impl Forwarder {
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             return res;
         };
-        let len = match encode_request(writer.buf(), &parts.method, &parts.uri, &parts.headers, &body) {
+        let len = match encode_request(writer.buf(), &parts.method, &parts.uri, &parts.headers, body) {
             Ok(n) => n,
-            Err(FrameError::TooLarge { .. }) => return too_large(),
+            Err(FrameError::TooLarge { .. }) => return self.too_large(),
             Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("cannot forward the request: {e}")),
         };
         if self.orphaned.load(Ordering::SeqCst) {
@@ -383,11 +436,18 @@ impl Forwarder {
         let slot = writer.slot();
         let mut rx = self.completions.register(slot);
         writer.submit(len);
+        // From here until an arm below takes the answer or frees the slot, a
+        // cancelled request (its connection closed) gives the slot back.
+        let mut owned = InRing { completions: &self.completions, slot, armed: true };
 
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut retries = 0;
         loop {
-            match tokio::time::timeout_at(deadline, &mut rx).await {
+            let completed = tokio::time::timeout_at(deadline, &mut rx).await;
+            // Every arm but the resubmission answers now and frees the slot itself.
+            owned.armed = matches!(completed, Ok(Ok(state)) if state != DONE
+                && !self.orphaned.load(Ordering::SeqCst) && retries < MAX_RETRIES);
+            match completed {
                 Ok(Ok(DONE)) => return self.response(slot),
                 Ok(Ok(_failed)) if self.orphaned.load(Ordering::SeqCst) => {
                     self.completions.release(slot, FAILED);
@@ -399,6 +459,7 @@ impl Forwarder {
                     tracing::warn!(slot, retries, "engine worker died holding a request; resubmitting");
                     rx = self.completions.register(slot);
                     if !self.region.resubmit(slot) {
+                        owned.armed = false;
                         self.completions.abandon(slot);
                         return json_error(StatusCode::SERVICE_UNAVAILABLE, "the request was lost while retrying");
                     }
@@ -414,6 +475,7 @@ impl Forwarder {
                     return res;
                 }
                 Ok(Err(_)) => {
+                    self.completions.abandon(slot);
                     return json_error(StatusCode::INTERNAL_SERVER_ERROR, "the completion thread stopped");
                 }
                 Err(_) => {
@@ -474,6 +536,85 @@ impl Forwarder {
                 res
             }
             Err(e) => json_error(StatusCode::BAD_GATEWAY, &format!("malformed response from the engine: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tandem_shared::stats::ProcessRole;
+    use tandem_shared::sys::shm::FREE;
+
+    /// A forwarder over a ring of `slots` slots with no engine: the test answers.
+    fn forwarder(slots: u32) -> (Arc<Region>, Forwarder) {
+        let (region, _fd) = Region::create(slots, 4096).expect("region");
+        let completions = Completions::start(region.clone()).expect("completion thread");
+        let (counters, _fd) =
+            tandem_shared::sys::counters::Counters::create(tandem_shared::stats::region_words(2)).expect("stats");
+        let stats = Stats::attach(counters, 1, ProcessRole::Https, 1);
+        let options = ForwardOptions { max_request_bytes: 1024, timeout: Duration::from_secs(5), ..Default::default() };
+        (region.clone(), Forwarder::new(region, completions, stats, options))
+    }
+
+    fn health() -> http::request::Parts {
+        Request::builder().uri("/v2/health/live").body(()).expect("request").into_parts().0
+    }
+
+    /// Plays the engine: claims the one submitted request and answers 200.
+    fn answer(region: &Arc<Region>) {
+        let mut claim = region.claim(7, 0).expect("a request in the ring");
+        let n = tandem_shared::frame::encode_response(claim.response_buf(), StatusCode::OK, &HeaderMap::new(), b"{}")
+            .expect("encode");
+        claim.finish(n);
+    }
+
+    async fn until_delivered(fwd: &Forwarder) {
+        while !fwd.completions.lock().is_empty() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_cancelled_after_its_answer_arrived_gives_its_slot_back() {
+        let (region, fwd) = forwarder(1);
+        let parts = health();
+        let mut waiting = Box::pin(fwd.exchange(&parts, b""));
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting).await.is_err(), "no engine answered yet");
+        answer(&region);
+        // The answer reaches the waiting task, whose connection closes before it runs again.
+        until_delivered(&fwd).await;
+        drop(waiting);
+        assert_eq!(region.state(0), FREE, "the cancelled request's slot is free again");
+        // The ring's only slot serves the next request.
+        let next = fwd.exchange(&parts, b"");
+        let engine = async {
+            while region.state(0) != SUBMITTED {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            answer(&region);
+        };
+        let (res, ()) = tokio::join!(next, engine);
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(region.state(0), FREE);
+    }
+
+    #[tokio::test]
+    async fn a_request_cancelled_while_the_engine_runs_it_frees_its_slot_when_the_engine_is_done() {
+        let (region, fwd) = forwarder(1);
+        let parts = health();
+        let mut waiting = Box::pin(fwd.exchange(&parts, b""));
+        assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting).await.is_err());
+        let mut claim = region.claim(7, 0).expect("a request in the ring");
+        drop(waiting);
+        assert_ne!(region.state(0), FREE, "the engine still holds it");
+        let n = tandem_shared::frame::encode_response(claim.response_buf(), StatusCode::OK, &HeaderMap::new(), b"{}")
+            .expect("encode");
+        claim.finish(n);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while region.state(0) != FREE {
+            assert!(Instant::now() < deadline, "the slot was never freed");
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 }

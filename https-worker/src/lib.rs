@@ -27,8 +27,11 @@ pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
     tandem_shared::sys::keep_large_allocations();
     let control = attach(&settings)?;
     // One single-threaded runtime per core (Server::spawn_threads): this one, and the others.
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the tokio runtime")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .on_thread_park(watch_before_park)
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
     runtime.block_on(serve(settings, control))
 }
 
@@ -206,6 +209,16 @@ impl Handshaker {
     }
 }
 
+/// The ring this process forwards to, for [`watch_before_park`].
+static WATCHED: std::sync::OnceLock<Arc<forward::Completions>> = std::sync::OnceLock::new();
+
+/// Every serving thread's `on_thread_park`: see [`forward::Completions::watch_before_park`].
+fn watch_before_park() {
+    if let Some(c) = WATCHED.get() {
+        c.watch_before_park();
+    }
+}
+
 async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow::Result<()> {
     let stats = tandem_shared::worker::open_stats(
         &settings.stats,
@@ -229,6 +242,7 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     let shm = settings.shm.as_ref().context("the HTTPS worker needs the shared-memory ring")?;
     let region = tandem_shared::worker::open_region(shm).context("cannot map the shared-memory region")?;
     let completions = forward::Completions::start(region.clone()).context("cannot start the completion thread")?;
+    let _ = WATCHED.set(completions.clone());
     let max_request = usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX);
     let mut extra_headers = http::HeaderMap::new();
     if let Some(hsts) = &settings.hsts {
@@ -244,7 +258,9 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     };
     let forwarder = Arc::new(forward::Forwarder::new(region, completions.clone(), stats.clone(), options));
     let budget = tandem_shared::serve::connection_budget();
-    let server = Arc::new(tandem_shared::serve::Server::new(settings.timeouts, budget));
+    let server = Arc::new(
+        tandem_shared::serve::Server::new(settings.timeouts, budget).with_park_hook(Arc::new(watch_before_park)),
+    );
 
     control
         .send(&WorkerEvent::Ready { addr: settings.listen_addr.to_string(), fingerprint: Some(fingerprint.clone()) })

@@ -357,7 +357,11 @@ pub struct Server {
     drain: watch::Sender<bool>,
     errors: AcceptErrors,
     pacing: Option<Arc<dyn Pacing>>,
+    on_park: Option<ParkHook>,
 }
+
+/// Run by a serving thread's runtime each time it is about to sleep (tokio's `on_thread_park`).
+pub type ParkHook = Arc<dyn Fn() + Send + Sync>;
 
 impl Server {
     /// A server holding at most `max_connections` connections with these timeouts.
@@ -381,7 +385,14 @@ impl Server {
             drain,
             errors: AcceptErrors::default(),
             pacing: None,
+            on_park: None,
         }
+    }
+
+    /// Runs `hook` on the threads of [`Server::spawn_threads`] before they sleep.
+    pub fn with_park_hook(mut self, hook: ParkHook) -> Self {
+        self.on_park = Some(hook);
+        self
     }
 
     /// Paces accepts with `pacing` (several processes on one socket).
@@ -519,7 +530,11 @@ impl Server {
         for i in 1..=extra {
             let (server, listener) = (self.clone(), listener.try_clone()?);
             let (stop, done, connect, service) = (stop.clone(), done.clone(), connect.clone(), service.clone());
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            if let Some(hook) = self.on_park.clone() {
+                builder.on_thread_park(move || hook());
+            }
+            let runtime = builder.enable_all().build()?;
             handles.push(std::thread::Builder::new().name(format!("serve-{i}")).spawn(move || {
                 runtime.block_on(async move {
                     match TcpListener::from_std(listener) {
