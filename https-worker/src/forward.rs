@@ -24,6 +24,8 @@ const IDLE_WAIT: Duration = Duration::from_millis(200);
 /// answer before it sleeps ([`Completions::watch_before_park`]): about what
 /// a health check or a small model takes in an engine.
 const WATCH_BEFORE_PARK: Duration = Duration::from_micros(30);
+/// Above this many requests in the ring, a serving thread sleeps at once.
+const WATCH_MAX_PENDING: usize = 2;
 /// How long a request may wait for a free slot before 503 (bursts queue, overload is refused).
 const QUEUE_WAIT: Duration = Duration::from_secs(1);
 
@@ -160,8 +162,13 @@ impl Completions {
     /// deliver what completes. A quick answer then resumes its task on this
     /// thread without a wake-up through the completion thread, which still
     /// delivers whatever takes longer.
+    ///
+    /// Only with at most [`WATCH_MAX_PENDING`] requests in the ring: under load
+    /// the completion thread wakes once for many answers anyway, and a thread
+    /// spinning then takes the core from the engines that compute them.
     pub fn watch_before_park(&self) {
-        if self.lock().is_empty() {
+        let pending = self.lock().len();
+        if pending == 0 || pending > WATCH_MAX_PENDING {
             return;
         }
         let seen = self.region.done_seq();
