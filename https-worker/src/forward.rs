@@ -362,18 +362,17 @@ impl Forwarder {
 
     async fn forward(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         let limit = self.max_request_bytes.min(self.region.slot_bytes());
-        let too_large = || self.too_large();
         let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > (limit + DRAIN_BYTES) as u64) {
             // Too much to read through: answer and close, as RFC 9110 allows.
-            let mut res = too_large();
+            let mut res = self.too_large();
             res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             return res;
         }
         let (mut parts, body) = req.into_parts();
         let body = match tokio::time::timeout(self.timeout, read_body(body, limit, declared)).await {
             Ok(Ok(b)) => b,
-            Ok(Err(BodyError::TooLarge)) => return too_large(),
+            Ok(Err(BodyError::TooLarge)) => return self.too_large(),
             Ok(Err(BodyError::Read(e))) => {
                 return json_error(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}"))
             }
