@@ -1,6 +1,6 @@
 //! End-to-end tests of HTTPS through the shared-memory ring: load sharing over
 //! every engine worker, a worker killed mid-load, a full queue, a slow engine,
-//! and size limits.
+//! clients that hang up mid-request, and size limits.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
 
@@ -164,6 +164,65 @@ fn full_queue_is_503_and_a_stalled_engine_is_504_at_the_deadline() {
         let r = client.post(&url).body(common::digits_body(4)).send().unwrap();
         assert!(r.status().is_success(), "{}\n{}", r.status(), t.explain());
     }
+}
+
+/// Ring slots holding a request now, from the supervisor's metrics.
+fn slots_busy(metrics_port: u16) -> Option<u64> {
+    let text = reqwest::blocking::get(format!("http://127.0.0.1:{metrics_port}/metrics")).ok()?.text().ok()?;
+    text.lines().find_map(|l| l.strip_prefix("tandem_shm_slots_busy ")?.trim().parse().ok())
+}
+
+#[test]
+fn clients_that_hang_up_mid_request_leave_no_ring_slot_behind() {
+    let metrics = free_port();
+    let t = TandemBuilder::new()
+        .ssl()
+        .env("NUM_WORKERS", "2")
+        .env("SHM_SLOTS", "8")
+        .env("METRICS_PORT", &metrics.to_string())
+        .start();
+    let url = t.https_url("localhost", "/v2/models/digits/infer");
+    let chain = t.served_chain_pem();
+    // Eight clients that give up after 0.2-3 ms, so their connections close at
+    // every point of a request: before the engine took it, while it runs, and
+    // after its answer reached the HTTPS worker but before it was sent.
+    let gave_up: usize = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8u32)
+            .map(|c| {
+                let (url, chain) = (&url, &chain);
+                s.spawn(move || {
+                    let client = Tandem::https_client(chain);
+                    (0..500u32)
+                        .filter(|i| {
+                            let wait = Duration::from_micros(200 + u64::from((i * 37 + c * 11) % 2800));
+                            client.post(url).body(common::digits_body(i % 16)).timeout(wait).send().is_err()
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    });
+    assert!(gave_up > 0, "no client gave up: the test exercised nothing");
+    // Every slot comes back, and the whole ring serves again.
+    wait_for(
+        Duration::from_secs(10),
+        "every ring slot to be free again",
+        || t.explain(),
+        || (slots_busy(metrics)? == 0).then_some(()),
+    );
+    std::thread::scope(|s| {
+        for i in 0..8 {
+            let (url, chain, t) = (&url, &chain, &t);
+            s.spawn(move || {
+                let client = Tandem::https_client(chain);
+                for _ in 0..20 {
+                    let r = client.post(url).body(common::digits_body(i)).send().unwrap();
+                    assert!(r.status().is_success(), "{}\n{}", r.status(), t.explain());
+                }
+            });
+        }
+    });
 }
 
 #[test]
