@@ -282,3 +282,35 @@ fn a_failed_write_at_start_up_leaves_no_temporary_file() {
     assert!(left.iter().all(|n| !n.ends_with(".tmp")), "temporary files left: {left:?}\n{}", t.explain());
     assert!(left.iter().all(|n| n != "live.pem"), "a partial live.pem: {left:?}");
 }
+
+#[test]
+fn a_burst_of_connections_waits_in_the_kernel_while_every_worker_is_busy() {
+    // The supervisor's listeners queue up to 4096 connections (Rust's default
+    // is 128): with the workers stopped, a burst of 600 clients still
+    // completes its TCP handshake at once, and every one is answered later.
+    let t = TandemBuilder::new().env("NUM_WORKERS", "1").start();
+    let workers = t.workers("http-worker");
+    assert_eq!(workers.len(), 1, "{}", t.explain());
+    nix::sys::signal::kill(workers[0], nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let mut conns = Vec::new();
+    let mut refused = 0;
+    for _ in 0..600 {
+        match TcpStream::connect_timeout(&([127, 0, 0, 1], t.http_port).into(), Duration::from_millis(500)) {
+            Ok(mut s) => {
+                s.write_all(b"GET /v2/health/live HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+                conns.push(s);
+            }
+            Err(_) => refused += 1,
+        }
+    }
+    nix::sys::signal::kill(workers[0], nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(refused, 0, "connections not queued by the kernel while the worker was stopped\n{}", t.explain());
+    let mut answered = 0;
+    for s in &mut conns {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        answered += usize::from(reply.starts_with("HTTP/1.1 200"));
+    }
+    assert_eq!(answered, 600, "{}", t.explain());
+}

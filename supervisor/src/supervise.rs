@@ -84,9 +84,13 @@ impl Listeners {
         }
         let bind = |port: u16, what: &str| {
             let addr = SocketAddr::new(config.host, port);
-            TcpListener::bind(addr).with_context(|| {
+            let l = TcpListener::bind(addr).with_context(|| {
                 format!("cannot bind the {what} listener on {addr}\nhint: another process may hold the port; choose another with {}", match what { "HTTP" => "PORT", "HTTPS" => "SSL_PORT", _ => "METRICS_PORT" })
-            })
+            })?;
+            if let Err(e) = tandem_shared::sys::deepen_backlog(&l) {
+                tracing::warn!(%addr, error = %e, "cannot deepen the listener's backlog; new connections beyond 128 queued are dropped");
+            }
+            Ok::<_, anyhow::Error>(l)
         };
         let http = bind(config.port, "HTTP")?;
         let https = if config.enable_ssl { Some(bind(config.ssl_port, "HTTPS")?) } else { None };

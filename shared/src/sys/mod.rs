@@ -1,6 +1,6 @@
 //! The only module with `unsafe`: adopting file descriptors handed down by the
-//! supervisor, the C allocator's thresholds, the shared-memory ring ([`shm`])
-//! and the statistics region ([`counters`]).
+//! supervisor, listening backlogs, the C allocator's thresholds, the
+//! shared-memory ring ([`shm`]) and the statistics region ([`counters`]).
 //!
 //! Workers receive their listener (LISTEN_FDS convention, from fd 3) and their
 //! control socket at fixed descriptor numbers. Taking ownership of a raw
@@ -40,6 +40,23 @@ pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
     // process by the supervisor for this purpose only; nothing else in the
     // worker refers to this number, so the returned OwnedFd is its sole owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Connections the kernel queues for a listener before it refuses new ones
+/// (capped by `net.core.somaxconn`). Rust's standard library listens with 128,
+/// which a burst of new connections overflows (the client then waits a second
+/// to resend its SYN); nginx uses 511, Go the system's maximum.
+pub const LISTEN_BACKLOG: i32 = 4096;
+
+/// Gives a listening socket the supervisor bound a deeper accept queue
+/// ([`LISTEN_BACKLOG`]); a second listen(2) on a listening socket changes only that.
+pub fn deepen_backlog(listener: &std::net::TcpListener) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: listen(2) takes a descriptor borrowed from a live TcpListener and an integer.
+    if unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Keeps large buffers (request bodies, tensors: up to 32 MiB each) in the heap
