@@ -52,6 +52,17 @@ atexit.register(cleanup)
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
 
+def install_tools(tools):
+    """Installs the Debian packages of the (command, package) pairs whose command is missing.
+    apt-get's output goes to stderr: stdout is the report."""
+    need = [p for t, p in tools if not shutil.which(t) and not os.path.exists(f"/usr/sbin/{t}")]
+    if need:
+        log(f"installing {need}")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, stdout=sys.stderr)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *need], check=True, env=env, stdout=sys.stderr)
+
+
 def run(cmd, **kw):
     return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
 
