@@ -347,7 +347,7 @@ async fn info(State(state): State<AppState>, scheme: Option<Extension<Scheme>>) 
 
 /// Server metadata; the extensions are the ones served (model load and unload only in explicit mode).
 async fn server_metadata(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let mut extensions = vec!["classification", "binary_tensor_data", "statistics"];
+    let mut extensions = vec!["classification", "binary_tensor_data", "statistics", "model_configuration"];
     if state.inner.model_control.mode == tandem_shared::config::ModelControlMode::Explicit {
         extensions.push("model_repository");
     }
