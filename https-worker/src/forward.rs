@@ -106,6 +106,7 @@ impl Completions {
     /// freed now, or (if an engine still holds them) when they complete.
     pub fn start(region: Arc<Region>) -> std::io::Result<Arc<Completions>> {
         let freed = region.reset_orphans();
+        region.reset_watchers();
         let mut pending = HashMap::new();
         for slot in 0..region.slots() {
             if region.state(slot) & tandem_shared::sys::shm::CLAIMED != 0 {
@@ -176,13 +177,17 @@ impl Completions {
             return;
         }
         let seen = self.region.done_seq();
-        let until = Instant::now() + WATCH_BEFORE_PARK;
-        while Instant::now() < until {
-            if self.region.done_seq() != seen {
-                self.deliver();
-                return;
+        {
+            // Engines skip waking the completion thread while this watch lasts.
+            let _watch = self.region.watch_done();
+            let until = Instant::now() + WATCH_BEFORE_PARK;
+            while self.region.done_seq() == seen && Instant::now() < until {
+                std::thread::yield_now();
             }
-            std::thread::yield_now();
+        }
+        // Whatever completed during the watch (its wake-up skipped) is seen now.
+        if self.region.done_seq() != seen {
+            self.deliver();
         }
     }
 

@@ -28,7 +28,7 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
 const MAGIC: u64 = 0x544e_444d_5348_4d31; // "TNDMSHM1"
 /// Layout version of the region; bump on any change.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 const HEADER_BYTES: usize = 4096;
 /// Bytes of each slot half that stay resident; pages beyond are given back after use.
 pub const RESIDENT_BYTES: usize = 1 << 20;
@@ -64,6 +64,9 @@ struct Header {
     /// Bumped on every completion; the HTTPS worker sleeps on it.
     done_seq: AtomicU32,
     https_sleepers: AtomicU32,
+    /// HTTPS serving threads watching `done_seq` themselves
+    /// ([`Region::watch_done`]): completions do not wake the sleeper meanwhile.
+    https_watchers: AtomicU32,
 }
 
 #[repr(C, align(64))]
@@ -324,7 +327,28 @@ impl Region {
 
     fn bump_done(&self) {
         let h = self.header();
-        bump(&h.done_seq, &h.https_sleepers, i32::MAX);
+        h.done_seq.fetch_add(1, Ordering::SeqCst);
+        // A watcher sees the bump, or (if it stops first) sees it on leaving:
+        // `DoneWatch::drop` and this are the two sides of one SeqCst pairing.
+        if h.https_watchers.load(Ordering::SeqCst) == 0 && h.https_sleepers.load(Ordering::SeqCst) > 0 {
+            futex_wake(&h.done_seq, i32::MAX);
+        }
+    }
+
+    /// Marks a thread that watches `done_seq` itself, so completions skip
+    /// waking the thread asleep in [`Region::wait_for_done`]. After the guard
+    /// drops, the watcher must look at `done_seq` once more and deliver what
+    /// changed: a completion that skipped the wake-up is visible by then.
+    pub fn watch_done(&self) -> DoneWatch<'_> {
+        self.header().https_watchers.fetch_add(1, Ordering::SeqCst);
+        DoneWatch(self)
+    }
+
+    /// Forgets the watches of an HTTPS worker that died mid-watch (call when
+    /// the next one starts): left counted, they would keep every completion
+    /// from waking the new worker's completion thread.
+    pub fn reset_watchers(&self) {
+        self.header().https_watchers.store(0, Ordering::SeqCst);
     }
 
     /// Sleeps until a request is submitted after `seen` was read, or `timeout`.
@@ -337,6 +361,18 @@ impl Region {
     pub fn wait_for_done(&self, seen: u32, timeout: Duration) {
         let h = self.header();
         sleep_on(&h.done_seq, &h.https_sleepers, seen, timeout);
+    }
+}
+
+/// A thread watching completions itself, from [`Region::watch_done`].
+#[derive(Debug)]
+pub struct DoneWatch<'a>(&'a Region);
+
+impl Drop for DoneWatch<'_> {
+    fn drop(&mut self) {
+        // Never below zero (a reset may have come in between): a wrapped
+        // count would stop every wake-up.
+        let _ = self.0.header().https_watchers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
     }
 }
 
@@ -517,6 +553,56 @@ mod tests {
         let slot = w.submit(3 << 20);
         let c = r.claim(1, slot).expect("claim");
         assert!(c.request()[..3 << 20].iter().all(|&b| b == 5));
+    }
+
+    /// One request through the ring, answered: `done_seq` is bumped once.
+    fn answer_one(r: &Arc<Region>) {
+        let slot = r.reserve(0).expect("slot").submit(0);
+        r.claim(1, slot).expect("claim").finish(0);
+        r.take_response(slot).expect("done");
+    }
+
+    #[test]
+    fn a_watch_keeps_completions_from_waking_the_sleeper_and_shows_them_after() {
+        let (r, _fd) = Region::create(4, 64).expect("create");
+        let woke = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let seen = r.done_seq();
+            s.spawn(|| {
+                r.wait_for_done(r.done_seq(), Duration::from_secs(5));
+                woke.store(true, Ordering::SeqCst);
+            });
+            while r.header().https_sleepers.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            // Registered; give it time to be inside FUTEX_WAIT.
+            std::thread::sleep(Duration::from_millis(50));
+            let watch = r.watch_done();
+            answer_one(&r);
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(!woke.load(Ordering::SeqCst), "a completion during a watch woke the sleeper");
+            drop(watch);
+            assert_ne!(r.done_seq(), seen, "the completion is visible once the watch ends");
+            // Without a watch, the next completion wakes it.
+            answer_one(&r);
+            let deadline = Instant::now() + Duration::from_secs(4);
+            while !woke.load(Ordering::SeqCst) {
+                assert!(Instant::now() < deadline, "the sleeper was not woken");
+                std::thread::yield_now();
+            }
+        });
+    }
+
+    #[test]
+    fn a_dead_watcher_is_forgotten_and_the_count_never_wraps() {
+        let (r, _fd) = Region::create(2, 64).expect("create");
+        std::mem::forget(r.watch_done());
+        r.reset_watchers();
+        drop(r.watch_done());
+        let late = r.watch_done();
+        r.reset_watchers();
+        drop(late);
+        assert_eq!(r.header().https_watchers.load(Ordering::SeqCst), 0);
     }
 
     #[test]
