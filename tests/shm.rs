@@ -1,6 +1,7 @@
 //! End-to-end tests of HTTPS through the shared-memory ring: load sharing over
-//! every engine worker, a worker killed mid-load, a full queue, a slow engine,
-//! clients that hang up mid-request, and size limits.
+//! every engine worker, a worker killed mid-load, an HTTPS worker killed while
+//! it watches the ring, a full queue, a slow engine, clients that hang up
+//! mid-request, and size limits.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
 
@@ -345,5 +346,63 @@ fn losing_the_supervisor_strands_no_https_request() {
         "every worker to exit",
         || t.explain(),
         || workers.iter().all(|&p| !matches!(process_state(p), Some(s) if s != 'Z')).then_some(()),
+    );
+}
+
+#[test]
+fn an_https_worker_killed_while_watching_the_ring_leaves_its_successor_woken() {
+    // A lone client keeps a serving thread watching the ring for its answer
+    // (engines skip waking the completion thread meanwhile); killed at a
+    // random moment, the worker often dies mid-watch. Its successor must
+    // still be woken for every answer, not find them on its 200 ms timer.
+    let t = TandemBuilder::new().ssl().env("NUM_WORKERS", "2").start();
+    let url = t.https_url("127.0.0.1", "/v2/models/digits/infer");
+    let chain = t.served_chain_pem();
+    for round in 0..5 {
+        let victim = t.workers("https-worker")[0];
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let client = Tandem::https_client(&chain);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = client.post(&url).body(common::digits_body(3)).send();
+                }
+            });
+            std::thread::sleep(Duration::from_millis(300 + 37 * round));
+            kill(victim, Signal::SIGKILL).unwrap();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        let client = Tandem::https_client(&chain);
+        wait_for(
+            Duration::from_secs(15),
+            "a replacement HTTPS worker answering",
+            || t.explain(),
+            || {
+                let now = t.workers("https-worker");
+                (now.len() == 1 && now[0] != victim).then_some(())?;
+                client.post(&url).body(common::digits_body(1)).send().ok().filter(|r| r.status().is_success())
+            },
+        );
+    }
+    // Eight clients at once keep more than two requests in the ring, so no
+    // thread watches and every answer needs the completion thread's wake-up.
+    // Left asleep, 8 x 60 requests would take 60 rounds of its 200 ms timer.
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                let client = Tandem::https_client(&chain);
+                for i in 0..60 {
+                    let r = client.post(&url).body(common::digits_body(i % 16)).send().unwrap();
+                    assert!(r.status().is_success(), "{}", r.status());
+                }
+            });
+        }
+    });
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "480 HTTPS requests took {took:?}: answers waited for a timer\n{}",
+        t.explain()
     );
 }
