@@ -68,15 +68,8 @@ fn metrics_and_statistics_sum_every_worker_on_both_ports_across_a_restart() {
     // One engine worker dies and is replaced: what it counted stays.
     let victim = t.workers("http-worker")[0];
     kill(victim, Signal::SIGKILL).unwrap();
-    wait_for(
-        Duration::from_secs(20),
-        "the replacement worker",
-        || t.explain(),
-        || {
-            let w = t.workers("http-worker");
-            (w.len() == 3 && !w.contains(&victim) && t.stderr().matches("http worker ready").count() >= 4).then_some(())
-        },
-    );
+    t.wait_replaced(Duration::from_secs(20), "http-worker", victim, 3);
+    t.wait_for_log(Duration::from_secs(20), "http worker ready", 4);
     send(&fresh(), &http_infer, &digits(3), 10, 200);
 
     // Every scrape, through either port and so from whichever worker answers, sees the same totals.

@@ -103,15 +103,7 @@ fn killed_engine_worker_under_https_load_loses_nothing_that_could_be_retried() {
     assert!(slowest < Duration::from_secs(10), "a request hung for {slowest:?}");
     // At most the requests the dead worker held, and those are retried on the other worker.
     assert!(failures <= 4, "{failures} of {} requests failed\n{}", results.len(), t.explain());
-    let replaced = wait_for(
-        Duration::from_secs(10),
-        "the engine worker to be replaced",
-        || t.explain(),
-        || {
-            let now = t.workers("http-worker");
-            (now.len() == 2 && !now.contains(&victim)).then_some(now)
-        },
-    );
+    let replaced = t.wait_replaced(Duration::from_secs(10), "http-worker", victim, 2);
     assert_eq!(replaced.len(), 2);
     let client = Tandem::https_client(&chain);
     wait_for(
@@ -372,16 +364,13 @@ fn an_https_worker_killed_while_watching_the_ring_leaves_its_successor_woken() {
             kill(victim, Signal::SIGKILL).unwrap();
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
+        t.wait_replaced(Duration::from_secs(15), "https-worker", victim, 1);
         let client = Tandem::https_client(&chain);
         wait_for(
             Duration::from_secs(15),
-            "a replacement HTTPS worker answering",
+            "the replacement HTTPS worker answering",
             || t.explain(),
-            || {
-                let now = t.workers("https-worker");
-                (now.len() == 1 && now[0] != victim).then_some(())?;
-                client.post(&url).body(common::digits_body(1)).send().ok().filter(|r| r.status().is_success())
-            },
+            || client.post(&url).body(common::digits_body(1)).send().ok().filter(|r| r.status().is_success()),
         );
     }
     // Eight clients at once keep more than two requests in the ring, so no

@@ -105,15 +105,7 @@ fn killed_worker_is_replaced_while_the_port_keeps_answering() {
     assert_eq!(before.len(), 2, "{}", t.explain());
     kill(before[0], Signal::SIGKILL).unwrap();
     let http = Tandem::http_client();
-    let replaced = wait_for(
-        Duration::from_secs(10),
-        "a replacement worker",
-        || t.explain(),
-        || {
-            let now = t.workers("http-worker");
-            (now.len() == 2 && !now.contains(&before[0])).then_some(now)
-        },
-    );
+    let replaced = t.wait_replaced(Duration::from_secs(10), "http-worker", before[0], 2);
     assert!(replaced.contains(&before[1]), "the healthy worker must be left alone");
     // The port never closed: the surviving worker and the new one answer.
     for _ in 0..20 {
@@ -123,15 +115,7 @@ fn killed_worker_is_replaced_while_the_port_keeps_answering() {
     // The HTTPS worker is restarted too.
     let https = t.workers("https-worker");
     kill(https[0], Signal::SIGKILL).unwrap();
-    wait_for(
-        Duration::from_secs(10),
-        "a replacement https worker",
-        || t.explain(),
-        || {
-            let now = t.workers("https-worker");
-            (now.len() == 1 && now[0] != https[0]).then_some(())
-        },
-    );
+    t.wait_replaced(Duration::from_secs(10), "https-worker", https[0], 1);
     let client = Tandem::https_client(&t.served_chain_pem());
     wait_for(
         Duration::from_secs(10),

@@ -317,6 +317,20 @@ impl Tandem {
             .collect()
     }
 
+    /// Waits until the supervisor has `count` workers of `role` again and
+    /// `victim` is not among them; returns their pids.
+    pub fn wait_replaced(&self, deadline: Duration, role: &str, victim: Pid, count: usize) -> Vec<Pid> {
+        wait_for(
+            deadline,
+            &format!("a replacement for {role} {victim}"),
+            || self.explain(),
+            || {
+                let now = self.workers(role);
+                (now.len() == count && !now.contains(&victim)).then_some(now)
+            },
+        )
+    }
+
     /// Pids of the supervisor's workers with the given role.
     pub fn workers(&self, role: &str) -> Vec<Pid> {
         Self::children_of(self.pid())
