@@ -220,3 +220,160 @@ fn without_model_control_load_is_refused_and_not_advertised() {
     let v2: Value = Tandem::http_client().get(t.http_url("/v2")).send().unwrap().json().unwrap();
     assert!(!v2["extensions"].as_array().unwrap().contains(&"model_repository".into()), "{v2}");
 }
+
+/// The answer to a load request for `model` with `config` (a JSON configuration).
+fn load_with(t: &Tandem, model: &str, config: &serde_json::Value) -> (u16, Value) {
+    let request = serde_json::json!({ "parameters": { "config": config.to_string() } }).to_string();
+    post(t, &format!("/v2/repository/models/{model}/load"), &request)
+}
+
+/// The digits configuration (JSON) as `name`, with `change` merged in.
+fn digits_config(name: &str, change: Value) -> Value {
+    let mut c = serde_json::json!({
+        "name": name,
+        "platform": "onnxruntime_onnx",
+        "max_batch_size": 8,
+        "input": [{"name": "pixels", "data_type": "TYPE_FP32", "dims": [64]}],
+        "output": [{"name": "probabilities", "data_type": "TYPE_FP32", "dims": [10], "label_filename": "labels.txt"}]
+    });
+    for (k, v) in change.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
+#[test]
+fn model_configurations_cannot_reach_outside_their_folder() {
+    let b = TandemBuilder::new().ssl().env("MODEL_CONTROL_MODE", "explicit");
+    let repo = repository(b.dir(), &["other", "ondisk"]);
+    let secret = b.dir().join("secret.txt");
+    std::fs::write(&secret, "TOPSECRET-LABEL\n").unwrap();
+    // A model whose own file names a label file outside its folder.
+    let ondisk = std::fs::read_to_string(repo.join("ondisk/config.pbtxt")).unwrap();
+    std::fs::write(repo.join("ondisk/config.pbtxt"), ondisk.replace("\"labels.txt\"", "\"../../secret.txt\"")).unwrap();
+    std::os::unix::fs::symlink(&secret, repo.join("other/link.txt")).unwrap();
+    nix::unistd::mkfifo(&repo.join("other/fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).env("STRICT_READINESS", "false").start();
+    let root = t.dir.path().to_str().unwrap().to_string();
+    let live = t.cert_dir().join("live.pem");
+
+    let meta: Value = Tandem::http_client().get(t.http_url("/v2/models/ondisk")).send().unwrap().json().unwrap();
+    let text = meta.to_string();
+    assert!(text.contains("label_filename") && !text.contains("TOPSECRET"), "{text}");
+    assert!(!text.contains(&root), "an absolute path reached a client: {text}");
+
+    let refused = |field: &str, value: &str| {
+        let config = digits_config("other", serde_json::json!({}));
+        let mut config = config.clone();
+        if field == "label_filename" {
+            config["output"][0]["label_filename"] = value.into();
+        } else {
+            config[field] = value.into();
+        }
+        let started = std::time::Instant::now();
+        let (status, body) = load_with(&t, "other", &config);
+        let error = body["error"].as_str().unwrap_or_default().to_string();
+        assert_eq!(status, 400, "{field}={value}: {body}\n{}", t.explain());
+        assert!(error.contains(field), "{field}={value}: {error}");
+        // The value the client sent comes back as it was sent; nothing else may.
+        let error = error.replace(&format!("{:?}", value), "VALUE");
+        for leak in ["TOPSECRET", "PRIVATE KEY", "root:", &root] {
+            assert!(!error.contains(leak), "{field}={value} leaked {leak:?}: {error}");
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{field}={value} took {:?}", started.elapsed());
+        error
+    };
+    let outside_existing = refused("label_filename", secret.to_str().unwrap());
+    let outside_missing = refused("label_filename", "/nonexistent/labels.txt");
+    assert_eq!(outside_existing, outside_missing, "the answer tells whether a file outside exists");
+    for value in
+        ["../../secret.txt", live.to_str().unwrap(), "/proc/self/environ", "/dev/zero", "link.txt", "fifo", "1"]
+    {
+        refused("label_filename", value);
+    }
+    for value in ["../../digits/1/model.onnx", "/etc/passwd", "/dev/zero", "../fifo"] {
+        refused("default_model_filename", value);
+    }
+
+    // The model keeps serving its own labels; a load with them is accepted.
+    let (status, body) = load_with(&t, "other", &digits_config("other", serde_json::json!({})));
+    assert_eq!(status, 200, "{body}\n{}", t.explain());
+    let body = common::digits_body(1)
+        .replace("]}]}", "]}],\"outputs\":[{\"name\":\"probabilities\",\"parameters\":{\"classification\":1}}]}");
+    let r: Value =
+        Tandem::http_client().post(t.http_url("/v2/models/other/infer")).body(body).send().unwrap().json().unwrap();
+    let top = r["outputs"][0]["data"][0].as_str().unwrap_or_else(|| panic!("{r}"));
+    let label = top.rsplit(':').next().unwrap();
+    assert!(label.len() == 1 && label.chars().all(|c| c.is_ascii_digit()), "{top}");
+}
+
+#[test]
+fn overrides_are_bounded_and_only_a_load_that_succeeded_is_replayed() {
+    let b = TandemBuilder::new().env("NUM_WORKERS", "2").env("MODEL_CONTROL_MODE", "explicit");
+    let repo = repository(b.dir(), &["a", "b", "c"]);
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
+    let started = t.stderr().matches("worker started").count();
+    let serving = |t: &Tandem| {
+        assert!(
+            ask_everyone(t, "/v2/models/digits/infer", Some(common::digits_body(1)), 4).iter().all(|a| a.0 == 200),
+            "{}",
+            t.explain()
+        );
+    };
+
+    // Numbers past their bounds are refused with the reason; nothing restarts.
+    for (change, want) in [
+        (serde_json::json!({"instance_group": [{"count": 100000, "kind": "KIND_CPU"}]}), "at most 64"),
+        (serde_json::json!({"parameters": {"intra_op_thread_count": {"string_value": "100000"}}}), "at most 256"),
+        (serde_json::json!({"max_batch_size": 2000000000}), "max_batch_size"),
+        (
+            serde_json::json!({"input": [{"name": "pixels", "data_type": "TYPE_FP32", "dims": [99999999999i64]}]}),
+            "larger than",
+        ),
+    ] {
+        let (status, body) = load_with(&t, "a", &digits_config("a", change.clone()));
+        assert_eq!(status, 400, "{change}: {body}");
+        assert!(body["error"].as_str().unwrap().contains(want), "{change}: {body}");
+    }
+    let huge = serde_json::json!({ "parameters": { "config": " ".repeat(200_000) } }).to_string();
+    let (status, body) = post(&t, "/v2/repository/models/a/load", &huge);
+    assert_eq!(status, 413, "{body}");
+    serving(&t);
+    assert_eq!(t.stderr().matches("worker started").count(), started, "a worker restarted\n{}", t.explain());
+
+    // A load that fails is not what a restarted worker loads, and every worker agrees.
+    let bad =
+        digits_config("a", serde_json::json!({"input": [{"name": "nope", "data_type": "TYPE_FP32", "dims": [64]}]}));
+    let (status, body) = load_with(&t, "a", &bad);
+    assert_eq!(status, 400, "{body}");
+    // Overrides that together outgrow an environment variable (128 KiB) reach a restarted worker.
+    let padded = |name: &str| {
+        let text = digits_config(name, serde_json::json!({"max_batch_size": 4})).to_string();
+        text.clone() + &" ".repeat(60_000 - text.len())
+    };
+    for name in ["b", "c", "digits"] {
+        let request = serde_json::json!({ "parameters": { "config": padded(name) } }).to_string();
+        let (status, body) = post(&t, &format!("/v2/repository/models/{name}/load"), &request);
+        assert_eq!(status, 200, "{name}: {body}\n{}", t.explain());
+    }
+    let victim = t.workers("http-worker")[0];
+    nix::sys::signal::kill(victim, nix::sys::signal::Signal::SIGKILL).unwrap();
+    t.wait_replaced(Duration::from_secs(30), "http-worker", victim, 2);
+    wait_for(
+        Duration::from_secs(30),
+        "the replacement to be ready",
+        || t.explain(),
+        || (t.stderr().matches("http worker ready").count() >= 3).then_some(()),
+    );
+    let answers = ask_everyone(&t, "/v2/models/a/config", None, 8);
+    assert!(answers.iter().all(|a| a.0 == 200 && a.2["max_batch_size"] == 256), "a: {answers:?}");
+    for name in ["b", "c", "digits"] {
+        let answers = ask_everyone(&t, &format!("/v2/models/{name}/config"), None, 8);
+        assert!(
+            answers.iter().all(|a| a.0 == 200 && a.2["max_batch_size"] == 4),
+            "{name}: {answers:?}\n{}",
+            t.explain()
+        );
+    }
+    serving(&t);
+}

@@ -463,3 +463,98 @@ fn client_certificates_reach_the_copy_as_tandem_s_identity_headers_and_logs_stay
         .find(|v| v["stream"] == "stderr" && v["worker"] == 1);
     assert!(relayed.is_some(), "no JSON line from copy 1\n{}", t.explain());
 }
+
+/// Sends `head` (a raw HTTP/1.1 request head) on a new connection to `port`
+/// and returns what came back until the server closed or `wait` passed.
+fn raw(port: u16, head: &str, wait: Duration) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16384];
+    let started = Instant::now();
+    while started.elapsed() < wait {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                out.extend_from_slice(&buf[..n]);
+                // One whole answer of known length is enough.
+                let text = String::from_utf8_lossy(&out);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok());
+                    if len.is_some_and(|n| body.len() >= n) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn the_proxy_cannot_be_bypassed_by_upgrades_spellings_or_framing() {
+    let b = TandemBuilder::new().env("WORKER_COMMAND", &uvicorn()).env("IDLE_TIMEOUT", "3").env("REQUEST_TIMEOUT", "2");
+    let t = start(b);
+    let wait = Duration::from_secs(10);
+
+    // An h2c upgrade is not passed on: the copy answers a plain request and
+    // sees neither the upgrade nor tandem's headers in any other spelling.
+    let answer = raw(
+        t.http_port,
+        "GET /whoami HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\
+         HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nX_Forwarded_For: 6.6.6.6\r\nX-Forwarded_Proto: gopher\r\n\
+         X-Tandem-Client_Subject: CN=forged\r\nx-tandem-client-fingerprint: forged\r\nX_Real_IP: 6.6.6.6\r\n\r\n",
+        wait,
+    );
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}\n{}", t.explain());
+    let body: serde_json::Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let headers = body["headers"].as_object().unwrap();
+    for (name, value) in headers {
+        let value = value.as_str().unwrap();
+        assert!(!name.contains('_'), "{name} reached the copy: {headers:?}");
+        assert!(!["6.6.6.6", "gopher", "CN=forged", "forged"].contains(&value), "{name}: {value} reached the copy");
+    }
+    for gone in ["upgrade", "http2-settings"] {
+        assert!(!headers.contains_key(gone), "{gone} reached the copy: {headers:?}");
+    }
+    assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(headers["x-forwarded-proto"], "http");
+
+    // Connection may not take Host away.
+    let answer = raw(t.http_port, "GET /whoami HTTP/1.1\r\nHost: api.example\r\nConnection: host\r\n\r\n", wait);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"host\":\"api.example\""), "{answer}");
+
+    // tandem answers what it must not forward.
+    for (head, status) in [
+        ("CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", "405"),
+        ("OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n", "204"),
+        ("GET /whoami HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n", "400"),
+        ("GET /whoami HTTP/1.1\r\n\r\n", "400"),
+    ] {
+        let answer = raw(t.http_port, head, wait);
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{head:?} -> {answer}");
+    }
+    let answer = raw(t.http_port, "GET /whoami HTTP/1.0\r\n\r\n", wait);
+    assert!(answer.starts_with("HTTP/1.0 200"), "HTTP/1.0 needs no Host: {answer}");
+
+    // A WebSocket tunnel obeys IDLE_TIMEOUT: silent for longer, it is closed.
+    let started = Instant::now();
+    let answer = raw(
+        t.http_port,
+        "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        Duration::from_secs(20),
+    );
+    let took = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    assert!(took < Duration::from_secs(15), "the idle tunnel stayed open {took:?}");
+    assert!(took >= Duration::from_secs(3), "closed before IDLE_TIMEOUT: {took:?}");
+}

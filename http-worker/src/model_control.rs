@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 use tandem_shared::config::ModelControlMode;
-use tandem_shared::control::{Command, ControlClient, ModelChange, WorkerEvent};
+use tandem_shared::control::{Command, ControlClient, ModelChange, WorkerEvent, MAX_MODEL_CONFIG_BYTES};
 use tokio::sync::oneshot;
 
 use crate::engine::Engine;
@@ -114,24 +114,34 @@ fn refused(mode: ModelControlMode) -> Option<Response> {
     })
 }
 
-/// The configuration override of a load request (Triton's `parameters.config`, a JSON string).
-fn config_of(body: &[u8]) -> Result<Option<String>, String> {
+/// The configuration override of a load request (Triton's `parameters.config`,
+/// a JSON string), or the status and reason it is refused with.
+fn config_of(body: &[u8]) -> Result<Option<String>, (StatusCode, String)> {
+    let bad = |e: String| (StatusCode::BAD_REQUEST, e);
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
     let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("the load request is not JSON: {e}"))?;
+        serde_json::from_slice(body).map_err(|e| bad(format!("the load request is not JSON: {e}")))?;
     let Some(params) = v.get("parameters") else { return Ok(None) };
-    let params = params.as_object().ok_or("\"parameters\" must be an object")?;
+    let params = params.as_object().ok_or_else(|| bad("\"parameters\" must be an object".into()))?;
     if let Some(k) = params.keys().find(|k| k.starts_with("file:")) {
-        return Err(format!(
-            "{k:?}: loading model files sent in the request is not supported; place them in the repository"
-        ));
+        return Err(bad(format!(
+            "{:?}: loading model files sent in the request is not supported; place them in the repository",
+            k.escape_debug().to_string()
+        )));
     }
     match params.get("config") {
         None => Ok(None),
+        Some(serde_json::Value::String(s)) if s.len() > MAX_MODEL_CONFIG_BYTES => Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "\"parameters.config\" holds {} bytes; a configuration may hold at most {MAX_MODEL_CONFIG_BYTES}",
+                s.len()
+            ),
+        )),
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err("\"parameters.config\" must be a string holding the JSON model configuration".into()),
+        Some(_) => Err(bad("\"parameters.config\" must be a string holding the JSON model configuration".into())),
     }
 }
 
@@ -143,7 +153,7 @@ pub(crate) async fn load(State(state): State<AppState>, Path(model): Path<String
     }
     let config = match config_of(&body) {
         Ok(c) => c,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err((status, e)) => return error(status, e),
     };
     answer(mc.request(ModelChange::Load { model, config }).await)
 }
@@ -180,7 +190,9 @@ mod tests {
             r#"{"max_batch_size":4}"#
         );
         assert!(config_of(br#"{"parameters":{"config":{"a":1}}}"#).is_err());
-        assert!(config_of(br#"{"parameters":{"file:1/model.onnx":"AAAA"}}"#).unwrap_err().contains("not supported"));
+        assert!(config_of(br#"{"parameters":{"file:1/model.onnx":"AAAA"}}"#).unwrap_err().1.contains("not supported"));
         assert!(config_of(b"nope").is_err());
+        let big = serde_json::json!({"parameters": {"config": "x".repeat(MAX_MODEL_CONFIG_BYTES + 1)}}).to_string();
+        assert_eq!(config_of(big.as_bytes()).unwrap_err().0, StatusCode::PAYLOAD_TOO_LARGE);
     }
 }

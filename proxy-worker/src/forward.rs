@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tandem_https_worker::forward::{read_body, BodyError};
-use tandem_shared::serve::{ClientIdentity, Peer};
+use tandem_shared::serve::{tunnel, ClientIdentity, Peer, TunnelEnd};
 use tandem_shared::stats::Stats;
 
 use crate::pool::{Lease, Pool, ProxyBody};
@@ -73,6 +73,8 @@ pub struct Options {
     pub ready_path: String,
     /// ACME HTTP-01 answers, when ACME is the certificate source.
     pub acme_http01: Option<PathBuf>,
+    /// `IDLE_TIMEOUT`: an upgraded connection (WebSocket) with no byte moving is closed after it.
+    pub idle_timeout: Duration,
 }
 
 /// The proxy: a pool of copies and how to treat requests.
@@ -110,7 +112,13 @@ fn idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
-/// The `Upgrade` value of an HTTP/1.1 request asking to switch protocols.
+/// The one protocol a client may switch to through the proxy. Any other
+/// (`h2c` above all, which would turn the connection into a direct one to the
+/// copy, past every header tandem sets) is dropped: the request goes on as a
+/// plain one.
+const TUNNELLED: &str = "websocket";
+
+/// The `Upgrade` value of an HTTP/1.1 request asking to switch to a WebSocket.
 fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
@@ -121,8 +129,14 @@ fn upgrade_of<B>(req: &Request<B>) -> Option<HeaderValue> {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
-    asks.then(|| req.headers().get(header::UPGRADE).cloned()).flatten()
+    let mut upgrades = req.headers().get_all(header::UPGRADE).iter();
+    let only = upgrades.next().filter(|_| upgrades.next().is_none())?;
+    let websocket = only.to_str().is_ok_and(|v| v.trim().eq_ignore_ascii_case(TUNNELLED));
+    (asks && websocket).then(|| HeaderValue::from_static(TUNNELLED))
 }
+
+/// Headers `Connection` may never take away: the copy needs to know the host.
+const KEPT_THOUGH_NAMED: [HeaderName; 1] = [header::HOST];
 
 /// Drops the hop-by-hop headers (and those `Connection` names).
 fn drop_hop_by_hop(headers: &mut HeaderMap) {
@@ -132,6 +146,7 @@ fn drop_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !KEPT_THOUGH_NAMED.contains(n))
         .collect();
     for n in named {
         headers.remove(n);
@@ -141,19 +156,33 @@ fn drop_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Whether a client's header is one tandem alone may set, in any spelling an
+/// application might fold into it: CGI, WSGI and their kin read `X_Forwarded_For`
+/// and `X-Forwarded-For` as the same variable. Any name with `_` is dropped
+/// too (nginx's default), so no two headers can collide in such an application.
+fn reserved(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    n.contains('_')
+        || n.starts_with("x-tandem-")
+        || DROPPED.iter().skip(HOP_BY_HOP).any(|d| *d == n)
+        || tandem_shared::access::CLIENT_HEADERS.contains(&n)
+}
+
 /// The request headers a copy sees: the client's, less what is hop-by-hop or
 /// tandem's to say, plus who the client is as tandem saw it.
 fn rewrite(headers: &mut HeaderMap, authority: Option<&str>, origin: &Origin<'_>, upgrade: Option<&HeaderValue>) {
     drop_hop_by_hop(headers);
-    for h in DROPPED.iter().skip(HOP_BY_HOP) {
-        headers.remove(*h);
-    }
-    for h in tandem_shared::access::CLIENT_HEADERS {
-        headers.remove(h);
+    let reserved_names: Vec<HeaderName> = headers.keys().filter(|n| reserved(n)).cloned().collect();
+    for n in reserved_names {
+        headers.remove(n);
     }
     if !headers.contains_key(header::HOST) {
-        // HTTP/2 carries the host in :authority; HTTP/1.1 to the copy needs Host.
-        if let Some(v) = authority.and_then(|a| HeaderValue::from_str(a).ok()) {
+        // HTTP/2 carries the host in :authority; HTTP/1.1 to the copy needs Host
+        // (an HTTP/1.0 client may send none: the copy is told tandem's own port).
+        let v = authority
+            .and_then(|a| HeaderValue::from_str(a).ok())
+            .or_else(|| HeaderValue::from_str(&format!("localhost:{}", origin.port)).ok());
+        if let Some(v) = v {
             headers.insert(header::HOST, v);
         }
     }
@@ -328,6 +357,9 @@ impl Proxy {
         path: &str,
         origin: &Origin<'_>,
     ) -> (Response<ProxyBody>, Option<usize>) {
+        if let Some(refused) = refuse_framing(&req) {
+            return (refused, None);
+        }
         if !origin.https {
             if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
                 if let Some(dir) = &self.opts.acme_http01 {
@@ -480,16 +512,17 @@ impl Proxy {
             };
             let upgrade = res.headers().get(header::UPGRADE).cloned();
             let backend = hyper::upgrade::on(&mut res);
+            let idle = self.opts.idle_timeout;
             tokio::spawn(async move {
                 // The lease lives as long as the tunnel: a copy busy with sockets gets fewer new ones.
+                // The client's connection keeps its place in the connection limit (its
+                // stream holds it) and the tunnel ends after IDLE_TIMEOUT without a byte.
                 let _lease = lease;
                 match tokio::try_join!(client, backend) {
-                    Ok((c, b)) => {
-                        let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut b).await {
-                            tracing::debug!(error = %e, "upgraded connection ended");
-                        }
-                    }
+                    Ok((c, b)) => match tunnel(TokioIo::new(c), TokioIo::new(b), idle).await {
+                        TunnelEnd::Idle => tracing::debug!("upgraded connection closed: idle past IDLE_TIMEOUT"),
+                        end => tracing::debug!(?end, "upgraded connection ended"),
+                    },
                     Err(e) => tracing::debug!(error = %e, "the protocol switch did not complete"),
                 }
             });
@@ -519,6 +552,38 @@ impl Proxy {
         let body = Leased { inner: body, _lease: lease }.map_err(Into::into).boxed_unsync();
         Response::from_parts(parts, body)
     }
+}
+
+/// Methods the copies are sent (the answer to `OPTIONS *`).
+const ALLOWED: &str = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS";
+
+/// What tandem answers itself instead of forwarding: `CONNECT` (tandem is not
+/// a forward proxy), `OPTIONS *` (a question about tandem, not about a
+/// resource), and a request whose `Host` is missing (HTTP/1.1 requires it) or
+/// given twice (the copy and tandem could read different ones).
+fn refuse_framing<B>(req: &Request<B>) -> Option<Response<ProxyBody>> {
+    if req.method() == Method::CONNECT {
+        let mut res = local(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not served: tandem is not a forward proxy");
+        res.headers_mut().insert(header::ALLOW, HeaderValue::from_static(ALLOWED));
+        return Some(res);
+    }
+    if req.uri() == "*" {
+        if req.method() != Method::OPTIONS {
+            return Some(local(StatusCode::BAD_REQUEST, "the request target * is only for OPTIONS"));
+        }
+        let mut res = Response::new(Empty::new().map_err(|n| match n {}).boxed_unsync());
+        *res.status_mut() = StatusCode::NO_CONTENT;
+        res.headers_mut().insert(header::ALLOW, HeaderValue::from_static(ALLOWED));
+        return Some(res);
+    }
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Some(local(StatusCode::BAD_REQUEST, "a request may carry one Host header, not several"));
+    }
+    if hosts == 0 && req.version() == Version::HTTP_11 {
+        return Some(local(StatusCode::BAD_REQUEST, "an HTTP/1.1 request needs a Host header"));
+    }
+    None
 }
 
 /// ACME HTTP-01 on plain HTTP: the key authorization for `token`, or 404.
@@ -586,6 +651,79 @@ mod tests {
         assert_eq!(h[header::UPGRADE], "websocket");
         let plain = Request::builder().header(header::UPGRADE, "websocket").body(()).expect("request");
         assert!(upgrade_of(&plain).is_none(), "Upgrade without Connection: upgrade is not a request to switch");
+    }
+
+    #[test]
+    fn only_a_websocket_upgrade_is_passed() {
+        for (value, passed) in [
+            ("websocket", true),
+            ("WebSocket", true),
+            ("h2c", false),
+            ("TLS/1.2", false),
+            ("websocket, h2c", false),
+            ("foo", false),
+        ] {
+            let req = Request::builder()
+                .header(header::CONNECTION, "Upgrade, HTTP2-Settings")
+                .header(header::UPGRADE, value)
+                .header("http2-settings", "AAMAAABkAAQAAP__")
+                .body(())
+                .expect("request");
+            assert_eq!(upgrade_of(&req).is_some(), passed, "{value}");
+            let mut h = req.headers().clone();
+            rewrite(&mut h, None, &origin(false, "127.0.0.1:1"), upgrade_of(&req).as_ref());
+            if !passed {
+                for gone in ["upgrade", "connection", "http2-settings"] {
+                    assert!(!h.contains_key(gone), "{value}: {gone} must not reach the copy");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tandem_headers_are_dropped_in_every_spelling_and_host_survives_connection() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("api.example"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("host, x-forwarded-for"));
+        for forged in [
+            "x_forwarded_for",
+            "X-Tandem-Client_Subject",
+            "x-tandem-anything",
+            "x_real_ip",
+            "forwarded",
+            "content_length",
+        ] {
+            h.append(
+                HeaderName::from_bytes(forged.to_ascii_lowercase().as_bytes()).expect("name"),
+                HeaderValue::from_static("forged"),
+            );
+        }
+        rewrite(&mut h, None, &origin(false, "10.0.0.1:1"), None);
+        assert!(h.iter().all(|(n, v)| !n.as_str().contains('_') && v != "forged"), "{h:?}");
+        assert_eq!(h[header::HOST], "api.example");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1");
+    }
+
+    #[test]
+    fn connect_options_star_and_bad_hosts_are_answered_by_tandem() {
+        let req = |m: Method, uri: &str, hosts: &[&str], v: Version| {
+            let mut r = Request::builder().method(m).uri(uri).version(v);
+            for h in hosts {
+                r = r.header(header::HOST, *h);
+            }
+            r.body(()).expect("request")
+        };
+        let status = |r: Request<()>| refuse_framing(&r).map(|res| res.status());
+        assert_eq!(
+            status(req(Method::CONNECT, "example.com:443", &["a"], Version::HTTP_11)),
+            Some(StatusCode::METHOD_NOT_ALLOWED)
+        );
+        assert_eq!(status(req(Method::OPTIONS, "*", &["a"], Version::HTTP_11)), Some(StatusCode::NO_CONTENT));
+        assert_eq!(status(req(Method::GET, "/", &["a", "b"], Version::HTTP_11)), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(status(req(Method::GET, "/", &[], Version::HTTP_11)), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(status(req(Method::GET, "/", &[], Version::HTTP_10)), None);
+        assert_eq!(status(req(Method::GET, "/", &[], Version::HTTP_2)), None);
+        assert_eq!(status(req(Method::GET, "/", &["a"], Version::HTTP_11)), None);
     }
 
     #[test]

@@ -107,6 +107,7 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>, threads: u
         redirect_to_https: settings.redirect_to_https,
         ready_path: proxy.ready_path.clone(),
         acme_http01: settings.acme_http01.clone(),
+        idle_timeout: settings.timeouts.idle,
     };
     let reloads = match &tls {
         Some((_, _, t)) => Some(t.spawn_reloads(&settings, control.clone(), stats.clone())?),

@@ -105,6 +105,10 @@ pub struct Backend {
     pub state: BackendState,
 }
 
+/// Largest model configuration a load request may carry (bytes): it travels
+/// to every engine worker and is replayed to restarted ones.
+pub const MAX_MODEL_CONFIG_BYTES: usize = 64 << 10;
+
 /// A change to the served models (Triton's repository load and unload).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -238,22 +242,49 @@ impl ControlClient {
     }
 }
 
-/// Writes `command` to a worker's end without ever blocking the caller: a
-/// worker that does not read its channel loses the command (and says nothing),
-/// the supervisor's loop never waits on it.
-pub fn send_command(stream: &UnixStream, command: &Command) -> io::Result<()> {
-    let mut line = serde_json::to_vec(command).map_err(io::Error::other)?;
-    line.push(b'\n');
-    let n = nix::sys::socket::send(
-        std::os::fd::AsRawFd::as_raw_fd(stream),
-        &line,
-        nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
-    )
-    .map_err(io::Error::from)?;
-    if n == line.len() {
-        Ok(())
-    } else {
-        Err(io::Error::new(io::ErrorKind::WouldBlock, "the worker's control channel is full"))
+/// Commands waiting for a slow worker before [`CommandSender::send`] refuses more.
+const QUEUED_COMMANDS: usize = 256;
+
+/// The supervisor's sending side of one worker's channel: commands are queued
+/// and written whole, in order, by a thread of their own, so the supervisor's
+/// loop never waits on a worker and a command larger than the socket's buffer
+/// is never cut in the middle of its line (which would garble every command
+/// after it).
+#[derive(Debug, Clone)]
+pub struct CommandSender {
+    tx: std::sync::mpsc::SyncSender<Vec<u8>>,
+}
+
+impl CommandSender {
+    /// Starts the writer thread for `stream` (worker `worker_id`'s channel).
+    pub fn start(stream: UnixStream, worker_id: u64) -> io::Result<CommandSender> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(QUEUED_COMMANDS);
+        std::thread::Builder::new().name(format!("commands-{worker_id}")).spawn(move || {
+            let mut stream = stream;
+            for line in rx {
+                if let Err(e) = stream.write_all(&line) {
+                    tracing::debug!(worker_id, error = %e, "the worker's control channel closed");
+                    return;
+                }
+            }
+        })?;
+        Ok(CommandSender { tx })
+    }
+
+    /// Queues `command`; an error when the worker is gone or has not read the
+    /// last [`QUEUED_COMMANDS`] commands (the command is then lost, the caller
+    /// decides what that means).
+    pub fn send(&self, command: &Command) -> io::Result<()> {
+        let mut line = serde_json::to_vec(command).map_err(io::Error::other)?;
+        line.push(b'\n');
+        self.tx.try_send(line).map_err(|e| match e {
+            std::sync::mpsc::TrySendError::Full(_) => {
+                io::Error::new(io::ErrorKind::WouldBlock, "the worker's control channel is full")
+            }
+            std::sync::mpsc::TrySendError::Disconnected(_) => {
+                io::Error::new(io::ErrorKind::BrokenPipe, "the worker's control channel is closed")
+            }
+        })
     }
 }
 
@@ -284,10 +315,20 @@ mod tests {
         let (worker, supervisor) = UnixStream::pair().expect("pair");
         let client = ControlClient::new(worker);
         let mut commands = client.commands().expect("first take");
+        let sender = CommandSender::start(supervisor, 1).expect("sender");
         let cmd = Command::ModelChangeDone { request: 7, error: None };
-        send_command(&supervisor, &cmd).expect("send");
+        sender.send(&cmd).expect("send");
+        assert_eq!(commands.recv().await, Some(cmd.clone()));
+        // A command far larger than the socket's buffer arrives whole, and the next one after it.
+        let big = Command::ApplyModelChange {
+            op: 1,
+            change: ModelChange::Load { model: "m".into(), config: Some("\u{1}".repeat(300_000)) },
+        };
+        sender.send(&big).expect("send big");
+        sender.send(&cmd).expect("send after");
+        assert_eq!(commands.recv().await, Some(big));
         assert_eq!(commands.recv().await, Some(cmd));
-        drop(supervisor);
+        drop(sender);
         tokio::time::timeout(std::time::Duration::from_secs(5), client.closed()).await.expect("closed noticed");
     }
 }

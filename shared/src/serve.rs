@@ -132,10 +132,20 @@ impl Activity {
     }
 }
 
-/// The connection's stream, noting every byte that moves.
+/// The connection's stream, noting every byte that moves. It holds the
+/// connection's place in the server's budget: a connection upgraded into a
+/// tunnel (WebSocket) keeps its stream, and so keeps counting, until the
+/// tunnel ends.
 struct Touch<T> {
     inner: T,
     activity: Arc<Activity>,
+    _slot: Slot,
+}
+
+/// A connection's place in the server's budget, and its pacing record.
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _opened: Opened,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Touch<T> {
@@ -464,12 +474,11 @@ impl Server {
             let timeouts = self.timeouts;
             let drain = self.drain.subscribe();
             tokio::spawn(async move {
-                let _permit = permit;
-                let _opened = opened;
+                let slot = Slot { _permit: permit, _opened: opened };
                 // The handshake counts against HEADER_TIMEOUT too.
                 let Ok(Some(accepted)) = tokio::time::timeout(timeouts.header, handshake).await else { return };
                 let conn = ConnInfo { peer: Peer(peer), client: accepted.client };
-                Box::pin(serve_connection(&builder, accepted.io, service, timeouts, drain, conn)).await;
+                Box::pin(serve_connection(&builder, accepted.io, slot, service, timeouts, drain, conn)).await;
             });
         }
     }
@@ -481,6 +490,83 @@ impl Server {
         let _ = self.drain.send(true);
         let all = self.permits.acquire_many(u32::try_from(self.max).unwrap_or(u32::MAX));
         tokio::time::timeout(timeout, all).await.is_ok()
+    }
+}
+
+/// A stream that notes when a byte last moved through it (for [`tunnel`]).
+struct Stamped<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Stamped<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Stamped<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How a [`tunnel`] ended.
+#[derive(Debug)]
+pub enum TunnelEnd {
+    /// One side closed (bytes copied each way).
+    Closed(u64, u64),
+    /// No byte moved either way within the idle timeout.
+    Idle,
+    /// A side failed.
+    Failed(io::Error),
+}
+
+/// Copies bytes both ways between an upgraded client connection and its
+/// backend until one side closes or no byte moves for `idle` (`IDLE_TIMEOUT`:
+/// a tunnel obeys the same rule as every other connection).
+pub async fn tunnel<A, B>(client: A, backend: B, idle: Duration) -> TunnelEnd
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let activity = Arc::new(Activity::new());
+    let mut a = Stamped { inner: client, activity: activity.clone() };
+    let mut b = Stamped { inner: backend, activity: activity.clone() };
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    let mut timer = tokio::time::interval(tick);
+    loop {
+        tokio::select! {
+            r = copy.as_mut() => return match r {
+                Ok((up, down)) => TunnelEnd::Closed(up, down),
+                Err(e) => TunnelEnd::Failed(e),
+            },
+            _ = timer.tick() => {
+                let quiet = activity.now().saturating_sub(activity.last_io.load(Ordering::Relaxed));
+                if Duration::from_millis(quiet) > idle {
+                    return TunnelEnd::Idle;
+                }
+            }
+        }
     }
 }
 
@@ -560,6 +646,7 @@ pub fn serving_threads() -> usize {
 async fn serve_connection<IO, S, B>(
     builder: &auto::Builder<TokioExecutor>,
     io: IO,
+    slot: Slot,
     service: S,
     timeouts: Timeouts,
     mut drain: watch::Receiver<bool>,
@@ -570,7 +657,7 @@ async fn serve_connection<IO, S, B>(
     B: ResponseBody,
 {
     let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(Touch { inner: io, activity: activity.clone() });
+    let io = TokioIo::new(Touch { inner: io, activity: activity.clone(), _slot: slot });
     let peer = conn.peer.0;
     let service = Counted { inner: service, activity: activity.clone(), conn };
     let conn = builder.serve_connection_with_upgrades(io, service);

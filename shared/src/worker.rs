@@ -67,15 +67,34 @@ pub fn report_drain(drained: bool, timeout: std::time::Duration) {
     }
 }
 
-/// Reads the worker's settings from the variable the supervisor set.
+/// Writes `settings` into a new memfd, for a worker to read at start
+/// ([`settings_from_supervisor`]): an environment variable holds at most
+/// 128 KiB, and a few model configuration overrides outgrow that.
+pub fn settings_memfd(settings: &WorkerSettings) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::sys::memfd::{memfd_create, MFdFlags};
+    use std::io::{Seek, Write};
+    let fd = memfd_create("tandem-settings", MFdFlags::MFD_CLOEXEC).map_err(std::io::Error::from)?;
+    let mut file = std::fs::File::from(fd);
+    serde_json::to_writer(&mut file, settings).map_err(std::io::Error::other)?;
+    file.flush()?;
+    file.rewind()?;
+    Ok(file.into())
+}
+
+/// Reads the worker's settings from the descriptor the supervisor's variable
+/// names (`fd:N`, a memfd written by [`settings_memfd`]).
 pub fn settings_from_supervisor() -> Result<WorkerSettings, String> {
-    let raw = std::env::var(crate::WORKER_SETTINGS_VAR).map_err(|_| {
-        format!(
-            "{} is not set: worker subcommands are started by the tandem supervisor, not by hand",
-            crate::WORKER_SETTINGS_VAR
-        )
+    let var = crate::WORKER_SETTINGS_VAR;
+    let raw = std::env::var(var).map_err(|_| {
+        format!("{var} is not set: worker subcommands are started by the tandem supervisor, not by hand")
     })?;
-    serde_json::from_str(&raw).map_err(|e| format!("{} is not valid worker settings: {e}", crate::WORKER_SETTINGS_VAR))
+    let fd: std::os::fd::RawFd = raw
+        .strip_prefix("fd:")
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("{var} must name the settings descriptor as fd:N, not {raw:?}"))?;
+    let fd = crate::sys::adopt_fd(fd).map_err(|e| format!("{var}: {e}"))?;
+    let file = std::io::BufReader::new(std::fs::File::from(fd));
+    serde_json::from_reader(file).map_err(|e| format!("{var}: the descriptor holds no valid worker settings: {e}"))
 }
 
 /// Maps the shared-memory ring the supervisor handed down.

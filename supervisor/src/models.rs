@@ -9,20 +9,29 @@ use std::time::{Duration, SystemTime};
 use tandem_shared::control::ModelChange;
 
 /// Who asked for a change: an engine worker on behalf of a client (answered
-/// when done), or the repository poller (logged).
+/// when done), the repository poller (logged), or the supervisor putting
+/// workers back after a change that failed elsewhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
     /// Worker id and its request number.
     Client(u64, u64),
     /// `MODEL_CONTROL_MODE=poll`.
     Poll,
+    /// Bringing workers in line with what is remembered: undoing a failed
+    /// change where it had succeeded, or updating a worker started during a change.
+    Align,
 }
 
 #[derive(Debug)]
 struct Op {
     origin: Origin,
     change: ModelChange,
+    /// Workers still owing an answer in the current stage.
     waiting: BTreeSet<u64>,
+    /// Workers the change goes to once the first one carried it out.
+    rest: BTreeSet<u64>,
+    /// Workers that carried it out.
+    done: BTreeSet<u64>,
     errors: Vec<String>,
 }
 
@@ -35,9 +44,33 @@ pub struct Finished {
     pub change: ModelChange,
     /// What failed, per worker; `None` when every worker succeeded.
     pub error: Option<String>,
+    /// When it failed: the change that puts back the workers that had carried
+    /// it out, and those workers (so every worker serves the same again).
+    pub revert: Option<(ModelChange, BTreeSet<u64>)>,
+    /// Every worker the change was sent to (a worker started meanwhile was
+    /// not, and is brought up to date when the change succeeded).
+    pub targets: BTreeSet<u64>,
+}
+
+/// What the supervisor does next for an operation.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Wait for more answers.
+    Wait,
+    /// Send operation `op`'s change to these workers (the first one carried it out).
+    Send(u64, ModelChange, BTreeSet<u64>),
+    /// The operation is over.
+    Finished(Finished),
 }
 
 /// The changes under way and the load new workers start with.
+///
+/// A load is first carried out by one worker; only when it succeeded there is
+/// it sent to the others, so a configuration that crashes a worker or fails
+/// to load costs one worker one attempt. What restarted workers load
+/// ([`ModelOps::wanted`]) changes only when every worker succeeded; a change
+/// that failed anywhere is undone where it had succeeded, so all workers
+/// agree, and is never replayed.
 #[derive(Debug, Default)]
 pub struct ModelOps {
     next: u64,
@@ -47,57 +80,112 @@ pub struct ModelOps {
 }
 
 impl ModelOps {
-    /// Starts `change` on the engine workers `workers`; returns its number.
-    /// New workers load what the change asks for, so a restart never undoes it.
-    pub fn start(&mut self, origin: Origin, change: ModelChange, workers: BTreeSet<u64>) -> u64 {
-        if origin != Origin::Poll {
-            match &change {
-                ModelChange::Load { model, config: None } => {
-                    self.wanted.remove(model);
-                }
-                ModelChange::Load { model, config: Some(c) } => {
-                    self.wanted.insert(model.clone(), Some(c.clone()));
-                }
-                ModelChange::Unload { model } => {
-                    self.wanted.insert(model.clone(), None);
-                }
-            }
-        }
+    /// Starts `change` on the engine workers `workers`: returns its number and
+    /// the workers to send it to now (one, for a load; all, for an unload).
+    pub fn start(&mut self, origin: Origin, change: ModelChange, workers: BTreeSet<u64>) -> (u64, BTreeSet<u64>) {
+        let first: BTreeSet<u64> = match &change {
+            ModelChange::Load { .. } => workers.iter().next().copied().into_iter().collect(),
+            ModelChange::Unload { .. } => workers.clone(),
+        };
+        let rest = workers.difference(&first).copied().collect();
         self.next += 1;
-        self.ops.insert(self.next, Op { origin, change, waiting: workers, errors: Vec::new() });
-        self.next
+        self.ops.insert(
+            self.next,
+            Op { origin, change, waiting: first.clone(), rest, done: BTreeSet::new(), errors: Vec::new() },
+        );
+        (self.next, first)
     }
 
-    /// Worker `worker` answered operation `op`; returns the operation if it is now finished.
-    pub fn answered(&mut self, op: u64, worker: u64, error: Option<String>) -> Option<Finished> {
-        let o = self.ops.get_mut(&op)?;
+    /// Worker `worker` answered operation `op`.
+    pub fn answered(&mut self, op: u64, worker: u64, error: Option<String>) -> Step {
+        let Some(o) = self.ops.get_mut(&op) else { return Step::Wait };
         if o.waiting.remove(&worker) {
-            if let Some(e) = error {
-                o.errors.push(format!("worker {worker}: {e}"));
+            match error {
+                Some(e) => o.errors.push(format!("worker {worker}: {e}")),
+                None => {
+                    o.done.insert(worker);
+                }
             }
         }
-        self.finish_if_done(op)
+        self.advance(op)
     }
 
-    /// Worker `worker` is gone: nothing more is owed by it. Returns the operations it finishes.
-    pub fn worker_gone(&mut self, worker: u64) -> Vec<Finished> {
-        let ops: Vec<u64> = self.ops.iter().filter(|(_, o)| o.waiting.contains(&worker)).map(|(k, _)| *k).collect();
+    /// Worker `worker` is gone: nothing more is owed by it. A worker that
+    /// exits while it carries a change out counts as a failure of the change
+    /// (it may have crashed on it). Returns what to do for each operation it
+    /// took part in.
+    pub fn worker_gone(&mut self, worker: u64, how: &str) -> Vec<Step> {
+        let ops: Vec<u64> = self
+            .ops
+            .iter()
+            .filter(|(_, o)| o.waiting.contains(&worker) || o.rest.contains(&worker) || o.done.contains(&worker))
+            .map(|(k, _)| *k)
+            .collect();
         ops.into_iter()
             .filter_map(|op| {
-                self.ops.get_mut(&op)?.waiting.remove(&worker);
-                self.finish_if_done(op)
+                let o = self.ops.get_mut(&op)?;
+                o.rest.remove(&worker);
+                o.done.remove(&worker);
+                if o.waiting.remove(&worker) {
+                    o.errors.push(format!("worker {worker} {how} while carrying out the change"));
+                }
+                Some(self.advance(op))
             })
             .collect()
     }
 
-    /// Checks whether `op` is owed nothing more (an operation started with no worker finishes at once).
-    pub fn finish_if_done(&mut self, op: u64) -> Option<Finished> {
-        if !self.ops.get(&op)?.waiting.is_empty() {
-            return None;
+    /// Checks whether `op` is owed nothing more in its stage (an operation
+    /// started with no worker finishes at once).
+    pub fn advance(&mut self, op: u64) -> Step {
+        let Some(o) = self.ops.get_mut(&op) else { return Step::Wait };
+        if !o.waiting.is_empty() {
+            return Step::Wait;
         }
-        let o = self.ops.remove(&op)?;
-        let error = (!o.errors.is_empty()).then(|| o.errors.join("; "));
-        Some(Finished { origin: o.origin, change: o.change, error })
+        if o.errors.is_empty() && !o.rest.is_empty() {
+            o.waiting = std::mem::take(&mut o.rest);
+            return Step::Send(op, o.change.clone(), o.waiting.clone());
+        }
+        let Some(o) = self.ops.remove(&op) else { return Step::Wait };
+        let targets: BTreeSet<u64> = o.done.iter().chain(&o.rest).copied().collect();
+        if o.errors.is_empty() {
+            if !matches!(o.origin, Origin::Poll | Origin::Align) {
+                self.remember(&o.change);
+            }
+            return Step::Finished(Finished { origin: o.origin, change: o.change, error: None, revert: None, targets });
+        }
+        let revert = (!o.done.is_empty() && matches!(o.origin, Origin::Client(..)))
+            .then(|| (self.current(o.change.model()), o.done));
+        Step::Finished(Finished {
+            origin: o.origin,
+            change: o.change,
+            error: Some(o.errors.join("; ")),
+            revert,
+            targets,
+        })
+    }
+
+    /// Makes `change` what restarted workers load.
+    fn remember(&mut self, change: &ModelChange) {
+        match change {
+            ModelChange::Load { model, config: None } => {
+                self.wanted.remove(model);
+            }
+            ModelChange::Load { model, config: Some(c) } => {
+                self.wanted.insert(model.clone(), Some(c.clone()));
+            }
+            ModelChange::Unload { model } => {
+                self.wanted.insert(model.clone(), None);
+            }
+        }
+    }
+
+    /// The change that brings a worker to what is remembered for `model`.
+    pub fn current(&self, model: &str) -> ModelChange {
+        match self.wanted.get(model) {
+            None => ModelChange::Load { model: model.to_string(), config: None },
+            Some(None) => ModelChange::Unload { model: model.to_string() },
+            Some(Some(c)) => ModelChange::Load { model: model.to_string(), config: Some(c.clone()) },
+        }
     }
 }
 
@@ -187,34 +275,84 @@ mod tests {
         ModelChange::Load { model: m.into(), config: None }
     }
 
-    #[test]
-    fn an_operation_finishes_when_every_worker_answered_or_is_gone() {
-        let mut ops = ModelOps::default();
-        let op = ops.start(Origin::Client(1, 9), load("a"), [1, 2, 3].into());
-        assert_eq!(ops.answered(op, 1, None), None);
-        assert_eq!(ops.answered(op, 2, Some("boom".into())), None);
-        let done = ops.worker_gone(3);
-        assert_eq!(done.len(), 1);
-        assert_eq!(done[0].origin, Origin::Client(1, 9));
-        assert_eq!(done[0].error.as_deref(), Some("worker 2: boom"));
-        // Late answers for a finished operation are ignored.
-        assert_eq!(ops.answered(op, 1, None), None);
+    fn finished(step: Step) -> Finished {
+        match step {
+            Step::Finished(f) => f,
+            other => panic!("not finished: {other:?}"),
+        }
     }
 
     #[test]
-    fn what_new_workers_load_follows_explicit_changes_only() {
+    fn a_load_goes_to_one_worker_first_then_to_the_rest() {
         let mut ops = ModelOps::default();
-        ops.start(Origin::Client(1, 1), ModelChange::Unload { model: "a".into() }, BTreeSet::new());
-        assert_eq!(ops.wanted.get("a"), Some(&None));
-        ops.start(
-            Origin::Client(1, 2),
-            ModelChange::Load { model: "a".into(), config: Some("{}".into()) },
-            BTreeSet::new(),
-        );
+        let change = ModelChange::Load { model: "a".into(), config: Some("{}".into()) };
+        let (op, first) = ops.start(Origin::Client(1, 9), change.clone(), [1, 2, 3].into());
+        assert_eq!(first, [1].into());
+        assert!(ops.wanted.is_empty(), "nothing is remembered before a worker carried it out");
+        assert_eq!(ops.answered(op, 1, None), Step::Send(op, change.clone(), [2, 3].into()));
+        assert_eq!(ops.answered(op, 2, None), Step::Wait);
+        let done = finished(ops.answered(op, 3, None));
+        assert_eq!((done.error, done.revert, done.targets), (None, None, [1, 2, 3].into()));
         assert_eq!(ops.wanted.get("a"), Some(&Some("{}".into())));
-        ops.start(Origin::Client(1, 3), load("a"), BTreeSet::new());
+        // Late answers for a finished operation are ignored.
+        assert_eq!(ops.answered(op, 1, None), Step::Wait);
+    }
+
+    #[test]
+    fn a_load_refused_by_the_first_worker_touches_no_other_and_is_not_remembered() {
+        let mut ops = ModelOps::default();
+        let (op, _) = ops.start(Origin::Client(1, 9), load("a"), [1, 2].into());
+        let done = finished(ops.answered(op, 1, Some("boom".into())));
+        assert_eq!(done.error.as_deref(), Some("worker 1: boom"));
+        assert_eq!(done.revert, None);
         assert!(ops.wanted.is_empty());
-        ops.start(Origin::Poll, ModelChange::Unload { model: "b".into() }, BTreeSet::new());
+    }
+
+    #[test]
+    fn a_worker_that_dies_carrying_out_a_load_fails_it() {
+        let mut ops = ModelOps::default();
+        ops.wanted.insert("a".into(), None);
+        let (op, first) = ops.start(Origin::Client(1, 9), load("a"), [1, 2].into());
+        assert_eq!(first, [1].into());
+        let steps = ops.worker_gone(1, "exited (signal SIGABRT)");
+        let done = finished(steps.into_iter().next().expect("one op"));
+        assert!(done.error.expect("failed").contains("worker 1 exited (signal SIGABRT) while"));
+        assert_eq!(ops.wanted.get("a"), Some(&None), "the unload before it still holds");
+        let _ = op;
+    }
+
+    #[test]
+    fn a_change_that_fails_on_some_workers_is_undone_on_the_others() {
+        let mut ops = ModelOps::default();
+        ops.wanted.insert("a".into(), Some("old".into()));
+        let change = ModelChange::Load { model: "a".into(), config: Some("new".into()) };
+        let (op, _) = ops.start(Origin::Client(1, 9), change.clone(), [1, 2, 3].into());
+        assert!(matches!(ops.answered(op, 1, None), Step::Send(..)));
+        assert_eq!(ops.answered(op, 2, Some("out of memory".into())), Step::Wait);
+        let done = finished(ops.answered(op, 3, None));
+        assert_eq!(done.error.as_deref(), Some("worker 2: out of memory"));
+        let (undo, on) = done.revert.expect("undone");
+        assert_eq!(undo, ModelChange::Load { model: "a".into(), config: Some("old".into()) });
+        assert_eq!(on, [1, 3].into());
+        assert_eq!(ops.wanted.get("a"), Some(&Some("old".into())));
+        // The revert itself is not reverted and not remembered.
+        let (r, _) = ops.start(Origin::Align, undo, on);
+        assert!(matches!(ops.answered(r, 1, None), Step::Wait | Step::Send(..)));
+    }
+
+    #[test]
+    fn unloads_go_to_every_worker_at_once_and_poll_changes_are_not_remembered() {
+        let mut ops = ModelOps::default();
+        let (op, first) = ops.start(Origin::Client(1, 1), ModelChange::Unload { model: "a".into() }, [1, 2].into());
+        assert_eq!(first, [1, 2].into());
+        assert_eq!(ops.answered(op, 1, None), Step::Wait);
+        finished(ops.answered(op, 2, None));
+        assert_eq!(ops.wanted.get("a"), Some(&None));
+        let (op, _) = ops.start(Origin::Client(1, 3), load("a"), BTreeSet::new());
+        assert!(finished(ops.advance(op)).error.is_none());
+        assert!(ops.wanted.is_empty());
+        let (op, _) = ops.start(Origin::Poll, ModelChange::Unload { model: "b".into() }, BTreeSet::new());
+        finished(ops.advance(op));
         assert!(ops.wanted.is_empty());
     }
 

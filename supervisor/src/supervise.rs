@@ -1,6 +1,7 @@
 //! The supervisor's event loop: spawn workers, reap every child, restart the
 //! ones that die, react to signals, publish certificates. See LIFECYCLE.md.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
@@ -18,7 +19,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tandem_shared::config::{AcmeChallenge, CertSource, ModelControlMode};
-use tandem_shared::control::{parse_event, send_command, Command as ToWorker, ModelChange, WorkerEvent};
+use tandem_shared::control::{
+    parse_event, Command as ToWorker, CommandSender, ModelChange, WorkerEvent, MAX_MODEL_CONFIG_BYTES,
+};
 use tandem_shared::stats::{self, ProcessRole, Stats};
 use tandem_shared::sys::counters::Counters;
 use tandem_shared::sys::shm::Region;
@@ -31,7 +34,7 @@ use tokio::sync::mpsc;
 
 use crate::apps::{signal_group, Apps, Health};
 use crate::certs::{CertChecked, CertHandle, CertKeeper};
-use crate::models::{Finished, ModelOps, Origin};
+use crate::models::{Finished, ModelOps, Origin, Step};
 use crate::process::{describe_exit, Slot, WorkerState};
 
 /// Descriptor number of the control socket in a worker (right after its one listener).
@@ -39,6 +42,9 @@ const CONTROL_FD: i32 = LISTEN_FDS_START + 1;
 /// Descriptor number of the shared-memory memfd in a worker.
 const SHM_FD: i32 = LISTEN_FDS_START + 2;
 const STATS_FD: i32 = LISTEN_FDS_START + 3;
+/// Descriptor number of the worker's settings (a memfd holding their JSON:
+/// settings can outgrow what one environment variable may hold).
+const SETTINGS_FD: i32 = LISTEN_FDS_START + 4;
 /// Descriptor number of the HTTPS listener in the proxy worker (which has no ring).
 const PROXY_HTTPS_FD: i32 = LISTEN_FDS_START + 2;
 
@@ -427,7 +433,10 @@ impl Supervisor {
                 ready_path: self.config.worker_ready_path.clone(),
             }),
         };
+        let settings_fd = tandem_shared::worker::settings_memfd(&settings)
+            .context("cannot write the worker's settings into a memfd")?;
         let mut fds = vec![
+            FdMapping { parent_fd: settings_fd, child_fd: SETTINGS_FD },
             FdMapping { parent_fd: listener_fd.into(), child_fd: LISTEN_FDS_START },
             FdMapping { parent_fd: theirs.into(), child_fd: CONTROL_FD },
             FdMapping {
@@ -449,7 +458,7 @@ impl Supervisor {
             .arg(role.subcommand())
             .env_clear()
             .envs(tandem_shared::inherited_env())
-            .env(WORKER_SETTINGS_VAR, serde_json::to_string(&settings)?)
+            .env(WORKER_SETTINGS_VAR, format!("fd:{SETTINGS_FD}"))
             .env("LISTEN_FDS", "1")
             .env("LISTEN_FDNAMES", if role == Role::HttpsWorker { "https" } else { "http" })
             .stdin(Stdio::null())
@@ -464,7 +473,7 @@ impl Supervisor {
         slot.worker_id = worker_id;
         slot.pid = Some(pid);
         slot.killed = false;
-        slot.control = ours.try_clone().ok();
+        slot.control = ours.try_clone().and_then(|s| CommandSender::start(s, worker_id)).ok();
         slot.state = WorkerState::Starting;
         slot.started = Instant::now();
         slot.restart_at = None;
@@ -533,17 +542,21 @@ impl Supervisor {
                         crate::systemd::notify("READY=1");
                     }
                     WorkerEvent::ModelChangeRequested { request, change } => {
-                        if self.config.model_control_mode == ModelControlMode::Explicit {
-                            self.start_model_change(Origin::Client(id, request), change);
-                        } else {
+                        let too_big = matches!(&change, ModelChange::Load { config: Some(c), .. } if c.len() > MAX_MODEL_CONFIG_BYTES);
+                        if self.config.model_control_mode != ModelControlMode::Explicit {
                             let error = Some("model load and unload need MODEL_CONTROL_MODE=explicit".to_string());
                             self.tell(id, &ToWorker::ModelChangeDone { request, error });
+                        } else if too_big {
+                            let error =
+                                Some(format!("a configuration may hold at most {MAX_MODEL_CONFIG_BYTES} bytes"));
+                            self.tell(id, &ToWorker::ModelChangeDone { request, error });
+                        } else {
+                            self.start_model_change(Origin::Client(id, request), change);
                         }
                     }
                     WorkerEvent::ModelChanged { op, error } => {
-                        if let Some(done) = self.model_ops.answered(op, id, error) {
-                            self.model_change_finished(done);
-                        }
+                        let step = self.model_ops.answered(op, id, error);
+                        self.model_step(step);
                     }
                     WorkerEvent::BackendIdle { id: copy } => self.terminate_drained_copy(copy),
                 }
@@ -552,38 +565,68 @@ impl Supervisor {
         }
     }
 
-    /// Has every engine worker carry out `change`; `origin` is told when all have.
-    fn start_model_change(&mut self, origin: Origin, change: ModelChange) {
-        let ids: Vec<u64> = self
-            .slots
+    /// The engine workers that take part in model changes now.
+    fn engine_ids(&self) -> BTreeSet<u64> {
+        self.slots
             .iter()
             .filter(|s| s.role == Role::HttpWorker && s.pid.is_some() && s.state != WorkerState::Draining)
             .map(|s| s.worker_id)
-            .collect();
-        let op = self.model_ops.start(origin, change.clone(), ids.iter().copied().collect());
+            .collect()
+    }
+
+    /// Has every engine worker carry out `change` (first one, then the rest:
+    /// `ModelOps`); `origin` is told when all have.
+    fn start_model_change(&mut self, origin: Origin, change: ModelChange) {
+        let (op, first) = self.model_ops.start(origin, change.clone(), self.engine_ids());
+        self.send_model_change(op, change, first);
+    }
+
+    /// Sends operation `op`'s change to `workers`; one that cannot be told has failed it.
+    fn send_model_change(&mut self, op: u64, change: ModelChange, workers: BTreeSet<u64>) {
         let command = ToWorker::ApplyModelChange { op, change };
-        for id in ids {
+        let mut step = Step::Wait;
+        for id in workers {
             if !self.tell(id, &command) {
-                if let Some(done) = self.model_ops.answered(op, id, Some("its control channel is unusable".into())) {
-                    self.model_change_finished(done);
-                }
+                step = self.model_ops.answered(op, id, Some("its control channel is unusable".into()));
             }
         }
-        if let Some(done) = self.model_ops.finish_if_done(op) {
-            self.model_change_finished(done);
+        if step == Step::Wait {
+            step = self.model_ops.advance(op);
+        }
+        self.model_step(step);
+    }
+
+    fn model_step(&mut self, step: Step) {
+        match step {
+            Step::Wait => {}
+            Step::Send(op, change, workers) => self.send_model_change(op, change, workers),
+            Step::Finished(done) => self.model_change_finished(done),
         }
     }
 
     fn model_change_finished(&mut self, done: Finished) {
-        match done.origin {
-            Origin::Client(worker, request) => {
-                self.tell(worker, &ToWorker::ModelChangeDone { request, error: done.error.clone() });
-            }
-            Origin::Poll => {}
+        if let Origin::Client(worker, request) = done.origin {
+            self.tell(worker, &ToWorker::ModelChangeDone { request, error: done.error.clone() });
         }
         match &done.error {
+            None if done.origin == Origin::Align => {
+                tracing::info!(change = %done.change, "engine workers brought in line with the remembered models");
+            }
             None => tracing::info!(change = %done.change, "every engine worker carried out the model change"),
             Some(e) => tracing::error!(change = %done.change, error = %e, "a model change failed"),
+        }
+        if let Some((undo, workers)) = done.revert {
+            tracing::warn!(change = %undo, ?workers, "putting back the workers that had carried out the failed change");
+            let (op, first) = self.model_ops.start(Origin::Align, undo.clone(), workers);
+            self.send_model_change(op, undo, first);
+        } else if done.error.is_none() && matches!(done.origin, Origin::Client(..)) {
+            // Workers started while the change was under way loaded what was remembered before it.
+            let late: BTreeSet<u64> = self.engine_ids().difference(&done.targets).copied().collect();
+            if !late.is_empty() {
+                let current = self.model_ops.current(done.change.model());
+                let (op, first) = self.model_ops.start(Origin::Align, current.clone(), late);
+                self.send_model_change(op, current, first);
+            }
         }
     }
 
@@ -592,7 +635,7 @@ impl Supervisor {
         let Some(stream) = self.slots.iter().find(|s| s.worker_id == id).and_then(|s| s.control.as_ref()) else {
             return false;
         };
-        match send_command(stream, command) {
+        match stream.send(command) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(worker_id = id, error = %e, "cannot send a command to the worker");
@@ -666,8 +709,8 @@ impl Supervisor {
             self.app_exited(index, app, &how);
             self.publish_backends();
         }
-        for done in self.model_ops.worker_gone(self.slots[index].worker_id) {
-            self.model_change_finished(done);
+        for step in self.model_ops.worker_gone(self.slots[index].worker_id, &format!("exited ({how})")) {
+            self.model_step(step);
         }
         let slot = &mut self.slots[index];
         let (worker_id, pid) = (slot.worker_id, slot.pid.map_or(0, Pid::as_raw));
@@ -969,7 +1012,7 @@ impl Supervisor {
         let command = ToWorker::Backends { backends: self.backends() };
         for s in self.slots.iter().filter(|s| s.role == Role::ProxyWorker && s.pid.is_some()) {
             if let Some(stream) = &s.control {
-                if let Err(e) = send_command(stream, &command) {
+                if let Err(e) = stream.send(&command) {
                     tracing::warn!(worker_id = s.worker_id, error = %e, "cannot tell the proxy worker the copies");
                 }
             }

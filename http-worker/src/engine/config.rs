@@ -107,6 +107,18 @@ fn descriptor() -> MessageDescriptor {
 pub fn read(dir: &Path) -> Result<LoadedConfig, ConfigError> {
     for name in CONFIG_FILES {
         let path = dir.join(name);
+        match std::fs::metadata(&path) {
+            Ok(m) if !m.is_file() => {
+                return Err(ConfigError::Invalid { path, message: "is not a regular file".into() });
+            }
+            Ok(m) if m.len() > MAX_CONFIG_BYTES as u64 => {
+                return Err(ConfigError::Invalid {
+                    path,
+                    message: format!("holds {} bytes; at most {MAX_CONFIG_BYTES} are read", m.len()),
+                });
+            }
+            _ => {}
+        }
         match std::fs::read_to_string(&path) {
             Ok(text) => return parse(&path, &text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -118,6 +130,12 @@ pub fn read(dir: &Path) -> Result<LoadedConfig, ConfigError> {
 
 /// Parses `text` as the file `path` (its extension picks text format or JSON).
 pub fn parse(path: &Path, text: &str) -> Result<LoadedConfig, ConfigError> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("holds {} bytes; at most {MAX_CONFIG_BYTES} are read", text.len()),
+        });
+    }
     let desc = descriptor();
     let message = if path.extension().is_some_and(|e| e == "json") {
         let options = prost_reflect::DeserializeOptions::new().deny_unknown_fields(true);
@@ -245,12 +263,80 @@ fn ignored_fields(message: &DynamicMessage, prefix: &str, out: &mut Vec<String>)
     }
 }
 
+/// Largest configuration accepted, from a file or a load request (bytes).
+/// A load request's override also travels to every engine worker and is
+/// replayed to restarted ones, so it stays far below any framing limit.
+pub const MAX_CONFIG_BYTES: usize = tandem_shared::control::MAX_MODEL_CONFIG_BYTES;
+
+/// Bounds on the numbers of a configuration: a model asking for more is
+/// unavailable with its reason, never a reason for a worker to run out of
+/// threads or memory.
+pub mod limits {
+    /// Largest `max_batch_size`.
+    pub const MAX_BATCH_SIZE: i32 = 1 << 16;
+    /// Most inputs, and most outputs, a configuration lists.
+    pub const TENSORS: usize = 4096;
+    /// Most dimensions of one tensor.
+    pub const RANK: usize = 64;
+    /// Largest single dimension.
+    pub const DIM: i64 = (1 << 31) - 1;
+    /// Most sessions of one model (the sum of `instance_group` counts).
+    pub const INSTANCES: i64 = 64;
+    /// Most threads one session's pool may have (`intra_op_thread_count`, `inter_op_thread_count`).
+    pub const THREADS: usize = 256;
+    /// Most threads all sessions of one model may have together.
+    pub const MODEL_THREADS: usize = 1024;
+    /// Longest `max_queue_delay_microseconds` (one minute).
+    pub const QUEUE_DELAY_US: u64 = 60_000_000;
+    /// Most entries of a list of numbers (preferred batch sizes, versions) or of `parameters`.
+    pub const LIST: usize = 1024;
+    /// Longest name or file name.
+    pub const NAME: usize = 1024;
+}
+
 /// Checks the values a parser cannot: ranges and choices.
 fn validate(c: &pb::ModelConfig) -> Result<(), String> {
-    if c.max_batch_size < 0 {
-        return Err(format!("max_batch_size is {}; it must be 0 (no batching) or more", c.max_batch_size));
+    use limits::*;
+    if c.max_batch_size < 0 || c.max_batch_size > MAX_BATCH_SIZE {
+        return Err(format!("max_batch_size is {}; it must be 0 (no batching) to {MAX_BATCH_SIZE}", c.max_batch_size));
+    }
+    if c.input.len() > TENSORS || c.output.len() > TENSORS {
+        return Err(format!("at most {TENSORS} inputs and {TENSORS} outputs may be configured"));
+    }
+    let names = [("name", &c.name), ("default_model_filename", &c.default_model_filename)];
+    let labels = c.output.iter().map(|o| ("output label_filename", &o.label_filename));
+    let tensors =
+        c.input.iter().map(|i| ("input name", &i.name)).chain(c.output.iter().map(|o| ("output name", &o.name)));
+    if let Some((field, _)) = names.into_iter().chain(labels).chain(tensors).find(|(_, v)| v.len() > NAME) {
+        return Err(format!("{field} is longer than {NAME} bytes"));
+    }
+    if c.parameters.len() > LIST {
+        return Err(format!("at most {LIST} parameters may be given"));
+    }
+    let reshapes = c
+        .input
+        .iter()
+        .filter_map(|i| i.reshape.as_ref().map(|r| (&i.name, &r.shape)))
+        .chain(c.output.iter().filter_map(|o| o.reshape.as_ref().map(|r| (&o.name, &r.shape))));
+    let shapes = c.input.iter().map(|i| (&i.name, &i.dims)).chain(c.output.iter().map(|o| (&o.name, &o.dims)));
+    for (name, dims) in shapes.chain(reshapes) {
+        if dims.len() > RANK {
+            return Err(format!("{name}: {} dimensions; at most {RANK}", dims.len()));
+        }
+        if let Some(d) = dims.iter().find(|&&d| d > DIM) {
+            return Err(format!("{name}: dimension {d} is larger than {DIM}"));
+        }
     }
     if let Some(d) = c.dynamic_batching() {
+        if d.preferred_batch_size.len() > LIST {
+            return Err(format!("dynamic_batching.preferred_batch_size lists more than {LIST} sizes"));
+        }
+        if d.max_queue_delay_microseconds > QUEUE_DELAY_US {
+            return Err(format!(
+                "dynamic_batching.max_queue_delay_microseconds {} is more than {QUEUE_DELAY_US} (one minute)",
+                d.max_queue_delay_microseconds
+            ));
+        }
         if let Some(n) =
             d.preferred_batch_size.iter().find(|&&n| n < 1 || (c.max_batch_size > 0 && n > c.max_batch_size))
         {
@@ -286,19 +372,38 @@ fn validate(c: &pb::ModelConfig) -> Result<(), String> {
     if let Some(pb::model_version_policy::PolicyChoice::Latest(l)) =
         c.version_policy.as_ref().and_then(|p| p.policy_choice.as_ref())
     {
-        if l.num_versions == 0 {
-            return Err("version_policy latest: num_versions must be at least 1".into());
+        if l.num_versions == 0 || l.num_versions as usize > LIST {
+            return Err(format!("version_policy latest: num_versions must be 1-{LIST}"));
+        }
+    }
+    if let Some(pb::model_version_policy::PolicyChoice::Specific(s)) =
+        c.version_policy.as_ref().and_then(|p| p.policy_choice.as_ref())
+    {
+        if s.versions.len() > LIST {
+            return Err(format!("version_policy specific: at most {LIST} versions"));
         }
     }
     if let Some(g) = c.instance_group.iter().find(|g| g.count < 0) {
         return Err(format!("instance_group count {} must be 1 or more", g.count));
     }
+    let instances: i64 = c.instance_group.iter().map(|g| i64::from(g.count.max(1))).sum::<i64>().max(1);
+    if c.instance_group.len() as i64 > INSTANCES || instances > INSTANCES {
+        return Err(format!("instance_group asks for {instances} instances; at most {INSTANCES} per model"));
+    }
     for key in ACTED_ON_PARAMETERS {
         if let Some(p) = c.parameters.get(*key) {
-            if p.string_value.trim().parse::<usize>().is_err() {
-                return Err(format!("parameters {key}: {:?} is not a thread count", p.string_value));
+            match p.string_value.trim().parse::<usize>() {
+                Ok(n) if n <= THREADS => {}
+                Ok(n) => return Err(format!("parameters {key}: {n} threads; at most {THREADS}")),
+                Err(_) => return Err(format!("parameters {key}: {:?} is not a thread count", p.string_value)),
             }
         }
+    }
+    let per_session = c.thread_parameter("intra_op_thread_count").max(1) + c.thread_parameter("inter_op_thread_count");
+    if per_session * instances as usize > MODEL_THREADS {
+        return Err(format!(
+            "{instances} instances of {per_session} threads each: more than {MODEL_THREADS} threads for one model"
+        ));
     }
     Ok(())
 }
@@ -394,6 +499,17 @@ parameters { key: "cudnn_conv_algo_search" value: { string_value: "0" } }
             ("input [ { name: \"x\" dims: [ -2 ] } ]", "dimension -2"),
             ("version_policy { latest { num_versions: 0 } }", "num_versions"),
             ("parameters { key: \"intra_op_thread_count\" value { string_value: \"many\" } }", "thread count"),
+            ("parameters { key: \"intra_op_thread_count\" value { string_value: \"100000\" } }", "at most 256"),
+            ("instance_group [ { count: 1000000 } ]", "at most 64 per model"),
+            ("instance_group [ { count: 40 }, { count: 40 } ]", "80 instances"),
+            (
+                "instance_group [ { count: 64 } ] parameters { key: \"intra_op_thread_count\" value { string_value: \"64\" } }",
+                "more than 1024 threads",
+            ),
+            ("max_batch_size: 2000000000", "max_batch_size"),
+            ("input [ { name: \"x\" dims: [ 99999999999 ] } ]", "larger than"),
+            ("dynamic_batching { max_queue_delay_microseconds: 999999999999 }", "one minute"),
+            ("version_policy { latest { num_versions: 4000000000 } }", "num_versions"),
         ] {
             let err = pbtxt(text).expect_err(text);
             assert!(err.to_string().contains(want), "{want} not in {err}");

@@ -347,7 +347,6 @@ impl Engine {
                 },
                 None => load_model(&dir, settings),
             };
-            log_unavailable(&dir.name, &model);
             if settings.exit_on_model_error && model.reason().as_deref() != Some(UNLOADED) {
                 if let Some(reason) = model.reason().or_else(|| {
                     model.versions.values().find_map(|s| match s {
@@ -395,11 +394,12 @@ impl Engine {
     /// and the error says why.
     pub fn load_model(&self, name: &str, config: Option<&str>) -> Result<(), String> {
         let _one_at_a_time = self.changing.lock().unwrap_or_else(|p| p.into_inner());
-        let dir = repository::find(&self.repository, name, config)
-            .ok_or_else(|| format!("no model folder {name:?} in the repository {}", self.repository.display()))?;
+        let Some(dir) = repository::find(&self.repository, name, config) else {
+            tracing::warn!(model = %name.escape_debug(), repository = %self.repository.display(), "no such model folder");
+            return Err(format!("no model folder {:?} in the model repository", name));
+        };
         let started = std::time::Instant::now();
         let model = load_model(&dir, &self.settings);
-        log_unavailable(name, &model);
         let current = self.models.load_full();
         let serving = current.get(name).is_some_and(Model::ready);
         if !model.ready() {
@@ -436,7 +436,54 @@ impl Engine {
     }
 }
 
+/// Loads one model folder. Reasons with their full paths go to the log; the
+/// model keeps them with the repository's location taken out, because they
+/// are shown to clients (an answer never reveals where the server keeps files).
 fn load_model(dir: &repository::ModelDir, settings: &EngineSettings) -> Model {
+    let model = load_model_files(dir, settings);
+    log_unavailable(&dir.name, &model);
+    let roots = shown_roots(&dir.dir, &dir.name);
+    let redact = |text: &String| roots.iter().fold(text.clone(), |t, (from, to)| t.replace(from.as_str(), to));
+    Model {
+        error: model.error.as_ref().map(redact),
+        versions: model
+            .versions
+            .into_iter()
+            .map(|(v, state)| match state {
+                VersionState::Unavailable(r) => (v, VersionState::Unavailable(redact(&r))),
+                ready => (v, ready),
+            })
+            .collect(),
+    }
+}
+
+/// What a client sees instead of a model folder's absolute location: the model
+/// folder (as given and resolved) becomes the model's name, the repository's
+/// own path disappears.
+fn shown_roots(model_dir: &Path, name: &str) -> Vec<(String, String)> {
+    let mut roots = Vec::new();
+    let mut add = |path: &Path, to: &str| {
+        let text = path.to_string_lossy().trim_end_matches('/').to_string();
+        if !text.is_empty() && text != "." && !roots.iter().any(|(f, _): &(String, String)| *f == text) {
+            roots.push((text, to.to_string()));
+        }
+    };
+    add(model_dir, name);
+    if let Ok(c) = model_dir.canonicalize() {
+        add(&c, name);
+    }
+    if let Some(repo) = model_dir.parent() {
+        if let Ok(c) = repo.canonicalize() {
+            add(&c, "<repository>");
+        }
+        add(repo, "<repository>");
+    }
+    // Longest first, so a model folder is replaced before the repository that holds it.
+    roots.sort_by_key(|(f, _)| std::cmp::Reverse(f.len()));
+    roots
+}
+
+fn load_model_files(dir: &repository::ModelDir, settings: &EngineSettings) -> Model {
     let loaded = match &dir.config {
         Ok(c) => c,
         Err(e) => return Model { error: Some(e.clone()), ..Model::default() },
@@ -603,10 +650,7 @@ fn apply_config(
             meta.shape = shape;
         }
         if !co.label_filename.is_empty() {
-            let path = dir.join(&co.label_filename);
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| format!("output {}: cannot read label file {}: {e}", co.name, path.display()))?;
-            labels[i] = text.lines().map(|l| l.trim_end().to_string()).collect();
+            labels[i] = read_labels(dir, &co.label_filename).map_err(|e| format!("output {}: {e}", co.name))?;
         }
     }
     if batch_rank == 1 {
@@ -642,6 +686,23 @@ fn apply_config(
         recent_ps_per_element: AtomicU64::new(0),
         runner,
     })
+}
+
+/// Largest label file read (`label_filename`), in bytes.
+pub const LABEL_FILE_BYTES: u64 = 16 << 20;
+/// Most labels one file may hold.
+pub const MAX_LABELS: usize = 1 << 20;
+
+/// The labels of `label_filename`, a file confined to the model's folder, one per line.
+fn read_labels(dir: &Path, label_filename: &str) -> Result<Vec<String>, String> {
+    let path = repository::confined_file(dir, "label_filename", label_filename, "folder")?;
+    let bytes = repository::read_bounded(&path, "label_filename", LABEL_FILE_BYTES)?;
+    let text = String::from_utf8(bytes).map_err(|_| format!("label_filename {label_filename:?} is not UTF-8 text"))?;
+    let labels: Vec<String> = text.lines().map(|l| l.trim_end().to_string()).collect();
+    if labels.len() > MAX_LABELS {
+        return Err(format!("label_filename {label_filename:?} holds {} labels; at most {MAX_LABELS}", labels.len()));
+    }
+    Ok(labels)
 }
 
 /// Where the model has the tensor a configuration names, or an error listing what it has.

@@ -61,7 +61,8 @@ fn model_dir(dir: PathBuf, override_config: Option<&str>) -> Option<ModelDir> {
 }
 
 /// The versions `config`'s policy selects in `dir`, each with its model file or the reason it has none.
-/// An error means the model has no version folder at all.
+/// An error means the model has no version folder at all. Model files are
+/// confined to their version folder ([`confined_file`]).
 pub fn versions(dir: &Path, config: &pb::ModelConfig) -> Result<Chosen, String> {
     let mut found: BTreeMap<u64, PathBuf> = BTreeMap::new();
     for entry in std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?.flatten() {
@@ -71,12 +72,13 @@ pub fn versions(dir: &Path, config: &pb::ModelConfig) -> Result<Chosen, String> 
             found.insert(n, path);
         }
     }
+    let file_name = model_filename(config);
     if found.is_empty() {
         return Err(format!(
             "{} has no version folder (expected {}/<version number>/{})",
             dir.display(),
             dir.display(),
-            model_filename(config)
+            file_name.escape_debug()
         ));
     }
     use pb::model_version_policy::PolicyChoice;
@@ -86,7 +88,6 @@ pub fn versions(dir: &Path, config: &pb::ModelConfig) -> Result<Chosen, String> 
         Some(PolicyChoice::Latest(l)) => found.keys().rev().take(l.num_versions.max(1) as usize).copied().collect(),
         None => found.keys().next_back().copied().into_iter().collect(),
     };
-    let file_name = model_filename(config);
     Ok(wanted
         .into_iter()
         .map(|v| {
@@ -94,14 +95,8 @@ pub fn versions(dir: &Path, config: &pb::ModelConfig) -> Result<Chosen, String> 
                 None => {
                     Err(format!("version {v} is listed in version_policy but {}/{v} does not exist", dir.display()))
                 }
-                Some(vdir) => {
-                    let file = vdir.join(file_name);
-                    if file.exists() {
-                        Ok(file)
-                    } else {
-                        Err(format!("{} has no {file_name}", vdir.display()))
-                    }
-                }
+                Some(vdir) => confined_file(vdir, "default_model_filename", file_name, "version folder")
+                    .map_err(|e| format!("{}: {e}", vdir.display())),
             };
             (v, chosen)
         })
@@ -115,6 +110,66 @@ pub fn model_filename(config: &pb::ModelConfig) -> &str {
     } else {
         &config.default_model_filename
     }
+}
+
+/// The regular file `value` (a configuration's `field`) names inside `root`,
+/// symlinks resolved. A configuration, whether from the model's files or from
+/// a load request, never reaches outside its model's folder: absolute paths,
+/// `..`, a symlink leading out, a device, a FIFO or a directory are all refused
+/// with the same words, so the answer says nothing about what exists outside.
+pub fn confined_file(root: &Path, field: &str, value: &str, within: &str) -> Result<PathBuf, String> {
+    let refused = || {
+        format!(
+            "{field} {:?} must name a regular file inside the model's {within} (a relative path, no \"..\", no symlink leading out)",
+            value.escape_debug().to_string()
+        )
+    };
+    let relative = Path::new(value);
+    let plain = !value.is_empty()
+        && !value.contains('\0')
+        && relative.components().all(|c| matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir));
+    if !plain {
+        return Err(refused());
+    }
+    let base = root.canonicalize().map_err(|e| format!("cannot resolve the model's {within}: {e}"))?;
+    // A plain name missing from the folder itself is said so: that tells only
+    // what the folder holds (a longer path could pass a symlink leading out).
+    let single = relative.components().filter(|c| matches!(c, std::path::Component::Normal(_))).count() == 1;
+    if single && std::fs::symlink_metadata(base.join(relative)).is_err() {
+        return Err(format!("{field}: the model's {within} has no {}", value.escape_debug()));
+    }
+    let file = base.join(relative).canonicalize().map_err(|_| refused())?;
+    let regular = std::fs::metadata(&file).is_ok_and(|m| m.is_file());
+    if !file.starts_with(&base) || !regular {
+        return Err(refused());
+    }
+    Ok(file)
+}
+
+/// Reads a confined regular file of at most `limit` bytes (opened without
+/// following a final symlink and without blocking, so a file swapped for a
+/// FIFO after [`confined_file`] cannot wedge the loader).
+pub fn read_bounded(path: &Path, field: &str, limit: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("{field}: cannot open {}: {e}", path.display()))?;
+    let meta = file.metadata().map_err(|e| format!("{field}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{field}: {} is not a regular file", path.display()));
+    }
+    if meta.len() > limit {
+        return Err(format!("{field}: the file holds {} bytes; at most {limit} are allowed", meta.len()));
+    }
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    file.take(limit + 1).read_to_end(&mut out).map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))?;
+    if out.len() as u64 > limit {
+        return Err(format!("{field}: the file holds more than {limit} bytes"));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -156,6 +211,51 @@ mod tests {
         assert!(specific[&7].as_ref().expect_err("missing").contains("does not exist"));
         let renamed = versions(root.path(), &policy("default_model_filename: \"net.onnx\"")).expect("renamed");
         assert!(renamed[&3].as_ref().expect_err("no net.onnx").contains("has no net.onnx"));
+    }
+
+    #[test]
+    fn configured_files_stay_inside_their_folder() {
+        let outside = tempfile::tempdir().expect("tmp");
+        std::fs::write(outside.path().join("secret.pem"), b"key").expect("write");
+        let root = layout(&["m/1", "m/sub"], &["m/labels.txt", "m/sub/l.txt", "m/1/model.onnx"]);
+        let m = root.path().join("m");
+        std::os::unix::fs::symlink(outside.path().join("secret.pem"), m.join("link.txt")).expect("symlink");
+        std::os::unix::fs::symlink(m.join("labels.txt"), m.join("inner.txt")).expect("symlink");
+        nix::unistd::mkfifo(&m.join("fifo"), nix::sys::stat::Mode::S_IRWXU).expect("fifo");
+        assert!(confined_file(&m, "label_filename", "labels.txt", "folder").is_ok());
+        assert!(confined_file(&m, "label_filename", "./sub/l.txt", "folder").is_ok());
+        assert!(confined_file(&m, "label_filename", "inner.txt", "folder").is_ok(), "a symlink that stays inside");
+        let secret = outside.path().join("secret.pem");
+        let escapes = [
+            secret.to_str().expect("utf-8"),
+            "../m/labels.txt",
+            "sub/../../m/labels.txt",
+            "link.txt",
+            "fifo",
+            "sub",
+            "",
+            "/dev/zero",
+            "sub/missing.txt",
+            "a\0b",
+        ];
+        let mut words = std::collections::BTreeSet::new();
+        for value in escapes {
+            let err = confined_file(&m, "label_filename", value, "folder").expect_err(value);
+            assert!(err.starts_with("label_filename "), "{err}");
+            assert!(!err.contains(outside.path().to_str().expect("utf-8")) || value.starts_with('/'), "{err}");
+            words.insert(err.replacen(&format!("{:?}", value.escape_debug().to_string()), "V", 1));
+        }
+        assert_eq!(words.len(), 1, "every refusal reads the same: {words:?}");
+        let missing = confined_file(&m, "label_filename", "missing.txt", "folder").expect_err("missing");
+        assert_eq!(missing, "label_filename: the model's folder has no missing.txt");
+        let big = m.join("labels.txt");
+        std::fs::write(&big, vec![b'a'; 100]).expect("write");
+        assert_eq!(read_bounded(&big, "label_filename", 100).expect("fits").len(), 100);
+        assert!(read_bounded(&big, "label_filename", 99).expect_err("too big").contains("at most 99"));
+        assert!(read_bounded(&m.join("fifo"), "label_filename", 99).is_err(), "a FIFO neither blocks nor reads");
+        let c = policy("default_model_filename: \"../m/1/model.onnx\"");
+        let chosen = versions(&m, &c).expect("versions");
+        assert!(chosen[&1].as_ref().expect_err("escape").contains("default_model_filename"));
     }
 
     #[test]
