@@ -172,3 +172,51 @@ fn ca_mode_serves_short_leaves_that_chain_to_the_root_and_renews_them_in_place()
     assert_eq!(t.workers("https-worker"), https, "the same HTTPS worker serves the renewed leaf");
     assert!(t.stderr().contains("issued a leaf from the private CA"), "{}", t.explain());
 }
+
+#[test]
+fn the_ca_commands_write_only_new_files_and_refuse_unsafe_folders_and_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let out = ca(&cache, &["init"]);
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Names no CA should certify.
+    for bad in ["*.com", "123", "host.42"] {
+        let out = ca(&cache, &["issue", "--san", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {}", text(&out));
+    }
+
+    // --out never writes through a symlink or over a file.
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "untouched").unwrap();
+    std::os::unix::fs::symlink(&victim, out_dir.join("svc.example.pem")).unwrap();
+    let out = ca(&cache, &["issue", "--san", "svc.example", "--out", out_dir.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+    let out = ca(&cache, &["issue", "--san", "fresh.example", "--out", out_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(mode(&out_dir.join("fresh.example.key")), 0o600);
+    let again = ca(&cache, &["issue", "--san", "fresh.example", "--out", out_dir.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1), "an existing pair is not overwritten: {}", text(&again));
+
+    // A CA folder that is a symlink (as `ca init` refuses) is refused by every command and by CA mode.
+    let linked = dir.path().join("linked");
+    std::fs::create_dir_all(linked.join("ssl_certificates")).unwrap();
+    std::fs::set_permissions(linked.join("ssl_certificates"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(cache.join("ssl_certificates/ca"), linked.join("ssl_certificates/ca")).unwrap();
+    for args in [&["status"][..], &["export"], &["issue", "--san", "x.example"]] {
+        let out = ca(&linked, args);
+        assert!(!out.status.success(), "{args:?}: {}", text(&out));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("symbolic link"), "{args:?}: {}", text(&out));
+    }
+    let mut t = TandemBuilder::new()
+        .ssl()
+        .env("SSL_CERTIFICATE", "CA")
+        .env("MODEL_CACHE_DIR", linked.to_str().unwrap())
+        .spawn();
+    let status = t.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "{}", t.explain());
+    assert!(t.stderr().contains("symbolic link"), "{}", t.explain());
+}

@@ -314,3 +314,78 @@ fn a_burst_of_connections_waits_in_the_kernel_while_every_worker_is_busy() {
     }
     assert_eq!(answered, 600, "{}", t.explain());
 }
+
+#[test]
+fn a_plain_http_body_sent_a_byte_at_a_time_is_cut_off_with_408() {
+    let t = TandemBuilder::new().env("REQUEST_TIMEOUT", "2").env("IDLE_TIMEOUT", "5").start();
+    let mut s = TcpStream::connect(("127.0.0.1", t.http_port)).unwrap();
+    s.write_all(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4000\r\n\r\n{")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(400))).unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // A byte every 400 ms: often enough for IDLE_TIMEOUT, far too slow for REQUEST_TIMEOUT.
+    while started.elapsed() < Duration::from_secs(12) {
+        if s.write_all(b" ").is_err() {
+            break;
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if answer.windows(4).any(|w| w == b"\r\n\r\n") && answer.ends_with(b"}") {
+            break;
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "after {:?}: {answer:?}\n{}", started.elapsed(), t.explain());
+    assert!(answer.contains("REQUEST_TIMEOUT"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(6), "{:?}", started.elapsed());
+    // The worker serves on.
+    let r = Tandem::http_client().post(t.http_url("/v2/models/digits/infer")).body(digits_body(1)).send().unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn names_from_requests_cannot_forge_log_lines() {
+    let t = TandemBuilder::new()
+        .env("MODEL_CONTROL_MODE", "explicit")
+        .env("ACCESS_LOG", "true")
+        .env("NUM_WORKERS", "2")
+        .start();
+    let forged = "2026-01-01T00:00:00.000000Z ERROR forged";
+    let name = format!("x%0A{}", forged.replace(' ', "%20"));
+    for path in [
+        format!("/v2/repository/models/{name}/load"),
+        format!("/v2/repository/models/{name}/unload"),
+        format!("/v2/models/{name}/infer"),
+    ] {
+        let r = Tandem::http_client().post(t.http_url(&path)).body("{}").send().unwrap();
+        assert!(r.status().is_client_error(), "{path}: {}", r.status());
+        let body: serde_json::Value = r.json().unwrap();
+        assert!(body["error"].is_string(), "{body}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let log = t.stderr();
+    assert!(log.lines().all(|l| !l.starts_with(forged)), "a forged line:\n{log}");
+    assert!(log.lines().all(|l| !l.contains('\u{1b}')), "{log}");
+}
+
+#[test]
+fn silent_connections_never_keep_a_scraper_off_the_metrics_port() {
+    let metrics = free_port();
+    let t = TandemBuilder::new().env("METRICS_PORT", &metrics.to_string()).env("HEADER_TIMEOUT", "60").start();
+    let _silent: Vec<TcpStream> = (0..200).filter_map(|_| TcpStream::connect(("127.0.0.1", metrics)).ok()).collect();
+    let client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = client.get(format!("http://127.0.0.1:{metrics}/metrics")).send();
+        let took = started.elapsed();
+        let r = r.unwrap_or_else(|e| panic!("scrape failed after {took:?}: {e}\n{}", t.explain()));
+        assert_eq!(r.status(), 200);
+        // A stall detector, not a speed goal: waiting out a header timeout takes 5 s or more.
+        assert!(took < Duration::from_secs(3), "the scrape waited {took:?} behind silent connections");
+    }
+}

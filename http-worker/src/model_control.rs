@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::{Path, State};
+use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -146,11 +147,20 @@ fn config_of(body: &[u8]) -> Result<Option<String>, (StatusCode, String)> {
 }
 
 /// `POST /v2/repository/models/{m}/load`.
-pub(crate) async fn load(State(state): State<AppState>, Path(model): Path<String>, body: Bytes) -> Response {
+pub(crate) async fn load(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let mc = state.model_control();
     if let Some(r) = refused(mc.mode) {
         return r;
     }
+    let body = match crate::router::read_body(&headers, body, state.max_request_bytes()).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
     let config = match config_of(&body) {
         Ok(c) => c,
         Err((status, e)) => return error(status, e),

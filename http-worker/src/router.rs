@@ -46,6 +46,9 @@ struct Inner {
     worker_id: u64,
     num_workers: usize,
     max_request_bytes: usize,
+    /// `REQUEST_TIMEOUT`: a plain-HTTP body must arrive within it (HTTPS bodies
+    /// arrive whole, read by the HTTPS worker under the same rule).
+    body_timeout: std::time::Duration,
     engine: Arc<Engine>,
     engine_info: serde_json::Value,
     cert_status: Option<std::path::PathBuf>,
@@ -79,6 +82,7 @@ impl AppState {
                 worker_id: settings.worker_id,
                 num_workers: settings.num_workers,
                 max_request_bytes: usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX),
+                body_timeout: settings.timeouts.body,
                 engine,
                 engine_info: engine_info(&settings.engine),
                 cert_status: settings.cert_status.clone(),
@@ -105,6 +109,11 @@ impl AppState {
     /// The shared-memory ring, when HTTPS is on.
     pub(crate) fn ring(&self) -> Option<&Region> {
         self.inner.ring.as_deref()
+    }
+
+    /// `MAX_REQUEST_BYTES`.
+    pub(crate) fn max_request_bytes(&self) -> usize {
+        self.inner.max_request_bytes
     }
 
     /// Model load and unload.
@@ -160,6 +169,7 @@ pub fn router(state: AppState) -> Router {
     let stats = state.inner.stats.clone();
     let access_log = state.inner.access_log;
     let redirect = state.inner.redirect_to_https;
+    let body_timeout = state.inner.body_timeout;
     Router::new()
         .route("/", get(info))
         .route("/metrics", get(crate::metrics::metrics))
@@ -195,6 +205,11 @@ pub fn router(state: AppState) -> Router {
                     // Only the HTTPS worker vouches for a client certificate.
                     for h in tandem_shared::access::CLIENT_HEADERS {
                         req.headers_mut().remove(h);
+                    }
+                    if !axum::body::HttpBody::is_end_stream(req.body()) {
+                        let body = std::mem::take(req.body_mut());
+                        *req.body_mut() =
+                            axum::body::Body::new(tandem_shared::serve::BodyDeadline::new(body, body_timeout));
                     }
                 }
                 let route = tandem_shared::stats::route_index(req.uri().path());
@@ -242,6 +257,38 @@ pub fn router(state: AppState) -> Router {
                 res
             }
         }))
+}
+
+/// Reads a request body of at most `limit` bytes: 413 past it (at once when
+/// `Content-Length` says so), 408 when it does not arrive within
+/// `REQUEST_TIMEOUT` ([`tandem_shared::serve::BodyDeadline`]), 400 when it breaks off.
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, ApiError> {
+    let too_large = || ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!("request body exceeds MAX_REQUEST_BYTES ({limit} bytes)"),
+    };
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = source {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return too_large();
+            }
+            if let Some(t) = s.downcast_ref::<tandem_shared::serve::BodyTimedOut>() {
+                return ApiError { status: StatusCode::REQUEST_TIMEOUT, message: t.to_string() };
+            }
+            source = s.source();
+        }
+        ApiError::bad(format!("cannot read the request body: {e}"))
+    })
 }
 
 /// `SSL_REDIRECT_HTTP`: a 308 to the same URL over HTTPS, except for health
@@ -497,25 +544,7 @@ async fn run_infer(
     started: Instant,
 ) -> Result<(Response, u64, u64, Timings), ApiError> {
     let limit = state.inner.max_request_bytes;
-    let too_large = || ApiError {
-        status: StatusCode::PAYLOAD_TOO_LARGE,
-        message: format!("request body exceeds MAX_REQUEST_BYTES ({limit} bytes)"),
-    };
-    let declared =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(s) = source {
-            if s.is::<http_body_util::LengthLimitError>() {
-                return too_large();
-            }
-            source = s.source();
-        }
-        ApiError::bad(format!("cannot read the request body: {e}"))
-    })?;
+    let bytes = read_body(headers, body, limit).await?;
     // gzip / deflate bodies (tritonclient's request compression), inflated within MAX_REQUEST_BYTES.
     let bytes = match crate::compression::inflate(headers, &bytes, limit)? {
         Some(inflated) => axum::body::Bytes::from(inflated),

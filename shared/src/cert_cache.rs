@@ -249,6 +249,14 @@ impl CertCache {
 
 /// `dir` must be a real directory (not a symbolic link), owned by this user,
 /// with none of the `forbidden` mode bits.
+/// Refuses a private directory of the cache (the cache itself, the CA's) that
+/// is a symbolic link, belongs to someone else, or that others can reach:
+/// every command that reads keys from it applies the rule `tandem ca init`
+/// and start-up apply.
+pub fn check_private(dir: &Path) -> Result<(), CertError> {
+    check_owned_dir(dir, 0o077)
+}
+
 fn check_owned_dir(dir: &Path, forbidden: u32) -> Result<(), CertError> {
     use std::os::unix::fs::MetadataExt;
     let unsafe_dir = |reason: String, fix: String| CertError::Unsafe { path: dir.to_path_buf(), reason, fix };

@@ -1021,7 +1021,7 @@ impl Config {
                     ),
                 );
             }
-            crate::serve::Timeouts { header, keepalive, idle }
+            crate::serve::Timeouts { header, keepalive, idle, body: request_timeout }
         };
         let graceful_timeout = {
             let (accepted, parse) = seconds(0, 86400);
@@ -1180,16 +1180,25 @@ pub fn default_cache_dir(root: bool, xdg_cache_home: Option<String>, home: Optio
 
 /// A DNS name or wildcard as accepted in a certificate SAN.
 pub fn is_dns_name(n: &str) -> bool {
-    let n = n.strip_prefix("*.").unwrap_or(n);
-    !n.is_empty()
+    let (wildcard, n) = match n.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, n),
+    };
+    let labels: Vec<&str> = n.split('.').collect();
+    let well_formed = !n.is_empty()
         && n.len() <= 253
-        && n.split('.').all(|label| {
+        && labels.iter().all(|label| {
             !label.is_empty()
                 && label.len() <= 63
                 && label.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-        })
+        });
+    // No top-level domain is all digits (such a name is a mistyped address),
+    // and a wildcard needs a registered name under it (`*.com` would cover a
+    // whole top-level domain).
+    let numeric_tld = labels.last().is_some_and(|l| l.chars().all(|c| c.is_ascii_digit()));
+    well_formed && !numeric_tld && (!wildcard || labels.len() >= 2)
 }
 
 #[cfg(test)]
@@ -1198,6 +1207,18 @@ mod tests {
 
     fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn dns_names_refuse_numeric_tops_and_wildcards_over_a_whole_domain() {
+        for ok in ["localhost", "api.example.com", "*.example.com", "a-1.b2.io", "xn--bcher-kva.example"] {
+            assert!(is_dns_name(ok), "{ok}");
+        }
+        for bad in
+            ["*.com", "*", "*.", "123", "1.2.3", "10.0.0.300", "host.123", "-a.com", "a..b", "a_b.com", "*.*.com"]
+        {
+            assert!(!is_dns_name(bad), "{bad}");
+        }
     }
 
     #[test]

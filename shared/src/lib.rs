@@ -11,6 +11,7 @@ pub mod check;
 pub mod config;
 pub mod control;
 pub mod frame;
+pub mod log_fields;
 pub mod serve;
 pub mod stats;
 pub mod sys;
@@ -258,7 +259,7 @@ pub fn init_logging(level: &str, format: LogFormat) {
         .with_ansi(ansi);
     // A second initialisation (tests calling in-process) is harmless; ignore it.
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.fmt_fields(log_fields::EscapedFields).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }

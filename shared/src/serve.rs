@@ -50,11 +50,82 @@ pub struct Timeouts {
     /// A connection on which no byte moves either way for this long is closed,
     /// request in flight or not.
     pub idle: Duration,
+    /// A request's whole body must arrive within this (`REQUEST_TIMEOUT`), or
+    /// it is answered 408: a body sent a byte at a time moves often enough to
+    /// pass `idle`, and would hold its place for ever.
+    #[serde(default = "default_body_timeout")]
+    pub body: Duration,
+}
+
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { header: Duration::from_secs(30), keepalive: Duration::from_secs(60), idle: Duration::from_secs(300) }
+        Timeouts {
+            header: Duration::from_secs(30),
+            keepalive: Duration::from_secs(60),
+            idle: Duration::from_secs(300),
+            body: default_body_timeout(),
+        }
+    }
+}
+
+/// The error a [`BodyDeadline`] body ends with when its time is up.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within REQUEST_TIMEOUT ({0} s)")]
+pub struct BodyTimedOut(pub u64);
+
+/// A request body that must be read whole within a deadline ([`Timeouts::body`]).
+/// The timer is armed only when the body makes the reader wait, so a body
+/// that has already arrived costs nothing.
+pub struct BodyDeadline<B> {
+    inner: B,
+    limit: Duration,
+    deadline: Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> BodyDeadline<B> {
+    /// `inner`, to be read within `limit` from now.
+    pub fn new(inner: B, limit: Duration) -> Self {
+        BodyDeadline { inner, limit, deadline: Instant::now() + limit, timer: None }
+    }
+}
+
+impl<B> Body for BodyDeadline<B>
+where
+    B: Body + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = B::Data;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(f) => Poll::Ready(f.map(|r| r.map_err(Into::into))),
+            Poll::Pending => {
+                let deadline = this.deadline;
+                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(this.limit.as_secs()))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -138,14 +209,14 @@ impl Activity {
 /// tunnel ends.
 struct Touch<T> {
     inner: T,
-    activity: Arc<Activity>,
-    _slot: Slot,
+    slot: Slot,
 }
 
-/// A connection's place in the server's budget, and its pacing record.
+/// A connection's place in the server's budget, its pacing record, and what it has been doing.
 struct Slot {
     _permit: tokio::sync::OwnedSemaphorePermit,
     _opened: Opened,
+    activity: Arc<Activity>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Touch<T> {
@@ -153,7 +224,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Touch<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.touch();
+            self.slot.activity.touch();
         }
         r
     }
@@ -163,7 +234,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.slot.activity.touch();
         }
         r
     }
@@ -183,7 +254,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<T> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+            self.slot.activity.touch();
         }
         r
     }
@@ -368,6 +439,51 @@ pub struct Server {
     errors: AcceptErrors,
     pacing: Option<Arc<dyn Pacing>>,
     on_park: Option<ParkHook>,
+    silent: Option<Arc<Silent>>,
+}
+
+/// The connections of a server that have not sent a request yet, for
+/// [`Server::evicting_silent`]: when every place is taken, the oldest of them
+/// is closed to make room.
+/// The silent connections by age: their activity and how to close them.
+type Waiting = std::collections::BTreeMap<u64, (Arc<Activity>, Arc<tokio::sync::Notify>)>;
+
+#[derive(Default)]
+struct Silent {
+    next: AtomicU64,
+    waiting: Mutex<Waiting>,
+}
+
+impl Silent {
+    /// Registers a new connection; the guard takes it out when the connection ends.
+    fn register(self: &Arc<Self>, activity: Arc<Activity>, close: Arc<tokio::sync::Notify>) -> SilentEntry {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).insert(id, (activity, close));
+        SilentEntry { silent: self.clone(), id }
+    }
+
+    /// Closes the oldest connection that has sent nothing; false when there is none.
+    fn evict_oldest(&self) -> bool {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        // Connections that have sent a request leave the list as they are met.
+        waiting.retain(|_, (a, _)| a.served.load(Ordering::Relaxed) == 0 && a.in_flight.load(Ordering::Relaxed) == 0);
+        let Some((&id, _)) = waiting.iter().next() else { return false };
+        if let Some((_, close)) = waiting.remove(&id) {
+            close.notify_one();
+        }
+        true
+    }
+}
+
+struct SilentEntry {
+    silent: Arc<Silent>,
+    id: u64,
+}
+
+impl Drop for SilentEntry {
+    fn drop(&mut self) {
+        self.silent.waiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
 }
 
 /// Run by a serving thread's runtime each time it is about to sleep (tokio's `on_thread_park`).
@@ -396,12 +512,21 @@ impl Server {
             errors: AcceptErrors::default(),
             pacing: None,
             on_park: None,
+            silent: None,
         }
     }
 
     /// Runs `hook` on the threads of [`Server::spawn_threads`] before they sleep.
     pub fn with_park_hook(mut self, hook: ParkHook) -> Self {
         self.on_park = Some(hook);
+        self
+    }
+
+    /// When every place is taken, closes the oldest connection that has not
+    /// sent a request yet to make room for the new one: a port for a few
+    /// short requests (the metrics port) that silent clients cannot block.
+    pub fn evicting_silent(mut self) -> Self {
+        self.silent = Some(Arc::default());
         self
     }
 
@@ -433,11 +558,20 @@ impl Server {
         }
         let _stopped = Stopped(self.pacing.clone());
         loop {
-            let permit = tokio::select! {
-                _ = &mut stop => return,
-                p = self.permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
+            let free = self.permits.clone().try_acquire_owned().ok();
+            if free.is_none() {
+                if let Some(silent) = &self.silent {
+                    silent.evict_oldest();
+                }
+            }
+            let permit = match free {
+                Some(p) => p,
+                None => tokio::select! {
+                    _ = &mut stop => return,
+                    p = self.permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
                 },
             };
             if let Some(pause) = self.pacing.as_ref().map(|p| p.wait()).filter(|d| !d.is_zero()) {
@@ -473,12 +607,23 @@ impl Server {
             let service = service.clone();
             let timeouts = self.timeouts;
             let drain = self.drain.subscribe();
+            let silent = self.silent.clone();
             tokio::spawn(async move {
-                let slot = Slot { _permit: permit, _opened: opened };
-                // The handshake counts against HEADER_TIMEOUT too.
-                let Ok(Some(accepted)) = tokio::time::timeout(timeouts.header, handshake).await else { return };
-                let conn = ConnInfo { peer: Peer(peer), client: accepted.client };
-                Box::pin(serve_connection(&builder, accepted.io, slot, service, timeouts, drain, conn)).await;
+                let activity = Arc::new(Activity::new());
+                let slot = Slot { _permit: permit, _opened: opened, activity: activity.clone() };
+                let serve = async move {
+                    // The handshake counts against HEADER_TIMEOUT too.
+                    let Ok(Some(accepted)) = tokio::time::timeout(timeouts.header, handshake).await else { return };
+                    let conn = ConnInfo { peer: Peer(peer), client: accepted.client };
+                    Box::pin(serve_connection(&builder, accepted.io, slot, service, timeouts, drain, conn)).await;
+                };
+                let Some(silent) = silent else { return serve.await };
+                let close = Arc::new(tokio::sync::Notify::new());
+                let _listed = silent.register(activity, close.clone());
+                tokio::select! {
+                    _ = serve => {}
+                    _ = close.notified() => tracing::debug!(%peer, "closed a silent connection to make room"),
+                }
             });
         }
     }
@@ -656,8 +801,8 @@ async fn serve_connection<IO, S, B>(
     S: HttpService<B>,
     B: ResponseBody,
 {
-    let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(Touch { inner: io, activity: activity.clone(), _slot: slot });
+    let activity = slot.activity.clone();
+    let io = TokioIo::new(Touch { inner: io, slot });
     let peer = conn.peer.0;
     let service = Counted { inner: service, activity: activity.clone(), conn };
     let conn = builder.serve_connection_with_upgrades(io, service);
@@ -715,6 +860,7 @@ mod tests {
             header: Duration::from_millis(100),
             keepalive: Duration::from_millis(200),
             idle: Duration::from_secs(1),
+            body: Duration::from_secs(1),
         }
     }
 

@@ -6,6 +6,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -15,6 +16,19 @@ use tandem_shared::sys::shm::Region;
 
 /// Connections the metrics port holds at once (scrapers are few).
 const MAX_CONNECTIONS: usize = 64;
+
+/// The metrics port's own timers, shorter than the inference ports' (a scrape
+/// asks at once and is answered in microseconds): a connection that says
+/// nothing is closed after a few seconds, so silent clients cannot hold every
+/// place for long.
+fn own_timeouts(t: Timeouts) -> Timeouts {
+    Timeouts {
+        header: t.header.min(Duration::from_secs(5)),
+        keepalive: t.keepalive.min(Duration::from_secs(30)),
+        idle: t.idle.min(Duration::from_secs(60)),
+        body: t.body.min(Duration::from_secs(5)),
+    }
+}
 
 /// Serves `/metrics` on `listener` until the process exits.
 pub fn spawn(
@@ -49,7 +63,7 @@ pub fn spawn(
                         .into_response()
                     });
             let service = hyper_util::service::TowerToHyperService::new(app);
-            let server = Server::new(timeouts, MAX_CONNECTIONS);
+            let server = Server::new(own_timeouts(timeouts), MAX_CONNECTIONS).evicting_silent();
             server
                 .run(
                     &listener,

@@ -81,6 +81,9 @@ impl Ca {
         if !Ca::exists(layout) {
             return Err(ca_missing(layout));
         }
+        // The same rules as `tandem ca init`: no symlinked, foreign or shared folder holds the keys.
+        cert_cache::check_private(layout.dir())?;
+        cert_cache::check_private(&layout.ca_dir())?;
         let path = |n: &str| layout.ca_file(n);
         let root_pem = read(&path(ROOT_CERT))?;
         let intermediate_pem = read(&path(INTERMEDIATE_CERT))?;
@@ -475,9 +478,21 @@ fn write_pair(dir: &Path, name: &str, leaf: &Bundle) -> Result<(PathBuf, PathBuf
         let path = path.to_path_buf();
         move |source| CertError::Write { path, source }
     };
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key).map_err(werr(&key))?;
+    // Only new files: never through a symlink, never over a file that exists
+    // (create_new refuses both, O_NOFOLLOW says so for the final component).
+    let create = |path: &Path, mode: u32| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(werr(path))
+    };
+    let mut f = create(&key, 0o600)?;
     f.write_all(&pem.as_bytes()[..key_end]).map_err(werr(&key))?;
-    std::fs::write(&cert, leaf.chain_pem()).map_err(werr(&cert))?;
+    let mut c = create(&cert, 0o644)?;
+    c.write_all(leaf.chain_pem().as_bytes()).map_err(werr(&cert))?;
     Ok((cert, key))
 }
 
