@@ -120,3 +120,25 @@ fn client_auth_without_a_ca_exits_2() {
     assert_eq!(t.wait_exit(Duration::from_secs(10)).code(), Some(2), "{}", t.explain());
     assert!(t.stderr().contains("SSL_CLIENT_AUTH") && t.stderr().contains("SSL_CLIENT_CA"), "{}", t.explain());
 }
+
+#[test]
+fn a_client_subject_with_special_characters_cannot_pass_for_another() {
+    let b = TandemBuilder::new();
+    let dir = b.dir().join("pki");
+    std::fs::create_dir_all(&dir).unwrap();
+    // One common name that, written naively, reads as CN=eve plus an O=Admins attribute.
+    common::pki::ca_and_client_named(&dir, "ca1", "eve", r"/CN=eve,O=Admins\+OU=root");
+    let t = b
+        .ssl()
+        .env("SSL_CLIENT_CA", dir.join("ca1.pem").to_str().unwrap())
+        .env("ACCESS_LOG", "true")
+        .env("LOG_FORMAT", "json")
+        .start_live();
+    let server_ca = dir.join("server.pem");
+    std::fs::write(&server_ca, t.served_chain_pem()).unwrap();
+    assert_eq!(curl(&t, &server_ca, Some((&dir, "eve")), &[]), "200");
+    std::thread::sleep(Duration::from_millis(200));
+    let lines = access_lines(&t);
+    let served = lines.iter().find(|l| l["listener"] == "https").unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(served["client"], r"CN=eve\,O=Admins\+OU=root", "{served}");
+}

@@ -402,7 +402,7 @@ impl Forwarder {
             parts.headers.remove(h);
         }
         if let Some(id) = parts.extensions.get::<Arc<tandem_shared::serve::ClientIdentity>>() {
-            let values = [id.subject.clone(), id.sans.join(","), id.fingerprint.clone()];
+            let values = tandem_shared::access::client_header_values(id);
             for (name, value) in tandem_shared::access::CLIENT_HEADERS.iter().zip(values) {
                 if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
                     parts.headers.insert(*name, v);

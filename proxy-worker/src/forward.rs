@@ -212,9 +212,9 @@ fn rewrite(headers: &mut HeaderMap, authority: Option<&str>, origin: &Origin<'_>
         headers.insert(header::FORWARDED, v);
     }
     if let Some(id) = origin.client {
-        let values = [id.subject.as_str(), &id.sans.join(","), id.fingerprint.as_str()];
+        let values = tandem_shared::access::client_header_values(id);
         for (name, value) in tandem_shared::access::CLIENT_HEADERS.iter().zip(values) {
-            if let Ok(v) = HeaderValue::from_str(value) {
+            if let Ok(v) = HeaderValue::from_str(&value) {
                 headers.insert(*name, v);
             }
         }

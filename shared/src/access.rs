@@ -16,6 +16,43 @@ pub const PEER_HEADER: &str = "x-tandem-peer";
 pub const CLIENT_HEADERS: [&str; 3] =
     ["x-tandem-client-subject", "x-tandem-client-sans", "x-tandem-client-fingerprint"];
 
+/// The values of [`CLIENT_HEADERS`] for a verified client certificate: the
+/// subject as RFC 4514 writes it (escaped, so a subject cannot pass for
+/// another), every subject alternative name as its own quoted string
+/// (`"DNS:a.example", "URI:spiffe://example/a"`: a name holding a comma stays
+/// one name), and the SHA-256 fingerprint. Nothing that cannot travel in a
+/// header survives: control characters are written `\xNN`.
+pub fn client_header_values(id: &crate::serve::ClientIdentity) -> [String; 3] {
+    let quoted = |s: &str| {
+        let mut out = String::with_capacity(s.len() + 2);
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' | '\\' => {
+                    out.push('\\');
+                    out.push(c);
+                }
+                c if c.is_control() || !c.is_ascii() => {
+                    let mut buf = [0u8; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        out.push_str(&format!("\\x{b:02x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
+    };
+    let printable = |s: &str| {
+        s.chars()
+            .map(|c| if c.is_control() || !c.is_ascii() { format!("\\x{:02x}", c as u32) } else { c.to_string() })
+            .collect::<String>()
+    };
+    let sans: Vec<String> = id.sans.iter().map(|s| quoted(s)).collect();
+    [printable(&id.subject), sans.join(", "), id.fingerprint.clone()]
+}
+
 /// One answered request.
 #[derive(Debug, Clone)]
 pub struct Entry<'a> {
@@ -70,6 +107,22 @@ pub fn log(e: &Entry<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identity_values_cannot_be_read_as_another_identity() {
+        let id = crate::serve::ClientIdentity {
+            subject: "CN=alice\\,O=Admins".into(),
+            sans: vec!["DNS:a.example,DNS:admin.example".into(), "URI:spiffe://x/\"y\"".into(), "DNS:b\ne".into()],
+            fingerprint: "ab12".into(),
+        };
+        let [subject, sans, fingerprint] = client_header_values(&id);
+        assert_eq!(subject, "CN=alice\\,O=Admins");
+        assert_eq!(sans, r#""DNS:a.example,DNS:admin.example", "URI:spiffe://x/\"y\"", "DNS:b\x0ae""#);
+        assert_eq!(fingerprint, "ab12");
+        for v in [&subject, &sans] {
+            assert!(http::HeaderValue::from_str(v).is_ok(), "{v}");
+        }
+    }
 
     #[test]
     fn the_model_is_read_from_model_paths_only() {

@@ -205,6 +205,60 @@ fn pem_block(label: &str, der: &[u8]) -> String {
     pem::encode_config(&pem::Pem::new(label, der.to_vec()), config)
 }
 
+/// A distinguished name as RFC 4514 writes it: most specific part first,
+/// `CN=alice,O=Example` with short attribute names, every special character
+/// of a value escaped (`,` `+` `"` `\\` `<` `>` `;`, a leading `#` or space, a
+/// trailing space, control characters as `\\XX`), so a subject can never pass
+/// for another when it is read back (an identity header, a log line).
+pub fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    let rdns: Vec<String> = name
+        .iter_rdn()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|atv| {
+                    let ty = x509_parser::objects::oid2abbrev(atv.attr_type(), registry)
+                        .map(str::to_string)
+                        .unwrap_or_else(|_| atv.attr_type().to_id_string());
+                    let value = match atv.as_str() {
+                        Ok(s) => escape_dn_value(s),
+                        Err(_) => format!("#{}", atv.as_slice().iter().map(|b| format!("{b:02x}")).collect::<String>()),
+                    };
+                    format!("{ty}={value}")
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    rdns.into_iter().rev().collect::<Vec<_>>().join(",")
+}
+
+fn escape_dn_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let last = v.chars().count().saturating_sub(1);
+    for (i, c) in v.chars().enumerate() {
+        match c {
+            ',' | '+' | '"' | '\\' | '<' | '>' | ';' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' | ' ' if i == 0 => {
+                out.push('\\');
+                out.push(c);
+            }
+            ' ' if i == last => out.push_str("\\ "),
+            c if c.is_control() => {
+                let mut buf = [0u8; 4];
+                for b in c.encode_utf8(&mut buf).bytes() {
+                    out.push_str(&format!("\\{b:02X}"));
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Reads the facts of one certificate.
 pub fn inspect(der: &CertificateDer<'_>, origin: &str) -> Result<CertInfo, CertError> {
     use x509_parser::extensions::GeneralName;
@@ -223,6 +277,9 @@ pub fn inspect(der: &CertificateDer<'_>, origin: &str) -> Result<CertInfo, CertE
                     };
                     sans.push(ip.map_or_else(|| "IP:?".to_string(), |ip| format!("IP:{ip}")));
                 }
+                GeneralName::RFC822Name(e) => sans.push(format!("email:{e}")),
+                GeneralName::URI(u) => sans.push(format!("URI:{u}")),
+                GeneralName::DirectoryName(n) => sans.push(format!("DirName:{}", rfc4514(n))),
                 other => sans.push(other.to_string()),
             }
         }
@@ -235,8 +292,8 @@ pub fn inspect(der: &CertificateDer<'_>, origin: &str) -> Result<CertInfo, CertE
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
     Ok(CertInfo {
         fingerprint: digest.as_ref().iter().map(|b| format!("{b:02x}")).collect(),
-        subject: cert.subject().to_string(),
-        issuer: cert.issuer().to_string(),
+        subject: rfc4514(cert.subject()),
+        issuer: rfc4514(cert.issuer()),
         sans,
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
@@ -318,6 +375,27 @@ pub const MAX_CHAIN_CERTS: usize = 10;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subjects_are_written_as_rfc_4514_with_every_special_character_escaped() {
+        let mut params = rcgen::CertificateParams::default();
+        let mut dn = rcgen::DistinguishedName::new();
+        dn.push(rcgen::DnType::OrganizationName, "Example, Inc.");
+        dn.push(rcgen::DnType::CommonName, "alice,O=Admins+x\"\n #");
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![
+            rcgen::SanType::DnsName("a.example".try_into().expect("dns")),
+            rcgen::SanType::URI("spiffe://example/ns/a".try_into().expect("uri")),
+            rcgen::SanType::Rfc822Name("alice@example.com".try_into().expect("email")),
+        ];
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        let info = inspect(cert.der(), "test").expect("inspect");
+        assert_eq!(info.subject, "CN=alice\\,O=Admins\\+x\\\"\\0A #,O=Example\\, Inc.");
+        assert_eq!(info.sans, ["DNS:a.example", "URI:spiffe://example/ns/a", "email:alice@example.com"]);
+        assert_eq!(escape_dn_value(" #lead and trail "), "\\ #lead and trail\\ ");
+        assert_eq!(escape_dn_value("#x"), "\\#x");
+    }
 
     #[test]
     fn generated_certificate_round_trips() {

@@ -70,12 +70,19 @@ fn sh(dir: &Path, script: &str) {
 /// With the openssl CLI, in `dir`: a CA `ca` and a client certificate `name`
 /// it signs (CN=name, SAN DNS:name.example, clientAuth), as `.pem` and `.key`.
 pub fn ca_and_client(dir: &Path, ca: &str, name: &str) {
+    ca_and_client_named(dir, ca, name, &format!("/CN={name}"));
+}
+
+/// [`ca_and_client`] with the client's subject given as openssl's `-subj` takes it.
+#[allow(dead_code, reason = "not every test binary uses it")]
+pub fn ca_and_client_named(dir: &Path, ca: &str, name: &str, subject: &str) {
+    let subject = subject.replace('\'', "'\\''");
     sh(
         dir,
         &format!(
             "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {ca}.key -out {ca}.pem \
                -subj /CN={ca} -days 2 -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null && \
-             openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name} 2>/dev/null && \
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {name}.key -out {name}.csr -subj '{subject}' 2>/dev/null && \
              printf 'subjectAltName=DNS:{name}.example\\nextendedKeyUsage=clientAuth\\n' > {name}.ext && \
              openssl x509 -req -in {name}.csr -CA {ca}.pem -CAkey {ca}.key -CAcreateserial -out {name}.pem -days 1 -extfile {name}.ext 2>/dev/null"
         ),
