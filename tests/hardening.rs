@@ -389,3 +389,135 @@ fn silent_connections_never_keep_a_scraper_off_the_metrics_port() {
         assert!(took < Duration::from_secs(3), "the scrape waited {took:?} behind silent connections");
     }
 }
+
+/// A memory cgroup of `limit` bytes that tandem is started in (v1 or v2,
+/// whichever this machine has), removed when dropped; `None` where none can be made.
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+    v2: bool,
+}
+
+impl MemoryCgroup {
+    fn new(limit: u64) -> Option<MemoryCgroup> {
+        let name = format!("tandem-test-{}", std::process::id());
+        let (dir, v2) = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            (std::path::Path::new("/sys/fs/cgroup").join(&name), true)
+        } else {
+            (std::path::Path::new("/sys/fs/cgroup/memory").join(&name), false)
+        };
+        std::fs::create_dir(&dir).ok()?;
+        let file = if v2 { "memory.max" } else { "memory.limit_in_bytes" };
+        if std::fs::write(dir.join(file), limit.to_string()).is_err() {
+            let _ = std::fs::remove_dir(&dir);
+            return None;
+        }
+        if !v2 {
+            // No swap to hide in: the limit is the memory.
+            let _ = std::fs::write(dir.join("memory.memsw.limit_in_bytes"), limit.to_string());
+        }
+        Some(MemoryCgroup { dir, v2 })
+    }
+
+    /// The wrapper that moves the process into the group before it execs tandem.
+    fn wrapper(&self) -> Vec<String> {
+        let procs = self.dir.join("cgroup.procs");
+        vec!["sh".into(), "-c".into(), format!("echo $$ > {} && exec \"$@\"", procs.display()), "sh".into()]
+    }
+
+    /// How many processes the kernel killed for memory in the group.
+    fn oom_kills(&self) -> u64 {
+        let file = if self.v2 { "memory.events" } else { "memory.oom_control" };
+        std::fs::read_to_string(self.dir.join(file))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn concurrent_large_uploads_never_get_a_worker_killed_for_memory() {
+    let limit = 700u64 << 20;
+    let Some(group) = MemoryCgroup::new(limit) else {
+        eprintln!("skipped: no memory cgroup can be made here (needs root and a cgroup v1 or v2 memory controller)");
+        return;
+    };
+    let wrapper = group.wrapper();
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let t = TandemBuilder::new().ssl().env("MAX_REQUEST_BYTES", "33554432").wrapped(&wrapper).start();
+    let started_workers = t.stderr().matches("worker started").count();
+    // 30 MiB of JSON zeros: one element in two bytes. As a tree of JSON values
+    // each of them took over 32 bytes (half a gigabyte per request).
+    let zeros = "0,".repeat(15 << 20);
+    let body = std::sync::Arc::new(format!(
+        r#"{{"inputs":[{{"name":"pixels","shape":[1,64],"datatype":"FP32","data":[{}0]}}]}}"#,
+        zeros
+    ));
+    // The same, compressed: a small body that inflates to the same size.
+    let packed = {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(body.as_bytes()).unwrap();
+        std::sync::Arc::new(e.finish().unwrap())
+    };
+    let ca = t.served_chain_pem();
+    let mut threads = Vec::new();
+    for i in 0..18 {
+        let (body, packed) = (body.clone(), packed.clone());
+        let (http, https) =
+            (t.http_url("/v2/models/digits/infer"), t.https_url("localhost", "/v2/models/digits/infer"));
+        let ca = ca.clone();
+        threads.push(std::thread::spawn(move || {
+            let within = Duration::from_secs(120);
+            let client = if i % 3 == 2 {
+                Tandem::https_client_within(&ca, within)
+            } else {
+                reqwest::blocking::Client::builder().timeout(within).build().unwrap()
+            };
+            let url = if i % 3 == 2 { https } else { http };
+            let mut statuses = Vec::new();
+            for round in 0..3 {
+                let r = if (i + round) % 2 == 0 {
+                    client.post(&url).body(body.as_bytes().to_vec()).send()
+                } else {
+                    client.post(&url).header("content-encoding", "gzip").body(packed.to_vec()).send()
+                };
+                statuses.push(match r {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let retry = r.headers().contains_key("retry-after");
+                        let text = r.text().unwrap_or_default();
+                        assert!(text.starts_with("{\"error\""), "{status}: {text}");
+                        assert!(status != 503 || retry, "a 503 without Retry-After: {text}");
+                        status
+                    }
+                    Err(e) => {
+                        eprintln!("request {i}/{round} failed: {e:?}");
+                        0
+                    }
+                });
+            }
+            statuses
+        }));
+    }
+    let began = Instant::now();
+    let statuses: Vec<u16> = threads.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    eprintln!("{} uploads answered in {:?}: {statuses:?}", statuses.len(), began.elapsed());
+    assert!(statuses.iter().all(|s| [400, 503].contains(s)), "{statuses:?}\n{}", t.explain());
+    assert!(statuses.contains(&400), "some were decoded and refused for their shape: {statuses:?}");
+    assert_eq!(group.oom_kills(), 0, "the kernel killed for memory\n{}", t.explain());
+    assert_eq!(t.stderr().matches("worker started").count(), started_workers, "a worker restarted\n{}", t.explain());
+    let r = Tandem::http_client().post(t.http_url("/v2/models/digits/infer")).body(digits_body(1)).send().unwrap();
+    assert_eq!(r.status(), 200);
+}

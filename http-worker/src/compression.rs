@@ -9,6 +9,8 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 
+use tandem_shared::budget::{Budget, Share, WAIT};
+
 use crate::infer::ApiError;
 
 /// Answers smaller than this are sent as they are (compression would not pay).
@@ -16,12 +18,21 @@ const MIN_COMPRESS: usize = 1024;
 /// Larger answers are compressed on the blocking pool, off the async threads.
 const BLOCKING_ABOVE: usize = 1 << 20;
 
-/// Inflates `body` as its `Content-Encoding` says, to at most `limit` bytes.
-/// `None` when the body is not encoded (or `identity`).
-pub fn inflate(headers: &HeaderMap, body: &[u8], limit: usize) -> Result<Option<Vec<u8>>, ApiError> {
+/// Inflates `body` as its `Content-Encoding` says, to at most `limit` bytes,
+/// taking the inflated bytes (twice: they and what is decoded from them)
+/// from `budget` into `share` as they come, so a small compressed body cannot
+/// grow past what the worker may hold. `None` when the body is not encoded
+/// (or `identity`).
+pub async fn inflate(
+    headers: &HeaderMap,
+    body: &[u8],
+    limit: usize,
+    budget: &Budget,
+    share: &mut Share,
+) -> Result<Option<Vec<u8>>, ApiError> {
     let Some(encoding) = headers.get(header::CONTENT_ENCODING) else { return Ok(None) };
     let encoding = encoding.to_str().unwrap_or("").trim().to_ascii_lowercase();
-    let reader: Box<dyn Read + '_> = match encoding.as_str() {
+    let mut reader: Box<dyn Read + Send + '_> = match encoding.as_str() {
         "" | "identity" => return Ok(None),
         "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(body)),
         // HTTP's "deflate" is the zlib format; some clients send raw deflate.
@@ -34,19 +45,31 @@ pub fn inflate(headers: &HeaderMap, body: &[u8], limit: usize) -> Result<Option<
             })
         }
     };
-    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
-    reader
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| ApiError::bad(format!("the {encoding} request body does not inflate: {e}")))?;
-    if out.len() > limit {
-        return Err(ApiError {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            message: format!("the inflated request body exceeds MAX_REQUEST_BYTES ({limit} bytes)"),
-        });
+    let too_large = || ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        message: format!("the inflated request body exceeds MAX_REQUEST_BYTES ({limit} bytes)"),
+    };
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        // A step at a time: each step's output is paid for before the next is made.
+        let step = INFLATE_STEP.min(limit + 1 - out.len());
+        budget.take(share, step as u64 * 2, WAIT).await.map_err(crate::router::refused)?;
+        let before = out.len();
+        (&mut reader)
+            .take(step as u64)
+            .read_to_end(&mut out)
+            .map_err(|e| ApiError::bad(format!("the {encoding} request body does not inflate: {e}")))?;
+        if out.len() > limit {
+            return Err(too_large());
+        }
+        if out.len() - before < step {
+            return Ok(Some(out));
+        }
     }
-    Ok(Some(out))
 }
+
+/// Bytes inflated between two looks at the memory budget.
+const INFLATE_STEP: usize = 1 << 20;
 
 /// The encoding to answer in: gzip or deflate when `Accept-Encoding` accepts it (q > 0).
 pub fn wanted(headers: &HeaderMap) -> Option<&'static str> {
@@ -116,14 +139,18 @@ mod tests {
         h
     }
 
-    #[test]
-    fn bodies_inflate_within_the_limit() {
+    #[tokio::test]
+    async fn bodies_inflate_within_the_limit() {
+        let b = Budget::new(64 << 20);
         let data = vec![b'x'; 10_000];
         for enc in ["gzip", "deflate"] {
             let packed = compress(enc, &data).unwrap();
             let h = headers(header::CONTENT_ENCODING, enc);
-            assert_eq!(inflate(&h, &packed, 20_000).unwrap().unwrap(), data);
-            assert_eq!(inflate(&h, &packed, 9_999).unwrap_err().status, StatusCode::PAYLOAD_TOO_LARGE);
+            assert_eq!(inflate(&h, &packed, 20_000, &b, &mut Share::default()).await.unwrap().unwrap(), data);
+            assert_eq!(
+                inflate(&h, &packed, 9_999, &b, &mut Share::default()).await.unwrap_err().status,
+                StatusCode::PAYLOAD_TOO_LARGE
+            );
         }
         let raw = {
             use std::io::Write;
@@ -131,16 +158,39 @@ mod tests {
             e.write_all(&data).unwrap();
             e.finish().unwrap()
         };
-        assert_eq!(inflate(&headers(header::CONTENT_ENCODING, "deflate"), &raw, 20_000).unwrap().unwrap(), data);
         assert_eq!(
-            inflate(&headers(header::CONTENT_ENCODING, "br"), b"x", 10).unwrap_err().status,
+            inflate(&headers(header::CONTENT_ENCODING, "deflate"), &raw, 20_000, &b, &mut Share::default())
+                .await
+                .unwrap()
+                .unwrap(),
+            data
+        );
+        assert_eq!(
+            inflate(&headers(header::CONTENT_ENCODING, "br"), b"x", 10, &b, &mut Share::default())
+                .await
+                .unwrap_err()
+                .status,
             StatusCode::UNSUPPORTED_MEDIA_TYPE
         );
         assert_eq!(
-            inflate(&headers(header::CONTENT_ENCODING, "gzip"), b"nope", 10).unwrap_err().status,
+            inflate(&headers(header::CONTENT_ENCODING, "gzip"), b"nope", 10, &b, &mut Share::default())
+                .await
+                .unwrap_err()
+                .status,
             StatusCode::BAD_REQUEST
         );
-        assert!(inflate(&HeaderMap::new(), b"x", 10).unwrap().is_none());
+        assert!(inflate(&HeaderMap::new(), b"x", 10, &b, &mut Share::default()).await.unwrap().is_none());
+        // The inflated bytes count against the budget: a small body that inflates past it is refused.
+        let tight = Budget::new(4 << 20);
+        let zeros = vec![0u8; 3 << 20];
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut e, &zeros).unwrap();
+        let packed = e.finish().unwrap();
+        let refused =
+            inflate(&headers(header::CONTENT_ENCODING, "gzip"), &packed, 8 << 20, &tight, &mut Share::default())
+                .await
+                .unwrap_err();
+        assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", refused.message);
     }
 
     #[test]

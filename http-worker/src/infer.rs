@@ -48,9 +48,12 @@ pub struct RequestInput {
     /// `binary_data_size` and friends.
     #[serde(default)]
     pub parameters: Map<String, Value>,
-    /// Row-major data (possibly nested); absent when sent as binary.
+    /// Row-major data (possibly nested), as its JSON text: decoded only once
+    /// the datatype and shape are known, straight into the tensor's buffer
+    /// (never a tree of JSON values, whose memory is many times the tensor's);
+    /// absent when sent as binary.
     #[serde(default)]
-    pub data: Option<Value>,
+    pub data: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// One requested output.
@@ -445,7 +448,7 @@ fn as_f64(d: &TensorData) -> Option<Vec<f64>> {
 /// A fixed-size element type of the protocol.
 trait Elem: Copy + Sized {
     const SIZE: usize;
-    fn from_json(v: &Value) -> Option<Self>;
+    fn from_leaf(v: Leaf<'_>) -> Option<Self>;
     fn read_le(b: &[u8]) -> Self;
     fn write_le(self, out: &mut Vec<u8>);
 
@@ -492,13 +495,11 @@ macro_rules! int_elem {
     ($($t:ty),*) => {$(
         impl Elem for $t {
             const SIZE: usize = std::mem::size_of::<$t>();
-            fn from_json(v: &Value) -> Option<Self> {
+            fn from_leaf(v: Leaf<'_>) -> Option<Self> {
                 match v {
-                    Value::Number(n) => n
-                        .as_i64()
-                        .and_then(|i| <$t>::try_from(i).ok())
-                        .or_else(|| n.as_u64().and_then(|u| <$t>::try_from(u).ok())),
-                    Value::Bool(b) => <$t>::try_from(u8::from(*b)).ok(),
+                    Leaf::I(i) => <$t>::try_from(i).ok(),
+                    Leaf::U(u) => <$t>::try_from(u).ok(),
+                    Leaf::B(b) => <$t>::try_from(u8::from(b)).ok(),
                     _ => None,
                 }
             }
@@ -512,8 +513,13 @@ macro_rules! float_elem {
     ($($t:ty => $from:expr),*) => {$(
         impl Elem for $t {
             const SIZE: usize = std::mem::size_of::<$t>();
-            fn from_json(v: &Value) -> Option<Self> {
-                v.as_f64().and_then($from)
+            fn from_leaf(v: Leaf<'_>) -> Option<Self> {
+                match v {
+                    Leaf::F(f) => $from(f),
+                    Leaf::I(i) => $from(i as f64),
+                    Leaf::U(u) => $from(u as f64),
+                    _ => None,
+                }
             }
             le_codec!($t);
         }
@@ -529,10 +535,10 @@ float_elem!(
 
 impl Elem for bool {
     const SIZE: usize = 1;
-    fn from_json(v: &Value) -> Option<Self> {
+    fn from_leaf(v: Leaf<'_>) -> Option<Self> {
         match v {
-            Value::Bool(b) => Some(*b),
-            Value::Number(n) => n.as_u64().filter(|&n| n <= 1).map(|n| n == 1),
+            Leaf::B(b) => Some(b),
+            Leaf::U(n) if n <= 1 => Some(n == 1),
             _ => None,
         }
     }
@@ -645,36 +651,134 @@ fn from_binary(name: &str, dt: DataType, count: usize, bytes: &[u8]) -> Result<T
     })
 }
 
-fn from_json(name: &str, dt: DataType, count: usize, data: &Value) -> Result<TensorData, ApiError> {
-    let mut leaves: Vec<&Value> = Vec::with_capacity(count.min(1 << 24));
-    flatten(data, &mut leaves);
-    if leaves.len() != count {
-        return Err(ApiError::bad(format!("input {name}: shape needs {count} elements but data has {}", leaves.len())));
-    }
-    let bad = |i: usize, v: &Value| ApiError::bad(format!("input {name}: element {i} ({v}) is not a valid {dt}"));
-    with_fixed!(dt, T, V => {
-        let values = leaves
-            .iter()
-            .enumerate()
-            .map(|(i, v)| T::from_json(v).ok_or_else(|| bad(i, v)))
-            .collect::<Result<Vec<T>, _>>()?;
-        Ok(V(values))
-    }, bytes => {
-        let values = leaves
-            .iter()
-            .enumerate()
-            .map(|(i, v)| v.as_str().map(|s| s.as_bytes().to_vec()).ok_or_else(|| bad(i, v)))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(TensorData::Bytes(values))
-    })
+/// One leaf of a JSON tensor, as the parser met it.
+#[derive(Debug, Clone, Copy)]
+enum Leaf<'a> {
+    U(u64),
+    I(i64),
+    F(f64),
+    B(bool),
+    S(&'a str),
+    Null,
+    Object,
 }
 
-/// The leaves of nested arrays in row-major order.
-fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
-    match v {
-        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        leaf => out.push(leaf),
+impl std::fmt::Display for Leaf<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Leaf::U(v) => write!(f, "{v}"),
+            Leaf::I(v) => write!(f, "{v}"),
+            Leaf::F(v) => write!(f, "{v}"),
+            Leaf::B(v) => write!(f, "{v}"),
+            Leaf::S(v) => write!(f, "{v:?}"),
+            Leaf::Null => f.write_str("null"),
+            Leaf::Object => f.write_str("an object"),
+        }
     }
+}
+
+/// Walks nested JSON arrays in row-major order and hands each leaf to `push`
+/// as the parser meets it, so nothing but the destination buffer grows.
+struct Leaves<'p, F>(&'p mut F);
+
+impl<'de, F: FnMut(Leaf<'_>) -> Result<(), String>> serde::de::DeserializeSeed<'de> for Leaves<'_, F> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, F: FnMut(Leaf<'_>) -> Result<(), String>> serde::de::Visitor<'de> for Leaves<'_, F> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("tensor elements, possibly in nested arrays")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Leaves(&mut *self.0))?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        (self.0)(Leaf::U(v)).map_err(E::custom)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        (self.0)(Leaf::I(v)).map_err(E::custom)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        (self.0)(Leaf::F(v)).map_err(E::custom)
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        (self.0)(Leaf::B(v)).map_err(E::custom)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        (self.0)(Leaf::S(v)).map_err(E::custom)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        (self.0)(Leaf::Null).map_err(E::custom)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        (self.0)(Leaf::Object).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Decodes JSON tensor data of `count` elements of `dt` straight into its
+/// buffer: each leaf converted as the parser meets it, more leaves than the
+/// shape holds refused at the first extra one.
+fn from_json(
+    name: &str,
+    dt: DataType,
+    count: usize,
+    data: &serde_json::value::RawValue,
+) -> Result<TensorData, ApiError> {
+    fn walk<T>(
+        name: &str,
+        dt: DataType,
+        count: usize,
+        data: &serde_json::value::RawValue,
+        convert: impl Fn(Leaf<'_>) -> Option<T>,
+    ) -> Result<Vec<T>, ApiError> {
+        // Every element takes at least two bytes of text ("0,"): the text bounds
+        // the buffer, whatever shape the request claims.
+        let mut out: Vec<T> = Vec::with_capacity(count.min(data.get().len() / 2 + 1));
+        let mut push = |leaf: Leaf<'_>| {
+            if out.len() == count {
+                return Err(format!("shape needs {count} elements but data has more"));
+            }
+            let value = convert(leaf).ok_or_else(|| format!("element {} ({leaf}) is not a valid {dt}", out.len()))?;
+            out.push(value);
+            Ok(())
+        };
+        let mut de = serde_json::Deserializer::from_str(data.get());
+        serde::de::DeserializeSeed::deserialize(Leaves(&mut push), &mut de).map_err(|e| {
+            // A message of ours comes back with the parser's position after it.
+            let text = e.to_string();
+            let text = text.split(" at line ").next().unwrap_or(&text).to_string();
+            ApiError::bad(format!("input {name}: {text}"))
+        })?;
+        if out.len() != count {
+            return Err(ApiError::bad(format!(
+                "input {name}: shape needs {count} elements but data has {}",
+                out.len()
+            )));
+        }
+        Ok(out)
+    }
+    with_fixed!(dt, T, V => Ok(V(walk(name, dt, count, data, T::from_leaf)?)), bytes => {
+        let items = walk(name, dt, count, data, |leaf| match leaf {
+            Leaf::S(s) => Some(s.as_bytes().to_vec()),
+            _ => None,
+        })?;
+        Ok(TensorData::Bytes(items))
+    })
 }
 
 /// Bytes of the binary tensor encoding of `data`.
@@ -838,7 +942,7 @@ mod tests {
             (DataType::FP64, "[0.1,-1e+300]"),
             (DataType::BYTES, r#"["héllo",""]"#),
         ] {
-            let data: Value = serde_json::from_str(json).expect("json");
+            let data = serde_json::value::RawValue::from_string(json.to_string()).expect("json");
             let t = from_json("x", dt, 2, &data).expect("decode");
             assert_eq!(t.datatype(), dt);
             let out = serde_json::to_string(&JsonData(t.clone())).expect("ser");
@@ -858,11 +962,23 @@ mod tests {
             (DataType::FP16, "[70000]"),
             (DataType::BF16, "[-1e39]"),
         ] {
-            let data: Value = serde_json::from_str(json).expect("json");
+            let data = serde_json::value::RawValue::from_string(json.to_string()).expect("json");
             let err = from_json("x", dt, 1, &data).expect_err(json);
             assert!(err.message.contains("input x: element 0") && err.message.contains(dt.name()), "{}", err.message);
         }
-        let big: Value = serde_json::from_str("[3.4e38, 65504]").expect("json");
+        let raw = |t: &str| serde_json::value::RawValue::from_string(t.into()).expect("json");
+        let t = from_json("x", DataType::INT32, 4, &raw("[[1,2],[3,[4]]]")).expect("nested");
+        assert_eq!(t, TensorData::I32(vec![1, 2, 3, 4]));
+        let more = from_json("x", DataType::FP32, 2, &raw("[1,2,3,4]")).expect_err("more");
+        assert_eq!(more.message, "input x: shape needs 2 elements but data has more");
+        let fewer = from_json("x", DataType::FP32, 4, &raw("[1,2,3]")).expect_err("fewer");
+        assert_eq!(fewer.message, "input x: shape needs 4 elements but data has 3");
+        let object = from_json("x", DataType::FP32, 1, &raw(r#"[{"a":1}]"#)).expect_err("object");
+        assert!(object.message.contains("element 0 (an object) is not a valid FP32"), "{}", object.message);
+        // A shape far larger than the text reserves nothing for it.
+        let huge = from_json("x", DataType::FP64, 1 << 40, &raw("[1]")).expect_err("short");
+        assert!(huge.message.contains("but data has 1"), "{}", huge.message);
+        let big = serde_json::value::RawValue::from_string("[3.4e38, 65504]".into()).expect("json");
         assert!(from_json("x", DataType::FP32, 2, &big).is_ok());
         // A BYTES length prefix that overruns the data is refused.
         assert!(from_binary("x", DataType::BYTES, 1, &[9, 0, 0, 0, b'a']).is_err());

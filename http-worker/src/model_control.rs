@@ -157,7 +157,8 @@ pub(crate) async fn load(
     if let Some(r) = refused(mc.mode) {
         return r;
     }
-    let body = match crate::router::read_body(&headers, body, state.max_request_bytes()).await {
+    let (body, _share) = match crate::router::read_body(&headers, body, state.max_request_bytes(), state.budget()).await
+    {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };

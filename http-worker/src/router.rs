@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::json;
+use tandem_shared::budget::{Budget, Refused, Share, WAIT};
 use tandem_shared::stats::{ModelStats, Stats, Timings};
 use tandem_shared::sys::shm::Region;
 use tandem_shared::WorkerSettings;
@@ -49,6 +50,8 @@ struct Inner {
     /// `REQUEST_TIMEOUT`: a plain-HTTP body must arrive within it (HTTPS bodies
     /// arrive whole, read by the HTTPS worker under the same rule).
     body_timeout: std::time::Duration,
+    /// Request bytes this worker holds at once (`MAX_INFLIGHT_BYTES`).
+    budget: Arc<Budget>,
     engine: Arc<Engine>,
     engine_info: serde_json::Value,
     cert_status: Option<std::path::PathBuf>,
@@ -83,6 +86,7 @@ impl AppState {
                 num_workers: settings.num_workers,
                 max_request_bytes: usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX),
                 body_timeout: settings.timeouts.body,
+                budget: Budget::new(settings.inflight_bytes_or_default()),
                 engine,
                 engine_info: engine_info(&settings.engine),
                 cert_status: settings.cert_status.clone(),
@@ -114,6 +118,11 @@ impl AppState {
     /// `MAX_REQUEST_BYTES`.
     pub(crate) fn max_request_bytes(&self) -> usize {
         self.inner.max_request_bytes
+    }
+
+    /// This worker's memory budget for request bodies.
+    pub(crate) fn budget(&self) -> &Budget {
+        &self.inner.budget
     }
 
     /// Model load and unload.
@@ -158,7 +167,13 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        error(self.status, self.message)
+        let busy = self.status == StatusCode::SERVICE_UNAVAILABLE;
+        let mut res = error(self.status, self.message);
+        if busy {
+            // Every 503 the engine makes is a "not now": say when to come back.
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        res
     }
 }
 
@@ -259,14 +274,21 @@ pub fn router(state: AppState) -> Router {
         }))
 }
 
-/// Reads a request body of at most `limit` bytes: 413 past it (at once when
-/// `Content-Length` says so), 408 when it does not arrive within
-/// `REQUEST_TIMEOUT` ([`tandem_shared::serve::BodyDeadline`]), 400 when it breaks off.
+/// Reads a request body of at most `limit` bytes, taking its share of this
+/// worker's memory budget as it arrives (twice its size, the body and what
+/// is decoded from it; once when it is compressed: [`crate::compression::inflate`]
+/// counts what it inflates to; [`tandem_shared::budget`]): 413 past the limit (at once
+/// when `Content-Length` says so), 503 with `Retry-After` when the budget stays
+/// taken, 408 when the body does not arrive within `REQUEST_TIMEOUT`
+/// ([`tandem_shared::serve::BodyDeadline`]), 400 when it breaks off. The share
+/// is held until the caller drops it (after the answer is made).
 pub(crate) async fn read_body(
     headers: &HeaderMap,
-    body: axum::body::Body,
+    mut body: axum::body::Body,
     limit: usize,
-) -> Result<axum::body::Bytes, ApiError> {
+    budget: &Budget,
+) -> Result<(axum::body::Bytes, Share), ApiError> {
+    use http_body_util::BodyExt;
     let too_large = || ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         message: format!("request body exceeds MAX_REQUEST_BYTES ({limit} bytes)"),
@@ -276,19 +298,48 @@ pub(crate) async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(s) = source {
-            if s.is::<http_body_util::LengthLimitError>() {
-                return too_large();
+    // A compressed body is held once (what it inflates to is counted as it
+    // inflates); a plain one twice, for the tensors decoded from it.
+    let compressed = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.to_str().unwrap_or("").trim().eq_ignore_ascii_case("identity"));
+    let factor = if compressed { 1 } else { 2 };
+    let mut share = Share::default();
+    let declared = declared.unwrap_or(0) as usize;
+    budget.take(&mut share, declared as u64 * factor, WAIT).await.map_err(refused)?;
+    let mut buf = bytes::BytesMut::with_capacity(declared);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(s) = source {
+                if let Some(t) = s.downcast_ref::<tandem_shared::serve::BodyTimedOut>() {
+                    return ApiError { status: StatusCode::REQUEST_TIMEOUT, message: t.to_string() };
+                }
+                source = s.source();
             }
-            if let Some(t) = s.downcast_ref::<tandem_shared::serve::BodyTimedOut>() {
-                return ApiError { status: StatusCode::REQUEST_TIMEOUT, message: t.to_string() };
-            }
-            source = s.source();
+            ApiError::bad(format!("cannot read the request body: {e}"))
+        })?;
+        let Ok(data) = frame.into_data() else { continue };
+        let after = buf.len() + data.len();
+        if after > limit {
+            return Err(too_large());
         }
-        ApiError::bad(format!("cannot read the request body: {e}"))
-    })
+        if after > declared {
+            // Past what was declared (or nothing was): the rest is counted as it comes.
+            let beyond = after - declared.max(buf.len());
+            budget.take(&mut share, beyond as u64 * factor, WAIT).await.map_err(refused)?;
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok((buf.freeze(), share))
+}
+
+/// The answer to a request the memory budget cannot take.
+pub(crate) fn refused(e: Refused) -> ApiError {
+    match e {
+        Refused::TooLarge { .. } => ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, message: e.to_string() },
+        Refused::Busy => ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: e.to_string() },
+    }
 }
 
 /// `SSL_REDIRECT_HTTP`: a 308 to the same URL over HTTPS, except for health
@@ -544,9 +595,10 @@ async fn run_infer(
     started: Instant,
 ) -> Result<(Response, u64, u64, Timings), ApiError> {
     let limit = state.inner.max_request_bytes;
-    let bytes = read_body(headers, body, limit).await?;
-    // gzip / deflate bodies (tritonclient's request compression), inflated within MAX_REQUEST_BYTES.
-    let bytes = match crate::compression::inflate(headers, &bytes, limit)? {
+    let (bytes, mut share) = read_body(headers, body, limit, &state.inner.budget).await?;
+    // gzip / deflate bodies (tritonclient's request compression), inflated within
+    // MAX_REQUEST_BYTES, the inflated bytes counted against the budget as they come.
+    let bytes = match crate::compression::inflate(headers, &bytes, limit, &state.inner.budget, &mut share).await? {
         Some(inflated) => axum::body::Bytes::from(inflated),
         None => bytes,
     };

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use tandem_shared::budget::{Budget, Share};
 use tandem_shared::frame::{decode_response, encode_request, FrameError};
 use tandem_shared::stats::Stats;
 use tandem_shared::sys::shm::{Region, DONE, FAILED, SUBMITTED};
@@ -33,6 +34,9 @@ const WATCH_MAX_PENDING: usize = 2;
 /// How long a request may wait for a free slot before 503 (bursts queue, overload is refused).
 const QUEUE_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a request waits for its share of the memory budget before 503.
+const BUDGET_WAIT: Duration = tandem_shared::budget::WAIT;
+
 /// How much of a too-large body is still read (and dropped) so that a client
 /// that is still sending reads the 413 instead of a broken connection.
 const DRAIN_BYTES: usize = 64 << 20;
@@ -43,14 +47,27 @@ pub enum BodyError {
     TooLarge,
     /// The connection failed.
     Read(hyper::Error),
+    /// The memory budget for bodies in flight would not take it.
+    Budget(tandem_shared::budget::Refused),
 }
 
 /// Reads a body of at most `limit` bytes. Past the limit it reads on and drops
 /// up to [`DRAIN_BYTES`] more, so the 413 reaches a client still sending (an
 /// HTTP/2 stream answered before its body would be reset under the client).
-pub async fn read_body(mut body: Incoming, limit: usize, expected: Option<u64>) -> Result<Bytes, BodyError> {
+/// The body is counted against `budget` into `share` as it arrives (its
+/// declared length at once): the process never holds more bodies than its
+/// memory budget allows.
+pub async fn read_body(
+    mut body: Incoming,
+    limit: usize,
+    expected: Option<u64>,
+    budget: &Budget,
+    share: &mut Share,
+) -> Result<Bytes, BodyError> {
+    let declared = expected.map_or(0, |n| n.min(limit as u64) as usize);
+    budget.take(share, declared as u64, BUDGET_WAIT).await.map_err(BodyError::Budget)?;
     // One allocation when the length is declared (no regrowth copies of a large body).
-    let mut buf = bytes::BytesMut::with_capacity(expected.map_or(0, |n| n.min(limit as u64) as usize));
+    let mut buf = bytes::BytesMut::with_capacity(declared);
     let mut over = false;
     let mut drained = 0usize;
     while let Some(frame) = body.frame().await {
@@ -65,6 +82,11 @@ pub async fn read_body(mut body: Incoming, limit: usize, expected: Option<u64>) 
             over = true;
             buf.clear();
         } else {
+            let after = buf.len() + data.len();
+            if after > declared {
+                let beyond = after - declared.max(buf.len());
+                budget.take(share, beyond as u64, BUDGET_WAIT).await.map_err(BodyError::Budget)?;
+            }
             buf.extend_from_slice(&data);
         }
     }
@@ -265,6 +287,22 @@ pub struct Forwarder {
     stats: Stats,
     /// With `ACCESS_LOG`: this worker's id, for the lines of the answers it makes itself.
     access_log: Option<u64>,
+    /// Request bytes this worker holds at once (`MAX_INFLIGHT_BYTES`).
+    budget: Arc<Budget>,
+}
+
+/// The answer to a body the memory budget would not take: 503 with
+/// `Retry-After` while others hold it, 413 when it alone is larger.
+pub fn budget_refused(e: &tandem_shared::budget::Refused) -> Response<Full<Bytes>> {
+    use tandem_shared::budget::Refused;
+    match e {
+        Refused::TooLarge { .. } => json_error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()),
+        Refused::Busy => {
+            let mut res = json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            res
+        }
+    }
 }
 
 /// The answer to a request that no engine will start because the supervisor died.
@@ -289,6 +327,8 @@ pub struct ForwardOptions {
     pub access_log: Option<u64>,
     /// Headers added to every answer (`Strict-Transport-Security`).
     pub extra_headers: HeaderMap,
+    /// `MAX_INFLIGHT_BYTES` for this worker.
+    pub inflight_bytes: u64,
 }
 
 /// Marks a response the HTTPS worker made itself (the engine counts the ones it made).
@@ -319,6 +359,7 @@ impl Forwarder {
     pub fn new(region: Arc<Region>, completions: Arc<Completions>, stats: Stats, options: ForwardOptions) -> Self {
         Forwarder {
             stats,
+            budget: Budget::new(options.inflight_bytes),
             access_log: options.access_log,
             region,
             completions,
@@ -379,9 +420,13 @@ impl Forwarder {
             return res;
         }
         let (mut parts, body) = req.into_parts();
-        let body = match tokio::time::timeout(self.timeout, read_body(body, limit, declared)).await {
+        // Held until the answer is back: the body's copy in the ring is in use until then.
+        let mut share = Share::default();
+        let read = read_body(body, limit, declared, &self.budget, &mut share);
+        let body = match tokio::time::timeout(self.timeout, read).await {
             Ok(Ok(b)) => b,
             Ok(Err(BodyError::TooLarge)) => return self.too_large(),
+            Ok(Err(BodyError::Budget(e))) => return budget_refused(&e),
             Ok(Err(BodyError::Read(e))) => {
                 return json_error(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}"))
             }

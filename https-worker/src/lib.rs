@@ -255,6 +255,7 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         timeout: shm.request_timeout,
         access_log: settings.access_log.then_some(settings.worker_id),
         extra_headers,
+        inflight_bytes: settings.inflight_bytes_or_default(),
     };
     let forwarder = Arc::new(forward::Forwarder::new(region, completions.clone(), stats.clone(), options));
     let budget = tandem_shared::serve::connection_budget();

@@ -75,6 +75,8 @@ pub struct Options {
     pub acme_http01: Option<PathBuf>,
     /// `IDLE_TIMEOUT`: an upgraded connection (WebSocket) with no byte moving is closed after it.
     pub idle_timeout: Duration,
+    /// `MAX_INFLIGHT_BYTES`: bodies read before forwarding that this worker holds at once.
+    pub inflight_bytes: u64,
 }
 
 /// The proxy: a pool of copies and how to treat requests.
@@ -82,6 +84,7 @@ pub struct Proxy {
     pool: Arc<Pool>,
     stats: Stats,
     opts: Options,
+    budget: Arc<tandem_shared::budget::Budget>,
 }
 
 /// What one request came with, for the headers tandem sets.
@@ -306,7 +309,8 @@ fn cause(e: &(dyn std::error::Error + 'static)) -> String {
 impl Proxy {
     /// A proxy over `pool`, counting into `stats`.
     pub fn new(pool: Arc<Pool>, stats: Stats, opts: Options) -> Self {
-        Proxy { pool, stats, opts }
+        let budget = tandem_shared::budget::Budget::new(opts.inflight_bytes);
+        Proxy { pool, stats, opts, budget }
     }
 
     /// Serves one request that came on the listener at `port`; never fails
@@ -403,13 +407,22 @@ impl Proxy {
         if declared.is_some_and(|n| n > limit) {
             return (too_large(), None);
         }
+        // A body read before forwarding is held until the copy answered.
+        let mut share = tandem_shared::budget::Share::default();
         let mut outgoing = if body.is_end_stream() {
             Outgoing::Replayable(Bytes::new())
         } else if declared.is_some_and(|n| n <= REPLAYABLE_BYTES) {
             let cap = usize::try_from(limit).unwrap_or(usize::MAX);
-            match tokio::time::timeout_at(deadline, read_body(body, cap, declared)).await {
+            match tokio::time::timeout_at(deadline, read_body(body, cap, declared, &self.budget, &mut share)).await {
                 Ok(Ok(b)) => Outgoing::Replayable(b),
                 Ok(Err(BodyError::TooLarge)) => return (too_large(), None),
+                Ok(Err(BodyError::Budget(e))) => {
+                    let status = match e {
+                        tandem_shared::budget::Refused::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                        tandem_shared::budget::Refused::Busy => return (unavailable(&e.to_string()), None),
+                    };
+                    return (local(status, &e.to_string()), None);
+                }
                 Ok(Err(BodyError::Read(e))) => {
                     return (local(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}")), None)
                 }

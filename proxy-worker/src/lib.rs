@@ -108,6 +108,7 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>, threads: u
         ready_path: proxy.ready_path.clone(),
         acme_http01: settings.acme_http01.clone(),
         idle_timeout: settings.timeouts.idle,
+        inflight_bytes: settings.inflight_bytes_or_default(),
     };
     let reloads = match &tls {
         Some((_, _, t)) => Some(t.spawn_reloads(&settings, control.clone(), stats.clone())?),

@@ -174,6 +174,11 @@ pub const ENV_VARS: &[EnvVar] = &[
         meaning: "largest request body accepted (bytes); larger gets 413",
     },
     EnvVar {
+        name: "MAX_INFLIGHT_BYTES",
+        default: "a quarter of the memory (cgroup limit, else RAM) ÷ serving processes",
+        meaning: "request bytes one worker holds at once (a body counts twice, itself and its tensors; a compressed one once plus twice what it inflates to); at least 3 x MAX_REQUEST_BYTES; past it, 503 with Retry-After",
+    },
+    EnvVar {
         name: "REQUEST_TIMEOUT",
         default: "60",
         meaning: "seconds an HTTPS request may wait for the engine before 504",
@@ -431,6 +436,8 @@ pub struct Config {
     pub exit_on_model_error: bool,
     /// Largest accepted request body.
     pub max_request_bytes: u64,
+    /// `MAX_INFLIGHT_BYTES`: request bytes one worker holds at once (`None`: sized from the memory).
+    pub max_inflight_bytes: Option<u64>,
     /// How long an HTTPS request may wait for the engine.
     pub request_timeout: Duration,
     /// Slots of the shared-memory ring.
@@ -529,6 +536,7 @@ struct Raw {
     strict_readiness: Option<String>,
     exit_on_model_error: Option<String>,
     max_request_bytes: Option<String>,
+    max_inflight_bytes: Option<String>,
     request_timeout: Option<String>,
     shm_slots: Option<String>,
     shm_slot_bytes: Option<String>,
@@ -987,6 +995,15 @@ impl Config {
             c.get("MAX_REQUEST_BYTES", &raw.max_request_bytes, 64 << 20, "a byte count from 1024 to 4294967296", |v| {
                 parse_range(v, 1024u64, 1 << 32)
             });
+        let max_inflight_bytes = raw.max_inflight_bytes.as_ref().and_then(|v| {
+            let accepted =
+                format!("a byte count of at least MAX_REQUEST_BYTES x 3 ({}), up to 2^50", max_request_bytes * 3);
+            let parsed = parse_range(v.trim(), max_request_bytes * 3, 1 << 50);
+            if parsed.is_none() {
+                c.bad("MAX_INFLIGHT_BYTES", v, accepted);
+            }
+            parsed
+        });
         let request_timeout = {
             let (accepted, parse) = seconds(1, 86400);
             c.get("REQUEST_TIMEOUT", &raw.request_timeout, Duration::from_secs(60), &accepted, parse)
@@ -1127,6 +1144,7 @@ impl Config {
             repository_poll,
             exit_on_model_error,
             max_request_bytes,
+            max_inflight_bytes,
             request_timeout,
             shm_slots,
             shm_slot_bytes,
@@ -1207,6 +1225,16 @@ mod tests {
 
     fn parse(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
         Config::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn the_inflight_budget_holds_three_largest_requests_at_least() {
+        assert_eq!(parse(&[]).expect("default").max_inflight_bytes, None);
+        let c = parse(&[("MAX_REQUEST_BYTES", "1048576"), ("MAX_INFLIGHT_BYTES", "3145728")]).expect("3x");
+        assert_eq!(c.max_inflight_bytes, Some(3 << 20));
+        let err = parse(&[("MAX_REQUEST_BYTES", "1048576"), ("MAX_INFLIGHT_BYTES", "2097152")]).expect_err("2x");
+        assert!(err.to_string().contains("MAX_INFLIGHT_BYTES"), "{err}");
+        assert!(parse(&[("MAX_INFLIGHT_BYTES", "lots")]).is_err());
     }
 
     #[test]

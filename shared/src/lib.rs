@@ -5,6 +5,7 @@
 
 pub mod access;
 pub mod balance;
+pub mod budget;
 pub mod cert_cache;
 pub mod cert_status;
 pub mod check;
@@ -90,6 +91,9 @@ pub struct WorkerSettings {
     pub engine: EngineSettings,
     /// Largest accepted request body in bytes.
     pub max_request_bytes: u64,
+    /// This worker's budget for request bytes in flight (`MAX_INFLIGHT_BYTES`, [`budget`]).
+    #[serde(default)]
+    pub inflight_bytes: u64,
     /// Drain time on stop.
     pub graceful_timeout: Duration,
     /// Connection timeouts on this worker's listener.
@@ -126,6 +130,19 @@ pub struct WorkerSettings {
     /// The proxy worker's settings (`WORKER_COMMAND`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<ProxySettings>,
+}
+
+impl WorkerSettings {
+    /// This worker's memory budget for request bytes in flight: what the
+    /// supervisor sized (`MAX_INFLIGHT_BYTES`), else room for one largest
+    /// request (three times `MAX_REQUEST_BYTES`: [`budget`]).
+    pub fn inflight_bytes_or_default(&self) -> u64 {
+        if self.inflight_bytes == 0 {
+            self.max_request_bytes.saturating_mul(3)
+        } else {
+            self.inflight_bytes
+        }
+    }
 }
 
 /// What the proxy worker needs beyond the common settings.

@@ -402,6 +402,11 @@ impl Supervisor {
             model_repository: self.model_repository.clone(),
             engine: self.engine_settings(worker_id),
             max_request_bytes: self.config.max_request_bytes,
+            inflight_bytes: self.config.max_inflight_bytes.unwrap_or_else(|| {
+                // Every serving process (the engines, the TLS or proxy worker) gets an equal part.
+                let processes = self.http_slots() + usize::from(self.https_addr.is_some());
+                tandem_shared::budget::default_bytes(processes, self.config.max_request_bytes * 3)
+            }),
             graceful_timeout: self.config.graceful_timeout,
             timeouts: self.config.timeouts,
             shm: self.shm.as_ref().map(|_| ShmSettings {

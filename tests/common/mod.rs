@@ -239,13 +239,18 @@ impl Tandem {
 
     /// A client trusting only `ca_pem`.
     pub fn https_client(ca_pem: &str) -> reqwest::blocking::Client {
+        Self::https_client_within(ca_pem, Duration::from_secs(10))
+    }
+
+    /// [`Tandem::https_client`] giving each request `timeout`.
+    pub fn https_client_within(ca_pem: &str, timeout: Duration) -> reqwest::blocking::Client {
         install_provider();
         reqwest::blocking::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
             .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
             .tls_info(true)
-            .timeout(Duration::from_secs(10))
+            .timeout(timeout)
             .build()
             .unwrap()
     }

@@ -1,0 +1,179 @@
+//! Memory as a budget: the bytes of request bodies a process holds at once
+//! (`MAX_INFLIGHT_BYTES`). A request takes its share before its body is read
+//! (its declared length, or as it arrives) and gives it back when its answer
+//! is made; one that cannot get it within a short wait is answered 503 with
+//! `Retry-After`, so no mix of concurrent uploads can grow a worker past what
+//! the machine (or its cgroup) gives it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Bytes per unit of the budget (reservations round up to it).
+const UNIT: u64 = 1024;
+
+/// How long a request waits for its share before it is answered 503.
+pub const WAIT: Duration = Duration::from_secs(2);
+
+/// One process's budget for request bodies in flight.
+#[derive(Debug)]
+pub struct Budget {
+    units: Arc<Semaphore>,
+    bytes: u64,
+}
+
+/// Why a share was not given.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refused {
+    /// The request alone is larger than the whole budget.
+    #[error("the request needs {need} bytes of memory in flight but this worker has {budget} (MAX_INFLIGHT_BYTES)")]
+    TooLarge {
+        /// What it asked for.
+        need: u64,
+        /// The budget.
+        budget: u64,
+    },
+    /// Others hold the budget; try again shortly.
+    #[error("the server is holding as many request bodies as its memory allows (MAX_INFLIGHT_BYTES); retry shortly")]
+    Busy,
+}
+
+/// A request's share of the budget, given back when dropped; it grows as the
+/// request's body does.
+#[derive(Debug, Default)]
+pub struct Share {
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Share {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.permit.as_ref().map_or(0, |p| p.num_permits() as u64 * UNIT)
+    }
+}
+
+impl Budget {
+    /// A budget of `bytes` (at least one unit).
+    pub fn new(bytes: u64) -> Arc<Budget> {
+        let units = (bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS as u64);
+        Arc::new(Budget { units: Arc::new(Semaphore::new(units as usize)), bytes: units * UNIT })
+    }
+
+    /// The budget's size.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Bytes not held by any request now.
+    pub fn free(&self) -> u64 {
+        self.units.available_permits() as u64 * UNIT
+    }
+
+    /// Grows `share` by `bytes`, waiting up to `wait` for others to give theirs back.
+    pub async fn take(&self, share: &mut Share, bytes: u64, wait: Duration) -> Result<(), Refused> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let need = share.bytes().saturating_add(bytes);
+        if need > self.bytes {
+            return Err(Refused::TooLarge { need, budget: self.bytes });
+        }
+        let units = u32::try_from(bytes.div_ceil(UNIT)).map_err(|_| Refused::TooLarge { need, budget: self.bytes })?;
+        let got = match self.units.clone().try_acquire_many_owned(units) {
+            Ok(p) => p,
+            Err(_) => match tokio::time::timeout(wait, self.units.clone().acquire_many_owned(units)).await {
+                Ok(Ok(p)) => p,
+                _ => return Err(Refused::Busy),
+            },
+        };
+        match &mut share.permit {
+            Some(p) => p.merge(got),
+            None => share.permit = Some(got),
+        }
+        Ok(())
+    }
+}
+
+/// The default budget of one process: a quarter of the memory this process
+/// may use (its cgroup's limit, else the machine's), shared by the `processes`
+/// that serve requests, and never below `floor` (one largest request).
+pub fn default_bytes(processes: usize, floor: u64) -> u64 {
+    let memory = memory_limit().unwrap_or(4 << 30);
+    (memory / 4 / processes.max(1) as u64).max(floor)
+}
+
+/// The memory this process may use: the smallest of its cgroup's limit (v2
+/// `memory.max` or v1 `memory.limit_in_bytes`) and the machine's total.
+pub fn memory_limit() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|text| cgroup_limit(&text));
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    }
+}
+
+fn cgroup_limit(proc_self_cgroup: &str) -> Option<u64> {
+    let read = |path: String| {
+        std::fs::read_to_string(path).ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|&v| v < (1 << 60))
+    };
+    for line in proc_self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controllers.split(',').any(|c| c == "memory") {
+            if let Some(v) = read(format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")) {
+                return Some(v);
+            }
+        } else if controllers.is_empty() {
+            if let Some(v) = read(format!("/sys/fs/cgroup{path}/memory.max")) {
+                return Some(v);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shares_grow_wait_and_come_back() {
+        let b = Budget::new(10 * UNIT);
+        let mut a = Share::default();
+        b.take(&mut a, 6 * UNIT, WAIT).await.expect("fits");
+        b.take(&mut a, 1, WAIT).await.expect("a byte rounds up to a unit");
+        assert_eq!((a.bytes(), b.free()), (7 * UNIT, 3 * UNIT));
+        let mut c = Share::default();
+        assert_eq!(b.take(&mut c, 4 * UNIT, Duration::from_millis(50)).await, Err(Refused::Busy));
+        assert_eq!(
+            b.take(&mut c, 11 * UNIT, WAIT).await,
+            Err(Refused::TooLarge { need: 11 * UNIT, budget: 10 * UNIT })
+        );
+        // A share given back lets the waiting one in.
+        let waiting = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let mut c = Share::default();
+                b.take(&mut c, 4 * UNIT, WAIT).await.map(|()| c.bytes())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(a);
+        assert_eq!(waiting.await.expect("task"), Ok(4 * UNIT));
+        assert_eq!(b.free(), 10 * UNIT);
+    }
+
+    #[test]
+    fn the_default_follows_the_memory_and_never_falls_below_one_request() {
+        assert!(memory_limit().is_some_and(|m| m > 0));
+        assert_eq!(default_bytes(1_000_000, 64 << 20), 64 << 20);
+        assert!(cgroup_limit("0::/nonexistent-group").is_none());
+    }
+}
