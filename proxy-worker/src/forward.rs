@@ -567,6 +567,21 @@ impl Proxy {
     }
 }
 
+/// The head a copy would receive for a client's request on the listener at
+/// `port` (`https` or not) from `peer`, with no client certificate: `None`
+/// when tandem answers the request itself. The pure part of the proxy's
+/// request path, for the fuzzer (`fuzz/fuzz_targets/proxy_head.rs`).
+pub fn head_for_copy<B>(req: &Request<B>, https: bool, port: u16, peer: Option<SocketAddr>) -> Option<HeaderMap> {
+    if refuse_framing(req).is_some() {
+        return None;
+    }
+    let upgrade = upgrade_of(req);
+    let mut headers = req.headers().clone();
+    let authority = req.uri().authority().map(|a| a.to_string());
+    rewrite(&mut headers, authority.as_deref(), &Origin { https, port, peer, client: None }, upgrade.as_ref());
+    Some(headers)
+}
+
 /// Methods the copies are sent (the answer to `OPTIONS *`).
 const ALLOWED: &str = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS";
 
