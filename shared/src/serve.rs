@@ -207,9 +207,26 @@ impl Activity {
 /// connection's place in the server's budget: a connection upgraded into a
 /// tunnel (WebSocket) keeps its stream, and so keeps counting, until the
 /// tunnel ends.
-struct Touch<T> {
+struct Touch<T, S> {
     inner: T,
-    slot: Slot,
+    stamp: S,
+}
+
+/// What a [`Touch`] stream tells when a byte moves (and holds while it lives).
+trait Stamp: Unpin {
+    fn stamp(&self);
+}
+
+impl Stamp for Slot {
+    fn stamp(&self) {
+        self.activity.touch();
+    }
+}
+
+impl Stamp for Arc<Activity> {
+    fn stamp(&self) {
+        self.touch();
+    }
 }
 
 /// A connection's place in the server's budget, its pacing record, and what it has been doing.
@@ -219,22 +236,22 @@ struct Slot {
     activity: Arc<Activity>,
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Touch<T> {
+impl<T: AsyncRead + Unpin, S: Stamp> AsyncRead for Touch<T, S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.slot.activity.touch();
+            self.stamp.stamp();
         }
         r
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<T> {
+impl<T: AsyncWrite + Unpin, S: Stamp> AsyncWrite for Touch<T, S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.slot.activity.touch();
+            self.stamp.stamp();
         }
         r
     }
@@ -254,7 +271,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Touch<T> {
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.slot.activity.touch();
+            self.stamp.stamp();
         }
         r
     }
@@ -638,41 +655,6 @@ impl Server {
     }
 }
 
-/// A stream that notes when a byte last moved through it (for [`tunnel`]).
-struct Stamped<T> {
-    inner: T,
-    activity: Arc<Activity>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Stamped<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Stamped<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// How a [`tunnel`] ended.
 #[derive(Debug)]
 pub enum TunnelEnd {
@@ -693,8 +675,8 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let activity = Arc::new(Activity::new());
-    let mut a = Stamped { inner: client, activity: activity.clone() };
-    let mut b = Stamped { inner: backend, activity: activity.clone() };
+    let mut a = Touch { inner: client, stamp: activity.clone() };
+    let mut b = Touch { inner: backend, stamp: activity.clone() };
     let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
     tokio::pin!(copy);
     let tick = (idle / 4).clamp(Duration::from_millis(100), Duration::from_secs(1));
@@ -802,7 +784,7 @@ async fn serve_connection<IO, S, B>(
     B: ResponseBody,
 {
     let activity = slot.activity.clone();
-    let io = TokioIo::new(Touch { inner: io, slot });
+    let io = TokioIo::new(Touch { inner: io, stamp: slot });
     let peer = conn.peer.0;
     let service = Counted { inner: service, activity: activity.clone(), conn };
     let conn = builder.serve_connection_with_upgrades(io, service);
