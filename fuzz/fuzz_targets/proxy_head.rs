@@ -11,7 +11,7 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let Some((&pick, rest)) = data.split_first() else { return };
     let version = [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2][pick as usize % 3];
-    let method = [Method::GET, Method::POST, Method::OPTIONS, Method::CONNECT][(pick as usize / 3) % 4];
+    let method = [Method::GET, Method::POST, Method::OPTIONS, Method::CONNECT][(pick as usize / 3) % 4].clone();
     let uri = ["/", "*", "example.com:443", "http://a.example/x"][(pick as usize / 12) % 4];
     let mut builder = Request::builder().method(method).version(version);
     builder = match uri.parse::<http::Uri>() {

@@ -95,12 +95,17 @@ pub struct LoadedConfig {
 }
 
 fn descriptor() -> MessageDescriptor {
-    // The descriptor set is built from our own proto file at compile time; a
-    // failure here is a build defect, caught by the unit tests.
-    #[allow(clippy::expect_used, reason = "compile-time data, checked by tests")]
-    let pool = DescriptorPool::decode(DESCRIPTORS).expect("model_config descriptor set decodes");
-    #[allow(clippy::expect_used, reason = "compile-time data, checked by tests")]
-    pool.get_message_by_name("inference.ModelConfig").expect("inference.ModelConfig is declared")
+    static DESCRIPTOR: std::sync::OnceLock<MessageDescriptor> = std::sync::OnceLock::new();
+    DESCRIPTOR
+        .get_or_init(|| {
+            // The descriptor set is built from our own proto file at compile time; a
+            // failure here is a build defect, caught by the unit tests.
+            #[allow(clippy::expect_used, reason = "compile-time data, checked by tests")]
+            let pool = DescriptorPool::decode(DESCRIPTORS).expect("model_config descriptor set decodes");
+            #[allow(clippy::expect_used, reason = "compile-time data, checked by tests")]
+            pool.get_message_by_name("inference.ModelConfig").expect("inference.ModelConfig is declared")
+        })
+        .clone()
 }
 
 /// Reads `<dir>/config.pbtxt` (else `config.json`); no file means all defaults.
