@@ -306,7 +306,7 @@ pub(crate) async fn read_body(
     let factor = if compressed { 1 } else { 2 };
     let mut share = Share::default();
     let declared = declared.unwrap_or(0) as usize;
-    budget.take(&mut share, declared as u64 * factor, WAIT).await.map_err(refused)?;
+    budget.reserve(&mut share, declared as u64 * factor, WAIT).await.map_err(refused)?;
     let mut buf = bytes::BytesMut::with_capacity(declared);
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
@@ -324,11 +324,8 @@ pub(crate) async fn read_body(
         if after > limit {
             return Err(too_large());
         }
-        if after > declared {
-            // Past what was declared (or nothing was): the rest is counted as it comes.
-            let beyond = after - declared.max(buf.len());
-            budget.take(&mut share, beyond as u64 * factor, WAIT).await.map_err(refused)?;
-        }
+        // Past what was declared (or nothing was), the rest is counted as it comes.
+        budget.reserve(&mut share, after as u64 * factor, WAIT).await.map_err(refused)?;
         buf.extend_from_slice(&data);
     }
     Ok((buf.freeze(), share))
@@ -336,10 +333,7 @@ pub(crate) async fn read_body(
 
 /// The answer to a request the memory budget cannot take.
 pub(crate) fn refused(e: Refused) -> ApiError {
-    match e {
-        Refused::TooLarge { .. } => ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, message: e.to_string() },
-        Refused::Busy => ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: e.to_string() },
-    }
+    ApiError { status: e.status(), message: e.to_string() }
 }
 
 /// `SSL_REDIRECT_HTTP`: a 308 to the same URL over HTTPS, except for health

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use tandem_shared::budget::{Budget, Share};
+use tandem_shared::budget::{Budget, Share, WAIT};
 use tandem_shared::frame::{decode_response, encode_request, FrameError};
 use tandem_shared::stats::Stats;
 use tandem_shared::sys::shm::{Region, DONE, FAILED, SUBMITTED};
@@ -33,9 +33,6 @@ const WATCH_BEFORE_PARK: Duration = Duration::from_micros(150);
 const WATCH_MAX_PENDING: usize = 2;
 /// How long a request may wait for a free slot before 503 (bursts queue, overload is refused).
 const QUEUE_WAIT: Duration = Duration::from_secs(1);
-
-/// How long a request waits for its share of the memory budget before 503.
-const BUDGET_WAIT: Duration = tandem_shared::budget::WAIT;
 
 /// How much of a too-large body is still read (and dropped) so that a client
 /// that is still sending reads the 413 instead of a broken connection.
@@ -65,7 +62,7 @@ pub async fn read_body(
     share: &mut Share,
 ) -> Result<Bytes, BodyError> {
     let declared = expected.map_or(0, |n| n.min(limit as u64) as usize);
-    budget.take(share, declared as u64, BUDGET_WAIT).await.map_err(BodyError::Budget)?;
+    budget.reserve(share, declared as u64, WAIT).await.map_err(BodyError::Budget)?;
     // One allocation when the length is declared (no regrowth copies of a large body).
     let mut buf = bytes::BytesMut::with_capacity(declared);
     let mut over = false;
@@ -82,11 +79,8 @@ pub async fn read_body(
             over = true;
             buf.clear();
         } else {
-            let after = buf.len() + data.len();
-            if after > declared {
-                let beyond = after - declared.max(buf.len());
-                budget.take(share, beyond as u64, BUDGET_WAIT).await.map_err(BodyError::Budget)?;
-            }
+            let after = (buf.len() + data.len()) as u64;
+            budget.reserve(share, after, WAIT).await.map_err(BodyError::Budget)?;
             buf.extend_from_slice(&data);
         }
     }
@@ -294,15 +288,11 @@ pub struct Forwarder {
 /// The answer to a body the memory budget would not take: 503 with
 /// `Retry-After` while others hold it, 413 when it alone is larger.
 pub fn budget_refused(e: &tandem_shared::budget::Refused) -> Response<Full<Bytes>> {
-    use tandem_shared::budget::Refused;
-    match e {
-        Refused::TooLarge { .. } => json_error(StatusCode::PAYLOAD_TOO_LARGE, &e.to_string()),
-        Refused::Busy => {
-            let mut res = json_error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
-            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            res
-        }
+    let mut res = json_error(e.status(), &e.to_string());
+    if e.status() == StatusCode::SERVICE_UNAVAILABLE {
+        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    res
 }
 
 /// The answer to a request that no engine will start because the supervisor died.

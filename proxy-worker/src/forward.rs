@@ -416,13 +416,10 @@ impl Proxy {
             match tokio::time::timeout_at(deadline, read_body(body, cap, declared, &self.budget, &mut share)).await {
                 Ok(Ok(b)) => Outgoing::Replayable(b),
                 Ok(Err(BodyError::TooLarge)) => return (too_large(), None),
-                Ok(Err(BodyError::Budget(e))) => {
-                    let status = match e {
-                        tandem_shared::budget::Refused::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-                        tandem_shared::budget::Refused::Busy => return (unavailable(&e.to_string()), None),
-                    };
-                    return (local(status, &e.to_string()), None);
+                Ok(Err(BodyError::Budget(e))) if e.status() == StatusCode::SERVICE_UNAVAILABLE => {
+                    return (unavailable(&e.to_string()), None)
                 }
+                Ok(Err(BodyError::Budget(e))) => return (local(e.status(), &e.to_string()), None),
                 Ok(Err(BodyError::Read(e))) => {
                     return (local(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}")), None)
                 }

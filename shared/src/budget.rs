@@ -46,6 +46,17 @@ pub struct Share {
     permit: Option<OwnedSemaphorePermit>,
 }
 
+impl Refused {
+    /// The status a request refused so is answered with: 413 when it alone
+    /// is larger than the budget, 503 (with `Retry-After`) while others hold it.
+    pub fn status(&self) -> http::StatusCode {
+        match self {
+            Refused::TooLarge { .. } => http::StatusCode::PAYLOAD_TOO_LARGE,
+            Refused::Busy => http::StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
 impl Share {
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
@@ -68,6 +79,16 @@ impl Budget {
     /// Bytes not held by any request now.
     pub fn free(&self) -> u64 {
         self.units.available_permits() as u64 * UNIT
+    }
+
+    /// Grows `share` until it holds at least `total` bytes (nothing to do when
+    /// it does already): what a body read so far needs, whatever was taken before.
+    pub async fn reserve(&self, share: &mut Share, total: u64, wait: Duration) -> Result<(), Refused> {
+        let held = share.bytes();
+        if total <= held {
+            return Ok(());
+        }
+        self.take(share, total - held, wait).await
     }
 
     /// Grows `share` by `bytes`, waiting up to `wait` for others to give theirs back.
@@ -152,6 +173,13 @@ mod tests {
         assert_eq!((a.bytes(), b.free()), (7 * UNIT, 3 * UNIT));
         let mut c = Share::default();
         assert_eq!(b.take(&mut c, 4 * UNIT, Duration::from_millis(50)).await, Err(Refused::Busy));
+        // Reserving a total takes only what is missing.
+        b.reserve(&mut c, 2 * UNIT, WAIT).await.expect("two units");
+        b.reserve(&mut c, 2 * UNIT - 10, WAIT).await.expect("covered");
+        b.reserve(&mut c, 3 * UNIT, WAIT).await.expect("one more");
+        assert_eq!((c.bytes(), b.free()), (3 * UNIT, 0));
+        drop(c);
+        let mut c = Share::default();
         assert_eq!(
             b.take(&mut c, 11 * UNIT, WAIT).await,
             Err(Refused::TooLarge { need: 11 * UNIT, budget: 10 * UNIT })

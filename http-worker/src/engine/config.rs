@@ -116,12 +116,7 @@ pub fn read(dir: &Path) -> Result<LoadedConfig, ConfigError> {
             Ok(m) if !m.is_file() => {
                 return Err(ConfigError::Invalid { path, message: "is not a regular file".into() });
             }
-            Ok(m) if m.len() > MAX_CONFIG_BYTES as u64 => {
-                return Err(ConfigError::Invalid {
-                    path,
-                    message: format!("holds {} bytes; at most {MAX_CONFIG_BYTES} are read", m.len()),
-                });
-            }
+            Ok(m) if m.len() > MAX_CONFIG_BYTES as u64 => return Err(too_large(path, m.len())),
             _ => {}
         }
         match std::fs::read_to_string(&path) {
@@ -133,13 +128,16 @@ pub fn read(dir: &Path) -> Result<LoadedConfig, ConfigError> {
     Ok(LoadedConfig::default())
 }
 
+/// A configuration of `len` bytes, more than [`MAX_CONFIG_BYTES`] (checked on
+/// a file before it is read, and on a load request's text).
+fn too_large(path: PathBuf, len: u64) -> ConfigError {
+    ConfigError::Invalid { path, message: format!("holds {len} bytes; at most {MAX_CONFIG_BYTES} are read") }
+}
+
 /// Parses `text` as the file `path` (its extension picks text format or JSON).
 pub fn parse(path: &Path, text: &str) -> Result<LoadedConfig, ConfigError> {
     if text.len() > MAX_CONFIG_BYTES {
-        return Err(ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message: format!("holds {} bytes; at most {MAX_CONFIG_BYTES} are read", text.len()),
-        });
+        return Err(too_large(path.to_path_buf(), text.len() as u64));
     }
     let desc = descriptor();
     let message = if path.extension().is_some_and(|e| e == "json") {
