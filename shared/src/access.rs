@@ -23,12 +23,13 @@ pub const CLIENT_HEADERS: [&str; 3] =
 /// one name), and the SHA-256 fingerprint. Nothing that cannot travel in a
 /// header survives: control characters are written `\xNN`.
 pub fn client_header_values(id: &crate::serve::ClientIdentity) -> [String; 3] {
-    let quoted = |s: &str| {
+    // What a header cannot carry, written byte by byte as `\xNN`; `quote`
+    // also escapes what would end or break a quoted string.
+    let escaped = |s: &str, quote: bool| {
         let mut out = String::with_capacity(s.len() + 2);
-        out.push('"');
         for c in s.chars() {
             match c {
-                '"' | '\\' => {
+                '"' | '\\' if quote => {
                     out.push('\\');
                     out.push(c);
                 }
@@ -41,16 +42,10 @@ pub fn client_header_values(id: &crate::serve::ClientIdentity) -> [String; 3] {
                 c => out.push(c),
             }
         }
-        out.push('"');
         out
     };
-    let printable = |s: &str| {
-        s.chars()
-            .map(|c| if c.is_control() || !c.is_ascii() { format!("\\x{:02x}", c as u32) } else { c.to_string() })
-            .collect::<String>()
-    };
-    let sans: Vec<String> = id.sans.iter().map(|s| quoted(s)).collect();
-    [printable(&id.subject), sans.join(", "), id.fingerprint.clone()]
+    let sans: Vec<String> = id.sans.iter().map(|s| format!("\"{}\"", escaped(s, true))).collect();
+    [escaped(&id.subject, false), sans.join(", "), id.fingerprint.clone()]
 }
 
 /// One answered request.
@@ -122,6 +117,15 @@ mod tests {
         for v in [&subject, &sans] {
             assert!(http::HeaderValue::from_str(v).is_ok(), "{v}");
         }
+        // Beyond ASCII, byte by byte in both: no escape can be read as two characters.
+        let id = crate::serve::ClientIdentity {
+            subject: "CN=é中".into(),
+            sans: vec!["DNS:é".into()],
+            fingerprint: String::new(),
+        };
+        let [subject, sans, _] = client_header_values(&id);
+        assert_eq!(subject, r"CN=\xc3\xa9\xe4\xb8\xad");
+        assert_eq!(sans, r#""DNS:\xc3\xa9""#);
     }
 
     #[test]
