@@ -624,9 +624,15 @@ impl Server {
             let service = service.clone();
             let timeouts = self.timeouts;
             let drain = self.drain.subscribe();
-            let silent = self.silent.clone();
+            let activity = Arc::new(Activity::new());
+            // Listed as silent here, before the task first runs: on a
+            // single-threaded runtime the loop may accept every place before
+            // any task starts, and an eviction must find them all.
+            let silent = self.silent.as_ref().map(|s| {
+                let close = Arc::new(tokio::sync::Notify::new());
+                (s.register(activity.clone(), close.clone()), close)
+            });
             tokio::spawn(async move {
-                let activity = Arc::new(Activity::new());
                 let slot = Slot { _permit: permit, _opened: opened, activity: activity.clone() };
                 let serve = async move {
                     // The handshake counts against HEADER_TIMEOUT too.
@@ -634,9 +640,7 @@ impl Server {
                     let conn = ConnInfo { peer: Peer(peer), client: accepted.client };
                     Box::pin(serve_connection(&builder, accepted.io, slot, service, timeouts, drain, conn)).await;
                 };
-                let Some(silent) = silent else { return serve.await };
-                let close = Arc::new(tokio::sync::Notify::new());
-                let _listed = silent.register(activity, close.clone());
+                let Some((_listed, close)) = silent else { return serve.await };
                 tokio::select! {
                     _ = serve => {}
                     _ = close.notified() => tracing::debug!(%peer, "closed a silent connection to make room"),
