@@ -9,9 +9,10 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use tandem_config::engine::BackendChoice;
 use tandem_http_worker::engine::tensor::{DataType, Tensor, TensorData};
 use tandem_http_worker::engine::{Engine, VersionState};
-use tandem_shared::{BackendChoice, EngineSettings};
+use tandem_shared::EngineSettings;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -823,8 +823,10 @@ mod tests {
 
     fn digits() -> Arc<ModelVersion> {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
-        let settings =
-            tandem_shared::EngineSettings { backend: tandem_shared::BackendChoice::Tract, ..Default::default() };
+        let settings = tandem_shared::EngineSettings {
+            backend: tandem_config::engine::BackendChoice::Tract,
+            ..Default::default()
+        };
         let engine = Engine::load(&repo, &settings, 1, &std::collections::BTreeMap::new()).expect("load");
         match engine.models()["digits"].version(None) {
             Some(VersionState::Ready(v)) => v.clone(),

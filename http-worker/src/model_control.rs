@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
-use tandem_shared::config::ModelControlMode;
+use tandem_config::engine::ModelControlMode;
 use tandem_shared::control::{Command, ControlClient, ModelChange, WorkerEvent, MAX_MODEL_CONFIG_BYTES};
 use tokio::sync::oneshot;
 

@@ -152,10 +152,10 @@ impl AppState {
 /// What `GET /` says about the engine: backend, library and version, device, threads.
 fn engine_info(e: &tandem_shared::EngineSettings) -> serde_json::Value {
     json!({
-        "default_backend": if e.onnxruntime.is_some() && e.backend != tandem_shared::BackendChoice::Tract { "onnxruntime" } else { "tract" },
+        "default_backend": if e.onnxruntime.is_some() && e.backend != tandem_config::engine::BackendChoice::Tract { "onnxruntime" } else { "tract" },
         "onnxruntime": e.onnxruntime.as_ref().map(|o| json!({ "version": o.version, "library": o.path, "cuda": o.cuda })),
         "fallback_reason": e.fallback_reason,
-        "device": match e.device { tandem_shared::Device::Cpu => "cpu", tandem_shared::Device::Cuda => "cuda" },
+        "device": match e.device { tandem_config::engine::Device::Cpu => "cpu", tandem_config::engine::Device::Cuda => "cuda" },
         "threads": e.threads,
     })
 }
@@ -440,7 +440,7 @@ async fn info(State(state): State<AppState>, scheme: Option<Extension<Scheme>>) 
 /// Server metadata; the extensions are the ones served (model load and unload only in explicit mode).
 async fn server_metadata(State(state): State<AppState>) -> Json<serde_json::Value> {
     let mut extensions = vec!["classification", "binary_tensor_data", "statistics", "model_configuration"];
-    if state.inner.model_control.mode == tandem_shared::config::ModelControlMode::Explicit {
+    if state.inner.model_control.mode == tandem_config::engine::ModelControlMode::Explicit {
         extensions.push("model_repository");
     }
     Json(json!({ "name": "tandem", "version": tandem_shared::VERSION, "extensions": extensions }))

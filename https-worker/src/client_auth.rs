@@ -12,7 +12,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ServerConnection, WebPkiClientVerifier};
-use tandem_shared::config::{ClientAuth, TlsVersion};
+use tandem_config::tls::ClientAuth;
+use tandem_config::tls::TlsVersion;
 use tandem_shared::serve::ClientIdentity;
 use tokio_rustls::TlsAcceptor;
 

@@ -81,13 +81,13 @@ fn fast_first(mut provider: rustls::crypto::CryptoProvider) -> rustls::crypto::C
 /// `client` verifies client certificates (mTLS) when given.
 pub fn server_config(
     resolver: Arc<ReloadableResolver>,
-    min: tandem_shared::config::TlsVersion,
+    min: tandem_config::tls::TlsVersion,
     client: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(fast_first(rustls::crypto::aws_lc_rs::default_provider()));
     let versions: &[&rustls::SupportedProtocolVersion] = match min {
-        tandem_shared::config::TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-        tandem_shared::config::TlsVersion::Tls13 => &[&rustls::version::TLS13],
+        tandem_config::tls::TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        tandem_config::tls::TlsVersion::Tls13 => &[&rustls::version::TLS13],
     };
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)

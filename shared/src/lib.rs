@@ -8,8 +8,6 @@ pub mod balance;
 pub mod budget;
 pub mod cert_cache;
 pub mod cert_status;
-pub mod check;
-pub mod config;
 pub mod control;
 pub mod frame;
 pub mod log_fields;
@@ -25,7 +23,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use config::{BackendChoice, Config, Device, LogFormat};
+use tandem_config::engine::{BackendChoice, Device, ModelControlMode};
+use tandem_config::process::LogFormat;
+use tandem_config::tls::{ClientAuth, TlsVersion};
 
 /// The crate version, reported by `GET /`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -109,13 +109,13 @@ pub struct WorkerSettings {
     /// One log line per request.
     pub access_log: bool,
     /// How models may change while running (engine workers).
-    pub model_control: config::ModelControlMode,
+    pub model_control: ModelControlMode,
     /// Client certificates (HTTPS worker): the CA bundle and whether they are asked for.
     pub client_ca: Option<PathBuf>,
-    /// See [`config::ClientAuth`].
-    pub client_auth: config::ClientAuth,
+    /// See [`ClientAuth`].
+    pub client_auth: ClientAuth,
     /// Oldest TLS version accepted (HTTPS worker).
-    pub tls_min_version: config::TlsVersion,
+    pub tls_min_version: TlsVersion,
     /// `Strict-Transport-Security` value for HTTPS answers (HTTPS worker).
     pub hsts: Option<String>,
     /// Plain HTTP is redirected to HTTPS on this port (HTTP workers).

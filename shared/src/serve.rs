@@ -17,7 +17,6 @@ use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -38,39 +37,7 @@ pub fn https_location(host: Option<&str>, port: u16, target: &str) -> Option<htt
     http::HeaderValue::from_str(&format!("https://{authority}{target}")).ok()
 }
 
-/// The timeouts every connection gets (`HEADER_TIMEOUT`, `KEEPALIVE_TIMEOUT`, `IDLE_TIMEOUT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Timeouts {
-    /// A new connection must send a request's headers within this, and any
-    /// request's headers must arrive within this once they start.
-    pub header: Duration,
-    /// A connection with no request in flight is closed after this (HTTP/1.1
-    /// keep-alive and idle HTTP/2 alike).
-    pub keepalive: Duration,
-    /// A connection on which no byte moves either way for this long is closed,
-    /// request in flight or not.
-    pub idle: Duration,
-    /// A request's whole body must arrive within this (`REQUEST_TIMEOUT`), or
-    /// it is answered 408: a body sent a byte at a time moves often enough to
-    /// pass `idle`, and would hold its place for ever.
-    #[serde(default = "default_body_timeout")]
-    pub body: Duration,
-}
-
-fn default_body_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            header: Duration::from_secs(30),
-            keepalive: Duration::from_secs(60),
-            idle: Duration::from_secs(300),
-            body: default_body_timeout(),
-        }
-    }
-}
+pub use tandem_config::edge::Timeouts;
 
 /// The error a [`BodyDeadline`] body ends with when its time is up.
 #[derive(Debug, thiserror::Error)]
@@ -129,11 +96,9 @@ where
     }
 }
 
-impl Timeouts {
-    /// How often a connection's timers are looked at.
-    fn tick(&self) -> Duration {
-        (self.header.min(self.keepalive).min(self.idle) / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
-    }
+/// How often a connection's timers are looked at.
+fn tick(t: &Timeouts) -> Duration {
+    (t.header.min(t.keepalive).min(t.idle) / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
 /// Raises the open-file limit to its hard limit and returns how many
@@ -793,7 +758,7 @@ async fn serve_connection<IO, S, B>(
     let service = Counted { inner: service, activity: activity.clone(), conn };
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let mut tick = tokio::time::interval(timeouts.tick());
+    let mut tick = tokio::time::interval(tick(&timeouts));
     let mut closing = *drain.borrow();
     if closing {
         conn.as_mut().graceful_shutdown();

@@ -13,11 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::cert_status::{unix_now, CertInfo};
-use crate::config::KeyType;
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tandem_config::certs::KeyType;
 
 /// Why a certificate could not be used.
 #[derive(Debug, thiserror::Error)]

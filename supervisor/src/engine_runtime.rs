@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tandem_shared::config::Config;
-use tandem_shared::{BackendChoice, Device, EngineSettings, OrtLibrary};
+use tandem_config::engine::{BackendChoice, Device};
+use tandem_config::Config;
+use tandem_shared::{EngineSettings, OrtLibrary};
 
 /// How long loading the library may take in the probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -130,28 +131,28 @@ fn probe(exe: &Path, path: &Path) -> Result<OrtLibrary, String> {
 /// Threads are filled in per worker at spawn time (they depend on the worker count).
 pub fn resolve(config: &Config) -> Result<EngineSettings, EngineConfigError> {
     let mut settings = EngineSettings {
-        backend: config.engine_backend,
-        device: config.engine_device,
-        threads: config.engine_threads.unwrap_or(0),
-        strict_readiness: config.strict_readiness,
-        exit_on_model_error: config.exit_on_model_error,
+        backend: config.engine.backend,
+        device: config.engine.device,
+        threads: config.engine.threads.unwrap_or(0),
+        strict_readiness: config.engine.strict_readiness,
+        exit_on_model_error: config.engine.exit_on_model_error,
         ..EngineSettings::default()
     };
-    if config.engine_backend == BackendChoice::Tract {
+    if config.engine.backend == BackendChoice::Tract {
         settings.fallback_reason = Some("ENGINE_BACKEND=tract".into());
         return Ok(settings);
     }
-    let explicit = config.ort_dylib_path.is_some() || config.engine_backend == BackendChoice::OnnxRuntime;
-    let path = match &config.ort_dylib_path {
+    let explicit = config.engine.ort_dylib_path.is_some() || config.engine.backend == BackendChoice::OnnxRuntime;
+    let path = match &config.engine.ort_dylib_path {
         Some(p) => p.clone(),
         None => {
             let dirs = python_paths();
             match find_in(&dirs) {
                 Some(p) => p,
-                None if explicit || config.engine_device == Device::Cuda => {
+                None if explicit || config.engine.device == Device::Cuda => {
                     let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
                     let looked = if looked.is_empty() { "no Python found".to_string() } else { looked.join(", ") };
-                    if config.engine_device == Device::Cuda {
+                    if config.engine.device == Device::Cuda {
                         return Err(EngineConfigError::NoCuda(format!(
                             "no ONNX Runtime library was found (looked in {looked})"
                         )));
@@ -169,7 +170,7 @@ pub fn resolve(config: &Config) -> Result<EngineSettings, EngineConfigError> {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
     match probe(&exe, &path) {
         Ok(lib) => {
-            if config.engine_device == Device::Cuda && !lib.cuda {
+            if config.engine.device == Device::Cuda && !lib.cuda {
                 return Err(EngineConfigError::NoCuda(format!(
                     "the ONNX Runtime at {} (version {}) has no CUDA execution provider",
                     lib.path.display(),
@@ -179,7 +180,7 @@ pub fn resolve(config: &Config) -> Result<EngineSettings, EngineConfigError> {
             settings.onnxruntime = Some(lib);
             Ok(settings)
         }
-        Err(reason) if explicit || config.engine_device == Device::Cuda => {
+        Err(reason) if explicit || config.engine.device == Device::Cuda => {
             Err(EngineConfigError::Unloadable { path, reason })
         }
         Err(reason) => {

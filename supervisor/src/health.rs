@@ -7,8 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use tandem_config::tls::ClientAuth;
+use tandem_config::Config;
 use tandem_shared::cert_cache::Layout;
-use tandem_shared::config::{ClientAuth, Config};
 use tandem_shared::tls::Bundle;
 
 /// How long each probe may take.
@@ -75,9 +76,9 @@ pub fn command(args: &[String]) -> ExitCode {
 async fn check(config: &Config, live: bool) -> Result<String, String> {
     // With WORKER_COMMAND the copies' own ready path, through tandem: ready when it
     // answers 2xx/3xx, live when tandem answers at all.
-    let proxied = config.worker_command.is_some();
+    let proxied = config.proxy.command.is_some();
     let path = match (proxied, live) {
-        (true, _) => config.worker_ready_path.as_str(),
+        (true, _) => config.proxy.ready_path.as_str(),
         (false, true) => "/v2/health/live",
         (false, false) => "/v2/health/ready",
     };
@@ -91,22 +92,22 @@ async fn check(config: &Config, live: bool) -> Result<String, String> {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| e.to_string())?;
-    let http = local(config.host, config.port);
+    let http = local(config.listen.host, config.listen.port);
     let (status, _) = probe(&plain, &format!("http://{http}{path}")).await?;
     if !healthy(status) {
         return Err(format!("http://{http}{path} answered {status}"));
     }
     let mut summary = format!("http {status}");
-    if !config.enable_ssl {
+    if !config.tls.enabled {
         return Ok(summary);
     }
-    if config.ssl_client_auth == ClientAuth::Required {
+    if config.tls.client_auth == ClientAuth::Required {
         summary.push_str(", https not probed (SSL_CLIENT_AUTH=required and the probe has no client certificate)");
         return Ok(summary);
     }
     // Pinned to what tandem publishes, so any certificate source (self-signed, private CA,
     // ACME, files) is checked the same way, whatever names it carries.
-    let published = Bundle::load(&Layout::of(&config.cert_dir()).live()).ok().map(|b| b.info.fingerprint);
+    let published = Bundle::load(&Layout::of(&config.process.cert_dir()).live()).ok().map(|b| b.info.fingerprint);
     let pinned = reqwest::Client::builder()
         .timeout(PROBE_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
@@ -114,7 +115,7 @@ async fn check(config: &Config, live: bool) -> Result<String, String> {
         .tls_info(true)
         .build()
         .map_err(|e| e.to_string())?;
-    let https = local(config.host, config.ssl_port);
+    let https = local(config.listen.host, config.tls.port);
     let (status, served) = probe(&pinned, &format!("https://{https}{path}")).await?;
     if !healthy(status) {
         return Err(format!("https://{https}{path} answered {status}"));

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use tandem_shared::config::Config;
+use tandem_config::Config;
 use tandem_shared::worker::settings_from_supervisor;
 
 use crate::supervise::{Listeners, Supervisor};
@@ -94,7 +94,7 @@ fn check_command(args: &[String]) -> ExitCode {
     }
     match Config::from_env() {
         Ok(c) => {
-            print!("{}", tandem_shared::check::report(&c, &tandem_shared::check::set_in_env));
+            print!("{}", tandem_config::check::report(&c, &tandem_config::check::set_in_env));
             ExitCode::from(EXIT_OK)
         }
         Err(e) => {
@@ -149,8 +149,8 @@ fn usage() -> String {
     let mut s = String::from(
         "usage: tandem                     run the supervisor (configured by the environment)\n       tandem run -- CMD ARGS...    run NUM_WORKERS copies of an HTTP server command behind both ports (as WORKER_COMMAND)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem ca init|status|export|issue  the private CA (SSL_CERTIFICATE=CA); `tandem ca` for usage\n       tandem health [--live]       probe the local server's readiness (liveness) over HTTP and HTTPS; exit 0 healthy, 1 not\n       tandem check                 the serve mode, effective configuration and ignored variables\n       tandem --version\n\nenvironment:\n",
     );
-    for v in tandem_shared::config::ENV_VARS {
-        s.push_str(&format!("  {:<22} {} (default: {})\n", v.name, v.meaning, v.default));
+    for v in tandem_config::vars() {
+        s.push_str(&format!("  {:<22} {} (default: {})\n", v.name, v.doc, v.default));
     }
     s
 }
@@ -178,7 +178,7 @@ fn run_args(args: &[String]) -> anyhow::Result<Vec<String>> {
     let Some(program) = argv.first() else {
         anyhow::bail!("usage: tandem run -- COMMAND [ARGS...]  (the server to run NUM_WORKERS copies of)");
     };
-    tandem_shared::config::find_program(program, std::env::var("PATH").ok().as_deref())
+    tandem_config::values::find_program(program, std::env::var("PATH").ok().as_deref())
         .map_err(|why| anyhow::anyhow!("tandem run: cannot run {program:?}: {why}"))?;
     Ok(argv.to_vec())
 }
@@ -190,10 +190,10 @@ fn supervisor(command: Option<Vec<String>>) -> Outcome {
     };
     if command.is_some() {
         // `tandem run -- ...` wins over WORKER_COMMAND.
-        config.worker_command = command;
+        config.proxy.command = command;
     }
-    tandem_shared::init_logging(&config.log_level, config.log_format);
-    for n in tandem_shared::check::ignored(&config, &tandem_shared::check::set_in_env) {
+    tandem_shared::init_logging(&config.process.log_level, config.process.log_format);
+    for n in tandem_config::check::ignored(&config, &tandem_config::check::set_in_env) {
         tracing::warn!(variable = n.var, hint = %n.hint, "variable set but ignored");
     }
     // One crypto provider for everything (rustls server, reqwest client).
@@ -208,7 +208,7 @@ fn supervisor(command: Option<Vec<String>>) -> Outcome {
 /// The model repository: `MODEL_REPOSITORY`, else the one shipped with tandem,
 /// looked up beside the binary, then in the source tree it was built from.
 pub fn model_repository(config: &Config) -> Result<PathBuf, Vec<PathBuf>> {
-    if let Some(p) = &config.model_repository {
+    if let Some(p) = &config.engine.model_repository {
         return Ok(p.clone());
     }
     let mut candidates = Vec::new();
@@ -224,7 +224,7 @@ pub fn model_repository(config: &Config) -> Result<PathBuf, Vec<PathBuf>> {
 }
 
 async fn start(config: Config) -> Outcome {
-    let (repository, engine) = if config.worker_command.is_some() {
+    let (repository, engine) = if config.proxy.command.is_some() {
         // The operator's server replaces the engine: no models, no ONNX Runtime.
         (PathBuf::new(), tandem_shared::EngineSettings::default())
     } else {
@@ -236,7 +236,7 @@ async fn start(config: Config) -> Outcome {
     // The keeper checks its source before anything is written (a bad custom
     // pair or a missing CA is exit 2 with no cache created), then obtains and
     // publishes the first certificate.
-    let certs = if config.enable_ssl {
+    let certs = if config.tls.enabled {
         match certs::CertKeeper::start(&config).await {
             Ok(k) => Some(k),
             Err(certs::StartError::Config(e)) => return Outcome::Config(e),

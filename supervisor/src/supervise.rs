@@ -18,7 +18,10 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tandem_shared::config::{AcmeChallenge, CertSource, ModelControlMode};
+use tandem_config::acme::AcmeChallenge;
+use tandem_config::certs::CertSource;
+use tandem_config::engine::ModelControlMode;
+use tandem_config::Config;
 use tandem_shared::control::{
     parse_event, Command as ToWorker, CommandSender, ModelChange, WorkerEvent, MAX_MODEL_CONFIG_BYTES,
 };
@@ -26,9 +29,7 @@ use tandem_shared::stats::{self, ProcessRole, Stats};
 use tandem_shared::sys::counters::Counters;
 use tandem_shared::sys::shm::Region;
 use tandem_shared::sys::LISTEN_FDS_START;
-use tandem_shared::{
-    url, Config, EngineSettings, Role, ShmSettings, StatsSettings, WorkerSettings, WORKER_SETTINGS_VAR,
-};
+use tandem_shared::{url, EngineSettings, Role, ShmSettings, StatsSettings, WorkerSettings, WORKER_SETTINGS_VAR};
 use tokio::signal::unix::{signal, Signal as TokioSignal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -89,7 +90,7 @@ impl Listeners {
             return Self::from_passed(config, passed);
         }
         let bind = |port: u16, what: &str| {
-            let addr = SocketAddr::new(config.host, port);
+            let addr = SocketAddr::new(config.listen.host, port);
             let l = TcpListener::bind(addr).with_context(|| {
                 format!("cannot bind the {what} listener on {addr}\nhint: another process may hold the port; choose another with {}", match what { "HTTP" => "PORT", "HTTPS" => "SSL_PORT", _ => "METRICS_PORT" })
             })?;
@@ -98,9 +99,9 @@ impl Listeners {
             }
             Ok::<_, anyhow::Error>(l)
         };
-        let http = bind(config.port, "HTTP")?;
-        let https = if config.enable_ssl { Some(bind(config.ssl_port, "HTTPS")?) } else { None };
-        let metrics = config.metrics_port.map(|p| bind(p, "metrics")).transpose()?;
+        let http = bind(config.listen.port, "HTTP")?;
+        let https = if config.tls.enabled { Some(bind(config.tls.port, "HTTPS")?) } else { None };
+        let metrics = config.listen.metrics_port.map(|p| bind(p, "metrics")).transpose()?;
         Ok(Listeners { http, https, metrics })
     }
 
@@ -116,13 +117,13 @@ impl Listeners {
             }
         }
         let http = http.context("systemd passed no HTTP listener (name it FileDescriptorName=http)")?;
-        if config.enable_ssl && https.is_none() {
+        if config.tls.enabled && https.is_none() {
             anyhow::bail!("ENABLE_SSL=true but systemd passed no HTTPS listener\nhint: add a ListenStream for SSL_PORT named https");
         }
-        if config.metrics_port.is_some() && metrics.is_none() {
+        if config.listen.metrics_port.is_some() && metrics.is_none() {
             anyhow::bail!("METRICS_PORT is set but systemd passed no metrics listener\nhint: add a ListenStream named metrics, or unset METRICS_PORT");
         }
-        Ok(Listeners { http, https: https.filter(|_| config.enable_ssl), metrics })
+        Ok(Listeners { http, https: https.filter(|_| config.tls.enabled), metrics })
     }
 
     fn addr(l: &TcpListener) -> anyhow::Result<SocketAddr> {
@@ -215,24 +216,25 @@ impl Supervisor {
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (health_tx, health) = mpsc::unbounded_channel();
         let apps = config
-            .worker_command
+            .proxy
+            .command
             .clone()
-            .map(|argv| Apps::new(argv, config.worker_ready_path.clone(), health_tx))
+            .map(|argv| Apps::new(argv, config.proxy.ready_path.clone(), health_tx))
             .transpose()?;
         // The ring exists only for HTTPS to the engine: the HTTPS worker hands requests to it through it.
         let shm = if https_addr.is_some() && apps.is_none() {
-            let (region, fd) = Region::create(config.shm_slots, config.shm_slot_bytes)
+            let (region, fd) = Region::create(config.ring.slots, config.ring.slot_bytes)
                 .context("cannot create the shared-memory region (memfd_create)")?;
             Some((region, fd))
         } else {
             None
         };
-        let (counters, stats_fd) = Counters::create(stats::region_words(stats::blocks_for(config.max_workers)))
+        let (counters, stats_fd) = Counters::create(stats::region_words(stats::blocks_for(config.process.max_workers)))
             .context("cannot create the statistics region (memfd_create)")?;
         let own_stats = Stats::attach(counters.clone(), stats::SUPERVISOR_BLOCK, ProcessRole::Supervisor, 0);
         stats::spawn_gauge_thread(own_stats.clone());
         let engine_role = if apps.is_some() { Role::App } else { Role::HttpWorker };
-        let mut slots: Vec<Slot> = (0..config.num_workers)
+        let mut slots: Vec<Slot> = (0..config.process.num_workers)
             .map(|i| {
                 let mut s = Slot::new(engine_role, stats::FIRST_ENGINE_BLOCK + i);
                 s.number = i + 1;
@@ -253,14 +255,14 @@ impl Supervisor {
                 l,
                 counters.clone(),
                 shm.as_ref().map(|(r, _)| r.clone()),
-                https_addr.map(|_| tandem_shared::cert_cache::Layout::of(&config.cert_dir()).status()),
-                config.timeouts,
+                https_addr.map(|_| tandem_shared::cert_cache::Layout::of(&config.process.cert_dir()).status()),
+                config.edge.timeouts,
             )
             .context("cannot start the metrics port")?;
             tracing::info!(url = %url("http", addr), "serving /metrics");
         }
-        let repository_changes = (config.model_control_mode == ModelControlMode::Poll)
-            .then(|| crate::models::poll(model_repository.clone(), config.repository_poll))
+        let repository_changes = (config.engine.model_control_mode == ModelControlMode::Poll)
+            .then(|| crate::models::poll(model_repository.clone(), config.engine.repository_poll))
             .transpose()
             .context("cannot start the repository poller")?;
         Ok(Supervisor {
@@ -395,36 +397,36 @@ impl Supervisor {
             listen_addr: addr,
             control_fd: CONTROL_FD,
             num_workers: self.http_slots(),
-            live_cert: tandem_shared::cert_cache::Layout::of(&self.config.cert_dir()).live(),
+            live_cert: tandem_shared::cert_cache::Layout::of(&self.config.process.cert_dir()).live(),
             cert_status: self
                 .https_addr
-                .map(|_| tandem_shared::cert_cache::Layout::of(&self.config.cert_dir()).status()),
+                .map(|_| tandem_shared::cert_cache::Layout::of(&self.config.process.cert_dir()).status()),
             model_repository: self.model_repository.clone(),
             engine: self.engine_settings(worker_id),
-            max_request_bytes: self.config.max_request_bytes,
-            inflight_bytes: self.config.max_inflight_bytes.unwrap_or_else(|| {
+            max_request_bytes: self.config.edge.max_request_bytes,
+            inflight_bytes: self.config.edge.max_inflight_bytes.unwrap_or_else(|| {
                 // Every serving process (the engines, the TLS or proxy worker) gets an equal part.
                 let processes = self.http_slots() + usize::from(self.https_addr.is_some());
-                tandem_shared::budget::default_bytes(processes, self.config.max_request_bytes * 3)
+                tandem_shared::budget::default_bytes(processes, self.config.edge.max_request_bytes * 3)
             }),
-            graceful_timeout: self.config.graceful_timeout,
-            timeouts: self.config.timeouts,
+            graceful_timeout: self.config.process.graceful_timeout,
+            timeouts: self.config.edge.timeouts,
             shm: self.shm.as_ref().map(|_| ShmSettings {
                 fd: SHM_FD,
-                slots: self.config.shm_slots,
-                slot_bytes: self.config.shm_slot_bytes,
-                request_timeout: self.config.request_timeout,
+                slots: self.config.ring.slots,
+                slot_bytes: self.config.ring.slot_bytes,
+                request_timeout: self.config.edge.request_timeout,
             }),
             stats: StatsSettings { fd: STATS_FD, words: self.stats.0.words().len(), block: self.slots[index].block },
-            log_level: self.config.log_level.clone(),
-            log_format: self.config.log_format,
-            access_log: self.config.access_log,
-            model_control: self.config.model_control_mode,
-            client_ca: self.config.ssl_client_ca.clone(),
-            client_auth: self.config.ssl_client_auth,
-            tls_min_version: self.config.ssl_min_version,
-            hsts: self.config.ssl_hsts.clone(),
-            redirect_to_https: (self.config.ssl_redirect_http).then(|| self.https_addr.map(|a| a.port())).flatten(),
+            log_level: self.config.process.log_level.clone(),
+            log_format: self.config.process.log_format,
+            access_log: self.config.edge.access_log,
+            model_control: self.config.engine.model_control_mode,
+            client_ca: self.config.tls.client_ca.clone(),
+            client_auth: self.config.tls.client_auth,
+            tls_min_version: self.config.tls.min_version,
+            hsts: self.config.edge.hsts.clone(),
+            redirect_to_https: (self.config.edge.redirect_http).then(|| self.https_addr.map(|a| a.port())).flatten(),
             acme_http01: self.acme_dirs().map(|l| l.acme_http01()),
             acme_alpn01: self
                 .acme_dirs()
@@ -433,9 +435,9 @@ impl Supervisor {
             models_wanted: self.model_ops.wanted.clone(),
             proxy: (role == Role::ProxyWorker).then(|| tandem_shared::ProxySettings {
                 https: proxy_https.as_ref().map(|(_, a)| (PROXY_HTTPS_FD, *a)),
-                request_timeout: self.config.request_timeout,
+                request_timeout: self.config.edge.request_timeout,
                 backends: self.backends(),
-                ready_path: self.config.worker_ready_path.clone(),
+                ready_path: self.config.proxy.ready_path.clone(),
             }),
         };
         let settings_fd = tandem_shared::worker::settings_memfd(&settings)
@@ -548,7 +550,7 @@ impl Supervisor {
                     }
                     WorkerEvent::ModelChangeRequested { request, change } => {
                         let too_big = matches!(&change, ModelChange::Load { config: Some(c), .. } if c.len() > MAX_MODEL_CONFIG_BYTES);
-                        if self.config.model_control_mode != ModelControlMode::Explicit {
+                        if self.config.engine.model_control_mode != ModelControlMode::Explicit {
                             let error = Some("model load and unload need MODEL_CONTROL_MODE=explicit".to_string());
                             self.tell(id, &ToWorker::ModelChangeDone { request, error });
                         } else if too_big {
@@ -651,8 +653,8 @@ impl Supervisor {
 
     /// The cache layout, when ACME is the certificate source (its challenges are answered by the workers).
     fn acme_dirs(&self) -> Option<tandem_shared::cert_cache::Layout> {
-        (self.https_addr.is_some() && self.config.ssl_certificate == CertSource::Acme)
-            .then(|| tandem_shared::cert_cache::Layout::of(&self.config.cert_dir()))
+        (self.https_addr.is_some() && self.config.certs.source == CertSource::Acme)
+            .then(|| tandem_shared::cert_cache::Layout::of(&self.config.process.cert_dir()))
     }
 
     fn announce(&self) {
@@ -774,9 +776,9 @@ impl Supervisor {
             self.kill_all(Signal::SIGKILL);
             return;
         }
-        let deadline = Instant::now() + self.config.graceful_timeout;
+        let deadline = Instant::now() + self.config.process.graceful_timeout;
         self.phase = Phase::Stopping { deadline };
-        tracing::info!(timeout_s = self.config.graceful_timeout.as_secs(), "stopping: draining workers");
+        tracing::info!(timeout_s = self.config.process.graceful_timeout.as_secs(), "stopping: draining workers");
         crate::systemd::notify("STOPPING=1");
         // Our copies of the listeners go; each worker closes its own as it drains.
         self.listeners = None;
@@ -873,10 +875,10 @@ impl Supervisor {
         if matches!(self.phase, Phase::Stopping { .. }) {
             return Ok(());
         }
-        if self.http_slots() >= self.config.max_workers {
+        if self.http_slots() >= self.config.process.max_workers {
             tracing::warn!(
                 workers = self.http_slots(),
-                max_workers = self.config.max_workers,
+                max_workers = self.config.process.max_workers,
                 "SIGTTIN ignored: already at MAX_WORKERS HTTP workers"
             );
             return Ok(());
@@ -1035,7 +1037,7 @@ impl Supervisor {
             return;
         }
         let why = if app.start_timed_out {
-            format!("did not answer {} within WORKER_START_TIMEOUT", self.config.worker_ready_path)
+            format!("did not answer {} within WORKER_START_TIMEOUT", self.config.proxy.ready_path)
         } else {
             format!("exited before it was ready ({how})")
         };
@@ -1062,7 +1064,7 @@ impl Supervisor {
             return;
         }
         let now = Instant::now();
-        let (start_timeout, grace) = (self.config.worker_start_timeout, self.config.graceful_timeout);
+        let (start_timeout, grace) = (self.config.proxy.start_timeout, self.config.process.graceful_timeout);
         let mut drained = Vec::new();
         for s in &mut self.slots {
             let (Some(pid), Some(app)) = (s.pid, s.app.as_mut()) else { continue };

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tandem_shared::Config;
+use tandem_config::Config;
 
 /// Which listener a passed socket is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,11 +46,11 @@ pub fn passed_listeners(config: &Config) -> anyhow::Result<Option<Vec<(Which, Tc
             Some("metrics") => Some(Which::Metrics),
             _ => None,
         };
-        let by_port = if port == config.port {
+        let by_port = if port == config.listen.port {
             Some(Which::Http)
-        } else if config.enable_ssl && port == config.ssl_port {
+        } else if config.tls.enabled && port == config.tls.port {
             Some(Which::Https)
-        } else if config.metrics_port == Some(port) {
+        } else if config.listen.metrics_port == Some(port) {
             Some(Which::Metrics)
         } else {
             None

@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tandem_shared::{BackendChoice, Device, EngineSettings};
+use tandem_config::engine::{BackendChoice, Device};
+use tandem_shared::EngineSettings;
 use tokio::sync::Semaphore;
 
 use self::config::pb;

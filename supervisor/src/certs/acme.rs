@@ -18,9 +18,12 @@ use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse, CertificateIdentifier, ChallengeType,
     HttpClient, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
+use tandem_config::acme::Acme as AcmeSettings;
+use tandem_config::acme::AcmeChallenge;
+use tandem_config::certs::KeyType;
+use tandem_config::Config;
 use tandem_shared::cert_cache::{self, alpn01_file_name, http01_token_ok, CertCache, Layout};
 use tandem_shared::cert_status::unix_now;
-use tandem_shared::config::{AcmeChallenge, AcmeSettings, Config, KeyType};
 use tandem_shared::tls::{self, Bundle};
 
 use super::{CertHealth, Obtained, Obtaining, Refresh, Source, SourceError};
@@ -68,13 +71,13 @@ pub struct Acme {
 impl Acme {
     /// From the `ACME_*` settings and `SSL_KEY_TYPE`.
     pub fn new(config: &Config) -> Acme {
-        let mut stand_in = tls::generated_sans(&config.ssl_san);
+        let mut stand_in = tls::generated_sans(&config.certs.san);
         for d in &config.acme.domains {
             if !stand_in.contains(d) && !d.starts_with("*.") {
                 stand_in.push(d.clone());
             }
         }
-        Acme { settings: config.acme.clone(), key_type: config.ssl_key_type, stand_in }
+        Acme { settings: config.acme.clone(), key_type: config.certs.key_type, stand_in }
     }
 
     /// The cached certificate while it is for our names and still valid.

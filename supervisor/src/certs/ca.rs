@@ -16,9 +16,10 @@ use rcgen::{
     SanType,
 };
 use serde::Serialize;
+use tandem_config::certs::KeyType;
+use tandem_config::Config;
 use tandem_shared::cert_cache::{self, CertCache, Layout};
 use tandem_shared::cert_status::{unix_now, CertInfo};
-use tandem_shared::config::{Config, KeyType};
 use tandem_shared::tls::{self, Bundle, CertError};
 
 use super::{Obtained, Obtaining, Refresh, Source, SourceError};
@@ -225,11 +226,11 @@ pub fn server_names(config: &Config) -> Vec<String> {
             names.push(n);
         }
     };
-    if !config.host.is_unspecified() {
-        add(config.host.to_string());
+    if !config.listen.host.is_unspecified() {
+        add(config.listen.host.to_string());
     }
     let host = host_name();
-    if tandem_shared::config::is_dns_name(&host) {
+    if tandem_config::values::is_dns_name(&host) {
         add(host);
     }
     if let Ok(addrs) = nix::ifaddrs::getifaddrs() {
@@ -245,7 +246,7 @@ pub fn server_names(config: &Config) -> Vec<String> {
             }
         }
     }
-    for n in &config.ssl_san {
+    for n in &config.certs.san {
         add(n.clone());
     }
     names
@@ -262,7 +263,7 @@ pub struct CaLeaves {
 impl CaLeaves {
     /// For this server's names, `SSL_CERT_VALIDITY` and `SSL_KEY_TYPE`.
     pub fn new(config: &Config) -> CaLeaves {
-        CaLeaves { names: server_names(config), validity: config.ssl_cert_validity, key_type: config.ssl_key_type }
+        CaLeaves { names: server_names(config), validity: config.certs.validity, key_type: config.certs.key_type }
     }
 }
 
@@ -335,7 +336,7 @@ pub fn command(args: &[String]) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(2, &e),
     };
-    let layout = Layout::of(&config.cert_dir());
+    let layout = Layout::of(&config.process.cert_dir());
     let (verb, rest) = match args.split_first() {
         Some((v, rest)) => (v.as_str(), rest),
         None => return fail(2, &CA_USAGE),
@@ -430,11 +431,11 @@ fn issue_command(config: &Config, layout: &Layout, flags: &[String]) -> ExitCode
     if sans.is_empty() {
         return usage("at least one --san is needed");
     }
-    if let Some(bad) = sans.iter().find(|n| n.parse::<IpAddr>().is_err() && !tandem_shared::config::is_dns_name(n)) {
+    if let Some(bad) = sans.iter().find(|n| n.parse::<IpAddr>().is_err() && !tandem_config::values::is_dns_name(n)) {
         return usage(&format!("{bad:?} is not a DNS name or an IP address"));
     }
     let issued =
-        Ca::load(layout).and_then(|ca| ca.issue(&sans, Duration::from_secs(days * DAY), config.ssl_key_type, client));
+        Ca::load(layout).and_then(|ca| ca.issue(&sans, Duration::from_secs(days * DAY), config.certs.key_type, client));
     let leaf = match issued {
         Ok(l) => l,
         Err(e) => {

@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
+use tandem_config::certs::KeyType;
+use tandem_config::Config;
 use tandem_shared::cert_cache::{self, CertCache, Layout};
-use tandem_shared::config::{Config, KeyType};
 use tandem_shared::tls::{self, Bundle, CertError};
 
 use super::{Obtained, Obtaining, Refresh, Source};
@@ -22,7 +23,7 @@ pub struct Generated {
 impl Generated {
     /// For `HOST`'s usual names plus `SSL_SAN`, with `SSL_KEY_TYPE`.
     pub fn new(config: &Config) -> Generated {
-        Generated { sans: tls::generated_sans(&config.ssl_san), key_type: config.ssl_key_type }
+        Generated { sans: tls::generated_sans(&config.certs.san), key_type: config.certs.key_type }
     }
 }
 

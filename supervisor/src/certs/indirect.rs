@@ -5,8 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tandem_config::certs::KeyType;
+use tandem_config::Config;
 use tandem_shared::cert_cache::{self, CertCache, Layout};
-use tandem_shared::config::{Config, KeyType};
 use tandem_shared::tls::{self, Bundle};
 
 use super::{CertHealth, Obtained, Obtaining, Refresh, Source, SourceError};
@@ -47,10 +48,10 @@ impl Indirect {
     /// From `SSL_INDIRECT_URL`, checked every `SSL_REFRESH_INTERVAL`.
     pub fn new(config: &Config) -> Indirect {
         Indirect {
-            url: config.ssl_indirect_url.clone(),
-            refresh: config.ssl_refresh_interval,
-            sans: tls::generated_sans(&config.ssl_san),
-            key_type: config.ssl_key_type,
+            url: config.certs.indirect_url.clone(),
+            refresh: config.certs.refresh_interval,
+            sans: tls::generated_sans(&config.certs.san),
+            key_type: config.certs.key_type,
         }
     }
 }

@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tandem_config::Config;
 use tandem_shared::cert_cache::{self, CertCache, Layout};
 use tandem_shared::cert_status::{unix_now, CertInfo, CertStatus};
-use tandem_shared::config::Config;
 use tandem_shared::tls::CertError;
 
 use super::{renewal, CertHealth, Source};
@@ -56,7 +56,7 @@ impl CertKeeper {
     /// first certificate and publishes it.
     pub async fn start(config: &Config) -> Result<CertKeeper, StartError> {
         let source = super::choose(config);
-        let layout = Layout::of(&config.cert_dir());
+        let layout = Layout::of(&config.process.cert_dir());
         let mode = source.mode();
         // Checked before anything is written: a bad custom pair or a missing CA is exit 2 with no cache created.
         source.preflight(&layout).map_err(|e| {

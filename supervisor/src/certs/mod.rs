@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
+use tandem_config::certs::CertSource;
+use tandem_config::Config;
 use tandem_shared::cert_cache::{CertCache, Layout};
-use tandem_shared::config::{CertSource, Config};
 use tandem_shared::tls::{Bundle, CertError};
 
 mod acme;
@@ -152,11 +153,11 @@ pub trait Source: Send + Sync + std::fmt::Debug {
 
 /// The configured source.
 pub fn choose(config: &Config) -> Box<dyn Source> {
-    let refresh = config.ssl_refresh_interval;
-    match &config.ssl_certificate {
+    let refresh = config.certs.refresh_interval;
+    match &config.certs.source {
         CertSource::Generate => Box::new(generate::Generated::new(config)),
         CertSource::Indirect => Box::new(indirect::Indirect::new(config)),
-        CertSource::Path(cert) => Box::new(files::Files::new(cert, config.ssl_key.as_deref(), refresh)),
+        CertSource::Path(cert) => Box::new(files::Files::new(cert, config.certs.key.as_deref(), refresh)),
         CertSource::Ca => Box::new(ca::CaLeaves::new(config)),
         CertSource::Acme => Box::new(acme::Acme::new(config)),
     }
@@ -164,5 +165,5 @@ pub fn choose(config: &Config) -> Box<dyn Source> {
 
 /// The ceiling on how long the keeper waits between looks at any source.
 pub fn ceiling(config: &Config) -> Duration {
-    config.ssl_refresh_interval
+    config.certs.refresh_interval
 }

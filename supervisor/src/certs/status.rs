@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
+use tandem_config::Config;
 use tandem_shared::cert_cache::Layout;
 use tandem_shared::cert_status::{unix_now, CertInfo};
-use tandem_shared::config::Config;
 use tandem_shared::tls::{self, Bundle};
 
 /// One certificate as reported.
@@ -51,7 +51,7 @@ fn mode_of(p: &Path) -> Option<String> {
 
 /// Inspects the configured source without changing anything.
 pub fn report(config: &Config) -> Report {
-    let layout = Layout::of(&config.cert_dir());
+    let layout = Layout::of(&config.process.cert_dir());
     let source = super::choose(config);
     let (cert, key) = match source.files(&layout) {
         Ok((c, k)) => (c, Ok(k)),

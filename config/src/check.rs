@@ -1,0 +1,218 @@
+//! Mode diagnosis for `tandem check` and start-up: which serve mode a valid
+//! configuration implies, and every variable it sets that this mode ignores,
+//! each with its hint — derived from the scopes the variables declare, never
+//! from lists kept here. (Conflicts are refused earlier, by
+//! [`Config::from_vars`], with exit 2.)
+
+use crate::certs::CertSource;
+use crate::Config;
+
+/// How tandem will serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServeMode {
+    /// Plain HTTP only.
+    Insecure,
+    /// HTTPS with a generated self-signed certificate.
+    Generate,
+    /// HTTPS with a certificate downloaded from `SSL_INDIRECT_URL`.
+    Indirect,
+    /// HTTPS with certificate files on disk.
+    Custom,
+    /// HTTPS with short-lived leaves from the private CA.
+    Ca,
+    /// HTTPS with a certificate from an ACME server.
+    Acme,
+}
+
+impl ServeMode {
+    /// Its name, as `tandem check` prints it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ServeMode::Insecure => "insecure (plain HTTP only)",
+            ServeMode::Generate => "generate (self-signed certificate)",
+            ServeMode::Indirect => "indirect (downloaded certificate)",
+            ServeMode::Custom => "custom (certificate files)",
+            ServeMode::Ca => "ca (leaves from the private CA)",
+            ServeMode::Acme => "acme (certificate from an ACME server, renewed by tandem)",
+        }
+    }
+}
+
+/// The serve mode `c` implies.
+pub fn serve_mode(c: &Config) -> ServeMode {
+    match (c.tls.enabled, &c.certs.source) {
+        (false, _) => ServeMode::Insecure,
+        (true, CertSource::Generate) => ServeMode::Generate,
+        (true, CertSource::Indirect) => ServeMode::Indirect,
+        (true, CertSource::Path(_)) => ServeMode::Custom,
+        (true, CertSource::Ca) => ServeMode::Ca,
+        (true, CertSource::Acme) => ServeMode::Acme,
+    }
+}
+
+/// A variable that is set but has no effect in this configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ignored {
+    /// The variable.
+    pub var: &'static str,
+    /// Why it has no effect, and what to do.
+    pub hint: &'static str,
+}
+
+/// Every declared variable that `is_set` says is set and that `c` ignores, in declaration order.
+pub fn ignored(c: &Config, is_set: &dyn Fn(&str) -> bool) -> Vec<Ignored> {
+    crate::vars()
+        .filter(|v| is_set(v.name))
+        .filter_map(|v| (v.scope)(c).map(|hint| Ignored { var: v.name, hint }))
+        .collect()
+}
+
+/// Whether `var` is set to something other than blanks in the process environment.
+pub fn set_in_env(var: &str) -> bool {
+    std::env::var_os(var).is_some_and(|v| !v.to_string_lossy().trim().is_empty())
+}
+
+/// The `tandem check` report: serve mode, the effective configuration and the ignored variables.
+pub fn report(c: &Config, is_set: &dyn Fn(&str) -> bool) -> String {
+    let workers = match &c.proxy.command {
+        Some(argv) => format!("{} copies of `{}` (WORKER_COMMAND)", c.process.num_workers, shell_words::join(argv)),
+        None => format!("{} engine workers", c.process.num_workers),
+    };
+    let mut s = format!("serve mode: {}\nworkers: {workers}\n\neffective configuration:\n", serve_mode(c).name());
+    if let Ok(serde_json::Value::Object(sections)) = serde_json::to_value(c) {
+        for (section, fields) in sections {
+            match fields {
+                serde_json::Value::Object(fields) => {
+                    for (k, v) in fields {
+                        s.push_str(&format!("  {section}.{k} = {}\n", plain(&v)));
+                    }
+                }
+                other => s.push_str(&format!("  {section} = {}\n", plain(&other))),
+            }
+        }
+    }
+    let set: Vec<&str> = crate::vars().map(|v| v.name).filter(|n| is_set(n)).collect();
+    s.push_str(&format!(
+        "\nset in the environment: {}\n",
+        if set.is_empty() { "(none)".into() } else { set.join(", ") }
+    ));
+    let notes = ignored(c, is_set);
+    if notes.is_empty() {
+        s.push_str("\nno variable is ignored\n");
+    } else {
+        s.push_str("\nignored:\n");
+        for n in notes {
+            s.push_str(&format!("  {}: {}\n", n.var, n.hint));
+        }
+    }
+    s
+}
+
+/// A value as an operator writes it: durations as seconds, strings unquoted.
+fn plain(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Object(o) if o.len() == 2 && o.contains_key("secs") && o.contains_key("nanos") => {
+            let secs = o["secs"].as_u64().unwrap_or(0) as f64 + o["nanos"].as_u64().unwrap_or(0) as f64 / 1e9;
+            format!("{secs}s")
+        }
+        Value::Object(o) => {
+            let parts: Vec<String> = o.iter().map(|(k, v)| format!("{k}={}", plain(v))).collect();
+            parts.join(", ")
+        }
+        Value::String(s) => s.clone(),
+        Value::Null => "(unset)".into(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> Config {
+        let vars: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_vars(vars).expect("valid")
+    }
+
+    fn ignored_names(c: &Config, set: &[&str]) -> Vec<&'static str> {
+        ignored(c, &|v| set.contains(&v)).into_iter().map(|n| n.var).collect()
+    }
+
+    #[test]
+    fn variables_the_mode_does_not_use_are_named() {
+        let c = config(&[("SSL_HSTS", "max-age=1"), ("REPOSITORY_POLL_SECS", "5")]);
+        assert_eq!(serve_mode(&c), ServeMode::Insecure);
+        assert_eq!(ignored_names(&c, &["SSL_HSTS", "REPOSITORY_POLL_SECS"]), ["SSL_HSTS", "REPOSITORY_POLL_SECS"]);
+
+        let c = config(&[("ENABLE_SSL", "true"), ("SSL_CERTIFICATE", "GENERATE"), ("SSL_INDIRECT_URL", "https://x/")]);
+        assert_eq!(serve_mode(&c), ServeMode::Generate);
+        assert_eq!(ignored_names(&c, &["SSL_INDIRECT_URL"]), ["SSL_INDIRECT_URL"]);
+        assert!(ignored(&c, &|_| false).is_empty());
+        let text = report(&c, &|v| v == "SSL_INDIRECT_URL");
+        assert!(text.contains("serve mode: generate") && text.contains("process.graceful_timeout = 30s"), "{text}");
+    }
+
+    #[test]
+    fn every_variable_is_ignored_without_https_exactly_when_it_is_about_https() {
+        let c = config(&[]);
+        let https_only = [
+            "SSL_PORT",
+            "SSL_CLIENT_CA",
+            "SSL_CLIENT_AUTH",
+            "SSL_MIN_VERSION",
+            "SSL_CERTIFICATE",
+            "SSL_KEY",
+            "SSL_KEY_TYPE",
+            "SSL_INDIRECT_URL",
+            "SSL_REFRESH_INTERVAL",
+            "SSL_CERT_VALIDITY",
+            "SSL_SAN",
+            "ACME_DOMAINS",
+            "ACME_EMAIL",
+            "ACME_DIRECTORY",
+            "ACME_STAGING",
+            "ACME_CHALLENGE",
+            "ACME_DNS_HOOK",
+            "SSL_HSTS",
+            "SSL_REDIRECT_HTTP",
+            "SHM_SLOTS",
+            "SHM_SLOT_BYTES",
+        ];
+        for v in crate::vars() {
+            let hint = (v.scope)(&c);
+            assert_eq!(hint == Some(crate::scope::NO_HTTPS), https_only.contains(&v.name), "{}: {hint:?}", v.name);
+        }
+    }
+
+    #[test]
+    fn acme_and_ca_variables_are_named_where_they_do_nothing() {
+        // ACME_DOMAINS while generating, SSL_CERT_VALIDITY without the CA.
+        let c = config(&[("ENABLE_SSL", "true"), ("SSL_CERTIFICATE", "GENERATE"), ("ACME_DOMAINS", "a.example.com")]);
+        let notes = ignored(&c, &|v| v == "ACME_DOMAINS" || v == "SSL_CERT_VALIDITY");
+        let vars: Vec<&str> = notes.iter().map(|n| n.var).collect();
+        assert_eq!(vars, ["SSL_CERT_VALIDITY", "ACME_DOMAINS"]);
+        assert!(notes[1].hint.contains("SSL_CERTIFICATE=ACME"), "{}", notes[1].hint);
+        let c = config(&[
+            ("ENABLE_SSL", "true"),
+            ("SSL_CERTIFICATE", "ACME"),
+            ("ACME_DOMAINS", "a.example.com"),
+            ("ACME_DNS_HOOK", "x"),
+        ]);
+        assert_eq!(serve_mode(&c), ServeMode::Acme);
+        assert_eq!(ignored_names(&c, &["ACME_DNS_HOOK"]), ["ACME_DNS_HOOK"], "the hook is only for dns-01");
+        let c = config(&[("ENABLE_SSL", "true"), ("SSL_CERTIFICATE", "CA"), ("SSL_CERT_VALIDITY", "1d")]);
+        assert_eq!(serve_mode(&c), ServeMode::Ca);
+        assert!(ignored(&c, &|v| v == "SSL_CERT_VALIDITY").is_empty());
+    }
+
+    #[test]
+    fn engine_settings_are_named_when_a_worker_command_replaces_the_engine() {
+        let c = config(&[("WORKER_COMMAND", "sh -c 'exec true'"), ("ENGINE_THREADS", "2")]);
+        assert_eq!(c.proxy.command.as_deref(), Some(&["sh".to_string(), "-c".into(), "exec true".into()][..]));
+        let set = ["ENGINE_THREADS", "WORKER_READY_PATH"];
+        assert_eq!(ignored_names(&c, &set), ["ENGINE_THREADS"]);
+        assert!(report(&c, &|v| set.contains(&v)).contains("workers: 1 copies of `sh -c 'exec true'`"));
+        assert_eq!(ignored_names(&config(&[]), &set), ["WORKER_READY_PATH"]);
+    }
+}

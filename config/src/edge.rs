@@ -1,0 +1,157 @@
+//! The front door's policy, the same on every request path: limits, timeouts,
+//! HSTS, the redirect to HTTPS and the access log.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::scope::{always, https};
+use crate::{values, Reader};
+
+crate::declare! {
+    SSL_HSTS {
+        default: "(none)",
+        doc: "Strict-Transport-Security value sent on HTTPS answers, e.g. max-age=31536000; includeSubDomains",
+        accepted: "max-age=SECONDS, optionally with ; includeSubDomains and ; preload",
+        scope: https,
+    }
+    SSL_REDIRECT_HTTP {
+        default: "False",
+        doc: "answer plain HTTP with 308 to the HTTPS URL (health checks and ACME challenges excepted)",
+        accepted: values::BOOL,
+        scope: https,
+    }
+    MAX_REQUEST_BYTES {
+        default: "67108864",
+        doc: "largest request body accepted (bytes); larger gets 413",
+        accepted: "a byte count from 1024 to 4294967296",
+        scope: always,
+    }
+    MAX_INFLIGHT_BYTES {
+        default: "a quarter of the memory (cgroup limit, else RAM) ÷ serving processes",
+        doc: "request bytes one worker holds at once (a body counts twice, itself and its tensors; a compressed one once plus twice what it inflates to); at least 3 x MAX_REQUEST_BYTES; past it, 503 with Retry-After",
+        accepted: "a byte count of at least MAX_REQUEST_BYTES x 3, up to 2^50",
+        scope: always,
+    }
+    REQUEST_TIMEOUT {
+        default: "60",
+        doc: "seconds an HTTPS request may wait for the engine before 504",
+        accepted: "a whole number of seconds 1-86400",
+        scope: always,
+    }
+    HEADER_TIMEOUT {
+        default: "30",
+        doc: "seconds a new connection has to finish its handshake and send a request's headers",
+        accepted: "a whole number of seconds 1-86400",
+        scope: always,
+    }
+    KEEPALIVE_TIMEOUT {
+        default: "60",
+        doc: "seconds a connection with no request in flight stays open (HTTP/1.1 and HTTP/2)",
+        accepted: "a whole number of seconds 1-86400",
+        scope: always,
+    }
+    IDLE_TIMEOUT {
+        default: "300",
+        doc: "seconds a connection may move no byte at all, request in flight or not (> REQUEST_TIMEOUT)",
+        accepted: "a whole number of seconds 1-86400",
+        scope: always,
+    }
+    ACCESS_LOG {
+        default: "False",
+        doc: "one log line per request (listener, peer, method, path, status, bytes, duration, model, worker)",
+        accepted: values::BOOL,
+        scope: always,
+    }
+}
+
+/// The timeouts every connection gets (`HEADER_TIMEOUT`, `KEEPALIVE_TIMEOUT`, `IDLE_TIMEOUT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeouts {
+    /// A new connection must send a request's headers within this, and any
+    /// request's headers must arrive within this once they start.
+    pub header: Duration,
+    /// A connection with no request in flight is closed after this (HTTP/1.1
+    /// keep-alive and idle HTTP/2 alike).
+    pub keepalive: Duration,
+    /// A connection on which no byte moves either way for this long is closed,
+    /// request in flight or not.
+    pub idle: Duration,
+    /// A request's whole body must arrive within this (`REQUEST_TIMEOUT`), or
+    /// it is answered 408: a body sent a byte at a time moves often enough to
+    /// pass `idle`, and would hold its place for ever.
+    pub body: Duration,
+}
+
+impl Default for Timeouts {
+    /// The declared defaults.
+    fn default() -> Self {
+        Timeouts {
+            header: Duration::from_secs(30),
+            keepalive: Duration::from_secs(60),
+            idle: Duration::from_secs(300),
+            body: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The edge section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Edge {
+    /// `Strict-Transport-Security` value for HTTPS answers.
+    pub hsts: Option<String>,
+    /// Redirect plain HTTP to HTTPS.
+    pub redirect_http: bool,
+    /// Largest accepted request body.
+    pub max_request_bytes: u64,
+    /// Request bytes one worker holds at once (`None`: sized from the memory).
+    pub max_inflight_bytes: Option<u64>,
+    /// How long a request may wait for the engine (and its body may take to arrive).
+    pub request_timeout: Duration,
+    /// Connection timeouts on every listener.
+    pub timeouts: Timeouts,
+    /// One log line per request.
+    pub access_log: bool,
+}
+
+/// Reads the edge section; `https` says whether there is an HTTPS port.
+pub fn parse(r: &mut Reader, https: bool) -> Edge {
+    let hsts = r.get(&SSL_HSTS, None, |v| values::valid_hsts(v).then(|| Some(v.to_string())));
+    let redirect_http = r.get(&SSL_REDIRECT_HTTP, false, values::parse_bool);
+    if redirect_http && !https {
+        r.bad(&SSL_REDIRECT_HTTP, "true", "false, unless ENABLE_SSL=true (there is no HTTPS port to redirect to)");
+    }
+    let max_request_bytes = r.get(&MAX_REQUEST_BYTES, 64 << 20, |v| values::range(v, 1024u64, 1 << 32));
+    let max_inflight_bytes = r.get_accepting(
+        &MAX_INFLIGHT_BYTES,
+        &format!("a byte count of at least MAX_REQUEST_BYTES x 3 ({}), up to 2^50", max_request_bytes * 3),
+        None,
+        |v| values::range(v, max_request_bytes * 3, 1 << 50).map(Some),
+    );
+    let secs = |v: &str| values::seconds(v, 1, 86400);
+    let d = Timeouts::default();
+    let request_timeout = r.get(&REQUEST_TIMEOUT, d.body, secs);
+    let header = r.get(&HEADER_TIMEOUT, d.header, secs);
+    let keepalive = r.get(&KEEPALIVE_TIMEOUT, d.keepalive, secs);
+    let idle = r.get(&IDLE_TIMEOUT, d.idle, secs);
+    if idle <= request_timeout {
+        r.bad(
+            &IDLE_TIMEOUT,
+            &idle.as_secs().to_string(),
+            format!(
+                "more seconds than REQUEST_TIMEOUT ({}), or a slow inference is cut off",
+                request_timeout.as_secs()
+            ),
+        );
+    }
+    let access_log = r.get(&ACCESS_LOG, false, values::parse_bool);
+    Edge {
+        hsts,
+        redirect_http,
+        max_request_bytes,
+        max_inflight_bytes,
+        request_timeout,
+        timeouts: Timeouts { header, keepalive, idle, body: request_timeout },
+        access_log,
+    }
+}
