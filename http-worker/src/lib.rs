@@ -52,7 +52,8 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
     // Connections spread over the engine workers (they share one socket): see shared::balance.
     let balance =
         Arc::new(tandem_shared::balance::AcceptBalance::new(stats.clone(), tandem_shared::stats::ProcessRole::Engine));
-    let app = router(AppState::new(&settings, engine.clone(), stats, region.clone(), control.clone()));
+    let app =
+        router(AppState::new(&settings, settings.engine()?, engine.clone(), stats, region.clone(), control.clone()));
     let shm = match region {
         Some(region) => {
             // One claimer per inference thread, and at least two so that a cheap
@@ -67,7 +68,7 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
     };
 
     let budget = tandem_shared::serve::connection_budget();
-    let server = Arc::new(tandem_shared::serve::Server::new(settings.timeouts, budget).with_pacing(balance));
+    let server = Arc::new(tandem_shared::serve::Server::new(settings.edge.timeouts, budget).with_pacing(balance));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let service = hyper_util::service::TowerToHyperService::new(app);
     let plain = |tcp, _| async move { Some(tandem_shared::serve::Accepted::plain(tcp)) };
@@ -131,16 +132,17 @@ fn is_batched(engine: &Arc<engine::Engine>) -> shm_server::IsBatched {
 pub fn load_engine(settings: &WorkerSettings) -> anyhow::Result<Arc<engine::Engine>> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     // Concurrent inferences: this worker's share of the cores.
-    let permits = (cores / settings.num_workers.max(1)).max(1);
+    let section = settings.engine()?;
+    let permits = tandem_config::engine::share_of_cores(cores, section.num_workers);
     let started = std::time::Instant::now();
-    let engine = engine::Engine::load(&settings.model_repository, &settings.engine, permits, &settings.models_wanted)?;
+    let engine = engine::Engine::load(&section.model_repository, &section.runtime, permits, &section.models_wanted)?;
     let models = engine.models();
     let ready = models.values().filter(|m| m.ready()).count();
     tracing::info!(
         worker_id = settings.worker_id,
         models = models.len(),
         ready,
-        threads = settings.engine.threads,
+        threads = section.runtime.threads,
         ms = started.elapsed().as_millis() as u64,
         "engine loaded"
     );

@@ -74,28 +74,29 @@ impl AppState {
     /// `control` carries model load and unload to the supervisor.
     pub fn new(
         settings: &WorkerSettings,
+        section: &tandem_shared::EngineWorker,
         engine: Arc<Engine>,
         stats: Stats,
         ring: Option<Arc<Region>>,
         control: Arc<tandem_shared::control::ControlClient>,
     ) -> Self {
-        let model_control = crate::model_control::ModelControl::start(settings.model_control, control, engine.clone());
+        let model_control = crate::model_control::ModelControl::start(section.model_control, control, engine.clone());
         AppState {
             inner: Arc::new(Inner {
                 worker_id: settings.worker_id,
-                num_workers: settings.num_workers,
-                max_request_bytes: usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX),
-                body_timeout: settings.timeouts.body,
-                budget: Budget::new(settings.inflight_bytes_or_default()),
+                num_workers: section.num_workers,
+                max_request_bytes: usize::try_from(settings.edge.max_request_bytes).unwrap_or(usize::MAX),
+                body_timeout: settings.edge.timeouts.body,
+                budget: Budget::new(settings.edge.inflight_bytes),
                 engine,
-                engine_info: engine_info(&settings.engine),
-                cert_status: settings.cert_status.clone(),
+                engine_info: engine_info(&section.runtime),
+                cert_status: section.cert_status.clone(),
                 stats,
-                access_log: settings.access_log,
-                redirect_to_https: settings.redirect_to_https,
+                access_log: settings.edge.access_log,
+                redirect_to_https: settings.edge.redirect_to_https,
                 ring,
                 model_control,
-                acme_http01: settings.acme_http01.clone(),
+                acme_http01: settings.edge.acme_http01.clone(),
             }),
         }
     }

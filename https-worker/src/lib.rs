@@ -14,7 +14,7 @@ use anyhow::Context;
 use tandem_shared::control::{ControlClient, WorkerEvent};
 use tandem_shared::tls::Bundle;
 use tandem_shared::worker::{attach, stop_signal};
-use tandem_shared::WorkerSettings;
+use tandem_shared::{TlsSettings, WorkerSettings};
 use tokio::signal::unix::{signal, SignalKind};
 
 pub use resolver::ReloadableResolver;
@@ -128,13 +128,13 @@ pub struct Tls {
 
 impl Tls {
     /// Loads `live.pem` and the client CAs the settings name.
-    pub fn start(settings: &WorkerSettings) -> anyhow::Result<Tls> {
+    pub fn start(settings: &TlsSettings) -> anyhow::Result<Tls> {
         let bundle = Bundle::load(&settings.live_cert).context("cannot load the published certificate")?;
         let fingerprint = bundle.info.fingerprint.clone();
         let resolver = Arc::new(ReloadableResolver::new(bundle.certified_key(), settings.acme_alpn01.clone()));
         let acceptors = client_auth::Acceptors::new(
             resolver.clone(),
-            settings.tls_min_version,
+            settings.min_version,
             settings.client_ca.clone(),
             settings.client_auth,
         )?;
@@ -145,15 +145,15 @@ impl Tls {
     /// Reloads the certificate (and client CAs) on every SIGHUP, acknowledging on the control channel.
     pub fn spawn_reloads(
         &self,
-        settings: &WorkerSettings,
+        settings: &TlsSettings,
         control: Arc<ControlClient>,
         stats: tandem_shared::stats::Stats,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-        let (settings, resolver, acceptors) = (settings.clone(), self.resolver.clone(), self.acceptors.clone());
+        let (live, resolver, acceptors) = (settings.live_cert.clone(), self.resolver.clone(), self.acceptors.clone());
         Ok(tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                stats.tls_reload(reload(&settings, &resolver, &control));
+                stats.tls_reload(reload(&live, &resolver, &control));
                 acceptors.reload();
             }
         }))
@@ -226,7 +226,7 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         settings.worker_id,
     )
     .context("cannot map the statistics region")?;
-    let tls = Tls::start(&settings)?;
+    let tls = Tls::start(settings.tls()?)?;
     let fingerprint = tls.fingerprint.clone();
 
     let std_listener = listenfd::ListenFd::from_env()
@@ -239,13 +239,13 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
             .context("cannot register the listener")?;
 
     // No model here: every request goes to the engine workers through shared memory.
-    let shm = settings.shm.as_ref().context("the HTTPS worker needs the shared-memory ring")?;
+    let shm = settings.shm()?;
     let region = tandem_shared::worker::open_region(shm).context("cannot map the shared-memory region")?;
     let completions = forward::Completions::start(region.clone()).context("cannot start the completion thread")?;
     let _ = WATCHED.set(completions.clone());
-    let max_request = usize::try_from(settings.max_request_bytes).unwrap_or(usize::MAX);
+    let max_request = usize::try_from(settings.edge.max_request_bytes).unwrap_or(usize::MAX);
     let mut extra_headers = http::HeaderMap::new();
-    if let Some(hsts) = &settings.hsts {
+    if let Some(hsts) = &settings.tls()?.hsts {
         // Validated at start-up (config::valid_hsts); sent over HTTPS only, as RFC 6797 requires.
         let value = http::HeaderValue::from_str(hsts).context("SSL_HSTS is not a valid header value")?;
         extra_headers.insert(http::header::STRICT_TRANSPORT_SECURITY, value);
@@ -253,14 +253,14 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     let options = forward::ForwardOptions {
         max_request_bytes: max_request,
         timeout: shm.request_timeout,
-        access_log: settings.access_log.then_some(settings.worker_id),
+        access_log: settings.edge.access_log.then_some(settings.worker_id),
         extra_headers,
-        inflight_bytes: settings.inflight_bytes_or_default(),
+        inflight_bytes: settings.edge.inflight_bytes,
     };
     let forwarder = Arc::new(forward::Forwarder::new(region, completions.clone(), stats.clone(), options));
     let budget = tandem_shared::serve::connection_budget();
     let server = Arc::new(
-        tandem_shared::serve::Server::new(settings.timeouts, budget).with_park_hook(Arc::new(watch_before_park)),
+        tandem_shared::serve::Server::new(settings.edge.timeouts, budget).with_park_hook(Arc::new(watch_before_park)),
     );
 
     control
@@ -268,7 +268,7 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
         .context("cannot report ready to the supervisor")?;
     tracing::info!(worker_id = settings.worker_id, pid = std::process::id(), addr = %settings.listen_addr, %fingerprint, max_connections = budget, "https worker ready");
 
-    let reloads = tls.spawn_reloads(&settings, control.clone(), stats.clone())?;
+    let reloads = tls.spawn_reloads(settings.tls()?, control.clone(), stats.clone())?;
     let handshaker = tls.handshaker(stats.clone(), settings.listen_addr);
     let handshake = move |tcp, peer| handshaker.clone().accept(tcp, peer);
     let fwd = forwarder.clone();
@@ -315,8 +315,8 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
 /// Re-reads `live.pem`, validates it and swaps it in; the old certificate
 /// keeps serving when the new one is refused. Acknowledges on the control
 /// channel; returns whether the new certificate serves.
-fn reload(settings: &WorkerSettings, resolver: &ReloadableResolver, control: &ControlClient) -> bool {
-    let event = match Bundle::load(&settings.live_cert) {
+fn reload(live: &std::path::Path, resolver: &ReloadableResolver, control: &ControlClient) -> bool {
+    let event = match Bundle::load(live) {
         Ok(bundle) => {
             resolver.swap(bundle.certified_key());
             tracing::info!(fingerprint = %bundle.info.fingerprint, "certificate reloaded");

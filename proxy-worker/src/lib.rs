@@ -69,7 +69,7 @@ struct Shared {
 }
 
 async fn serve(settings: WorkerSettings, control: Arc<ControlClient>, threads: usize) -> anyhow::Result<()> {
-    let proxy = settings.proxy.clone().context("the proxy worker was started without its settings")?;
+    let proxy = settings.proxy()?.clone();
     let stats = tandem_shared::worker::open_stats(
         &settings.stats,
         tandem_shared::stats::ProcessRole::Proxy,
@@ -90,28 +90,29 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>, threads: u
     }
     let http = listener(tandem_shared::sys::LISTEN_FDS_START, "HTTP")?;
     let tls = match proxy.https {
-        Some((fd, addr)) => Some((listener(fd, "HTTPS")?, addr, tandem_https_worker::Tls::start(&settings)?)),
+        Some((fd, addr)) => Some((listener(fd, "HTTPS")?, addr, tandem_https_worker::Tls::start(settings.tls()?)?)),
         None => None,
     };
     let hsts = settings
-        .hsts
-        .as_deref()
+        .tls
+        .as_ref()
+        .and_then(|t| t.hsts.as_deref())
         .map(http::HeaderValue::from_str)
         .transpose()
         .context("SSL_HSTS is not a valid header value")?;
     let options = forward::Options {
-        max_request_bytes: settings.max_request_bytes,
+        max_request_bytes: settings.edge.max_request_bytes,
         timeout: proxy.request_timeout,
-        access_log: settings.access_log.then_some(settings.worker_id),
+        access_log: settings.edge.access_log.then_some(settings.worker_id),
         hsts,
-        redirect_to_https: settings.redirect_to_https,
+        redirect_to_https: settings.edge.redirect_to_https,
         ready_path: proxy.ready_path.clone(),
-        acme_http01: settings.acme_http01.clone(),
-        idle_timeout: settings.timeouts.idle,
-        inflight_bytes: settings.inflight_bytes_or_default(),
+        acme_http01: settings.edge.acme_http01.clone(),
+        idle_timeout: settings.edge.timeouts.idle,
+        inflight_bytes: settings.edge.inflight_bytes,
     };
     let reloads = match &tls {
-        Some((_, _, t)) => Some(t.spawn_reloads(&settings, control.clone(), stats.clone())?),
+        Some((_, _, t)) => Some(t.spawn_reloads(settings.tls()?, control.clone(), stats.clone())?),
         None => None,
     };
     let fingerprint = tls.as_ref().map(|(_, _, t)| t.fingerprint.clone());
@@ -171,8 +172,8 @@ async fn serve_thread(index: usize, shared: Arc<Shared>, stop: tokio::sync::watc
     };
     let register = |l: &TcpListener| l.try_clone().and_then(tokio::net::TcpListener::from_std);
     let settings = &shared.settings;
-    let plain = Server::new(settings.timeouts, shared.budget);
-    let secure = Server::new(settings.timeouts, shared.budget);
+    let plain = Server::new(settings.edge.timeouts, shared.budget);
+    let secure = Server::new(settings.edge.timeouts, shared.budget);
     let http = match register(&shared.http) {
         Ok(l) => l,
         Err(e) => {

@@ -116,11 +116,13 @@ impl Budget {
     }
 }
 
-/// The default budget of one process: a quarter of the memory this process
-/// may use (its cgroup's limit, else the machine's), shared by the `processes`
-/// that serve requests, and never below `floor` (one largest request).
-pub fn default_bytes(processes: usize, floor: u64) -> u64 {
-    let memory = memory_limit().unwrap_or(4 << 30);
+/// What [`share`] assumes when [`memory_limit`] cannot tell.
+pub const UNKNOWN_MEMORY: u64 = 4 << 30;
+
+/// The default budget of one process: a quarter of `memory` (what tandem may
+/// use: [`memory_limit`]), shared by the `processes` that serve requests,
+/// and never below `floor` (one largest request).
+pub fn share(memory: u64, processes: usize, floor: u64) -> u64 {
     (memory / 4 / processes.max(1) as u64).max(floor)
 }
 
@@ -201,7 +203,8 @@ mod tests {
     #[test]
     fn the_default_follows_the_memory_and_never_falls_below_one_request() {
         assert!(memory_limit().is_some_and(|m| m > 0));
-        assert_eq!(default_bytes(1_000_000, 64 << 20), 64 << 20);
+        assert_eq!(share(8 << 30, 1_000_000, 64 << 20), 64 << 20);
+        assert_eq!(share(8 << 30, 2, 64 << 20), 1 << 30);
         assert!(cgroup_limit("0::/nonexistent-group").is_none());
     }
 }

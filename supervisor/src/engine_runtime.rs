@@ -133,7 +133,8 @@ pub fn resolve(config: &Config) -> Result<EngineSettings, EngineConfigError> {
     let mut settings = EngineSettings {
         backend: config.engine.backend,
         device: config.engine.device,
-        threads: config.engine.threads.unwrap_or(0),
+        // Decided per worker (worker_settings::for_worker): it depends on the worker count.
+        threads: 0,
         strict_readiness: config.engine.strict_readiness,
         exit_on_model_error: config.engine.exit_on_model_error,
         ..EngineSettings::default()

@@ -13,6 +13,7 @@ pub mod models;
 pub mod process;
 pub mod supervise;
 mod systemd;
+pub mod worker_settings;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

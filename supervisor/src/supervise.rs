@@ -18,8 +18,6 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tandem_config::acme::AcmeChallenge;
-use tandem_config::certs::CertSource;
 use tandem_config::engine::ModelControlMode;
 use tandem_config::Config;
 use tandem_shared::control::{
@@ -29,7 +27,7 @@ use tandem_shared::stats::{self, ProcessRole, Stats};
 use tandem_shared::sys::counters::Counters;
 use tandem_shared::sys::shm::Region;
 use tandem_shared::sys::LISTEN_FDS_START;
-use tandem_shared::{url, EngineSettings, Role, ShmSettings, StatsSettings, WorkerSettings, WORKER_SETTINGS_VAR};
+use tandem_shared::{url, EngineSettings, Role, StatsSettings, WORKER_SETTINGS_VAR};
 use tokio::signal::unix::{signal, Signal as TokioSignal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -38,16 +36,7 @@ use crate::certs::{CertChecked, CertHandle, CertKeeper};
 use crate::models::{Finished, ModelOps, Origin, Step};
 use crate::process::{describe_exit, Slot, WorkerState};
 
-/// Descriptor number of the control socket in a worker (right after its one listener).
-const CONTROL_FD: i32 = LISTEN_FDS_START + 1;
-/// Descriptor number of the shared-memory memfd in a worker.
-const SHM_FD: i32 = LISTEN_FDS_START + 2;
-const STATS_FD: i32 = LISTEN_FDS_START + 3;
-/// Descriptor number of the worker's settings (a memfd holding their JSON:
-/// settings can outgrow what one environment variable may hold).
-const SETTINGS_FD: i32 = LISTEN_FDS_START + 4;
-/// Descriptor number of the HTTPS listener in the proxy worker (which has no ring).
-const PROXY_HTTPS_FD: i32 = LISTEN_FDS_START + 2;
+use crate::worker_settings::{CONTROL_FD, PROXY_HTTPS_FD, SETTINGS_FD, SHM_FD, STATS_FD};
 
 /// The supervisor's phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +150,8 @@ pub struct Supervisor {
     apps: Option<Apps>,
     /// What the copies' probes found.
     health: mpsc::UnboundedReceiver<(u64, Health)>,
+    /// The memory tandem may use, read once at start (the default `MAX_INFLIGHT_BYTES` is a share of it).
+    memory: u64,
 }
 
 /// Signals the supervisor handles, registered before any child exists.
@@ -287,6 +278,7 @@ impl Supervisor {
             repository_changes,
             apps,
             health,
+            memory: tandem_shared::budget::memory_limit().unwrap_or(tandem_shared::budget::UNKNOWN_MEMORY),
         })
     }
 
@@ -390,56 +382,28 @@ impl Supervisor {
         let (ours, theirs) = UnixStream::pair().context("cannot create a control socketpair")?;
         let worker_id = self.next_id;
         self.next_id += 1;
-        let settings = WorkerSettings {
-            role,
-            worker_id,
-            supervisor_pid: std::process::id() as i32,
-            listen_addr: addr,
-            control_fd: CONTROL_FD,
-            num_workers: self.http_slots(),
-            live_cert: tandem_shared::cert_cache::Layout::of(&self.config.process.cert_dir()).live(),
-            cert_status: self
-                .https_addr
-                .map(|_| tandem_shared::cert_cache::Layout::of(&self.config.process.cert_dir()).status()),
-            model_repository: self.model_repository.clone(),
-            engine: self.engine_settings(worker_id),
-            max_request_bytes: self.config.edge.max_request_bytes,
-            inflight_bytes: self.config.edge.max_inflight_bytes.unwrap_or_else(|| {
-                // Every serving process (the engines, the TLS or proxy worker) gets an equal part.
-                let processes = self.http_slots() + usize::from(self.https_addr.is_some());
-                tandem_shared::budget::default_bytes(processes, self.config.edge.max_request_bytes * 3)
-            }),
-            graceful_timeout: self.config.process.graceful_timeout,
-            timeouts: self.config.edge.timeouts,
-            shm: self.shm.as_ref().map(|_| ShmSettings {
-                fd: SHM_FD,
-                slots: self.config.ring.slots,
-                slot_bytes: self.config.ring.slot_bytes,
-                request_timeout: self.config.edge.request_timeout,
-            }),
-            stats: StatsSettings { fd: STATS_FD, words: self.stats.0.words().len(), block: self.slots[index].block },
-            log_level: self.config.process.log_level.clone(),
-            log_format: self.config.process.log_format,
-            access_log: self.config.edge.access_log,
-            model_control: self.config.engine.model_control_mode,
-            client_ca: self.config.tls.client_ca.clone(),
-            client_auth: self.config.tls.client_auth,
-            tls_min_version: self.config.tls.min_version,
-            hsts: self.config.edge.hsts.clone(),
-            redirect_to_https: (self.config.edge.redirect_http).then(|| self.https_addr.map(|a| a.port())).flatten(),
-            acme_http01: self.acme_dirs().map(|l| l.acme_http01()),
-            acme_alpn01: self
-                .acme_dirs()
-                .filter(|_| self.config.acme.challenge == AcmeChallenge::TlsAlpn01)
-                .map(|l| l.acme_alpn01()),
-            models_wanted: self.model_ops.wanted.clone(),
-            proxy: (role == Role::ProxyWorker).then(|| tandem_shared::ProxySettings {
-                https: proxy_https.as_ref().map(|(_, a)| (PROXY_HTTPS_FD, *a)),
-                request_timeout: self.config.edge.request_timeout,
-                backends: self.backends(),
-                ready_path: self.config.proxy.ready_path.clone(),
-            }),
-        };
+        let settings = crate::worker_settings::for_worker(
+            &self.config,
+            crate::worker_settings::Spawn {
+                role,
+                worker_id,
+                listen_addr: addr,
+                stats: StatsSettings {
+                    fd: STATS_FD,
+                    words: self.stats.0.words().len(),
+                    block: self.slots[index].block,
+                },
+                engine_workers: self.http_slots(),
+                https_addr: self.https_addr,
+                ring: self.shm.is_some(),
+                model_repository: &self.model_repository,
+                engine: &self.engine,
+                models_wanted: &self.model_ops.wanted,
+                backends: if role == Role::ProxyWorker { self.backends() } else { Vec::new() },
+                cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                memory: self.memory,
+            },
+        );
         let settings_fd = tandem_shared::worker::settings_memfd(&settings)
             .context("cannot write the worker's settings into a memfd")?;
         let mut fds = vec![
@@ -652,11 +616,6 @@ impl Supervisor {
     }
 
     /// The cache layout, when ACME is the certificate source (its challenges are answered by the workers).
-    fn acme_dirs(&self) -> Option<tandem_shared::cert_cache::Layout> {
-        (self.https_addr.is_some() && self.config.certs.source == CertSource::Acme)
-            .then(|| tandem_shared::cert_cache::Layout::of(&self.config.process.cert_dir()))
-    }
-
     fn announce(&self) {
         tracing::info!(url = %url("http", self.http_addr), workers = self.http_slots(), "serving HTTP");
         crate::systemd::notify(&format!(
@@ -837,17 +796,6 @@ impl Supervisor {
                 let _ = kill(pid, sig);
             }
         }
-    }
-
-    /// The engine settings for a worker spawned now: `ENGINE_THREADS`, else the
-    /// cores shared out over the engine workers, so the machine is never oversubscribed.
-    fn engine_settings(&self, worker_id: u64) -> EngineSettings {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let threads = match self.engine.threads {
-            0 => (cores / self.http_slots().max(1)).max(1),
-            n => n,
-        };
-        EngineSettings { threads, log_config_notes: worker_id == 1, ..self.engine.clone() }
     }
 
     /// The lowest engine block no slot holds (a draining worker still holds its own).

@@ -1,0 +1,258 @@
+//! What the supervisor hands each worker at start, by section: every worker
+//! gets the common part and the edge policy; an engine worker its engine
+//! section, a TLS-terminating worker its TLS section, the proxy worker its
+//! proxy section — no role receives another's settings. The supervisor builds
+//! them with one pure function (`tandem_supervisor::worker_settings`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tandem_config::edge::Timeouts;
+use tandem_config::engine::{BackendChoice, Device, ModelControlMode};
+use tandem_config::process::LogFormat;
+use tandem_config::tls::{ClientAuth, TlsVersion};
+
+use crate::control;
+
+/// Which kind of worker a process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Plain HTTP with the inference engine.
+    HttpWorker,
+    /// TLS termination.
+    HttpsWorker,
+    /// With `WORKER_COMMAND`: serves both ports and forwards every request to a copy.
+    ProxyWorker,
+    /// With `WORKER_COMMAND`: one copy of the operator's server (not a tandem process).
+    App,
+}
+
+impl Role {
+    /// Whether this process serves the ports in front of the engines or copies
+    /// (it drains first on stop, and gets SIGHUP for certificates).
+    pub fn is_front(self) -> bool {
+        matches!(self, Role::HttpsWorker | Role::ProxyWorker)
+    }
+
+    /// The hidden subcommand that starts this role.
+    pub fn subcommand(self) -> &'static str {
+        match self {
+            Role::HttpWorker => "http-worker",
+            Role::HttpsWorker => "https-worker",
+            Role::ProxyWorker => "proxy-worker",
+            // Never run as a tandem subcommand; the name is for logs.
+            Role::App => "worker-command",
+        }
+    }
+}
+
+/// Everything a worker needs, given to it explicitly by the supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerSettings {
+    /// Which worker this is.
+    pub role: Role,
+    /// Its number among all workers the supervisor started (restarts get new ones).
+    pub worker_id: u64,
+    /// The supervisor's pid: a worker whose parent is not this exits at once.
+    pub supervisor_pid: i32,
+    /// The address of the listener at descriptor `LISTEN_FDS_START`.
+    pub listen_addr: SocketAddr,
+    /// The control socket's descriptor.
+    pub control_fd: i32,
+    /// The statistics region and this worker's block in it.
+    pub stats: StatsSettings,
+    /// Tracing filter.
+    pub log_level: String,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Drain time on stop.
+    pub graceful_timeout: Duration,
+    /// The policy every request path applies.
+    pub edge: EdgeSettings,
+    /// The shared-memory ring (engine and HTTPS workers, when HTTPS reaches the engine).
+    pub shm: Option<ShmSettings>,
+    /// Engine workers only.
+    pub engine: Option<EngineWorker>,
+    /// Workers that terminate TLS only.
+    pub tls: Option<TlsSettings>,
+    /// The proxy worker only (`WORKER_COMMAND`).
+    pub proxy: Option<ProxySettings>,
+}
+
+/// Why a worker cannot run with the settings it was given.
+#[derive(Debug, thiserror::Error)]
+#[error("the {role} was started without its {section} settings")]
+pub struct MissingSection {
+    /// The worker's subcommand.
+    pub role: &'static str,
+    /// The section it lacks.
+    pub section: &'static str,
+}
+
+impl WorkerSettings {
+    fn section<'a, T>(&self, s: &'a Option<T>, section: &'static str) -> Result<&'a T, MissingSection> {
+        s.as_ref().ok_or(MissingSection { role: self.role.subcommand(), section })
+    }
+
+    /// The engine section.
+    pub fn engine(&self) -> Result<&EngineWorker, MissingSection> {
+        self.section(&self.engine, "engine")
+    }
+
+    /// The TLS section.
+    pub fn tls(&self) -> Result<&TlsSettings, MissingSection> {
+        self.section(&self.tls, "TLS")
+    }
+
+    /// The ring section.
+    pub fn shm(&self) -> Result<&ShmSettings, MissingSection> {
+        self.section(&self.shm, "shared-memory ring")
+    }
+
+    /// The proxy section.
+    pub fn proxy(&self) -> Result<&ProxySettings, MissingSection> {
+        self.section(&self.proxy, "proxy")
+    }
+}
+
+/// The front door's policy, the same on every request path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EdgeSettings {
+    /// Largest accepted request body.
+    pub max_request_bytes: u64,
+    /// This worker's memory budget for request bytes in flight (`MAX_INFLIGHT_BYTES`, or its share of the memory).
+    pub inflight_bytes: u64,
+    /// Connection timeouts on this worker's listeners.
+    pub timeouts: Timeouts,
+    /// One log line per request.
+    pub access_log: bool,
+    /// Plain HTTP is redirected to HTTPS on this port.
+    pub redirect_to_https: Option<u16>,
+    /// ACME: where HTTP-01 key authorizations wait, one file per token (answered on plain HTTP).
+    pub acme_http01: Option<PathBuf>,
+}
+
+/// What an engine worker needs: the models and how to run them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EngineWorker {
+    /// Engine workers running now (each takes its share of the cores).
+    pub num_workers: usize,
+    /// The model repository.
+    pub model_repository: PathBuf,
+    /// Backend, device and threads.
+    pub runtime: EngineSettings,
+    /// How models may change while running.
+    pub model_control: ModelControlMode,
+    /// Models whose load differs from the repository's files, as changed by
+    /// explicit load/unload: `None` unloaded, `Some(config)` loaded with that JSON config.
+    pub models_wanted: BTreeMap<String, Option<String>>,
+    /// The certificate status file `/metrics` reports from, when there is an HTTPS port.
+    pub cert_status: Option<PathBuf>,
+}
+
+/// What a worker that terminates TLS needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TlsSettings {
+    /// The published certificate and key.
+    pub live_cert: PathBuf,
+    /// Client certificates: the CA bundle.
+    pub client_ca: Option<PathBuf>,
+    /// Whether client certificates are asked for.
+    pub client_auth: ClientAuth,
+    /// Oldest TLS version accepted.
+    pub min_version: TlsVersion,
+    /// `Strict-Transport-Security` value for HTTPS answers.
+    pub hsts: Option<String>,
+    /// ACME: where TLS-ALPN-01 certificates wait, one per name (answered for `acme-tls/1`).
+    pub acme_alpn01: Option<PathBuf>,
+}
+
+/// What the proxy worker needs beyond the common settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxySettings {
+    /// Descriptor and address of the HTTPS listener, when `ENABLE_SSL` (the
+    /// HTTP listener is the first, as for every worker).
+    pub https: Option<(i32, SocketAddr)>,
+    /// `REQUEST_TIMEOUT`: how long a copy may take to start answering.
+    pub request_timeout: Duration,
+    /// The copies running when the proxy worker was spawned.
+    pub backends: Vec<control::Backend>,
+    /// `WORKER_READY_PATH` (a health check: never redirected to HTTPS).
+    pub ready_path: String,
+}
+
+/// The ONNX Runtime library the supervisor found and probed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrtLibrary {
+    /// The shared library.
+    pub path: PathBuf,
+    /// ONNX Runtime's version, as the library reports it.
+    pub version: String,
+    /// Whether the CUDA execution provider is compiled into this library.
+    pub cuda: bool,
+}
+
+/// How the engine runs models, decided once by the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineSettings {
+    /// ONNX Runtime, when found and loadable.
+    pub onnxruntime: Option<OrtLibrary>,
+    /// Why ONNX Runtime is not the default, when it is not.
+    pub fallback_reason: Option<String>,
+    /// The default backend (`ENGINE_BACKEND`).
+    pub backend: BackendChoice,
+    /// Device models run on.
+    pub device: Device,
+    /// Intra-op threads per model.
+    pub threads: usize,
+    /// Readiness needs every model ready.
+    pub strict_readiness: bool,
+    /// A model that fails to load stops start-up.
+    pub exit_on_model_error: bool,
+    /// This worker logs what the configurations ask that tandem ignores (the
+    /// first engine worker does, so each note appears once per supervisor life).
+    pub log_config_notes: bool,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            onnxruntime: None,
+            fallback_reason: None,
+            backend: BackendChoice::Auto,
+            device: Device::Cpu,
+            threads: 1,
+            strict_readiness: true,
+            exit_on_model_error: false,
+            log_config_notes: true,
+        }
+    }
+}
+
+/// Where and how big the shared-memory ring is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShmSettings {
+    /// Descriptor number of the memfd in the worker.
+    pub fd: i32,
+    /// Number of slots.
+    pub slots: u32,
+    /// Bytes per request or response.
+    pub slot_bytes: usize,
+    /// How long a request may wait for the engine.
+    pub request_timeout: Duration,
+}
+
+/// Where the statistics region is and which block of it a worker writes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatsSettings {
+    /// Descriptor number of the memfd in the worker.
+    pub fd: i32,
+    /// Size of the region in 64-bit words.
+    pub words: usize,
+    /// The worker's block.
+    pub block: usize,
+}
