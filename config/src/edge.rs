@@ -1,5 +1,5 @@
 //! The front door's policy, the same on every request path: limits, timeouts,
-//! HSTS, the redirect to HTTPS and the access log.
+//! the redirect to HTTPS and the access log.
 
 use std::time::Duration;
 
@@ -9,12 +9,6 @@ use crate::scope::{always, https};
 use crate::{values, Reader};
 
 crate::declare! {
-    SSL_HSTS {
-        default: "(none)",
-        doc: "Strict-Transport-Security value sent on HTTPS answers, e.g. max-age=31536000; includeSubDomains",
-        accepted: "max-age=SECONDS, optionally with ; includeSubDomains and ; preload",
-        scope: https,
-    }
     SSL_REDIRECT_HTTP {
         default: "False",
         doc: "answer plain HTTP with 308 to the HTTPS URL (health checks and ACME challenges excepted)",
@@ -98,8 +92,6 @@ impl Default for Timeouts {
 /// The edge section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Edge {
-    /// `Strict-Transport-Security` value for HTTPS answers.
-    pub hsts: Option<String>,
     /// Redirect plain HTTP to HTTPS.
     pub redirect_http: bool,
     /// Largest accepted request body.
@@ -116,7 +108,6 @@ pub struct Edge {
 
 /// Reads the edge section; `https` says whether there is an HTTPS port.
 pub fn parse(r: &mut Reader, https: bool) -> Edge {
-    let hsts = r.get(&SSL_HSTS, None, |v| values::valid_hsts(v).then(|| Some(v.to_string())));
     let redirect_http = r.get(&SSL_REDIRECT_HTTP, false, values::parse_bool);
     if redirect_http && !https {
         r.bad(&SSL_REDIRECT_HTTP, "true", "false, unless ENABLE_SSL=true (there is no HTTPS port to redirect to)");
@@ -146,7 +137,6 @@ pub fn parse(r: &mut Reader, https: bool) -> Edge {
     }
     let access_log = r.get(&ACCESS_LOG, false, values::parse_bool);
     Edge {
-        hsts,
         redirect_http,
         max_request_bytes,
         max_inflight_bytes,

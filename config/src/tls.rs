@@ -1,4 +1,5 @@
-//! The HTTPS port's TLS: whether it is on, its port, the TLS floor and client certificates.
+//! The HTTPS port's TLS: whether it is on, its port, client certificates,
+//! the TLS floor and HSTS.
 
 use std::path::PathBuf;
 
@@ -30,6 +31,12 @@ crate::declare! {
         default: "required with SSL_CLIENT_CA, else off",
         doc: "client certificates: off, optional (verified when presented) or required",
         accepted: "off, optional or required",
+        scope: https,
+    }
+    SSL_HSTS {
+        default: "(none)",
+        doc: "Strict-Transport-Security value sent on HTTPS answers, e.g. max-age=31536000; includeSubDomains",
+        accepted: "max-age=SECONDS, optionally with ; includeSubDomains and ; preload",
         scope: https,
     }
     SSL_MIN_VERSION {
@@ -82,6 +89,8 @@ pub struct Tls {
     pub client_auth: ClientAuth,
     /// Oldest TLS version accepted.
     pub min_version: TlsVersion,
+    /// `Strict-Transport-Security` value for HTTPS answers.
+    pub hsts: Option<String>,
 }
 
 /// Reads the TLS section; `http_port` gives `SSL_PORT`'s default.
@@ -135,5 +144,6 @@ pub fn parse(r: &mut Reader, http_port: u16) -> Tls {
             _ => None,
         }
     });
-    Tls { enabled, port, client_ca, client_auth, min_version }
+    let hsts = r.get(&SSL_HSTS, None, |v| values::valid_hsts(v).then(|| Some(v.to_string())));
+    Tls { enabled, port, client_ca, client_auth, min_version, hsts }
 }

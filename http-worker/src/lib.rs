@@ -68,7 +68,8 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
     };
 
     let budget = tandem_shared::serve::connection_budget();
-    let server = Arc::new(tandem_shared::serve::Server::new(settings.edge.timeouts, budget).with_pacing(balance));
+    let server =
+        Arc::new(tandem_shared::serve::Server::new(settings.edge.policy.timeouts, budget).with_pacing(balance));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let service = hyper_util::service::TowerToHyperService::new(app);
     let plain = |tcp, _| async move { Some(tandem_shared::serve::Accepted::plain(tcp)) };

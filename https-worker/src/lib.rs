@@ -134,9 +134,9 @@ impl Tls {
         let resolver = Arc::new(ReloadableResolver::new(bundle.certified_key(), settings.acme_alpn01.clone()));
         let acceptors = client_auth::Acceptors::new(
             resolver.clone(),
-            settings.min_version,
-            settings.client_ca.clone(),
-            settings.client_auth,
+            settings.policy.min_version,
+            settings.policy.client_ca.clone(),
+            settings.policy.client_auth,
         )?;
         acceptors.watch();
         Ok(Tls { resolver, acceptors, fingerprint })
@@ -243,9 +243,9 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     let region = tandem_shared::worker::open_region(shm).context("cannot map the shared-memory region")?;
     let completions = forward::Completions::start(region.clone()).context("cannot start the completion thread")?;
     let _ = WATCHED.set(completions.clone());
-    let max_request = usize::try_from(settings.edge.max_request_bytes).unwrap_or(usize::MAX);
+    let max_request = usize::try_from(settings.edge.policy.max_request_bytes).unwrap_or(usize::MAX);
     let mut extra_headers = http::HeaderMap::new();
-    if let Some(hsts) = &settings.tls()?.hsts {
+    if let Some(hsts) = &settings.tls()?.policy.hsts {
         // Validated at start-up (config::valid_hsts); sent over HTTPS only, as RFC 6797 requires.
         let value = http::HeaderValue::from_str(hsts).context("SSL_HSTS is not a valid header value")?;
         extra_headers.insert(http::header::STRICT_TRANSPORT_SECURITY, value);
@@ -253,14 +253,15 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     let options = forward::ForwardOptions {
         max_request_bytes: max_request,
         timeout: shm.request_timeout,
-        access_log: settings.edge.access_log.then_some(settings.worker_id),
+        access_log: settings.edge.policy.access_log.then_some(settings.worker_id),
         extra_headers,
         inflight_bytes: settings.edge.inflight_bytes,
     };
     let forwarder = Arc::new(forward::Forwarder::new(region, completions.clone(), stats.clone(), options));
     let budget = tandem_shared::serve::connection_budget();
     let server = Arc::new(
-        tandem_shared::serve::Server::new(settings.edge.timeouts, budget).with_park_hook(Arc::new(watch_before_park)),
+        tandem_shared::serve::Server::new(settings.edge.policy.timeouts, budget)
+            .with_park_hook(Arc::new(watch_before_park)),
     );
 
     control

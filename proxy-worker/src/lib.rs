@@ -96,19 +96,19 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>, threads: u
     let hsts = settings
         .tls
         .as_ref()
-        .and_then(|t| t.hsts.as_deref())
+        .and_then(|t| t.policy.hsts.as_deref())
         .map(http::HeaderValue::from_str)
         .transpose()
         .context("SSL_HSTS is not a valid header value")?;
     let options = forward::Options {
-        max_request_bytes: settings.edge.max_request_bytes,
+        max_request_bytes: settings.edge.policy.max_request_bytes,
         timeout: proxy.request_timeout,
-        access_log: settings.edge.access_log.then_some(settings.worker_id),
+        access_log: settings.edge.policy.access_log.then_some(settings.worker_id),
         hsts,
         redirect_to_https: settings.edge.redirect_to_https,
         ready_path: proxy.ready_path.clone(),
         acme_http01: settings.edge.acme_http01.clone(),
-        idle_timeout: settings.edge.timeouts.idle,
+        idle_timeout: settings.edge.policy.timeouts.idle,
         inflight_bytes: settings.edge.inflight_bytes,
     };
     let reloads = match &tls {
@@ -172,8 +172,8 @@ async fn serve_thread(index: usize, shared: Arc<Shared>, stop: tokio::sync::watc
     };
     let register = |l: &TcpListener| l.try_clone().and_then(tokio::net::TcpListener::from_std);
     let settings = &shared.settings;
-    let plain = Server::new(settings.edge.timeouts, shared.budget);
-    let secure = Server::new(settings.edge.timeouts, shared.budget);
+    let plain = Server::new(settings.edge.policy.timeouts, shared.budget);
+    let secure = Server::new(settings.edge.policy.timeouts, shared.budget);
     let http = match register(&shared.http) {
         Ok(l) => l,
         Err(e) => {

@@ -10,10 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tandem_config::edge::Timeouts;
 use tandem_config::engine::{BackendChoice, Device, ModelControlMode};
 use tandem_config::process::LogFormat;
-use tandem_config::tls::{ClientAuth, TlsVersion};
 
 use crate::control;
 
@@ -122,14 +120,10 @@ impl WorkerSettings {
 /// The front door's policy, the same on every request path.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EdgeSettings {
-    /// Largest accepted request body.
-    pub max_request_bytes: u64,
+    /// The edge section as configured (limits, timeouts, access log).
+    pub policy: tandem_config::edge::Edge,
     /// This worker's memory budget for request bytes in flight (`MAX_INFLIGHT_BYTES`, or its share of the memory).
     pub inflight_bytes: u64,
-    /// Connection timeouts on this worker's listeners.
-    pub timeouts: Timeouts,
-    /// One log line per request.
-    pub access_log: bool,
     /// Plain HTTP is redirected to HTTPS on this port.
     pub redirect_to_https: Option<u16>,
     /// ACME: where HTTP-01 key authorizations wait, one file per token (answered on plain HTTP).
@@ -157,16 +151,10 @@ pub struct EngineWorker {
 /// What a worker that terminates TLS needs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TlsSettings {
+    /// The TLS section as configured (client certificates, TLS floor, HSTS).
+    pub policy: tandem_config::tls::Tls,
     /// The published certificate and key.
     pub live_cert: PathBuf,
-    /// Client certificates: the CA bundle.
-    pub client_ca: Option<PathBuf>,
-    /// Whether client certificates are asked for.
-    pub client_auth: ClientAuth,
-    /// Oldest TLS version accepted.
-    pub min_version: TlsVersion,
-    /// `Strict-Transport-Security` value for HTTPS answers.
-    pub hsts: Option<String>,
     /// ACME: where TLS-ALPN-01 certificates wait, one per name (answered for `acme-tls/1`).
     pub acme_alpn01: Option<PathBuf>,
 }

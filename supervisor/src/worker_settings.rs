@@ -69,7 +69,7 @@ pub fn for_worker(config: &Config, spawn: Spawn<'_>) -> WorkerSettings {
     let acme = (spawn.https_addr.is_some() && config.certs.source == CertSource::Acme).then_some(&certs);
     let front = usize::from(spawn.https_addr.is_some());
     let edge = EdgeSettings {
-        max_request_bytes: config.edge.max_request_bytes,
+        policy: config.edge.clone(),
         // Every serving process (the engines, the TLS or proxy worker) gets an equal part.
         inflight_bytes: config.edge.max_inflight_bytes.unwrap_or_else(|| {
             tandem_shared::budget::share(
@@ -78,17 +78,12 @@ pub fn for_worker(config: &Config, spawn: Spawn<'_>) -> WorkerSettings {
                 config.edge.max_request_bytes.saturating_mul(3),
             )
         }),
-        timeouts: config.edge.timeouts,
-        access_log: config.edge.access_log,
         redirect_to_https: config.edge.redirect_http.then(|| spawn.https_addr.map(|a| a.port())).flatten(),
         acme_http01: acme.map(Layout::acme_http01),
     };
     let tls = || TlsSettings {
+        policy: config.tls.clone(),
         live_cert: certs.live(),
-        client_ca: config.tls.client_ca.clone(),
-        client_auth: config.tls.client_auth,
-        min_version: config.tls.min_version,
-        hsts: config.edge.hsts.clone(),
         acme_alpn01: acme.filter(|_| config.acme.challenge == AcmeChallenge::TlsAlpn01).map(Layout::acme_alpn01),
     };
     let shm = || ShmSettings {
@@ -186,7 +181,7 @@ mod tests {
         assert!(engine_section.cert_status.is_some());
         let h = for_worker(&c, spawn(Role::HttpsWorker, true, &engine, &wanted));
         assert!(h.engine.is_none() && h.shm.is_some() && h.proxy.is_none());
-        assert_eq!(h.tls.expect("TLS").hsts.as_deref(), Some("max-age=60"));
+        assert_eq!(h.tls.expect("TLS").policy.hsts.as_deref(), Some("max-age=60"));
         let p = for_worker(&c, spawn(Role::ProxyWorker, true, &engine, &wanted));
         assert!(p.engine.is_none() && p.shm.is_none() && p.tls.is_some());
         assert_eq!(p.proxy.expect("proxy").https.map(|(fd, _)| fd), Some(PROXY_HTTPS_FD));
