@@ -142,7 +142,8 @@ fn uvicorn_copies_serve_both_ports_with_forwarding_headers_streams_and_websocket
         .env("WORKER_COMMAND", &uvicorn())
         .env("METRICS_PORT", &metrics_port.to_string())
         .env("ACCESS_LOG", "true")
-        .env("SSL_HSTS", "max-age=600");
+        .env("SSL_HSTS", "max-age=600")
+        .env("CORS_ALLOW_ORIGINS", "*");
     let t = start(b);
     let http = Tandem::http_client();
     let ca = t.served_chain_pem();
@@ -178,6 +179,22 @@ fn uvicorn_copies_serve_both_ports_with_forwarding_headers_streams_and_websocket
     assert_eq!(v["hidden_seen"], serde_json::json!([]), "SSL_*/ACME_*/LISTEN_* reached the copy: {v}");
     let v = json(http.get(t.http_url("/whoami")).send().unwrap());
     assert_eq!(v["headers"]["x-forwarded-proto"], "http", "{v}");
+
+    // CORS_ALLOW_ORIGINS: tandem answers the preflight on both ports (the copy
+    // never sees it) and names the origin on the copy's answers.
+    for (client, url) in [(&http, t.http_url("/whoami")), (&https, t.https_url("localhost", "/whoami"))] {
+        let r = client
+            .request(reqwest::Method::OPTIONS, &url)
+            .header("origin", "https://page.example")
+            .header("access-control-request-method", "POST")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 204, "{url}");
+        assert_eq!(r.headers()["access-control-allow-origin"], "*");
+        let r = client.get(&url).header("origin", "https://page.example").send().unwrap();
+        assert_eq!(r.headers()["access-control-allow-origin"], "*", "{url}");
+        assert_eq!(r.status(), 200);
+    }
 
     // A streamed answer arrives as the copy writes it, not at its end.
     let started = Instant::now();

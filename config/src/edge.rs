@@ -51,6 +51,12 @@ crate::declare! {
         accepted: "a whole number of seconds 1-86400",
         scope: always,
     }
+    CORS_ALLOW_ORIGINS {
+        default: "(none: no cross-origin answers)",
+        doc: "web origins whose pages may call the API from a browser, comma-separated (https://app.example.com), or * for any; preflight OPTIONS is answered and Access-Control-* headers are sent on every path",
+        accepted: "* or comma-separated origins such as https://app.example.com,http://localhost:3000 (scheme, host and optional port; no path)",
+        scope: always,
+    }
     ACCESS_LOG {
         default: "False",
         doc: "one log line per request (listener, peer, method, path, status, bytes, duration, model, worker)",
@@ -102,8 +108,50 @@ pub struct Edge {
     pub request_timeout: Duration,
     /// Connection timeouts on every listener.
     pub timeouts: Timeouts,
+    /// Web origins whose pages may call the API (`CORS_ALLOW_ORIGINS`).
+    pub cors: Cors,
     /// One log line per request.
     pub access_log: bool,
+}
+
+/// Which web origins may call the API from a browser.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Cors {
+    /// None: no `Access-Control-*` header is sent, preflight requests are not answered.
+    #[default]
+    Off,
+    /// Any origin (`*`).
+    Any,
+    /// These origins, as browsers send them (`https://app.example.com`, lower case).
+    Origins(Vec<String>),
+}
+
+impl Cors {
+    /// Whether a page from `origin` (an `Origin` header's value) may call the API.
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            Cors::Off => false,
+            Cors::Any => true,
+            Cors::Origins(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        }
+    }
+}
+
+/// An origin as browsers write it: `http` or `https`, `://`, a host (a name
+/// or an IP address, `[...]` for IPv6) and an optional port; no path.
+fn origin(v: &str) -> Option<String> {
+    let v = v.trim().trim_end_matches('/').to_ascii_lowercase();
+    let rest = v.strip_prefix("https://").or_else(|| v.strip_prefix("http://"))?;
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !p.contains(']') => (h, Some(p)),
+        _ => (rest, None),
+    };
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => host.parse::<std::net::Ipv4Addr>().is_ok() || values::is_dns_name(host),
+    };
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0));
+    (host_ok && port_ok && !host.starts_with("*.")).then_some(v)
 }
 
 /// Reads the edge section; `https` says whether there is an HTTPS port.
@@ -135,6 +183,13 @@ pub fn parse(r: &mut Reader, https: bool) -> Edge {
             ),
         );
     }
+    let cors = r.get(&CORS_ALLOW_ORIGINS, Cors::Off, |v| {
+        if v == "*" {
+            return Some(Cors::Any);
+        }
+        let list: Option<Vec<String>> = values::list(v).iter().map(|o| origin(o)).collect();
+        list.filter(|l| !l.is_empty()).map(Cors::Origins)
+    });
     let access_log = r.get(&ACCESS_LOG, false, values::parse_bool);
     Edge {
         redirect_http,
@@ -142,6 +197,47 @@ pub fn parse(r: &mut Reader, https: bool) -> Edge {
         max_inflight_bytes,
         request_timeout,
         timeouts: Timeouts { header, keepalive, idle, body: request_timeout },
+        cors,
         access_log,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cors(v: &str) -> Result<Cors, crate::ConfigError> {
+        crate::Config::from_vars([("CORS_ALLOW_ORIGINS".to_string(), v.to_string())]).map(|c| c.edge.cors)
+    }
+
+    #[test]
+    fn cors_origins_are_scheme_host_and_port() {
+        assert_eq!(cors("*").unwrap(), Cors::Any);
+        let c = cors("https://App.Example.com, http://localhost:3000/,http://[::1]:8080,http://10.0.0.1").unwrap();
+        assert_eq!(
+            c,
+            Cors::Origins(vec![
+                "https://app.example.com".into(),
+                "http://localhost:3000".into(),
+                "http://[::1]:8080".into(),
+                "http://10.0.0.1".into()
+            ])
+        );
+        assert!(c.allows("https://app.example.com") && c.allows("HTTPS://APP.EXAMPLE.COM"));
+        assert!(
+            !c.allows("https://app.example.com.evil.test") && !c.allows("null") && !c.allows("http://app.example.com")
+        );
+        for bad in [
+            "app.example.com",
+            "ftp://x.example",
+            "https://x.example/path",
+            "https://*.example.com",
+            "https://x:0",
+            "https://x:99999",
+            "*,https://a.example",
+        ] {
+            assert!(cors(bad).is_err(), "{bad}");
+        }
+        assert!(!Cors::Off.allows("https://a.example") && Cors::Any.allows("null"));
     }
 }

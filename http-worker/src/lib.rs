@@ -52,8 +52,15 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
     // Connections spread over the engine workers (they share one socket): see shared::balance.
     let balance =
         Arc::new(tandem_shared::balance::AcceptBalance::new(stats.clone(), tandem_shared::stats::ProcessRole::Engine));
-    let app =
-        router(AppState::new(&settings, settings.engine()?, engine.clone(), stats, region.clone(), control.clone()));
+    let app = router(AppState::new(
+        &settings,
+        settings.engine()?,
+        tandem_shared::front::FrontDoor::new(&settings, false)?,
+        engine.clone(),
+        stats,
+        region.clone(),
+        control.clone(),
+    ));
     let shm = match region {
         Some(region) => {
             // One claimer per inference thread, and at least two so that a cheap

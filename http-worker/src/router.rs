@@ -59,14 +59,12 @@ struct Inner {
     stats: Stats,
     /// Write one log line per request.
     access_log: bool,
-    /// `SSL_REDIRECT_HTTP`: the HTTPS port plain HTTP is sent to.
-    redirect_to_https: Option<u16>,
+    /// The plain HTTP listener's edge policy (HTTPS requests met the HTTPS worker's).
+    door: tandem_shared::front::FrontDoor,
     /// The ring, when HTTPS is on (its busy slots are a metric).
     ring: Option<Arc<Region>>,
     /// Load and unload through the supervisor.
     model_control: Arc<crate::model_control::ModelControl>,
-    /// ACME HTTP-01: the directory of key authorizations, one file per token.
-    acme_http01: Option<std::path::PathBuf>,
 }
 
 impl AppState {
@@ -75,6 +73,7 @@ impl AppState {
     pub fn new(
         settings: &WorkerSettings,
         section: &tandem_shared::EngineWorker,
+        door: tandem_shared::front::FrontDoor,
         engine: Arc<Engine>,
         stats: Stats,
         ring: Option<Arc<Region>>,
@@ -93,10 +92,9 @@ impl AppState {
                 cert_status: section.cert_status.clone(),
                 stats,
                 access_log: settings.edge.policy.access_log,
-                redirect_to_https: settings.edge.redirect_to_https,
+                door,
                 ring,
                 model_control,
-                acme_http01: settings.edge.acme_http01.clone(),
             }),
         }
     }
@@ -161,20 +159,14 @@ fn engine_info(e: &tandem_shared::EngineSettings) -> serde_json::Value {
     })
 }
 
-/// A JSON error response `{"error": "..."}`.
+/// A JSON error response `{"error": "..."}` ([`tandem_shared::front::error`]).
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+    tandem_shared::front::error(status, &message.into()).map(Body::new)
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let busy = self.status == StatusCode::SERVICE_UNAVAILABLE;
-        let mut res = error(self.status, self.message);
-        if busy {
-            // Every 503 the engine makes is a "not now": say when to come back.
-            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        res
+        error(self.status, self.message)
     }
 }
 
@@ -184,7 +176,7 @@ pub fn router(state: AppState) -> Router {
     let id = state.inner.worker_id;
     let stats = state.inner.stats.clone();
     let access_log = state.inner.access_log;
-    let redirect = state.inner.redirect_to_https;
+    let door = state.inner.door.clone();
     let body_timeout = state.inner.body_timeout;
     Router::new()
         .route("/", get(info))
@@ -192,7 +184,6 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/models/stats", get(crate::metrics::all_model_stats))
         .route("/v2/models/{name}/stats", get(crate::metrics::model_stats))
         .route("/v2/models/{name}/versions/{version}/stats", get(crate::metrics::model_stats))
-        .route("/.well-known/acme-challenge/{token}", get(acme_challenge))
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -213,7 +204,7 @@ pub fn router(state: AppState) -> Router {
         })
         .with_state(state)
         .layer(axum::middleware::from_fn(move |mut req: axum::extract::Request, next: axum::middleware::Next| {
-            let (worker_id, stats) = (worker_id.clone(), stats.clone());
+            let (worker_id, stats, door) = (worker_id.clone(), stats.clone(), door.clone());
             async move {
                 let started = Instant::now();
                 let https = req.extensions().get::<Scheme>() == Some(&Scheme::Https);
@@ -230,11 +221,6 @@ pub fn router(state: AppState) -> Router {
                 }
                 let route = tandem_shared::stats::route_index(req.uri().path());
                 let method = req.method().clone();
-                if let Some(port) = redirect.filter(|_| !https) {
-                    if let Some(res) = redirect_to_https(&req, port) {
-                        return res;
-                    }
-                }
                 let logged = access_log.then(|| {
                     let peer = req.extensions().get::<tandem_shared::serve::Peer>().map(|p| p.0);
                     let bytes_in = axum::body::HttpBody::size_hint(req.body()).exact();
@@ -249,9 +235,17 @@ pub fn router(state: AppState) -> Router {
                 });
                 // Answers are compressed when the client's Accept-Encoding asks.
                 let encoding = crate::compression::wanted(req.headers());
-                let mut res = next.run(req).await;
+                // Plain HTTP meets its front door here; HTTPS requests met the HTTPS worker's.
+                let web_origin = req.headers().get(header::ORIGIN).filter(|_| !https).cloned();
+                let mut res = match door.answer(&req).filter(|_| !https) {
+                    Some(answer) => answer.map(Body::new),
+                    None => next.run(req).await,
+                };
                 if let Some(e) = encoding {
                     res = crate::compression::compress_response(res, e).await;
+                }
+                if !https {
+                    door.finish(web_origin.as_ref(), res.headers_mut());
                 }
                 res.headers_mut().insert("x-tandem-worker", worker_id);
                 let took = started.elapsed();
@@ -335,37 +329,6 @@ pub(crate) async fn read_body(
 /// The answer to a request the memory budget cannot take.
 pub(crate) fn refused(e: Refused) -> ApiError {
     ApiError { status: e.status(), message: e.to_string() }
-}
-
-/// `SSL_REDIRECT_HTTP`: a 308 to the same URL over HTTPS, except for health
-/// checks (load balancers probe plain HTTP) and ACME HTTP-01 challenges.
-fn redirect_to_https(req: &axum::extract::Request, port: u16) -> Option<Response> {
-    let path = req.uri().path();
-    if path.starts_with("/v2/health/") || path.starts_with("/.well-known/acme-challenge/") {
-        return None;
-    }
-    let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
-    let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-    let Some(location) = tandem_shared::serve::https_location(host, port, target) else {
-        return Some(error(StatusCode::BAD_REQUEST, "a Host header is needed to redirect to HTTPS"));
-    };
-    let mut res = error(StatusCode::PERMANENT_REDIRECT, "this server answers over HTTPS");
-    res.headers_mut().insert(header::LOCATION, location);
-    Some(res)
-}
-
-/// ACME HTTP-01: the key authorization for `token`, as the supervisor wrote it
-/// for the order in progress; 404 for anything else (RFC 8555 §8.3).
-async fn acme_challenge(State(state): State<AppState>, Path(token): Path<String>) -> Response {
-    let found = state.inner.acme_http01.as_ref().and_then(|dir| tandem_shared::cert_cache::http01_answer(dir, &token));
-    match found {
-        Some(body) => {
-            let mut res = Response::new(Body::from(body));
-            res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-            res
-        }
-        None => error(StatusCode::NOT_FOUND, "no ACME challenge with this token"),
-    }
 }
 
 /// Path parameters: model name and optional version.

@@ -167,7 +167,6 @@ async fn answer(mut claim: Claim, frame: Result<RequestFrame, FrameError>, app: 
 }
 
 fn error_parts(status: StatusCode, message: &str) -> (StatusCode, HeaderMap, Vec<u8>) {
-    let mut h = HeaderMap::new();
-    h.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
-    (status, h, serde_json::json!({ "error": message }).to_string().into_bytes())
+    let (headers, body) = tandem_shared::front::error_parts(status, message);
+    (status, headers, body.to_vec())
 }

@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tandem_shared::budget::{Budget, Share, WAIT};
 use tandem_shared::frame::{decode_response, encode_request, FrameError};
+use tandem_shared::front::{self, FrontDoor};
 use tandem_shared::stats::Stats;
 use tandem_shared::sys::shm::{Region, DONE, FAILED, SUBMITTED};
 use tokio::sync::oneshot;
@@ -273,8 +274,8 @@ pub struct Forwarder {
     max_request_bytes: usize,
     timeout: Duration,
     hint: AtomicU32,
-    /// Headers added to every HTTPS response (e.g. HSTS), set by the operator.
-    extra_headers: HeaderMap,
+    /// The HTTPS listener's edge policy.
+    door: FrontDoor,
     /// The supervisor is gone: the engines are stopping, nothing new is started.
     orphaned: AtomicBool,
     /// The HTTPS worker's statistics block.
@@ -288,11 +289,7 @@ pub struct Forwarder {
 /// The answer to a body the memory budget would not take: 503 with
 /// `Retry-After` while others hold it, 413 when it alone is larger.
 pub fn budget_refused(e: &tandem_shared::budget::Refused) -> Response<Full<Bytes>> {
-    let mut res = json_error(e.status(), &e.to_string());
-    if e.status() == StatusCode::SERVICE_UNAVAILABLE {
-        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    res
+    json_error(e.status(), &e.to_string())
 }
 
 /// The answer to a request that no engine will start because the supervisor died.
@@ -301,7 +298,6 @@ fn orphaned() -> Response<Full<Bytes>> {
         StatusCode::SERVICE_UNAVAILABLE,
         "tandem is stopping (its supervisor is gone); the request was not started, retry on another instance",
     );
-    res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     res
 }
@@ -315,8 +311,8 @@ pub struct ForwardOptions {
     pub timeout: Duration,
     /// With `ACCESS_LOG`: this worker's id.
     pub access_log: Option<u64>,
-    /// Headers added to every answer (`Strict-Transport-Security`).
-    pub extra_headers: HeaderMap,
+    /// The HTTPS listener's edge policy (HSTS, CORS).
+    pub door: FrontDoor,
     /// `MAX_INFLIGHT_BYTES` for this worker.
     pub inflight_bytes: u64,
 }
@@ -326,10 +322,11 @@ pub struct ForwardOptions {
 struct AnsweredHere;
 
 fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({ "error": message }).to_string();
-    let mut res = Response::new(Full::new(Bytes::from(body)));
-    *res.status_mut() = status;
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    here(front::error(status, message))
+}
+
+/// `res`, marked as made by the HTTPS worker.
+fn here(mut res: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
     res.extensions_mut().insert(AnsweredHere);
     res
 }
@@ -356,7 +353,7 @@ impl Forwarder {
             max_request_bytes: options.max_request_bytes,
             timeout: options.timeout,
             hint: AtomicU32::new(0),
-            extra_headers: options.extra_headers,
+            door: options.door,
             orphaned: AtomicBool::new(false),
         }
     }
@@ -371,7 +368,11 @@ impl Forwarder {
             let client = req.extensions().get::<Arc<tandem_shared::serve::ClientIdentity>>().cloned();
             (worker, req.uri().path().to_string(), peer, bytes_in, client)
         });
-        let mut res = self.forward(req).await;
+        let web_origin = req.headers().get(header::ORIGIN).cloned();
+        let mut res = match self.door.answer(&req) {
+            Some(answer) => here(answer),
+            None => self.forward(req).await,
+        };
         if res.extensions().get::<AnsweredHere>().is_some() {
             let status = res.status();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -394,9 +395,7 @@ impl Forwarder {
                 });
             }
         }
-        for (k, v) in &self.extra_headers {
-            res.headers_mut().insert(k, v.clone());
-        }
+        self.door.finish(web_origin.as_ref(), res.headers_mut());
         Ok(res)
     }
 
@@ -468,12 +467,10 @@ impl Forwarder {
     async fn exchange(&self, parts: &http::request::Parts, body: &[u8]) -> Response<Full<Bytes>> {
         let Some(mut writer) = self.reserve().await else {
             self.stats.ring(event::BUSY);
-            let mut res = json_error(
+            return json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "all shared-memory slots are busy; retry shortly or raise SHM_SLOTS / NUM_WORKERS",
             );
-            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return res;
         };
         let len = match encode_request(writer.buf(), &parts.method, &parts.uri, &parts.headers, body) {
             Ok(n) => n,
@@ -517,12 +514,10 @@ impl Forwarder {
                 Ok(Ok(_failed)) => {
                     self.stats.ring(event::ENGINE_FAILED);
                     self.completions.release(slot, FAILED);
-                    let mut res = json_error(
+                    return json_error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "the engine workers handling this request died; it was retried twice",
                     );
-                    res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                    return res;
                 }
                 Ok(Err(_)) => {
                     self.completions.abandon(slot);

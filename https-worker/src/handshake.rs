@@ -52,16 +52,14 @@ pub async fn refuse_plain_http(mut tcp: tokio::net::TcpStream, https_url: &str) 
         }
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
-    let body = serde_json::json!({
-        "error": format!("this port speaks TLS: the request was sent as plain HTTP; use {https_url}")
-    })
-    .to_string();
+    let message = format!("this port speaks TLS: the request was sent as plain HTTP; use {https_url}");
+    let (_, body) = tandem_shared::front::error_parts(http::StatusCode::BAD_REQUEST, &message);
     let head = format!(
         "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
     );
     let _ = tcp.write_all(head.as_bytes()).await;
-    let _ = tcp.write_all(body.as_bytes()).await;
+    let _ = tcp.write_all(&body).await;
     let _ = tcp.shutdown().await;
 }
 

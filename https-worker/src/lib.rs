@@ -244,17 +244,11 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
     let completions = forward::Completions::start(region.clone()).context("cannot start the completion thread")?;
     let _ = WATCHED.set(completions.clone());
     let max_request = usize::try_from(settings.edge.policy.max_request_bytes).unwrap_or(usize::MAX);
-    let mut extra_headers = http::HeaderMap::new();
-    if let Some(hsts) = &settings.tls()?.policy.hsts {
-        // Validated at start-up (config::valid_hsts); sent over HTTPS only, as RFC 6797 requires.
-        let value = http::HeaderValue::from_str(hsts).context("SSL_HSTS is not a valid header value")?;
-        extra_headers.insert(http::header::STRICT_TRANSPORT_SECURITY, value);
-    }
     let options = forward::ForwardOptions {
         max_request_bytes: max_request,
         timeout: shm.request_timeout,
         access_log: settings.edge.policy.access_log.then_some(settings.worker_id),
-        extra_headers,
+        door: tandem_shared::front::FrontDoor::new(&settings, true)?,
         inflight_bytes: settings.edge.inflight_bytes,
     };
     let forwarder = Arc::new(forward::Forwarder::new(region, completions.clone(), stats.clone(), options));

@@ -6,7 +6,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use tandem_https_worker::forward::{read_body, BodyError};
+use tandem_shared::front::{self, FrontDoor};
 use tandem_shared::serve::{tunnel, ClientIdentity, Peer, TunnelEnd};
 use tandem_shared::stats::Stats;
 
@@ -65,14 +65,10 @@ pub struct Options {
     pub timeout: Duration,
     /// With `ACCESS_LOG`: this worker's id.
     pub access_log: Option<u64>,
-    /// `SSL_HSTS`, on HTTPS answers.
-    pub hsts: Option<HeaderValue>,
-    /// `SSL_REDIRECT_HTTP`: the HTTPS port plain HTTP goes to.
-    pub redirect_to_https: Option<u16>,
-    /// `WORKER_READY_PATH`, never redirected (load balancers probe plain HTTP).
-    pub ready_path: String,
-    /// ACME HTTP-01 answers, when ACME is the certificate source.
-    pub acme_http01: Option<PathBuf>,
+    /// The edge policy of the plain HTTP listener (`WORKER_READY_PATH` never redirected).
+    pub plain: FrontDoor,
+    /// The edge policy of the HTTPS listener.
+    pub secure: FrontDoor,
     /// `IDLE_TIMEOUT`: an upgraded connection (WebSocket) with no byte moving is closed after it.
     pub idle_timeout: Duration,
     /// `MAX_INFLIGHT_BYTES`: bodies read before forwarding that this worker holds at once.
@@ -96,18 +92,13 @@ struct Origin<'a> {
     client: Option<&'a ClientIdentity>,
 }
 
-fn local(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    let body = serde_json::json!({ "error": message }).to_string();
-    let mut res = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed_unsync());
-    *res.status_mut() = status;
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    res
+/// An answer the proxy makes itself, in the proxy's body type.
+fn boxed(res: front::Answer) -> Response<ProxyBody> {
+    res.map(|b| b.map_err(|n| match n {}).boxed_unsync())
 }
 
-fn unavailable(message: &str) -> Response<ProxyBody> {
-    let mut res = local(StatusCode::SERVICE_UNAVAILABLE, message);
-    res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    res
+fn local(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    boxed(front::error(status, message))
 }
 
 /// Methods a request of which may be sent twice (RFC 9110 §9.2.2).
@@ -327,13 +318,15 @@ impl Proxy {
         let peer = req.extensions().get::<Peer>().map(|p| p.0);
         let client = req.extensions().get::<Arc<ClientIdentity>>().cloned();
         let bytes_in = req.body().size_hint().exact();
+        let door = if https { &self.opts.secure } else { &self.opts.plain };
+        let web_origin = req.headers().get(header::ORIGIN).cloned();
         let origin = Origin { https, port, peer, client: client.as_deref() };
-        let (mut res, worker) = self.route(req, &path, &origin).await;
-        if https {
-            if let Some(h) = &self.opts.hsts {
-                res.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
-            }
-        }
+        // Framing tandem refuses, then what the front door answers itself, then the copies.
+        let (mut res, worker) = match refuse_framing(&req).or_else(|| door.answer(&req).map(boxed)) {
+            Some(answer) => (answer, None),
+            None => self.forward(req, &origin).await,
+        };
+        door.finish(web_origin.as_ref(), res.headers_mut());
         let took = started.elapsed();
         let status = res.status().as_u16();
         self.stats.request(https, tandem_shared::stats::route_index(&path), method.as_str(), status, took);
@@ -354,39 +347,7 @@ impl Proxy {
         Ok(res)
     }
 
-    /// The answer, and the copy (worker number) that gave it.
-    async fn route(
-        &self,
-        req: Request<Incoming>,
-        path: &str,
-        origin: &Origin<'_>,
-    ) -> (Response<ProxyBody>, Option<usize>) {
-        if let Some(refused) = refuse_framing(&req) {
-            return (refused, None);
-        }
-        if !origin.https {
-            if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
-                if let Some(dir) = &self.opts.acme_http01 {
-                    return (acme_answer(dir, token), None);
-                }
-            }
-            if let Some(port) = self.opts.redirect_to_https.filter(|_| path != self.opts.ready_path) {
-                let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
-                let host = host.or(req.uri().authority().map(|a| a.as_str()));
-                let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-                return match tandem_shared::serve::https_location(host, port, target) {
-                    Some(location) => {
-                        let mut res = local(StatusCode::PERMANENT_REDIRECT, "this server answers over HTTPS");
-                        res.headers_mut().insert(header::LOCATION, location);
-                        (res, None)
-                    }
-                    None => (local(StatusCode::BAD_REQUEST, "a Host header is needed to redirect to HTTPS"), None),
-                };
-            }
-        }
-        self.forward(req, origin).await
-    }
-
+    /// The copy's answer, and the copy (worker number) that gave it.
     async fn forward(&self, mut req: Request<Incoming>, origin: &Origin<'_>) -> (Response<ProxyBody>, Option<usize>) {
         let deadline = tokio::time::Instant::now() + self.opts.timeout;
         let upgrade = upgrade_of(&req);
@@ -417,7 +378,7 @@ impl Proxy {
                 Ok(Ok(b)) => Outgoing::Replayable(b),
                 Ok(Err(BodyError::TooLarge)) => return (too_large(), None),
                 Ok(Err(BodyError::Budget(e))) if e.status() == StatusCode::SERVICE_UNAVAILABLE => {
-                    return (unavailable(&e.to_string()), None)
+                    return (local(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()), None)
                 }
                 Ok(Err(BodyError::Budget(e))) => return (local(e.status(), &e.to_string()), None),
                 Ok(Err(BodyError::Read(e))) => {
@@ -441,7 +402,13 @@ impl Proxy {
             let lease = match self.lease(&tried, deadline).await {
                 Some(l) => l,
                 None if tried.is_empty() => {
-                    return (unavailable("no WORKER_COMMAND copy became ready within REQUEST_TIMEOUT"), None)
+                    return (
+                        local(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "no WORKER_COMMAND copy became ready within REQUEST_TIMEOUT",
+                        ),
+                        None,
+                    )
                 }
                 None => break,
             };
@@ -609,18 +576,6 @@ fn refuse_framing<B>(req: &Request<B>) -> Option<Response<ProxyBody>> {
         return Some(local(StatusCode::BAD_REQUEST, "an HTTP/1.1 request needs a Host header"));
     }
     None
-}
-
-/// ACME HTTP-01 on plain HTTP: the key authorization for `token`, or 404.
-fn acme_answer(dir: &std::path::Path, token: &str) -> Response<ProxyBody> {
-    match tandem_shared::cert_cache::http01_answer(dir, token) {
-        Some(body) => {
-            let mut res = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed_unsync());
-            res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-            res
-        }
-        None => local(StatusCode::NOT_FOUND, "no ACME challenge with this token"),
-    }
 }
 
 #[cfg(test)]

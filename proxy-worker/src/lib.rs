@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tandem_shared::control::{Command, ControlClient, WorkerEvent};
+use tandem_shared::front::FrontDoor;
 use tandem_shared::serve::{Accepted, Server};
 use tandem_shared::worker::{attach, stop_signal};
 use tandem_shared::WorkerSettings;
@@ -93,21 +94,12 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>, threads: u
         Some((fd, addr)) => Some((listener(fd, "HTTPS")?, addr, tandem_https_worker::Tls::start(settings.tls()?)?)),
         None => None,
     };
-    let hsts = settings
-        .tls
-        .as_ref()
-        .and_then(|t| t.policy.hsts.as_deref())
-        .map(http::HeaderValue::from_str)
-        .transpose()
-        .context("SSL_HSTS is not a valid header value")?;
     let options = forward::Options {
         max_request_bytes: settings.edge.policy.max_request_bytes,
         timeout: proxy.request_timeout,
         access_log: settings.edge.policy.access_log.then_some(settings.worker_id),
-        hsts,
-        redirect_to_https: settings.edge.redirect_to_https,
-        ready_path: proxy.ready_path.clone(),
-        acme_http01: settings.edge.acme_http01.clone(),
+        plain: FrontDoor::new(&settings, false)?.never_redirecting(&proxy.ready_path),
+        secure: FrontDoor::new(&settings, true)?,
         idle_timeout: settings.edge.policy.timeouts.idle,
         inflight_bytes: settings.edge.inflight_bytes,
     };

@@ -10,6 +10,7 @@ pub mod cert_cache;
 pub mod cert_status;
 pub mod control;
 pub mod frame;
+pub mod front;
 pub mod log_fields;
 pub mod serve;
 pub mod settings;

@@ -1,0 +1,300 @@
+//! The front door: the edge policy every request path applies the same way
+//! (the engine worker's plain HTTP, the HTTPS worker, the proxy worker), and
+//! every answer tandem makes itself, built here (the JSON error shape lives in
+//! one place). Before a request reaches its path, [`FrontDoor::answer`] may
+//! answer it: an ACME HTTP-01 challenge, the redirect to HTTPS, a CORS
+//! preflight. On the way out, [`FrontDoor::finish`] adds what every answer
+//! carries: HSTS over HTTPS, the CORS headers.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use tandem_config::edge::Cors;
+
+use crate::WorkerSettings;
+
+/// An answer tandem makes itself.
+pub type Answer = Response<Full<Bytes>>;
+
+/// `{"error": message}` with `status`. Every 503 says when to come back
+/// (`Retry-After: 1`): it is always a "not now".
+pub fn error(status: StatusCode, message: &str) -> Answer {
+    let (headers, body) = error_parts(status, message);
+    let mut res = Response::new(Full::new(body));
+    *res.status_mut() = status;
+    *res.headers_mut() = headers;
+    res
+}
+
+/// [`error`]'s headers and body, for a path that frames answers itself (the ring).
+pub fn error_parts(status: StatusCode, message: &str) -> (HeaderMap, Bytes) {
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    (headers, Bytes::from(serde_json::json!({ "error": message }).to_string()))
+}
+
+/// 413 for a body over `MAX_REQUEST_BYTES` (or what else `which` names).
+pub fn too_large(which: &str) -> Answer {
+    error(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body exceeds {which}"))
+}
+
+/// The paths never redirected to HTTPS: health checks (load balancers probe
+/// plain HTTP) and ACME HTTP-01 challenges (the CA asks over plain HTTP).
+fn never_redirected(path: &str) -> bool {
+    path.starts_with("/v2/health/") || path.starts_with(ACME_PREFIX)
+}
+
+const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// Headers a browser page may read from an answer (beyond the CORS-safelisted
+/// ones): the binary tensor extension's header length, which worker answered,
+/// when to retry.
+const EXPOSED: &str = "inference-header-content-length, x-tandem-worker, retry-after, content-encoding";
+/// Methods the API answers.
+const METHODS: &str = "GET, POST, OPTIONS";
+/// How long a browser may keep a preflight's answer (seconds).
+const PREFLIGHT_MAX_AGE: &str = "600";
+
+/// The edge policy of one listener (the default applies none).
+#[derive(Debug, Clone, Default)]
+pub struct FrontDoor {
+    https: bool,
+    hsts: Option<HeaderValue>,
+    redirect_to_https: Option<u16>,
+    acme_http01: Option<PathBuf>,
+    cors: Cors,
+    also_never_redirected: Option<String>,
+}
+
+/// A configured header value that cannot be sent.
+#[derive(Debug, thiserror::Error)]
+#[error("SSL_HSTS is not a valid header value")]
+pub struct BadHsts;
+
+impl FrontDoor {
+    /// The policy of a listener of this worker: plain HTTP, or HTTPS when `https`.
+    pub fn new(settings: &WorkerSettings, https: bool) -> Result<Self, BadHsts> {
+        let hsts = match settings.tls.as_ref().and_then(|t| t.policy.hsts.as_deref()).filter(|_| https) {
+            // Validated at start-up (values::valid_hsts); sent over HTTPS only, as RFC 6797 requires.
+            Some(v) => Some(HeaderValue::from_str(v).map_err(|_| BadHsts)?),
+            None => None,
+        };
+        Ok(FrontDoor {
+            https,
+            hsts,
+            redirect_to_https: settings.edge.redirect_to_https.filter(|_| !https),
+            acme_http01: settings.edge.acme_http01.clone().filter(|_| !https),
+            cors: settings.edge.policy.cors.clone(),
+            also_never_redirected: None,
+        })
+    }
+
+    /// Also never redirects `path` (`WORKER_READY_PATH`, the copies' health check).
+    pub fn never_redirecting(mut self, path: &str) -> Self {
+        self.also_never_redirected = Some(path.to_string());
+        self
+    }
+
+    /// Whether this is the HTTPS listener's policy.
+    pub fn https(&self) -> bool {
+        self.https
+    }
+
+    /// The answer the front door gives itself, before the request path sees
+    /// the request; `None` lets the request through.
+    pub fn answer<B>(&self, req: &Request<B>) -> Option<Answer> {
+        let path = req.uri().path();
+        if let Some(dir) = &self.acme_http01 {
+            if let Some(token) = path.strip_prefix(ACME_PREFIX) {
+                return Some(acme_http01(dir, token));
+            }
+        }
+        if let Some(res) = self.preflight(req) {
+            return Some(res);
+        }
+        let port = self.redirect_to_https?;
+        if never_redirected(path) || self.also_never_redirected.as_deref() == Some(path) {
+            return None;
+        }
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+        let host = host.or(req.uri().authority().map(|a| a.as_str()));
+        let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        Some(match crate::serve::https_location(host, port, target) {
+            Some(location) => {
+                let mut res = error(StatusCode::PERMANENT_REDIRECT, "this server answers over HTTPS");
+                res.headers_mut().insert(header::LOCATION, location);
+                res
+            }
+            None => error(StatusCode::BAD_REQUEST, "a Host header is needed to redirect to HTTPS"),
+        })
+    }
+
+    /// A CORS preflight (`OPTIONS` with `Origin` and
+    /// `Access-Control-Request-Method`), answered here when CORS is on: 204
+    /// with what the page may send, or 403 for an origin not allowed.
+    fn preflight<B>(&self, req: &Request<B>) -> Option<Answer> {
+        if self.cors == Cors::Off || req.method() != Method::OPTIONS {
+            return None;
+        }
+        let origin = req.headers().get(header::ORIGIN)?;
+        req.headers().get(header::ACCESS_CONTROL_REQUEST_METHOD)?;
+        let Some(allowed) = self.allow_origin(origin) else {
+            return Some(error(StatusCode::FORBIDDEN, "this origin may not call the API (CORS_ALLOW_ORIGINS)"));
+        };
+        let mut res = Response::new(Full::new(Bytes::new()));
+        *res.status_mut() = StatusCode::NO_CONTENT;
+        let h = res.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static(METHODS));
+        // The headers the page asked to send, when they are header names.
+        if let Some(asked) = req.headers().get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+            let names = asked.to_str().ok().filter(|v| v.split(',').all(|n| HeaderName::try_from(n.trim()).is_ok()));
+            if names.is_some() {
+                h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+            }
+        }
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static(PREFLIGHT_MAX_AGE));
+        h.insert(
+            header::VARY,
+            HeaderValue::from_static("Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
+        );
+        Some(res)
+    }
+
+    /// The `Access-Control-Allow-Origin` value for `origin`, when it is allowed.
+    fn allow_origin(&self, origin: &HeaderValue) -> Option<HeaderValue> {
+        let text = origin.to_str().ok()?;
+        if !self.cors.allows(text) {
+            return None;
+        }
+        Some(if self.cors == Cors::Any { HeaderValue::from_static("*") } else { origin.clone() })
+    }
+
+    /// Adds what every answer carries on its way out; `origin` is the
+    /// request's `Origin` header.
+    pub fn finish(&self, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
+        if let Some(h) = &self.hsts {
+            headers.insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+        }
+        if self.cors == Cors::Off {
+            return;
+        }
+        if self.cors != Cors::Any {
+            // The answer differs by origin: caches must keep them apart.
+            headers.append(header::VARY, HeaderValue::from_static("Origin"));
+        }
+        if let Some(allowed) = origin.and_then(|o| self.allow_origin(o)) {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed);
+            headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(EXPOSED));
+        }
+    }
+}
+
+/// ACME HTTP-01: the key authorization for `token`, as the supervisor wrote
+/// it for the order in progress; 404 for anything else (RFC 8555 §8.3).
+fn acme_http01(dir: &std::path::Path, token: &str) -> Answer {
+    match crate::cert_cache::http01_answer(dir, token) {
+        Some(body) => {
+            let mut res = Response::new(Full::new(Bytes::from(body)));
+            res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            res
+        }
+        None => error(StatusCode::NOT_FOUND, "no ACME challenge with this token"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn door(cors: Cors, https: bool, redirect: Option<u16>) -> FrontDoor {
+        FrontDoor {
+            https,
+            hsts: https.then(|| HeaderValue::from_static("max-age=60")),
+            redirect_to_https: redirect,
+            acme_http01: None,
+            cors,
+            also_never_redirected: Some("/ready".into()),
+        }
+    }
+
+    fn req(method: Method, path: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    #[test]
+    fn every_503_says_when_to_come_back() {
+        let res = error(StatusCode::SERVICE_UNAVAILABLE, "busy");
+        assert_eq!(res.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
+        assert!(error(StatusCode::NOT_FOUND, "x").headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    #[test]
+    fn a_preflight_from_an_allowed_origin_is_answered_and_others_refused() {
+        let d = door(Cors::Origins(vec!["https://app.example".into()]), false, None);
+        let pre = |origin: &str| {
+            d.answer(&req(
+                Method::OPTIONS,
+                "/v2/models/m/infer",
+                &[
+                    ("origin", origin),
+                    ("access-control-request-method", "POST"),
+                    ("access-control-request-headers", "content-type, inference-header-content-length"),
+                ],
+            ))
+        };
+        let ok = pre("https://app.example").expect("answered");
+        assert_eq!(ok.status(), StatusCode::NO_CONTENT);
+        assert_eq!(ok.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "https://app.example");
+        assert_eq!(ok.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS], "content-type, inference-header-content-length");
+        assert_eq!(pre("https://evil.example").expect("refused").status(), StatusCode::FORBIDDEN);
+        // A plain OPTIONS (no preflight headers) and CORS off pass through.
+        assert!(d.answer(&req(Method::OPTIONS, "/", &[("origin", "https://app.example")])).is_none());
+        let off = door(Cors::Off, false, None);
+        let r =
+            req(Method::OPTIONS, "/", &[("origin", "https://app.example"), ("access-control-request-method", "POST")]);
+        assert!(off.answer(&r).is_none());
+    }
+
+    #[test]
+    fn answers_carry_cors_and_hsts_as_configured() {
+        let d = door(Cors::Origins(vec!["https://app.example".into()]), true, None);
+        let mut h = HeaderMap::new();
+        d.finish(Some(&HeaderValue::from_static("https://app.example")), &mut h);
+        assert_eq!(h[header::ACCESS_CONTROL_ALLOW_ORIGIN], "https://app.example");
+        assert_eq!(h[header::STRICT_TRANSPORT_SECURITY], "max-age=60");
+        assert!(h[header::ACCESS_CONTROL_EXPOSE_HEADERS].to_str().unwrap().contains("inference-header-content-length"));
+        let mut h = HeaderMap::new();
+        d.finish(Some(&HeaderValue::from_static("https://evil.example")), &mut h);
+        assert!(h.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_none());
+        assert_eq!(h[header::VARY], "Origin");
+        let mut h = HeaderMap::new();
+        door(Cors::Any, false, None).finish(Some(&HeaderValue::from_static("null")), &mut h);
+        assert_eq!(h[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+        assert!(h.get(header::STRICT_TRANSPORT_SECURITY).is_none() && h.get(header::VARY).is_none());
+    }
+
+    #[test]
+    fn plain_http_is_redirected_except_health_acme_and_the_ready_path() {
+        let d = door(Cors::Off, false, Some(8443));
+        let r = d.answer(&req(Method::GET, "/v2/models?x=1", &[("host", "a.example:8080")])).expect("redirected");
+        assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
+        assert_eq!(r.headers()[header::LOCATION], "https://a.example:8443/v2/models?x=1");
+        for path in ["/v2/health/ready", "/ready"] {
+            assert!(d.answer(&req(Method::GET, path, &[("host", "a.example")])).is_none(), "{path}");
+        }
+        let bad = d.answer(&req(Method::GET, "/", &[("host", "a b")])).expect("answered");
+        assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    }
+}
