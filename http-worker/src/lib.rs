@@ -14,38 +14,29 @@ pub mod shm_server;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tandem_shared::control::WorkerEvent;
-use tandem_shared::worker::{attach, stop_signal};
+use tandem_shared::worker::{run_worker, Kind, Running, Started};
 use tandem_shared::WorkerSettings;
 
 pub use router::{router, AppState, Scheme};
 
 /// Runs the HTTP worker until it is told to stop; returns when drained.
 pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
-    tandem_shared::sys::keep_large_allocations();
-    let control = attach(&settings)?;
+    let kind = Kind {
+        name: "http worker",
+        role: tandem_shared::stats::ProcessRole::Engine,
+        keep_large_allocations: true,
+        on_park: None,
+    };
     // One single-threaded runtime per inference thread (Server::spawn_threads):
-    // this one, which also answers the control channel, and the others.
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the tokio runtime")?;
-    runtime.block_on(serve(settings, control))
+    // the skeleton's, which also answers the control channel, and the others.
+    run_worker(settings, kind, serve)
 }
 
-async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::ControlClient>) -> anyhow::Result<()> {
-    let std_listener = listenfd::ListenFd::from_env()
-        .take_tcp_listener(0)
-        .context("cannot take the inherited listener (LISTEN_FDS)")?
-        .context("no listener inherited: LISTEN_FDS is not set")?;
-    std_listener.set_nonblocking(true).context("cannot make the listener non-blocking")?;
+async fn serve(started: Started) -> anyhow::Result<Running> {
+    let Started { settings, control, stats, listener: std_listener } = started;
     let listener =
         tokio::net::TcpListener::from_std(std_listener.try_clone().context("cannot duplicate the listener")?)
             .context("cannot register the listener")?;
-    let stats = tandem_shared::worker::open_stats(
-        &settings.stats,
-        tandem_shared::stats::ProcessRole::Engine,
-        settings.worker_id,
-    )
-    .context("cannot map the statistics region")?;
     let engine = load_engine(&settings)?;
     let inference_threads = engine.permits.available_permits();
     let region = settings.shm.as_ref().map(tandem_shared::worker::open_region).transpose()?;
@@ -95,24 +86,23 @@ async fn serve(settings: WorkerSettings, control: Arc<tandem_shared::control::Co
             server.run(&listener, stop, plain, service).await;
         })
     };
-    control
-        .send(&WorkerEvent::Ready { addr: settings.listen_addr.to_string(), fingerprint: None })
-        .context("cannot report ready to the supervisor")?;
-    tracing::info!(worker_id = settings.worker_id, pid = std::process::id(), addr = %settings.listen_addr, max_connections = budget, "http worker ready");
-
-    stop_signal().await;
-    tracing::info!(worker_id = settings.worker_id, "draining in-flight requests");
-    let _ = control.send(&WorkerEvent::Draining);
-    let _ = stop_tx.send(true);
-    let _ = accepting.await;
-    if let Some(shm) = shm {
-        shm.stop(settings.graceful_timeout).await;
-    }
-    let drained = server.drain(settings.graceful_timeout).await;
-    // The other threads' connections are done (or out of time): let them go.
-    threads.finish();
-    tandem_shared::worker::report_drain(drained, settings.graceful_timeout);
-    Ok(())
+    let graceful = settings.graceful_timeout;
+    let drain = async move {
+        let _ = stop_tx.send(true);
+        let _ = accepting.await;
+        if let Some(shm) = shm {
+            shm.stop(graceful).await;
+        }
+        let drained = server.drain(graceful).await;
+        // The other threads' connections are done (or out of time): let them go.
+        threads.finish();
+        drained
+    };
+    Ok(Running {
+        fingerprint: None,
+        details: format!("max_connections={budget} threads={inference_threads}"),
+        drain: Box::pin(drain),
+    })
 }
 
 /// Whether a request path is an inference on a model version served with

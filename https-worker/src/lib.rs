@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use tandem_shared::control::{ControlClient, WorkerEvent};
 use tandem_shared::tls::Bundle;
-use tandem_shared::worker::{attach, stop_signal};
+use tandem_shared::worker::{run_worker, Kind, Running, Started};
 use tandem_shared::{TlsSettings, WorkerSettings};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -24,15 +24,14 @@ const ORPHAN_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs the HTTPS worker until it is told to stop; returns when drained.
 pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
-    tandem_shared::sys::keep_large_allocations();
-    let control = attach(&settings)?;
-    // One single-threaded runtime per core (Server::spawn_threads): this one, and the others.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .on_thread_park(watch_before_park)
-        .enable_all()
-        .build()
-        .context("cannot start the tokio runtime")?;
-    runtime.block_on(serve(settings, control))
+    let kind = Kind {
+        name: "https worker",
+        role: tandem_shared::stats::ProcessRole::Https,
+        keep_large_allocations: true,
+        on_park: Some(watch_before_park),
+    };
+    // One single-threaded runtime per core (Server::spawn_threads): the skeleton's, and the others.
+    run_worker(settings, kind, serve)
 }
 
 /// Sessions held for TLS 1.2 session-ID resumption (about 200 bytes each).
@@ -219,21 +218,10 @@ fn watch_before_park() {
     }
 }
 
-async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow::Result<()> {
-    let stats = tandem_shared::worker::open_stats(
-        &settings.stats,
-        tandem_shared::stats::ProcessRole::Https,
-        settings.worker_id,
-    )
-    .context("cannot map the statistics region")?;
+async fn serve(started: Started) -> anyhow::Result<Running> {
+    let Started { settings, control, stats, listener: std_listener } = started;
     let tls = Tls::start(settings.tls()?)?;
     let fingerprint = tls.fingerprint.clone();
-
-    let std_listener = listenfd::ListenFd::from_env()
-        .take_tcp_listener(0)
-        .context("cannot take the inherited listener (LISTEN_FDS)")?
-        .context("no listener inherited: LISTEN_FDS is not set")?;
-    std_listener.set_nonblocking(true).context("cannot make the listener non-blocking")?;
     let listener =
         tokio::net::TcpListener::from_std(std_listener.try_clone().context("cannot duplicate the listener")?)
             .context("cannot register the listener")?;
@@ -258,53 +246,53 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>) -> anyhow:
             .with_park_hook(Arc::new(watch_before_park)),
     );
 
-    control
-        .send(&WorkerEvent::Ready { addr: settings.listen_addr.to_string(), fingerprint: Some(fingerprint.clone()) })
-        .context("cannot report ready to the supervisor")?;
-    tracing::info!(worker_id = settings.worker_id, pid = std::process::id(), addr = %settings.listen_addr, %fingerprint, max_connections = budget, "https worker ready");
-
     let reloads = tls.spawn_reloads(settings.tls()?, control.clone(), stats.clone())?;
     let handshaker = tls.handshaker(stats.clone(), settings.listen_addr);
     let handshake = move |tcp, peer| handshaker.clone().accept(tcp, peer);
     let fwd = forwarder.clone();
     let service = hyper::service::service_fn(move |req| fwd.clone().handle(req));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let extra = tandem_shared::serve::serving_threads() - 1;
     let threads = server
-        .spawn_threads(
-            tandem_shared::serve::serving_threads() - 1,
-            &std_listener,
-            stop_rx.clone(),
-            handshake.clone(),
-            service.clone(),
-        )
+        .spawn_threads(extra, &std_listener, stop_rx.clone(), handshake.clone(), service.clone())
         .context("cannot start the serving threads")?;
     drop(std_listener);
-    let stop = async move {
-        stop_signal().await;
+    let accepting = {
+        let (server, mut stop_rx) = (server.clone(), stop_rx);
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stop_rx.wait_for(|stopped| *stopped).await;
+            };
+            server.run(&listener, stop, handshake, service).await;
+        })
+    };
+    let graceful = settings.graceful_timeout;
+    let drain = async move {
         let _ = stop_tx.send(true);
+        let _ = accepting.await;
+        reloads.abort();
+        // A stop because the supervisor was killed (its end of the control channel
+        // closes) means the engines are stopping too: answer what they will never
+        // start now, wait briefly for what they hold, and go.
+        let orphaned = async {
+            control.closed().await;
+            let failed = forwarder.orphan();
+            tracing::error!(failed, "the supervisor is gone; answering unstarted requests 503 and exiting");
+            tokio::time::sleep(ORPHAN_DRAIN).await;
+        };
+        let drained = tokio::select! {
+            d = server.drain(graceful) => d,
+            () = orphaned => false,
+        };
+        // The other threads' connections are done (or out of time): let them go.
+        threads.finish();
+        drained
     };
-    server.run(&listener, stop, handshake, service).await;
-    drop(listener);
-    reloads.abort();
-    tracing::info!(worker_id = settings.worker_id, "draining in-flight requests");
-    let _ = control.send(&WorkerEvent::Draining);
-    // A stop because the supervisor was killed (its end of the control channel
-    // closes) means the engines are stopping too: answer what they will never
-    // start now, wait briefly for what they hold, and go.
-    let orphaned = async {
-        control.closed().await;
-        let failed = forwarder.orphan();
-        tracing::error!(failed, "the supervisor is gone; answering unstarted requests 503 and exiting");
-        tokio::time::sleep(ORPHAN_DRAIN).await;
-    };
-    let drained = tokio::select! {
-        d = server.drain(settings.graceful_timeout) => d,
-        () = orphaned => false,
-    };
-    // The other threads' connections are done (or out of time): let them go.
-    threads.finish();
-    tandem_shared::worker::report_drain(drained, settings.graceful_timeout);
-    Ok(())
+    Ok(Running {
+        fingerprint: Some(fingerprint),
+        details: format!("max_connections={budget} threads={}", extra + 1),
+        drain: Box::pin(drain),
+    })
 }
 
 /// Re-reads `live.pem`, validates it and swaps it in; the old certificate

@@ -13,10 +13,10 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tandem_shared::control::{Command, ControlClient, WorkerEvent};
+use tandem_shared::control::Command;
 use tandem_shared::front::FrontDoor;
 use tandem_shared::serve::{Accepted, Server};
-use tandem_shared::worker::{attach, stop_signal};
+use tandem_shared::worker::{adopt_listener, run_worker, Kind, Running, Started};
 use tandem_shared::WorkerSettings;
 
 /// Most threads (each with its own runtime) the proxy worker runs.
@@ -43,21 +43,17 @@ fn serving_threads(cores: usize) -> usize {
 /// runtime spent 86 µs of CPU per proxied request here, one runtime per
 /// thread 55 µs).
 pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
-    let control = attach(&settings)?;
-    let threads = serving_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let runtime = single_thread()?;
-    runtime.block_on(serve(settings, control, threads))
+    let kind = Kind {
+        name: "proxy worker",
+        role: tandem_shared::stats::ProcessRole::Proxy,
+        keep_large_allocations: false,
+        on_park: None,
+    };
+    run_worker(settings, kind, serve)
 }
 
 fn single_thread() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a tokio runtime")
-}
-
-fn listener(fd: i32, what: &str) -> anyhow::Result<TcpListener> {
-    let fd = tandem_shared::sys::adopt_fd(fd).with_context(|| format!("cannot take the inherited {what} listener"))?;
-    let l = TcpListener::from(fd);
-    l.set_nonblocking(true).context("cannot make the listener non-blocking")?;
-    Ok(l)
 }
 
 /// What every serving thread shares.
@@ -69,14 +65,10 @@ struct Shared {
     budget: usize,
 }
 
-async fn serve(settings: WorkerSettings, control: Arc<ControlClient>, threads: usize) -> anyhow::Result<()> {
+async fn serve(started: Started) -> anyhow::Result<Running> {
+    let Started { settings, control, stats, listener: http } = started;
+    let threads = serving_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
     let proxy = settings.proxy()?.clone();
-    let stats = tandem_shared::worker::open_stats(
-        &settings.stats,
-        tandem_shared::stats::ProcessRole::Proxy,
-        settings.worker_id,
-    )
-    .context("cannot map the statistics region")?;
     let pool = pool::Pool::new(&proxy.backends, control.clone(), threads);
     if let Some(mut commands) = control.commands() {
         let pool = pool.clone();
@@ -89,9 +81,11 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>, threads: u
             }
         });
     }
-    let http = listener(tandem_shared::sys::LISTEN_FDS_START, "HTTP")?;
     let tls = match proxy.https {
-        Some((fd, addr)) => Some((listener(fd, "HTTPS")?, addr, tandem_https_worker::Tls::start(settings.tls()?)?)),
+        Some((fd, addr)) => {
+            let l = adopt_listener(fd).context("cannot take the inherited HTTPS listener")?;
+            Some((l, addr, tandem_https_worker::Tls::start(settings.tls()?)?))
+        }
         None => None,
     };
     let options = forward::Options {
@@ -127,32 +121,24 @@ async fn serve(settings: WorkerSettings, control: Arc<ControlClient>, threads: u
         })
         .collect::<Result<_, _>>()
         .context("cannot start the proxy threads")?;
-    tokio::spawn(async move {
-        stop_signal().await;
-        let _ = stop_tx.send(true);
-    });
-
-    control
-        .send(&WorkerEvent::Ready { addr: settings.listen_addr.to_string(), fingerprint })
-        .context("cannot report ready to the supervisor")?;
-    tracing::info!(
-        worker_id = settings.worker_id,
-        pid = std::process::id(),
-        http = %settings.listen_addr,
-        https = shared.https.as_ref().map(|(_, a, _)| a.to_string()),
-        copies = pool.len(),
-        threads,
-        "proxy worker ready"
+    let details = format!(
+        "https={} copies={} threads={threads}",
+        shared.https.as_ref().map_or("-".to_string(), |(_, a, _)| a.to_string()),
+        pool.len()
     );
-    let mut drained = serve_thread(0, shared, stop_rx).await;
-    if let Some(r) = reloads {
-        r.abort();
-    }
-    for t in others {
-        drained &= t.join().map_err(|_| anyhow::anyhow!("a proxy thread panicked"))??;
-    }
-    tandem_shared::worker::report_drain(drained, settings.graceful_timeout);
-    Ok(())
+    let first = tokio::spawn(serve_thread(0, shared, stop_rx));
+    let drain = async move {
+        let _ = stop_tx.send(true);
+        let mut drained = first.await.unwrap_or(false);
+        if let Some(r) = reloads {
+            r.abort();
+        }
+        for t in others {
+            drained &= matches!(t.join(), Ok(Ok(true)));
+        }
+        drained
+    };
+    Ok(Running { fingerprint, details, drain: Box::pin(drain) })
 }
 
 /// One thread's share: accepts on both listeners until stopped, then drains
@@ -197,9 +183,6 @@ async fn serve_thread(index: usize, shared: Arc<Shared>, stop: tokio::sync::watc
     };
     tokio::join!(serve_http, serve_https);
     drop(http);
-    if index == 0 {
-        tracing::info!(worker_id = settings.worker_id, "draining in-flight requests");
-    }
     let (a, b) = tokio::join!(plain.drain(settings.graceful_timeout), secure.drain(settings.graceful_timeout));
     a && b
 }

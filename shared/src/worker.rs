@@ -115,3 +115,110 @@ pub fn open_stats(
     crate::stats::spawn_gauge_thread(stats.clone());
     Ok(stats)
 }
+
+/// One kind of worker, as the skeleton needs to know it.
+#[derive(Debug, Clone, Copy)]
+pub struct Kind {
+    /// How logs name it (`http worker`: "http worker ready").
+    pub name: &'static str,
+    /// Its statistics role.
+    pub role: crate::stats::ProcessRole,
+    /// Keep freed large allocations mapped (workers that move request bodies).
+    pub keep_large_allocations: bool,
+    /// Run by the main runtime's thread each time it is about to sleep.
+    pub on_park: Option<fn()>,
+}
+
+/// What a worker kind is given to start serving.
+pub struct Started {
+    /// Its settings.
+    pub settings: WorkerSettings,
+    /// The control channel to the supervisor.
+    pub control: Arc<ControlClient>,
+    /// Its statistics block.
+    pub stats: crate::stats::Stats,
+    /// The listener at `LISTEN_FDS_START`, non-blocking.
+    pub listener: std::net::TcpListener,
+}
+
+/// A worker kind that serves: what it reports ready with, and how it stops.
+pub struct Running {
+    /// The certificate it serves, when it terminates TLS.
+    pub fingerprint: Option<String>,
+    /// What the ready line says besides (`max_connections=… threads=…`).
+    pub details: String,
+    /// Stops accepting and drains when first polled (after the stop signal);
+    /// resolves to whether every request finished within `GRACEFUL_TIMEOUT`.
+    pub drain: std::pin::Pin<Box<dyn std::future::Future<Output = bool>>>,
+}
+
+/// Why the skeleton could not run a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum SkeletonError {
+    /// Attaching to the supervisor failed.
+    #[error(transparent)]
+    Start(#[from] WorkerStartError),
+    /// A resource every worker needs is missing.
+    #[error("{what}")]
+    Io {
+        /// What could not be done.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The supervisor could not be told.
+    #[error("cannot report {0} to the supervisor")]
+    Report(&'static str, #[source] std::io::Error),
+}
+
+/// Takes the inherited listener at `fd`, non-blocking (every listener a worker gets).
+pub fn adopt_listener(fd: std::os::fd::RawFd) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::from(crate::sys::adopt_fd(fd)?);
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Every worker's life, the same way for each kind: tie it to the supervisor,
+/// adopt its listener, open its statistics block, let the kind `start`
+/// serving, report Ready, wait for the stop signal, report Draining, drain,
+/// and log how the drain ended. The kind supplies only what it serves.
+pub fn run_worker<S, E>(settings: WorkerSettings, kind: Kind, start: S) -> Result<(), E>
+where
+    S: AsyncFnOnce(Started) -> Result<Running, E>,
+    E: From<SkeletonError>,
+{
+    if kind.keep_large_allocations {
+        crate::sys::keep_large_allocations();
+    }
+    let control = attach(&settings).map_err(SkeletonError::from)?;
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    if let Some(park) = kind.on_park {
+        builder.on_thread_park(park);
+    }
+    let runtime = builder
+        .enable_all()
+        .build()
+        .map_err(|source| SkeletonError::Io { what: "cannot start the tokio runtime", source })?;
+    runtime.block_on(async move {
+        let io = |what| move |source| SkeletonError::Io { what, source };
+        let stats = open_stats(&settings.stats, kind.role, settings.worker_id)
+            .map_err(io("cannot map the statistics region"))?;
+        let listener =
+            adopt_listener(crate::sys::LISTEN_FDS_START).map_err(io("cannot take the inherited listener"))?;
+        let (id, addr, graceful) = (settings.worker_id, settings.listen_addr, settings.graceful_timeout);
+        let running = start(Started { settings, control: control.clone(), stats, listener }).await?;
+        control
+            .send(&crate::control::WorkerEvent::Ready {
+                addr: addr.to_string(),
+                fingerprint: running.fingerprint.clone(),
+            })
+            .map_err(|e| SkeletonError::Report("ready", e))?;
+        tracing::info!(worker_id = id, pid = std::process::id(), %addr, fingerprint = running.fingerprint, details = %running.details, "{} ready", kind.name);
+        stop_signal().await;
+        tracing::info!(worker_id = id, "draining in-flight requests");
+        let _ = control.send(&crate::control::WorkerEvent::Draining);
+        report_drain(running.drain.await, graceful);
+        Ok(())
+    })
+}
