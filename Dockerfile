@@ -34,16 +34,16 @@ FROM ${RUST} AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY shared/Cargo.toml shared/
-COPY http-worker/Cargo.toml http-worker/build.rs http-worker/
-COPY http-worker/proto http-worker/proto
+COPY engine-worker/Cargo.toml engine-worker/build.rs engine-worker/
+COPY engine-worker/proto engine-worker/proto
 COPY https-worker/Cargo.toml https-worker/
 COPY supervisor/Cargo.toml supervisor/
 # Empty crates with the real manifests: this layer changes only with the dependencies.
-RUN for d in shared http-worker https-worker supervisor; do mkdir -p $d/src && : > $d/src/lib.rs; done \
+RUN for d in shared engine-worker https-worker supervisor; do mkdir -p $d/src && : > $d/src/lib.rs; done \
  && echo 'fn main() {}' > supervisor/src/main.rs \
  && mkdir -p shared/benches && for b in channel counters; do echo 'fn main() {}' > shared/benches/$b.rs; done \
  && cargo build --release --locked --bin tandem \
- && rm -rf shared/src http-worker/src https-worker/src supervisor/src shared/benches
+ && rm -rf shared/src engine-worker/src https-worker/src supervisor/src shared/benches
 COPY . .
 # ONNX Runtime's shared library from its PyPI wheel (the version the tests pin).
 RUN apt-get update && apt-get install -y --no-install-recommends python3-pip unzip && rm -rf /var/lib/apt/lists/* \
@@ -51,7 +51,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3-pip unz
  && python3 -m pip download --no-deps --only-binary=:all: --dest /tmp/ort "onnxruntime==${ver}" --break-system-packages \
  && mkdir -p /out/lib && unzip -j -d /out/lib /tmp/ort/*.whl 'onnxruntime/capi/libonnxruntime*' \
  && mv /out/lib/libonnxruntime.so.* /out/lib/libonnxruntime.so
-RUN touch shared/src/lib.rs http-worker/src/lib.rs https-worker/src/lib.rs supervisor/src/lib.rs supervisor/src/main.rs \
+RUN touch shared/src/lib.rs engine-worker/src/lib.rs https-worker/src/lib.rs supervisor/src/lib.rs supervisor/src/main.rs \
  && cargo build --release --locked --bin tandem \
  && strip --strip-debug -o /out/tandem target/release/tandem
 

@@ -482,13 +482,13 @@ fn a_certificate_path_that_turns_into_a_fifo_never_freezes_the_supervisor() {
     nix::unistd::mkfifo(&dir.join("tls.crt"), nix::sys::stat::Mode::S_IRWXU).unwrap();
     t.wait_for_log(Duration::from_secs(20), "not a regular file", 1);
     // The supervisor still supervises: a killed engine worker comes back at once.
-    let engine = t.workers("http-worker")[0];
+    let engine = t.workers("engine-worker")[0];
     nix::sys::signal::kill(engine, Signal::SIGKILL).unwrap();
     wait_for(
         Duration::from_secs(5),
         "the engine worker to be restarted",
         || t.explain(),
-        || t.workers("http-worker").iter().any(|&p| p != engine).then_some(()),
+        || t.workers("engine-worker").iter().any(|&p| p != engine).then_some(()),
     );
     // And the old certificate keeps serving.
     assert_eq!(fingerprint_now(&t, &ca.pem, "localhost").as_deref(), Some(issued.fingerprint.as_str()));

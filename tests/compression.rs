@@ -56,7 +56,7 @@ fn a_gzip_bomb_is_a_413_and_no_worker_dies() {
         .unwrap();
     assert!(made.success());
     assert!(std::fs::metadata(&bomb).unwrap().len() < 4 << 20);
-    let workers = t.workers("http-worker");
+    let workers = t.workers("engine-worker");
     let http = t.http_url("/v2/models/digits/infer");
     let https = t.https_url("localhost", "/v2/models/digits/infer");
     for (url, ca) in [(&http, None), (&https, Some(ca.as_path()))] {
@@ -71,7 +71,7 @@ fn a_gzip_bomb_is_a_413_and_no_worker_dies() {
         assert_eq!(code, "415", "{url}: {body}");
         assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].as_str().unwrap().contains("gzip"), "{body}");
     }
-    assert_eq!(t.workers("http-worker"), workers, "a worker died\n{}", t.explain());
+    assert_eq!(t.workers("engine-worker"), workers, "a worker died\n{}", t.explain());
     let ok = Tandem::http_client()
         .post(&http)
         .header("content-type", "application/json")

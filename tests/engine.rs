@@ -54,7 +54,7 @@ fn readme_curl_example_classifies_a_zero() {
 #[test]
 fn bad_requests_get_json_errors_and_never_kill_a_worker() {
     let t = TandemBuilder::new().env("NUM_WORKERS", "1").env("MAX_REQUEST_BYTES", "4096").start();
-    let workers = t.workers("http-worker");
+    let workers = t.workers("engine-worker");
     let http = Tandem::http_client();
     let url = t.http_url("/v2/models/digits/infer");
     /// Body, extra headers, expected status.
@@ -110,7 +110,7 @@ fn bad_requests_get_json_errors_and_never_kill_a_worker() {
     assert_eq!(resp.status(), 404);
     let resp = http.get(t.http_url("/v2/models/digits/versions/9")).send().unwrap();
     assert_eq!(resp.status(), 404);
-    assert_eq!(t.workers("http-worker"), workers, "a bad request must not restart a worker\n{}", t.explain());
+    assert_eq!(t.workers("engine-worker"), workers, "a bad request must not restart a worker\n{}", t.explain());
     let metrics = http.get(t.http_url("/metrics")).send().unwrap().text().unwrap();
     let failures = metrics
         .lines()

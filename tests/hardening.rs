@@ -289,7 +289,7 @@ fn a_burst_of_connections_waits_in_the_kernel_while_every_worker_is_busy() {
     // is 128): with the workers stopped, a burst of 600 clients still
     // completes its TCP handshake at once, and every one is answered later.
     let t = TandemBuilder::new().env("NUM_WORKERS", "1").start();
-    let workers = t.workers("http-worker");
+    let workers = t.workers("engine-worker");
     assert_eq!(workers.len(), 1, "{}", t.explain());
     nix::sys::signal::kill(workers[0], nix::sys::signal::Signal::SIGSTOP).unwrap();
     let mut conns = Vec::new();

@@ -66,10 +66,10 @@ fn metrics_and_statistics_sum_every_worker_on_both_ports_across_a_restart() {
     send(&https, &https_infer, &wrong_shape, 4, 400);
 
     // One engine worker dies and is replaced: what it counted stays.
-    let victim = t.workers("http-worker")[0];
+    let victim = t.workers("engine-worker")[0];
     kill(victim, Signal::SIGKILL).unwrap();
-    t.wait_replaced(Duration::from_secs(20), "http-worker", victim, 3);
-    t.wait_for_log(Duration::from_secs(20), "http worker ready", 4);
+    t.wait_replaced(Duration::from_secs(20), "engine-worker", victim, 3);
+    t.wait_for_log(Duration::from_secs(20), "engine worker ready", 4);
     send(&fresh(), &http_infer, &digits(3), 10, 200);
 
     // Every scrape, through either port and so from whichever worker answers, sees the same totals.
@@ -89,10 +89,10 @@ fn metrics_and_statistics_sum_every_worker_on_both_ports_across_a_restart() {
         assert_eq!(m("tandem_model_executions_total"), 60.0);
         assert_eq!(m("tandem_model_request_duration_seconds_count"), 64.0);
         assert!(m("tandem_model_compute_infer_duration_seconds_total") > 0.0);
-        assert_eq!(sample(&v, r#"tandem_workers{role="http-worker"}"#), 3.0);
+        assert_eq!(sample(&v, r#"tandem_workers{role="engine-worker"}"#), 3.0);
         assert_eq!(sample(&v, r#"tandem_workers{role="https-worker"}"#), 1.0);
-        assert_eq!(sample(&v, r#"tandem_worker_restarts_total{cause="signalled",role="http-worker"}"#), 1.0);
-        assert!(sample(&v, r#"tandem_process_resident_memory_bytes{role="http-worker"}"#) > 1e6);
+        assert_eq!(sample(&v, r#"tandem_worker_restarts_total{cause="signalled",role="engine-worker"}"#), 1.0);
+        assert!(sample(&v, r#"tandem_process_resident_memory_bytes{role="engine-worker"}"#) > 1e6);
         assert!(sample(&v, r#"tandem_certificate_seconds_left{source="GENERATE"}"#) > 86400.0);
         let handshakes: f64 = v["metrics"]
             .as_object()
@@ -130,7 +130,7 @@ fn metrics_port_is_served_by_the_supervisor_even_while_workers_restart() {
     let http = Tandem::http_client();
     send(&http, &t.http_url("/v2/models/digits/infer"), &digits(1), 3, 200);
     let url = format!("http://127.0.0.1:{port}/metrics");
-    let worker = t.workers("http-worker")[0];
+    let worker = t.workers("engine-worker")[0];
     kill(worker, Signal::SIGSTOP).unwrap();
     // The only engine worker is frozen: the supervisor still answers.
     let text = http.get(&url).send().unwrap().text().unwrap();

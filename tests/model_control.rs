@@ -146,13 +146,13 @@ fn explicit_load_and_unload_reach_every_worker_while_other_models_serve() {
     // A replacement worker starts with the override, not the files. (The load
     // pauses: a killed worker takes its open connections with it.)
     load.finish(&t);
-    let victim = t.workers("http-worker")[0];
+    let victim = t.workers("engine-worker")[0];
     nix::sys::signal::kill(victim, nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_for(
         Duration::from_secs(20),
         "the replacement worker",
         || t.explain(),
-        || (t.stderr().matches("http worker ready").count() >= 3).then_some(()),
+        || (t.stderr().matches("engine worker ready").count() >= 3).then_some(()),
     );
     let answers = ask_everyone(&t, "/v2/models/other/config", None, 8);
     assert!(answers.iter().any(|a| !before.contains(&a.1)), "the new worker answered: {answers:?}");
@@ -356,14 +356,14 @@ fn overrides_are_bounded_and_only_a_load_that_succeeded_is_replayed() {
         let (status, body) = post(&t, &format!("/v2/repository/models/{name}/load"), &request);
         assert_eq!(status, 200, "{name}: {body}\n{}", t.explain());
     }
-    let victim = t.workers("http-worker")[0];
+    let victim = t.workers("engine-worker")[0];
     nix::sys::signal::kill(victim, nix::sys::signal::Signal::SIGKILL).unwrap();
-    t.wait_replaced(Duration::from_secs(30), "http-worker", victim, 2);
+    t.wait_replaced(Duration::from_secs(30), "engine-worker", victim, 2);
     wait_for(
         Duration::from_secs(30),
         "the replacement to be ready",
         || t.explain(),
-        || (t.stderr().matches("http worker ready").count() >= 3).then_some(()),
+        || (t.stderr().matches("engine worker ready").count() >= 3).then_some(()),
     );
     let answers = ask_everyone(&t, "/v2/models/a/config", None, 8);
     assert!(answers.iter().all(|a| a.0 == 200 && a.2["max_batch_size"] == 256), "a: {answers:?}");

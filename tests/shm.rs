@@ -17,7 +17,7 @@ use nix::sys::signal::{kill, Signal};
 fn engine_ids(t: &Tandem) -> Vec<u64> {
     let re = t.stderr();
     re.lines()
-        .filter(|l| l.contains("role=\"http-worker\"") && l.contains("worker started"))
+        .filter(|l| l.contains("role=\"engine-worker\"") && l.contains("worker started"))
         .filter_map(|l| l.split("worker_id=").nth(1)?.split_whitespace().next()?.parse().ok())
         .collect()
 }
@@ -72,7 +72,7 @@ fn killed_engine_worker_under_https_load_loses_nothing_that_could_be_retried() {
     let t = TandemBuilder::new().ssl().env("NUM_WORKERS", "2").env("REQUEST_TIMEOUT", "20").start();
     let url = t.https_url("127.0.0.1", "/v2/models/digits/infer");
     let chain = t.served_chain_pem();
-    let victim = t.workers("http-worker")[0];
+    let victim = t.workers("engine-worker")[0];
     let stop_at = Instant::now() + Duration::from_secs(4);
     let results: Vec<(bool, Duration)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4)
@@ -103,7 +103,7 @@ fn killed_engine_worker_under_https_load_loses_nothing_that_could_be_retried() {
     assert!(slowest < Duration::from_secs(10), "a request hung for {slowest:?}");
     // At most the requests the dead worker held, and those are retried on the other worker.
     assert!(failures <= 4, "{failures} of {} requests failed\n{}", results.len(), t.explain());
-    let replaced = t.wait_replaced(Duration::from_secs(10), "http-worker", victim, 2);
+    let replaced = t.wait_replaced(Duration::from_secs(10), "engine-worker", victim, 2);
     assert_eq!(replaced.len(), 2);
     let client = Tandem::https_client(&chain);
     wait_for(
@@ -120,7 +120,7 @@ fn full_queue_is_503_and_a_stalled_engine_is_504_at_the_deadline() {
         TandemBuilder::new().ssl().env("NUM_WORKERS", "1").env("SHM_SLOTS", "2").env("REQUEST_TIMEOUT", "2").start();
     let url = t.https_url("localhost", "/v2/models/digits/infer");
     let chain = t.served_chain_pem();
-    let engine = t.workers("http-worker")[0];
+    let engine = t.workers("engine-worker")[0];
     // A stopped engine claims nothing: submitted requests wait in their slots.
     kill(engine, Signal::SIGSTOP).unwrap();
     // Three requests at once for two slots: one is turned away at once with

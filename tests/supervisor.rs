@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 fn process_tree_has_every_worker() {
     let t = TandemBuilder::new().ssl().env("NUM_WORKERS", "3").start();
     let children = Tandem::children_of(t.pid());
-    let http = children.iter().filter(|(_, c)| c == "tandem http-worker").count();
+    let http = children.iter().filter(|(_, c)| c == "tandem engine-worker").count();
     let https = children.iter().filter(|(_, c)| c == "tandem https-worker").count();
     assert_eq!((http, https, children.len()), (3, 1, 4), "children: {children:?}\n{}", t.explain());
     // The supervisor announces both URLs once every worker reported ready.
@@ -101,11 +101,11 @@ fn generated_certificate_is_private_has_ip_sans_and_is_reused() {
 #[test]
 fn killed_worker_is_replaced_while_the_port_keeps_answering() {
     let t = TandemBuilder::new().ssl().env("NUM_WORKERS", "2").start();
-    let before = t.workers("http-worker");
+    let before = t.workers("engine-worker");
     assert_eq!(before.len(), 2, "{}", t.explain());
     kill(before[0], Signal::SIGKILL).unwrap();
     let http = Tandem::http_client();
-    let replaced = t.wait_replaced(Duration::from_secs(10), "http-worker", before[0], 2);
+    let replaced = t.wait_replaced(Duration::from_secs(10), "engine-worker", before[0], 2);
     assert!(replaced.contains(&before[1]), "the healthy worker must be left alone");
     // The port never closed: the surviving worker and the new one answer.
     for _ in 0..20 {
@@ -148,14 +148,14 @@ fn sigint_stops_cleanly_too() {
 }
 
 #[test]
-fn ttin_and_ttou_scale_http_workers() {
+fn ttin_and_ttou_scale_engine_workers() {
     let t = TandemBuilder::new().env("NUM_WORKERS", "1").env("MAX_WORKERS", "2").start();
     t.signal(Signal::SIGTTIN);
     wait_for(
         Duration::from_secs(10),
         "a second worker",
         || t.explain(),
-        || (t.workers("http-worker").len() == 2).then_some(()),
+        || (t.workers("engine-worker").len() == 2).then_some(()),
     );
     // MAX_WORKERS is a ceiling: two more SIGTTIN add nobody, one warning each.
     for _ in 0..2 {
@@ -168,25 +168,25 @@ fn ttin_and_ttou_scale_http_workers() {
         || t.explain(),
         || (t.stderr().matches("SIGTTIN ignored").count() == 2).then_some(()),
     );
-    assert_eq!(t.workers("http-worker").len(), 2, "{}", t.explain());
+    assert_eq!(t.workers("engine-worker").len(), 2, "{}", t.explain());
     t.signal(Signal::SIGTTOU);
     wait_for(
         Duration::from_secs(10),
         "back to one worker",
         || t.explain(),
-        || (t.workers("http-worker").len() == 1).then_some(()),
+        || (t.workers("engine-worker").len() == 1).then_some(()),
     );
     // Never below one.
     t.signal(Signal::SIGTTOU);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(t.workers("http-worker").len(), 1, "{}", t.explain());
+    assert_eq!(t.workers("engine-worker").len(), 1, "{}", t.explain());
     assert!(Tandem::http_client().get(t.http_url("/")).send().unwrap().status().is_success());
 }
 
 #[test]
 fn supervisor_killed_takes_workers_with_it() {
     let t = TandemBuilder::new().env("NUM_WORKERS", "2").start();
-    let workers = t.workers("http-worker");
+    let workers = t.workers("engine-worker");
     // Kill only the supervisor; the parent-death signal must end the workers.
     kill(t.pid(), Signal::SIGKILL).unwrap();
     for w in workers {
@@ -356,7 +356,7 @@ fn a_fatal_error_reaches_stderr_whatever_the_filter() {
     let port = held.local_addr().unwrap().port();
     // A filter that lets nothing of the supervisor's own through.
     let mut t =
-        TandemBuilder::new().env("PORT", &port.to_string()).env("LOG_LEVEL", "tandem_http_worker=error").spawn();
+        TandemBuilder::new().env("PORT", &port.to_string()).env("LOG_LEVEL", "tandem_engine_worker=error").spawn();
     assert_eq!(t.wait_exit(Duration::from_secs(10)).code(), Some(1), "{}", t.explain());
     assert!(t.stderr().contains(&format!("127.0.0.1:{port}")), "the fatal error is on stderr\n{}", t.explain());
 }

@@ -14,13 +14,13 @@ pub const MAX_WORKERS_LIMIT: usize = 256;
 crate::declare! {
     NUM_WORKERS {
         default: "1",
-        doc: "HTTP inference worker processes (1-256)",
+        doc: "engine worker processes, or WORKER_COMMAND copies (1-256)",
         accepted: "an integer 1-256",
         scope: always,
     }
     MAX_WORKERS {
         default: "256",
-        doc: "most HTTP workers SIGTTIN scales up to (NUM_WORKERS-256)",
+        doc: "most workers SIGTTIN scales up to (NUM_WORKERS-256)",
         accepted: "an integer NUM_WORKERS-256",
         scope: always,
     }

@@ -5,9 +5,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tandem_http_worker::engine::tensor::DataType;
-use tandem_http_worker::engine::TensorMeta;
-use tandem_http_worker::infer::{decode_body, decode_inputs};
+use tandem_engine_worker::engine::tensor::DataType;
+use tandem_engine_worker::engine::TensorMeta;
+use tandem_engine_worker::infer::{decode_body, decode_inputs};
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks how the body is split (JSON only, or JSON + binary).

@@ -609,8 +609,9 @@ mod tests {
     /// Plays the engine: claims the one submitted request and answers 200.
     fn answer(region: &Arc<Region>) {
         let mut claim = region.claim(7, 0).expect("a request in the ring");
-        let n = tandem_shared::frame::encode_response(claim.response_buf(), StatusCode::OK, &HeaderMap::new(), b"{}")
-            .expect("encode");
+        let n =
+            tandem_shared::frame::encode_response(claim.response_buf(), StatusCode::OK, &http::HeaderMap::new(), b"{}")
+                .expect("encode");
         claim.finish(n);
     }
 
@@ -653,8 +654,9 @@ mod tests {
         let mut claim = region.claim(7, 0).expect("a request in the ring");
         drop(waiting);
         assert_ne!(region.state(0), FREE, "the engine still holds it");
-        let n = tandem_shared::frame::encode_response(claim.response_buf(), StatusCode::OK, &HeaderMap::new(), b"{}")
-            .expect("encode");
+        let n =
+            tandem_shared::frame::encode_response(claim.response_buf(), StatusCode::OK, &http::HeaderMap::new(), b"{}")
+                .expect("encode");
         claim.finish(n);
         let deadline = Instant::now() + Duration::from_secs(5);
         while region.state(0) != FREE {

@@ -1,6 +1,6 @@
 //! Serving connections the same way on both ports: a bounded number of them,
 //! each closed when it is silent, idle between requests or stalled, and all of
-//! them drained on stop. The HTTP worker serves plain TCP with it, the HTTPS
+//! them drained on stop. The engine worker serves plain TCP with it, the HTTPS
 //! worker TLS streams; the protocol (HTTP/1.1 or HTTP/2) is hyper's choice.
 
 use std::future::Future;

@@ -20,7 +20,7 @@ use crate::control;
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// Plain HTTP with the inference engine.
-    HttpWorker,
+    Engine,
     /// TLS termination.
     HttpsWorker,
     /// With `WORKER_COMMAND`: serves both ports and forwards every request to a copy.
@@ -39,7 +39,7 @@ impl Role {
     /// The hidden subcommand that starts this role.
     pub fn subcommand(self) -> &'static str {
         match self {
-            Role::HttpWorker => "http-worker",
+            Role::Engine => "engine-worker",
             Role::HttpsWorker => "https-worker",
             Role::ProxyWorker => "proxy-worker",
             // Never run as a tandem subcommand; the name is for logs.

@@ -103,7 +103,7 @@ impl ProcessRole {
         match self {
             ProcessRole::Supervisor => "supervisor",
             ProcessRole::Https => "https-worker",
-            ProcessRole::Engine => "http-worker",
+            ProcessRole::Engine => "engine-worker",
             ProcessRole::Proxy => "proxy-worker",
             ProcessRole::App => "worker-command",
         }

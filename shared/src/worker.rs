@@ -119,7 +119,7 @@ pub fn open_stats(
 /// One kind of worker, as the skeleton needs to know it.
 #[derive(Debug, Clone, Copy)]
 pub struct Kind {
-    /// How logs name it (`http worker`: "http worker ready").
+    /// How logs name it (`engine worker`: "engine worker ready").
     pub name: &'static str,
     /// Its statistics role.
     pub role: crate::stats::ProcessRole,

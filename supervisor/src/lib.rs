@@ -50,7 +50,7 @@ pub fn main(args: &[String]) -> ExitCode {
             Ok(argv) => supervisor(Some(argv)),
             Err(e) => Outcome::Config(e),
         },
-        Some("http-worker") => worker(tandem_http_worker::run),
+        Some("engine-worker") => worker(tandem_engine_worker::run),
         Some("https-worker") => worker(tandem_https_worker::run),
         Some("proxy-worker") => worker(tandem_proxy_worker::run),
         Some("cert") => return cert_command(&args[1..]),
@@ -134,7 +134,7 @@ fn engine_probe(args: &[String]) -> ExitCode {
         eprintln!("tandem: error: usage: tandem engine-probe LIBRARY");
         return ExitCode::from(EXIT_CONFIG);
     };
-    match tandem_http_worker::engine::onnx_runtime::probe(Path::new(path)) {
+    match tandem_engine_worker::engine::onnx_runtime::probe(Path::new(path)) {
         Ok(info) => {
             println!("{}", serde_json::to_string(&info).unwrap_or_default());
             ExitCode::from(EXIT_OK)

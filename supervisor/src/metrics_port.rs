@@ -51,12 +51,12 @@ pub fn spawn(
                         axum::routing::get(move || {
                             let (counters, ring, status) = (counters.clone(), ring.clone(), cert_status.clone());
                             async move {
-                                tandem_http_worker::metrics::response(&counters, ring.as_deref(), status.as_deref())
+                                tandem_engine_worker::metrics::response(&counters, ring.as_deref(), status.as_deref())
                             }
                         }),
                     )
                     .fallback(|| async {
-                        tandem_http_worker::router::error(
+                        tandem_engine_worker::router::error(
                             StatusCode::NOT_FOUND,
                             "only /metrics is served on METRICS_PORT",
                         )

@@ -113,7 +113,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_to_the_cap_and_resets_after_health() {
-        let mut s = Slot::new(Role::HttpWorker, 2);
+        let mut s = Slot::new(Role::Engine, 2);
         let t0 = Instant::now();
         s.started = t0;
         let delays: Vec<_> = (0..12).map(|_| s.exited(t0)).collect();

@@ -224,7 +224,7 @@ impl Supervisor {
             .context("cannot create the statistics region (memfd_create)")?;
         let own_stats = Stats::attach(counters.clone(), stats::SUPERVISOR_BLOCK, ProcessRole::Supervisor, 0);
         stats::spawn_gauge_thread(own_stats.clone());
-        let engine_role = if apps.is_some() { Role::App } else { Role::HttpWorker };
+        let engine_role = if apps.is_some() { Role::App } else { Role::Engine };
         let mut slots: Vec<Slot> = (0..config.process.num_workers)
             .map(|i| {
                 let mut s = Slot::new(engine_role, stats::FIRST_ENGINE_BLOCK + i);
@@ -366,7 +366,7 @@ impl Supervisor {
             return self.spawn_app(index);
         }
         let (listener, addr) = match role {
-            Role::HttpWorker | Role::ProxyWorker | Role::App => (&listeners.http, self.http_addr),
+            Role::Engine | Role::ProxyWorker | Role::App => (&listeners.http, self.http_addr),
             Role::HttpsWorker => match (&listeners.https, self.https_addr) {
                 (Some(l), Some(a)) => (l, a),
                 _ => anyhow::bail!("no HTTPS listener for the HTTPS worker"),
@@ -393,7 +393,7 @@ impl Supervisor {
                     words: self.stats.0.words().len(),
                     block: self.slots[index].block,
                 },
-                engine_workers: self.http_slots(),
+                engine_workers: self.engine_slots(),
                 https_addr: self.https_addr,
                 ring: self.shm.is_some(),
                 model_repository: &self.model_repository,
@@ -540,7 +540,7 @@ impl Supervisor {
     fn engine_ids(&self) -> BTreeSet<u64> {
         self.slots
             .iter()
-            .filter(|s| s.role == Role::HttpWorker && s.pid.is_some() && s.state != WorkerState::Draining)
+            .filter(|s| s.role == Role::Engine && s.pid.is_some() && s.state != WorkerState::Draining)
             .map(|s| s.worker_id)
             .collect()
     }
@@ -617,11 +617,11 @@ impl Supervisor {
 
     /// The cache layout, when ACME is the certificate source (its challenges are answered by the workers).
     fn announce(&self) {
-        tracing::info!(url = %url("http", self.http_addr), workers = self.http_slots(), "serving HTTP");
+        tracing::info!(url = %url("http", self.http_addr), workers = self.engine_slots(), "serving HTTP");
         crate::systemd::notify(&format!(
             "READY=1\nSTATUS=serving HTTP on {} with {} workers",
             self.http_addr,
-            self.http_slots()
+            self.engine_slots()
         ));
         if let Some(addr) = self.https_addr {
             tracing::info!(url = %url("https", addr), fingerprint = self.certs.as_ref().map(CertHandle::fingerprint).as_deref(), "serving HTTPS");
@@ -655,7 +655,7 @@ impl Supervisor {
     fn worker_exited(&mut self, index: usize, status: &WaitStatus) -> anyhow::Result<()> {
         let how = describe_exit(status);
         // Requests the dead engine worker held go back to the HTTPS worker, intact, to retry.
-        if let (Some((region, _)), Role::HttpWorker) = (&self.shm, self.slots[index].role) {
+        if let (Some((region, _)), Role::Engine) = (&self.shm, self.slots[index].role) {
             let failed = region.fail_claims(self.slots[index].worker_id);
             if failed > 0 {
                 tracing::warn!(
@@ -806,7 +806,7 @@ impl Supervisor {
             .unwrap_or(stats::FIRST_ENGINE_BLOCK)
     }
 
-    fn http_slots(&self) -> usize {
+    fn engine_slots(&self) -> usize {
         self.slots.iter().filter(|s| !s.role.is_front() && !s.retired).count()
     }
 
@@ -823,27 +823,27 @@ impl Supervisor {
         if matches!(self.phase, Phase::Stopping { .. }) {
             return Ok(());
         }
-        if self.http_slots() >= self.config.process.max_workers {
+        if self.engine_slots() >= self.config.process.max_workers {
             tracing::warn!(
-                workers = self.http_slots(),
+                workers = self.engine_slots(),
                 max_workers = self.config.process.max_workers,
-                "SIGTTIN ignored: already at MAX_WORKERS HTTP workers"
+                "SIGTTIN ignored: already at MAX_WORKERS engine workers"
             );
             return Ok(());
         }
         let at = self.slots.iter().rposition(|s| !s.role.is_front()).map_or(0, |i| i + 1);
         let block = self.free_engine_block();
-        let role = if self.apps.is_some() { Role::App } else { Role::HttpWorker };
+        let role = if self.apps.is_some() { Role::App } else { Role::Engine };
         let mut slot = Slot::new(role, block);
         slot.number = (1..).find(|n| self.slots.iter().all(|s| s.number != *n)).unwrap_or(1);
         self.slots.insert(at, slot);
-        tracing::info!(workers = self.http_slots(), "SIGTTIN: adding an HTTP worker");
+        tracing::info!(workers = self.engine_slots(), "SIGTTIN: adding an engine worker");
         self.spawn(at)
     }
 
     fn remove_worker(&mut self) {
-        if self.http_slots() <= 1 || matches!(self.phase, Phase::Stopping { .. }) {
-            tracing::info!("SIGTTOU ignored: at least one HTTP worker must remain");
+        if self.engine_slots() <= 1 || matches!(self.phase, Phase::Stopping { .. }) {
+            tracing::info!("SIGTTOU ignored: at least one engine worker must remain");
             return;
         }
         let Some(i) = self.slots.iter().rposition(|s| !s.role.is_front() && !s.retired) else {
@@ -867,7 +867,7 @@ impl Supervisor {
                 self.slots.remove(i);
             }
         }
-        tracing::info!(workers = self.http_slots(), "SIGTTOU: removing an HTTP worker");
+        tracing::info!(workers = self.engine_slots(), "SIGTTOU: removing an engine worker");
     }
 }
 

@@ -105,7 +105,7 @@ pub fn for_worker(config: &Config, spawn: Spawn<'_>) -> WorkerSettings {
         cert_status: spawn.https_addr.map(|_| certs.status()),
     };
     let (engine, tls, shm, proxy) = match role {
-        Role::HttpWorker => (Some(engine()), None, spawn.ring.then(shm), None),
+        Role::Engine => (Some(engine()), None, spawn.ring.then(shm), None),
         Role::HttpsWorker => (None, Some(tls()), spawn.ring.then(shm), None),
         Role::ProxyWorker => (
             None,
@@ -173,7 +173,7 @@ mod tests {
     fn each_worker_kind_receives_only_its_sections() {
         let c = config(&[("ENABLE_SSL", "true"), ("SSL_HSTS", "max-age=60"), ("SSL_REDIRECT_HTTP", "true")]);
         let (engine, wanted) = (EngineSettings::default(), BTreeMap::new());
-        let e = for_worker(&c, spawn(Role::HttpWorker, true, &engine, &wanted));
+        let e = for_worker(&c, spawn(Role::Engine, true, &engine, &wanted));
         assert!(e.engine.is_some() && e.shm.is_some() && e.tls.is_none() && e.proxy.is_none());
         assert_eq!(e.edge.redirect_to_https, Some(9002));
         let engine_section = e.engine.unwrap();
@@ -187,7 +187,7 @@ mod tests {
         assert_eq!(p.proxy.expect("proxy").https.map(|(fd, _)| fd), Some(PROXY_HTTPS_FD));
         // Without HTTPS: no ring, no TLS, nothing to redirect to.
         let c = config(&[]);
-        let e = for_worker(&c, spawn(Role::HttpWorker, false, &engine, &wanted));
+        let e = for_worker(&c, spawn(Role::Engine, false, &engine, &wanted));
         assert!(e.shm.is_none() && e.edge.redirect_to_https.is_none() && e.engine.unwrap().cert_status.is_none());
         let p = for_worker(&c, spawn(Role::ProxyWorker, false, &engine, &wanted));
         assert!(p.tls.is_none());
@@ -198,11 +198,11 @@ mod tests {
         let (engine, wanted) = (EngineSettings::default(), BTreeMap::new());
         // 16 GiB / 4 over 2 engines + 1 HTTPS worker.
         let c = config(&[("ENABLE_SSL", "true")]);
-        assert_eq!(for_worker(&c, spawn(Role::HttpWorker, true, &engine, &wanted)).edge.inflight_bytes, (4 << 30) / 3);
+        assert_eq!(for_worker(&c, spawn(Role::Engine, true, &engine, &wanted)).edge.inflight_bytes, (4 << 30) / 3);
         let c = config(&[("MAX_INFLIGHT_BYTES", "1073741824")]);
-        assert_eq!(for_worker(&c, spawn(Role::HttpWorker, false, &engine, &wanted)).edge.inflight_bytes, 1 << 30);
+        assert_eq!(for_worker(&c, spawn(Role::Engine, false, &engine, &wanted)).edge.inflight_bytes, 1 << 30);
         let c = config(&[("ENGINE_THREADS", "3")]);
-        let e = for_worker(&c, spawn(Role::HttpWorker, false, &engine, &wanted));
+        let e = for_worker(&c, spawn(Role::Engine, false, &engine, &wanted));
         assert_eq!(e.engine.unwrap().runtime.threads, 3, "ENGINE_THREADS wins");
     }
 }

@@ -1,4 +1,4 @@
-//! tandem's HTTP inference worker: the router that serves the API on both
+//! tandem's engine worker: the router that serves the API on both
 //! ports, and the process that accepts plain HTTP on the inherited listener.
 
 #![forbid(unsafe_code)]
@@ -19,10 +19,10 @@ use tandem_shared::WorkerSettings;
 
 pub use router::{router, AppState, Scheme};
 
-/// Runs the HTTP worker until it is told to stop; returns when drained.
+/// Runs the engine worker until it is told to stop; returns when drained.
 pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
     let kind = Kind {
-        name: "http worker",
+        name: "engine worker",
         role: tandem_shared::stats::ProcessRole::Engine,
         keep_large_allocations: true,
         on_park: None,

@@ -129,7 +129,7 @@ pub fn render(snap: &Snapshot, ring_busy: Option<(u32, u32)>, cert_source: Optio
 
     // With WORKER_COMMAND the copies stand where the engines do, the proxy where the HTTPS worker does.
     let proxied = snap.processes.iter().any(|p| p.role == tandem_shared::stats::ProcessRole::Proxy);
-    let roles = if proxied { ["worker-command", "proxy-worker"] } else { ["http-worker", "https-worker"] };
+    let roles = if proxied { ["worker-command", "proxy-worker"] } else { ["engine-worker", "https-worker"] };
     e.family("tandem_workers", "gauge", "Worker processes running now, by role.");
     for role in roles {
         let n = snap.processes.iter().filter(|p| p.role.label() == role).count();
@@ -163,7 +163,7 @@ pub fn render(snap: &Snapshot, ring_busy: Option<(u32, u32)>, cert_source: Optio
     e.family("tandem_process_resident_memory_bytes", "gauge", "Resident memory, summed by role.");
     e.family("tandem_process_open_fds", "gauge", "Open file descriptors, summed by role.");
     // (A copy's memory is its own business: tandem does not measure it.)
-    for role in ["supervisor", "http-worker", "https-worker", "proxy-worker"] {
+    for role in ["supervisor", "engine-worker", "https-worker", "proxy-worker"] {
         let of = snap.processes.iter().filter(|p| p.role.label() == role);
         if of.clone().next().is_none() {
             continue;

@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tandem_config::engine::BackendChoice;
-use tandem_http_worker::engine::tensor::{DataType, Tensor, TensorData};
-use tandem_http_worker::engine::{Engine, VersionState};
+use tandem_engine_worker::engine::tensor::{DataType, Tensor, TensorData};
+use tandem_engine_worker::engine::{Engine, VersionState};
 use tandem_shared::EngineSettings;
 
 fn main() {
@@ -24,7 +24,7 @@ fn main() {
     let mut settings = EngineSettings { threads, backend: BackendChoice::Tract, ..EngineSettings::default() };
     if backend == "onnxruntime" {
         let path = std::env::var("ORT_DYLIB_PATH").expect("ORT_DYLIB_PATH names the ONNX Runtime library");
-        let lib = tandem_http_worker::engine::onnx_runtime::probe(std::path::Path::new(&path)).expect("load ORT");
+        let lib = tandem_engine_worker::engine::onnx_runtime::probe(std::path::Path::new(&path)).expect("load ORT");
         settings.onnxruntime = Some(lib);
         settings.backend = BackendChoice::OnnxRuntime;
     }
