@@ -206,7 +206,6 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(move |mut req: axum::extract::Request, next: axum::middleware::Next| {
             let (worker_id, stats, door) = (worker_id.clone(), stats.clone(), door.clone());
             async move {
-                let started = Instant::now();
                 let https = req.extensions().get::<Scheme>() == Some(&Scheme::Https);
                 if !https {
                     // Only the HTTPS worker vouches for a client certificate.
@@ -219,20 +218,7 @@ pub fn router(state: AppState) -> Router {
                             axum::body::Body::new(tandem_shared::serve::BodyDeadline::new(body, body_timeout));
                     }
                 }
-                let route = tandem_shared::stats::route_index(req.uri().path());
-                let method = req.method().clone();
-                let logged = access_log.then(|| {
-                    let peer = req.extensions().get::<tandem_shared::serve::Peer>().map(|p| p.0);
-                    let bytes_in = axum::body::HttpBody::size_hint(req.body()).exact();
-                    let header = |i: usize| {
-                        req.headers()
-                            .get(tandem_shared::access::CLIENT_HEADERS[i])
-                            .and_then(|v| v.to_str().ok())
-                            .map(String::from)
-                    };
-                    let client = header(0).zip(header(2));
-                    (req.uri().path().to_string(), peer, bytes_in, client)
-                });
+                let arrival = tandem_shared::access::Arrival::new(&req, https, access_log);
                 // Answers are compressed when the client's Accept-Encoding asks.
                 let encoding = crate::compression::wanted(req.headers());
                 // Plain HTTP meets its front door here; HTTPS requests met the HTTPS worker's.
@@ -248,22 +234,8 @@ pub fn router(state: AppState) -> Router {
                     door.finish(web_origin.as_ref(), res.headers_mut());
                 }
                 res.headers_mut().insert("x-tandem-worker", worker_id);
-                let took = started.elapsed();
-                stats.request(https, route, method.as_str(), res.status().as_u16(), took);
-                if let Some((path, peer, bytes_in, client)) = logged {
-                    tandem_shared::access::log(&tandem_shared::access::Entry {
-                        listener: if https { "https" } else { "http" },
-                        peer,
-                        method: method.as_str(),
-                        path: &path,
-                        status: res.status().as_u16(),
-                        bytes_in,
-                        bytes_out: axum::body::HttpBody::size_hint(res.body()).exact(),
-                        took,
-                        worker: id,
-                        client: client.as_ref().map(|(s, f)| (s.as_str(), f.as_str())),
-                    });
-                }
+                let bytes_out = axum::body::HttpBody::size_hint(res.body()).exact();
+                arrival.answered(&stats, res.status().as_u16(), bytes_out, id);
                 res
             }
         }))
@@ -286,7 +258,7 @@ pub(crate) async fn read_body(
     use http_body_util::BodyExt;
     let too_large = || ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
-        message: format!("request body exceeds MAX_REQUEST_BYTES ({limit} bytes)"),
+        message: tandem_shared::front::too_large_message(&tandem_shared::front::max_request_bytes(limit as u64)),
     };
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());

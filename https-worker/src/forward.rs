@@ -360,40 +360,20 @@ impl Forwarder {
 
     /// Serves one request; never fails (errors are JSON responses).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-        let started = std::time::Instant::now();
-        let (route, method) = (tandem_shared::stats::route_index(req.uri().path()), req.method().clone());
-        let logged = self.access_log.map(|worker| {
-            let peer = req.extensions().get::<tandem_shared::serve::Peer>().map(|p| p.0);
-            let bytes_in = hyper::body::Body::size_hint(req.body()).exact();
-            let client = req.extensions().get::<Arc<tandem_shared::serve::ClientIdentity>>().cloned();
-            (worker, req.uri().path().to_string(), peer, bytes_in, client)
-        });
+        let arrival = tandem_shared::access::Arrival::new(&req, true, self.access_log.is_some());
         let web_origin = req.headers().get(header::ORIGIN).cloned();
         let mut res = match self.door.answer(&req) {
             Some(answer) => here(answer),
             None => self.forward(req).await,
         };
+        // The engine counts (and logs) the answers it made; this worker the ones it made itself.
         if res.extensions().get::<AnsweredHere>().is_some() {
             let status = res.status();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
                 self.stats.ring(event::TOO_LARGE);
             }
-            let took = started.elapsed();
-            self.stats.request(true, route, method.as_str(), status.as_u16(), took);
-            if let Some((worker, path, peer, bytes_in, client)) = logged {
-                tandem_shared::access::log(&tandem_shared::access::Entry {
-                    listener: "https",
-                    peer,
-                    method: method.as_str(),
-                    path: &path,
-                    status: status.as_u16(),
-                    bytes_in,
-                    bytes_out: hyper::body::Body::size_hint(res.body()).exact(),
-                    took,
-                    worker,
-                    client: client.as_ref().map(|c| (c.subject.as_str(), c.fingerprint.as_str())),
-                });
-            }
+            let bytes_out = hyper::body::Body::size_hint(res.body()).exact();
+            arrival.answered(&self.stats, status.as_u16(), bytes_out, self.access_log.unwrap_or(0));
         }
         self.door.finish(web_origin.as_ref(), res.headers_mut());
         Ok(res)
@@ -455,11 +435,11 @@ impl Forwarder {
     fn too_large(&self) -> Response<Full<Bytes>> {
         let slot_limit = self.region.slot_bytes();
         let which = if self.max_request_bytes <= slot_limit {
-            format!("MAX_REQUEST_BYTES ({} bytes)", self.max_request_bytes)
+            front::max_request_bytes(self.max_request_bytes as u64)
         } else {
             format!("a shared-memory slot ({slot_limit} bytes); raise SHM_SLOT_BYTES")
         };
-        json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body exceeds {which}"))
+        here(front::too_large(&which))
     }
 
     /// Sends one request (headers as the engine should see them, body read

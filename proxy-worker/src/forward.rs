@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -312,12 +312,9 @@ impl Proxy {
         https: bool,
         port: u16,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_string();
+        let arrival = tandem_shared::access::Arrival::new(&req, https, self.opts.access_log.is_some());
         let peer = req.extensions().get::<Peer>().map(|p| p.0);
         let client = req.extensions().get::<Arc<ClientIdentity>>().cloned();
-        let bytes_in = req.body().size_hint().exact();
         let door = if https { &self.opts.secure } else { &self.opts.plain };
         let web_origin = req.headers().get(header::ORIGIN).cloned();
         let origin = Origin { https, port, peer, client: client.as_deref() };
@@ -327,23 +324,9 @@ impl Proxy {
             None => self.forward(req, &origin).await,
         };
         door.finish(web_origin.as_ref(), res.headers_mut());
-        let took = started.elapsed();
-        let status = res.status().as_u16();
-        self.stats.request(https, tandem_shared::stats::route_index(&path), method.as_str(), status, took);
-        if let Some(own) = self.opts.access_log {
-            tandem_shared::access::log(&tandem_shared::access::Entry {
-                listener: if https { "https" } else { "http" },
-                peer,
-                method: method.as_str(),
-                path: &path,
-                status,
-                bytes_in,
-                bytes_out: res.body().size_hint().exact(),
-                took,
-                worker: worker.map_or(own, |w| w as u64),
-                client: client.as_ref().map(|c| (c.subject.as_str(), c.fingerprint.as_str())),
-            });
-        }
+        let own = self.opts.access_log.unwrap_or(0);
+        let bytes_out = res.body().size_hint().exact();
+        arrival.answered(&self.stats, res.status().as_u16(), bytes_out, worker.map_or(own, |w| w as u64));
         Ok(res)
     }
 
@@ -357,10 +340,7 @@ impl Proxy {
         rewrite(&mut parts.headers, authority.as_deref(), origin, upgrade.as_ref());
         let limit = self.opts.max_request_bytes;
         let too_large = || {
-            let mut res = local(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("request body exceeds MAX_REQUEST_BYTES ({limit} bytes)"),
-            );
+            let mut res = boxed(front::too_large(&front::max_request_bytes(limit)));
             res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             res
         };

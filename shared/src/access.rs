@@ -99,6 +99,82 @@ pub fn log(e: &Entry<'_>) {
     );
 }
 
+/// A request as it arrived, kept until it is answered: every request path
+/// counts its answer into the statistics and (with `ACCESS_LOG`) writes its
+/// line through this, the same way.
+#[derive(Debug)]
+pub struct Arrival {
+    started: std::time::Instant,
+    https: bool,
+    route: usize,
+    method: http::Method,
+    /// What the access-log line needs, when there is one.
+    logged: Option<Logged>,
+}
+
+#[derive(Debug)]
+struct Logged {
+    path: String,
+    peer: Option<SocketAddr>,
+    bytes_in: Option<u64>,
+    client: Option<(String, String)>,
+}
+
+impl Arrival {
+    /// Notes `req`, which came on the HTTPS listener when `https`; `log`
+    /// keeps what the access-log line needs. The client certificate is the
+    /// connection's ([`crate::serve::ClientIdentity`]), else what the HTTPS
+    /// worker vouched for in [`CLIENT_HEADERS`] (a request over the ring).
+    pub fn new<B: hyper::body::Body>(req: &http::Request<B>, https: bool, log: bool) -> Self {
+        let logged = log.then(|| {
+            let from_headers = || {
+                let header =
+                    |i: usize| req.headers().get(CLIENT_HEADERS[i]).and_then(|v| v.to_str().ok()).map(String::from);
+                header(0).zip(header(2))
+            };
+            let client = match req.extensions().get::<std::sync::Arc<crate::serve::ClientIdentity>>() {
+                Some(c) => Some((c.subject.clone(), c.fingerprint.clone())),
+                None if https => from_headers(),
+                None => None,
+            };
+            Logged {
+                path: req.uri().path().to_string(),
+                peer: req.extensions().get::<crate::serve::Peer>().map(|p| p.0),
+                bytes_in: req.body().size_hint().exact(),
+                client,
+            }
+        });
+        Arrival {
+            started: std::time::Instant::now(),
+            https,
+            route: crate::stats::route_index(req.uri().path()),
+            method: req.method().clone(),
+            logged,
+        }
+    }
+
+    /// Counts the answer (`status`, `bytes_out` when known) that `worker` gave,
+    /// and writes its access-log line when there is one.
+    pub fn answered(self, stats: &crate::stats::Stats, status: u16, bytes_out: Option<u64>, worker: u64) {
+        let took = self.started.elapsed();
+        stats.request(self.https, self.route, self.method.as_str(), status, took);
+        if let Some(l) = &self.logged {
+            log(&Entry {
+                listener: if self.https { "https" } else { "http" },
+                peer: l.peer,
+                method: self.method.as_str(),
+                path: &l.path,
+                status,
+                bytes_in: l.bytes_in,
+                bytes_out,
+                took,
+                worker,
+                client: l.client.as_ref().map(|(s, f)| (s.as_str(), f.as_str())),
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,9 +39,19 @@ pub fn error_parts(status: StatusCode, message: &str) -> (HeaderMap, Bytes) {
     (headers, Bytes::from(serde_json::json!({ "error": message }).to_string()))
 }
 
-/// 413 for a body over `MAX_REQUEST_BYTES` (or what else `which` names).
+/// 413 for a body over `which` ([`max_request_bytes`], or a smaller limit of the path).
 pub fn too_large(which: &str) -> Answer {
-    error(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body exceeds {which}"))
+    error(StatusCode::PAYLOAD_TOO_LARGE, &too_large_message(which))
+}
+
+/// What a 413 says.
+pub fn too_large_message(which: &str) -> String {
+    format!("request body exceeds {which}")
+}
+
+/// `MAX_REQUEST_BYTES` as a 413 names it.
+pub fn max_request_bytes(limit: u64) -> String {
+    format!("MAX_REQUEST_BYTES ({limit} bytes)")
 }
 
 /// The paths never redirected to HTTPS: health checks (load balancers probe
