@@ -119,25 +119,44 @@ pub fn log_filter(v: &str) -> Option<String> {
     (!out.is_empty() && tracing_subscriber::EnvFilter::try_new(&joined).is_ok()).then_some(joined)
 }
 
+/// Why a command's program cannot run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProgramError {
+    /// No program at all.
+    #[error("the command is empty")]
+    Empty,
+    /// A path that is not an executable file.
+    #[error("{0} is not an executable file")]
+    NotExecutable(String),
+    /// A bare name found in no directory of `PATH`.
+    #[error("{program} is not on PATH ({path})")]
+    NotOnPath {
+        /// The name.
+        program: String,
+        /// The directories looked in.
+        path: String,
+    },
+}
+
 /// Where `program` (the first word of a `WORKER_COMMAND`) is: a path with a
 /// `/` as it is, a bare name looked up in `path` (`PATH`, else the usual
-/// directories). Err says why it cannot be run.
-pub fn find_program(program: &str, path: Option<&str>) -> Result<PathBuf, String> {
+/// directories).
+pub fn find_program(program: &str, path: Option<&str>) -> Result<PathBuf, ProgramError> {
     use std::os::unix::fs::PermissionsExt;
     let runnable = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
     if program.is_empty() {
-        return Err("the command is empty".into());
+        return Err(ProgramError::Empty);
     }
     if program.contains('/') {
         let p = PathBuf::from(program);
-        return if runnable(&p) { Ok(p) } else { Err(format!("{program} is not an executable file")) };
+        return if runnable(&p) { Ok(p) } else { Err(ProgramError::NotExecutable(program.to_string())) };
     }
     let path = path.unwrap_or("/usr/local/bin:/usr/bin:/bin");
     path.split(':')
         .filter(|d| !d.is_empty())
         .map(|d| Path::new(d).join(program))
         .find(|p| runnable(p))
-        .ok_or_else(|| format!("{program} is not on PATH ({path})"))
+        .ok_or_else(|| ProgramError::NotOnPath { program: program.to_string(), path: path.to_string() })
 }
 
 /// The cache root when `MODEL_CACHE_DIR` is not set: never the world-writable

@@ -53,7 +53,7 @@ pub async fn inflate(
     loop {
         // A step at a time: each step's output is paid for before the next is made.
         let step = INFLATE_STEP.min(limit + 1 - out.len());
-        budget.take(share, step as u64 * 2, WAIT).await.map_err(crate::router::refused)?;
+        budget.take(share, step as u64 * 2, WAIT).await.map_err(crate::state::refused)?;
         let before = out.len();
         (&mut reader)
             .take(step as u64)
@@ -110,7 +110,7 @@ pub async fn compress_response(res: Response, encoding: &'static str) -> Respons
     }
     let (mut parts, body) = res.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
-        return crate::router::error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the response body to compress it");
+        return crate::state::error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the response body to compress it");
     };
     let compressed = if bytes.len() > BLOCKING_ABOVE {
         let b = bytes.clone();

@@ -4,12 +4,14 @@
 #![forbid(unsafe_code)]
 
 pub mod compression;
+pub mod control_api;
 pub mod engine;
 pub mod infer;
 pub mod metrics;
 pub mod model_control;
 pub mod router;
 pub mod shm_server;
+pub mod state;
 
 use std::sync::Arc;
 
@@ -17,7 +19,8 @@ use anyhow::Context;
 use tandem_shared::worker::{run_worker, Kind, Running, Started};
 use tandem_shared::WorkerSettings;
 
-pub use router::{router, AppState, Scheme};
+pub use router::router;
+pub use state::{AppState, Scheme};
 
 /// Runs the engine worker until it is told to stop; returns when drained.
 pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {

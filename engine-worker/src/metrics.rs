@@ -19,7 +19,7 @@ use tandem_shared::sys::shm::Region;
 
 use crate::engine::VersionState;
 use crate::infer::ApiError;
-use crate::router::{AppState, ModelPath};
+use crate::state::{AppState, ModelPath};
 
 /// The exposition format's content type.
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -333,7 +333,7 @@ pub(crate) async fn all_model_stats(State(state): State<AppState>) -> Response {
 
 /// `GET /v2/models/{m}/stats` and `/v2/models/{m}/versions/{v}/stats`.
 pub(crate) async fn model_stats(State(state): State<AppState>, Path(p): Path<ModelPath>) -> Response {
-    if let Err(e) = crate::router::find(&state, &p) {
+    if let Err(e) = crate::state::find(&state, &p) {
         return e.into_response();
     }
     stats_of(&state, Some(&p))

@@ -12,7 +12,7 @@ use tandem_shared::frame::{decode_request, encode_response, FrameError, RequestF
 use tandem_shared::sys::shm::{Claim, Region};
 use tower::ServiceExt;
 
-use crate::router::Scheme;
+use crate::state::Scheme;
 
 /// How long a claimer sleeps on the futex before re-checking its stop flag.
 const IDLE_WAIT: Duration = Duration::from_millis(200);

@@ -81,20 +81,34 @@ pub fn settings_memfd(settings: &WorkerSettings) -> std::io::Result<std::os::fd:
     Ok(file.into())
 }
 
+/// Why a worker found no settings.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// Not started by the supervisor.
+    #[error("{var} is not set: worker subcommands are started by the tandem supervisor, not by hand", var = crate::WORKER_SETTINGS_VAR)]
+    NotSet,
+    /// The variable does not name a descriptor.
+    #[error("{var} must name the settings descriptor as fd:N, not {0:?}", var = crate::WORKER_SETTINGS_VAR)]
+    NotADescriptor(String),
+    /// The descriptor was not inherited.
+    #[error("{var}: {0}", var = crate::WORKER_SETTINGS_VAR)]
+    Descriptor(std::io::Error),
+    /// What it holds is not worker settings.
+    #[error("{var}: the descriptor holds no valid worker settings: {0}", var = crate::WORKER_SETTINGS_VAR)]
+    Invalid(serde_json::Error),
+}
+
 /// Reads the worker's settings from the descriptor the supervisor's variable
 /// names (`fd:N`, a memfd written by [`settings_memfd`]).
-pub fn settings_from_supervisor() -> Result<WorkerSettings, String> {
-    let var = crate::WORKER_SETTINGS_VAR;
-    let raw = std::env::var(var).map_err(|_| {
-        format!("{var} is not set: worker subcommands are started by the tandem supervisor, not by hand")
-    })?;
+pub fn settings_from_supervisor() -> Result<WorkerSettings, SettingsError> {
+    let raw = std::env::var(crate::WORKER_SETTINGS_VAR).map_err(|_| SettingsError::NotSet)?;
     let fd: std::os::fd::RawFd = raw
         .strip_prefix("fd:")
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("{var} must name the settings descriptor as fd:N, not {raw:?}"))?;
-    let fd = crate::sys::adopt_fd(fd).map_err(|e| format!("{var}: {e}"))?;
+        .ok_or_else(|| SettingsError::NotADescriptor(raw.clone()))?;
+    let fd = crate::sys::adopt_fd(fd).map_err(SettingsError::Descriptor)?;
     let file = std::io::BufReader::new(std::fs::File::from(fd));
-    serde_json::from_reader(file).map_err(|e| format!("{var}: the descriptor holds no valid worker settings: {e}"))
+    serde_json::from_reader(file).map_err(SettingsError::Invalid)
 }
 
 /// Maps the shared-memory ring the supervisor handed down.

@@ -56,7 +56,7 @@ pub fn spawn(
                         }),
                     )
                     .fallback(|| async {
-                        tandem_engine_worker::router::error(
+                        tandem_engine_worker::state::error(
                             StatusCode::NOT_FOUND,
                             "only /metrics is served on METRICS_PORT",
                         )
