@@ -30,16 +30,13 @@ pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
         keep_large_allocations: true,
         on_park: None,
     };
-    // One single-threaded runtime per inference thread (Server::spawn_threads):
+    // One single-threaded runtime per inference thread (Server::serve_all):
     // the skeleton's, which also answers the control channel, and the others.
     run_worker(settings, kind, serve)
 }
 
 async fn serve(started: Started) -> anyhow::Result<Running> {
     let Started { settings, control, stats, listener: std_listener } = started;
-    let listener =
-        tokio::net::TcpListener::from_std(std_listener.try_clone().context("cannot duplicate the listener")?)
-            .context("cannot register the listener")?;
     let engine = load_engine(&settings)?;
     let inference_threads = engine.permits.available_permits();
     let region = settings.shm.as_ref().map(tandem_shared::worker::open_region).transpose()?;
@@ -71,34 +68,21 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     let budget = tandem_shared::serve::connection_budget();
     let server =
         Arc::new(tandem_shared::serve::Server::new(settings.edge.policy.timeouts, budget).with_pacing(balance));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let service = hyper_util::service::TowerToHyperService::new(app);
     let plain = |tcp, _| async move { Some(tandem_shared::serve::Accepted::plain(tcp)) };
     // A connection lives on the thread that accepted it, and a quick inference
     // runs there too: a plain-HTTP request wakes no other thread.
-    let threads = server
-        .spawn_threads(inference_threads.saturating_sub(1), &std_listener, stop_rx.clone(), plain, service.clone())
+    let mut serving = server
+        .serve_all(inference_threads.saturating_sub(1), std_listener, plain, service)
         .context("cannot start the serving threads")?;
-    drop(std_listener);
-    let accepting = {
-        let (server, mut stop_rx) = (server.clone(), stop_rx);
-        tokio::spawn(async move {
-            let stop = async move {
-                let _ = stop_rx.wait_for(|stopped| *stopped).await;
-            };
-            server.run(&listener, stop, plain, service).await;
-        })
-    };
     let graceful = settings.graceful_timeout;
     let drain = async move {
-        let _ = stop_tx.send(true);
-        let _ = accepting.await;
+        serving.stop_accepting().await;
         if let Some(shm) = shm {
             shm.stop(graceful).await;
         }
         let drained = server.drain(graceful).await;
-        // The other threads' connections are done (or out of time): let them go.
-        threads.finish();
+        serving.finish();
         drained
     };
     Ok(Running {

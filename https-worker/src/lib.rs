@@ -30,7 +30,7 @@ pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
         keep_large_allocations: true,
         on_park: Some(watch_before_park),
     };
-    // One single-threaded runtime per core (Server::spawn_threads): the skeleton's, and the others.
+    // One single-threaded runtime per core (Server::serve_all): the skeleton's, and the others.
     run_worker(settings, kind, serve)
 }
 
@@ -222,9 +222,6 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     let Started { settings, control, stats, listener: std_listener } = started;
     let tls = Tls::start(settings.tls()?)?;
     let fingerprint = tls.fingerprint.clone();
-    let listener =
-        tokio::net::TcpListener::from_std(std_listener.try_clone().context("cannot duplicate the listener")?)
-            .context("cannot register the listener")?;
 
     // No model here: every request goes to the engine workers through shared memory.
     let shm = settings.shm()?;
@@ -251,25 +248,12 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     let handshake = move |tcp, peer| handshaker.clone().accept(tcp, peer);
     let fwd = forwarder.clone();
     let service = hyper::service::service_fn(move |req| fwd.clone().handle(req));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let extra = tandem_shared::serve::serving_threads() - 1;
-    let threads = server
-        .spawn_threads(extra, &std_listener, stop_rx.clone(), handshake.clone(), service.clone())
-        .context("cannot start the serving threads")?;
-    drop(std_listener);
-    let accepting = {
-        let (server, mut stop_rx) = (server.clone(), stop_rx);
-        tokio::spawn(async move {
-            let stop = async move {
-                let _ = stop_rx.wait_for(|stopped| *stopped).await;
-            };
-            server.run(&listener, stop, handshake, service).await;
-        })
-    };
+    let mut serving =
+        server.serve_all(extra, std_listener, handshake, service).context("cannot start the serving threads")?;
     let graceful = settings.graceful_timeout;
     let drain = async move {
-        let _ = stop_tx.send(true);
-        let _ = accepting.await;
+        serving.stop_accepting().await;
         reloads.abort();
         // A stop because the supervisor was killed (its end of the control channel
         // closes) means the engines are stopping too: answer what they will never
@@ -284,8 +268,7 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
             d = server.drain(graceful) => d,
             () = orphaned => false,
         };
-        // The other threads' connections are done (or out of time): let them go.
-        threads.finish();
+        serving.finish();
         drained
     };
     Ok(Running {

@@ -498,7 +498,7 @@ impl Server {
         }
     }
 
-    /// Runs `hook` on the threads of [`Server::spawn_threads`] before they sleep.
+    /// Runs `hook` on the threads of [`Server::serve_all`] before they sleep.
     pub fn with_park_hook(mut self, hook: ParkHook) -> Self {
         self.on_park = Some(hook);
         self
@@ -666,7 +666,7 @@ where
     }
 }
 
-/// Extra serving threads started by [`Server::spawn_threads`]; they keep
+/// Extra serving threads started by [`Server::serve_all`]; they keep
 /// their runtimes (and so their connections) alive until [`Threads::finish`].
 pub struct Threads {
     handles: Vec<std::thread::JoinHandle<()>>,
@@ -689,20 +689,19 @@ async fn until(mut rx: watch::Receiver<bool>) {
 }
 
 impl Server {
-    /// Serves `listener` from `extra` more threads, each with a single-threaded
-    /// runtime of its own, sharing this server's connection budget and drain:
-    /// a connection lives on the thread that accepted it, so nothing it does
-    /// wakes another thread (a multi-threaded runtime spent a third of a TLS
-    /// worker's time parking and waking threads). They stop accepting when
-    /// `stop` reads true; [`Threads::finish`] ends them.
-    pub fn spawn_threads<C, CF, IO, S, B>(
+    /// Serves `listener` from a task on this thread's runtime and from `extra`
+    /// more threads, each with a single-threaded runtime of its own, sharing
+    /// this server's connection budget and drain, until
+    /// [`Serving::stop_accepting`]. A connection lives on the thread that
+    /// accepted it, so nothing it does wakes another thread (a multi-threaded
+    /// runtime spent a third of a TLS worker's time parking and waking threads).
+    pub fn serve_all<C, CF, IO, S, B>(
         self: &Arc<Self>,
         extra: usize,
-        listener: &std::net::TcpListener,
-        stop: watch::Receiver<bool>,
+        listener: std::net::TcpListener,
         connect: C,
         service: S,
-    ) -> io::Result<Threads>
+    ) -> io::Result<Serving>
     where
         C: Fn(TcpStream, SocketAddr) -> CF + Clone + Send + 'static,
         CF: Future<Output = Option<Accepted<IO>>> + Send + 'static,
@@ -710,11 +709,12 @@ impl Server {
         S: HttpService<B>,
         B: ResponseBody,
     {
+        let (stop, stopped) = watch::channel(false);
         let (finished, done) = watch::channel(false);
         let mut handles = Vec::with_capacity(extra);
         for i in 1..=extra {
             let (server, listener) = (self.clone(), listener.try_clone()?);
-            let (stop, done, connect, service) = (stop.clone(), done.clone(), connect.clone(), service.clone());
+            let (stop, done, connect, service) = (stopped.clone(), done.clone(), connect.clone(), service.clone());
             let mut builder = tokio::runtime::Builder::new_current_thread();
             if let Some(hook) = self.on_park.clone() {
                 builder.on_thread_park(move || hook());
@@ -730,7 +730,31 @@ impl Server {
                 });
             })?);
         }
-        Ok(Threads { handles, finished })
+        let threads = Threads { handles, finished };
+        let own = TcpListener::from_std(listener)?;
+        let server = self.clone();
+        let accepting = tokio::spawn(async move { server.run(&own, until(stopped), connect, service).await });
+        Ok(Serving { stop, accepting, threads })
+    }
+}
+
+/// A listener served on every thread by [`Server::serve_all`].
+pub struct Serving {
+    stop: watch::Sender<bool>,
+    accepting: tokio::task::JoinHandle<()>,
+    threads: Threads,
+}
+
+impl Serving {
+    /// Stops accepting on every thread; the connections go on until drained ([`Server::drain`]).
+    pub async fn stop_accepting(&mut self) {
+        let _ = self.stop.send(true);
+        let _ = (&mut self.accepting).await;
+    }
+
+    /// Lets the threads end once their connections are drained (or out of time).
+    pub fn finish(self) {
+        self.threads.finish();
     }
 }
 
