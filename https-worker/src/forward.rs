@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use tandem_shared::budget::{Budget, Share, WAIT};
+use tandem_shared::budget::{Budget, Share};
 use tandem_shared::frame::{decode_response, encode_request, FrameError};
-use tandem_shared::front::{self, FrontDoor};
+use tandem_shared::front::{self, read_body, BodyError, FrontDoor, DRAIN_BYTES};
 use tandem_shared::stats::Stats;
 use tandem_shared::sys::shm::{Region, DONE, FAILED, SUBMITTED};
 use tokio::sync::oneshot;
@@ -34,63 +34,6 @@ const WATCH_BEFORE_PARK: Duration = Duration::from_micros(150);
 const WATCH_MAX_PENDING: usize = 2;
 /// How long a request may wait for a free slot before 503 (bursts queue, overload is refused).
 const QUEUE_WAIT: Duration = Duration::from_secs(1);
-
-/// How much of a too-large body is still read (and dropped) so that a client
-/// that is still sending reads the 413 instead of a broken connection.
-const DRAIN_BYTES: usize = 64 << 20;
-
-/// Why a request body was not read.
-pub enum BodyError {
-    /// Over the limit (the rest was drained, up to [`DRAIN_BYTES`]).
-    TooLarge,
-    /// The connection failed.
-    Read(hyper::Error),
-    /// The memory budget for bodies in flight would not take it.
-    Budget(tandem_shared::budget::Refused),
-}
-
-/// Reads a body of at most `limit` bytes. Past the limit it reads on and drops
-/// up to [`DRAIN_BYTES`] more, so the 413 reaches a client still sending (an
-/// HTTP/2 stream answered before its body would be reset under the client).
-/// The body is counted against `budget` into `share` as it arrives (its
-/// declared length at once): the process never holds more bodies than its
-/// memory budget allows.
-pub async fn read_body(
-    mut body: Incoming,
-    limit: usize,
-    expected: Option<u64>,
-    budget: &Budget,
-    share: &mut Share,
-) -> Result<Bytes, BodyError> {
-    let declared = expected.map_or(0, |n| n.min(limit as u64) as usize);
-    budget.reserve(share, declared as u64, WAIT).await.map_err(BodyError::Budget)?;
-    // One allocation when the length is declared (no regrowth copies of a large body).
-    let mut buf = bytes::BytesMut::with_capacity(declared);
-    let mut over = false;
-    let mut drained = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(BodyError::Read)?;
-        let Ok(data) = frame.into_data() else { continue };
-        if over {
-            drained += data.len();
-            if drained > DRAIN_BYTES {
-                break;
-            }
-        } else if buf.len() + data.len() > limit {
-            over = true;
-            buf.clear();
-        } else {
-            let after = (buf.len() + data.len()) as u64;
-            budget.reserve(share, after, WAIT).await.map_err(BodyError::Budget)?;
-            buf.extend_from_slice(&data);
-        }
-    }
-    if over {
-        Err(BodyError::TooLarge)
-    } else {
-        Ok(buf.freeze())
-    }
-}
 
 /// Hop-by-hop headers: they describe one connection and never cross the ring.
 const HOP_BY_HOP: [header::HeaderName; 5] =

@@ -15,8 +15,7 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
-use tandem_https_worker::forward::{read_body, BodyError};
-use tandem_shared::front::{self, FrontDoor};
+use tandem_shared::front::{self, read_body, BodyError, FrontDoor};
 use tandem_shared::serve::{tunnel, ClientIdentity, Peer, TunnelEnd};
 use tandem_shared::stats::Stats;
 

@@ -60,7 +60,7 @@ fn single_thread() -> anyhow::Result<tokio::runtime::Runtime> {
 struct Shared {
     settings: WorkerSettings,
     http: TcpListener,
-    https: Option<(TcpListener, std::net::SocketAddr, tandem_https_worker::Handshaker)>,
+    https: Option<(TcpListener, std::net::SocketAddr, tandem_tls::Handshaker)>,
     forwarder: Arc<forward::Proxy>,
     budget: usize,
 }
@@ -84,7 +84,7 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     let tls = match proxy.https {
         Some((fd, addr)) => {
             let l = adopt_listener(fd).context("cannot take the inherited HTTPS listener")?;
-            Some((l, addr, tandem_https_worker::Tls::start(settings.tls()?)?))
+            Some((l, addr, tandem_tls::Tls::start(settings.tls()?)?))
         }
         None => None,
     };

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use tandem_config::edge::Cors;
 
 use crate::WorkerSettings;
@@ -52,6 +52,63 @@ pub fn too_large_message(which: &str) -> String {
 /// `MAX_REQUEST_BYTES` as a 413 names it.
 pub fn max_request_bytes(limit: u64) -> String {
     format!("MAX_REQUEST_BYTES ({limit} bytes)")
+}
+
+/// How much of a too-large body is still read (and dropped) so that a client
+/// that is still sending reads the 413 instead of a broken connection.
+pub const DRAIN_BYTES: usize = 64 << 20;
+
+/// Why a request body was not read.
+pub enum BodyError {
+    /// Over the limit (the rest was drained, up to [`DRAIN_BYTES`]).
+    TooLarge,
+    /// The connection failed.
+    Read(hyper::Error),
+    /// The memory budget for bodies in flight would not take it.
+    Budget(crate::budget::Refused),
+}
+
+/// Reads a body of at most `limit` bytes. Past the limit it reads on and drops
+/// up to [`DRAIN_BYTES`] more, so the 413 reaches a client still sending (an
+/// HTTP/2 stream answered before its body would be reset under the client).
+/// The body is counted against `budget` into `share` as it arrives (its
+/// declared length at once): the process never holds more bodies than its
+/// memory budget allows.
+pub async fn read_body(
+    mut body: hyper::body::Incoming,
+    limit: usize,
+    expected: Option<u64>,
+    budget: &crate::budget::Budget,
+    share: &mut crate::budget::Share,
+) -> Result<Bytes, BodyError> {
+    let declared = expected.map_or(0, |n| n.min(limit as u64) as usize);
+    budget.reserve(share, declared as u64, crate::budget::WAIT).await.map_err(BodyError::Budget)?;
+    // One allocation when the length is declared (no regrowth copies of a large body).
+    let mut buf = bytes::BytesMut::with_capacity(declared);
+    let mut over = false;
+    let mut drained = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(BodyError::Read)?;
+        let Ok(data) = frame.into_data() else { continue };
+        if over {
+            drained += data.len();
+            if drained > DRAIN_BYTES {
+                break;
+            }
+        } else if buf.len() + data.len() > limit {
+            over = true;
+            buf.clear();
+        } else {
+            let after = (buf.len() + data.len()) as u64;
+            budget.reserve(share, after, crate::budget::WAIT).await.map_err(BodyError::Budget)?;
+            buf.extend_from_slice(&data);
+        }
+    }
+    if over {
+        Err(BodyError::TooLarge)
+    } else {
+        Ok(buf.freeze())
+    }
 }
 
 /// The paths never redirected to HTTPS: health checks (load balancers probe
