@@ -371,7 +371,7 @@ fn classify(t: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, ApiError>
         }
     }
     let shape = if t.shape.len() >= 2 { vec![rows, k] } else { vec![k] };
-    Tensor::new(shape, TensorData::Bytes(out)).map_err(ApiError::internal)
+    Tensor::new(shape, TensorData::Bytes(out)).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 #[derive(Serialize)]

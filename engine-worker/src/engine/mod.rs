@@ -696,8 +696,8 @@ pub const MAX_LABELS: usize = 1 << 20;
 
 /// The labels of `label_filename`, a file confined to the model's folder, one per line.
 fn read_labels(dir: &Path, label_filename: &str) -> Result<Vec<String>, String> {
-    let path = repository::confined_file(dir, "label_filename", label_filename, "folder")?;
-    let bytes = repository::read_bounded(&path, "label_filename", LABEL_FILE_BYTES)?;
+    let path = repository::confined_file(dir, "label_filename", label_filename, "folder").map_err(|e| e.to_string())?;
+    let bytes = repository::read_bounded(&path, "label_filename", LABEL_FILE_BYTES).map_err(|e| e.to_string())?;
     let text = String::from_utf8(bytes).map_err(|_| format!("label_filename {label_filename:?} is not UTF-8 text"))?;
     let labels: Vec<String> = text.lines().map(|l| l.trim_end().to_string()).collect();
     if labels.len() > MAX_LABELS {

@@ -112,18 +112,82 @@ pub fn model_filename(config: &pb::ModelConfig) -> &str {
     }
 }
 
+/// Why a file a configuration names cannot be used. The words never say
+/// whether something exists outside the model's folder.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// Absolute, `..`, a symlink leading out, not a regular file: all the same answer.
+    #[error("{field} {value:?} must name a regular file inside the model's {within} (a relative path, no \"..\", no symlink leading out)")]
+    Outside {
+        /// The configuration field.
+        field: &'static str,
+        /// Its value, escaped.
+        value: String,
+        /// "folder" or "version folder".
+        within: &'static str,
+    },
+    /// The model's folder itself cannot be resolved.
+    #[error("cannot resolve the model's {within}: {reason}")]
+    Root {
+        /// "folder" or "version folder".
+        within: &'static str,
+        /// What the system said.
+        reason: std::io::Error,
+    },
+    /// A plain name the folder does not hold.
+    #[error("{field}: the model's {within} has no {name}")]
+    Missing {
+        /// The configuration field.
+        field: &'static str,
+        /// The folder.
+        within: &'static str,
+        /// The name, escaped.
+        name: String,
+    },
+    /// The file cannot be opened or read.
+    #[error("{field}: cannot {doing} {path}: {reason}")]
+    Io {
+        /// The configuration field.
+        field: &'static str,
+        /// "open" or "read".
+        doing: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the system said.
+        reason: std::io::Error,
+    },
+    /// What was opened is not a regular file.
+    #[error("{field}: {path} is not a regular file")]
+    NotRegular {
+        /// The configuration field.
+        field: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+    },
+    /// The file is over its limit.
+    #[error("{field}: the file holds {size} bytes; at most {limit} are allowed")]
+    TooLarge {
+        /// The configuration field.
+        field: &'static str,
+        /// Its size ("more than" the limit when it grew while read).
+        size: String,
+        /// The limit.
+        limit: u64,
+    },
+}
+
 /// The regular file `value` (a configuration's `field`) names inside `root`,
 /// symlinks resolved. A configuration, whether from the model's files or from
 /// a load request, never reaches outside its model's folder: absolute paths,
 /// `..`, a symlink leading out, a device, a FIFO or a directory are all refused
 /// with the same words, so the answer says nothing about what exists outside.
-pub fn confined_file(root: &Path, field: &str, value: &str, within: &str) -> Result<PathBuf, String> {
-    let refused = || {
-        format!(
-            "{field} {:?} must name a regular file inside the model's {within} (a relative path, no \"..\", no symlink leading out)",
-            value.escape_debug().to_string()
-        )
-    };
+pub fn confined_file(
+    root: &Path,
+    field: &'static str,
+    value: &str,
+    within: &'static str,
+) -> Result<PathBuf, FileError> {
+    let refused = || FileError::Outside { field, value: value.escape_debug().to_string(), within };
     let relative = Path::new(value);
     let plain = !value.is_empty()
         && !value.contains('\0')
@@ -131,12 +195,12 @@ pub fn confined_file(root: &Path, field: &str, value: &str, within: &str) -> Res
     if !plain {
         return Err(refused());
     }
-    let base = root.canonicalize().map_err(|e| format!("cannot resolve the model's {within}: {e}"))?;
+    let base = root.canonicalize().map_err(|reason| FileError::Root { within, reason })?;
     // A plain name missing from the folder itself is said so: that tells only
     // what the folder holds (a longer path could pass a symlink leading out).
     let single = relative.components().filter(|c| matches!(c, std::path::Component::Normal(_))).count() == 1;
     if single && std::fs::symlink_metadata(base.join(relative)).is_err() {
-        return Err(format!("{field}: the model's {within} has no {}", value.escape_debug()));
+        return Err(FileError::Missing { field, within, name: value.escape_debug().to_string() });
     }
     let file = base.join(relative).canonicalize().map_err(|_| refused())?;
     let regular = std::fs::metadata(&file).is_ok_and(|m| m.is_file());
@@ -149,25 +213,31 @@ pub fn confined_file(root: &Path, field: &str, value: &str, within: &str) -> Res
 /// Reads a confined regular file of at most `limit` bytes (opened without
 /// following a final symlink and without blocking, so a file swapped for a
 /// FIFO after [`confined_file`] cannot wedge the loader).
-pub fn read_bounded(path: &Path, field: &str, limit: u64) -> Result<Vec<u8>, String> {
+pub fn read_bounded(path: &Path, field: &'static str, limit: u64) -> Result<Vec<u8>, FileError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| format!("{field}: cannot open {}: {e}", path.display()))?;
-    let meta = file.metadata().map_err(|e| format!("{field}: {e}"))?;
+        .map_err(|reason| FileError::Io { field, doing: "open", path: path.to_path_buf(), reason })?;
+    let meta =
+        file.metadata().map_err(|reason| FileError::Io { field, doing: "read", path: path.to_path_buf(), reason })?;
     if !meta.is_file() {
-        return Err(format!("{field}: {} is not a regular file", path.display()));
+        return Err(FileError::NotRegular { field, path: path.to_path_buf() });
     }
     if meta.len() > limit {
-        return Err(format!("{field}: the file holds {} bytes; at most {limit} are allowed", meta.len()));
+        return Err(FileError::TooLarge { field, size: meta.len().to_string(), limit });
     }
     let mut out = Vec::with_capacity(meta.len() as usize);
-    file.take(limit + 1).read_to_end(&mut out).map_err(|e| format!("{field}: cannot read {}: {e}", path.display()))?;
+    file.take(limit + 1).read_to_end(&mut out).map_err(|reason| FileError::Io {
+        field,
+        doing: "read",
+        path: path.to_path_buf(),
+        reason,
+    })?;
     if out.len() as u64 > limit {
-        return Err(format!("{field}: the file holds more than {limit} bytes"));
+        return Err(FileError::TooLarge { field, size: format!("more than {limit}"), limit });
     }
     Ok(out)
 }
@@ -241,17 +311,23 @@ mod tests {
         let mut words = std::collections::BTreeSet::new();
         for value in escapes {
             let err = confined_file(&m, "label_filename", value, "folder").expect_err(value);
+            assert!(matches!(err, FileError::Outside { .. }), "{value}: {err}");
+            let err = err.to_string();
             assert!(err.starts_with("label_filename "), "{err}");
             assert!(!err.contains(outside.path().to_str().expect("utf-8")) || value.starts_with('/'), "{err}");
             words.insert(err.replacen(&format!("{:?}", value.escape_debug().to_string()), "V", 1));
         }
         assert_eq!(words.len(), 1, "every refusal reads the same: {words:?}");
         let missing = confined_file(&m, "label_filename", "missing.txt", "folder").expect_err("missing");
-        assert_eq!(missing, "label_filename: the model's folder has no missing.txt");
+        assert_eq!(missing.to_string(), "label_filename: the model's folder has no missing.txt");
         let big = m.join("labels.txt");
         std::fs::write(&big, vec![b'a'; 100]).expect("write");
         assert_eq!(read_bounded(&big, "label_filename", 100).expect("fits").len(), 100);
-        assert!(read_bounded(&big, "label_filename", 99).expect_err("too big").contains("at most 99"));
+        let err = read_bounded(&big, "label_filename", 99).expect_err("too big");
+        assert!(
+            matches!(err, FileError::TooLarge { limit: 99, .. }) && err.to_string().contains("at most 99"),
+            "{err}"
+        );
         assert!(read_bounded(&m.join("fifo"), "label_filename", 99).is_err(), "a FIFO neither blocks nor reads");
         let c = policy("default_model_filename: \"../m/1/model.onnx\"");
         let chosen = versions(&m, &c).expect("versions");

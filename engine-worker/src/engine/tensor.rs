@@ -223,20 +223,58 @@ macro_rules! both_data {
     }};
 }
 
+/// Why tensors cannot be made, stacked or split.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    /// The element count of the shape does not fit in memory's address space.
+    #[error("shape overflows")]
+    Overflows,
+    /// The data holds another number of elements than the shape needs.
+    #[error("shape {shape:?} needs {want} elements, got {got}")]
+    Count {
+        /// The shape.
+        shape: Vec<usize>,
+        /// Elements it needs.
+        want: usize,
+        /// Elements given.
+        got: usize,
+    },
+    /// Stacking nothing.
+    #[error("nothing to batch")]
+    Empty,
+    /// A tensor without a first dimension to stack along.
+    #[error("a batched tensor has a batch dimension")]
+    NoBatchDimension,
+    /// Two tensors differ beyond their first dimension.
+    #[error("shape {0:?} does not stack with {1:?}")]
+    DoesNotStack(Vec<usize>, Vec<usize>),
+    /// Two tensors hold different element types.
+    #[error("element types differ")]
+    TypesDiffer,
+    /// A batched answer whose first dimension is not the batch.
+    #[error("its shape {shape:?} does not start with the batch of {batch}")]
+    NotTheBatch {
+        /// Its shape.
+        shape: Vec<usize>,
+        /// The rows batched.
+        batch: usize,
+    },
+}
+
 /// Stacks tensors along their first (batch) dimension; the other dimensions
 /// and the element types must agree.
-pub fn concat_batch(parts: &[Tensor]) -> Result<Tensor, String> {
-    let first = parts.first().ok_or("nothing to batch")?;
-    let rest_shape = first.shape.get(1..).ok_or("a batched tensor has a batch dimension")?;
+pub fn concat_batch(parts: &[Tensor]) -> Result<Tensor, ShapeError> {
+    let first = parts.first().ok_or(ShapeError::Empty)?;
+    let rest_shape = first.shape.get(1..).ok_or(ShapeError::NoBatchDimension)?;
     let mut rows = 0usize;
     let mut data = first.data.clone();
     each_data!(&mut data, v => v.clear());
     for t in parts {
         if t.shape.get(1..) != Some(rest_shape) {
-            return Err(format!("shape {:?} does not stack with {:?}", t.shape, first.shape));
+            return Err(ShapeError::DoesNotStack(t.shape.clone(), first.shape.clone()));
         }
         rows += t.shape[0];
-        both_data!(&mut data, &t.data, a, b => a.extend_from_slice(b), return Err("element types differ".into()));
+        both_data!(&mut data, &t.data, a, b => a.extend_from_slice(b), return Err(ShapeError::TypesDiffer));
     }
     let mut shape = first.shape.clone();
     shape[0] = rows;
@@ -244,10 +282,10 @@ pub fn concat_batch(parts: &[Tensor]) -> Result<Tensor, String> {
 }
 
 /// Splits a tensor along its first dimension into parts of `rows` rows each.
-pub fn split_batch(t: Tensor, rows: &[usize]) -> Result<Vec<Tensor>, String> {
+pub fn split_batch(t: Tensor, rows: &[usize]) -> Result<Vec<Tensor>, ShapeError> {
     let total: usize = rows.iter().sum();
     if t.shape.first() != Some(&total) {
-        return Err(format!("its shape {:?} does not start with the batch of {total}", t.shape));
+        return Err(ShapeError::NotTheBatch { shape: t.shape, batch: total });
     }
     let per_row: usize = t.shape[1..].iter().product();
     let mut out = Vec::with_capacity(rows.len());
@@ -289,10 +327,10 @@ pub struct Tensor {
 
 impl Tensor {
     /// A tensor of `shape` holding `data`, or why they do not fit.
-    pub fn new(shape: Vec<usize>, data: TensorData) -> Result<Self, String> {
-        let want = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("shape overflows")?;
+    pub fn new(shape: Vec<usize>, data: TensorData) -> Result<Self, ShapeError> {
+        let want = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or(ShapeError::Overflows)?;
         if want != data.len() {
-            return Err(format!("shape {shape:?} needs {want} elements, got {}", data.len()));
+            return Err(ShapeError::Count { shape, want, got: data.len() });
         }
         Ok(Tensor { shape, data })
     }

@@ -276,7 +276,7 @@ fn from_tract(t: &tract_onnx::prelude::Tensor) -> Result<Tn, String> {
     } else {
         return Err(format!("tract produced a {dt:?} tensor, which the protocol does not carry"));
     };
-    Tn::new(t.shape().to_vec(), data)
+    Tn::new(t.shape().to_vec(), data).map_err(|e| e.to_string())
 }
 
 impl TractRunner {
