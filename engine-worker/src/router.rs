@@ -69,16 +69,17 @@ pub fn router(state: AppState) -> Router {
                 // Answers are compressed when the client's Accept-Encoding asks.
                 let encoding = crate::compression::wanted(req.headers());
                 // Plain HTTP meets its front door here; HTTPS requests met the HTTPS worker's.
-                let web_origin = req.headers().get(header::ORIGIN).filter(|_| !https).cloned();
-                let mut res = match door.answer(&req).filter(|_| !https) {
+                let door = (!https).then_some(door);
+                let web_origin = door.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
+                let mut res = match door.as_ref().and_then(|d| d.answer(&req)) {
                     Some(answer) => answer.map(Body::new),
                     None => next.run(req).await,
                 };
                 if let Some(e) = encoding {
                     res = crate::compression::compress_response(res, e).await;
                 }
-                if !https {
-                    door.finish(web_origin.as_ref(), res.headers_mut());
+                if let Some(d) = &door {
+                    d.finish(web_origin.as_ref(), res.headers_mut());
                 }
                 res.headers_mut().insert("x-tandem-worker", worker_id);
                 let bytes_out = axum::body::HttpBody::size_hint(res.body()).exact();

@@ -60,7 +60,7 @@ pub(crate) struct Inner {
     /// Write one log line per request.
     pub(crate) access_log: bool,
     /// The plain HTTP listener's edge policy (HTTPS requests met the HTTPS worker's).
-    pub(crate) door: tandem_shared::front::FrontDoor,
+    pub(crate) door: Arc<tandem_shared::front::FrontDoor>,
     /// The ring, when HTTPS is on (its busy slots are a metric).
     pub(crate) ring: Option<Arc<Region>>,
     /// Load and unload through the supervisor.
@@ -92,7 +92,7 @@ impl AppState {
                 cert_status: section.cert_status.clone(),
                 stats,
                 access_log: settings.edge.policy.access_log,
-                door,
+                door: Arc::new(door),
                 ring,
                 model_control,
             }),

@@ -131,7 +131,6 @@ const PREFLIGHT_MAX_AGE: &str = "600";
 /// The edge policy of one listener (the default applies none).
 #[derive(Debug, Clone, Default)]
 pub struct FrontDoor {
-    https: bool,
     hsts: Option<HeaderValue>,
     redirect_to_https: Option<u16>,
     acme_http01: Option<PathBuf>,
@@ -153,7 +152,6 @@ impl FrontDoor {
             None => None,
         };
         Ok(FrontDoor {
-            https,
             hsts,
             redirect_to_https: settings.edge.redirect_to_https.filter(|_| !https),
             acme_http01: settings.edge.acme_http01.clone().filter(|_| !https),
@@ -166,11 +164,6 @@ impl FrontDoor {
     pub fn never_redirecting(mut self, path: &str) -> Self {
         self.also_never_redirected = Some(path.to_string());
         self
-    }
-
-    /// Whether this is the HTTPS listener's policy.
-    pub fn https(&self) -> bool {
-        self.https
     }
 
     /// The answer the front door gives itself, before the request path sees
@@ -282,7 +275,6 @@ mod tests {
 
     fn door(cors: Cors, https: bool, redirect: Option<u16>) -> FrontDoor {
         FrontDoor {
-            https,
             hsts: https.then(|| HeaderValue::from_static("max-age=60")),
             redirect_to_https: redirect,
             acme_http01: None,
@@ -326,6 +318,24 @@ mod tests {
         assert_eq!(ok.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "https://app.example");
         assert_eq!(ok.headers()[header::ACCESS_CONTROL_ALLOW_HEADERS], "content-type, inference-header-content-length");
         assert_eq!(pre("https://evil.example").expect("refused").status(), StatusCode::FORBIDDEN);
+        // Lookalikes and other spellings of an allowed origin are other origins.
+        for other in ["https://app.example.evil", "https://app.example:443.evil", "http://app.example", "null"] {
+            assert_eq!(pre(other).expect("refused").status(), StatusCode::FORBIDDEN, "{other}");
+        }
+        // Requested headers that are not header names are never echoed back.
+        let odd = d
+            .answer(&req(
+                Method::OPTIONS,
+                "/",
+                &[
+                    ("origin", "https://app.example"),
+                    ("access-control-request-method", "POST"),
+                    ("access-control-request-headers", "content-type, bad name!, x"),
+                ],
+            ))
+            .expect("answered");
+        assert_eq!(odd.status(), StatusCode::NO_CONTENT);
+        assert!(odd.headers().get(header::ACCESS_CONTROL_ALLOW_HEADERS).is_none());
         // A plain OPTIONS (no preflight headers) and CORS off pass through.
         assert!(d.answer(&req(Method::OPTIONS, "/", &[("origin", "https://app.example")])).is_none());
         let off = door(Cors::Off, false, None);
