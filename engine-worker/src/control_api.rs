@@ -11,6 +11,7 @@ use serde_json::json;
 use tandem_config::engine::ModelControlMode;
 use tandem_shared::control::{ModelChange, MAX_MODEL_CONFIG_BYTES};
 
+use crate::infer::ApiError;
 use crate::state::{error, read_body, AppState};
 
 fn refused(mode: ModelControlMode) -> Option<Response> {
@@ -31,32 +32,31 @@ fn refused(mode: ModelControlMode) -> Option<Response> {
 
 /// The configuration override of a load request (Triton's `parameters.config`,
 /// a JSON string), or the status and reason it is refused with.
-fn config_of(body: &[u8]) -> Result<Option<String>, (StatusCode, String)> {
-    let bad = |e: String| (StatusCode::BAD_REQUEST, e);
+fn config_of(body: &[u8]) -> Result<Option<String>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
     let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| bad(format!("the load request is not JSON: {e}")))?;
+        serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("the load request is not JSON: {e}")))?;
     let Some(params) = v.get("parameters") else { return Ok(None) };
-    let params = params.as_object().ok_or_else(|| bad("\"parameters\" must be an object".into()))?;
+    let params = params.as_object().ok_or_else(|| ApiError::bad("\"parameters\" must be an object"))?;
     if let Some(k) = params.keys().find(|k| k.starts_with("file:")) {
-        return Err(bad(format!(
+        return Err(ApiError::bad(format!(
             "{:?}: loading model files sent in the request is not supported; place them in the repository",
             k.escape_debug().to_string()
         )));
     }
     match params.get("config") {
         None => Ok(None),
-        Some(serde_json::Value::String(s)) if s.len() > MAX_MODEL_CONFIG_BYTES => Err((
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
+        Some(serde_json::Value::String(s)) if s.len() > MAX_MODEL_CONFIG_BYTES => Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
                 "\"parameters.config\" holds {} bytes; a configuration may hold at most {MAX_MODEL_CONFIG_BYTES}",
                 s.len()
             ),
-        )),
+        }),
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(bad("\"parameters.config\" must be a string holding the JSON model configuration".into())),
+        Some(_) => Err(ApiError::bad("\"parameters.config\" must be a string holding the JSON model configuration")),
     }
 }
 
@@ -77,7 +77,7 @@ pub(crate) async fn load(
     };
     let config = match config_of(&body) {
         Ok(c) => c,
-        Err((status, e)) => return error(status, e),
+        Err(e) => return error(e.status, e.message),
     };
     answer(mc.request(ModelChange::Load { model, config }).await)
 }
@@ -94,10 +94,10 @@ pub(crate) async fn unload(State(state): State<AppState>, Path(model): Path<Stri
     answer(mc.request(ModelChange::Unload { model }).await)
 }
 
-fn answer(result: Result<(), (StatusCode, String)>) -> Response {
+fn answer(result: Result<(), ApiError>) -> Response {
     match result {
         Ok(()) => Json(json!({})).into_response(),
-        Err((status, e)) => error(status, e),
+        Err(e) => error(e.status, e.message),
     }
 }
 
@@ -114,9 +114,12 @@ mod tests {
             r#"{"max_batch_size":4}"#
         );
         assert!(config_of(br#"{"parameters":{"config":{"a":1}}}"#).is_err());
-        assert!(config_of(br#"{"parameters":{"file:1/model.onnx":"AAAA"}}"#).unwrap_err().1.contains("not supported"));
+        assert!(config_of(br#"{"parameters":{"file:1/model.onnx":"AAAA"}}"#)
+            .unwrap_err()
+            .message
+            .contains("not supported"));
         assert!(config_of(b"nope").is_err());
         let big = serde_json::json!({"parameters": {"config": "x".repeat(MAX_MODEL_CONFIG_BYTES + 1)}}).to_string();
-        assert_eq!(config_of(big.as_bytes()).unwrap_err().0, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(config_of(big.as_bytes()).unwrap_err().status, StatusCode::PAYLOAD_TOO_LARGE);
     }
 }

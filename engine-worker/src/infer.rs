@@ -677,11 +677,29 @@ impl std::fmt::Display for Leaf<'_> {
     }
 }
 
+/// Why a leaf of a JSON tensor is refused.
+#[derive(Debug, thiserror::Error)]
+enum LeafError {
+    /// One leaf more than the shape holds.
+    #[error("shape needs {0} elements but data has more")]
+    TooMany(usize),
+    /// A leaf that is not a value of the tensor's type.
+    #[error("element {index} ({leaf}) is not a valid {datatype}")]
+    NotA {
+        /// Its position.
+        index: usize,
+        /// The leaf as written.
+        leaf: String,
+        /// The tensor's type.
+        datatype: DataType,
+    },
+}
+
 /// Walks nested JSON arrays in row-major order and hands each leaf to `push`
 /// as the parser meets it, so nothing but the destination buffer grows.
 struct Leaves<'p, F>(&'p mut F);
 
-impl<'de, F: FnMut(Leaf<'_>) -> Result<(), String>> serde::de::DeserializeSeed<'de> for Leaves<'_, F> {
+impl<'de, F: FnMut(Leaf<'_>) -> Result<(), LeafError>> serde::de::DeserializeSeed<'de> for Leaves<'_, F> {
     type Value = ();
 
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
@@ -689,7 +707,7 @@ impl<'de, F: FnMut(Leaf<'_>) -> Result<(), String>> serde::de::DeserializeSeed<'
     }
 }
 
-impl<'de, F: FnMut(Leaf<'_>) -> Result<(), String>> serde::de::Visitor<'de> for Leaves<'_, F> {
+impl<'de, F: FnMut(Leaf<'_>) -> Result<(), LeafError>> serde::de::Visitor<'de> for Leaves<'_, F> {
     type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -751,9 +769,13 @@ fn from_json(
         let mut out: Vec<T> = Vec::with_capacity(count.min(data.get().len() / 2 + 1));
         let mut push = |leaf: Leaf<'_>| {
             if out.len() == count {
-                return Err(format!("shape needs {count} elements but data has more"));
+                return Err(LeafError::TooMany(count));
             }
-            let value = convert(leaf).ok_or_else(|| format!("element {} ({leaf}) is not a valid {dt}", out.len()))?;
+            let value = convert(leaf).ok_or_else(|| LeafError::NotA {
+                index: out.len(),
+                leaf: leaf.to_string(),
+                datatype: dt,
+            })?;
             out.push(value);
             Ok(())
         };

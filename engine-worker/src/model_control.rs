@@ -15,6 +15,7 @@ use tandem_shared::control::{Command, ControlClient, ModelChange, WorkerEvent};
 use tokio::sync::oneshot;
 
 use crate::engine::Engine;
+use crate::infer::ApiError;
 
 /// How long a client waits for every engine worker to carry out a change.
 const ANSWER_WITHIN: Duration = Duration::from_secs(600);
@@ -53,7 +54,7 @@ impl ModelControl {
                     ModelChange::Unload { model } => engine.unload_model(model),
                 })
                 .await
-                .unwrap_or_else(|e| Err(format!("the load crashed: {e}")));
+                .map_or_else(|e| Err(format!("the load crashed: {e}")), |done| done.map_err(|e| e.to_string()));
                 let _ = self.control.send(&WorkerEvent::ModelChanged { op, error: result.err() });
             }
             Command::ModelChangeDone { request, error } => {
@@ -68,7 +69,7 @@ impl ModelControl {
     }
 
     /// Asks the supervisor for `change` and waits until every engine worker did it.
-    pub(crate) async fn request(&self, change: ModelChange) -> Result<(), (StatusCode, String)> {
+    pub(crate) async fn request(&self, change: ModelChange) -> Result<(), ApiError> {
         let request = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(request, tx);
@@ -78,16 +79,24 @@ impl ModelControl {
         };
         if let Err(e) = sent {
             forget();
-            return Err((StatusCode::SERVICE_UNAVAILABLE, format!("cannot reach the supervisor: {e}")));
+            return Err(unavailable(format!("cannot reach the supervisor: {e}")));
         }
         match tokio::time::timeout(ANSWER_WITHIN, rx).await {
             Ok(Ok(None)) => Ok(()),
-            Ok(Ok(Some(e))) => Err((StatusCode::BAD_REQUEST, e)),
-            Ok(Err(_)) => Err((StatusCode::SERVICE_UNAVAILABLE, "the worker is stopping".into())),
+            Ok(Ok(Some(e))) => Err(ApiError::bad(e)),
+            Ok(Err(_)) => Err(unavailable("the worker is stopping".into())),
             Err(_) => {
                 forget();
-                Err((StatusCode::GATEWAY_TIMEOUT, format!("the change took longer than {} s", ANSWER_WITHIN.as_secs())))
+                Err(ApiError {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    message: format!("the change took longer than {} s", ANSWER_WITHIN.as_secs()),
+                })
             }
         }
     }
+}
+
+/// A 503: the change cannot be carried now (the answer gets `Retry-After`).
+fn unavailable(message: String) -> ApiError {
+    ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message }
 }

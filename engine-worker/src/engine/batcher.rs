@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::tensor::{concat_batch, split_batch, Tensor};
-use super::ModelVersion;
+use super::{ModelVersion, RunError};
 
 /// What the configuration asks of the batcher.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +47,7 @@ struct Job {
     wanted: Vec<usize>,
     rows: usize,
     queued: Instant,
-    reply: oneshot::Sender<Result<Batched, String>>,
+    reply: oneshot::Sender<Result<Batched, RunError>>,
 }
 
 impl Job {
@@ -80,11 +80,11 @@ impl Batcher {
     }
 
     /// Queues one request of `rows` rows; resolves with its part of the batch.
-    pub async fn infer(&self, inputs: Vec<Tensor>, wanted: Vec<usize>, rows: usize) -> Result<Batched, String> {
+    pub async fn infer(&self, inputs: Vec<Tensor>, wanted: Vec<usize>, rows: usize) -> Result<Batched, RunError> {
         let (reply, rx) = oneshot::channel();
         let job = Job { inputs, wanted, rows, queued: Instant::now(), reply };
-        self.queue.send(job).map_err(|_| "the model was unloaded".to_string())?;
-        rx.await.map_err(|_| "the batch was dropped (the worker is stopping)".to_string())?
+        self.queue.send(job).map_err(|_| RunError::Unloaded)?;
+        rx.await.map_err(|_| RunError::Dropped)?
     }
 }
 
@@ -153,18 +153,17 @@ fn execute(model: &ModelVersion, jobs: Vec<Job>) {
             .iter()
             .map(|parts| concat_batch(parts))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("cannot batch the requests: {e}"))?;
+            .map_err(RunError::Batch)?;
         let outputs = model.run(inputs, &wanted)?;
         let mut split: Vec<Vec<Tensor>> = (0..rows.len()).map(|_| Vec::with_capacity(outputs.len())).collect();
         for (k, out) in outputs.into_iter().enumerate() {
             let name = model.outputs.get(wanted.get(k).copied().unwrap_or(0)).map_or("?", |m| m.name.as_str());
-            let parts = split_batch(out, &rows)
-                .map_err(|e| format!("output {name:?} cannot be split back into the batch's requests: {e}"))?;
+            let parts = split_batch(out, &rows).map_err(|why| RunError::Split { name: name.to_string(), why })?;
             for (r, p) in parts.into_iter().enumerate() {
                 split[r].push(p);
             }
         }
-        Ok::<_, String>(split)
+        Ok::<_, RunError>(split)
     })();
     let infer = started.elapsed();
     let count = replies.len();

@@ -169,7 +169,7 @@ pub fn parse(path: &Path, text: &str) -> Result<LoadedConfig, ConfigError> {
         }
     }
     let loaded = LoadedConfig { config, file: Some(path.to_path_buf()), ignored };
-    validate(&loaded.config).map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })?;
+    validate(path, &loaded.config)?;
     Ok(loaded)
 }
 
@@ -298,23 +298,27 @@ pub mod limits {
 }
 
 /// Checks the values a parser cannot: ranges and choices.
-fn validate(c: &pb::ModelConfig) -> Result<(), String> {
+fn validate(path: &Path, c: &pb::ModelConfig) -> Result<(), ConfigError> {
     use limits::*;
+    let invalid = |message: String| Err(ConfigError::Invalid { path: path.to_path_buf(), message });
     if c.max_batch_size < 0 || c.max_batch_size > MAX_BATCH_SIZE {
-        return Err(format!("max_batch_size is {}; it must be 0 (no batching) to {MAX_BATCH_SIZE}", c.max_batch_size));
+        return invalid(format!(
+            "max_batch_size is {}; it must be 0 (no batching) to {MAX_BATCH_SIZE}",
+            c.max_batch_size
+        ));
     }
     if c.input.len() > TENSORS || c.output.len() > TENSORS {
-        return Err(format!("at most {TENSORS} inputs and {TENSORS} outputs may be configured"));
+        return invalid(format!("at most {TENSORS} inputs and {TENSORS} outputs may be configured"));
     }
     let names = [("name", &c.name), ("default_model_filename", &c.default_model_filename)];
     let labels = c.output.iter().map(|o| ("output label_filename", &o.label_filename));
     let tensors =
         c.input.iter().map(|i| ("input name", &i.name)).chain(c.output.iter().map(|o| ("output name", &o.name)));
     if let Some((field, _)) = names.into_iter().chain(labels).chain(tensors).find(|(_, v)| v.len() > NAME) {
-        return Err(format!("{field} is longer than {NAME} bytes"));
+        return invalid(format!("{field} is longer than {NAME} bytes"));
     }
     if c.parameters.len() > LIST {
-        return Err(format!("at most {LIST} parameters may be given"));
+        return invalid(format!("at most {LIST} parameters may be given"));
     }
     let reshapes = c
         .input
@@ -324,18 +328,18 @@ fn validate(c: &pb::ModelConfig) -> Result<(), String> {
     let shapes = c.input.iter().map(|i| (&i.name, &i.dims)).chain(c.output.iter().map(|o| (&o.name, &o.dims)));
     for (name, dims) in shapes.chain(reshapes) {
         if dims.len() > RANK {
-            return Err(format!("{name}: {} dimensions; at most {RANK}", dims.len()));
+            return invalid(format!("{name}: {} dimensions; at most {RANK}", dims.len()));
         }
         if let Some(d) = dims.iter().find(|&&d| d > DIM) {
-            return Err(format!("{name}: dimension {d} is larger than {DIM}"));
+            return invalid(format!("{name}: dimension {d} is larger than {DIM}"));
         }
     }
     if let Some(d) = c.dynamic_batching() {
         if d.preferred_batch_size.len() > LIST {
-            return Err(format!("dynamic_batching.preferred_batch_size lists more than {LIST} sizes"));
+            return invalid(format!("dynamic_batching.preferred_batch_size lists more than {LIST} sizes"));
         }
         if d.max_queue_delay_microseconds > QUEUE_DELAY_US {
-            return Err(format!(
+            return invalid(format!(
                 "dynamic_batching.max_queue_delay_microseconds {} is more than {QUEUE_DELAY_US} (one minute)",
                 d.max_queue_delay_microseconds
             ));
@@ -343,7 +347,7 @@ fn validate(c: &pb::ModelConfig) -> Result<(), String> {
         if let Some(n) =
             d.preferred_batch_size.iter().find(|&&n| n < 1 || (c.max_batch_size > 0 && n > c.max_batch_size))
         {
-            return Err(format!(
+            return invalid(format!(
                 "dynamic_batching.preferred_batch_size {n} must be 1-{} (max_batch_size)",
                 c.max_batch_size
             ));
@@ -351,13 +355,13 @@ fn validate(c: &pb::ModelConfig) -> Result<(), String> {
     }
     let platform_ok = matches!(c.platform.as_str(), "" | "onnxruntime_onnx");
     if !platform_ok {
-        return Err(format!(
+        return invalid(format!(
             "platform {:?} is not served by tandem; it serves ONNX models: platform \"onnxruntime_onnx\", or backend \"onnxruntime\" or \"tract\"",
             c.platform
         ));
     }
     if !matches!(c.backend.as_str(), "" | "onnxruntime" | "tract") {
-        return Err(format!(
+        return invalid(format!(
             "backend {:?} is not served by tandem; it has the \"onnxruntime\" and \"tract\" backends",
             c.backend
         ));
@@ -366,45 +370,45 @@ fn validate(c: &pb::ModelConfig) -> Result<(), String> {
         c.input.iter().map(|i| ("input", &i.name, &i.dims)).chain(c.output.iter().map(|o| ("output", &o.name, &o.dims)))
     {
         if name.is_empty() {
-            return Err(format!("an {kind} has no name"));
+            return invalid(format!("an {kind} has no name"));
         }
         if let Some(d) = dims.iter().find(|&&d| d < -1) {
-            return Err(format!("{kind} {name}: dimension {d} is not allowed (-1 is any size)"));
+            return invalid(format!("{kind} {name}: dimension {d} is not allowed (-1 is any size)"));
         }
     }
     if let Some(pb::model_version_policy::PolicyChoice::Latest(l)) =
         c.version_policy.as_ref().and_then(|p| p.policy_choice.as_ref())
     {
         if l.num_versions == 0 || l.num_versions as usize > LIST {
-            return Err(format!("version_policy latest: num_versions must be 1-{LIST}"));
+            return invalid(format!("version_policy latest: num_versions must be 1-{LIST}"));
         }
     }
     if let Some(pb::model_version_policy::PolicyChoice::Specific(s)) =
         c.version_policy.as_ref().and_then(|p| p.policy_choice.as_ref())
     {
         if s.versions.len() > LIST {
-            return Err(format!("version_policy specific: at most {LIST} versions"));
+            return invalid(format!("version_policy specific: at most {LIST} versions"));
         }
     }
     if let Some(g) = c.instance_group.iter().find(|g| g.count < 0) {
-        return Err(format!("instance_group count {} must be 1 or more", g.count));
+        return invalid(format!("instance_group count {} must be 1 or more", g.count));
     }
     let instances: i64 = c.instance_group.iter().map(|g| i64::from(g.count.max(1))).sum::<i64>().max(1);
     if c.instance_group.len() as i64 > INSTANCES || instances > INSTANCES {
-        return Err(format!("instance_group asks for {instances} instances; at most {INSTANCES} per model"));
+        return invalid(format!("instance_group asks for {instances} instances; at most {INSTANCES} per model"));
     }
     for key in ACTED_ON_PARAMETERS {
         if let Some(p) = c.parameters.get(*key) {
             match p.string_value.trim().parse::<usize>() {
                 Ok(n) if n <= THREADS => {}
-                Ok(n) => return Err(format!("parameters {key}: {n} threads; at most {THREADS}")),
-                Err(_) => return Err(format!("parameters {key}: {:?} is not a thread count", p.string_value)),
+                Ok(n) => return invalid(format!("parameters {key}: {n} threads; at most {THREADS}")),
+                Err(_) => return invalid(format!("parameters {key}: {:?} is not a thread count", p.string_value)),
             }
         }
     }
     let per_session = c.thread_parameter("intra_op_thread_count").max(1) + c.thread_parameter("inter_op_thread_count");
     if per_session * instances as usize > MODEL_THREADS {
-        return Err(format!(
+        return invalid(format!(
             "{instances} instances of {per_session} threads each: more than {MODEL_THREADS} threads for one model"
         ));
     }

@@ -8,6 +8,7 @@
 
 pub mod batcher;
 pub mod config;
+pub mod error;
 pub mod onnx_runtime;
 pub mod repository;
 pub mod tensor;
@@ -25,6 +26,7 @@ use tandem_shared::EngineSettings;
 use tokio::sync::Semaphore;
 
 use self::config::pb;
+pub use self::error::{ControlError, LabelError, LoadError, NotCarried, RepositoryError, RunError, Side};
 use self::tensor::{DataType, Tensor};
 
 /// Largest batch of a model whose configuration does not say (Triton's auto-complete).
@@ -48,7 +50,7 @@ pub struct TensorMeta {
 pub trait Runner: Send + Sync {
     /// Runs `inputs` (in the order of [`Loaded::inputs`]) and returns the tensor outputs at `wanted`
     /// (indices into [`Loaded::outputs`]). Blocking: call from a thread that may block.
-    fn run(&self, inputs: Vec<Tensor>, wanted: &[usize]) -> Result<Vec<Tensor>, String>;
+    fn run(&self, inputs: Vec<Tensor>, wanted: &[usize]) -> Result<Vec<Tensor>, RunError>;
 }
 
 /// What a backend made of a model file.
@@ -138,7 +140,7 @@ impl std::fmt::Debug for ModelVersion {
 }
 
 /// Resolves a reshape target against the element count (one `-1` takes the rest).
-fn resolve(prefix: &[usize], target: &[i64], count: usize) -> Result<Vec<usize>, String> {
+fn resolve(prefix: &[usize], target: &[i64], count: usize) -> Result<Vec<usize>, RunError> {
     let fixed: usize =
         prefix.iter().product::<usize>() * target.iter().filter(|&&d| d >= 0).map(|&d| d as usize).product::<usize>();
     let mut out = prefix.to_vec();
@@ -146,13 +148,13 @@ fn resolve(prefix: &[usize], target: &[i64], count: usize) -> Result<Vec<usize>,
         if d >= 0 {
             out.push(d as usize);
         } else if fixed == 0 || !count.is_multiple_of(fixed) {
-            return Err(format!("{count} elements cannot be reshaped to {target:?}"));
+            return Err(RunError::Reshape { count, target: target.to_vec() });
         } else {
             out.push(count / fixed);
         }
     }
     if out.iter().product::<usize>() != count {
-        return Err(format!("{count} elements cannot be reshaped to {target:?}"));
+        return Err(RunError::Reshape { count, target: target.to_vec() });
     }
     Ok(out)
 }
@@ -190,7 +192,7 @@ impl ModelVersion {
 
     /// Runs the model on inputs in [`ModelVersion::inputs`] order; returns the outputs at `wanted`.
     /// Blocking: call from a thread that may block.
-    pub fn run(&self, mut inputs: Vec<Tensor>, wanted: &[usize]) -> Result<Vec<Tensor>, String> {
+    pub fn run(&self, mut inputs: Vec<Tensor>, wanted: &[usize]) -> Result<Vec<Tensor>, RunError> {
         let batch_rank = usize::from(self.max_batch_size > 0);
         for (t, reshape) in inputs.iter_mut().zip(&self.input_reshape) {
             if let Some(r) = reshape {
@@ -286,28 +288,6 @@ pub struct Engine {
     pub strict_readiness: bool,
 }
 
-/// Why the repository could not be loaded at all.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    /// The repository directory cannot be listed.
-    #[error("cannot read model repository {path}")]
-    Repository {
-        /// The directory.
-        path: std::path::PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A model failed and `EXIT_ON_MODEL_ERROR` asks to stop.
-    #[error("model {model} is unavailable (EXIT_ON_MODEL_ERROR=true): {reason}")]
-    Model {
-        /// The model (and version).
-        model: String,
-        /// Why.
-        reason: String,
-    },
-}
-
 /// The reason an unloaded model gives.
 pub const UNLOADED: &str = "unloaded";
 
@@ -332,9 +312,9 @@ impl Engine {
         settings: &EngineSettings,
         threads: usize,
         wanted: &BTreeMap<String, Option<String>>,
-    ) -> Result<Engine, LoadError> {
+    ) -> Result<Engine, RepositoryError> {
         let dirs = repository::scan(repository)
-            .map_err(|source| LoadError::Repository { path: repository.to_path_buf(), source })?;
+            .map_err(|source| RepositoryError::Unreadable { path: repository.to_path_buf(), source })?;
         if dirs.is_empty() {
             tracing::warn!(repository = %repository.display(), "the model repository holds no model folder");
         }
@@ -355,7 +335,7 @@ impl Engine {
                         VersionState::Ready(_) => None,
                     })
                 }) {
-                    return Err(LoadError::Model { model: dir.name, reason });
+                    return Err(RepositoryError::Model { model: dir.name, reason });
                 }
             }
             models.insert(dir.name, model);
@@ -393,11 +373,11 @@ impl Engine {
     /// throughout; requests already running on the previous load finish on it.
     /// When the new load has no ready version the previous one keeps serving
     /// and the error says why.
-    pub fn load_model(&self, name: &str, config: Option<&str>) -> Result<(), String> {
+    pub fn load_model(&self, name: &str, config: Option<&str>) -> Result<(), ControlError> {
         let _one_at_a_time = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         let Some(dir) = repository::find(&self.repository, name, config) else {
             tracing::warn!(model = %name.escape_debug(), repository = %self.repository.display(), "no such model folder");
-            return Err(format!("no model folder {:?} in the model repository", name));
+            return Err(ControlError::NoFolder(name.to_string()));
         };
         let started = std::time::Instant::now();
         let model = load_model(&dir, &self.settings);
@@ -408,10 +388,11 @@ impl Engine {
             if !serving {
                 self.replace(name, Some(model));
             }
+            let name = name.to_string();
             return Err(if serving {
-                format!("model {name:?} failed to load ({reason}); the previous load keeps serving")
+                ControlError::KeptPrevious { name, reason }
             } else {
-                format!("model {name:?} failed to load: {reason}")
+                ControlError::Failed { name, reason }
             });
         }
         self.replace(name, Some(model));
@@ -420,10 +401,10 @@ impl Engine {
     }
 
     /// Unloads model `name`: new requests are refused as unloaded; those running finish.
-    pub fn unload_model(&self, name: &str) -> Result<(), String> {
+    pub fn unload_model(&self, name: &str) -> Result<(), ControlError> {
         let _one_at_a_time = self.changing.lock().unwrap_or_else(|p| p.into_inner());
         if !self.models.load().contains_key(name) {
-            return Err(format!("unknown model {name:?}"));
+            return Err(ControlError::Unknown(name.to_string()));
         }
         self.replace(name, None);
         tracing::info!(model = %name, "model unloaded on request");
@@ -487,7 +468,7 @@ fn shown_roots(model_dir: &Path, name: &str) -> Vec<(String, String)> {
 fn load_model_files(dir: &repository::ModelDir, settings: &EngineSettings) -> Model {
     let loaded = match &dir.config {
         Ok(c) => c,
-        Err(e) => return Model { error: Some(e.clone()), ..Model::default() },
+        Err(e) => return Model { error: Some(e.to_string()), ..Model::default() },
     };
     if !loaded.ignored.is_empty() && settings.log_config_notes {
         let fields = loaded.ignored.join(", ");
@@ -496,12 +477,12 @@ fn load_model_files(dir: &repository::ModelDir, settings: &EngineSettings) -> Mo
     let config = &loaded.config;
     let chosen = match repository::versions(&dir.dir, config) {
         Ok(c) => c,
-        Err(e) => return Model { error: Some(e), ..Model::default() },
+        Err(e) => return Model { error: Some(e.to_string()), ..Model::default() },
     };
     let versions = chosen
         .into_iter()
         .map(|(v, file)| {
-            let state = file.and_then(|file| {
+            let state = file.map_err(|e| e.to_string()).and_then(|file| {
                 let started = std::time::Instant::now();
                 let mv = load_version(&dir.name, &dir.dir, v, &file, config, settings)
                     .map_err(|e| format!("{}: {e}", file.display()))?;
@@ -524,14 +505,9 @@ fn load_model_files(dir: &repository::ModelDir, settings: &EngineSettings) -> Mo
 /// Which backend a model runs on, or why it cannot run: `backend: "tract"` or
 /// `"onnxruntime"` insist; otherwise (no backend, or `platform: "onnxruntime_onnx"`,
 /// which only says the model is ONNX) the default applies.
-fn backend_for(config: &pb::ModelConfig, settings: &EngineSettings) -> Result<&'static str, String> {
+fn backend_for(config: &pb::ModelConfig, settings: &EngineSettings) -> Result<&'static str, LoadError> {
     let ort = settings.onnxruntime.is_some();
-    let missing = || {
-        format!(
-            "the model needs ONNX Runtime, which is not available: {}",
-            settings.fallback_reason.as_deref().unwrap_or("no library")
-        )
-    };
+    let missing = || LoadError::NoOnnxRuntime(settings.fallback_reason.as_deref().unwrap_or("no library").to_string());
     match (config.backend.as_str(), settings.backend) {
         ("tract", _) | ("", BackendChoice::Tract) => Ok("tract"),
         ("onnxruntime", _) | ("", BackendChoice::OnnxRuntime) => {
@@ -552,15 +528,15 @@ fn load_version(
     file: &Path,
     config: &pb::ModelConfig,
     settings: &EngineSettings,
-) -> Result<ModelVersion, String> {
+) -> Result<ModelVersion, LoadError> {
     let backend = backend_for(config, settings)?;
     use pb::model_instance_group::Kind;
     let gpu = config.instance_group.iter().any(|g| g.kind == Kind::Gpu as i32);
     if gpu && settings.device != Device::Cuda {
-        return Err("instance_group asks for KIND_GPU but ENGINE_DEVICE is cpu".into());
+        return Err(LoadError::GpuOnCpu);
     }
     if backend == "tract" && settings.device == Device::Cuda {
-        return Err("ENGINE_DEVICE=cuda but the model runs on tract, which has no CUDA support".into());
+        return Err(LoadError::CudaOnTract);
     }
     let configured_batch = usize::try_from(config.max_batch_size).unwrap_or(0);
     let batch_rank = usize::from(configured_batch > 0);
@@ -585,7 +561,7 @@ fn load_version(
         pinned,
     };
     let loaded = if backend == "onnxruntime" {
-        let info = settings.onnxruntime.as_ref().ok_or("ONNX Runtime is not available")?;
+        let info = settings.onnxruntime.as_ref().ok_or_else(|| LoadError::NoOnnxRuntime("no library".into()))?;
         onnx_runtime::load(info, file, &opts)?
     } else {
         tract_backend::load(file, &opts)?
@@ -610,26 +586,23 @@ fn apply_config(
     config: &pb::ModelConfig,
     loaded: Loaded,
     max_batch_size: usize,
-) -> Result<ModelVersion, String> {
+) -> Result<ModelVersion, LoadError> {
     let Loaded { runner, mut inputs, mut outputs, unsupported_outputs, provider } = loaded;
     let batch_rank = usize::from(max_batch_size > 0);
     let mut input_reshape = vec![None; inputs.len()];
     for ci in &config.input {
-        let i = position(&inputs, &ci.name, "input")?;
+        let i = position(&inputs, &ci.name, Side::Input)?;
         let meta = &mut inputs[i];
-        check_type(&meta.name, "input", meta.datatype, ci.data_type)?;
+        check_type(&meta.name, Side::Input, meta.datatype, ci.data_type)?;
         if max_batch_size > 0 && ci.reshape.is_none() && meta.shape.first().is_some_and(|&d| d > 0) {
-            return Err(format!(
-                "max_batch_size is {max_batch_size} but input {} has a fixed first dimension {}",
-                meta.name, meta.shape[0]
-            ));
+            return Err(LoadError::FixedBatch { max_batch_size, name: meta.name.clone(), first: meta.shape[0] });
         }
         if !ci.dims.is_empty() {
             let mut shape = vec![-1; batch_rank];
             shape.extend(&ci.dims);
             match &ci.reshape {
                 Some(r) => input_reshape[i] = Some(r.shape.clone()),
-                None => check_dims(&meta.name, "input", &meta.shape, &shape)?,
+                None => check_dims(&meta.name, Side::Input, &meta.shape, &shape)?,
             }
             meta.shape = shape;
         }
@@ -637,21 +610,22 @@ fn apply_config(
     let mut output_reshape = vec![None; outputs.len()];
     let mut labels = vec![Vec::new(); outputs.len()];
     for co in &config.output {
-        let i = position(&outputs, &co.name, "output")?;
+        let i = position(&outputs, &co.name, Side::Output)?;
         let meta = &mut outputs[i];
-        check_type(&meta.name, "output", meta.datatype, co.data_type)?;
+        check_type(&meta.name, Side::Output, meta.datatype, co.data_type)?;
         if !co.dims.is_empty() {
             let mut shape = vec![-1; batch_rank];
             shape.extend(&co.dims);
             if co.reshape.is_some() {
                 output_reshape[i] = Some(co.dims.clone());
             } else {
-                check_dims(&meta.name, "output", &meta.shape, &shape)?;
+                check_dims(&meta.name, Side::Output, &meta.shape, &shape)?;
             }
             meta.shape = shape;
         }
         if !co.label_filename.is_empty() {
-            labels[i] = read_labels(dir, &co.label_filename).map_err(|e| format!("output {}: {e}", co.name))?;
+            labels[i] = read_labels(dir, &co.label_filename)
+                .map_err(|why| LoadError::Labels { output: co.name.clone(), why })?;
         }
     }
     if batch_rank == 1 {
@@ -695,44 +669,55 @@ pub const LABEL_FILE_BYTES: u64 = 16 << 20;
 pub const MAX_LABELS: usize = 1 << 20;
 
 /// The labels of `label_filename`, a file confined to the model's folder, one per line.
-fn read_labels(dir: &Path, label_filename: &str) -> Result<Vec<String>, String> {
-    let path = repository::confined_file(dir, "label_filename", label_filename, "folder").map_err(|e| e.to_string())?;
-    let bytes = repository::read_bounded(&path, "label_filename", LABEL_FILE_BYTES).map_err(|e| e.to_string())?;
-    let text = String::from_utf8(bytes).map_err(|_| format!("label_filename {label_filename:?} is not UTF-8 text"))?;
+fn read_labels(dir: &Path, label_filename: &str) -> Result<Vec<String>, LabelError> {
+    let path = repository::confined_file(dir, "label_filename", label_filename, "folder")?;
+    let bytes = repository::read_bounded(&path, "label_filename", LABEL_FILE_BYTES)?;
+    let text = String::from_utf8(bytes).map_err(|_| LabelError::NotText(label_filename.to_string()))?;
     let labels: Vec<String> = text.lines().map(|l| l.trim_end().to_string()).collect();
     if labels.len() > MAX_LABELS {
-        return Err(format!("label_filename {label_filename:?} holds {} labels; at most {MAX_LABELS}", labels.len()));
+        return Err(LabelError::TooMany { file: label_filename.to_string(), count: labels.len(), limit: MAX_LABELS });
     }
     Ok(labels)
 }
 
 /// Where the model has the tensor a configuration names, or an error listing what it has.
-fn position(tensors: &[TensorMeta], name: &str, kind: &str) -> Result<usize, String> {
-    tensors.iter().position(|m| m.name == name).ok_or_else(|| {
-        let known: Vec<&str> = tensors.iter().map(|m| m.name.as_str()).collect();
-        format!("configuration {kind} {name:?} is not an {kind} of the model; it has {known:?}")
+fn position(tensors: &[TensorMeta], name: &str, side: Side) -> Result<usize, LoadError> {
+    tensors.iter().position(|m| m.name == name).ok_or_else(|| LoadError::NotInModel {
+        side,
+        name: name.to_string(),
+        known: tensors.iter().map(|m| m.name.clone()).collect(),
     })
 }
 
-fn check_type(name: &str, kind: &str, model: DataType, configured: i32) -> Result<(), String> {
+fn check_type(name: &str, side: Side, model: DataType, configured: i32) -> Result<(), LoadError> {
     if configured == pb::DataType::TypeInvalid as i32 {
         return Ok(());
     }
     let want = pb::DataType::try_from(configured).map(|d| d.as_str_name().to_string()).unwrap_or_default();
     if want != model.triton_name() {
-        return Err(format!("{kind} {name}: the configuration says {want} but the model has {}", model.triton_name()));
+        return Err(LoadError::TypeMismatch {
+            side,
+            name: name.to_string(),
+            configured: want,
+            model: model.triton_name(),
+        });
     }
     Ok(())
 }
 
-fn check_dims(name: &str, kind: &str, model: &[i64], configured: &[i64]) -> Result<(), String> {
+fn check_dims(name: &str, side: Side, model: &[i64], configured: &[i64]) -> Result<(), LoadError> {
     let fits = model.is_empty()
         || (model.len() == configured.len()
             && model.iter().zip(configured).all(|(&m, &c)| m == -1 || c == -1 || m == c));
     if fits {
         Ok(())
     } else {
-        Err(format!("{kind} {name}: the configuration's shape {configured:?} does not fit the model's {model:?}"))
+        Err(LoadError::ShapeMismatch {
+            side,
+            name: name.to_string(),
+            configured: configured.to_vec(),
+            model: model.to_vec(),
+        })
     }
 }
 

@@ -12,35 +12,35 @@ use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 use tandem_shared::OrtLibrary;
 
 use super::tensor::{DataType, Tensor, TensorData};
-use super::{Device, LoadOptions, Loaded, Runner, TensorMeta};
+use super::{Device, LoadError, LoadOptions, Loaded, NotCarried, RunError, Runner, Side, TensorMeta};
 
 struct Runtime {
     env: ort::environment::Environment,
 }
 
-static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+static RUNTIME: OnceLock<Result<Runtime, LoadError>> = OnceLock::new();
 
 /// Loads the library at `path` into this process (once) and creates the environment.
-fn runtime(path: &Path) -> Result<&'static Runtime, String> {
+fn runtime(path: &Path) -> Result<&'static Runtime, LoadError> {
     RUNTIME
         .get_or_init(|| {
-            let builder = ort::init_from(path).map_err(|e| e.to_string())?;
+            let builder = ort::init_from(path).map_err(|e| LoadError::Runtime(e.to_string()))?;
             // No telemetry: an inference server does not report to a third party.
             let env = builder
                 .with_name("tandem")
                 .with_telemetry(false)
                 .build()
-                .map_err(|e| format!("cannot create the environment: {e}"))?;
+                .map_err(|e| LoadError::Runtime(format!("cannot create the environment: {e}")))?;
             Ok(Runtime { env })
         })
         .as_ref()
-        .map_err(Clone::clone)
+        .map_err(|e| LoadError::Runtime(e.to_string()))
 }
 
 /// Loads the library and reports its version and providers: the supervisor
 /// runs this in a child process (`tandem engine-probe PATH`) so that a broken
 /// library can never take the supervisor down.
-pub fn probe(path: &Path) -> Result<OrtLibrary, String> {
+pub fn probe(path: &Path) -> Result<OrtLibrary, LoadError> {
     runtime(path)?;
     let cuda = ort::ep::CUDA::is_available().unwrap_or(false);
     Ok(OrtLibrary { path: path.to_path_buf(), version: version(path), cuda })
@@ -69,7 +69,7 @@ struct OrtRunner {
 }
 
 /// Loads `file` as a session (or several, one per instance) with `info`'s library.
-pub fn load(info: &OrtLibrary, file: &Path, opts: &LoadOptions) -> Result<Loaded, String> {
+pub fn load(info: &OrtLibrary, file: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let rt = runtime(&info.path)?;
     let instances = opts.instances.max(1);
     let mut sessions = Vec::with_capacity(instances);
@@ -79,14 +79,19 @@ pub fn load(info: &OrtLibrary, file: &Path, opts: &LoadOptions) -> Result<Loaded
     let first = &sessions[0];
     let mut inputs = Vec::new();
     for outlet in first.inputs() {
-        inputs.push(meta(outlet.name(), outlet.dtype()).map_err(|e| format!("input {}: {e}", outlet.name()))?);
+        let name = outlet.name();
+        inputs.push(meta(name, outlet.dtype()).map_err(|why| LoadError::Tensor {
+            side: Side::Input,
+            name: name.to_string(),
+            why,
+        })?);
     }
     let mut outputs = Vec::new();
     let mut unsupported = Vec::new();
     for outlet in first.outputs() {
         match meta(outlet.name(), outlet.dtype()) {
             Ok(m) => outputs.push(m),
-            Err(why) => unsupported.push((outlet.name().to_string(), why)),
+            Err(why) => unsupported.push((outlet.name().to_string(), why.0)),
         }
     }
     let runner = OrtRunner {
@@ -105,10 +110,10 @@ pub fn load(info: &OrtLibrary, file: &Path, opts: &LoadOptions) -> Result<Loaded
     })
 }
 
-fn session(rt: &Runtime, file: &Path, opts: &LoadOptions) -> Result<Session, String> {
-    let e = |e: ort::Error<_>| e.to_string();
+fn session(rt: &Runtime, file: &Path, opts: &LoadOptions) -> Result<Session, LoadError> {
+    let e = |e: ort::Error<_>| LoadError::Backend(e.to_string());
     let mut builder = Session::builder(&rt.env)
-        .map_err(|e| e.to_string())?
+        .map_err(|e| LoadError::Backend(e.to_string()))?
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(e)?
         .with_intra_threads(opts.threads.max(1))
@@ -123,22 +128,23 @@ fn session(rt: &Runtime, file: &Path, opts: &LoadOptions) -> Result<Session, Str
     if opts.device == Device::Cuda {
         builder = builder
             .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
-            .map_err(|e| format!("cannot enable the CUDA execution provider: {e}"))?;
+            .map_err(|e| LoadError::Cuda(e.to_string()))?;
     }
-    builder.commit_from_file(file).map_err(|e| e.to_string())
+    builder.commit_from_file(file).map_err(|e| LoadError::Backend(e.to_string()))
 }
 
-/// Metadata of a session input or output; an error for anything that is not a tensor the protocol carries.
-fn meta(name: &str, ty: &ValueType) -> Result<TensorMeta, String> {
+/// Metadata of a session input or output; what it is instead, for anything
+/// that is not a tensor the protocol carries (kept as a model's unsupported output).
+fn meta(name: &str, ty: &ValueType) -> Result<TensorMeta, NotCarried> {
     match ty {
         ValueType::Tensor { ty, shape, .. } => {
-            let datatype =
-                datatype(*ty).ok_or_else(|| format!("element type {ty:?} is not carried by the protocol"))?;
+            let datatype = datatype(*ty)
+                .ok_or_else(|| NotCarried(format!("element type {ty:?} is not carried by the protocol")))?;
             Ok(TensorMeta { name: name.to_string(), datatype, shape: shape.iter().map(|&d| d.max(-1)).collect() })
         }
-        ValueType::Sequence(inner) => Err(format!("a sequence of {}", describe(inner))),
-        ValueType::Map { key, value } => Err(format!("a map from {key:?} to {value:?}")),
-        ValueType::Optional(inner) => Err(format!("an optional {}", describe(inner))),
+        ValueType::Sequence(inner) => Err(NotCarried(format!("a sequence of {}", describe(inner)))),
+        ValueType::Map { key, value } => Err(NotCarried(format!("a map from {key:?} to {value:?}"))),
+        ValueType::Optional(inner) => Err(NotCarried(format!("an optional {}", describe(inner)))),
     }
 }
 
@@ -172,7 +178,7 @@ fn datatype(t: TensorElementType) -> Option<DataType> {
     })
 }
 
-fn to_value(name: &str, t: Tensor) -> Result<DynValue, String> {
+fn to_value(name: &str, t: Tensor) -> Result<DynValue, RunError> {
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     macro_rules! owned {
         ($v:expr) => {
@@ -197,23 +203,19 @@ fn to_value(name: &str, t: Tensor) -> Result<DynValue, String> {
             let strings = v
                 .into_iter()
                 .enumerate()
-                .map(|(i, b)| {
-                    String::from_utf8(b).map_err(|_| {
-                        format!("input {name}: element {i} is not UTF-8 (ONNX Runtime string tensors hold UTF-8 text)")
-                    })
-                })
-                .collect::<Result<Vec<String>, String>>()?;
+                .map(|(i, b)| String::from_utf8(b).map_err(|_| RunError::NotUtf8 { name: name.to_string(), index: i }))
+                .collect::<Result<Vec<String>, RunError>>()?;
             OrtTensor::from_string_array((shape, strings.as_slice())).map(|t| t.into_dyn())
         }
     };
-    value.map_err(|e| format!("input {name}: {e}"))
+    value.map_err(|e| RunError::Tensor { side: Side::Input, name: name.to_string(), why: e.to_string() })
 }
 
-fn from_value(name: &str, v: &DynValue) -> Result<Tensor, String> {
+fn from_value(name: &str, v: &DynValue) -> Result<Tensor, RunError> {
     let ValueType::Tensor { ty, .. } = v.dtype() else {
-        return Err(format!("output {name} is not a tensor"));
+        return Err(RunError::Tensor { side: Side::Output, name: name.to_string(), why: "not a tensor".into() });
     };
-    let err = |e: ort::Error| format!("output {name}: {e}");
+    let err = |e: ort::Error| RunError::Tensor { side: Side::Output, name: name.to_string(), why: e.to_string() };
     macro_rules! copy {
         ($t:ty, $variant:ident) => {{
             let (shape, data) = v.try_extract_tensor::<$t>().map_err(err)?;
@@ -240,30 +242,34 @@ fn from_value(name: &str, v: &DynValue) -> Result<Tensor, String> {
             let shape = shape.iter().map(|&d| d.max(0) as usize).collect();
             (shape, TensorData::Bytes(strings.into_iter().map(String::into_bytes).collect()))
         }
-        other => return Err(format!("output {name}: element type {other:?} is not carried by the protocol")),
+        other => return Err(RunError::Unsupported { name: name.to_string(), datatype: format!("{other:?}") }),
     };
-    Tensor::new(shape, data).map_err(|e| format!("output {name}: {e}"))
+    Tensor::new(shape, data).map_err(|e| RunError::Tensor {
+        side: Side::Output,
+        name: name.to_string(),
+        why: e.to_string(),
+    })
 }
 
 impl Runner for OrtRunner {
-    fn run(&self, inputs: Vec<Tensor>, wanted: &[usize]) -> Result<Vec<Tensor>, String> {
+    fn run(&self, inputs: Vec<Tensor>, wanted: &[usize]) -> Result<Vec<Tensor>, RunError> {
         let values = inputs
             .into_iter()
             .zip(&self.input_names)
             .map(|(t, name)| Ok((name.as_str(), to_value(name, t)?)))
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, RunError>>()?;
         // Any free session; else wait on the next one in turn.
         let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let n = self.sessions.len();
         let mut guard = (0..n)
             .find_map(|i| self.sessions[(start + i) % n].try_lock().ok())
             .unwrap_or_else(|| self.sessions[start % n].lock().unwrap_or_else(|p| p.into_inner()));
-        let outputs = guard.run(values).map_err(|e| e.to_string())?;
+        let outputs = guard.run(values).map_err(|e| RunError::Backend(e.to_string()))?;
         wanted
             .iter()
             .map(|&i| {
                 let name = &self.output_names[i];
-                let value = outputs.get(name.as_str()).ok_or_else(|| format!("output {name} was not produced"))?;
+                let value = outputs.get(name.as_str()).ok_or_else(|| RunError::NotProduced(name.clone()))?;
                 from_value(name, value)
             })
             .collect()

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::config::{self, pb, LoadedConfig};
+use super::config::{self, pb, ConfigError, LoadedConfig};
 
 /// One model folder as found on disk.
 #[derive(Debug)]
@@ -15,11 +15,66 @@ pub struct ModelDir {
     /// The folder.
     pub dir: PathBuf,
     /// Its configuration, or why it cannot be used.
-    pub config: Result<LoadedConfig, String>,
+    pub config: Result<LoadedConfig, FolderError>,
 }
 
 /// A version chosen by the policy: its model file, or why it cannot be loaded.
-pub type Chosen = BTreeMap<u64, Result<PathBuf, String>>;
+pub type Chosen = BTreeMap<u64, Result<PathBuf, VersionError>>;
+
+/// Why a model folder cannot be served at all.
+#[derive(Debug, thiserror::Error)]
+pub enum FolderError {
+    /// Its configuration cannot be read or is not valid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The configuration names another model than its folder.
+    #[error("{file}: names the model {named:?} but its folder is {folder:?}")]
+    NameMismatch {
+        /// The configuration file (or the folder, for a load request's configuration).
+        file: PathBuf,
+        /// The name it gives.
+        named: String,
+        /// The folder's name.
+        folder: String,
+    },
+    /// The folder cannot be listed.
+    #[error("cannot list {dir}: {source}")]
+    Unlisted {
+        /// The folder.
+        dir: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The folder has no numeric version folder.
+    #[error("{dir} has no version folder (expected {dir}/<version number>/{file})")]
+    NoVersions {
+        /// The folder.
+        dir: PathBuf,
+        /// The model file name expected in a version folder, escaped.
+        file: String,
+    },
+}
+
+/// Why one version chosen by the policy has no model file to load.
+#[derive(Debug, thiserror::Error)]
+pub enum VersionError {
+    /// The policy lists a version that has no folder.
+    #[error("version {version} is listed in version_policy but {dir}/{version} does not exist")]
+    Missing {
+        /// The version.
+        version: u64,
+        /// The model folder.
+        dir: PathBuf,
+    },
+    /// The model file the configuration names cannot be used.
+    #[error("{dir}: {source}")]
+    File {
+        /// The version folder.
+        dir: PathBuf,
+        /// Why.
+        source: FileError,
+    },
+}
 
 /// Lists the model folders of `repository`, sorted by name (hidden entries skipped).
 pub fn scan(repository: &Path) -> std::io::Result<Vec<ModelDir>> {
@@ -47,13 +102,13 @@ fn model_dir(dir: PathBuf, override_config: Option<&str>) -> Option<ModelDir> {
         Some(text) => config::parse(Path::new("load request config.json"), text),
         None => config::read(&dir),
     };
-    let config = read.map_err(|e| e.to_string()).and_then(|c| {
+    let config = read.map_err(FolderError::from).and_then(|c| {
         if !c.config.name.is_empty() && c.config.name != name {
-            return Err(format!(
-                "{}: names the model {:?} but its folder is {name:?}",
-                c.file.as_deref().unwrap_or(&dir).display(),
-                c.config.name
-            ));
+            return Err(FolderError::NameMismatch {
+                file: c.file.clone().unwrap_or_else(|| dir.clone()),
+                named: c.config.name.clone(),
+                folder: name.clone(),
+            });
         }
         Ok(c)
     });
@@ -63,9 +118,10 @@ fn model_dir(dir: PathBuf, override_config: Option<&str>) -> Option<ModelDir> {
 /// The versions `config`'s policy selects in `dir`, each with its model file or the reason it has none.
 /// An error means the model has no version folder at all. Model files are
 /// confined to their version folder ([`confined_file`]).
-pub fn versions(dir: &Path, config: &pb::ModelConfig) -> Result<Chosen, String> {
+pub fn versions(dir: &Path, config: &pb::ModelConfig) -> Result<Chosen, FolderError> {
     let mut found: BTreeMap<u64, PathBuf> = BTreeMap::new();
-    for entry in std::fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?.flatten() {
+    let listing = std::fs::read_dir(dir).map_err(|source| FolderError::Unlisted { dir: dir.to_path_buf(), source })?;
+    for entry in listing.flatten() {
         let path = entry.path();
         let number = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse::<u64>().ok());
         if let (Some(n), true) = (number, path.is_dir()) {
@@ -74,12 +130,7 @@ pub fn versions(dir: &Path, config: &pb::ModelConfig) -> Result<Chosen, String> 
     }
     let file_name = model_filename(config);
     if found.is_empty() {
-        return Err(format!(
-            "{} has no version folder (expected {}/<version number>/{})",
-            dir.display(),
-            dir.display(),
-            file_name.escape_debug()
-        ));
+        return Err(FolderError::NoVersions { dir: dir.to_path_buf(), file: file_name.escape_debug().to_string() });
     }
     use pb::model_version_policy::PolicyChoice;
     let wanted: Vec<u64> = match config.version_policy.as_ref().and_then(|p| p.policy_choice.as_ref()) {
@@ -92,11 +143,9 @@ pub fn versions(dir: &Path, config: &pb::ModelConfig) -> Result<Chosen, String> 
         .into_iter()
         .map(|v| {
             let chosen = match found.get(&v) {
-                None => {
-                    Err(format!("version {v} is listed in version_policy but {}/{v} does not exist", dir.display()))
-                }
+                None => Err(VersionError::Missing { version: v, dir: dir.to_path_buf() }),
                 Some(vdir) => confined_file(vdir, "default_model_filename", file_name, "version folder")
-                    .map_err(|e| format!("{}: {e}", vdir.display())),
+                    .map_err(|source| VersionError::File { dir: vdir.clone(), source }),
             };
             (v, chosen)
         })
@@ -273,14 +322,17 @@ mod tests {
         let root = layout(&["1", "2", "3"], &["1/model.onnx", "3/model.onnx"]);
         let all = versions(root.path(), &policy("version_policy { all {} }")).expect("all");
         assert!(all[&1].is_ok() && all[&3].is_ok());
-        assert!(all[&2].as_ref().expect_err("no file").contains("has no model.onnx"));
+        let no_file = all[&2].as_ref().expect_err("no file");
+        assert!(matches!(no_file, VersionError::File { .. }) && no_file.to_string().contains("has no model.onnx"));
         let latest = versions(root.path(), &policy("version_policy { latest { num_versions: 2 } }")).expect("l");
         assert_eq!(latest.keys().copied().collect::<Vec<_>>(), [2, 3]);
         let specific = versions(root.path(), &policy("version_policy { specific { versions: [1, 7] } }")).expect("s");
         assert!(specific[&1].is_ok());
-        assert!(specific[&7].as_ref().expect_err("missing").contains("does not exist"));
+        let missing = specific[&7].as_ref().expect_err("missing");
+        assert!(matches!(missing, VersionError::Missing { version: 7, .. }), "{missing}");
+        assert!(missing.to_string().contains("does not exist"));
         let renamed = versions(root.path(), &policy("default_model_filename: \"net.onnx\"")).expect("renamed");
-        assert!(renamed[&3].as_ref().expect_err("no net.onnx").contains("has no net.onnx"));
+        assert!(renamed[&3].as_ref().expect_err("no net.onnx").to_string().contains("has no net.onnx"));
     }
 
     #[test]
@@ -331,14 +383,16 @@ mod tests {
         assert!(read_bounded(&m.join("fifo"), "label_filename", 99).is_err(), "a FIFO neither blocks nor reads");
         let c = policy("default_model_filename: \"../m/1/model.onnx\"");
         let chosen = versions(&m, &c).expect("versions");
-        assert!(chosen[&1].as_ref().expect_err("escape").contains("default_model_filename"));
+        let escape = chosen[&1].as_ref().expect_err("escape");
+        assert!(matches!(escape, VersionError::File { source: FileError::Outside { .. }, .. }), "{escape}");
     }
 
     #[test]
     fn a_model_without_version_folders_is_reported() {
         let root = layout(&["v1"], &[]);
         let err = versions(root.path(), &pb::ModelConfig::default()).expect_err("none");
-        assert!(err.contains("has no version folder"), "{err}");
+        assert!(matches!(err, FolderError::NoVersions { .. }), "{err}");
+        assert!(err.to_string().contains("has no version folder"), "{err}");
     }
 
     #[test]
@@ -348,7 +402,8 @@ mod tests {
         let dirs = scan(root.path()).expect("scan");
         let names: Vec<_> = dirs.iter().map(|d| d.name.as_str()).collect();
         assert_eq!(names, ["bad", "good"]);
-        assert!(dirs[0].config.as_ref().expect_err("mismatch").contains("\"other\""));
+        let mismatch = dirs[0].config.as_ref().expect_err("mismatch");
+        assert!(matches!(mismatch, FolderError::NameMismatch { named, .. } if named == "other"), "{mismatch}");
         assert!(dirs[1].config.is_ok());
     }
 }

@@ -14,7 +14,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
 use super::tensor::{DataType, Tensor as Tn, TensorData};
-use super::{LoadOptions, Loaded, Runner, TensorMeta};
+use super::{LoadError, LoadOptions, Loaded, NotCarried, RunError, Runner, Side, TensorMeta};
 
 /// Concrete plans kept per model; beyond this, the symbolic plan serves (or, for
 /// shape-planned models, the least recently made plan is dropped).
@@ -46,28 +46,28 @@ struct TractRunner {
 }
 
 /// Loads `file` with tract.
-pub fn load(file: &Path, opts: &LoadOptions) -> Result<Loaded, String> {
+pub fn load(file: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let onnx = onnx();
-    let proto = onnx.proto_model_for_path(file).map_err(|e| format!("{e:#}"))?;
-    let graph = proto.graph.as_ref().ok_or("the file has no graph")?;
+    let proto = onnx.proto_model_for_path(file).map_err(backend)?;
+    let graph = proto.graph.as_ref().ok_or_else(|| LoadError::Backend(NO_GRAPH.into()))?;
     let graph_inputs = fed_inputs(graph);
     let mut inputs = Vec::new();
     for v in &graph_inputs {
-        inputs.push(meta(v).map_err(|e| format!("input {}: {e}", v.name))?);
+        inputs.push(meta(v).map_err(|why| LoadError::Tensor { side: Side::Input, name: v.name.clone(), why })?);
     }
     let mut outputs = Vec::new();
     let mut unsupported = Vec::new();
     for v in &graph.output {
         match meta(v) {
             Ok(m) => outputs.push(m),
-            Err(why) => unsupported.push((v.name.clone(), why)),
+            Err(why) => unsupported.push((v.name.clone(), why.0)),
         }
     }
     if let Some(bad) = inputs.iter().chain(&outputs).find(|t| matches!(t.datatype, DataType::BYTES | DataType::BF16)) {
-        return Err(format!("{}: tract cannot run {} tensors; use the onnxruntime backend", bad.name, bad.datatype));
+        return Err(LoadError::TractType { name: bad.name.clone(), datatype: bad.datatype });
     }
     if let Some((name, _)) = unsupported.first() {
-        return Err(format!("output {name} is not a tensor; tract cannot run it, use the onnxruntime backend"));
+        return Err(LoadError::TractOutput(name.clone()));
     }
 
     // The batch symbol needs to be known before analysis, so the auto-completed
@@ -76,8 +76,7 @@ pub fn load(file: &Path, opts: &LoadOptions) -> Result<Loaded, String> {
         &LoadOptions { batched: opts.batched || (opts.auto_batch && super::looks_batched(&inputs)), ..opts.clone() };
     let mode = match analyse(&onnx, &proto, &graph_inputs, &inputs, opts, None) {
         Ok((typed, batch)) => {
-            let symbolic =
-                typed.clone().into_optimized().and_then(|m| m.into_runnable()).map_err(|e| format!("{e:#}"))?;
+            let symbolic = typed.clone().into_optimized().and_then(|m| m.into_runnable()).map_err(backend)?;
             Mode::Symbolic { typed, symbolic, batch, plans: Mutex::new(HashMap::new()) }
         }
         Err(symbolic_error) => {
@@ -86,8 +85,9 @@ pub fn load(file: &Path, opts: &LoadOptions) -> Result<Loaded, String> {
                 .iter()
                 .map(|m| m.shape.iter().map(|&d| if d > 0 { d as usize } else { PROBE_SIZE }).collect())
                 .collect();
-            plan_for_shapes(&onnx, &proto, &graph_inputs, &inputs, opts, &probe)
-                .map_err(|e| format!("{symbolic_error} (and with concrete input shapes {probe:?}: {e})"))?;
+            plan_for_shapes(&onnx, &proto, &graph_inputs, &inputs, opts, &probe).map_err(|e| {
+                LoadError::Backend(format!("{symbolic_error} (and with concrete input shapes {probe:?}: {e})"))
+            })?;
             tracing::info!(file = %file.display(), reason = %symbolic_error, "tract: symbolic shapes do not unify; planning per input shape");
             Mode::PerShape { proto: Box::new(proto.clone()), inputs: inputs.clone(), plans: Mutex::new(Vec::new()) }
         }
@@ -104,8 +104,8 @@ fn analyse(
     inputs: &[TensorMeta],
     opts: &LoadOptions,
     concrete: Option<&[Vec<usize>]>,
-) -> Result<(TypedModel, Option<Symbol>), String> {
-    let mut model = onnx.model_for_proto_model(proto).map_err(|e| format!("{e:#}"))?;
+) -> Result<(TypedModel, Option<Symbol>), LoadError> {
+    let mut model = onnx.model_for_proto_model(proto).map_err(backend)?;
     let batch_sym = opts.batched.then(|| model.symbols.sym("N"));
     for (i, (v, m)) in graph_inputs.iter().zip(inputs).enumerate() {
         let dims: TVec<TDim> = m
@@ -128,10 +128,10 @@ fn analyse(
                 }
             })
             .collect();
-        let dt = tract_datum(m.datatype).ok_or_else(|| format!("input {}: unsupported by tract", m.name))?;
-        model.set_input_fact(i, InferenceFact::dt_shape(dt, dims)).map_err(|e| format!("{e:#}"))?;
+        let dt = tract_datum(m.datatype).ok_or(LoadError::TractType { name: m.name.clone(), datatype: m.datatype })?;
+        model.set_input_fact(i, InferenceFact::dt_shape(dt, dims)).map_err(backend)?;
     }
-    let typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(|e| format!("{e:#}"))?;
+    let typed = model.into_typed().and_then(|m| m.into_decluttered()).map_err(backend)?;
     Ok((typed, batch_sym))
 }
 
@@ -149,10 +149,18 @@ fn plan_for_shapes(
     inputs: &[TensorMeta],
     opts: &LoadOptions,
     shapes: &[Vec<usize>],
-) -> Result<Plan, String> {
+) -> Result<Plan, LoadError> {
     let (typed, _) = analyse(onnx, proto, graph_inputs, inputs, opts, Some(shapes))?;
-    typed.into_optimized().and_then(|m| m.into_runnable()).map_err(|e| format!("{e:#}"))
+    typed.into_optimized().and_then(|m| m.into_runnable()).map_err(backend)
 }
+
+/// What tract says about a model it cannot read, analyse or plan.
+fn backend(e: impl Into<anyhow::Error>) -> LoadError {
+    LoadError::Backend(format!("{:#}", e.into()))
+}
+
+/// A model file without a graph.
+const NO_GRAPH: &str = "the file has no graph";
 
 fn onnx() -> tract_onnx::Onnx {
     tract_onnx::onnx().with_ignore_output_shapes(true).with_ignore_value_info(true)
@@ -178,10 +186,10 @@ fn tensor_type(v: &pb::ValueInfoProto) -> Option<&pb::type_proto::Tensor> {
     }
 }
 
-fn meta(v: &pb::ValueInfoProto) -> Result<TensorMeta, String> {
-    let t = tensor_type(v).ok_or("not a tensor (a sequence, map or optional)")?;
-    let datatype =
-        DataType::from_onnx(t.elem_type).ok_or_else(|| format!("element type {} is not carried", t.elem_type))?;
+fn meta(v: &pb::ValueInfoProto) -> Result<TensorMeta, NotCarried> {
+    let t = tensor_type(v).ok_or_else(|| NotCarried("not a tensor (a sequence, map or optional)".into()))?;
+    let datatype = DataType::from_onnx(t.elem_type)
+        .ok_or_else(|| NotCarried(format!("element type {} is not carried", t.elem_type)))?;
     let shape = t
         .shape
         .as_ref()
@@ -216,7 +224,7 @@ fn tract_datum(d: DataType) -> Option<DatumType> {
     })
 }
 
-fn to_tract(t: Tn) -> Result<TValue, String> {
+fn to_tract(t: Tn) -> Result<TValue, RunError> {
     macro_rules! tensor {
         ($v:expr) => {
             tract_onnx::prelude::Tensor::from_shape(&t.shape, &$v)
@@ -235,16 +243,22 @@ fn to_tract(t: Tn) -> Result<TValue, String> {
         TensorData::F16(v) => tensor!(v),
         TensorData::F32(v) => tensor!(v),
         TensorData::F64(v) => tensor!(v),
-        TensorData::BF16(_) | TensorData::Bytes(_) => return Err("tract cannot run BF16 or BYTES tensors".into()),
+        TensorData::BF16(_) | TensorData::Bytes(_) => {
+            return Err(RunError::Backend("tract cannot run BF16 or BYTES tensors".into()))
+        }
     };
-    tensor.map(Into::into).map_err(|e| format!("{e:#}"))
+    tensor.map(Into::into).map_err(|e| RunError::Backend(format!("{e:#}")))
 }
 
-fn from_tract(t: &tract_onnx::prelude::Tensor) -> Result<Tn, String> {
+fn from_tract(t: &tract_onnx::prelude::Tensor) -> Result<Tn, RunError> {
     macro_rules! copy {
         ($ty:ty, $variant:ident) => {
             TensorData::$variant(
-                t.to_plain_array_view::<$ty>().map_err(|e| format!("{e:#}"))?.iter().copied().collect(),
+                t.to_plain_array_view::<$ty>()
+                    .map_err(|e| RunError::Backend(format!("{e:#}")))?
+                    .iter()
+                    .copied()
+                    .collect(),
             )
         };
     }
@@ -274,14 +288,14 @@ fn from_tract(t: &tract_onnx::prelude::Tensor) -> Result<Tn, String> {
     } else if dt == f64::datum_type() {
         copy!(f64, F64)
     } else {
-        return Err(format!("tract produced a {dt:?} tensor, which the protocol does not carry"));
+        return Err(RunError::Backend(format!("tract produced a {dt:?} tensor, which the protocol does not carry")));
     };
-    Tn::new(t.shape().to_vec(), data).map_err(|e| e.to_string())
+    Ok(Tn::new(t.shape().to_vec(), data)?)
 }
 
 impl TractRunner {
     /// The plan for these inputs: cached concrete, else newly made (bounded), else symbolic.
-    fn plan(&self, inputs: &[Tn]) -> Result<Plan, String> {
+    fn plan(&self, inputs: &[Tn]) -> Result<Plan, RunError> {
         match &self.mode {
             Mode::Symbolic { typed, symbolic, batch, plans } => {
                 let (Some(sym), Some(n)) = (batch, inputs.first().and_then(|t| t.shape.first().copied())) else {
@@ -315,8 +329,9 @@ impl TractRunner {
                     plans.push(hit);
                     return Ok(plan);
                 }
-                let graph = proto.graph.as_ref().ok_or("the file has no graph")?;
-                let plan = plan_for_shapes(&onnx(), proto, &fed_inputs(graph), metas, &self.opts, &shapes)?;
+                let graph = proto.graph.as_ref().ok_or_else(|| RunError::Backend(NO_GRAPH.into()))?;
+                let plan = plan_for_shapes(&onnx(), proto, &fed_inputs(graph), metas, &self.opts, &shapes)
+                    .map_err(|e| RunError::Backend(e.to_string()))?;
                 if plans.len() >= MAX_PLANS {
                     plans.remove(0);
                 }
@@ -328,13 +343,13 @@ impl TractRunner {
 }
 
 impl Runner for TractRunner {
-    fn run(&self, inputs: Vec<Tn>, wanted: &[usize]) -> Result<Vec<Tn>, String> {
+    fn run(&self, inputs: Vec<Tn>, wanted: &[usize]) -> Result<Vec<Tn>, RunError> {
         let plan = self.plan(&inputs)?;
         let values = inputs.into_iter().map(to_tract).collect::<Result<TVec<_>, _>>()?;
-        let outputs = plan.run(values).map_err(|e| format!("{e:#}"))?;
+        let outputs = plan.run(values).map_err(|e| RunError::Backend(format!("{e:#}")))?;
         wanted
             .iter()
-            .map(|&i| outputs.get(i).ok_or_else(|| format!("output {i} was not produced")).and_then(|t| from_tract(t)))
+            .map(|&i| outputs.get(i).ok_or_else(|| RunError::NotProduced(i.to_string())).and_then(|t| from_tract(t)))
             .collect()
     }
 }
