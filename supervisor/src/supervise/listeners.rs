@@ -1,0 +1,68 @@
+//! The listening sockets the supervisor binds (or systemd passes) and holds
+//! for the life of the service, so that a worker restart never closes a port.
+
+use std::net::{SocketAddr, TcpListener};
+
+use anyhow::Context;
+use tandem_config::Config;
+
+/// Listeners bound by the supervisor, held for the life of the service so
+/// that a worker restart never closes a port.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Plain HTTP.
+    pub http: TcpListener,
+    /// HTTPS, when enabled.
+    pub https: Option<TcpListener>,
+    /// The supervisor's own `/metrics` port (`METRICS_PORT`), when set.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every listener; a taken port is one error naming the address.
+    /// Listeners systemd passed (socket activation) are used as they are.
+    pub fn bind(config: &Config) -> anyhow::Result<Self> {
+        if let Some(passed) = crate::systemd::passed_listeners(config)? {
+            return Self::from_passed(config, passed);
+        }
+        let bind = |port: u16, what: &str| {
+            let addr = SocketAddr::new(config.listen.host, port);
+            let l = TcpListener::bind(addr).with_context(|| {
+                format!("cannot bind the {what} listener on {addr}\nhint: another process may hold the port; choose another with {}", match what { "HTTP" => "PORT", "HTTPS" => "SSL_PORT", _ => "METRICS_PORT" })
+            })?;
+            if let Err(e) = tandem_shared::sys::deepen_backlog(&l) {
+                tracing::warn!(%addr, error = %e, "cannot deepen the listener's backlog; new connections beyond 128 queued are dropped");
+            }
+            Ok::<_, anyhow::Error>(l)
+        };
+        let http = bind(config.listen.port, "HTTP")?;
+        let https = if config.tls.enabled { Some(bind(config.tls.port, "HTTPS")?) } else { None };
+        let metrics = config.listen.metrics_port.map(|p| bind(p, "metrics")).transpose()?;
+        Ok(Listeners { http, https, metrics })
+    }
+
+    fn from_passed(config: &Config, passed: Vec<(crate::systemd::Which, TcpListener)>) -> anyhow::Result<Self> {
+        use crate::systemd::Which;
+        let (mut http, mut https, mut metrics) = (None, None, None);
+        for (which, l) in passed {
+            tracing::info!(listener = ?which, addr = %Self::addr(&l)?, "using a listener passed by systemd");
+            match which {
+                Which::Http => http = Some(l),
+                Which::Https => https = Some(l),
+                Which::Metrics => metrics = Some(l),
+            }
+        }
+        let http = http.context("systemd passed no HTTP listener (name it FileDescriptorName=http)")?;
+        if config.tls.enabled && https.is_none() {
+            anyhow::bail!("ENABLE_SSL=true but systemd passed no HTTPS listener\nhint: add a ListenStream for SSL_PORT named https");
+        }
+        if config.listen.metrics_port.is_some() && metrics.is_none() {
+            anyhow::bail!("METRICS_PORT is set but systemd passed no metrics listener\nhint: add a ListenStream named metrics, or unset METRICS_PORT");
+        }
+        Ok(Listeners { http, https: https.filter(|_| config.tls.enabled), metrics })
+    }
+
+    pub(super) fn addr(l: &TcpListener) -> anyhow::Result<SocketAddr> {
+        l.local_addr().context("cannot read the listener's address")
+    }
+}

@@ -1,0 +1,416 @@
+//! The supervisor's event loop: spawn workers, reap every child, restart the
+//! ones that die, react to signals, publish certificates. See LIFECYCLE.md.
+//!
+//! One room per concern: [`phases`] decides (pure, unit-tested), [`signals`]
+//! feeds the loop, `workers` starts, reaps and restarts processes,
+//! `model_changes` carries model control across the engines, `copies` runs
+//! `WORKER_COMMAND`, `listeners` holds the ports; this file is the loop.
+
+mod copies;
+mod listeners;
+mod model_changes;
+pub mod phases;
+pub mod signals;
+mod workers;
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use nix::sys::signal::{kill, Signal};
+use tandem_config::engine::ModelControlMode;
+use tandem_config::Config;
+use tandem_shared::control::{Command as ToWorker, ModelChange, WorkerEvent};
+use tandem_shared::stats::{self, ProcessRole, Stats};
+use tandem_shared::sys::counters::Counters;
+use tandem_shared::sys::shm::Region;
+use tandem_shared::{url, EngineSettings, Role};
+use tokio::sync::mpsc;
+
+use crate::apps::{signal_group, Apps, Health};
+use crate::certs::{CertChecked, CertHandle, CertKeeper};
+use crate::models::{ModelOps, Origin};
+use crate::process::{Slot, WorkerState};
+
+pub use listeners::Listeners;
+pub use phases::Phase;
+use phases::{Order, Seen};
+use signals::Signalled;
+
+/// A message from a worker's control channel, tagged with its id.
+#[derive(Debug)]
+enum Control {
+    Event(u64, WorkerEvent),
+    Closed(u64),
+}
+
+/// Everything the event loop owns.
+pub struct Supervisor {
+    config: Config,
+    model_repository: PathBuf,
+    engine: EngineSettings,
+    exe: PathBuf,
+    listeners: Option<Listeners>,
+    http_addr: SocketAddr,
+    https_addr: Option<SocketAddr>,
+    slots: Vec<Slot>,
+    next_id: u64,
+    phase: Phase,
+    control_tx: mpsc::UnboundedSender<Control>,
+    control_rx: mpsc::UnboundedReceiver<Control>,
+    shm: Option<(Arc<Region>, OwnedFd)>,
+    /// The statistics region every process counts into, and the supervisor's own block.
+    stats: (Arc<Counters>, OwnedFd),
+    own_stats: Stats,
+    /// `WATCHDOG=1` to systemd, from this loop.
+    watchdog: crate::systemd::Watchdog,
+    /// The certificate thread (renewal, file watching, downloads): never on this loop.
+    certs: Option<CertHandle>,
+    /// Model changes under way across the engine workers.
+    model_ops: ModelOps,
+    /// Changes found by the repository poller (`MODEL_CONTROL_MODE=poll`).
+    repository_changes: Option<mpsc::UnboundedReceiver<Vec<ModelChange>>>,
+    /// `WORKER_COMMAND`: the operator's server, run instead of the engine.
+    apps: Option<Apps>,
+    /// What the copies' probes found.
+    health: mpsc::UnboundedReceiver<(u64, Health)>,
+    /// The memory tandem may use, read once at start (the default `MAX_INFLIGHT_BYTES` is a share of it).
+    memory: u64,
+}
+
+/// What woke the event loop.
+enum Wake {
+    Signal(Signalled),
+    Control(Control),
+    Cert(CertChecked),
+    Repository(Vec<ModelChange>),
+    Health(u64, Health),
+    Tick,
+}
+
+impl Supervisor {
+    /// A supervisor for `config` with bound `listeners` and a ready certificate manager.
+    pub fn new(
+        config: Config,
+        model_repository: PathBuf,
+        engine: EngineSettings,
+        listeners: Listeners,
+        certs: Option<CertKeeper>,
+    ) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the tandem executable (/proc/self/exe)")?;
+        let http_addr = Listeners::addr(&listeners.http)?;
+        let https_addr = listeners.https.as_ref().map(Listeners::addr).transpose()?;
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (health_tx, health) = mpsc::unbounded_channel();
+        let apps = config
+            .proxy
+            .command
+            .clone()
+            .map(|argv| Apps::new(argv, config.proxy.ready_path.clone(), health_tx))
+            .transpose()?;
+        // The ring exists only for HTTPS to the engine: the HTTPS worker hands requests to it through it.
+        let shm = if https_addr.is_some() && apps.is_none() {
+            let (region, fd) = Region::create(config.ring.slots, config.ring.slot_bytes)
+                .context("cannot create the shared-memory region (memfd_create)")?;
+            Some((region, fd))
+        } else {
+            None
+        };
+        let (counters, stats_fd) = Counters::create(stats::region_words(stats::blocks_for(config.process.max_workers)))
+            .context("cannot create the statistics region (memfd_create)")?;
+        let own_stats = Stats::attach(counters.clone(), stats::SUPERVISOR_BLOCK, ProcessRole::Supervisor, 0);
+        stats::spawn_gauge_thread(own_stats.clone());
+        let engine_role = if apps.is_some() { Role::App } else { Role::Engine };
+        let mut slots: Vec<Slot> = (0..config.process.num_workers)
+            .map(|i| {
+                let mut s = Slot::new(engine_role, stats::FIRST_ENGINE_BLOCK + i);
+                s.number = i + 1;
+                s
+            })
+            .collect();
+        if apps.is_some() {
+            // Both ports are the proxy worker's: it forwards every request to a copy.
+            slots.push(Slot::new(Role::ProxyWorker, stats::HTTPS_BLOCK));
+        } else if https_addr.is_some() {
+            slots.push(Slot::new(Role::HttpsWorker, stats::HTTPS_BLOCK));
+        }
+        let certs =
+            certs.map(|c| c.spawn(own_stats.clone())).transpose().context("cannot start the certificate thread")?;
+        if let Some(l) = listeners.metrics.as_ref().map(TcpListener::try_clone).transpose()? {
+            let addr = Listeners::addr(&l)?;
+            crate::metrics_port::spawn(
+                l,
+                counters.clone(),
+                shm.as_ref().map(|(r, _)| r.clone()),
+                https_addr.map(|_| tandem_shared::cert_cache::Layout::of(&config.process.cert_dir()).status()),
+                config.edge.timeouts,
+            )
+            .context("cannot start the metrics port")?;
+            tracing::info!(url = %url("http", addr), "serving /metrics");
+        }
+        let repository_changes = (config.engine.model_control_mode == ModelControlMode::Poll)
+            .then(|| crate::models::poll(model_repository.clone(), config.engine.repository_poll))
+            .transpose()
+            .context("cannot start the repository poller")?;
+        Ok(Supervisor {
+            config,
+            model_repository,
+            engine,
+            exe,
+            listeners: Some(listeners),
+            http_addr,
+            https_addr,
+            slots,
+            next_id: 1,
+            phase: Phase::Starting,
+            control_tx,
+            control_rx,
+            shm,
+            stats: (counters, stats_fd),
+            own_stats,
+            watchdog: crate::systemd::Watchdog::from_env(),
+            certs,
+            model_ops: ModelOps::default(),
+            repository_changes,
+            apps,
+            health,
+            memory: tandem_shared::budget::memory_limit().unwrap_or(tandem_shared::budget::UNKNOWN_MEMORY),
+        })
+    }
+
+    /// Runs until every worker has stopped after SIGTERM/SIGINT. Errors are
+    /// start-up failures (a worker that never became ready).
+    pub async fn run(self) -> anyhow::Result<()> {
+        let signals = signals::os()?;
+        self.run_with(signals).await
+    }
+
+    /// [`Supervisor::run`] with the signals from `signals` instead of the operating system's.
+    pub async fn run_with(mut self, mut signals: mpsc::UnboundedReceiver<Signalled>) -> anyhow::Result<()> {
+        for i in 0..self.slots.len() {
+            self.spawn(i)?;
+        }
+        loop {
+            let wake = self.next_wake(&mut signals).await;
+            match wake {
+                Wake::Signal(Signalled::Child) => self.reap()?,
+                Wake::Signal(Signalled::Stop) => self.stop(),
+                Wake::Signal(Signalled::Hup) => {
+                    tracing::info!("SIGHUP: re-checking the certificate source");
+                    match &self.certs {
+                        // The HTTPS worker reloads when the check is done (Wake::Cert).
+                        Some(certs) => certs.check_now(),
+                        // No HTTPS, nothing to reload (and the proxy worker would die of the signal).
+                        None => tracing::info!("SIGHUP: HTTPS is off; nothing to reload"),
+                    }
+                }
+                Wake::Signal(Signalled::AddWorker) => self.add_worker()?,
+                Wake::Signal(Signalled::RemoveWorker) => self.remove_worker(),
+                Wake::Control(c) => self.on_control(c),
+                Wake::Cert(CertChecked { published, requested }) => {
+                    if (published || requested) && matches!(self.phase, Phase::Running) {
+                        // READY=1 again when the HTTPS worker answers (reloaded or refused).
+                        crate::systemd::reloading();
+                        self.signal_role(self.tls_role(), Signal::SIGHUP);
+                    }
+                }
+                Wake::Repository(changes) => {
+                    for change in changes {
+                        tracing::info!(change = %change, "the model repository changed");
+                        self.start_model_change(Origin::Poll, change);
+                    }
+                }
+                Wake::Health(id, health) => self.on_health(id, health),
+                Wake::Tick => {}
+            }
+            self.app_timers();
+            // SIGCHLD can coalesce; reaping on every wake costs one syscall.
+            self.reap()?;
+            self.restart_due()?;
+            self.watchdog.ping_if_due();
+            for order in phases::while_stopping(self.phase, Instant::now(), &self.seen()) {
+                if order == Order::Exit {
+                    tracing::info!("all workers stopped; exiting");
+                    return Ok(());
+                }
+                self.carry_out(order);
+            }
+        }
+    }
+
+    /// What the phase decisions need of each worker.
+    fn seen(&self) -> Vec<Seen> {
+        self.slots
+            .iter()
+            .map(|s| Seen {
+                front: s.role.is_front(),
+                running: s.pid.is_some(),
+                draining: s.state == WorkerState::Draining,
+                ready: s.state == WorkerState::Ready,
+            })
+            .collect()
+    }
+
+    /// Carries out a phase decision on the processes.
+    fn carry_out(&mut self, order: Order) {
+        match order {
+            Order::TermFront => self.signal_role(self.tls_role(), Signal::SIGTERM),
+            Order::TermAll => self.kill_all(Signal::SIGTERM),
+            Order::KillAll => self.kill_all(Signal::SIGKILL),
+            // The loop returns; nothing to do to a process.
+            Order::Exit => {}
+        }
+    }
+
+    /// A worker became ready: serving starts when every one is.
+    fn became_ready(&mut self) {
+        let (phase, announce) = phases::after_ready(self.phase, &self.seen());
+        self.phase = phase;
+        if announce {
+            self.announce();
+        }
+    }
+
+    async fn next_wake(&mut self, signals: &mut mpsc::UnboundedReceiver<Signalled>) -> Wake {
+        let tick = tokio::time::sleep(Duration::from_millis(250));
+        tokio::select! {
+            Some(s) = signals.recv() => Wake::Signal(s),
+            Some(c) = self.control_rx.recv() => Wake::Control(c),
+            Some(checked) = async { match &mut self.certs { Some(c) => c.events.recv().await, None => std::future::pending().await } } => Wake::Cert(checked),
+            Some(changes) = async { match &mut self.repository_changes { Some(r) => r.recv().await, None => std::future::pending().await } } => Wake::Repository(changes),
+            Some((id, health)) = self.health.recv(), if self.apps.is_some() => Wake::Health(id, health),
+            _ = tick => Wake::Tick,
+        }
+    }
+
+    fn on_control(&mut self, c: Control) {
+        match c {
+            Control::Event(id, event) => {
+                let Some(slot) = self.slots.iter_mut().find(|s| s.worker_id == id) else {
+                    return;
+                };
+                match event {
+                    WorkerEvent::Ready { addr, fingerprint } => {
+                        if slot.state == WorkerState::Starting {
+                            slot.state = WorkerState::Ready;
+                        }
+                        tracing::debug!(worker_id = id, %addr, ?fingerprint, "worker ready");
+                        if slot.role == Role::ProxyWorker {
+                            // Whatever changed while it started.
+                            self.publish_backends();
+                        }
+                        self.became_ready();
+                    }
+                    WorkerEvent::Draining => slot.state = WorkerState::Draining,
+                    WorkerEvent::Reloaded { fingerprint } => {
+                        tracing::info!(worker_id = id, %fingerprint, "https worker serves the new certificate");
+                        crate::systemd::notify("READY=1");
+                    }
+                    WorkerEvent::ReloadFailed { reason } => {
+                        tracing::error!(worker_id = id, %reason, "https worker refused the certificate; the previous one keeps serving");
+                        crate::systemd::notify("READY=1");
+                    }
+                    WorkerEvent::ModelChangeRequested { request, change } => {
+                        self.model_change_requested(id, request, change)
+                    }
+                    WorkerEvent::ModelChanged { op, error } => {
+                        let step = self.model_ops.answered(op, id, error);
+                        self.model_step(step);
+                    }
+                    WorkerEvent::BackendIdle { id: copy } => self.terminate_drained_copy(copy),
+                }
+            }
+            Control::Closed(id) => tracing::debug!(worker_id = id, "control channel closed"),
+        }
+    }
+
+    /// Sends `command` to worker `id`; false when it could not be sent.
+    fn tell(&self, id: u64, command: &ToWorker) -> bool {
+        let Some(stream) = self.slots.iter().find(|s| s.worker_id == id).and_then(|s| s.control.as_ref()) else {
+            return false;
+        };
+        match stream.send(command) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(worker_id = id, error = %e, "cannot send a command to the worker");
+                false
+            }
+        }
+    }
+
+    /// The cache layout, when ACME is the certificate source (its challenges are answered by the workers).
+    fn announce(&self) {
+        tracing::info!(url = %url("http", self.http_addr), workers = self.engine_slots(), "serving HTTP");
+        crate::systemd::notify(&format!(
+            "READY=1\nSTATUS=serving HTTP on {} with {} workers",
+            self.http_addr,
+            self.engine_slots()
+        ));
+        if let Some(addr) = self.https_addr {
+            tracing::info!(url = %url("https", addr), fingerprint = self.certs.as_ref().map(CertHandle::fingerprint).as_deref(), "serving HTTPS");
+        }
+        // A stand-in serves until the source delivers; a source whose proof the
+        // workers answer (ACME) can try now that they do.
+        if let Some(certs) = self.certs.as_ref().filter(|c| c.degraded()) {
+            certs.check_now();
+        }
+    }
+
+    fn kill_all(&mut self, sig: Signal) {
+        for s in &mut self.slots {
+            if let Some(pid) = s.pid {
+                if sig == Signal::SIGKILL {
+                    if s.killed {
+                        // Already killed, not yet reaped: no second signal, no second line.
+                        continue;
+                    }
+                    s.killed = true;
+                    tracing::warn!(
+                        worker_id = s.worker_id,
+                        pid = pid.as_raw(),
+                        "worker did not drain in time; killing"
+                    );
+                } else {
+                    s.state = WorkerState::Draining;
+                }
+                if s.role == Role::App {
+                    signal_group(pid, sig);
+                } else {
+                    let _ = kill(pid, sig);
+                }
+            }
+        }
+    }
+
+    fn signal_role(&self, role: Role, sig: Signal) {
+        for s in self.slots.iter().filter(|s| s.role == role) {
+            if let Some(pid) = s.pid {
+                let _ = kill(pid, sig);
+            }
+        }
+    }
+
+    /// The lowest engine block no slot holds (a draining worker still holds its own).
+    fn free_engine_block(&self) -> usize {
+        let blocks = self.stats.0.words().len() / stats::region_words(1);
+        (stats::FIRST_ENGINE_BLOCK..blocks)
+            .find(|b| self.slots.iter().all(|s| s.block != *b))
+            .unwrap_or(stats::FIRST_ENGINE_BLOCK)
+    }
+
+    fn engine_slots(&self) -> usize {
+        self.slots.iter().filter(|s| !s.role.is_front() && !s.retired).count()
+    }
+
+    /// The process that terminates TLS (and, with `WORKER_COMMAND`, serves both ports).
+    fn tls_role(&self) -> Role {
+        if self.apps.is_some() {
+            Role::ProxyWorker
+        } else {
+            Role::HttpsWorker
+        }
+    }
+}
