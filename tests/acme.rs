@@ -255,7 +255,7 @@ fn dns01_sets_and_clears_records_through_the_hook_and_covers_a_wildcard() {
         &[("ACME_DNS_HOOK", hook.to_str().unwrap())],
     );
     wait_for_issued(&t, &pebble, None, Duration::from_secs(60));
-    let live = tandem_shared::tls::Bundle::load(&t.cert_dir().join("live.pem")).unwrap();
+    let live = tandem_shared::certs::primitives::Bundle::load(&t.cert_dir().join("live.pem")).unwrap();
     assert!(live.info.sans.contains(&format!("DNS:*.{DOMAIN}")), "{:?}", live.info.sans);
     let calls = std::fs::read_to_string(&calls).unwrap();
     let record = format!("_acme-challenge.{DOMAIN}.");

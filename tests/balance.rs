@@ -1,6 +1,6 @@
 //! Balanced plain HTTP: engine workers share the supervisor's one listening
 //! socket, and keep-alive connections still spread evenly over them (each
-//! holds back its accepts while it is ahead; shared::balance).
+//! holds back its accepts while it is ahead; shared::edge::balance).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
 

@@ -141,7 +141,7 @@ fn ca_mode_serves_short_leaves_that_chain_to_the_root_and_renews_them_in_place()
     );
     t.wait_ready(true);
     let https = t.workers("https-worker");
-    let live = tandem_shared::tls::Bundle::load(&t.cert_dir().join("live.pem")).unwrap();
+    let live = tandem_shared::certs::primitives::Bundle::load(&t.cert_dir().join("live.pem")).unwrap();
     assert_eq!(live.chain.len(), 2, "leaf and intermediate are served");
     assert!(live.info.sans.contains(&"DNS:svc.example.internal".to_string()), "{:?}", live.info.sans);
     assert!(live.info.sans.contains(&"IP:127.0.0.1".to_string()));

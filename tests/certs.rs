@@ -316,7 +316,7 @@ fn generated_certificate_follows_ssl_san_and_key_type() {
     let b = TandemBuilder::new().ssl();
     let cache = b.dir().join("cache").display().to_string();
     let mut t = b.env("SSL_SAN", "api.example.test,10.9.8.7").env("SSL_KEY_TYPE", "ecdsa-p256").start();
-    let live = tandem_shared::tls::Bundle::load(&t.cert_dir().join("live.pem")).unwrap();
+    let live = tandem_shared::certs::primitives::Bundle::load(&t.cert_dir().join("live.pem")).unwrap();
     assert!(live.info.sans.contains(&"DNS:api.example.test".to_string()), "{:?}", live.info.sans);
     assert!(live.info.sans.contains(&"IP:10.9.8.7".to_string()), "{:?}", live.info.sans);
     assert!(live.info.key_algorithm.starts_with("EC"), "{}", live.info.key_algorithm);
@@ -329,7 +329,7 @@ fn generated_certificate_follows_ssl_san_and_key_type() {
         .env("SSL_SAN", "other.example.test")
         .env("SSL_KEY_TYPE", "ecdsa-p256")
         .start();
-    let again = tandem_shared::tls::Bundle::load(&t2.cert_dir().join("live.pem")).unwrap();
+    let again = tandem_shared::certs::primitives::Bundle::load(&t2.cert_dir().join("live.pem")).unwrap();
     assert_ne!(again.info.fingerprint, live.info.fingerprint);
     assert!(again.info.sans.contains(&"DNS:other.example.test".to_string()));
 }

@@ -83,7 +83,7 @@ fn generated_certificate_is_private_has_ip_sans_and_is_reused() {
     }
     let client = Tandem::https_client(&t.served_chain_pem());
     let first = served_fingerprint(&client.get(t.https_url("127.0.0.1", "/")).send().unwrap());
-    let live = tandem_shared::tls::Bundle::load(&dir.join("live.pem")).unwrap();
+    let live = tandem_shared::certs::primitives::Bundle::load(&dir.join("live.pem")).unwrap();
     for san in ["DNS:localhost", "IP:127.0.0.1", "IP:::1", "DNS:*.roboflow.host"] {
         assert!(live.info.sans.contains(&san.to_string()), "{san} missing from {:?}", live.info.sans);
     }
@@ -340,6 +340,33 @@ fn check_names_the_serve_mode_and_every_ignored_variable() {
     // The supervisor says the same at start-up.
     let t = TandemBuilder::new().env("SSL_HSTS", "max-age=60").start();
     assert!(t.stderr().contains("variable set but ignored") && t.stderr().contains("SSL_HSTS"), "{}", t.explain());
+}
+
+#[test]
+fn a_misspelt_variable_is_named_with_what_was_meant_and_strict_config_refuses_it() {
+    // Start-up: a warning with the name meant; plain HTTP serves as before.
+    let t = TandemBuilder::new().env("ENABLE_SLL", "true").env("NUM_WORKER", "2").start();
+    let err = t.stderr();
+    assert!(err.contains("ENABLE_SLL") && err.contains("did you mean ENABLE_SSL?"), "{}", t.explain());
+    assert!(err.contains("NUM_WORKER") && err.contains("did you mean NUM_WORKERS?"), "{}", t.explain());
+    drop(t);
+    // tandem check lists them.
+    let out = std::process::Command::new(TANDEM)
+        .arg("check")
+        .env_clear()
+        .env("ENABLE_SLL", "true")
+        .env("HOME", "/root")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("ENABLE_SLL is not one of tandem's variables (did you mean ENABLE_SSL?)"), "{text}");
+    assert!(!text.contains("HOME is not"), "an ordinary variable is not a misspelling: {text}");
+    // STRICT_CONFIG=true: exit 2 naming it, nothing bound or written.
+    expect_config_error(
+        &[("STRICT_CONFIG", "true"), ("ENABLE_SLL", "true")],
+        &["STRICT_CONFIG", "ENABLE_SLL", "ENABLE_SSL"],
+    );
 }
 
 #[test]

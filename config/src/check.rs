@@ -72,8 +72,9 @@ pub fn set_in_env(var: &str) -> bool {
     std::env::var_os(var).is_some_and(|v| !v.to_string_lossy().trim().is_empty())
 }
 
-/// The `tandem check` report: serve mode, the effective configuration and the ignored variables.
-pub fn report(c: &Config, is_set: &dyn Fn(&str) -> bool) -> String {
+/// The `tandem check` report: serve mode, the effective configuration, the
+/// ignored variables and those that look like tandem's but are not (`strangers`).
+pub fn report(c: &Config, is_set: &dyn Fn(&str) -> bool, strangers: &[crate::unknown::Unknown]) -> String {
     let workers = match &c.proxy.command {
         Some(argv) => format!("{} copies of `{}` (WORKER_COMMAND)", c.process.num_workers, shell_words::join(argv)),
         None => format!("{} engine workers", c.process.num_workers),
@@ -103,6 +104,13 @@ pub fn report(c: &Config, is_set: &dyn Fn(&str) -> bool) -> String {
         s.push_str("\nignored:\n");
         for n in notes {
             s.push_str(&format!("  {}: {}\n", n.var, n.hint));
+        }
+    }
+    if !strangers.is_empty() {
+        let strict = if c.process.strict_config { "" } else { "; STRICT_CONFIG=true refuses to start with them" };
+        s.push_str(&format!("\nnot tandem's (misspelt?){strict}:\n"));
+        for u in strangers {
+            s.push_str(&format!("  {u}\n"));
         }
     }
     s
@@ -149,7 +157,7 @@ mod tests {
         assert_eq!(serve_mode(&c), ServeMode::Generate);
         assert_eq!(ignored_names(&c, &["SSL_INDIRECT_URL"]), ["SSL_INDIRECT_URL"]);
         assert!(ignored(&c, &|_| false).is_empty());
-        let text = report(&c, &|v| v == "SSL_INDIRECT_URL");
+        let text = report(&c, &|v| v == "SSL_INDIRECT_URL", &[]);
         assert!(text.contains("serve mode: generate") && text.contains("process.graceful_timeout = 30s"), "{text}");
     }
 
@@ -212,7 +220,7 @@ mod tests {
         assert_eq!(c.proxy.command.as_deref(), Some(&["sh".to_string(), "-c".into(), "exec true".into()][..]));
         let set = ["ENGINE_THREADS", "WORKER_READY_PATH"];
         assert_eq!(ignored_names(&c, &set), ["ENGINE_THREADS"]);
-        assert!(report(&c, &|v| set.contains(&v)).contains("workers: 1 copies of `sh -c 'exec true'`"));
+        assert!(report(&c, &|v| set.contains(&v), &[]).contains("workers: 1 copies of `sh -c 'exec true'`"));
         assert_eq!(ignored_names(&config(&[]), &set), ["WORKER_READY_PATH"]);
     }
 }

@@ -107,6 +107,11 @@ impl Reader {
         self.vars.get(name).map(|v| v.trim()).filter(|v| !v.is_empty())
     }
 
+    /// Every variable given (name, value), declared or not.
+    pub fn given(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.vars.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
     /// Records that `var`'s `value` is refused, and what it accepts instead.
     pub fn bad(&mut self, var: &'static Var, value: &str, accepted: impl Into<String>) {
         self.problems.push(Problem { var: var.name, value: value.to_string(), accepted: accepted.into() });

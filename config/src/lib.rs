@@ -24,6 +24,7 @@ pub mod process;
 pub mod proxy;
 pub mod ring;
 pub mod tls;
+pub mod unknown;
 pub mod values;
 
 pub use decl::{ConfigError, Problem, Reader, Scope, Var};

@@ -42,6 +42,12 @@ crate::declare! {
         accepted: "text or json",
         scope: always,
     }
+    STRICT_CONFIG {
+        default: "false",
+        doc: "a variable that looks like tandem's but is not one (a misspelling) stops start-up (exit 2) instead of a warning",
+        accepted: values::BOOL,
+        scope: always,
+    }
     MODEL_CACHE_DIR {
         default: "/var/cache/tandem (root), else ~/.cache/tandem",
         doc: "cache root; certificates live in ssl_certificates/ below it",
@@ -74,6 +80,8 @@ pub struct Process {
     pub log_format: LogFormat,
     /// Cache root.
     pub cache_dir: PathBuf,
+    /// Whether a variable that looks like tandem's but is not one stops start-up.
+    pub strict_config: bool,
 }
 
 impl Process {
@@ -103,5 +111,11 @@ pub fn parse(r: &mut Reader) -> Process {
         r.ambient("HOME").map(String::from),
     );
     let cache_dir = r.get(&MODEL_CACHE_DIR, default_cache, |v| Some(PathBuf::from(v)));
-    Process { num_workers, max_workers, graceful_timeout, log_level, log_format, cache_dir }
+    let strict_config = r.get(&STRICT_CONFIG, false, values::parse_bool);
+    if strict_config {
+        for stranger in crate::unknown::find(r.given()) {
+            r.bad(&STRICT_CONFIG, "true", format!("no variable that looks like tandem's but is not one; {stranger}"));
+        }
+    }
+    Process { num_workers, max_workers, graceful_timeout, log_level, log_format, cache_dir, strict_config }
 }

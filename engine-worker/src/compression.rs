@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 
-use tandem_shared::budget::{Budget, Share, WAIT};
+use tandem_shared::edge::budget::{Budget, Share, WAIT};
 
 use crate::infer::ApiError;
 

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 use tandem_config::engine::ModelControlMode;
-use tandem_shared::control::{ModelChange, MAX_MODEL_CONFIG_BYTES};
+use tandem_shared::process::control::{ModelChange, MAX_MODEL_CONFIG_BYTES};
 
 use crate::infer::ApiError;
 use crate::state::{error, read_body, AppState};

@@ -16,7 +16,7 @@ pub mod state;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tandem_shared::worker::{run_worker, Kind, Running, Started};
+use tandem_shared::process::worker::{run_worker, Kind, Running, Started};
 use tandem_shared::WorkerSettings;
 
 pub use router::router;
@@ -39,14 +39,16 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     let Started { settings, control, stats, listener: std_listener } = started;
     let engine = load_engine(&settings)?;
     let inference_threads = engine.permits.available_permits();
-    let region = settings.shm.as_ref().map(tandem_shared::worker::open_region).transpose()?;
-    // Connections spread over the engine workers (they share one socket): see shared::balance.
-    let balance =
-        Arc::new(tandem_shared::balance::AcceptBalance::new(stats.clone(), tandem_shared::stats::ProcessRole::Engine));
+    let region = settings.shm.as_ref().map(tandem_shared::process::worker::open_region).transpose()?;
+    // Connections spread over the engine workers (they share one socket): see shared::edge::balance.
+    let balance = Arc::new(tandem_shared::edge::balance::AcceptBalance::new(
+        stats.clone(),
+        tandem_shared::stats::ProcessRole::Engine,
+    ));
     let app = router(AppState::new(
         &settings,
         settings.engine()?,
-        tandem_shared::front::FrontDoor::new(&settings, false)?,
+        tandem_shared::edge::front::FrontDoor::new(&settings, false)?,
         engine.clone(),
         stats,
         region.clone(),
@@ -65,11 +67,11 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
         None => None,
     };
 
-    let budget = tandem_shared::serve::connection_budget();
+    let budget = tandem_shared::edge::serve::connection_budget();
     let server =
-        Arc::new(tandem_shared::serve::Server::new(settings.edge.policy.timeouts, budget).with_pacing(balance));
+        Arc::new(tandem_shared::edge::serve::Server::new(settings.edge.policy.timeouts, budget).with_pacing(balance));
     let service = hyper_util::service::TowerToHyperService::new(app);
-    let plain = |tcp, _| async move { Some(tandem_shared::serve::Accepted::plain(tcp)) };
+    let plain = |tcp, _| async move { Some(tandem_shared::edge::serve::Accepted::plain(tcp)) };
     // A connection lives on the thread that accepted it, and a quick inference
     // runs there too: a plain-HTTP request wakes no other thread.
     let mut serving = server

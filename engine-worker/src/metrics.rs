@@ -208,7 +208,7 @@ pub fn render(snap: &Snapshot, ring_busy: Option<(u32, u32)>, cert_source: Optio
                 "When the served certificate expires (Unix time).",
             );
             e.sample("tandem_certificate_not_after_timestamp_seconds", &l, not_after);
-            let now = tandem_shared::cert_status::unix_now();
+            let now = tandem_shared::certs::status::unix_now();
             e.family("tandem_certificate_seconds_left", "gauge", "Seconds until the served certificate expires.");
             e.sample("tandem_certificate_seconds_left", &l, not_after as i64 - now);
         }
@@ -281,7 +281,7 @@ pub fn ring_busy(r: &Region) -> (u32, u32) {
 /// The certificate source named in the status file (`GENERATE`, `INDIRECT`, `PATH`).
 pub fn cert_source(status_file: &std::path::Path) -> Option<String> {
     let bytes = std::fs::read(status_file).ok()?;
-    serde_json::from_slice::<tandem_shared::cert_status::CertStatus>(&bytes).ok().map(|s| s.mode)
+    serde_json::from_slice::<tandem_shared::certs::status::CertStatus>(&bytes).ok().map(|s| s.mode)
 }
 
 /// The whole `/metrics` response for `counters`.

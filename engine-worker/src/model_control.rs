@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use tandem_config::engine::ModelControlMode;
-use tandem_shared::control::{Command, ControlClient, ModelChange, WorkerEvent};
+use tandem_shared::process::control::{Command, ControlClient, ModelChange, WorkerEvent};
 use tokio::sync::oneshot;
 
 use crate::engine::Engine;

@@ -56,16 +56,16 @@ pub fn router(state: AppState) -> Router {
                 let https = req.extensions().get::<Scheme>() == Some(&Scheme::Https);
                 if !https {
                     // Only the HTTPS worker vouches for a client certificate.
-                    for h in tandem_shared::access::CLIENT_HEADERS {
+                    for h in tandem_shared::edge::access::CLIENT_HEADERS {
                         req.headers_mut().remove(h);
                     }
                     if !axum::body::HttpBody::is_end_stream(req.body()) {
                         let body = std::mem::take(req.body_mut());
                         *req.body_mut() =
-                            axum::body::Body::new(tandem_shared::serve::BodyDeadline::new(body, body_timeout));
+                            axum::body::Body::new(tandem_shared::edge::serve::BodyDeadline::new(body, body_timeout));
                     }
                 }
-                let arrival = tandem_shared::access::Arrival::new(&req, https, access_log);
+                let arrival = tandem_shared::edge::access::Arrival::new(&req, https, access_log);
                 // Answers are compressed when the client's Accept-Encoding asks.
                 let encoding = crate::compression::wanted(req.headers());
                 // Plain HTTP meets its front door here; HTTPS requests met the HTTPS worker's.

@@ -130,9 +130,9 @@ async fn answer(mut claim: Claim, frame: Result<RequestFrame, FrameError>, app: 
             *req.headers_mut() = frame.headers;
             req.extensions_mut().insert(Scheme::Https);
             // The client's address, as the HTTPS worker wrote it (never the client).
-            if let Some(peer) = req.headers_mut().remove(tandem_shared::access::PEER_HEADER) {
+            if let Some(peer) = req.headers_mut().remove(tandem_shared::edge::access::PEER_HEADER) {
                 if let Some(addr) = peer.to_str().ok().and_then(|p| p.parse().ok()) {
-                    req.extensions_mut().insert(tandem_shared::serve::Peer(addr));
+                    req.extensions_mut().insert(tandem_shared::edge::serve::Peer(addr));
                 }
             }
             let Ok(res) = app.oneshot(req).await;
@@ -167,6 +167,6 @@ async fn answer(mut claim: Claim, frame: Result<RequestFrame, FrameError>, app: 
 }
 
 fn error_parts(status: StatusCode, message: &str) -> (StatusCode, HeaderMap, Vec<u8>) {
-    let (headers, body) = tandem_shared::front::error_parts(status, message);
+    let (headers, body) = tandem_shared::edge::front::error_parts(status, message);
     (status, headers, body.to_vec())
 }

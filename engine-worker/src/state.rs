@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use tandem_shared::budget::{Budget, Refused, Share, WAIT};
+use tandem_shared::edge::budget::{Budget, Refused, Share, WAIT};
 use tandem_shared::stats::{ModelStats, Stats};
 use tandem_shared::sys::shm::Region;
 use tandem_shared::WorkerSettings;
@@ -60,7 +60,7 @@ pub(crate) struct Inner {
     /// Write one log line per request.
     pub(crate) access_log: bool,
     /// The plain HTTP listener's edge policy (HTTPS requests met the HTTPS worker's).
-    pub(crate) door: Arc<tandem_shared::front::FrontDoor>,
+    pub(crate) door: Arc<tandem_shared::edge::front::FrontDoor>,
     /// The ring, when HTTPS is on (its busy slots are a metric).
     pub(crate) ring: Option<Arc<Region>>,
     /// Load and unload through the supervisor.
@@ -73,11 +73,11 @@ impl AppState {
     pub fn new(
         settings: &WorkerSettings,
         section: &tandem_shared::EngineWorker,
-        door: tandem_shared::front::FrontDoor,
+        door: tandem_shared::edge::front::FrontDoor,
         engine: Arc<Engine>,
         stats: Stats,
         ring: Option<Arc<Region>>,
-        control: Arc<tandem_shared::control::ControlClient>,
+        control: Arc<tandem_shared::process::control::ControlClient>,
     ) -> Self {
         let model_control = crate::model_control::ModelControl::start(section.model_control, control, engine.clone());
         AppState {
@@ -159,9 +159,9 @@ fn engine_info(e: &tandem_shared::EngineSettings) -> serde_json::Value {
     })
 }
 
-/// A JSON error response `{"error": "..."}` ([`tandem_shared::front::error`]).
+/// A JSON error response `{"error": "..."}` ([`tandem_shared::edge::front::error`]).
 pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    tandem_shared::front::error(status, &message.into()).map(Body::new)
+    tandem_shared::edge::front::error(status, &message.into()).map(Body::new)
 }
 
 impl IntoResponse for ApiError {
@@ -173,10 +173,10 @@ impl IntoResponse for ApiError {
 /// Reads a request body of at most `limit` bytes, taking its share of this
 /// worker's memory budget as it arrives (twice its size, the body and what
 /// is decoded from it; once when it is compressed: [`crate::compression::inflate`]
-/// counts what it inflates to; [`tandem_shared::budget`]): 413 past the limit (at once
+/// counts what it inflates to; [`tandem_shared::edge::budget`]): 413 past the limit (at once
 /// when `Content-Length` says so), 503 with `Retry-After` when the budget stays
 /// taken, 408 when the body does not arrive within `REQUEST_TIMEOUT`
-/// ([`tandem_shared::serve::BodyDeadline`]), 400 when it breaks off. The share
+/// ([`tandem_shared::edge::serve::BodyDeadline`]), 400 when it breaks off. The share
 /// is held until the caller drops it (after the answer is made).
 pub(crate) async fn read_body(
     headers: &HeaderMap,
@@ -187,7 +187,9 @@ pub(crate) async fn read_body(
     use http_body_util::BodyExt;
     let too_large = || ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
-        message: tandem_shared::front::too_large_message(&tandem_shared::front::max_request_bytes(limit as u64)),
+        message: tandem_shared::edge::front::too_large_message(&tandem_shared::edge::front::max_request_bytes(
+            limit as u64,
+        )),
     };
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -208,7 +210,7 @@ pub(crate) async fn read_body(
         let frame = frame.map_err(|e| {
             let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
             while let Some(s) = source {
-                if let Some(t) = s.downcast_ref::<tandem_shared::serve::BodyTimedOut>() {
+                if let Some(t) = s.downcast_ref::<tandem_shared::edge::serve::BodyTimedOut>() {
                     return ApiError { status: StatusCode::REQUEST_TIMEOUT, message: t.to_string() };
                 }
                 source = s.source();
@@ -268,7 +270,7 @@ pub(crate) async fn certificate(state: &AppState) -> serde_json::Value {
     match tokio::fs::read(path)
         .await
         .ok()
-        .and_then(|b| serde_json::from_slice::<tandem_shared::cert_status::CertStatus>(&b).ok())
+        .and_then(|b| serde_json::from_slice::<tandem_shared::certs::status::CertStatus>(&b).ok())
     {
         Some(status) => status.to_json(),
         None => json!({ "error": "certificate status not available yet" }),

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tandem_shared::log_fields::{escaped, MAX_VALUE_BYTES};
+use tandem_shared::process::log_fields::{escaped, MAX_VALUE_BYTES};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

@@ -11,9 +11,9 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use tandem_shared::budget::{Budget, Share};
+use tandem_shared::edge::budget::{Budget, Share};
+use tandem_shared::edge::front::{self, read_body, BodyError, FrontDoor, DRAIN_BYTES};
 use tandem_shared::frame::{decode_response, encode_request, FrameError};
-use tandem_shared::front::{self, read_body, BodyError, FrontDoor, DRAIN_BYTES};
 use tandem_shared::stats::Stats;
 use tandem_shared::sys::shm::{Region, DONE, FAILED, SUBMITTED};
 use tokio::sync::oneshot;
@@ -231,7 +231,7 @@ pub struct Forwarder {
 
 /// The answer to a body the memory budget would not take: 503 with
 /// `Retry-After` while others hold it, 413 when it alone is larger.
-pub fn budget_refused(e: &tandem_shared::budget::Refused) -> Response<Full<Bytes>> {
+pub fn budget_refused(e: &tandem_shared::edge::budget::Refused) -> Response<Full<Bytes>> {
     json_error(e.status(), &e.to_string())
 }
 
@@ -303,7 +303,7 @@ impl Forwarder {
 
     /// Serves one request; never fails (errors are JSON responses).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-        let arrival = tandem_shared::access::Arrival::new(&req, true, self.access_log.is_some());
+        let arrival = tandem_shared::edge::access::Arrival::new(&req, true, self.access_log.is_some());
         let web_origin = req.headers().get(header::ORIGIN).cloned();
         let mut res = match self.door.answer(&req) {
             Some(answer) => here(answer),
@@ -354,21 +354,23 @@ impl Forwarder {
         }
         // With the access log on, the client's address travels with the request,
         // and so does a verified client certificate; a client never sets either.
-        parts.headers.remove(tandem_shared::access::PEER_HEADER);
-        for h in tandem_shared::access::CLIENT_HEADERS {
+        parts.headers.remove(tandem_shared::edge::access::PEER_HEADER);
+        for h in tandem_shared::edge::access::CLIENT_HEADERS {
             parts.headers.remove(h);
         }
-        if let Some(id) = parts.extensions.get::<Arc<tandem_shared::serve::ClientIdentity>>() {
-            let values = tandem_shared::access::client_header_values(id);
-            for (name, value) in tandem_shared::access::CLIENT_HEADERS.iter().zip(values) {
+        if let Some(id) = parts.extensions.get::<Arc<tandem_shared::edge::serve::ClientIdentity>>() {
+            let values = tandem_shared::edge::access::client_header_values(id);
+            for (name, value) in tandem_shared::edge::access::CLIENT_HEADERS.iter().zip(values) {
                 if let Ok(v) = HeaderValue::from_bytes(value.as_bytes()) {
                     parts.headers.insert(*name, v);
                 }
             }
         }
-        if let Some(peer) = parts.extensions.get::<tandem_shared::serve::Peer>().filter(|_| self.access_log.is_some()) {
+        if let Some(peer) =
+            parts.extensions.get::<tandem_shared::edge::serve::Peer>().filter(|_| self.access_log.is_some())
+        {
             if let Ok(v) = HeaderValue::from_str(&peer.0.to_string()) {
-                parts.headers.insert(tandem_shared::access::PEER_HEADER, v);
+                parts.headers.insert(tandem_shared::edge::access::PEER_HEADER, v);
             }
         }
         self.exchange(&parts, &body).await

@@ -10,7 +10,7 @@ pub mod forward;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tandem_shared::worker::{run_worker, Kind, Running, Started};
+use tandem_shared::process::worker::{run_worker, Kind, Running, Started};
 use tandem_shared::WorkerSettings;
 use tandem_tls::Tls;
 
@@ -46,7 +46,7 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
 
     // No model here: every request goes to the engine workers through shared memory.
     let shm = settings.shm()?;
-    let region = tandem_shared::worker::open_region(shm).context("cannot map the shared-memory region")?;
+    let region = tandem_shared::process::worker::open_region(shm).context("cannot map the shared-memory region")?;
     let completions = forward::Completions::start(region.clone()).context("cannot start the completion thread")?;
     let _ = WATCHED.set(completions.clone());
     let max_request = usize::try_from(settings.edge.policy.max_request_bytes).unwrap_or(usize::MAX);
@@ -54,13 +54,13 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
         max_request_bytes: max_request,
         timeout: shm.request_timeout,
         access_log: settings.edge.policy.access_log.then_some(settings.worker_id),
-        door: tandem_shared::front::FrontDoor::new(&settings, true)?,
+        door: tandem_shared::edge::front::FrontDoor::new(&settings, true)?,
         inflight_bytes: settings.edge.inflight_bytes,
     };
     let forwarder = Arc::new(forward::Forwarder::new(region, completions.clone(), stats.clone(), options));
-    let budget = tandem_shared::serve::connection_budget();
+    let budget = tandem_shared::edge::serve::connection_budget();
     let server = Arc::new(
-        tandem_shared::serve::Server::new(settings.edge.policy.timeouts, budget)
+        tandem_shared::edge::serve::Server::new(settings.edge.policy.timeouts, budget)
             .with_park_hook(Arc::new(watch_before_park)),
     );
 
@@ -69,7 +69,7 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     let handshake = move |tcp, peer| handshaker.clone().accept(tcp, peer);
     let fwd = forwarder.clone();
     let service = hyper::service::service_fn(move |req| fwd.clone().handle(req));
-    let extra = tandem_shared::serve::serving_threads() - 1;
+    let extra = tandem_shared::edge::serve::serving_threads() - 1;
     let mut serving =
         server.serve_all(extra, std_listener, handshake, service).context("cannot start the serving threads")?;
     let graceful = settings.graceful_timeout;

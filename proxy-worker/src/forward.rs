@@ -15,8 +15,8 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Empty, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
-use tandem_shared::front::{self, read_body, BodyError, FrontDoor};
-use tandem_shared::serve::{tunnel, ClientIdentity, Peer, TunnelEnd};
+use tandem_shared::edge::front::{self, read_body, BodyError, FrontDoor};
+use tandem_shared::edge::serve::{tunnel, ClientIdentity, Peer, TunnelEnd};
 use tandem_shared::stats::Stats;
 
 use crate::pool::{Lease, Pool, ProxyBody};
@@ -45,7 +45,7 @@ const DROPPED: [&str; 17] = [
     "x-forwarded-host",
     "x-forwarded-port",
     "x-real-ip",
-    tandem_shared::access::PEER_HEADER,
+    tandem_shared::edge::access::PEER_HEADER,
     "via",
 ];
 
@@ -79,7 +79,7 @@ pub struct Proxy {
     pool: Arc<Pool>,
     stats: Stats,
     opts: Options,
-    budget: Arc<tandem_shared::budget::Budget>,
+    budget: Arc<tandem_shared::edge::budget::Budget>,
 }
 
 /// What one request came with, for the headers tandem sets.
@@ -158,7 +158,7 @@ fn reserved(name: &HeaderName) -> bool {
     n.contains('_')
         || n.starts_with("x-tandem-")
         || DROPPED.iter().skip(HOP_BY_HOP).any(|d| *d == n)
-        || tandem_shared::access::CLIENT_HEADERS.contains(&n)
+        || tandem_shared::edge::access::CLIENT_HEADERS.contains(&n)
 }
 
 /// The request headers a copy sees: the client's, less what is hop-by-hop or
@@ -205,8 +205,8 @@ fn rewrite(headers: &mut HeaderMap, authority: Option<&str>, origin: &Origin<'_>
         headers.insert(header::FORWARDED, v);
     }
     if let Some(id) = origin.client {
-        let values = tandem_shared::access::client_header_values(id);
-        for (name, value) in tandem_shared::access::CLIENT_HEADERS.iter().zip(values) {
+        let values = tandem_shared::edge::access::client_header_values(id);
+        for (name, value) in tandem_shared::edge::access::CLIENT_HEADERS.iter().zip(values) {
             if let Ok(v) = HeaderValue::from_str(&value) {
                 headers.insert(*name, v);
             }
@@ -299,7 +299,7 @@ fn cause(e: &(dyn std::error::Error + 'static)) -> String {
 impl Proxy {
     /// A proxy over `pool`, counting into `stats`.
     pub fn new(pool: Arc<Pool>, stats: Stats, opts: Options) -> Self {
-        let budget = tandem_shared::budget::Budget::new(opts.inflight_bytes);
+        let budget = tandem_shared::edge::budget::Budget::new(opts.inflight_bytes);
         Proxy { pool, stats, opts, budget }
     }
 
@@ -311,7 +311,7 @@ impl Proxy {
         https: bool,
         port: u16,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let arrival = tandem_shared::access::Arrival::new(&req, https, self.opts.access_log.is_some());
+        let arrival = tandem_shared::edge::access::Arrival::new(&req, https, self.opts.access_log.is_some());
         let peer = req.extensions().get::<Peer>().map(|p| p.0);
         let client = req.extensions().get::<Arc<ClientIdentity>>().cloned();
         let door = if https { &self.opts.secure } else { &self.opts.plain };
@@ -348,7 +348,7 @@ impl Proxy {
             return (too_large(), None);
         }
         // A body read before forwarding is held until the copy answered.
-        let mut share = tandem_shared::budget::Share::default();
+        let mut share = tandem_shared::edge::budget::Share::default();
         let mut outgoing = if body.is_end_stream() {
             Outgoing::Replayable(Bytes::new())
         } else if declared.is_some_and(|n| n <= REPLAYABLE_BYTES) {

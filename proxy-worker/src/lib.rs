@@ -13,10 +13,10 @@ use std::net::TcpListener;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tandem_shared::control::Command;
-use tandem_shared::front::FrontDoor;
-use tandem_shared::serve::{Accepted, Server};
-use tandem_shared::worker::{adopt_listener, run_worker, Kind, Running, Started};
+use tandem_shared::edge::front::FrontDoor;
+use tandem_shared::edge::serve::{Accepted, Server};
+use tandem_shared::process::control::Command;
+use tandem_shared::process::worker::{adopt_listener, run_worker, Kind, Running, Started};
 use tandem_shared::WorkerSettings;
 
 /// Most threads (each with its own runtime) the proxy worker runs.
@@ -108,7 +108,7 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
         http,
         https: tls.map(|(l, a, t)| (l, a, t.handshaker(stats.clone(), a))),
         forwarder: Arc::new(forward::Proxy::new(pool.clone(), stats, options)),
-        budget: (tandem_shared::serve::connection_budget() / listeners / threads).max(8),
+        budget: (tandem_shared::edge::serve::connection_budget() / listeners / threads).max(8),
         settings: settings.clone(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -16,7 +16,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tandem_shared::control::{Backend, BackendAddr, BackendState, ControlClient, WorkerEvent};
+use tandem_shared::process::control::{Backend, BackendAddr, BackendState, ControlClient, WorkerEvent};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 

@@ -1,29 +1,26 @@
-//! Code shared by tandem's processes: configuration, certificates, control
-//! messages, worker settings, logging and the one module with `unsafe`.
+//! What tandem's processes are built from, by what it holds: [`process`]
+//! (what makes a worker process: the skeleton, the control channel, the
+//! settings it receives, log fields), [`edge`] (what every request path does
+//! at the front: the front door, serving connections, the access log,
+//! balancing, the memory budget), [`certs`] (the certificate cache, what the
+//! served certificate is, certificate primitives), [`stats`] (the statistics
+//! region's meaning), [`frame`] (the ring's frame format) and [`sys`], the one
+//! module with `unsafe`.
 
 #![deny(unsafe_code)]
 
-pub mod access;
-pub mod balance;
-pub mod budget;
-pub mod cert_cache;
-pub mod cert_status;
-pub mod control;
+pub mod certs;
+pub mod edge;
 pub mod frame;
-pub mod front;
-pub mod log_fields;
-pub mod serve;
-pub mod settings;
+pub mod process;
 pub mod stats;
 pub mod sys;
-pub mod tls;
-pub mod worker;
 
 use std::net::SocketAddr;
 
 use tandem_config::process::LogFormat;
 
-pub use settings::{
+pub use process::settings::{
     EdgeSettings, EngineSettings, EngineWorker, OrtLibrary, ProxySettings, Role, ShmSettings, StatsSettings,
     TlsSettings, WorkerSettings,
 };
@@ -79,7 +76,7 @@ pub fn init_logging(level: &str, format: LogFormat) {
         .with_ansi(ansi);
     // A second initialisation (tests calling in-process) is harmless; ignore it.
     let _ = match format {
-        LogFormat::Text => builder.fmt_fields(log_fields::EscapedFields).try_init(),
+        LogFormat::Text => builder.fmt_fields(process::log_fields::EscapedFields).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }

@@ -1,6 +1,6 @@
 //! `WORKER_COMMAND`: starting the copies of the operator's server, relaying
 //! their output into tandem's log, and probing their readiness and health.
-//! The event loop (`supervise.rs`) decides what to do with what it learns here.
+//! The event loop (`supervise/`) decides what to do with what it learns here.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tandem_shared::control::BackendAddr;
+use tandem_shared::process::control::BackendAddr;
 use tokio::sync::mpsc;
 
 /// Lines of a copy's output kept for the report when it fails to start.

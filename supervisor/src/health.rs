@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use tandem_config::tls::ClientAuth;
 use tandem_config::Config;
-use tandem_shared::cert_cache::Layout;
-use tandem_shared::tls::Bundle;
+use tandem_shared::certs::cache::Layout;
+use tandem_shared::certs::primitives::Bundle;
 
 /// How long each probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,9 +26,12 @@ fn local(host: IpAddr, port: u16) -> SocketAddr {
 }
 
 fn fingerprint(der: &[u8]) -> Option<String> {
-    tandem_shared::tls::inspect(&rustls_pki_types::CertificateDer::from(der.to_vec()), "the served certificate")
-        .ok()
-        .map(|i| i.fingerprint)
+    tandem_shared::certs::primitives::inspect(
+        &rustls_pki_types::CertificateDer::from(der.to_vec()),
+        "the served certificate",
+    )
+    .ok()
+    .map(|i| i.fingerprint)
 }
 
 /// One probe: the status, and over HTTPS the served certificate's fingerprint.

@@ -20,7 +20,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use tandem_config::Config;
-use tandem_shared::worker::settings_from_supervisor;
+use tandem_shared::process::worker::settings_from_supervisor;
 
 use crate::supervise::{Listeners, Supervisor};
 
@@ -95,7 +95,10 @@ fn check_command(args: &[String]) -> ExitCode {
     }
     match Config::from_env() {
         Ok(c) => {
-            print!("{}", tandem_config::check::report(&c, &tandem_config::check::set_in_env));
+            print!(
+                "{}",
+                tandem_config::check::report(&c, &tandem_config::check::set_in_env, &tandem_config::unknown::in_env())
+            );
             ExitCode::from(EXIT_OK)
         }
         Err(e) => {
@@ -196,6 +199,12 @@ fn supervisor(command: Option<Vec<String>>) -> Outcome {
     tandem_shared::init_logging(&config.process.log_level, config.process.log_format);
     for n in tandem_config::check::ignored(&config, &tandem_config::check::set_in_env) {
         tracing::warn!(variable = n.var, hint = %n.hint, "variable set but ignored");
+    }
+    for u in tandem_config::unknown::in_env() {
+        let hint = u
+            .suggestion
+            .map_or_else(|| "tandem check lists every variable".to_string(), |s| format!("did you mean {s}?"));
+        tracing::warn!(variable = %u.name.escape_debug(), %hint, "variable looks like tandem's but is not one; it does nothing (STRICT_CONFIG=true refuses it)");
     }
     // One crypto provider for everything (rustls server, reqwest client).
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();

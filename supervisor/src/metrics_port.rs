@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use tandem_shared::serve::{Server, Timeouts};
+use tandem_shared::edge::serve::{Server, Timeouts};
 use tandem_shared::sys::counters::Counters;
 use tandem_shared::sys::shm::Region;
 
@@ -68,7 +68,7 @@ pub fn spawn(
                 .run(
                     &listener,
                     std::future::pending(),
-                    |tcp, _| async move { Some(tandem_shared::serve::Accepted::plain(tcp)) },
+                    |tcp, _| async move { Some(tandem_shared::edge::serve::Accepted::plain(tcp)) },
                     service,
                 )
                 .await;

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use tandem_shared::control::ModelChange;
+use tandem_shared::process::control::ModelChange;
 
 /// Who asked for a change: an engine worker on behalf of a client (answered
 /// when done), the repository poller (logged), or the supervisor putting

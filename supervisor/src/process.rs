@@ -52,7 +52,7 @@ pub struct Slot {
     /// The slot's block in the statistics region, kept across restarts so totals never go back.
     pub block: usize,
     /// The supervisor's writing end of the current process's control channel.
-    pub control: Option<tandem_shared::control::CommandSender>,
+    pub control: Option<tandem_shared::process::control::CommandSender>,
     /// A `WORKER_COMMAND` copy's number (1-based, kept across restarts; `{worker}`); 0 otherwise.
     pub number: usize,
     /// The running `WORKER_COMMAND` copy, for [`Role::App`] slots.

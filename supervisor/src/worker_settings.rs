@@ -10,8 +10,8 @@ use std::path::Path;
 use tandem_config::acme::AcmeChallenge;
 use tandem_config::certs::CertSource;
 use tandem_config::Config;
-use tandem_shared::cert_cache::Layout;
-use tandem_shared::control::Backend;
+use tandem_shared::certs::cache::Layout;
+use tandem_shared::process::control::Backend;
 use tandem_shared::{
     EdgeSettings, EngineSettings, EngineWorker, ProxySettings, Role, ShmSettings, StatsSettings, TlsSettings,
     WorkerSettings,
@@ -72,7 +72,7 @@ pub fn for_worker(config: &Config, spawn: Spawn<'_>) -> WorkerSettings {
         policy: config.edge.clone(),
         // Every serving process (the engines, the TLS or proxy worker) gets an equal part.
         inflight_bytes: config.edge.max_inflight_bytes.unwrap_or_else(|| {
-            tandem_shared::budget::share(
+            tandem_shared::edge::budget::share(
                 spawn.memory,
                 spawn.engine_workers + front,
                 config.edge.max_request_bytes.saturating_mul(3),

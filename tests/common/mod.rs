@@ -381,7 +381,7 @@ pub fn process_state(pid: Pid) -> Option<char> {
 pub fn served_fingerprint(resp: &reqwest::blocking::Response) -> String {
     let info = resp.extensions().get::<reqwest::tls::TlsInfo>().expect("tls_info enabled");
     let der = info.peer_certificate().expect("peer certificate");
-    tandem_shared::tls::inspect(&der.to_vec().into(), "served").unwrap().fingerprint
+    tandem_shared::certs::primitives::inspect(&der.to_vec().into(), "served").unwrap().fingerprint
 }
 
 /// A repository in `dir` holding only the benchmark model `name` (scripts/make_bench_models.py).

@@ -42,7 +42,7 @@ impl TestCa {
         params.not_after = now + time::Duration::days(to_days);
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let fingerprint = tandem_shared::tls::inspect(cert.der(), "test").unwrap().fingerprint;
+        let fingerprint = tandem_shared::certs::primitives::inspect(cert.der(), "test").unwrap().fingerprint;
         // A full chain: leaf then CA.
         Issued { cert_pem: format!("{}{}", cert.pem(), self.pem), key_pem: key.serialize_pem(), fingerprint }
     }

@@ -14,7 +14,7 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ServerConnection, WebPkiClientVerifier};
 use tandem_config::tls::ClientAuth;
 use tandem_config::tls::TlsVersion;
-use tandem_shared::serve::ClientIdentity;
+use tandem_shared::edge::serve::ClientIdentity;
 use tokio_rustls::TlsAcceptor;
 
 use crate::ReloadableResolver;
@@ -39,8 +39,8 @@ impl std::fmt::Debug for Acceptors {
 
 fn verifier(ca: &std::path::Path, auth: ClientAuth) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
     use anyhow::Context;
-    let pem =
-        tandem_shared::tls::read_pem_file(ca).with_context(|| format!("cannot read SSL_CLIENT_CA {}", ca.display()))?;
+    let pem = tandem_shared::certs::primitives::read_pem_file(ca)
+        .with_context(|| format!("cannot read SSL_CLIENT_CA {}", ca.display()))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {
         let cert = cert.with_context(|| format!("{} is not a PEM certificate bundle", ca.display()))?;
@@ -122,6 +122,6 @@ impl Acceptors {
 /// The verified client certificate of `conn`, if the client presented one.
 pub fn identity(conn: &ServerConnection) -> Option<Arc<ClientIdentity>> {
     let leaf = conn.peer_certificates()?.first()?;
-    let info = tandem_shared::tls::inspect(leaf, "client certificate").ok()?;
+    let info = tandem_shared::certs::primitives::inspect(leaf, "client certificate").ok()?;
     Some(Arc::new(ClientIdentity { subject: info.subject, sans: info.sans, fingerprint: info.fingerprint }))
 }

@@ -53,7 +53,7 @@ pub async fn refuse_plain_http(mut tcp: tokio::net::TcpStream, https_url: &str) 
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), read).await;
     let message = format!("this port speaks TLS: the request was sent as plain HTTP; use {https_url}");
-    let (_, body) = tandem_shared::front::error_parts(http::StatusCode::BAD_REQUEST, &message);
+    let (_, body) = tandem_shared::edge::front::error_parts(http::StatusCode::BAD_REQUEST, &message);
     let head = format!(
         "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()

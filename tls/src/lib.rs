@@ -12,8 +12,8 @@ pub mod resolver;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tandem_shared::control::{ControlClient, WorkerEvent};
-use tandem_shared::tls::Bundle;
+use tandem_shared::certs::primitives::Bundle;
+use tandem_shared::process::control::{ControlClient, WorkerEvent};
 use tandem_shared::TlsSettings;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -143,7 +143,7 @@ impl Tls {
         }))
     }
 
-    /// The handshake step for [`tandem_shared::serve::Server::run`] on the listener at `addr`.
+    /// The handshake step for [`tandem_shared::edge::serve::Server::run`] on the listener at `addr`.
     pub fn handshaker(&self, stats: tandem_shared::stats::Stats, addr: std::net::SocketAddr) -> Handshaker {
         Handshaker { acceptors: self.acceptors.clone(), stats, https_url: tandem_shared::url("https", addr).into() }
     }
@@ -164,7 +164,7 @@ impl Handshaker {
         self,
         tcp: tokio::net::TcpStream,
         peer: std::net::SocketAddr,
-    ) -> Option<tandem_shared::serve::Accepted<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    ) -> Option<tandem_shared::edge::serve::Accepted<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
         let acceptor = self.acceptors.current();
         // Counted as a timeout unless it ends here (the server drops it at HEADER_TIMEOUT).
         let mut pending = handshake::Pending::new(&self.stats);
@@ -182,7 +182,7 @@ impl Handshaker {
                     return None;
                 }
                 let client = client_auth::identity(tls.get_ref().1);
-                Some(tandem_shared::serve::Accepted { io: tls, client })
+                Some(tandem_shared::edge::serve::Accepted { io: tls, client })
             }
             Err(e) => {
                 pending.failed(&e);

@@ -44,8 +44,8 @@ impl ReloadableResolver {
     /// `CertifiedKey` (it carries the critical acmeIdentifier extension,
     /// which rustls' own certificate loading refuses).
     fn challenge(&self, name: &str) -> Option<Arc<CertifiedKey>> {
-        let path = self.acme_alpn.as_ref()?.join(tandem_shared::cert_cache::alpn01_file_name(name));
-        let pem = tandem_shared::tls::read_pem_file(&path).ok()?;
+        let path = self.acme_alpn.as_ref()?.join(tandem_shared::certs::cache::alpn01_file_name(name));
+        let pem = tandem_shared::certs::primitives::read_pem_file(&path).ok()?;
         let cert = CertificateDer::from_pem_slice(&pem).ok()?;
         let key = PrivateKeyDer::from_pem_slice(&pem).ok()?;
         let provider = rustls::crypto::aws_lc_rs::default_provider();

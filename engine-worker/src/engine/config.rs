@@ -269,7 +269,7 @@ fn ignored_fields(message: &DynamicMessage, prefix: &str, out: &mut Vec<String>)
 /// Largest configuration accepted, from a file or a load request (bytes).
 /// A load request's override also travels to every engine worker and is
 /// replayed to restarted ones, so it stays far below any framing limit.
-pub const MAX_CONFIG_BYTES: usize = tandem_shared::control::MAX_MODEL_CONFIG_BYTES;
+pub const MAX_CONFIG_BYTES: usize = tandem_shared::process::control::MAX_MODEL_CONFIG_BYTES;
 
 /// Bounds on the numbers of a configuration: a model asking for more is
 /// unavailable with its reason, never a reason for a worker to run out of

@@ -22,9 +22,9 @@ use tandem_config::acme::Acme as AcmeSettings;
 use tandem_config::acme::AcmeChallenge;
 use tandem_config::certs::KeyType;
 use tandem_config::Config;
-use tandem_shared::cert_cache::{self, alpn01_file_name, http01_token_ok, CertCache, Layout};
-use tandem_shared::cert_status::unix_now;
-use tandem_shared::tls::{self, Bundle};
+use tandem_shared::certs::cache::{self, alpn01_file_name, http01_token_ok, CertCache, Layout};
+use tandem_shared::certs::primitives::{self, Bundle};
+use tandem_shared::certs::status::unix_now;
 
 use super::{CertHealth, Obtained, Obtaining, Refresh, Source, SourceError};
 
@@ -71,7 +71,7 @@ pub struct Acme {
 impl Acme {
     /// From the `ACME_*` settings and `SSL_KEY_TYPE`.
     pub fn new(config: &Config) -> Acme {
-        let mut stand_in = tls::generated_sans(&config.certs.san);
+        let mut stand_in = primitives::generated_sans(&config.certs.san);
         for d in &config.acme.domains {
             if !stand_in.contains(d) && !d.starts_with("*.") {
                 stand_in.push(d.clone());
@@ -82,9 +82,9 @@ impl Acme {
 
     /// The cached certificate while it is for our names and still valid.
     fn cached(&self, cache: &CertCache) -> Option<Bundle> {
-        let b = cache.load(cert_cache::ACME_CERT).ok()?;
+        let b = cache.load(cache::ACME_CERT).ok()?;
         let mut have = b.info.sans.clone();
-        let mut want = tls::san_strings(&self.settings.domains);
+        let mut want = primitives::san_strings(&self.settings.domains);
         have.sort();
         want.sort();
         (have == want).then_some(b)
@@ -118,9 +118,9 @@ impl Acme {
             .create(&new, self.settings.directory.clone(), None)
             .await
             .map_err(acme_err("cannot create the ACME account"))?;
-        cache.private_dir(cert_cache::ACME_DIR)?;
+        cache.private_dir(cache::ACME_DIR)?;
         let json = serde_json::to_vec_pretty(&creds).map_err(|e| SourceError::Acme(e.to_string()))?;
-        cache.write_secret(&format!("{}/account.json", cert_cache::ACME_DIR), &json)?;
+        cache.write_secret(&format!("{}/account.json", cache::ACME_DIR), &json)?;
         tracing::info!(directory = %super::redact_url(&self.settings.directory), account = account.id(), "created an ACME account");
         Ok(account)
     }
@@ -158,7 +158,7 @@ impl Acme {
     /// One order, from account to certificate; challenge files and records are removed whatever happens.
     async fn order(&self, cache: &CertCache) -> Result<Bundle, SourceError> {
         let account = self.account(cache).await?;
-        cache.private_dir(cert_cache::ACME_DIR)?;
+        cache.private_dir(cache::ACME_DIR)?;
         let mut cleanup = Cleanup { files: Vec::new(), records: Vec::new(), hook: self.settings.dns_hook.clone() };
         let result = self.run_order(&account, cache, &mut cleanup).await;
         cleanup.run().await;
@@ -199,7 +199,7 @@ impl Acme {
             let key_auth = challenge.key_authorization();
             match self.settings.challenge {
                 AcmeChallenge::Http01 => {
-                    let dir = private(cache, cert_cache::HTTP01_DIR)?;
+                    let dir = private(cache, cache::HTTP01_DIR)?;
                     let token = challenge.token.clone();
                     if !http01_token_ok(&token) {
                         return Err(SourceError::Acme(format!(
@@ -207,19 +207,16 @@ impl Acme {
                         )));
                     }
                     cache.write_secret(
-                        &format!("{}/{}/{token}", cert_cache::ACME_DIR, cert_cache::HTTP01_DIR),
+                        &format!("{}/{}/{token}", cache::ACME_DIR, cache::HTTP01_DIR),
                         key_auth.as_str().as_bytes(),
                     )?;
                     cleanup.files.push(dir.join(token));
                 }
                 AcmeChallenge::TlsAlpn01 => {
-                    private(cache, cert_cache::ALPN01_DIR)?;
+                    private(cache, cache::ALPN01_DIR)?;
                     let pem = alpn_certificate(&name, key_auth.digest().as_ref())?;
                     let file = alpn01_file_name(&name);
-                    cache.write_secret(
-                        &format!("{}/{}/{file}", cert_cache::ACME_DIR, cert_cache::ALPN01_DIR),
-                        pem.as_bytes(),
-                    )?;
+                    cache.write_secret(&format!("{}/{}/{file}", cache::ACME_DIR, cache::ALPN01_DIR), pem.as_bytes())?;
                     cleanup.files.push(layout.acme_alpn01().join(file));
                 }
                 AcmeChallenge::Dns01 => {
@@ -261,8 +258,8 @@ impl Acme {
 }
 
 fn private(cache: &CertCache, sub: &str) -> Result<PathBuf, SourceError> {
-    cache.private_dir(cert_cache::ACME_DIR)?;
-    Ok(cache.private_dir(&format!("{}/{sub}", cert_cache::ACME_DIR))?)
+    cache.private_dir(cache::ACME_DIR)?;
+    Ok(cache.private_dir(&format!("{}/{sub}", cache::ACME_DIR))?)
 }
 
 /// The moment in the suggested window `start..end` at which a certificate
@@ -392,7 +389,7 @@ impl Source for Acme {
             tracing::info!(domains = %self.settings.domains.join(","), challenge = ?self.settings.challenge, "ordering a certificate from the ACME server");
             match self.order(cache).await {
                 Ok(b) => {
-                    cache.write_secret(cert_cache::ACME_CERT, b.to_pem().as_bytes())?;
+                    cache.write_secret(cache::ACME_CERT, b.to_pem().as_bytes())?;
                     tracing::info!(fingerprint = %b.info.fingerprint, not_after = b.info.not_after, issuer = %b.info.issuer, "the ACME server issued a certificate");
                     Ok(Obtained::good(b))
                 }

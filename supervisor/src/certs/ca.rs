@@ -18,9 +18,9 @@ use rcgen::{
 use serde::Serialize;
 use tandem_config::certs::KeyType;
 use tandem_config::Config;
-use tandem_shared::cert_cache::{self, CertCache, Layout};
-use tandem_shared::cert_status::{unix_now, CertInfo};
-use tandem_shared::tls::{self, Bundle, CertError};
+use tandem_shared::certs::cache::{self, CertCache, Layout};
+use tandem_shared::certs::primitives::{self, Bundle, CertError};
+use tandem_shared::certs::status::{unix_now, CertInfo};
 
 use super::{Obtained, Obtaining, Refresh, Source, SourceError};
 
@@ -60,7 +60,7 @@ pub struct Ca {
 }
 
 fn read(path: &Path) -> Result<String, SourceError> {
-    let bytes = tls::read_pem_file(path)?;
+    let bytes = primitives::read_pem_file(path)?;
     String::from_utf8(bytes).map_err(|_| SourceError::Ca(format!("{} is not PEM text", path.display())))
 }
 
@@ -68,7 +68,7 @@ fn info_of(pem: &str, path: &Path) -> Result<CertInfo, SourceError> {
     use rustls_pki_types::pem::PemObject;
     let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| SourceError::Ca(format!("{}: {e}", path.display())))?;
-    Ok(tls::inspect(&der, &path.display().to_string())?)
+    Ok(primitives::inspect(&der, &path.display().to_string())?)
 }
 
 impl Ca {
@@ -83,8 +83,8 @@ impl Ca {
             return Err(ca_missing(layout));
         }
         // The same rules as `tandem ca init`: no symlinked, foreign or shared folder holds the keys.
-        cert_cache::check_private(layout.dir())?;
-        cert_cache::check_private(&layout.ca_dir())?;
+        cache::check_private(layout.dir())?;
+        cache::check_private(&layout.ca_dir())?;
         let path = |n: &str| layout.ca_file(n);
         let root_pem = read(&path(ROOT_CERT))?;
         let intermediate_pem = read(&path(INTERMEDIATE_CERT))?;
@@ -114,9 +114,9 @@ impl Ca {
     /// key must be present). Keys are 0600 from their first byte.
     pub fn init(cache: &CertCache, intermediate_only: bool) -> Result<Ca, SourceError> {
         let layout = cache.layout().clone();
-        cache.private_dir(cert_cache::CA_DIR)?;
+        cache.private_dir(cache::CA_DIR)?;
         let write = |name: &str, text: &str| {
-            cache.write_secret(&format!("{}/{name}", cert_cache::CA_DIR), text.as_bytes()).map_err(SourceError::from)
+            cache.write_secret(&format!("{}/{name}", cache::CA_DIR), text.as_bytes()).map_err(SourceError::from)
         };
         let root = if intermediate_only {
             let key_path = layout.ca_file(ROOT_KEY);
@@ -287,9 +287,9 @@ impl Source for CaLeaves {
             if left < INTERMEDIATE_WARN {
                 tracing::warn!(days_left = left / DAY as i64, "the private CA's intermediate expires soon; leaves are cut short to its end\nhint: run `tandem ca init --intermediate` with the root key present");
             }
-            if let Ok(cached) = cache.load(cert_cache::CA_LEAF) {
+            if let Ok(cached) = cache.load(cache::CA_LEAF) {
                 let mut have = cached.info.sans.clone();
-                let mut want = tls::san_strings(&self.names);
+                let mut want = primitives::san_strings(&self.names);
                 have.sort();
                 want.sort();
                 let issued_here = cached.info.issuer == ca.intermediate.subject;
@@ -299,7 +299,7 @@ impl Source for CaLeaves {
                 }
             }
             let leaf = ca.issue(&self.names, self.validity, self.key_type, false)?;
-            cache.write_secret(cert_cache::CA_LEAF, leaf.to_pem().as_bytes())?;
+            cache.write_secret(cache::CA_LEAF, leaf.to_pem().as_bytes())?;
             tracing::info!(fingerprint = %leaf.info.fingerprint, not_after = leaf.info.not_after, sans = %leaf.info.sans.join(","), "issued a leaf from the private CA");
             Ok(Obtained::good(leaf))
         })

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tandem_shared::cert_cache::{CertCache, Layout};
-use tandem_shared::tls::{self, Bundle};
+use tandem_shared::certs::cache::{CertCache, Layout};
+use tandem_shared::certs::primitives::{self, Bundle};
 
 use super::{Obtained, Obtaining, Refresh, Source, SourceError};
 
@@ -78,7 +78,7 @@ pub fn load_custom(cert: &Path, key: Option<&Path>) -> Result<Bundle, SourceErro
         Some(k) => k.to_path_buf(),
         None => discover_key(cert)?,
     };
-    let read = |p: &Path| tls::read_pem_file(p);
+    let read = |p: &Path| primitives::read_pem_file(p);
     let origin = format!("certificate {} with key {}", cert.display(), key.display());
     if let Ok(meta) = std::fs::metadata(&key) {
         use std::os::unix::fs::MetadataExt;

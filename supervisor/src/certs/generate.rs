@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use tandem_config::certs::KeyType;
 use tandem_config::Config;
-use tandem_shared::cert_cache::{self, CertCache, Layout};
-use tandem_shared::tls::{self, Bundle, CertError};
+use tandem_shared::certs::cache::{self, CertCache, Layout};
+use tandem_shared::certs::primitives::{self, Bundle, CertError};
 
 use super::{Obtained, Obtaining, Refresh, Source};
 
@@ -23,7 +23,7 @@ pub struct Generated {
 impl Generated {
     /// For `HOST`'s usual names plus `SSL_SAN`, with `SSL_KEY_TYPE`.
     pub fn new(config: &Config) -> Generated {
-        Generated { sans: tls::generated_sans(&config.certs.san), key_type: config.certs.key_type }
+        Generated { sans: primitives::generated_sans(&config.certs.san), key_type: config.certs.key_type }
     }
 }
 
@@ -53,19 +53,19 @@ impl Source for Generated {
 /// missing, has other names, another key type, or less than a third of its
 /// life left. Also the stand-in other sources serve until they deliver.
 pub fn generated(cache: &CertCache, sans: &[String], key_type: KeyType) -> Result<Bundle, CertError> {
-    let mut want = tls::san_strings(sans);
+    let mut want = primitives::san_strings(sans);
     want.sort();
-    if let Ok(cached) = cache.load(cert_cache::GENERATED) {
+    if let Ok(cached) = cache.load(cache::GENERATED) {
         let mut have = cached.info.sans.clone();
         have.sort();
         let same_type = matches!((key_type, cached.is_rsa()), (KeyType::Rsa2048, true) | (KeyType::EcdsaP256, false));
-        if have == want && same_type && !cached.info.needs_renewal(tandem_shared::cert_status::unix_now()) {
+        if have == want && same_type && !cached.info.needs_renewal(tandem_shared::certs::status::unix_now()) {
             return Ok(cached);
         }
         tracing::info!(fingerprint = %cached.info.fingerprint, "regenerating the self-signed certificate (names, key type or remaining lifetime changed)");
     }
-    let bundle = tls::generate(sans, key_type, LIFETIME)?;
-    cache.write_secret(cert_cache::GENERATED, bundle.to_pem().as_bytes())?;
+    let bundle = primitives::generate(sans, key_type, LIFETIME)?;
+    cache.write_secret(cache::GENERATED, bundle.to_pem().as_bytes())?;
     tracing::info!(fingerprint = %bundle.info.fingerprint, sans = %bundle.info.sans.join(","), "generated a self-signed certificate");
     Ok(bundle)
 }

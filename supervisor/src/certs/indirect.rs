@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tandem_config::certs::KeyType;
 use tandem_config::Config;
-use tandem_shared::cert_cache::{self, CertCache, Layout};
-use tandem_shared::tls::{self, Bundle};
+use tandem_shared::certs::cache::{self, CertCache, Layout};
+use tandem_shared::certs::primitives::{self, Bundle};
 
 use super::{CertHealth, Obtained, Obtaining, Refresh, Source, SourceError};
 
@@ -50,7 +50,7 @@ impl Indirect {
         Indirect {
             url: config.certs.indirect_url.clone(),
             refresh: config.certs.refresh_interval,
-            sans: tls::generated_sans(&config.certs.san),
+            sans: primitives::generated_sans(&config.certs.san),
             key_type: config.certs.key_type,
         }
     }
@@ -69,10 +69,10 @@ impl Source for Indirect {
         Box::pin(async move {
             match self.download().await {
                 Ok(b) => {
-                    cache.write_secret(cert_cache::INDIRECT, b.to_pem().as_bytes())?;
+                    cache.write_secret(cache::INDIRECT, b.to_pem().as_bytes())?;
                     Ok(Obtained::good(b))
                 }
-                Err(e) => match cache.load(cert_cache::INDIRECT) {
+                Err(e) => match cache.load(cache::INDIRECT) {
                     Ok(cached) => Ok(Obtained { bundle: cached, health: CertHealth::Good, warning: Some(e) }),
                     Err(_) => Ok(Obtained {
                         bundle: super::generate::generated(cache, &self.sans, self.key_type)?,

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_config::Config;
-use tandem_shared::cert_cache::{self, CertCache, Layout};
-use tandem_shared::cert_status::{unix_now, CertInfo, CertStatus};
-use tandem_shared::tls::CertError;
+use tandem_shared::certs::cache::{self, CertCache, Layout};
+use tandem_shared::certs::primitives::CertError;
+use tandem_shared::certs::status::{unix_now, CertInfo, CertStatus};
 
 use super::{renewal, CertHealth, Source};
 
@@ -137,7 +137,7 @@ impl CertKeeper {
             next_check_at: self.next_check_unix,
         };
         let json = serde_json::to_vec_pretty(&status).unwrap_or_default();
-        if let Err(e) = self.cache.write_secret(cert_cache::STATUS, &json) {
+        if let Err(e) = self.cache.write_secret(cache::STATUS, &json) {
             tracing::warn!(error = %chain(e), "cannot write the certificate status");
         }
     }

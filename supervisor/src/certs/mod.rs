@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use tandem_config::certs::CertSource;
 use tandem_config::Config;
-use tandem_shared::cert_cache::{CertCache, Layout};
-use tandem_shared::tls::{Bundle, CertError};
+use tandem_shared::certs::cache::{CertCache, Layout};
+use tandem_shared::certs::primitives::{Bundle, CertError};
 
 mod acme;
 pub mod ca;

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tandem_shared::cert_status::CertInfo;
+use tandem_shared::certs::status::CertInfo;
 
 /// First retry delay after a failed look, doubled per failure up to the ceiling.
 pub const RETRY_START: Duration = Duration::from_secs(2);

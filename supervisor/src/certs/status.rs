@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
 use tandem_config::Config;
-use tandem_shared::cert_cache::Layout;
-use tandem_shared::cert_status::{unix_now, CertInfo};
-use tandem_shared::tls::{self, Bundle};
+use tandem_shared::certs::cache::Layout;
+use tandem_shared::certs::primitives::{self, Bundle};
+use tandem_shared::certs::status::{unix_now, CertInfo};
 
 /// One certificate as reported.
 #[derive(Debug, Serialize)]
@@ -90,7 +90,7 @@ pub fn report(config: &Config) -> Report {
     // Inspect the leaf even when the pair is unusable, so an expired
     // certificate still shows its dates.
     if let Some(Ok(der)) = rustls_pki_types::CertificateDer::pem_slice_iter(&cert_pem).next() {
-        r.info = tls::inspect(&der, &cert.display().to_string()).ok();
+        r.info = primitives::inspect(&der, &cert.display().to_string()).ok();
     }
     let origin = format!("certificate {} with key {}", cert.display(), key.display());
     match Bundle::parse(&cert_pem, &key_pem, &origin) {

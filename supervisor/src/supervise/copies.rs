@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use nix::sys::signal::Signal;
-use tandem_shared::control::Command as ToWorker;
+use tandem_shared::process::control::Command as ToWorker;
 use tandem_shared::stats::{ProcessRole, Stats};
 use tandem_shared::Role;
 
@@ -80,8 +80,8 @@ impl Supervisor {
     }
 
     /// Every copy that runs and has been ready, as the proxy worker routes to them.
-    pub(super) fn backends(&self) -> Vec<tandem_shared::control::Backend> {
-        use tandem_shared::control::{Backend, BackendState};
+    pub(super) fn backends(&self) -> Vec<tandem_shared::process::control::Backend> {
+        use tandem_shared::process::control::{Backend, BackendState};
         self.slots
             .iter()
             .filter(|s| s.pid.is_some())

@@ -23,7 +23,7 @@ use anyhow::Context;
 use nix::sys::signal::{kill, Signal};
 use tandem_config::engine::ModelControlMode;
 use tandem_config::Config;
-use tandem_shared::control::{Command as ToWorker, ModelChange, WorkerEvent};
+use tandem_shared::process::control::{Command as ToWorker, ModelChange, WorkerEvent};
 use tandem_shared::stats::{self, ProcessRole, Stats};
 use tandem_shared::sys::counters::Counters;
 use tandem_shared::sys::shm::Region;
@@ -145,7 +145,7 @@ impl Supervisor {
                 l,
                 counters.clone(),
                 shm.as_ref().map(|(r, _)| r.clone()),
-                https_addr.map(|_| tandem_shared::cert_cache::Layout::of(&config.process.cert_dir()).status()),
+                https_addr.map(|_| tandem_shared::certs::cache::Layout::of(&config.process.cert_dir()).status()),
                 config.edge.timeouts,
             )
             .context("cannot start the metrics port")?;
@@ -177,7 +177,7 @@ impl Supervisor {
             repository_changes,
             apps,
             health,
-            memory: tandem_shared::budget::memory_limit().unwrap_or(tandem_shared::budget::UNKNOWN_MEMORY),
+            memory: tandem_shared::edge::budget::memory_limit().unwrap_or(tandem_shared::edge::budget::UNKNOWN_MEMORY),
         })
     }
 

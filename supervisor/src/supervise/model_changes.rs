@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use tandem_config::engine::ModelControlMode;
-use tandem_shared::control::{Command as ToWorker, ModelChange, MAX_MODEL_CONFIG_BYTES};
+use tandem_shared::process::control::{Command as ToWorker, ModelChange, MAX_MODEL_CONFIG_BYTES};
 use tandem_shared::Role;
 
 use super::Supervisor;

@@ -14,7 +14,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tandem_shared::control::{parse_event, CommandSender};
+use tandem_shared::process::control::{parse_event, CommandSender};
 use tandem_shared::stats::Stats;
 use tandem_shared::sys::LISTEN_FDS_START;
 use tandem_shared::{Role, StatsSettings, WORKER_SETTINGS_VAR};
@@ -73,7 +73,7 @@ impl Supervisor {
                 memory: self.memory,
             },
         );
-        let settings_fd = tandem_shared::worker::settings_memfd(&settings)
+        let settings_fd = tandem_shared::process::worker::settings_memfd(&settings)
             .context("cannot write the worker's settings into a memfd")?;
         let mut fds = vec![
             FdMapping { parent_fd: settings_fd, child_fd: SETTINGS_FD },

@@ -377,7 +377,7 @@ impl<B> ResponseBody for B where B: Body<Data: Send, Error: Into<BoxError>> + Se
 
 /// Spreads connections over processes accepting from one socket: told of
 /// every connection opened and closed, it says how long to hold back before
-/// the next accept ([`crate::balance::AcceptBalance`]).
+/// the next accept ([`crate::edge::balance::AcceptBalance`]).
 pub trait Pacing: Send + Sync + 'static {
     /// The server starts or stops accepting.
     fn accepting(&self, on: bool);

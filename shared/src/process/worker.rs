@@ -7,7 +7,7 @@ use std::sync::Arc;
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::control::ControlClient;
+use crate::process::control::ControlClient;
 use crate::WorkerSettings;
 
 /// Why a worker could not start.
@@ -223,7 +223,7 @@ where
         let (id, addr, graceful) = (settings.worker_id, settings.listen_addr, settings.graceful_timeout);
         let running = start(Started { settings, control: control.clone(), stats, listener }).await?;
         control
-            .send(&crate::control::WorkerEvent::Ready {
+            .send(&crate::process::control::WorkerEvent::Ready {
                 addr: addr.to_string(),
                 fingerprint: running.fingerprint.clone(),
             })
@@ -231,7 +231,7 @@ where
         tracing::info!(worker_id = id, pid = std::process::id(), %addr, fingerprint = running.fingerprint, details = %running.details, "{} ready", kind.name);
         stop_signal().await;
         tracing::info!(worker_id = id, "draining in-flight requests");
-        let _ = control.send(&crate::control::WorkerEvent::Draining);
+        let _ = control.send(&crate::process::control::WorkerEvent::Draining);
         report_drain(running.drain.await, graceful);
         Ok(())
     })

@@ -65,7 +65,7 @@ pub enum BodyError {
     /// The connection failed.
     Read(hyper::Error),
     /// The memory budget for bodies in flight would not take it.
-    Budget(crate::budget::Refused),
+    Budget(crate::edge::budget::Refused),
 }
 
 /// Reads a body of at most `limit` bytes. Past the limit it reads on and drops
@@ -78,11 +78,11 @@ pub async fn read_body(
     mut body: hyper::body::Incoming,
     limit: usize,
     expected: Option<u64>,
-    budget: &crate::budget::Budget,
-    share: &mut crate::budget::Share,
+    budget: &crate::edge::budget::Budget,
+    share: &mut crate::edge::budget::Share,
 ) -> Result<Bytes, BodyError> {
     let declared = expected.map_or(0, |n| n.min(limit as u64) as usize);
-    budget.reserve(share, declared as u64, crate::budget::WAIT).await.map_err(BodyError::Budget)?;
+    budget.reserve(share, declared as u64, crate::edge::budget::WAIT).await.map_err(BodyError::Budget)?;
     // One allocation when the length is declared (no regrowth copies of a large body).
     let mut buf = bytes::BytesMut::with_capacity(declared);
     let mut over = false;
@@ -100,7 +100,7 @@ pub async fn read_body(
             buf.clear();
         } else {
             let after = (buf.len() + data.len()) as u64;
-            budget.reserve(share, after, crate::budget::WAIT).await.map_err(BodyError::Budget)?;
+            budget.reserve(share, after, crate::edge::budget::WAIT).await.map_err(BodyError::Budget)?;
             buf.extend_from_slice(&data);
         }
     }
@@ -185,7 +185,7 @@ impl FrontDoor {
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
         let host = host.or(req.uri().authority().map(|a| a.as_str()));
         let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        Some(match crate::serve::https_location(host, port, target) {
+        Some(match crate::edge::serve::https_location(host, port, target) {
             Some(location) => {
                 let mut res = error(StatusCode::PERMANENT_REDIRECT, "this server answers over HTTPS");
                 res.headers_mut().insert(header::LOCATION, location);
@@ -259,7 +259,7 @@ impl FrontDoor {
 /// ACME HTTP-01: the key authorization for `token`, as the supervisor wrote
 /// it for the order in progress; 404 for anything else (RFC 8555 §8.3).
 fn acme_http01(dir: &std::path::Path, token: &str) -> Answer {
-    match crate::cert_cache::http01_answer(dir, token) {
+    match crate::certs::cache::http01_answer(dir, token) {
         Some(body) => {
             let mut res = Response::new(Full::new(Bytes::from(body)));
             res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));

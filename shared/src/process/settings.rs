@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tandem_config::engine::{BackendChoice, Device, ModelControlMode};
 use tandem_config::process::LogFormat;
 
-use crate::control;
+use crate::process::control;
 
 /// Which kind of worker a process is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,7 +18,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::tls::{Bundle, CertError};
+use crate::certs::primitives::{Bundle, CertError};
 
 /// The file the HTTPS worker serves: private key and full chain together.
 const LIVE: &str = "live.pem";

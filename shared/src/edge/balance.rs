@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::serve::Pacing;
+use crate::edge::serve::Pacing;
 use crate::stats::{ProcessRole, Stats};
 
 /// The longest pause before an accept (a worker far ahead waits this long).

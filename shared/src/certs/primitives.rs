@@ -2,7 +2,7 @@
 //! generate a self-signed certificate.
 //!
 //! The supervisor decides *which* certificate to publish (its `certs` module)
-//! and where it lives ([`crate::cert_cache`]); the HTTPS worker only ever reads
+//! and where it lives ([`crate::certs::cache`]); the HTTPS worker only ever reads
 //! `live.pem` through [`Bundle::load`].
 
 use std::fs::OpenOptions;
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cert_status::{unix_now, CertInfo};
+use crate::certs::status::{unix_now, CertInfo};
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;

@@ -22,7 +22,7 @@ pub const CLIENT_HEADERS: [&str; 3] =
 /// (`"DNS:a.example", "URI:spiffe://example/a"`: a name holding a comma stays
 /// one name), and the SHA-256 fingerprint. Nothing that cannot travel in a
 /// header survives: control characters are written `\xNN`.
-pub fn client_header_values(id: &crate::serve::ClientIdentity) -> [String; 3] {
+pub fn client_header_values(id: &crate::edge::serve::ClientIdentity) -> [String; 3] {
     // What a header cannot carry, written byte by byte as `\xNN`; `quote`
     // also escapes what would end or break a quoted string.
     let escaped = |s: &str, quote: bool| {
@@ -123,7 +123,7 @@ struct Logged {
 impl Arrival {
     /// Notes `req`, which came on the HTTPS listener when `https`; `log`
     /// keeps what the access-log line needs. The client certificate is the
-    /// connection's ([`crate::serve::ClientIdentity`]), else what the HTTPS
+    /// connection's ([`crate::edge::serve::ClientIdentity`]), else what the HTTPS
     /// worker vouched for in [`CLIENT_HEADERS`] (a request over the ring).
     pub fn new<B: hyper::body::Body>(req: &http::Request<B>, https: bool, log: bool) -> Self {
         let logged = log.then(|| {
@@ -132,14 +132,14 @@ impl Arrival {
                     |i: usize| req.headers().get(CLIENT_HEADERS[i]).and_then(|v| v.to_str().ok()).map(String::from);
                 header(0).zip(header(2))
             };
-            let client = match req.extensions().get::<std::sync::Arc<crate::serve::ClientIdentity>>() {
+            let client = match req.extensions().get::<std::sync::Arc<crate::edge::serve::ClientIdentity>>() {
                 Some(c) => Some((c.subject.clone(), c.fingerprint.clone())),
                 None if https => from_headers(),
                 None => None,
             };
             Logged {
                 path: req.uri().path().to_string(),
-                peer: req.extensions().get::<crate::serve::Peer>().map(|p| p.0),
+                peer: req.extensions().get::<crate::edge::serve::Peer>().map(|p| p.0),
                 bytes_in: req.body().size_hint().exact(),
                 client,
             }
@@ -181,7 +181,7 @@ mod tests {
 
     #[test]
     fn identity_values_cannot_be_read_as_another_identity() {
-        let id = crate::serve::ClientIdentity {
+        let id = crate::edge::serve::ClientIdentity {
             subject: "CN=alice\\,O=Admins".into(),
             sans: vec!["DNS:a.example,DNS:admin.example".into(), "URI:spiffe://x/\"y\"".into(), "DNS:b\ne".into()],
             fingerprint: "ab12".into(),
@@ -194,7 +194,7 @@ mod tests {
             assert!(http::HeaderValue::from_str(v).is_ok(), "{v}");
         }
         // Beyond ASCII, byte by byte in both: no escape can be read as two characters.
-        let id = crate::serve::ClientIdentity {
+        let id = crate::edge::serve::ClientIdentity {
             subject: "CN=é中".into(),
             sans: vec!["DNS:é".into()],
             fingerprint: String::new(),
