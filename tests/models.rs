@@ -123,6 +123,7 @@ fn real_models_match_onnxruntime_over_http_and_https_while_broken_ones_are_unava
     assert_eq!(info["engine"]["default_backend"], "onnxruntime", "{info}");
     assert!(info["engine"]["onnxruntime"]["version"].as_str().is_some_and(|v| v.starts_with("1.")), "{info}");
     assert!(t.stderr().contains("engine: ONNX Runtime"), "{}", t.explain());
+    assert!(info["engine"]["onnxruntime"]["found_by"].as_str().is_some_and(|r| !r.is_empty()), "{info}");
 
     // The broken models are unavailable with their reasons; the others are ready.
     let idx = index(&t);
@@ -214,8 +215,9 @@ fn non_strict_readiness_is_ready_with_a_failed_model_and_exit_on_error_stops_sta
 
 #[test]
 fn tract_serves_when_onnx_runtime_is_hidden() {
-    // No Python on PATH: discovery finds no onnxruntime package.
-    let b = TandemBuilder::new();
+    // No Python on PATH, and a copy of the binary outside the source tree (no
+    // project .venv beside it): discovery finds no onnxruntime package.
+    let b = TandemBuilder::new().copied_binary();
     let empty = b.dir().join("empty-path");
     std::fs::create_dir_all(&empty).unwrap();
     let repo = repository(b.dir());
@@ -263,4 +265,27 @@ fn engine_settings_that_cannot_work_exit_2_before_anything_starts() {
         assert!(t.stderr().contains(&want), "{want:?} for {env:?}\n{}", t.explain());
         assert!(!cache.exists(), "nothing may be written before exit 2: {env:?}");
     }
+}
+
+#[test]
+fn the_active_virtualenv_is_searched_first_and_the_library_names_its_own_version() {
+    // Where this machine's ONNX Runtime is (found by the later rules).
+    let t = TandemBuilder::new().start();
+    let info: serde_json::Value = Tandem::http_client().get(t.http_url("/")).send().unwrap().json().unwrap();
+    let real = std::path::PathBuf::from(info["engine"]["onnxruntime"]["library"].as_str().expect("a library"));
+    let version = info["engine"]["onnxruntime"]["version"].as_str().expect("a version").to_string();
+    drop(t);
+    // A virtualenv holding it under a file name without the version (as an image may).
+    let b = TandemBuilder::new();
+    let venv = b.dir().join("venv");
+    let capi = venv.join("lib/python3.99/site-packages/onnxruntime/capi");
+    std::fs::create_dir_all(&capi).unwrap();
+    std::os::unix::fs::symlink(&real, capi.join("libonnxruntime.so")).unwrap();
+    let t = b.env("VIRTUAL_ENV", venv.to_str().unwrap()).start();
+    let info: serde_json::Value = Tandem::http_client().get(t.http_url("/")).send().unwrap().json().unwrap();
+    let ort = &info["engine"]["onnxruntime"];
+    assert_eq!(ort["found_by"], "VIRTUAL_ENV", "{info}");
+    assert_eq!(ort["library"].as_str(), capi.join("libonnxruntime.so").to_str(), "{info}");
+    assert_eq!(ort["version"].as_str(), Some(version.as_str()), "read from the library, not its file name: {info}");
+    assert!(t.stderr().contains("found_by=VIRTUAL_ENV") || t.stderr().contains("VIRTUAL_ENV"), "{}", t.explain());
 }

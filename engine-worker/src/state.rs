@@ -152,7 +152,7 @@ impl AppState {
 fn engine_info(e: &tandem_shared::EngineSettings) -> serde_json::Value {
     json!({
         "default_backend": if e.onnxruntime.is_some() && e.backend != tandem_config::engine::BackendChoice::Tract { "onnxruntime" } else { "tract" },
-        "onnxruntime": e.onnxruntime.as_ref().map(|o| json!({ "version": o.version, "library": o.path, "cuda": o.cuda })),
+        "onnxruntime": e.onnxruntime.as_ref().map(|o| json!({ "version": o.version, "library": o.path, "found_by": o.found_by, "cuda": o.cuda })),
         "fallback_reason": e.fallback_reason,
         "device": match e.device { tandem_config::engine::Device::Cpu => "cpu", tandem_config::engine::Device::Cuda => "cuda" },
         "threads": e.threads,

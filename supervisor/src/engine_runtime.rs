@@ -1,5 +1,6 @@
 //! Finds ONNX Runtime once, at start-up: `ORT_DYLIB_PATH`, else the library
-//! inside the `onnxruntime` Python package on this machine; then loads it in a
+//! inside the `onnxruntime` Python package, by rule (the active environment,
+//! the project's `.venv`, the interpreter on `PATH`, system prefixes); then loads it in a
 //! child process (`tandem engine-probe`) so that a broken library can never
 //! take the supervisor down, and decides the engine settings every worker gets.
 
@@ -36,9 +37,46 @@ pub enum EngineConfigError {
     NoCuda(String),
 }
 
-/// Where the `onnxruntime` Python package may live: Python's own search path
-/// (asked of `python3` and `python`), the active virtualenv, and the usual prefixes.
-fn python_paths() -> Vec<PathBuf> {
+/// The folders where the `onnxruntime` Python package may live, by rule, in
+/// the order they are tried: the active environment (`VIRTUAL_ENV`, then
+/// `CONDA_PREFIX`: a user's `onnxruntime-gpu` there wins over the system's),
+/// the project's own `.venv` (the one the README's first command makes),
+/// the interpreter on `PATH`, then the usual system prefixes.
+fn rules(env: &dyn Fn(&str) -> Option<String>) -> Vec<(&'static str, Vec<PathBuf>)> {
+    let site = |prefix: &Path| glob_dirs(&prefix.join("lib"), "python3", "site-packages");
+    let mut rules = Vec::new();
+    for var in ["VIRTUAL_ENV", "CONDA_PREFIX"] {
+        if let Some(prefix) = env(var).filter(|p| !p.trim().is_empty()) {
+            rules.push((var, site(Path::new(&prefix))));
+        }
+    }
+    if let Some(project) = std::env::current_exe().ok().as_deref().and_then(project_of) {
+        rules.push(("the project's .venv", site(&project.join(".venv"))));
+    }
+    rules.push(("python3 on PATH", interpreter_paths()));
+    let mut system = Vec::new();
+    for prefix in ["/usr/local/lib", "/usr/lib", "/opt/conda/lib"] {
+        system.extend(glob_dirs(Path::new(prefix), "python3", "site-packages"));
+        system.extend(glob_dirs(Path::new(prefix), "python3", "dist-packages"));
+    }
+    rules.push(("system prefixes", system));
+    rules
+}
+
+/// The source tree a binary was built in (`<project>/target/release/tandem`,
+/// as `cargo run --release` makes it): the nearest of its first few parent
+/// folders holding both a `Cargo.toml` and a `.venv`. An installed binary has none.
+fn project_of(exe: &Path) -> Option<PathBuf> {
+    exe.ancestors()
+        .skip(1)
+        .take(4)
+        .find(|dir| dir.join("Cargo.toml").is_file() && dir.join(".venv").is_dir())
+        .map(Path::to_path_buf)
+}
+
+/// Python's own search path, asked of `python3` and `python` on `PATH`
+/// (`-S`: no `site` hooks run on tandem's behalf).
+fn interpreter_paths() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     for python in ["python3", "python"] {
         let out = Command::new(python)
@@ -54,15 +92,18 @@ fn python_paths() -> Vec<PathBuf> {
             dirs.extend(String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.is_empty()).map(PathBuf::from));
         }
     }
-    if let Ok(venv) = std::env::var("VIRTUAL_ENV") {
-        dirs.extend(glob_dirs(&Path::new(&venv).join("lib"), "python3", "site-packages"));
-    }
-    for prefix in ["/usr/local/lib", "/usr/lib", "/opt/conda/lib"] {
-        dirs.extend(glob_dirs(Path::new(prefix), "python3", "site-packages"));
-        dirs.extend(glob_dirs(Path::new(prefix), "python3", "dist-packages"));
-    }
     dirs.dedup();
     dirs
+}
+
+/// The library and the rule that found it, trying `rules` in order; else every folder looked in.
+fn discover(rules: &[(&'static str, Vec<PathBuf>)]) -> Result<(PathBuf, &'static str), Vec<PathBuf>> {
+    for (rule, dirs) in rules {
+        if let Some(lib) = find_in(dirs) {
+            return Ok((lib, rule));
+        }
+    }
+    Err(rules.iter().flat_map(|(_, dirs)| dirs.iter().cloned()).collect())
 }
 
 /// `<root>/<name starting with prefix>/<leaf>` for every such directory.
@@ -144,33 +185,31 @@ pub fn resolve(config: &Config) -> Result<EngineSettings, EngineConfigError> {
         return Ok(settings);
     }
     let explicit = config.engine.ort_dylib_path.is_some() || config.engine.backend == BackendChoice::OnnxRuntime;
-    let path = match &config.engine.ort_dylib_path {
-        Some(p) => p.clone(),
-        None => {
-            let dirs = python_paths();
-            match find_in(&dirs) {
-                Some(p) => p,
-                None if explicit || config.engine.device == Device::Cuda => {
-                    let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-                    let looked = if looked.is_empty() { "no Python found".to_string() } else { looked.join(", ") };
-                    if config.engine.device == Device::Cuda {
-                        return Err(EngineConfigError::NoCuda(format!(
-                            "no ONNX Runtime library was found (looked in {looked})"
-                        )));
-                    }
-                    return Err(EngineConfigError::NotFound { looked });
+    let (path, found_by) = match &config.engine.ort_dylib_path {
+        Some(p) => (p.clone(), "ORT_DYLIB_PATH"),
+        None => match discover(&rules(&|var| std::env::var(var).ok())) {
+            Ok(found) => found,
+            Err(dirs) if explicit || config.engine.device == Device::Cuda => {
+                let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+                let looked = if looked.is_empty() { "no Python found".to_string() } else { looked.join(", ") };
+                if config.engine.device == Device::Cuda {
+                    return Err(EngineConfigError::NoCuda(format!(
+                        "no ONNX Runtime library was found (looked in {looked})"
+                    )));
                 }
-                None => {
-                    settings.fallback_reason =
-                        Some("no ONNX Runtime library found (pip install onnxruntime, or set ORT_DYLIB_PATH)".into());
-                    return Ok(settings);
-                }
+                return Err(EngineConfigError::NotFound { looked });
             }
-        }
+            Err(_) => {
+                settings.fallback_reason =
+                    Some("no ONNX Runtime library found (pip install onnxruntime, or set ORT_DYLIB_PATH)".into());
+                return Ok(settings);
+            }
+        },
     };
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
     match probe(&exe, &path) {
-        Ok(lib) => {
+        Ok(mut lib) => {
+            lib.found_by = found_by.to_string();
             if config.engine.device == Device::Cuda && !lib.cuda {
                 return Err(EngineConfigError::NoCuda(format!(
                     "the ONNX Runtime at {} (version {}) has no CUDA execution provider",
@@ -198,6 +237,7 @@ pub fn announce(settings: &EngineSettings) {
             backend = "onnxruntime",
             version = %lib.version,
             library = %lib.path.display(),
+            found_by = %lib.found_by,
             device = if settings.device == Device::Cuda { "cuda" } else { "cpu" },
             cuda_available = lib.cuda,
             "engine: ONNX Runtime"
@@ -230,5 +270,40 @@ mod tests {
         let found = find_in(&[root.path().join("missing"), a, b.clone()]).expect("found");
         assert_eq!(found, b.join("onnxruntime/capi/libonnxruntime.so.1.31.1"));
         assert_eq!(find_in(&[root.path().to_path_buf()]), None);
+    }
+
+    #[test]
+    fn a_binary_in_its_source_trees_target_finds_the_projects_venv_and_an_installed_one_none() {
+        let root = tempfile::tempdir().expect("tmp");
+        let project = root.path().join("tandem");
+        std::fs::create_dir_all(project.join("target/release")).expect("mkdir");
+        std::fs::create_dir_all(project.join(".venv")).expect("mkdir");
+        std::fs::write(project.join("Cargo.toml"), b"").expect("write");
+        assert_eq!(project_of(&project.join("target/release/tandem")), Some(project.clone()));
+        assert_eq!(project_of(&root.path().join("usr/local/bin/tandem")), None);
+        std::fs::remove_dir(project.join(".venv")).expect("rmdir");
+        assert_eq!(project_of(&project.join("target/release/tandem")), None, "no .venv: nothing to search");
+    }
+
+    #[test]
+    fn the_active_environment_wins_over_the_interpreter_and_the_rule_is_named() {
+        let root = tempfile::tempdir().expect("tmp");
+        let venv = root.path().join("venv");
+        let site = venv.join("lib/python3.12/site-packages");
+        std::fs::create_dir_all(site.join("onnxruntime/capi")).expect("mkdir");
+        std::fs::write(site.join("onnxruntime/capi/libonnxruntime.so.1.31.1"), b"").expect("write");
+        let venv_text = venv.to_string_lossy().into_owned();
+        let env = |var: &str| (var == "VIRTUAL_ENV").then(|| venv_text.clone());
+        let found = rules(&env);
+        let names: Vec<&str> = found.iter().map(|(rule, _)| *rule).collect();
+        assert_eq!(names[0], "VIRTUAL_ENV");
+        assert_eq!(&names[names.len() - 2..], ["python3 on PATH", "system prefixes"]);
+        let (lib, rule) = discover(&found).expect("found");
+        assert_eq!((lib, rule), (site.join("onnxruntime/capi/libonnxruntime.so.1.31.1"), "VIRTUAL_ENV"));
+        // Later rules are tried only when earlier ones have nothing.
+        let empty = vec![("VIRTUAL_ENV", vec![root.path().join("none")]), ("system prefixes", vec![site.clone()])];
+        assert_eq!(discover(&empty).expect("found").1, "system prefixes");
+        let nothing = vec![("VIRTUAL_ENV", vec![root.path().join("none")])];
+        assert_eq!(discover(&nothing).expect_err("none"), [root.path().join("none")]);
     }
 }

@@ -75,6 +75,8 @@ pub struct TandemBuilder {
     /// Variables whose values are raw bytes (not UTF-8).
     raw_env: Vec<(String, Vec<u8>)>,
     wrapper: Vec<String>,
+    /// Another tandem binary to run (a copy elsewhere); the one cargo built by default.
+    binary: Option<String>,
     /// Arguments to tandem itself (a subcommand such as `run -- ...`).
     args: Vec<String>,
     dir: tempfile::TempDir,
@@ -93,7 +95,7 @@ impl TandemBuilder {
         env.insert("SSL_CERTIFICATE".into(), "GENERATE".into());
         env.insert("GRACEFUL_TIMEOUT".into(), "10".into());
         env.insert("LOG_LEVEL".into(), "info".into());
-        TandemBuilder { env, raw_env: Vec::new(), wrapper: Vec::new(), args: Vec::new(), dir }
+        TandemBuilder { env, raw_env: Vec::new(), wrapper: Vec::new(), binary: None, args: Vec::new(), dir }
     }
 
     pub fn env(mut self, k: &str, v: &str) -> Self {
@@ -139,6 +141,16 @@ impl TandemBuilder {
         self
     }
 
+    /// Runs a copy of tandem at `path` (made here) instead of the one cargo built.
+    pub fn copied_binary(mut self) -> Self {
+        let bin = self.dir.path().join("bin");
+        fs::create_dir_all(&bin).unwrap();
+        let path = bin.join("tandem");
+        fs::copy(TANDEM, &path).unwrap();
+        self.binary = Some(path.to_string_lossy().into_owned());
+        self
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -148,7 +160,7 @@ impl TandemBuilder {
         let stderr_path = self.dir.path().join("stderr.log");
         let stderr = fs::File::create(&stderr_path).unwrap();
         let mut program = self.wrapper.clone();
-        program.push(TANDEM.to_string());
+        program.push(self.binary.clone().unwrap_or_else(|| TANDEM.to_string()));
         program.extend(self.args.iter().cloned());
         let mut cmd = Command::new(&program[0]);
         cmd.args(&program[1..])

@@ -43,11 +43,15 @@ fn runtime(path: &Path) -> Result<&'static Runtime, LoadError> {
 pub fn probe(path: &Path) -> Result<OrtLibrary, LoadError> {
     runtime(path)?;
     let cuda = ort::ep::CUDA::is_available().unwrap_or(false);
-    Ok(OrtLibrary { path: path.to_path_buf(), version: version(path), cuda })
+    Ok(OrtLibrary { path: path.to_path_buf(), version: version(path), cuda, found_by: String::new() })
 }
 
-/// The version from the build string (`git-branch=rel-1.31.1`), else the file name (`libonnxruntime.so.1.31.1`).
+/// The version the library reports of itself; else from the build string
+/// (`git-branch=rel-1.31.1`), else the file name (`libonnxruntime.so.1.31.1`).
 fn version(path: &Path) -> String {
+    if let Some(v) = tandem_shared::sys::ort_version(path) {
+        return v;
+    }
     let info = ort::info();
     if let Some(v) = info.split(&[',', ' '][..]).find_map(|p| p.strip_prefix("git-branch=rel-")) {
         return v.to_string();

@@ -182,6 +182,10 @@ pub struct OrtLibrary {
     pub version: String,
     /// Whether the CUDA execution provider is compiled into this library.
     pub cuda: bool,
+    /// Which discovery rule found it (`ORT_DYLIB_PATH`, `VIRTUAL_ENV`, …), as
+    /// `GET /` and the start-up log say.
+    #[serde(default)]
+    pub found_by: String,
 }
 
 /// How the engine runs models, decided once by the supervisor.

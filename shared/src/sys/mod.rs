@@ -98,3 +98,34 @@ pub fn die_with_parent(cmd: &mut std::process::Command, signal: nix::sys::signal
         });
     }
 }
+
+/// The version ONNX Runtime's library at `path` reports of itself
+/// (`OrtGetApiBase()->GetVersionString()`, e.g. `1.31.1`), whatever its file
+/// is named; `None` when it is not an ONNX Runtime library.
+pub fn ort_version(path: &std::path::Path) -> Option<String> {
+    /// The first members of ONNX Runtime's `OrtApiBase` (a stable C ABI since 1.0).
+    #[repr(C)]
+    struct OrtApiBase {
+        get_api: unsafe extern "C" fn(u32) -> *const std::ffi::c_void,
+        get_version_string: unsafe extern "C" fn() -> *const std::ffi::c_char,
+    }
+    // SAFETY: loading runs the library's initialisers; the caller names a file
+    // it is about to load anyway (the engine probe, which runs in a child
+    // process so that a broken library cannot take the supervisor down).
+    let lib = unsafe { libloading::Library::new(path) }.ok()?;
+    // SAFETY: `OrtGetApiBase` is declared by ONNX Runtime's C API as
+    // `const OrtApiBase* ORT_API_CALL OrtGetApiBase(void)`: no argument, a pointer back.
+    let get_base = unsafe { lib.get::<unsafe extern "C" fn() -> *const OrtApiBase>(b"OrtGetApiBase\0") }.ok()?;
+    // SAFETY: the function takes nothing and returns a pointer to a static
+    // table that lives as long as the library, which `lib` keeps loaded here.
+    let base = unsafe { get_base() };
+    if base.is_null() {
+        return None;
+    }
+    // SAFETY: `base` is non-null and points at the library's static
+    // `OrtApiBase`, whose second member is `GetVersionString`, returning a
+    // static NUL-terminated string.
+    let text = unsafe { std::ffi::CStr::from_ptr(((*base).get_version_string)()) };
+    let version = text.to_str().ok()?.trim().to_string();
+    (!version.is_empty()).then_some(version)
+}
