@@ -265,6 +265,14 @@ fn indirect_downloads_renews_survives_outages_and_recovers_from_degraded() {
     // Download at start; renewal picked up by SIGHUP (the refresh interval is an hour).
     let mut t = indirect("3600", &cache).start();
     assert_eq!(fingerprint_now(&t, &ca.pem, "localhost").as_deref(), Some(a.fingerprint.as_str()), "{}", t.explain());
+    // The shared, downloaded key is said plainly at start-up, with the URL and the alternatives.
+    let err = t.stderr();
+    assert!(
+        err.contains("SSL_CERTIFICATE=INDIRECT") && err.contains(&server.url()) && err.contains("same key"),
+        "{}",
+        t.explain()
+    );
+    assert!(err.contains("SSL_CERTIFICATE=GENERATE"), "{}", t.explain());
     let mode = std::fs::metadata(cache.join("ssl_certificates/indirect.pem")).unwrap();
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o600);
     server.serve(&b);

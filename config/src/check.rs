@@ -67,6 +67,23 @@ pub fn ignored(c: &Config, is_set: &dyn Fn(&str) -> bool) -> Vec<Ignored> {
         .collect()
 }
 
+/// What an operator must know before serving with `c`, said at start-up and by
+/// `tandem check`: today one thing, that the default certificate source
+/// downloads a private key shared with everyone else who downloads it.
+pub fn cautions(c: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if c.tls.enabled && c.certs.source == crate::certs::CertSource::Indirect {
+        out.push(format!(
+            "SSL_CERTIFICATE=INDIRECT (the default, kept for compatibility with Roboflow's start_server) downloads a \
+             certificate and its private key from {url}: every server that downloads it holds the same key, so anyone \
+             with it can impersonate this server or read its traffic; for a key of your own set SSL_CERTIFICATE=GENERATE \
+             (self-signed), CA (tandem ca init), ACME (Let's Encrypt, with ACME_DOMAINS) or a path to your PEM certificate",
+            url = c.certs.indirect_url
+        ));
+    }
+    out
+}
+
 /// Whether `var` is set to something other than blanks in the process environment.
 pub fn set_in_env(var: &str) -> bool {
     std::env::var_os(var).is_some_and(|v| !v.to_string_lossy().trim().is_empty())
@@ -105,6 +122,9 @@ pub fn report(c: &Config, is_set: &dyn Fn(&str) -> bool, strangers: &[crate::unk
         for n in notes {
             s.push_str(&format!("  {}: {}\n", n.var, n.hint));
         }
+    }
+    for caution in cautions(c) {
+        s.push_str(&format!("\ncaution: {caution}\n"));
     }
     if !strangers.is_empty() {
         let strict = if c.process.strict_config { "" } else { "; STRICT_CONFIG=true refuses to start with them" };
@@ -145,6 +165,18 @@ mod tests {
 
     fn ignored_names(c: &Config, set: &[&str]) -> Vec<&'static str> {
         ignored(c, &|v| set.contains(&v)).into_iter().map(|n| n.var).collect()
+    }
+
+    #[test]
+    fn the_shared_downloaded_key_is_a_caution_only_when_it_is_used() {
+        let indirect = config(&[("ENABLE_SSL", "true")]);
+        let said = cautions(&indirect);
+        assert_eq!(said.len(), 1);
+        assert!(said[0].contains("https://roboflow.host/certificate/") && said[0].contains("same key"), "{said:?}");
+        assert!(said[0].contains("SSL_CERTIFICATE=GENERATE") && said[0].contains("ACME"), "{said:?}");
+        assert!(report(&indirect, &|_| false, &[]).contains("caution: SSL_CERTIFICATE=INDIRECT"));
+        assert!(cautions(&config(&[])).is_empty(), "no HTTPS: no download");
+        assert!(cautions(&config(&[("ENABLE_SSL", "true"), ("SSL_CERTIFICATE", "GENERATE")])).is_empty());
     }
 
     #[test]

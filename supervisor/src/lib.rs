@@ -200,6 +200,9 @@ fn supervisor(command: Option<Vec<String>>) -> Outcome {
     for n in tandem_config::check::ignored(&config, &tandem_config::check::set_in_env) {
         tracing::warn!(variable = n.var, hint = %n.hint, "variable set but ignored");
     }
+    for caution in tandem_config::check::cautions(&config) {
+        tracing::warn!("{caution}");
+    }
     for u in tandem_config::unknown::in_env() {
         let hint = u
             .suggestion
