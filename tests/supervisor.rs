@@ -283,6 +283,7 @@ fn every_bad_variable_exits_2_naming_it() {
     expect_config_error(&[("HOST", "not-an-ip")], &["HOST"]);
     expect_config_error(&[("LOG_FORMAT", "xml")], &["LOG_FORMAT", "text or json"]);
     expect_config_error(&[("GRACEFUL_TIMEOUT", "-1")], &["GRACEFUL_TIMEOUT"]);
+    expect_config_error(&[("GRACEFUL_TIMEOUT", "2d")], &["GRACEFUL_TIMEOUT", "with a unit"]);
     expect_config_error(&[("LOG_LEVEL", "verbose")], &["LOG_LEVEL"]);
     expect_config_error(&[("LOG_LEVEL", "off")], &["LOG_LEVEL", "fatal errors"]);
     // All at once: every one is reported.

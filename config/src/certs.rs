@@ -36,7 +36,7 @@ crate::declare! {
     SSL_REFRESH_INTERVAL {
         default: "86400",
         doc: "seconds between checks of the certificate source (1-31536000)",
-        accepted: "a whole number of seconds 1-31536000 (one year)",
+        accepted: "seconds 1-31536000 (one year), as a number (30) or with a unit s, m, h or d (30s, 2m, 1h)",
         scope: https,
     }
     SSL_CERT_VALIDITY {

@@ -30,25 +30,25 @@ crate::declare! {
     REQUEST_TIMEOUT {
         default: "60",
         doc: "seconds an HTTPS request may wait for the engine before 504",
-        accepted: "a whole number of seconds 1-86400",
+        accepted: "seconds 1-86400, as a number (30) or with a unit s, m, h or d (30s, 2m, 1h)",
         scope: always,
     }
     HEADER_TIMEOUT {
         default: "30",
         doc: "seconds a new connection has to finish its handshake and send a request's headers",
-        accepted: "a whole number of seconds 1-86400",
+        accepted: "seconds 1-86400, as a number (30) or with a unit s, m, h or d (30s, 2m, 1h)",
         scope: always,
     }
     KEEPALIVE_TIMEOUT {
         default: "60",
         doc: "seconds a connection with no request in flight stays open (HTTP/1.1 and HTTP/2)",
-        accepted: "a whole number of seconds 1-86400",
+        accepted: "seconds 1-86400, as a number (30) or with a unit s, m, h or d (30s, 2m, 1h)",
         scope: always,
     }
     IDLE_TIMEOUT {
         default: "300",
         doc: "seconds a connection may move no byte at all, request in flight or not (> REQUEST_TIMEOUT)",
-        accepted: "a whole number of seconds 1-86400",
+        accepted: "seconds 1-86400, as a number (30) or with a unit s, m, h or d (30s, 2m, 1h)",
         scope: always,
     }
     CORS_ALLOW_ORIGINS {

@@ -61,7 +61,7 @@ crate::declare! {
     REPOSITORY_POLL_SECS {
         default: "15",
         doc: "seconds between rescans of the repository with MODEL_CONTROL_MODE=poll (1-86400)",
-        accepted: "a whole number of seconds 1-86400",
+        accepted: "seconds 1-86400, as a number (30) or with a unit s, m, h or d (30s, 2m, 1h)",
         scope: |c| engine(c).or_else(|| (c.engine.model_control_mode != ModelControlMode::Poll).then_some("MODEL_CONTROL_MODE is not poll")),
     }
 }

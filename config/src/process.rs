@@ -27,7 +27,7 @@ crate::declare! {
     GRACEFUL_TIMEOUT {
         default: "30",
         doc: "seconds to drain on stop before SIGKILL",
-        accepted: "a whole number of seconds 0-86400",
+        accepted: "seconds 0-86400, as a number (30) or with a unit s, m, h or d (30s, 2m, 1h)",
         scope: always,
     }
     LOG_LEVEL {

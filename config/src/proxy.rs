@@ -23,7 +23,7 @@ crate::declare! {
     WORKER_START_TIMEOUT {
         default: "120",
         doc: "seconds a WORKER_COMMAND copy has to become ready before it is restarted (1-86400)",
-        accepted: "a whole number of seconds 1-86400",
+        accepted: "seconds 1-86400, as a number (30) or with a unit s, m, h or d (30s, 2m, 1h)",
         scope: proxy,
     }
 }

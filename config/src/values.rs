@@ -21,9 +21,10 @@ pub fn range<T: std::str::FromStr + PartialOrd>(v: &str, lo: T, hi: T) -> Option
     v.parse::<T>().ok().filter(|n| *n >= lo && *n <= hi)
 }
 
-/// A whole number of seconds in `lo..=hi`.
+/// A duration of `lo..=hi` seconds, written as seconds (`30`) or with a unit (`30s`, `2m`, `1h`, `1d`): every duration setting reads the same way.
 pub fn seconds(v: &str, lo: u64, hi: u64) -> Option<Duration> {
-    range(v, lo, hi).map(Duration::from_secs)
+    let d = lifetime(v)?;
+    (lo..=hi).contains(&d.as_secs()).then_some(d)
 }
 
 /// A port number.
@@ -239,6 +240,21 @@ mod tests {
         assert_eq!(log_filter("verbose"), None);
         assert_eq!(log_filter("tandem=loud"), None);
         assert_eq!(log_filter(""), None);
+    }
+
+    #[test]
+    fn durations_take_units_and_bare_numbers_stay_seconds() {
+        let s = |v| seconds(v, 0, 86400).map(|d| d.as_secs());
+        assert_eq!(s("30"), Some(30));
+        assert_eq!(s("30s"), Some(30));
+        assert_eq!(s("2m"), Some(120));
+        assert_eq!(s("1h"), Some(3600));
+        assert_eq!(s("1d"), Some(86400));
+        assert_eq!(s("2d"), None, "over the range with a unit as without");
+        for bad in ["", "s", "-1", "1.5s", "30x", "+5", "1h30m"] {
+            assert_eq!(s(bad), None, "{bad:?}");
+        }
+        assert_eq!(seconds("0s", 1, 10), None, "the floor holds");
     }
 
     #[test]

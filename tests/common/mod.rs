@@ -93,7 +93,7 @@ impl TandemBuilder {
         env.insert("SSL_PORT".into(), https.to_string());
         env.insert("MODEL_CACHE_DIR".into(), dir.path().join("cache").display().to_string());
         env.insert("SSL_CERTIFICATE".into(), "GENERATE".into());
-        env.insert("GRACEFUL_TIMEOUT".into(), "10".into());
+        env.insert("GRACEFUL_TIMEOUT".into(), "10s".into());
         env.insert("LOG_LEVEL".into(), "info".into());
         TandemBuilder { env, raw_env: Vec::new(), wrapper: Vec::new(), binary: None, args: Vec::new(), dir }
     }
