@@ -78,7 +78,7 @@ pub fn cautions(c: &Config) -> Vec<String> {
              certificate and its private key from {url}: every server that downloads it holds the same key, so anyone \
              with it can impersonate this server or read its traffic; for a key of your own set SSL_CERTIFICATE=GENERATE \
              (self-signed), CA (tandem ca init), ACME (Let's Encrypt, with ACME_DOMAINS) or a path to your PEM certificate",
-            url = c.certs.indirect_url
+            url = crate::values::redact_url(&c.certs.indirect_url)
         ));
     }
     out
@@ -175,6 +175,13 @@ mod tests {
         assert!(said[0].contains("https://roboflow.host/certificate/") && said[0].contains("same key"), "{said:?}");
         assert!(said[0].contains("SSL_CERTIFICATE=GENERATE") && said[0].contains("ACME"), "{said:?}");
         assert!(report(&indirect, &|_| false, &[]).contains("caution: SSL_CERTIFICATE=INDIRECT"));
+        let secret =
+            config(&[("ENABLE_SSL", "true"), ("SSL_INDIRECT_URL", "https://robot:s3cret@h.example/c/?token=t0ken")]);
+        let said = cautions(&secret).join(" ");
+        assert!(
+            said.contains("https://h.example/c/?redacted") && !said.contains("s3cret") && !said.contains("t0ken"),
+            "{said}"
+        );
         assert!(cautions(&config(&[])).is_empty(), "no HTTPS: no download");
         assert!(cautions(&config(&[("ENABLE_SSL", "true"), ("SSL_CERTIFICATE", "GENERATE")])).is_empty());
     }

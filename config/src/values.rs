@@ -27,6 +27,24 @@ pub fn seconds(v: &str, lo: u64, hi: u64) -> Option<Duration> {
     (lo..=hi).contains(&d.as_secs()).then_some(d)
 }
 
+/// A URL as it may be shown and logged: no user or password, and no query or
+/// fragment (where tokens live), so `GET /`, `tandem check` and the log never
+/// leak a credential.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            if u.query().is_some() {
+                u.set_query(Some("redacted"));
+            }
+            u.set_fragment(None);
+            u.to_string()
+        }
+        Err(_) => "(a URL that does not parse)".to_string(),
+    }
+}
+
 /// A port number.
 pub fn port(v: &str) -> Option<u16> {
     v.parse().ok()

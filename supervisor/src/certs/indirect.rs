@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use tandem_config::certs::KeyType;
+use tandem_config::values::redact_url;
 use tandem_config::Config;
 use tandem_shared::certs::cache::{self, CertCache, Layout};
 use tandem_shared::certs::primitives::{self, Bundle};
@@ -16,23 +17,6 @@ use super::{CertHealth, Obtained, Obtaining, Refresh, Source, SourceError};
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most a downloaded `fullchain.pem` or `privkey.pem` may hold.
 const MAX_DOWNLOAD_BYTES: usize = 1 << 20;
-
-/// A URL as it may be shown and logged: no user or password, and no query or
-/// fragment (where tokens live), so `GET /` and the log never leak a credential.
-pub fn redact_url(raw: &str) -> String {
-    match reqwest::Url::parse(raw) {
-        Ok(mut u) => {
-            let _ = u.set_username("");
-            let _ = u.set_password(None);
-            if u.query().is_some() {
-                u.set_query(Some("redacted"));
-            }
-            u.set_fragment(None);
-            u.to_string()
-        }
-        Err(_) => "(a URL that does not parse)".to_string(),
-    }
-}
 
 /// The download source.
 #[derive(Debug)]
@@ -145,7 +129,7 @@ impl Indirect {
 
 #[cfg(test)]
 mod redaction {
-    use super::redact_url;
+    use tandem_config::values::redact_url;
 
     #[test]
     fn urls_lose_credentials_queries_and_fragments() {

@@ -24,9 +24,9 @@ pub mod renewal;
 pub mod status;
 
 pub use files::load_custom;
-pub use indirect::redact_url;
 pub use keeper::{CertChecked, CertHandle, CertKeeper, StartError};
 pub use renewal::Refresh;
+pub use tandem_config::values::redact_url;
 
 /// Why no certificate could be obtained.
 #[derive(Debug, thiserror::Error)]
