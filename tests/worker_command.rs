@@ -407,6 +407,8 @@ fn a_command_that_exits_at_once_is_a_clear_error_with_its_output() {
     let err = t.stderr();
     assert!(err.contains("exited before it was ready (exit code 1); its last output"), "{err}");
     assert!(err.contains("| cannot open /models/missing.onnx") && err.contains("| loading weights"), "{err}");
+    // A command with no {port} or {socket} is told at start-up where its copies must listen.
+    assert!(err.contains("WORKER_COMMAND has no {port} or {socket}") && err.contains("$PORT"), "{err}");
 
     let mut t = TandemBuilder::new().env("WORKER_COMMAND", "no-such-server --port {port}").spawn();
     assert_eq!(t.wait_exit(Duration::from_secs(10)).code(), Some(2), "{}", t.explain());

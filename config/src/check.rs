@@ -68,8 +68,9 @@ pub fn ignored(c: &Config, is_set: &dyn Fn(&str) -> bool) -> Vec<Ignored> {
 }
 
 /// What an operator must know before serving with `c`, said at start-up and by
-/// `tandem check`: today one thing, that the default certificate source
-/// downloads a private key shared with everyone else who downloads it.
+/// `tandem check`: that the default certificate source downloads a private key
+/// shared with everyone else who downloads it, and that a `WORKER_COMMAND`
+/// without a placeholder must read its port from `$PORT`.
 pub fn cautions(c: &Config) -> Vec<String> {
     let mut out = Vec::new();
     if c.tls.enabled && c.certs.source == crate::certs::CertSource::Indirect {
@@ -80,6 +81,16 @@ pub fn cautions(c: &Config) -> Vec<String> {
              (self-signed), CA (tandem ca init), ACME (Let's Encrypt, with ACME_DOMAINS) or a path to your PEM certificate",
             url = crate::values::redact_url(&c.certs.indirect_url)
         ));
+    }
+    if let Some(argv) = &c.proxy.command {
+        if !argv.iter().any(|a| a.contains("{port}") || a.contains("{socket}")) {
+            out.push(
+                "WORKER_COMMAND has no {port} or {socket}: each copy must listen on 127.0.0.1:$PORT (tandem sets PORT \
+                 and HOST per copy, and probes there); if your server takes its port on the command line, put {port} \
+                 where the port goes (e.g. --port {port}), or {socket} for a Unix socket"
+                    .to_string(),
+            );
+        }
     }
     out
 }
@@ -183,6 +194,11 @@ mod tests {
             "{said}"
         );
         assert!(cautions(&config(&[])).is_empty(), "no HTTPS: no download");
+        let no_port = config(&[("WORKER_COMMAND", "sh -c 'exec true'")]);
+        assert!(cautions(&no_port).iter().any(|c| c.contains("no {port} or {socket}") && c.contains("$PORT")));
+        for placed in ["sh -c 'exec x --port {port}'", "sh -c 'exec x --bind unix:{socket}'"] {
+            assert!(cautions(&config(&[("WORKER_COMMAND", placed)])).is_empty(), "{placed}");
+        }
         assert!(cautions(&config(&[("ENABLE_SSL", "true"), ("SSL_CERTIFICATE", "GENERATE")])).is_empty());
     }
 
