@@ -113,8 +113,9 @@ pub fn parse(r: &mut Reader) -> Process {
     let cache_dir = r.get(&MODEL_CACHE_DIR, default_cache, |v| Some(PathBuf::from(v)));
     let strict_config = r.get(&STRICT_CONFIG, false, values::parse_bool);
     if strict_config {
+        let given = r.value(&STRICT_CONFIG).unwrap_or("true").to_string();
         for stranger in crate::unknown::find(r.given()) {
-            r.bad(&STRICT_CONFIG, "true", format!("no variable that looks like tandem's but is not one; {stranger}"));
+            r.bad(&STRICT_CONFIG, &given, format!("no variable that looks like tandem's but is not one; {stranger}"));
         }
     }
     Process { num_workers, max_workers, graceful_timeout, log_level, log_format, cache_dir, strict_config }

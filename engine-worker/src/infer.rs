@@ -34,6 +34,11 @@ impl ApiError {
     pub fn internal(message: impl Into<String>) -> Self {
         ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into() }
     }
+
+    /// A 503 with `message` (the answer gets `Retry-After`).
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: message.into() }
+    }
 }
 
 /// One input tensor of a request.

@@ -79,12 +79,12 @@ impl ModelControl {
         };
         if let Err(e) = sent {
             forget();
-            return Err(unavailable(format!("cannot reach the supervisor: {e}")));
+            return Err(ApiError::unavailable(format!("cannot reach the supervisor: {e}")));
         }
         match tokio::time::timeout(ANSWER_WITHIN, rx).await {
             Ok(Ok(None)) => Ok(()),
             Ok(Ok(Some(e))) => Err(ApiError::bad(e)),
-            Ok(Err(_)) => Err(unavailable("the worker is stopping".into())),
+            Ok(Err(_)) => Err(ApiError::unavailable("the worker is stopping")),
             Err(_) => {
                 forget();
                 Err(ApiError {
@@ -94,9 +94,4 @@ impl ModelControl {
             }
         }
     }
-}
-
-/// A 503: the change cannot be carried now (the answer gets `Retry-After`).
-fn unavailable(message: String) -> ApiError {
-    ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message }
 }

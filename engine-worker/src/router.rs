@@ -304,10 +304,8 @@ async fn run_infer(
         done.outputs
     } else {
         let queued = Instant::now();
-        let _permit = engine.permits.acquire().await.map_err(|_| ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            message: "the worker is shutting down".into(),
-        })?;
+        let _permit =
+            engine.permits.acquire().await.map_err(|_| ApiError::unavailable("the worker is shutting down"))?;
         // Queue time: reading the body and waiting for an inference thread.
         timings.queue = decoding.duration_since(started) + queued.elapsed();
         let runner = model.clone();

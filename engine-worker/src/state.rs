@@ -245,10 +245,7 @@ pub(crate) fn find(state: &AppState, p: &ModelPath) -> Result<Arc<ModelVersion>,
     let not_found = |message| ApiError { status: StatusCode::NOT_FOUND, message };
     let models = state.inner.engine.models_now();
     let model = models.get(&p.name).ok_or_else(|| not_found(format!("unknown model {:?}", p.name)))?;
-    let unavailable = |reason: &str| ApiError {
-        status: StatusCode::SERVICE_UNAVAILABLE,
-        message: format!("model {:?} is unavailable: {reason}", p.name),
-    };
+    let unavailable = |reason: &str| ApiError::unavailable(format!("model {:?} is unavailable: {reason}", p.name));
     if let Some(reason) = &model.error {
         return Err(unavailable(reason));
     }

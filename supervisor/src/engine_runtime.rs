@@ -37,30 +37,40 @@ pub enum EngineConfigError {
     NoCuda(String),
 }
 
+/// How one rule lists its folders, when it is tried.
+type Folders = Box<dyn FnOnce() -> Vec<PathBuf>>;
+
 /// The folders where the `onnxruntime` Python package may live, by rule, in
 /// the order they are tried: the active environment (`VIRTUAL_ENV`, then
 /// `CONDA_PREFIX`: a user's `onnxruntime-gpu` there wins over the system's),
 /// the project's own `.venv` (the one the README's first command makes),
-/// the interpreter on `PATH`, then the usual system prefixes.
-fn rules(env: &dyn Fn(&str) -> Option<String>) -> Vec<(&'static str, Vec<PathBuf>)> {
+/// the interpreter on `PATH`, then the usual system prefixes. Each rule's
+/// folders are listed only when it is tried (asking the interpreter starts
+/// two Python processes), so a rule that finds the library ends the search.
+fn rules(env: &dyn Fn(&str) -> Option<String>) -> impl Iterator<Item = (&'static str, Vec<PathBuf>)> {
     let site = |prefix: &Path| glob_dirs(&prefix.join("lib"), "python3", "site-packages");
-    let mut rules = Vec::new();
+    let mut rules: Vec<(&'static str, Folders)> = Vec::new();
     for var in ["VIRTUAL_ENV", "CONDA_PREFIX"] {
         if let Some(prefix) = env(var).filter(|p| !p.trim().is_empty()) {
-            rules.push((var, site(Path::new(&prefix))));
+            rules.push((var, Box::new(move || site(Path::new(&prefix)))));
         }
     }
     if let Some(project) = std::env::current_exe().ok().as_deref().and_then(project_of) {
-        rules.push(("the project's .venv", site(&project.join(".venv"))));
+        rules.push(("the project's .venv", Box::new(move || site(&project.join(".venv")))));
     }
-    rules.push(("python3 on PATH", interpreter_paths()));
-    let mut system = Vec::new();
-    for prefix in ["/usr/local/lib", "/usr/lib", "/opt/conda/lib"] {
-        system.extend(glob_dirs(Path::new(prefix), "python3", "site-packages"));
-        system.extend(glob_dirs(Path::new(prefix), "python3", "dist-packages"));
-    }
-    rules.push(("system prefixes", system));
-    rules
+    rules.push(("python3 on PATH", Box::new(interpreter_paths)));
+    rules.push((
+        "system prefixes",
+        Box::new(|| {
+            let mut system = Vec::new();
+            for prefix in ["/usr/local/lib", "/usr/lib", "/opt/conda/lib"] {
+                system.extend(glob_dirs(Path::new(prefix), "python3", "site-packages"));
+                system.extend(glob_dirs(Path::new(prefix), "python3", "dist-packages"));
+            }
+            system
+        }),
+    ));
+    rules.into_iter().map(|(rule, folders)| (rule, folders()))
 }
 
 /// The source tree a binary was built in (`<project>/target/release/tandem`,
@@ -97,13 +107,17 @@ fn interpreter_paths() -> Vec<PathBuf> {
 }
 
 /// The library and the rule that found it, trying `rules` in order; else every folder looked in.
-fn discover(rules: &[(&'static str, Vec<PathBuf>)]) -> Result<(PathBuf, &'static str), Vec<PathBuf>> {
+fn discover(
+    rules: impl IntoIterator<Item = (&'static str, Vec<PathBuf>)>,
+) -> Result<(PathBuf, &'static str), Vec<PathBuf>> {
+    let mut looked = Vec::new();
     for (rule, dirs) in rules {
-        if let Some(lib) = find_in(dirs) {
+        if let Some(lib) = find_in(&dirs) {
             return Ok((lib, rule));
         }
+        looked.extend(dirs);
     }
-    Err(rules.iter().flat_map(|(_, dirs)| dirs.iter().cloned()).collect())
+    Err(looked)
 }
 
 /// `<root>/<name starting with prefix>/<leaf>` for every such directory.
@@ -187,7 +201,7 @@ pub fn resolve(config: &Config) -> Result<EngineSettings, EngineConfigError> {
     let explicit = config.engine.ort_dylib_path.is_some() || config.engine.backend == BackendChoice::OnnxRuntime;
     let (path, found_by) = match &config.engine.ort_dylib_path {
         Some(p) => (p.clone(), "ORT_DYLIB_PATH"),
-        None => match discover(&rules(&|var| std::env::var(var).ok())) {
+        None => match discover(rules(&|var| std::env::var(var).ok())) {
             Ok(found) => found,
             Err(dirs) if explicit || config.engine.device == Device::Cuda => {
                 let looked: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
@@ -294,16 +308,16 @@ mod tests {
         std::fs::write(site.join("onnxruntime/capi/libonnxruntime.so.1.31.1"), b"").expect("write");
         let venv_text = venv.to_string_lossy().into_owned();
         let env = |var: &str| (var == "VIRTUAL_ENV").then(|| venv_text.clone());
-        let found = rules(&env);
+        let found: Vec<_> = rules(&env).collect();
         let names: Vec<&str> = found.iter().map(|(rule, _)| *rule).collect();
         assert_eq!(names[0], "VIRTUAL_ENV");
         assert_eq!(&names[names.len() - 2..], ["python3 on PATH", "system prefixes"]);
-        let (lib, rule) = discover(&found).expect("found");
+        let (lib, rule) = discover(found).expect("found");
         assert_eq!((lib, rule), (site.join("onnxruntime/capi/libonnxruntime.so.1.31.1"), "VIRTUAL_ENV"));
         // Later rules are tried only when earlier ones have nothing.
         let empty = vec![("VIRTUAL_ENV", vec![root.path().join("none")]), ("system prefixes", vec![site.clone()])];
-        assert_eq!(discover(&empty).expect("found").1, "system prefixes");
+        assert_eq!(discover(empty).expect("found").1, "system prefixes");
         let nothing = vec![("VIRTUAL_ENV", vec![root.path().join("none")])];
-        assert_eq!(discover(&nothing).expect_err("none"), [root.path().join("none")]);
+        assert_eq!(discover(nothing).expect_err("none"), [root.path().join("none")]);
     }
 }

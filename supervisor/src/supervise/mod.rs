@@ -231,7 +231,13 @@ impl Supervisor {
             self.reap()?;
             self.restart_due()?;
             self.watchdog.ping_if_due();
-            for order in phases::while_stopping(self.phase, Instant::now(), &self.seen()) {
+            // Only a stop has orders for after every wake: no snapshot of the workers otherwise.
+            let orders = if self.phase.stopping() {
+                phases::while_stopping(self.phase, Instant::now(), &self.seen())
+            } else {
+                Vec::new()
+            };
+            for order in orders {
                 if order == Order::Exit {
                     tracing::info!("all workers stopped; exiting");
                     return Ok(());
