@@ -577,3 +577,21 @@ fn the_proxy_cannot_be_bypassed_by_upgrades_spellings_or_framing() {
     assert!(took < Duration::from_secs(15), "the idle tunnel stayed open {took:?}");
     assert!(took >= Duration::from_secs(3), "closed before IDLE_TIMEOUT: {took:?}");
 }
+
+#[test]
+fn a_health_only_plain_port_passes_nothing_else_to_the_copies() {
+    let b = TandemBuilder::new().ssl().env("WORKER_COMMAND", &uvicorn()).env("HTTP_MODE", "health");
+    let t = start(b);
+    let wait = Duration::from_secs(10);
+    // The ready path and health checks pass; anything else, in any spelling, is refused.
+    let ready = raw(t.http_port, "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", wait);
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    for path in ["/whoami", "/v2/health/../whoami", "/v2/health/%2e%2e/whoami", "//whoami", "/v2/health/./../whoami"] {
+        let answer = raw(t.http_port, &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n"), wait);
+        assert!(answer.starts_with("HTTP/1.1 403"), "{path} -> {answer}");
+        assert!(answer.contains("HTTP_MODE=health"), "{path} -> {answer}");
+    }
+    let https = Tandem::https_client(&t.served_chain_pem());
+    let (worker, _) = whoami(&https, &t.https_url("localhost", "/whoami"));
+    assert!(!worker.is_empty());
+}

@@ -69,8 +69,9 @@ pub fn ignored(c: &Config, is_set: &dyn Fn(&str) -> bool) -> Vec<Ignored> {
 
 /// What an operator must know before serving with `c`, said at start-up and by
 /// `tandem check`: that the default certificate source downloads a private key
-/// shared with everyone else who downloads it, and that a `WORKER_COMMAND`
-/// without a placeholder must read its port from `$PORT`.
+/// shared with everyone else who downloads it, that client certificates
+/// required on HTTPS protect nothing while the plain port serves everything,
+/// and that a `WORKER_COMMAND` without a placeholder must read its port from `$PORT`.
 pub fn cautions(c: &Config) -> Vec<String> {
     let mut out = Vec::new();
     if c.tls.enabled && c.certs.source == crate::certs::CertSource::Indirect {
@@ -80,6 +81,19 @@ pub fn cautions(c: &Config) -> Vec<String> {
              with it can impersonate this server or read its traffic; for a key of your own set SSL_CERTIFICATE=GENERATE \
              (self-signed), CA (tandem ca init), ACME (Let's Encrypt, with ACME_DOMAINS) or a path to your PEM certificate",
             url = crate::values::redact_url(&c.certs.indirect_url)
+        ));
+    }
+    if c.tls.enabled
+        && c.tls.client_auth == crate::tls::ClientAuth::Required
+        && c.edge.http_mode == crate::edge::HttpMode::Full
+        && !c.listen.host.is_loopback()
+    {
+        out.push(format!(
+            "SSL_CLIENT_AUTH=required asks HTTPS clients for a certificate, but the plain HTTP port {port} on {host} \
+             serves everything (inference, model control) to anyone who reaches it; set HTTP_MODE=health (health \
+             checks only), redirect or off",
+            port = c.listen.port,
+            host = c.listen.host
         ));
     }
     if let Some(argv) = &c.proxy.command {
@@ -200,6 +214,26 @@ mod tests {
             assert!(cautions(&config(&[("WORKER_COMMAND", placed)])).is_empty(), "{placed}");
         }
         assert!(cautions(&config(&[("ENABLE_SSL", "true"), ("SSL_CERTIFICATE", "GENERATE")])).is_empty());
+    }
+
+    #[test]
+    fn required_client_certificates_with_an_open_plain_port_are_a_caution() {
+        let ca = std::env::temp_dir().join(format!("tandem-check-ca-{}.pem", std::process::id()));
+        std::fs::write(&ca, "not parsed here").unwrap();
+        let ca_path = ca.to_str().unwrap();
+        let base = [("ENABLE_SSL", "true"), ("SSL_CERTIFICATE", "GENERATE"), ("SSL_CLIENT_CA", ca_path)];
+        let open = config(&[&base[..], &[("HOST", "0.0.0.0")]].concat());
+        let said = cautions(&open).join(" ");
+        assert!(said.contains("SSL_CLIENT_AUTH=required") && said.contains("HTTP_MODE=health"), "{said}");
+        for quiet in [
+            [&base[..], &[("HOST", "0.0.0.0"), ("HTTP_MODE", "health")]].concat(),
+            [&base[..], &[("HOST", "0.0.0.0"), ("HTTP_MODE", "off")]].concat(),
+            [&base[..], &[("HOST", "127.0.0.1")]].concat(),
+            [&base[..], &[("HOST", "0.0.0.0"), ("SSL_CLIENT_AUTH", "optional")]].concat(),
+        ] {
+            assert!(cautions(&config(&quiet)).is_empty(), "{quiet:?}");
+        }
+        let _ = std::fs::remove_file(&ca);
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! The front door's policy, the same on every request path: limits, timeouts,
-//! the redirect to HTTPS and the access log.
+//! The front door's policy, the same on every request path: what the plain
+//! port serves, limits, timeouts, CORS and the access log.
 
 use std::time::Duration;
 
@@ -9,9 +9,15 @@ use crate::scope::{always, https};
 use crate::{values, Reader};
 
 crate::declare! {
+    HTTP_MODE {
+        default: "full",
+        doc: "what the plain HTTP port serves when there is an HTTPS port: full (everything), health (health checks, model readiness and ACME challenges only; the rest 403), redirect (308 to the HTTPS URL, health checks and ACME challenges excepted) or off (no plain listener)",
+        accepted: "full, health, redirect or off (health, redirect and off need ENABLE_SSL=true)",
+        scope: always,
+    }
     SSL_REDIRECT_HTTP {
         default: "False",
-        doc: "answer plain HTTP with 308 to the HTTPS URL (health checks and ACME challenges excepted)",
+        doc: "true is HTTP_MODE=redirect (the older spelling)",
         accepted: values::BOOL,
         scope: https,
     }
@@ -95,11 +101,38 @@ impl Default for Timeouts {
     }
 }
 
+/// What the plain HTTP port serves (`HTTP_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpMode {
+    /// Everything, as the HTTPS port does.
+    #[default]
+    Full,
+    /// Health checks, model readiness and ACME challenges; the rest 403.
+    Health,
+    /// 308 to the HTTPS URL, health checks and ACME challenges excepted.
+    Redirect,
+    /// No plain listener at all.
+    Off,
+}
+
+impl HttpMode {
+    /// As the setting spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            HttpMode::Full => "full",
+            HttpMode::Health => "health",
+            HttpMode::Redirect => "redirect",
+            HttpMode::Off => "off",
+        }
+    }
+}
+
 /// The edge section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Edge {
-    /// Redirect plain HTTP to HTTPS.
-    pub redirect_http: bool,
+    /// What the plain HTTP port serves.
+    pub http_mode: HttpMode,
     /// Largest accepted request body.
     pub max_request_bytes: u64,
     /// Request bytes one worker holds at once (`None`: sized from the memory).
@@ -154,12 +187,42 @@ fn origin(v: &str) -> Option<String> {
     (host_ok && port_ok && !host.starts_with("*.")).then_some(v)
 }
 
+/// `HTTP_MODE`, and `SSL_REDIRECT_HTTP=true` as its older spelling of
+/// `redirect`; anything but `full` needs an HTTPS port.
+fn http_mode(r: &mut Reader, https: bool) -> HttpMode {
+    let choices = [
+        ("full", HttpMode::Full),
+        ("health", HttpMode::Health),
+        ("redirect", HttpMode::Redirect),
+        ("off", HttpMode::Off),
+    ];
+    let given = r.value(&HTTP_MODE).is_some();
+    let mut mode = r.get(&HTTP_MODE, HttpMode::Full, |v| values::one_of(&v.to_ascii_lowercase(), &choices));
+    if r.get(&SSL_REDIRECT_HTTP, false, values::parse_bool) {
+        if given && mode != HttpMode::Redirect {
+            r.bad(
+                &SSL_REDIRECT_HTTP,
+                "true",
+                format!("false with HTTP_MODE={} (true means HTTP_MODE=redirect)", mode.name()),
+            );
+        } else if !https {
+            r.bad(&SSL_REDIRECT_HTTP, "true", "false, unless ENABLE_SSL=true (there is no HTTPS port to redirect to)");
+        }
+        mode = HttpMode::Redirect;
+    }
+    if mode != HttpMode::Full && !https && given {
+        r.bad(
+            &HTTP_MODE,
+            mode.name(),
+            "full, unless ENABLE_SSL=true (without an HTTPS port the plain port is the only one, and serves everything)",
+        );
+    }
+    mode
+}
+
 /// Reads the edge section; `https` says whether there is an HTTPS port.
 pub fn parse(r: &mut Reader, https: bool) -> Edge {
-    let redirect_http = r.get(&SSL_REDIRECT_HTTP, false, values::parse_bool);
-    if redirect_http && !https {
-        r.bad(&SSL_REDIRECT_HTTP, "true", "false, unless ENABLE_SSL=true (there is no HTTPS port to redirect to)");
-    }
+    let http_mode = http_mode(r, https);
     let max_request_bytes = r.get(&MAX_REQUEST_BYTES, 64 << 20, |v| values::range(v, 1024u64, 1 << 32));
     let max_inflight_bytes = r.get_accepting(
         &MAX_INFLIGHT_BYTES,
@@ -192,7 +255,7 @@ pub fn parse(r: &mut Reader, https: bool) -> Edge {
     });
     let access_log = r.get(&ACCESS_LOG, false, values::parse_bool);
     Edge {
-        redirect_http,
+        http_mode,
         max_request_bytes,
         max_inflight_bytes,
         request_timeout,

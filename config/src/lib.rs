@@ -149,6 +149,14 @@ impl Config {
                 r.bad(&listen::METRICS_PORT, &v, "a port different from PORT and SSL_PORT");
             }
         }
+        // The CA asks for HTTP-01 challenges on the plain port.
+        if edge.http_mode == edge::HttpMode::Off
+            && acme.challenge == acme::AcmeChallenge::Http01
+            && tls.enabled
+            && certs.source == certs::CertSource::Acme
+        {
+            r.bad(&edge::HTTP_MODE, "off", "full, health or redirect with ACME_CHALLENGE=http-01 (the CA fetches its challenge from the plain port), or ACME_CHALLENGE=tls-alpn-01 or dns-01");
+        }
         r.finish()?;
         Ok(Config { listen, process, tls, certs, acme, edge, engine, ring, proxy })
     }
@@ -364,7 +372,45 @@ mod tests {
     #[test]
     fn a_redirect_needs_an_https_port() {
         assert!(parse(&[("SSL_REDIRECT_HTTP", "true")]).is_err());
-        assert!(parse(&[("SSL_REDIRECT_HTTP", "true"), ("ENABLE_SSL", "true")]).is_ok());
+        let redirect = parse(&[("SSL_REDIRECT_HTTP", "true"), ("ENABLE_SSL", "true")]).expect("redirect");
+        assert_eq!(redirect.edge.http_mode, edge::HttpMode::Redirect);
+    }
+
+    #[test]
+    fn the_plain_port_serves_less_only_beside_an_https_port() {
+        use edge::HttpMode;
+        assert_eq!(parse(&[]).expect("default").edge.http_mode, HttpMode::Full);
+        for (v, mode) in [
+            ("full", HttpMode::Full),
+            ("Health", HttpMode::Health),
+            ("redirect", HttpMode::Redirect),
+            ("OFF", HttpMode::Off),
+        ] {
+            let c = parse(&[("HTTP_MODE", v), ("ENABLE_SSL", "true")]).expect(v);
+            assert_eq!(c.edge.http_mode, mode);
+        }
+        for v in ["health", "redirect", "off"] {
+            let err = parse(&[("HTTP_MODE", v)]).expect_err(v);
+            assert!(err.problems[0].var == "HTTP_MODE" && err.to_string().contains("ENABLE_SSL=true"), "{err}");
+        }
+        assert!(parse(&[("HTTP_MODE", "closed"), ("ENABLE_SSL", "true")]).is_err());
+        // The older spelling agrees with HTTP_MODE or is refused.
+        let both = [("ENABLE_SSL", "true"), ("SSL_REDIRECT_HTTP", "true"), ("HTTP_MODE", "redirect")];
+        assert_eq!(parse(&both).expect("agree").edge.http_mode, HttpMode::Redirect);
+        let clash =
+            parse(&[("ENABLE_SSL", "true"), ("SSL_REDIRECT_HTTP", "true"), ("HTTP_MODE", "off")]).expect_err("clash");
+        assert_eq!(clash.problems[0].var, "SSL_REDIRECT_HTTP");
+        // ACME's HTTP-01 challenge is fetched from the plain port.
+        let acme = [
+            ("ENABLE_SSL", "true"),
+            ("SSL_CERTIFICATE", "ACME"),
+            ("ACME_DOMAINS", "a.example"),
+            ("ACME_EMAIL", "a@a.example"),
+        ];
+        let off = [&acme[..], &[("HTTP_MODE", "off")]].concat();
+        assert_eq!(parse(&off).expect_err("http-01").problems[0].var, "HTTP_MODE");
+        let alpn = [&off[..], &[("ACME_CHALLENGE", "tls-alpn-01")]].concat();
+        assert_eq!(parse(&alpn).expect("alpn").edge.http_mode, HttpMode::Off);
     }
 
     #[test]

@@ -73,18 +73,24 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     let service = hyper_util::service::TowerToHyperService::new(app);
     let plain = |tcp, _| async move { Some(tandem_shared::edge::serve::Accepted::plain(tcp)) };
     // A connection lives on the thread that accepted it, and a quick inference
-    // runs there too: a plain-HTTP request wakes no other thread.
-    let mut serving = server
-        .serve_all(inference_threads.saturating_sub(1), std_listener, plain, service)
+    // runs there too: a plain-HTTP request wakes no other thread. Without a
+    // plain listener (HTTP_MODE=off) the ring is the only way in.
+    let mut serving = std_listener
+        .map(|l| server.serve_all(inference_threads.saturating_sub(1), l, plain, service))
+        .transpose()
         .context("cannot start the serving threads")?;
     let graceful = settings.graceful_timeout;
     let drain = async move {
-        serving.stop_accepting().await;
+        if let Some(s) = serving.as_mut() {
+            s.stop_accepting().await;
+        }
         if let Some(shm) = shm {
             shm.stop(graceful).await;
         }
         let drained = server.drain(graceful).await;
-        serving.finish();
+        if let Some(s) = serving {
+            s.finish();
+        }
         drained
     };
     Ok(Running {

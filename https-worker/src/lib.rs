@@ -40,7 +40,10 @@ fn watch_before_park() {
 }
 
 async fn serve(started: Started) -> anyhow::Result<Running> {
-    let Started { settings, control, stats, listener: std_listener } = started;
+    let Started { settings, control, stats, listener } = started;
+    let (Some(std_listener), Some(addr)) = (listener, settings.listen_addr) else {
+        anyhow::bail!("the HTTPS worker was started without its listener");
+    };
     let tls = Tls::start(settings.tls()?)?;
     let fingerprint = tls.fingerprint.clone();
 
@@ -65,7 +68,7 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     );
 
     let reloads = tls.spawn_reloads(settings.tls()?, control.clone(), stats.clone())?;
-    let handshaker = tls.handshaker(stats.clone(), settings.listen_addr);
+    let handshaker = tls.handshaker(stats.clone(), addr);
     let handshake = move |tcp, peer| handshaker.clone().accept(tcp, peer);
     let fwd = forwarder.clone();
     let service = hyper::service::service_fn(move |req| fwd.clone().handle(req));

@@ -59,7 +59,7 @@ fn single_thread() -> anyhow::Result<tokio::runtime::Runtime> {
 /// What every serving thread shares.
 struct Shared {
     settings: WorkerSettings,
-    http: TcpListener,
+    http: Option<TcpListener>,
     https: Option<(TcpListener, std::net::SocketAddr, tandem_tls::Handshaker)>,
     forwarder: Arc<forward::Proxy>,
     budget: usize,
@@ -92,7 +92,7 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
         max_request_bytes: settings.edge.policy.max_request_bytes,
         timeout: proxy.request_timeout,
         access_log: settings.edge.policy.access_log.then_some(settings.worker_id),
-        plain: FrontDoor::new(&settings, false)?.never_redirecting(&proxy.ready_path),
+        plain: FrontDoor::new(&settings, false)?.always_answering(&proxy.ready_path),
         secure: FrontDoor::new(&settings, true)?,
         idle_timeout: settings.edge.policy.timeouts.idle,
         inflight_bytes: settings.edge.inflight_bytes,
@@ -103,7 +103,7 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     };
     let fingerprint = tls.as_ref().map(|(_, _, t)| t.fingerprint.clone());
     // Each listener gets its share of the descriptors, split over the threads.
-    let listeners = if tls.is_some() { 2 } else { 1 };
+    let listeners = (usize::from(tls.is_some()) + usize::from(http.is_some())).max(1);
     let shared = Arc::new(Shared {
         http,
         https: tls.map(|(l, a, t)| (l, a, t.handshaker(stats.clone(), a))),
@@ -152,18 +152,21 @@ async fn serve_thread(index: usize, shared: Arc<Shared>, stop: tokio::sync::watc
     let settings = &shared.settings;
     let plain = Server::new(settings.edge.policy.timeouts, shared.budget);
     let secure = Server::new(settings.edge.policy.timeouts, shared.budget);
-    let http = match register(&shared.http) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(thread = index, error = %e, "cannot register the HTTP listener");
-            return false;
-        }
+    let serve_http = async {
+        // None with HTTP_MODE=off.
+        let (Some(l), Some(addr)) = (&shared.http, settings.listen_addr) else { return };
+        let http = match register(l) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(thread = index, error = %e, "cannot register the HTTP listener");
+                return;
+            }
+        };
+        let fwd = shared.forwarder.clone();
+        let service = hyper::service::service_fn(move |req| fwd.clone().handle(req, false, addr.port()));
+        let accept = |tcp, _| std::future::ready(Some(Accepted::plain(tcp)));
+        plain.run(&http, stopped(stop.clone()), accept, service).await;
     };
-    let http_port = settings.listen_addr.port();
-    let fwd = shared.forwarder.clone();
-    let http_service = hyper::service::service_fn(move |req| fwd.clone().handle(req, false, http_port));
-    let serve_http =
-        plain.run(&http, stopped(stop.clone()), |tcp, _| std::future::ready(Some(Accepted::plain(tcp))), http_service);
     let serve_https = async {
         let Some((l, addr, handshaker)) = &shared.https else { return };
         let listener = match register(l) {
@@ -182,7 +185,6 @@ async fn serve_thread(index: usize, shared: Arc<Shared>, stop: tokio::sync::watc
             .await;
     };
     tokio::join!(serve_http, serve_https);
-    drop(http);
     let (a, b) = tokio::join!(plain.drain(settings.graceful_timeout), secure.drain(settings.graceful_timeout));
     a && b
 }

@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use tandem_config::edge::HttpMode;
 use tandem_config::tls::ClientAuth;
 use tandem_config::Config;
 use tandem_shared::certs::cache::Layout;
@@ -34,9 +35,40 @@ fn fingerprint(der: &[u8]) -> Option<String> {
     .map(|i| i.fingerprint)
 }
 
+/// Why a request failed, with every cause (reqwest's own text is only "error
+/// sending request"), and where to look when nothing listens there.
+fn failure(url: &str, e: reqwest::Error) -> String {
+    let (connect, timeout) = (e.is_connect(), e.is_timeout());
+    let e = e.without_url();
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !why.contains(&text) {
+            why.push_str(": ");
+            why.push_str(&text);
+        }
+        source = cause.source();
+    }
+    let mut out = format!("{url}: {why}");
+    if connect {
+        out.push_str(
+            "\nhint: this probe finds the server from its own environment (HOST, PORT, ENABLE_SSL, SSL_PORT, \
+             HTTP_MODE); run it with the server's environment (docker exec, or the same EnvironmentFile), and check \
+             that tandem is running",
+        );
+    } else if timeout {
+        out.push_str(&format!(
+            "\nhint: no answer within {} s; the server may be overloaded or stopped",
+            PROBE_TIMEOUT.as_secs()
+        ));
+    }
+    out
+}
+
 /// One probe: the status, and over HTTPS the served certificate's fingerprint.
 async fn probe(client: &reqwest::Client, url: &str) -> Result<(u16, Option<String>), String> {
-    let r = client.get(url).send().await.map_err(|e| format!("{url}: {}", e.without_url()))?;
+    let r = client.get(url).send().await.map_err(|e| failure(url, e))?;
     let fingerprint =
         r.extensions().get::<reqwest::tls::TlsInfo>().and_then(|i| i.peer_certificate()).and_then(fingerprint);
     Ok((r.status().as_u16(), fingerprint))
@@ -95,18 +127,29 @@ async fn check(config: &Config, live: bool) -> Result<String, String> {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| e.to_string())?;
-    let http = local(config.listen.host, config.listen.port);
-    let (status, _) = probe(&plain, &format!("http://{http}{path}")).await?;
-    if !healthy(status) {
-        return Err(format!("http://{http}{path} answered {status}"));
+    let plain_port = config.edge.http_mode != HttpMode::Off;
+    let mut summary = Vec::new();
+    if plain_port {
+        let http = local(config.listen.host, config.listen.port);
+        let (status, _) = probe(&plain, &format!("http://{http}{path}")).await?;
+        if !healthy(status) {
+            return Err(format!("http://{http}{path} answered {status}"));
+        }
+        summary.push(format!("http {status}"));
     }
-    let mut summary = format!("http {status}");
     if !config.tls.enabled {
-        return Ok(summary);
+        return Ok(summary.join(", "));
     }
     if config.tls.client_auth == ClientAuth::Required {
-        summary.push_str(", https not probed (SSL_CLIENT_AUTH=required and the probe has no client certificate)");
-        return Ok(summary);
+        if !plain_port {
+            return Err(
+                "nothing this probe can reach: HTTP_MODE=off and SSL_CLIENT_AUTH=required (the probe has no \
+                 client certificate)\nhint: HTTP_MODE=health answers health checks on the plain port and nothing else"
+                    .into(),
+            );
+        }
+        summary.push("https not probed (SSL_CLIENT_AUTH=required and the probe has no client certificate)".into());
+        return Ok(summary.join(", "));
     }
     // Pinned to what tandem publishes, so any certificate source (self-signed, private CA,
     // ACME, files) is checked the same way, whatever names it carries.
@@ -127,8 +170,8 @@ async fn check(config: &Config, live: bool) -> Result<String, String> {
         (Some(p), Some(s)) if p != s => {
             return Err(format!("the HTTPS port serves certificate {s}, not the published {p}"));
         }
-        (Some(p), _) => summary.push_str(&format!(", https {status} (certificate {})", &p[..16.min(p.len())])),
-        (None, _) => summary.push_str(&format!(", https {status} (published certificate not readable here)")),
+        (Some(p), _) => summary.push(format!("https {status} (certificate {})", &p[..16.min(p.len())])),
+        (None, _) => summary.push(format!("https {status} (published certificate not readable here)")),
     }
-    Ok(summary)
+    Ok(summary.join(", "))
 }

@@ -37,8 +37,8 @@ pub struct Spawn<'a> {
     pub role: Role,
     /// Its number.
     pub worker_id: u64,
-    /// The address of the listener it gets first.
-    pub listen_addr: SocketAddr,
+    /// The address of the listener it gets first (none for the engines with `HTTP_MODE=off`).
+    pub listen_addr: Option<SocketAddr>,
     /// The statistics region and its block.
     pub stats: StatsSettings,
     /// Engine workers (or copies) running, this one included.
@@ -78,7 +78,7 @@ pub fn for_worker(config: &Config, spawn: Spawn<'_>) -> WorkerSettings {
                 config.edge.max_request_bytes.saturating_mul(3),
             )
         }),
-        redirect_to_https: config.edge.redirect_http.then(|| spawn.https_addr.map(|a| a.port())).flatten(),
+        https_port: spawn.https_addr.map(|a| a.port()),
         acme_http01: acme.map(Layout::acme_http01),
     };
     let tls = || TlsSettings {
@@ -155,7 +155,7 @@ mod tests {
         Spawn {
             role,
             worker_id: 1,
-            listen_addr: "127.0.0.1:9001".parse().unwrap(),
+            listen_addr: Some("127.0.0.1:9001".parse().unwrap()),
             stats: StatsSettings { fd: STATS_FD, words: 1, block: 1 },
             engine_workers: 2,
             https_addr: https.then(|| "127.0.0.1:9002".parse().unwrap()),
@@ -175,7 +175,7 @@ mod tests {
         let (engine, wanted) = (EngineSettings::default(), BTreeMap::new());
         let e = for_worker(&c, spawn(Role::Engine, true, &engine, &wanted));
         assert!(e.engine.is_some() && e.shm.is_some() && e.tls.is_none() && e.proxy.is_none());
-        assert_eq!(e.edge.redirect_to_https, Some(9002));
+        assert_eq!((e.edge.https_port, e.edge.policy.http_mode), (Some(9002), tandem_config::edge::HttpMode::Redirect));
         let engine_section = e.engine.unwrap();
         assert_eq!(engine_section.runtime.threads, 4, "8 cores over 2 engine workers");
         assert!(engine_section.cert_status.is_some());
@@ -188,7 +188,7 @@ mod tests {
         // Without HTTPS: no ring, no TLS, nothing to redirect to.
         let c = config(&[]);
         let e = for_worker(&c, spawn(Role::Engine, false, &engine, &wanted));
-        assert!(e.shm.is_none() && e.edge.redirect_to_https.is_none() && e.engine.unwrap().cert_status.is_none());
+        assert!(e.shm.is_none() && e.edge.https_port.is_none() && e.engine.unwrap().cert_status.is_none());
         let p = for_worker(&c, spawn(Role::ProxyWorker, false, &engine, &wanted));
         assert!(p.tls.is_none());
     }

@@ -272,14 +272,16 @@ impl Tandem {
         reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
     }
 
-    /// Waits until HTTP (and HTTPS) answer `/v2/health/ready` with 200.
+    /// Waits until HTTP (unless `HTTP_MODE=off`) and HTTPS answer `/v2/health/ready` with 200.
     pub fn wait_ready(&mut self, ssl: bool) {
         let http = Self::http_client();
         let url = self.http_url("/v2/health/ready");
         let explain = || self.explain();
-        wait_for(START_DEADLINE, "HTTP readiness", explain, || {
-            http.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| ())
-        });
+        if self.env.get("HTTP_MODE").is_none_or(|m| m != "off") {
+            wait_for(START_DEADLINE, "HTTP readiness", explain, || {
+                http.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| ())
+            });
+        }
         if ssl {
             let url = self.https_url("127.0.0.1", "/v2/health/ready");
             wait_for(START_DEADLINE, "HTTPS readiness", explain, || {

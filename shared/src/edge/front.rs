@@ -2,8 +2,8 @@
 //! (the engine worker's plain HTTP, the HTTPS worker, the proxy worker), and
 //! every answer tandem makes itself, built here (the JSON error shape lives in
 //! one place). Before a request reaches its path, [`FrontDoor::answer`] may
-//! answer it: an ACME HTTP-01 challenge, the redirect to HTTPS, a CORS
-//! preflight. On the way out, [`FrontDoor::finish`] adds what every answer
+//! answer it: an ACME HTTP-01 challenge, the redirect to HTTPS or the refusal
+//! of the plain port (`HTTP_MODE`), a CORS preflight. On the way out, [`FrontDoor::finish`] adds what every answer
 //! carries: HSTS over HTTPS, the CORS headers.
 
 use std::path::PathBuf;
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use tandem_config::edge::Cors;
+use tandem_config::edge::{Cors, HttpMode};
 
 use crate::WorkerSettings;
 
@@ -111,10 +111,25 @@ pub async fn read_body(
     }
 }
 
-/// The paths never redirected to HTTPS: health checks (load balancers probe
-/// plain HTTP) and ACME HTTP-01 challenges (the CA asks over plain HTTP).
-fn never_redirected(path: &str) -> bool {
-    path.starts_with("/v2/health/") || path.starts_with(ACME_PREFIX)
+/// The paths the plain port answers whatever `HTTP_MODE` says (but `off`):
+/// health checks and model readiness (load balancers and orchestrators probe
+/// plain HTTP; Triton's `health` category) and ACME HTTP-01 challenges (the
+/// CA asks over plain HTTP).
+fn always_answered(path: &str) -> bool {
+    // A path another server might read differently (dot segments, escapes,
+    // empty segments) is never let past: a copy behind the proxy could
+    // resolve /v2/health/../infer to what the port must not serve.
+    let odd = |seg: &str| seg.is_empty() || seg == "." || seg == ".." || seg.contains(['%', '\\']);
+    if path.strip_prefix('/').is_none_or(|p| p.split('/').any(odd)) {
+        return false;
+    }
+    if path.starts_with("/v2/health/") || path.starts_with(ACME_PREFIX) {
+        return true;
+    }
+    // /v2/models/{name}/ready and /v2/models/{name}/versions/{version}/ready
+    let Some(rest) = path.strip_prefix("/v2/models/") else { return false };
+    let segs: Vec<&str> = rest.split('/').collect();
+    matches!(segs.as_slice(), [name, "ready"] | [name, "versions", _, "ready"] if !name.is_empty())
 }
 
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -128,14 +143,27 @@ const METHODS: &str = "GET, POST, OPTIONS";
 /// How long a browser may keep a preflight's answer (seconds).
 const PREFLIGHT_MAX_AGE: &str = "600";
 
+/// What a plain listener does with a request that is not a health check
+/// (`HTTP_MODE`); HTTPS listeners serve everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Plain {
+    /// Serves it.
+    #[default]
+    Serves,
+    /// 403, pointing at the HTTPS port.
+    Refuses(u16),
+    /// 308 to the same URL on the HTTPS port.
+    Redirects(u16),
+}
+
 /// The edge policy of one listener (the default applies none).
 #[derive(Debug, Clone, Default)]
 pub struct FrontDoor {
     hsts: Option<HeaderValue>,
-    redirect_to_https: Option<u16>,
+    plain: Plain,
     acme_http01: Option<PathBuf>,
     cors: Cors,
-    also_never_redirected: Option<String>,
+    also_answered: Option<String>,
 }
 
 /// A configured header value that cannot be sent.
@@ -151,18 +179,23 @@ impl FrontDoor {
             Some(v) => Some(HeaderValue::from_str(v).map_err(|_| BadHsts)?),
             None => None,
         };
+        let plain = match (https, settings.edge.https_port, settings.edge.policy.http_mode) {
+            (false, Some(port), HttpMode::Redirect) => Plain::Redirects(port),
+            (false, Some(port), HttpMode::Health) => Plain::Refuses(port),
+            _ => Plain::Serves,
+        };
         Ok(FrontDoor {
             hsts,
-            redirect_to_https: settings.edge.redirect_to_https.filter(|_| !https),
+            plain,
             acme_http01: settings.edge.acme_http01.clone().filter(|_| !https),
             cors: settings.edge.policy.cors.clone(),
-            also_never_redirected: None,
+            also_answered: None,
         })
     }
 
-    /// Also never redirects `path` (`WORKER_READY_PATH`, the copies' health check).
-    pub fn never_redirecting(mut self, path: &str) -> Self {
-        self.also_never_redirected = Some(path.to_string());
+    /// Also answers `path` whatever `HTTP_MODE` says (`WORKER_READY_PATH`, the copies' health check).
+    pub fn always_answering(mut self, path: &str) -> Self {
+        self.also_answered = Some(path.to_string());
         self
     }
 
@@ -178,10 +211,21 @@ impl FrontDoor {
         if let Some(res) = self.preflight(req) {
             return Some(res);
         }
-        let port = self.redirect_to_https?;
-        if never_redirected(path) || self.also_never_redirected.as_deref() == Some(path) {
+        if self.plain == Plain::Serves || always_answered(path) || self.also_answered.as_deref() == Some(path) {
             return None;
         }
+        let port = match self.plain {
+            Plain::Redirects(port) => port,
+            Plain::Refuses(port) => {
+                return Some(error(
+                    StatusCode::FORBIDDEN,
+                    &format!(
+                        "the plain HTTP port answers health checks only (HTTP_MODE=health); use HTTPS on port {port}"
+                    ),
+                ))
+            }
+            Plain::Serves => return None,
+        };
         let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok());
         let host = host.or(req.uri().authority().map(|a| a.as_str()));
         let target = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
@@ -276,10 +320,10 @@ mod tests {
     fn door(cors: Cors, https: bool, redirect: Option<u16>) -> FrontDoor {
         FrontDoor {
             hsts: https.then(|| HeaderValue::from_static("max-age=60")),
-            redirect_to_https: redirect,
+            plain: redirect.map_or(Plain::Serves, Plain::Redirects),
             acme_http01: None,
             cors,
-            also_never_redirected: Some("/ready".into()),
+            also_answered: Some("/ready".into()),
         }
     }
 
@@ -373,5 +417,36 @@ mod tests {
         }
         let bad = d.answer(&req(Method::GET, "/", &[("host", "a b")])).expect("answered");
         assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn a_health_only_plain_port_answers_probes_and_refuses_the_rest() {
+        let d = FrontDoor { plain: Plain::Refuses(8443), ..door(Cors::Off, false, None) };
+        for path in [
+            "/v2/health/live",
+            "/v2/health/ready",
+            "/v2/models/digits/ready",
+            "/v2/models/digits/versions/2/ready",
+            "/ready",
+            "/.well-known/acme-challenge/t",
+        ] {
+            assert!(d.answer(&req(Method::GET, path, &[])).is_none(), "{path}");
+        }
+        for path in [
+            "/",
+            "/v2",
+            "/v2/models/digits/infer",
+            "/v2/models//ready",
+            "/v2/repository/index",
+            "/metrics",
+            "/v2/models/ready/infer",
+            "/v2/health/../models/d/infer",
+            "/v2/health/%2e%2e/x",
+            "/v2/health//x",
+        ] {
+            let r = d.answer(&req(Method::POST, path, &[])).expect(path);
+            assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+        }
+        assert!(door(Cors::Off, false, None).answer(&req(Method::POST, "/v2/models/digits/infer", &[])).is_none());
     }
 }

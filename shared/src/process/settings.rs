@@ -57,8 +57,9 @@ pub struct WorkerSettings {
     pub worker_id: u64,
     /// The supervisor's pid: a worker whose parent is not this exits at once.
     pub supervisor_pid: i32,
-    /// The address of the listener at descriptor `LISTEN_FDS_START`.
-    pub listen_addr: SocketAddr,
+    /// The address of the listener at descriptor `LISTEN_FDS_START`; `None`
+    /// when it has none (the engine workers with `HTTP_MODE=off` serve only the ring).
+    pub listen_addr: Option<SocketAddr>,
     /// The control socket's descriptor.
     pub control_fd: i32,
     /// The statistics region and this worker's block in it.
@@ -124,8 +125,9 @@ pub struct EdgeSettings {
     pub policy: tandem_config::edge::Edge,
     /// This worker's memory budget for request bytes in flight (`MAX_INFLIGHT_BYTES`, or its share of the memory).
     pub inflight_bytes: u64,
-    /// Plain HTTP is redirected to HTTPS on this port.
-    pub redirect_to_https: Option<u16>,
+    /// The HTTPS port, when there is one: where the plain port redirects or
+    /// points to (`HTTP_MODE`).
+    pub https_port: Option<u16>,
     /// ACME: where HTTP-01 key authorizations wait, one file per token (answered on plain HTTP).
     pub acme_http01: Option<PathBuf>,
 }

@@ -151,8 +151,8 @@ pub struct Started {
     pub control: Arc<ControlClient>,
     /// Its statistics block.
     pub stats: crate::stats::Stats,
-    /// The listener at `LISTEN_FDS_START`, non-blocking.
-    pub listener: std::net::TcpListener,
+    /// The listener at `LISTEN_FDS_START`, non-blocking, when it was given one.
+    pub listener: Option<std::net::TcpListener>,
 }
 
 /// A worker kind that serves: what it reports ready with, and how it stops.
@@ -218,13 +218,18 @@ where
         let io = |what| move |source| SkeletonError::Io { what, source };
         let stats = open_stats(&settings.stats, kind.role, settings.worker_id)
             .map_err(io("cannot map the statistics region"))?;
-        let listener =
-            adopt_listener(crate::sys::LISTEN_FDS_START).map_err(io("cannot take the inherited listener"))?;
-        let (id, addr, graceful) = (settings.worker_id, settings.listen_addr, settings.graceful_timeout);
+        let listener = match settings.listen_addr {
+            Some(_) => Some(
+                adopt_listener(crate::sys::LISTEN_FDS_START).map_err(io("cannot take the inherited listener"))?,
+            ),
+            None => None,
+        };
+        let (id, graceful) = (settings.worker_id, settings.graceful_timeout);
+        let addr = settings.listen_addr.map_or_else(|| "-".to_string(), |a| a.to_string());
         let running = start(Started { settings, control: control.clone(), stats, listener }).await?;
         control
             .send(&crate::process::control::WorkerEvent::Ready {
-                addr: addr.to_string(),
+                addr: addr.clone(),
                 fingerprint: running.fingerprint.clone(),
             })
             .map_err(|e| SkeletonError::Report("ready", e))?;

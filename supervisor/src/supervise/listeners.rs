@@ -6,12 +6,17 @@ use std::net::{SocketAddr, TcpListener};
 use anyhow::Context;
 use tandem_config::Config;
 
+/// Whether the plain HTTP port is open (every `HTTP_MODE` but `off`).
+fn plain_wanted(config: &Config) -> bool {
+    config.edge.http_mode != tandem_config::edge::HttpMode::Off
+}
+
 /// Listeners bound by the supervisor, held for the life of the service so
 /// that a worker restart never closes a port.
 #[derive(Debug)]
 pub struct Listeners {
-    /// Plain HTTP.
-    pub http: TcpListener,
+    /// Plain HTTP, unless `HTTP_MODE=off`.
+    pub http: Option<TcpListener>,
     /// HTTPS, when enabled.
     pub https: Option<TcpListener>,
     /// The supervisor's own `/metrics` port (`METRICS_PORT`), when set.
@@ -35,7 +40,7 @@ impl Listeners {
             }
             Ok::<_, anyhow::Error>(l)
         };
-        let http = bind(config.listen.port, "HTTP")?;
+        let http = plain_wanted(config).then(|| bind(config.listen.port, "HTTP")).transpose()?;
         let https = if config.tls.enabled { Some(bind(config.tls.port, "HTTPS")?) } else { None };
         let metrics = config.listen.metrics_port.map(|p| bind(p, "metrics")).transpose()?;
         Ok(Listeners { http, https, metrics })
@@ -52,7 +57,15 @@ impl Listeners {
                 Which::Metrics => metrics = Some(l),
             }
         }
-        let http = http.context("systemd passed no HTTP listener (name it FileDescriptorName=http)")?;
+        let http = match (http, plain_wanted(config)) {
+            (Some(l), true) => Some(l),
+            (None, true) => anyhow::bail!("systemd passed no HTTP listener (name it FileDescriptorName=http)"),
+            (Some(l), false) => {
+                tracing::warn!(addr = %Self::addr(&l)?, "systemd passed an HTTP listener but HTTP_MODE=off: it is closed");
+                None
+            }
+            (None, false) => None,
+        };
         if config.tls.enabled && https.is_none() {
             anyhow::bail!("ENABLE_SSL=true but systemd passed no HTTPS listener\nhint: add a ListenStream for SSL_PORT named https");
         }
@@ -60,6 +73,11 @@ impl Listeners {
             anyhow::bail!("METRICS_PORT is set but systemd passed no metrics listener\nhint: add a ListenStream named metrics, or unset METRICS_PORT");
         }
         Ok(Listeners { http, https: https.filter(|_| config.tls.enabled), metrics })
+    }
+
+    /// The plain listener's address, when there is one.
+    pub(super) fn http_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        self.http.as_ref().map(Self::addr).transpose()
     }
 
     pub(super) fn addr(l: &TcpListener) -> anyhow::Result<SocketAddr> {

@@ -54,7 +54,7 @@ pub struct Supervisor {
     engine: EngineSettings,
     exe: PathBuf,
     listeners: Option<Listeners>,
-    http_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     https_addr: Option<SocketAddr>,
     slots: Vec<Slot>,
     next_id: u64,
@@ -101,7 +101,7 @@ impl Supervisor {
         certs: Option<CertKeeper>,
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the tandem executable (/proc/self/exe)")?;
-        let http_addr = Listeners::addr(&listeners.http)?;
+        let http_addr = listeners.http_addr()?;
         let https_addr = listeners.https.as_ref().map(Listeners::addr).transpose()?;
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (health_tx, health) = mpsc::unbounded_channel();
@@ -347,17 +347,26 @@ impl Supervisor {
         }
     }
 
-    /// The cache layout, when ACME is the certificate source (its challenges are answered by the workers).
+    /// Says where tandem serves, once every worker first answers (log and systemd).
     fn announce(&self) {
-        tracing::info!(url = %url("http", self.http_addr), workers = self.engine_slots(), "serving HTTP");
-        crate::systemd::notify(&format!(
-            "READY=1\nSTATUS=serving HTTP on {} with {} workers",
-            self.http_addr,
-            self.engine_slots()
-        ));
+        let mode = self.config.edge.http_mode;
+        let mut status = Vec::new();
+        if let Some(addr) = self.http_addr {
+            tracing::info!(url = %url("http", addr), workers = self.engine_slots(), mode = mode.name(), "serving HTTP");
+            status.push(format!("HTTP on {addr}"));
+        }
         if let Some(addr) = self.https_addr {
             tracing::info!(url = %url("https", addr), fingerprint = self.certs.as_ref().map(CertHandle::fingerprint).as_deref(), "serving HTTPS");
+            status.push(format!("HTTPS on {addr}"));
         }
+        if self.http_addr.is_none() {
+            tracing::info!("no plain HTTP port (HTTP_MODE=off)");
+        }
+        crate::systemd::notify(&format!(
+            "READY=1\nSTATUS=serving {} with {} workers",
+            status.join(" and "),
+            self.engine_slots()
+        ));
         // A stand-in serves until the source delivers; a source whose proof the
         // workers answer (ACME) can try now that they do.
         if let Some(certs) = self.certs.as_ref().filter(|c| c.degraded()) {

@@ -3,6 +3,7 @@
 //! workers (SIGTTIN/SIGTTOU), and stopping them all.
 
 use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -34,10 +35,11 @@ impl Supervisor {
         if role == Role::App {
             return self.spawn_app(index);
         }
+        // The plain listener is absent with HTTP_MODE=off: the engines serve the ring only.
         let (listener, addr) = match role {
-            Role::Engine | Role::ProxyWorker | Role::App => (&listeners.http, self.http_addr),
+            Role::Engine | Role::ProxyWorker | Role::App => (listeners.http.as_ref(), self.http_addr),
             Role::HttpsWorker => match (&listeners.https, self.https_addr) {
-                (Some(l), Some(a)) => (l, a),
+                (Some(l), Some(a)) => (Some(l), Some(a)),
                 _ => anyhow::bail!("no HTTPS listener for the HTTPS worker"),
             },
         };
@@ -47,7 +49,8 @@ impl Supervisor {
             }
             _ => None,
         };
-        let listener_fd = listener.try_clone().context("cannot duplicate the listener for a worker")?;
+        let listener_fd =
+            listener.map(TcpListener::try_clone).transpose().context("cannot duplicate the listener for a worker")?;
         let (ours, theirs) = UnixStream::pair().context("cannot create a control socketpair")?;
         let worker_id = self.next_id;
         self.next_id += 1;
@@ -77,13 +80,15 @@ impl Supervisor {
             .context("cannot write the worker's settings into a memfd")?;
         let mut fds = vec![
             FdMapping { parent_fd: settings_fd, child_fd: SETTINGS_FD },
-            FdMapping { parent_fd: listener_fd.into(), child_fd: LISTEN_FDS_START },
             FdMapping { parent_fd: theirs.into(), child_fd: CONTROL_FD },
             FdMapping {
                 parent_fd: self.stats.1.try_clone().context("cannot duplicate the statistics memfd")?,
                 child_fd: STATS_FD,
             },
         ];
+        if let Some(l) = listener_fd {
+            fds.push(FdMapping { parent_fd: l.into(), child_fd: LISTEN_FDS_START });
+        }
         if let Some((_, memfd)) = &self.shm {
             fds.push(FdMapping {
                 parent_fd: memfd.try_clone().context("cannot duplicate the memfd")?,
@@ -99,7 +104,7 @@ impl Supervisor {
             .env_clear()
             .envs(tandem_shared::inherited_env())
             .env(WORKER_SETTINGS_VAR, format!("fd:{SETTINGS_FD}"))
-            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDS", if addr.is_some() { "1" } else { "0" })
             .env("LISTEN_FDNAMES", if role == Role::HttpsWorker { "https" } else { "http" })
             .stdin(Stdio::null())
             .fd_mappings(fds)
