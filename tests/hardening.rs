@@ -352,6 +352,7 @@ fn a_plain_http_body_sent_a_byte_at_a_time_is_cut_off_with_408() {
 fn names_from_requests_cannot_forge_log_lines() {
     let t = TandemBuilder::new()
         .env("MODEL_CONTROL_MODE", "explicit")
+        .env("MODEL_LOAD", "*")
         .env("ACCESS_LOG", "true")
         .env("NUM_WORKERS", "2")
         .start();

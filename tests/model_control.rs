@@ -116,7 +116,8 @@ fn post(t: &Tandem, path: &str, body: &str) -> (u16, Value) {
 
 #[test]
 fn explicit_load_and_unload_reach_every_worker_while_other_models_serve() {
-    let b = TandemBuilder::new().ssl().env("NUM_WORKERS", "2").env("MODEL_CONTROL_MODE", "explicit");
+    let b =
+        TandemBuilder::new().ssl().env("NUM_WORKERS", "2").env("MODEL_CONTROL_MODE", "explicit").env("MODEL_LOAD", "*");
     let repo = repository(b.dir(), &["other"]);
     let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
     let v2: Value = Tandem::http_client().get(t.http_url("/v2")).send().unwrap().json().unwrap();
@@ -244,7 +245,7 @@ fn digits_config(name: &str, change: Value) -> Value {
 
 #[test]
 fn model_configurations_cannot_reach_outside_their_folder() {
-    let b = TandemBuilder::new().ssl().env("MODEL_CONTROL_MODE", "explicit");
+    let b = TandemBuilder::new().ssl().env("MODEL_CONTROL_MODE", "explicit").env("MODEL_LOAD", "*");
     let repo = repository(b.dir(), &["other", "ondisk"]);
     let secret = b.dir().join("secret.txt");
     std::fs::write(&secret, "TOPSECRET-LABEL\n").unwrap();
@@ -309,7 +310,7 @@ fn model_configurations_cannot_reach_outside_their_folder() {
 
 #[test]
 fn overrides_are_bounded_and_only_a_load_that_succeeded_is_replayed() {
-    let b = TandemBuilder::new().env("NUM_WORKERS", "2").env("MODEL_CONTROL_MODE", "explicit");
+    let b = TandemBuilder::new().env("NUM_WORKERS", "2").env("MODEL_CONTROL_MODE", "explicit").env("MODEL_LOAD", "*");
     let repo = repository(b.dir(), &["a", "b", "c"]);
     let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
     let started = t.stderr().matches("worker started").count();
@@ -376,4 +377,57 @@ fn overrides_are_bounded_and_only_a_load_that_succeeded_is_replayed() {
         );
     }
     serving(&t);
+}
+
+fn index(t: &Tandem) -> Vec<Value> {
+    let r = Tandem::http_client().post(t.http_url("/v2/repository/index")).body("{}").send().unwrap();
+    r.json::<Vec<Value>>().unwrap()
+}
+
+fn state_of(index: &[Value], name: &str) -> Option<String> {
+    index.iter().find(|m| m["name"] == name).map(|m| m["state"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn explicit_control_loads_only_what_model_load_names_and_forgets_deleted_folders() {
+    // Nothing named: nothing loaded, the server is ready, the log says how to load.
+    let b = TandemBuilder::new().env("MODEL_CONTROL_MODE", "explicit");
+    let repo = repository(b.dir(), &["other"]);
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
+    t.wait_for_log(Duration::from_secs(5), "no model is loaded at start", 1);
+    let listed = index(&t);
+    assert_eq!(state_of(&listed, "digits").as_deref(), Some("UNAVAILABLE"), "{listed:?}");
+    assert_eq!(state_of(&listed, "other").as_deref(), Some("UNAVAILABLE"), "{listed:?}");
+    let r = Tandem::http_client().post(t.http_url("/v2/models/digits/infer")).body(digits_body(1)).send().unwrap();
+    assert_eq!(r.status(), 503);
+    let (status, body) = post(&t, "/v2/repository/models/digits/load", "");
+    assert_eq!(status, 200, "{body}");
+    let r = Tandem::http_client().post(t.http_url("/v2/models/digits/infer")).body(digits_body(1)).send().unwrap();
+    assert_eq!(r.status(), 200);
+    // A folder added later is listed (not loaded); one unloaded and deleted leaves the index.
+    copy_digits(&repo, "later", "");
+    assert_eq!(state_of(&index(&t), "later").as_deref(), Some("UNAVAILABLE"));
+    std::fs::remove_dir_all(repo.join("other")).unwrap();
+    assert_eq!(state_of(&index(&t), "other"), None, "{:?}", index(&t));
+    // A loaded model whose folder is deleted still serves and stays listed.
+    std::fs::remove_dir_all(repo.join("digits")).unwrap();
+    assert_eq!(state_of(&index(&t), "digits").as_deref(), Some("READY"));
+    drop(t);
+
+    // Named: those load, the others wait; a worker restarted serves the same set.
+    let b = TandemBuilder::new().env("MODEL_CONTROL_MODE", "explicit").env("MODEL_LOAD", "other, missing");
+    let repo = repository(b.dir(), &["other"]);
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
+    t.wait_for_log(Duration::from_secs(5), "MODEL_LOAD names a model the repository does not hold", 1);
+    let listed = index(&t);
+    assert_eq!(state_of(&listed, "other").as_deref(), Some("READY"), "{listed:?}");
+    assert_eq!(state_of(&listed, "digits").as_deref(), Some("UNAVAILABLE"), "{listed:?}");
+    let engine = t.workers("engine-worker")[0];
+    nix::sys::signal::kill(engine, nix::sys::signal::Signal::SIGKILL).unwrap();
+    t.wait_replaced(Duration::from_secs(30), "engine-worker", engine, 1);
+    let mut t = t;
+    t.wait_ready(false);
+    let listed = index(&t);
+    assert_eq!(state_of(&listed, "other").as_deref(), Some("READY"), "{listed:?}");
+    assert_eq!(state_of(&listed, "digits").as_deref(), Some("UNAVAILABLE"), "{listed:?}");
 }

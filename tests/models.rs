@@ -175,6 +175,16 @@ fn real_models_match_onnxruntime_over_http_and_https_while_broken_ones_are_unava
     assert_eq!(meta["inputs"][0]["shape"], serde_json::json!([-1, 3, -1, -1]), "{meta}");
     let meta: serde_json::Value = http.get(t.http_url("/v2/models/reshaped")).send().unwrap().json().unwrap();
     assert_eq!(meta["inputs"][0]["shape"], serde_json::json!([-1, 2, 2]), "{meta}");
+    // The whole effective configuration, as Triton answers it: what was given
+    // (reshape) and what tandem filled in (version policy, instance group).
+    let config: serde_json::Value = http.get(t.http_url("/v2/models/reshaped/config")).send().unwrap().json().unwrap();
+    assert!(config["input"][0]["reshape"]["shape"].is_array(), "{config}");
+    assert_eq!(config["version_policy"], serde_json::json!({"latest": {"num_versions": 1}}), "{config}");
+    assert_eq!(config["instance_group"][0]["kind"], "KIND_CPU", "{config}");
+    assert_eq!(config["instance_group"][0]["count"], 1, "{config}");
+    let digits: serde_json::Value = http.get(t.http_url("/v2/models/digits/config")).send().unwrap().json().unwrap();
+    assert_eq!(digits["output"][0]["label_filename"], "labels.txt", "{digits}");
+    assert_eq!(digits["input"][0]["data_type"], "TYPE_FP32", "{digits}");
     let body = r#"{"inputs":[{"name":"x","shape":[3,2,2],"datatype":"FP16","data":[0,0,0,0,1,1,1,1,2,2,2,2]}]}"#;
     let resp: serde_json::Value =
         http.post(t.http_url("/v2/models/reshaped/infer")).body(body).send().unwrap().json().unwrap();

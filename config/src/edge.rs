@@ -197,7 +197,7 @@ fn http_mode(r: &mut Reader, https: bool) -> HttpMode {
         ("off", HttpMode::Off),
     ];
     let given = r.value(&HTTP_MODE).is_some();
-    let mut mode = r.get(&HTTP_MODE, HttpMode::Full, |v| values::one_of(&v.to_ascii_lowercase(), &choices));
+    let mut mode = r.get(&HTTP_MODE, HttpMode::Full, |v| values::one_of(v, &choices));
     if r.get(&SSL_REDIRECT_HTTP, false, values::parse_bool) {
         if given && mode != HttpMode::Redirect {
             r.bad(

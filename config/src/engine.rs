@@ -58,6 +58,12 @@ crate::declare! {
         accepted: "none, explicit or poll",
         scope: engine,
     }
+    MODEL_LOAD {
+        default: "(none: with MODEL_CONTROL_MODE=explicit nothing is loaded at start)",
+        doc: "with MODEL_CONTROL_MODE=explicit, the models loaded at start: names comma-separated, or * for every model (Triton's --load-model)",
+        accepted: "* or model names (the repository's folder names) comma-separated",
+        scope: |c| engine(c).or_else(|| (c.engine.model_control_mode != ModelControlMode::Explicit).then_some("MODEL_CONTROL_MODE is not explicit, so every model is loaded at start")),
+    }
     REPOSITORY_POLL_SECS {
         default: "15",
         doc: "seconds between rescans of the repository with MODEL_CONTROL_MODE=poll (1-86400)",
@@ -100,6 +106,26 @@ pub enum ModelControlMode {
     Poll,
 }
 
+/// The models `MODEL_CONTROL_MODE=explicit` loads at start (`MODEL_LOAD`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelLoad {
+    /// Every model in the repository (`*`; in the other modes, always).
+    All,
+    /// These, by folder name (none by default).
+    Only(Vec<String>),
+}
+
+/// Whether `name` can be a model folder's name (one path component, printable).
+pub fn is_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name.len() <= 255
+        && !name.contains(['/', '\\', ','])
+        && !name.chars().any(char::is_control)
+}
+
 /// The engine section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Engine {
@@ -119,6 +145,8 @@ pub struct Engine {
     pub exit_on_model_error: bool,
     /// How models may change while running.
     pub model_control_mode: ModelControlMode,
+    /// What explicit model control loads at start.
+    pub model_load: ModelLoad,
     /// Between repository rescans (poll mode).
     pub repository_poll: Duration,
 }
@@ -175,6 +203,17 @@ pub fn parse(r: &mut Reader) -> Engine {
             ],
         )
     });
+    let explicit = model_control_mode == ModelControlMode::Explicit;
+    let model_load = r.get(&MODEL_LOAD, if explicit { ModelLoad::Only(Vec::new()) } else { ModelLoad::All }, |v| {
+        if !explicit {
+            return Some(ModelLoad::All);
+        }
+        if v == "*" {
+            return Some(ModelLoad::All);
+        }
+        let names = values::list(v);
+        names.iter().all(|n| is_model_name(n)).then_some(ModelLoad::Only(names))
+    });
     let repository_poll = r.get(&REPOSITORY_POLL_SECS, Duration::from_secs(15), |v| values::seconds(v, 1, 86400));
     Engine {
         model_repository,
@@ -185,6 +224,7 @@ pub fn parse(r: &mut Reader) -> Engine {
         strict_readiness,
         exit_on_model_error,
         model_control_mode,
+        model_load,
         repository_poll,
     }
 }
@@ -192,6 +232,26 @@ pub fn parse(r: &mut Reader) -> Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load(pairs: &[(&str, &str)]) -> Result<ModelLoad, crate::ConfigError> {
+        crate::Config::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()))).map(|c| c.engine.model_load)
+    }
+
+    #[test]
+    fn explicit_control_loads_only_what_model_load_names() {
+        assert_eq!(load(&[]).unwrap(), ModelLoad::All);
+        assert_eq!(load(&[("MODEL_LOAD", "a")]).unwrap(), ModelLoad::All, "ignored unless explicit");
+        let explicit = ("MODEL_CONTROL_MODE", "explicit");
+        assert_eq!(load(&[explicit]).unwrap(), ModelLoad::Only(vec![]));
+        assert_eq!(load(&[explicit, ("MODEL_LOAD", "*")]).unwrap(), ModelLoad::All);
+        assert_eq!(
+            load(&[explicit, ("MODEL_LOAD", "digits, yolo-v8")]).unwrap(),
+            ModelLoad::Only(vec!["digits".into(), "yolo-v8".into()])
+        );
+        for bad in ["../etc", "a/b", "..", "a\tb"] {
+            assert_eq!(load(&[explicit, ("MODEL_LOAD", bad)]).expect_err(bad).problems[0].var, "MODEL_LOAD");
+        }
+    }
 
     #[test]
     fn threads_are_the_setting_else_a_share_of_the_cores() {

@@ -854,7 +854,7 @@ mod tests {
             backend: tandem_config::engine::BackendChoice::Tract,
             ..Default::default()
         };
-        let engine = Engine::load(&repo, &settings, 1, &std::collections::BTreeMap::new()).expect("load");
+        let engine = Engine::load(&repo, &settings, 1, &tandem_shared::ModelSet::default()).expect("load");
         match engine.models()["digits"].version(None) {
             Some(VersionState::Ready(v)) => v.clone(),
             other => panic!("digits: {other:?}"),

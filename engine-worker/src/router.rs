@@ -13,7 +13,7 @@ use axum::{Extension, Json, Router};
 use serde_json::json;
 use tandem_shared::stats::Timings;
 
-use crate::engine::{ModelVersion, TensorMeta, VersionState, PLATFORM};
+use crate::engine::{ModelVersion, VersionState, PLATFORM};
 use crate::infer::{build_inputs, decode_body, encode_response, requested_outputs, ApiError, HEADER_LENGTH};
 use crate::state::{certificate, error, find, read_body, AppState, ModelPath, Scheme};
 
@@ -157,7 +157,7 @@ async fn ready(State(state): State<AppState>) -> Response {
 /// Triton's repository index: every model and version with its state and, when unavailable, the reason.
 async fn repository_index(State(state): State<AppState>) -> Json<serde_json::Value> {
     let mut out = Vec::new();
-    for (name, m) in state.inner.engine.models().iter() {
+    for (name, m) in &state.inner.engine.index() {
         if let Some(reason) = &m.error {
             out.push(json!({ "name": name, "state": "UNAVAILABLE", "reason": reason }));
             continue;
@@ -213,25 +213,9 @@ async fn model_config(
     Path(p): Path<ModelPath>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let v = find(&state, &p)?;
-    let dims = |t: &TensorMeta| -> serde_json::Value {
-        let skip = usize::from(v.max_batch_size > 0);
-        json!({ "name": t.name, "data_type": t.datatype.triton_name(), "dims": t.shape.iter().skip(skip).collect::<Vec<_>>() })
-    };
-    let mut config = json!({
-        "name": v.name,
-        "platform": PLATFORM,
-        "backend": v.backend,
-        "execution_provider": v.provider,
-        "max_batch_size": v.max_batch_size,
-        "input": v.inputs.iter().map(dims).collect::<Vec<_>>(),
-        "output": v.outputs.iter().map(dims).collect::<Vec<_>>(),
-    });
-    if let Some(d) = &v.dynamic_batching {
-        config["dynamic_batching"] = json!({
-            "preferred_batch_size": d.preferred,
-            "max_queue_delay_microseconds": d.max_delay.as_micros() as u64,
-        });
-    }
+    let mut config = crate::engine::config::to_json(&v.config);
+    // tandem's own: which execution provider runs it (not a ModelConfig field).
+    config["execution_provider"] = json!(v.provider);
     Ok(Json(config))
 }
 

@@ -21,8 +21,8 @@ use std::net::SocketAddr;
 use tandem_config::process::LogFormat;
 
 pub use process::settings::{
-    EdgeSettings, EngineSettings, EngineWorker, OrtLibrary, ProxySettings, Role, ShmSettings, StatsSettings,
-    TlsSettings, WorkerSettings,
+    EdgeSettings, EngineSettings, EngineWorker, ModelSet, OrtLibrary, ProxySettings, Role, ShmSettings, StatsSettings,
+    TlsSettings, Wanted, WorkerSettings,
 };
 
 /// The crate version, reported by `GET /`.

@@ -58,7 +58,19 @@ fn rules(env: &dyn Fn(&str) -> Option<String>) -> impl Iterator<Item = (&'static
     if let Some(project) = std::env::current_exe().ok().as_deref().and_then(project_of) {
         rules.push(("the project's .venv", Box::new(move || site(&project.join(".venv")))));
     }
-    rules.push(("python3 on PATH", Box::new(interpreter_paths)));
+    let path = env("PATH");
+    rules.push((
+        "python3 on PATH",
+        Box::new(move || {
+            // A virtualenv's python3 run with -S reports its base's folders, not the
+            // virtualenv's own: look in the environment it belongs to first.
+            let mut dirs: Vec<PathBuf> = first_interpreter(path.as_deref())
+                .and_then(|bin| bin.parent().filter(|env| env.join("pyvenv.cfg").is_file()).map(site))
+                .unwrap_or_default();
+            dirs.extend(interpreter_paths());
+            dirs
+        }),
+    ));
     rules.push((
         "system prefixes",
         Box::new(|| {
@@ -82,6 +94,13 @@ fn project_of(exe: &Path) -> Option<PathBuf> {
         .take(4)
         .find(|dir| dir.join("Cargo.toml").is_file() && dir.join(".venv").is_dir())
         .map(Path::to_path_buf)
+}
+
+/// The folder on `path` holding the first `python3` (else `python`), as
+/// `PATH` names it (a virtualenv's `bin`, not where its symbolic link points).
+fn first_interpreter(path: Option<&str>) -> Option<PathBuf> {
+    let dirs: Vec<PathBuf> = std::env::split_paths(path?).collect();
+    ["python3", "python"].iter().find_map(|name| dirs.iter().find(|d| d.join(name).is_file()).cloned())
 }
 
 /// Python's own search path, asked of `python3` and `python` on `PATH`
@@ -319,5 +338,22 @@ mod tests {
         assert_eq!(discover(empty).expect("found").1, "system prefixes");
         let nothing = vec![("VIRTUAL_ENV", vec![root.path().join("none")])];
         assert_eq!(discover(nothing).expect_err("none"), [root.path().join("none")]);
+    }
+
+    #[test]
+    fn a_virtualenv_first_on_path_is_searched_as_itself_not_as_its_base() {
+        let root = tempfile::tempdir().expect("tmp");
+        let venv = root.path().join("env");
+        let site = venv.join("lib/python3.11/site-packages");
+        std::fs::create_dir_all(site.join("onnxruntime/capi")).expect("mkdir");
+        std::fs::create_dir_all(venv.join("bin")).expect("mkdir");
+        std::fs::write(site.join("onnxruntime/capi/libonnxruntime.so.1.31.1"), b"").expect("write");
+        std::fs::write(venv.join("pyvenv.cfg"), b"home = /usr/bin\n").expect("write");
+        std::fs::write(venv.join("bin/python3"), b"").expect("write");
+        let path = format!("{}:/usr/bin", venv.join("bin").display());
+        assert_eq!(first_interpreter(Some(&path)), Some(venv.join("bin")));
+        let env = |var: &str| (var == "PATH").then(|| path.clone());
+        let (lib, rule) = discover(rules(&env).filter(|(r, _)| *r == "python3 on PATH")).expect("found");
+        assert_eq!((lib, rule), (site.join("onnxruntime/capi/libonnxruntime.so.1.31.1"), "python3 on PATH"));
     }
 }

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use tandem_config::engine::ModelLoad;
 use tandem_shared::process::control::ModelChange;
+use tandem_shared::{ModelSet, Wanted};
 
 /// Who asked for a change: an engine worker on behalf of a client (answered
 /// when done), the repository poller (logged), or the supervisor putting
@@ -75,11 +77,37 @@ pub enum Step {
 pub struct ModelOps {
     next: u64,
     ops: HashMap<u64, Op>,
-    /// Per model, how it differs from the repository's files (see `WorkerSettings::models_wanted`).
-    pub wanted: BTreeMap<String, Option<String>>,
+    /// What restarted workers load (see `EngineWorker::models_wanted`).
+    pub wanted: ModelSet,
 }
 
 impl ModelOps {
+    /// What explicit model control loads at start (`MODEL_LOAD`), said in the
+    /// log; a name the repository does not hold is a warning (its folder may come later).
+    pub fn at_start(load: &ModelLoad, repository: &Path) -> Self {
+        let names = match load {
+            ModelLoad::All => {
+                tracing::info!("MODEL_CONTROL_MODE=explicit with MODEL_LOAD=*: every model is loaded at start");
+                return ModelOps::default();
+            }
+            ModelLoad::Only(names) => names,
+        };
+        let held = scan(repository);
+        for missing in names.iter().filter(|n| !held.contains_key(n.as_str())) {
+            tracing::warn!(model = %missing, repository = %repository.display(), "MODEL_LOAD names a model the repository does not hold");
+        }
+        if names.is_empty() {
+            tracing::info!(
+                "MODEL_CONTROL_MODE=explicit: no model is loaded at start (as Triton's); load one with POST \
+                 /v2/repository/models/NAME/load, or name them in MODEL_LOAD (* for all)"
+            );
+        } else {
+            tracing::info!(models = %names.join(","), "MODEL_CONTROL_MODE=explicit: loading only the models MODEL_LOAD names");
+        }
+        let named = names.iter().map(|n| (n.clone(), Wanted::Files)).collect();
+        ModelOps { wanted: ModelSet { named, others_loaded: false }, ..ModelOps::default() }
+    }
+
     /// Starts `change` on the engine workers `workers`: returns its number and
     /// the workers to send it to now (one, for a load; all, for an unload).
     pub fn start(&mut self, origin: Origin, change: ModelChange, workers: BTreeSet<u64>) -> (u64, BTreeSet<u64>) {
@@ -166,25 +194,21 @@ impl ModelOps {
 
     /// Makes `change` what restarted workers load.
     fn remember(&mut self, change: &ModelChange) {
-        match change {
-            ModelChange::Load { model, config: None } => {
-                self.wanted.remove(model);
-            }
-            ModelChange::Load { model, config: Some(c) } => {
-                self.wanted.insert(model.clone(), Some(c.clone()));
-            }
-            ModelChange::Unload { model } => {
-                self.wanted.insert(model.clone(), None);
-            }
-        }
+        let wanted = match change {
+            ModelChange::Load { config: None, .. } => Wanted::Files,
+            ModelChange::Load { config: Some(c), .. } => Wanted::Config(c.clone()),
+            ModelChange::Unload { .. } => Wanted::Unloaded,
+        };
+        self.wanted.set(change.model(), wanted);
     }
 
     /// The change that brings a worker to what is remembered for `model`.
     pub fn current(&self, model: &str) -> ModelChange {
-        match self.wanted.get(model) {
-            None => ModelChange::Load { model: model.to_string(), config: None },
-            Some(None) => ModelChange::Unload { model: model.to_string() },
-            Some(Some(c)) => ModelChange::Load { model: model.to_string(), config: Some(c.clone()) },
+        let model = model.to_string();
+        match self.wanted.get(&model) {
+            Wanted::Files => ModelChange::Load { model, config: None },
+            Wanted::Unloaded => ModelChange::Unload { model },
+            Wanted::Config(c) => ModelChange::Load { model, config: Some(c) },
         }
     }
 }
@@ -288,12 +312,12 @@ mod tests {
         let change = ModelChange::Load { model: "a".into(), config: Some("{}".into()) };
         let (op, first) = ops.start(Origin::Client(1, 9), change.clone(), [1, 2, 3].into());
         assert_eq!(first, [1].into());
-        assert!(ops.wanted.is_empty(), "nothing is remembered before a worker carried it out");
+        assert!(ops.wanted.named.is_empty(), "nothing is remembered before a worker carried it out");
         assert_eq!(ops.answered(op, 1, None), Step::Send(op, change.clone(), [2, 3].into()));
         assert_eq!(ops.answered(op, 2, None), Step::Wait);
         let done = finished(ops.answered(op, 3, None));
         assert_eq!((done.error, done.revert, done.targets), (None, None, [1, 2, 3].into()));
-        assert_eq!(ops.wanted.get("a"), Some(&Some("{}".into())));
+        assert_eq!(ops.wanted.get("a"), Wanted::Config("{}".into()));
         // Late answers for a finished operation are ignored.
         assert_eq!(ops.answered(op, 1, None), Step::Wait);
     }
@@ -305,26 +329,26 @@ mod tests {
         let done = finished(ops.answered(op, 1, Some("boom".into())));
         assert_eq!(done.error.as_deref(), Some("worker 1: boom"));
         assert_eq!(done.revert, None);
-        assert!(ops.wanted.is_empty());
+        assert!(ops.wanted.named.is_empty());
     }
 
     #[test]
     fn a_worker_that_dies_carrying_out_a_load_fails_it() {
         let mut ops = ModelOps::default();
-        ops.wanted.insert("a".into(), None);
+        ops.wanted.set("a", Wanted::Unloaded);
         let (op, first) = ops.start(Origin::Client(1, 9), load("a"), [1, 2].into());
         assert_eq!(first, [1].into());
         let steps = ops.worker_gone(1, "exited (signal SIGABRT)");
         let done = finished(steps.into_iter().next().expect("one op"));
         assert!(done.error.expect("failed").contains("worker 1 exited (signal SIGABRT) while"));
-        assert_eq!(ops.wanted.get("a"), Some(&None), "the unload before it still holds");
+        assert_eq!(ops.wanted.get("a"), Wanted::Unloaded, "the unload before it still holds");
         let _ = op;
     }
 
     #[test]
     fn a_change_that_fails_on_some_workers_is_undone_on_the_others() {
         let mut ops = ModelOps::default();
-        ops.wanted.insert("a".into(), Some("old".into()));
+        ops.wanted.set("a", Wanted::Config("old".into()));
         let change = ModelChange::Load { model: "a".into(), config: Some("new".into()) };
         let (op, _) = ops.start(Origin::Client(1, 9), change.clone(), [1, 2, 3].into());
         assert!(matches!(ops.answered(op, 1, None), Step::Send(..)));
@@ -334,7 +358,7 @@ mod tests {
         let (undo, on) = done.revert.expect("undone");
         assert_eq!(undo, ModelChange::Load { model: "a".into(), config: Some("old".into()) });
         assert_eq!(on, [1, 3].into());
-        assert_eq!(ops.wanted.get("a"), Some(&Some("old".into())));
+        assert_eq!(ops.wanted.get("a"), Wanted::Config("old".into()));
         // The revert itself is not reverted and not remembered.
         let (r, _) = ops.start(Origin::Align, undo, on);
         assert!(matches!(ops.answered(r, 1, None), Step::Wait | Step::Send(..)));
@@ -347,13 +371,27 @@ mod tests {
         assert_eq!(first, [1, 2].into());
         assert_eq!(ops.answered(op, 1, None), Step::Wait);
         finished(ops.answered(op, 2, None));
-        assert_eq!(ops.wanted.get("a"), Some(&None));
+        assert_eq!(ops.wanted.get("a"), Wanted::Unloaded);
         let (op, _) = ops.start(Origin::Client(1, 3), load("a"), BTreeSet::new());
         assert!(finished(ops.advance(op)).error.is_none());
-        assert!(ops.wanted.is_empty());
+        assert!(ops.wanted.named.is_empty());
         let (op, _) = ops.start(Origin::Poll, ModelChange::Unload { model: "b".into() }, BTreeSet::new());
         finished(ops.advance(op));
-        assert!(ops.wanted.is_empty());
+        assert!(ops.wanted.named.is_empty());
+    }
+
+    #[test]
+    fn with_the_others_unloaded_a_load_from_files_is_remembered_by_name() {
+        let mut ops =
+            ModelOps { wanted: ModelSet { named: BTreeMap::new(), others_loaded: false }, ..ModelOps::default() };
+        assert_eq!(ops.current("a"), ModelChange::Unload { model: "a".into() });
+        let (op, _) = ops.start(Origin::Client(1, 1), load("a"), [1].into());
+        finished(ops.answered(op, 1, None));
+        assert_eq!(ops.wanted.named.get("a"), Some(&Wanted::Files));
+        assert_eq!(ops.current("a"), load("a"));
+        let (op, _) = ops.start(Origin::Client(1, 2), ModelChange::Unload { model: "a".into() }, [1].into());
+        finished(ops.answered(op, 1, None));
+        assert!(ops.wanted.named.is_empty(), "back to what every unnamed model is");
     }
 
     #[test]

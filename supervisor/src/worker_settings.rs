@@ -3,7 +3,6 @@
 //! of one worker. An engine worker never sees TLS policy, a TLS-terminating
 //! worker never sees engine settings, only the proxy worker sees the proxy's.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -13,7 +12,7 @@ use tandem_config::Config;
 use tandem_shared::certs::cache::Layout;
 use tandem_shared::process::control::Backend;
 use tandem_shared::{
-    EdgeSettings, EngineSettings, EngineWorker, ProxySettings, Role, ShmSettings, StatsSettings, TlsSettings,
+    EdgeSettings, EngineSettings, EngineWorker, ModelSet, ProxySettings, Role, ShmSettings, StatsSettings, TlsSettings,
     WorkerSettings,
 };
 
@@ -52,7 +51,7 @@ pub struct Spawn<'a> {
     /// The engine's settings as resolved at start (its threads are decided here).
     pub engine: &'a EngineSettings,
     /// Model changes every engine worker replays.
-    pub models_wanted: &'a BTreeMap<String, Option<String>>,
+    pub models_wanted: &'a ModelSet,
     /// The copies running (proxy worker).
     pub backends: Vec<Backend>,
     /// The machine's cores.
@@ -146,12 +145,7 @@ mod tests {
         Config::from_vars(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()))).expect("valid")
     }
 
-    fn spawn<'a>(
-        role: Role,
-        https: bool,
-        engine: &'a EngineSettings,
-        wanted: &'a BTreeMap<String, Option<String>>,
-    ) -> Spawn<'a> {
+    fn spawn<'a>(role: Role, https: bool, engine: &'a EngineSettings, wanted: &'a ModelSet) -> Spawn<'a> {
         Spawn {
             role,
             worker_id: 1,
@@ -172,7 +166,7 @@ mod tests {
     #[test]
     fn each_worker_kind_receives_only_its_sections() {
         let c = config(&[("ENABLE_SSL", "true"), ("SSL_HSTS", "max-age=60"), ("SSL_REDIRECT_HTTP", "true")]);
-        let (engine, wanted) = (EngineSettings::default(), BTreeMap::new());
+        let (engine, wanted) = (EngineSettings::default(), ModelSet::default());
         let e = for_worker(&c, spawn(Role::Engine, true, &engine, &wanted));
         assert!(e.engine.is_some() && e.shm.is_some() && e.tls.is_none() && e.proxy.is_none());
         assert_eq!((e.edge.https_port, e.edge.policy.http_mode), (Some(9002), tandem_config::edge::HttpMode::Redirect));
@@ -195,7 +189,7 @@ mod tests {
 
     #[test]
     fn the_memory_budget_is_shared_by_every_serving_process_unless_set() {
-        let (engine, wanted) = (EngineSettings::default(), BTreeMap::new());
+        let (engine, wanted) = (EngineSettings::default(), ModelSet::default());
         // 16 GiB / 4 over 2 engines + 1 HTTPS worker.
         let c = config(&[("ENABLE_SSL", "true")]);
         assert_eq!(for_worker(&c, spawn(Role::Engine, true, &engine, &wanted)).edge.inflight_bytes, (4 << 30) / 3);

@@ -430,6 +430,119 @@ impl pb::ModelConfig {
     }
 }
 
+/// What a version is served with, as Triton answers `GET /v2/models/{m}/config`
+/// (its auto-completed configuration): the configuration given, with what it
+/// left out filled in from the model and the defaults tandem applies — name,
+/// platform and backend, `max_batch_size`, every input and output with its
+/// type and dimensions (without the batch dimension), the version policy, the
+/// instance group and the default model file.
+pub struct Served<'a> {
+    /// The folder's name.
+    pub name: &'a str,
+    /// The backend that runs it.
+    pub backend: &'a str,
+    /// The batch size in force (auto-completed when the configuration has none).
+    pub max_batch_size: usize,
+    /// The inputs as clients send them.
+    pub inputs: &'a [super::TensorMeta],
+    /// The outputs as clients receive them.
+    pub outputs: &'a [super::TensorMeta],
+    /// Whether it runs on a GPU.
+    pub gpu: bool,
+}
+
+/// The effective configuration of a version (see [`Served`]).
+pub fn effective(given: &pb::ModelConfig, served: &Served<'_>) -> pb::ModelConfig {
+    let mut c = given.clone();
+    c.name = served.name.to_string();
+    if c.platform.is_empty() {
+        c.platform = "onnxruntime_onnx".into();
+    }
+    if c.backend.is_empty() {
+        c.backend = served.backend.to_string();
+    }
+    c.max_batch_size = i32::try_from(served.max_batch_size).unwrap_or(i32::MAX);
+    let skip = usize::from(served.max_batch_size > 0);
+    let data_type =
+        |m: &super::TensorMeta| pb::DataType::from_str_name(&m.datatype.triton_name()).map_or(0, |d| d as i32);
+    let dims = |m: &super::TensorMeta| m.shape.iter().skip(skip).copied().collect::<Vec<i64>>();
+    for m in served.inputs {
+        match c.input.iter_mut().find(|i| i.name == m.name) {
+            Some(i) => {
+                if i.data_type == pb::DataType::TypeInvalid as i32 {
+                    i.data_type = data_type(m);
+                }
+                if i.dims.is_empty() {
+                    i.dims = dims(m);
+                }
+            }
+            None => c.input.push(pb::ModelInput {
+                name: m.name.clone(),
+                data_type: data_type(m),
+                dims: dims(m),
+                ..Default::default()
+            }),
+        }
+    }
+    for m in served.outputs {
+        match c.output.iter_mut().find(|o| o.name == m.name) {
+            Some(o) => {
+                if o.data_type == pb::DataType::TypeInvalid as i32 {
+                    o.data_type = data_type(m);
+                }
+                if o.dims.is_empty() {
+                    o.dims = dims(m);
+                }
+            }
+            None => c.output.push(pb::ModelOutput {
+                name: m.name.clone(),
+                data_type: data_type(m),
+                dims: dims(m),
+                ..Default::default()
+            }),
+        }
+    }
+    if c.version_policy.is_none() {
+        c.version_policy = Some(pb::ModelVersionPolicy {
+            policy_choice: Some(pb::model_version_policy::PolicyChoice::Latest(pb::model_version_policy::Latest {
+                num_versions: 1,
+            })),
+        });
+    }
+    let kind = if served.gpu { pb::model_instance_group::Kind::Gpu } else { pb::model_instance_group::Kind::Cpu };
+    if c.instance_group.is_empty() {
+        c.instance_group.push(pb::ModelInstanceGroup { count: 1, kind: kind as i32, ..Default::default() });
+    }
+    for (n, g) in c.instance_group.iter_mut().enumerate() {
+        if g.name.is_empty() {
+            g.name = format!("{}_{n}", served.name);
+        }
+        if g.kind == pb::model_instance_group::Kind::Auto as i32 {
+            g.kind = kind as i32;
+        }
+        g.count = g.count.max(1);
+    }
+    if c.default_model_filename.is_empty() {
+        c.default_model_filename = "model.onnx".into();
+    }
+    c
+}
+
+/// A configuration as JSON the way Triton writes it: protobuf's JSON mapping
+/// with the proto's field names, every field (defaults too), enums by name and
+/// 64-bit integers as numbers.
+pub fn to_json(config: &pb::ModelConfig) -> serde_json::Value {
+    let bytes = prost::Message::encode_to_vec(config);
+    let Ok(message) = DynamicMessage::decode(descriptor(), bytes.as_slice()) else {
+        return serde_json::Value::Null;
+    };
+    let options = prost_reflect::SerializeOptions::new()
+        .use_proto_field_name(true)
+        .stringify_64_bit_integers(false)
+        .skip_default_fields(false);
+    message.serialize_with_options(serde_json::value::Serializer, &options).unwrap_or(serde_json::Value::Null)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

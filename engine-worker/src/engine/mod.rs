@@ -22,7 +22,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 use tandem_config::engine::{BackendChoice, Device};
-use tandem_shared::EngineSettings;
+use tandem_shared::{EngineSettings, ModelSet, Wanted};
 use tokio::sync::Semaphore;
 
 use self::config::pb;
@@ -110,6 +110,8 @@ pub struct ModelVersion {
     input_reshape: Vec<Option<Vec<i64>>>,
     /// Shapes clients receive instead of the model's (config `dims` of a reshaped output).
     output_reshape: Vec<Option<Vec<i64>>>,
+    /// The configuration it is served with, completed (`GET /v2/models/{m}/config`).
+    pub config: pb::ModelConfig,
     /// Dynamic batching, when the configuration asks for it (and the model batches).
     pub dynamic_batching: Option<batcher::BatchPolicy>,
     /// The batcher, started on the first request.
@@ -304,14 +306,14 @@ fn log_unavailable(name: &str, model: &Model) {
 
 impl Engine {
     /// Loads the models of the repository; `threads` bounds concurrent
-    /// inferences. `wanted` overrides what is loaded per model: `None` leaves
-    /// the model out (unloaded), `Some(config)` loads it with that JSON
-    /// configuration instead of its files (as Triton's load request does).
+    /// inferences. `wanted` says how each model is loaded: not at all
+    /// (unloaded), from its files, or with a JSON configuration instead of its
+    /// files' (as Triton's load request does).
     pub fn load(
         repository: &Path,
         settings: &EngineSettings,
         threads: usize,
-        wanted: &BTreeMap<String, Option<String>>,
+        wanted: &ModelSet,
     ) -> Result<Engine, RepositoryError> {
         let dirs = repository::scan(repository)
             .map_err(|source| RepositoryError::Unreadable { path: repository.to_path_buf(), source })?;
@@ -321,12 +323,12 @@ impl Engine {
         let mut models = BTreeMap::new();
         for dir in dirs {
             let model = match wanted.get(&dir.name) {
-                Some(None) => Model { error: Some(UNLOADED.into()), ..Model::default() },
-                Some(Some(config)) => match repository::find(repository, &dir.name, Some(config)) {
+                Wanted::Unloaded => Model { error: Some(UNLOADED.into()), ..Model::default() },
+                Wanted::Config(config) => match repository::find(repository, &dir.name, Some(&config)) {
                     Some(d) => load_model(&d, settings),
                     None => continue,
                 },
-                None => load_model(&dir, settings),
+                Wanted::Files => load_model(&dir, settings),
             };
             if settings.exit_on_model_error && model.reason().as_deref() != Some(UNLOADED) {
                 if let Some(reason) = model.reason().or_else(|| {
@@ -359,6 +361,24 @@ impl Engine {
     /// reference count is touched: the request path's way in).
     pub fn models_now(&self) -> arc_swap::Guard<Arc<BTreeMap<String, Model>>> {
         self.models.load()
+    }
+
+    /// The repository index, as Triton lists it: every model folder there is
+    /// now (those never loaded as unloaded) and every model still loaded
+    /// whose folder has gone; an unloaded model whose folder has gone is not listed.
+    pub fn index(&self) -> BTreeMap<String, Model> {
+        let folders = repository::folder_names(&self.repository);
+        let mut out: BTreeMap<String, Model> = self
+            .models
+            .load()
+            .iter()
+            .filter(|(name, m)| folders.contains(*name) || m.reason().as_deref() != Some(UNLOADED))
+            .map(|(name, m)| (name.clone(), m.clone()))
+            .collect();
+        for name in folders {
+            out.entry(name).or_insert_with(|| Model { error: Some(UNLOADED.into()), ..Model::default() });
+        }
+        out
     }
 
     /// Server readiness: every model ready (strict), or simply loaded.
@@ -568,7 +588,8 @@ fn load_version(
     };
     let max_batch_size =
         if auto_batch && looks_batched(&loaded.inputs) { DEFAULT_MAX_BATCH_SIZE } else { configured_batch };
-    apply_config(name, dir, version, backend, config, loaded, max_batch_size)
+    let gpu = settings.device == Device::Cuda;
+    apply_config(name, dir, version, (backend, gpu), config, loaded, max_batch_size)
 }
 
 /// Triton's auto-completed batching: every input has a dynamic first dimension
@@ -582,7 +603,7 @@ fn apply_config(
     name: &str,
     dir: &Path,
     version: u64,
-    backend: &'static str,
+    (backend, gpu): (&'static str, bool),
     config: &pb::ModelConfig,
     loaded: Loaded,
     max_batch_size: usize,
@@ -635,7 +656,10 @@ fn apply_config(
             }
         }
     }
+    let served = config::Served { name, backend, max_batch_size, inputs: &inputs, outputs: &outputs, gpu };
+    let config_served = config::effective(config, &served);
     Ok(ModelVersion {
+        config: config_served,
         name: name.to_string(),
         version: version.to_string(),
         backend,
@@ -762,7 +786,7 @@ mod tests {
 
     #[test]
     fn builtin_digits_loads_on_tract_with_a_dynamic_batch() {
-        let engine = Engine::load(&builtin(), &tract_only(), 1, &BTreeMap::new()).expect("load");
+        let engine = Engine::load(&builtin(), &tract_only(), 1, &ModelSet::default()).expect("load");
         let v = ready(&engine, "digits");
         assert_eq!(v.inputs, [TensorMeta { name: "pixels".into(), datatype: DataType::FP32, shape: vec![-1, 64] }]);
         assert_eq!(v.outputs[0].shape, [-1, 10]);
@@ -787,21 +811,21 @@ mod tests {
         std::fs::create_dir_all(digits.join("1")).expect("mkdir");
         std::fs::copy(builtin().join("digits/1/model.onnx"), digits.join("1/model.onnx")).expect("copy");
         std::fs::create_dir_all(dir.path().join("empty")).expect("mkdir");
-        let engine = Engine::load(dir.path(), &tract_only(), 1, &BTreeMap::new()).expect("load");
+        let engine = Engine::load(dir.path(), &tract_only(), 1, &ModelSet::default()).expect("load");
         assert!(engine.models()["digits"].ready());
         let reason = engine.models()["broken"].reason().expect("reason");
         assert!(reason.contains("broken/1/model.onnx"), "{reason}");
         assert!(engine.models()["empty"].reason().expect("reason").contains("no version folder"));
         assert!(!engine.ready(), "strict readiness");
         let settings = EngineSettings { exit_on_model_error: true, ..tract_only() };
-        let err = Engine::load(dir.path(), &settings, 1, &BTreeMap::new()).expect_err("exit on error");
+        let err = Engine::load(dir.path(), &settings, 1, &ModelSet::default()).expect_err("exit on error");
         assert!(err.to_string().contains("broken"), "{err}");
     }
 
     #[test]
     fn missing_repository_is_a_clear_error() {
-        let err =
-            Engine::load(Path::new("/nonexistent/models"), &tract_only(), 1, &BTreeMap::new()).expect_err("missing");
+        let err = Engine::load(Path::new("/nonexistent/models"), &tract_only(), 1, &ModelSet::default())
+            .expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/models"), "{err}");
     }
 

@@ -84,6 +84,18 @@ pub fn scan(repository: &Path) -> std::io::Result<Vec<ModelDir>> {
     Ok(dirs.into_iter().filter_map(|dir| model_dir(dir, None)).collect())
 }
 
+/// The names of the model folders in `repository` now (hidden ones left out);
+/// empty when it cannot be read.
+pub fn folder_names(repository: &Path) -> std::collections::BTreeSet<String> {
+    let Ok(entries) = std::fs::read_dir(repository) else { return Default::default() };
+    entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| !n.starts_with('.'))
+        .collect()
+}
+
 /// The folder of model `name` in `repository`, read with `config` (a JSON
 /// `ModelConfig`, as Triton's load request carries it) in place of its files
 /// when given. `None` when there is no such folder or the name is not a plain folder name.

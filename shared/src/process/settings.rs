@@ -143,11 +143,60 @@ pub struct EngineWorker {
     pub runtime: EngineSettings,
     /// How models may change while running.
     pub model_control: ModelControlMode,
-    /// Models whose load differs from the repository's files, as changed by
-    /// explicit load/unload: `None` unloaded, `Some(config)` loaded with that JSON config.
-    pub models_wanted: BTreeMap<String, Option<String>>,
+    /// What to load at start: `MODEL_LOAD`, then every explicit load and unload since.
+    pub models_wanted: ModelSet,
     /// The certificate status file `/metrics` reports from, when there is an HTTPS port.
     pub cert_status: Option<PathBuf>,
+}
+
+/// How one model is loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Wanted {
+    /// Not loaded (listed in the repository index as unavailable, "unloaded").
+    Unloaded,
+    /// From its folder's files.
+    Files,
+    /// From its folder, with this JSON configuration in place of its files' (Triton's load request).
+    Config(String),
+}
+
+/// The models an engine worker loads: those named, and every other model in
+/// the repository loaded from its files or not at all (`MODEL_CONTROL_MODE=explicit`
+/// loads only what `MODEL_LOAD` names, as Triton's `--load-model`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelSet {
+    /// Models loaded otherwise than the rest.
+    pub named: BTreeMap<String, Wanted>,
+    /// Whether the models not named are loaded from their files.
+    pub others_loaded: bool,
+}
+
+impl Default for ModelSet {
+    /// Every model, from its files.
+    fn default() -> Self {
+        ModelSet { named: BTreeMap::new(), others_loaded: true }
+    }
+}
+
+impl ModelSet {
+    /// How `model` is loaded.
+    pub fn get(&self, model: &str) -> Wanted {
+        match self.named.get(model) {
+            Some(w) => w.clone(),
+            None if self.others_loaded => Wanted::Files,
+            None => Wanted::Unloaded,
+        }
+    }
+
+    /// Makes `model` load as `wanted`.
+    pub fn set(&mut self, model: &str, wanted: Wanted) {
+        let default = if self.others_loaded { Wanted::Files } else { Wanted::Unloaded };
+        if wanted == default {
+            self.named.remove(model);
+        } else {
+            self.named.insert(model.to_string(), wanted);
+        }
+    }
 }
 
 /// What a worker that terminates TLS needs.

@@ -155,6 +155,11 @@ impl Supervisor {
             .then(|| crate::models::poll(model_repository.clone(), config.engine.repository_poll))
             .transpose()
             .context("cannot start the repository poller")?;
+        let model_ops = if apps.is_none() && config.engine.model_control_mode == ModelControlMode::Explicit {
+            ModelOps::at_start(&config.engine.model_load, &model_repository)
+        } else {
+            ModelOps::default()
+        };
         Ok(Supervisor {
             config,
             model_repository,
@@ -173,7 +178,7 @@ impl Supervisor {
             own_stats,
             watchdog: crate::systemd::Watchdog::from_env(),
             certs,
-            model_ops: ModelOps::default(),
+            model_ops,
             repository_changes,
             apps,
             health,
