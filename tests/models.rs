@@ -279,9 +279,15 @@ fn engine_settings_that_cannot_work_exit_2_before_anything_starts() {
 
 #[test]
 fn the_active_virtualenv_is_searched_first_and_the_library_names_its_own_version() {
-    // Where this machine's ONNX Runtime is (found by the later rules).
-    let t = TandemBuilder::new().start();
-    let info: serde_json::Value = Tandem::http_client().get(t.http_url("/")).send().unwrap().json().unwrap();
+    // Where this machine's ONNX Runtime is (found by the later rules): said on
+    // METRICS_PORT only, never to the inference ports' clients.
+    let metrics = free_port();
+    let t = TandemBuilder::new().env("METRICS_PORT", &metrics.to_string()).start();
+    let public: serde_json::Value = Tandem::http_client().get(t.http_url("/")).send().unwrap().json().unwrap();
+    assert!(public["engine"]["onnxruntime"]["version"].is_string(), "{public}");
+    assert!(public["engine"]["onnxruntime"].get("library").is_none(), "a path leaked to clients: {public}");
+    let about = format!("http://127.0.0.1:{metrics}/");
+    let info: serde_json::Value = Tandem::http_client().get(&about).send().unwrap().json().unwrap();
     let real = std::path::PathBuf::from(info["engine"]["onnxruntime"]["library"].as_str().expect("a library"));
     let version = info["engine"]["onnxruntime"]["version"].as_str().expect("a version").to_string();
     drop(t);
@@ -291,8 +297,10 @@ fn the_active_virtualenv_is_searched_first_and_the_library_names_its_own_version
     let capi = venv.join("lib/python3.99/site-packages/onnxruntime/capi");
     std::fs::create_dir_all(&capi).unwrap();
     std::os::unix::fs::symlink(&real, capi.join("libonnxruntime.so")).unwrap();
-    let t = b.env("VIRTUAL_ENV", venv.to_str().unwrap()).start();
-    let info: serde_json::Value = Tandem::http_client().get(t.http_url("/")).send().unwrap().json().unwrap();
+    let metrics = free_port();
+    let t = b.env("VIRTUAL_ENV", venv.to_str().unwrap()).env("METRICS_PORT", &metrics.to_string()).start();
+    let about = format!("http://127.0.0.1:{metrics}/");
+    let info: serde_json::Value = Tandem::http_client().get(&about).send().unwrap().json().unwrap();
     let ort = &info["engine"]["onnxruntime"];
     assert_eq!(ort["found_by"], "VIRTUAL_ENV", "{info}");
     assert_eq!(ort["library"].as_str(), capi.join("libonnxruntime.so").to_str(), "{info}");

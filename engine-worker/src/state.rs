@@ -88,7 +88,7 @@ impl AppState {
                 body_timeout: settings.edge.policy.timeouts.body,
                 budget: Budget::new(settings.edge.inflight_bytes),
                 engine,
-                engine_info: engine_info(&section.runtime),
+                engine_info: engine_info(&section.runtime, false),
                 cert_status: section.cert_status.clone(),
                 stats,
                 access_log: settings.edge.policy.access_log,
@@ -149,10 +149,19 @@ impl AppState {
 }
 
 /// What `GET /` says about the engine: backend, library and version, device, threads.
-fn engine_info(e: &tandem_shared::EngineSettings) -> serde_json::Value {
+/// How the engine runs models, as `GET /` says it. The library's path (where
+/// Python lives on this machine) only with `paths`: on `METRICS_PORT`, never
+/// to the inference ports' clients.
+pub fn engine_info(e: &tandem_shared::EngineSettings, paths: bool) -> serde_json::Value {
     json!({
         "default_backend": if e.onnxruntime.is_some() && e.backend != tandem_config::engine::BackendChoice::Tract { "onnxruntime" } else { "tract" },
-        "onnxruntime": e.onnxruntime.as_ref().map(|o| json!({ "version": o.version, "library": o.path, "found_by": o.found_by, "cuda": o.cuda })),
+        "onnxruntime": e.onnxruntime.as_ref().map(|o| {
+            let mut lib = json!({ "version": o.version, "found_by": o.found_by, "cuda": o.cuda });
+            if paths {
+                lib["library"] = json!(o.path);
+            }
+            lib
+        }),
         "fallback_reason": e.fallback_reason,
         "device": match e.device { tandem_config::engine::Device::Cpu => "cpu", tandem_config::engine::Device::Cuda => "cuda" },
         "threads": e.threads,

@@ -30,13 +30,16 @@ fn own_timeouts(t: Timeouts) -> Timeouts {
     }
 }
 
-/// Serves `/metrics` on `listener` until the process exits.
+/// Serves `/metrics` on `listener` until the process exits, and `GET /`:
+/// tandem's version and how its engine runs, with the ONNX Runtime library's
+/// path (`engine`), which the inference ports never show.
 pub fn spawn(
     listener: TcpListener,
     counters: Arc<Counters>,
     ring: Option<Arc<Region>>,
     cert_status: Option<PathBuf>,
     timeouts: Timeouts,
+    engine: serde_json::Value,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     listener.set_nonblocking(true).context("cannot make the metrics listener non-blocking")?;
@@ -55,10 +58,21 @@ pub fn spawn(
                             }
                         }),
                     )
+                    .route(
+                        "/",
+                        axum::routing::get(move || {
+                            let about = serde_json::json!({
+                                "name": "tandem",
+                                "version": tandem_shared::VERSION,
+                                "engine": engine.clone(),
+                            });
+                            async move { axum::Json(about) }
+                        }),
+                    )
                     .fallback(|| async {
                         tandem_engine_worker::state::error(
                             StatusCode::NOT_FOUND,
-                            "only /metrics is served on METRICS_PORT",
+                            "only / and /metrics are served on METRICS_PORT",
                         )
                         .into_response()
                     });

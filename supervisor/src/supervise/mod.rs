@@ -147,6 +147,12 @@ impl Supervisor {
                 shm.as_ref().map(|(r, _)| r.clone()),
                 https_addr.map(|_| tandem_shared::certs::cache::Layout::of(&config.process.cert_dir()).status()),
                 config.edge.timeouts,
+                // With WORKER_COMMAND there is no engine to describe.
+                if apps.is_none() {
+                    tandem_engine_worker::state::engine_info(&engine, true)
+                } else {
+                    serde_json::Value::Null
+                },
             )
             .context("cannot start the metrics port")?;
             tracing::info!(url = %url("http", addr), "serving /metrics");
