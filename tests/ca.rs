@@ -106,13 +106,64 @@ fn the_ca_commands_make_export_and_issue() {
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.contains("DNS:db.internal") && shown.contains("IP Address:10.9.8.7"), "{shown}");
     assert!(shown.contains("TLS Web Client Authentication"), "{shown}");
-    // PEM on stdout without --out; bad usage is exit 2.
-    let out = ca(&cache, &["issue", "--san", "x.internal"]);
-    let pem = String::from_utf8_lossy(&out.stdout);
-    assert!(pem.contains("PRIVATE KEY") && pem.matches("BEGIN CERTIFICATE").count() == 2, "{}", text(&out));
-    for bad in
-        [&["issue"][..], &["issue", "--san", "bad name!"], &["issue", "--san", "a", "--days", "0"], &["frobnicate"]]
-    {
+    // PEM on stdout without --out when stdout is no terminal, or with --out -; bad usage is exit 2.
+    for args in [&["issue", "--san", "x.internal"][..], &["issue", "--san", "x.internal", "--out", "-"]] {
+        let out = ca(&cache, args);
+        let pem = String::from_utf8_lossy(&out.stdout);
+        assert!(pem.contains("PRIVATE KEY") && pem.matches("BEGIN CERTIFICATE").count() == 2, "{}", text(&out));
+    }
+    // On a terminal, the key is printed only when asked for with --out -.
+    let on_tty = |extra: &str| {
+        let command = format!("{TANDEM} ca issue --san tty.internal {extra}");
+        Command::new("script")
+            .args(["-q", "-e", "-c", &command, "/dev/null"])
+            .env_clear()
+            .env("MODEL_CACHE_DIR", &cache)
+            .env("PATH", std::env::var("PATH").unwrap())
+            .output()
+            .unwrap()
+    };
+    let refused = on_tty("");
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
+    let said = String::from_utf8_lossy(&refused.stdout);
+    assert!(!said.contains("PRIVATE KEY") && said.contains("--out"), "{}", text(&refused));
+    let asked = on_tty("--out -");
+    assert!(String::from_utf8_lossy(&asked.stdout).contains("PRIVATE KEY"), "{}", text(&asked));
+    // Service identities: an email address and a SPIFFE ID, into a folder made 0700.
+    let ids = dir.path().join("new/ids");
+    let out = ca(
+        &cache,
+        &[
+            "issue",
+            "--san",
+            "spiffe://cluster.local/ns/default/sa/billing-api-with-a-long-service-account-name",
+            "--san",
+            "alice@example.com",
+            "--client",
+            "--out",
+            ids.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(mode(&ids), 0o700);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(until 20"), "ISO 8601: {}", text(&out));
+    let pem = std::fs::read_dir(&ids).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().unwrap() == "pem");
+    let shown = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(pem.unwrap())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("URI:spiffe://cluster.local/ns/default/sa/billing-api"), "{shown}");
+    assert!(shown.contains("email:alice@example.com"), "{shown}");
+    for bad in [
+        &["issue"][..],
+        &["issue", "--san", "bad name!"],
+        &["issue", "--san", "a", "--days", "0"],
+        &["issue", "--san", "@example.com"],
+        &["issue", "--san", "://x"],
+        &["frobnicate"],
+    ] {
         assert_eq!(ca(&cache, bad).status.code(), Some(2), "{bad:?}");
     }
 }

@@ -171,6 +171,27 @@ fn a_planted_certificate_cache_is_refused_with_exit_2() {
     assert_ne!(mode, 0o700, "the planted directory's mode was not touched");
 }
 
+#[test]
+fn a_cache_folder_this_user_cannot_write_is_exit_2_with_the_chown_that_fixes_it() {
+    use std::os::unix::fs::PermissionsExt;
+    // A folder bind-mounted as root's (0755) while tandem runs as another user.
+    let b = TandemBuilder::new().ssl().copied_binary();
+    for d in [b.dir().to_path_buf(), b.dir().join("bin")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mount = b.dir().join("mount");
+    std::fs::create_dir(&mount).unwrap();
+    std::fs::set_permissions(&mount, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut t = b
+        .env("MODEL_CACHE_DIR", mount.to_str().unwrap())
+        .wrapped(&["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .spawn();
+    assert_eq!(t.wait_exit(Duration::from_secs(30)).code(), Some(2), "{}", t.explain());
+    let err = t.stderr();
+    assert!(err.contains("this user (uid 65534) may not write in"), "{}", t.explain());
+    assert!(err.contains(&format!("hint: chown 65534 {}", mount.display())), "{}", t.explain());
+}
+
 /// A binary-extension request for `large` ([batch, channels, 512, 512] FP32, 1 MiB per channel).
 fn large_request(dir: &std::path::Path, channels: usize) -> (std::path::PathBuf, usize) {
     let header = format!(

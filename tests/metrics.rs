@@ -140,7 +140,9 @@ fn metrics_port_is_served_by_the_supervisor_even_while_workers_restart() {
         .find(|l| l.starts_with(r#"tandem_http_requests_total{listener="http",route="/v2/models/{name}/infer",method="POST",code="200"}"#))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(line.ends_with(" 3"), "{line}");
-    let other = http.get(format!("http://127.0.0.1:{port}/")).send().unwrap();
+    let about: Value = http.get(format!("http://127.0.0.1:{port}/")).send().unwrap().json().unwrap();
+    assert_eq!(about["name"], "tandem", "{about}");
+    let other = http.get(format!("http://127.0.0.1:{port}/v2/models")).send().unwrap();
     assert_eq!(other.status(), 404);
     assert!(other.json::<Value>().unwrap()["error"].as_str().unwrap().contains("/metrics"));
 }

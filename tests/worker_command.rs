@@ -291,13 +291,14 @@ fn a_hung_copy_leaves_rotation_and_comes_back() {
     let (hung_worker, hung) = whoami(&http, &t.http_url("/whoami"));
     // Its whole process group, as a stuck interpreter would be.
     kill(Pid::from_raw(-hung), Signal::SIGSTOP).unwrap();
-    t.wait_for_log(Duration::from_secs(15), "stopped answering; out of rotation", 1);
+    // Requests find it out at once (the proxy tells the prober), else the next probe does.
+    t.wait_for_log(Duration::from_secs(25), "stopped answering; out of rotation", 1);
     let started = Instant::now();
     let seen = copies_seen(&http, &t.http_url("/whoami"), 20);
     let _ = kill(Pid::from_raw(-hung), Signal::SIGCONT);
     assert!(!seen.contains(&hung_worker), "requests went to the hung copy: {seen:?}");
     assert!(started.elapsed() < Duration::from_secs(8), "the others answered slowly: {:?}", started.elapsed());
-    t.wait_for_log(Duration::from_secs(15), "answers again; back in rotation", 1);
+    t.wait_for_log(Duration::from_secs(25), "answers again; back in rotation", 1);
     assert_eq!(copies_seen(&http, &t.http_url("/whoami"), 20).len(), 2);
 }
 
@@ -319,6 +320,7 @@ fn sigterm_drains_a_slow_request_then_stops_every_copy() {
     for pid in copies {
         assert!(kill(Pid::from_raw(pid), None).is_err(), "copy {pid} outlived tandem\n{}", t.explain());
     }
+    assert!(!t.stderr().contains("stopped answering"), "an intended stop was reported as a failure\n{}", t.explain());
 }
 
 #[test]
@@ -351,6 +353,21 @@ fn sigttou_drains_the_removed_copy_before_stopping_it() {
     assert!(answers.contains(&"2".into()), "the draining copy finished its request: {answers:?}");
     t.wait_for_log(Duration::from_secs(15), "worker command drained; stopping it", 1);
     assert_eq!(copies_seen(&http, &t.http_url("/whoami"), 6), BTreeSet::from(["1".into()]));
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!t.stderr().contains("stopped answering"), "an intended stop was reported as a failure\n{}", t.explain());
+}
+
+#[test]
+fn a_copy_that_listens_elsewhere_is_told_where_tandem_probes_with_its_output() {
+    let script = "import time; print('Uvicorn running on http://127.0.0.1:8000', flush=True); time.sleep(60)";
+    let t = TandemBuilder::new()
+        .env("WORKER_COMMAND", &format!("python3 -c \"{script}\""))
+        .env("WORKER_START_TIMEOUT", "30")
+        .spawn();
+    t.wait_for_log(Duration::from_secs(15), "has not answered GET / at http://127.0.0.1:", 1);
+    let err = t.stderr();
+    assert!(err.contains("| Uvicorn running on http://127.0.0.1:8000"), "the copy's output is in the hint\n{err}");
+    assert!(err.contains("tandem set PORT and HOST"), "{err}");
 }
 
 /// Replaces the certificate files tandem watches, each by an atomic rename.

@@ -27,7 +27,7 @@ crate::declare! {
         scope: acme,
     }
     ACME_DIRECTORY {
-        default: "Let's Encrypt",
+        default: "Let's Encrypt production",
         doc: "the ACME server's directory URL (https); default Let's Encrypt production",
         accepted: "the https URL of an ACME directory",
         scope: acme,

@@ -28,7 +28,7 @@ crate::declare! {
         scope: always,
     }
     MAX_INFLIGHT_BYTES {
-        default: "a quarter of the memory (cgroup limit, else RAM) ÷ serving processes",
+        default: "a quarter of the memory (cgroup limit, else RAM) ÷ serving processes, at least 3 × MAX_REQUEST_BYTES",
         doc: "request bytes one worker holds at once (a body counts twice, itself and its tensors; a compressed one once plus twice what it inflates to); at least 3 x MAX_REQUEST_BYTES; past it, 503 with Retry-After",
         accepted: "a byte count of at least MAX_REQUEST_BYTES x 3, up to 2^50",
         scope: always,

@@ -35,7 +35,7 @@ crate::declare! {
         scope: engine,
     }
     ENGINE_THREADS {
-        default: "cores / NUM_WORKERS",
+        default: "cores ÷ NUM_WORKERS",
         doc: "intra-op threads per model (1-1024)",
         accepted: "auto or an integer 1-1024",
         scope: engine,
@@ -59,7 +59,7 @@ crate::declare! {
         scope: engine,
     }
     MODEL_LOAD {
-        default: "(none: with MODEL_CONTROL_MODE=explicit nothing is loaded at start)",
+        default: "(none)",
         doc: "with MODEL_CONTROL_MODE=explicit, the models loaded at start: names comma-separated, or * for every model (Triton's --load-model)",
         accepted: "* or model names (the repository's folder names) comma-separated",
         scope: |c| engine(c).or_else(|| (c.engine.model_control_mode != ModelControlMode::Explicit).then_some("MODEL_CONTROL_MODE is not explicit, so every model is loaded at start")),

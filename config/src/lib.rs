@@ -419,6 +419,10 @@ mod tests {
         let readme = std::fs::read_to_string(&path).expect("README.md beside the workspace");
         for v in vars() {
             assert!(readme.contains(&format!("| `{}` |", v.name)), "README's table lacks {}", v.name);
+            // Its default as declared (the README may set names in `code`).
+            let row = readme.lines().find(|l| l.starts_with(&format!("| `{}` |", v.name))).unwrap_or_default();
+            let shown = row.split('|').nth(2).unwrap_or_default().trim().replace('`', "");
+            assert_eq!(shown, v.default, "README's default for {} differs from its declaration", v.name);
         }
         let rows = readme.lines().filter(|l| l.starts_with("| `")).count();
         assert_eq!(rows, vars().count(), "README's table and the declarations differ in length");

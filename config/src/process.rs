@@ -49,7 +49,7 @@ crate::declare! {
         scope: always,
     }
     MODEL_CACHE_DIR {
-        default: "/var/cache/tandem (root), else ~/.cache/tandem",
+        default: "/var/cache/tandem (root), else $XDG_CACHE_HOME/tandem or ~/.cache/tandem",
         doc: "cache root; certificates live in ssl_certificates/ below it",
         accepted: "a directory path",
         scope: always,

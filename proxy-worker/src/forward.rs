@@ -406,6 +406,8 @@ impl Proxy {
                 Ok(Ok(res)) => return (self.answer(res, lease, client_upgrade, deadline).await, Some(worker)),
                 Ok(Err(e)) => classify(&e),
                 Err(_) => {
+                    // A copy that does not answer in time may hang: its prober looks now.
+                    self.pool.suspect(&lease.entry);
                     return (
                         local(
                             StatusCode::GATEWAY_TIMEOUT,
@@ -415,7 +417,7 @@ impl Proxy {
                             ),
                         ),
                         Some(worker),
-                    )
+                    );
                 }
             };
             tried.push(id);
@@ -427,6 +429,7 @@ impl Proxy {
                     last_error = format!("cannot connect to WORKER_COMMAND copy {worker}: {why}");
                 }
                 Failure::Sent(why) => {
+                    self.pool.suspect(&lease.entry);
                     last_error = format!("WORKER_COMMAND copy {worker} failed before answering: {why}");
                     if !retry_sent {
                         tracing::warn!(worker, error = %why, "a copy failed with a request that cannot be sent twice");

@@ -262,9 +262,16 @@ impl Pool {
         }
     }
 
-    /// Skips copy `e` for a moment: it refused a connection.
+    /// Skips copy `e` for a moment: it refused a connection. The supervisor
+    /// is told (at most once per [`SUSPECT_FOR`]), so its prober looks at once.
     pub fn suspect(&self, e: &Entry) {
-        e.suspect_until.store(self.now_ms() + SUSPECT_FOR.as_millis() as u64, Ordering::Relaxed);
+        let now = self.now_ms();
+        let was = e.suspect_until.swap(now + SUSPECT_FOR.as_millis() as u64, Ordering::Relaxed);
+        if was <= now {
+            if let Err(err) = self.control.send(&WorkerEvent::BackendFailing { id: e.id }) {
+                tracing::debug!(worker_id = e.id, error = %err, "cannot report a failing copy to the supervisor");
+            }
+        }
     }
 
     /// The copy with the fewest requests in flight among those in rotation and

@@ -26,8 +26,13 @@ const TAIL_LINES: usize = 20;
 const MAX_LINE: usize = 16 << 10;
 /// How long one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Between probes while a copy runs.
-const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Between probes while a copy runs and answers (sooner when the proxy
+/// worker reports that it could not reach it): a copy's own access log gets
+/// one probe line per ten seconds, not one a second.
+const PROBE_EVERY: Duration = Duration::from_secs(10);
+/// A copy that has not answered its first probe by then: the log says where
+/// tandem probes and what the copy printed.
+const SLOW_START_HINT: Duration = Duration::from_secs(5);
 /// Failed probes in a row that take a running copy out of rotation.
 const UNHEALTHY_AFTER: u32 = 2;
 
@@ -39,6 +44,16 @@ const HIDDEN_NAMES: &[&str] = &["WORKER_COMMAND", "WORKER_READY_PATH", "WORKER_S
 
 fn hidden(name: &str) -> bool {
     HIDDEN_PREFIXES.iter().any(|p| name.starts_with(p)) || HIDDEN_NAMES.contains(&name)
+}
+
+/// What a copy's prober thread needs.
+struct Prober {
+    id: u64,
+    worker: usize,
+    addr: BackendAddr,
+    stop: Arc<AtomicBool>,
+    woken: std::sync::mpsc::Receiver<()>,
+    tail: Arc<Mutex<VecDeque<String>>>,
 }
 
 /// What a probe found, sent to the event loop.
@@ -75,6 +90,8 @@ pub struct Running {
     open_streams: Arc<AtomicUsize>,
     /// Stops its prober.
     probe_stop: Arc<AtomicBool>,
+    /// Wakes its prober for a probe now.
+    probe_wake: std::sync::mpsc::SyncSender<()>,
     /// It was ready once (so an exit is a crash, not a failed start).
     pub was_ready: bool,
     /// It answers its probe.
@@ -98,12 +115,23 @@ impl Running {
 
     /// The kept output, one line each, for an error message.
     pub fn tail_text(&self) -> String {
-        let tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        if tail.is_empty() {
-            return "(it wrote nothing)".into();
-        }
-        tail.iter().map(|l| format!("\n  | {l}")).collect()
+        tail_text(&self.tail)
     }
+
+    /// Has its prober look now (the proxy could not reach it).
+    pub fn probe_now(&self) {
+        // A wake already pending is enough.
+        let _ = self.probe_wake.try_send(());
+    }
+}
+
+/// The kept output, one line each (`(it wrote nothing)` when there is none).
+fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
+    let tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+    if tail.is_empty() {
+        return "(it wrote nothing)".into();
+    }
+    tail.iter().map(|l| format!("\n  | {l}")).collect()
 }
 
 impl Drop for Running {
@@ -183,12 +211,15 @@ impl Apps {
             BackendAddr::Tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
         };
         let probe_stop = Arc::new(AtomicBool::new(false));
-        self.watch(id, addr.clone(), probe_stop.clone());
+        let (probe_wake, woken) = std::sync::mpsc::sync_channel(1);
+        let prober = Prober { id, worker, addr: addr.clone(), stop: probe_stop.clone(), woken, tail: tail.clone() };
+        self.watch(prober);
         let running = Running {
             addr,
             tail,
             open_streams,
             probe_stop,
+            probe_wake,
             was_ready: false,
             healthy: false,
             start_timed_out: false,
@@ -198,27 +229,49 @@ impl Apps {
         Ok((pid, running))
     }
 
-    /// Probes the copy from a thread of its own until `stop`: quickly until it
-    /// is ready, then every [`PROBE_EVERY`], reporting only the changes.
-    fn watch(&self, id: u64, addr: BackendAddr, stop: Arc<AtomicBool>) {
+    /// Probes the copy from a thread of its own until stopped: quickly until
+    /// it is ready (after [`SLOW_START_HINT`] the log says where and what the
+    /// copy printed), then every [`PROBE_EVERY`] or when woken, reporting only
+    /// the changes.
+    fn watch(&self, p: Prober) {
         let (path, tx) = (self.ready_path.clone(), self.health.clone());
+        let Prober { id, worker, addr, stop, woken, tail } = p;
         let spawned = std::thread::Builder::new().name(format!("probe-{id}")).spawn(move || {
             let mut wait = Duration::from_millis(50);
+            let (started, mut hinted) = (Instant::now(), false);
             while !stop.load(Ordering::SeqCst) {
-                if probe(&addr, &path).is_ok() {
-                    if tx.send((id, Health::Ready)).is_err() {
-                        return;
+                match probe(&addr, &path) {
+                    Ok(_) => {
+                        if tx.send((id, Health::Ready)).is_err() {
+                            return;
+                        }
+                        break;
                     }
-                    break;
+                    Err(why) if !hinted && started.elapsed() >= SLOW_START_HINT => {
+                        hinted = true;
+                        tracing::warn!(
+                            worker,
+                            "worker command copy {worker} has not answered GET {path} at {addr} for {} s ({why}); \
+                             tandem set PORT and HOST for it to listen there (or put {{port}} or {{socket}} in \
+                             WORKER_COMMAND); its output so far:{}",
+                            SLOW_START_HINT.as_secs(),
+                            tail_text(&tail)
+                        );
+                    }
+                    Err(_) => {}
                 }
                 std::thread::sleep(wait);
                 wait = (wait * 2).min(Duration::from_millis(500));
             }
             let (mut failures, mut healthy) = (0u32, true);
             while !stop.load(Ordering::SeqCst) {
-                // A failed probe is repeated at once: a hung copy leaves rotation in about three seconds.
+                // A failed probe is repeated at once: a hung copy leaves rotation a
+                // second or two after it is first found out.
                 if failures == 0 {
-                    std::thread::sleep(PROBE_EVERY);
+                    match woken.recv_timeout(PROBE_EVERY) {
+                        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
                 }
                 if stop.load(Ordering::SeqCst) {
                     return;

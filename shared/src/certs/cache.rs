@@ -159,7 +159,13 @@ impl CertCache {
     /// refused, never repaired: tandem does not follow a symbolic link there,
     /// and does not chmod what it did not create.
     pub fn open(dir: &Path) -> Result<CertCache, CertError> {
-        let werr = |source| CertError::Write { path: dir.to_path_buf(), source };
+        // Permission denied names who may write where, and the chown that fixes it.
+        let werr = |source: std::io::Error| match source.kind() {
+            std::io::ErrorKind::PermissionDenied => {
+                not_writable(dir).unwrap_or(CertError::Write { path: dir.to_path_buf(), source })
+            }
+            _ => CertError::Write { path: dir.to_path_buf(), source },
+        };
         if let Some(parent) = dir.parent() {
             if !parent.exists() {
                 fs::create_dir_all(parent).map_err(werr)?;
@@ -257,6 +263,21 @@ pub fn check_private(dir: &Path) -> Result<(), CertError> {
     check_owned_dir(dir, 0o077)
 }
 
+/// Why this user cannot create `dir`: the nearest existing folder above it,
+/// its owner and mode (`None` when there is none to look at).
+fn not_writable(dir: &Path) -> Option<CertError> {
+    use std::os::unix::fs::MetadataExt;
+    let parent = dir.ancestors().skip(1).find(|p| p.exists())?;
+    let meta = fs::metadata(parent).ok()?;
+    Some(CertError::NotWritable {
+        path: dir.to_path_buf(),
+        parent: parent.to_path_buf(),
+        uid: nix::unistd::geteuid().as_raw(),
+        owner: meta.uid(),
+        mode: meta.mode() & 0o7777,
+    })
+}
+
 fn check_owned_dir(dir: &Path, forbidden: u32) -> Result<(), CertError> {
     use std::os::unix::fs::MetadataExt;
     let unsafe_dir = |reason: String, fix: String| CertError::Unsafe { path: dir.to_path_buf(), reason, fix };
@@ -274,7 +295,11 @@ fn check_owned_dir(dir: &Path, forbidden: u32) -> Result<(), CertError> {
     if meta.uid() != me {
         return Err(unsafe_dir(
             format!("it belongs to uid {}, not to this user (uid {me})", meta.uid()),
-            "remove it, or choose a MODEL_CACHE_DIR that only this user owns".into(),
+            format!(
+                "chown -R {me} {} (for a bind-mounted folder, on the host), or choose a MODEL_CACHE_DIR that only \
+                 this user owns",
+                dir.display()
+            ),
         ));
     }
     if meta.mode() & forbidden != 0 {
@@ -304,7 +329,7 @@ fn check_parent(parent: &Path) -> Result<(), CertError> {
                 meta.uid(),
                 meta.mode() & 0o7777
             ),
-            fix: "choose a MODEL_CACHE_DIR inside a directory only this user (or root) can write".into(),
+            fix: format!("chown {me} {} (for a bind-mounted folder, on the host), or choose a MODEL_CACHE_DIR inside a directory only this user (or root) can write", parent.display()),
         });
     }
     Ok(())

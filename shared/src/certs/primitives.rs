@@ -40,6 +40,24 @@ pub enum CertError {
         #[source]
         source: std::io::Error,
     },
+    /// The cache cannot be made where it is asked for: this user may not write there.
+    #[error(
+        "cannot create the certificate cache {path}: this user (uid {uid}) may not write in {parent}, which belongs \
+         to uid {owner} with mode {mode:o}\nhint: chown {uid} {parent} (for a bind-mounted folder, on the host), or \
+         set MODEL_CACHE_DIR to a directory uid {uid} owns"
+    )]
+    NotWritable {
+        /// The cache directory.
+        path: PathBuf,
+        /// The directory it would be made in.
+        parent: PathBuf,
+        /// This process's user.
+        uid: u32,
+        /// The owner of `parent`.
+        owner: u32,
+        /// The mode of `parent`.
+        mode: u32,
+    },
     /// The cache directory could be redirected or read by someone else.
     #[error("{path} is not safe for private keys: {reason}\nhint: {fix}")]
     Unsafe {

@@ -59,6 +59,12 @@ pub enum WorkerEvent {
         /// The backend (the copy's worker id).
         id: u64,
     },
+    /// The proxy worker could not reach backend `id` (a refused or broken
+    /// connection): the supervisor probes it now rather than at its next turn.
+    BackendFailing {
+        /// The backend (the copy's worker id).
+        id: u64,
+    },
 }
 
 /// Where a `WORKER_COMMAND` copy listens.

@@ -168,12 +168,16 @@ impl Ca {
         .map_err(gen_err)?;
         let mut params = CertificateParams::default();
         for n in names {
-            params.subject_alt_names.push(match n.parse::<IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(n.clone().try_into().map_err(gen_err)?),
+            params.subject_alt_names.push(match Identity::of(n) {
+                Some(Identity::Ip(ip)) => SanType::IpAddress(ip),
+                Some(Identity::Email) => SanType::Rfc822Name(n.clone().try_into().map_err(gen_err)?),
+                Some(Identity::Uri) => SanType::URI(n.clone().try_into().map_err(gen_err)?),
+                Some(Identity::Dns) | None => SanType::DnsName(n.clone().try_into().map_err(gen_err)?),
             });
         }
-        params.distinguished_name.push(DnType::CommonName, names.first().cloned().unwrap_or_else(|| "tandem".into()));
+        // X.509 caps a common name at 64 characters (a SPIFFE ID may be longer).
+        let cn = names.first().filter(|n| n.len() <= 64).cloned().unwrap_or_else(|| "tandem".into());
+        params.distinguished_name.push(DnType::CommonName, cn);
         params.distinguished_name.push(DnType::OrganizationName, "tandem");
         let now = time::OffsetDateTime::now_utc();
         let until = time::OffsetDateTime::from_unix_timestamp(self.intermediate.not_after)
@@ -199,6 +203,49 @@ impl Ca {
         let chain = format!("{}{}", cert.pem(), self.intermediate_pem);
         Ok(Bundle::parse(chain.as_bytes(), key.serialize_pem().as_bytes(), "a leaf from the private CA")?)
     }
+}
+
+/// What a `--san` names: a DNS name, an IP address, an email address
+/// (`rfc822Name`) or a URI (`spiffe://trust.domain/ns/app`, a service identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Identity {
+    /// A DNS name.
+    Dns,
+    /// An IP address.
+    Ip(IpAddr),
+    /// An email address.
+    Email,
+    /// A URI with a scheme.
+    Uri,
+}
+
+impl Identity {
+    /// What `n` is, or `None` when it is none of them.
+    pub fn of(n: &str) -> Option<Identity> {
+        if let Ok(ip) = n.parse::<IpAddr>() {
+            return Some(Identity::Ip(ip));
+        }
+        let printable = !n.is_empty() && n.len() <= 2048 && n.bytes().all(|b| b.is_ascii_graphic());
+        if let Some((scheme, rest)) = n.split_once("://") {
+            let scheme_ok = scheme.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+            return (printable && scheme_ok && !rest.is_empty()).then_some(Identity::Uri);
+        }
+        if let Some((local, domain)) = n.rsplit_once('@') {
+            let ok =
+                printable && !local.is_empty() && !local.contains('@') && tandem_config::values::is_dns_name(domain);
+            return ok.then_some(Identity::Email);
+        }
+        tandem_config::values::is_dns_name(n).then_some(Identity::Dns)
+    }
+}
+
+/// A unix time as people and tools read it (RFC 3339, UTC).
+pub fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| t.to_string())
 }
 
 fn ca_params(name: &str, lifetime: Duration, path_len: u8) -> Result<CertificateParams, SourceError> {
@@ -324,7 +371,7 @@ struct CaReport {
     intermediate_days_left: i64,
 }
 
-const CA_USAGE: &str = "usage: tandem ca init [--intermediate]\n       tandem ca status [--json]\n       tandem ca export\n       tandem ca issue --san NAME [--san NAME...] [--days N] [--client] [--out DIR]";
+const CA_USAGE: &str = "usage: tandem ca init [--intermediate]\n       tandem ca status [--json]\n       tandem ca export\n       tandem ca issue --san NAME [--san NAME...] [--days N] [--client] [--out DIR | --out -]\n  NAME: a DNS name, an IP address, an email address or a URI (spiffe://trust.domain/ns/app)\n  --out DIR writes NAME.pem and NAME.key (0600) into DIR (made 0700 if missing); --out - prints key and chain";
 
 /// `tandem ca ...`: exit 0 done, 1 failed, 2 bad usage or configuration.
 pub fn command(args: &[String]) -> ExitCode {
@@ -346,13 +393,13 @@ pub fn command(args: &[String]) -> ExitCode {
         ("init", flags) if flags.iter().all(|f| f == "--intermediate") => {
             open().and_then(|cache| Ca::init(&cache, !flags.is_empty())).map(|ca| {
                 eprintln!(
-                    "tandem: made the private CA in {}\n  root         {} (until unix {}, sha256 {})\n  intermediate {} (until unix {})\nhint: `tandem ca export` prints the root for clients to trust; the root key ({}) may now be moved offline",
+                    "tandem: made the private CA in {}\n  root         {} (until {}, sha256 {})\n  intermediate {} (until {})\nhint: `tandem ca export` prints the root for clients to trust; the root key ({}) may now be moved offline",
                     layout.ca_dir().display(),
                     ca.root.subject,
-                    ca.root.not_after,
+                    rfc3339(ca.root.not_after),
                     ca.root.fingerprint,
                     ca.intermediate.subject,
-                    ca.intermediate.not_after,
+                    rfc3339(ca.intermediate.not_after),
                     layout.ca_file(ROOT_KEY).display()
                 );
             })
@@ -384,12 +431,7 @@ pub fn command(args: &[String]) -> ExitCode {
 fn render(r: &CaReport) -> String {
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<22} {v}\n"));
-    let day = |t: i64| {
-        time::OffsetDateTime::from_unix_timestamp(t)
-            .ok()
-            .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
-            .unwrap_or_default()
-    };
+    let day = rfc3339;
     line("directory", r.directory.display().to_string());
     line("root", r.root.subject.clone());
     line("root valid until", day(r.root.not_after));
@@ -402,7 +444,8 @@ fn render(r: &CaReport) -> String {
     out
 }
 
-/// `tandem ca issue --san NAME... [--days N] [--client] [--out DIR]`.
+/// `tandem ca issue --san NAME... [--days N] [--client] [--out DIR | --out -]`.
+/// The private key goes to a terminal only when asked for with `--out -`.
 fn issue_command(config: &Config, layout: &Layout, flags: &[String]) -> ExitCode {
     let usage = |why: &str| {
         eprintln!("tandem: error: {why}\n{CA_USAGE}");
@@ -414,7 +457,7 @@ fn issue_command(config: &Config, layout: &Layout, flags: &[String]) -> ExitCode
         match f.as_str() {
             "--san" => match it.next() {
                 Some(n) if !n.is_empty() => sans.push(n.clone()),
-                _ => return usage("--san needs a DNS name or an IP address"),
+                _ => return usage("--san needs a DNS name, an IP address, an email address or a URI"),
             },
             "--days" => match it.next().and_then(|d| d.parse::<u64>().ok()).filter(|d| (1..=3650).contains(d)) {
                 Some(d) => days = d,
@@ -431,8 +474,15 @@ fn issue_command(config: &Config, layout: &Layout, flags: &[String]) -> ExitCode
     if sans.is_empty() {
         return usage("at least one --san is needed");
     }
-    if let Some(bad) = sans.iter().find(|n| n.parse::<IpAddr>().is_err() && !tandem_config::values::is_dns_name(n)) {
-        return usage(&format!("{bad:?} is not a DNS name or an IP address"));
+    if let Some(bad) = sans.iter().find(|n| Identity::of(n).is_none()) {
+        return usage(&format!("{bad:?} is not a DNS name, an IP address, an email address or a URI"));
+    }
+    let to_stdout = out.as_deref() == Some(Path::new("-"));
+    if out.is_none() && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        return usage(
+            "the private key would be printed to the terminal; write the pair to a directory with --out DIR, \
+             or print it anyway with --out -",
+        );
     }
     let issued =
         Ca::load(layout).and_then(|ca| ca.issue(&sans, Duration::from_secs(days * DAY), config.certs.key_type, client));
@@ -443,7 +493,7 @@ fn issue_command(config: &Config, layout: &Layout, flags: &[String]) -> ExitCode
             return ExitCode::from(1);
         }
     };
-    match out {
+    match out.filter(|_| !to_stdout) {
         None => {
             print!("{}", leaf.to_pem());
             ExitCode::SUCCESS
@@ -451,10 +501,10 @@ fn issue_command(config: &Config, layout: &Layout, flags: &[String]) -> ExitCode
         Some(dir) => match write_pair(&dir, &sans[0], &leaf) {
             Ok((cert, key)) => {
                 eprintln!(
-                    "tandem: wrote {} and {} (until unix {})",
+                    "tandem: wrote {} and {} (until {})",
                     cert.display(),
                     key.display(),
-                    leaf.info.not_after
+                    rfc3339(leaf.info.not_after)
                 );
                 ExitCode::SUCCESS
             }
@@ -469,10 +519,16 @@ fn issue_command(config: &Config, layout: &Layout, flags: &[String]) -> ExitCode
 /// Writes `NAME.pem` (chain) and `NAME.key` (0600 from creation) into `dir`.
 fn write_pair(dir: &Path, name: &str, leaf: &Bundle) -> Result<(PathBuf, PathBuf), CertError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let stem: String =
         name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect();
     let (cert, key) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}.key")));
+    // A directory that does not exist yet is made for the key: 0700, as the cache is.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| CertError::Write { path: dir.to_path_buf(), source })?;
     let pem = leaf.to_pem();
     let key_end = pem.find("-----BEGIN CERTIFICATE-----").unwrap_or(pem.len());
     let werr = |path: &Path| {

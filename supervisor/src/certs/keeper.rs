@@ -63,7 +63,7 @@ impl CertKeeper {
             StartError::Config(anyhow::Error::new(e).context(format!("SSL_CERTIFICATE={mode} is not usable")))
         })?;
         let cache = CertCache::open(layout.dir()).map_err(|e| match e {
-            CertError::Unsafe { .. } => {
+            CertError::Unsafe { .. } | CertError::NotWritable { .. } => {
                 StartError::Config(anyhow::Error::new(e).context("refusing the certificate cache"))
             }
             _ => StartError::Runtime(anyhow::Error::new(e).context("cannot prepare the certificate cache")),

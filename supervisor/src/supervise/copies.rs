@@ -68,7 +68,16 @@ impl Supervisor {
             }
             Health::Unhealthy(why) => {
                 app.healthy = false;
-                tracing::warn!(worker_id = id, worker = number, %why, "worker command stopped answering; out of rotation");
+                // A copy tandem is stopping (SIGTTOU, shutdown) stops answering on purpose.
+                let stopping = slot.state == WorkerState::Draining
+                    || app.draining_since.is_some()
+                    || app.terminated_at.is_some()
+                    || matches!(self.phase, Phase::Stopping { .. });
+                if stopping {
+                    tracing::debug!(worker_id = id, worker = number, %why, "a copy being stopped no longer answers");
+                } else {
+                    tracing::warn!(worker_id = id, worker = number, %why, "worker command stopped answering; out of rotation");
+                }
             }
             Health::Recovered => {
                 app.healthy = true;
@@ -129,6 +138,13 @@ impl Supervisor {
         };
         if slot.restarts == 0 || app.start_timed_out {
             tracing::error!(worker = slot.number, "worker command {why}; its last output:{}", app.tail_text());
+        }
+    }
+
+    /// The proxy could not reach copy `id`: its prober looks now.
+    pub(super) fn probe_copy_now(&self, id: u64) {
+        if let Some(app) = self.slots.iter().find(|s| s.worker_id == id).and_then(|s| s.app.as_ref()) {
+            app.probe_now();
         }
     }
 

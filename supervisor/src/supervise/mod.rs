@@ -338,6 +338,7 @@ impl Supervisor {
                         self.model_step(step);
                     }
                     WorkerEvent::BackendIdle { id: copy } => self.terminate_drained_copy(copy),
+                    WorkerEvent::BackendFailing { id: copy } => self.probe_copy_now(copy),
                 }
             }
             Control::Closed(id) => tracing::debug!(worker_id = id, "control channel closed"),
