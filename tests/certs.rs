@@ -501,3 +501,14 @@ fn a_certificate_path_that_turns_into_a_fifo_never_freezes_the_supervisor() {
     // And the old certificate keeps serving.
     assert_eq!(fingerprint_now(&t, &ca.pem, "localhost").as_deref(), Some(issued.fingerprint.as_str()));
 }
+
+#[test]
+fn a_sighup_with_nothing_new_is_reported_as_unchanged() {
+    let t = TandemBuilder::new().ssl().start();
+    t.signal(Signal::SIGHUP);
+    t.wait_for_log(Duration::from_secs(15), "https worker re-read the certificate: unchanged", 1);
+    assert!(!t.stderr().contains("serves the new certificate"), "{}", t.explain());
+    let status: serde_json::Value = json_of(&t, "/");
+    // A day begun counts: a generated certificate made just now has its whole year left.
+    assert_eq!(status["certificate"]["days_left"], 365, "{status}");
+}

@@ -60,6 +60,11 @@ fn required_client_certificates_are_verified_and_their_identity_reaches_the_log(
     let (t, dir, server_ca) = start("required");
     assert_eq!(curl(&t, &server_ca, None, &[]), "000", "no certificate: refused at the handshake");
     assert_eq!(curl(&t, &server_ca, Some((&dir, "bob")), &[]), "000", "another CA's certificate: refused");
+    // The operator hears why, once a minute per client address.
+    t.wait_for_log(Duration::from_secs(5), "client certificate rejected", 1);
+    let err = t.stderr();
+    assert!(err.contains("no client certificate (SSL_CLIENT_AUTH=required)"), "{}", t.explain());
+    assert_eq!(err.matches("client certificate rejected").count(), 1, "{}", t.explain());
     // The right one is served, and a forged identity header is replaced by the verified one.
     assert_eq!(curl(&t, &server_ca, Some((&dir, "alice")), &["-H", "x-tandem-client-subject: CN=mallory"]), "200");
     let lines = access_lines(&t);

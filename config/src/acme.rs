@@ -64,10 +64,13 @@ fn acme(c: &Config) -> Option<&'static str> {
 pub enum AcmeChallenge {
     /// A file under `/.well-known/acme-challenge/` on the HTTP port.
     #[default]
+    #[serde(rename = "http-01")]
     Http01,
     /// A special certificate answered on the HTTPS port for ALPN `acme-tls/1`.
+    #[serde(rename = "tls-alpn-01")]
     TlsAlpn01,
     /// A TXT record, set and removed by `ACME_DNS_HOOK`.
+    #[serde(rename = "dns-01")]
     Dns01,
 }
 

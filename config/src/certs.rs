@@ -61,14 +61,19 @@ fn from_files(c: &Config) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CertSource {
     /// Downloaded from `SSL_INDIRECT_URL`.
+    #[serde(rename = "INDIRECT")]
     Indirect,
     /// Self-signed, generated and cached by tandem.
+    #[serde(rename = "GENERATE")]
     Generate,
     /// A PEM certificate chain on disk.
+    #[serde(rename = "path")]
     Path(PathBuf),
     /// Leaves issued by the private CA in the cache (`tandem ca init`).
+    #[serde(rename = "CA")]
     Ca,
     /// A certificate from an ACME server (Let's Encrypt), renewed by tandem.
+    #[serde(rename = "ACME")]
     Acme,
 }
 
@@ -76,8 +81,10 @@ pub enum CertSource {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeyType {
     /// RSA with a 2048-bit modulus (the default, for the widest client support).
+    #[serde(rename = "rsa2048")]
     Rsa2048,
     /// ECDSA on P-256 (smaller, faster handshakes).
+    #[serde(rename = "ecdsa-p256")]
     EcdsaP256,
 }
 

@@ -169,6 +169,13 @@ fn plain(v: &serde_json::Value) -> String {
             let secs = o["secs"].as_u64().unwrap_or(0) as f64 + o["nanos"].as_u64().unwrap_or(0) as f64 / 1e9;
             format!("{secs}s")
         }
+        // An enum variant with data (a path, a list of origins): the data as set.
+        Value::Object(o)
+            if o.len() == 1 && matches!(o.keys().next().map(String::as_str), Some("path" | "origins" | "only")) =>
+        {
+            o.values().next().map(plain).unwrap_or_default()
+        }
+        Value::Array(items) => items.iter().map(plain).collect::<Vec<_>>().join(","),
         Value::Object(o) => {
             let parts: Vec<String> = o.iter().map(|(k, v)| format!("{k}={}", plain(v))).collect();
             parts.join(", ")
@@ -248,6 +255,21 @@ mod tests {
         assert!(ignored(&c, &|_| false).is_empty());
         let text = report(&c, &|v| v == "SSL_INDIRECT_URL", &[]);
         assert!(text.contains("serve mode: generate") && text.contains("process.graceful_timeout = 30s"), "{text}");
+        // Values as the user writes them, never Rust's spelling of them.
+        for shown in [
+            "certs.source = GENERATE",
+            "certs.key_type = rsa2048",
+            "acme.challenge = http-01",
+            "tls.min_version = 1.2",
+            "tls.client_auth = off",
+            "engine.backend = auto",
+            "engine.model_control_mode = none",
+            "engine.model_load = *",
+            "edge.cors = (none)",
+            "process.log_format = text",
+        ] {
+            assert!(text.contains(shown), "{shown}: {text}");
+        }
     }
 
     #[test]

@@ -152,10 +152,13 @@ pub struct Edge {
 pub enum Cors {
     /// None: no `Access-Control-*` header is sent, preflight requests are not answered.
     #[default]
+    #[serde(rename = "(none)")]
     Off,
     /// Any origin (`*`).
+    #[serde(rename = "*")]
     Any,
     /// These origins, as browsers send them (`https://app.example.com`, lower case).
+    #[serde(rename = "origins")]
     Origins(Vec<String>),
 }
 

@@ -74,6 +74,7 @@ crate::declare! {
 
 /// Device models run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Device {
     /// The CPU.
     #[default]
@@ -84,6 +85,7 @@ pub enum Device {
 
 /// The default backend for models that do not name one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     /// ONNX Runtime when its library is found, else tract.
     #[default]
@@ -96,6 +98,7 @@ pub enum BackendChoice {
 
 /// How the served models may change while tandem runs (Triton's `--model-control-mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ModelControlMode {
     /// The repository is read once at start.
     #[default]
@@ -111,6 +114,7 @@ pub enum ModelControlMode {
 #[serde(rename_all = "lowercase")]
 pub enum ModelLoad {
     /// Every model in the repository (`*`; in the other modes, always).
+    #[serde(rename = "*")]
     All,
     /// These, by folder name (none by default).
     Only(Vec<String>),

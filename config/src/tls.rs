@@ -56,6 +56,7 @@ fn client_ca_scope(c: &Config) -> Option<&'static str> {
 
 /// Whether the HTTPS port asks for client certificates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ClientAuth {
     /// Never.
     #[default]
@@ -71,8 +72,10 @@ pub enum ClientAuth {
 pub enum TlsVersion {
     /// TLS 1.2 and 1.3.
     #[default]
+    #[serde(rename = "1.2")]
     Tls12,
     /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
     Tls13,
 }
 

@@ -79,6 +79,22 @@ pub const TLS_FAILURES: &[&str] = &[
     "plain_http",
     "other",
 ];
+#[cfg(test)]
+mod documented {
+    /// OBSERVABILITY.md explains every reason a handshake is counted under.
+    #[test]
+    fn every_handshake_failure_reason_is_documented() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/OBSERVABILITY.md");
+        let doc = std::fs::read_to_string(path).expect("docs/OBSERVABILITY.md");
+        for reason in super::TLS_FAILURES {
+            assert!(doc.contains(&format!("| `{reason}` |")), "OBSERVABILITY.md does not explain reason {reason}");
+        }
+        for cause in super::RESTART_CAUSES {
+            assert!(doc.contains(&format!("`{cause}`")), "OBSERVABILITY.md does not name restart cause {cause}");
+        }
+    }
+}
+
 /// Why a worker was restarted.
 pub const RESTART_CAUSES: [&str; 2] = ["exited", "signalled"];
 

@@ -125,3 +125,39 @@ pub fn identity(conn: &ServerConnection) -> Option<Arc<ClientIdentity>> {
     let info = tandem_shared::certs::primitives::inspect(leaf, "client certificate").ok()?;
     Some(Arc::new(ClientIdentity { subject: info.subject, sans: info.sans, fingerprint: info.fingerprint }))
 }
+
+/// Why the handshake refused the client's certificate, when that is why it failed.
+pub fn rejected(e: &std::io::Error) -> Option<String> {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>())? {
+        rustls::Error::NoCertificatesPresented => Some("no client certificate (SSL_CLIENT_AUTH=required)".into()),
+        rustls::Error::InvalidCertificate(why) => Some(format!("{why:?} (checked against SSL_CLIENT_CA)")),
+        _ => None,
+    }
+}
+
+/// Addresses told about lately, and when.
+static TOLD: std::sync::Mutex<Option<std::collections::HashMap<std::net::IpAddr, std::time::Instant>>> =
+    std::sync::Mutex::new(None);
+/// How often one address's rejections are logged.
+const TELL_EVERY: Duration = Duration::from_secs(60);
+/// Addresses remembered at most (a scan from many addresses cannot grow it).
+const TOLD_MAX: usize = 4096;
+
+/// Whether a rejection from `ip` should be logged now: the first in
+/// [`TELL_EVERY`] for that address.
+pub fn first_in_a_while(ip: std::net::IpAddr) -> bool {
+    let now = std::time::Instant::now();
+    let mut told = TOLD.lock().unwrap_or_else(|p| p.into_inner());
+    let told = told.get_or_insert_with(Default::default);
+    if told.get(&ip).is_some_and(|&at| now.duration_since(at) < TELL_EVERY) {
+        return false;
+    }
+    if told.len() >= TOLD_MAX {
+        told.retain(|_, at| now.duration_since(*at) < TELL_EVERY);
+        if told.len() >= TOLD_MAX {
+            return false;
+        }
+    }
+    told.insert(ip, now);
+    true
+}

@@ -186,7 +186,13 @@ impl Handshaker {
             }
             Err(e) => {
                 pending.failed(&e);
-                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                match client_auth::rejected(&e) {
+                    // An operator wants to know why a client was turned away, once a minute per address.
+                    Some(why) if client_auth::first_in_a_while(peer.ip()) => {
+                        tracing::info!(%peer, reason = %why, "client certificate rejected");
+                    }
+                    _ => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                }
                 None
             }
         }
@@ -199,9 +205,15 @@ impl Handshaker {
 fn reload(live: &std::path::Path, resolver: &ReloadableResolver, control: &ControlClient) -> bool {
     let event = match Bundle::load(live) {
         Ok(bundle) => {
-            resolver.swap(bundle.certified_key());
-            tracing::info!(fingerprint = %bundle.info.fingerprint, "certificate reloaded");
-            WorkerEvent::Reloaded { fingerprint: bundle.info.fingerprint }
+            let next = bundle.certified_key();
+            let unchanged = resolver.serves(&next);
+            resolver.swap(next);
+            if unchanged {
+                tracing::info!(fingerprint = %bundle.info.fingerprint, "certificate unchanged; it keeps serving");
+            } else {
+                tracing::info!(fingerprint = %bundle.info.fingerprint, "certificate reloaded");
+            }
+            WorkerEvent::Reloaded { fingerprint: bundle.info.fingerprint, unchanged }
         }
         Err(e) => {
             let reason = format!("{e:#}");

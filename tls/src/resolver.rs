@@ -40,6 +40,11 @@ impl ReloadableResolver {
         self.current.store(next);
     }
 
+    /// Whether `next` is the certificate served now (the same leaf).
+    pub fn serves(&self, next: &CertifiedKey) -> bool {
+        self.current.load().end_entity_cert().ok() == next.end_entity_cert().ok()
+    }
+
     /// The challenge certificate for `name`, built directly as a
     /// `CertifiedKey` (it carries the critical acmeIdentifier extension,
     /// which rustls' own certificate loading refuses).

@@ -11,6 +11,17 @@ pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
+/// Whole days in `seconds` left, as people count them: a day begun counts
+/// (a 7-day certificate issued a minute ago has 7 days left, one with ten
+/// hours left has 1), and an expired one has 0 or fewer.
+pub fn days_left(seconds: i64) -> i64 {
+    if seconds > 0 {
+        (seconds + 86399) / 86400
+    } else {
+        seconds.div_euclid(86400)
+    }
+}
+
 /// What an operator wants to know about a certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CertInfo {
@@ -74,7 +85,7 @@ impl CertStatus {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(o) = v.as_object_mut() {
             o.insert("seconds_left".into(), left.into());
-            o.insert("days_left".into(), (left / 86400).into());
+            o.insert("days_left".into(), days_left(left).into());
             o.insert("renew_soon".into(), self.info.needs_renewal(now).into());
         }
         v
@@ -84,6 +95,16 @@ impl CertStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_day_begun_counts_and_an_expired_certificate_has_none() {
+        assert_eq!(days_left(7 * 86400 - 60), 7);
+        assert_eq!(days_left(10 * 3600), 1);
+        assert_eq!(days_left(86400), 1);
+        assert_eq!(days_left(0), 0);
+        assert_eq!(days_left(-60), -1);
+        assert_eq!(days_left(-86400), -1);
+    }
 
     fn info(not_before: i64, not_after: i64) -> CertInfo {
         CertInfo {

@@ -90,7 +90,8 @@ pub fn log(e: &Entry<'_>) {
         status = e.status,
         bytes_in = e.bytes_in,
         bytes_out = e.bytes_out,
-        duration_ms = e.took.as_secs_f64() * 1e3,
+        // Milliseconds to the microsecond (0.412, 12.5): no float noise in the log.
+        duration_ms = e.took.as_micros() as f64 / 1e3,
         model = model_of(e.path),
         worker = e.worker,
         client = e.client.map(|c| c.0),

@@ -30,6 +30,9 @@ pub enum WorkerEvent {
     Reloaded {
         /// SHA-256 fingerprint of the certificate now served.
         fingerprint: String,
+        /// It is the certificate that was already served (a SIGHUP with nothing new).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        unchanged: bool,
     },
     /// A certificate reload was refused; the old certificate keeps serving.
     ReloadFailed {
@@ -308,7 +311,7 @@ mod tests {
     fn events_cross_a_socketpair() {
         let (a, b) = UnixStream::pair().expect("pair");
         let client = ControlClient::new(a);
-        let sent = WorkerEvent::Reloaded { fingerprint: "ab".into() };
+        let sent = WorkerEvent::Reloaded { fingerprint: "ab".into(), unchanged: false };
         client.send(&sent).expect("send");
         let mut line = String::new();
         BufReader::new(b).read_line(&mut line).expect("read");

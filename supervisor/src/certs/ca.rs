@@ -332,7 +332,7 @@ impl Source for CaLeaves {
             let ca = Ca::load(cache.layout())?;
             let left = ca.intermediate.seconds_left(unix_now());
             if left < INTERMEDIATE_WARN {
-                tracing::warn!(days_left = left / DAY as i64, "the private CA's intermediate expires soon; leaves are cut short to its end\nhint: run `tandem ca init --intermediate` with the root key present");
+                tracing::warn!(days_left = tandem_shared::certs::status::days_left(left), "the private CA's intermediate expires soon; leaves are cut short to its end\nhint: run `tandem ca init --intermediate` with the root key present");
             }
             if let Ok(cached) = cache.load(cache::CA_LEAF) {
                 let mut have = cached.info.sans.clone();
@@ -407,7 +407,7 @@ pub fn command(args: &[String]) -> ExitCode {
         ("status", flags) if flags.iter().all(|f| f == "--json") => Ca::load(&layout).map(|ca| {
             let report = CaReport {
                 directory: layout.ca_dir(),
-                intermediate_days_left: ca.intermediate.seconds_left(unix_now()) / DAY as i64,
+                intermediate_days_left: tandem_shared::certs::status::days_left(ca.intermediate.seconds_left(unix_now())),
                 root: ca.root,
                 root_key_present: ca.root_key_present,
                 intermediate: ca.intermediate,

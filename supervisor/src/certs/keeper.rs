@@ -153,7 +153,7 @@ impl CertKeeper {
         tracing::warn!(
             fingerprint = %self.served.fingerprint,
             mode = self.source.mode(),
-            days_left = self.served.seconds_left(now) / 86400,
+            days_left = tandem_shared::certs::status::days_left(self.served.seconds_left(now)),
             seconds_left = self.served.seconds_left(now),
             "the served certificate has less than a third of its lifetime left\nhint: renew it at its source; tandem publishes the new one as soon as it sees it"
         );

@@ -100,7 +100,7 @@ pub fn report(config: &Config) -> Report {
     if let Some(info) = &r.info {
         r.valid_from = rfc3339(info.not_before);
         r.valid_until = rfc3339(info.not_after);
-        r.days_left = Some(info.seconds_left(unix_now()) / 86400);
+        r.days_left = Some(tandem_shared::certs::status::days_left(info.seconds_left(unix_now())));
     }
     r
 }

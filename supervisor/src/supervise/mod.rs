@@ -322,7 +322,11 @@ impl Supervisor {
                         self.became_ready();
                     }
                     WorkerEvent::Draining => slot.state = WorkerState::Draining,
-                    WorkerEvent::Reloaded { fingerprint } => {
+                    WorkerEvent::Reloaded { fingerprint, unchanged: true } => {
+                        tracing::info!(worker_id = id, %fingerprint, "https worker re-read the certificate: unchanged");
+                        crate::systemd::notify("READY=1");
+                    }
+                    WorkerEvent::Reloaded { fingerprint, unchanged: false } => {
                         tracing::info!(worker_id = id, %fingerprint, "https worker serves the new certificate");
                         crate::systemd::notify("READY=1");
                     }
