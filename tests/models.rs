@@ -307,3 +307,16 @@ fn the_active_virtualenv_is_searched_first_and_the_library_names_its_own_version
     assert_eq!(ort["version"].as_str(), Some(version.as_str()), "read from the library, not its file name: {info}");
     assert!(t.stderr().contains("found_by=VIRTUAL_ENV") || t.stderr().contains("VIRTUAL_ENV"), "{}", t.explain());
 }
+
+#[test]
+fn a_binary_cargo_installed_from_the_checkout_finds_its_models_and_venv() {
+    // As `cargo install --path .` leaves it: $CARGO_HOME/bin/tandem, no Python on PATH.
+    let b = TandemBuilder::new().copied_binary();
+    let empty = b.dir().join("empty-path");
+    std::fs::create_dir_all(&empty).unwrap();
+    let home = b.dir().to_str().unwrap().to_string();
+    let t = b.env("PATH", empty.to_str().unwrap()).env("CARGO_HOME", &home).start();
+    let info: serde_json::Value = Tandem::http_client().get(t.http_url("/")).send().unwrap().json().unwrap();
+    assert_eq!(info["engine"]["onnxruntime"]["found_by"], "the project's .venv", "{info}\n{}", t.explain());
+    assert!(info["models"].as_array().unwrap().iter().any(|m| m["name"] == "digits" && m["ready"] == true), "{info}");
+}

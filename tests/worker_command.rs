@@ -28,7 +28,7 @@ fn uvicorn() -> String {
 
 fn gunicorn() -> String {
     format!(
-        "python3 -m gunicorn app:app --chdir {} -k uvicorn.workers.UvicornWorker -w 2 --bind unix:{{socket}} --graceful-timeout 5",
+        "python3 -m gunicorn app:app --chdir {} -k uvicorn.workers.UvicornWorker -w 2 --bind unix:{{socket}} --graceful-timeout 5 --forwarded-allow-ips * --control-socket {{socket}}.ctl",
         app_dir().display()
     )
 }
@@ -244,6 +244,13 @@ fn gunicorn_copies_on_unix_sockets_started_by_tandem_run() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(socket.parent().unwrap()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "the socket directory is private");
+    // As README's example: X-Forwarded-For trusted over the socket, one control socket per copy.
+    assert_eq!(v["client"], "127.0.0.1", "{v}");
+    let controls = std::fs::read_dir(socket.parent().unwrap())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".ctl"))
+        .count();
+    assert_eq!(controls, 2, "a gunicorn control socket per copy");
     // Every line the copies print carries their number.
     assert!(t.stderr().contains("worker=1") && t.stderr().contains("Booting worker"), "{}", t.explain());
     let r = http.post(t.http_url("/echo")).body(vec![b'y'; 300_000]).send().unwrap();

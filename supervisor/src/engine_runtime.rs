@@ -43,7 +43,8 @@ type Folders = Box<dyn FnOnce() -> Vec<PathBuf>>;
 /// The folders where the `onnxruntime` Python package may live, by rule, in
 /// the order they are tried: the active environment (`VIRTUAL_ENV`, then
 /// `CONDA_PREFIX`: a user's `onnxruntime-gpu` there wins over the system's),
-/// the project's own `.venv` (the one the README's first command makes),
+/// the project's own `.venv` (the one the README's first command makes, found
+/// from a binary in its `target` or one `cargo install` made from it),
 /// the interpreter on `PATH`, then the usual system prefixes. Each rule's
 /// folders are listed only when it is tried (asking the interpreter starts
 /// two Python processes), so a rule that finds the library ends the search.
@@ -55,7 +56,9 @@ fn rules(env: &dyn Fn(&str) -> Option<String>) -> impl Iterator<Item = (&'static
             rules.push((var, Box::new(move || site(Path::new(&prefix)))));
         }
     }
-    if let Some(project) = std::env::current_exe().ok().as_deref().and_then(project_of) {
+    let exe = std::env::current_exe().ok();
+    let project = exe.as_deref().and_then(|exe| project_of(exe).or_else(|| installed_from(exe, env)));
+    if let Some(project) = project {
         rules.push(("the project's .venv", Box::new(move || site(&project.join(".venv")))));
     }
     let path = env("PATH");
@@ -101,6 +104,20 @@ fn project_of(exe: &Path) -> Option<PathBuf> {
 fn first_interpreter(path: Option<&str>) -> Option<PathBuf> {
     let dirs: Vec<PathBuf> = std::env::split_paths(path?).collect();
     ["python3", "python"].iter().find_map(|name| dirs.iter().find(|d| d.join(name).is_file()).cloned())
+}
+
+/// A binary `cargo install --path .` put in `$CARGO_HOME/bin` (`~/.cargo/bin`):
+/// the source tree it was built from, when that still has its `.venv`.
+fn installed_from(exe: &Path, env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let cargo_home = env("CARGO_HOME")
+        .filter(|h| !h.trim().is_empty())
+        .map(PathBuf::from)
+        .or_else(|| env("HOME").map(|h| Path::new(&h).join(".cargo")))?;
+    let bin = cargo_home.join("bin");
+    let bin = bin.canonicalize().unwrap_or(bin);
+    (exe.parent()? == bin).then_some(())?;
+    let tree = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    (tree.join("Cargo.toml").is_file() && tree.join(".venv").is_dir()).then(|| tree.to_path_buf())
 }
 
 /// Python's own search path, asked of `python3` and `python` on `PATH`
