@@ -15,31 +15,13 @@ mod common;
 
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::docker::{docker_available, run, text, Container};
 use common::*;
 
 const UID: u32 = 10001;
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn text(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
-
-fn docker_available() -> bool {
-    Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output().is_ok_and(|o| o.status.success())
-}
 
 /// Builds the image (`scripts/test-image`: the `prebuilt` target on a locally made base, with this run's binary).
 fn build_image(tag: &str) {
@@ -47,25 +29,7 @@ fn build_image(tag: &str) {
     run(Command::new("bash").arg(root.join("scripts/test-image")).arg(TANDEM).arg(tag));
 }
 
-/// A container, removed on drop.
-struct Container(String);
-
-impl Drop for Container {
-    fn drop(&mut self) {
-        let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
-    }
-}
-
 impl Container {
-    fn exec(&self, script: &str) -> String {
-        text(&run(Command::new("docker").args(["exec", &self.0, "sh", "-c", script])))
-    }
-
-    fn port(&self, inner: u16) -> u16 {
-        let out = text(&run(Command::new("docker").args(["port", &self.0, &format!("{inner}/tcp")])));
-        out.lines().next().and_then(|l| l.rsplit(':').next()).and_then(|p| p.parse().ok()).unwrap()
-    }
-
     fn inspect(&self, format: &str) -> String {
         text(&run(Command::new("docker").args(["inspect", "-f", format, &self.0])))
     }

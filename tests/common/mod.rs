@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
+pub mod docker;
 pub mod pki;
 
 /// The binary under test, built by cargo for this test run.

@@ -466,42 +466,31 @@ pub fn effective(given: &pb::ModelConfig, served: &Served<'_>) -> pb::ModelConfi
     let data_type =
         |m: &super::TensorMeta| pb::DataType::from_str_name(&m.datatype.triton_name()).map_or(0, |d| d as i32);
     let dims = |m: &super::TensorMeta| m.shape.iter().skip(skip).copied().collect::<Vec<i64>>();
-    for m in served.inputs {
-        match c.input.iter_mut().find(|i| i.name == m.name) {
-            Some(i) => {
-                if i.data_type == pb::DataType::TypeInvalid as i32 {
-                    i.data_type = data_type(m);
-                }
-                if i.dims.is_empty() {
-                    i.dims = dims(m);
-                }
-            }
-            None => c.input.push(pb::ModelInput {
-                name: m.name.clone(),
-                data_type: data_type(m),
-                dims: dims(m),
-                ..Default::default()
-            }),
-        }
-    }
-    for m in served.outputs {
-        match c.output.iter_mut().find(|o| o.name == m.name) {
-            Some(o) => {
-                if o.data_type == pb::DataType::TypeInvalid as i32 {
-                    o.data_type = data_type(m);
-                }
-                if o.dims.is_empty() {
-                    o.dims = dims(m);
+    // Inputs and outputs are two message types with the same three fields to complete.
+    macro_rules! complete {
+        ($listed:expr, $served:expr, $message:ident) => {
+            for m in $served {
+                match $listed.iter_mut().find(|t| t.name == m.name) {
+                    Some(t) => {
+                        if t.data_type == pb::DataType::TypeInvalid as i32 {
+                            t.data_type = data_type(m);
+                        }
+                        if t.dims.is_empty() {
+                            t.dims = dims(m);
+                        }
+                    }
+                    None => $listed.push(pb::$message {
+                        name: m.name.clone(),
+                        data_type: data_type(m),
+                        dims: dims(m),
+                        ..Default::default()
+                    }),
                 }
             }
-            None => c.output.push(pb::ModelOutput {
-                name: m.name.clone(),
-                data_type: data_type(m),
-                dims: dims(m),
-                ..Default::default()
-            }),
-        }
+        };
     }
+    complete!(c.input, served.inputs, ModelInput);
+    complete!(c.output, served.outputs, ModelOutput);
     if c.version_policy.is_none() {
         c.version_policy = Some(pb::ModelVersionPolicy {
             policy_choice: Some(pb::model_version_policy::PolicyChoice::Latest(pb::model_version_policy::Latest {
