@@ -44,7 +44,7 @@ type Folders = Box<dyn FnOnce() -> Vec<PathBuf>>;
 /// the order they are tried: the active environment (`VIRTUAL_ENV`, then
 /// `CONDA_PREFIX`: a user's `onnxruntime-gpu` there wins over the system's),
 /// the project's own `.venv` (the one the README's first command makes, found
-/// from a binary in its `target` or one `cargo install` made from it),
+/// from a binary in any cargo target directory or one `cargo install` made),
 /// the interpreter on `PATH`, then the usual system prefixes. Each rule's
 /// folders are listed only when it is tried (asking the interpreter starts
 /// two Python processes), so a rule that finds the library ends the search.
@@ -57,7 +57,7 @@ fn rules(env: &dyn Fn(&str) -> Option<String>) -> impl Iterator<Item = (&'static
         }
     }
     let exe = std::env::current_exe().ok();
-    let project = exe.as_deref().and_then(|exe| project_of(exe).or_else(|| installed_from(exe, env)));
+    let project = exe.as_deref().and_then(|exe| project_of(exe).or_else(|| built_from(exe, env)));
     if let Some(project) = project {
         rules.push(("the project's .venv", Box::new(move || site(&project.join(".venv")))));
     }
@@ -106,16 +106,23 @@ fn first_interpreter(path: Option<&str>) -> Option<PathBuf> {
     ["python3", "python"].iter().find_map(|name| dirs.iter().find(|d| d.join(name).is_file()).cloned())
 }
 
-/// A binary `cargo install --path .` put in `$CARGO_HOME/bin` (`~/.cargo/bin`):
-/// the source tree it was built from, when that still has its `.venv`.
-fn installed_from(exe: &Path, env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+/// A binary cargo made where the source tree cannot be seen from it: in a
+/// target directory elsewhere (`CARGO_TARGET_DIR`; cargo marks its root with
+/// `CACHEDIR.TAG`) or put in `$CARGO_HOME/bin` (`~/.cargo/bin`) by `cargo
+/// install --path .`. The source tree it was built from, when that still has
+/// its `.venv`; `None` for any other binary (a copy, a package).
+fn built_from(exe: &Path, env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    let dir = exe.parent()?;
+    let in_target = dir.parent().is_some_and(|target| target.join("CACHEDIR.TAG").is_file());
     let cargo_home = env("CARGO_HOME")
         .filter(|h| !h.trim().is_empty())
         .map(PathBuf::from)
-        .or_else(|| env("HOME").map(|h| Path::new(&h).join(".cargo")))?;
-    let bin = cargo_home.join("bin");
-    let bin = bin.canonicalize().unwrap_or(bin);
-    (exe.parent()? == bin).then_some(())?;
+        .or_else(|| env("HOME").map(|h| Path::new(&h).join(".cargo")));
+    let installed = cargo_home.is_some_and(|home| {
+        let bin = home.join("bin");
+        bin.canonicalize().unwrap_or(bin) == dir
+    });
+    (in_target || installed).then_some(())?;
     let tree = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
     (tree.join("Cargo.toml").is_file() && tree.join(".venv").is_dir()).then(|| tree.to_path_buf())
 }
@@ -355,6 +362,27 @@ mod tests {
         assert_eq!(discover(empty).expect("found").1, "system prefixes");
         let nothing = vec![("VIRTUAL_ENV", vec![root.path().join("none")])];
         assert_eq!(discover(nothing).expect_err("none"), [root.path().join("none")]);
+    }
+
+    #[test]
+    fn a_binary_in_a_cargo_target_dir_elsewhere_is_traced_to_its_source_tree_and_a_copy_is_not() {
+        let root = tempfile::tempdir().expect("tmp");
+        let target = root.path().join("target");
+        std::fs::create_dir_all(target.join("release")).expect("mkdir");
+        let exe = target.join("release/tandem");
+        let tree = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tree").to_path_buf();
+        let expected = tree.join(".venv").is_dir().then_some(tree);
+        let no_env = |_: &str| None;
+        assert_eq!(built_from(&exe, &no_env), None, "no CACHEDIR.TAG: not cargo's");
+        std::fs::write(target.join("CACHEDIR.TAG"), b"Signature: 8a477f597d28d172789f06886806bc55").expect("tag");
+        assert_eq!(built_from(&exe, &no_env), expected);
+        // What cargo install leaves in $CARGO_HOME/bin.
+        let home = root.path().join("cargo-home");
+        std::fs::create_dir_all(home.join("bin")).expect("mkdir");
+        let home_text = home.to_string_lossy().into_owned();
+        let env = |var: &str| (var == "CARGO_HOME").then(|| home_text.clone());
+        assert_eq!(built_from(&home.join("bin/tandem"), &env), expected);
+        assert_eq!(built_from(&root.path().join("copy/tandem"), &env), None, "a copy elsewhere");
     }
 
     #[test]

@@ -390,7 +390,7 @@ impl Source for Acme {
             match self.order(cache).await {
                 Ok(b) => {
                     cache.write_secret(cache::ACME_CERT, b.to_pem().as_bytes())?;
-                    tracing::info!(fingerprint = %b.info.fingerprint, not_after = b.info.not_after, issuer = %b.info.issuer, "the ACME server issued a certificate");
+                    tracing::info!(fingerprint = %b.info.fingerprint, not_after = %super::rfc3339(b.info.not_after), issuer = %b.info.issuer, "the ACME server issued a certificate");
                     Ok(Obtained::good(b))
                 }
                 // The old certificate serves while it is valid; a stand-in before the first.

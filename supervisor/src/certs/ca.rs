@@ -240,14 +240,6 @@ impl Identity {
     }
 }
 
-/// A unix time as people and tools read it (RFC 3339, UTC).
-pub fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| t.to_string())
-}
-
 fn ca_params(name: &str, lifetime: Duration, path_len: u8) -> Result<CertificateParams, SourceError> {
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, name);
@@ -347,7 +339,7 @@ impl Source for CaLeaves {
             }
             let leaf = ca.issue(&self.names, self.validity, self.key_type, false)?;
             cache.write_secret(cache::CA_LEAF, leaf.to_pem().as_bytes())?;
-            tracing::info!(fingerprint = %leaf.info.fingerprint, not_after = leaf.info.not_after, sans = %leaf.info.sans.join(","), "issued a leaf from the private CA");
+            tracing::info!(fingerprint = %leaf.info.fingerprint, not_after = %super::rfc3339(leaf.info.not_after), sans = %leaf.info.sans.join(","), "issued a leaf from the private CA");
             Ok(Obtained::good(leaf))
         })
     }
@@ -396,10 +388,10 @@ pub fn command(args: &[String]) -> ExitCode {
                     "tandem: made the private CA in {}\n  root         {} (until {}, sha256 {})\n  intermediate {} (until {})\nhint: `tandem ca export` prints the root for clients to trust; the root key ({}) may now be moved offline",
                     layout.ca_dir().display(),
                     ca.root.subject,
-                    rfc3339(ca.root.not_after),
+                    super::rfc3339(ca.root.not_after),
                     ca.root.fingerprint,
                     ca.intermediate.subject,
-                    rfc3339(ca.intermediate.not_after),
+                    super::rfc3339(ca.intermediate.not_after),
                     layout.ca_file(ROOT_KEY).display()
                 );
             })
@@ -431,7 +423,7 @@ pub fn command(args: &[String]) -> ExitCode {
 fn render(r: &CaReport) -> String {
     let mut out = String::new();
     let mut line = |k: &str, v: String| out.push_str(&format!("{k:<22} {v}\n"));
-    let day = rfc3339;
+    let day = super::rfc3339;
     line("directory", r.directory.display().to_string());
     line("root", r.root.subject.clone());
     line("root valid until", day(r.root.not_after));
@@ -504,7 +496,7 @@ fn issue_command(config: &Config, layout: &Layout, flags: &[String]) -> ExitCode
                     "tandem: wrote {} and {} (until {})",
                     cert.display(),
                     key.display(),
-                    rfc3339(leaf.info.not_after)
+                    super::rfc3339(leaf.info.not_after)
                 );
                 ExitCode::SUCCESS
             }

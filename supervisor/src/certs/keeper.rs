@@ -87,7 +87,7 @@ impl CertKeeper {
         cache
             .publish(&obtained.bundle)
             .map_err(|e| StartError::Runtime(anyhow::Error::new(e).context("cannot publish the certificate")))?;
-        tracing::info!(mode, source = %source.describe(), fingerprint = %obtained.bundle.info.fingerprint, not_after = obtained.bundle.info.not_after, "certificate published");
+        tracing::info!(mode, source = %source.describe(), fingerprint = %obtained.bundle.info.fingerprint, not_after = %super::rfc3339(obtained.bundle.info.not_after), "certificate published");
         let mut k = CertKeeper {
             source,
             cache,
@@ -193,7 +193,7 @@ impl CertKeeper {
                 if bundle.info.fingerprint != self.served.fingerprint {
                     match self.cache.publish(&bundle) {
                         Ok(()) => {
-                            tracing::info!(fingerprint = %bundle.info.fingerprint, previous = %self.served.fingerprint, not_after = bundle.info.not_after, "published a new certificate");
+                            tracing::info!(fingerprint = %bundle.info.fingerprint, previous = %self.served.fingerprint, not_after = %super::rfc3339(bundle.info.not_after), "published a new certificate");
                             self.served = bundle.info;
                             published = true;
                         }

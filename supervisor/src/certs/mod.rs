@@ -78,6 +78,14 @@ impl SourceError {
     }
 }
 
+/// A unix time as people and tools read it (RFC 3339, UTC).
+pub fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| t.to_string())
+}
+
 /// Whether the served certificate is the one the operator asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CertHealth {

@@ -40,11 +40,6 @@ pub struct Report {
     pub served_fingerprint: Option<String>,
 }
 
-fn rfc3339(t: i64) -> Option<String> {
-    let dt = time::OffsetDateTime::from_unix_timestamp(t).ok()?;
-    dt.format(&time::format_description::well_known::Rfc3339).ok()
-}
-
 fn mode_of(p: &Path) -> Option<String> {
     std::fs::metadata(p).ok().map(|m| format!("{:04o}", m.permissions().mode() & 0o7777))
 }
@@ -98,8 +93,8 @@ pub fn report(config: &Config) -> Report {
         Err(e) => r.error = Some(e.to_string()),
     }
     if let Some(info) = &r.info {
-        r.valid_from = rfc3339(info.not_before);
-        r.valid_until = rfc3339(info.not_after);
+        r.valid_from = Some(super::rfc3339(info.not_before));
+        r.valid_until = Some(super::rfc3339(info.not_after));
         r.days_left = Some(tandem_shared::certs::status::days_left(info.seconds_left(unix_now())));
     }
     r
