@@ -96,6 +96,18 @@ pub fn cautions(c: &Config) -> Vec<String> {
             host = c.listen.host
         ));
     }
+    let repository_open = !c.edge.restricted.iter().any(|r| r.categories.iter().any(|k| k == "model-repository"));
+    if c.engine.model_control_mode == crate::engine::ModelControlMode::Explicit
+        && c.proxy.command.is_none()
+        && repository_open
+        && !c.listen.host.is_loopback()
+    {
+        out.push(format!(
+            "MODEL_CONTROL_MODE=explicit lets anyone who reaches {host} load and unload models: restrict the \
+             model-repository API to a header and secret, e.g. RESTRICTED_API='model-repository:x-admin-key=@/etc/tandem/admin.key'",
+            host = c.listen.host
+        ));
+    }
     if let Some(argv) = &c.proxy.command {
         if !argv.iter().any(|a| a.contains("{port}") || a.contains("{socket}")) {
             out.push(
@@ -122,7 +134,7 @@ pub fn report(c: &Config, is_set: &dyn Fn(&str) -> bool, strangers: &[crate::unk
         None => format!("{} engine workers", c.process.num_workers),
     };
     let mut s = format!("serve mode: {}\nworkers: {workers}\n\neffective configuration:\n", serve_mode(c).name());
-    if let Ok(serde_json::Value::Object(sections)) = serde_json::to_value(c) {
+    if let Ok(serde_json::Value::Object(sections)) = serde_json::to_value(c).map(hide_secrets) {
         for (section, fields) in sections {
             match fields {
                 serde_json::Value::Object(fields) => {
@@ -162,6 +174,30 @@ pub fn report(c: &Config, is_set: &dyn Fn(&str) -> bool, strangers: &[crate::unk
 }
 
 /// A value as an operator writes it: durations as seconds, strings unquoted.
+/// `v` with every secret given as a value replaced (`RESTRICTED_API`'s): a
+/// report may be pasted anywhere.
+fn hide_secrets(mut v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match &mut v {
+        Value::Object(o) => {
+            for (k, item) in o.iter_mut() {
+                if k == "secret" && item.get("value").is_some() {
+                    *item = Value::String("(hidden)".into());
+                } else {
+                    *item = hide_secrets(item.take());
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items.iter_mut() {
+                *item = hide_secrets(item.take());
+            }
+        }
+        _ => {}
+    }
+    v
+}
+
 fn plain(v: &serde_json::Value) -> String {
     use serde_json::Value;
     match v {
@@ -241,6 +277,39 @@ mod tests {
             assert!(cautions(&config(&quiet)).is_empty(), "{quiet:?}");
         }
         let _ = std::fs::remove_file(&ca);
+    }
+
+    #[test]
+    fn restricted_api_secrets_never_reach_the_report_and_an_open_repository_is_a_caution() {
+        let c = config(&[
+            ("RESTRICTED_API", "model-repository,statistics:X-Admin-Key=hunter2-secret"),
+            ("MODEL_CONTROL_MODE", "explicit"),
+        ]);
+        assert_eq!(c.edge.restricted[0].header, "x-admin-key");
+        let text = report(&c, &|_| false, &[]);
+        assert!(!text.contains("hunter2") && text.contains("(hidden)") && text.contains("x-admin-key"), "{text}");
+        assert!(!text.contains("load and unload models"), "the repository is restricted: {text}");
+        let open = config(&[("MODEL_CONTROL_MODE", "explicit")]);
+        assert!(
+            cautions(&open).iter().any(|c| c.contains("RESTRICTED_API='model-repository")),
+            "{:?}",
+            cautions(&open)
+        );
+        let local = config(&[("MODEL_CONTROL_MODE", "explicit"), ("HOST", "127.0.0.1")]);
+        assert!(cautions(&local).is_empty());
+        for bad in [
+            "inference:x=",
+            "nonsense:x-key=zz9",
+            "inference:bad header=zz9",
+            "inferencezz9",
+            "inference:x=zz9;inference:y=zz9",
+            ":x=zz9",
+            "health:x=@/nonexistent/zz9",
+        ] {
+            let err = Config::from_vars([("RESTRICTED_API".to_string(), bad.to_string())]).expect_err(bad);
+            assert_eq!(err.problems[0].var, "RESTRICTED_API");
+            assert!(!err.to_string().contains("zz9") || bad.contains('@'), "the value is never echoed: {err}");
+        }
     }
 
     #[test]

@@ -63,6 +63,18 @@ crate::declare! {
         accepted: "* or comma-separated origins such as https://app.example.com,http://localhost:3000 (scheme, host and optional port; no path)",
         scope: always,
     }
+    RESTRICTED_API {
+        default: "(none: every API open, as in Triton)",
+        doc: "API categories that answer only requests carrying a header with a secret value, as Triton's --http-restricted-api: groups `categories:header=value` separated by ;, the value literal or @/path/to/file (0600, re-read when it changes); categories health, metadata, inference, shared-memory, model-config, model-repository, statistics, trace, logging, metrics, status",
+        accepted: "groups such as model-repository,statistics:x-admin-key=SECRET;metrics:x-scrape-key=@/etc/tandem/scrape.key (known categories, each in one group; a header name; a value or @ and a file only its owner can read)",
+        scope: always,
+    }
+    METRICS_PUBLIC {
+        default: "true",
+        doc: "serve /metrics on PORT and SSL_PORT too; false serves it only on METRICS_PORT",
+        accepted: values::BOOL,
+        scope: always,
+    }
     ACCESS_LOG {
         default: "False",
         doc: "one log line per request (listener, peer, method, path, status, bytes, duration, model, worker)",
@@ -145,6 +157,119 @@ pub struct Edge {
     pub cors: Cors,
     /// One log line per request.
     pub access_log: bool,
+    /// API categories open only to a header and its secret (`RESTRICTED_API`).
+    pub restricted: Vec<Restriction>,
+    /// `/metrics` on the inference ports too (`METRICS_PUBLIC`).
+    pub metrics_public: bool,
+}
+
+/// The API categories, as Triton names them, and tandem's own `metrics` and `status`.
+pub const API_CATEGORIES: &[&str] = &[
+    "health",
+    "metadata",
+    "inference",
+    "shared-memory",
+    "model-config",
+    "model-repository",
+    "statistics",
+    "trace",
+    "logging",
+    "metrics",
+    "status",
+];
+
+/// One `RESTRICTED_API` group: these categories answer only requests whose
+/// `header` carries the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restriction {
+    /// Names from [`API_CATEGORIES`].
+    pub categories: Vec<String>,
+    /// The header, lower case.
+    pub header: String,
+    /// The value it must carry.
+    pub secret: Secret,
+}
+
+/// Where a restriction's secret is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Secret {
+    /// Given in the setting.
+    Value(String),
+    /// In a file only its owner can read, re-read when it changes (`@/path`).
+    File(std::path::PathBuf),
+}
+
+/// Why a secret file cannot be used: it must be a regular file, not readable
+/// by group or others, holding one non-empty line.
+pub fn secret_file_problem(path: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return Some(format!("cannot read {}: {e}", path.display())),
+    };
+    if !meta.is_file() {
+        return Some(format!("{} is not a regular file", path.display()));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Some(format!(
+            "{} can be read by other users (mode {:o}); chmod 600 it",
+            path.display(),
+            meta.mode() & 0o777
+        ));
+    }
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() && s.len() <= 4096 => None,
+        Ok(_) => Some(format!("{} is empty or longer than 4096 bytes", path.display())),
+        Err(e) => Some(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
+/// A header name as HTTP allows it (RFC 9110 token), lower case.
+fn header_name(v: &str) -> Option<String> {
+    let v = v.trim().to_ascii_lowercase();
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    (!v.is_empty() && v.len() <= 64 && v.chars().all(token)).then_some(v)
+}
+
+/// `RESTRICTED_API`'s groups, or why not.
+fn restrictions(v: &str) -> Result<Vec<Restriction>, String> {
+    let mut out: Vec<Restriction> = Vec::new();
+    // No message repeats the text it found wrong: a secret may be in it.
+    for (n, group) in v.split(';').map(str::trim).filter(|g| !g.is_empty()).enumerate() {
+        let n = n + 1;
+        let (cats, rule) = group.split_once(':').ok_or(format!("group {n} has no `:header=value`"))?;
+        let (header, value) = rule.split_once('=').ok_or(format!("group {n} has no `=value` after its header"))?;
+        let header = header_name(header).ok_or(format!("group {n}'s header is not a header name"))?;
+        let mut categories = Vec::new();
+        for c in values::list(cats) {
+            let c = c.to_ascii_lowercase();
+            if !API_CATEGORIES.contains(&c.as_str()) {
+                return Err(format!("group {n} names a category that does not exist"));
+            }
+            if out.iter().any(|r| r.categories.contains(&c)) || categories.contains(&c) {
+                return Err(format!("{c:?} is in two groups"));
+            }
+            categories.push(c);
+        }
+        if categories.is_empty() {
+            return Err(format!("group {n} names no category"));
+        }
+        let value = value.trim();
+        let secret = match value.strip_prefix('@') {
+            Some(path) => {
+                let path = std::path::PathBuf::from(path);
+                if let Some(why) = secret_file_problem(&path) {
+                    return Err(why);
+                }
+                Secret::File(path)
+            }
+            None if value.is_empty() => return Err(format!("group {n} has an empty value")),
+            None => Secret::Value(value.to_string()),
+        };
+        out.push(Restriction { categories, header, secret });
+    }
+    Ok(out)
 }
 
 /// Which web origins may call the API from a browser.
@@ -257,6 +382,16 @@ pub fn parse(r: &mut Reader, https: bool) -> Edge {
         list.filter(|l| !l.is_empty()).map(Cors::Origins)
     });
     let access_log = r.get(&ACCESS_LOG, false, values::parse_bool);
+    let restricted = match r.value(&RESTRICTED_API).map(restrictions) {
+        None => Vec::new(),
+        Some(Ok(groups)) => groups,
+        Some(Err(why)) => {
+            // The value may hold secrets: the problem names what is wrong, not the value.
+            r.bad(&RESTRICTED_API, "(not shown: it may hold secrets)", format!("{}; {why}", RESTRICTED_API.accepted));
+            Vec::new()
+        }
+    };
+    let metrics_public = r.get(&METRICS_PUBLIC, true, values::parse_bool);
     Edge {
         http_mode,
         max_request_bytes,
@@ -265,6 +400,8 @@ pub fn parse(r: &mut Reader, https: bool) -> Edge {
         timeouts: Timeouts { header, keepalive, idle, body: request_timeout },
         cors,
         access_log,
+        restricted,
+        metrics_public,
     }
 }
 

@@ -74,6 +74,24 @@ async fn probe(client: &reqwest::Client, url: &str) -> Result<(u16, Option<Strin
     Ok((r.status().as_u16(), fingerprint))
 }
 
+/// The header `RESTRICTED_API` asks of the health category, when it is restricted.
+fn health_headers(config: &Config) -> reqwest::header::HeaderMap {
+    use tandem_config::edge::Secret;
+    let mut headers = reqwest::header::HeaderMap::new();
+    let Some(rule) = config.edge.restricted.iter().find(|r| r.categories.iter().any(|c| c == "health")) else {
+        return headers;
+    };
+    let value = match &rule.secret {
+        Secret::Value(v) => Some(v.clone()),
+        Secret::File(path) => std::fs::read_to_string(path).ok().map(|s| s.trim().to_string()),
+    };
+    let name = reqwest::header::HeaderName::from_bytes(rule.header.as_bytes()).ok();
+    if let (Some(name), Some(value)) = (name, value.and_then(|v| reqwest::header::HeaderValue::from_str(&v).ok())) {
+        headers.insert(name, value);
+    }
+    headers
+}
+
 /// `tandem health`.
 pub fn command(args: &[String]) -> ExitCode {
     let live = match args {
@@ -122,9 +140,13 @@ async fn check(config: &Config, live: bool) -> Result<String, String> {
         (true, false) => (200..400).contains(&status),
         (false, _) => status == 200,
     };
+    // With the health category restricted, the probe carries its header, as
+    // it reads the same environment as the server.
+    let headers = health_headers(config);
     let plain = reqwest::Client::builder()
         .timeout(PROBE_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
+        .default_headers(headers.clone())
         .build()
         .map_err(|e| e.to_string())?;
     let plain_port = config.edge.http_mode != HttpMode::Off;
@@ -157,6 +179,7 @@ async fn check(config: &Config, live: bool) -> Result<String, String> {
     let pinned = reqwest::Client::builder()
         .timeout(PROBE_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
+        .default_headers(headers)
         .danger_accept_invalid_certs(true)
         .tls_info(true)
         .build()

@@ -157,13 +157,32 @@ enum Plain {
 }
 
 /// The edge policy of one listener (the default applies none).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct FrontDoor {
     hsts: Option<HeaderValue>,
     plain: Plain,
     acme_http01: Option<PathBuf>,
     cors: Cors,
     also_answered: Option<String>,
+    /// `RESTRICTED_API`.
+    restricted: std::sync::Arc<super::restricted::Restricted>,
+    /// `/metrics` is served here (`METRICS_PUBLIC`).
+    metrics_public: bool,
+}
+
+impl Default for FrontDoor {
+    /// Everything served, nothing added.
+    fn default() -> Self {
+        FrontDoor {
+            hsts: None,
+            plain: Plain::Serves,
+            acme_http01: None,
+            cors: Cors::Off,
+            also_answered: None,
+            restricted: Default::default(),
+            metrics_public: true,
+        }
+    }
 }
 
 /// A configured header value that cannot be sent.
@@ -190,6 +209,8 @@ impl FrontDoor {
             acme_http01: settings.edge.acme_http01.clone().filter(|_| !https),
             cors: settings.edge.policy.cors.clone(),
             also_answered: None,
+            restricted: std::sync::Arc::new(super::restricted::Restricted::new(&settings.edge.policy.restricted)),
+            metrics_public: settings.edge.policy.metrics_public,
         })
     }
 
@@ -211,6 +232,21 @@ impl FrontDoor {
         if let Some(res) = self.preflight(req) {
             return Some(res);
         }
+        if let Some(res) = self.plain_port(req) {
+            return Some(res);
+        }
+        if !self.metrics_public && path == "/metrics" {
+            return Some(error(
+                StatusCode::NOT_FOUND,
+                "/metrics is served on METRICS_PORT only (METRICS_PUBLIC=false)",
+            ));
+        }
+        self.restricted.check(req)
+    }
+
+    /// What the plain port does with a request that is not a health check (`HTTP_MODE`).
+    fn plain_port<B>(&self, req: &Request<B>) -> Option<Answer> {
+        let path = req.uri().path();
         if self.plain == Plain::Serves || always_answered(path) || self.also_answered.as_deref() == Some(path) {
             return None;
         }
@@ -324,6 +360,7 @@ mod tests {
             acme_http01: None,
             cors,
             also_answered: Some("/ready".into()),
+            ..FrontDoor::default()
         }
     }
 

@@ -1,11 +1,13 @@
 //! What every request path does at the front, the same way on each port and
 //! in each worker kind: the edge policy and local answers ([`front`]), serving
 //! connections within limits and draining them ([`serve`]), the access log
-//! ([`access`]), balanced accepts on plain HTTP ([`balance`]) and the memory
-//! budget of request bodies ([`budget`]).
+//! ([`access`]), balanced accepts on plain HTTP ([`balance`]), the memory
+//! budget of request bodies ([`budget`]) and the restricted API categories
+//! ([`restricted`]).
 
 pub mod access;
 pub mod balance;
 pub mod budget;
 pub mod front;
+pub mod restricted;
 pub mod serve;

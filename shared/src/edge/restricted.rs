@@ -1,0 +1,320 @@
+//! Restricted API categories (`RESTRICTED_API`, Triton's
+//! `--http-restricted-api`): which category a request is in, and whether it
+//! carries the header and secret that category needs. The front door asks
+//! here on every request path (plain HTTP, HTTPS, the proxy), so the ring and
+//! the copies only ever see requests that passed.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::header::HeaderName;
+use http::{Request, StatusCode};
+use tandem_config::edge::{Restriction, Secret};
+
+use super::front::{error, Answer};
+
+/// How often a secret file is looked at again (a changed file takes effect within this).
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// The category of a request to `path`, as Triton groups its HTTP API (and
+/// tandem's `/` and `/metrics`); `None` for a path no category holds.
+pub fn category(path: &str) -> Option<&'static str> {
+    match path {
+        "/" => return Some("status"),
+        "/metrics" => return Some("metrics"),
+        "/v2" | "/v2/" => return Some("metadata"),
+        "/v2/logging" => return Some("logging"),
+        "/v2/models/stats" => return Some("statistics"),
+        _ => {}
+    }
+    let first = |prefix: &str| path.strip_prefix(prefix).is_some_and(|r| r.is_empty() || r.starts_with('/'));
+    if first("/v2/health") {
+        return Some("health");
+    }
+    if first("/v2/repository") {
+        return Some("model-repository");
+    }
+    if first("/v2/systemsharedmemory") || first("/v2/cudasharedmemory") {
+        return Some("shared-memory");
+    }
+    if first("/v2/trace") {
+        return Some("trace");
+    }
+    let rest = path.strip_prefix("/v2/models/")?;
+    let segs: Vec<&str> = rest.split('/').collect();
+    let tail: &[&str] = match segs.as_slice() {
+        [_, "versions", _, tail @ ..] => tail,
+        [_, tail @ ..] => tail,
+        [] => return None,
+    };
+    Some(match tail {
+        [] | [""] => "metadata",
+        ["ready"] => "health",
+        ["config"] => "model-config",
+        ["infer"] | ["generate"] | ["generate_stream"] => "inference",
+        ["stats"] => "statistics",
+        ["trace", "setting"] => "trace",
+        _ => return None,
+    })
+}
+
+/// Whether `path` could be read differently by another server (dot
+/// segments, empty segments, backslashes, once percent-decoded): with
+/// restrictions on, such a path is refused rather than classified.
+fn ambiguous(path: &str) -> bool {
+    let decoded: String = percent_decoded(path);
+    let Some(rest) = decoded.strip_prefix('/') else { return true };
+    rest.contains('\\') || rest.split('/').enumerate().any(|(i, s)| s == "." || s == ".." || (s.is_empty() && i > 0))
+}
+
+/// `path` with `%XX` escapes decoded (invalid ones kept as they are).
+fn percent_decoded(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn digest(value: &[u8]) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// A secret file, re-read when its modification time or size changes.
+#[derive(Debug)]
+struct FileSecret {
+    path: PathBuf,
+    state: Mutex<FileState>,
+}
+
+#[derive(Debug)]
+struct FileState {
+    checked: Option<Instant>,
+    stamp: Option<(SystemTime, u64)>,
+    digest: Option<[u8; 32]>,
+}
+
+impl FileSecret {
+    /// The digest of the secret now; a file that became unusable keeps the last good one.
+    fn current(&self) -> Option<[u8; 32]> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.checked.is_some_and(|at| at.elapsed() < RECHECK) {
+            return s.digest;
+        }
+        s.checked = Some(Instant::now());
+        let stamp = std::fs::metadata(&self.path).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
+        if stamp.is_none() || stamp == s.stamp {
+            return s.digest;
+        }
+        s.stamp = stamp;
+        match tandem_config::edge::secret_file_problem(&self.path) {
+            None => match std::fs::read_to_string(&self.path) {
+                Ok(text) => {
+                    if s.digest.is_some() {
+                        tracing::info!(file = %self.path.display(), "RESTRICTED_API secret file changed; the new value applies");
+                    }
+                    s.digest = Some(digest(text.trim().as_bytes()));
+                }
+                Err(e) => {
+                    tracing::warn!(file = %self.path.display(), error = %e, "cannot read the RESTRICTED_API secret file; the previous value stays")
+                }
+            },
+            Some(why) => {
+                tracing::warn!(file = %self.path.display(), %why, "RESTRICTED_API secret file refused; the previous value stays")
+            }
+        }
+        s.digest
+    }
+}
+
+#[derive(Debug)]
+enum SecretNow {
+    Value([u8; 32]),
+    File(FileSecret),
+}
+
+#[derive(Debug)]
+struct Rule {
+    categories: Vec<String>,
+    header: HeaderName,
+    secret: SecretNow,
+}
+
+/// The restrictions of one worker's front door.
+#[derive(Debug, Default)]
+pub struct Restricted {
+    rules: Vec<Rule>,
+}
+
+impl Restricted {
+    /// From the configured groups (header names and files were checked at start-up).
+    pub fn new(groups: &[Restriction]) -> Self {
+        let rules = groups
+            .iter()
+            .filter_map(|g| {
+                let header = HeaderName::from_bytes(g.header.as_bytes()).ok()?;
+                let secret = match &g.secret {
+                    Secret::Value(v) => SecretNow::Value(digest(v.as_bytes())),
+                    Secret::File(path) => SecretNow::File(FileSecret {
+                        path: path.clone(),
+                        state: Mutex::new(FileState { checked: None, stamp: None, digest: None }),
+                    }),
+                };
+                Some(Rule { categories: g.categories.clone(), header, secret })
+            })
+            .collect();
+        Restricted { rules }
+    }
+
+    /// Whether anything is restricted.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// `None` lets the request through; else the answer that refuses it: 403
+    /// naming the category and the header (never the value it needs), or 400
+    /// for a path that another server could read as another category.
+    pub fn check<B>(&self, req: &Request<B>) -> Option<Answer> {
+        if self.rules.is_empty() {
+            return None;
+        }
+        let path = req.uri().path();
+        if ambiguous(path) {
+            return Some(error(
+                StatusCode::BAD_REQUEST,
+                "the path has dot segments, empty segments or backslashes; send it in its plain form",
+            ));
+        }
+        let category = category(&percent_decoded(path))?;
+        let rule = self.rules.iter().find(|r| r.categories.iter().any(|c| c == category))?;
+        let wanted = match &rule.secret {
+            SecretNow::Value(d) => Some(*d),
+            SecretNow::File(f) => f.current(),
+        };
+        // Every value the header has is tried; each comparison takes the same time.
+        let sent = req.headers().get_all(&rule.header).iter().any(|v| {
+            wanted.is_some_and(|w| aws_lc_rs::constant_time::verify_slices_are_equal(&digest(v.as_bytes()), &w).is_ok())
+        });
+        if sent {
+            return None;
+        }
+        Some(error(
+            StatusCode::FORBIDDEN,
+            &format!("the {category} API is restricted: send the {} header with its value", rule.header),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_in_triton_s_category() {
+        for (path, want) in [
+            ("/", Some("status")),
+            ("/metrics", Some("metrics")),
+            ("/v2", Some("metadata")),
+            ("/v2/health/live", Some("health")),
+            ("/v2/health/ready", Some("health")),
+            ("/v2/models/m/ready", Some("health")),
+            ("/v2/models/m/versions/2/ready", Some("health")),
+            ("/v2/models/m", Some("metadata")),
+            ("/v2/models/m/versions/2", Some("metadata")),
+            ("/v2/models/m/config", Some("model-config")),
+            ("/v2/models/m/infer", Some("inference")),
+            ("/v2/models/m/versions/2/infer", Some("inference")),
+            ("/v2/models/m/generate", Some("inference")),
+            ("/v2/models/stats", Some("statistics")),
+            ("/v2/models/m/stats", Some("statistics")),
+            ("/v2/repository/index", Some("model-repository")),
+            ("/v2/repository/models/m/load", Some("model-repository")),
+            ("/v2/systemsharedmemory/status", Some("shared-memory")),
+            ("/v2/cudasharedmemory/region/x/register", Some("shared-memory")),
+            ("/v2/trace/setting", Some("trace")),
+            ("/v2/models/m/trace/setting", Some("trace")),
+            ("/v2/logging", Some("logging")),
+            ("/v2/repositoryx", None),
+            ("/other", None),
+        ] {
+            assert_eq!(category(path), want, "{path}");
+        }
+    }
+
+    fn req(path: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri(path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn restricted(secret: Secret) -> Restricted {
+        Restricted::new(&[Restriction {
+            categories: vec!["model-repository".into(), "statistics".into()],
+            header: "x-admin-key".into(),
+            secret,
+        }])
+    }
+
+    #[test]
+    fn a_restricted_category_needs_its_header_and_value_and_the_rest_is_open() {
+        let r = restricted(Secret::Value("s3cret".into()));
+        let refused = r.check(&req("/v2/repository/index", &[])).expect("refused");
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let bytes = runtime.block_on(http_body_util::BodyExt::collect(refused.into_body())).unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&bytes);
+        assert!(
+            body.contains("model-repository") && body.contains("x-admin-key") && !body.contains("s3cret"),
+            "{body}"
+        );
+        for bad in ["s3cre", "s3cret ", "S3CRET", "", &"x".repeat(100_000)] {
+            assert!(r.check(&req("/v2/models/m/stats", &[("x-admin-key", bad)])).is_some(), "{bad:.20}");
+        }
+        assert!(r.check(&req("/v2/repository/index", &[("X-Admin-Key", "s3cret")])).is_none());
+        assert!(r.check(&req("/v2/repository/index", &[("x-admin-key", "no"), ("x-admin-key", "s3cret")])).is_none());
+        assert!(r.check(&req("/v2/models/m/infer", &[])).is_none(), "inference is open");
+        assert!(r.check(&req("/v2/repository/%69ndex", &[])).is_some(), "escapes are decoded first");
+        for odd in ["/v2/models/m/../../repository/index", "/v2//repository/index", "/v2/models/m/%2e%2e/x"] {
+            assert_eq!(r.check(&req(odd, &[])).expect(odd).status(), StatusCode::BAD_REQUEST, "{odd}");
+        }
+        assert!(Restricted::default().check(&req("/v2/repository/index", &[])).is_none());
+    }
+
+    #[test]
+    fn a_secret_file_is_reread_when_it_changes_and_a_bad_one_keeps_the_last() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "one\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let r = restricted(Secret::File(file.clone()));
+        let with = |v: &str| r.check(&req("/v2/repository/index", &[("x-admin-key", v)])).is_none();
+        assert!(with("one") && !with("two"));
+        std::fs::write(&file, "two-and-longer\n").unwrap();
+        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        assert!(with("two-and-longer") && !with("one"));
+        // Readable by others: refused, the last good value stays.
+        std::fs::write(&file, "three\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        assert!(with("two-and-longer") && !with("three"));
+    }
+}
