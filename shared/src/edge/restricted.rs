@@ -62,14 +62,17 @@ pub fn category(path: &str) -> Option<&'static str> {
 /// Whether `path` could be read differently by another server (dot
 /// segments, empty segments, backslashes, once percent-decoded): with
 /// restrictions on, such a path is refused rather than classified.
-fn ambiguous(path: &str) -> bool {
-    let decoded: String = percent_decoded(path);
+fn ambiguous(decoded: &str) -> bool {
     let Some(rest) = decoded.strip_prefix('/') else { return true };
     rest.contains('\\') || rest.split('/').enumerate().any(|(i, s)| s == "." || s == ".." || (s.is_empty() && i > 0))
 }
 
-/// `path` with `%XX` escapes decoded (invalid ones kept as they are).
-fn percent_decoded(path: &str) -> String {
+/// `path` with `%XX` escapes decoded (invalid ones kept as they are); the
+/// path itself, not a copy, when it has none (the usual case).
+fn percent_decoded(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains('%') {
+        return std::borrow::Cow::Borrowed(path);
+    }
     let bytes = path.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -86,7 +89,7 @@ fn percent_decoded(path: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 fn digest(value: &[u8]) -> [u8; 32] {
@@ -194,14 +197,14 @@ impl Restricted {
         if self.rules.is_empty() {
             return None;
         }
-        let path = req.uri().path();
-        if ambiguous(path) {
+        let path = percent_decoded(req.uri().path());
+        if ambiguous(&path) {
             return Some(error(
                 StatusCode::BAD_REQUEST,
                 "the path has dot segments, empty segments or backslashes; send it in its plain form",
             ));
         }
-        let category = category(&percent_decoded(path))?;
+        let category = category(&path)?;
         let rule = self.rules.iter().find(|r| r.categories.iter().any(|c| c == category))?;
         let wanted = match &rule.secret {
             SecretNow::Value(d) => Some(*d),
