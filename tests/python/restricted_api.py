@@ -3,7 +3,7 @@
 restricted call raises (403 naming the category), with `headers=` it works,
 and an open category needs nothing. Prints one JSON object of what it saw.
 
-Usage: restricted_api.py HOST:PORT --header NAME --key VALUE [--ca CA.pem]
+Usage: restricted_api.py HOST:PORT --header NAME --key VALUE (plain HTTP)
 """
 
 import argparse
@@ -18,12 +18,8 @@ def main():
     ap.add_argument("url")
     ap.add_argument("--header", required=True)
     ap.add_argument("--key", required=True)
-    ap.add_argument("--ca")
     a = ap.parse_args()
-    if a.ca:
-        client = httpclient.InferenceServerClient(a.url, ssl=True, ssl_options={"ca_certs": a.ca})
-    else:
-        client = httpclient.InferenceServerClient(a.url)
+    client = httpclient.InferenceServerClient(a.url)
     seen = {}
     try:
         client.get_model_repository_index()
