@@ -20,6 +20,11 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// The category of a request to `path`, as Triton groups its HTTP API (and
 /// tandem's `/` and `/metrics`); `None` for a path no category holds.
 pub fn category(path: &str) -> Option<&'static str> {
+    // A trailing `/` is the same route to many servers.
+    let path = match path.trim_end_matches('/') {
+        "" => "/",
+        p => p,
+    };
     match path {
         "/" => return Some("status"),
         "/metrics" => return Some("metrics"),
@@ -64,7 +69,8 @@ pub fn category(path: &str) -> Option<&'static str> {
 /// restrictions on, such a path is refused rather than classified.
 fn ambiguous(decoded: &str) -> bool {
     let Some(rest) = decoded.strip_prefix('/') else { return true };
-    rest.contains('\\') || rest.split('/').enumerate().any(|(i, s)| s == "." || s == ".." || (s.is_empty() && i > 0))
+    // An empty segment is `//` somewhere (a trailing `/` is not one).
+    rest.contains('\\') || decoded.contains("//") || rest.split('/').any(|s| s == "." || s == "..")
 }
 
 /// `path` with `%XX` escapes decoded (invalid ones kept as they are); the
@@ -299,6 +305,86 @@ mod tests {
             assert_eq!(r.check(&req(odd, &[])).expect(odd).status(), StatusCode::BAD_REQUEST, "{odd}");
         }
         assert!(Restricted::default().check(&req("/v2/repository/index", &[])).is_none());
+    }
+
+    /// How a server that normalises paths would read `path`: escapes decoded,
+    /// `.` dropped, `..` taking the segment before it away, empty segments gone.
+    fn normalised(path: &str) -> String {
+        let decoded = percent_decoded(path).replace('\\', "/");
+        let mut out: Vec<&str> = Vec::new();
+        for seg in decoded.split('/') {
+            match seg {
+                "" | "." => {}
+                ".." => {
+                    out.pop();
+                }
+                s => out.push(s),
+            }
+        }
+        format!("/{}", out.join("/"))
+    }
+
+    #[test]
+    fn no_spelling_of_a_path_slips_past_its_category() {
+        // Paths made of the pieces a bypass would use, from a fixed seed (xorshift).
+        let pieces = [
+            "/",
+            "/",
+            "v2",
+            "repository",
+            "index",
+            "models",
+            "m",
+            "stats",
+            "infer",
+            "health",
+            "ready",
+            ".",
+            "..",
+            "%2e",
+            "%2E%2e",
+            "%2f",
+            "%2F",
+            "%5c",
+            "\\",
+            "%",
+            "%zz",
+            "versions",
+            "1",
+            "metrics",
+            "",
+        ];
+        let r = restricted(Secret::Value("k".into()));
+        let both = Restricted::new(&[Restriction {
+            categories: vec!["status".into(), "metrics".into()],
+            header: "x-k".into(),
+            secret: Secret::Value("k".into()),
+        }]);
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut checked = 0;
+        for _ in 0..200_000 {
+            let n = 1 + next() % 9;
+            let mut path = String::from("/");
+            for _ in 0..n {
+                path.push_str(pieces[(next() % pieces.len() as u64) as usize]);
+            }
+            let Ok(uri) = path.parse::<http::Uri>() else { continue };
+            let req = Request::builder().uri(uri).body(()).unwrap();
+            let Some(seen) = category(&normalised(req.uri().path())) else { continue };
+            checked += 1;
+            for (rules, restricted) in [(&r, ["model-repository", "statistics"]), (&both, ["status", "metrics"])] {
+                if restricted.contains(&seen) {
+                    assert!(rules.check(&req).is_some(), "{path} reads as {seen} and got through");
+                }
+            }
+        }
+        assert!(checked > 10_000, "too few paths landed in a category: {checked}");
     }
 
     #[test]
