@@ -200,28 +200,26 @@ pub enum Secret {
     File(std::path::PathBuf),
 }
 
-/// Why a secret file cannot be used: it must be a regular file, not readable
-/// by group or others, holding one non-empty line.
-pub fn secret_file_problem(path: &std::path::Path) -> Option<String> {
+/// The secret in a file (trimmed), or why the file cannot be used: it must
+/// be a regular file, not readable by group or others, holding a non-empty
+/// value of at most 4096 bytes.
+pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
     use std::os::unix::fs::MetadataExt;
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) => return Some(format!("cannot read {}: {e}", path.display())),
-    };
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if !meta.is_file() {
-        return Some(format!("{} is not a regular file", path.display()));
+        return Err(format!("{} is not a regular file", path.display()));
     }
     if meta.mode() & 0o077 != 0 {
-        return Some(format!(
+        return Err(format!(
             "{} can be read by other users (mode {:o}); chmod 600 it",
             path.display(),
             meta.mode() & 0o777
         ));
     }
     match std::fs::read_to_string(path) {
-        Ok(s) if !s.trim().is_empty() && s.len() <= 4096 => None,
-        Ok(_) => Some(format!("{} is empty or longer than 4096 bytes", path.display())),
-        Err(e) => Some(format!("cannot read {}: {e}", path.display())),
+        Ok(s) if !s.trim().is_empty() && s.len() <= 4096 => Ok(s.trim().to_string()),
+        Ok(_) => Err(format!("{} is empty or longer than 4096 bytes", path.display())),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
 }
 
@@ -259,9 +257,7 @@ fn restrictions(v: &str) -> Result<Vec<Restriction>, String> {
         let secret = match value.strip_prefix('@') {
             Some(path) => {
                 let path = std::path::PathBuf::from(path);
-                if let Some(why) = secret_file_problem(&path) {
-                    return Err(why);
-                }
+                read_secret_file(&path)?;
                 Secret::File(path)
             }
             None if value.is_empty() => return Err(format!("group {n} has an empty value")),

@@ -92,11 +92,7 @@ fn rules(env: &dyn Fn(&str) -> Option<String>) -> impl Iterator<Item = (&'static
 /// as `cargo run --release` makes it): the nearest of its first few parent
 /// folders holding both a `Cargo.toml` and a `.venv`. An installed binary has none.
 fn project_of(exe: &Path) -> Option<PathBuf> {
-    exe.ancestors()
-        .skip(1)
-        .take(4)
-        .find(|dir| dir.join("Cargo.toml").is_file() && dir.join(".venv").is_dir())
-        .map(Path::to_path_buf)
+    exe.ancestors().skip(1).take(4).find(|dir| is_project_with_venv(dir)).map(Path::to_path_buf)
 }
 
 /// The folder on `path` holding the first `python3` (else `python`), as
@@ -124,7 +120,12 @@ fn built_from(exe: &Path, env: &dyn Fn(&str) -> Option<String>) -> Option<PathBu
     });
     (in_target || installed).then_some(())?;
     let tree = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
-    (tree.join("Cargo.toml").is_file() && tree.join(".venv").is_dir()).then(|| tree.to_path_buf())
+    is_project_with_venv(tree).then(|| tree.to_path_buf())
+}
+
+/// A source tree (a `Cargo.toml`) with the project's own `.venv` beside it.
+fn is_project_with_venv(dir: &Path) -> bool {
+    dir.join("Cargo.toml").is_file() && dir.join(".venv").is_dir()
 }
 
 /// Python's own search path, asked of `python3` and `python` on `PATH`

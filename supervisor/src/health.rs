@@ -83,7 +83,7 @@ fn health_headers(config: &Config) -> reqwest::header::HeaderMap {
     };
     let value = match &rule.secret {
         Secret::Value(v) => Some(v.clone()),
-        Secret::File(path) => std::fs::read_to_string(path).ok().map(|s| s.trim().to_string()),
+        Secret::File(path) => tandem_config::edge::read_secret_file(path).ok(),
     };
     let name = reqwest::header::HeaderName::from_bytes(rule.header.as_bytes()).ok();
     if let (Some(name), Some(value)) = (name, value.and_then(|v| reqwest::header::HeaderValue::from_str(&v).ok())) {

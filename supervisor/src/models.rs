@@ -92,8 +92,9 @@ impl ModelOps {
             }
             ModelLoad::Only(names) => names,
         };
-        let held = scan(repository);
-        for missing in names.iter().filter(|n| !held.contains_key(n.as_str())) {
+        // The folder names only (the poller's scan also reads every file's size and time).
+        let held = tandem_engine_worker::engine::repository::folder_names(repository);
+        for missing in names.iter().filter(|n| !held.contains(n.as_str())) {
             tracing::warn!(model = %missing, repository = %repository.display(), "MODEL_LOAD names a model the repository does not hold");
         }
         if names.is_empty() {

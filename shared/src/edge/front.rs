@@ -116,20 +116,18 @@ pub async fn read_body(
 /// plain HTTP; Triton's `health` category) and ACME HTTP-01 challenges (the
 /// CA asks over plain HTTP).
 fn always_answered(path: &str) -> bool {
-    // A path another server might read differently (dot segments, escapes,
-    // empty segments) is never let past: a copy behind the proxy could
-    // resolve /v2/health/../infer to what the port must not serve.
-    let odd = |seg: &str| seg.is_empty() || seg == "." || seg == ".." || seg.contains(['%', '\\']);
-    if path.strip_prefix('/').is_none_or(|p| p.split('/').any(odd)) {
+    // A path another server might read differently (dot segments, empty
+    // segments, backslashes) is never let past, and here neither is an escape
+    // or a trailing `/`: a copy behind the proxy could resolve
+    // /v2/health/../infer to what the port must not serve.
+    if path.contains('%') || path.ends_with('/') || super::restricted::ambiguous(path) {
         return false;
     }
-    if path.starts_with("/v2/health/") || path.starts_with(ACME_PREFIX) {
-        return true;
-    }
-    // /v2/models/{name}/ready and /v2/models/{name}/versions/{version}/ready
-    let Some(rest) = path.strip_prefix("/v2/models/") else { return false };
-    let segs: Vec<&str> = rest.split('/').collect();
-    matches!(segs.as_slice(), [name, "ready"] | [name, "versions", _, "ready"] if !name.is_empty())
+    // Model readiness (/v2/models/{name}[/versions/{version}]/ready) as the
+    // restricted categories read it.
+    path.starts_with("/v2/health/")
+        || path.starts_with(ACME_PREFIX)
+        || (path.starts_with("/v2/models/") && super::restricted::category(path) == Some("health"))
 }
 
 const ACME_PREFIX: &str = "/.well-known/acme-challenge/";

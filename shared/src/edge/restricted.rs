@@ -66,8 +66,9 @@ pub fn category(path: &str) -> Option<&'static str> {
 
 /// Whether `path` could be read differently by another server (dot
 /// segments, empty segments, backslashes, once percent-decoded): with
-/// restrictions on, such a path is refused rather than classified.
-fn ambiguous(decoded: &str) -> bool {
+/// restrictions on, such a path is refused rather than classified (and the
+/// plain port never counts it as a health check).
+pub(crate) fn ambiguous(decoded: &str) -> bool {
     let Some(rest) = decoded.strip_prefix('/') else { return true };
     // An empty segment is `//` somewhere (a trailing `/` is not one).
     rest.contains('\\') || decoded.contains("//") || rest.split('/').any(|s| s == "." || s == "..")
@@ -132,19 +133,14 @@ impl FileSecret {
             return s.digest;
         }
         s.stamp = stamp;
-        match tandem_config::edge::secret_file_problem(&self.path) {
-            None => match std::fs::read_to_string(&self.path) {
-                Ok(text) => {
-                    if s.digest.is_some() {
-                        tracing::info!(file = %self.path.display(), "RESTRICTED_API secret file changed; the new value applies");
-                    }
-                    s.digest = Some(digest(text.trim().as_bytes()));
+        match tandem_config::edge::read_secret_file(&self.path) {
+            Ok(secret) => {
+                if s.digest.is_some() {
+                    tracing::info!(file = %self.path.display(), "RESTRICTED_API secret file changed; the new value applies");
                 }
-                Err(e) => {
-                    tracing::warn!(file = %self.path.display(), error = %e, "cannot read the RESTRICTED_API secret file; the previous value stays")
-                }
-            },
-            Some(why) => {
+                s.digest = Some(digest(secret.as_bytes()));
+            }
+            Err(why) => {
                 tracing::warn!(file = %self.path.display(), %why, "RESTRICTED_API secret file refused; the previous value stays")
             }
         }
