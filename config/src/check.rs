@@ -108,6 +108,14 @@ pub fn cautions(c: &Config) -> Vec<String> {
             host = c.listen.host
         ));
     }
+    if c.edge.access.allow_mtls && c.edge.access.api_keys.is_some() && c.tls.client_auth == crate::tls::ClientAuth::Off
+    {
+        out.push(
+            "API_KEYS_ALLOW_MTLS=true lets a client certificate stand in for an API key, but SSL_CLIENT_AUTH is off: \
+             no client presents one; set SSL_CLIENT_AUTH=optional (and SSL_CLIENT_CA)"
+                .to_string(),
+        );
+    }
     if let Some(argv) = &c.proxy.command {
         if !argv.iter().any(|a| a.contains("{port}") || a.contains("{socket}")) {
             out.push(
@@ -181,7 +189,7 @@ fn hide_secrets(mut v: serde_json::Value) -> serde_json::Value {
     match &mut v {
         Value::Object(o) => {
             for (k, item) in o.iter_mut() {
-                if k == "secret" && item.get("value").is_some() {
+                if (k == "secret" || k == "health_key") && item.get("value").is_some() {
                     *item = Value::String("(hidden)".into());
                 } else {
                     *item = hide_secrets(item.take());

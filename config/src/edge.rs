@@ -161,6 +161,8 @@ pub struct Edge {
     pub restricted: Vec<Restriction>,
     /// `/metrics` on the inference ports too (`METRICS_PUBLIC`).
     pub metrics_public: bool,
+    /// API keys and rate limits.
+    pub access: crate::access::Access,
 }
 
 /// The API categories, as Triton names them, and tandem's own `metrics` and `status`.
@@ -204,6 +206,16 @@ pub enum Secret {
 /// be a regular file, not readable by group or others, holding a non-empty
 /// value of at most 4096 bytes.
 pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    match read_private_file(path, 4096) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Ok(_) => Err(format!("{} is empty", path.display())),
+        Err(e) => Err(e),
+    }
+}
+
+/// The text of a file that may hold secrets, or why it cannot be used: a
+/// regular file, not readable by group or others, of at most `max` bytes.
+pub fn read_private_file(path: &std::path::Path, max: u64) -> Result<String, String> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if !meta.is_file() {
@@ -216,11 +228,10 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
             meta.mode() & 0o777
         ));
     }
-    match std::fs::read_to_string(path) {
-        Ok(s) if !s.trim().is_empty() && s.len() <= 4096 => Ok(s.trim().to_string()),
-        Ok(_) => Err(format!("{} is empty or longer than 4096 bytes", path.display())),
-        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    if meta.len() > max {
+        return Err(format!("{} is longer than {max} bytes", path.display()));
     }
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 /// A header name as HTTP allows it (RFC 9110 token), lower case.
@@ -388,6 +399,7 @@ pub fn parse(r: &mut Reader, https: bool) -> Edge {
         }
     };
     let metrics_public = r.get(&METRICS_PUBLIC, true, values::parse_bool);
+    let access = crate::access::parse(r);
     Edge {
         http_mode,
         max_request_bytes,
@@ -398,6 +410,7 @@ pub fn parse(r: &mut Reader, https: bool) -> Edge {
         access_log,
         restricted,
         metrics_public,
+        access,
     }
 }
 

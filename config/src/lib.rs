@@ -14,6 +14,7 @@
 
 mod decl;
 
+pub mod access;
 pub mod acme;
 pub mod certs;
 pub mod check;
@@ -56,10 +57,21 @@ pub struct Config {
 
 /// Every declared variable, section by section, in declaration order.
 pub fn vars() -> impl Iterator<Item = &'static Var> {
-    [listen::VARS, process::VARS, tls::VARS, certs::VARS, acme::VARS, edge::VARS, engine::VARS, ring::VARS, proxy::VARS]
-        .into_iter()
-        .flatten()
-        .copied()
+    [
+        listen::VARS,
+        process::VARS,
+        tls::VARS,
+        certs::VARS,
+        acme::VARS,
+        edge::VARS,
+        access::VARS,
+        engine::VARS,
+        ring::VARS,
+        proxy::VARS,
+    ]
+    .into_iter()
+    .flatten()
+    .copied()
 }
 
 /// Scopes the sections share: when a variable acts, else why it is ignored.

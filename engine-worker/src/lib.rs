@@ -48,7 +48,7 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     let app = router(AppState::new(
         &settings,
         settings.engine()?,
-        tandem_shared::edge::front::FrontDoor::new(&settings, false)?,
+        tandem_shared::edge::front::FrontDoor::new(&settings, false, &stats)?,
         engine.clone(),
         stats,
         region.clone(),

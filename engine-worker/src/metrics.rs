@@ -69,6 +69,46 @@ impl Exposition {
     }
 }
 
+/// API keys, rate limits and model concurrency caps.
+fn access_families(e: &mut Exposition, snap: &Snapshot) {
+    e.family("tandem_auth_failures_total", "counter", "Requests answered 401: no API key, or one that is not valid.");
+    e.sample("tandem_auth_failures_total", &[("reason", "missing")], snap.access[0]);
+    e.sample("tandem_auth_failures_total", &[("reason", "invalid")], snap.access[1]);
+    e.family(
+        "tandem_rate_limited_total",
+        "counter",
+        "Requests answered 429 by RATE_LIMIT, by what the client was known by.",
+    );
+    for (i, by) in ["key", "certificate", "address"].iter().enumerate() {
+        e.sample("tandem_rate_limited_total", &[("by", by)], snap.access[2 + i]);
+    }
+    e.family(
+        "tandem_model_busy_total",
+        "counter",
+        "Inference requests answered 429 because their model had max_inflight requests running.",
+    );
+    e.sample("tandem_model_busy_total", &[], snap.access[5]);
+    if snap.clients.is_empty() {
+        return;
+    }
+    e.family(
+        "tandem_client_requests_total",
+        "counter",
+        "Requests answered per API key name (at most 63 names, then \"(other)\"), by status class.",
+    );
+    for (name, counts) in &snap.clients {
+        for (i, class) in ["2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+            if counts[i] > 0 {
+                e.sample("tandem_client_requests_total", &[("client", name), ("class", class)], counts[i]);
+            }
+        }
+    }
+    e.family("tandem_client_rate_limited_total", "counter", "Requests answered 429 by RATE_LIMIT, per API key name.");
+    for (name, counts) in &snap.clients {
+        e.sample("tandem_client_rate_limited_total", &[("client", name)], counts[4]);
+    }
+}
+
 fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
@@ -126,6 +166,8 @@ pub fn render(snap: &Snapshot, ring_busy: Option<(u32, u32)>, cert_source: Optio
         e.family(name, "counter", help);
         e.sample(name, &[], snap.ring[i]);
     }
+
+    access_families(&mut e, snap);
 
     // With WORKER_COMMAND the copies stand where the engines do, the proxy where the HTTPS worker does.
     let proxied = snap.processes.iter().any(|p| p.role == tandem_shared::stats::ProcessRole::Proxy);

@@ -59,19 +59,27 @@ pub fn router(state: AppState) -> Router {
                     for h in tandem_shared::edge::access::CLIENT_HEADERS {
                         req.headers_mut().remove(h);
                     }
+                    req.headers_mut().remove(tandem_shared::edge::keys::KEY_NAME_HEADER);
                     if !axum::body::HttpBody::is_end_stream(req.body()) {
                         let body = std::mem::take(req.body_mut());
                         *req.body_mut() =
                             axum::body::Body::new(tandem_shared::edge::serve::BodyDeadline::new(body, body_timeout));
                     }
                 }
-                let arrival = tandem_shared::edge::access::Arrival::new(&req, https, access_log);
+                // A request over the ring met the HTTPS worker's front door, which vouches for its caller.
+                let mut arrival = if https {
+                    tandem_shared::edge::access::Arrival::from_ring(&req, access_log)
+                } else {
+                    tandem_shared::edge::access::Arrival::new(&req, false, access_log)
+                };
                 // Answers are compressed when the client's Accept-Encoding asks.
                 let encoding = crate::compression::wanted(req.headers());
                 // Plain HTTP meets its front door here; HTTPS requests met the HTTPS worker's.
                 let door = (!https).then_some(door);
                 let web_origin = door.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
-                let mut res = match door.as_ref().and_then(|d| d.answer(&req)) {
+                let answer = door.as_ref().and_then(|d| d.answer(&mut req));
+                arrival.identified(&req);
+                let mut res = match answer {
                     Some(answer) => answer.map(Body::new),
                     None => next.run(req).await,
                 };

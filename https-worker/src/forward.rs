@@ -302,10 +302,12 @@ impl Forwarder {
     }
 
     /// Serves one request; never fails (errors are JSON responses).
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-        let arrival = tandem_shared::edge::access::Arrival::new(&req, true, self.access_log.is_some());
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let mut arrival = tandem_shared::edge::access::Arrival::new(&req, true, self.access_log.is_some());
         let web_origin = req.headers().get(header::ORIGIN).cloned();
-        let mut res = match self.door.answer(&req) {
+        let answer = self.door.answer(&mut req);
+        arrival.identified(&req);
+        let mut res = match answer {
             Some(answer) => here(answer),
             None => self.forward(req).await,
         };
@@ -357,6 +359,12 @@ impl Forwarder {
         parts.headers.remove(tandem_shared::edge::access::PEER_HEADER);
         for h in tandem_shared::edge::access::CLIENT_HEADERS {
             parts.headers.remove(h);
+        }
+        parts.headers.remove(tandem_shared::edge::keys::KEY_NAME_HEADER);
+        if let Some(key) = parts.extensions.get::<tandem_shared::edge::gate::KeyName>() {
+            if let Ok(v) = HeaderValue::from_str(&key.0) {
+                parts.headers.insert(tandem_shared::edge::keys::KEY_NAME_HEADER, v);
+            }
         }
         if let Some(id) = parts.extensions.get::<Arc<tandem_shared::edge::serve::ClientIdentity>>() {
             let values = tandem_shared::edge::access::client_header_values(id);

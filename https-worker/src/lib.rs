@@ -57,7 +57,7 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
         max_request_bytes: max_request,
         timeout: shm.request_timeout,
         access_log: settings.edge.policy.access_log.then_some(settings.worker_id),
-        door: tandem_shared::edge::front::FrontDoor::new(&settings, true)?,
+        door: tandem_shared::edge::front::FrontDoor::new(&settings, true, &stats)?,
         inflight_bytes: settings.edge.inflight_bytes,
     };
     let forwarder = Arc::new(forward::Forwarder::new(region, completions.clone(), stats.clone(), options));

@@ -89,6 +89,8 @@ struct Origin<'a> {
     port: u16,
     peer: Option<SocketAddr>,
     client: Option<&'a ClientIdentity>,
+    /// The name of the API key the front door accepted.
+    key: Option<&'a str>,
 }
 
 /// An answer the proxy makes itself, in the proxy's body type.
@@ -212,6 +214,9 @@ fn rewrite(headers: &mut HeaderMap, authority: Option<&str>, origin: &Origin<'_>
             }
         }
     }
+    if let Some(v) = origin.key.and_then(|k| HeaderValue::from_str(k).ok()) {
+        headers.insert(tandem_shared::edge::keys::KEY_NAME_HEADER, v);
+    }
     if let Some(u) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, u.clone());
@@ -307,18 +312,21 @@ impl Proxy {
     /// (errors are JSON responses).
     pub async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         https: bool,
         port: u16,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let arrival = tandem_shared::edge::access::Arrival::new(&req, https, self.opts.access_log.is_some());
+        let mut arrival = tandem_shared::edge::access::Arrival::new(&req, https, self.opts.access_log.is_some());
         let peer = req.extensions().get::<Peer>().map(|p| p.0);
         let client = req.extensions().get::<Arc<ClientIdentity>>().cloned();
         let door = if https { &self.opts.secure } else { &self.opts.plain };
         let web_origin = req.headers().get(header::ORIGIN).cloned();
-        let origin = Origin { https, port, peer, client: client.as_deref() };
         // Framing tandem refuses, then what the front door answers itself, then the copies.
-        let (mut res, worker) = match refuse_framing(&req).or_else(|| door.answer(&req).map(boxed)) {
+        let refused = refuse_framing(&req).or_else(|| door.answer(&mut req).map(boxed));
+        arrival.identified(&req);
+        let key = req.extensions().get::<tandem_shared::edge::gate::KeyName>().cloned();
+        let origin = Origin { https, port, peer, client: client.as_deref(), key: key.as_ref().map(|k| &*k.0) };
+        let (mut res, worker) = match refused {
             Some(answer) => (answer, None),
             None => self.forward(req, &origin).await,
         };
@@ -524,7 +532,12 @@ pub fn head_for_copy<B>(req: &Request<B>, https: bool, port: u16, peer: Option<S
     let upgrade = upgrade_of(req);
     let mut headers = req.headers().clone();
     let authority = req.uri().authority().map(|a| a.to_string());
-    rewrite(&mut headers, authority.as_deref(), &Origin { https, port, peer, client: None }, upgrade.as_ref());
+    rewrite(
+        &mut headers,
+        authority.as_deref(),
+        &Origin { https, port, peer, client: None, key: None },
+        upgrade.as_ref(),
+    );
     Some(headers)
 }
 
@@ -565,7 +578,7 @@ mod tests {
     use super::*;
 
     fn origin(https: bool, peer: &str) -> Origin<'static> {
-        Origin { https, port: 8443, peer: Some(peer.parse().expect("addr")), client: None }
+        Origin { https, port: 8443, peer: Some(peer.parse().expect("addr")), client: None, key: None }
     }
 
     #[test]

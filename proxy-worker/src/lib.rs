@@ -92,8 +92,8 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
         max_request_bytes: settings.edge.policy.max_request_bytes,
         timeout: proxy.request_timeout,
         access_log: settings.edge.policy.access_log.then_some(settings.worker_id),
-        plain: FrontDoor::new(&settings, false)?.always_answering(&proxy.ready_path),
-        secure: FrontDoor::new(&settings, true)?,
+        plain: FrontDoor::new(&settings, false, &stats)?.always_answering(&proxy.ready_path),
+        secure: FrontDoor::new(&settings, true, &stats)?.always_answering(&proxy.ready_path),
         idle_timeout: settings.edge.policy.timeouts.idle,
         inflight_bytes: settings.edge.inflight_bytes,
     };

@@ -55,7 +55,7 @@ const NR: usize = ROUTES.len();
 pub const METHODS: &[&str] = &["GET", "POST", "HEAD", "other"];
 const NM: usize = METHODS.len();
 /// Status codes counted by number; the rest are `other` (index `STATUSES.len()`).
-pub const STATUSES: &[u16] = &[200, 204, 400, 404, 405, 408, 413, 415, 429, 500, 502, 503, 504];
+pub const STATUSES: &[u16] = &[200, 204, 308, 400, 401, 403, 404, 405, 408, 413, 415, 429, 500, 502, 503, 504];
 const NS: usize = STATUSES.len() + 1;
 /// The two listeners.
 pub const LISTENERS: [&str; 2] = ["http", "https"];
@@ -94,6 +94,16 @@ mod documented {
         }
     }
 }
+
+/// What the front door's access control counts (API keys, rate limits, model concurrency caps).
+pub const ACCESS_EVENTS: &[&str] = &[
+    "missing_key",
+    "invalid_key",
+    "rate_limited_key",
+    "rate_limited_certificate",
+    "rate_limited_address",
+    "model_busy",
+];
 
 /// Why a worker was restarted.
 pub const RESTART_CAUSES: [&str; 2] = ["exited", "signalled"];
@@ -170,7 +180,9 @@ const SUP_CERT_NOT_AFTER: usize = SUP + 4;
 const SUP_CERT_CHECKS: usize = SUP + 5;
 const SUP_CERT_SOURCE_ERRORS: usize = SUP + 6;
 const SUP_CERT_PUBLISHED: usize = SUP + 7;
-const MODELS: usize = (SUP + 8).next_multiple_of(8);
+const ACCESS: usize = SUP + 8;
+const ACCESS_WORDS: usize = 8;
+const MODELS: usize = (ACCESS + ACCESS_WORDS).next_multiple_of(8);
 /// Model versions counted per process; more are served but not counted (logged once).
 pub const MODEL_ENTRIES: usize = 256;
 const NAME_WORDS: usize = 32;
@@ -180,7 +192,19 @@ const E_NAME_LEN: usize = 2;
 const E_NAME: usize = 3;
 const E_COUNTERS: usize = E_NAME + NAME_WORDS;
 const ENTRY_WORDS: usize = 72;
-const BLOCK_WORDS: usize = (MODELS + MODEL_ENTRIES * ENTRY_WORDS).next_multiple_of(512);
+/// Named API keys counted one by one in each block; the rest count as [`OTHER_CLIENTS`].
+pub const CLIENT_ENTRIES: usize = 64;
+/// The `client` label of keys past [`CLIENT_ENTRIES`].
+pub const OTHER_CLIENTS: &str = "(other)";
+const CLIENTS: usize = MODELS + MODEL_ENTRIES * ENTRY_WORDS;
+const CLIENT_NAME_WORDS: usize = 8;
+/// Answers to one client by class (2xx, 3xx, 4xx, 5xx), then its 429s from the rate limit.
+const CLIENT_COUNTERS: usize = 5;
+const CLIENT_ENTRY_WORDS: usize = 16;
+const BLOCK_WORDS: usize = (CLIENTS + CLIENT_ENTRIES * CLIENT_ENTRY_WORDS).next_multiple_of(512);
+const _: () = assert!(E_NAME + CLIENT_NAME_WORDS + CLIENT_COUNTERS <= CLIENT_ENTRY_WORDS);
+const _: () = assert!(tandem_config::access::MAX_KEY_NAME <= CLIENT_NAME_WORDS * 8);
+const _: () = assert!(ACCESS_EVENTS.len() <= ACCESS_WORDS);
 const _: () = assert!(TLS_FAILURES.len() <= TLS_FAIL_WORDS && RING_EVENTS.len() <= RING_WORDS);
 const _: () = assert!(E_COUNTERS + ModelCounter::COUNT + BUCKETS <= ENTRY_WORDS);
 
@@ -228,9 +252,43 @@ impl ModelCounter {
     pub const COUNT: usize = 15;
 }
 
+/// Buckets of the rate limiter's table, shared by every process (after the blocks).
+pub const LIMIT_BUCKETS: usize = 8192;
+/// The limiter's area: a header (word 0: the seed of its hash), then two words
+/// per bucket (the client's hash, its theoretical arrival time), then one
+/// overflow bucket for clients that find no place.
+const LIMIT_HEADER: usize = 8;
+const LIMIT_WORDS: usize = LIMIT_HEADER + 2 * (LIMIT_BUCKETS + 1);
+
 /// How many words a region for `blocks` processes needs.
 pub fn region_words(blocks: usize) -> usize {
-    blocks * BLOCK_WORDS
+    blocks * BLOCK_WORDS + LIMIT_WORDS
+}
+
+fn blocks_in(words: &[AtomicU64]) -> usize {
+    words.len().saturating_sub(LIMIT_WORDS) / BLOCK_WORDS
+}
+
+/// Prepares a new region (the supervisor, once): the rate limiter's random
+/// seed, so that no client can choose addresses that share its buckets.
+pub fn init_region(region: &Counters) {
+    let mut seed = [0u8; 8];
+    // Without the system's randomness the seed is the clock: still not known from outside.
+    if aws_lc_rs::rand::fill(&mut seed).is_err() {
+        seed = unix_ms().wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes();
+    }
+    if let Some(w) = region.words().get(blocks_in(region.words()) * BLOCK_WORDS) {
+        w.store(u64::from_le_bytes(seed) | 1, Relaxed);
+    }
+}
+
+/// The rate limiter's area of `region`: its seed, and the bucket words after [`LIMIT_HEADER`].
+pub fn limiter_area(region: &Counters) -> (u64, &[AtomicU64]) {
+    let words = region.words();
+    let start = blocks_in(words) * BLOCK_WORDS;
+    let area = &words[start.min(words.len())..];
+    let seed = area.first().map_or(0, |w| w.load(Relaxed));
+    (seed, area.get(LIMIT_HEADER..).unwrap_or_default())
 }
 
 /// Blocks the supervisor creates for `max_workers` engine workers: its own, the
@@ -314,7 +372,7 @@ impl Stats {
     /// The handle on block `block`, claimed for process `pid` (the supervisor
     /// claims the blocks of `WORKER_COMMAND` copies, which know nothing of them).
     pub fn attach_for(region: Arc<Counters>, block: usize, role: ProcessRole, worker_id: u64, pid: u32) -> Stats {
-        let blocks = region.words().len() / BLOCK_WORDS;
+        let blocks = blocks_in(region.words());
         let s = Stats { region, base: block.min(blocks.saturating_sub(1)) * BLOCK_WORDS };
         s.set(H_ROLE, role as u64);
         s.set(H_PID, u64::from(pid));
@@ -360,7 +418,7 @@ impl Stats {
     /// The fewest connections any other live, accepting process of `role` holds.
     pub fn least_connections_elsewhere(&self, role: ProcessRole) -> Option<u64> {
         let words = self.region.words();
-        (0..words.len() / BLOCK_WORDS)
+        (0..blocks_in(words))
             .map(|b| b * BLOCK_WORDS)
             .filter(|&b| b != self.base)
             .filter(|&b| words[b + H_ROLE].load(Relaxed) == role as u64 && words[b + H_PID].load(Relaxed) != 0)
@@ -428,30 +486,84 @@ impl Stats {
     /// The counters of model `name` version `version` in this block, claiming an
     /// entry the first time. `None` when every entry is taken or the name is too long.
     pub fn model(&self, name: &str, version: u64) -> Option<ModelStats> {
+        let (i, e) = self.claim(MODELS, MODEL_ENTRIES, ENTRY_WORDS, NAME_WORDS, name, version)?;
+        self.w(H_MODELS_USED).fetch_max(i as u64 + 1, Relaxed);
+        Some(ModelStats { stats: self.clone(), entry: e })
+    }
+
+    /// Counts an answer (`status`) to the client of the API key `name`.
+    pub fn client_answer(&self, name: &str, status: u16) {
+        let class = match status {
+            300..=399 => 1,
+            400..=499 => 2,
+            500.. => 3,
+            _ => 0,
+        };
+        if let Some(e) = self.client_entry(name) {
+            self.add(e + E_NAME + CLIENT_NAME_WORDS + class, 1);
+        }
+    }
+
+    /// Counts a 429 the rate limit gave the client of the API key `name`.
+    pub fn client_limited(&self, name: &str) {
+        if let Some(e) = self.client_entry(name) {
+            self.add(e + E_NAME + CLIENT_NAME_WORDS + 4, 1);
+        }
+    }
+
+    /// The entry of the API key `name`; past [`CLIENT_ENTRIES`] names, [`OTHER_CLIENTS`]'s.
+    fn client_entry(&self, name: &str) -> Option<usize> {
+        let named = self.claim(CLIENTS, CLIENT_ENTRIES - 1, CLIENT_ENTRY_WORDS, CLIENT_NAME_WORDS, name, 0);
+        let other = || {
+            let last = CLIENTS + (CLIENT_ENTRIES - 1) * CLIENT_ENTRY_WORDS;
+            self.claim(last, 1, CLIENT_ENTRY_WORDS, CLIENT_NAME_WORDS, OTHER_CLIENTS, 0)
+        };
+        named.or_else(other).map(|(_, e)| e)
+    }
+
+    /// The region this handle writes into, shared (the rate limiter's buckets are in it).
+    pub fn shared_region(&self) -> Arc<Counters> {
+        self.region.clone()
+    }
+
+    /// Counts an access-control event (index into [`ACCESS_EVENTS`]).
+    pub fn access(&self, event: usize) {
+        self.add(ACCESS + event.min(ACCESS_WORDS - 1), 1);
+    }
+
+    /// The entry named `name` tagged `tag` in the table at `table` (`count`
+    /// entries of `entry_words`, names of up to `name_words` words), claimed
+    /// the first time: its index and offset in the block.
+    fn claim(
+        &self,
+        table: usize,
+        count: usize,
+        entry_words: usize,
+        name_words: usize,
+        name: &str,
+        tag: u64,
+    ) -> Option<(usize, usize)> {
         let bytes = name.as_bytes();
-        if bytes.len() > NAME_WORDS * 8 {
+        if bytes.len() > name_words * 8 {
             return None;
         }
-        for i in 0..MODEL_ENTRIES {
-            let e = MODELS + i * ENTRY_WORDS;
+        for i in 0..count {
+            let e = table + i * entry_words;
             match self.w(e + E_STATE).load(std::sync::atomic::Ordering::Acquire) {
-                ENTRY_READY if self.entry_is(e, name, version) => {
-                    return Some(ModelStats { stats: self.clone(), entry: e });
+                ENTRY_READY if self.w(e + E_VERSION).load(Relaxed) == tag && self.name_is(e, bytes) => {
+                    return Some((i, e));
                 }
                 ENTRY_FREE => {
                     if self.w(e + E_STATE).compare_exchange(ENTRY_FREE, ENTRY_WRITING, Relaxed, Relaxed).is_err() {
                         continue;
                     }
-                    self.set(e + E_VERSION, version);
+                    self.set(e + E_VERSION, tag);
                     self.set(e + E_NAME_LEN, bytes.len() as u64);
                     for (k, chunk) in bytes.chunks(8).enumerate() {
-                        let mut word = [0u8; 8];
-                        word[..chunk.len()].copy_from_slice(chunk);
-                        self.set(e + E_NAME + k, u64::from_le_bytes(word));
+                        self.set(e + E_NAME + k, name_word(chunk));
                     }
                     self.w(e + E_STATE).store(ENTRY_READY, std::sync::atomic::Ordering::Release);
-                    self.w(H_MODELS_USED).fetch_max(i as u64 + 1, Relaxed);
-                    return Some(ModelStats { stats: self.clone(), entry: e });
+                    return Some((i, e));
                 }
                 _ => {}
             }
@@ -459,15 +571,24 @@ impl Stats {
         None
     }
 
-    fn entry_is(&self, e: usize, name: &str, version: u64) -> bool {
-        self.w(e + E_VERSION).load(Relaxed) == version && read_name(self.region.words(), self.base + e) == name
+    /// Whether the entry at `e` is named `bytes` (compared word by word, no copy).
+    fn name_is(&self, e: usize, bytes: &[u8]) -> bool {
+        self.w(e + E_NAME_LEN).load(Relaxed) == bytes.len() as u64
+            && bytes.chunks(8).enumerate().all(|(k, chunk)| self.w(e + E_NAME + k).load(Relaxed) == name_word(chunk))
     }
 }
 
-fn read_name(words: &[AtomicU64], e: usize) -> String {
-    let len = (words[e + E_NAME_LEN].load(Relaxed) as usize).min(NAME_WORDS * 8);
-    let mut bytes = Vec::with_capacity(NAME_WORDS * 8);
-    for k in 0..NAME_WORDS {
+/// Up to eight bytes of a name as one word (zero-padded).
+fn name_word(chunk: &[u8]) -> u64 {
+    let mut word = [0u8; 8];
+    word[..chunk.len()].copy_from_slice(chunk);
+    u64::from_le_bytes(word)
+}
+
+fn read_name(words: &[AtomicU64], e: usize, name_words: usize) -> String {
+    let len = (words[e + E_NAME_LEN].load(Relaxed) as usize).min(name_words * 8);
+    let mut bytes = Vec::with_capacity(name_words * 8);
+    for k in 0..name_words {
         bytes.extend_from_slice(&words[e + E_NAME + k].load(Relaxed).to_le_bytes());
     }
     bytes.truncate(len);
@@ -630,6 +751,10 @@ pub struct Snapshot {
     pub models: BTreeMap<(String, u64), ModelTotals>,
     /// Per engine slot.
     pub slots: Vec<SlotLoad>,
+    /// Access-control events, by [`ACCESS_EVENTS`].
+    pub access: [u64; ACCESS_WORDS],
+    /// Per API key name: answers by class (2xx, 3xx, 4xx, 5xx) and 429s from the rate limit.
+    pub clients: BTreeMap<String, [u64; CLIENT_COUNTERS]>,
 }
 
 impl Snapshot {
@@ -644,7 +769,7 @@ impl Snapshot {
                 *a = a.wrapping_add(w.load(Relaxed));
             }
         };
-        for block in 0..words.len() / BLOCK_WORDS {
+        for block in 0..blocks_in(words) {
             let b = block * BLOCK_WORDS;
             let get = |i: usize| words[b + i].load(Relaxed);
             let Some(role) = ProcessRole::from_word(get(H_ROLE)) else { continue };
@@ -678,13 +803,22 @@ impl Snapshot {
             if get(SUP_CERT_NOT_AFTER) != 0 {
                 s.cert_not_after = Some(get(SUP_CERT_NOT_AFTER));
             }
+            sum(&mut s.access, b + ACCESS);
+            for i in 0..CLIENT_ENTRIES {
+                let e = b + CLIENTS + i * CLIENT_ENTRY_WORDS;
+                if words[e + E_STATE].load(std::sync::atomic::Ordering::Acquire) != ENTRY_READY {
+                    continue;
+                }
+                let c = s.clients.entry(read_name(words, e, CLIENT_NAME_WORDS)).or_default();
+                sum(c, e + E_NAME + CLIENT_NAME_WORDS);
+            }
             let used = (get(H_MODELS_USED) as usize).min(MODEL_ENTRIES);
             for i in 0..used {
                 let e = b + MODELS + i * ENTRY_WORDS;
                 if words[e + E_STATE].load(std::sync::atomic::Ordering::Acquire) != ENTRY_READY {
                     continue;
                 }
-                let key = (read_name(words, e), words[e + E_VERSION].load(Relaxed));
+                let key = (read_name(words, e, NAME_WORDS), words[e + E_VERSION].load(Relaxed));
                 let t = s.models.entry(key).or_default();
                 let last = t.counters[ModelCounter::LastInferenceMs as usize];
                 sum(&mut t.counters, e + E_COUNTERS);

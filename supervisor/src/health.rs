@@ -74,19 +74,28 @@ async fn probe(client: &reqwest::Client, url: &str) -> Result<(u16, Option<Strin
     Ok((r.status().as_u16(), fingerprint))
 }
 
-/// The header `RESTRICTED_API` asks of the health category, when it is restricted.
+/// The headers health checks need: the one `RESTRICTED_API` asks of the
+/// health category, and `HEALTH_API_KEY` when `API_KEYS_PROTECT_HEALTH` is on.
 fn health_headers(config: &Config) -> reqwest::header::HeaderMap {
     use tandem_config::edge::Secret;
-    let mut headers = reqwest::header::HeaderMap::new();
-    let Some(rule) = config.edge.restricted.iter().find(|r| r.categories.iter().any(|c| c == "health")) else {
-        return headers;
-    };
-    let value = match &rule.secret {
+    let read = |secret: &Secret| match secret {
         Secret::Value(v) => Some(v.clone()),
         Secret::File(path) => tandem_config::edge::read_secret_file(path).ok(),
     };
+    let mut headers = reqwest::header::HeaderMap::new();
+    let access = &config.edge.access;
+    if access.protect_health && access.api_keys.is_some() {
+        let bearer = access.health_key.as_ref().and_then(read).map(|k| format!("Bearer {k}"));
+        if let Some(v) = bearer.and_then(|v| reqwest::header::HeaderValue::from_str(&v).ok()) {
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+    }
+    let Some(rule) = config.edge.restricted.iter().find(|r| r.categories.iter().any(|c| c == "health")) else {
+        return headers;
+    };
     let name = reqwest::header::HeaderName::from_bytes(rule.header.as_bytes()).ok();
-    if let (Some(name), Some(value)) = (name, value.and_then(|v| reqwest::header::HeaderValue::from_str(&v).ok())) {
+    let value = read(&rule.secret).and_then(|v| reqwest::header::HeaderValue::from_str(&v).ok());
+    if let (Some(name), Some(value)) = (name, value) {
         headers.insert(name, value);
     }
     headers

@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+mod apikey;
 pub mod apps;
 pub mod certs;
 pub mod engine_runtime;
@@ -56,6 +57,7 @@ pub fn main(args: &[String]) -> ExitCode {
         Some("cert") => return cert_command(&args[1..]),
         Some("ca") => return certs::ca::command(&args[1..]),
         Some("health") => return health::command(&args[1..]),
+        Some("apikey") => return apikey::command(&args[1..]),
         Some("check") => return check_command(&args[1..]),
         Some("engine-probe") => return engine_probe(&args[1..]),
         Some("--version" | "-V") => {
@@ -151,7 +153,7 @@ fn engine_probe(args: &[String]) -> ExitCode {
 
 fn usage() -> String {
     let mut s = String::from(
-        "usage: tandem                     run the supervisor (configured by the environment)\n       tandem run -- CMD ARGS...    run NUM_WORKERS copies of an HTTP server command behind both ports (as WORKER_COMMAND)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem ca init|status|export|issue  the private CA (SSL_CERTIFICATE=CA); `tandem ca` for usage\n       tandem health [--live]       probe the local server's readiness (liveness) over HTTP and HTTPS; exit 0 healthy, 1 not\n       tandem check                 the serve mode, effective configuration and ignored variables\n       tandem --version\n\nenvironment:\n",
+        "usage: tandem                     run the supervisor (configured by the environment)\n       tandem run -- CMD ARGS...    run NUM_WORKERS copies of an HTTP server command behind both ports (as WORKER_COMMAND)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem ca init|status|export|issue  the private CA (SSL_CERTIFICATE=CA); `tandem ca` for usage\n       tandem health [--live]       probe the local server's readiness (liveness) over HTTP and HTTPS; exit 0 healthy, 1 not\n       tandem check                 the serve mode, effective configuration and ignored variables\n       tandem apikey new NAME [--append FILE]  a new API key (shown once) and its API_KEYS_FILE line\n       tandem --version\n\nenvironment:\n",
     );
     for v in tandem_config::vars() {
         s.push_str(&format!("  {:<22} {} (default: {})\n", v.name, v.doc, v.default));

@@ -71,6 +71,8 @@ pub struct Entry<'a> {
     pub worker: u64,
     /// The client certificate's subject and fingerprint, when one was verified.
     pub client: Option<(&'a str, &'a str)>,
+    /// The name of the API key the request carried, when it had a good one.
+    pub api_key: Option<&'a str>,
 }
 
 /// The model a `/v2/models/{name}/...` path names.
@@ -96,6 +98,7 @@ pub fn log(e: &Entry<'_>) {
         worker = e.worker,
         client = e.client.map(|c| c.0),
         client_fingerprint = e.client.map(|c| c.1),
+        api_key = e.api_key,
         "access"
     );
 }
@@ -111,6 +114,8 @@ pub struct Arrival {
     method: http::Method,
     /// What the access-log line needs, when there is one.
     logged: Option<Logged>,
+    /// The name of the API key the request proved it holds.
+    key: Option<std::sync::Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -122,20 +127,30 @@ struct Logged {
 }
 
 impl Arrival {
-    /// Notes `req`, which came on the HTTPS listener when `https`; `log`
-    /// keeps what the access-log line needs. The client certificate is the
-    /// connection's ([`crate::edge::serve::ClientIdentity`]), else what the HTTPS
-    /// worker vouched for in [`CLIENT_HEADERS`] (a request over the ring).
+    /// Notes `req`, which came on a listener of this process (the HTTPS one
+    /// when `https`); `log` keeps what the access-log line needs. The client
+    /// certificate is the connection's ([`crate::edge::serve::ClientIdentity`]);
+    /// the API key's name is noted by [`Arrival::identified`] once the front door let it in.
     pub fn new<B: hyper::body::Body>(req: &http::Request<B>, https: bool, log: bool) -> Self {
+        Self::noted(req, https, log, false)
+    }
+
+    /// Notes `req`, which came over the ring from the HTTPS worker: the client
+    /// certificate and the API key's name are what that worker vouched for in
+    /// [`CLIENT_HEADERS`] and [`crate::edge::keys::KEY_NAME_HEADER`] (it
+    /// removes whatever a client sent under those names).
+    pub fn from_ring<B: hyper::body::Body>(req: &http::Request<B>, log: bool) -> Self {
+        Self::noted(req, true, log, true)
+    }
+
+    fn noted<B: hyper::body::Body>(req: &http::Request<B>, https: bool, log: bool, vouched: bool) -> Self {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
         let logged = log.then(|| {
-            let from_headers = || {
-                let header =
-                    |i: usize| req.headers().get(CLIENT_HEADERS[i]).and_then(|v| v.to_str().ok()).map(String::from);
-                header(0).zip(header(2))
-            };
             let client = match req.extensions().get::<std::sync::Arc<crate::edge::serve::ClientIdentity>>() {
                 Some(c) => Some((c.subject.clone(), c.fingerprint.clone())),
-                None if https => from_headers(),
+                None if vouched => {
+                    header(CLIENT_HEADERS[0]).map(String::from).zip(header(CLIENT_HEADERS[2]).map(String::from))
+                }
                 None => None,
             };
             Logged {
@@ -145,12 +160,21 @@ impl Arrival {
                 client,
             }
         });
+        let key = if vouched { header(crate::edge::keys::KEY_NAME_HEADER).map(std::sync::Arc::from) } else { None };
         Arrival {
             started: std::time::Instant::now(),
             https,
             route: crate::stats::route_index(req.uri().path()),
             method: req.method().clone(),
             logged,
+            key,
+        }
+    }
+
+    /// Notes the API key the front door found in `req` (its [`crate::edge::gate::KeyName`]).
+    pub fn identified<B>(&mut self, req: &http::Request<B>) {
+        if let Some(k) = req.extensions().get::<crate::edge::gate::KeyName>() {
+            self.key = Some(k.0.clone());
         }
     }
 
@@ -159,6 +183,9 @@ impl Arrival {
     pub fn answered(self, stats: &crate::stats::Stats, status: u16, bytes_out: Option<u64>, worker: u64) {
         let took = self.started.elapsed();
         stats.request(self.https, self.route, self.method.as_str(), status, took);
+        if let Some(k) = &self.key {
+            stats.client_answer(k, status);
+        }
         if let Some(l) = &self.logged {
             log(&Entry {
                 listener: if self.https { "https" } else { "http" },
@@ -171,6 +198,7 @@ impl Arrival {
                 took,
                 worker,
                 client: l.client.as_ref().map(|(s, f)| (s.as_str(), f.as_str())),
+                api_key: self.key.as_deref(),
             });
         }
     }

@@ -166,6 +166,8 @@ pub struct FrontDoor {
     restricted: std::sync::Arc<super::restricted::Restricted>,
     /// `/metrics` is served here (`METRICS_PUBLIC`).
     metrics_public: bool,
+    /// API keys and rate limits, when configured.
+    gate: Option<std::sync::Arc<super::gate::Gate>>,
 }
 
 impl Default for FrontDoor {
@@ -179,6 +181,7 @@ impl Default for FrontDoor {
             also_answered: None,
             restricted: Default::default(),
             metrics_public: true,
+            gate: None,
         }
     }
 }
@@ -189,8 +192,10 @@ impl Default for FrontDoor {
 pub struct BadHsts;
 
 impl FrontDoor {
-    /// The policy of a listener of this worker: plain HTTP, or HTTPS when `https`.
-    pub fn new(settings: &WorkerSettings, https: bool) -> Result<Self, BadHsts> {
+    /// The policy of a listener of this worker: plain HTTP, or HTTPS when
+    /// `https`; its refusals count into `stats`, whose region holds the rate
+    /// limiter's buckets.
+    pub fn new(settings: &WorkerSettings, https: bool, stats: &crate::stats::Stats) -> Result<Self, BadHsts> {
         let hsts = match settings.tls.as_ref().and_then(|t| t.policy.hsts.as_deref()).filter(|_| https) {
             // Validated at start-up (values::valid_hsts); sent over HTTPS only, as RFC 6797 requires.
             Some(v) => Some(HeaderValue::from_str(v).map_err(|_| BadHsts)?),
@@ -209,18 +214,21 @@ impl FrontDoor {
             also_answered: None,
             restricted: std::sync::Arc::new(super::restricted::Restricted::new(&settings.edge.policy.restricted)),
             metrics_public: settings.edge.policy.metrics_public,
+            gate: super::gate::Gate::new(&settings.edge.policy.access, stats).map(std::sync::Arc::new),
         })
     }
 
-    /// Also answers `path` whatever `HTTP_MODE` says (`WORKER_READY_PATH`, the copies' health check).
+    /// Also answers `path` whatever `HTTP_MODE` says, and without an API key
+    /// (`WORKER_READY_PATH`, the copies' health check).
     pub fn always_answering(mut self, path: &str) -> Self {
         self.also_answered = Some(path.to_string());
         self
     }
 
     /// The answer the front door gives itself, before the request path sees
-    /// the request; `None` lets the request through.
-    pub fn answer<B>(&self, req: &Request<B>) -> Option<Answer> {
+    /// the request; `None` lets the request through (with the
+    /// [`super::gate::KeyName`] of its API key in its extensions, when it has one).
+    pub fn answer<B>(&self, req: &mut Request<B>) -> Option<Answer> {
         let path = req.uri().path();
         if let Some(dir) = &self.acme_http01 {
             if let Some(token) = path.strip_prefix(ACME_PREFIX) {
@@ -239,7 +247,22 @@ impl FrontDoor {
                 "/metrics is served on METRICS_PORT only (METRICS_PUBLIC=false)",
             ));
         }
-        self.restricted.check(req)
+        if self.gate.is_none() && self.restricted.is_empty() {
+            return None;
+        }
+        let (path, category) = match super::restricted::classify(req.uri().path()) {
+            Ok((path, category)) => (path.into_owned(), category),
+            Err(refused) => return Some(*refused),
+        };
+        // Who the caller is (401) before what it may do (403).
+        if let Some(gate) = &self.gate {
+            // The copies' ready path is their health check.
+            let health = super::gate::is_health_check(&path, category) || self.also_answered.as_deref() == Some(&path);
+            if let Some(refused) = gate.admit(req, health) {
+                return Some(refused);
+            }
+        }
+        self.restricted.check_category(req, category)
     }
 
     /// What the plain port does with a request that is not a health check (`HTTP_MODE`).
@@ -382,7 +405,7 @@ mod tests {
     fn a_preflight_from_an_allowed_origin_is_answered_and_others_refused() {
         let d = door(Cors::Origins(vec!["https://app.example".into()]), false, None);
         let pre = |origin: &str| {
-            d.answer(&req(
+            d.answer(&mut req(
                 Method::OPTIONS,
                 "/v2/models/m/infer",
                 &[
@@ -403,7 +426,7 @@ mod tests {
         }
         // Requested headers that are not header names are never echoed back.
         let odd = d
-            .answer(&req(
+            .answer(&mut req(
                 Method::OPTIONS,
                 "/",
                 &[
@@ -416,11 +439,11 @@ mod tests {
         assert_eq!(odd.status(), StatusCode::NO_CONTENT);
         assert!(odd.headers().get(header::ACCESS_CONTROL_ALLOW_HEADERS).is_none());
         // A plain OPTIONS (no preflight headers) and CORS off pass through.
-        assert!(d.answer(&req(Method::OPTIONS, "/", &[("origin", "https://app.example")])).is_none());
+        assert!(d.answer(&mut req(Method::OPTIONS, "/", &[("origin", "https://app.example")])).is_none());
         let off = door(Cors::Off, false, None);
-        let r =
+        let mut r =
             req(Method::OPTIONS, "/", &[("origin", "https://app.example"), ("access-control-request-method", "POST")]);
-        assert!(off.answer(&r).is_none());
+        assert!(off.answer(&mut r).is_none());
     }
 
     #[test]
@@ -444,13 +467,13 @@ mod tests {
     #[test]
     fn plain_http_is_redirected_except_health_acme_and_the_ready_path() {
         let d = door(Cors::Off, false, Some(8443));
-        let r = d.answer(&req(Method::GET, "/v2/models?x=1", &[("host", "a.example:8080")])).expect("redirected");
+        let r = d.answer(&mut req(Method::GET, "/v2/models?x=1", &[("host", "a.example:8080")])).expect("redirected");
         assert_eq!(r.status(), StatusCode::PERMANENT_REDIRECT);
         assert_eq!(r.headers()[header::LOCATION], "https://a.example:8443/v2/models?x=1");
         for path in ["/v2/health/ready", "/ready"] {
-            assert!(d.answer(&req(Method::GET, path, &[("host", "a.example")])).is_none(), "{path}");
+            assert!(d.answer(&mut req(Method::GET, path, &[("host", "a.example")])).is_none(), "{path}");
         }
-        let bad = d.answer(&req(Method::GET, "/", &[("host", "a b")])).expect("answered");
+        let bad = d.answer(&mut req(Method::GET, "/", &[("host", "a b")])).expect("answered");
         assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
     }
 
@@ -465,7 +488,7 @@ mod tests {
             "/ready",
             "/.well-known/acme-challenge/t",
         ] {
-            assert!(d.answer(&req(Method::GET, path, &[])).is_none(), "{path}");
+            assert!(d.answer(&mut req(Method::GET, path, &[])).is_none(), "{path}");
         }
         for path in [
             "/",
@@ -479,9 +502,9 @@ mod tests {
             "/v2/health/%2e%2e/x",
             "/v2/health//x",
         ] {
-            let r = d.answer(&req(Method::POST, path, &[])).expect(path);
+            let r = d.answer(&mut req(Method::POST, path, &[])).expect(path);
             assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
         }
-        assert!(door(Cors::Off, false, None).answer(&req(Method::POST, "/v2/models/digits/infer", &[])).is_none());
+        assert!(door(Cors::Off, false, None).answer(&mut req(Method::POST, "/v2/models/digits/infer", &[])).is_none());
     }
 }

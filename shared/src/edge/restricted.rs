@@ -4,18 +4,11 @@
 //! here on every request path (plain HTTP, HTTPS, the proxy), so the ring and
 //! the copies only ever see requests that passed.
 
-use std::path::PathBuf;
-use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime};
-
 use http::header::HeaderName;
 use http::{Request, StatusCode};
 use tandem_config::edge::{Restriction, Secret};
 
 use super::front::{error, Answer};
-
-/// How often a secret file is looked at again (a changed file takes effect within this).
-const RECHECK: Duration = Duration::from_secs(1);
 
 /// The category of a request to `path`, as Triton groups its HTTP API (and
 /// tandem's `/` and `/metrics`); `None` for a path no category holds.
@@ -99,59 +92,17 @@ fn percent_decoded(path: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
-fn digest(value: &[u8]) -> [u8; 32] {
+pub(crate) fn digest(value: &[u8]) -> [u8; 32] {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value);
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
 }
 
-/// A secret file, re-read when its modification time or size changes.
-#[derive(Debug)]
-struct FileSecret {
-    path: PathBuf,
-    state: Mutex<FileState>,
-}
-
-#[derive(Debug)]
-struct FileState {
-    checked: Option<Instant>,
-    stamp: Option<(SystemTime, u64)>,
-    digest: Option<[u8; 32]>,
-}
-
-impl FileSecret {
-    /// The digest of the secret now; a file that became unusable keeps the last good one.
-    fn current(&self) -> Option<[u8; 32]> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if s.checked.is_some_and(|at| at.elapsed() < RECHECK) {
-            return s.digest;
-        }
-        s.checked = Some(Instant::now());
-        let stamp = std::fs::metadata(&self.path).ok().and_then(|m| Some((m.modified().ok()?, m.len())));
-        if stamp.is_none() || stamp == s.stamp {
-            return s.digest;
-        }
-        s.stamp = stamp;
-        match tandem_config::edge::read_secret_file(&self.path) {
-            Ok(secret) => {
-                if s.digest.is_some() {
-                    tracing::info!(file = %self.path.display(), "RESTRICTED_API secret file changed; the new value applies");
-                }
-                s.digest = Some(digest(secret.as_bytes()));
-            }
-            Err(why) => {
-                tracing::warn!(file = %self.path.display(), %why, "RESTRICTED_API secret file refused; the previous value stays")
-            }
-        }
-        s.digest
-    }
-}
-
 #[derive(Debug)]
 enum SecretNow {
     Value([u8; 32]),
-    File(FileSecret),
+    File(super::watched::Watched<[u8; 32]>),
 }
 
 #[derive(Debug)]
@@ -176,10 +127,11 @@ impl Restricted {
                 let header = HeaderName::from_bytes(g.header.as_bytes()).ok()?;
                 let secret = match &g.secret {
                     Secret::Value(v) => SecretNow::Value(digest(v.as_bytes())),
-                    Secret::File(path) => SecretNow::File(FileSecret {
-                        path: path.clone(),
-                        state: Mutex::new(FileState { checked: None, stamp: None, digest: None }),
-                    }),
+                    Secret::File(path) => {
+                        SecretNow::File(super::watched::Watched::new(path.clone(), "RESTRICTED_API secret file", |p| {
+                            tandem_config::edge::read_secret_file(p).map(|s| digest(s.as_bytes()))
+                        }))
+                    }
                 };
                 Some(Rule { categories: g.categories.clone(), header, secret })
             })
@@ -199,18 +151,19 @@ impl Restricted {
         if self.rules.is_empty() {
             return None;
         }
-        let path = percent_decoded(req.uri().path());
-        if ambiguous(&path) {
-            return Some(error(
-                StatusCode::BAD_REQUEST,
-                "the path has dot segments, empty segments or backslashes; send it in its plain form",
-            ));
+        match classify(req.uri().path()) {
+            Ok((_, category)) => self.check_category(req, category),
+            Err(refused) => Some(*refused),
         }
-        let category = category(&path)?;
+    }
+
+    /// [`Restricted::check`] for a request whose path [`classify`] put in `category`.
+    pub fn check_category<B>(&self, req: &Request<B>, category: Option<&'static str>) -> Option<Answer> {
+        let category = category?;
         let rule = self.rules.iter().find(|r| r.categories.iter().any(|c| c == category))?;
         let wanted = match &rule.secret {
             SecretNow::Value(d) => Some(*d),
-            SecretNow::File(f) => f.current(),
+            SecretNow::File(f) => f.current().map(|d| *d),
         };
         // Every value the header has is tried; each comparison takes the same time.
         let sent = req.headers().get_all(&rule.header).iter().any(|v| {
@@ -224,6 +177,21 @@ impl Restricted {
             &format!("the {category} API is restricted: send the {} header with its value", rule.header),
         ))
     }
+}
+
+/// A path decoded and put in its category, or the 400 for a path another
+/// server could read as another category (dot segments, empty segments,
+/// backslashes): access rules apply to what a path means, not how it is spelt.
+pub fn classify(path: &str) -> Result<(std::borrow::Cow<'_, str>, Option<&'static str>), Box<Answer>> {
+    let path = percent_decoded(path);
+    if ambiguous(&path) {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "the path has dot segments, empty segments or backslashes; send it in its plain form",
+        )));
+    }
+    let category = category(&path);
+    Ok((path, category))
 }
 
 #[cfg(test)]
@@ -394,12 +362,12 @@ mod tests {
         let with = |v: &str| r.check(&req("/v2/repository/index", &[("x-admin-key", v)])).is_none();
         assert!(with("one") && !with("two"));
         std::fs::write(&file, "two-and-longer\n").unwrap();
-        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        std::thread::sleep(super::super::watched::RECHECK + std::time::Duration::from_millis(50));
         assert!(with("two-and-longer") && !with("one"));
         // Readable by others: refused, the last good value stays.
         std::fs::write(&file, "three\n").unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        std::thread::sleep(super::super::watched::RECHECK + std::time::Duration::from_millis(50));
         assert!(with("two-and-longer") && !with("three"));
     }
 }

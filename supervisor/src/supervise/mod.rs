@@ -121,6 +121,7 @@ impl Supervisor {
         };
         let (counters, stats_fd) = Counters::create(stats::region_words(stats::blocks_for(config.process.max_workers)))
             .context("cannot create the statistics region (memfd_create)")?;
+        stats::init_region(&counters);
         let own_stats = Stats::attach(counters.clone(), stats::SUPERVISOR_BLOCK, ProcessRole::Supervisor, 0);
         stats::spawn_gauge_thread(own_stats.clone());
         let engine_role = if apps.is_some() { Role::App } else { Role::Engine };
