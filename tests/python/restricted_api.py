@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""The stock tritonclient against RESTRICTED_API: without the header a
-restricted call raises (403 naming the category), with `headers=` it works,
-and an open category needs nothing. Prints one JSON object of what it saw.
+"""The stock tritonclient against RESTRICTED_API or API_KEYS_FILE: without
+the header a call raises (403 naming the category, or 401 asking for a key),
+with `headers=` it works, and a health check needs nothing. Prints one JSON
+object of what it saw.
 
 Usage: restricted_api.py HOST:PORT --header NAME --key VALUE (plain HTTP)
 """
@@ -28,7 +29,7 @@ def main():
         seen["without"] = str(e)
     index = client.get_model_repository_index(headers={a.header: a.key})
     seen["with"] = sorted(m["name"] for m in index)
-    # Inference is not restricted here: no header needed.
+    # Health checks (model readiness) are open: no header needed.
     seen["ready"] = client.is_model_ready("digits")
     print(json.dumps(seen))
 

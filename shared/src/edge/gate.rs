@@ -65,7 +65,8 @@ impl Gate {
                     Err(refused) => return Some(*refused),
                 }
             }
-            _ => None,
+            Some(keys) => keys.identify(req.headers()).map(Caller::Key),
+            None => None,
         };
         let name = match &caller {
             Some(Caller::Key(name)) => {

@@ -156,6 +156,15 @@ impl ApiKeys {
     }
 }
 
+impl ApiKeys {
+    /// The name of the good key `headers` carry, if any: an open path (a
+    /// health check) still knows who asks, and refuses nobody.
+    pub fn identify(&self, headers: &HeaderMap) -> Option<Arc<str>> {
+        let Presented::Key(key) = presented(headers) else { return None };
+        self.file.current()?.by_hash.get(&super::restricted::digest(key)).cloned()
+    }
+}
+
 /// A 401 saying what to send; `code` is RFC 6750's error code, when the request had a try.
 fn unauthorized(message: &str, code: Option<&str>) -> Answer {
     let mut res = error(StatusCode::UNAUTHORIZED, message);
