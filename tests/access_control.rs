@@ -405,7 +405,7 @@ fn a_rate_limit_is_one_budget_per_client_across_workers_and_ports() {
     // workers), HTTPS through the HTTPS worker and the ring.
     let send = |key: &str, i: usize| {
         let fresh = Tandem::http_client();
-        let (client, base) = if i % 2 == 0 { (&fresh, t.http_url("")) } else { (&https, https_base.clone()) };
+        let (client, base) = if i.is_multiple_of(2) { (&fresh, t.http_url("")) } else { (&https, https_base.clone()) };
         let r =
             client.post(format!("{base}/v2/models/digits/infer")).bearer_auth(key).body(digits_body(1)).send().unwrap();
         let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
@@ -446,8 +446,9 @@ fn a_forwarded_address_is_believed_only_from_a_trusted_proxy() {
         c.get(t.http_url("/v2/models/digits")).header("x-forwarded-for", xff).send().unwrap().status().as_u16()
     };
     // Through the trusted proxy, two clients: each has its own three.
-    let through: Vec<u16> =
-        (0..8).map(|i| get(&proxy, if i % 2 == 0 { "203.0.113.1" } else { "198.51.100.7, 203.0.113.2" })).collect();
+    let through: Vec<u16> = (0..8)
+        .map(|i| get(&proxy, if i.is_multiple_of(2) { "203.0.113.1" } else { "198.51.100.7, 203.0.113.2" }))
+        .collect();
     assert_eq!(through.iter().filter(|&&s| s == 200).count(), 6, "{through:?}");
     // A client that is not a trusted proxy names whoever it likes: it is still itself.
     let spoofed: Vec<u16> = (0..6).map(|i| get(&direct, &format!("192.0.2.{i}"))).collect();
