@@ -446,7 +446,7 @@ fn a_forwarded_address_is_believed_only_from_a_trusted_proxy() {
         c.get(t.http_url("/v2/models/digits")).header("x-forwarded-for", xff).send().unwrap().status().as_u16()
     };
     // Through the trusted proxy, two clients: each has its own three.
-    let through: Vec<u16> = (0..8)
+    let through: Vec<u16> = (0..8usize)
         .map(|i| get(&proxy, if i.is_multiple_of(2) { "203.0.113.1" } else { "198.51.100.7, 203.0.113.2" }))
         .collect();
     assert_eq!(through.iter().filter(|&&s| s == 200).count(), 6, "{through:?}");
