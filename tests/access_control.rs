@@ -455,3 +455,41 @@ fn a_forwarded_address_is_believed_only_from_a_trusted_proxy() {
     assert_eq!(spoofed.iter().filter(|&&s| s == 200).count(), 3, "{spoofed:?}");
     assert!(spoofed[3..].iter().all(|&s| s == 429), "{spoofed:?}");
 }
+
+#[test]
+fn a_model_past_its_max_inflight_answers_429_instead_of_queueing() {
+    let b = TandemBuilder::new().env("NUM_WORKERS", "1");
+    let repo = b.dir().join("repo");
+    // Requests wait 1.5 s in the batcher for company: two hold both places meanwhile.
+    copy_digits(
+        &repo,
+        "slow",
+        "dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 1500000 }\n\
+         parameters { key: \"max_inflight\" value { string_value: \"2\" } }\n",
+    );
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
+    let url = t.http_url("/v2/models/slow/infer");
+    let send = |delay_ms: u64| {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            let r = Tandem::http_client().post(url).body(digits_body(1)).send().unwrap();
+            let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            (r.status().as_u16(), retry, r.text().unwrap())
+        })
+    };
+    let first = [send(0), send(0)];
+    // The third comes while the first two wait: refused at once.
+    let third = send(400).join().unwrap();
+    assert_eq!(third.0, 429, "{third:?}");
+    assert_eq!(third.1.as_deref(), Some("1"));
+    assert!(third.2.contains("max_inflight of 2"), "{third:?}");
+    for h in first {
+        let (code, _, body) = h.join().unwrap();
+        assert_eq!(code, 200, "{body}");
+    }
+    // Places are given back: the next one is served.
+    assert_eq!(send(0).join().unwrap().0, 200);
+    let metrics = Tandem::http_client().get(t.http_url("/metrics")).send().unwrap().text().unwrap();
+    assert!(metrics.contains("tandem_model_busy_total 1"), "{metrics}");
+}

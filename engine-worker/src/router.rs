@@ -273,6 +273,15 @@ async fn run_infer(
     let inputs = build_inputs(model, &req, binary)?;
     let requested = requested_outputs(model, &req)?;
     let wanted: Vec<usize> = requested.iter().map(|r| r.index).collect();
+    // A version's max_inflight, counted from here (a body still arriving holds
+    // no place): past it, "not now" rather than an ever longer queue.
+    let _slot = model.admit().map_err(|max| {
+        state.inner.stats.access(tandem_shared::stats::MODEL_BUSY);
+        ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            message: format!("model {} is running its max_inflight of {max} requests here; retry shortly", model.name),
+        }
+    })?;
     let batch =
         if model.max_batch_size > 0 { inputs.first().and_then(|t| t.shape.first()).copied().unwrap_or(1) } else { 1 };
     let mut timings = Timings { input: decoding.elapsed(), ..Timings::default() };

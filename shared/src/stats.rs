@@ -105,6 +105,10 @@ pub const ACCESS_EVENTS: &[&str] = &[
     "model_busy",
 ];
 
+/// The [`ACCESS_EVENTS`] index of a 429 from a model's `max_inflight`.
+pub const MODEL_BUSY: usize = 5;
+const _: () = assert!(ACCESS_EVENTS[MODEL_BUSY].len() == "model_busy".len());
+
 /// Why a worker was restarted.
 pub const RESTART_CAUSES: [&str; 2] = ["exited", "signalled"];
 

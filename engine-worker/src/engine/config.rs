@@ -46,8 +46,15 @@ const ACTED_ON: &[&str] = &[
     "dynamic_batching.max_queue_delay_microseconds",
 ];
 
-/// `parameters` keys tandem acts on (ONNX Runtime thread counts, as Triton's onnxruntime backend names them).
-pub const ACTED_ON_PARAMETERS: &[&str] = &["intra_op_thread_count", "inter_op_thread_count"];
+/// `parameters` keys tandem acts on: ONNX Runtime thread counts, as Triton's
+/// onnxruntime backend names them, and `max_inflight`, the inference requests
+/// one engine worker runs for a version at once (past it, 429).
+pub const ACTED_ON_PARAMETERS: &[&str] = &["intra_op_thread_count", "inter_op_thread_count", MAX_INFLIGHT];
+
+/// The `parameters` key of the per-version concurrency cap.
+pub const MAX_INFLIGHT: &str = "max_inflight";
+/// Largest `max_inflight`.
+const MAX_INFLIGHT_LIMIT: usize = 1 << 20;
 
 /// Why a configuration file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -397,7 +404,18 @@ fn validate(path: &Path, c: &pb::ModelConfig) -> Result<(), ConfigError> {
     if c.instance_group.len() as i64 > INSTANCES || instances > INSTANCES {
         return invalid(format!("instance_group asks for {instances} instances; at most {INSTANCES} per model"));
     }
-    for key in ACTED_ON_PARAMETERS {
+    if let Some(p) = c.parameters.get(MAX_INFLIGHT) {
+        match p.string_value.trim().parse::<usize>() {
+            Ok(n) if (1..=MAX_INFLIGHT_LIMIT).contains(&n) => {}
+            _ => {
+                return invalid(format!(
+                    "parameters {MAX_INFLIGHT}: {:?} is not a request count from 1 to {MAX_INFLIGHT_LIMIT}",
+                    p.string_value
+                ))
+            }
+        }
+    }
+    for key in ACTED_ON_PARAMETERS.iter().filter(|k| **k != MAX_INFLIGHT) {
         if let Some(p) = c.parameters.get(*key) {
             match p.string_value.trim().parse::<usize>() {
                 Ok(n) if n <= THREADS => {}
@@ -422,6 +440,11 @@ impl pb::ModelConfig {
             Some(pb::model_config::SchedulingChoice::DynamicBatching(d)) => Some(d),
             _ => None,
         }
+    }
+
+    /// `max_inflight`, when given (checked at load).
+    pub fn max_inflight(&self) -> Option<usize> {
+        self.parameters.get(MAX_INFLIGHT).and_then(|p| p.string_value.trim().parse().ok())
     }
 
     /// A thread-count parameter (`intra_op_thread_count`, ...), 0 meaning "default".
@@ -609,6 +632,8 @@ parameters { key: "cudnn_conv_algo_search" value: { string_value: "0" } }
             ("version_policy { latest { num_versions: 0 } }", "num_versions"),
             ("parameters { key: \"intra_op_thread_count\" value { string_value: \"many\" } }", "thread count"),
             ("parameters { key: \"intra_op_thread_count\" value { string_value: \"100000\" } }", "at most 256"),
+            ("parameters { key: \"max_inflight\" value { string_value: \"0\" } }", "request count from 1"),
+            ("parameters { key: \"max_inflight\" value { string_value: \"lots\" } }", "request count from 1"),
             ("instance_group [ { count: 1000000 } ]", "at most 64 per model"),
             ("instance_group [ { count: 40 }, { count: 40 } ]", "80 instances"),
             (

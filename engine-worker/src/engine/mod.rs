@@ -122,7 +122,21 @@ pub struct ModelVersion {
     /// Recent mean time of a run per input element, in picoseconds (0: never
     /// run); see [`ModelVersion::runs_quickly`].
     recent_ps_per_element: AtomicU64,
+    /// Inference requests running now, and how many may (`max_inflight`).
+    inflight: std::sync::atomic::AtomicUsize,
+    max_inflight: Option<usize>,
     runner: Box<dyn Runner>,
+}
+
+/// One inference request's place under a version's `max_inflight`, given back when dropped.
+pub struct InflightSlot<'a>(Option<&'a std::sync::atomic::AtomicUsize>);
+
+impl Drop for InflightSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.0 {
+            n.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// A request this version's recent runs say will take less than this is run
@@ -176,6 +190,22 @@ fn fold(old: u64, took: std::time::Duration, elements: usize) -> u64 {
 }
 
 impl ModelVersion {
+    /// A place for one more inference request, or `Err(max_inflight)` when
+    /// that many are running already.
+    pub fn admit(&self) -> Result<InflightSlot<'_>, usize> {
+        let Some(max) = self.max_inflight else { return Ok(InflightSlot(None)) };
+        let mut now = self.inflight.load(Ordering::Acquire);
+        loop {
+            if now >= max {
+                return Err(max);
+            }
+            match self.inflight.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(InflightSlot(Some(&self.inflight))),
+                Err(seen) => now = seen,
+            }
+        }
+    }
+
     /// Whether a run on `elements` input elements is expected to be short
     /// enough to run on the serving thread ([`INLINE_BELOW`]), from the recent
     /// mean time per input element (which overestimates large inputs, whose
@@ -683,6 +713,8 @@ fn apply_config(
         batcher: std::sync::OnceLock::new(),
         stats: std::sync::OnceLock::new(),
         recent_ps_per_element: AtomicU64::new(0),
+        inflight: std::sync::atomic::AtomicUsize::new(0),
+        max_inflight: config.max_inflight(),
         runner,
     })
 }

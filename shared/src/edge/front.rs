@@ -19,8 +19,8 @@ use crate::WorkerSettings;
 /// An answer tandem makes itself.
 pub type Answer = Response<Full<Bytes>>;
 
-/// `{"error": message}` with `status`. Every 503 says when to come back
-/// (`Retry-After: 1`): it is always a "not now".
+/// `{"error": message}` with `status`. Every 503 and 429 says when to come
+/// back (`Retry-After: 1`, unless the caller knows better): it is always a "not now".
 pub fn error(status: StatusCode, message: &str) -> Answer {
     let (headers, body) = error_parts(status, message);
     let mut res = Response::new(Full::new(body));
@@ -33,7 +33,7 @@ pub fn error(status: StatusCode, message: &str) -> Answer {
 pub fn error_parts(status: StatusCode, message: &str) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     (headers, Bytes::from(serde_json::json!({ "error": message }).to_string()))
