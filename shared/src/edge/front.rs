@@ -250,14 +250,16 @@ impl FrontDoor {
         if self.gate.is_none() && self.restricted.is_empty() {
             return None;
         }
-        let (path, category) = match super::restricted::classify(req.uri().path()) {
-            Ok((path, category)) => (path.into_owned(), category),
+        let (category, health) = match super::restricted::classify(req.uri().path()) {
+            // The copies' ready path is their health check too.
+            Ok((path, category)) => (
+                category,
+                super::gate::is_health_check(&path, category) || self.also_answered.as_deref() == Some(&*path),
+            ),
             Err(refused) => return Some(*refused),
         };
         // Who the caller is (401) before what it may do (403).
         if let Some(gate) = &self.gate {
-            // The copies' ready path is their health check.
-            let health = super::gate::is_health_check(&path, category) || self.also_answered.as_deref() == Some(&path);
             if let Some(refused) = gate.admit(req, health) {
                 return Some(refused);
             }

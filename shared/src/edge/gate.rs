@@ -84,7 +84,7 @@ impl Gate {
                 ClientKey::address(client_address(peer, req.headers(), &self.trusted))
             }
         };
-        let limited = limiter.admit(&client.bytes()).err()?;
+        let limited = limiter.admit(&client).err()?;
         self.stats.access(client.limited_event());
         if let ClientKey::Key(name) = &client {
             self.stats.client_limited(name);

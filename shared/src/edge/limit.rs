@@ -59,15 +59,14 @@ impl Limiter {
         Limiter { region, interval, tolerance: interval.saturating_mul(rate.burst.saturating_sub(1)) }
     }
 
-    /// Admits one request of the client `key` (its name, certificate or
-    /// address, as [`ClientKey`] spells it), or says how long it must wait.
-    pub fn admit(&self, key: &[u8]) -> Result<(), Limited> {
+    /// Admits one request of `client`, or says how long it must wait.
+    pub fn admit(&self, client: &ClientKey) -> Result<(), Limited> {
         let (seed, table) = stats::limiter_area(&self.region);
         if table.len() < 2 * (LIMIT_BUCKETS + 1) {
             return Ok(());
         }
         let now = now_ns();
-        let tat = &table[2 * self.bucket(seed, key, now, table) + 1];
+        let tat = &table[2 * self.bucket(client.hash(seed), now, table) + 1];
         let mut seen = tat.load(Ordering::Acquire);
         loop {
             let start = seen.max(now);
@@ -85,8 +84,7 @@ impl Limiter {
     /// takes over (a client whose bucket is full again has nothing to lose),
     /// or, when the table is full of active clients, the overflow bucket
     /// they all share (so a flood of new addresses cannot escape the limit).
-    fn bucket(&self, seed: u64, key: &[u8], now: u64, table: &[AtomicU64]) -> usize {
-        let h = hash(seed, key);
+    fn bucket(&self, h: u64, now: u64, table: &[AtomicU64]) -> usize {
         let start = (h >> 1) as usize % LIMIT_BUCKETS;
         let slots = (0..PROBES).map(|p| (start + p) % LIMIT_BUCKETS);
         for i in slots.clone() {
@@ -114,17 +112,6 @@ impl Limiter {
     }
 }
 
-/// A client's bucket: SHA-256 of the region's seed and the key, never 0.
-fn hash(seed: u64, key: &[u8]) -> u64 {
-    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    ctx.update(&seed.to_le_bytes());
-    ctx.update(key);
-    let d = ctx.finish();
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&d.as_ref()[..8]);
-    u64::from_le_bytes(first) | 1
-}
-
 /// Who a request is counted against, as bytes for the limiter's hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientKey {
@@ -145,18 +132,21 @@ impl ClientKey {
         }
     }
 
-    /// The bytes hashed to find the client's bucket (kinds never collide).
-    pub fn bytes(&self) -> Vec<u8> {
-        let (kind, rest) = match self {
-            ClientKey::Key(name) => (b'k', name.as_bytes().to_vec()),
-            ClientKey::Certificate(fp) => (b'c', fp.as_bytes().to_vec()),
-            ClientKey::Address(IpAddr::V4(a)) => (b'4', a.octets().to_vec()),
-            ClientKey::Address(IpAddr::V6(a)) => (b'6', a.octets().to_vec()),
-        };
-        let mut out = Vec::with_capacity(rest.len() + 1);
-        out.push(kind);
-        out.extend_from_slice(&rest);
-        out
+    /// The client's bucket hash, never 0: SipHash (the standard library's
+    /// hasher, the same in every process of one binary) over the region's
+    /// random seed, the kind and the client, so no client can choose a
+    /// bucket another holds.
+    pub fn hash(&self, seed: u64) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        seed.hash(&mut h);
+        match self {
+            ClientKey::Key(name) => (b'k', name.as_bytes()).hash(&mut h),
+            ClientKey::Certificate(fp) => (b'c', fp.as_bytes()).hash(&mut h),
+            ClientKey::Address(IpAddr::V4(a)) => (b'4', a.octets()).hash(&mut h),
+            ClientKey::Address(IpAddr::V6(a)) => (b'6', a.octets()).hash(&mut h),
+        }
+        h.finish() | 1
     }
 
     /// Which [`crate::stats::ACCESS_EVENTS`] counts this client's 429s.
@@ -230,8 +220,8 @@ mod tests {
     fn a_client_gets_its_burst_then_waits_and_another_is_unaffected() {
         let r = region();
         let l = Limiter::new(r.clone(), &rate(10, 3));
-        let a = ClientKey::address("203.0.113.1".parse().unwrap()).bytes();
-        let b = ClientKey::Key("ci".into()).bytes();
+        let a = ClientKey::address("203.0.113.1".parse().unwrap());
+        let b = ClientKey::Key("ci".into());
         for _ in 0..3 {
             assert!(l.admit(&a).is_ok());
         }
@@ -255,7 +245,7 @@ mod tests {
             .map(|_| {
                 let (l, admitted) = (l.clone(), admitted.clone());
                 std::thread::spawn(move || {
-                    let key = ClientKey::Key("one".into()).bytes();
+                    let key = ClientKey::Key("one".into());
                     while started.elapsed() < Duration::from_millis(200) {
                         if l.admit(&key).is_ok() {
                             admitted.fetch_add(1, Ordering::Relaxed);
@@ -280,7 +270,7 @@ mod tests {
         // Far more clients than buckets, each using its one request.
         let mut refused = 0;
         for i in 0..(LIMIT_BUCKETS as u32 * 2) {
-            let key = ClientKey::address(IpAddr::V4(i.into())).bytes();
+            let key = ClientKey::address(IpAddr::V4(i.into()));
             if l.admit(&key).is_err() {
                 refused += 1;
             }
