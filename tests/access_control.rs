@@ -245,7 +245,7 @@ fn api_keys_admit_named_clients_on_both_ports_and_a_revoked_key_is_refused_withi
             ("X-API-Key", web.clone()),
             ("x-api-key", ci.clone()),
         ] {
-            assert_eq!(infer(&[(k, &v)]).status(), 200, "{base} {k}");
+            assert_eq!(infer(&[(k, &v), ("x-tandem-api-key-name", "forged")]).status(), 200, "{base} {k}");
         }
         // Hostile values: refused, never served, the workers live on.
         let long = "k".repeat(20_000);
@@ -291,6 +291,7 @@ fn api_keys_admit_named_clients_on_both_ports_and_a_revoked_key_is_refused_withi
         );
     }
     assert!(!t.stderr().contains(&ci) && !t.stderr().contains(&web), "a key reached the log");
+    assert!(!lines.iter().any(|l| l["api_key"] == "forged"), "a client named its own key\n{}", t.explain());
     let metrics = http.get(t.http_url("/metrics")).header("x-api-key", &ci).send().unwrap().text().unwrap();
     assert!(metrics.contains("tandem_client_requests_total{client=\"ci-runner\",class=\"2xx\"}"), "{metrics}");
     assert!(!metrics.contains("tandem_auth_failures_total{reason=\"missing\"} 0"), "{metrics}");

@@ -34,7 +34,7 @@ crate::declare! {
         default: "(none)",
         doc: "the API key `tandem health` sends (with API_KEYS_PROTECT_HEALTH=true): the key, or @/path/to/file",
         accepted: "a key, or @ and a file only its owner can read",
-        scope: keys,
+        scope: protected_health,
     }
     RATE_LIMIT {
         default: "(none: no limit)",
@@ -53,6 +53,13 @@ crate::declare! {
 /// Acts with `API_KEYS_FILE`.
 fn keys(c: &crate::Config) -> Option<&'static str> {
     c.edge.access.api_keys.is_none().then_some("API_KEYS_FILE is not set; set it to require API keys")
+}
+
+/// Acts with `API_KEYS_PROTECT_HEALTH=true`.
+fn protected_health(c: &crate::Config) -> Option<&'static str> {
+    keys(c).or_else(|| {
+        (!c.edge.access.protect_health).then_some("API_KEYS_PROTECT_HEALTH is false: health checks need no key")
+    })
 }
 
 /// Acts with `RATE_LIMIT`.
@@ -81,8 +88,10 @@ pub struct Access {
     pub health_key: Option<crate::edge::Secret>,
 }
 
-/// A per-client rate: one request every `interval_ns`, `burst` at once.
+/// A per-client rate: one request every `interval_ns`, `burst` at once
+/// (written and read as the setting spells it: `100/s,burst=200`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct RateLimit {
     /// Requests per `per_seconds`, as configured.
     pub requests: u64,
@@ -109,8 +118,23 @@ impl RateLimit {
     }
 }
 
-/// An address or a network (CIDR): the address and its prefix length.
+impl From<RateLimit> for String {
+    fn from(r: RateLimit) -> String {
+        r.text()
+    }
+}
+
+impl TryFrom<String> for RateLimit {
+    type Error = String;
+    fn try_from(v: String) -> Result<Self, String> {
+        rate(&v).ok_or_else(|| format!("not a rate: {v}"))
+    }
+}
+
+/// An address or a network (CIDR): the address and its prefix length
+/// (written and read as `10.0.0.0/8`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub struct Network {
     /// The network's address (host bits zero).
     pub addr: IpAddr,
@@ -144,6 +168,19 @@ impl Network {
             IpAddr::V6(a) => IpAddr::V6(masked6(a, prefix)),
         };
         Some(Network { addr, prefix })
+    }
+}
+
+impl From<Network> for String {
+    fn from(n: Network) -> String {
+        format!("{}/{}", n.addr, n.prefix)
+    }
+}
+
+impl TryFrom<String> for Network {
+    type Error = String;
+    fn try_from(v: String) -> Result<Self, String> {
+        Network::parse(&v).ok_or_else(|| format!("not an address or network: {v}"))
     }
 }
 
@@ -306,6 +343,16 @@ mod tests {
         {
             assert_eq!(rate(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn rates_and_networks_travel_as_they_are_written() {
+        let r = rate("100/s,burst=200").unwrap();
+        assert_eq!(serde_json::to_value(r).unwrap(), "100/s,burst=200");
+        assert_eq!(serde_json::from_value::<RateLimit>("100/s,burst=200".into()).unwrap(), r);
+        let n = Network::parse("fd00::1/8").unwrap();
+        assert_eq!(serde_json::to_value(n).unwrap(), "fd00::/8");
+        assert_eq!(serde_json::from_value::<Network>("fd00::/8".into()).unwrap(), n);
     }
 
     #[test]
