@@ -1,11 +1,15 @@
-//! Builds Rust types and a descriptor set from `proto/model_config.proto` with
-//! protox (pure Rust, no `protoc` needed) and prost-build.
+//! Builds Rust types, the gRPC service's server side and a descriptor set
+//! from `proto/model_config.proto` and `proto/grpc_service.proto` (Triton's
+//! `inference` package) with protox (pure Rust, no `protoc` needed) and
+//! prost / tonic's code generators.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/model_config.proto");
-    let fds = protox::compile(["proto/model_config.proto"], ["proto"])?;
+    println!("cargo:rerun-if-changed=proto/grpc_service.proto");
+    let fds = protox::compile(["proto/model_config.proto", "proto/grpc_service.proto"], ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("model_config.bin"), prost::Message::encode_to_vec(&fds))?;
-    prost_build::Config::new().compile_fds(fds)?;
+    // Calls tandem does not serve yet answer UNIMPLEMENTED (the generated default).
+    tonic_prost_build::configure().build_client(false).generate_default_stubs(true).compile_fds(fds)?;
     Ok(())
 }

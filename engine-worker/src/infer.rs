@@ -351,6 +351,23 @@ pub fn encode_response(
     Ok((body, Some(json_len)))
 }
 
+/// One output as a face that carries raw bytes sends it (gRPC's
+/// `raw_output_contents`): classified when asked, then its datatype, shape and
+/// little-endian bytes (BYTES length-prefixed), as the binary extension writes them.
+pub fn raw_output(
+    model: &ModelVersion,
+    r: &Requested,
+    tensor: Tensor,
+) -> Result<(DataType, Vec<usize>, Vec<u8>), ApiError> {
+    let tensor = match r.classes {
+        Some(k) => classify(&tensor, k, &model.labels[r.index])?,
+        None => tensor,
+    };
+    let mut bytes = Vec::with_capacity(binary_size(&tensor.data));
+    write_binary(&tensor.data, &mut bytes);
+    Ok((tensor.datatype(), tensor.shape, bytes))
+}
+
 /// Top-`k` classes per batch row as Triton's `"score:index[:label]"` strings.
 fn classify(t: &Tensor, k: usize, labels: &[String]) -> Result<Tensor, ApiError> {
     let scores = as_f64(&t.data).ok_or_else(|| ApiError::bad("only numeric outputs can be classified"))?;

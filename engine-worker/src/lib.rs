@@ -6,6 +6,7 @@
 pub mod compression;
 pub mod control_api;
 pub mod engine;
+pub mod grpc;
 pub mod infer;
 pub mod metrics;
 pub mod model_control;

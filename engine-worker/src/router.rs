@@ -25,6 +25,7 @@ pub fn router(state: AppState) -> Router {
     let access_log = state.inner.access_log;
     let door = state.inner.door.clone();
     let body_timeout = state.inner.body_timeout;
+    let grpc = crate::grpc::service(state.clone());
     Router::new()
         .route("/", get(info))
         .route("/metrics", get(crate::metrics::metrics))
@@ -45,6 +46,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/models/{name}/versions/{version}/ready", get(model_ready))
         .route("/v2/models/{name}/versions/{version}/config", get(model_config))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer))
+        // The gRPC face, behind the same front door, counted the same way.
+        .route_service(&format!("{}{{*method}}", crate::grpc::PREFIX), grpc)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
@@ -124,13 +127,18 @@ async fn info(State(state): State<AppState>, scheme: Option<Extension<Scheme>>) 
     }))
 }
 
-/// Server metadata; the extensions are the ones served (model load and unload only in explicit mode).
-async fn server_metadata(State(state): State<AppState>) -> Json<serde_json::Value> {
+/// The protocol extensions served (model load and unload only in explicit mode).
+pub(crate) fn extensions(state: &AppState) -> Vec<&'static str> {
     let mut extensions = vec!["classification", "binary_tensor_data", "statistics", "model_configuration"];
     if state.inner.model_control.mode == tandem_config::engine::ModelControlMode::Explicit {
         extensions.push("model_repository");
     }
-    Json(json!({ "name": "tandem", "version": tandem_shared::VERSION, "extensions": extensions }))
+    extensions
+}
+
+/// Server metadata.
+async fn server_metadata(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "name": "tandem", "version": tandem_shared::VERSION, "extensions": extensions(&state) }))
 }
 
 async fn live() -> Json<serde_json::Value> {
@@ -273,6 +281,37 @@ async fn run_infer(
     let inputs = build_inputs(model, &req, binary)?;
     let requested = requested_outputs(model, &req)?;
     let wanted: Vec<usize> = requested.iter().map(|r| r.index).collect();
+    let (outputs, batch, executions, mut timings) = execute(state, model, inputs, wanted, started, decoding).await?;
+    let encoding = Instant::now();
+    let (body, json_len) = encode_response(model, &req, &requested, outputs)?;
+    let mut res = Response::new(Body::from(body));
+    let h = res.headers_mut();
+    match json_len {
+        Some(n) => {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            h.insert(HEADER_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+    }
+    timings.output = encoding.elapsed();
+    Ok((res, batch, executions, timings))
+}
+
+/// Runs decoded `inputs` on `model` (under its `max_inflight`, through its
+/// batcher or on an inference thread) for the outputs at `wanted`: the path
+/// every face of the protocol shares once its request is decoded. Returns the
+/// outputs, the batch size, the executions it stands for and where the time went
+/// (`started`: the request's arrival; `decoding`: when its decoding began).
+pub(crate) async fn execute(
+    state: &AppState,
+    model: &Arc<ModelVersion>,
+    inputs: Vec<crate::engine::tensor::Tensor>,
+    wanted: Vec<usize>,
+    started: Instant,
+    decoding: Instant,
+) -> Result<(Vec<crate::engine::tensor::Tensor>, u64, u64, Timings), ApiError> {
     // A version's max_inflight, counted from here (a body still arriving holds
     // no place): past it, "not now" rather than an ever longer queue.
     let _slot = model.admit().map_err(|max| {
@@ -328,21 +367,7 @@ async fn run_infer(
         timings.infer = running.elapsed();
         outputs
     };
-    let encoding = Instant::now();
-    let (body, json_len) = encode_response(model, &req, &requested, outputs)?;
-    let mut res = Response::new(Body::from(body));
-    let h = res.headers_mut();
-    match json_len {
-        Some(n) => {
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-            h.insert(HEADER_LENGTH, HeaderValue::from(n));
-        }
-        None => {
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        }
-    }
-    timings.output = encoding.elapsed();
-    Ok((res, batch as u64, executions, timings))
+    Ok((outputs, batch as u64, executions, timings))
 }
 
 /// Whether this task runs on a single-threaded runtime (one of the worker's

@@ -325,6 +325,13 @@ impl Forwarder {
     }
 
     async fn forward(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if front::is_grpc(req.headers()) {
+            // The ring carries no trailers yet, and a gRPC answer ends in them.
+            return here(front::grpc_status(
+                12,
+                "gRPC is served on the plain PORT (h2c) for now; over TLS it is not served yet",
+            ));
+        }
         let limit = self.max_request_bytes.min(self.region.slot_bytes());
         let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > (limit + DRAIN_BYTES) as u64) {

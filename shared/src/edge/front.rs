@@ -39,6 +39,28 @@ pub fn error_parts(status: StatusCode, message: &str) -> (HeaderMap, Bytes) {
     (headers, Bytes::from(serde_json::json!({ "error": message }).to_string()))
 }
 
+/// Whether a request is a gRPC call (`content-type: application/grpc`, `+proto` and the like).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A gRPC "trailers-only" answer: HTTP 200 whose headers carry `grpc-status`
+/// `code` and `grpc-message` (percent-encoded, as the gRPC spec asks).
+pub fn grpc_status(code: u8, message: &str) -> Answer {
+    let mut res = Response::new(Full::new(Bytes::new()));
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
+    let encoded: String = message
+        .bytes()
+        .map(|b| if (0x20..0x7f).contains(&b) && b != b'%' { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&encoded) {
+        h.insert("grpc-message", v);
+    }
+    res
+}
+
 /// 413 for a body over `which` ([`max_request_bytes`], or a smaller limit of the path).
 pub fn too_large(which: &str) -> Answer {
     error(StatusCode::PAYLOAD_TOO_LARGE, &too_large_message(which))

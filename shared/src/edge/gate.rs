@@ -105,10 +105,23 @@ mod tests {
 
     #[test]
     fn only_the_health_checks_are_health_checks() {
-        for p in ["/v2/health/live", "/v2/health/ready", "/v2/models/m/ready", "/v2/models/m/versions/1/ready"] {
+        for p in [
+            "/v2/health/live",
+            "/v2/health/ready",
+            "/v2/models/m/ready",
+            "/v2/models/m/versions/1/ready",
+            "/inference.GRPCInferenceService/ServerReady",
+            "/grpc.health.v1.Health/Check",
+        ] {
             assert!(is_health_check(p, super::super::restricted::category(p)), "{p}");
         }
-        for p in ["/v2/health/debug", "/v2/health", "/v2/models/m/infer", "/metrics"] {
+        for p in [
+            "/v2/health/debug",
+            "/v2/health",
+            "/v2/models/m/infer",
+            "/metrics",
+            "/inference.GRPCInferenceService/ModelInfer",
+        ] {
             assert!(!is_health_check(p, super::super::restricted::category(p)), "{p}");
         }
     }

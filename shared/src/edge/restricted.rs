@@ -26,6 +26,12 @@ pub fn category(path: &str) -> Option<&'static str> {
         "/v2/models/stats" => return Some("statistics"),
         _ => {}
     }
+    if let Some(method) = path.strip_prefix(GRPC_SERVICE) {
+        return grpc_category(method);
+    }
+    if path.starts_with("/grpc.health.v1.Health/") {
+        return Some("health");
+    }
     let first = |prefix: &str| path.strip_prefix(prefix).is_some_and(|r| r.is_empty() || r.starts_with('/'));
     if first("/v2/health") {
         return Some("health");
@@ -53,6 +59,25 @@ pub fn category(path: &str) -> Option<&'static str> {
         ["infer"] | ["generate"] | ["generate_stream"] => "inference",
         ["stats"] => "statistics",
         ["trace", "setting"] => "trace",
+        _ => return None,
+    })
+}
+
+/// The gRPC face's calls: `/inference.GRPCInferenceService/{Method}`.
+pub const GRPC_SERVICE: &str = "/inference.GRPCInferenceService/";
+
+/// The category of a gRPC call, as Triton's `--grpc-restricted-protocol` groups them.
+fn grpc_category(method: &str) -> Option<&'static str> {
+    Some(match method {
+        "ServerLive" | "ServerReady" | "ModelReady" => "health",
+        "ServerMetadata" | "ModelMetadata" => "metadata",
+        "ModelInfer" | "ModelStreamInfer" => "inference",
+        "ModelConfig" => "model-config",
+        "ModelStatistics" => "statistics",
+        "RepositoryIndex" | "RepositoryModelLoad" | "RepositoryModelUnload" => "model-repository",
+        "TraceSetting" => "trace",
+        "LogSettings" => "logging",
+        m if m.starts_with("SystemSharedMemory") || m.starts_with("CudaSharedMemory") => "shared-memory",
         _ => return None,
     })
 }
@@ -223,6 +248,16 @@ mod tests {
             ("/v2/trace/setting", Some("trace")),
             ("/v2/models/m/trace/setting", Some("trace")),
             ("/v2/logging", Some("logging")),
+            ("/inference.GRPCInferenceService/ModelInfer", Some("inference")),
+            ("/inference.GRPCInferenceService/ModelStreamInfer", Some("inference")),
+            ("/inference.GRPCInferenceService/RepositoryModelUnload", Some("model-repository")),
+            ("/inference.GRPCInferenceService/ModelReady", Some("health")),
+            ("/inference.GRPCInferenceService/SystemSharedMemoryRegister", Some("shared-memory")),
+            ("/inference.GRPCInferenceService/ModelStatistics", Some("statistics")),
+            ("/inference.GRPCInferenceService/ModelConfig", Some("model-config")),
+            ("/inference.GRPCInferenceService/LogSettings", Some("logging")),
+            ("/grpc.health.v1.Health/Check", Some("health")),
+            ("/inference.GRPCInferenceService/Other", None),
             ("/v2/repositoryx", None),
             ("/other", None),
         ] {

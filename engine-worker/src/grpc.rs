@@ -1,0 +1,343 @@
+//! The Open Inference Protocol's gRPC face (Triton's
+//! `inference.GRPCInferenceService`), served by the same router as the HTTP
+//! face (so the same front door, access log and counters), on the same
+//! engine: a gRPC request is turned into the HTTP face's decoded request
+//! (its tensors as the binary extension carries them) and runs through
+//! [`crate::router::execute`]. Calls not served yet answer `UNIMPLEMENTED`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use serde_json::{Map, Value};
+use tonic::{Request, Response, Status};
+
+use crate::engine::config::pb;
+use crate::engine::PLATFORM;
+use crate::infer::{build_inputs, raw_output, requested_outputs, ApiError, InferRequest, RequestInput, RequestOutput};
+use crate::state::{find, AppState, ModelPath};
+
+/// The routes' prefix: every call is `/inference.GRPCInferenceService/{Method}`.
+pub const PREFIX: &str = "/inference.GRPCInferenceService/";
+
+/// The service, over one worker's state.
+pub struct Grpc {
+    state: AppState,
+}
+
+/// The tower service the router mounts at [`PREFIX`]: messages up to
+/// `MAX_REQUEST_BYTES` each way, gzip accepted and sent when asked.
+pub fn service(state: AppState) -> pb::grpc_inference_service_server::GrpcInferenceServiceServer<Grpc> {
+    let limit = state.inner.max_request_bytes;
+    pb::grpc_inference_service_server::GrpcInferenceServiceServer::new(Grpc { state })
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(usize::MAX)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+}
+
+/// A JSON-face error as the gRPC status Triton gives for it.
+fn status(e: ApiError) -> Status {
+    let code = match e.status {
+        StatusCode::BAD_REQUEST => tonic::Code::InvalidArgument,
+        StatusCode::NOT_FOUND => tonic::Code::NotFound,
+        StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS => tonic::Code::Unavailable,
+        StatusCode::PAYLOAD_TOO_LARGE => tonic::Code::ResourceExhausted,
+        StatusCode::REQUEST_TIMEOUT | StatusCode::GATEWAY_TIMEOUT => tonic::Code::DeadlineExceeded,
+        _ => tonic::Code::Internal,
+    };
+    Status::new(code, e.message)
+}
+
+fn model_path(name: &str, version: &str) -> ModelPath {
+    ModelPath { name: name.to_string(), version: (!version.is_empty()).then(|| version.to_string()) }
+}
+
+/// A gRPC parameter as the JSON face's parameter value.
+fn json_param(p: &pb::InferParameter) -> Value {
+    use pb::infer_parameter::ParameterChoice as C;
+    match &p.parameter_choice {
+        Some(C::BoolParam(b)) => Value::from(*b),
+        Some(C::Int64Param(n)) => Value::from(*n),
+        Some(C::StringParam(s)) => Value::from(s.as_str()),
+        Some(C::DoubleParam(x)) => Value::from(*x),
+        Some(C::Uint64Param(n)) => Value::from(*n),
+        None => Value::Null,
+    }
+}
+
+/// Typed `contents` as the binary extension's little-endian bytes, by `datatype`.
+fn contents_bytes(name: &str, datatype: &str, c: &pb::InferTensorContents) -> Result<Vec<u8>, ApiError> {
+    let narrow = |v: &[i32], bits: u32| -> Result<Vec<u8>, ApiError> {
+        let (lo, hi) = (-(1i64 << (bits - 1)), (1i64 << (bits - 1)) - 1);
+        let mut out = Vec::with_capacity(v.len() * bits as usize / 8);
+        for &x in v {
+            if !(lo..=hi).contains(&i64::from(x)) {
+                return Err(ApiError::bad(format!("input {name}: {x} does not fit {datatype}")));
+            }
+            out.extend_from_slice(&x.to_le_bytes()[..bits as usize / 8]);
+        }
+        Ok(out)
+    };
+    let unarrow = |v: &[u32], bits: u32| -> Result<Vec<u8>, ApiError> {
+        let mut out = Vec::with_capacity(v.len() * bits as usize / 8);
+        for &x in v {
+            if bits < 32 && x >> bits != 0 {
+                return Err(ApiError::bad(format!("input {name}: {x} does not fit {datatype}")));
+            }
+            out.extend_from_slice(&x.to_le_bytes()[..bits as usize / 8]);
+        }
+        Ok(out)
+    };
+    Ok(match datatype {
+        "BOOL" => c.bool_contents.iter().map(|&b| u8::from(b)).collect(),
+        "INT8" => narrow(&c.int_contents, 8)?,
+        "INT16" => narrow(&c.int_contents, 16)?,
+        "INT32" => narrow(&c.int_contents, 32)?,
+        "INT64" => c.int64_contents.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        "UINT8" => unarrow(&c.uint_contents, 8)?,
+        "UINT16" => unarrow(&c.uint_contents, 16)?,
+        "UINT32" => unarrow(&c.uint_contents, 32)?,
+        "UINT64" => c.uint64_contents.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        "FP32" => c.fp32_contents.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        "FP64" => c.fp64_contents.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        "BYTES" => {
+            let mut out = Vec::new();
+            for b in &c.bytes_contents {
+                let len = u32::try_from(b.len())
+                    .map_err(|_| ApiError::bad(format!("input {name}: an element over 4 GiB")))?;
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(b);
+            }
+            out
+        }
+        other => {
+            return Err(ApiError::bad(format!(
+                "input {name}: {other} has no typed contents field; send it in raw_input_contents"
+            )))
+        }
+    })
+}
+
+/// The gRPC request as the JSON face's decoded request and its binary tail.
+fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, Vec<u8>), ApiError> {
+    let raw = !r.raw_input_contents.is_empty();
+    if raw && r.raw_input_contents.len() != r.inputs.len() {
+        return Err(ApiError::bad(format!(
+            "raw_input_contents has {} entries for {} inputs",
+            r.raw_input_contents.len(),
+            r.inputs.len()
+        )));
+    }
+    let mut binary = Vec::with_capacity(r.raw_input_contents.iter().map(Vec::len).sum());
+    let mut inputs = Vec::with_capacity(r.inputs.len());
+    for (i, input) in r.inputs.iter().enumerate() {
+        let bytes = match (&input.contents, raw) {
+            (Some(_), true) => {
+                return Err(ApiError::bad(format!(
+                    "input {}: contents and raw_input_contents are both given",
+                    input.name
+                )))
+            }
+            (Some(c), false) => contents_bytes(&input.name, &input.datatype, c)?,
+            (None, true) => r.raw_input_contents[i].clone(),
+            (None, false) => return Err(ApiError::bad(format!("input {} has no data", input.name))),
+        };
+        let mut parameters: Map<String, Value> =
+            input.parameters.iter().map(|(k, v)| (k.clone(), json_param(v))).collect();
+        parameters.insert("binary_data_size".into(), Value::from(bytes.len()));
+        binary.extend_from_slice(&bytes);
+        inputs.push(RequestInput {
+            name: input.name.clone(),
+            shape: input.shape.clone(),
+            datatype: input.datatype.clone(),
+            parameters,
+            data: None,
+        });
+    }
+    let outputs = (!r.outputs.is_empty()).then(|| {
+        r.outputs
+            .iter()
+            .map(|o| {
+                let mut parameters: Map<String, Value> =
+                    o.parameters.iter().map(|(k, v)| (k.clone(), json_param(v))).collect();
+                parameters.insert("binary_data".into(), Value::Bool(true));
+                RequestOutput { name: o.name.clone(), parameters }
+            })
+            .collect()
+    });
+    let mut parameters: Map<String, Value> = r.parameters.iter().map(|(k, v)| (k.clone(), json_param(v))).collect();
+    parameters.insert("binary_data_output".into(), Value::Bool(true));
+    let id = (!r.id.is_empty()).then(|| r.id.clone());
+    Ok((InferRequest { id, parameters, inputs, outputs }, binary))
+}
+
+impl Grpc {
+    async fn infer(&self, r: pb::ModelInferRequest) -> Result<pb::ModelInferResponse, ApiError> {
+        let started = Instant::now();
+        let state = &self.state;
+        let model = find(state, &model_path(&r.model_name, &r.model_version))?;
+        let counters = state.model_stats(&model);
+        let run = async {
+            let decoding = Instant::now();
+            let (req, binary) = as_http(&r)?;
+            let inputs = build_inputs(&model, &req, &binary)?;
+            let requested = requested_outputs(&model, &req)?;
+            let wanted = requested.iter().map(|q| q.index).collect();
+            let (outputs, batch, executions, mut timings) =
+                crate::router::execute(state, &model, inputs, wanted, started, decoding).await?;
+            let encoding = Instant::now();
+            let mut response = pb::ModelInferResponse {
+                model_name: model.name.clone(),
+                model_version: model.version.clone(),
+                id: r.id.clone(),
+                ..Default::default()
+            };
+            for (q, tensor) in requested.iter().zip(outputs) {
+                let (datatype, shape, bytes) = raw_output(&model, q, tensor)?;
+                response.outputs.push(pb::model_infer_response::InferOutputTensor {
+                    name: model.outputs[q.index].name.clone(),
+                    datatype: datatype.name().to_string(),
+                    shape: shape.iter().map(|&d| d as i64).collect(),
+                    ..Default::default()
+                });
+                response.raw_output_contents.push(bytes);
+            }
+            timings.output = encoding.elapsed();
+            Ok::<_, ApiError>((response, batch, executions, timings))
+        };
+        match run.await {
+            Ok((response, batch, executions, timings)) => {
+                if let Some(c) = counters {
+                    c.success(batch, executions, timings, started.elapsed());
+                }
+                Ok(response)
+            }
+            Err(e) => {
+                if let Some(c) = counters {
+                    c.failure(started.elapsed());
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::grpc_inference_service_server::GrpcInferenceService for Grpc {
+    async fn server_live(&self, _: Request<pb::ServerLiveRequest>) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse { ready: self.state.inner.engine.ready() }))
+    }
+
+    async fn model_ready(&self, r: Request<pb::ModelReadyRequest>) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let r = r.into_inner();
+        match find(&self.state, &model_path(&r.name, &r.version)) {
+            Ok(_) => Ok(Response::new(pb::ModelReadyResponse { ready: true })),
+            Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
+                Ok(Response::new(pb::ModelReadyResponse { ready: false }))
+            }
+            Err(e) => Err(status(e)),
+        }
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: "tandem".into(),
+            version: tandem_shared::VERSION.into(),
+            extensions: crate::router::extensions(&self.state).into_iter().map(String::from).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        r: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let r = r.into_inner();
+        let v = find(&self.state, &model_path(&r.name, &r.version)).map_err(status)?;
+        let versions = self.state.inner.engine.models().get(&r.name).map(|m| m.labels()).unwrap_or_default();
+        let meta = |t: &crate::engine::TensorMeta| pb::model_metadata_response::TensorMetadata {
+            name: t.name.clone(),
+            datatype: t.datatype.name().to_string(),
+            shape: t.shape.clone(),
+        };
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: v.name.clone(),
+            versions,
+            platform: PLATFORM.to_string(),
+            inputs: v.inputs.iter().map(meta).collect(),
+            outputs: v.outputs.iter().map(meta).collect(),
+        }))
+    }
+
+    async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
+        self.infer(r.into_inner()).await.map(Response::new).map_err(status)
+    }
+
+    async fn model_config(
+        &self,
+        r: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let r = r.into_inner();
+        let v: Arc<crate::engine::ModelVersion> =
+            find(&self.state, &model_path(&r.name, &r.version)).map_err(status)?;
+        Ok(Response::new(pb::ModelConfigResponse { config: Some(v.config.clone()) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_contents_become_the_binary_extension_s_bytes() {
+        let c = pb::InferTensorContents { int_contents: vec![1, -2], ..Default::default() };
+        assert_eq!(contents_bytes("x", "INT16", &c).unwrap(), vec![1, 0, 0xfe, 0xff]);
+        let big = pb::InferTensorContents { int_contents: vec![300], ..Default::default() };
+        assert!(contents_bytes("x", "INT8", &big).is_err());
+        let u = pb::InferTensorContents { uint_contents: vec![256], ..Default::default() };
+        assert!(contents_bytes("x", "UINT8", &u).is_err());
+        let b = pb::InferTensorContents { bytes_contents: vec![b"ab".to_vec()], ..Default::default() };
+        assert_eq!(contents_bytes("x", "BYTES", &b).unwrap(), vec![2, 0, 0, 0, b'a', b'b']);
+        assert!(contents_bytes("x", "FP16", &pb::InferTensorContents::default()).is_err());
+    }
+
+    #[test]
+    fn raw_and_typed_data_cannot_be_mixed_or_missing() {
+        let input = |contents| pb::model_infer_request::InferInputTensor {
+            name: "a".into(),
+            datatype: "FP32".into(),
+            shape: vec![1],
+            contents,
+            ..Default::default()
+        };
+        let typed = Some(pb::InferTensorContents { fp32_contents: vec![1.0], ..Default::default() });
+        let both = pb::ModelInferRequest {
+            inputs: vec![input(typed.clone())],
+            raw_input_contents: vec![vec![0; 4]],
+            ..Default::default()
+        };
+        assert!(as_http(&both).is_err());
+        let none = pb::ModelInferRequest { inputs: vec![input(None)], ..Default::default() };
+        assert!(as_http(&none).is_err());
+        let miscounted = pb::ModelInferRequest {
+            inputs: vec![input(None), input(None)],
+            raw_input_contents: vec![vec![0; 4]],
+            ..Default::default()
+        };
+        assert!(as_http(&miscounted).is_err());
+        let (req, binary) =
+            as_http(&pb::ModelInferRequest { inputs: vec![input(typed)], ..Default::default() }).unwrap();
+        assert_eq!(binary, 1.0f32.to_le_bytes());
+        assert_eq!(req.inputs[0].parameters["binary_data_size"], 4);
+    }
+}

@@ -1,0 +1,86 @@
+//! End-to-end tests of the gRPC face (Triton's `GRPCInferenceService`) with
+//! the stock `tritonclient.grpc`: health, metadata, configuration and
+//! inference on the plain port (h2c) beside HTTP, answers equal to the HTTP
+//! face's, errors as gRPC status codes; the same front door (restricted
+//! categories and API keys as call metadata); and a clear status where gRPC
+//! is not served yet (over TLS).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+fn grpc_client(t: &Tandem, extra: &[&str]) -> Value {
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/grpc_client.py"))
+        .arg(format!("127.0.0.1:{}", t.http_port))
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), t.explain());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() {
+    let t = TandemBuilder::new().env("NUM_WORKERS", "2").start();
+    let seen = grpc_client(&t, &[]);
+    assert_eq!(
+        (seen["live"].clone(), seen["ready"].clone(), seen["model_ready"].clone()),
+        (true.into(), true.into(), true.into()),
+        "{seen}"
+    );
+    assert_eq!(seen["server"]["name"], "tandem");
+    assert_eq!(seen["metadata"]["inputs"][0]["name"], "pixels", "{seen}");
+    assert_eq!(seen["metadata"]["outputs"][0]["shape"], serde_json::json!(["-1", "10"]), "{seen}");
+    assert_eq!(seen["config_max_batch"], 256);
+    assert_eq!(seen["same_answer"], true, "{seen}");
+    assert_eq!(seen["shape"], serde_json::json!([2, 10]));
+    assert_eq!(seen["classes"].as_array().unwrap().len(), 4, "two rows, two classes each: {seen}");
+    assert_eq!(seen["errors"]["unknown_model"], "StatusCode.NOT_FOUND", "{seen}");
+    assert_eq!(seen["errors"]["bad_shape"], "StatusCode.INVALID_ARGUMENT", "{seen}");
+    assert_eq!(seen["errors"]["unimplemented"], "StatusCode.UNIMPLEMENTED", "{seen}");
+    // The inferences are counted like HTTP ones.
+    let stats: Value = Tandem::http_client().get(t.http_url("/v2/models/digits/stats")).send().unwrap().json().unwrap();
+    let success = stats["model_stats"][0]["inference_stats"]["success"]["count"].as_u64().unwrap();
+    assert!(success >= 3, "{stats}");
+}
+
+#[test]
+fn grpc_calls_meet_the_same_front_door() {
+    let t = TandemBuilder::new().env("RESTRICTED_API", "inference,model-config:x-infer-key=sesame").start();
+    let seen = grpc_client(&t, &["--header", "x-infer-key=sesame"]);
+    assert_eq!(seen["without"], "StatusCode.PERMISSION_DENIED", "{seen}");
+    assert_eq!(seen["same_answer"], true, "{seen}");
+    // API keys travel as call metadata too.
+    let b = TandemBuilder::new();
+    let keys = b.dir().join("keys");
+    let out = Command::new(TANDEM).args(["apikey", "new", "grpc-client", "--append"]).arg(&keys).output().unwrap();
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let t = b.env("API_KEYS_FILE", keys.to_str().unwrap()).start();
+    let seen = grpc_client(&t, &["--header", &format!("authorization=Bearer {key}")]);
+    assert_eq!(seen["without"], "StatusCode.UNAUTHENTICATED", "{seen}");
+    assert_eq!(seen["same_answer"], true, "{seen}");
+}
+
+#[test]
+fn grpc_over_tls_answers_a_clear_status_until_it_is_served() {
+    let t = TandemBuilder::new().ssl().start();
+    let ca = t.dir.path().join("ca.pem");
+    std::fs::write(&ca, t.served_chain_pem()).unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "-D", "-", "-o", "/dev/null", "--http2", "--cacert"])
+        .arg(&ca)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers", "--data-binary", "@/dev/null"])
+        .arg(t.https_url("localhost", "/inference.GRPCInferenceService/ServerLive"))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(head.contains("grpc-status: 12"), "{head}");
+    assert!(head.contains("grpc-message: grpc is served on the plain port"), "{head}");
+}

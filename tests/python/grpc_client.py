@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""The stock tritonclient.grpc against tandem's gRPC face (plain h2c): health,
+metadata, configuration, an inference compared with the HTTP face's answer
+for the same input, and errors as gRPC status codes. Prints one JSON object
+of what it saw.
+
+Usage: grpc_client.py HOST:PORT [--header NAME=VALUE]
+With --header every call carries it, and the script first records how an
+inference without it ends ("without").
+"""
+
+import json
+import sys
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+
+def main():
+    url = sys.argv[1]
+    H = {}
+    if len(sys.argv) > 3 and sys.argv[2] == "--header":
+        k, v = sys.argv[3].split("=", 1)
+        H[k] = v
+    HH = H or None
+    g = grpcclient.InferenceServerClient(url)
+    h = httpclient.InferenceServerClient(url)
+    pixels = (np.arange(128, dtype=np.float32) % 17).reshape(2, 64)
+    gi = grpcclient.InferInput("pixels", [2, 64], "FP32")
+    gi.set_data_from_numpy(pixels)
+    seen = {}
+    if H:
+        try:
+            g.infer("digits", [gi])
+            seen["without"] = "served"
+        except InferenceServerException as e:
+            seen["without"] = e.status()
+    seen.update({
+        "live": g.is_server_live(headers=HH),
+        "ready": g.is_server_ready(headers=HH),
+        "model_ready": g.is_model_ready("digits", headers=HH),
+        "server": g.get_server_metadata(headers=HH, as_json=True),
+        "metadata": g.get_model_metadata("digits", headers=HH, as_json=True),
+        "config_max_batch": g.get_model_config("digits", headers=HH, as_json=True)["config"].get("max_batch_size"),
+    })
+    hi = httpclient.InferInput("pixels", [2, 64], "FP32")
+    hi.set_data_from_numpy(pixels, binary_data=True)
+    via_grpc = g.infer("digits", [gi], request_id="r1", headers=HH).as_numpy("probabilities")
+    # (The HTTP client adds its own entries to the dict it is given.)
+    via_http = h.infer("digits", [hi], headers=dict(H)).as_numpy("probabilities")
+    seen["same_answer"] = bool(np.array_equal(via_grpc, via_http))
+    seen["shape"] = list(via_grpc.shape)
+    top = g.infer("digits", [gi], outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=2)], headers=HH)
+    seen["classes"] = [x.decode() for x in top.as_numpy("probabilities").reshape(-1)]
+    errors = {}
+    try:
+        g.infer("nope", [gi], headers=HH)
+    except InferenceServerException as e:
+        errors["unknown_model"] = e.status()
+    bad = grpcclient.InferInput("pixels", [2, 63], "FP32")
+    bad.set_data_from_numpy(np.zeros((2, 63), dtype=np.float32))
+    try:
+        g.infer("digits", [bad], headers=HH)
+    except InferenceServerException as e:
+        errors["bad_shape"] = e.status()
+    try:
+        g.get_model_repository_index(headers=HH)
+        errors["unimplemented"] = "answered"
+    except InferenceServerException as e:
+        errors["unimplemented"] = e.status()
+    seen["errors"] = errors
+    print(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    main()
