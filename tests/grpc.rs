@@ -45,6 +45,20 @@ fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() 
     assert_eq!(seen["errors"]["unknown_model"], "StatusCode.NOT_FOUND", "{seen}");
     assert_eq!(seen["errors"]["bad_shape"], "StatusCode.INVALID_ARGUMENT", "{seen}");
     assert_eq!(seen["errors"]["unimplemented"], "StatusCode.UNIMPLEMENTED", "{seen}");
+    // A raw h2c call that also asks for HTTP compression: the answer keeps
+    // its gRPC framing and its status trailer (never gzipped as a whole).
+    let frame = t.dir.path().join("empty.grpc");
+    std::fs::write(&frame, [0u8; 5]).unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "-D", "-", "-o", "/dev/null", "--http2-prior-knowledge"])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers", "-H", "accept-encoding: gzip"])
+        .arg("--data-binary")
+        .arg(format!("@{}", frame.display()))
+        .arg(t.http_url("/inference.GRPCInferenceService/ServerLive"))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(head.contains("grpc-status: 0") && !head.contains("content-encoding"), "{head}");
     // The inferences are counted like HTTP ones.
     let stats: Value = Tandem::http_client().get(t.http_url("/v2/models/digits/stats")).send().unwrap().json().unwrap();
     let success = stats["model_stats"][0]["inference_stats"]["success"]["count"].as_u64().unwrap();

@@ -75,8 +75,11 @@ pub fn router(state: AppState) -> Router {
                 } else {
                     tandem_shared::edge::access::Arrival::new(&req, false, access_log)
                 };
-                // Answers are compressed when the client's Accept-Encoding asks.
-                let encoding = crate::compression::wanted(req.headers());
+                // Answers are compressed when the client's Accept-Encoding asks; never a
+                // gRPC answer (its messages carry their own compression, and its status
+                // comes in trailers that rewriting the body would lose).
+                let grpc = tandem_shared::edge::front::is_grpc(req.headers());
+                let encoding = crate::compression::wanted(req.headers()).filter(|_| !grpc);
                 // Plain HTTP meets its front door here; HTTPS requests met the HTTPS worker's.
                 let door = (!https).then_some(door);
                 let web_origin = door.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
