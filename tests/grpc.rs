@@ -45,6 +45,7 @@ fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() 
     assert_eq!(seen["errors"]["unknown_model"], "StatusCode.NOT_FOUND", "{seen}");
     assert_eq!(seen["errors"]["bad_shape"], "StatusCode.INVALID_ARGUMENT", "{seen}");
     assert_eq!(seen["errors"]["unimplemented"], "StatusCode.UNIMPLEMENTED", "{seen}");
+    assert_eq!(seen["index"], serde_json::json!([["digits", "READY"]]), "{seen}");
     // A raw h2c call that also asks for HTTP compression: the answer keeps
     // its gRPC framing and its status trailer (never gzipped as a whole).
     let frame = t.dir.path().join("empty.grpc");
@@ -63,6 +64,49 @@ fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() 
     let stats: Value = Tandem::http_client().get(t.http_url("/v2/models/digits/stats")).send().unwrap().json().unwrap();
     let success = stats["model_stats"][0]["inference_stats"]["success"]["count"].as_u64().unwrap();
     assert!(success >= 3, "{stats}");
+}
+
+#[test]
+fn models_are_loaded_and_unloaded_over_grpc_and_http_sees_it() {
+    let t = TandemBuilder::new()
+        .env("NUM_WORKERS", "2")
+        .env("MODEL_CONTROL_MODE", "explicit")
+        .env("MODEL_LOAD", "*")
+        .start();
+    let script = r#"
+import sys, json
+import tritonclient.grpc as g
+from tritonclient.utils import InferenceServerException
+c = g.InferenceServerClient(sys.argv[1])
+seen = {}
+c.unload_model("digits")
+seen["after_unload"] = c.is_model_ready("digits")
+try:
+    c.load_model("digits", files={"file:1/model.onnx": b"x"})
+except InferenceServerException as e:
+    seen["files"] = [e.status(), e.message()]
+c.load_model("digits")
+seen["after_load"] = c.is_model_ready("digits")
+print(json.dumps(seen))
+"#;
+    let out = Command::new("python3").args(["-c", script]).arg(format!("127.0.0.1:{}", t.http_port)).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}
+{}",
+        String::from_utf8_lossy(&out.stderr),
+        t.explain()
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen["after_unload"], false, "{seen}");
+    assert_eq!(seen["after_load"], true, "{seen}");
+    assert_eq!(seen["files"][0], "StatusCode.INVALID_ARGUMENT", "{seen}");
+    assert!(seen["files"][1].as_str().unwrap().contains("not supported"), "{seen}");
+    // HTTP sees what gRPC did, on every worker.
+    for _ in 0..4 {
+        let r = Tandem::http_client().get(t.http_url("/v2/models/digits/ready")).send().unwrap();
+        assert_eq!(r.status(), 200);
+    }
 }
 
 #[test]

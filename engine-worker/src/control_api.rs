@@ -14,20 +14,32 @@ use tandem_shared::process::control::{ModelChange, MAX_MODEL_CONFIG_BYTES};
 use crate::infer::ApiError;
 use crate::state::{error, read_body, AppState};
 
-fn refused(mode: ModelControlMode) -> Option<Response> {
+fn refused(mode: ModelControlMode) -> Option<ApiError> {
     (mode != ModelControlMode::Explicit).then(|| {
-        error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "model load and unload need MODEL_CONTROL_MODE=explicit (it is {})",
-                match mode {
-                    ModelControlMode::None => "none",
-                    ModelControlMode::Poll => "poll: the repository is watched instead",
-                    ModelControlMode::Explicit => "explicit",
-                }
-            ),
-        )
+        ApiError::bad(format!(
+            "model load and unload need MODEL_CONTROL_MODE=explicit (it is {})",
+            match mode {
+                ModelControlMode::None => "none",
+                ModelControlMode::Poll => "poll: the repository is watched instead",
+                ModelControlMode::Explicit => "explicit",
+            }
+        ))
     })
+}
+
+/// Carries a load or unload to the supervisor and waits for its outcome:
+/// what both faces of the protocol do once they have read the request.
+pub(crate) async fn change(state: &AppState, change: ModelChange) -> Result<(), ApiError> {
+    let mc = state.model_control();
+    if let Some(e) = refused(mc.mode) {
+        return Err(e);
+    }
+    if let ModelChange::Unload { model } = &change {
+        if !state.engine().models().contains_key(model) {
+            return Err(ApiError::bad(format!("unknown model {model:?}")));
+        }
+    }
+    mc.request(change).await
 }
 
 /// The configuration override of a load request (Triton's `parameters.config`,
@@ -40,6 +52,12 @@ fn config_of(body: &[u8]) -> Result<Option<String>, ApiError> {
         serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("the load request is not JSON: {e}")))?;
     let Some(params) = v.get("parameters") else { return Ok(None) };
     let params = params.as_object().ok_or_else(|| ApiError::bad("\"parameters\" must be an object"))?;
+    config_param(params)
+}
+
+/// The configuration override among a load request's parameters (`config`,
+/// a JSON string); model files sent in the request (`file:...`) are refused.
+pub(crate) fn config_param(params: &serde_json::Map<String, serde_json::Value>) -> Result<Option<String>, ApiError> {
     if let Some(k) = params.keys().find(|k| k.starts_with("file:")) {
         return Err(ApiError::bad(format!(
             "{:?}: loading model files sent in the request is not supported; place them in the repository",
@@ -67,9 +85,8 @@ pub(crate) async fn load(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let mc = state.model_control();
-    if let Some(r) = refused(mc.mode) {
-        return r;
+    if let Some(e) = refused(state.model_control().mode) {
+        return e.into_response();
     }
     let (body, _share) = match read_body(&headers, body, state.max_request_bytes(), state.budget()).await {
         Ok(b) => b,
@@ -79,19 +96,12 @@ pub(crate) async fn load(
         Ok(c) => c,
         Err(e) => return error(e.status, e.message),
     };
-    answer(mc.request(ModelChange::Load { model, config }).await)
+    answer(change(&state, ModelChange::Load { model, config }).await)
 }
 
 /// `POST /v2/repository/models/{m}/unload`.
 pub(crate) async fn unload(State(state): State<AppState>, Path(model): Path<String>) -> Response {
-    let mc = state.model_control();
-    if let Some(r) = refused(mc.mode) {
-        return r;
-    }
-    if !state.engine().models().contains_key(&model) {
-        return error(StatusCode::BAD_REQUEST, format!("unknown model {model:?}"));
-    }
-    answer(mc.request(ModelChange::Unload { model }).await)
+    answer(change(&state, ModelChange::Unload { model }).await)
 }
 
 fn answer(result: Result<(), ApiError>) -> Response {

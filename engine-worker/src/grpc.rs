@@ -283,6 +283,56 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for Grpc {
         self.infer(r.into_inner()).await.map(Response::new).map_err(status)
     }
 
+    async fn repository_index(
+        &self,
+        _: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let models = crate::router::repository_entries(&self.state)
+            .into_iter()
+            .map(|e| pb::repository_index_response::ModelIndex {
+                name: e.name,
+                version: e.version.unwrap_or_default(),
+                state: e.state.to_string(),
+                reason: e.reason.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        r: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        use pb::model_repository_parameter::ParameterChoice as C;
+        let r = r.into_inner();
+        let params: Map<String, Value> = r
+            .parameters
+            .iter()
+            .map(|(k, v)| {
+                let v = match &v.parameter_choice {
+                    Some(C::StringParam(s)) => Value::from(s.as_str()),
+                    Some(C::BoolParam(b)) => Value::from(*b),
+                    Some(C::Int64Param(n)) => Value::from(*n),
+                    Some(C::BytesParam(_)) | None => Value::Null,
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        let config = crate::control_api::config_param(&params).map_err(status)?;
+        let change = tandem_shared::process::control::ModelChange::Load { model: r.model_name, config };
+        crate::control_api::change(&self.state, change).await.map_err(status)?;
+        Ok(Response::new(pb::RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        r: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        let change = tandem_shared::process::control::ModelChange::Unload { model: r.into_inner().model_name };
+        crate::control_api::change(&self.state, change).await.map_err(status)?;
+        Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+
     async fn model_config(
         &self,
         r: Request<pb::ModelConfigRequest>,

@@ -174,22 +174,53 @@ async fn ready(State(state): State<AppState>) -> Response {
 }
 
 /// Triton's repository index: every model and version with its state and, when unavailable, the reason.
-async fn repository_index(State(state): State<AppState>) -> Json<serde_json::Value> {
+/// One entry of the repository index: name, version (none for a model that
+/// failed as a whole), `READY` or `UNAVAILABLE`, and why not.
+pub(crate) struct IndexEntry {
+    pub(crate) name: String,
+    pub(crate) version: Option<String>,
+    pub(crate) state: &'static str,
+    pub(crate) reason: Option<String>,
+}
+
+/// The repository index both faces answer.
+pub(crate) fn repository_entries(state: &AppState) -> Vec<IndexEntry> {
     let mut out = Vec::new();
     for (name, m) in &state.inner.engine.index() {
         if let Some(reason) = &m.error {
-            out.push(json!({ "name": name, "state": "UNAVAILABLE", "reason": reason }));
+            out.push(IndexEntry {
+                name: name.clone(),
+                version: None,
+                state: "UNAVAILABLE",
+                reason: Some(reason.clone()),
+            });
             continue;
         }
         for (v, s) in &m.versions {
-            out.push(match s {
-                VersionState::Ready(_) => json!({ "name": name, "version": v.to_string(), "state": "READY" }),
-                VersionState::Unavailable(r) => {
-                    json!({ "name": name, "version": v.to_string(), "state": "UNAVAILABLE", "reason": r })
-                }
-            });
+            let (state, reason) = match s {
+                VersionState::Ready(_) => ("READY", None),
+                VersionState::Unavailable(r) => ("UNAVAILABLE", Some(r.clone())),
+            };
+            out.push(IndexEntry { name: name.clone(), version: Some(v.to_string()), state, reason });
         }
     }
+    out
+}
+
+async fn repository_index(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let out: Vec<serde_json::Value> = repository_entries(&state)
+        .into_iter()
+        .map(|e| {
+            let mut v = json!({ "name": e.name, "state": e.state });
+            if let Some(version) = e.version {
+                v["version"] = json!(version);
+            }
+            if let Some(reason) = e.reason {
+                v["reason"] = json!(reason);
+            }
+            v
+        })
+        .collect();
     Json(json!(out))
 }
 

@@ -66,11 +66,12 @@ def main():
     except InferenceServerException as e:
         errors["bad_shape"] = e.status()
     try:
-        g.get_model_repository_index(headers=HH)
+        g.get_system_shared_memory_status(headers=HH)
         errors["unimplemented"] = "answered"
     except InferenceServerException as e:
         errors["unimplemented"] = e.status()
     seen["errors"] = errors
+    seen["index"] = [(m["name"], m.get("state")) for m in g.get_model_repository_index(headers=HH, as_json=True)["models"]]
     print(json.dumps(seen))
 
 
