@@ -46,6 +46,10 @@ fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() 
     assert_eq!(seen["errors"]["bad_shape"], "StatusCode.INVALID_ARGUMENT", "{seen}");
     assert_eq!(seen["errors"]["unimplemented"], "StatusCode.UNIMPLEMENTED", "{seen}");
     assert_eq!(seen["index"], serde_json::json!([["digits", "READY"]]), "{seen}");
+    // Triton's statistics over gRPC: the same totals HTTP reads.
+    assert_eq!(seen["grpc_stats"]["name"], "digits", "{seen}");
+    assert!(seen["grpc_stats"]["success"].as_u64().unwrap() >= 3, "{seen}");
+    assert_eq!(seen["grpc_stats"]["success"], seen["http_stats_success"], "{seen}");
     // A raw h2c call that also asks for HTTP compression: the answer keeps
     // its gRPC framing and its status trailer (never gzipped as a whole).
     let frame = t.dir.path().join("empty.grpc");
@@ -124,6 +128,34 @@ fn grpc_calls_meet_the_same_front_door() {
     let seen = grpc_client(&t, &["--header", &format!("authorization=Bearer {key}")]);
     assert_eq!(seen["without"], "StatusCode.UNAUTHENTICATED", "{seen}");
     assert_eq!(seen["same_answer"], true, "{seen}");
+}
+
+#[test]
+fn grpc_health_checks_answer_for_the_server_and_each_model() {
+    let t = TandemBuilder::new().start();
+    let script = r#"
+import sys, json, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(sys.argv[1]))
+seen = {}
+for service in ["", "digits", "nope"]:
+    try:
+        r = stub.Check(health_pb2.HealthCheckRequest(service=service))
+        seen[service or "server"] = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+    except grpc.RpcError as e:
+        seen[service or "server"] = str(e.code())
+print(json.dumps(seen))
+"#;
+    let out = Command::new("python3").args(["-c", script]).arg(format!("127.0.0.1:{}", t.http_port)).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}
+{}",
+        String::from_utf8_lossy(&out.stderr),
+        t.explain()
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(seen, serde_json::json!({"server": "SERVING", "digits": "SERVING", "nope": "StatusCode.NOT_FOUND"}));
 }
 
 #[test]

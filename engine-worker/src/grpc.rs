@@ -19,6 +19,14 @@ use crate::state::{find, AppState, ModelPath};
 
 /// The routes' prefix: every call is `/inference.GRPCInferenceService/{Method}`.
 pub const PREFIX: &str = "/inference.GRPCInferenceService/";
+/// The standard health service's prefix.
+pub const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+
+/// Types generated from `proto/health.proto` (`grpc.health.v1`).
+#[allow(missing_docs, clippy::all, reason = "generated code")]
+pub mod health_pb {
+    include!(concat!(env!("OUT_DIR"), "/grpc.health.v1.rs"));
+}
 
 /// The service, over one worker's state.
 pub struct Grpc {
@@ -34,6 +42,43 @@ pub fn service(state: AppState) -> pb::grpc_inference_service_server::GrpcInfere
         .max_encoding_message_size(usize::MAX)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
         .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+}
+
+/// `grpc.health.v1.Health`: `Check` for the server (`""`, SERVING once
+/// ready) or a model by name (SERVING when a version serves, NOT_SERVING
+/// when it is unavailable, `NOT_FOUND` when there is no such model, as the
+/// health protocol asks). `Watch` is not served yet.
+pub struct Health {
+    state: AppState,
+}
+
+/// The health service the router mounts at [`HEALTH_PREFIX`].
+pub fn health(state: AppState) -> health_pb::health_server::HealthServer<Health> {
+    health_pb::health_server::HealthServer::new(Health { state })
+}
+
+#[tonic::async_trait]
+impl health_pb::health_server::Health for Health {
+    async fn check(
+        &self,
+        r: Request<health_pb::HealthCheckRequest>,
+    ) -> Result<Response<health_pb::HealthCheckResponse>, Status> {
+        use health_pb::health_check_response::ServingStatus;
+        let service = r.into_inner().service;
+        let serving = if service.is_empty() {
+            self.state.inner.engine.ready()
+        } else {
+            match find(&self.state, &model_path(&service, "")) {
+                Ok(_) => true,
+                Err(e) if e.status == StatusCode::NOT_FOUND => {
+                    return Err(Status::not_found(format!("no model {service:?}")))
+                }
+                Err(_) => false,
+            }
+        };
+        let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+        Ok(Response::new(health_pb::HealthCheckResponse { status: status as i32 }))
+    }
 }
 
 /// A JSON-face error as the gRPC status Triton gives for it.
@@ -281,6 +326,42 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for Grpc {
 
     async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
         self.infer(r.into_inner()).await.map(Response::new).map_err(status)
+    }
+
+    async fn model_statistics(
+        &self,
+        r: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        use tandem_shared::stats::ModelCounter::*;
+        let r = r.into_inner();
+        let only = (!r.name.is_empty()).then(|| model_path(&r.name, &r.version));
+        if let Some(p) = &only {
+            find(&self.state, p).map_err(status)?;
+        }
+        let entries = crate::metrics::stats_entries(&self.state, only.as_ref()).map_err(status)?;
+        let d = |count, ns| Some(pb::StatisticDuration { count, ns });
+        let model_stats = entries
+            .into_iter()
+            .map(|(name, version, t)| pb::ModelStatistics {
+                name,
+                version,
+                last_inference: t.get(LastInferenceMs),
+                inference_count: t.get(InferenceCount),
+                execution_count: t.get(ExecutionCount),
+                inference_stats: Some(pb::InferStatistics {
+                    success: d(t.get(SuccessCount), t.get(SuccessNs)),
+                    fail: d(t.get(FailCount), t.get(FailNs)),
+                    queue: d(t.get(QueueCount), t.get(QueueNs)),
+                    compute_input: d(t.get(InputCount), t.get(InputNs)),
+                    compute_infer: d(t.get(InferCount), t.get(InferNs)),
+                    compute_output: d(t.get(OutputCount), t.get(OutputNs)),
+                    cache_hit: d(0, 0),
+                    cache_miss: d(0, 0),
+                }),
+                ..Default::default()
+            })
+            .collect();
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }
 
     async fn repository_index(

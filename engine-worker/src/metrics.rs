@@ -382,6 +382,21 @@ pub(crate) async fn model_stats(State(state): State<AppState>, Path(p): Path<Mod
 }
 
 fn stats_of(state: &AppState, only: Option<&ModelPath>) -> Response {
+    match stats_entries(state, only) {
+        Ok(entries) => {
+            let out: Vec<_> = entries.iter().map(|(name, version, t)| triton_entry(name, version, t)).collect();
+            Json(json!({ "model_stats": out })).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Every ready model version (or those `only` names) with its totals over
+/// every engine worker: what both faces' statistics answer.
+pub(crate) fn stats_entries(
+    state: &AppState,
+    only: Option<&ModelPath>,
+) -> Result<Vec<(String, String, ModelTotals)>, ApiError> {
     let snap = Snapshot::read(state.stats().region());
     let mut out = Vec::new();
     for (name, model) in state.engine().models().iter() {
@@ -396,14 +411,13 @@ fn stats_of(state: &AppState, only: Option<&ModelPath>) -> Response {
                 continue;
             }
             let totals = snap.models.get(&(name.clone(), *v)).cloned().unwrap_or_default();
-            out.push(triton_entry(name, &label, &totals));
+            out.push((name.clone(), label, totals));
         }
     }
     if out.is_empty() && only.is_some() {
-        return ApiError { status: StatusCode::NOT_FOUND, message: "no ready model version matches".into() }
-            .into_response();
+        return Err(ApiError { status: StatusCode::NOT_FOUND, message: "no ready model version matches".into() });
     }
-    Json(json!({ "model_stats": out })).into_response()
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ pub fn router(state: AppState) -> Router {
     let door = state.inner.door.clone();
     let body_timeout = state.inner.body_timeout;
     let grpc = crate::grpc::service(state.clone());
+    let health = crate::grpc::health(state.clone());
     Router::new()
         .route("/", get(info))
         .route("/metrics", get(crate::metrics::metrics))
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/models/{name}/versions/{version}/infer", post(infer))
         // The gRPC face, behind the same front door, counted the same way.
         .route_service(&format!("{}{{*method}}", crate::grpc::PREFIX), grpc)
+        .route_service(&format!("{}{{*method}}", crate::grpc::HEALTH_PREFIX), health)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")

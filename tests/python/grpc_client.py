@@ -71,6 +71,9 @@ def main():
     except InferenceServerException as e:
         errors["unimplemented"] = e.status()
     seen["errors"] = errors
+    stats = g.get_inference_statistics("digits", headers=HH, as_json=True)["model_stats"][0]
+    seen["grpc_stats"] = {"name": stats["name"], "success": int(stats["inference_stats"]["success"]["count"])}
+    seen["http_stats_success"] = h.get_inference_statistics("digits", headers=dict(H))["model_stats"][0]["inference_stats"]["success"]["count"]
     seen["index"] = [(m["name"], m.get("state")) for m in g.get_model_repository_index(headers=HH, as_json=True)["models"]]
     print(json.dumps(seen))
 
