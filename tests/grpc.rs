@@ -131,6 +131,49 @@ fn grpc_calls_meet_the_same_front_door() {
 }
 
 #[test]
+fn a_stream_answers_every_request_and_a_bad_one_with_its_error_without_closing() {
+    let t = TandemBuilder::new().env("NUM_WORKERS", "2").start();
+    let script = r#"
+import sys, json, queue
+import numpy as np
+import tritonclient.grpc as g
+c = g.InferenceServerClient(sys.argv[1])
+answers = queue.Queue()
+c.start_stream(callback=lambda result, error: answers.put((result, error)))
+for i in range(100):
+    n = 63 if i == 37 else 64
+    x = g.InferInput("pixels", [1, n], "FP32")
+    x.set_data_from_numpy(np.full((1, n), i % 17, dtype=np.float32))
+    c.async_stream_infer("digits", [x], request_id=str(i))
+seen = {"ok": [], "errors": []}
+for _ in range(100):
+    result, error = answers.get(timeout=30)
+    if error is not None:
+        seen["errors"].append(str(error))
+    else:
+        r = result.get_response()
+        seen["ok"].append(int(r.id))
+c.stop_stream()
+print(json.dumps(seen))
+"#;
+    let out = Command::new("python3").args(["-c", script]).arg(format!("127.0.0.1:{}", t.http_port)).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}
+{}",
+        String::from_utf8_lossy(&out.stderr),
+        t.explain()
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ok: Vec<u64> = seen["ok"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let expected: Vec<u64> = (0..100).filter(|&i| i != 37).collect();
+    assert_eq!(ok, expected, "every good request answered, in order: {seen}");
+    let errors = seen["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{seen}");
+    assert!(errors[0].as_str().unwrap().contains("64"), "the error names the expected shape: {seen}");
+}
+
+#[test]
 fn grpc_health_checks_answer_for_the_server_and_each_model() {
     let t = TandemBuilder::new().start();
     let script = r#"

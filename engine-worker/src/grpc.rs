@@ -33,6 +33,9 @@ pub struct Grpc {
     state: AppState,
 }
 
+/// Answers a stream holds for a client that has not read them yet.
+const STREAM_AHEAD: usize = 16;
+
 /// The tower service the router mounts at [`PREFIX`]: messages up to
 /// `MAX_REQUEST_BYTES` each way, gzip accepted and sent when asked.
 pub fn service(state: AppState) -> pb::grpc_inference_service_server::GrpcInferenceServiceServer<Grpc> {
@@ -326,6 +329,41 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for Grpc {
 
     async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
         self.infer(r.into_inner()).await.map(Response::new).map_err(status)
+    }
+
+    /// Each request on the stream answered on it, in order; a request that
+    /// fails is answered with its `error_message` and the stream goes on (as
+    /// Triton does for models that are not decoupled). At most
+    /// [`STREAM_AHEAD`] answers wait for a client that does not read; then
+    /// the stream stops reading requests until it does.
+    async fn model_stream_infer(
+        &self,
+        r: Request<tonic::Streaming<pb::ModelInferRequest>>,
+    ) -> Result<Response<tonic::codegen::BoxStream<pb::ModelStreamInferResponse>>, Status> {
+        let mut inbound = r.into_inner();
+        let grpc = Grpc { state: self.state.clone() };
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_AHEAD);
+        tokio::spawn(async move {
+            loop {
+                let reply = match inbound.message().await {
+                    Ok(Some(req)) => match grpc.infer(req).await {
+                        Ok(answer) => Ok(pb::ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(answer),
+                        }),
+                        Err(e) => Ok(pb::ModelStreamInferResponse { error_message: e.message, infer_response: None }),
+                    },
+                    Ok(None) => break,
+                    // A broken stream (bad framing, a message over the limit) ends with its status.
+                    Err(status) => Err(status),
+                };
+                let last = reply.is_err();
+                if tx.send(reply).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn model_statistics(
