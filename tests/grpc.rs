@@ -118,6 +118,8 @@ fn grpc_calls_meet_the_same_front_door() {
     let t = TandemBuilder::new().env("RESTRICTED_API", "inference,model-config:x-infer-key=sesame").start();
     let seen = grpc_client(&t, &["--header", "x-infer-key=sesame"]);
     assert_eq!(seen["without"], "StatusCode.PERMISSION_DENIED", "{seen}");
+    // The door's own words reach the gRPC client (its status, in grpc-status).
+    assert!(seen["without_message"].as_str().unwrap().contains("the inference API is restricted"), "{seen}");
     assert_eq!(seen["same_answer"], true, "{seen}");
     // API keys travel as call metadata too.
     let b = TandemBuilder::new();
@@ -127,6 +129,7 @@ fn grpc_calls_meet_the_same_front_door() {
     let t = b.env("API_KEYS_FILE", keys.to_str().unwrap()).start();
     let seen = grpc_client(&t, &["--header", &format!("authorization=Bearer {key}")]);
     assert_eq!(seen["without"], "StatusCode.UNAUTHENTICATED", "{seen}");
+    assert!(seen["without_message"].as_str().unwrap().contains("needs a key"), "{seen}");
     assert_eq!(seen["same_answer"], true, "{seen}");
 }
 

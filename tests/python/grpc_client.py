@@ -37,6 +37,7 @@ def main():
             seen["without"] = "served"
         except InferenceServerException as e:
             seen["without"] = e.status()
+            seen["without_message"] = e.message()
     seen.update({
         "live": g.is_server_live(headers=HH),
         "ready": g.is_server_ready(headers=HH),

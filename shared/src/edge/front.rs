@@ -61,6 +61,45 @@ pub fn grpc_status(code: u8, message: &str) -> Answer {
     res
 }
 
+/// An answer of the door's as the gRPC status it means (trailers-only), its
+/// message kept; `Retry-After` and `WWW-Authenticate` stay as they were.
+fn as_grpc(answer: Answer) -> Answer {
+    let code = match answer.status() {
+        StatusCode::UNAUTHORIZED => 16,                                     // UNAUTHENTICATED
+        StatusCode::FORBIDDEN => 7,                                         // PERMISSION_DENIED
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::PAYLOAD_TOO_LARGE => 8, // RESOURCE_EXHAUSTED
+        StatusCode::SERVICE_UNAVAILABLE => 14,                              // UNAVAILABLE
+        StatusCode::NOT_FOUND => 12,                                        // UNIMPLEMENTED
+        StatusCode::BAD_REQUEST => 3,                                       // INVALID_ARGUMENT
+        _ => 2,                                                             // UNKNOWN
+    };
+    let (parts, body) = answer.into_parts();
+    let bytes = ready_bytes(body);
+    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+        .unwrap_or_else(|| parts.status.to_string());
+    let mut res = grpc_status(code, &message);
+    for name in [header::RETRY_AFTER, header::WWW_AUTHENTICATE, header::LOCATION] {
+        if let Some(v) = parts.headers.get(&name) {
+            res.headers_mut().insert(name, v.clone());
+        }
+    }
+    res
+}
+
+/// The bytes of an answer tandem made itself (a `Full` body is one chunk, ready now).
+fn ready_bytes(body: Full<Bytes>) -> Bytes {
+    use hyper::body::Body as _;
+    let mut body = std::pin::pin!(body);
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    match body.as_mut().poll_frame(&mut cx) {
+        std::task::Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
+    }
+}
+
 /// 413 for a body over `which` ([`max_request_bytes`], or a smaller limit of the path).
 pub fn too_large(which: &str) -> Answer {
     error(StatusCode::PAYLOAD_TOO_LARGE, &too_large_message(which))
@@ -251,6 +290,12 @@ impl FrontDoor {
     /// the request; `None` lets the request through (with the
     /// [`super::gate::KeyName`] of its API key in its extensions, when it has one).
     pub fn answer<B>(&self, req: &mut Request<B>) -> Option<Answer> {
+        let answer = self.answer_http(req)?;
+        // A gRPC client reads its status from grpc-status, not the HTTP one.
+        Some(if is_grpc(req.headers()) { as_grpc(answer) } else { answer })
+    }
+
+    fn answer_http<B>(&self, req: &mut Request<B>) -> Option<Answer> {
         let path = req.uri().path();
         if let Some(dir) = &self.acme_http01 {
             if let Some(token) = path.strip_prefix(ACME_PREFIX) {
@@ -415,6 +460,18 @@ mod tests {
             b = b.header(*k, *v);
         }
         b.body(()).unwrap()
+    }
+
+    #[test]
+    fn a_grpc_call_is_refused_with_a_grpc_status_and_the_door_s_words() {
+        let mut res = as_grpc(error(StatusCode::TOO_MANY_REQUESTS, "slow down; 50% over"));
+        res.headers_mut().remove(header::DATE);
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["grpc-status"], "8");
+        assert_eq!(res.headers()["grpc-message"], "slow down; 50%25 over");
+        assert_eq!(res.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(res.headers()[header::CONTENT_TYPE], "application/grpc");
+        assert_eq!(as_grpc(error(StatusCode::UNAUTHORIZED, "key")).headers()["grpc-status"], "16");
     }
 
     #[test]
