@@ -64,6 +64,12 @@ fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() 
         .unwrap();
     let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
     assert!(head.contains("grpc-status: 0") && !head.contains("content-encoding"), "{head}");
+    // Calls are counted by service, a failed one as what its code means.
+    let metrics = Tandem::http_client().get(t.http_url("/metrics")).send().unwrap().text().unwrap();
+    let route = "route=\"/inference.GRPCInferenceService/{method}\"";
+    assert!(metrics.lines().any(|l| l.contains(route) && l.contains("code=\"200\"")), "{metrics}");
+    assert!(metrics.lines().any(|l| l.contains(route) && l.contains("code=\"404\"")), "unknown model: {metrics}");
+    assert!(metrics.lines().any(|l| l.contains(route) && l.contains("code=\"400\"")), "bad shape: {metrics}");
     // The inferences are counted like HTTP ones.
     let stats: Value = Tandem::http_client().get(t.http_url("/v2/models/digits/stats")).send().unwrap().json().unwrap();
     let success = stats["model_stats"][0]["inference_stats"]["success"]["count"].as_u64().unwrap();

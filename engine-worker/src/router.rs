@@ -99,7 +99,8 @@ pub fn router(state: AppState) -> Router {
                 }
                 res.headers_mut().insert("x-tandem-worker", worker_id);
                 let bytes_out = axum::body::HttpBody::size_hint(res.body()).exact();
-                arrival.answered(&stats, res.status().as_u16(), bytes_out, id);
+                let status = tandem_shared::edge::access::counted_status(res.status(), res.headers());
+                arrival.answered(&stats, status, bytes_out, id);
                 res
             }
         }))

@@ -318,7 +318,12 @@ impl Forwarder {
                 self.stats.ring(event::TOO_LARGE);
             }
             let bytes_out = hyper::body::Body::size_hint(res.body()).exact();
-            arrival.answered(&self.stats, status.as_u16(), bytes_out, self.access_log.unwrap_or(0));
+            arrival.answered(
+                &self.stats,
+                tandem_shared::edge::access::counted_status(status, res.headers()),
+                bytes_out,
+                self.access_log.unwrap_or(0),
+            );
         }
         self.door.finish(web_origin.as_ref(), res.headers_mut());
         Ok(res)

@@ -333,7 +333,8 @@ impl Proxy {
         door.finish(web_origin.as_ref(), res.headers_mut());
         let own = self.opts.access_log.unwrap_or(0);
         let bytes_out = res.body().size_hint().exact();
-        arrival.answered(&self.stats, res.status().as_u16(), bytes_out, worker.map_or(own, |w| w as u64));
+        let status = tandem_shared::edge::access::counted_status(res.status(), res.headers());
+        arrival.answered(&self.stats, status, bytes_out, worker.map_or(own, |w| w as u64));
         Ok(res)
     }
 

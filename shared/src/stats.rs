@@ -48,6 +48,8 @@ pub const ROUTES: &[&str] = &[
     "/v2/models/{name}/versions/{version}/config",
     "/v2/models/{name}/versions/{version}/stats",
     "/v2/models/{name}/versions/{version}/infer",
+    "/inference.GRPCInferenceService/{method}",
+    "/grpc.health.v1.Health/{method}",
     "other",
 ];
 const NR: usize = ROUTES.len();
@@ -55,7 +57,7 @@ const NR: usize = ROUTES.len();
 pub const METHODS: &[&str] = &["GET", "POST", "HEAD", "other"];
 const NM: usize = METHODS.len();
 /// Status codes counted by number; the rest are `other` (index `STATUSES.len()`).
-pub const STATUSES: &[u16] = &[200, 204, 308, 400, 401, 403, 404, 405, 408, 413, 415, 429, 500, 502, 503, 504];
+pub const STATUSES: &[u16] = &[200, 204, 308, 400, 401, 403, 404, 405, 408, 413, 415, 429, 500, 501, 502, 503, 504];
 const NS: usize = STATUSES.len() + 1;
 /// The two listeners.
 pub const LISTENERS: [&str; 2] = ["http", "https"];
@@ -905,6 +907,8 @@ mod tests {
         assert_eq!(r("/v2/models/digits/stats"), "/v2/models/{name}/stats");
         assert_eq!(r("/nope/x"), "other");
         assert_eq!(r("/v2/models//infer"), "other");
+        assert_eq!(r("/inference.GRPCInferenceService/ModelInfer"), "/inference.GRPCInferenceService/{method}");
+        assert_eq!(r("/grpc.health.v1.Health/Check"), "/grpc.health.v1.Health/{method}");
     }
 
     #[test]

@@ -48,6 +48,27 @@ pub fn client_header_values(id: &crate::edge::serve::ClientIdentity) -> [String;
     [escaped(&id.subject, false), sans.join(", "), id.fingerprint.clone()]
 }
 
+/// The status an answer counts as: its HTTP status, or for a gRPC call that
+/// failed at once (a trailers-only answer: HTTP 200 with a non-zero
+/// `grpc-status`) the HTTP status gRPC's own mapping gives its code, so a
+/// failed call is not counted as a 200. (A call that fails after its first
+/// message says so in trailers, after the count.)
+pub fn counted_status(status: http::StatusCode, headers: &http::HeaderMap) -> u16 {
+    let code = headers.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<u8>().ok());
+    match code {
+        None | Some(0) => status.as_u16(),
+        Some(3 | 9 | 11) => 400, // INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE
+        Some(16) => 401,         // UNAUTHENTICATED
+        Some(7) => 403,          // PERMISSION_DENIED
+        Some(5) => 404,          // NOT_FOUND
+        Some(8) => 429,          // RESOURCE_EXHAUSTED
+        Some(12) => 501,         // UNIMPLEMENTED
+        Some(14) => 503,         // UNAVAILABLE
+        Some(4) => 504,          // DEADLINE_EXCEEDED
+        Some(_) => 500,
+    }
+}
+
 /// One answered request.
 #[derive(Debug, Clone)]
 pub struct Entry<'a> {
@@ -231,6 +252,18 @@ mod tests {
         let [subject, sans, _] = client_header_values(&id);
         assert_eq!(subject, r"CN=\xc3\xa9\xe4\xb8\xad");
         assert_eq!(sans, r#""DNS:\xc3\xa9""#);
+    }
+
+    #[test]
+    fn a_failed_grpc_call_counts_as_what_its_code_means() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(counted_status(http::StatusCode::OK, &h), 200);
+        h.insert("grpc-status", http::HeaderValue::from_static("0"));
+        assert_eq!(counted_status(http::StatusCode::OK, &h), 200);
+        for (code, want) in [("3", 400), ("5", 404), ("16", 401), ("8", 429), ("14", 503), ("12", 501), ("13", 500)] {
+            h.insert("grpc-status", http::HeaderValue::from_static(code));
+            assert_eq!(counted_status(http::StatusCode::OK, &h), want, "{code}");
+        }
     }
 
     #[test]
