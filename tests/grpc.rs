@@ -26,6 +26,13 @@ fn grpc_client(t: &Tandem, extra: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Runs `python3 -c script HOST:PORT` (the plain port) and reads the JSON it prints.
+fn python(t: &Tandem, script: &str) -> Value {
+    let out = Command::new("python3").args(["-c", script]).arg(format!("127.0.0.1:{}", t.http_port)).output().unwrap();
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), t.explain());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 #[test]
 fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() {
     let t = TandemBuilder::new().env("NUM_WORKERS", "2").start();
@@ -99,15 +106,7 @@ c.load_model("digits")
 seen["after_load"] = c.is_model_ready("digits")
 print(json.dumps(seen))
 "#;
-    let out = Command::new("python3").args(["-c", script]).arg(format!("127.0.0.1:{}", t.http_port)).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}
-{}",
-        String::from_utf8_lossy(&out.stderr),
-        t.explain()
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen = python(&t, script);
     assert_eq!(seen["after_unload"], false, "{seen}");
     assert_eq!(seen["after_load"], true, "{seen}");
     assert_eq!(seen["files"][0], "StatusCode.INVALID_ARGUMENT", "{seen}");
@@ -165,15 +164,7 @@ for _ in range(100):
 c.stop_stream()
 print(json.dumps(seen))
 "#;
-    let out = Command::new("python3").args(["-c", script]).arg(format!("127.0.0.1:{}", t.http_port)).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}
-{}",
-        String::from_utf8_lossy(&out.stderr),
-        t.explain()
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen = python(&t, script);
     let ok: Vec<u64> = seen["ok"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     let expected: Vec<u64> = (0..100).filter(|&i| i != 37).collect();
     assert_eq!(ok, expected, "every good request answered, in order: {seen}");
@@ -198,15 +189,7 @@ for service in ["", "digits", "nope"]:
         seen[service or "server"] = str(e.code())
 print(json.dumps(seen))
 "#;
-    let out = Command::new("python3").args(["-c", script]).arg(format!("127.0.0.1:{}", t.http_port)).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}
-{}",
-        String::from_utf8_lossy(&out.stderr),
-        t.explain()
-    );
-    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let seen = python(&t, script);
     assert_eq!(seen, serde_json::json!({"server": "SERVING", "digits": "SERVING", "nope": "StatusCode.NOT_FOUND"}));
 }
 
