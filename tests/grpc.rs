@@ -2,8 +2,8 @@
 //! the stock `tritonclient.grpc`: health, metadata, configuration and
 //! inference on the plain port (h2c) beside HTTP, answers equal to the HTTP
 //! face's, errors as gRPC status codes; the same front door (restricted
-//! categories and API keys as call metadata); and a clear status where gRPC
-//! is not served yet (over TLS).
+//! categories and API keys as call metadata); streams; health checks; the
+//! call's deadline; and a clear status where gRPC is not served yet (over TLS).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
 
@@ -171,6 +171,46 @@ print(json.dumps(seen))
     let errors = seen["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 1, "{seen}");
     assert!(errors[0].as_str().unwrap().contains("64"), "the error names the expected shape: {seen}");
+}
+
+#[test]
+fn a_call_s_deadline_is_kept_by_the_server() {
+    let b = TandemBuilder::new().env("NUM_WORKERS", "1");
+    let repo = b.dir().join("repo");
+    // Requests wait 2 s in the batcher for company.
+    copy_digits(
+        &repo,
+        "slow",
+        "dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 2000000 }\n",
+    );
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
+    let script = r#"
+import sys, json, time
+import numpy as np
+import tritonclient.grpc as g
+from tritonclient.utils import InferenceServerException
+c = g.InferenceServerClient(sys.argv[1])
+x = g.InferInput("pixels", [1, 64], "FP32")
+x.set_data_from_numpy(np.zeros((1, 64), dtype=np.float32))
+seen = {}
+started = time.monotonic()
+try:
+    c.infer("slow", [x], client_timeout=0.4)
+    seen["short"] = "served"
+except InferenceServerException as e:
+    seen["short"] = e.status()
+seen["short_s"] = time.monotonic() - started
+seen["long"] = c.infer("slow", [x], client_timeout=10).as_numpy("probabilities").shape[1]
+print(json.dumps(seen))
+"#;
+    let seen = python(&t, script);
+    assert_eq!(seen["short"], "StatusCode.DEADLINE_EXCEEDED", "{seen}");
+    assert!(seen["short_s"].as_f64().unwrap() < 1.5, "{seen}");
+    assert_eq!(seen["long"], 10, "{seen}");
+    // The server gave up on its own, at the deadline, and said so.
+    let metrics = Tandem::http_client().get(t.http_url("/metrics")).send().unwrap().text().unwrap();
+    let route = "route=\"/inference.GRPCInferenceService/{method}\"";
+    assert!(metrics.lines().any(|l| l.contains(route) && l.contains("code=\"504\"")), "{metrics}");
 }
 
 #[test]

@@ -84,6 +84,26 @@ impl health_pb::health_server::Health for Health {
     }
 }
 
+/// A call's `grpc-timeout` (at most eight digits and a unit: `H`, `M`, `S`,
+/// `m`, `u`, `n`), when it has a valid one.
+fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
+    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => std::time::Duration::from_secs(n * 3600),
+        "M" => std::time::Duration::from_secs(n * 60),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// A JSON-face error as the gRPC status Triton gives for it.
 fn status(e: ApiError) -> Status {
     let code = match e.status {
@@ -328,7 +348,16 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for Grpc {
     }
 
     async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
-        self.infer(r.into_inner()).await.map(Response::new).map_err(status)
+        // The client's deadline (grpc-timeout), never past REQUEST_TIMEOUT.
+        let limit = self.state.inner.body_timeout;
+        let within = deadline(r.metadata()).map_or(limit, |d| d.min(limit));
+        match tokio::time::timeout(within, self.infer(r.into_inner())).await {
+            Ok(answer) => answer.map(Response::new).map_err(status),
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "no answer within {} ms (the call's deadline, or REQUEST_TIMEOUT)",
+                within.as_millis()
+            ))),
+        }
     }
 
     /// Each request on the stream answered on it, in order; a request that
@@ -478,6 +507,24 @@ mod tests {
         let b = pb::InferTensorContents { bytes_contents: vec![b"ab".to_vec()], ..Default::default() };
         assert_eq!(contents_bytes("x", "BYTES", &b).unwrap(), vec![2, 0, 0, 0, b'a', b'b']);
         assert!(contents_bytes("x", "FP16", &pb::InferTensorContents::default()).is_err());
+    }
+
+    #[test]
+    fn deadlines_are_read_as_grpc_writes_them() {
+        let d = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            deadline(&m)
+        };
+        assert_eq!(d("300m"), Some(std::time::Duration::from_millis(300)));
+        assert_eq!(d("2S"), Some(std::time::Duration::from_secs(2)));
+        assert_eq!(d("1H"), Some(std::time::Duration::from_secs(3600)));
+        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
+            if !bad.is_empty() {
+                assert_eq!(d(bad), None, "{bad}");
+            }
+        }
+        assert_eq!(deadline(&tonic::metadata::MetadataMap::new()), None);
     }
 
     #[test]
