@@ -17,10 +17,11 @@ use crate::engine::PLATFORM;
 use crate::infer::{build_inputs, raw_output, requested_outputs, ApiError, InferRequest, RequestInput, RequestOutput};
 use crate::state::{find, AppState, ModelPath};
 
-/// The routes' prefix: every call is `/inference.GRPCInferenceService/{Method}`.
-pub const PREFIX: &str = "/inference.GRPCInferenceService/";
 /// The standard health service's prefix.
-pub const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+pub use tandem_shared::edge::restricted::GRPC_HEALTH as HEALTH_PREFIX;
+/// The routes' prefix: every call is `/inference.GRPCInferenceService/{Method}`
+/// (the restricted categories read the same names).
+pub use tandem_shared::edge::restricted::GRPC_SERVICE as PREFIX;
 
 /// Types generated from `proto/health.proto` (`grpc.health.v1`).
 #[allow(missing_docs, clippy::all, reason = "generated code")]
@@ -245,7 +246,6 @@ impl Grpc {
         let started = Instant::now();
         let state = &self.state;
         let model = find(state, &model_path(&r.model_name, &r.model_version))?;
-        let counters = state.model_stats(&model);
         let run = async {
             let decoding = Instant::now();
             let (req, binary) = as_http(&r)?;
@@ -274,20 +274,7 @@ impl Grpc {
             timings.output = encoding.elapsed();
             Ok::<_, ApiError>((response, batch, executions, timings))
         };
-        match run.await {
-            Ok((response, batch, executions, timings)) => {
-                if let Some(c) = counters {
-                    c.success(batch, executions, timings, started.elapsed());
-                }
-                Ok(response)
-            }
-            Err(e) => {
-                if let Some(c) = counters {
-                    c.failure(started.elapsed());
-                }
-                Err(e)
-            }
-        }
+        crate::router::counted(state, &model, started, run).await
     }
 }
 

@@ -312,10 +312,7 @@ pub fn encode_response(
     let mut json_outputs = Vec::with_capacity(requested.len());
     for (r, tensor) in requested.iter().zip(outputs) {
         let meta = &model.outputs[r.index];
-        let tensor = match r.classes {
-            Some(k) => classify(&tensor, k, &model.labels[r.index])?,
-            None => tensor,
-        };
+        let tensor = answered(model, r, tensor)?;
         let mut out = ResponseOutput {
             name: &meta.name,
             datatype: tensor.datatype(),
@@ -351,6 +348,14 @@ pub fn encode_response(
     Ok((body, Some(json_len)))
 }
 
+/// The output `r` asks for: the tensor itself, or its top-k classes.
+fn answered(model: &ModelVersion, r: &Requested, tensor: Tensor) -> Result<Tensor, ApiError> {
+    match r.classes {
+        Some(k) => classify(&tensor, k, &model.labels[r.index]),
+        None => Ok(tensor),
+    }
+}
+
 /// One output as a face that carries raw bytes sends it (gRPC's
 /// `raw_output_contents`): classified when asked, then its datatype, shape and
 /// little-endian bytes (BYTES length-prefixed), as the binary extension writes them.
@@ -359,10 +364,7 @@ pub fn raw_output(
     r: &Requested,
     tensor: Tensor,
 ) -> Result<(DataType, Vec<usize>, Vec<u8>), ApiError> {
-    let tensor = match r.classes {
-        Some(k) => classify(&tensor, k, &model.labels[r.index])?,
-        None => tensor,
-    };
+    let tensor = answered(model, r, tensor)?;
     let mut bytes = Vec::with_capacity(binary_size(&tensor.data));
     write_binary(&tensor.data, &mut bytes);
     Ok((tensor.datatype(), tensor.shape, bytes))

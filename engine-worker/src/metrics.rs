@@ -72,22 +72,27 @@ impl Exposition {
 /// API keys, rate limits and model concurrency caps.
 fn access_families(e: &mut Exposition, snap: &Snapshot) {
     e.family("tandem_auth_failures_total", "counter", "Requests answered 401: no API key, or one that is not valid.");
-    e.sample("tandem_auth_failures_total", &[("reason", "missing")], snap.access[0]);
-    e.sample("tandem_auth_failures_total", &[("reason", "invalid")], snap.access[1]);
+    use tandem_shared::stats::access_event as ev;
+    e.sample("tandem_auth_failures_total", &[("reason", "missing")], snap.access[ev::MISSING_KEY]);
+    e.sample("tandem_auth_failures_total", &[("reason", "invalid")], snap.access[ev::INVALID_KEY]);
     e.family(
         "tandem_rate_limited_total",
         "counter",
         "Requests answered 429 by RATE_LIMIT, by what the client was known by.",
     );
-    for (i, by) in ["key", "certificate", "address"].iter().enumerate() {
-        e.sample("tandem_rate_limited_total", &[("by", by)], snap.access[2 + i]);
+    for (event, by) in [
+        (ev::RATE_LIMITED_KEY, "key"),
+        (ev::RATE_LIMITED_CERTIFICATE, "certificate"),
+        (ev::RATE_LIMITED_ADDRESS, "address"),
+    ] {
+        e.sample("tandem_rate_limited_total", &[("by", by)], snap.access[event]);
     }
     e.family(
         "tandem_model_busy_total",
         "counter",
         "Inference requests answered 429 because their model had max_inflight requests running.",
     );
-    e.sample("tandem_model_busy_total", &[], snap.access[5]);
+    e.sample("tandem_model_busy_total", &[], snap.access[ev::MODEL_BUSY]);
     if snap.clients.is_empty() {
         return;
     }
@@ -105,7 +110,11 @@ fn access_families(e: &mut Exposition, snap: &Snapshot) {
     }
     e.family("tandem_client_rate_limited_total", "counter", "Requests answered 429 by RATE_LIMIT, per API key name.");
     for (name, counts) in &snap.clients {
-        e.sample("tandem_client_rate_limited_total", &[("client", name)], counts[4]);
+        e.sample(
+            "tandem_client_rate_limited_total",
+            &[("client", name)],
+            counts[tandem_shared::stats::CLIENT_RATE_LIMITED],
+        );
     }
 }
 

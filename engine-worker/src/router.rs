@@ -60,11 +60,8 @@ pub fn router(state: AppState) -> Router {
             async move {
                 let https = req.extensions().get::<Scheme>() == Some(&Scheme::Https);
                 if !https {
-                    // Only the HTTPS worker vouches for a client certificate.
-                    for h in tandem_shared::edge::access::CLIENT_HEADERS {
-                        req.headers_mut().remove(h);
-                    }
-                    req.headers_mut().remove(tandem_shared::edge::keys::KEY_NAME_HEADER);
+                    // Only the HTTPS worker vouches for a client's certificate or key.
+                    tandem_shared::edge::access::remove_vouched(req.headers_mut());
                     if !axum::body::HttpBody::is_end_stream(req.body()) {
                         let body = std::mem::take(req.body_mut());
                         *req.body_mut() =
@@ -278,19 +275,33 @@ async fn infer(State(state): State<AppState>, Path(p): Path<ModelPath>, headers:
         Ok(m) => m,
         Err(e) => return e.into_response(),
     };
-    let counters = state.model_stats(&model);
-    match run_infer(&state, &model, &headers, body, started).await {
-        Ok((res, batch, executions, timings)) => {
+    counted(&state, &model, started, run_infer(&state, &model, &headers, body, started))
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Awaits one inference request of `model` (`run`: its answer, batch size,
+/// the executions it stands for and where its time went) and counts it in
+/// the version's statistics, a success or a failure, timed from `started`.
+pub(crate) async fn counted<T>(
+    state: &AppState,
+    model: &Arc<ModelVersion>,
+    started: Instant,
+    run: impl std::future::Future<Output = Result<(T, u64, u64, Timings), ApiError>>,
+) -> Result<T, ApiError> {
+    let counters = state.model_stats(model);
+    match run.await {
+        Ok((answer, batch, executions, timings)) => {
             if let Some(c) = counters {
                 c.success(batch, executions, timings, started.elapsed());
             }
-            res
+            Ok(answer)
         }
         Err(e) => {
             if let Some(c) = counters {
                 c.failure(started.elapsed());
             }
-            e.into_response()
+            Err(e)
         }
     }
 }
@@ -352,7 +363,7 @@ pub(crate) async fn execute(
     // A version's max_inflight, counted from here (a body still arriving holds
     // no place): past it, "not now" rather than an ever longer queue.
     let _slot = model.admit().map_err(|max| {
-        state.inner.stats.access(tandem_shared::stats::MODEL_BUSY);
+        state.inner.stats.access(tandem_shared::stats::access_event::MODEL_BUSY);
         ApiError {
             status: StatusCode::TOO_MANY_REQUESTS,
             message: format!("model {} is running its max_inflight of {max} requests here; retry shortly", model.name),

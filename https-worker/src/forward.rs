@@ -367,12 +367,9 @@ impl Forwarder {
             parts.headers.remove(h);
         }
         // With the access log on, the client's address travels with the request,
-        // and so does a verified client certificate; a client never sets either.
-        parts.headers.remove(tandem_shared::edge::access::PEER_HEADER);
-        for h in tandem_shared::edge::access::CLIENT_HEADERS {
-            parts.headers.remove(h);
-        }
-        parts.headers.remove(tandem_shared::edge::keys::KEY_NAME_HEADER);
+        // and so do a verified client certificate and the API key's name; a
+        // client never sets any of them.
+        tandem_shared::edge::access::remove_vouched(&mut parts.headers);
         if let Some(key) = parts.extensions.get::<tandem_shared::edge::gate::KeyName>() {
             if let Ok(v) = HeaderValue::from_str(&key.0) {
                 parts.headers.insert(tandem_shared::edge::keys::KEY_NAME_HEADER, v);

@@ -107,9 +107,25 @@ pub const ACCESS_EVENTS: &[&str] = &[
     "model_busy",
 ];
 
-/// The [`ACCESS_EVENTS`] index of a 429 from a model's `max_inflight`.
-pub const MODEL_BUSY: usize = 5;
-const _: () = assert!(ACCESS_EVENTS[MODEL_BUSY].len() == "model_busy".len());
+/// Indices into [`ACCESS_EVENTS`], for [`Stats::access`] and [`Snapshot::access`].
+pub mod access_event {
+    /// A 401: no API key.
+    pub const MISSING_KEY: usize = 0;
+    /// A 401: a key that is not valid (or not a key at all).
+    pub const INVALID_KEY: usize = 1;
+    /// A 429 from `RATE_LIMIT`, to a client known by its API key.
+    pub const RATE_LIMITED_KEY: usize = 2;
+    /// A 429 from `RATE_LIMIT`, to a client known by its certificate.
+    pub const RATE_LIMITED_CERTIFICATE: usize = 3;
+    /// A 429 from `RATE_LIMIT`, to a client known by its address.
+    pub const RATE_LIMITED_ADDRESS: usize = 4;
+    /// A 429 from a model's `max_inflight`.
+    pub const MODEL_BUSY: usize = 5;
+}
+const _: () = assert!(
+    ACCESS_EVENTS[access_event::MODEL_BUSY].len() == "model_busy".len()
+        && ACCESS_EVENTS[access_event::RATE_LIMITED_ADDRESS].len() == "rate_limited_address".len()
+);
 
 /// Why a worker was restarted.
 pub const RESTART_CAUSES: [&str; 2] = ["exited", "signalled"];
@@ -206,6 +222,8 @@ const CLIENTS: usize = MODELS + MODEL_ENTRIES * ENTRY_WORDS;
 const CLIENT_NAME_WORDS: usize = 8;
 /// Answers to one client by class (2xx, 3xx, 4xx, 5xx), then its 429s from the rate limit.
 const CLIENT_COUNTERS: usize = 5;
+/// Where a client's 429s from the rate limit are among its counters ([`Snapshot::clients`]).
+pub const CLIENT_RATE_LIMITED: usize = 4;
 const CLIENT_ENTRY_WORDS: usize = 16;
 const BLOCK_WORDS: usize = (CLIENTS + CLIENT_ENTRIES * CLIENT_ENTRY_WORDS).next_multiple_of(512);
 const _: () = assert!(E_NAME + CLIENT_NAME_WORDS + CLIENT_COUNTERS <= CLIENT_ENTRY_WORDS);
@@ -513,7 +531,7 @@ impl Stats {
     /// Counts a 429 the rate limit gave the client of the API key `name`.
     pub fn client_limited(&self, name: &str) {
         if let Some(e) = self.client_entry(name) {
-            self.add(e + E_NAME + CLIENT_NAME_WORDS + 4, 1);
+            self.add(e + E_NAME + CLIENT_NAME_WORDS + CLIENT_RATE_LIMITED, 1);
         }
     }
 

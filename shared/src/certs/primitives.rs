@@ -307,9 +307,8 @@ pub fn inspect(der: &CertificateDer<'_>, origin: &str) -> Result<CertInfo, CertE
         Ok(x509_parser::public_key::PublicKey::EC(p)) => format!("EC-{}", p.key_size()),
         _ => "other".to_string(),
     };
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
     Ok(CertInfo {
-        fingerprint: digest.as_ref().iter().map(|b| format!("{b:02x}")).collect(),
+        fingerprint: hex(&sha256(der)),
         subject: rfc4514(cert.subject()),
         issuer: rfc4514(cert.issuer()),
         sans,
@@ -389,6 +388,19 @@ pub fn read_pem_file(path: &Path) -> Result<Vec<u8>, CertError> {
 pub const MAX_CHAIN_BYTES: usize = 256 << 10;
 /// The most certificates in a served chain.
 pub const MAX_CHAIN_CERTS: usize = 10;
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// `bytes` as lower-case hex (fingerprints, key hashes).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 #[cfg(test)]
 mod tests {

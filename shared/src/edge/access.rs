@@ -16,6 +16,17 @@ pub const PEER_HEADER: &str = "x-tandem-peer";
 pub const CLIENT_HEADERS: [&str; 3] =
     ["x-tandem-client-subject", "x-tandem-client-sans", "x-tandem-client-fingerprint"];
 
+/// Removes every header only the HTTPS worker may set on a request it sends
+/// through the ring ([`PEER_HEADER`], [`CLIENT_HEADERS`],
+/// [`crate::edge::keys::KEY_NAME_HEADER`]), whatever a client sent under those names.
+pub fn remove_vouched(headers: &mut http::HeaderMap) {
+    headers.remove(PEER_HEADER);
+    for h in CLIENT_HEADERS {
+        headers.remove(h);
+    }
+    headers.remove(crate::edge::keys::KEY_NAME_HEADER);
+}
+
 /// The values of [`CLIENT_HEADERS`] for a verified client certificate: the
 /// subject as RFC 4514 writes it (escaped, so a subject cannot pass for
 /// another), every subject alternative name as its own quoted string

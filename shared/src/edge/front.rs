@@ -26,8 +26,14 @@ pub fn error(status: StatusCode, message: &str) -> Answer {
     let mut res = Response::new(Full::new(body));
     *res.status_mut() = status;
     *res.headers_mut() = headers;
+    // Kept beside the JSON for a face that carries it otherwise (gRPC's grpc-message).
+    res.extensions_mut().insert(ErrorMessage(message.into()));
     res
 }
+
+/// What an [`error`] answer says, as a response extension.
+#[derive(Debug, Clone)]
+struct ErrorMessage(std::sync::Arc<str>);
 
 /// [`error`]'s headers and body, for a path that frames answers itself (the ring).
 pub fn error_parts(status: StatusCode, message: &str) -> (HeaderMap, Bytes) {
@@ -73,31 +79,17 @@ fn as_grpc(answer: Answer) -> Answer {
         StatusCode::BAD_REQUEST => 3,                                       // INVALID_ARGUMENT
         _ => 2,                                                             // UNKNOWN
     };
-    let (parts, body) = answer.into_parts();
-    let bytes = ready_bytes(body);
-    let message = serde_json::from_slice::<serde_json::Value>(&bytes)
-        .ok()
-        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
-        .unwrap_or_else(|| parts.status.to_string());
+    let message = match answer.extensions().get::<ErrorMessage>() {
+        Some(m) => m.0.to_string(),
+        None => answer.status().to_string(),
+    };
     let mut res = grpc_status(code, &message);
     for name in [header::RETRY_AFTER, header::WWW_AUTHENTICATE, header::LOCATION] {
-        if let Some(v) = parts.headers.get(&name) {
+        if let Some(v) = answer.headers().get(&name) {
             res.headers_mut().insert(name, v.clone());
         }
     }
     res
-}
-
-/// The bytes of an answer tandem made itself (a `Full` body is one chunk, ready now).
-fn ready_bytes(body: Full<Bytes>) -> Bytes {
-    use hyper::body::Body as _;
-    let mut body = std::pin::pin!(body);
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    match body.as_mut().poll_frame(&mut cx) {
-        std::task::Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
-        _ => Bytes::new(),
-    }
 }
 
 /// 413 for a body over `which` ([`max_request_bytes`], or a smaller limit of the path).

@@ -29,6 +29,11 @@ pub struct KeySet {
 }
 
 impl KeySet {
+    /// The name of `key`, when the file admits it.
+    fn name_of(&self, key: &[u8]) -> Option<&Arc<str>> {
+        self.by_hash.get(&crate::certs::primitives::sha256(key))
+    }
+
     fn read(path: &std::path::Path) -> Result<KeySet, String> {
         let lines = tandem_config::access::read_key_file(path)?;
         let by_hash = lines.into_iter().map(|l| (l.sha256, Arc::from(l.name.as_deref().unwrap_or(UNNAMED)))).collect();
@@ -127,7 +132,7 @@ impl ApiKeys {
             Presented::Key(k) => k,
             Presented::None if self.allow_mtls && has_certificate => return Ok(Caller::Certificate),
             Presented::None => {
-                count(0);
+                count(crate::stats::access_event::MISSING_KEY);
                 let hint = if self.allow_mtls { ", or a client certificate" } else { "" };
                 return Err(Box::new(unauthorized(
                     &format!("this API needs a key: send Authorization: Bearer <key> or x-api-key: <key>{hint}"),
@@ -135,7 +140,7 @@ impl ApiKeys {
                 )));
             }
             Presented::Malformed(why) => {
-                count(1);
+                count(crate::stats::access_event::INVALID_KEY);
                 return Err(Box::new(unauthorized(why, Some("invalid_request"))));
             }
         };
@@ -145,23 +150,20 @@ impl ApiKeys {
                 "the server cannot read its API key file; its log says why",
             )));
         };
-        let hash = super::restricted::digest(key);
-        match keys.by_hash.get(&hash) {
+        match keys.name_of(key) {
             Some(name) => Ok(Caller::Key(name.clone())),
             None => {
-                count(1);
+                count(crate::stats::access_event::INVALID_KEY);
                 Err(Box::new(unauthorized("the API key is not valid", Some("invalid_token"))))
             }
         }
     }
-}
 
-impl ApiKeys {
     /// The name of the good key `headers` carry, if any: an open path (a
     /// health check) still knows who asks, and refuses nobody.
     pub fn identify(&self, headers: &HeaderMap) -> Option<Arc<str>> {
         let Presented::Key(key) = presented(headers) else { return None };
-        self.file.current()?.by_hash.get(&super::restricted::digest(key)).cloned()
+        self.file.current()?.name_of(key).cloned()
     }
 }
 
@@ -180,30 +182,15 @@ fn unauthorized(message: &str, code: Option<&str>) -> Answer {
 
 /// A new random key: `tdm_` and 43 URL-safe base64 characters (256 bits).
 pub fn new_key() -> Result<String, aws_lc_rs::error::Unspecified> {
+    use base64::Engine as _;
     let mut bytes = [0u8; 32];
     aws_lc_rs::rand::fill(&mut bytes)?;
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::from("tdm_");
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for b in bytes {
-        acc = (acc << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 6 {
-            bits -= 6;
-            out.push(ALPHABET[((acc >> bits) & 63) as usize] as char);
-        }
-    }
-    if bits > 0 {
-        out.push(ALPHABET[((acc << (6 - bits)) & 63) as usize] as char);
-    }
-    Ok(out)
+    Ok(format!("tdm_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)))
 }
 
 /// The `API_KEYS_FILE` line for `key` named `name`.
 pub fn key_line(key: &str, name: &str) -> String {
-    let hex: String = super::restricted::digest(key.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex} {name}")
+    format!("sha256:{} {name}", crate::certs::primitives::hex(&crate::certs::primitives::sha256(key.as_bytes())))
 }
 
 #[cfg(test)]

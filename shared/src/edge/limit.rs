@@ -151,10 +151,11 @@ impl ClientKey {
 
     /// Which [`crate::stats::ACCESS_EVENTS`] counts this client's 429s.
     pub fn limited_event(&self) -> usize {
+        use crate::stats::access_event::*;
         match self {
-            ClientKey::Key(_) => 2,
-            ClientKey::Certificate(_) => 3,
-            ClientKey::Address(_) => 4,
+            ClientKey::Key(_) => RATE_LIMITED_KEY,
+            ClientKey::Certificate(_) => RATE_LIMITED_CERTIFICATE,
+            ClientKey::Address(_) => RATE_LIMITED_ADDRESS,
         }
     }
 

@@ -9,6 +9,7 @@ use http::{Request, StatusCode};
 use tandem_config::edge::{Restriction, Secret};
 
 use super::front::{error, Answer};
+use crate::certs::primitives::sha256 as digest;
 
 /// The category of a request to `path`, as Triton groups its HTTP API (and
 /// tandem's `/` and `/metrics`); `None` for a path no category holds.
@@ -29,7 +30,7 @@ pub fn category(path: &str) -> Option<&'static str> {
     if let Some(method) = path.strip_prefix(GRPC_SERVICE) {
         return grpc_category(method);
     }
-    if path.starts_with("/grpc.health.v1.Health/") {
+    if path.starts_with(GRPC_HEALTH) {
         return Some("health");
     }
     let first = |prefix: &str| path.strip_prefix(prefix).is_some_and(|r| r.is_empty() || r.starts_with('/'));
@@ -65,6 +66,8 @@ pub fn category(path: &str) -> Option<&'static str> {
 
 /// The gRPC face's calls: `/inference.GRPCInferenceService/{Method}`.
 pub const GRPC_SERVICE: &str = "/inference.GRPCInferenceService/";
+/// gRPC's standard health service: `/grpc.health.v1.Health/{Method}`.
+pub const GRPC_HEALTH: &str = "/grpc.health.v1.Health/";
 
 /// The category of a gRPC call, as Triton's `--grpc-restricted-protocol` groups them.
 fn grpc_category(method: &str) -> Option<&'static str> {
@@ -115,13 +118,6 @@ fn percent_decoded(path: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     std::borrow::Cow::Owned(String::from_utf8_lossy(&out).into_owned())
-}
-
-pub(crate) fn digest(value: &[u8]) -> [u8; 32] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, value);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
 
 #[derive(Debug)]
