@@ -207,7 +207,32 @@ print(json.dumps(seen))
     assert_eq!(seen["short"], "StatusCode.DEADLINE_EXCEEDED", "{seen}");
     assert!(seen["short_s"].as_f64().unwrap() < 1.5, "{seen}");
     assert_eq!(seen["long"], 10, "{seen}");
-    // The server gave up on its own, at the deadline, and said so.
+    // The server gives up on its own, at the deadline, and says so.
+    // (A client that enforces its own deadline may cancel first; curl does
+    // not, so the answer it reads is the server's.)
+    let frame = t.dir.path().join("infer.grpc");
+    let encode = r#"
+import sys
+import tritonclient.grpc.service_pb2 as pb
+r = pb.ModelInferRequest(model_name="slow", raw_input_contents=[bytes(256)])
+r.inputs.add(name="pixels", datatype="FP32", shape=[1, 64])
+m = r.SerializeToString()
+open(sys.argv[1], "wb").write(b"\0" + len(m).to_bytes(4, "big") + m)
+"#;
+    let made = Command::new("python3").args(["-c", encode]).arg(&frame).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let started = std::time::Instant::now();
+    let out = Command::new("curl")
+        .args(["-s", "-D", "-", "-o", "/dev/null", "--max-time", "10", "--http2-prior-knowledge"])
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers", "-H", "grpc-timeout: 300m"])
+        .arg("--data-binary")
+        .arg(format!("@{}", frame.display()))
+        .arg(t.http_url("/inference.GRPCInferenceService/ModelInfer"))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    assert!(head.contains("grpc-status: 4"), "{head}");
+    assert!(started.elapsed() < std::time::Duration::from_millis(1500), "{:?}", started.elapsed());
     let metrics = Tandem::http_client().get(t.http_url("/metrics")).send().unwrap().text().unwrap();
     let route = "route=\"/inference.GRPCInferenceService/{method}\"";
     assert!(metrics.lines().any(|l| l.contains(route) && l.contains("code=\"504\"")), "{metrics}");
