@@ -3,32 +3,107 @@
 //! inference on the plain port (h2c) beside HTTP, answers equal to the HTTP
 //! face's, errors as gRPC status codes; the same front door (restricted
 //! categories and API keys as call metadata); streams; health checks; the
-//! call's deadline; and a clear status where gRPC is not served yet (over TLS).
+//! call's deadline; and all of it again over TLS with a client certificate,
+//! through the HTTPS worker and the shared-memory ring.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
 use serde_json::Value;
 
+/// Where a client calls: the plain port (h2c), or the HTTPS port trusting
+/// the served certificate, maybe with a client certificate.
+#[derive(Clone)]
+struct Target {
+    address: String,
+    /// CA, then the client's key and certificate.
+    tls: Option<(PathBuf, Option<(PathBuf, PathBuf)>)>,
+}
+
+impl Target {
+    fn plain(t: &Tandem) -> Self {
+        Target { address: format!("127.0.0.1:{}", t.http_port), tls: None }
+    }
+
+    /// The HTTPS port, trusting the served chain, presenting `client` (a `pki` name in `dir`) if given.
+    fn tls(t: &Tandem, dir: &Path, client: Option<&str>) -> Self {
+        let ca = dir.join("served.pem");
+        std::fs::write(&ca, t.served_chain_pem()).unwrap();
+        let client = client.map(|name| (dir.join(format!("{name}.key")), dir.join(format!("{name}.pem"))));
+        Target { address: format!("localhost:{}", t.https_port), tls: Some((ca, client)) }
+    }
+
+    /// As `connect` below reads them: ADDRESS [CA [KEY CERT]].
+    fn args(&self) -> Vec<String> {
+        let mut args = vec![self.address.clone()];
+        if let Some((ca, client)) = &self.tls {
+            args.push(ca.display().to_string());
+            if let Some((key, cert)) = client {
+                args.extend([key.display().to_string(), cert.display().to_string()]);
+            }
+        }
+        args
+    }
+}
+
 fn grpc_client(t: &Tandem, extra: &[&str]) -> Value {
-    let out = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/grpc_client.py"))
-        .arg(format!("127.0.0.1:{}", t.http_port))
-        .args(extra)
-        .output()
-        .unwrap();
+    grpc_client_at(t, &Target::plain(t), extra)
+}
+
+fn grpc_client_at(t: &Tandem, target: &Target, extra: &[&str]) -> Value {
+    let mut cmd = Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/grpc_client.py")).arg(&target.address);
+    cmd.args(["--http", &format!("127.0.0.1:{}", t.http_port)]);
+    if let Some((ca, client)) = &target.tls {
+        cmd.arg("--ca").arg(ca);
+        if let Some((key, cert)) = client {
+            cmd.arg("--key").arg(key).arg("--cert").arg(cert);
+        }
+    }
+    let out = cmd.args(extra).output().unwrap();
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), t.explain());
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Runs `python3 -c script HOST:PORT` (the plain port) and reads the JSON it prints.
+/// What every script starts with: `triton()` (a `tritonclient.grpc` client)
+/// and `channel()` (a grpcio channel) for the target in its arguments, and
+/// `HTTP`, the plain port's address.
+const CONNECT: &str = r#"
+import os, sys
+URL = sys.argv[1]
+CA = sys.argv[2] if len(sys.argv) > 2 else None
+KEY, CERT = (sys.argv[3], sys.argv[4]) if len(sys.argv) > 4 else (None, None)
+HTTP = os.environ["TANDEM_HTTP"]
+def triton():
+    import tritonclient.grpc as g
+    if CA is None:
+        return g.InferenceServerClient(URL)
+    return g.InferenceServerClient(URL, ssl=True, root_certificates=CA, private_key=KEY, certificate_chain=CERT)
+def channel():
+    import grpc
+    if CA is None:
+        return grpc.insecure_channel(URL)
+    read = lambda p: open(p, "rb").read() if p else None
+    return grpc.secure_channel(URL, grpc.ssl_channel_credentials(read(CA), read(KEY), read(CERT)))
+"#;
+
+/// Runs `script` (after [`CONNECT`]) against the plain port and reads the JSON it prints.
 fn python(t: &Tandem, script: &str) -> Value {
-    let out = Command::new("python3").args(["-c", script]).arg(format!("127.0.0.1:{}", t.http_port)).output().unwrap();
+    python_at(t, &Target::plain(t), script)
+}
+
+fn python_at(t: &Tandem, target: &Target, script: &str) -> Value {
+    let out = Command::new("python3")
+        .args(["-c", &format!("{CONNECT}\n{script}")])
+        .args(target.args())
+        .env("TANDEM_HTTP", format!("127.0.0.1:{}", t.http_port))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), t.explain());
     serde_json::from_slice(&out.stdout).unwrap()
 }
@@ -91,10 +166,9 @@ fn models_are_loaded_and_unloaded_over_grpc_and_http_sees_it() {
         .env("MODEL_LOAD", "*")
         .start();
     let script = r#"
-import sys, json
-import tritonclient.grpc as g
+import json
 from tritonclient.utils import InferenceServerException
-c = g.InferenceServerClient(sys.argv[1])
+c = triton()
 seen = {}
 c.unload_model("digits")
 seen["after_unload"] = c.is_model_ready("digits")
@@ -141,11 +215,17 @@ fn grpc_calls_meet_the_same_front_door() {
 #[test]
 fn a_stream_answers_every_request_and_a_bad_one_with_its_error_without_closing() {
     let t = TandemBuilder::new().env("NUM_WORKERS", "2").start();
+    stream_of_100(&t, &Target::plain(&t));
+}
+
+/// 100 requests on one `ModelStreamInfer` stream, the 38th of a bad shape:
+/// every good one answered in order, the bad one with its error, the stream open.
+fn stream_of_100(t: &Tandem, target: &Target) {
     let script = r#"
-import sys, json, queue
+import json, queue
 import numpy as np
 import tritonclient.grpc as g
-c = g.InferenceServerClient(sys.argv[1])
+c = triton()
 answers = queue.Queue()
 c.start_stream(callback=lambda result, error: answers.put((result, error)))
 for i in range(100):
@@ -161,13 +241,15 @@ for _ in range(100):
     else:
         r = result.get_response()
         seen["ok"].append(int(r.id))
+        seen["shape"] = list(result.as_numpy("probabilities").shape)
 c.stop_stream()
 print(json.dumps(seen))
 "#;
-    let seen = python(&t, script);
+    let seen = python_at(t, target, script);
     let ok: Vec<u64> = seen["ok"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     let expected: Vec<u64> = (0..100).filter(|&i| i != 37).collect();
     assert_eq!(ok, expected, "every good request answered, in order: {seen}");
+    assert_eq!(seen["shape"], serde_json::json!([1, 10]), "{seen}");
     let errors = seen["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 1, "{seen}");
     assert!(errors[0].as_str().unwrap().contains("64"), "the error names the expected shape: {seen}");
@@ -185,11 +267,11 @@ fn a_call_s_deadline_is_kept_by_the_server() {
     );
     let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
     let script = r#"
-import sys, json, time
+import json, time
 import numpy as np
 import tritonclient.grpc as g
 from tritonclient.utils import InferenceServerException
-c = g.InferenceServerClient(sys.argv[1])
+c = triton()
 x = g.InferInput("pixels", [1, 64], "FP32")
 x.set_data_from_numpy(np.zeros((1, 64), dtype=np.float32))
 seen = {}
@@ -240,37 +322,100 @@ open(sys.argv[1], "wb").write(b"\0" + len(m).to_bytes(4, "big") + m)
 
 #[test]
 fn grpc_health_checks_answer_for_the_server_and_each_model() {
-    let t = TandemBuilder::new().start();
+    let t = TandemBuilder::new().env("MODEL_CONTROL_MODE", "explicit").env("MODEL_LOAD", "*").start();
+    health_checks(&t, &Target::plain(&t));
+}
+
+/// `grpc.health.v1` with grpcio-health-checking: `Check` for the server and
+/// each model, and a `Watch` of `digits` that sees it unloaded over HTTP.
+fn health_checks(t: &Tandem, target: &Target) {
     let script = r#"
-import sys, json, grpc
+import json, grpc, urllib.request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(sys.argv[1]))
+stub = health_pb2_grpc.HealthStub(channel())
+name = health_pb2.HealthCheckResponse.ServingStatus.Name
 seen = {}
 for service in ["", "digits", "nope"]:
     try:
         r = stub.Check(health_pb2.HealthCheckRequest(service=service))
-        seen[service or "server"] = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+        seen[service or "server"] = name(r.status)
     except grpc.RpcError as e:
         seen[service or "server"] = str(e.code())
+unknown = stub.Watch(health_pb2.HealthCheckRequest(service="nope"), timeout=20)
+seen["watch_nope"] = name(next(unknown).status)
+unknown.cancel()
+watch = stub.Watch(health_pb2.HealthCheckRequest(service="digits"), timeout=20)
+seen["watch"] = [name(next(watch).status)]
+urllib.request.urlopen(urllib.request.Request(f"http://{HTTP}/v2/repository/models/digits/unload", data=b"", method="POST"))
+seen["watch"].append(name(next(watch).status))
+watch.cancel()
+urllib.request.urlopen(urllib.request.Request(f"http://{HTTP}/v2/repository/models/digits/load", data=b"", method="POST"))
+short = stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=1.5)
+statuses = []
+try:
+    for r in short:
+        statuses.append(name(r.status))
+except grpc.RpcError as e:
+    seen["short_end"] = str(e.code())
+seen["short"] = statuses
 print(json.dumps(seen))
 "#;
-    let seen = python(&t, script);
-    assert_eq!(seen, serde_json::json!({"server": "SERVING", "digits": "SERVING", "nope": "StatusCode.NOT_FOUND"}));
+    let seen = python_at(t, target, script);
+    assert_eq!(
+        (&seen["server"], &seen["digits"], &seen["nope"]),
+        (&"SERVING".into(), &"SERVING".into(), &"StatusCode.NOT_FOUND".into()),
+        "{seen}"
+    );
+    assert_eq!(seen["watch_nope"], "SERVICE_UNKNOWN", "{seen}");
+    let watched = seen["watch"].as_array().unwrap();
+    assert_eq!(watched[0], "SERVING", "{seen}");
+    assert!(watched[1] == "SERVICE_UNKNOWN" || watched[1] == "NOT_SERVING", "the unload is seen: {seen}");
+    // A watch sends once while nothing changes, and ends at its deadline.
+    assert_eq!(seen["short"], serde_json::json!(["SERVING"]), "{seen}");
+    assert_eq!(seen["short_end"], "StatusCode.DEADLINE_EXCEEDED", "{seen}");
 }
 
 #[test]
-fn grpc_over_tls_answers_a_clear_status_until_it_is_served() {
-    let t = TandemBuilder::new().ssl().start();
-    let ca = t.dir.path().join("ca.pem");
-    std::fs::write(&ca, t.served_chain_pem()).unwrap();
-    let out = Command::new("curl")
-        .args(["-s", "-D", "-", "-o", "/dev/null", "--http2", "--cacert"])
-        .arg(&ca)
-        .args(["-H", "content-type: application/grpc", "-H", "te: trailers", "--data-binary", "@/dev/null"])
-        .arg(t.https_url("localhost", "/inference.GRPCInferenceService/ServerLive"))
+fn grpc_over_tls_with_client_certificates_is_served_through_the_ring_like_plain() {
+    let b = TandemBuilder::new().ssl();
+    let pki = b.dir().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    common::pki::ca_and_client(&pki, "ca1", "alice");
+    let t = b
+        .env("NUM_WORKERS", "2")
+        .env("SSL_CLIENT_CA", pki.join("ca1.pem").to_str().unwrap())
+        .env("SSL_CLIENT_AUTH", "required")
+        .env("MODEL_CONTROL_MODE", "explicit")
+        .env("MODEL_LOAD", "*")
+        .env("ACCESS_LOG", "true")
+        .env("LOG_FORMAT", "json")
+        .start_live();
+    let target = Target::tls(&t, &pki, Some("alice"));
+    let seen = grpc_client_at(&t, &target, &[]);
+    assert_eq!((&seen["live"], &seen["ready"], &seen["model_ready"]), (&true.into(), &true.into(), &true.into()));
+    assert_eq!(seen["metadata"]["inputs"][0]["name"], "pixels", "{seen}");
+    assert_eq!(seen["config_max_batch"], 256, "{seen}");
+    assert_eq!(seen["same_answer"], true, "the TLS gRPC answer is the plain HTTP one: {seen}");
+    assert_eq!(seen["classes"].as_array().unwrap().len(), 4, "{seen}");
+    assert_eq!(seen["errors"]["unknown_model"], "StatusCode.NOT_FOUND", "{seen}");
+    assert_eq!(seen["errors"]["bad_shape"], "StatusCode.INVALID_ARGUMENT", "{seen}");
+    assert_eq!(seen["grpc_stats"]["success"], seen["http_stats_success"], "{seen}");
+    stream_of_100(&t, &target);
+    health_checks(&t, &target);
+    // The engine logged the calls with the client's verified identity.
+    let infer = t
+        .stderr()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "access" && v["path"] == "/inference.GRPCInferenceService/ModelInfer")
+        .unwrap_or_else(|| panic!("no access line for ModelInfer\n{}", t.explain()));
+    assert_eq!((&infer["listener"], &infer["client"]), (&"https".into(), &"CN=alice".into()), "{infer}");
+    // Without a client certificate there is no call at all.
+    let refused = Command::new("python3")
+        .args(["-c", &format!("{CONNECT}\nprint(triton().is_server_live())")])
+        .args(Target::tls(&t, &pki, None).args())
+        .env("TANDEM_HTTP", "unused")
         .output()
         .unwrap();
-    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
-    assert!(head.contains("grpc-status: 12"), "{head}");
-    assert!(head.contains("grpc-message: grpc is served on the plain port"), "{head}");
+    assert!(!refused.status.success(), "a call without a client certificate was served");
 }

@@ -34,6 +34,9 @@ pub struct Grpc {
     state: AppState,
 }
 
+/// How often a health `Watch` looks again.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Answers a stream holds for a client that has not read them yet.
 const STREAM_AHEAD: usize = 16;
 
@@ -51,7 +54,9 @@ pub fn service(state: AppState) -> pb::grpc_inference_service_server::GrpcInfere
 /// `grpc.health.v1.Health`: `Check` for the server (`""`, SERVING once
 /// ready) or a model by name (SERVING when a version serves, NOT_SERVING
 /// when it is unavailable, `NOT_FOUND` when there is no such model, as the
-/// health protocol asks). `Watch` is not served yet.
+/// health protocol asks); `Watch` asks the same every [`WATCH_EVERY`] and
+/// sends each change (`SERVICE_UNKNOWN` while there is no such model). The
+/// HTTPS worker serves `Watch` the same way over the ring.
 pub struct Health {
     state: AppState,
 }
@@ -67,42 +72,54 @@ impl health_pb::health_server::Health for Health {
         &self,
         r: Request<health_pb::HealthCheckRequest>,
     ) -> Result<Response<health_pb::HealthCheckResponse>, Status> {
+        let service = r.into_inner().service;
+        match serving_status(&self.state, &service) {
+            Some(status) => Ok(Response::new(health_pb::HealthCheckResponse { status: status as i32 })),
+            None => Err(Status::not_found(format!("no model {service:?}"))),
+        }
+    }
+
+    async fn watch(
+        &self,
+        r: Request<health_pb::HealthCheckRequest>,
+    ) -> Result<Response<tonic::codegen::BoxStream<health_pb::HealthCheckResponse>>, Status> {
         use health_pb::health_check_response::ServingStatus;
         let service = r.into_inner().service;
-        let serving = if service.is_empty() {
-            self.state.inner.engine.ready()
-        } else {
-            match find(&self.state, &model_path(&service, "")) {
-                Ok(_) => true,
-                Err(e) if e.status == StatusCode::NOT_FOUND => {
-                    return Err(Status::not_found(format!("no model {service:?}")))
+        let state = self.state.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                let now = serving_status(&state, &service).unwrap_or(ServingStatus::ServiceUnknown);
+                if last != Some(now) {
+                    last = Some(now);
+                    if tx.send(Ok(health_pb::HealthCheckResponse { status: now as i32 })).await.is_err() {
+                        return;
+                    }
                 }
-                Err(_) => false,
+                tokio::select! {
+                    () = tokio::time::sleep(WATCH_EVERY) => {}
+                    () = tx.closed() => return,
+                }
             }
-        };
-        let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
-        Ok(Response::new(health_pb::HealthCheckResponse { status: status as i32 }))
+        });
+        Ok(Response::new(Box::pin(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
 
-/// A call's `grpc-timeout` (at most eight digits and a unit: `H`, `M`, `S`,
-/// `m`, `u`, `n`), when it has a valid one.
-fn deadline(metadata: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
-    let v = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => std::time::Duration::from_secs(n * 3600),
-        "M" => std::time::Duration::from_secs(n * 60),
-        "S" => std::time::Duration::from_secs(n),
-        "m" => std::time::Duration::from_millis(n),
-        "u" => std::time::Duration::from_micros(n),
-        "n" => std::time::Duration::from_nanos(n),
-        _ => return None,
-    })
+/// The server's (`""`) or a model's serving status; `None` when there is no such model.
+fn serving_status(state: &AppState, service: &str) -> Option<health_pb::health_check_response::ServingStatus> {
+    use health_pb::health_check_response::ServingStatus;
+    let serving = if service.is_empty() {
+        state.inner.engine.ready()
+    } else {
+        match find(state, &model_path(service, "")) {
+            Ok(_) => true,
+            Err(e) if e.status == StatusCode::NOT_FOUND => return None,
+            Err(_) => false,
+        }
+    };
+    Some(if serving { ServingStatus::Serving } else { ServingStatus::NotServing })
 }
 
 /// A JSON-face error as the gRPC status Triton gives for it.
@@ -242,6 +259,14 @@ fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, Vec<u8>), ApiErro
 }
 
 impl Grpc {
+    /// One request of a stream, answered as the stream carries it.
+    async fn stream_answer(&self, req: pb::ModelInferRequest) -> pb::ModelStreamInferResponse {
+        match self.infer(req).await {
+            Ok(answer) => pb::ModelStreamInferResponse { error_message: String::new(), infer_response: Some(answer) },
+            Err(e) => pb::ModelStreamInferResponse { error_message: e.message, infer_response: None },
+        }
+    }
+
     async fn infer(&self, r: pb::ModelInferRequest) -> Result<pb::ModelInferResponse, ApiError> {
         let started = Instant::now();
         let state = &self.state;
@@ -337,7 +362,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for Grpc {
     async fn model_infer(&self, r: Request<pb::ModelInferRequest>) -> Result<Response<pb::ModelInferResponse>, Status> {
         // The client's deadline (grpc-timeout), never past REQUEST_TIMEOUT.
         let limit = self.state.inner.body_timeout;
-        let within = deadline(r.metadata()).map_or(limit, |d| d.min(limit));
+        let within = tandem_shared::edge::grpc::timeout(r.metadata().as_ref()).map_or(limit, |d| d.min(limit));
         match tokio::time::timeout(within, self.infer(r.into_inner())).await {
             Ok(answer) => answer.map(Response::new).map_err(status),
             Err(_) => Err(Status::deadline_exceeded(format!(
@@ -347,35 +372,55 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for Grpc {
         }
     }
 
-    /// Each request on the stream answered on it, in order; a request that
-    /// fails is answered with its `error_message` and the stream goes on (as
-    /// Triton does for models that are not decoupled). At most
-    /// [`STREAM_AHEAD`] answers wait for a client that does not read; then
-    /// the stream stops reading requests until it does.
+    /// Each request on the stream answered on it, in the order asked, up to
+    /// [`STREAM_AHEAD`] running at once (so a stream keeps the batcher fed);
+    /// a request that fails is answered with its `error_message` and the
+    /// stream goes on (as Triton does for models that are not decoupled).
+    /// At most [`STREAM_AHEAD`] answers wait for a client that does not read;
+    /// then the stream stops reading requests until it does. A broken stream
+    /// (bad framing, a message over the limit) ends with its status after the
+    /// answers already asked for.
     async fn model_stream_infer(
         &self,
         r: Request<tonic::Streaming<pb::ModelInferRequest>>,
     ) -> Result<Response<tonic::codegen::BoxStream<pb::ModelStreamInferResponse>>, Status> {
         let mut inbound = r.into_inner();
-        let grpc = Grpc { state: self.state.clone() };
+        let state = self.state.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_AHEAD);
         tokio::spawn(async move {
+            let mut running = tandem_shared::edge::grpc::InOrder::new(STREAM_AHEAD);
+            let mut reading = true;
+            let mut broken = None;
             loop {
-                let reply = match inbound.message().await {
-                    Ok(Some(req)) => match grpc.infer(req).await {
-                        Ok(answer) => Ok(pb::ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(answer),
-                        }),
-                        Err(e) => Ok(pb::ModelStreamInferResponse { error_message: e.message, infer_response: None }),
+                if !reading && running.is_empty() {
+                    if let Some(status) = broken {
+                        let _ = tx.send(Err(status)).await;
+                    }
+                    return;
+                }
+                let room = reading && running.has_room();
+                tokio::select! {
+                    message = inbound.message(), if room => match message {
+                        Ok(Some(req)) => {
+                            let grpc = Grpc { state: state.clone() };
+                            running.start(async move { grpc.stream_answer(req).await });
+                        }
+                        Ok(None) => reading = false,
+                        Err(status) => {
+                            reading = false;
+                            broken = Some(status);
+                        }
                     },
-                    Ok(None) => break,
-                    // A broken stream (bad framing, a message over the limit) ends with its status.
-                    Err(status) => Err(status),
-                };
-                let last = reply.is_err();
-                if tx.send(reply).await.is_err() || last {
-                    break;
+                    answer = running.next() => {
+                        let answer = answer.unwrap_or_else(|e| pb::ModelStreamInferResponse {
+                            error_message: format!("the request failed: {e}"),
+                            infer_response: None,
+                        });
+                        if tx.send(Ok(answer)).await.is_err() {
+                            running.abort();
+                            return;
+                        }
+                    }
                 }
             }
         });
@@ -494,24 +539,6 @@ mod tests {
         let b = pb::InferTensorContents { bytes_contents: vec![b"ab".to_vec()], ..Default::default() };
         assert_eq!(contents_bytes("x", "BYTES", &b).unwrap(), vec![2, 0, 0, 0, b'a', b'b']);
         assert!(contents_bytes("x", "FP16", &pb::InferTensorContents::default()).is_err());
-    }
-
-    #[test]
-    fn deadlines_are_read_as_grpc_writes_them() {
-        let d = |v: &str| {
-            let mut m = tonic::metadata::MetadataMap::new();
-            m.insert("grpc-timeout", v.parse().unwrap());
-            deadline(&m)
-        };
-        assert_eq!(d("300m"), Some(std::time::Duration::from_millis(300)));
-        assert_eq!(d("2S"), Some(std::time::Duration::from_secs(2)));
-        assert_eq!(d("1H"), Some(std::time::Duration::from_secs(3600)));
-        for bad in ["", "m", "123456789m", "10x", "-1S", "1.5S"] {
-            if !bad.is_empty() {
-                assert_eq!(d(bad), None, "{bad}");
-            }
-        }
-        assert_eq!(deadline(&tonic::metadata::MetadataMap::new()), None);
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub fn router(state: AppState) -> Router {
                 // Answers are compressed when the client's Accept-Encoding asks; never a
                 // gRPC answer (its messages carry their own compression, and its status
                 // comes in trailers that rewriting the body would lose).
-                let grpc = tandem_shared::edge::front::is_grpc(req.headers());
+                let grpc = tandem_shared::edge::grpc::is_call(req.headers());
                 let encoding = crate::compression::wanted(req.headers()).filter(|_| !grpc);
                 // Plain HTTP meets its front door here; HTTPS requests met the HTTPS worker's.
                 let door = (!https).then_some(door);

@@ -122,7 +122,7 @@ fn claim_loop(c: &Claimer<'_>, first: u32) {
 
 /// Runs one claimed request through the router and publishes the response.
 async fn answer(mut claim: Claim, frame: Result<RequestFrame, FrameError>, app: Router) {
-    let (status, headers, body) = match frame {
+    let (status, headers, body, trailers) = match frame {
         Ok(frame) => {
             let mut req = Request::new(Body::from(frame.body));
             *req.method_mut() = frame.method;
@@ -137,8 +137,12 @@ async fn answer(mut claim: Claim, frame: Result<RequestFrame, FrameError>, app: 
             }
             let Ok(res) = app.oneshot(req).await;
             let (parts, body) = res.into_parts();
-            match axum::body::to_bytes(body, usize::MAX).await {
-                Ok(b) => (parts.status, parts.headers, b.to_vec()),
+            // A gRPC answer ends with trailers (its status); they cross the ring too.
+            match http_body_util::BodyExt::collect(body).await {
+                Ok(collected) => {
+                    let trailers = collected.trailers().cloned();
+                    (parts.status, parts.headers, collected.to_bytes().to_vec(), trailers)
+                }
                 Err(e) => {
                     error_parts(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot read the response body: {e}"))
                 }
@@ -146,27 +150,28 @@ async fn answer(mut claim: Claim, frame: Result<RequestFrame, FrameError>, app: 
         }
         Err(e) => error_parts(StatusCode::BAD_REQUEST, &format!("malformed shared-memory request frame: {e}")),
     };
-    let n = match encode_response(claim.response_buf(), status, &headers, &body) {
+    let n = match encode_response(claim.response_buf(), status, &headers, &body, trailers.as_ref()) {
         Ok(n) => n,
         Err(FrameError::TooLarge { capacity }) => {
-            let (s, h, b) = error_parts(
+            let (s, h, b, _) = error_parts(
                 StatusCode::BAD_GATEWAY,
                 &format!(
                     "the response ({} bytes) is larger than a shared-memory slot ({capacity} bytes); raise SHM_SLOT_BYTES",
                     body.len()
                 ),
             );
-            encode_response(claim.response_buf(), s, &h, &b).unwrap_or(0)
+            encode_response(claim.response_buf(), s, &h, &b, None).unwrap_or(0)
         }
         Err(e) => {
-            let (s, h, b) = error_parts(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot encode the response: {e}"));
-            encode_response(claim.response_buf(), s, &h, &b).unwrap_or(0)
+            let (s, h, b, _) =
+                error_parts(StatusCode::INTERNAL_SERVER_ERROR, &format!("cannot encode the response: {e}"));
+            encode_response(claim.response_buf(), s, &h, &b, None).unwrap_or(0)
         }
     };
     claim.finish(n);
 }
 
-fn error_parts(status: StatusCode, message: &str) -> (StatusCode, HeaderMap, Vec<u8>) {
+fn error_parts(status: StatusCode, message: &str) -> (StatusCode, HeaderMap, Vec<u8>, Option<HeaderMap>) {
     let (headers, body) = tandem_shared::edge::front::error_parts(status, message);
-    (status, headers, body.to_vec())
+    (status, headers, body.to_vec(), None)
 }

@@ -14,7 +14,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(res) = decode_response(data) {
         let mut buf = vec![0u8; data.len() + 64];
-        let n = encode_response(&mut buf, res.status, &res.headers, &res.body).expect("re-encode");
+        let n = encode_response(&mut buf, res.status, &res.headers, &res.body, res.trailers.as_ref()).expect("re-encode");
         assert_eq!(decode_response(&buf[..n]).expect("decode again"), res);
     }
 });

@@ -9,11 +9,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tandem_shared::edge::budget::{Budget, Share};
-use tandem_shared::edge::front::{self, read_body, BodyError, FrontDoor, DRAIN_BYTES};
-use tandem_shared::frame::{decode_response, encode_request, FrameError};
+use tandem_shared::edge::front::{self, read_body, Answer, BodyError, FrontDoor, DRAIN_BYTES};
+use tandem_shared::edge::grpc;
+use tandem_shared::frame::{decode_response, encode_request, FrameError, ResponseFrame};
 use tandem_shared::stats::Stats;
 use tandem_shared::sys::shm::{Region, DONE, FAILED, SUBMITTED};
 use tokio::sync::oneshot;
@@ -33,10 +35,14 @@ const WATCH_BEFORE_PARK: Duration = Duration::from_micros(150);
 /// Above this many requests in the ring, a serving thread sleeps at once.
 const WATCH_MAX_PENDING: usize = 2;
 /// How long a request may wait for a free slot before 503 (bursts queue, overload is refused).
-const QUEUE_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const QUEUE_WAIT: Duration = Duration::from_secs(1);
+
+/// What the HTTPS worker answers: a whole body, maybe followed by trailers
+/// (a gRPC call's status), or a gRPC stream's messages as they are answered.
+pub type Reply = Response<BoxBody<Bytes, Infallible>>;
 
 /// Hop-by-hop headers: they describe one connection and never cross the ring.
-const HOP_BY_HOP: [header::HeaderName; 5] =
+pub(crate) const HOP_BY_HOP: [header::HeaderName; 5] =
     [header::CONNECTION, header::TRANSFER_ENCODING, header::TE, header::UPGRADE, header::CONTENT_LENGTH];
 
 enum Waiter {
@@ -226,17 +232,17 @@ pub struct Forwarder {
     /// With `ACCESS_LOG`: this worker's id, for the lines of the answers it makes itself.
     access_log: Option<u64>,
     /// Request bytes this worker holds at once (`MAX_INFLIGHT_BYTES`).
-    budget: Arc<Budget>,
+    pub(crate) budget: Arc<Budget>,
 }
 
 /// The answer to a body the memory budget would not take: 503 with
 /// `Retry-After` while others hold it, 413 when it alone is larger.
-pub fn budget_refused(e: &tandem_shared::edge::budget::Refused) -> Response<Full<Bytes>> {
+pub fn budget_refused(e: &tandem_shared::edge::budget::Refused) -> Answer {
     json_error(e.status(), &e.to_string())
 }
 
 /// The answer to a request that no engine will start because the supervisor died.
-fn orphaned() -> Response<Full<Bytes>> {
+fn orphaned() -> Answer {
     let mut res = json_error(
         StatusCode::SERVICE_UNAVAILABLE,
         "tandem is stopping (its supervisor is gone); the request was not started, retry on another instance",
@@ -264,14 +270,19 @@ pub struct ForwardOptions {
 #[derive(Debug, Clone, Copy)]
 struct AnsweredHere;
 
-fn json_error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+pub(crate) fn json_error(status: StatusCode, message: &str) -> Answer {
     here(front::error(status, message))
 }
 
 /// `res`, marked as made by the HTTPS worker.
-fn here(mut res: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+fn here(mut res: Answer) -> Answer {
     res.extensions_mut().insert(AnsweredHere);
     res
+}
+
+/// An answer as a [`Reply`].
+pub(crate) fn boxed(res: Answer) -> Reply {
+    res.map(BodyExt::boxed)
 }
 
 /// Ring events counted in the statistics (indexes into `stats::RING_EVENTS`).
@@ -284,6 +295,10 @@ mod event {
     pub const ENGINE_FAILED: usize = 5;
 }
 
+#[allow(
+    clippy::result_large_err,
+    reason = "the Err is the answer this worker makes instead of the engine's, returned at once, once per request"
+)]
 impl Forwarder {
     /// A forwarder over `region`, counting into `stats`.
     pub fn new(region: Arc<Region>, completions: Arc<Completions>, stats: Stats, options: ForwardOptions) -> Self {
@@ -302,48 +317,50 @@ impl Forwarder {
     }
 
     /// Serves one request; never fails (errors are JSON responses).
-    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Reply, Infallible> {
         let mut arrival = tandem_shared::edge::access::Arrival::new(&req, true, self.access_log.is_some());
         let web_origin = req.headers().get(header::ORIGIN).cloned();
+        let is_grpc = grpc::is_call(req.headers());
         let answer = self.door.answer(&mut req);
         arrival.identified(&req);
-        let mut res = match answer {
-            Some(answer) => here(answer),
+        let forwarded = match answer {
+            Some(answer) => Err(here(answer)),
+            None if is_grpc && crate::grpc::is_split(req.uri().path()) => Ok(crate::grpc::split(self.clone(), req)),
             None => self.forward(req).await,
         };
-        // The engine counts (and logs) the answers it made; this worker the ones it made itself.
-        if res.extensions().get::<AnsweredHere>().is_some() {
-            let status = res.status();
-            if status == StatusCode::PAYLOAD_TOO_LARGE {
-                self.stats.ring(event::TOO_LARGE);
+        let mut res = match forwarded {
+            Ok(res) => res,
+            Err(mut res) => {
+                // The engine counts (and logs) the answers it made; this worker the ones it made itself.
+                if res.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    self.stats.ring(event::TOO_LARGE);
+                }
+                if is_grpc && !grpc::is_call(res.headers()) {
+                    res = grpc::refusal(res);
+                }
+                let bytes_out = hyper::body::Body::size_hint(res.body()).exact();
+                arrival.answered(
+                    &self.stats,
+                    tandem_shared::edge::access::counted_status(res.status(), res.headers()),
+                    bytes_out,
+                    self.access_log.unwrap_or(0),
+                );
+                boxed(res)
             }
-            let bytes_out = hyper::body::Body::size_hint(res.body()).exact();
-            arrival.answered(
-                &self.stats,
-                tandem_shared::edge::access::counted_status(status, res.headers()),
-                bytes_out,
-                self.access_log.unwrap_or(0),
-            );
-        }
+        };
         self.door.finish(web_origin.as_ref(), res.headers_mut());
         Ok(res)
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if front::is_grpc(req.headers()) {
-            // The ring carries no trailers yet, and a gRPC answer ends in them.
-            return here(front::grpc_status(
-                12,
-                "gRPC is served on the plain PORT (h2c) for now; over TLS it is not served yet",
-            ));
-        }
-        let limit = self.max_request_bytes.min(self.region.slot_bytes());
+    /// A request through the ring: the engine's answer, or (`Err`) one this worker made.
+    async fn forward(&self, req: Request<Incoming>) -> Result<Reply, Answer> {
+        let limit = self.body_limit();
         let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > (limit + DRAIN_BYTES) as u64) {
             // Too much to read through: answer and close, as RFC 9110 allows.
             let mut res = self.too_large();
             res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return res;
+            return Err(res);
         }
         let (mut parts, body) = req.into_parts();
         // Held until the answer is back: the body's copy in the ring is in use until then.
@@ -351,18 +368,27 @@ impl Forwarder {
         let read = read_body(body, limit, declared, &self.budget, &mut share);
         let body = match tokio::time::timeout(self.timeout, read).await {
             Ok(Ok(b)) => b,
-            Ok(Err(BodyError::TooLarge)) => return self.too_large(),
-            Ok(Err(BodyError::Budget(e))) => return budget_refused(&e),
+            Ok(Err(BodyError::TooLarge)) => return Err(self.too_large()),
+            Ok(Err(BodyError::Budget(e))) => return Err(budget_refused(&e)),
             Ok(Err(BodyError::Read(e))) => {
-                return json_error(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}"))
+                return Err(json_error(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}")))
             }
             Err(_) => {
-                return json_error(
+                return Err(json_error(
                     StatusCode::REQUEST_TIMEOUT,
                     "the request body did not arrive within REQUEST_TIMEOUT",
-                )
+                ))
             }
         };
+        self.vouch(&mut parts);
+        let grpc_call = grpc::is_call(&parts.headers);
+        self.exchange(&parts, &body).await.map(|frame| reply(frame, grpc_call))
+    }
+
+    /// The request's headers as the engine should see them: no hop-by-hop
+    /// ones, and what this worker vouches for (client address, certificate,
+    /// API key name) set by it alone.
+    pub(crate) fn vouch(&self, parts: &mut http::request::Parts) {
         for h in &HOP_BY_HOP {
             parts.headers.remove(h);
         }
@@ -390,11 +416,15 @@ impl Forwarder {
                 parts.headers.insert(tandem_shared::edge::access::PEER_HEADER, v);
             }
         }
-        self.exchange(&parts, &body).await
+    }
+
+    /// The largest body (or gRPC message) forwarded: `MAX_REQUEST_BYTES`, or a slot if smaller.
+    pub(crate) fn body_limit(&self) -> usize {
+        self.max_request_bytes.min(self.region.slot_bytes())
     }
 
     /// The 413 for a body over MAX_REQUEST_BYTES or a slot, naming the smaller.
-    fn too_large(&self) -> Response<Full<Bytes>> {
+    pub(crate) fn too_large(&self) -> Answer {
         let slot_limit = self.region.slot_bytes();
         let which = if self.max_request_bytes <= slot_limit {
             front::max_request_bytes(self.max_request_bytes as u64)
@@ -405,22 +435,23 @@ impl Forwarder {
     }
 
     /// Sends one request (headers as the engine should see them, body read
-    /// whole) through the ring and waits for its answer.
-    async fn exchange(&self, parts: &http::request::Parts, body: &[u8]) -> Response<Full<Bytes>> {
+    /// whole) through the ring and waits for its answer: the engine's frame,
+    /// or (`Err`) the answer this worker gives when there is none.
+    pub(crate) async fn exchange(&self, parts: &http::request::Parts, body: &[u8]) -> Result<ResponseFrame, Answer> {
         let Some(mut writer) = self.reserve().await else {
             self.stats.ring(event::BUSY);
-            return json_error(
+            return Err(json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "all shared-memory slots are busy; retry shortly or raise SHM_SLOTS / NUM_WORKERS",
-            );
+            ));
         };
         let len = match encode_request(writer.buf(), &parts.method, &parts.uri, &parts.headers, body) {
             Ok(n) => n,
-            Err(FrameError::TooLarge { .. }) => return self.too_large(),
-            Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("cannot forward the request: {e}")),
+            Err(FrameError::TooLarge { .. }) => return Err(self.too_large()),
+            Err(e) => return Err(json_error(StatusCode::BAD_REQUEST, &format!("cannot forward the request: {e}"))),
         };
         if self.orphaned.load(Ordering::SeqCst) {
-            return orphaned();
+            return Err(orphaned());
         }
         let slot = writer.slot();
         let mut rx = self.completions.register(slot);
@@ -440,7 +471,7 @@ impl Forwarder {
                 Ok(Ok(DONE)) => return self.response(slot),
                 Ok(Ok(_failed)) if self.orphaned.load(Ordering::SeqCst) => {
                     self.completions.release(slot, FAILED);
-                    return orphaned();
+                    return Err(orphaned());
                 }
                 Ok(Ok(_failed)) if retries < MAX_RETRIES => {
                     retries += 1;
@@ -450,28 +481,28 @@ impl Forwarder {
                     if !self.region.resubmit(slot) {
                         owned.armed = false;
                         self.completions.abandon(slot);
-                        return json_error(StatusCode::SERVICE_UNAVAILABLE, "the request was lost while retrying");
+                        return Err(json_error(StatusCode::SERVICE_UNAVAILABLE, "the request was lost while retrying"));
                     }
                 }
                 Ok(Ok(_failed)) => {
                     self.stats.ring(event::ENGINE_FAILED);
                     self.completions.release(slot, FAILED);
-                    return json_error(
+                    return Err(json_error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "the engine workers handling this request died; it was retried twice",
-                    );
+                    ));
                 }
                 Ok(Err(_)) => {
                     self.completions.abandon(slot);
-                    return json_error(StatusCode::INTERNAL_SERVER_ERROR, "the completion thread stopped");
+                    return Err(json_error(StatusCode::INTERNAL_SERVER_ERROR, "the completion thread stopped"));
                 }
                 Err(_) => {
                     self.stats.ring(event::TIMEOUT);
                     self.completions.abandon(slot);
-                    return json_error(
+                    return Err(json_error(
                         StatusCode::GATEWAY_TIMEOUT,
                         &format!("no engine worker answered within REQUEST_TIMEOUT ({} s)", self.timeout.as_secs()),
-                    );
+                    ));
                 }
             }
         }
@@ -506,25 +537,40 @@ impl Forwarder {
         self.completions.withdraw_unclaimed()
     }
 
-    fn response(&self, slot: u32) -> Response<Full<Bytes>> {
+    fn response(&self, slot: u32) -> Result<ResponseFrame, Answer> {
         let bytes = self.region.take_response(slot);
         self.completions.freed.notify_waiters();
         let Some(bytes) = bytes else {
-            return json_error(StatusCode::INTERNAL_SERVER_ERROR, "the response vanished from its slot");
+            return Err(json_error(StatusCode::INTERNAL_SERVER_ERROR, "the response vanished from its slot"));
         };
-        match decode_response(&bytes) {
-            Ok(frame) => {
-                let mut res = Response::new(Full::new(Bytes::from(frame.body)));
-                *res.status_mut() = frame.status;
-                *res.headers_mut() = frame.headers;
-                for h in &HOP_BY_HOP {
-                    res.headers_mut().remove(h);
-                }
-                res
-            }
-            Err(e) => json_error(StatusCode::BAD_GATEWAY, &format!("malformed response from the engine: {e}")),
-        }
+        decode_response(&bytes)
+            .map_err(|e| json_error(StatusCode::BAD_GATEWAY, &format!("malformed response from the engine: {e}")))
     }
+}
+
+/// The engine's answer as this worker sends it: its body, then its trailers
+/// when it has them. A gRPC call the engine answered in JSON (a request frame
+/// it could not read, an answer too large for a slot) gets the status it means.
+fn reply(frame: ResponseFrame, grpc_call: bool) -> Reply {
+    if grpc_call && !grpc::is_call(&frame.headers) {
+        let message = serde_json::from_slice::<serde_json::Value>(&frame.body)
+            .ok()
+            .and_then(|v| v.get("error")?.as_str().map(String::from))
+            .unwrap_or_else(|| frame.status.to_string());
+        return boxed(grpc::refusal(front::error(frame.status, &message)));
+    }
+    let body = Full::new(Bytes::from(frame.body));
+    let body = match frame.trailers {
+        Some(trailers) => body.with_trailers(std::future::ready(Some(Ok(trailers)))).boxed(),
+        None => body.boxed(),
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = frame.status;
+    *res.headers_mut() = frame.headers;
+    for h in &HOP_BY_HOP {
+        res.headers_mut().remove(h);
+    }
+    res
 }
 
 #[cfg(test)]
@@ -550,10 +596,18 @@ mod tests {
 
     /// Plays the engine: claims the one submitted request and answers 200.
     fn answer(region: &Arc<Region>) {
-        let mut claim = region.claim(7, 0).expect("a request in the ring");
-        let n =
-            tandem_shared::frame::encode_response(claim.response_buf(), StatusCode::OK, &http::HeaderMap::new(), b"{}")
-                .expect("encode");
+        answer_claim(region.claim(7, 0).expect("a request in the ring"));
+    }
+
+    fn answer_claim(mut claim: tandem_shared::sys::shm::Claim) {
+        let n = tandem_shared::frame::encode_response(
+            claim.response_buf(),
+            StatusCode::OK,
+            &http::HeaderMap::new(),
+            b"{}",
+            None,
+        )
+        .expect("encode");
         claim.finish(n);
     }
 
@@ -583,7 +637,7 @@ mod tests {
             answer(&region);
         };
         let (res, ()) = tokio::join!(next, engine);
-        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.expect("the engine's answer").status, StatusCode::OK);
         assert_eq!(region.state(0), FREE);
     }
 
@@ -593,13 +647,10 @@ mod tests {
         let parts = health();
         let mut waiting = Box::pin(fwd.exchange(&parts, b""));
         assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting).await.is_err());
-        let mut claim = region.claim(7, 0).expect("a request in the ring");
+        let claim = region.claim(7, 0).expect("a request in the ring");
         drop(waiting);
         assert_ne!(region.state(0), FREE, "the engine still holds it");
-        let n =
-            tandem_shared::frame::encode_response(claim.response_buf(), StatusCode::OK, &http::HeaderMap::new(), b"{}")
-                .expect("encode");
-        claim.finish(n);
+        answer_claim(claim);
         let deadline = Instant::now() + Duration::from_secs(5);
         while region.state(0) != FREE {
             assert!(Instant::now() < deadline, "the slot was never freed");

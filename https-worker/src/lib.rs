@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod forward;
+pub mod grpc;
 
 use std::sync::Arc;
 

@@ -1,14 +1,16 @@
 //! The frame format of requests and responses in shared-memory slots.
 //!
 //! Request:  `b"TQ"`, version, method, path and query, headers, body.
-//! Response: `b"TR"`, version, status, headers, body.
+//! Response: `b"TR"`, version, status, headers, body, then a flag byte and,
+//! when it is 1, the trailers (gRPC's `grpc-status` and `grpc-message` end
+//! every gRPC answer there).
 //! Integers are little-endian; every length is checked against the buffer,
 //! so a malformed frame is an error, never a panic (the decoder is fuzzed).
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 
 /// Frame format version; bump on any layout change.
-pub const FRAME_VERSION: u8 = 1;
+pub const FRAME_VERSION: u8 = 2;
 const REQUEST_MAGIC: &[u8; 2] = b"TQ";
 const RESPONSE_MAGIC: &[u8; 2] = b"TR";
 
@@ -54,6 +56,8 @@ pub struct ResponseFrame {
     pub headers: HeaderMap,
     /// Body.
     pub body: Vec<u8>,
+    /// Trailers, when the answer ends with some (every gRPC answer does).
+    pub trailers: Option<HeaderMap>,
 }
 
 /// Writes into a fixed buffer (a slot), failing cleanly when it is full.
@@ -147,11 +151,14 @@ impl<'a> Reader<'a> {
 
     fn body(&mut self) -> Result<Vec<u8>, FrameError> {
         let len = usize::try_from(self.u64()?).map_err(|_| FrameError::Truncated(self.pos))?;
-        let body = self.take(len)?.to_vec();
+        Ok(self.take(len)?.to_vec())
+    }
+
+    fn end(&self) -> Result<(), FrameError> {
         if self.pos != self.buf.len() {
             return Err(FrameError::Invalid("trailing bytes"));
         }
-        Ok(body)
+        Ok(())
     }
 }
 
@@ -193,15 +200,17 @@ pub fn decode_request(buf: &[u8]) -> Result<RequestFrame, FrameError> {
     let uri = Uri::try_from(uri).map_err(|_| FrameError::Invalid("uri"))?;
     let headers = r.headers()?;
     let body = r.body()?;
+    r.end()?;
     Ok(RequestFrame { method, uri, headers, body })
 }
 
-/// Encodes a response into `buf`; returns the frame length.
+/// Encodes a response (and its trailers, if any) into `buf`; returns the frame length.
 pub fn encode_response(
     buf: &mut [u8],
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
+    trailers: Option<&HeaderMap>,
 ) -> Result<usize, FrameError> {
     let mut w = Writer { buf, pos: 0 };
     w.put(RESPONSE_MAGIC)?;
@@ -210,6 +219,13 @@ pub fn encode_response(
     w.headers(headers)?;
     w.put(&(body.len() as u64).to_le_bytes())?;
     w.put(body)?;
+    match trailers {
+        Some(t) => {
+            w.put(&[1])?;
+            w.headers(t)?;
+        }
+        None => w.put(&[0])?,
+    }
     Ok(w.pos)
 }
 
@@ -220,7 +236,13 @@ pub fn decode_response(buf: &[u8]) -> Result<ResponseFrame, FrameError> {
     let status = StatusCode::from_u16(r.u16()?).map_err(|_| FrameError::Invalid("status"))?;
     let headers = r.headers()?;
     let body = r.body()?;
-    Ok(ResponseFrame { status, headers, body })
+    let trailers = match r.u8()? {
+        0 => None,
+        1 => Some(r.headers()?),
+        _ => return Err(FrameError::Invalid("trailers flag")),
+    };
+    r.end()?;
+    Ok(ResponseFrame { status, headers, body, trailers })
 }
 
 #[cfg(test)]
@@ -250,10 +272,18 @@ mod tests {
     #[test]
     fn response_round_trips_and_too_large_is_an_error() {
         let mut buf = vec![0u8; 256];
-        let n = encode_response(&mut buf, StatusCode::IM_A_TEAPOT, &sample_headers(), b"hi").expect("encode");
+        let n = encode_response(&mut buf, StatusCode::IM_A_TEAPOT, &sample_headers(), b"hi", None).expect("encode");
         let f = decode_response(&buf[..n]).expect("decode");
-        assert_eq!((f.status, f.body.as_slice()), (StatusCode::IM_A_TEAPOT, &b"hi"[..]));
-        let err = encode_response(&mut buf, StatusCode::OK, &HeaderMap::new(), &[0; 300]).expect_err("too large");
+        assert_eq!((f.status, f.body.as_slice(), f.trailers), (StatusCode::IM_A_TEAPOT, &b"hi"[..], None));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        let n = encode_response(&mut buf, StatusCode::OK, &HeaderMap::new(), b"m", Some(&trailers)).expect("encode");
+        let f = decode_response(&buf[..n]).expect("decode");
+        assert_eq!(f.trailers.as_ref().map(|t| &t["grpc-status"]), Some(&HeaderValue::from_static("0")));
+        for cut in 0..n {
+            assert!(decode_response(&buf[..cut]).is_err(), "truncated at {cut} decoded");
+        }
+        let err = encode_response(&mut buf, StatusCode::OK, &HeaderMap::new(), &[0; 300], None).expect_err("too large");
         assert_eq!(err, FrameError::TooLarge { capacity: 256 });
     }
 

@@ -4,13 +4,16 @@ metadata, configuration, an inference compared with the HTTP face's answer
 for the same input, and errors as gRPC status codes. Prints one JSON object
 of what it saw.
 
-Usage: grpc_client.py HOST:PORT [--header NAME=VALUE]
+Usage: grpc_client.py HOST:PORT [--header NAME=VALUE] [--http HOST:PORT]
+                      [--ca PEM [--key PEM --cert PEM]]
 With --header every call carries it, and the script first records how an
-inference without it ends ("without").
+inference without it ends ("without"). With --ca the gRPC calls go over TLS
+trusting that CA (and with --key/--cert present a client certificate); the
+HTTP face compared with is at --http (plain), by default HOST:PORT.
 """
 
+import argparse
 import json
-import sys
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -19,14 +22,25 @@ from tritonclient.utils import InferenceServerException
 
 
 def main():
-    url = sys.argv[1]
+    p = argparse.ArgumentParser()
+    p.add_argument("url")
+    p.add_argument("--header")
+    p.add_argument("--http")
+    p.add_argument("--ca")
+    p.add_argument("--key")
+    p.add_argument("--cert")
+    a = p.parse_args()
     H = {}
-    if len(sys.argv) > 3 and sys.argv[2] == "--header":
-        k, v = sys.argv[3].split("=", 1)
+    if a.header:
+        k, v = a.header.split("=", 1)
         H[k] = v
     HH = H or None
-    g = grpcclient.InferenceServerClient(url)
-    h = httpclient.InferenceServerClient(url)
+    if a.ca:
+        g = grpcclient.InferenceServerClient(
+            a.url, ssl=True, root_certificates=a.ca, private_key=a.key, certificate_chain=a.cert)
+    else:
+        g = grpcclient.InferenceServerClient(a.url)
+    h = httpclient.InferenceServerClient(a.http or a.url)
     pixels = (np.arange(128, dtype=np.float32) % 17).reshape(2, 64)
     gi = grpcclient.InferInput("pixels", [2, 64], "FP32")
     gi.set_data_from_numpy(pixels)

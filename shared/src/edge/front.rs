@@ -35,6 +35,14 @@ pub fn error(status: StatusCode, message: &str) -> Answer {
 #[derive(Debug, Clone)]
 struct ErrorMessage(std::sync::Arc<str>);
 
+/// What one of tandem's own answers says: its [`error`] message, else its status.
+pub fn error_message(answer: &Answer) -> String {
+    match answer.extensions().get::<ErrorMessage>() {
+        Some(m) => m.0.to_string(),
+        None => answer.status().to_string(),
+    }
+}
+
 /// [`error`]'s headers and body, for a path that frames answers itself (the ring).
 pub fn error_parts(status: StatusCode, message: &str) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
@@ -43,53 +51,6 @@ pub fn error_parts(status: StatusCode, message: &str) -> (HeaderMap, Bytes) {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     (headers, Bytes::from(serde_json::json!({ "error": message }).to_string()))
-}
-
-/// Whether a request is a gRPC call (`content-type: application/grpc`, `+proto` and the like).
-pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// A gRPC "trailers-only" answer: HTTP 200 whose headers carry `grpc-status`
-/// `code` and `grpc-message` (percent-encoded, as the gRPC spec asks).
-pub fn grpc_status(code: u8, message: &str) -> Answer {
-    let mut res = Response::new(Full::new(Bytes::new()));
-    let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    h.insert("grpc-status", HeaderValue::from(u16::from(code)));
-    let encoded: String = message
-        .bytes()
-        .map(|b| if (0x20..0x7f).contains(&b) && b != b'%' { (b as char).to_string() } else { format!("%{b:02X}") })
-        .collect();
-    if let Ok(v) = HeaderValue::from_str(&encoded) {
-        h.insert("grpc-message", v);
-    }
-    res
-}
-
-/// An answer of the door's as the gRPC status it means (trailers-only), its
-/// message kept; `Retry-After` and `WWW-Authenticate` stay as they were.
-fn as_grpc(answer: Answer) -> Answer {
-    let code = match answer.status() {
-        StatusCode::UNAUTHORIZED => 16,                                     // UNAUTHENTICATED
-        StatusCode::FORBIDDEN => 7,                                         // PERMISSION_DENIED
-        StatusCode::TOO_MANY_REQUESTS | StatusCode::PAYLOAD_TOO_LARGE => 8, // RESOURCE_EXHAUSTED
-        StatusCode::SERVICE_UNAVAILABLE => 14,                              // UNAVAILABLE
-        StatusCode::NOT_FOUND => 12,                                        // UNIMPLEMENTED
-        StatusCode::BAD_REQUEST => 3,                                       // INVALID_ARGUMENT
-        _ => 2,                                                             // UNKNOWN
-    };
-    let message = match answer.extensions().get::<ErrorMessage>() {
-        Some(m) => m.0.to_string(),
-        None => answer.status().to_string(),
-    };
-    let mut res = grpc_status(code, &message);
-    for name in [header::RETRY_AFTER, header::WWW_AUTHENTICATE, header::LOCATION] {
-        if let Some(v) = answer.headers().get(&name) {
-            res.headers_mut().insert(name, v.clone());
-        }
-    }
-    res
 }
 
 /// 413 for a body over `which` ([`max_request_bytes`], or a smaller limit of the path).
@@ -284,7 +245,7 @@ impl FrontDoor {
     pub fn answer<B>(&self, req: &mut Request<B>) -> Option<Answer> {
         let answer = self.answer_http(req)?;
         // A gRPC client reads its status from grpc-status, not the HTTP one.
-        Some(if is_grpc(req.headers()) { as_grpc(answer) } else { answer })
+        Some(if super::grpc::is_call(req.headers()) { super::grpc::refusal(answer) } else { answer })
     }
 
     fn answer_http<B>(&self, req: &mut Request<B>) -> Option<Answer> {
@@ -452,18 +413,6 @@ mod tests {
             b = b.header(*k, *v);
         }
         b.body(()).unwrap()
-    }
-
-    #[test]
-    fn a_grpc_call_is_refused_with_a_grpc_status_and_the_door_s_words() {
-        let mut res = as_grpc(error(StatusCode::TOO_MANY_REQUESTS, "slow down; 50% over"));
-        res.headers_mut().remove(header::DATE);
-        assert_eq!(res.status(), StatusCode::OK);
-        assert_eq!(res.headers()["grpc-status"], "8");
-        assert_eq!(res.headers()["grpc-message"], "slow down; 50%25 over");
-        assert_eq!(res.headers()[header::RETRY_AFTER], "1");
-        assert_eq!(res.headers()[header::CONTENT_TYPE], "application/grpc");
-        assert_eq!(as_grpc(error(StatusCode::UNAUTHORIZED, "key")).headers()["grpc-status"], "16");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! in each worker kind: the edge policy and local answers ([`front`]), serving
 //! connections within limits and draining them ([`serve`]), the access log
 //! ([`access`]), balanced accepts on plain HTTP ([`balance`]), the memory
-//! budget of request bodies ([`budget`]), the restricted API categories
+//! budget of request bodies ([`budget`]), gRPC's wire format ([`grpc`]), the restricted API categories
 //! ([`restricted`]), and who may pass and how often ([`gate`]: API keys in
 //! [`keys`], rate limits in [`limit`]), with files kept current by [`watched`].
 
@@ -11,6 +11,7 @@ pub mod balance;
 pub mod budget;
 pub mod front;
 pub mod gate;
+pub mod grpc;
 pub mod keys;
 pub mod limit;
 pub mod restricted;
