@@ -419,3 +419,46 @@ fn grpc_over_tls_with_client_certificates_is_served_through_the_ring_like_plain(
         .unwrap();
     assert!(!refused.status.success(), "a call without a client certificate was served");
 }
+
+#[test]
+fn hostile_http2_calls_get_a_status_and_never_take_a_worker_down() {
+    let t = TandemBuilder::new().ssl().env("NUM_WORKERS", "2").env("MAX_REQUEST_BYTES", "1000000").start_live();
+    let ca = t.dir.path().join("served.pem");
+    std::fs::write(&ca, t.served_chain_pem()).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/h2_hostile.py");
+    let plain = ["127.0.0.1".to_string(), t.http_port.to_string()];
+    let tls = ["127.0.0.1".to_string(), t.https_port.to_string(), ca.display().to_string()];
+    for args in [&plain[..], &tls[..]] {
+        let out = Command::new("python3").arg(&script).args(args).output().unwrap();
+        assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), t.explain());
+        let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let code = |k: &str| seen[k]["status"].as_u64().unwrap_or_else(|| panic!("{k}: {seen}"));
+        // A message that is not protobuf, a body shorter than its prefix says,
+        // a bad compressed flag: INTERNAL, as gRPC's protocol errors are.
+        for k in ["bad_protobuf", "short_body", "bad_flag", "stream_short_body"] {
+            assert_eq!(code(k), 13, "{k} over {args:?}: {seen}");
+        }
+        // A prefix over MAX_REQUEST_BYTES is refused from its five bytes.
+        assert_eq!(code("huge_prefix"), 8, "{seen}");
+        let message = seen["huge_prefix"]["message"].as_str().unwrap().replace("%20", " ");
+        assert!(message.contains("MAX_REQUEST_BYTES"), "{seen}");
+        // 2000 streams at once on one connection: never served past the
+        // server's limit (refused, or the connection closed).
+        let many = &seen["many_streams"];
+        assert_eq!(many["limit"], 256, "{seen}");
+        let refused =
+            many["refused"].as_u64().unwrap_or(0) > 0 || many["goaway"] == true || many.get("error").is_some();
+        assert!(refused, "{seen}");
+        assert!(many["answered"].as_u64().unwrap_or(0) <= 256, "{seen}");
+        // A stream whose answers are never read stops being read (flow
+        // control holds its client), and another connection is served meanwhile.
+        let unread = &seen["unread_stream"];
+        assert!(unread["sent"].as_u64().unwrap() < 2000, "the server read everything: {seen}");
+        assert_eq!(unread["other_call"]["status"], 0, "{seen}");
+        assert_eq!(seen["after"]["status"], 0, "{seen}");
+    }
+    // No worker died on the way.
+    let metrics = Tandem::http_client().get(t.http_url("/metrics")).send().unwrap().text().unwrap();
+    let restarted = metrics.lines().any(|l| l.starts_with("tandem_worker_restarts_total") && !l.ends_with(" 0"));
+    assert!(!restarted, "{metrics}");
+}

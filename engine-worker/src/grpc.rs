@@ -122,6 +122,12 @@ fn serving_status(state: &AppState, service: &str) -> Option<health_pb::health_c
     Some(if serving { ServingStatus::Serving } else { ServingStatus::NotServing })
 }
 
+/// A call's broken framing as the status it ends with (`RESOURCE_EXHAUSTED`
+/// for a message over `MAX_REQUEST_BYTES`), for [`tandem_shared::edge::grpc::Checked`].
+pub fn framing_status(e: tandem_shared::edge::grpc::FramingError) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(Status::new(tonic::Code::from(i32::from(e.code())), e.to_string()))
+}
+
 /// A JSON-face error as the gRPC status Triton gives for it.
 fn status(e: ApiError) -> Status {
     let code = match e.status {

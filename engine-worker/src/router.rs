@@ -25,6 +25,7 @@ pub fn router(state: AppState) -> Router {
     let access_log = state.inner.access_log;
     let door = state.inner.door.clone();
     let body_timeout = state.inner.body_timeout;
+    let max_message = state.inner.max_request_bytes;
     let grpc = crate::grpc::service(state.clone());
     let health = crate::grpc::health(state.clone());
     Router::new()
@@ -59,10 +60,22 @@ pub fn router(state: AppState) -> Router {
             let (worker_id, stats, door) = (worker_id.clone(), stats.clone(), door.clone());
             async move {
                 let https = req.extensions().get::<Scheme>() == Some(&Scheme::Https);
+                let grpc = tandem_shared::edge::grpc::is_call(req.headers());
+                if grpc {
+                    // Every message at most MAX_REQUEST_BYTES, refused from its prefix alone.
+                    let body = std::mem::take(req.body_mut());
+                    *req.body_mut() = axum::body::Body::new(tandem_shared::edge::grpc::Checked::new(
+                        body,
+                        max_message,
+                        crate::grpc::framing_status,
+                    ));
+                }
+                // A client stream lasts as long as its client likes (its grpc-timeout bounds it).
+                let streams = grpc && tandem_shared::edge::grpc::is_client_stream(req.uri().path());
                 if !https {
                     // Only the HTTPS worker vouches for a client's certificate or key.
                     tandem_shared::edge::access::remove_vouched(req.headers_mut());
-                    if !axum::body::HttpBody::is_end_stream(req.body()) {
+                    if !streams && !axum::body::HttpBody::is_end_stream(req.body()) {
                         let body = std::mem::take(req.body_mut());
                         *req.body_mut() =
                             axum::body::Body::new(tandem_shared::edge::serve::BodyDeadline::new(body, body_timeout));
@@ -77,7 +90,6 @@ pub fn router(state: AppState) -> Router {
                 // Answers are compressed when the client's Accept-Encoding asks; never a
                 // gRPC answer (its messages carry their own compression, and its status
                 // comes in trailers that rewriting the body would lose).
-                let grpc = tandem_shared::edge::grpc::is_call(req.headers());
                 let encoding = crate::compression::wanted(req.headers()).filter(|_| !grpc);
                 // Plain HTTP meets its front door here; HTTPS requests met the HTTPS worker's.
                 let door = (!https).then_some(door);

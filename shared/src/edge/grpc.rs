@@ -39,6 +39,16 @@ pub mod code {
     pub const UNAUTHENTICATED: u8 = 16;
 }
 
+/// The calls whose request is a stream of messages for as long as the client
+/// likes (so no body deadline applies to them; their own `grpc-timeout` does).
+const CLIENT_STREAMS: [&str; 2] =
+    ["/inference.GRPCInferenceService/ModelStreamInfer", "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"];
+
+/// Whether `path` is a call whose client streams its requests.
+pub fn is_client_stream(path: &str) -> bool {
+    CLIENT_STREAMS.contains(&path) || path == "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+}
+
 /// Bytes before each message: a compressed flag and a big-endian length.
 pub const PREFIX_BYTES: usize = 5;
 
@@ -194,8 +204,8 @@ pub enum FramingError {
     #[error("a message's compressed flag is {0}, not 0 or 1")]
     Flag(u8),
     /// The body ended inside a message.
-    #[error("the stream ended inside a message ({0} bytes of it left over)")]
-    Truncated(usize),
+    #[error("the call's body ended inside a message")]
+    Truncated,
 }
 
 impl FramingError {
@@ -203,8 +213,106 @@ impl FramingError {
     pub fn code(&self) -> u8 {
         match self {
             FramingError::TooLarge { .. } => code::RESOURCE_EXHAUSTED,
-            FramingError::Flag(_) | FramingError::Truncated(_) => code::INTERNAL,
+            FramingError::Flag(_) | FramingError::Truncated => code::INTERNAL,
         }
+    }
+}
+
+/// A message's prefix: whether it is compressed, and its length (at most `limit`).
+fn read_prefix(prefix: &[u8], limit: usize) -> Result<(bool, usize), FramingError> {
+    let flag = prefix[0];
+    if flag > 1 {
+        return Err(FramingError::Flag(flag));
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+    match usize::try_from(len) {
+        Ok(len) if len <= limit => Ok((flag == 1, len)),
+        _ => Err(FramingError::TooLarge { len: u64::from(len), limit }),
+    }
+}
+
+/// A request body whose messages are checked as they pass (a length over
+/// `limit`, a bad flag, the body ending inside a message), so a call over
+/// `MAX_REQUEST_BYTES` ends with `RESOURCE_EXHAUSTED` before any of the
+/// message is held. Its error is what `error` makes of the [`FramingError`]
+/// (the engine's gRPC stack reads a status from it).
+pub struct Checked<B> {
+    inner: B,
+    limit: usize,
+    /// Prefix bytes of the next message seen so far.
+    prefix: [u8; PREFIX_BYTES],
+    have: usize,
+    /// Bytes of the current message still to pass.
+    left: usize,
+    error: fn(FramingError) -> BoxError,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<B> Checked<B> {
+    /// `inner`, its messages at most `limit` bytes, a violation ending it with `error(..)`.
+    pub fn new(inner: B, limit: usize, error: fn(FramingError) -> BoxError) -> Self {
+        Checked { inner, limit, prefix: [0; PREFIX_BYTES], have: 0, left: 0, error }
+    }
+
+    fn scan(&mut self, mut data: &[u8]) -> Result<(), FramingError> {
+        while !data.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(data.len());
+                self.left -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (PREFIX_BYTES - self.have).min(data.len());
+            self.prefix[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == PREFIX_BYTES {
+                self.left = read_prefix(&self.prefix, self.limit)?.1;
+                self.have = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<B> hyper::body::Body for Checked<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Err(e) = this.scan(data) {
+                        return Poll::Ready(Some(Err((this.error)(e))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) if this.have + this.left > 0 => {
+                (this.have, this.left) = (0, 0);
+                Poll::Ready(Some(Err((this.error)(FramingError::Truncated))))
+            }
+            other => other.map(|f| f.map(|r| r.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -230,31 +338,24 @@ impl Messages {
     /// The next whole message, `None` until one has arrived; a prefix over the
     /// limit or with a bad flag is an error as soon as its five bytes are in.
     pub fn next_message(&mut self) -> Result<Option<Message>, FramingError> {
-        if self.buf.len() < PREFIX_BYTES {
+        let Some(prefix) = self.buf.get(..PREFIX_BYTES) else {
             return Ok(None);
-        }
-        let flag = self.buf[0];
-        if flag > 1 {
-            return Err(FramingError::Flag(flag));
-        }
-        let len = u64::from(u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]));
-        if len > self.limit as u64 {
-            return Err(FramingError::TooLarge { len, limit: self.limit });
-        }
-        let whole = PREFIX_BYTES + len as usize;
+        };
+        let (compressed, len) = read_prefix(prefix, self.limit)?;
+        let whole = PREFIX_BYTES + len;
         if self.buf.len() < whole {
             self.buf.reserve(whole - self.buf.len());
             return Ok(None);
         }
         let wire = self.buf.split_to(whole).freeze();
-        Ok(Some(Message { wire, compressed: flag == 1 }))
+        Ok(Some(Message { wire, compressed }))
     }
 
     /// At the end of the body: an error if a message was left unfinished.
     pub fn finish(&self) -> Result<(), FramingError> {
         match self.buf.remaining() {
             0 => Ok(()),
-            n => Err(FramingError::Truncated(n)),
+            _ => Err(FramingError::Truncated),
         }
     }
 }
@@ -371,6 +472,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_checked_body_passes_good_messages_and_stops_at_the_first_bad_one() {
+        use http_body_util::BodyExt;
+        let error: fn(FramingError) -> BoxError = |e| Box::new(e);
+        let chunks = |parts: Vec<Vec<u8>>| {
+            let frames =
+                parts.into_iter().map(|p| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(p))));
+            http_body_util::StreamBody::new(tokio_stream::iter(frames))
+        };
+        let mut good = message(b"abc").to_vec();
+        good.extend_from_slice(&message(&[9; 40]));
+        let split: Vec<Vec<u8>> = good.chunks(3).map(<[u8]>::to_vec).collect();
+        let body = Checked::new(chunks(split), 64, error).collect().await.unwrap();
+        assert_eq!(body.to_bytes(), good);
+        let over = Checked::new(chunks(vec![message(&[0; 65]).to_vec()]), 64, error).collect().await;
+        let e = over.unwrap_err().downcast::<FramingError>().unwrap();
+        assert_eq!(*e, FramingError::TooLarge { len: 65, limit: 64 });
+        let short = Checked::new(chunks(vec![vec![0, 0, 0, 0, 9, 1, 2]]), 64, error).collect().await;
+        assert_eq!(*short.unwrap_err().downcast::<FramingError>().unwrap(), FramingError::Truncated);
+    }
+
+    #[tokio::test]
     async fn answers_come_in_the_order_asked_whatever_order_they_finish_in() {
         let mut q = InOrder::new(3);
         for (i, ms) in [(0u32, 30u64), (1, 1), (2, 10)] {
@@ -401,6 +523,6 @@ mod tests {
         let mut m = Messages::new(1024);
         m.push(&[0, 0, 0, 0, 9, 1]);
         assert_eq!(m.next_message(), Ok(None));
-        assert_eq!(m.finish(), Err(FramingError::Truncated(6)));
+        assert_eq!(m.finish(), Err(FramingError::Truncated));
     }
 }
