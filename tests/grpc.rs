@@ -146,9 +146,11 @@ fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() 
         .unwrap();
     let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
     assert!(head.contains("grpc-status: 0") && !head.contains("content-encoding"), "{head}");
-    // Calls are counted by service, a failed one as what its code means.
+    // Calls are counted by call, a failed one as what its code means.
     let metrics = Tandem::http_client().get(t.http_url("/metrics")).send().unwrap().text().unwrap();
-    let route = "route=\"/inference.GRPCInferenceService/{method}\"";
+    let route = "protocol=\"grpc\",route=\"/inference.GRPCInferenceService/ModelInfer\"";
+    let live = "protocol=\"grpc\",route=\"/inference.GRPCInferenceService/ServerLive\"";
+    assert!(metrics.lines().any(|l| l.contains(live) && l.contains("code=\"200\"")), "{metrics}");
     assert!(metrics.lines().any(|l| l.contains(route) && l.contains("code=\"200\"")), "{metrics}");
     assert!(metrics.lines().any(|l| l.contains(route) && l.contains("code=\"404\"")), "unknown model: {metrics}");
     assert!(metrics.lines().any(|l| l.contains(route) && l.contains("code=\"400\"")), "bad shape: {metrics}");
@@ -316,7 +318,7 @@ open(sys.argv[1], "wb").write(b"\0" + len(m).to_bytes(4, "big") + m)
     assert!(head.contains("grpc-status: 4"), "{head}");
     assert!(started.elapsed() < std::time::Duration::from_millis(1500), "{:?}", started.elapsed());
     let metrics = Tandem::http_client().get(t.http_url("/metrics")).send().unwrap().text().unwrap();
-    let route = "route=\"/inference.GRPCInferenceService/{method}\"";
+    let route = "route=\"/inference.GRPCInferenceService/ModelInfer\"";
     assert!(metrics.lines().any(|l| l.contains(route) && l.contains("code=\"504\"")), "{metrics}");
 }
 

@@ -33,7 +33,7 @@ fn infer_requests(v: &Value, listener: &str, code: &str) -> f64 {
     sample(
         v,
         &format!(
-            r#"tandem_http_requests_total{{code="{code}",listener="{listener}",method="POST",route="/v2/models/{{name}}/infer"}}"#
+            r#"tandem_http_requests_total{{code="{code}",listener="{listener}",method="POST",protocol="http",route="/v2/models/{{name}}/infer"}}"#
         ),
     )
 }
@@ -137,7 +137,7 @@ fn metrics_port_is_served_by_the_supervisor_even_while_workers_restart() {
     kill(worker, Signal::SIGCONT).unwrap();
     let line = text
         .lines()
-        .find(|l| l.starts_with(r#"tandem_http_requests_total{listener="http",route="/v2/models/{name}/infer",method="POST",code="200"}"#))
+        .find(|l| l.starts_with(r#"tandem_http_requests_total{listener="http",protocol="http",route="/v2/models/{name}/infer",method="POST",code="200"}"#))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(line.ends_with(" 3"), "{line}");
     let about: Value = http.get(format!("http://127.0.0.1:{port}/")).send().unwrap().json().unwrap();

@@ -221,7 +221,9 @@ fn uvicorn_copies_serve_both_ports_with_forwarding_headers_streams_and_websocket
     let https_gets = m
         .lines()
         .find(|l| {
-            l.starts_with(r#"tandem_http_requests_total{listener="https",route="other",method="GET",code="200"}"#)
+            l.starts_with(
+                r#"tandem_http_requests_total{listener="https",protocol="http",route="other",method="GET",code="200"}"#,
+            )
         })
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .unwrap_or_else(|| panic!("no HTTPS GET count in\n{m}"));

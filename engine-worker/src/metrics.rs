@@ -130,13 +130,20 @@ pub fn render(snap: &Snapshot, ring_busy: Option<(u32, u32)>, cert_source: Optio
     e.family(
         "tandem_http_requests_total",
         "counter",
-        "HTTP requests answered, by listener, route template, method and status.",
+        "Requests answered, by listener, protocol (http, grpc), route template (a gRPC call's path), method and status.",
     );
     for r in &snap.requests {
         let code = if r.status == 0 { "other".to_string() } else { r.status.to_string() };
+        let protocol = tandem_shared::stats::protocol(r.route);
         e.sample(
             "tandem_http_requests_total",
-            &[("listener", r.listener), ("route", r.route), ("method", r.method), ("code", &code)],
+            &[
+                ("listener", r.listener),
+                ("protocol", protocol),
+                ("route", r.route),
+                ("method", r.method),
+                ("code", &code),
+            ],
             r.count,
         );
     }
@@ -148,7 +155,7 @@ pub fn render(snap: &Snapshot, ring_busy: Option<(u32, u32)>, cert_source: Optio
     for d in &snap.durations {
         e.histogram(
             "tandem_http_request_duration_seconds",
-            &[("listener", d.listener), ("route", d.route)],
+            &[("listener", d.listener), ("protocol", tandem_shared::stats::protocol(d.route)), ("route", d.route)],
             &d.buckets,
             seconds(d.sum_ns),
         );

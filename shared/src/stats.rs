@@ -48,10 +48,42 @@ pub const ROUTES: &[&str] = &[
     "/v2/models/{name}/versions/{version}/config",
     "/v2/models/{name}/versions/{version}/stats",
     "/v2/models/{name}/versions/{version}/infer",
+    // The gRPC face, by call (each path is its own template; an unknown call is `{method}`).
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/inference.GRPCInferenceService/ModelReady",
+    "/inference.GRPCInferenceService/ServerMetadata",
+    "/inference.GRPCInferenceService/ModelMetadata",
+    "/inference.GRPCInferenceService/ModelInfer",
+    "/inference.GRPCInferenceService/ModelStreamInfer",
+    "/inference.GRPCInferenceService/ModelConfig",
+    "/inference.GRPCInferenceService/ModelStatistics",
+    "/inference.GRPCInferenceService/RepositoryIndex",
+    "/inference.GRPCInferenceService/RepositoryModelLoad",
+    "/inference.GRPCInferenceService/RepositoryModelUnload",
+    "/inference.GRPCInferenceService/SystemSharedMemoryStatus",
+    "/inference.GRPCInferenceService/SystemSharedMemoryRegister",
+    "/inference.GRPCInferenceService/SystemSharedMemoryUnregister",
+    "/inference.GRPCInferenceService/CudaSharedMemoryStatus",
+    "/inference.GRPCInferenceService/CudaSharedMemoryRegister",
+    "/inference.GRPCInferenceService/CudaSharedMemoryUnregister",
+    "/inference.GRPCInferenceService/TraceSetting",
+    "/inference.GRPCInferenceService/LogSettings",
     "/inference.GRPCInferenceService/{method}",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
     "/grpc.health.v1.Health/{method}",
     "other",
 ];
+
+/// The protocol a route of [`ROUTES`] is served in: `grpc` or `http`.
+pub fn protocol(route: &str) -> &'static str {
+    if route.starts_with("/inference.") || route.starts_with("/grpc.") {
+        "grpc"
+    } else {
+        "http"
+    }
+}
 const NR: usize = ROUTES.len();
 /// Methods counted by name; the rest are `other`.
 pub const METHODS: &[&str] = &["GET", "POST", "HEAD", "other"];
@@ -925,8 +957,12 @@ mod tests {
         assert_eq!(r("/v2/models/digits/stats"), "/v2/models/{name}/stats");
         assert_eq!(r("/nope/x"), "other");
         assert_eq!(r("/v2/models//infer"), "other");
-        assert_eq!(r("/inference.GRPCInferenceService/ModelInfer"), "/inference.GRPCInferenceService/{method}");
-        assert_eq!(r("/grpc.health.v1.Health/Check"), "/grpc.health.v1.Health/{method}");
+        assert_eq!(r("/inference.GRPCInferenceService/ModelInfer"), "/inference.GRPCInferenceService/ModelInfer");
+        assert_eq!(r("/inference.GRPCInferenceService/Nope"), "/inference.GRPCInferenceService/{method}");
+        assert_eq!(r("/grpc.health.v1.Health/Watch"), "/grpc.health.v1.Health/Watch");
+        assert_eq!(protocol(r("/grpc.health.v1.Health/Check")), "grpc");
+        assert_eq!(protocol(r("/v2/models/x/infer")), "http");
+        assert_eq!(r("/grpc.health.v1.Health/List"), "/grpc.health.v1.Health/{method}");
     }
 
     #[test]
