@@ -378,6 +378,41 @@ print(json.dumps(seen))
 }
 
 #[test]
+fn server_reflection_lists_the_services_and_describes_their_messages() {
+    let t = TandemBuilder::new().start();
+    reflection(&t, &Target::plain(&t));
+}
+
+/// grpcio-reflection's descriptor database, as grpcurl-style tools use it:
+/// the services listed, a call and its message described.
+fn reflection(t: &Tandem, target: &Target) {
+    let script = r#"
+import json
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from google.protobuf.descriptor_pool import DescriptorPool
+db = ProtoReflectionDescriptorDatabase(channel())
+pool = DescriptorPool(db)
+service = pool.FindServiceByName("inference.GRPCInferenceService")
+infer = service.FindMethodByName("ModelInfer")
+request = pool.FindMessageTypeByName("inference.ModelInferRequest")
+print(json.dumps({
+    "services": sorted(db.get_services()),
+    "input": infer.input_type.full_name,
+    "fields": sorted(f.name for f in request.fields)[:4],
+    "methods": len(service.methods),
+}))
+"#;
+    let seen = python_at(t, target, script);
+    let services = seen["services"].as_array().unwrap();
+    for s in ["inference.GRPCInferenceService", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|v| v == s), "{s} not listed: {seen}");
+    }
+    assert_eq!(seen["input"], "inference.ModelInferRequest", "{seen}");
+    assert_eq!(seen["fields"], serde_json::json!(["id", "inputs", "model_name", "model_version"]), "{seen}");
+    assert!(seen["methods"].as_u64().unwrap() >= 20, "{seen}");
+}
+
+#[test]
 fn grpc_over_tls_with_client_certificates_is_served_through_the_ring_like_plain() {
     let b = TandemBuilder::new().ssl();
     let pki = b.dir().join("pki");
@@ -404,6 +439,7 @@ fn grpc_over_tls_with_client_certificates_is_served_through_the_ring_like_plain(
     assert_eq!(seen["grpc_stats"]["success"], seen["http_stats_success"], "{seen}");
     stream_of_100(&t, &target);
     health_checks(&t, &target);
+    reflection(&t, &target);
     // The engine logged the calls with the client's verified identity.
     let infer = t
         .stderr()

@@ -51,6 +51,22 @@ pub fn service(state: AppState) -> pb::grpc_inference_service_server::GrpcInfere
         .send_compressed(tonic::codec::CompressionEncoding::Gzip)
 }
 
+/// Server reflection (v1 and v1alpha) over every service served here, so
+/// grpcurl-style tools can list the calls and their messages.
+pub fn reflection() -> (
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+) {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::engine::config::DESCRIPTORS)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+    };
+    let v1 = builder().build_v1().expect("the descriptor set built with the binary is valid");
+    let v1alpha = builder().build_v1alpha().expect("the descriptor set built with the binary is valid");
+    (v1, v1alpha)
+}
+
 /// `grpc.health.v1.Health`: `Check` for the server (`""`, SERVING once
 /// ready) or a model by name (SERVING when a version serves, NOT_SERVING
 /// when it is unavailable, `NOT_FOUND` when there is no such model, as the
@@ -545,6 +561,12 @@ mod tests {
         let b = pb::InferTensorContents { bytes_contents: vec![b"ab".to_vec()], ..Default::default() };
         assert_eq!(contents_bytes("x", "BYTES", &b).unwrap(), vec![2, 0, 0, 0, b'a', b'b']);
         assert!(contents_bytes("x", "FP16", &pb::InferTensorContents::default()).is_err());
+    }
+
+    #[test]
+    fn reflection_is_built_from_the_descriptors_compiled_in() {
+        // (reflection() expects this; the descriptors are the binary's own, never a client's.)
+        let _ = reflection();
     }
 
     #[test]

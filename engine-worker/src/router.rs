@@ -28,6 +28,8 @@ pub fn router(state: AppState) -> Router {
     let max_message = state.inner.max_request_bytes;
     let grpc = crate::grpc::service(state.clone());
     let health = crate::grpc::health(state.clone());
+    let (reflection, reflection_alpha) = crate::grpc::reflection();
+    let [reflection_path, reflection_alpha_path] = tandem_shared::edge::restricted::GRPC_REFLECTION;
     Router::new()
         .route("/", get(info))
         .route("/metrics", get(crate::metrics::metrics))
@@ -51,6 +53,8 @@ pub fn router(state: AppState) -> Router {
         // The gRPC face, behind the same front door, counted the same way.
         .route_service(&format!("{}{{*method}}", crate::grpc::PREFIX), grpc)
         .route_service(&format!("{}{{*method}}", crate::grpc::HEALTH_PREFIX), health)
+        .route_service(&format!("{reflection_path}{{*method}}"), reflection)
+        .route_service(&format!("{reflection_alpha_path}{{*method}}"), reflection_alpha)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async {
             error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")

@@ -9,7 +9,10 @@
 //!   behaviour for models that are not decoupled);
 //! - a `grpc.health.v1.Health/Watch` is its `Check` asked again every
 //!   [`WATCH_EVERY`], the answer sent when it changes (`SERVICE_UNKNOWN` for
-//!   a model that does not exist, as the health protocol asks).
+//!   a model that does not exist, as the health protocol asks);
+//! - each request of a server reflection stream (whose answers depend on
+//!   nothing but the request) is a call of its own on the same path, carrying
+//!   that one request.
 //!
 //! The call's `grpc-timeout` bounds the whole stream. Only framing is read
 //! here: the engine decodes and encodes the messages themselves.
@@ -64,9 +67,35 @@ struct HealthAnswer {
     status: i32,
 }
 
+/// The streams served here, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `ModelStreamInfer`: each request a `ModelInfer` call, errors on the stream.
+    Infer,
+    /// Health `Watch`: its `Check` again and again.
+    Watch,
+    /// Reflection: each request a call of its own on the same path.
+    Each,
+}
+
+/// The server reflection streams (v1, and v1alpha that older tools ask for).
+const REFLECTION: [&str; 2] = [
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+fn kind(path: &str) -> Option<Kind> {
+    match path {
+        STREAM => Some(Kind::Infer),
+        WATCH => Some(Kind::Watch),
+        p if REFLECTION.contains(&p) => Some(Kind::Each),
+        _ => None,
+    }
+}
+
 /// Whether a gRPC call's path is one of the streams served here.
 pub fn is_split(path: &str) -> bool {
-    path == STREAM || path == WATCH
+    kind(path).is_some()
 }
 
 type Sender = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
@@ -77,21 +106,24 @@ pub fn split(fwd: Arc<Forwarder>, req: Request<Incoming>) -> Reply {
     let (mut parts, body) = req.into_parts();
     // Without a deadline a stream lasts as long as its client keeps it (a health watch, for ever).
     let within = grpc::timeout(&parts.headers);
-    let watch = parts.uri.path() == WATCH;
+    let kind = kind(parts.uri.path()).unwrap_or(Kind::Each);
     // Each message becomes a unary call with the stream's headers, answered
     // uncompressed (its bytes are re-wrapped here), with no deadline of its
     // own: the stream's bounds them all.
-    parts.uri = Uri::from_static(if watch { CHECK } else { INFER });
+    match kind {
+        Kind::Infer => parts.uri = Uri::from_static(INFER),
+        Kind::Watch => parts.uri = Uri::from_static(CHECK),
+        Kind::Each => {}
+    }
     parts.headers.remove("grpc-accept-encoding");
     parts.headers.remove("grpc-timeout");
     fwd.vouch(&mut parts);
     let (tx, rx) = mpsc::channel(STREAM_AHEAD);
     tokio::spawn(async move {
         let served = async {
-            if watch {
-                self::watch(&fwd, &parts, body, &tx).await
-            } else {
-                stream(&fwd, &parts, body, &tx).await
+            match kind {
+                Kind::Watch => watch(&fwd, &parts, body, &tx).await,
+                Kind::Infer | Kind::Each => stream(&fwd, &parts, body, &tx, kind).await,
             }
         };
         let (status, message) = match within {
@@ -111,9 +143,16 @@ pub fn split(fwd: Arc<Forwarder>, req: Request<Incoming>) -> Reply {
 /// How a stream ended: its status and message.
 type Ended = (u8, String);
 
-/// A `ModelStreamInfer` stream: requests read, sent through the ring and
-/// answered in order until the client's half ends.
-async fn stream(fwd: &Arc<Forwarder>, call: &http::request::Parts, mut body: Incoming, tx: &Sender) -> Ended {
+/// A `ModelStreamInfer` or reflection stream: requests read, sent through
+/// the ring and answered in order until the client's half ends (or, for
+/// reflection, a call fails).
+async fn stream(
+    fwd: &Arc<Forwarder>,
+    call: &http::request::Parts,
+    mut body: Incoming,
+    tx: &Sender,
+    kind: Kind,
+) -> Ended {
     let mut cut = Messages::new(fwd.body_limit());
     let mut running = grpc::InOrder::new(STREAM_AHEAD);
     let mut reading = true;
@@ -123,7 +162,12 @@ async fn stream(fwd: &Arc<Forwarder>, call: &http::request::Parts, mut body: Inc
             match cut.next_message() {
                 Ok(Some(m)) => {
                     let (fwd, call) = (fwd.clone(), call.clone());
-                    running.start(async move { infer(&fwd, &call, m).await });
+                    running.start(async move {
+                        match kind {
+                            Kind::Infer => Ok(infer(&fwd, &call, m).await),
+                            _ => each(&fwd, &call, m).await,
+                        }
+                    });
                     continue;
                 }
                 Ok(None) => {}
@@ -158,7 +202,15 @@ async fn stream(fwd: &Arc<Forwarder>, call: &http::request::Parts, mut body: Inc
                 }
             },
             answer = running.next() => {
-                let wire = answer.unwrap_or_else(|e| stream_answer(Err(format!("the request failed: {e}"))));
+                let wire = match answer {
+                    Ok(Ok(wire)) => wire,
+                    Ok(Err(ended)) => {
+                        running.abort();
+                        return ended;
+                    }
+                    Err(e) if kind == Kind::Infer => stream_answer(Err(format!("the request failed: {e}"))),
+                    Err(e) => return (code::INTERNAL, format!("the request failed: {e}")),
+                };
                 if tx.send(Ok(Frame::data(wire))).await.is_err() {
                     // The client is gone; what is still in the ring is abandoned with it.
                     running.abort();
@@ -181,6 +233,18 @@ async fn infer(fwd: &Forwarder, call: &http::request::Parts, m: Message) -> Byte
         Err(refused) => Err(front::error_message(&refused)),
     };
     stream_answer(answer.map(|payload| payload.to_vec()))
+}
+
+/// One request of a reflection stream, through the ring: its answer as the
+/// stream's message, or the status the stream ends with.
+async fn each(fwd: &Forwarder, call: &http::request::Parts, m: Message) -> Result<Bytes, Ended> {
+    match fwd.exchange(call, &m.wire).await {
+        Ok(frame) => match (grpc::status_of(&frame.headers, frame.trailers.as_ref()), unary_answer(&frame)) {
+            (_, Ok(payload)) => Ok(grpc::message(&payload)),
+            (status, Err(message)) => Err((status.map_or(code::INTERNAL, |s| s.0), message)),
+        },
+        Err(refused) => Err((grpc::code_for(refused.status()), front::error_message(&refused))),
+    }
 }
 
 /// A unary call's answer from the engine: its one message's payload, or its
@@ -243,10 +307,7 @@ async fn watch(fwd: &Forwarder, call: &http::request::Parts, mut body: Incoming,
                 }
                 (status, Err(message)) => return (status.map_or(code::INTERNAL, |s| s.0), message),
             },
-            Err(refused) => {
-                let status = grpc::code_for(refused.status());
-                return (status, front::error_message(&refused));
-            }
+            Err(refused) => return (grpc::code_for(refused.status()), front::error_message(&refused)),
         };
         if last.as_ref() != Some(&seen) {
             if tx.send(Ok(Frame::data(grpc::message(&seen)))).await.is_err() {

@@ -16,7 +16,7 @@ pub mod pb {
 }
 
 /// The encoded descriptor set of `model_config.proto`, written by `build.rs`.
-const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/model_config.bin"));
+pub(crate) const DESCRIPTORS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/model_config.bin"));
 
 /// File names tandem reads a configuration from, in order of preference.
 pub const CONFIG_FILES: [&str; 2] = ["config.pbtxt", "config.json"];

@@ -33,6 +33,10 @@ pub fn category(path: &str) -> Option<&'static str> {
     if path.starts_with(GRPC_HEALTH) {
         return Some("health");
     }
+    if GRPC_REFLECTION.iter().any(|p| path.starts_with(p)) {
+        // The services' own description, as `/v2` describes the server.
+        return Some("metadata");
+    }
     let first = |prefix: &str| path.strip_prefix(prefix).is_some_and(|r| r.is_empty() || r.starts_with('/'));
     if first("/v2/health") {
         return Some("health");
@@ -68,6 +72,9 @@ pub fn category(path: &str) -> Option<&'static str> {
 pub const GRPC_SERVICE: &str = "/inference.GRPCInferenceService/";
 /// gRPC's standard health service: `/grpc.health.v1.Health/{Method}`.
 pub const GRPC_HEALTH: &str = "/grpc.health.v1.Health/";
+/// gRPC server reflection, v1 and the v1alpha older tools ask for.
+pub const GRPC_REFLECTION: [&str; 2] =
+    ["/grpc.reflection.v1.ServerReflection/", "/grpc.reflection.v1alpha.ServerReflection/"];
 
 /// The category of a gRPC call, as Triton's `--grpc-restricted-protocol` groups them.
 fn grpc_category(method: &str) -> Option<&'static str> {
@@ -245,6 +252,7 @@ mod tests {
             ("/v2/models/m/trace/setting", Some("trace")),
             ("/v2/logging", Some("logging")),
             ("/inference.GRPCInferenceService/ModelInfer", Some("inference")),
+            ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", Some("metadata")),
             ("/inference.GRPCInferenceService/ModelStreamInfer", Some("inference")),
             ("/inference.GRPCInferenceService/RepositoryModelUnload", Some("model-repository")),
             ("/inference.GRPCInferenceService/ModelReady", Some("health")),
