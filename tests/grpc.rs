@@ -440,6 +440,28 @@ fn grpc_over_tls_with_client_certificates_is_served_through_the_ring_like_plain(
     stream_of_100(&t, &target);
     health_checks(&t, &target);
     reflection(&t, &target);
+    // The status arrives in trailers, after the message, as gRPC requires
+    // (seen by curl, which is not lenient about them as grpcio is).
+    let frame = t.dir.path().join("empty.grpc");
+    std::fs::write(&frame, [0u8; 5]).unwrap();
+    let (ca, client) = target.tls.clone().unwrap();
+    let (key, cert) = client.unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "-D", "-", "-o", "/dev/null", "--http2", "--cacert"])
+        .arg(&ca)
+        .arg("--key")
+        .arg(&key)
+        .arg("--cert")
+        .arg(&cert)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers", "--data-binary"])
+        .arg(format!("@{}", frame.display()))
+        .arg(t.https_url("localhost", "/inference.GRPCInferenceService/ServerLive"))
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    let (head, trailers) = dump.split_once("\r\n\r\n").unwrap_or((&dump, ""));
+    assert!(!head.contains("grpc-status") && !head.contains("content-length"), "{dump}");
+    assert!(trailers.contains("grpc-status: 0"), "no status trailer: {dump}");
     // The engine logged the calls with the client's verified identity.
     let infer = t
         .stderr()

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use tandem_shared::edge::budget::{Budget, Share};
 use tandem_shared::edge::front::{self, read_body, Answer, BodyError, FrontDoor, DRAIN_BYTES};
@@ -559,10 +560,14 @@ fn reply(frame: ResponseFrame, grpc_call: bool) -> Reply {
             .unwrap_or_else(|| frame.status.to_string());
         return boxed(grpc::refusal(front::error(frame.status, &message)));
     }
-    let body = Full::new(Bytes::from(frame.body));
     let body = match frame.trailers {
-        Some(trailers) => body.with_trailers(std::future::ready(Some(Ok(trailers)))).boxed(),
-        None => body.boxed(),
+        // No exact length: with one, hyper sends a content-length and the
+        // stream ends with the data, before the trailers (a gRPC answer has none).
+        Some(trailers) => {
+            let frames = [Frame::data(Bytes::from(frame.body)), Frame::trailers(trailers)];
+            StreamBody::new(tokio_stream::iter(frames.map(Ok))).boxed()
+        }
+        None => Full::new(Bytes::from(frame.body)).boxed(),
     };
     let mut res = Response::new(body);
     *res.status_mut() = frame.status;
