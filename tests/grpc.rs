@@ -378,6 +378,43 @@ print(json.dumps(seen))
 }
 
 #[test]
+fn kserve_s_grpc_client_is_served() {
+    let t = TandemBuilder::new().start();
+    kserve_client(&t, &Target::plain(&t));
+}
+
+/// KServe's `InferenceGRPCClient` (asyncio): health, then an inference whose
+/// answer is the HTTP face's for the same input.
+fn kserve_client(t: &Tandem, target: &Target) {
+    let script = r#"
+import asyncio, json, urllib.request
+import numpy as np
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+async def main():
+    c = InferenceGRPCClient(URL, use_ssl=CA is not None, root_certificates=CA, private_key=KEY, certificate_chain=CERT)
+    seen = {"live": await c.is_server_live(), "ready": await c.is_server_ready(), "model_ready": await c.is_model_ready("digits")}
+    pixels = (np.arange(128, dtype=np.float32) % 17).reshape(2, 64)
+    x = InferInput("pixels", [2, 64], "FP32")
+    x.set_data_from_numpy(pixels)
+    r = await c.infer(InferRequest(model_name="digits", infer_inputs=[x], request_id="k1"))
+    out = r.outputs[0]
+    seen.update(id=r.id, name=out.name, shape=list(out.shape))
+    body = json.dumps({"inputs": [{"name": "pixels", "shape": [2, 64], "datatype": "FP32", "data": pixels.reshape(-1).tolist()}]}).encode()
+    req = urllib.request.Request(f"http://{HTTP}/v2/models/digits/infer", data=body, headers={"content-type": "application/json"})
+    via_http = np.array(json.load(urllib.request.urlopen(req))["outputs"][0]["data"], dtype=np.float32)
+    seen["same_answer"] = bool(np.allclose(out.as_numpy().reshape(-1), via_http, rtol=0, atol=1e-6))
+    await c.close()
+    print(json.dumps(seen))
+asyncio.run(main())
+"#;
+    let seen = python_at(t, target, script);
+    assert_eq!((&seen["live"], &seen["ready"], &seen["model_ready"]), (&true.into(), &true.into(), &true.into()));
+    assert_eq!((&seen["id"], &seen["name"]), (&"k1".into(), &"probabilities".into()), "{seen}");
+    assert_eq!(seen["shape"], serde_json::json!([2, 10]), "{seen}");
+    assert_eq!(seen["same_answer"], true, "{seen}");
+}
+
+#[test]
 fn server_reflection_lists_the_services_and_describes_their_messages() {
     let t = TandemBuilder::new().start();
     reflection(&t, &Target::plain(&t));
@@ -440,6 +477,7 @@ fn grpc_over_tls_with_client_certificates_is_served_through_the_ring_like_plain(
     stream_of_100(&t, &target);
     health_checks(&t, &target);
     reflection(&t, &target);
+    kserve_client(&t, &target);
     // The status arrives in trailers, after the message, as gRPC requires
     // (seen by curl, which is not lenient about them as grpcio is).
     let frame = t.dir.path().join("empty.grpc");
