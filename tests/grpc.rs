@@ -560,3 +560,28 @@ fn hostile_http2_calls_get_a_status_and_never_take_a_worker_down() {
     let restarted = metrics.lines().any(|l| l.starts_with("tandem_worker_restarts_total") && !l.ends_with(" 0"));
     assert!(!restarted, "{metrics}");
 }
+
+#[test]
+fn grpc_calls_are_proxied_to_worker_command_copies_over_http2_with_their_trailers() {
+    // The copies are tandem itself (an existing gRPC server on {port}, HTTP/1.1
+    // and h2c on one port): two of them, each serving digits.
+    let b = TandemBuilder::new().ssl();
+    let caches = b.dir().join("copies");
+    let command = format!(
+        "env -u WORKER_COMMAND -u ENABLE_SSL -u SSL_PORT -u METRICS_PORT NUM_WORKERS=1 HOST=127.0.0.1 \
+         MODEL_CACHE_DIR={}/{{worker}} {TANDEM}",
+        caches.display()
+    );
+    let t = b.env("NUM_WORKERS", "2").env("WORKER_COMMAND", &command).start_live();
+    let dir = t.dir.path().to_path_buf();
+    for target in [Target::plain(&t), Target::tls(&t, &dir, None)] {
+        let seen = grpc_client_at(&t, &target, &[]);
+        assert_eq!((&seen["live"], &seen["model_ready"]), (&true.into(), &true.into()), "{seen}");
+        assert_eq!(seen["same_answer"], true, "{seen}");
+        // A copy's error status comes back as it sent it (trailers-only).
+        assert_eq!(seen["errors"]["unknown_model"], "StatusCode.NOT_FOUND", "{seen}");
+        assert_eq!(seen["errors"]["bad_shape"], "StatusCode.INVALID_ARGUMENT", "{seen}");
+        // A stream through the proxy: messages both ways, status in trailers.
+        stream_of_100(&t, &target);
+    }
+}

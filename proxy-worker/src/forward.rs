@@ -253,6 +253,9 @@ impl Body for Leased {
 enum Outgoing {
     Replayable(Bytes),
     Stream(Option<Limited<Incoming>>),
+    /// A gRPC call's messages, each checked against the limit as it passes
+    /// (a stream's whole body has none).
+    Messages(Option<tandem_shared::edge::grpc::Checked<Incoming>>),
 }
 
 impl Outgoing {
@@ -261,6 +264,7 @@ impl Outgoing {
             Outgoing::Replayable(b) if b.is_empty() => Some(Empty::new().map_err(|n| match n {}).boxed_unsync()),
             Outgoing::Replayable(b) => Some(Full::new(b.clone()).map_err(|n| match n {}).boxed_unsync()),
             Outgoing::Stream(s) => s.take().map(|s| s.boxed_unsync()),
+            Outgoing::Messages(s) => s.take().map(|s| s.boxed_unsync()),
         }
     }
 }
@@ -345,7 +349,12 @@ impl Proxy {
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let authority = parts.uri.authority().map(|a| a.to_string());
+        // A gRPC call goes to the copy over HTTP/2, saying it reads trailers (gRPC servers ask).
+        let grpc = tandem_shared::edge::grpc::is_call(&parts.headers);
         rewrite(&mut parts.headers, authority.as_deref(), origin, upgrade.as_ref());
+        if grpc {
+            parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         let limit = self.opts.max_request_bytes;
         let too_large = || {
             let mut res = boxed(front::too_large(&front::max_request_bytes(limit)));
@@ -360,6 +369,9 @@ impl Proxy {
         let mut share = tandem_shared::edge::budget::Share::default();
         let mut outgoing = if body.is_end_stream() {
             Outgoing::Replayable(Bytes::new())
+        } else if grpc && declared.is_none() {
+            let cap = usize::try_from(limit).unwrap_or(usize::MAX);
+            Outgoing::Messages(Some(tandem_shared::edge::grpc::Checked::new(body, cap, |e| Box::new(e))))
         } else if declared.is_some_and(|n| n <= REPLAYABLE_BYTES) {
             let cap = usize::try_from(limit).unwrap_or(usize::MAX);
             match tokio::time::timeout_at(deadline, read_body(body, cap, declared, &self.budget, &mut share)).await {
@@ -408,9 +420,10 @@ impl Proxy {
             let mut out = Request::new(body);
             *out.method_mut() = parts.method.clone();
             *out.uri_mut() = uri;
-            *out.version_mut() = Version::HTTP_11;
+            *out.version_mut() = if grpc { Version::HTTP_2 } else { Version::HTTP_11 };
             *out.headers_mut() = parts.headers.clone();
-            let sent = tokio::time::timeout_at(deadline, lease.entry.client().request(out)).await;
+            let client = if grpc { lease.entry.grpc_client() } else { lease.entry.client() };
+            let sent = tokio::time::timeout_at(deadline, client.request(out)).await;
             let failure = match sent {
                 Ok(Ok(res)) => return (self.answer(res, lease, client_upgrade, deadline).await, Some(worker)),
                 Ok(Err(e)) => classify(&e),
@@ -504,7 +517,9 @@ impl Proxy {
         }
         let (mut parts, body) = res.into_parts();
         drop_hop_by_hop(&mut parts.headers);
-        if body.size_hint().exact().is_some_and(|n| n <= SMALL_ANSWER) {
+        // (Never a gRPC answer: its status follows in trailers, which a whole read would drop.)
+        let grpc = tandem_shared::edge::grpc::is_call(&parts.headers);
+        if !grpc && body.size_hint().exact().is_some_and(|n| n <= SMALL_ANSWER) {
             // A small answer of known length is read whole, so its head and
             // body leave in one write (streamed, they took one write each).
             let read = tokio::time::timeout_at(deadline, body.collect()).await;

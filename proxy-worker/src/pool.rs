@@ -142,6 +142,9 @@ pub struct Entry {
     /// Keep-alive connections to it, one pool per serving thread (a
     /// connection lives on the runtime of the thread that opened it).
     clients: Vec<Client<Connector, ProxyBody>>,
+    /// The same over HTTP/2 with prior knowledge, for gRPC calls (a gRPC
+    /// server speaks nothing else), one per serving thread too.
+    grpc_clients: Vec<Client<Connector, ProxyBody>>,
 }
 
 thread_local! {
@@ -159,13 +162,20 @@ impl Entry {
         let i = THREAD.with(std::cell::Cell::get);
         &self.clients[i.min(self.clients.len() - 1)]
     }
+
+    /// The calling thread's HTTP/2 connection to the copy, for gRPC calls.
+    pub fn grpc_client(&self) -> &Client<Connector, ProxyBody> {
+        let i = THREAD.with(std::cell::Cell::get);
+        &self.grpc_clients[i.min(self.grpc_clients.len() - 1)]
+    }
 }
 
-fn client(addr: &BackendAddr) -> Client<Connector, ProxyBody> {
+fn client(addr: &BackendAddr, http2: bool) -> Client<Connector, ProxyBody> {
     Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(POOL_IDLE)
         .pool_max_idle_per_host(1024)
+        .http2_only(http2)
         // The client's Host header passes through as it came.
         .set_host(false)
         .build(Connector { addr: Arc::new(addr.clone()) })
@@ -235,7 +245,8 @@ impl Pool {
                     in_flight: AtomicUsize::new(0),
                     suspect_until: AtomicU64::new(0),
                     idle_reported: AtomicBool::new(false),
-                    clients: (0..self.threads).map(|_| client(&b.addr)).collect(),
+                    clients: (0..self.threads).map(|_| client(&b.addr, false)).collect(),
+                    grpc_clients: (0..self.threads).map(|_| client(&b.addr, true)).collect(),
                 }),
             };
             entry.state.store(state_code(b.state), Ordering::Release);
