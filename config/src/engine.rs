@@ -1,5 +1,5 @@
 //! tandem's own engine: the model repository, the backend and its device and
-//! threads, readiness and model control.
+//! threads, readiness, model control and Triton's system shared memory.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -69,6 +69,12 @@ crate::declare! {
         doc: "seconds between rescans of the repository with MODEL_CONTROL_MODE=poll (1-86400)",
         accepted: "seconds 1-86400, as a number (30) or with a unit s, m, h or d (30s, 2m, 1h)",
         scope: |c| engine(c).or_else(|| (c.engine.model_control_mode != ModelControlMode::Poll).then_some("MODEL_CONTROL_MODE is not poll")),
+    }
+    SYSTEM_SHARED_MEMORY {
+        default: "false",
+        doc: "Triton's system shared-memory extension: local clients register POSIX regions under /dev/shm by name and pass tensors in them (off by default: a client that may register a region reads and writes whatever /dev/shm file tandem may open)",
+        accepted: values::BOOL,
+        scope: engine,
     }
 }
 
@@ -153,6 +159,8 @@ pub struct Engine {
     pub model_load: ModelLoad,
     /// Between repository rescans (poll mode).
     pub repository_poll: Duration,
+    /// Triton's system shared-memory extension is served.
+    pub system_shared_memory: bool,
 }
 
 /// A worker's share of `cores` when `workers` share them (at least 1).
@@ -219,6 +227,7 @@ pub fn parse(r: &mut Reader) -> Engine {
         names.iter().all(|n| is_model_name(n)).then_some(ModelLoad::Only(names))
     });
     let repository_poll = r.get(&REPOSITORY_POLL_SECS, Duration::from_secs(15), |v| values::seconds(v, 1, 86400));
+    let system_shared_memory = r.get(&SYSTEM_SHARED_MEMORY, false, values::parse_bool);
     Engine {
         model_repository,
         ort_dylib_path,
@@ -230,6 +239,7 @@ pub fn parse(r: &mut Reader) -> Engine {
         model_control_mode,
         model_load,
         repository_poll,
+        system_shared_memory,
     }
 }
 

@@ -228,18 +228,40 @@ fn contents_bytes(name: &str, datatype: &str, c: &pb::InferTensorContents) -> Re
 }
 
 /// The gRPC request as the JSON face's decoded request and its binary tail.
+/// An input in a shared-memory region carries no data here, and as Triton's
+/// `raw_input_contents` holds one entry per input that is not in one, in order.
 fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, Vec<u8>), ApiError> {
+    let in_shm = |i: &pb::model_infer_request::InferInputTensor| i.parameters.contains_key("shared_memory_region");
     let raw = !r.raw_input_contents.is_empty();
-    if raw && r.raw_input_contents.len() != r.inputs.len() {
+    let carried = r.inputs.iter().filter(|i| !in_shm(i)).count();
+    if raw && r.raw_input_contents.len() != carried {
         return Err(ApiError::bad(format!(
-            "raw_input_contents has {} entries for {} inputs",
+            "raw_input_contents has {} entries for {carried} inputs not in shared memory",
             r.raw_input_contents.len(),
-            r.inputs.len()
         )));
     }
     let mut binary = Vec::with_capacity(r.raw_input_contents.iter().map(Vec::len).sum());
     let mut inputs = Vec::with_capacity(r.inputs.len());
-    for (i, input) in r.inputs.iter().enumerate() {
+    let mut raw_contents = r.raw_input_contents.iter();
+    for input in &r.inputs {
+        let mut parameters: Map<String, Value> =
+            input.parameters.iter().map(|(k, v)| (k.clone(), json_param(v))).collect();
+        if in_shm(input) {
+            if input.contents.is_some() {
+                return Err(ApiError::bad(format!(
+                    "input {}: its data is in shared memory; it cannot also come in contents",
+                    input.name
+                )));
+            }
+            inputs.push(RequestInput {
+                name: input.name.clone(),
+                shape: input.shape.clone(),
+                datatype: input.datatype.clone(),
+                parameters,
+                data: None,
+            });
+            continue;
+        }
         let bytes = match (&input.contents, raw) {
             (Some(_), true) => {
                 return Err(ApiError::bad(format!(
@@ -248,11 +270,9 @@ fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, Vec<u8>), ApiErro
                 )))
             }
             (Some(c), false) => contents_bytes(&input.name, &input.datatype, c)?,
-            (None, true) => r.raw_input_contents[i].clone(),
+            (None, true) => raw_contents.next().cloned().unwrap_or_default(),
             (None, false) => return Err(ApiError::bad(format!("input {} has no data", input.name))),
         };
-        let mut parameters: Map<String, Value> =
-            input.parameters.iter().map(|(k, v)| (k.clone(), json_param(v))).collect();
         parameters.insert("binary_data_size".into(), Value::from(bytes.len()));
         binary.extend_from_slice(&bytes);
         inputs.push(RequestInput {
@@ -280,6 +300,20 @@ fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, Vec<u8>), ApiErro
     Ok((InferRequest { id, parameters, inputs, outputs }, binary))
 }
 
+/// The JSON parameters that say where an output was written, as gRPC parameters.
+fn region_parameters(json: Value, into: &mut std::collections::HashMap<String, pb::InferParameter>) {
+    use pb::infer_parameter::ParameterChoice as C;
+    let Value::Object(map) = json else { return };
+    for (k, v) in map {
+        let choice = match v {
+            Value::String(s) => C::StringParam(s),
+            Value::Number(n) => C::Int64Param(n.as_i64().unwrap_or(i64::MAX)),
+            _ => continue,
+        };
+        into.insert(k, pb::InferParameter { parameter_choice: Some(choice) });
+    }
+}
+
 impl Grpc {
     /// One request of a stream, answered as the stream carries it.
     async fn stream_answer(&self, req: pb::ModelInferRequest) -> pb::ModelStreamInferResponse {
@@ -296,7 +330,9 @@ impl Grpc {
         let run = async {
             let decoding = Instant::now();
             let (req, binary) = as_http(&r)?;
-            let inputs = build_inputs(&model, &req, &binary)?;
+            let mut share = tandem_shared::edge::budget::Share::default();
+            crate::router::shared_input_budget(state, &req, &mut share).await?;
+            let inputs = build_inputs(&model, &req, &binary, state.shared_memory())?;
             let requested = requested_outputs(&model, &req)?;
             let wanted = requested.iter().map(|q| q.index).collect();
             let (outputs, batch, executions, mut timings) =
@@ -309,11 +345,25 @@ impl Grpc {
                 ..Default::default()
             };
             for (q, tensor) in requested.iter().zip(outputs) {
+                let name = &model.outputs[q.index].name;
                 let (datatype, shape, bytes) = raw_output(&model, q, tensor)?;
+                let mut parameters = std::collections::HashMap::new();
+                let bytes = match &q.place {
+                    // In the region; an empty entry keeps raw_output_contents in step with outputs, as Triton's.
+                    Some(place) => {
+                        region_parameters(
+                            crate::infer::to_region_bytes(state.shared_memory(), name, place, &bytes)?,
+                            &mut parameters,
+                        );
+                        Vec::new()
+                    }
+                    None => bytes,
+                };
                 response.outputs.push(pb::model_infer_response::InferOutputTensor {
-                    name: model.outputs[q.index].name.clone(),
+                    name: name.clone(),
                     datatype: datatype.name().to_string(),
                     shape: shape.iter().map(|&d| d as i64).collect(),
+                    parameters,
                     ..Default::default()
                 });
                 response.raw_output_contents.push(bytes);
@@ -533,6 +583,68 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for Grpc {
         let change = tandem_shared::process::control::ModelChange::Unload { model: r.into_inner().model_name };
         crate::control_api::change(&self.state, change).await.map_err(status)?;
         Ok(Response::new(pb::RepositoryModelUnloadResponse {}))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        r: Request<pb::SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryStatusResponse>, Status> {
+        use pb::system_shared_memory_status_response::RegionStatus;
+        let name = r.into_inner().name;
+        let regions =
+            crate::system_shm::status(&self.state, (!name.is_empty()).then_some(name.as_str())).map_err(status)?;
+        let regions = regions
+            .into_iter()
+            .map(|r| {
+                let s = RegionStatus { name: r.name.clone(), key: r.key, offset: r.offset, byte_size: r.byte_size };
+                (r.name, s)
+            })
+            .collect();
+        Ok(Response::new(pb::SystemSharedMemoryStatusResponse { regions }))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        r: Request<pb::SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryRegisterResponse>, Status> {
+        let r = r.into_inner();
+        let region =
+            tandem_shared::system_shm::Region { name: r.name, key: r.key, offset: r.offset, byte_size: r.byte_size };
+        crate::system_shm::register(&self.state, region).await.map_err(status)?;
+        Ok(Response::new(pb::SystemSharedMemoryRegisterResponse {}))
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        r: Request<pb::SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<pb::SystemSharedMemoryUnregisterResponse>, Status> {
+        let name = r.into_inner().name;
+        crate::system_shm::unregister(&self.state, (!name.is_empty()).then_some(name)).await.map_err(status)?;
+        Ok(Response::new(pb::SystemSharedMemoryUnregisterResponse {}))
+    }
+
+    async fn cuda_shared_memory_status(
+        &self,
+        r: Request<pb::CudaSharedMemoryStatusRequest>,
+    ) -> Result<Response<pb::CudaSharedMemoryStatusResponse>, Status> {
+        match r.into_inner().name {
+            n if n.is_empty() => Ok(Response::new(pb::CudaSharedMemoryStatusResponse::default())),
+            n => Err(Status::invalid_argument(format!("no CUDA shared-memory region {n:?} is registered"))),
+        }
+    }
+
+    async fn cuda_shared_memory_register(
+        &self,
+        _: Request<pb::CudaSharedMemoryRegisterRequest>,
+    ) -> Result<Response<pb::CudaSharedMemoryRegisterResponse>, Status> {
+        Err(Status::unimplemented(crate::system_shm::NO_CUDA_SHARED_MEMORY))
+    }
+
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _: Request<pb::CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<pb::CudaSharedMemoryUnregisterResponse>, Status> {
+        Ok(Response::new(pb::CudaSharedMemoryUnregisterResponse {}))
     }
 
     async fn model_config(

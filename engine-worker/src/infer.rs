@@ -1,7 +1,8 @@
 //! Open Inference Protocol request decoding and response encoding: JSON
 //! tensors and the binary tensor data extension for every datatype (BYTES as
 //! length-prefixed strings), with every check a client can fail answered as a
-//! 400 that says what was wrong.
+//! 400 that says what was wrong; and tensors read from or written to a
+//! system shared-memory region instead of the body ([`SharedMemory`]).
 
 use axum::http::StatusCode;
 use half::{bf16, f16};
@@ -41,6 +42,83 @@ impl ApiError {
     }
 }
 
+/// Where tensors that name a system shared-memory region are read and
+/// written: the worker's registry (`crate::system_shm::SystemShm`), or
+/// [`NoSharedMemory`] where the extension is off. Errors say what was wrong.
+pub trait SharedMemory {
+    /// `len` bytes from `offset` of region `region`.
+    fn read(&self, region: &str, offset: u64, len: u64) -> Result<Vec<u8>, String>;
+    /// `bytes` at `offset` of region `region`.
+    fn write(&self, region: &str, offset: u64, bytes: &[u8]) -> Result<(), String>;
+}
+
+/// No system shared memory (`SYSTEM_SHARED_MEMORY=false`): every use is refused, saying how to allow it.
+pub struct NoSharedMemory;
+
+/// Why a region cannot be used while the extension is off.
+pub const SHARED_MEMORY_OFF: &str =
+    "system shared memory is off on this server (SYSTEM_SHARED_MEMORY=true lets local clients register regions)";
+
+impl SharedMemory for NoSharedMemory {
+    fn read(&self, _: &str, _: u64, _: u64) -> Result<Vec<u8>, String> {
+        Err(SHARED_MEMORY_OFF.into())
+    }
+    fn write(&self, _: &str, _: u64, _: &[u8]) -> Result<(), String> {
+        Err(SHARED_MEMORY_OFF.into())
+    }
+}
+
+/// A tensor's place in a shared-memory region: the parameters
+/// `shared_memory_region`, `shared_memory_byte_size` and `shared_memory_offset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InRegion {
+    /// The region's registered name.
+    pub region: String,
+    /// Where in the region.
+    pub offset: u64,
+    /// How many bytes (an input's exact size; an output's room).
+    pub byte_size: u64,
+}
+
+impl InRegion {
+    /// The place `params` give for `what` (an input or output), if any.
+    fn of(what: &str, params: &Map<String, Value>) -> Result<Option<InRegion>, ApiError> {
+        let count = |key: &str| -> Result<Option<u64>, ApiError> {
+            params
+                .get(key)
+                .map(|v| {
+                    v.as_u64().ok_or_else(|| ApiError::bad(format!("{what}: {key} must be a byte count, not {v}")))
+                })
+                .transpose()
+        };
+        let (byte_size, offset) = (count("shared_memory_byte_size")?, count("shared_memory_offset")?);
+        let Some(region) = params.get("shared_memory_region") else {
+            if byte_size.is_some() || offset.is_some() {
+                return Err(ApiError::bad(format!(
+                    "{what}: shared_memory_byte_size and shared_memory_offset need shared_memory_region"
+                )));
+            }
+            return Ok(None);
+        };
+        let region =
+            region.as_str().ok_or_else(|| ApiError::bad(format!("{what}: shared_memory_region must be a name")))?;
+        let byte_size = byte_size.ok_or_else(|| {
+            ApiError::bad(format!("{what}: shared_memory_region {region:?} needs shared_memory_byte_size"))
+        })?;
+        Ok(Some(InRegion { region: region.to_string(), offset: offset.unwrap_or(0), byte_size }))
+    }
+}
+
+/// Bytes a request's inputs read from shared memory (what decoding them will
+/// hold in memory, counted against the worker's budget before it starts).
+pub fn shared_input_bytes(req: &InferRequest) -> u64 {
+    req.inputs
+        .iter()
+        .filter(|i| i.parameters.contains_key("shared_memory_region"))
+        .filter_map(|i| i.parameters.get("shared_memory_byte_size").and_then(Value::as_u64))
+        .fold(0u64, u64::saturating_add)
+}
+
 /// One input tensor of a request.
 #[derive(Debug, Deserialize)]
 pub struct RequestInput {
@@ -56,7 +134,7 @@ pub struct RequestInput {
     /// Row-major data (possibly nested), as its JSON text: decoded only once
     /// the datatype and shape are known, straight into the tensor's buffer
     /// (never a tree of JSON values, whose memory is many times the tensor's);
-    /// absent when sent as binary.
+    /// absent when sent as binary or in shared memory.
     #[serde(default)]
     pub data: Option<Box<serde_json::value::RawValue>>,
 }
@@ -142,8 +220,13 @@ fn check_shape(meta: &TensorMeta, shape: &[i64], max_batch: usize) -> Result<Vec
 }
 
 /// The model's inputs in its order, built from the request.
-pub fn build_inputs(model: &ModelVersion, req: &InferRequest, binary: &[u8]) -> Result<Vec<Tensor>, ApiError> {
-    decode_inputs(&model.inputs, model.max_batch_size, req, binary)
+pub fn build_inputs(
+    model: &ModelVersion,
+    req: &InferRequest,
+    binary: &[u8],
+    shm: &dyn SharedMemory,
+) -> Result<Vec<Tensor>, ApiError> {
+    decode_inputs(&model.inputs, model.max_batch_size, req, binary, shm)
 }
 
 /// The inputs `metas` describes (in their order), built from the request; the
@@ -153,6 +236,7 @@ pub fn decode_inputs(
     max_batch_size: usize,
     req: &InferRequest,
     binary: &[u8],
+    shm: &dyn SharedMemory,
 ) -> Result<Vec<Tensor>, ApiError> {
     for (i, input) in req.inputs.iter().enumerate() {
         if !metas.iter().any(|m| m.name == input.name) {
@@ -196,8 +280,32 @@ pub fn decode_inputs(
             }
         }
         let count = element_count(name, &shape)?;
-        let data = match input.parameters.get("binary_data_size") {
-            Some(size) => {
+        let data = match (
+            InRegion::of(&format!("input {name}"), &input.parameters)?,
+            input.parameters.get("binary_data_size"),
+        ) {
+            (Some(place), size) => {
+                if size.is_some() || input.data.is_some() {
+                    return Err(ApiError::bad(format!(
+                        "input {name}: its data is in shared-memory region {:?}; it cannot also come in the body",
+                        place.region
+                    )));
+                }
+                if datatype != DataType::BYTES {
+                    let want = count.saturating_mul(datatype.size()) as u64;
+                    if place.byte_size != want {
+                        return Err(ApiError::bad(format!(
+                            "input {name}: shared_memory_byte_size is {} but shape {shape:?} of {datatype} needs {want} bytes",
+                            place.byte_size
+                        )));
+                    }
+                }
+                let bytes = shm
+                    .read(&place.region, place.offset, place.byte_size)
+                    .map_err(|e| ApiError::bad(format!("input {name}: {e}")))?;
+                from_binary(name, datatype, count, &bytes)?
+            }
+            (None, Some(size)) => {
                 let size = size
                     .as_u64()
                     .ok_or_else(|| ApiError::bad(format!("input {name}: binary_data_size must be a byte count")))?
@@ -220,7 +328,7 @@ pub fn decode_inputs(
                 cursor = end;
                 from_binary(name, datatype, count, bytes)?
             }
-            None => {
+            (None, None) => {
                 let data = input
                     .data
                     .as_ref()
@@ -241,8 +349,9 @@ pub fn decode_inputs(
     Ok(tensors.into_iter().map(|(_, t)| t).collect())
 }
 
-/// One output to return: its index in the model's outputs, binary or JSON, top-k classification.
-#[derive(Debug, Clone, Copy)]
+/// One output to return: its index in the model's outputs, binary or JSON,
+/// top-k classification, or written to a shared-memory region.
+#[derive(Debug, Clone)]
 pub struct Requested {
     /// Index into [`ModelVersion::outputs`].
     pub index: usize,
@@ -250,6 +359,8 @@ pub struct Requested {
     pub binary: bool,
     /// Top-k classification instead of the tensor.
     pub classes: Option<usize>,
+    /// Written to this region instead of the answer.
+    pub place: Option<InRegion>,
 }
 
 /// The outputs a request asks for (all tensor outputs when it names none), checked before running.
@@ -257,7 +368,7 @@ pub fn requested_outputs(model: &ModelVersion, req: &InferRequest) -> Result<Vec
     let all_binary = flag(&req.parameters, "binary_data_output")?.unwrap_or(false);
     let Some(list) = &req.outputs else {
         return Ok((0..model.outputs.len())
-            .map(|index| Requested { index, binary: all_binary, classes: None })
+            .map(|index| Requested { index, binary: all_binary, classes: None, place: None })
             .collect());
     };
     let mut out: Vec<Requested> = Vec::with_capacity(list.len());
@@ -286,7 +397,8 @@ pub fn requested_outputs(model: &ModelVersion, req: &InferRequest) -> Result<Vec
         if classes.is_some() && model.outputs[index].datatype == DataType::BYTES {
             return Err(ApiError::bad(format!("output {}: BYTES outputs cannot be classified", o.name)));
         }
-        out.push(Requested { index, binary, classes });
+        let place = InRegion::of(&format!("output {}", o.name), &o.parameters)?;
+        out.push(Requested { index, binary, classes, place });
     }
     Ok(out)
 }
@@ -307,6 +419,7 @@ pub fn encode_response(
     req: &InferRequest,
     requested: &[Requested],
     outputs: Vec<Tensor>,
+    shm: &dyn SharedMemory,
 ) -> Result<(Vec<u8>, Option<usize>), ApiError> {
     let mut binary: Vec<TensorData> = Vec::new();
     let mut json_outputs = Vec::with_capacity(requested.len());
@@ -320,7 +433,11 @@ pub fn encode_response(
             data: None,
             parameters: None,
         };
-        if r.binary {
+        if let Some(place) = &r.place {
+            // As Triton's HTTP face: no data and no parameters (clients such as
+            // perf_analyzer read any output parameters as binary_data_size).
+            to_region(shm, &meta.name, place, &tensor.data)?;
+        } else if r.binary {
             out.parameters = Some(serde_json::json!({ "binary_data_size": binary_size(&tensor.data) }));
             binary.push(tensor.data);
         } else {
@@ -336,7 +453,7 @@ pub fn encode_response(
     };
     let mut body =
         serde_json::to_vec(&response).map_err(|e| ApiError::internal(format!("cannot encode the response: {e}")))?;
-    if requested.iter().all(|r| !r.binary) {
+    if binary.is_empty() {
         return Ok((body, None));
     }
     // The binary parts go straight after the JSON: one copy of each output.
@@ -346,6 +463,31 @@ pub fn encode_response(
         write_binary(data, &mut body);
     }
     Ok((body, Some(json_len)))
+}
+
+/// Writes output `name`'s bytes (as the binary extension lays them out) to
+/// `place`; returns the parameters that say so in the answer.
+pub fn to_region(shm: &dyn SharedMemory, name: &str, place: &InRegion, data: &TensorData) -> Result<Value, ApiError> {
+    let mut bytes = Vec::with_capacity(binary_size(data));
+    write_binary(data, &mut bytes);
+    to_region_bytes(shm, name, place, &bytes)
+}
+
+/// [`to_region`] of an output already laid out as bytes.
+pub fn to_region_bytes(shm: &dyn SharedMemory, name: &str, place: &InRegion, bytes: &[u8]) -> Result<Value, ApiError> {
+    if bytes.len() as u64 > place.byte_size {
+        return Err(ApiError::bad(format!(
+            "output {name} needs {} bytes but shared_memory_byte_size gives it {}",
+            bytes.len(),
+            place.byte_size
+        )));
+    }
+    shm.write(&place.region, place.offset, bytes).map_err(|e| ApiError::bad(format!("output {name}: {e}")))?;
+    let mut p = serde_json::json!({ "shared_memory_region": place.region, "shared_memory_byte_size": bytes.len() });
+    if place.offset != 0 {
+        p["shared_memory_offset"] = Value::from(place.offset);
+    }
+    Ok(p)
 }
 
 /// The output `r` asks for: the tensor itself, or its top-k classes.
@@ -886,7 +1028,7 @@ mod tests {
         body.extend_from_slice(binary);
         let len = json.len().to_string();
         let (req, bin) = decode_body(&body, if binary.is_empty() { None } else { Some(&len) })?;
-        build_inputs(&m, &req, bin)
+        build_inputs(&m, &req, bin, &NoSharedMemory)
     }
 
     fn pixels(n: usize) -> String {
@@ -1043,7 +1185,7 @@ mod tests {
         )
         .expect("req");
         let requested = requested_outputs(&m, &req).expect("requested");
-        let (body, len) = encode_response(&m, &req, &requested, outputs).expect("encode");
+        let (body, len) = encode_response(&m, &req, &requested, outputs, &NoSharedMemory).expect("encode");
         assert!(len.is_none());
         let v: Value = serde_json::from_slice(&body).expect("json");
         assert_eq!(v["id"], "r1");

@@ -13,6 +13,7 @@ pub mod model_control;
 pub mod router;
 pub mod shm_server;
 pub mod state;
+pub mod system_shm;
 
 use std::sync::Arc;
 

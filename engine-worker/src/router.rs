@@ -50,6 +50,16 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/models/{name}/versions/{version}/ready", get(model_ready))
         .route("/v2/models/{name}/versions/{version}/config", get(model_config))
         .route("/v2/models/{name}/versions/{version}/infer", post(infer))
+        .route("/v2/systemsharedmemory/status", get(crate::system_shm::http_status_all))
+        .route("/v2/systemsharedmemory/unregister", post(crate::system_shm::http_unregister_all))
+        .route("/v2/systemsharedmemory/region/{name}/status", get(crate::system_shm::http_status))
+        .route("/v2/systemsharedmemory/region/{name}/register", post(crate::system_shm::http_register))
+        .route("/v2/systemsharedmemory/region/{name}/unregister", post(crate::system_shm::http_unregister))
+        .route("/v2/cudasharedmemory/status", get(crate::system_shm::http_cuda_status))
+        .route("/v2/cudasharedmemory/unregister", post(crate::system_shm::http_cuda_unregister))
+        .route("/v2/cudasharedmemory/region/{name}/status", get(crate::system_shm::http_cuda_status))
+        .route("/v2/cudasharedmemory/region/{name}/register", post(crate::system_shm::http_cuda_register))
+        .route("/v2/cudasharedmemory/region/{name}/unregister", post(crate::system_shm::http_cuda_unregister))
         // The gRPC face, behind the same front door, counted the same way.
         .route_service(&format!("{}{{*method}}", crate::grpc::PREFIX), grpc)
         .route_service(&format!("{}{{*method}}", crate::grpc::HEALTH_PREFIX), health)
@@ -342,12 +352,13 @@ async fn run_infer(
     let decoding = Instant::now();
     let header_len = headers.get(HEADER_LENGTH).map(|v| v.to_str().unwrap_or("invalid"));
     let (req, binary) = decode_body(&bytes, header_len)?;
-    let inputs = build_inputs(model, &req, binary)?;
+    shared_input_budget(state, &req, &mut share).await?;
+    let inputs = build_inputs(model, &req, binary, state.shared_memory())?;
     let requested = requested_outputs(model, &req)?;
     let wanted: Vec<usize> = requested.iter().map(|r| r.index).collect();
     let (outputs, batch, executions, mut timings) = execute(state, model, inputs, wanted, started, decoding).await?;
     let encoding = Instant::now();
-    let (body, json_len) = encode_response(model, &req, &requested, outputs)?;
+    let (body, json_len) = encode_response(model, &req, &requested, outputs, state.shared_memory())?;
     let mut res = Response::new(Body::from(body));
     let h = res.headers_mut();
     match json_len {
@@ -361,6 +372,29 @@ async fn run_infer(
     }
     timings.output = encoding.elapsed();
     Ok((res, batch, executions, timings))
+}
+
+/// Inputs read from shared memory are held in memory like a body: at most
+/// `MAX_REQUEST_BYTES` per request, counted against the worker's budget.
+pub(crate) async fn shared_input_budget(
+    state: &AppState,
+    req: &crate::infer::InferRequest,
+    share: &mut tandem_shared::edge::budget::Share,
+) -> Result<(), ApiError> {
+    let bytes = crate::infer::shared_input_bytes(req);
+    if bytes == 0 {
+        return Ok(());
+    }
+    if bytes > state.max_request_bytes() as u64 {
+        return Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "the inputs in shared memory add up to {bytes} bytes, over MAX_REQUEST_BYTES ({})",
+                state.max_request_bytes()
+            ),
+        });
+    }
+    state.budget().take(share, bytes, tandem_shared::edge::budget::WAIT).await.map_err(crate::state::refused)
 }
 
 /// Runs decoded `inputs` on `model` (under its `max_inflight`, through its

@@ -65,6 +65,8 @@ pub(crate) struct Inner {
     pub(crate) ring: Option<Arc<Region>>,
     /// Load and unload through the supervisor.
     pub(crate) model_control: Arc<crate::model_control::ModelControl>,
+    /// Triton's system shared memory, when `SYSTEM_SHARED_MEMORY` is on.
+    pub(crate) system_shm: Option<Arc<crate::system_shm::SystemShm>>,
 }
 
 impl AppState {
@@ -79,7 +81,14 @@ impl AppState {
         ring: Option<Arc<Region>>,
         control: Arc<tandem_shared::process::control::ControlClient>,
     ) -> Self {
-        let model_control = crate::model_control::ModelControl::start(section.model_control, control, engine.clone());
+        let system_shm =
+            section.system_shared_memory.clone().map(|set| crate::system_shm::SystemShm::new(set, control.clone()));
+        let model_control = crate::model_control::ModelControl::start(
+            section.model_control,
+            control,
+            engine.clone(),
+            system_shm.clone(),
+        );
         AppState {
             inner: Arc::new(Inner {
                 worker_id: settings.worker_id,
@@ -95,6 +104,7 @@ impl AppState {
                 door: Arc::new(door),
                 ring,
                 model_control,
+                system_shm,
             }),
         }
     }
@@ -127,6 +137,19 @@ impl AppState {
     /// Model load and unload.
     pub(crate) fn model_control(&self) -> &crate::model_control::ModelControl {
         &self.inner.model_control
+    }
+
+    /// Triton's system shared memory, when on.
+    pub(crate) fn system_shm(&self) -> Option<&crate::system_shm::SystemShm> {
+        self.inner.system_shm.as_deref()
+    }
+
+    /// Where tensors in shared memory are read and written (refused when the extension is off).
+    pub(crate) fn shared_memory(&self) -> &dyn crate::infer::SharedMemory {
+        match self.system_shm() {
+            Some(s) => s,
+            None => &crate::infer::NoSharedMemory,
+        }
     }
 
     /// The models this worker serves.

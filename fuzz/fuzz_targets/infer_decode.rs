@@ -7,7 +7,7 @@
 use libfuzzer_sys::fuzz_target;
 use tandem_engine_worker::engine::tensor::DataType;
 use tandem_engine_worker::engine::TensorMeta;
-use tandem_engine_worker::infer::{decode_body, decode_inputs};
+use tandem_engine_worker::infer::{decode_body, decode_inputs, NoSharedMemory};
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks how the body is split (JSON only, or JSON + binary).
@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         for batch in [0, 4] {
-            match decode_inputs(&metas, batch, &req, binary) {
+            match decode_inputs(&metas, batch, &req, binary, &NoSharedMemory) {
                 Ok(tensors) => {
                     for t in tensors {
                         assert_eq!(t.shape.iter().product::<usize>(), t.data.len());

@@ -15,6 +15,7 @@ pub mod frame;
 pub mod process;
 pub mod stats;
 pub mod sys;
+pub mod system_shm;
 
 use std::net::SocketAddr;
 

@@ -48,6 +48,16 @@ pub const ROUTES: &[&str] = &[
     "/v2/models/{name}/versions/{version}/config",
     "/v2/models/{name}/versions/{version}/stats",
     "/v2/models/{name}/versions/{version}/infer",
+    "/v2/systemsharedmemory/status",
+    "/v2/systemsharedmemory/unregister",
+    "/v2/systemsharedmemory/region/{name}/status",
+    "/v2/systemsharedmemory/region/{name}/register",
+    "/v2/systemsharedmemory/region/{name}/unregister",
+    "/v2/cudasharedmemory/status",
+    "/v2/cudasharedmemory/unregister",
+    "/v2/cudasharedmemory/region/{name}/status",
+    "/v2/cudasharedmemory/region/{name}/register",
+    "/v2/cudasharedmemory/region/{name}/unregister",
     // The gRPC face, by call (each path is its own template; an unknown call is `{method}`).
     "/inference.GRPCInferenceService/ServerLive",
     "/inference.GRPCInferenceService/ServerReady",
@@ -965,6 +975,7 @@ mod tests {
         assert_eq!(protocol(r("/grpc.health.v1.Health/Check")), "grpc");
         assert_eq!(protocol(r("/v2/models/x/infer")), "http");
         assert_eq!(r("/grpc.health.v1.Health/List"), "/grpc.health.v1.Health/{method}");
+        assert_eq!(r("/v2/systemsharedmemory/region/in0/register"), "/v2/systemsharedmemory/region/{name}/register");
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct Spawn<'a> {
     pub engine: &'a EngineSettings,
     /// Model changes every engine worker replays.
     pub models_wanted: &'a ModelSet,
+    /// The system shared-memory regions registered now, when the extension is on.
+    pub system_shm: Option<&'a tandem_shared::system_shm::RegionSet>,
     /// The copies running (proxy worker).
     pub backends: Vec<Backend>,
     /// The machine's cores.
@@ -102,6 +104,7 @@ pub fn for_worker(config: &Config, spawn: Spawn<'_>) -> WorkerSettings {
         model_control: config.engine.model_control_mode,
         models_wanted: spawn.models_wanted.clone(),
         cert_status: spawn.https_addr.map(|_| certs.status()),
+        system_shared_memory: spawn.system_shm.cloned(),
     };
     let (engine, tls, shm, proxy) = match role {
         Role::Engine => (Some(engine()), None, spawn.ring.then(shm), None),
@@ -157,6 +160,7 @@ mod tests {
             model_repository: Path::new("/models"),
             engine,
             models_wanted: wanted,
+            system_shm: None,
             backends: Vec::new(),
             cores: 8,
             memory: 16 << 30,

@@ -62,6 +62,21 @@ pub enum WorkerEvent {
         /// The backend (the copy's worker id).
         id: u64,
     },
+    /// A client asked this engine worker to change the system shared-memory
+    /// registry; the supervisor has every engine worker apply the new set and
+    /// answers with [`Command::SharedMemoryDone`].
+    SharedMemoryRequested {
+        /// The worker's number for the request, echoed in the answer.
+        request: u64,
+        /// What to change.
+        change: crate::system_shm::Change,
+    },
+    /// This engine worker now uses the registry of [`Command::SharedMemoryRegions`]
+    /// `generation` (and no region missing from it).
+    SharedMemoryApplied {
+        /// The registry's generation.
+        generation: u64,
+    },
     /// The proxy worker could not reach backend `id` (a refused or broken
     /// connection): the supervisor probes it now rather than at its next turn.
     BackendFailing {
@@ -173,6 +188,18 @@ pub enum Command {
         /// The worker's request number.
         request: u64,
         /// What failed, per worker, if anything did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// Every registered system shared-memory region: use these and no other,
+    /// then report [`WorkerEvent::SharedMemoryApplied`].
+    SharedMemoryRegions(crate::system_shm::RegionSet),
+    /// The answer to this worker's [`WorkerEvent::SharedMemoryRequested`]:
+    /// every engine worker applied it, or why it was refused.
+    SharedMemoryDone {
+        /// The worker's request number.
+        request: u64,
+        /// Why it was refused.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
     },

@@ -147,6 +147,9 @@ pub struct EngineWorker {
     pub models_wanted: ModelSet,
     /// The certificate status file `/metrics` reports from, when there is an HTTPS port.
     pub cert_status: Option<PathBuf>,
+    /// Triton's system shared memory (`SYSTEM_SHARED_MEMORY`): the regions
+    /// registered now; `None` when the extension is off.
+    pub system_shared_memory: Option<crate::system_shm::RegionSet>,
 }
 
 /// How one model is loaded.

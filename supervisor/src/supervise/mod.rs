@@ -11,6 +11,7 @@ mod listeners;
 mod model_changes;
 pub mod phases;
 pub mod signals;
+mod system_shm;
 mod workers;
 
 use std::net::{SocketAddr, TcpListener};
@@ -71,6 +72,8 @@ pub struct Supervisor {
     certs: Option<CertHandle>,
     /// Model changes under way across the engine workers.
     model_ops: ModelOps,
+    /// Triton's system shared-memory registry (`SYSTEM_SHARED_MEMORY`), when on.
+    system_shm: Option<system_shm::Registry>,
     /// Changes found by the repository poller (`MODEL_CONTROL_MODE=poll`).
     repository_changes: Option<mpsc::UnboundedReceiver<Vec<ModelChange>>>,
     /// `WORKER_COMMAND`: the operator's server, run instead of the engine.
@@ -167,6 +170,7 @@ impl Supervisor {
         } else {
             ModelOps::default()
         };
+        let system_shm = (apps.is_none() && config.engine.system_shared_memory).then(system_shm::Registry::default);
         Ok(Supervisor {
             config,
             model_repository,
@@ -186,6 +190,7 @@ impl Supervisor {
             watchdog: crate::systemd::Watchdog::from_env(),
             certs,
             model_ops,
+            system_shm,
             repository_changes,
             apps,
             health,
@@ -242,6 +247,7 @@ impl Supervisor {
             // SIGCHLD can coalesce; reaping on every wake costs one syscall.
             self.reap()?;
             self.restart_due()?;
+            self.shared_memory_sweep();
             self.watchdog.ping_if_due();
             // Only a stop has orders for after every wake: no snapshot of the workers otherwise.
             let orders = if self.phase.stopping() {
@@ -342,6 +348,10 @@ impl Supervisor {
                         let step = self.model_ops.answered(op, id, error);
                         self.model_step(step);
                     }
+                    WorkerEvent::SharedMemoryRequested { request, change } => {
+                        self.shared_memory_requested(id, request, change)
+                    }
+                    WorkerEvent::SharedMemoryApplied { generation } => self.shared_memory_applied(id, generation),
                     WorkerEvent::BackendIdle { id: copy } => self.terminate_drained_copy(copy),
                     WorkerEvent::BackendFailing { id: copy } => self.probe_copy_now(copy),
                 }

@@ -28,7 +28,7 @@ impl Supervisor {
     }
 
     /// The engine workers that take part in model changes now.
-    fn engine_ids(&self) -> BTreeSet<u64> {
+    pub(super) fn engine_ids(&self) -> BTreeSet<u64> {
         self.slots
             .iter()
             .filter(|s| s.role == Role::Engine && s.pid.is_some() && s.state != WorkerState::Draining)

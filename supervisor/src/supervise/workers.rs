@@ -71,6 +71,7 @@ impl Supervisor {
                 model_repository: &self.model_repository,
                 engine: &self.engine,
                 models_wanted: &self.model_ops.wanted,
+                system_shm: self.system_shm.as_ref().map(|r| r.set()),
                 backends: if role == Role::ProxyWorker { self.backends() } else { Vec::new() },
                 cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 memory: self.memory,
