@@ -585,3 +585,33 @@ fn grpc_calls_are_proxied_to_worker_command_copies_over_http2_with_their_trailer
         stream_of_100(&t, &target);
     }
 }
+
+#[test]
+fn grpc_port_serves_the_grpc_face_alone_and_outlives_an_engine_worker() {
+    let grpc_port = free_port();
+    let t = TandemBuilder::new().env("NUM_WORKERS", "2").env("GRPC_PORT", &grpc_port.to_string()).start();
+    let target = Target { address: format!("127.0.0.1:{grpc_port}"), tls: None };
+    let script = r#"
+import json, numpy as np
+import tritonclient.grpc as g
+c = triton()
+x = g.InferInput("pixels", [1, 64], "FP32"); x.set_data_from_numpy(np.full((1, 64), 3, np.float32))
+print(json.dumps({"live": c.is_server_live(), "ready": c.is_model_ready("digits"),
+                  "shape": list(c.infer("digits", [x]).as_numpy("probabilities").shape)}))
+"#;
+    let seen = python_at(&t, &target, script);
+    assert_eq!(seen, serde_json::json!({"live": true, "ready": true, "shape": [1, 10]}));
+    // HTTP on the gRPC port: a JSON 404 that says where HTTP is.
+    let res = Tandem::http_client().get(format!("http://127.0.0.1:{grpc_port}/v2/health/ready")).send().unwrap();
+    assert_eq!(res.status(), 404);
+    let body: Value = res.json().unwrap();
+    assert!(body["error"].as_str().unwrap().contains("the HTTP API is on PORT"), "{body}");
+    // The supervisor holds the port: a killed engine worker's successor serves it too.
+    let victim = t.workers("engine-worker")[0];
+    nix::sys::signal::kill(victim, nix::sys::signal::Signal::SIGKILL).unwrap();
+    t.wait_replaced(std::time::Duration::from_secs(30), "engine-worker", victim, 2);
+    for _ in 0..4 {
+        assert_eq!(python_at(&t, &target, script)["shape"], serde_json::json!([1, 10]));
+    }
+    assert!(t.stderr().contains("serving gRPC alone on GRPC_PORT"), "{}", t.explain());
+}

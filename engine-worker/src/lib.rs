@@ -72,7 +72,7 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     let budget = tandem_shared::edge::serve::connection_budget();
     let server =
         Arc::new(tandem_shared::edge::serve::Server::new(settings.edge.policy.timeouts, budget).with_pacing(balance));
-    let service = hyper_util::service::TowerToHyperService::new(app);
+    let service = hyper_util::service::TowerToHyperService::new(app.clone());
     let plain = |tcp, _| async move { Some(tandem_shared::edge::serve::Accepted::plain(tcp)) };
     // A connection lives on the thread that accepted it, and a quick inference
     // runs there too: a plain-HTTP request wakes no other thread. Without a
@@ -81,9 +81,22 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
         .map(|l| server.serve_all(inference_threads.saturating_sub(1), l, plain, service))
         .transpose()
         .context("cannot start the serving threads")?;
+    // GRPC_PORT: the same router behind a gate that lets only gRPC calls through,
+    // served from this thread (the plain port's threads stay the plain port's).
+    let mut grpc_serving = match settings.engine()?.grpc_listen {
+        Some((fd, _)) => {
+            let l = tandem_shared::process::worker::adopt_listener(fd).context("cannot take the gRPC listener")?;
+            let only = hyper_util::service::TowerToHyperService::new(router::grpc_only(app.clone()));
+            Some(server.serve_all(0, l, plain, only).context("cannot serve the gRPC port")?)
+        }
+        None => None,
+    };
     let graceful = settings.graceful_timeout;
     let drain = async move {
         if let Some(s) = serving.as_mut() {
+            s.stop_accepting().await;
+        }
+        if let Some(s) = grpc_serving.as_mut() {
             s.stop_accepting().await;
         }
         if let Some(shm) = shm {
@@ -91,6 +104,9 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
         }
         let drained = server.drain(graceful).await;
         if let Some(s) = serving {
+            s.finish();
+        }
+        if let Some(s) = grpc_serving {
             s.finish();
         }
         drained

@@ -110,8 +110,13 @@ pub fn router(state: AppState) -> Router {
                 let web_origin = door.as_ref().and_then(|_| req.headers().get(header::ORIGIN).cloned());
                 let answer = door.as_ref().and_then(|d| d.answer(&mut req));
                 arrival.identified(&req);
+                let grpc_port = req.extensions().get::<GrpcPort>().is_some();
                 let mut res = match answer {
                     Some(answer) => answer.map(Body::new),
+                    None if grpc_port && !grpc => error(
+                        StatusCode::NOT_FOUND,
+                        "this port (GRPC_PORT) serves gRPC calls only (content-type: application/grpc); the HTTP API is on PORT",
+                    ),
                     None => next.run(req).await,
                 };
                 if let Some(e) = encoding {
@@ -330,6 +335,17 @@ pub(crate) async fn counted<T>(
             Err(e)
         }
     }
+}
+
+/// Marks a request that arrived on `GRPC_PORT`.
+#[derive(Debug, Clone, Copy)]
+struct GrpcPort;
+
+/// The router as `GRPC_PORT` serves it: gRPC calls pass; anything else is a
+/// 404 that says where HTTP is served (the port is Triton's gRPC-only 8001),
+/// answered by the router's middleware so that it is counted and logged.
+pub fn grpc_only(app: Router) -> Router {
+    app.layer(axum::Extension(GrpcPort))
 }
 
 /// Runs one inference request; returns the response, its batch size, the

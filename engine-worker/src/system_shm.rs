@@ -273,9 +273,7 @@ fn done(result: Result<(), ApiError>) -> Response {
 pub async fn http_cuda_status(name: Option<UrlPath<String>>) -> Response {
     match name {
         None => Json(Vec::<serde_json::Value>::new()).into_response(),
-        Some(UrlPath(n)) => {
-            error(StatusCode::BAD_REQUEST, format!("no CUDA shared-memory region {n:?} is registered"))
-        }
+        Some(UrlPath(n)) => error(StatusCode::BAD_REQUEST, format!("no CUDA shared-memory region {n:?} is registered")),
     }
 }
 

@@ -21,10 +21,12 @@ pub enum Which {
     Https,
     /// `METRICS_PORT`.
     Metrics,
+    /// `GRPC_PORT`.
+    Grpc,
 }
 
 /// The listeners systemd passed (`LISTEN_FDS` for this process), each
-/// assigned by its name in `LISTEN_FDNAMES` (`http`, `https`, `metrics`), else
+/// assigned by its name in `LISTEN_FDNAMES` (`http`, `https`, `metrics`, `grpc`), else
 /// by its port, else by order (HTTP first). `None` when nothing was passed.
 pub fn passed_listeners(config: &Config) -> anyhow::Result<Option<Vec<(Which, TcpListener)>>> {
     let names: Vec<String> =
@@ -44,6 +46,7 @@ pub fn passed_listeners(config: &Config) -> anyhow::Result<Option<Vec<(Which, Tc
             Some("http") => Some(Which::Http),
             Some("https") => Some(Which::Https),
             Some("metrics") => Some(Which::Metrics),
+            Some("grpc") => Some(Which::Grpc),
             _ => None,
         };
         let by_port = if port == config.listen.port {
@@ -52,6 +55,8 @@ pub fn passed_listeners(config: &Config) -> anyhow::Result<Option<Vec<(Which, Tc
             Some(Which::Https)
         } else if config.listen.metrics_port == Some(port) {
             Some(Which::Metrics)
+        } else if config.listen.grpc_port == Some(port) {
+            Some(Which::Grpc)
         } else {
             None
         };
@@ -59,7 +64,7 @@ pub fn passed_listeners(config: &Config) -> anyhow::Result<Option<Vec<(Which, Tc
         let which =
             by_name.or(by_port).or(by_order).context("LISTEN_FDS passed more sockets than tandem listens on")?;
         if out.iter().any(|(w, _)| *w == which) {
-            anyhow::bail!("LISTEN_FDS passed two sockets for the {which:?} listener\nhint: name them with FileDescriptorName=http / https / metrics");
+            anyhow::bail!("LISTEN_FDS passed two sockets for the {which:?} listener\nhint: name them with FileDescriptorName=http / https / metrics / grpc");
         }
         l.set_nonblocking(false).context("cannot configure a passed listener")?;
         out.push((which, l));

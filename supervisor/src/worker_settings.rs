@@ -29,6 +29,8 @@ pub const STATS_FD: i32 = LISTEN_FDS_START + 3;
 pub const SETTINGS_FD: i32 = LISTEN_FDS_START + 4;
 /// Descriptor number of the HTTPS listener in the proxy worker (which has no ring).
 pub const PROXY_HTTPS_FD: i32 = LISTEN_FDS_START + 2;
+/// Descriptor number of the gRPC-only listener (`GRPC_PORT`) in an engine worker.
+pub const GRPC_FD: i32 = LISTEN_FDS_START + 5;
 
 /// What the supervisor knows when it spawns a worker, beyond the configuration.
 pub struct Spawn<'a> {
@@ -44,6 +46,8 @@ pub struct Spawn<'a> {
     pub engine_workers: usize,
     /// The HTTPS port's address, when there is one.
     pub https_addr: Option<SocketAddr>,
+    /// The gRPC-only port's address (`GRPC_PORT`), when there is one.
+    pub grpc_addr: Option<SocketAddr>,
     /// Whether the shared-memory ring exists (HTTPS to the engine).
     pub ring: bool,
     /// The model repository.
@@ -105,6 +109,7 @@ pub fn for_worker(config: &Config, spawn: Spawn<'_>) -> WorkerSettings {
         models_wanted: spawn.models_wanted.clone(),
         cert_status: spawn.https_addr.map(|_| certs.status()),
         system_shared_memory: spawn.system_shm.cloned(),
+        grpc_listen: spawn.grpc_addr.map(|a| (GRPC_FD, a)),
     };
     let (engine, tls, shm, proxy) = match role {
         Role::Engine => (Some(engine()), None, spawn.ring.then(shm), None),
@@ -156,6 +161,7 @@ mod tests {
             stats: StatsSettings { fd: STATS_FD, words: 1, block: 1 },
             engine_workers: 2,
             https_addr: https.then(|| "127.0.0.1:9002".parse().unwrap()),
+            grpc_addr: None,
             ring: https,
             model_repository: Path::new("/models"),
             engine,

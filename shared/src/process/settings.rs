@@ -150,6 +150,8 @@ pub struct EngineWorker {
     /// Triton's system shared memory (`SYSTEM_SHARED_MEMORY`): the regions
     /// registered now; `None` when the extension is off.
     pub system_shared_memory: Option<crate::system_shm::RegionSet>,
+    /// The gRPC-only listener (`GRPC_PORT`): its descriptor and address.
+    pub grpc_listen: Option<(i32, SocketAddr)>,
 }
 
 /// How one model is loaded.

@@ -19,6 +19,8 @@ pub struct Listeners {
     pub http: Option<TcpListener>,
     /// HTTPS, when enabled.
     pub https: Option<TcpListener>,
+    /// The gRPC-only port (`GRPC_PORT`), when set: the engine workers serve it.
+    pub grpc: Option<TcpListener>,
     /// The supervisor's own `/metrics` port (`METRICS_PORT`), when set.
     pub metrics: Option<TcpListener>,
 }
@@ -33,7 +35,7 @@ impl Listeners {
         let bind = |port: u16, what: &str| {
             let addr = SocketAddr::new(config.listen.host, port);
             let l = TcpListener::bind(addr).with_context(|| {
-                format!("cannot bind the {what} listener on {addr}\nhint: another process may hold the port; choose another with {}", match what { "HTTP" => "PORT", "HTTPS" => "SSL_PORT", _ => "METRICS_PORT" })
+                format!("cannot bind the {what} listener on {addr}\nhint: another process may hold the port; choose another with {}", match what { "HTTP" => "PORT", "HTTPS" => "SSL_PORT", "gRPC" => "GRPC_PORT", _ => "METRICS_PORT" })
             })?;
             if let Err(e) = tandem_shared::sys::deepen_backlog(&l) {
                 tracing::warn!(%addr, error = %e, "cannot deepen the listener's backlog; new connections beyond 128 queued are dropped");
@@ -42,18 +44,20 @@ impl Listeners {
         };
         let http = plain_wanted(config).then(|| bind(config.listen.port, "HTTP")).transpose()?;
         let https = if config.tls.enabled { Some(bind(config.tls.port, "HTTPS")?) } else { None };
+        let grpc = config.listen.grpc_port.map(|p| bind(p, "gRPC")).transpose()?;
         let metrics = config.listen.metrics_port.map(|p| bind(p, "metrics")).transpose()?;
-        Ok(Listeners { http, https, metrics })
+        Ok(Listeners { http, https, grpc, metrics })
     }
 
     fn from_passed(config: &Config, passed: Vec<(crate::systemd::Which, TcpListener)>) -> anyhow::Result<Self> {
         use crate::systemd::Which;
-        let (mut http, mut https, mut metrics) = (None, None, None);
+        let (mut http, mut https, mut grpc, mut metrics) = (None, None, None, None);
         for (which, l) in passed {
             tracing::info!(listener = ?which, addr = %Self::addr(&l)?, "using a listener passed by systemd");
             match which {
                 Which::Http => http = Some(l),
                 Which::Https => https = Some(l),
+                Which::Grpc => grpc = Some(l),
                 Which::Metrics => metrics = Some(l),
             }
         }
@@ -69,10 +73,18 @@ impl Listeners {
         if config.tls.enabled && https.is_none() {
             anyhow::bail!("ENABLE_SSL=true but systemd passed no HTTPS listener\nhint: add a ListenStream for SSL_PORT named https");
         }
+        if config.listen.grpc_port.is_some() && grpc.is_none() {
+            anyhow::bail!("GRPC_PORT is set but systemd passed no gRPC listener\nhint: add a ListenStream named grpc, or unset GRPC_PORT");
+        }
         if config.listen.metrics_port.is_some() && metrics.is_none() {
             anyhow::bail!("METRICS_PORT is set but systemd passed no metrics listener\nhint: add a ListenStream named metrics, or unset METRICS_PORT");
         }
-        Ok(Listeners { http, https: https.filter(|_| config.tls.enabled), metrics })
+        Ok(Listeners {
+            http,
+            https: https.filter(|_| config.tls.enabled),
+            grpc: grpc.filter(|_| config.listen.grpc_port.is_some()),
+            metrics,
+        })
     }
 
     /// The plain listener's address, when there is one.

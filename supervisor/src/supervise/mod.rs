@@ -57,6 +57,8 @@ pub struct Supervisor {
     listeners: Option<Listeners>,
     http_addr: Option<SocketAddr>,
     https_addr: Option<SocketAddr>,
+    /// The gRPC-only port's address (`GRPC_PORT`), when set.
+    grpc_addr: Option<SocketAddr>,
     slots: Vec<Slot>,
     next_id: u64,
     phase: Phase,
@@ -106,6 +108,7 @@ impl Supervisor {
         let exe = std::env::current_exe().context("cannot find the tandem executable (/proc/self/exe)")?;
         let http_addr = listeners.http_addr()?;
         let https_addr = listeners.https.as_ref().map(Listeners::addr).transpose()?;
+        let grpc_addr = listeners.grpc.as_ref().map(Listeners::addr).transpose()?;
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (health_tx, health) = mpsc::unbounded_channel();
         let apps = config
@@ -179,6 +182,7 @@ impl Supervisor {
             listeners: Some(listeners),
             http_addr,
             https_addr,
+            grpc_addr,
             slots,
             next_id: 1,
             phase: Phase::Starting,
@@ -385,6 +389,10 @@ impl Supervisor {
         if let Some(addr) = self.https_addr {
             tracing::info!(url = %url("https", addr), fingerprint = self.certs.as_ref().map(CertHandle::fingerprint).as_deref(), "serving HTTPS");
             status.push(format!("HTTPS on {addr}"));
+        }
+        if let Some(addr) = self.grpc_addr {
+            tracing::info!(addr = %addr, "serving gRPC alone on GRPC_PORT (plain HTTP/2)");
+            status.push(format!("gRPC on {addr}"));
         }
         if self.http_addr.is_none() {
             tracing::info!("no plain HTTP port (HTTP_MODE=off)");

@@ -24,7 +24,7 @@ use super::phases::{self, Phase};
 use super::{Control, Supervisor};
 use crate::apps::signal_group;
 use crate::process::{describe_exit, Slot, WorkerState};
-use crate::worker_settings::{CONTROL_FD, PROXY_HTTPS_FD, SETTINGS_FD, SHM_FD, STATS_FD};
+use crate::worker_settings::{CONTROL_FD, GRPC_FD, PROXY_HTTPS_FD, SETTINGS_FD, SHM_FD, STATS_FD};
 
 impl Supervisor {
     pub(super) fn spawn(&mut self, index: usize) -> anyhow::Result<()> {
@@ -51,6 +51,12 @@ impl Supervisor {
         };
         let listener_fd =
             listener.map(TcpListener::try_clone).transpose().context("cannot duplicate the listener for a worker")?;
+        // The gRPC-only port is the engine workers' second listener.
+        let grpc = match (role, &listeners.grpc) {
+            (Role::Engine, Some(l)) => Some(l.try_clone().context("cannot duplicate the gRPC listener")?),
+            _ => None,
+        };
+        let grpc_addr = grpc.as_ref().and(self.grpc_addr);
         let (ours, theirs) = UnixStream::pair().context("cannot create a control socketpair")?;
         let worker_id = self.next_id;
         self.next_id += 1;
@@ -67,6 +73,7 @@ impl Supervisor {
                 },
                 engine_workers: self.engine_slots(),
                 https_addr: self.https_addr,
+                grpc_addr,
                 ring: self.shm.is_some(),
                 model_repository: &self.model_repository,
                 engine: &self.engine,
@@ -95,6 +102,9 @@ impl Supervisor {
                 parent_fd: memfd.try_clone().context("cannot duplicate the memfd")?,
                 child_fd: SHM_FD,
             });
+        }
+        if let Some(l) = grpc {
+            fds.push(FdMapping { parent_fd: l.into(), child_fd: GRPC_FD });
         }
         if let Some((l, _)) = proxy_https {
             fds.push(FdMapping { parent_fd: l.into(), child_fd: PROXY_HTTPS_FD });
