@@ -173,7 +173,19 @@ impl TandemBuilder {
             .stdout(Stdio::null())
             .stderr(stderr)
             .process_group(0);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {program:?}: {e}"));
+        // A binary copied by this test process can be briefly "busy" (ETXTBSY):
+        // another test thread's fork may still hold the copy's write descriptor
+        // until that child execs. Try again for a moment.
+        let mut tries = 0;
+        let child = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(nix::libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.unwrap_or_else(|e| panic!("cannot start {program:?}: {e}")),
+            }
+        };
         let port = |k: &str| self.env.get(k).and_then(|p| p.parse().ok()).unwrap_or(0);
         Tandem {
             child,
