@@ -81,8 +81,11 @@ pub struct InRegion {
 }
 
 impl InRegion {
-    /// The place `params` give for `what` (an input or output), if any.
-    fn of(what: &str, params: &Map<String, Value>) -> Result<Option<InRegion>, ApiError> {
+    /// The place `params` give for the `kind` ("input" or "output") called
+    /// `name`, if any (the two words are joined only for an error message:
+    /// this runs for every tensor of every request).
+    fn of(kind: &str, name: &str, params: &Map<String, Value>) -> Result<Option<InRegion>, ApiError> {
+        let what = format_args!("{kind} {name}");
         let count = |key: &str| -> Result<Option<u64>, ApiError> {
             params
                 .get(key)
@@ -110,13 +113,16 @@ impl InRegion {
 }
 
 /// Bytes a request's inputs read from shared memory (what decoding them will
-/// hold in memory, counted against the worker's budget before it starts).
-pub fn shared_input_bytes(req: &InferRequest) -> u64 {
-    req.inputs
-        .iter()
-        .filter(|i| i.parameters.contains_key("shared_memory_region"))
-        .filter_map(|i| i.parameters.get("shared_memory_byte_size").and_then(Value::as_u64))
-        .fold(0u64, u64::saturating_add)
+/// hold in memory, counted against the worker's budget before it starts);
+/// a malformed place is refused here already, as decoding would.
+pub fn shared_input_bytes(req: &InferRequest) -> Result<u64, ApiError> {
+    let mut total = 0u64;
+    for i in &req.inputs {
+        if let Some(place) = InRegion::of("input", &i.name, &i.parameters)? {
+            total = total.saturating_add(place.byte_size);
+        }
+    }
+    Ok(total)
 }
 
 /// One input tensor of a request.
@@ -280,10 +286,7 @@ pub fn decode_inputs(
             }
         }
         let count = element_count(name, &shape)?;
-        let data = match (
-            InRegion::of(&format!("input {name}"), &input.parameters)?,
-            input.parameters.get("binary_data_size"),
-        ) {
+        let data = match (InRegion::of("input", name, &input.parameters)?, input.parameters.get("binary_data_size")) {
             (Some(place), size) => {
                 if size.is_some() || input.data.is_some() {
                     return Err(ApiError::bad(format!(
@@ -397,7 +400,7 @@ pub fn requested_outputs(model: &ModelVersion, req: &InferRequest) -> Result<Vec
         if classes.is_some() && model.outputs[index].datatype == DataType::BYTES {
             return Err(ApiError::bad(format!("output {}: BYTES outputs cannot be classified", o.name)));
         }
-        let place = InRegion::of(&format!("output {}", o.name), &o.parameters)?;
+        let place = InRegion::of("output", &o.name, &o.parameters)?;
         out.push(Requested { index, binary, classes, place });
     }
     Ok(out)

@@ -119,7 +119,7 @@ impl ModelControl {
             Command::ModelChangeDone { request, error } => self.asks.answered(request, error),
             Command::SharedMemoryRegions(set) => {
                 if let Some(shm) = shm {
-                    shm.apply(set, &self.control).await;
+                    shm.apply(set, &self.control);
                 }
             }
             Command::SharedMemoryDone { request, error } => {

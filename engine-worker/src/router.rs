@@ -397,7 +397,7 @@ pub(crate) async fn shared_input_budget(
     req: &crate::infer::InferRequest,
     share: &mut tandem_shared::edge::budget::Share,
 ) -> Result<(), ApiError> {
-    let bytes = crate::infer::shared_input_bytes(req);
+    let bytes = crate::infer::shared_input_bytes(req)?;
     if bytes == 0 {
         return Ok(());
     }

@@ -104,7 +104,7 @@ impl SystemShm {
     }
 
     /// The supervisor's new registry: installed, then acknowledged.
-    pub(crate) async fn apply(&self, set: RegionSet, control: &ControlClient) {
+    pub(crate) fn apply(&self, set: RegionSet, control: &ControlClient) {
         let generation = set.generation;
         self.install(set);
         let _ = control.send(&WorkerEvent::SharedMemoryApplied { generation });

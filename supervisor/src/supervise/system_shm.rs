@@ -110,17 +110,12 @@ impl Supervisor {
             }
             Ok(true) => {
                 let set = registry.set.clone();
+                let generation = set.generation;
                 tracing::info!(worker_id = id, change = %what, regions = set.regions.len(), "system shared-memory registry changed");
-                registry.pending.push(Pending {
-                    worker: id,
-                    request,
-                    generation: set.generation,
-                    waiting: BTreeSet::new(),
-                });
                 let command = ToWorker::SharedMemoryRegions(set);
-                let told: BTreeSet<u64> = engines.into_iter().filter(|&w| self.tell(w, &command)).collect();
-                if let Some(p) = self.system_shm.as_mut().and_then(|r| r.pending.last_mut()) {
-                    p.waiting = told;
+                let waiting: BTreeSet<u64> = engines.into_iter().filter(|&w| self.tell(w, &command)).collect();
+                if let Some(r) = self.system_shm.as_mut() {
+                    r.pending.push(Pending { worker: id, request, generation, waiting });
                 }
                 self.shared_memory_settle(|_| {});
             }
