@@ -154,11 +154,18 @@ impl Config {
         let engine = engine::parse(&mut r);
         let ring = ring::parse(&mut r, edge.max_request_bytes);
         let proxy = proxy::parse(&mut r);
-        // Across sections: the metrics port is a port of its own.
+        // Across sections: the metrics and gRPC ports are ports of their own (0 picks a free one).
+        let taken = |p: u16| p == listen.port || (tls.enabled && p == tls.port);
         if let Some(m) = listen.metrics_port.filter(|&m| m != 0) {
-            if m == listen.port || (tls.enabled && m == tls.port) {
+            if taken(m) {
                 let v = r.value(&listen::METRICS_PORT).unwrap_or_default().to_string();
                 r.bad(&listen::METRICS_PORT, &v, "a port different from PORT and SSL_PORT");
+            }
+        }
+        if let Some(g) = listen.grpc_port.filter(|&g| g != 0) {
+            if taken(g) || listen.metrics_port == Some(g) {
+                let v = r.value(&listen::GRPC_PORT).unwrap_or_default().to_string();
+                r.bad(&listen::GRPC_PORT, &v, "a port different from PORT, SSL_PORT and METRICS_PORT");
             }
         }
         // The CA asks for HTTP-01 challenges on the plain port.
@@ -267,6 +274,25 @@ mod tests {
         assert_eq!(err.problems[0].var, "SSL_PORT");
         let err = parse(&[("PORT", "8080"), ("METRICS_PORT", "8080")]).expect_err("same port");
         assert_eq!(err.problems[0].var, "METRICS_PORT");
+    }
+
+    #[test]
+    fn grpc_port_is_a_port_of_its_own() {
+        assert_eq!(parse(&[("GRPC_PORT", "8001")]).expect("ok").listen.grpc_port, Some(8001));
+        assert_eq!(parse(&[("GRPC_PORT", "0")]).expect("ok").listen.grpc_port, Some(0));
+        assert_eq!(parse(&[]).expect("ok").listen.grpc_port, None);
+        for bad in [
+            &[("GRPC_PORT", "65536")][..],
+            &[("GRPC_PORT", "-1")],
+            &[("GRPC_PORT", "8001x")],
+            &[("GRPC_PORT", "99999999999999999999")],
+            &[("PORT", "8001"), ("GRPC_PORT", "8001")],
+            &[("ENABLE_SSL", "1"), ("SSL_PORT", "8443"), ("GRPC_PORT", "8443")],
+            &[("METRICS_PORT", "9100"), ("GRPC_PORT", "9100")],
+        ] {
+            let err = parse(bad).expect_err("refused");
+            assert!(err.problems.iter().any(|p| p.var == "GRPC_PORT"), "{bad:?}: {err}");
+        }
     }
 
     #[test]

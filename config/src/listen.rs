@@ -24,7 +24,7 @@ crate::declare! {
     GRPC_PORT {
         default: "unset (off)",
         doc: "also serve the gRPC face alone, in plain HTTP/2, on this port (Triton's 8001), beside PORT and SSL_PORT which serve it already (0-65535)",
-        accepted: "a port number 0-65535, other than PORT and METRICS_PORT",
+        accepted: "a port number 0-65535",
         scope: |c| c.proxy.command.is_some().then_some("WORKER_COMMAND: the copies serve what they serve; tandem's gRPC face is not in front of them"),
     }
     METRICS_PORT {
@@ -54,9 +54,6 @@ pub fn parse(r: &mut Reader) -> Listen {
         r.get(&HOST, IpAddr::from([0, 0, 0, 0]), |v| v.trim_start_matches('[').trim_end_matches(']').parse().ok());
     let port = r.get(&PORT, 9001, values::port);
     let metrics_port = r.get(&METRICS_PORT, None, |v| values::port(v).map(Some));
-    let grpc_port = r.get(&GRPC_PORT, None, |v| {
-        // Port 0 (any free port) never collides.
-        values::port(v).filter(|&p| p == 0 || (p != port && Some(p) != metrics_port)).map(Some)
-    });
+    let grpc_port = r.get(&GRPC_PORT, None, |v| values::port(v).map(Some));
     Listen { host, port, grpc_port, metrics_port }
 }
