@@ -146,6 +146,35 @@ fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() 
         .unwrap();
     let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
     assert!(head.contains("grpc-status: 0") && !head.contains("content-encoding"), "{head}");
+    // gzip both ways, as the call asks: a plain call that accepts gzip (as
+    // every grpc-core client does) is answered plain; a gzipped call is
+    // answered in gzip, its message flagged compressed.
+    let gzipped = t.dir.path().join("gzipped.grpc");
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut z, b"").unwrap();
+    let z = z.finish().unwrap();
+    let mut message = vec![1u8];
+    message.extend_from_slice(&(z.len() as u32).to_be_bytes());
+    message.extend_from_slice(&z);
+    std::fs::write(&gzipped, message).unwrap();
+    for (file, encoding, compressed) in [(&frame, "identity", false), (&gzipped, "gzip", true)] {
+        let answer = t.dir.path().join("answer.grpc");
+        let out = Command::new("curl")
+            .args(["-s", "-D", "-", "--http2-prior-knowledge", "-o"])
+            .arg(&answer)
+            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+            .args(["-H", &format!("grpc-encoding: {encoding}"), "-H", "grpc-accept-encoding: identity,deflate,gzip"])
+            .arg("--data-binary")
+            .arg(format!("@{}", file.display()))
+            .arg(t.http_url("/inference.GRPCInferenceService/ServerLive"))
+            .output()
+            .unwrap();
+        let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        let body = std::fs::read(&answer).unwrap();
+        assert!(head.contains("grpc-status: 0"), "{encoding}: {head}");
+        assert_eq!(head.contains("grpc-encoding: gzip"), compressed, "{encoding}: {head}");
+        assert_eq!(body.first(), Some(&u8::from(compressed)), "{encoding}: {body:?}");
+    }
     // Calls are counted by call, a failed one as what its code means.
     let metrics = Tandem::http_client().get(t.http_url("/metrics")).send().unwrap().text().unwrap();
     let route = "protocol=\"grpc\",route=\"/inference.GRPCInferenceService/ModelInfer\"";

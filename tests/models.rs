@@ -197,8 +197,88 @@ fn real_models_match_onnxruntime_over_http_and_https_while_broken_ones_are_unava
     let out = compare(&t, &format!("127.0.0.1:{}", t.http_port), generated(), None, None);
     assert!(out.contains("ok: detector[1] binary scores"), "{out}");
     compare(&t, &format!("localhost:{}", t.https_port), generated(), Some(&ca), None);
+    non_finite_numbers_travel_in_json_as_triton_writes_them(&t, &https, &ca);
     // Nothing above took a worker down.
     assert!(!t.stderr().contains("exited"), "{}", t.explain());
+}
+
+/// Bare `NaN`, `Infinity` and `-Infinity` (and RapidJSON's `Inf`) in float
+/// tensors' JSON data, both ways, over HTTP and HTTPS and with tritonclient;
+/// anywhere else they are what standard JSON makes them, a clear 400.
+fn non_finite_numbers_travel_in_json_as_triton_writes_them(t: &Tandem, https: &reqwest::blocking::Client, ca: &Path) {
+    let body = r#"{"inputs":[
+        {"name":"in_fp32","shape":[1,3],"datatype":"FP32","data":[[NaN,Infinity,-Inf]]},
+        {"name":"in_fp64","shape":[1,3],"datatype":"FP64","data":[-Infinity,1.5,NaN]},
+        {"name":"in_fp16","shape":[1,3],"datatype":"FP16","data":[Inf,-NaN,0.25]}],
+      "outputs":[{"name":"out_fp32"},{"name":"out_fp64"},{"name":"out_fp16"}]}"#;
+    let url = "/v2/models/identity_all/infer";
+    // The model needs every input: the other types get plain values.
+    let others = [("bool", "BOOL", "[true,false,true]"), ("uint8", "UINT8", "[1,2,3]"), ("uint16", "UINT16", "[1,2,3]")]
+        .into_iter()
+        .chain([("uint32", "UINT32", "[1,2,3]"), ("uint64", "UINT64", "[1,2,3]"), ("int8", "INT8", "[1,2,3]")])
+        .chain([("int16", "INT16", "[1,2,3]"), ("int32", "INT32", "[1,2,3]"), ("int64", "INT64", "[1,2,3]")])
+        .chain([("bytes", "BYTES", r#"["NaN","Infinity","c"]"#)])
+        .map(|(n, dt, data)| format!(r#"{{"name":"in_{n}","shape":[1,3],"datatype":"{dt}","data":{data}}}"#))
+        .collect::<Vec<_>>()
+        .join(",");
+    let body = body.replacen(r#""inputs":["#, &format!(r#""inputs":[{others},"#), 1);
+    for (client, target) in [(&Tandem::http_client(), t.http_url(url)), (https, t.https_url("localhost", url))] {
+        let resp = client.post(&target).body(body.clone()).send().unwrap();
+        assert_eq!(resp.status(), 200, "{target}");
+        let text = resp.text().unwrap();
+        for want in [r#""data":[NaN,Infinity,-Infinity]"#, r#""data":[-Infinity,1.5,NaN]"#, r#""data":[Infinity,NaN,0.25]"#] {
+            assert!(text.contains(want), "{want} in {text}");
+        }
+    }
+    // Where no float is expected, a token is refused with what and where.
+    let int = body.replacen("[1,2,3]", "[1,NaN,3]", 1);
+    let resp = Tandem::http_client().post(t.http_url(url)).body(int).send().unwrap();
+    assert_eq!(resp.status(), 400);
+    let err: serde_json::Value = resp.json().unwrap();
+    assert!(err["error"].as_str().unwrap().contains("element 1 (NaN) is not a valid UINT8"), "{err}");
+    let bytes = body.replacen(r#"["NaN","Infinity""#, r#"[NaN,"Infinity""#, 1);
+    let err: serde_json::Value = Tandem::http_client().post(t.http_url(url)).body(bytes).send().unwrap().json().unwrap();
+    assert!(err["error"].as_str().unwrap().contains("(NaN) is not a valid BYTES"), "{err}");
+    let shape = body.replacen(r#""shape":[1,3]"#, r#""shape":[1,NaN]"#, 1);
+    let resp = Tandem::http_client().post(t.http_url(url)).body(shape).send().unwrap();
+    assert_eq!(resp.status(), 400);
+    // tritonclient writes and reads them too (Python's JSON, as Triton's).
+    let script = r#"
+import sys, numpy as np, tritonclient.http as h
+url, ca = sys.argv[1], sys.argv[2]
+c = h.InferenceServerClient(url) if ca == "-" else h.InferenceServerClient(url, ssl=True, ssl_options={"ca_certs": ca})
+x = np.array([[np.nan, np.inf, -np.inf]], dtype=np.float32)
+feeds = {}
+for name, dt, np_dt in [("bool", "BOOL", bool), ("uint8", "UINT8", np.uint8), ("uint16", "UINT16", np.uint16),
+                        ("uint32", "UINT32", np.uint32), ("uint64", "UINT64", np.uint64), ("int8", "INT8", np.int8),
+                        ("int16", "INT16", np.int16), ("int32", "INT32", np.int32), ("int64", "INT64", np.int64),
+                        ("fp16", "FP16", np.float16), ("fp32", "FP32", np.float32), ("fp64", "FP64", np.float64),
+                        ("bytes", "BYTES", object)]:
+    if np_dt is object:
+        v = np.array([[b"a", b"b", b"c"]], dtype=object)
+    elif dt.startswith("FP"):
+        v = x.astype(np_dt)
+    else:
+        v = np.ones((1, 3), dtype=np_dt)
+    i = h.InferInput("in_" + name, [1, 3], dt)
+    i.set_data_from_numpy(v, binary_data=False)
+    feeds[name] = i
+outs = [h.InferRequestedOutput("out_" + n, binary_data=False) for n in ("fp16", "fp32", "fp64")]
+r = c.infer("identity_all", list(feeds.values()), outputs=outs)
+for n in ("fp16", "fp32", "fp64"):
+    got = r.as_numpy("out_" + n).astype(np.float64)
+    assert np.isnan(got[0, 0]) and got[0, 1] == np.inf and got[0, 2] == -np.inf, (n, got)
+print("non-finite round trip passed")
+"#;
+    for (target, ca) in [(format!("127.0.0.1:{}", t.http_port), "-".to_string()), (format!("localhost:{}", t.https_port), ca.display().to_string())] {
+        let out = Command::new("python3").args(["-c", script, &target, &ca]).output().unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("round trip passed"),
+            "{target}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]

@@ -41,7 +41,8 @@ const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 const STREAM_AHEAD: usize = 16;
 
 /// The tower service the router mounts at [`PREFIX`]: messages up to
-/// `MAX_REQUEST_BYTES` each way, gzip accepted and sent when asked.
+/// `MAX_REQUEST_BYTES` each way, gzip accepted, and sent back to a call that
+/// came gzipped (the router drops a plain call's `grpc-accept-encoding`).
 pub fn service(state: AppState) -> pb::grpc_inference_service_server::GrpcInferenceServiceServer<Grpc> {
     let limit = state.inner.max_request_bytes;
     pb::grpc_inference_service_server::GrpcInferenceServiceServer::new(Grpc { state })
@@ -297,7 +298,7 @@ fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, Vec<u8>), ApiErro
     let mut parameters: Map<String, Value> = r.parameters.iter().map(|(k, v)| (k.clone(), json_param(v))).collect();
     parameters.insert("binary_data_output".into(), Value::Bool(true));
     let id = (!r.id.is_empty()).then(|| r.id.clone());
-    Ok((InferRequest { id, parameters, inputs, outputs }, binary))
+    Ok((InferRequest { id, parameters, inputs, outputs, non_finite: false }, binary))
 }
 
 /// The JSON parameters that say where an output was written, as gRPC parameters.

@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::engine::tensor::{DataType, Tensor, TensorData};
 use crate::engine::{ModelVersion, TensorMeta};
+use crate::nonfinite::Element;
 
 /// Header giving the length of the JSON part of a binary-extension body.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -169,6 +170,10 @@ pub struct InferRequest {
     /// Requested outputs; all outputs when absent.
     #[serde(default)]
     pub outputs: Option<Vec<RequestOutput>>,
+    /// Whether the JSON wrote non-finite numbers bare (`NaN`, `Infinity`),
+    /// now marked strings that only float data accepts ([`crate::nonfinite`]).
+    #[serde(skip)]
+    pub non_finite: bool,
 }
 
 /// Splits a body into the JSON request and the binary tail.
@@ -190,8 +195,12 @@ pub fn decode_body<'a>(body: &'a [u8], header_len: Option<&str>) -> Result<(Infe
         }
     };
     let (json, binary) = body.split_at(json_len);
-    let req: InferRequest =
-        serde_json::from_slice(json).map_err(|e| ApiError::bad(format!("malformed inference request JSON: {e}")))?;
+    let quoted = crate::nonfinite::quote_tokens(json);
+    let mut req: InferRequest = serde_json::from_slice(quoted.as_deref().unwrap_or(json)).map_err(|e| {
+        let e = crate::nonfinite::unquoted(e.to_string());
+        ApiError::bad(format!("malformed inference request JSON: {e}"))
+    })?;
+    req.non_finite = quoted.is_some();
     Ok((req, binary))
 }
 
@@ -336,7 +345,7 @@ pub fn decode_inputs(
                     .data
                     .as_ref()
                     .ok_or_else(|| ApiError::bad(format!("input {name}: neither data nor binary_data_size")))?;
-                from_json(name, datatype, count, data)?
+                from_json(name, datatype, count, data, req.non_finite)?
             }
         };
         let tensor = Tensor::new(shape, data).map_err(|e| ApiError::bad(format!("input {name}: {e}")))?;
@@ -563,7 +572,9 @@ struct ResponseOutput<'a> {
     parameters: Option<Value>,
 }
 
-/// Tensor elements as JSON: numbers in their shortest exact form (FP16/BF16 widened), BYTES as strings.
+/// Tensor elements as JSON: numbers in their shortest exact form (FP16/BF16
+/// widened; non-finite ones as Triton writes them, `NaN`, `Infinity`,
+/// `-Infinity`), BYTES as strings.
 struct JsonData(TensorData);
 
 impl Serialize for JsonData {
@@ -576,8 +587,8 @@ impl Serialize for JsonData {
             q.end()
         }
         match &self.0 {
-            TensorData::F16(v) => seq(s, v.iter().map(|x| x.to_f32())),
-            TensorData::BF16(v) => seq(s, v.iter().map(|x| x.to_f32())),
+            TensorData::F16(v) => seq(s, v.iter().map(|x| Element(x.to_f32()))),
+            TensorData::BF16(v) => seq(s, v.iter().map(|x| Element(x.to_f32()))),
             TensorData::Bytes(v) => seq(s, v.iter().map(|b| String::from_utf8_lossy(b))),
             TensorData::Bool(v) => seq(s, v.iter()),
             TensorData::U8(v) => seq(s, v.iter()),
@@ -588,8 +599,8 @@ impl Serialize for JsonData {
             TensorData::I16(v) => seq(s, v.iter()),
             TensorData::I32(v) => seq(s, v.iter()),
             TensorData::I64(v) => seq(s, v.iter()),
-            TensorData::F32(v) => seq(s, v.iter()),
-            TensorData::F64(v) => seq(s, v.iter()),
+            TensorData::F32(v) => seq(s, v.iter().copied().map(Element)),
+            TensorData::F64(v) => seq(s, v.iter().copied().map(Element)),
         }
     }
 }
@@ -683,10 +694,12 @@ macro_rules! float_elem {
         impl Elem for $t {
             const SIZE: usize = std::mem::size_of::<$t>();
             fn from_leaf(v: Leaf<'_>) -> Option<Self> {
+                let finite = |f: f64| Some($from(f)).filter(|x: &$t| x.is_finite());
                 match v {
-                    Leaf::F(f) => $from(f),
-                    Leaf::I(i) => $from(i as f64),
-                    Leaf::U(u) => $from(u as f64),
+                    Leaf::F(f) => finite(f),
+                    Leaf::NonFinite(f) => Some($from(f)),
+                    Leaf::I(i) => finite(i as f64),
+                    Leaf::U(u) => finite(u as f64),
                     _ => None,
                 }
             }
@@ -694,12 +707,13 @@ macro_rules! float_elem {
         }
     )*};
 }
-// A JSON number is finite; one that only fits as infinity is out of the type's range, refused (not rounded to inf).
+// A JSON number is finite; one that only fits as infinity is out of the type's range, refused (not rounded to
+// inf). Only a bare NaN or Infinity token is a non-finite element.
 float_elem!(
-    f32 => |f| Some(f as f32).filter(|x| x.is_finite()),
-    f64 => Some,
-    f16 => |f| Some(f16::from_f64(f)).filter(|x| x.is_finite()),
-    bf16 => |f| Some(bf16::from_f64(f)).filter(|x| x.is_finite())
+    f32 => |f| f as f32,
+    f64 => |f| f,
+    f16 => f16::from_f64,
+    bf16 => bf16::from_f64
 );
 
 impl Elem for bool {
@@ -828,6 +842,8 @@ enum Leaf<'a> {
     F(f64),
     B(bool),
     S(&'a str),
+    /// `NaN`, `Infinity` or `-Infinity`, written bare ([`crate::nonfinite`]).
+    NonFinite(f64),
     Null,
     Object,
 }
@@ -840,6 +856,7 @@ impl std::fmt::Display for Leaf<'_> {
             Leaf::F(v) => write!(f, "{v}"),
             Leaf::B(v) => write!(f, "{v}"),
             Leaf::S(v) => write!(f, "{v:?}"),
+            Leaf::NonFinite(v) => f.write_str(crate::nonfinite::canonical(*v)),
             Leaf::Null => f.write_str("null"),
             Leaf::Object => f.write_str("an object"),
         }
@@ -919,24 +936,41 @@ impl<'de, F: FnMut(Leaf<'_>) -> Result<(), LeafError>> serde::de::Visitor<'de> f
 
 /// Decodes JSON tensor data of `count` elements of `dt` straight into its
 /// buffer: each leaf converted as the parser meets it, more leaves than the
-/// shape holds refused at the first extra one.
+/// shape holds refused at the first extra one. With `non_finite`, the
+/// strings [`crate::nonfinite::quote_tokens`] made are the numbers they stand for.
 fn from_json(
     name: &str,
     dt: DataType,
     count: usize,
     data: &serde_json::value::RawValue,
+    non_finite: bool,
 ) -> Result<TensorData, ApiError> {
-    fn walk<T>(
+    with_fixed!(dt, T, V => Ok(V(walk(name, dt, count, data, non_finite, T::from_leaf)?)), bytes => {
+        let items = walk(name, dt, count, data, non_finite, |leaf| match leaf {
+            Leaf::S(s) => Some(s.as_bytes().to_vec()),
+            _ => None,
+        })?;
+        Ok(TensorData::Bytes(items))
+    })
+}
+
+/// [`from_json`] for elements of one type, `convert`ed leaf by leaf.
+fn walk<T>(
         name: &str,
         dt: DataType,
         count: usize,
         data: &serde_json::value::RawValue,
+        non_finite: bool,
         convert: impl Fn(Leaf<'_>) -> Option<T>,
     ) -> Result<Vec<T>, ApiError> {
         // Every element takes at least two bytes of text ("0,"): the text bounds
         // the buffer, whatever shape the request claims.
         let mut out: Vec<T> = Vec::with_capacity(count.min(data.get().len() / 2 + 1));
         let mut push = |leaf: Leaf<'_>| {
+            let leaf = match leaf {
+                Leaf::S(s) if non_finite => crate::nonfinite::marked(s).map_or(leaf, Leaf::NonFinite),
+                other => other,
+            };
             if out.len() == count {
                 return Err(LeafError::TooMany(count));
             }
@@ -962,14 +996,6 @@ fn from_json(
             )));
         }
         Ok(out)
-    }
-    with_fixed!(dt, T, V => Ok(V(walk(name, dt, count, data, T::from_leaf)?)), bytes => {
-        let items = walk(name, dt, count, data, |leaf| match leaf {
-            Leaf::S(s) => Some(s.as_bytes().to_vec()),
-            _ => None,
-        })?;
-        Ok(TensorData::Bytes(items))
-    })
 }
 
 /// Bytes of the binary tensor encoding of `data`.
@@ -1136,7 +1162,7 @@ mod tests {
             (DataType::BYTES, r#"["héllo",""]"#),
         ] {
             let data = serde_json::value::RawValue::from_string(json.to_string()).expect("json");
-            let t = from_json("x", dt, 2, &data).expect("decode");
+            let t = from_json("x", dt, 2, &data, false).expect("decode");
             assert_eq!(t.datatype(), dt);
             let out = serde_json::to_string(&JsonData(t.clone())).expect("ser");
             assert_eq!(out.replace(".0", ""), json.replace(".0", ""), "{dt}");
@@ -1156,26 +1182,55 @@ mod tests {
             (DataType::BF16, "[-1e39]"),
         ] {
             let data = serde_json::value::RawValue::from_string(json.to_string()).expect("json");
-            let err = from_json("x", dt, 1, &data).expect_err(json);
+            let err = from_json("x", dt, 1, &data, false).expect_err(json);
             assert!(err.message.contains("input x: element 0") && err.message.contains(dt.name()), "{}", err.message);
         }
         let raw = |t: &str| serde_json::value::RawValue::from_string(t.into()).expect("json");
-        let t = from_json("x", DataType::INT32, 4, &raw("[[1,2],[3,[4]]]")).expect("nested");
+        let t = from_json("x", DataType::INT32, 4, &raw("[[1,2],[3,[4]]]"), false).expect("nested");
         assert_eq!(t, TensorData::I32(vec![1, 2, 3, 4]));
-        let more = from_json("x", DataType::FP32, 2, &raw("[1,2,3,4]")).expect_err("more");
+        let more = from_json("x", DataType::FP32, 2, &raw("[1,2,3,4]"), false).expect_err("more");
         assert_eq!(more.message, "input x: shape needs 2 elements but data has more");
-        let fewer = from_json("x", DataType::FP32, 4, &raw("[1,2,3]")).expect_err("fewer");
+        let fewer = from_json("x", DataType::FP32, 4, &raw("[1,2,3]"), false).expect_err("fewer");
         assert_eq!(fewer.message, "input x: shape needs 4 elements but data has 3");
-        let object = from_json("x", DataType::FP32, 1, &raw(r#"[{"a":1}]"#)).expect_err("object");
+        let object = from_json("x", DataType::FP32, 1, &raw(r#"[{"a":1}]"#), false).expect_err("object");
         assert!(object.message.contains("element 0 (an object) is not a valid FP32"), "{}", object.message);
         // A shape far larger than the text reserves nothing for it.
-        let huge = from_json("x", DataType::FP64, 1 << 40, &raw("[1]")).expect_err("short");
+        let huge = from_json("x", DataType::FP64, 1 << 40, &raw("[1]"), false).expect_err("short");
         assert!(huge.message.contains("but data has 1"), "{}", huge.message);
         let big = serde_json::value::RawValue::from_string("[3.4e38, 65504]".into()).expect("json");
-        assert!(from_json("x", DataType::FP32, 2, &big).is_ok());
+        assert!(from_json("x", DataType::FP32, 2, &big, false).is_ok());
         // A BYTES length prefix that overruns the data is refused.
         assert!(from_binary("x", DataType::BYTES, 1, &[9, 0, 0, 0, b'a']).is_err());
         assert!(from_binary("x", DataType::BYTES, 1, &[1, 0]).is_err());
+    }
+
+    #[test]
+    fn bare_non_finite_tokens_are_float_elements_and_nothing_else() {
+        let decode = |dt: &str, data: &str| {
+            let json = format!(r#"{{"inputs":[{{"name":"x","shape":[3],"datatype":"{dt}","data":{data}}}]}}"#);
+            let (req, _) = decode_body(json.as_bytes(), None)?;
+            let data = req.inputs[0].data.as_ref().expect("data");
+            from_json("x", DataType::parse(dt).expect("datatype"), 3, data, req.non_finite)
+        };
+        match decode("FP32", "[NaN, Infinity, -Inf]").expect("fp32") {
+            TensorData::F32(v) => assert!(v[0].is_nan() && v[1] == f32::INFINITY && v[2] == f32::NEG_INFINITY),
+            other => panic!("{other:?}"),
+        }
+        match decode("BF16", "[[-Infinity], [-NaN], [2]]").expect("bf16") {
+            TensorData::BF16(v) => assert!(v[0] == bf16::NEG_INFINITY && v[1].is_nan() && v[2] == bf16::from_f32(2.0)),
+            other => panic!("{other:?}"),
+        }
+        let int = decode("INT32", "[1, NaN, 3]").expect_err("int");
+        assert!(int.message.contains("element 1 (NaN) is not a valid INT32"), "{int:?}");
+        let bytes = decode("BYTES", r#"["a", Infinity, "c"]"#).expect_err("bytes");
+        assert!(bytes.message.contains("element 1 (Infinity) is not a valid BYTES"), "{bytes:?}");
+        // A client's own string is a string, in a body with or without tokens.
+        assert!(decode("FP32", r#"["NaN", 1, 2]"#).is_err());
+        assert!(decode("FP32", r#"["NaN", NaN, 2]"#).is_err());
+        // Outside a tensor's data the marked string is no number.
+        let shape = decode_body(br#"{"inputs":[{"name":"x","shape":[NaN],"datatype":"FP32","data":[1]}]}"#, None);
+        let shape = shape.expect_err("shape").message;
+        assert!(shape.contains("malformed inference request JSON: invalid type: NaN, expected i64"), "{shape}");
     }
 
     #[test]

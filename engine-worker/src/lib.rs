@@ -10,6 +10,7 @@ pub mod grpc;
 pub mod infer;
 pub mod metrics;
 pub mod model_control;
+pub mod nonfinite;
 pub mod router;
 pub mod shm_server;
 pub mod state;

@@ -76,6 +76,7 @@ pub fn router(state: AppState) -> Router {
                 let https = req.extensions().get::<Scheme>() == Some(&Scheme::Https);
                 let grpc = tandem_shared::edge::grpc::is_call(req.headers());
                 if grpc {
+                    tandem_shared::edge::grpc::answer_as_asked(req.headers_mut());
                     // Every message at most MAX_REQUEST_BYTES, refused from its prefix alone.
                     let body = std::mem::take(req.body_mut());
                     *req.body_mut() = axum::body::Body::new(tandem_shared::edge::grpc::Checked::new(
@@ -163,7 +164,8 @@ async fn info(State(state): State<AppState>, scheme: Option<Extension<Scheme>>) 
 
 /// The protocol extensions served (model load and unload only in explicit mode).
 pub(crate) fn extensions(state: &AppState) -> Vec<&'static str> {
-    let mut extensions = vec!["classification", "binary_tensor_data", "statistics", "model_configuration"];
+    let mut extensions =
+        vec!["classification", "binary_tensor_data", "statistics", "model_configuration", "system_shared_memory"];
     if state.inner.model_control.mode == tandem_config::engine::ModelControlMode::Explicit {
         extensions.push("model_repository");
     }

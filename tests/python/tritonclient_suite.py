@@ -49,7 +49,7 @@ def main():
     check("metadata input", meta["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}], str(meta["inputs"]))
     check("metadata output", meta["outputs"][0]["shape"] == [-1, 10], str(meta["outputs"]))
     server = client.get_server_metadata()
-    check("server metadata", {"binary_tensor_data", "model_configuration"} <= set(server["extensions"]), str(server))
+    check("server metadata", {"binary_tensor_data", "model_configuration", "system_shared_memory"} <= set(server["extensions"]), str(server))
     config = client.get_model_config(MODEL)
     check("model config", config["name"] == MODEL and config["input"][0]["name"] == "pixels", str(config))
 

@@ -57,6 +57,19 @@ pub fn is_call(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// Answers a call uncompressed unless the call itself came compressed: drops
+/// `grpc-accept-encoding` when `grpc-encoding` is absent or `identity`. gRPC
+/// clients (grpc-core, so tritonclient and perf_analyzer) advertise gzip on
+/// every call; answering each in gzip costs the server most of its time on
+/// large tensors, and Triton answers uncompressed unless asked. A client that
+/// compresses its requests gets compressed answers back.
+pub fn answer_as_asked(headers: &mut HeaderMap) {
+    let compressed = headers.get("grpc-encoding").is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if !compressed {
+        headers.remove("grpc-accept-encoding");
+    }
+}
+
 /// `grpc-status` and `grpc-message` (percent-encoded, as the gRPC spec asks),
 /// for the trailers of an answer or the headers of a trailers-only one.
 pub fn status_headers(code: u8, message: &str) -> HeaderMap {
