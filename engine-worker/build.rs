@@ -12,6 +12,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("model_config.bin"), prost::Message::encode_to_vec(&fds))?;
     // Calls tandem does not serve yet answer UNIMPLEMENTED (the generated default).
-    tonic_prost_build::configure().build_client(false).generate_default_stubs(true).compile_fds(fds)?;
+    // Raw input tensors stay slices of the received message (no copy per tensor).
+    tonic_prost_build::configure()
+        .build_client(false)
+        .generate_default_stubs(true)
+        .bytes(".inference.ModelInferRequest.raw_input_contents")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -231,7 +231,7 @@ fn contents_bytes(name: &str, datatype: &str, c: &pb::InferTensorContents) -> Re
 /// The gRPC request as the JSON face's decoded request and its binary tail.
 /// An input in a shared-memory region carries no data here, and as Triton's
 /// `raw_input_contents` holds one entry per input that is not in one, in order.
-fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, Vec<u8>), ApiError> {
+fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, bytes::Bytes), ApiError> {
     let in_shm = |i: &pb::model_infer_request::InferInputTensor| i.parameters.contains_key("shared_memory_region");
     let raw = !r.raw_input_contents.is_empty();
     let carried = r.inputs.iter().filter(|i| !in_shm(i)).count();
@@ -241,7 +241,9 @@ fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, Vec<u8>), ApiErro
             r.raw_input_contents.len(),
         )));
     }
-    let mut binary = Vec::with_capacity(r.raw_input_contents.iter().map(Vec::len).sum());
+    // Each input's bytes, as the binary extension's tail carries them: a raw
+    // tensor is a slice of the received message, not a copy.
+    let mut parts: Vec<bytes::Bytes> = Vec::with_capacity(r.inputs.len());
     let mut inputs = Vec::with_capacity(r.inputs.len());
     let mut raw_contents = r.raw_input_contents.iter();
     for input in &r.inputs {
@@ -270,12 +272,12 @@ fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, Vec<u8>), ApiErro
                     input.name
                 )))
             }
-            (Some(c), false) => contents_bytes(&input.name, &input.datatype, c)?,
+            (Some(c), false) => contents_bytes(&input.name, &input.datatype, c)?.into(),
             (None, true) => raw_contents.next().cloned().unwrap_or_default(),
             (None, false) => return Err(ApiError::bad(format!("input {} has no data", input.name))),
         };
         parameters.insert("binary_data_size".into(), Value::from(bytes.len()));
-        binary.extend_from_slice(&bytes);
+        parts.push(bytes);
         inputs.push(RequestInput {
             name: input.name.clone(),
             shape: input.shape.clone(),
@@ -298,6 +300,10 @@ fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, Vec<u8>), ApiErro
     let mut parameters: Map<String, Value> = r.parameters.iter().map(|(k, v)| (k.clone(), json_param(v))).collect();
     parameters.insert("binary_data_output".into(), Value::Bool(true));
     let id = (!r.id.is_empty()).then(|| r.id.clone());
+    let binary = match <[_; 1]>::try_from(parts) {
+        Ok([one]) => one,
+        Err(parts) => parts.concat().into(),
+    };
     Ok((InferRequest { id, parameters, inputs, outputs, non_finite: false }, binary))
 }
 
@@ -694,7 +700,7 @@ mod tests {
         let typed = Some(pb::InferTensorContents { fp32_contents: vec![1.0], ..Default::default() });
         let both = pb::ModelInferRequest {
             inputs: vec![input(typed.clone())],
-            raw_input_contents: vec![vec![0; 4]],
+            raw_input_contents: vec![vec![0; 4].into()],
             ..Default::default()
         };
         assert!(as_http(&both).is_err());
@@ -702,13 +708,13 @@ mod tests {
         assert!(as_http(&none).is_err());
         let miscounted = pb::ModelInferRequest {
             inputs: vec![input(None), input(None)],
-            raw_input_contents: vec![vec![0; 4]],
+            raw_input_contents: vec![vec![0; 4].into()],
             ..Default::default()
         };
         assert!(as_http(&miscounted).is_err());
         let (req, binary) =
             as_http(&pb::ModelInferRequest { inputs: vec![input(typed)], ..Default::default() }).unwrap();
-        assert_eq!(binary, 1.0f32.to_le_bytes());
+        assert_eq!(binary[..], 1.0f32.to_le_bytes());
         assert_eq!(req.inputs[0].parameters["binary_data_size"], 4);
     }
 }
