@@ -461,13 +461,8 @@ fn a_forwarded_address_is_believed_only_from_a_trusted_proxy() {
 fn a_model_past_its_max_inflight_answers_429_instead_of_queueing() {
     let b = TandemBuilder::new().env("NUM_WORKERS", "1");
     let repo = b.dir().join("repo");
-    // Requests wait 1.5 s in the batcher for company: two hold both places meanwhile.
-    copy_digits(
-        &repo,
-        "slow",
-        "dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 1500000 }\n\
-         parameters { key: \"max_inflight\" value { string_value: \"2\" } }\n",
-    );
+    // Each inference takes about 1.5 s: two requests hold both places meanwhile.
+    copy_slow(&repo, "slow", 1.5, "parameters { key: \"max_inflight\" value { string_value: \"2\" } }\n");
     let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
     let url = t.http_url("/v2/models/slow/infer");
     let send = |delay_ms: u64| {

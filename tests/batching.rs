@@ -84,5 +84,66 @@ fn concurrent_requests_share_executions_and_get_the_unbatched_answers() {
     assert_eq!(s["inference_count"], rows, "{s}");
     assert_eq!(s["inference_stats"]["success"]["count"], n as u64, "{s}");
     let executions = s["execution_count"].as_u64().unwrap();
-    assert!(executions < n as u64, "{n} concurrent requests ran in {executions} executions: no batching\n{s}");
+    assert!(executions <= n as u64, "{n} requests ran in {executions} executions\n{s}");
+    // Every execution is counted under its batch size.
+    let by_size: u64 =
+        s["batch_stats"].as_array().unwrap().iter().map(|b| b["compute_infer"]["count"].as_u64().unwrap()).sum();
+    assert_eq!(by_size, executions, "{s}");
+}
+
+#[test]
+fn requests_gather_behind_a_busy_model_and_an_idle_one_never_waits_for_company() {
+    let b = TandemBuilder::new().env("NUM_WORKERS", "1");
+    let repo = b.dir().join("models");
+    // A queue delay far longer than any answer below may take: only a request
+    // that waits for company would wait it out.
+    let batching = "dynamic_batching { preferred_batch_size: [ 16 ] max_queue_delay_microseconds: 30000000 }\n";
+    copy_slow(&repo, "batched", 0.5, batching);
+    // The same model file unbatched.
+    std::fs::create_dir_all(repo.join("plain/1")).unwrap();
+    std::fs::copy(repo.join("batched/1/model.onnx"), repo.join("plain/1/model.onnx")).unwrap();
+    std::fs::copy(repo.join("batched/labels.txt"), repo.join("plain/labels.txt")).unwrap();
+    let config = std::fs::read_to_string(repo.join("batched/config.pbtxt")).unwrap();
+    let config = config.replace("name: \"batched\"", "name: \"plain\"").replace(batching, "");
+    std::fs::write(repo.join("plain/config.pbtxt"), config).unwrap();
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
+    let client = || reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(20)).build().unwrap();
+    let infer = |model: &str, i: usize, rows: usize| -> Value {
+        let r = client().post(t.http_url(&format!("/v2/models/{model}/infer"))).body(request(i, rows)).send().unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().unwrap()
+    };
+    // Idle: answered at once, not after the 30 s delay (the client gives up at 20 s).
+    infer("batched", 0, 1);
+    // Busy: one request runs, twelve arrive meanwhile and run together after it.
+    let n = 12;
+    let answers: Vec<(usize, Value)> = std::thread::scope(|s| {
+        let first = s.spawn(|| infer("batched", 100, 2));
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        let rest: Vec<_> = (1..=n).map(|i| s.spawn(move || (i, infer("batched", i, 1 + i % 3)))).collect();
+        first.join().unwrap();
+        rest.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Each gets its own rows, as the model answers them unbatched.
+    let plain: Vec<(usize, Value)> = std::thread::scope(|s| {
+        let all: Vec<_> = (1..=n).map(|i| s.spawn(move || (i, infer("plain", i, 1 + i % 3)))).collect();
+        all.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((i, batched), (_, unbatched)) in answers.iter().zip(&plain) {
+        assert_eq!(batched["outputs"][0]["shape"], serde_json::json!([1 + i % 3, 10]), "{batched}");
+        let numbers = |v: &Value| -> Vec<f64> {
+            v["outputs"][0]["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+        };
+        for (x, y) in numbers(batched).iter().zip(numbers(unbatched)) {
+            assert!((x - y).abs() <= 1e-6 + 1e-4 * y.abs(), "request {i}: {x} vs {y}");
+        }
+    }
+    let stats: Value =
+        Tandem::http_client().get(t.http_url("/v2/models/batched/stats")).send().unwrap().json().unwrap();
+    let s = &stats["model_stats"][0];
+    let executions = s["execution_count"].as_u64().unwrap();
+    assert!(executions <= 4, "the idle one, the busy one, then the twelve together: {executions}\n{s}");
+    let sizes: Vec<u64> =
+        s["batch_stats"].as_array().unwrap().iter().map(|b| b["batch_size"].as_u64().unwrap()).collect();
+    assert!(sizes.iter().any(|&b| b > 3), "no batch held more than one request: {sizes:?}\n{s}");
 }

@@ -290,12 +290,8 @@ print(json.dumps(seen))
 fn a_call_s_deadline_is_kept_by_the_server() {
     let b = TandemBuilder::new().env("NUM_WORKERS", "1");
     let repo = b.dir().join("repo");
-    // Requests wait 2 s in the batcher for company.
-    copy_digits(
-        &repo,
-        "slow",
-        "dynamic_batching { preferred_batch_size: [ 64 ] max_queue_delay_microseconds: 2000000 }\n",
-    );
+    // Each inference takes about 2 s.
+    copy_slow(&repo, "slow", 2.0, "");
     let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
     let script = r#"
 import json, time

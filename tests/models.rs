@@ -213,20 +213,23 @@ fn non_finite_numbers_travel_in_json_as_triton_writes_them(t: &Tandem, https: &r
       "outputs":[{"name":"out_fp32"},{"name":"out_fp64"},{"name":"out_fp16"}]}"#;
     let url = "/v2/models/identity_all/infer";
     // The model needs every input: the other types get plain values.
-    let others = [("bool", "BOOL", "[true,false,true]"), ("uint8", "UINT8", "[1,2,3]"), ("uint16", "UINT16", "[1,2,3]")]
-        .into_iter()
-        .chain([("uint32", "UINT32", "[1,2,3]"), ("uint64", "UINT64", "[1,2,3]"), ("int8", "INT8", "[1,2,3]")])
-        .chain([("int16", "INT16", "[1,2,3]"), ("int32", "INT32", "[1,2,3]"), ("int64", "INT64", "[1,2,3]")])
-        .chain([("bytes", "BYTES", r#"["NaN","Infinity","c"]"#)])
-        .map(|(n, dt, data)| format!(r#"{{"name":"in_{n}","shape":[1,3],"datatype":"{dt}","data":{data}}}"#))
-        .collect::<Vec<_>>()
-        .join(",");
+    let others =
+        [("bool", "BOOL", "[true,false,true]"), ("uint8", "UINT8", "[1,2,3]"), ("uint16", "UINT16", "[1,2,3]")]
+            .into_iter()
+            .chain([("uint32", "UINT32", "[1,2,3]"), ("uint64", "UINT64", "[1,2,3]"), ("int8", "INT8", "[1,2,3]")])
+            .chain([("int16", "INT16", "[1,2,3]"), ("int32", "INT32", "[1,2,3]"), ("int64", "INT64", "[1,2,3]")])
+            .chain([("bytes", "BYTES", r#"["NaN","Infinity","c"]"#)])
+            .map(|(n, dt, data)| format!(r#"{{"name":"in_{n}","shape":[1,3],"datatype":"{dt}","data":{data}}}"#))
+            .collect::<Vec<_>>()
+            .join(",");
     let body = body.replacen(r#""inputs":["#, &format!(r#""inputs":[{others},"#), 1);
     for (client, target) in [(&Tandem::http_client(), t.http_url(url)), (https, t.https_url("localhost", url))] {
         let resp = client.post(&target).body(body.clone()).send().unwrap();
         assert_eq!(resp.status(), 200, "{target}");
         let text = resp.text().unwrap();
-        for want in [r#""data":[NaN,Infinity,-Infinity]"#, r#""data":[-Infinity,1.5,NaN]"#, r#""data":[Infinity,NaN,0.25]"#] {
+        for want in
+            [r#""data":[NaN,Infinity,-Infinity]"#, r#""data":[-Infinity,1.5,NaN]"#, r#""data":[Infinity,NaN,0.25]"#]
+        {
             assert!(text.contains(want), "{want} in {text}");
         }
     }
@@ -237,7 +240,8 @@ fn non_finite_numbers_travel_in_json_as_triton_writes_them(t: &Tandem, https: &r
     let err: serde_json::Value = resp.json().unwrap();
     assert!(err["error"].as_str().unwrap().contains("element 1 (NaN) is not a valid UINT8"), "{err}");
     let bytes = body.replacen(r#"["NaN","Infinity""#, r#"[NaN,"Infinity""#, 1);
-    let err: serde_json::Value = Tandem::http_client().post(t.http_url(url)).body(bytes).send().unwrap().json().unwrap();
+    let err: serde_json::Value =
+        Tandem::http_client().post(t.http_url(url)).body(bytes).send().unwrap().json().unwrap();
     assert!(err["error"].as_str().unwrap().contains("(NaN) is not a valid BYTES"), "{err}");
     let shape = body.replacen(r#""shape":[1,3]"#, r#""shape":[1,NaN]"#, 1);
     let resp = Tandem::http_client().post(t.http_url(url)).body(shape).send().unwrap();
@@ -270,7 +274,10 @@ for n in ("fp16", "fp32", "fp64"):
     assert np.isnan(got[0, 0]) and got[0, 1] == np.inf and got[0, 2] == -np.inf, (n, got)
 print("non-finite round trip passed")
 "#;
-    for (target, ca) in [(format!("127.0.0.1:{}", t.http_port), "-".to_string()), (format!("localhost:{}", t.https_port), ca.display().to_string())] {
+    for (target, ca) in [
+        (format!("127.0.0.1:{}", t.http_port), "-".to_string()),
+        (format!("localhost:{}", t.https_port), ca.display().to_string()),
+    ] {
         let out = Command::new("python3").args(["-c", script, &target, &ca]).output().unwrap();
         assert!(
             out.status.success() && String::from_utf8_lossy(&out.stdout).contains("round trip passed"),

@@ -342,7 +342,7 @@ impl Grpc {
             let inputs = build_inputs(&model, &req, &binary, state.shared_memory())?;
             let requested = requested_outputs(&model, &req)?;
             let wanted = requested.iter().map(|q| q.index).collect();
-            let (outputs, batch, executions, mut timings) =
+            let (outputs, batch, execution, mut timings) =
                 crate::router::execute(state, &model, inputs, wanted, started, decoding).await?;
             let encoding = Instant::now();
             let mut response = pb::ModelInferResponse {
@@ -375,8 +375,8 @@ impl Grpc {
                 });
                 response.raw_output_contents.push(bytes);
             }
-            timings.output = encoding.elapsed();
-            Ok::<_, ApiError>((response, batch, executions, timings))
+            timings.output += encoding.elapsed();
+            Ok::<_, ApiError>((response, batch, execution, timings))
         };
         crate::router::counted(state, &model, started, run).await
     }
@@ -536,6 +536,16 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for Grpc {
                     cache_hit: d(0, 0),
                     cache_miss: d(0, 0),
                 }),
+                batch_stats: t
+                    .batches
+                    .iter()
+                    .map(|(&batch_size, &[count, input, infer, output])| pb::InferBatchStatistics {
+                        batch_size,
+                        compute_input: d(count, input),
+                        compute_infer: d(count, infer),
+                        compute_output: d(count, output),
+                    })
+                    .collect(),
                 ..Default::default()
             })
             .collect();

@@ -956,46 +956,40 @@ fn from_json(
 
 /// [`from_json`] for elements of one type, `convert`ed leaf by leaf.
 fn walk<T>(
-        name: &str,
-        dt: DataType,
-        count: usize,
-        data: &serde_json::value::RawValue,
-        non_finite: bool,
-        convert: impl Fn(Leaf<'_>) -> Option<T>,
-    ) -> Result<Vec<T>, ApiError> {
-        // Every element takes at least two bytes of text ("0,"): the text bounds
-        // the buffer, whatever shape the request claims.
-        let mut out: Vec<T> = Vec::with_capacity(count.min(data.get().len() / 2 + 1));
-        let mut push = |leaf: Leaf<'_>| {
-            let leaf = match leaf {
-                Leaf::S(s) if non_finite => crate::nonfinite::marked(s).map_or(leaf, Leaf::NonFinite),
-                other => other,
-            };
-            if out.len() == count {
-                return Err(LeafError::TooMany(count));
-            }
-            let value = convert(leaf).ok_or_else(|| LeafError::NotA {
-                index: out.len(),
-                leaf: leaf.to_string(),
-                datatype: dt,
-            })?;
-            out.push(value);
-            Ok(())
+    name: &str,
+    dt: DataType,
+    count: usize,
+    data: &serde_json::value::RawValue,
+    non_finite: bool,
+    convert: impl Fn(Leaf<'_>) -> Option<T>,
+) -> Result<Vec<T>, ApiError> {
+    // Every element takes at least two bytes of text ("0,"): the text bounds
+    // the buffer, whatever shape the request claims.
+    let mut out: Vec<T> = Vec::with_capacity(count.min(data.get().len() / 2 + 1));
+    let mut push = |leaf: Leaf<'_>| {
+        let leaf = match leaf {
+            Leaf::S(s) if non_finite => crate::nonfinite::marked(s).map_or(leaf, Leaf::NonFinite),
+            other => other,
         };
-        let mut de = serde_json::Deserializer::from_str(data.get());
-        serde::de::DeserializeSeed::deserialize(Leaves(&mut push), &mut de).map_err(|e| {
-            // A message of ours comes back with the parser's position after it.
-            let text = e.to_string();
-            let text = text.split(" at line ").next().unwrap_or(&text).to_string();
-            ApiError::bad(format!("input {name}: {text}"))
-        })?;
-        if out.len() != count {
-            return Err(ApiError::bad(format!(
-                "input {name}: shape needs {count} elements but data has {}",
-                out.len()
-            )));
+        if out.len() == count {
+            return Err(LeafError::TooMany(count));
         }
-        Ok(out)
+        let value =
+            convert(leaf).ok_or_else(|| LeafError::NotA { index: out.len(), leaf: leaf.to_string(), datatype: dt })?;
+        out.push(value);
+        Ok(())
+    };
+    let mut de = serde_json::Deserializer::from_str(data.get());
+    serde::de::DeserializeSeed::deserialize(Leaves(&mut push), &mut de).map_err(|e| {
+        // A message of ours comes back with the parser's position after it.
+        let text = e.to_string();
+        let text = text.split(" at line ").next().unwrap_or(&text).to_string();
+        ApiError::bad(format!("input {name}: {text}"))
+    })?;
+    if out.len() != count {
+        return Err(ApiError::bad(format!("input {name}: shape needs {count} elements but data has {}", out.len())));
+    }
+    Ok(out)
 }
 
 /// Bytes of the binary tensor encoding of `data`.

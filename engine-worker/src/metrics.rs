@@ -378,7 +378,13 @@ fn triton_entry(name: &str, version: &str, t: &ModelTotals) -> serde_json::Value
             "cache_hit": duration(0, 0),
             "cache_miss": duration(0, 0),
         },
-        "batch_stats": [],
+        // Executions by batch size, each with the times of the request that stands for it.
+        "batch_stats": t.batches.iter().map(|(size, &[count, input, infer, output])| json!({
+            "batch_size": size,
+            "compute_input": duration(count, input),
+            "compute_infer": duration(count, infer),
+            "compute_output": duration(count, output),
+        })).collect::<Vec<_>>(),
         "memory_usage": [],
     })
 }

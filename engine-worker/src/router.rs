@@ -320,13 +320,13 @@ pub(crate) async fn counted<T>(
     state: &AppState,
     model: &Arc<ModelVersion>,
     started: Instant,
-    run: impl std::future::Future<Output = Result<(T, u64, u64, Timings), ApiError>>,
+    run: impl std::future::Future<Output = Result<(T, u64, Option<u64>, Timings), ApiError>>,
 ) -> Result<T, ApiError> {
     let counters = state.model_stats(model);
     match run.await {
-        Ok((answer, batch, executions, timings)) => {
+        Ok((answer, batch, execution, timings)) => {
             if let Some(c) = counters {
-                c.success(batch, executions, timings, started.elapsed());
+                c.success(batch, execution, timings, started.elapsed());
             }
             Ok(answer)
         }
@@ -358,7 +358,7 @@ async fn run_infer(
     headers: &HeaderMap,
     body: Body,
     started: Instant,
-) -> Result<(Response, u64, u64, Timings), ApiError> {
+) -> Result<(Response, u64, Option<u64>, Timings), ApiError> {
     let limit = state.inner.max_request_bytes;
     let (bytes, mut share) = read_body(headers, body, limit, &state.inner.budget).await?;
     // gzip / deflate bodies (tritonclient's request compression), inflated within
@@ -374,7 +374,7 @@ async fn run_infer(
     let inputs = build_inputs(model, &req, binary, state.shared_memory())?;
     let requested = requested_outputs(model, &req)?;
     let wanted: Vec<usize> = requested.iter().map(|r| r.index).collect();
-    let (outputs, batch, executions, mut timings) = execute(state, model, inputs, wanted, started, decoding).await?;
+    let (outputs, batch, execution, mut timings) = execute(state, model, inputs, wanted, started, decoding).await?;
     let encoding = Instant::now();
     let (body, json_len) = encode_response(model, &req, &requested, outputs, state.shared_memory())?;
     let mut res = Response::new(Body::from(body));
@@ -388,8 +388,8 @@ async fn run_infer(
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
     }
-    timings.output = encoding.elapsed();
-    Ok((res, batch, executions, timings))
+    timings.output += encoding.elapsed();
+    Ok((res, batch, execution, timings))
 }
 
 /// Inputs read from shared memory are held in memory like a body: at most
@@ -427,7 +427,7 @@ pub(crate) async fn execute(
     wanted: Vec<usize>,
     started: Instant,
     decoding: Instant,
-) -> Result<(Vec<crate::engine::tensor::Tensor>, u64, u64, Timings), ApiError> {
+) -> Result<(Vec<crate::engine::tensor::Tensor>, u64, Option<u64>, Timings), ApiError> {
     // A version's max_inflight, counted from here (a body still arriving holds
     // no place): past it, "not now" rather than an ever longer queue.
     let _slot = model.admit().map_err(|max| {
@@ -446,17 +446,29 @@ pub(crate) async fn execute(
         status: StatusCode::INTERNAL_SERVER_ERROR,
         message: format!("inference crashed{detail}"),
     };
-    let mut executions = 1;
+    // The execution this request stands for, by its batch size.
+    let mut execution = Some(batch as u64);
     let outputs = if let Some(policy) = &model.dynamic_batching {
         // Dynamic batching: the batcher waits for an inference thread and runs this request with others.
         let batcher = model
             .batcher
             .get_or_init(|| crate::engine::batcher::Batcher::start(model, policy.clone(), engine.permits.clone()));
-        let done =
-            batcher.infer(inputs, wanted, batch).await.map_err(|e| ApiError::bad(format!("inference failed: {e}")))?;
+        let place = if crate::shm_server::on_claimer_thread() {
+            crate::engine::batcher::Place::Block
+        } else if on_serving_thread() {
+            crate::engine::batcher::Place::Quick
+        } else {
+            crate::engine::batcher::Place::Pool
+        };
+        let done = batcher
+            .infer(model, inputs, wanted, batch, place)
+            .await
+            .map_err(|e| ApiError::bad(format!("inference failed: {e}")))?;
         timings.queue = decoding.duration_since(started) + done.queue;
+        timings.input += done.stacking;
         timings.infer = done.infer;
-        executions = u64::from(done.counts_execution);
+        timings.output = done.splitting;
+        execution = done.counts_execution.then_some(done.batch_rows as u64);
         done.outputs
     } else {
         let queued = Instant::now();
@@ -483,7 +495,7 @@ pub(crate) async fn execute(
         timings.infer = running.elapsed();
         outputs
     };
-    Ok((outputs, batch as u64, executions, timings))
+    Ok((outputs, batch as u64, execution, timings))
 }
 
 /// Whether this task runs on a single-threaded runtime (one of the worker's

@@ -33,7 +33,7 @@ fn counters(c: &mut Criterion) {
                 infer: running.elapsed(),
                 output: encoding.elapsed(),
             };
-            model.success(1, 1, t, t0.elapsed());
+            model.success(1, Some(1), t, t0.elapsed());
             s.request(true, route, black_box("POST"), 200, started.elapsed());
         })
     });

@@ -257,7 +257,14 @@ const E_VERSION: usize = 1;
 const E_NAME_LEN: usize = 2;
 const E_NAME: usize = 3;
 const E_COUNTERS: usize = E_NAME + NAME_WORDS;
-const ENTRY_WORDS: usize = 72;
+/// Where a model entry's batch sizes start: [`BATCH_SLOTS`] of [`BATCH_WORDS`]
+/// (the size, its executions, and their input, infer and output nanoseconds).
+const E_BATCH: usize = 72;
+/// Distinct batch sizes counted per model version and process (Triton's
+/// `batch_stats`); executions of further sizes count everywhere else.
+pub const BATCH_SLOTS: usize = 16;
+const BATCH_WORDS: usize = 5;
+const ENTRY_WORDS: usize = E_BATCH + BATCH_SLOTS * BATCH_WORDS;
 /// Named API keys counted one by one in each block; the rest count as [`OTHER_CLIENTS`].
 pub const CLIENT_ENTRIES: usize = 64;
 /// The `client` label of keys past [`CLIENT_ENTRIES`].
@@ -274,7 +281,7 @@ const _: () = assert!(E_NAME + CLIENT_NAME_WORDS + CLIENT_COUNTERS <= CLIENT_ENT
 const _: () = assert!(tandem_config::access::MAX_KEY_NAME <= CLIENT_NAME_WORDS * 8);
 const _: () = assert!(ACCESS_EVENTS.len() <= ACCESS_WORDS);
 const _: () = assert!(TLS_FAILURES.len() <= TLS_FAIL_WORDS && RING_EVENTS.len() <= RING_WORDS);
-const _: () = assert!(E_COUNTERS + ModelCounter::COUNT + BUCKETS <= ENTRY_WORDS);
+const _: () = assert!(E_COUNTERS + ModelCounter::COUNT + BUCKETS <= E_BATCH);
 
 const ENTRY_FREE: u64 = 0;
 const ENTRY_WRITING: u64 = 1;
@@ -693,12 +700,17 @@ impl ModelStats {
     }
 
     /// Counts a successful request of `batch` inferences that stands for
-    /// `executions` model executions (1 unbatched; under dynamic batching one
-    /// request of each batch carries its execution, the others 0).
-    pub fn success(&self, batch: u64, executions: u64, t: Timings, total: Duration) {
+    /// the model execution of `execution` rows, if it stands for one (every
+    /// unbatched request does; under dynamic batching one request of each
+    /// batch carries its execution, the others none), that execution under
+    /// its batch size with this request's times.
+    pub fn success(&self, batch: u64, execution: Option<u64>, t: Timings, total: Duration) {
         use ModelCounter::*;
         self.add(InferenceCount, batch);
-        self.add(ExecutionCount, executions);
+        if let Some(rows) = execution {
+            self.add(ExecutionCount, 1);
+            self.batch_size(rows, &t);
+        }
         self.add(SuccessCount, 1);
         self.add(SuccessNs, nanos(total));
         for (count, ns, d) in [
@@ -712,6 +724,26 @@ impl ModelStats {
         }
         self.stats.set(self.entry + E_COUNTERS + LastInferenceMs as usize, unix_ms());
         self.hist(total);
+    }
+
+    /// Counts one execution of `rows` rows in its batch size's slot (the
+    /// first free one claims the size), unless every slot holds another size.
+    fn batch_size(&self, rows: u64, t: &Timings) {
+        for k in 0..BATCH_SLOTS {
+            let slot = self.entry + E_BATCH + k * BATCH_WORDS;
+            let size = self.stats.w(slot);
+            let held = match size.compare_exchange(0, rows, Relaxed, Relaxed) {
+                Ok(_) => rows,
+                Err(other) => other,
+            };
+            if held == rows {
+                self.stats.add(slot + 1, 1);
+                self.stats.add(slot + 2, nanos(t.input));
+                self.stats.add(slot + 3, nanos(t.infer));
+                self.stats.add(slot + 4, nanos(t.output));
+                return;
+            }
+        }
     }
 
     /// Counts a failed request.
@@ -744,6 +776,8 @@ pub struct ModelTotals {
     pub counters: [u64; ModelCounter::COUNT],
     /// Request-duration histogram (not cumulative), one per bucket.
     pub buckets: [u64; BUCKETS],
+    /// Executions by batch size: their count, then input, infer and output nanoseconds.
+    pub batches: BTreeMap<u64, [u64; 4]>,
 }
 
 impl ModelTotals {
@@ -893,6 +927,14 @@ impl Snapshot {
                 let this_last = words[e + E_COUNTERS + ModelCounter::LastInferenceMs as usize].load(Relaxed);
                 t.counters[ModelCounter::LastInferenceMs as usize] = last.max(this_last);
                 sum(&mut t.buckets, e + E_COUNTERS + ModelCounter::COUNT);
+                for k in 0..BATCH_SLOTS {
+                    let slot = e + E_BATCH + k * BATCH_WORDS;
+                    let size = words[slot].load(Relaxed);
+                    if size == 0 {
+                        break;
+                    }
+                    sum(t.batches.entry(size).or_default(), slot + 1);
+                }
             }
         }
         for l in 0..2 {
@@ -988,13 +1030,13 @@ mod tests {
         b.request(true, 13, "POST", 400, Duration::from_micros(10));
         let ma = a.model("digits", 1).unwrap();
         let mb = b.model("digits", 1).unwrap();
-        ma.success(4, 1, Timings::default(), Duration::from_millis(1));
-        mb.success(1, 1, Timings::default(), Duration::from_millis(1));
+        ma.success(4, Some(4), Timings::default(), Duration::from_millis(1));
+        mb.success(1, Some(1), Timings::default(), Duration::from_millis(1));
         mb.failure(Duration::from_millis(1));
         // Worker 1 dies and is replaced in its block: its counts stay.
         Stats::vacate(&reg, 2);
         let a2 = Stats::attach(reg.clone(), 2, ProcessRole::Engine, 3);
-        a2.model("digits", 1).unwrap().success(1, 1, Timings::default(), Duration::from_millis(1));
+        a2.model("digits", 1).unwrap().success(1, Some(1), Timings::default(), Duration::from_millis(1));
 
         let s = Snapshot::read(&reg);
         let total: u64 = s.requests.iter().map(|r| r.count).sum();
@@ -1005,6 +1047,15 @@ mod tests {
         assert_eq!(m.get(ModelCounter::ExecutionCount), 3);
         assert_eq!(m.get(ModelCounter::FailCount), 1);
         assert_eq!(m.buckets.iter().sum::<u64>(), 4);
+        // Executions by batch size, over both processes (a request in a batch led by another adds none).
+        let t = Timings { infer: Duration::from_micros(7), ..Timings::default() };
+        mb.success(3, Some(8), t, Duration::from_millis(1));
+        mb.success(5, None, t, Duration::from_millis(1));
+        let m = Snapshot::read(&reg).models[&("digits".to_string(), 1)].clone();
+        let sizes: Vec<(u64, u64)> = m.batches.iter().map(|(size, c)| (*size, c[0])).collect();
+        assert_eq!(sizes, [(1, 2), (4, 1), (8, 1)]);
+        assert_eq!(m.batches[&8][2], 7000);
+        assert_eq!(m.get(ModelCounter::ExecutionCount), 4);
         assert_eq!(s.processes.len(), 2, "{:?}", s.processes);
         assert_eq!(s.durations.iter().map(|d| d.buckets.iter().sum::<u64>()).sum::<u64>(), 3);
     }
@@ -1018,7 +1069,7 @@ mod tests {
                 let a = a.clone();
                 std::thread::spawn(move || {
                     for _ in 0..1000 {
-                        a.model("m", 2).unwrap().success(1, 1, Timings::default(), Duration::ZERO);
+                        a.model("m", 2).unwrap().success(1, Some(1), Timings::default(), Duration::ZERO);
                     }
                 })
             })

@@ -436,6 +436,22 @@ pub fn copy_digits(repo: &Path, name: &str, extra: &str) {
     fs::write(repo.join(name).join("config.pbtxt"), config + extra).unwrap();
 }
 
+/// Copies digits' configuration as model `name` in `repo` (plus `extra`)
+/// over a model with digits' interface whose every inference takes about
+/// `seconds` here (tests/python/make_slow_model.py): for requests that must
+/// stay in flight for a while.
+pub fn copy_slow(repo: &Path, name: &str, seconds: f64, extra: &str) {
+    copy_digits(repo, name, extra);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/make_slow_model.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(repo.join(name).join("1/model.onnx"))
+        .arg(seconds.to_string())
+        .output()
+        .expect("python3 runs (scripts/test installs onnx and onnxruntime)");
+    assert!(out.status.success(), "make_slow_model.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// Runs `tests/python/<script> URL [--ca CA]` (HTTPS when `ca` is given) and
 /// returns its stdout; fails the test, with the server's story, when it fails.
 pub fn python_client(t: &Tandem, script: &str, url: &str, ca: Option<&Path>) -> String {
