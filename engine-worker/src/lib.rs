@@ -119,8 +119,12 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     })
 }
 
-/// Whether a request path is an inference on a model version served with
-/// dynamic batching now (models can change while running, so it looks each time).
+/// Whether a ring request should wait among others rather than on its
+/// claimer thread: an inference on a model version served with dynamic
+/// batching now (models can change while running, so it looks each time)
+/// while every inference thread is busy. With a thread free it runs at once
+/// on the claimer (leading its batch of whatever is queued), as an
+/// unbatched request would.
 fn is_batched(engine: &Arc<engine::Engine>) -> shm_server::IsBatched {
     let engine = engine.clone();
     Arc::new(move |path: &str| {
@@ -137,6 +141,7 @@ fn is_batched(engine: &Arc<engine::Engine>) -> shm_server::IsBatched {
             .get(name)
             .and_then(|m| m.version(version))
             .is_some_and(|v| matches!(v, engine::VersionState::Ready(mv) if mv.dynamic_batching.is_some()))
+            && engine.permits.available_permits() == 0
     })
 }
 

@@ -16,9 +16,12 @@ use crate::state::Scheme;
 
 /// How long a claimer sleeps on the futex before re-checking its stop flag.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
-/// Requests for dynamically batched models a worker holds at once: they wait
-/// in the batcher as tasks, so the claimers go on claiming (the batch forms).
-const MAX_BATCHED_HELD: usize = 256;
+/// Requests for dynamically batched models a busy worker holds at once: they
+/// wait in the batcher as tasks, so the claimers go on claiming (the batch
+/// forms). Few, because every one held here is one an idle engine worker
+/// could have claimed: on `cnn` over HTTPS with 2 workers, holding 256 ran
+/// 0.83x unbatched, 16 0.79x, 4 0.89x (scripts/bench-view, docs/BENCHMARKS.md).
+const MAX_BATCHED_HELD: usize = 4;
 
 /// Whether a request path is an inference on a dynamically batched model.
 pub type IsBatched = Arc<dyn Fn(&str) -> bool + Send + Sync>;
