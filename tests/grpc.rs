@@ -108,6 +108,27 @@ fn python_at(t: &Tandem, target: &Target, script: &str) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// A raw gRPC call by curl over h2c (no gRPC stack of ours or the client's):
+/// `frame` (length-prefixed messages) to `method` of the inference service
+/// with `headers` besides the call's own; the answer's headers and trailers
+/// (lowercase) and its body.
+fn raw_call(t: &Tandem, method: &str, frame: &Path, headers: &[&str]) -> (String, Vec<u8>) {
+    let answer = t.dir.path().join("answer.grpc");
+    let mut curl = Command::new("curl");
+    curl.args(["-s", "-D", "-", "--max-time", "10", "--http2-prior-knowledge", "-o"]).arg(&answer);
+    curl.args(["-H", "content-type: application/grpc", "-H", "te: trailers"]);
+    for h in headers {
+        curl.args(["-H", h]);
+    }
+    let out = curl
+        .arg("--data-binary")
+        .arg(format!("@{}", frame.display()))
+        .arg(t.http_url(&format!("/inference.GRPCInferenceService/{method}")))
+        .output()
+        .unwrap();
+    (String::from_utf8_lossy(&out.stdout).to_lowercase(), std::fs::read(&answer).unwrap_or_default())
+}
+
 #[test]
 fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() {
     let t = TandemBuilder::new().env("NUM_WORKERS", "2").start();
@@ -136,15 +157,7 @@ fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() 
     // its gRPC framing and its status trailer (never gzipped as a whole).
     let frame = t.dir.path().join("empty.grpc");
     std::fs::write(&frame, [0u8; 5]).unwrap();
-    let out = Command::new("curl")
-        .args(["-s", "-D", "-", "-o", "/dev/null", "--http2-prior-knowledge"])
-        .args(["-H", "content-type: application/grpc", "-H", "te: trailers", "-H", "accept-encoding: gzip"])
-        .arg("--data-binary")
-        .arg(format!("@{}", frame.display()))
-        .arg(t.http_url("/inference.GRPCInferenceService/ServerLive"))
-        .output()
-        .unwrap();
-    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    let (head, _) = raw_call(&t, "ServerLive", &frame, &["accept-encoding: gzip"]);
     assert!(head.contains("grpc-status: 0") && !head.contains("content-encoding"), "{head}");
     // gzip both ways, as the call asks: a plain call that accepts gzip (as
     // every grpc-core client does) is answered plain; a gzipped call is
@@ -158,19 +171,8 @@ fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() 
     message.extend_from_slice(&z);
     std::fs::write(&gzipped, message).unwrap();
     for (file, encoding, compressed) in [(&frame, "identity", false), (&gzipped, "gzip", true)] {
-        let answer = t.dir.path().join("answer.grpc");
-        let out = Command::new("curl")
-            .args(["-s", "-D", "-", "--http2-prior-knowledge", "-o"])
-            .arg(&answer)
-            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
-            .args(["-H", &format!("grpc-encoding: {encoding}"), "-H", "grpc-accept-encoding: identity,deflate,gzip"])
-            .arg("--data-binary")
-            .arg(format!("@{}", file.display()))
-            .arg(t.http_url("/inference.GRPCInferenceService/ServerLive"))
-            .output()
-            .unwrap();
-        let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
-        let body = std::fs::read(&answer).unwrap();
+        let asks = format!("grpc-encoding: {encoding}");
+        let (head, body) = raw_call(&t, "ServerLive", file, &[&asks, "grpc-accept-encoding: identity,deflate,gzip"]);
         assert!(head.contains("grpc-status: 0"), "{encoding}: {head}");
         assert_eq!(head.contains("grpc-encoding: gzip"), compressed, "{encoding}: {head}");
         assert_eq!(body.first(), Some(&u8::from(compressed)), "{encoding}: {body:?}");
@@ -331,15 +333,7 @@ open(sys.argv[1], "wb").write(b"\0" + len(m).to_bytes(4, "big") + m)
     let made = Command::new("python3").args(["-c", encode]).arg(&frame).output().unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let started = std::time::Instant::now();
-    let out = Command::new("curl")
-        .args(["-s", "-D", "-", "-o", "/dev/null", "--max-time", "10", "--http2-prior-knowledge"])
-        .args(["-H", "content-type: application/grpc", "-H", "te: trailers", "-H", "grpc-timeout: 300m"])
-        .arg("--data-binary")
-        .arg(format!("@{}", frame.display()))
-        .arg(t.http_url("/inference.GRPCInferenceService/ModelInfer"))
-        .output()
-        .unwrap();
-    let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    let (head, _) = raw_call(&t, "ModelInfer", &frame, &["grpc-timeout: 300m"]);
     assert!(head.contains("grpc-status: 4"), "{head}");
     assert!(started.elapsed() < std::time::Duration::from_millis(1500), "{:?}", started.elapsed());
     let metrics = Tandem::http_client().get(t.http_url("/metrics")).send().unwrap().text().unwrap();

@@ -13,6 +13,7 @@ use axum::{Extension, Json, Router};
 use serde_json::json;
 use tandem_shared::stats::Timings;
 
+use crate::engine::batcher::Place;
 use crate::engine::{ModelVersion, VersionState, PLATFORM};
 use crate::infer::{build_inputs, decode_body, encode_response, requested_outputs, ApiError, HEADER_LENGTH};
 use crate::state::{certificate, error, find, read_body, AppState, ModelPath, Scheme};
@@ -448,18 +449,20 @@ pub(crate) async fn execute(
     };
     // The execution this request stands for, by its batch size.
     let mut execution = Some(batch as u64);
+    // A claimer thread is ours to block, and a serving thread may run a quick
+    // version itself: no hop to the blocking pool (ModelVersion::runs_quickly).
+    let place = if crate::shm_server::on_claimer_thread() {
+        Place::Block
+    } else if on_serving_thread() {
+        Place::Quick
+    } else {
+        Place::Pool
+    };
     let outputs = if let Some(policy) = &model.dynamic_batching {
         // Dynamic batching: the batcher waits for an inference thread and runs this request with others.
         let batcher = model
             .batcher
             .get_or_init(|| crate::engine::batcher::Batcher::start(model, policy.clone(), engine.permits.clone()));
-        let place = if crate::shm_server::on_claimer_thread() {
-            crate::engine::batcher::Place::Block
-        } else if on_serving_thread() {
-            crate::engine::batcher::Place::Quick
-        } else {
-            crate::engine::batcher::Place::Pool
-        };
         let done = batcher
             .infer(model, inputs, wanted, batch, place)
             .await
@@ -478,12 +481,9 @@ pub(crate) async fn execute(
         timings.queue = decoding.duration_since(started) + queued.elapsed();
         let runner = model.clone();
         let running = Instant::now();
-        // A claimer thread is ours to block, and a serving thread may run a quick
-        // version itself: no hop to the blocking pool (ModelVersion::runs_quickly).
         // A panic in the engine is caught here as spawn_blocking would catch it.
         let elements = inputs.iter().map(|t| t.data.len()).sum();
-        let inline = crate::shm_server::on_claimer_thread() || (model.runs_quickly(elements) && on_serving_thread());
-        let outputs = if inline {
+        let outputs = if place.runs_here(model, elements) {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || runner.run(inputs, &wanted)))
                 .map_err(|_| crashed(String::new()))?
         } else {

@@ -69,6 +69,18 @@ pub enum Place {
     Pool,
 }
 
+impl Place {
+    /// Whether a run of `model` on `elements` input elements runs on this
+    /// thread (else in the blocking pool): batched or not, the same rule.
+    pub fn runs_here(self, model: &ModelVersion, elements: usize) -> bool {
+        match self {
+            Place::Block => true,
+            Place::Quick => model.runs_quickly(elements),
+            Place::Pool => false,
+        }
+    }
+}
+
 struct Job {
     id: u64,
     inputs: Vec<Tensor>,
@@ -252,11 +264,7 @@ impl Batcher {
             }
         }
         let elements: usize = batch.jobs.iter().flat_map(|j| &j.inputs).map(|t| t.data.len()).sum();
-        let inline = match place {
-            Place::Block => true,
-            Place::Quick => model.runs_quickly(elements),
-            Place::Pool => false,
-        };
+        let inline = place.runs_here(model, elements);
         let jobs = std::mem::take(&mut batch.jobs);
         // The thread and the running count go with the execution: a caller
         // that gives up while it runs frees neither before it ends.
