@@ -395,3 +395,51 @@ fn an_https_worker_killed_while_watching_the_ring_leaves_its_successor_woken() {
         t.explain()
     );
 }
+
+/// Bytes of memory the ring's memfd holds now, seen through the supervisor's descriptor of it.
+fn ring_allocated(t: &Tandem) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", t.pid())).unwrap();
+    let ring = fds
+        .filter_map(Result::ok)
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("memfd:tandem-shm")))
+        .expect("the supervisor holds the ring's memfd");
+    std::fs::metadata(ring.path()).unwrap().blocks() * 512
+}
+
+#[test]
+fn large_https_bodies_reuse_warm_ring_pages_within_shm_warm_bytes() {
+    const MIB: u64 = 1 << 20;
+    let body = vec![b' '; 6 << 20];
+    let post = |t: &Tandem| {
+        let client = Tandem::https_client(&t.served_chain_pem());
+        let r = client.post(t.https_url("127.0.0.1", "/v2/models/digits/infer")).body(body.clone()).send().unwrap();
+        // Through the ring to the engine, which refuses a body of blanks.
+        assert_eq!(r.status(), 400, "{}", r.text().unwrap_or_default());
+    };
+    // A budget for two such bodies: the first keeps its 5 MiB past the slot's
+    // first MiB; the ones after it take the same warm slot, so nothing grows.
+    let t = TandemBuilder::new().ssl().env("NUM_WORKERS", "1").env("SHM_WARM_BYTES", "12582912").start();
+    let idle = ring_allocated(&t);
+    post(&t);
+    let first = ring_allocated(&t);
+    assert!(first >= idle + 5 * MIB, "the first large body's pages were given back: {idle} -> {first}");
+    for _ in 0..4 {
+        post(&t);
+    }
+    let after = ring_allocated(&t);
+    assert!(after <= first + MIB, "later bodies warmed other slots instead of reusing one: {first} -> {after}");
+    drop(t);
+    // SHM_WARM_BYTES=0: what passes the first MiB is given back every time.
+    let t = TandemBuilder::new().ssl().env("NUM_WORKERS", "1").env("SHM_WARM_BYTES", "0").start();
+    let idle = ring_allocated(&t);
+    for _ in 0..3 {
+        post(&t);
+    }
+    // Each slot used keeps its first MiB (and a page of the answer), no more.
+    let after = ring_allocated(&t);
+    assert!(
+        after <= idle + 3 * MIB + MIB / 4,
+        "pages past the first MiB were kept with SHM_WARM_BYTES=0: {idle} -> {after}"
+    );
+}

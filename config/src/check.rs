@@ -374,6 +374,7 @@ mod tests {
             "SSL_REDIRECT_HTTP",
             "SHM_SLOTS",
             "SHM_SLOT_BYTES",
+            "SHM_WARM_BYTES",
         ];
         for v in crate::vars() {
             let hint = (v.scope)(&c);

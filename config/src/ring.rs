@@ -14,8 +14,14 @@ crate::declare! {
     }
     SHM_SLOT_BYTES {
         default: "MAX_REQUEST_BYTES + 1 MiB",
-        doc: "largest HTTPS request or response carried to the engine (bytes; pages past 1 MiB are returned after use)",
+        doc: "largest HTTPS request or response carried to the engine (bytes; pages past 1 MiB are returned after use, beyond SHM_WARM_BYTES)",
         accepted: "a byte count from 65536 to 4296015872",
+        scope: |c| https(c).or_else(|| engine(c)),
+    }
+    SHM_WARM_BYTES {
+        default: "67108864",
+        doc: "memory past each slot's first MiB that the ring keeps between large HTTPS requests, all slots together (bytes; 0 returns it after every request)",
+        accepted: "a byte count from 0 to 68719476736",
         scope: |c| https(c).or_else(|| engine(c)),
     }
 }
@@ -30,6 +36,8 @@ pub struct Ring {
     pub slots: u32,
     /// Bytes per request (and per response) in a slot.
     pub slot_bytes: usize,
+    /// Bytes past a slot's first MiB kept resident between requests, all slots together.
+    pub warm_bytes: u64,
 }
 
 /// Reads the ring section; by default a slot carries `max_request_bytes`
@@ -45,5 +53,6 @@ pub fn parse(r: &mut Reader, max_request_bytes: u64) -> Ring {
     if (slots as u64) * (slot_bytes as u64) * 2 > MAX_REGION_BYTES {
         r.bad(&SHM_SLOT_BYTES, &slot_bytes.to_string(), "SHM_SLOTS x SHM_SLOT_BYTES x 2 of at most 64 GiB");
     }
-    Ring { slots, slot_bytes }
+    let warm_bytes = r.get(&SHM_WARM_BYTES, 64 << 20, |v| values::range(v, 0u64, MAX_REGION_BYTES));
+    Ring { slots, slot_bytes, warm_bytes }
 }

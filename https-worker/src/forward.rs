@@ -106,16 +106,36 @@ impl Completions {
     fn run(&self) {
         while !self.stop.load(Ordering::SeqCst) {
             let seen = self.region.done_seq();
-            self.deliver();
+            if self.deliver() > 0 && self.watch(seen) {
+                continue;
+            }
             self.region.wait_for_done(seen, IDLE_WAIT);
         }
     }
 
-    /// Hands every finished slot to its waiter (or frees it when nobody waits).
-    fn deliver(&self) {
+    /// After delivering answers, with requests still in the ring: watches the
+    /// completion counter for up to [`WATCH_BEFORE_PARK`] before sleeping,
+    /// yielding the core, while engines skip the wake-up. True if a
+    /// completion came meanwhile.
+    fn watch(&self, seen: u32) -> bool {
+        if self.lock().is_empty() {
+            return false;
+        }
+        let _watch = self.region.watch_done();
+        let until = Instant::now() + WATCH_BEFORE_PARK;
+        while self.region.done_seq() == seen && Instant::now() < until {
+            std::thread::yield_now();
+        }
+        self.region.done_seq() != seen
+    }
+
+    /// Hands every finished slot to its waiter (or frees it when nobody
+    /// waits); returns how many.
+    fn deliver(&self) -> usize {
         let mut pending = self.lock();
         let finished: Vec<(u32, u32)> =
             pending.keys().map(|&s| (s, self.region.state(s))).filter(|&(_, st)| st == DONE || st == FAILED).collect();
+        let n = finished.len();
         for (slot, state) in finished {
             let delivered = match pending.remove(&slot) {
                 Some(Waiter::Waiting(tx)) => tx.send(state).is_ok(),
@@ -126,6 +146,7 @@ impl Completions {
                 self.release(slot, state);
             }
         }
+        n
     }
 
     /// For a serving thread about to sleep (tokio's `on_thread_park`): while a
@@ -439,7 +460,7 @@ impl Forwarder {
     /// whole) through the ring and waits for its answer: the engine's frame,
     /// or (`Err`) the answer this worker gives when there is none.
     pub(crate) async fn exchange(&self, parts: &http::request::Parts, body: &[u8]) -> Result<ResponseFrame, Answer> {
-        let Some(mut writer) = self.reserve().await else {
+        let Some(mut writer) = self.reserve(body.len()).await else {
             self.stats.ring(event::BUSY);
             return Err(json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -509,8 +530,8 @@ impl Forwarder {
         }
     }
 
-    /// A free slot, waiting up to QUEUE_WAIT (or REQUEST_TIMEOUT if shorter) for one.
-    async fn reserve(&self) -> Option<tandem_shared::sys::shm::RequestWriter> {
+    /// A free slot for a body of `len` bytes, waiting up to QUEUE_WAIT (or REQUEST_TIMEOUT if shorter) for one.
+    async fn reserve(&self, len: usize) -> Option<tandem_shared::sys::shm::RequestWriter> {
         let deadline = tokio::time::Instant::now() + QUEUE_WAIT.min(self.timeout);
         let mut waited = false;
         loop {
@@ -519,7 +540,7 @@ impl Forwarder {
             let freed = self.completions.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some(w) = self.region.reserve(hint) {
+            if let Some(w) = self.region.reserve(hint, len) {
                 return Some(w);
             }
             if !waited {
@@ -586,7 +607,7 @@ mod tests {
 
     /// A forwarder over a ring of `slots` slots with no engine: the test answers.
     fn forwarder(slots: u32) -> (Arc<Region>, Forwarder) {
-        let (region, _fd) = Region::create(slots, 4096).expect("region");
+        let (region, _fd) = Region::create(slots, 4096, 0).expect("region");
         let completions = Completions::start(region.clone()).expect("completion thread");
         let (counters, _fd) =
             tandem_shared::sys::counters::Counters::create(tandem_shared::stats::region_words(2)).expect("stats");

@@ -45,7 +45,7 @@ fn bench(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1)).sample_size(30);
 
     // Shared memory: a consumer thread claims, copies request to response, finishes.
-    let (region, _fd) = Region::create(4, 8 << 20).unwrap();
+    let (region, _fd) = Region::create(4, 8 << 20, 64 << 20).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let consumer = {
         let (region, stop) = (region.clone(), stop.clone());
@@ -82,7 +82,7 @@ fn bench(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(size as u64));
         group.bench_with_input(BenchmarkId::new("shm", size), &body, |b, body| {
             b.iter(|| {
-                let mut w = region.reserve(0).unwrap();
+                let mut w = region.reserve(0, body.len()).unwrap();
                 w.buf()[..body.len()].copy_from_slice(body);
                 let slot = w.submit(body.len());
                 loop {

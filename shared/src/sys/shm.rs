@@ -28,10 +28,12 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
 const MAGIC: u64 = 0x544e_444d_5348_4d31; // "TNDMSHM1"
 /// Layout version of the region; bump on any change.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 const HEADER_BYTES: usize = 4096;
-/// Bytes of each slot half that stay resident; pages beyond are given back after use.
+/// Bytes of each slot half that stay resident; pages beyond are kept for the
+/// next request within the region's warm budget, else given back after use.
 pub const RESIDENT_BYTES: usize = 1 << 20;
+const PAGE: usize = 4096;
 const META_BYTES: usize = 64;
 
 /// Slot is free.
@@ -67,6 +69,10 @@ struct Header {
     /// HTTPS serving threads watching `done_seq` themselves
     /// ([`Region::watch_done`]): completions do not wake the sleeper meanwhile.
     https_watchers: AtomicU32,
+    /// Pages past [`RESIDENT_BYTES`] slots may keep between requests, all
+    /// slots together (`SHM_WARM_BYTES`), and how much they keep now.
+    warm_budget: u64,
+    warm_bytes: AtomicU64,
 }
 
 #[repr(C, align(64))]
@@ -75,6 +81,9 @@ struct SlotMeta {
     _pad: u32,
     request_len: AtomicU64,
     response_len: AtomicU64,
+    /// Per half: bytes past [`RESIDENT_BYTES`] kept resident (counted in
+    /// `Header::warm_bytes`). Changed only by whoever owns the slot.
+    warm: [AtomicU64; 2],
 }
 
 const _: () = assert!(std::mem::size_of::<Header>() <= HEADER_BYTES);
@@ -125,7 +134,10 @@ pub(super) fn map(fd: &OwnedFd, len: usize) -> io::Result<NonNull<u8>> {
 
 impl Region {
     /// Creates the region in a new memfd (not `/dev/shm`, which Docker keeps small).
-    pub fn create(slots: u32, slot_bytes: usize) -> io::Result<(Arc<Region>, OwnedFd)> {
+    /// Slot halves keep up to `warm_budget` bytes past [`RESIDENT_BYTES`], all
+    /// together, so back-to-back large requests do not fault their pages in
+    /// again each time.
+    pub fn create(slots: u32, slot_bytes: usize, warm_budget: u64) -> io::Result<(Arc<Region>, OwnedFd)> {
         let (data_offset, len) = geometry(slots, slot_bytes)?;
         // Close-on-exec here; command-fds dup2s it to a fixed fd in each worker.
         let fd = memfd_create("tandem-shm", MFdFlags::MFD_CLOEXEC).map_err(io::Error::from)?;
@@ -140,6 +152,7 @@ impl Region {
             (*h).version = LAYOUT_VERSION;
             (*h).slots = slots;
             (*h).slot_bytes = slot_bytes as u64;
+            (*h).warm_budget = warm_budget;
             (*h).magic = MAGIC;
         }
         Ok((Arc::new(region), fd))
@@ -207,11 +220,16 @@ impl Region {
         unsafe { self.base.as_ptr().add(offset) }
     }
 
-    /// Reserves a free slot for a new request, starting the search at `hint`.
-    pub fn reserve(self: &Arc<Self>, hint: u32) -> Option<RequestWriter> {
-        (0..self.slots)
-            .map(|i| (hint.wrapping_add(i)) % self.slots)
-            .find(|&s| self.cas(s, FREE, WRITING))
+    /// Reserves a free slot for a new request of `len` bytes, starting the
+    /// search at `hint`. A large request prefers a slot whose pages are still
+    /// resident from an earlier one as large.
+    pub fn reserve(self: &Arc<Self>, hint: u32, len: usize) -> Option<RequestWriter> {
+        let order = || (0..self.slots).map(|i| (hint.wrapping_add(i)) % self.slots);
+        let need = past_resident(len) as u64;
+        let warm =
+            || order().find(|&s| self.meta(s).warm[0].load(Ordering::Relaxed) >= need && self.cas(s, FREE, WRITING));
+        let slot = if need > 0 { warm() } else { None };
+        slot.or_else(|| order().find(|&s| self.cas(s, FREE, WRITING)))
             .map(|slot| RequestWriter { region: self.clone(), slot })
     }
 
@@ -236,22 +254,55 @@ impl Region {
         // Acquire) and only this process frees it, so nobody writes it now.
         unsafe { std::ptr::copy_nonoverlapping(self.buffer(slot, 1), out.as_mut_ptr(), len) };
         let request_len = self.meta(slot).request_len.load(Ordering::Acquire) as usize;
-        self.shrink(slot, 0, request_len);
-        self.shrink(slot, 1, len);
+        self.settle(slot, 0, Some(request_len));
+        self.settle(slot, 1, Some(len));
         self.meta(slot).state.store(FREE, Ordering::Release);
         Some(out)
     }
 
-    /// Gives back the pages of a half beyond [`RESIDENT_BYTES`] after a large
-    /// request or response, so slots as large as `MAX_REQUEST_BYTES` cost memory
-    /// only while such a request is in flight. Call while owning the slot.
-    fn shrink(&self, slot: u32, half: usize, used: usize) {
+    /// After a request or response of `used` bytes in a half (None: unknown,
+    /// an engine died writing it), keeps its pages past [`RESIDENT_BYTES`]
+    /// for the next large request while the warm budget allows, else gives
+    /// them back, so slots as large as `MAX_REQUEST_BYTES` cost memory beyond
+    /// the budget only while such a request is in flight. Call while owning the slot.
+    fn settle(&self, slot: u32, half: usize, used: Option<usize>) {
+        let warm = &self.meta(slot).warm[half];
+        let kept = warm.load(Ordering::Relaxed);
+        let need = used.map(|n| past_resident(n.min(self.slot_bytes)) as u64);
+        let Some(grow) = need.map(|n| n.saturating_sub(kept)) else {
+            return self.shrink(slot, half, self.slot_bytes, kept);
+        };
+        let h = self.header();
+        if grow == 0
+            || h.warm_bytes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                    w.checked_add(grow).filter(|&t| t <= h.warm_budget)
+                })
+                .is_ok()
+        {
+            warm.store(kept + grow, Ordering::Relaxed);
+        } else {
+            self.shrink(slot, half, used.unwrap_or(self.slot_bytes), kept);
+        }
+    }
+
+    /// Gives back the pages of a half past [`RESIDENT_BYTES`] (it held
+    /// `used` bytes, and `kept` were counted as warm). Call while owning the slot.
+    fn shrink(&self, slot: u32, half: usize, used: usize, kept: u64) {
+        if kept > 0 {
+            self.meta(slot).warm[half].store(0, Ordering::Relaxed);
+            let _ = self
+                .header()
+                .warm_bytes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| Some(w.saturating_sub(kept)));
+        }
+        let used = used.max(RESIDENT_BYTES + kept as usize).min(self.slot_bytes);
         if used <= RESIDENT_BYTES {
             return;
         }
         let start = self.data_offset + (slot as usize * 2 + half) * self.slot_bytes;
-        let from = (start + RESIDENT_BYTES).next_multiple_of(4096);
-        let to = (start + used.min(self.slot_bytes)) / 4096 * 4096;
+        let from = (start + RESIDENT_BYTES).next_multiple_of(PAGE);
+        let to = (start + used).next_multiple_of(PAGE).min(start + self.slot_bytes) / PAGE * PAGE;
         if to <= from {
             return;
         }
@@ -289,7 +340,27 @@ impl Region {
 
     /// Frees a slot in `state` (a request given up); false if it moved on.
     pub fn release(&self, slot: u32, state: u32) -> bool {
-        self.cas(slot, state, FREE)
+        // Owned (WRITING) while its pages are settled: no engine takes it meanwhile.
+        if state != WRITING && !self.cas(slot, state, WRITING) {
+            return false;
+        }
+        // What each half holds: a request being written or a response an
+        // engine died writing may have touched any page (None).
+        let m = self.meta(slot);
+        let request = (state != WRITING).then(|| m.request_len.load(Ordering::Acquire) as usize);
+        let response = match state {
+            DONE => Some(m.response_len.load(Ordering::Acquire) as usize),
+            FAILED => None,
+            _ => Some(0),
+        };
+        self.settle(slot, 0, request);
+        self.settle(slot, 1, response);
+        self.cas(slot, WRITING, FREE)
+    }
+
+    /// Bytes past [`RESIDENT_BYTES`] the slots keep resident now, all together.
+    pub fn warm_bytes(&self) -> u64 {
+        self.header().warm_bytes.load(Ordering::Acquire)
     }
 
     /// Fails every slot claimed by `worker_id` (it died); returns how many.
@@ -306,7 +377,7 @@ impl Region {
     /// collect; claimed slots are freed later, when their response arrives.
     pub fn reset_orphans(&self) -> usize {
         (0..self.slots)
-            .filter(|&s| [WRITING, SUBMITTED, DONE, FAILED].into_iter().any(|st| self.cas(s, st, FREE)))
+            .filter(|&s| [WRITING, SUBMITTED, DONE, FAILED].into_iter().any(|st| self.release(s, st)))
             .count()
     }
 
@@ -498,6 +569,11 @@ fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     }
 }
 
+/// Page-rounded bytes of `len` past [`RESIDENT_BYTES`].
+fn past_resident(len: usize) -> usize {
+    len.next_multiple_of(PAGE).saturating_sub(RESIDENT_BYTES)
+}
+
 fn futex_wake(word: &AtomicU32, n: i32) {
     // SAFETY: FUTEX_WAKE only uses the address as a key; it is valid and aligned.
     unsafe {
@@ -514,9 +590,9 @@ mod tests {
 
     #[test]
     fn one_round_trip_and_states() {
-        let (r, fd) = Region::create(4, 1024).expect("create");
+        let (r, fd) = Region::create(4, 1024, 0).expect("create");
         let other = Region::open(&fd, 4, 1024).expect("open");
-        let mut w = r.reserve(0).expect("free slot");
+        let mut w = r.reserve(0, 0).expect("free slot");
         w.buf()[..5].copy_from_slice(b"hello");
         let slot = w.submit(5);
         assert_eq!(other.state(slot), SUBMITTED);
@@ -533,9 +609,9 @@ mod tests {
     #[test]
     fn a_large_round_trip_gives_its_pages_back() {
         let slot_bytes = 8 << 20;
-        let (r, fd) = Region::create(2, slot_bytes).expect("create");
+        let (r, fd) = Region::create(2, slot_bytes, 0).expect("create");
         let allocated = || nix::sys::stat::fstat(&fd).expect("fstat").st_blocks as usize * 512;
-        let mut w = r.reserve(0).expect("slot");
+        let mut w = r.reserve(0, 0).expect("slot");
         w.buf()[..6 << 20].fill(7);
         let slot = w.submit(6 << 20);
         let mut c = r.claim(1, 0).expect("claim");
@@ -548,23 +624,82 @@ mod tests {
         assert!(response.iter().all(|&b| b == 9));
         assert!(allocated() <= 3 << 20, "pages past RESIDENT_BYTES were kept: {}", allocated());
         // The slot still works, and what it carries next is intact.
-        let mut w = r.reserve(slot).expect("slot");
+        let mut w = r.reserve(slot, 0).expect("slot");
         w.buf()[..3 << 20].fill(5);
         let slot = w.submit(3 << 20);
         let c = r.claim(1, slot).expect("claim");
         assert!(c.request()[..3 << 20].iter().all(|&b| b == 5));
     }
 
+    #[test]
+    fn large_requests_reuse_warm_slots_within_the_budget() {
+        let slot_bytes = 8 << 20;
+        let (r, fd) = Region::create(4, slot_bytes, 6 << 20).expect("create");
+        let allocated = || nix::sys::stat::fstat(&fd).expect("fstat").st_blocks as usize * 512;
+        let round_trip = |hint: u32, len: usize| {
+            let mut w = r.reserve(hint, len).expect("slot");
+            w.buf()[..len].fill(3);
+            let slot = w.submit(len);
+            let mut c = r.claim(1, slot).expect("claim");
+            assert!(c.request().iter().all(|&b| b == 3), "the request arrives intact");
+            c.response_buf()[..10].fill(4);
+            c.finish(10);
+            assert_eq!(r.take_response(slot).expect("done"), [4; 10]);
+            slot
+        };
+        // 5 MiB: 4 MiB past the first is kept (within the 6 MiB budget).
+        let warm = round_trip(0, 5 << 20);
+        assert_eq!(r.warm_bytes(), 4 << 20);
+        // The next large request, hinted elsewhere, takes the warm slot: nothing more is kept or faulted.
+        assert_eq!(round_trip(warm + 1, 5 << 20), warm, "a large request prefers the warm slot");
+        assert_eq!(r.warm_bytes(), 4 << 20);
+        // A small one does not need it and takes the hinted slot.
+        assert_eq!(round_trip(warm + 1, 100), warm + 1);
+        // Two large ones at once: the second slot would pass the budget, so its pages go back.
+        let mut a = r.reserve(0, 5 << 20).expect("a");
+        assert_eq!(a.slot(), warm);
+        let mut b = r.reserve(0, 5 << 20).expect("b");
+        a.buf()[..5 << 20].fill(1);
+        b.buf()[..5 << 20].fill(1);
+        let (sa, sb) = (a.submit(5 << 20), b.submit(5 << 20));
+        for s in [sa, sb] {
+            r.claim(1, s).expect("claim").finish(0);
+            r.take_response(s).expect("done");
+        }
+        assert_eq!(r.warm_bytes(), 4 << 20, "the budget holds");
+        assert!(
+            allocated() <= (4 << 20) + 4 * (1 << 20) + (64 << 10),
+            "only the warm slot keeps pages: {}",
+            allocated()
+        );
+        // An engine died writing a large response: its request stays warm,
+        // and the response half, whose extent is unknown, gives its pages back.
+        let mut w = r.reserve(0, 5 << 20).expect("slot");
+        assert_eq!(w.slot(), warm);
+        w.buf()[..5 << 20].fill(2);
+        let s = w.submit(5 << 20);
+        let mut dying = r.claim(9, s).expect("claim");
+        dying.response_buf()[..6 << 20].fill(8);
+        assert_eq!(r.fail_claims(9), 1);
+        assert!(r.release(s, FAILED));
+        assert_eq!(r.warm_bytes(), 4 << 20);
+        assert!(
+            allocated() <= (4 << 20) + 4 * (1 << 20) + (64 << 10),
+            "the failed response's pages were kept: {}",
+            allocated()
+        );
+    }
+
     /// One request through the ring, answered: `done_seq` is bumped once.
     fn answer_one(r: &Arc<Region>) {
-        let slot = r.reserve(0).expect("slot").submit(0);
+        let slot = r.reserve(0, 0).expect("slot").submit(0);
         r.claim(1, slot).expect("claim").finish(0);
         r.take_response(slot).expect("done");
     }
 
     #[test]
     fn a_watch_keeps_completions_from_waking_the_sleeper_and_shows_them_after() {
-        let (r, _fd) = Region::create(4, 64).expect("create");
+        let (r, _fd) = Region::create(4, 64, 0).expect("create");
         let woke = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             let seen = r.done_seq();
@@ -595,7 +730,7 @@ mod tests {
 
     #[test]
     fn a_dead_watcher_is_forgotten_and_the_count_never_wraps() {
-        let (r, _fd) = Region::create(2, 64).expect("create");
+        let (r, _fd) = Region::create(2, 64, 0).expect("create");
         std::mem::forget(r.watch_done());
         r.reset_watchers();
         drop(r.watch_done());
@@ -607,18 +742,18 @@ mod tests {
 
     #[test]
     fn full_queue_and_dropped_writer() {
-        let (r, _fd) = Region::create(2, 64).expect("create");
-        let a = r.reserve(0).expect("a");
-        let _b = r.reserve(0).expect("b");
-        assert!(r.reserve(0).is_none(), "queue is full");
+        let (r, _fd) = Region::create(2, 64, 0).expect("create");
+        let a = r.reserve(0, 0).expect("a");
+        let _b = r.reserve(0, 0).expect("b");
+        assert!(r.reserve(0, 0).is_none(), "queue is full");
         drop(a);
-        assert!(r.reserve(0).is_some(), "a dropped writer frees its slot");
+        assert!(r.reserve(0, 0).is_some(), "a dropped writer frees its slot");
     }
 
     #[test]
     fn dead_worker_claims_fail_and_resubmit() {
-        let (r, _fd) = Region::create(4, 64).expect("create");
-        let slot = r.reserve(0).expect("w").submit(0);
+        let (r, _fd) = Region::create(4, 64, 0).expect("create");
+        let slot = r.reserve(0, 0).expect("w").submit(0);
         let c = r.claim(3, 0).expect("claim");
         assert_eq!(r.fail_claims(2), 0);
         assert_eq!(r.fail_claims(3), 1);
@@ -632,7 +767,7 @@ mod tests {
     /// Producers and consumers in threads: every request is answered exactly once.
     #[test]
     fn concurrent_producers_and_consumers() {
-        let (r, _fd) = Region::create(8, 256).expect("create");
+        let (r, _fd) = Region::create(8, 256, 0).expect("create");
         let total = 4 * 500u32;
         let answered = Arc::new(Mutex::new(HashSet::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -662,7 +797,7 @@ mod tests {
                             let id = p * 1000 + i;
                             let deadline = Instant::now() + Duration::from_secs(10);
                             let slot = loop {
-                                if let Some(mut w) = r.reserve(id) {
+                                if let Some(mut w) = r.reserve(id, 0) {
                                     w.buf()[..4].copy_from_slice(&id.to_le_bytes());
                                     break w.submit(4);
                                 }

@@ -119,7 +119,7 @@ impl Supervisor {
             .transpose()?;
         // The ring exists only for HTTPS to the engine: the HTTPS worker hands requests to it through it.
         let shm = if https_addr.is_some() && apps.is_none() {
-            let (region, fd) = Region::create(config.ring.slots, config.ring.slot_bytes)
+            let (region, fd) = Region::create(config.ring.slots, config.ring.slot_bytes, config.ring.warm_bytes)
                 .context("cannot create the shared-memory region (memfd_create)")?;
             Some((region, fd))
         } else {
