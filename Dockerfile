@@ -29,21 +29,23 @@ FROM base AS prebuilt
 COPY prebuilt/lib/ /usr/local/lib/onnxruntime/
 COPY prebuilt/tandem /usr/local/bin/tandem
 
-# --- build: dependencies in a layer of their own, then the sources ---------
-FROM ${RUST} AS build
+# --- chef: the Rust image plus cargo-chef (already there in a builder made for it) --
+FROM ${RUST} AS chef
+RUN cargo chef --version >/dev/null 2>&1 || cargo install cargo-chef --locked
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
-COPY shared/Cargo.toml shared/
-COPY engine-worker/Cargo.toml engine-worker/build.rs engine-worker/
-COPY engine-worker/proto engine-worker/proto
-COPY https-worker/Cargo.toml https-worker/
-COPY supervisor/Cargo.toml supervisor/
-# Empty crates with the real manifests: this layer changes only with the dependencies.
-RUN for d in shared engine-worker https-worker supervisor; do mkdir -p $d/src && : > $d/src/lib.rs; done \
- && echo 'fn main() {}' > supervisor/src/main.rs \
- && mkdir -p shared/benches && for b in channel counters; do echo 'fn main() {}' > shared/benches/$b.rs; done \
- && cargo build --release --locked --bin tandem \
- && rm -rf shared/src engine-worker/src https-worker/src supervisor/src shared/benches
+
+# --- planner: the dependency recipe, derived from the whole workspace ---------
+# (every member's manifest, build script and target, so a new crate is never
+# forgotten: the recipe is made from what is there, not from a list here)
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+# --- build: dependencies in a layer of their own, then the sources ---------
+FROM chef AS build
+COPY --from=planner /src/recipe.json recipe.json
+# This layer changes only with the dependencies (the recipe).
+RUN cargo chef cook --release --locked --bin tandem --recipe-path recipe.json
 COPY . .
 # ONNX Runtime's shared library from its PyPI wheel (the version the tests pin).
 RUN apt-get update && apt-get install -y --no-install-recommends python3-pip unzip && rm -rf /var/lib/apt/lists/* \
@@ -51,8 +53,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3-pip unz
  && python3 -m pip download --no-deps --only-binary=:all: --dest /tmp/ort "onnxruntime==${ver}" --break-system-packages \
  && mkdir -p /out/lib && unzip -j -d /out/lib /tmp/ort/*.whl 'onnxruntime/capi/libonnxruntime*' \
  && mv /out/lib/libonnxruntime.so.* /out/lib/libonnxruntime.so
-RUN touch shared/src/lib.rs engine-worker/src/lib.rs https-worker/src/lib.rs supervisor/src/lib.rs supervisor/src/main.rs \
- && cargo build --release --locked --bin tandem \
+RUN cargo build --release --locked --bin tandem \
  && strip --strip-debug -o /out/tandem target/release/tandem
 
 # --- runtime (default): built above ------------------------------------------
