@@ -25,9 +25,18 @@ HEALTHCHECK --interval=5s --timeout=6s --start-period=30s --retries=3 CMD ["tand
 ENTRYPOINT ["tandem"]
 
 # --- prebuilt: the host's binary and library (prebuilt/tandem, prebuilt/lib/) --
+# The classic builder builds every stage before the target, so a plain
+# `docker build .` passes through here without a prebuilt/ folder: the
+# wildcard copies it when it is there (Dockerfile is only the one source that
+# always exists), and the links say where the binary and library went.
 FROM base AS prebuilt
-COPY prebuilt/lib/ /usr/local/lib/onnxruntime/
-COPY prebuilt/tandem /usr/local/bin/tandem
+COPY Dockerfile prebuilt* /usr/local/lib/tandem-prebuilt/
+USER root
+RUN if [ -x /usr/local/lib/tandem-prebuilt/tandem ]; then \
+      ln -s /usr/local/lib/tandem-prebuilt/tandem /usr/local/bin/tandem \
+      && ln -s /usr/local/lib/tandem-prebuilt/lib /usr/local/lib/onnxruntime; \
+    else echo "no prebuilt/ in the context: the prebuilt target is for scripts/test-image"; fi
+USER 10001:10001
 
 # --- chef: the Rust image plus cargo-chef (already there in a builder made for it) --
 FROM ${RUST} AS chef

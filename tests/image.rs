@@ -7,7 +7,13 @@
 //! swap is served by the same HTTPS worker, the health check turns healthy,
 //! and `docker stop` drains and exits 0 within GRACEFUL_TIMEOUT.
 //!
-//! Skipped, saying so, where there is no Docker Engine.
+//! Skipped, saying so, where there is no Docker Engine. With
+//! `TANDEM_TEST_IMAGE` set, the same checks run on that image instead
+//! (`scripts/test-image --from-source`: the default target, built from source).
+//!
+//! Also: the Dockerfile's dependency layer loads the workspace, and the
+//! guard that says so (`scripts/check-dockerfile`) fails on one that forgets
+//! a workspace member.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
 
@@ -77,8 +83,13 @@ fn the_image_runs_tandem_as_pid_1_and_behaves_as_a_container_entrypoint() {
         eprintln!("image test skipped: no Docker Engine answers `docker info` here");
         return;
     }
-    let tag = format!("tandem-test:{}", std::process::id());
-    build_image(&tag);
+    // TANDEM_TEST_IMAGE: an image built elsewhere (`scripts/test-image
+    // --from-source` builds the default target), checked the same way and kept.
+    let given = std::env::var("TANDEM_TEST_IMAGE").ok();
+    let tag = given.clone().unwrap_or_else(|| format!("tandem-test:{}", std::process::id()));
+    if given.is_none() {
+        build_image(&tag);
+    }
     let work = tempfile::tempdir().unwrap();
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     // The cache: a host directory the container user owns.
@@ -111,7 +122,7 @@ fn the_image_runs_tandem_as_pid_1_and_behaves_as_a_container_entrypoint() {
         .arg(format!("{}:/certs:ro", secret.display()))
         .arg(&tag));
     let c = Container(text(&out));
-    let _image = ImageGuard(tag.clone());
+    let _image = given.is_none().then(|| ImageGuard(tag.clone()));
     let (http, https) = (c.port(9001), c.port(9002));
     let client = Tandem::http_client();
     wait_for(
@@ -181,4 +192,44 @@ impl Drop for ImageGuard {
     fn drop(&mut self) {
         let _ = Command::new("docker").args(["rmi", "-f", &self.0]).output();
     }
+}
+
+#[test]
+fn the_dockerfile_guard_passes_this_dockerfile_and_fails_one_that_forgets_a_crate() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let guard = |dockerfile: &Path| {
+        Command::new("python3").arg(root.join("scripts/check-dockerfile")).arg(dockerfile).output().unwrap()
+    };
+    let ok = guard(&root.join("Dockerfile"));
+    assert!(
+        ok.status.success(),
+        "the Dockerfile's dependency layer does not load the workspace:\n{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // The layer as it was once written by hand: every member's manifest but one.
+    let members: Vec<String> =
+        text(&run(Command::new("cargo").args(["metadata", "--no-deps", "--format-version", "1"]).current_dir(root)))
+            .split("\"manifest_path\":\"")
+            .skip(1)
+            .filter_map(|m| {
+                m.split('"')
+                    .next()?
+                    .strip_prefix(&format!("{}/", root.display()))?
+                    .strip_suffix("/Cargo.toml")
+                    .map(String::from)
+            })
+            .collect();
+    assert!(members.len() >= 5, "workspace members: {members:?}");
+    let forgotten = &members[members.len() - 1];
+    let kept: Vec<&String> = members.iter().filter(|m| *m != forgotten).collect();
+    let copies: String = kept.iter().map(|m| format!("COPY {m}/ {m}/\n")).collect();
+    let dockerfile = format!(
+        "FROM rust AS build\nWORKDIR /src\nCOPY Cargo.toml Cargo.lock ./\n{copies}RUN cargo build --release --locked --bin tandem\nCOPY . .\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("Dockerfile"), dockerfile).unwrap();
+    let bad = guard(&dir.path().join("Dockerfile"));
+    let said = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success(), "a layer without {forgotten} passed the guard:\n{said}");
+    assert!(said.contains("would not load the workspace") && said.contains(forgotten.as_str()), "{said}");
 }
