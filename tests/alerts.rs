@@ -62,11 +62,33 @@ fn every_metric_the_rules_name_is_exported_by_tandem() {
         .filter(|w| w.starts_with("tandem_"))
         .collect();
     assert!(named.len() >= 6, "{named:?}");
-    let t = TandemBuilder::new().ssl().start();
+    // A repository with a model that serves and one that cannot load.
+    let repo = tempfile::tempdir().unwrap();
+    copy_digits(repo.path(), "digits", "");
+    std::fs::create_dir_all(repo.path().join("broken/1")).unwrap();
+    std::fs::write(repo.path().join("broken/1/model.onnx"), b"not an onnx model").unwrap();
+    // Live, not ready: with a model unavailable the server is not ready (strict readiness).
+    let t = TandemBuilder::new().ssl().env("MODEL_REPOSITORY", repo.path().to_str().unwrap()).start_live();
     let client = Tandem::http_client();
-    let r = client.post(t.http_url("/v2/models/digits/infer")).body(digits_body(1)).send().unwrap();
-    assert!(r.status().is_success());
+    wait_for(
+        std::time::Duration::from_secs(60),
+        "the models loaded or failed",
+        || t.explain(),
+        || {
+            client
+                .post(t.http_url("/v2/models/digits/infer"))
+                .body(digits_body(1))
+                .send()
+                .ok()
+                .filter(|r| r.status().is_success())
+        },
+    );
     let exposition = client.get(t.http_url("/metrics")).send().unwrap().text().unwrap();
+    // The model state the availability alerts read.
+    assert!(exposition.contains("tandem_model_ready{model=\"digits\"} 1\n"), "{exposition}");
+    assert!(exposition.contains("tandem_model_ready{model=\"broken\"} 0\n"), "{exposition}");
+    let ready = client.get(t.http_url("/v2/health/ready")).send().unwrap().status().is_success();
+    assert!(exposition.contains(&format!("tandem_ready {}\n", u8::from(ready))), "ready={ready}\n{exposition}");
     let exported: BTreeSet<&str> = exposition
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

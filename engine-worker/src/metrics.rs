@@ -342,17 +342,48 @@ pub fn cert_source(status_file: &std::path::Path) -> Option<String> {
     serde_json::from_slice::<tandem_shared::certs::status::CertStatus>(&bytes).ok().map(|s| s.mode)
 }
 
-/// The whole `/metrics` response for `counters`.
-pub fn response(counters: &Counters, ring: Option<&Region>, cert_status: Option<&std::path::Path>) -> Response {
+/// The whole `/metrics` response for `counters`, with readiness and model
+/// state when an engine worker answers (`engine`; the supervisor's
+/// `METRICS_PORT` has none).
+pub fn response(
+    counters: &Counters,
+    ring: Option<&Region>,
+    cert_status: Option<&std::path::Path>,
+    engine: Option<&crate::engine::Engine>,
+) -> Response {
     let snap = Snapshot::read(counters);
     let ring = ring.map(ring_busy);
     let source = cert_status.map(|p| cert_source(p).unwrap_or_else(|| "unknown".into()));
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], render(&snap, ring, source.as_deref())).into_response()
+    let mut text = render(&snap, ring, source.as_deref());
+    if let Some(engine) = engine {
+        text.push_str(&readiness(engine));
+    }
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
+}
+
+/// `tandem_ready` and `tandem_model_ready`, as the answering engine worker
+/// sees them (model control keeps every engine worker's models alike).
+/// Models unloaded on purpose are not listed: they are not an outage.
+pub fn readiness(engine: &crate::engine::Engine) -> String {
+    let mut e = Exposition { out: String::new() };
+    e.family("tandem_ready", "gauge", "1 when the server is ready (GET /v2/health/ready answers 200), else 0.");
+    e.sample("tandem_ready", &[], u8::from(engine.ready()));
+    e.family(
+        "tandem_model_ready",
+        "gauge",
+        "1 for a model with a version that serves, 0 for one that is unavailable (GET /v2/health/ready lists its reason).",
+    );
+    for (name, model) in engine.models().iter() {
+        if model.reason().as_deref() != Some(crate::engine::UNLOADED) || model.ready() {
+            e.sample("tandem_model_ready", &[("model", name)], u8::from(model.ready()));
+        }
+    }
+    e.out
 }
 
 /// `GET /metrics`: every process's counters, summed.
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
-    response(state.stats().region(), state.ring(), state.cert_status())
+    response(state.stats().region(), state.ring(), state.cert_status(), Some(state.engine()))
 }
 
 fn duration(count: u64, ns: u64) -> serde_json::Value {

@@ -47,35 +47,34 @@ pub fn spawn(
     std::thread::Builder::new().name("metrics-port".into()).spawn(move || {
         runtime.block_on(async move {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
-            let app =
-                axum::Router::new()
-                    .route(
-                        "/metrics",
-                        axum::routing::get(move || {
-                            let (counters, ring, status) = (counters.clone(), ring.clone(), cert_status.clone());
-                            async move {
-                                tandem_engine_worker::metrics::response(&counters, ring.as_deref(), status.as_deref())
-                            }
-                        }),
+            let app = axum::Router::new()
+                .route(
+                    "/metrics",
+                    axum::routing::get(move || {
+                        let (counters, ring, status) = (counters.clone(), ring.clone(), cert_status.clone());
+                        async move {
+                            tandem_engine_worker::metrics::response(&counters, ring.as_deref(), status.as_deref(), None)
+                        }
+                    }),
+                )
+                .route(
+                    "/",
+                    axum::routing::get(move || {
+                        let about = serde_json::json!({
+                            "name": "tandem",
+                            "version": tandem_shared::VERSION,
+                            "engine": engine.clone(),
+                        });
+                        async move { axum::Json(about) }
+                    }),
+                )
+                .fallback(|| async {
+                    tandem_engine_worker::state::error(
+                        StatusCode::NOT_FOUND,
+                        "only / and /metrics are served on METRICS_PORT",
                     )
-                    .route(
-                        "/",
-                        axum::routing::get(move || {
-                            let about = serde_json::json!({
-                                "name": "tandem",
-                                "version": tandem_shared::VERSION,
-                                "engine": engine.clone(),
-                            });
-                            async move { axum::Json(about) }
-                        }),
-                    )
-                    .fallback(|| async {
-                        tandem_engine_worker::state::error(
-                            StatusCode::NOT_FOUND,
-                            "only / and /metrics are served on METRICS_PORT",
-                        )
-                        .into_response()
-                    });
+                    .into_response()
+                });
             let service = hyper_util::service::TowerToHyperService::new(app);
             let server = Server::new(own_timeouts(timeouts), MAX_CONNECTIONS).evicting_silent();
             server
