@@ -59,7 +59,7 @@ COPY . .
 # ONNX Runtime's shared library from its PyPI wheel (the version the tests pin).
 RUN apt-get update && apt-get install -y --no-install-recommends python3-pip unzip && rm -rf /var/lib/apt/lists/* \
  && ver=$(sed -n 's/^onnxruntime==//p' scripts/requirements-test.txt) \
- && python3 -m pip download --no-deps --only-binary=:all: --dest /tmp/ort "onnxruntime==${ver}" --break-system-packages \
+ && python3 -m pip download --no-deps --only-binary=:all: --dest /tmp/ort "onnxruntime==${ver}" \
  && mkdir -p /out/lib && unzip -j -d /out/lib /tmp/ort/*.whl 'onnxruntime/capi/libonnxruntime*' \
  && mv /out/lib/libonnxruntime.so.* /out/lib/libonnxruntime.so
 RUN cargo build --release --locked --bin tandem \
