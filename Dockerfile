@@ -28,13 +28,15 @@ ENTRYPOINT ["tandem"]
 # The classic builder builds every stage before the target, so a plain
 # `docker build .` passes through here without a prebuilt/ folder: the
 # wildcard copies it when it is there (Dockerfile is only the one source that
-# always exists), and the links say where the binary and library went.
+# always exists), and the links say where the binary and library went (and
+# where the built-in models are, which tandem looks for beside its real path).
 FROM base AS prebuilt
 COPY Dockerfile prebuilt* /usr/local/lib/tandem-prebuilt/
 USER root
 RUN if [ -x /usr/local/lib/tandem-prebuilt/tandem ]; then \
       ln -s /usr/local/lib/tandem-prebuilt/tandem /usr/local/bin/tandem \
-      && ln -s /usr/local/lib/tandem-prebuilt/lib /usr/local/lib/onnxruntime; \
+      && ln -s /usr/local/lib/tandem-prebuilt/lib /usr/local/lib/onnxruntime \
+      && ln -s /usr/local/share/tandem/models /usr/local/lib/tandem-prebuilt/models; \
     else echo "no prebuilt/ in the context: the prebuilt target is for scripts/test-image"; fi
 USER 10001:10001
 
