@@ -258,6 +258,16 @@ def digits_body():
     return path
 
 
+def large_body(mib):
+    """A binary-tensor request for the bench models' `large` (FP32 [1, mib, 512, 512]:
+    `mib` channels of 1 MiB): (its file, the length of its JSON header)."""
+    path = WORK / f"large-{mib}.bin"
+    header = ('{"inputs":[{"name":"image","shape":[1,%d,512,512],"datatype":"FP32","parameters":{"binary_data_size":%d}}]}' % (mib, mib << 20)).encode()
+    if not path.exists():
+        path.write_bytes(header + bytes(mib << 20))
+    return path, len(header)
+
+
 def h2load(url, body, conns, seconds, streams=10):
     out = run(["h2load", "-D", str(seconds), "-c", str(conns), "-m", str(streams), "-d", str(body), "-H", "content-type: application/json", url])
     rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))

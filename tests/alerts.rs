@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
+use common::docker::run;
 use common::*;
 
 fn promtool() -> bool {
@@ -26,28 +27,11 @@ fn the_rules_load_and_fire_exactly_when_their_unit_tests_say() {
         return;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let check = Command::new("promtool")
-        .args(["check", "rules", "deploy/prometheus/tandem-rules.yaml"])
-        .current_dir(root)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
-    let test = Command::new("promtool")
+    // Each must succeed; a failure shows promtool's report.
+    run(Command::new("promtool").args(["check", "rules", "deploy/prometheus/tandem-rules.yaml"]).current_dir(root));
+    run(Command::new("promtool")
         .args(["test", "rules", "tandem-rules.test.yaml"])
-        .current_dir(root.join("tests/prometheus"))
-        .output()
-        .unwrap();
-    assert!(
-        test.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&test.stdout),
-        String::from_utf8_lossy(&test.stderr)
-    );
+        .current_dir(root.join("tests/prometheus")));
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
@@ -131,10 +131,7 @@ fn claim_loop(c: &Claimer<'_>, first: u32) {
             }
             None if busy => {
                 busy = false;
-                let until = Instant::now() + WATCH_FOR_WORK;
-                while c.region.work_seq() == seen && Instant::now() < until {
-                    std::thread::yield_now();
-                }
+                c.region.watch_for_work(seen, WATCH_FOR_WORK);
             }
             None => c.region.wait_for_work(seen, IDLE_WAIT),
         }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -118,15 +118,7 @@ impl Completions {
     /// yielding the core, while engines skip the wake-up. True if a
     /// completion came meanwhile.
     fn watch(&self, seen: u32) -> bool {
-        if self.lock().is_empty() {
-            return false;
-        }
-        let _watch = self.region.watch_done();
-        let until = Instant::now() + WATCH_BEFORE_PARK;
-        while self.region.done_seq() == seen && Instant::now() < until {
-            std::thread::yield_now();
-        }
-        self.region.done_seq() != seen
+        !self.lock().is_empty() && self.region.watch_for_done(seen, WATCH_BEFORE_PARK)
     }
 
     /// Hands every finished slot to its waiter (or frees it when nobody
@@ -164,17 +156,9 @@ impl Completions {
         if pending == 0 || pending > WATCH_MAX_PENDING {
             return;
         }
-        let seen = self.region.done_seq();
-        {
-            // Engines skip waking the completion thread while this watch lasts.
-            let _watch = self.region.watch_done();
-            let until = Instant::now() + WATCH_BEFORE_PARK;
-            while self.region.done_seq() == seen && Instant::now() < until {
-                std::thread::yield_now();
-            }
-        }
-        // Whatever completed during the watch (its wake-up skipped) is seen now.
-        if self.region.done_seq() != seen {
+        // Engines skip waking the completion thread while this watch lasts;
+        // whatever completed meanwhile (its wake-up skipped) is delivered here.
+        if self.region.watch_for_done(self.region.done_seq(), WATCH_BEFORE_PARK) {
             self.deliver();
         }
     }
@@ -602,6 +586,7 @@ fn reply(frame: ResponseFrame, grpc_call: bool) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
     use tandem_shared::stats::ProcessRole;
     use tandem_shared::sys::shm::FREE;
 

@@ -21,7 +21,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
@@ -268,10 +268,10 @@ impl Region {
     fn settle(&self, slot: u32, half: usize, used: Option<usize>) {
         let warm = &self.meta(slot).warm[half];
         let kept = warm.load(Ordering::Relaxed);
-        let need = used.map(|n| past_resident(n.min(self.slot_bytes)) as u64);
-        let Some(grow) = need.map(|n| n.saturating_sub(kept)) else {
+        let Some(used) = used else {
             return self.shrink(slot, half, self.slot_bytes, kept);
         };
+        let grow = (past_resident(used.min(self.slot_bytes)) as u64).saturating_sub(kept);
         let h = self.header();
         if grow == 0
             || h.warm_bytes
@@ -282,7 +282,7 @@ impl Region {
         {
             warm.store(kept + grow, Ordering::Relaxed);
         } else {
-            self.shrink(slot, half, used.unwrap_or(self.slot_bytes), kept);
+            self.shrink(slot, half, used, kept);
         }
     }
 
@@ -413,6 +413,27 @@ impl Region {
     pub fn watch_done(&self) -> DoneWatch<'_> {
         self.header().https_watchers.fetch_add(1, Ordering::SeqCst);
         DoneWatch(self)
+    }
+
+    /// Watches for a completion after `seen` for up to `limit`, yielding the
+    /// core meanwhile, while completions skip waking the thread asleep in
+    /// [`Region::wait_for_done`]; true if one came. The counter is read once
+    /// more after the watch ends, so a completion that skipped its wake-up is
+    /// never missed.
+    pub fn watch_for_done(&self, seen: u32, limit: Duration) -> bool {
+        {
+            let _watch = self.watch_done();
+            yield_until_changed(&self.header().done_seq, seen, limit);
+        }
+        self.done_seq() != seen
+    }
+
+    /// Watches for a request submitted after `seen` for up to `limit`,
+    /// yielding the core meanwhile; true if one came. A watcher is not a
+    /// sleeper, so producers skip the wake-up syscall while it watches.
+    pub fn watch_for_work(&self, seen: u32, limit: Duration) -> bool {
+        yield_until_changed(&self.header().work_seq, seen, limit);
+        self.work_seq() != seen
     }
 
     /// Forgets the watches of an HTTPS worker that died mid-watch (call when
@@ -566,6 +587,14 @@ fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
             0usize,
             0u32,
         );
+    }
+}
+
+/// Yields the core until `word` moves from `seen` or `limit` passes.
+fn yield_until_changed(word: &AtomicU32, seen: u32, limit: Duration) {
+    let until = Instant::now() + limit;
+    while word.load(Ordering::SeqCst) == seen && Instant::now() < until {
+        std::thread::yield_now();
     }
 }
 
