@@ -396,6 +396,18 @@ mod tests {
     }
 
     #[test]
+    fn shm_warm_bytes_is_a_bounded_byte_count() {
+        assert_eq!(parse(&[]).expect("defaults").ring.warm_bytes, 64 << 20);
+        assert_eq!(parse(&[("SHM_WARM_BYTES", "0")]).expect("off").ring.warm_bytes, 0);
+        assert_eq!(parse(&[("SHM_WARM_BYTES", "68719476736")]).expect("the most").ring.warm_bytes, 64 << 30);
+        for bad in ["-1", "lots", "68719476737", "1e9", "18446744073709551616", "0x10", "1,5"] {
+            let err = parse(&[("SHM_WARM_BYTES", bad)]).expect_err(bad);
+            assert_eq!(err.problems[0].var, "SHM_WARM_BYTES", "{bad}");
+            assert!(err.to_string().contains("68719476736"), "the accepted range is named: {err}");
+        }
+    }
+
+    #[test]
     fn port_out_of_range() {
         assert_eq!(parse(&[("PORT", "70000")]).expect_err("bad").problems[0].var, "PORT");
     }
