@@ -29,7 +29,7 @@ crate::declare! {
     }
     METRICS_PORT {
         default: "unset (off)",
-        doc: "also serve /metrics on this port, from the supervisor (0-65535)",
+        doc: "also serve /metrics and the /status page on this port, from the supervisor (0-65535)",
         accepted: "a port number 0-65535",
         scope: always,
     }

@@ -12,6 +12,7 @@ mod health;
 pub mod metrics_port;
 pub mod models;
 pub mod process;
+mod status_page;
 pub mod supervise;
 mod systemd;
 pub mod worker_settings;

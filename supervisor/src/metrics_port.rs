@@ -30,7 +30,7 @@ fn own_timeouts(t: Timeouts) -> Timeouts {
     }
 }
 
-/// Serves `/metrics` on `listener` until the process exits, and `GET /`:
+/// Serves `/metrics` and the `/status` page on `listener` until the process exits, and `GET /`:
 /// tandem's version and how its engine runs, with the ONNX Runtime library's
 /// path (`engine`), which the inference ports never show.
 pub fn spawn(
@@ -48,13 +48,26 @@ pub fn spawn(
         runtime.block_on(async move {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
             let app = axum::Router::new()
-                .route(
-                    "/metrics",
+                // Both answers are made at once, from the counters region: no await.
+                .route("/metrics", {
+                    let (counters, ring, status) = (counters.clone(), ring.clone(), cert_status.clone());
                     axum::routing::get(move || {
-                        let (counters, ring, status) = (counters.clone(), ring.clone(), cert_status.clone());
-                        async move {
-                            tandem_engine_worker::metrics::response(&counters, ring.as_deref(), status.as_deref(), None)
-                        }
+                        std::future::ready(tandem_engine_worker::metrics::response(
+                            &counters,
+                            ring.as_deref(),
+                            status.as_deref(),
+                            None,
+                        ))
+                    })
+                })
+                .route(
+                    "/status",
+                    axum::routing::get(move || {
+                        std::future::ready(crate::status_page::response(
+                            &counters,
+                            ring.as_deref(),
+                            cert_status.as_deref(),
+                        ))
                     }),
                 )
                 .route(
@@ -71,7 +84,7 @@ pub fn spawn(
                 .fallback(|| async {
                     tandem_engine_worker::state::error(
                         StatusCode::NOT_FOUND,
-                        "only / and /metrics are served on METRICS_PORT",
+                        "only /, /metrics and /status are served on METRICS_PORT",
                     )
                     .into_response()
                 });

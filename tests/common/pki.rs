@@ -34,12 +34,18 @@ impl TestCa {
 
     /// A leaf for `names`, valid from `from_days` to `to_days` relative to now.
     pub fn issue_valid(&self, names: &[&str], from_days: i64, to_days: i64) -> Issued {
+        self.issue_between(names, time::Duration::days(from_days), time::Duration::days(to_days))
+    }
+
+    /// A leaf for `names`, valid from `from` to `to` relative to now (e.g. one
+    /// that expires in hours).
+    pub fn issue_between(&self, names: &[&str], from: time::Duration, to: time::Duration) -> Issued {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(names).unwrap();
         params.distinguished_name.push(DnType::CommonName, "tandem test leaf");
         let now = time::OffsetDateTime::now_utc();
-        params.not_before = now + time::Duration::days(from_days);
-        params.not_after = now + time::Duration::days(to_days);
+        params.not_before = now + from;
+        params.not_after = now + to;
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let fingerprint = tandem_shared::certs::primitives::inspect(cert.der(), "test").unwrap().fingerprint;
