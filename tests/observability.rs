@@ -1,9 +1,12 @@
 //! A real Prometheus (Debian's `prometheus`) scraping two real tandems, one
-//! healthy and one failing on purpose (a model that cannot load, an engine
-//! worker killed again and again, a certificate that expires in hours): after
-//! load, the rules of deploy/prometheus fire exactly the expected alerts for
-//! the failing one and none for the healthy one, and every query of the
-//! Grafana dashboard (deploy/grafana/tandem.json) returns series.
+//! healthy (scraped on `PORT`) and one failing on purpose (a model that
+//! cannot load, an engine worker killed again and again, a certificate that
+//! expires in hours; scraped on `METRICS_PORT` with `METRICS_PUBLIC=false`,
+//! as the Kubernetes manifests do): after load, the rules of deploy/prometheus
+//! fire exactly the expected alerts for the failing one and none for the
+//! healthy one, and every query of the Grafana dashboard
+//! (deploy/grafana/tandem.json) returns series. Every metric the dashboard
+//! and the Kubernetes components name is one tandem exports.
 //!
 //! Skipped, saying so, where the prometheus binary is not installed.
 
@@ -188,9 +191,12 @@ fn a_real_prometheus_raises_the_expected_alerts_and_feeds_every_dashboard_panel(
         "tls.crt",
         "tls.key",
     );
+    let metrics_port = free_port();
     let failing = TandemBuilder::new()
         .ssl()
         .env("NUM_WORKERS", "2")
+        .env("METRICS_PORT", &metrics_port.to_string())
+        .env("METRICS_PUBLIC", "false")
         .env("MODEL_REPOSITORY", failing_repo.path().to_str().unwrap())
         .env("SSL_CERTIFICATE", certs.path().join("tls.crt").to_str().unwrap())
         .start_live();
@@ -209,7 +215,8 @@ fn a_real_prometheus_raises_the_expected_alerts_and_feeds_every_dashboard_panel(
         },
     );
 
-    let prometheus = Prometheus::start(&[host_port(&healthy), host_port(&failing)], &rules_firing_at_once());
+    let failing_metrics = format!("127.0.0.1:{metrics_port}");
+    let prometheus = Prometheus::start(&[host_port(&healthy), failing_metrics.clone()], &rules_firing_at_once());
     load(&healthy, &Tandem::https_client(&healthy_chain), 6);
     load(&failing, &failing_https, 6);
     // The failing tandem's engine workers die four times (each replacement is
@@ -221,7 +228,7 @@ fn a_real_prometheus_raises_the_expected_alerts_and_feeds_every_dashboard_panel(
     }
 
     // What the rules must say, per tandem.
-    let (h, f) = (host_port(&healthy), host_port(&failing));
+    let (h, f) = (host_port(&healthy), failing_metrics.clone());
     let expected: BTreeSet<(String, String, String)> = [
         "TandemCertificateExpiresSoon",
         "TandemCertificateExpiresWithinADay",
@@ -251,8 +258,26 @@ fn a_real_prometheus_raises_the_expected_alerts_and_feeds_every_dashboard_panel(
     let dashboard: Value =
         serde_json::from_str(&std::fs::read_to_string(root().join("deploy/grafana/tandem.json")).unwrap()).unwrap();
     let mut names: BTreeSet<String> = BTreeSet::new();
-    for t in [&healthy, &failing] {
-        names.extend(exported(&Tandem::http_client().get(t.http_url("/metrics")).send().unwrap().text().unwrap()));
+    for url in [healthy.http_url("/metrics"), format!("http://{failing_metrics}/metrics")] {
+        names.extend(exported(&Tandem::http_client().get(url).send().unwrap().text().unwrap()));
+    }
+    // METRICS_PUBLIC=false: the failing tandem's inference port does not serve them.
+    let hidden = Tandem::http_client().get(failing.http_url("/metrics")).send().unwrap();
+    assert_eq!(hidden.status().as_u16(), 404, "{}", failing.explain());
+    // What the Kubernetes components name (the in-flight autoscaler, the adapter's rule).
+    for file in ["hpa-in-flight.yaml", "prometheus-adapter-rules.yaml"] {
+        let path = root().join("deploy/kubernetes/components/autoscale-in-flight").join(file);
+        let text = std::fs::read_to_string(path).unwrap();
+        let named: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .flat_map(|l| l.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')))
+            .filter(|w| w.starts_with("tandem_"))
+            .collect();
+        assert!(!named.is_empty(), "{file} names no metric");
+        for word in named {
+            assert!(names.contains(word), "{file}: {word} is not a metric tandem exports");
+        }
     }
     let panels = dashboard["panels"].as_array().unwrap();
     let mut queries = 0;

@@ -1,7 +1,9 @@
 //! The `/status` page on METRICS_PORT: served as a self-contained HTML page
-//! under a policy that runs nothing, showing the numbers of a real tandem
-//! after load, and rendered by a real browser (headless Chromium: its DOM
-//! holds the tables and numbers, and a screenshot is made).
+//! under a policy that runs nothing, showing the numbers the API reports for
+//! a real tandem after load (a model that serves, one that cannot load), and
+//! rendered by a real browser (headless Chromium: its DOM holds the tables
+//! and numbers, updates after more traffic, and a screenshot is made). And
+//! METRICS_PORT's `/metrics` carries the readiness the engines publish.
 //!
 //! The browser half is skipped, saying so, where Chromium is not installed.
 
@@ -10,8 +12,17 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
+
+/// The first table row of model `name` on a page.
+fn model_row(page: &str, name: &str) -> String {
+    page.split("<tr>")
+        .find(|r| r.contains(&format!("<td>{name}</td>")))
+        .unwrap_or_else(|| panic!("no row for {name}:\n{page}"))
+        .to_string()
+}
 
 fn chromium() -> Option<&'static str> {
     ["chromium", "chromium-browser", "google-chrome"]
@@ -42,14 +53,38 @@ fn the_status_page_shows_the_server_and_a_browser_renders_it() {
     let metrics_port = free_port();
     let repo = tempfile::tempdir().unwrap();
     copy_digits(repo.path(), "digits", "");
+    std::fs::create_dir_all(repo.path().join("broken/1")).unwrap();
+    std::fs::write(repo.path().join("broken/1/model.onnx"), b"not an onnx model").unwrap();
+    // Live, not ready: a model is unavailable (strict readiness).
     let t = TandemBuilder::new()
         .ssl()
         .env("NUM_WORKERS", "2")
         .env("METRICS_PORT", &metrics_port.to_string())
         .env("MODEL_REPOSITORY", repo.path().to_str().unwrap())
-        .start();
+        .start_live();
     let http = Tandem::http_client();
-    let https = Tandem::https_client(&t.served_chain_pem());
+    let chain = wait_for(
+        Duration::from_secs(60),
+        "the served certificate",
+        || t.explain(),
+        || {
+            let pem = std::fs::read_to_string(t.cert_dir().join("live.pem")).ok()?;
+            Some(pem[pem.find("-----BEGIN CERTIFICATE-----")?..].to_string())
+        },
+    );
+    let https = Tandem::https_client(&chain);
+    wait_for(
+        Duration::from_secs(60),
+        "digits serving over HTTPS",
+        || t.explain(),
+        || {
+            https
+                .get(t.https_url("localhost", "/v2/models/digits/ready"))
+                .send()
+                .ok()
+                .filter(|r| r.status().is_success())
+        },
+    );
     for i in 0..30 {
         let r = http.post(t.http_url("/v2/models/digits/infer")).body(digits_body(i % 16)).send().unwrap();
         assert!(r.status().is_success());
@@ -59,6 +94,23 @@ fn the_status_page_shows_the_server_and_a_browser_renders_it() {
     }
     let missing = http.get(t.http_url("/v2/models/nosuch")).send().unwrap();
     assert_eq!(missing.status().as_u16(), 404);
+
+    // The numbers the API reports, to find on the page.
+    let stats: serde_json::Value = http.get(t.http_url("/v2/models/digits/stats")).send().unwrap().json().unwrap();
+    let ok = stats["model_stats"][0]["inference_stats"]["success"]["count"].as_u64().unwrap();
+    assert_eq!(ok, 60, "{stats}");
+    // METRICS_PORT's /metrics has the readiness the engine workers publish (within a second).
+    let exposition = wait_for(
+        Duration::from_secs(10),
+        "readiness on METRICS_PORT",
+        || t.explain(),
+        || {
+            let text = http.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().ok()?.text().ok()?;
+            text.contains("tandem_model_ready{model=\"broken\"} 0\n").then_some(text)
+        },
+    );
+    assert!(exposition.contains("tandem_model_ready{model=\"digits\"} 1\n"), "{exposition}");
+    assert!(exposition.contains("tandem_ready 0\n"), "{exposition}");
 
     let url = format!("http://127.0.0.1:{metrics_port}/status");
     let resp = http.get(&url).send().unwrap();
@@ -73,13 +125,21 @@ fn the_status_page_shows_the_server_and_a_browser_renders_it() {
     for outside in ["<script", "src=", "<link", "@import", "url("] {
         assert!(!page.contains(outside), "the page loads or runs something ({outside}):\n{page}");
     }
-    // The model served 60 requests (30 over each port), all of them ok.
-    let row = page.split("<tr>").find(|r| r.contains("<td>digits</td>")).unwrap_or_else(|| panic!("{page}"));
-    assert!(row.contains("<td class=\"n\">60</td><td class=\"n\">0</td>"), "ok 60, failed 0: {row}");
+    // The model served 60 requests (30 over each port), all of them ok, and is ready; the broken one is not.
+    let ok_cells = |page: &str, ok: u64| {
+        let row = model_row(page, "digits");
+        assert!(row.contains("<span class=\"ok\">ready</span>"), "{row}");
+        assert!(row.contains(&format!("<td class=\"n\">{ok}</td><td class=\"n\">0</td>")), "ok {ok}, failed 0: {row}");
+    };
+    ok_cells(&page, ok);
+    assert!(model_row(&page, "broken").contains("<span class=\"bad\">unavailable</span>"), "{page}");
+    assert!(page.contains("<div class=\"v\">not ready</div>"), "{page}");
     for part in ["id=\"requests\"", "/v2/models/{name}/infer", "id=\"processes\"", "engine-worker", "https-worker"] {
         assert!(page.contains(part), "{part} is not on the page:\n{page}");
     }
     assert!(page.contains("certificate days left") && page.contains("GENERATE"), "{page}");
+    assert!(page.contains("DNS:localhost"), "the certificate's names: {page}");
+    assert!(page.contains("<polyline"), "the charts: {page}");
     // The inference ports do not serve it (it is the operator's, on the metrics port).
     assert_eq!(http.get(t.http_url("/status")).send().unwrap().status().as_u16(), 404);
 
@@ -93,6 +153,19 @@ fn the_status_page_shows_the_server_and_a_browser_renders_it() {
     // The browser parsed the tables: the DOM has the model's row as the server wrote it.
     assert!(dom.contains("<table id=\"models\">") && dom.contains("<td>digits</td>"), "Chromium's DOM:\n{dom}");
     assert!(dom.contains("<title>tandem status</title>"), "{dom}");
+    ok_cells(&dom, ok);
+    // More traffic, and the page a browser loads next shows it, with more points in its charts.
+    let points = |page: &str| page.matches(',').count();
+    for i in 0..20 {
+        let r = http.post(t.http_url("/v2/models/digits/infer")).body(digits_body(i % 16)).send().unwrap();
+        assert!(r.status().is_success());
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let again =
+        Command::new(browser).args(headless(&dir.path().join("c"))).arg("--dump-dom").arg(&url).output().unwrap();
+    let again = String::from_utf8_lossy(&again.stdout).into_owned();
+    ok_cells(&again, ok + 20);
+    assert!(points(&again) > points(&dom), "the charts did not grow");
     let shot = dir.path().join("status.png");
     let out = Command::new(browser)
         .args(headless(&dir.path().join("b")))

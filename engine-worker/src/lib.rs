@@ -41,6 +41,7 @@ pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
 async fn serve(started: Started) -> anyhow::Result<Running> {
     let Started { settings, control, stats, listener: std_listener } = started;
     let engine = load_engine(&settings)?;
+    metrics::spawn_state_publisher(engine.clone(), stats.clone());
     let inference_threads = engine.permits.available_permits();
     let region = settings.shm.as_ref().map(tandem_shared::process::worker::open_region).transpose()?;
     // Connections spread over the engine workers (they share one socket): see shared::edge::balance.

@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 use tandem_shared::stats::{
-    ModelCounter, ModelTotals, Snapshot, DURATION_BOUNDS, RESTART_CAUSES, RING_EVENTS, TLS_ALPN, TLS_FAILURES,
-    TLS_PROTOCOLS,
+    ModelCounter, ModelState, ModelTotals, Snapshot, DURATION_BOUNDS, RESTART_CAUSES, RING_EVENTS, TLS_ALPN,
+    TLS_FAILURES, TLS_PROTOCOLS,
 };
 
 use tandem_shared::sys::counters::Counters;
@@ -188,6 +188,12 @@ pub fn render(snap: &Snapshot, ring_busy: Option<(u32, u32)>, cert_source: Optio
     // With WORKER_COMMAND the copies stand where the engines do, the proxy where the HTTPS worker does.
     let proxied = snap.processes.iter().any(|p| p.role == tandem_shared::stats::ProcessRole::Proxy);
     let roles = if proxied { ["worker-command", "proxy-worker"] } else { ["engine-worker", "https-worker"] };
+    e.family(
+        "tandem_requests_in_flight",
+        "gauge",
+        "Requests the engine workers are answering now (plain HTTP and HTTPS, to their response headers).",
+    );
+    e.sample("tandem_requests_in_flight", &[], snap.in_flight);
     e.family("tandem_workers", "gauge", "Worker processes running now, by role.");
     for role in roles {
         let n = snap.processes.iter().filter(|p| p.role.label() == role).count();
@@ -355,27 +361,69 @@ pub fn response(
     let ring = ring.map(ring_busy);
     let source = cert_status.map(|p| cert_source(p).unwrap_or_else(|| "unknown".into()));
     let mut text = render(&snap, ring, source.as_deref());
-    if let Some(engine) = engine {
-        text.push_str(&readiness(engine));
+    match engine {
+        Some(engine) => text.push_str(&readiness(engine.ready(), &model_states(engine))),
+        // The supervisor's port: what the live engine workers last published.
+        None => {
+            if let Some(ready) = snap.ready {
+                let states: Vec<(String, ModelState)> =
+                    snap.model_states.iter().map(|(n, s)| (n.clone(), *s)).collect();
+                text.push_str(&readiness(ready, &states));
+            }
+        }
     }
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], text).into_response()
 }
 
-/// `tandem_ready` and `tandem_model_ready`, as the answering engine worker
-/// sees them (model control keeps every engine worker's models alike).
-/// Models unloaded on purpose are not listed: they are not an outage.
-pub fn readiness(engine: &crate::engine::Engine) -> String {
+/// Each model's state as this engine worker sees it.
+pub fn model_states(engine: &crate::engine::Engine) -> Vec<(String, ModelState)> {
+    engine
+        .models()
+        .iter()
+        .map(|(name, m)| {
+            let state = if m.ready() {
+                ModelState::Ready
+            } else if m.reason().as_deref() == Some(crate::engine::UNLOADED) {
+                ModelState::Unloaded
+            } else {
+                ModelState::Unavailable
+            };
+            (name.clone(), state)
+        })
+        .collect()
+}
+
+/// How often an engine worker publishes its readiness and model states into
+/// the statistics region (for `METRICS_PORT` and its status page).
+const PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Publishes `engine`'s readiness and model states into `stats` now and every
+/// [`PUBLISH_EVERY`], from a small thread, for as long as the process lives.
+pub fn spawn_state_publisher(engine: std::sync::Arc<crate::engine::Engine>, stats: tandem_shared::stats::Stats) {
+    let _ = std::thread::Builder::new().name("model-states".into()).spawn(move || loop {
+        let states = model_states(&engine);
+        let named: Vec<(&str, ModelState)> = states.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+        stats.publish_models(engine.ready(), &named);
+        std::thread::sleep(PUBLISH_EVERY);
+    });
+}
+
+/// `tandem_ready` and `tandem_model_ready`: as the answering engine worker
+/// sees them (model control keeps every engine worker's models alike), or as
+/// the engine workers published them. Models unloaded on purpose are not
+/// listed: they are not an outage.
+pub fn readiness(ready: bool, models: &[(String, ModelState)]) -> String {
     let mut e = Exposition { out: String::new() };
     e.family("tandem_ready", "gauge", "1 when the server is ready (GET /v2/health/ready answers 200), else 0.");
-    e.sample("tandem_ready", &[], u8::from(engine.ready()));
+    e.sample("tandem_ready", &[], u8::from(ready));
     e.family(
         "tandem_model_ready",
         "gauge",
         "1 for a model with a version that serves, 0 for one that is unavailable (GET /v2/health/ready lists its reason).",
     );
-    for (name, model) in engine.models().iter() {
-        if model.reason().as_deref() != Some(crate::engine::UNLOADED) || model.ready() {
-            e.sample("tandem_model_ready", &[("model", name)], u8::from(model.ready()));
+    for (name, state) in models {
+        if *state != ModelState::Unloaded {
+            e.sample("tandem_model_ready", &[("model", name)], u8::from(*state == ModelState::Ready));
         }
     }
     e.out

@@ -74,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(move |mut req: axum::extract::Request, next: axum::middleware::Next| {
             let (worker_id, stats, door) = (worker_id.clone(), stats.clone(), door.clone());
             async move {
+                let _in_flight = stats.in_flight();
                 let https = req.extensions().get::<Scheme>() == Some(&Scheme::Https);
                 let grpc = tandem_shared::edge::grpc::is_call(req.headers());
                 if grpc {

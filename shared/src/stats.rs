@@ -225,6 +225,10 @@ const H_MODELS_USED: usize = 6;
 const H_ANSWERED: usize = 7;
 /// Connections the process holds now; [`NOT_ACCEPTING`] while it does not accept.
 const H_CONNS: usize = 9;
+/// An engine worker's readiness as it last published it: 0 not yet, 1 ready, 2 not ready.
+const H_READY: usize = 10;
+/// Requests the process is answering now (to their response headers).
+const H_IN_FLIGHT: usize = 11;
 const HEADER: usize = 16;
 
 /// [`H_CONNS`] of a process that is not accepting (starting, draining, gone).
@@ -239,8 +243,8 @@ const RING_WORDS: usize = 8;
 const TLS_OK: usize = RING + RING_WORDS;
 const TLS_FAIL: usize = TLS_OK + TLS_PROTOCOLS.len() * TLS_ALPN.len();
 const TLS_FAIL_WORDS: usize = 12;
-const TLS_RELOAD: usize = TLS_FAIL + TLS_FAIL_WORDS; // ok, refused
-const SUP: usize = TLS_RELOAD + 2;
+const TLS_RELOAD: usize = TLS_FAIL + TLS_FAIL_WORDS; // ok, refused, unix time of the last ok
+const SUP: usize = TLS_RELOAD + 3;
 const SUP_RESTARTS: usize = SUP; // [role 2][cause 2]
 const SUP_CERT_NOT_AFTER: usize = SUP + 4;
 const SUP_CERT_CHECKS: usize = SUP + 5;
@@ -276,16 +280,68 @@ const CLIENT_COUNTERS: usize = 5;
 /// Where a client's 429s from the rate limit are among its counters ([`Snapshot::clients`]).
 pub const CLIENT_RATE_LIMITED: usize = 4;
 const CLIENT_ENTRY_WORDS: usize = 16;
-const BLOCK_WORDS: usize = (CLIENTS + CLIENT_ENTRIES * CLIENT_ENTRY_WORDS).next_multiple_of(512);
+/// The states of an engine worker's models, as it last published them
+/// ([`Stats::publish_models`]): for readers without an engine of their own
+/// (the supervisor's `METRICS_PORT`).
+const STATES: usize = CLIENTS + CLIENT_ENTRIES * CLIENT_ENTRY_WORDS;
+/// Models whose state each engine worker publishes; more serve, unlisted there.
+pub const STATE_ENTRIES: usize = 128;
+const E_MODEL_STATE: usize = E_NAME + NAME_WORDS;
+const STATE_ENTRY_WORDS: usize = 40;
+const BLOCK_WORDS: usize = (STATES + STATE_ENTRIES * STATE_ENTRY_WORDS).next_multiple_of(512);
+const _: () = assert!(E_MODEL_STATE < STATE_ENTRY_WORDS);
 const _: () = assert!(E_NAME + CLIENT_NAME_WORDS + CLIENT_COUNTERS <= CLIENT_ENTRY_WORDS);
 const _: () = assert!(tandem_config::access::MAX_KEY_NAME <= CLIENT_NAME_WORDS * 8);
 const _: () = assert!(ACCESS_EVENTS.len() <= ACCESS_WORDS);
 const _: () = assert!(TLS_FAILURES.len() <= TLS_FAIL_WORDS && RING_EVENTS.len() <= RING_WORDS);
 const _: () = assert!(E_COUNTERS + ModelCounter::COUNT + BUCKETS <= E_BATCH);
 
+/// A model's state as an engine worker publishes it; a greater one is better
+/// (over several workers, the best is the server's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ModelState {
+    /// Unloaded on purpose (model control): not an outage.
+    Unloaded = 1,
+    /// Meant to serve but cannot (its reason is in the repository index).
+    Unavailable = 2,
+    /// A version serves.
+    Ready = 3,
+}
+
+impl ModelState {
+    /// The word for it in the region.
+    fn from_word(w: u64) -> Option<ModelState> {
+        match w {
+            1 => Some(ModelState::Unloaded),
+            2 => Some(ModelState::Unavailable),
+            3 => Some(ModelState::Ready),
+            _ => None,
+        }
+    }
+
+    /// How people read it.
+    pub fn label(self) -> &'static str {
+        match self {
+            ModelState::Unloaded => "unloaded",
+            ModelState::Unavailable => "unavailable",
+            ModelState::Ready => "ready",
+        }
+    }
+}
+
 const ENTRY_FREE: u64 = 0;
 const ENTRY_WRITING: u64 = 1;
 const ENTRY_READY: u64 = 2;
+
+/// A request counted in flight ([`Stats::in_flight`]) until dropped.
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
 
 /// The counters kept per model version (Triton's statistics, plus a histogram).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -454,7 +510,17 @@ impl Stats {
         s.set(H_WORKER_ID, worker_id);
         s.set(H_STARTED_MS, unix_ms());
         s.set(H_CONNS, NOT_ACCEPTING);
+        s.set(H_READY, 0);
+        s.set(H_IN_FLIGHT, 0);
         s
+    }
+
+    /// Counts a request in flight until the guard is dropped (answered, or
+    /// given up when its client went away).
+    pub fn in_flight(&self) -> InFlight<'_> {
+        let word = self.w(H_IN_FLIGHT);
+        word.fetch_add(1, Relaxed);
+        InFlight(word)
     }
 
     /// The whole region, for reading a [`Snapshot`].
@@ -520,6 +586,30 @@ impl Stats {
     /// Counts a certificate reload in the HTTPS worker.
     pub fn tls_reload(&self, ok: bool) {
         self.add(TLS_RELOAD + usize::from(!ok), 1);
+        if ok {
+            self.w(TLS_RELOAD + 2).fetch_max(unix_ms() / 1000, Relaxed);
+        }
+    }
+
+    /// Publishes this engine worker's readiness and the state of each of its
+    /// models (what `/v2/health/ready` and the repository index say), for
+    /// readers that have no engine (`METRICS_PORT`). A model no longer listed
+    /// is taken off; past [`STATE_ENTRIES`] names, the rest are not published.
+    pub fn publish_models(&self, ready: bool, models: &[(&str, ModelState)]) {
+        for (name, state) in models {
+            if let Some((_, e)) = self.claim(STATES, STATE_ENTRIES, STATE_ENTRY_WORDS, NAME_WORDS, name, 0) {
+                self.set(e + E_MODEL_STATE, *state as u64);
+            }
+        }
+        for i in 0..STATE_ENTRIES {
+            let e = STATES + i * STATE_ENTRY_WORDS;
+            if self.w(e + E_STATE).load(std::sync::atomic::Ordering::Acquire) == ENTRY_READY
+                && !models.iter().any(|(name, _)| self.name_is(e, name.as_bytes()))
+            {
+                self.set(e + E_MODEL_STATE, 0);
+            }
+        }
+        self.set(H_READY, if ready { 1 } else { 2 });
     }
 
     /// Counts a worker restart (supervisor).
@@ -551,7 +641,7 @@ impl Stats {
     pub fn vacate(region: &Counters, block: usize) {
         let base = block * BLOCK_WORDS;
         if let Some(words) = region.words().get(base..base + HEADER) {
-            for i in [H_PID, H_RSS, H_FDS] {
+            for i in [H_PID, H_RSS, H_FDS, H_READY, H_IN_FLIGHT] {
                 words[i].store(0, Relaxed);
             }
             words[H_CONNS].store(NOT_ACCEPTING, Relaxed);
@@ -763,6 +853,8 @@ pub struct Process {
     pub pid: u32,
     /// Its worker id (0 for the supervisor).
     pub worker_id: u64,
+    /// When it attached to its block (Unix milliseconds).
+    pub started_ms: u64,
     /// Resident memory, bytes.
     pub rss_bytes: u64,
     /// Open descriptors.
@@ -841,6 +933,15 @@ pub struct Snapshot {
     pub tls_failures: [u64; TLS_FAIL_WORDS],
     /// Certificate reloads in the HTTPS worker: ok, refused.
     pub tls_reloads: [u64; 2],
+    /// When the HTTPS worker last swapped in a certificate (Unix seconds).
+    pub tls_last_reload: Option<u64>,
+    /// Requests the live engine workers are answering now.
+    pub in_flight: u64,
+    /// Server readiness as the live engine workers published it: ready when
+    /// one is (it would answer `/v2/health/ready` with 200); `None` before any has.
+    pub ready: Option<bool>,
+    /// Each model's best state over the live engine workers that published one.
+    pub model_states: BTreeMap<String, ModelState>,
     /// Worker restarts by role (engine, https) and [`RESTART_CAUSES`].
     pub restarts: [[u64; 2]; 2],
     /// The served certificate's expiry (Unix seconds), when known.
@@ -880,6 +981,7 @@ impl Snapshot {
                     role,
                     pid: get(H_PID) as u32,
                     worker_id: get(H_WORKER_ID),
+                    started_ms: get(H_STARTED_MS),
                     rss_bytes: get(H_RSS),
                     fds: get(H_FDS),
                 });
@@ -901,6 +1003,26 @@ impl Snapshot {
             }
             sum(&mut s.tls_failures, b + TLS_FAIL);
             sum(&mut s.tls_reloads, b + TLS_RELOAD);
+            if get(TLS_RELOAD + 2) != 0 {
+                s.tls_last_reload = s.tls_last_reload.max(Some(get(TLS_RELOAD + 2)));
+            }
+            if role == ProcessRole::Engine && get(H_PID) != 0 {
+                s.in_flight += get(H_IN_FLIGHT);
+            }
+            let published = get(H_READY);
+            if role == ProcessRole::Engine && get(H_PID) != 0 && published != 0 {
+                s.ready = Some(s.ready == Some(true) || published == 1);
+                for i in 0..STATE_ENTRIES {
+                    let e = b + STATES + i * STATE_ENTRY_WORDS;
+                    if words[e + E_STATE].load(std::sync::atomic::Ordering::Acquire) != ENTRY_READY {
+                        break;
+                    }
+                    if let Some(state) = ModelState::from_word(words[e + E_MODEL_STATE].load(Relaxed)) {
+                        let best = s.model_states.entry(read_name(words, e, NAME_WORDS)).or_insert(state);
+                        *best = (*best).max(state);
+                    }
+                }
+            }
             sum(&mut s.cert_checks, b + SUP_CERT_CHECKS);
             if get(SUP_CERT_NOT_AFTER) != 0 {
                 s.cert_not_after = Some(get(SUP_CERT_NOT_AFTER));
@@ -1018,6 +1140,49 @@ mod tests {
         assert_eq!(protocol(r("/v2/models/x/infer")), "http");
         assert_eq!(r("/grpc.health.v1.Health/List"), "/grpc.health.v1.Health/{method}");
         assert_eq!(r("/v2/systemsharedmemory/region/in0/register"), "/v2/systemsharedmemory/region/{name}/register");
+    }
+
+    #[test]
+    fn model_states_are_the_best_over_live_engines_and_go_with_them() {
+        let reg = region(4);
+        let a = Stats::attach(reg.clone(), 2, ProcessRole::Engine, 1);
+        let b = Stats::attach(reg.clone(), 3, ProcessRole::Engine, 2);
+        // Nothing published yet: readiness unknown.
+        assert_eq!(Snapshot::read(&reg).ready, None);
+        a.publish_models(false, &[("digits", ModelState::Ready), ("broken", ModelState::Unavailable)]);
+        b.publish_models(true, &[("digits", ModelState::Unavailable), ("old", ModelState::Unloaded)]);
+        let s = Snapshot::read(&reg);
+        assert_eq!(s.ready, Some(true), "one engine ready is a ready server");
+        assert_eq!(s.model_states["digits"], ModelState::Ready);
+        assert_eq!(s.model_states["broken"], ModelState::Unavailable);
+        assert_eq!(s.model_states["old"], ModelState::Unloaded);
+        // A model no longer listed is taken off; a dead worker's states go with it.
+        a.publish_models(false, &[("digits", ModelState::Ready)]);
+        Stats::vacate(&reg, 3);
+        let s = Snapshot::read(&reg);
+        assert_eq!(s.ready, Some(false));
+        assert_eq!(s.model_states.keys().collect::<Vec<_>>(), ["digits"]);
+        // Its replacement counts again once it has published.
+        let b2 = Stats::attach(reg.clone(), 3, ProcessRole::Engine, 3);
+        assert_eq!(Snapshot::read(&reg).model_states.len(), 1);
+        b2.publish_models(true, &[("digits", ModelState::Ready)]);
+        assert_eq!(Snapshot::read(&reg).ready, Some(true));
+        // Requests in flight count until their guard goes, and a dead worker's go with it.
+        let one = a.in_flight();
+        let two = b2.in_flight();
+        assert_eq!(Snapshot::read(&reg).in_flight, 2);
+        drop(one);
+        assert_eq!(Snapshot::read(&reg).in_flight, 1);
+        std::mem::forget(two);
+        Stats::vacate(&reg, 3);
+        assert_eq!(Snapshot::read(&reg).in_flight, 0);
+        // A reload is timed.
+        let h = Stats::attach(reg.clone(), 1, ProcessRole::Https, 0);
+        assert_eq!(Snapshot::read(&reg).tls_last_reload, None);
+        h.tls_reload(false);
+        assert_eq!(Snapshot::read(&reg).tls_last_reload, None);
+        h.tls_reload(true);
+        assert!(Snapshot::read(&reg).tls_last_reload.is_some_and(|t| t > 1_700_000_000));
     }
 
     #[test]

@@ -47,6 +47,7 @@ pub fn spawn(
     std::thread::Builder::new().name("metrics-port".into()).spawn(move || {
         runtime.block_on(async move {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+            let history = crate::status_page::spawn_sampler(counters.clone(), ring.clone());
             let app = axum::Router::new()
                 // Both answers are made at once, from the counters region: no await.
                 .route("/metrics", {
@@ -67,6 +68,7 @@ pub fn spawn(
                             &counters,
                             ring.as_deref(),
                             cert_status.as_deref(),
+                            &history,
                         ))
                     }),
                 )

@@ -38,18 +38,18 @@ def check(cond, msg):
         fail(msg)
 
 
-def build(overlay, monitoring):
-    """The overlay's objects as kustomize renders them (with the monitoring component when asked)."""
+def build(overlay, components):
+    """The overlay's objects as kustomize renders them, with `components` (names under components/)."""
     target = k8s / "overlays" / overlay
     with tempfile.TemporaryDirectory() as tmp:
-        if monitoring:
+        if components:
             # kustomize takes only relative paths to other folders.
             rel = lambda p: os.path.relpath(p, tmp)
             kustomization = {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
                 "resources": [rel(target)],
-                "components": [rel(k8s / "components/monitoring")],
+                "components": [rel(k8s / "components" / c) for c in components],
             }
             pathlib.Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
             target = tmp
@@ -103,6 +103,8 @@ def check_deployment(docs, overlay):
     check(set(mounts) <= set(volumes), "a volumeMount names no volume")
     cache = volumes["cache"]
     check(("emptyDir" in cache) != ("persistentVolumeClaim" in cache), "the cache volume must be one emptyDir or one claim")
+    metrics_port = next(p["containerPort"] for p in c["ports"] if p["name"] == "metrics")
+    check(env.get("METRICS_PORT") == str(metrics_port) and env.get("METRICS_PUBLIC") == "false", "metrics on the metrics port only")
     check(env["MODEL_CACHE_DIR"].startswith(mounts["cache"] + "/"), "MODEL_CACHE_DIR must be a directory inside the cache volume (whose root is group- or world-writable)")
     spread = pod.get("topologySpreadConstraints", [])
     keys = {t["topologyKey"] for t in spread}
@@ -131,7 +133,7 @@ def check_deployment(docs, overlay):
     return dep, pod_labels, port_names, env
 
 
-def check_around(docs, dep, pod_labels, port_names, overlay):
+def check_around(docs, dep, pod_labels, port_names, overlay, components):
     svc = one(docs, "Service", "tandem")
     check(selects({"matchLabels": svc["spec"]["selector"]}, pod_labels), "the Service does not select the pods")
     check({p["targetPort"] for p in svc["spec"]["ports"]} <= port_names, "a Service port targets a port the container does not have")
@@ -148,12 +150,22 @@ def check_around(docs, dep, pod_labels, port_names, overlay):
         check(hpa["spec"]["minReplicas"] >= 2 and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"], "the autoscaler keeps two pods at least")
         check("replicas" not in dep["spec"], "with an autoscaler the Deployment must not set replicas (every apply would reset them)")
         check(dep["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"].get("cpu"), "CPU autoscaling needs a CPU request")
+        check(any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in hpa["spec"]["metrics"]), "the autoscaler follows CPU")
+        in_flight = [m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+        if "autoscale-in-flight" in components:
+            check(len(in_flight) == 1 and in_flight[0]["pods"]["metric"]["name"] == "tandem_requests_in_flight", "the in-flight component adds tandem's own metric")
+        else:
+            check(len(hpa["spec"]["metrics"]) == 1, "only CPU without the in-flight component")
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     check(all(selects(p["spec"]["podSelector"], pod_labels) for p in policies), "a NetworkPolicy does not select the pods")
     base = one(docs, "NetworkPolicy", "tandem")
     check(base["spec"]["policyTypes"] == ["Ingress", "Egress"] and base["spec"]["egress"] == [], "the base policy denies all egress")
-    allowed_in = {p["port"] for rule in base["spec"]["ingress"] for p in rule["ports"]}
-    check(allowed_in == {"http", "https"} and allowed_in <= port_names, "ingress on the http and https ports only")
+    open_in = {p["port"] for rule in base["spec"]["ingress"] if "from" not in rule for p in rule["ports"]}
+    check(open_in == {"http", "https"}, "from anywhere, only the http and https ports")
+    limited = [rule for rule in base["spec"]["ingress"] if "from" in rule]
+    check(len(limited) == 1 and {p["port"] for p in limited[0]["ports"]} == {"metrics"}, "the metrics port from one place")
+    check(all(set(f) == {"namespaceSelector"} for f in limited[0]["from"]), "the metrics port only from the monitoring namespace")
+    check({p["port"] for rule in base["spec"]["ingress"] for p in rule["ports"]} <= port_names, "a policy names a port the container does not have")
     egress_ports = {p["port"] for pol in policies for rule in pol["spec"].get("egress", []) for p in rule.get("ports", [])}
     if overlay == "acme":
         check({53, 443} <= egress_ports, "ACME needs DNS and HTTPS out")
@@ -169,7 +181,8 @@ def check_monitoring(docs, svc):
     svc_ports = {p["name"] for p in svc["spec"]["ports"]}
     for ep in sm["spec"]["endpoints"]:
         check(ep["port"] in svc_ports and ep["path"] == "/metrics", "the ServiceMonitor scrapes /metrics on a Service port")
-    check(any(ep["port"] == "http" for ep in sm["spec"]["endpoints"]), "scrape the HTTP port (readiness gauges are there)")
+    target = {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]}
+    check([target[ep["port"]] for ep in sm["spec"]["endpoints"]] == ["metrics"], "scrape the metrics port (METRICS_PUBLIC=false keeps /metrics off the others)")
     rule = one(docs, "PrometheusRule", "tandem")
     shipped = yaml.safe_load((root / "deploy/prometheus/tandem-rules.yaml").read_text())
     check(rule["spec"]["groups"] == shipped["groups"], "the PrometheusRule differs from deploy/prometheus/tandem-rules.yaml")
@@ -195,19 +208,23 @@ if shutil.which("kubectl") is None:
     print("skip: kubectl (with kustomize) is not installed")
     sys.exit(0)
 
-for overlay in OVERLAYS:
-    for monitoring in (False, True):
-        what = overlay + (" + monitoring" if monitoring else "")
-        docs = build(overlay, monitoring)
-        validate_core(docs, what)
-        dep, pod_labels, port_names, env = check_deployment(docs, overlay)
-        svc = check_around(docs, dep, pod_labels, port_names, overlay)
-        if monitoring:
-            check_monitoring(docs, svc)
-        else:
-            check(not [d for d in docs if d["kind"] in ("ServiceMonitor", "PrometheusRule")], "monitoring objects only with the component")
-            tandem_accepts(env, overlay)
-        print(f"ok: {what}: objects fit each other and tandem")
+BUILDS = [(o, []) for o in OVERLAYS] + [(o, ["monitoring"]) for o in OVERLAYS] + [
+    ("plain", ["autoscale-in-flight"]),
+    ("cert-manager", ["monitoring", "autoscale-in-flight"]),
+]
+for overlay, components in BUILDS:
+    monitoring = "monitoring" in components
+    what = " + ".join([overlay, *components])
+    docs = build(overlay, components)
+    validate_core(docs, what)
+    dep, pod_labels, port_names, env = check_deployment(docs, overlay)
+    svc = check_around(docs, dep, pod_labels, port_names, overlay, components)
+    if monitoring:
+        check_monitoring(docs, svc)
+    else:
+        check(not [d for d in docs if d["kind"] in ("ServiceMonitor", "PrometheusRule")], "monitoring objects only with the component")
+        tandem_accepts(env, overlay)
+    print(f"ok: {what}: objects fit each other and tandem")
 
 cm = yaml.safe_load((k8s / "base/configmap-models.yaml").read_text())
 digits = root / "models/digits"
