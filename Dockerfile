@@ -4,18 +4,41 @@
 # the image test does, on a base made with debootstrap, since it cannot pull).
 # See docs/DEPLOYMENT.md. The stages that need no Rust image come first, so
 # the classic builder (no BuildKit) can stop at `prebuilt` without pulling one.
+# The runtime is `scratch` plus what tandem needs from BASE (see rootfs).
 ARG BASE=debian:bookworm-slim
 ARG RUST=rust:1-bookworm
 
-# --- the runtime base: a non-root user owning the cache ---------------------
-FROM ${BASE} AS base
-RUN if [ ! -e /etc/ssl/certs/ca-certificates.crt ]; then \
-      apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/*; fi \
- && groupadd --system --gid 10001 tandem \
- && useradd --system --uid 10001 --gid 10001 --home-dir /var/cache/tandem --no-create-home --shell /usr/sbin/nologin tandem \
- && install -d -o 10001 -g 10001 -m 0700 /var/cache/tandem
+# --- rootfs: the few files the runtime needs, gathered from the Debian base --
+# glibc, libgcc and libstdc++ (ONNX Runtime needs it), the CA bundle (ACME,
+# INDIRECT), a static busybox as the shell (for `docker exec` and the
+# stages' RUN; 2 MB), the tandem user, /tmp and the cache. Nothing else: no
+# package manager, no perl, no apt lists (a 9 MB base instead of 75-83 MB).
+FROM ${BASE} AS rootfs
+RUN set -e; \
+    if [ ! -e /etc/ssl/certs/ca-certificates.crt ] || [ ! -x /bin/busybox ]; then \
+      apt-get update && apt-get install -y --no-install-recommends ca-certificates busybox-static \
+      && rm -rf /var/lib/apt/lists/*; fi; \
+    r=/rootfs; triplet=$(basename "$(dirname "$(readlink -f /usr/lib/*-linux-gnu/libc.so.6)")"); \
+    mkdir -p $r/usr/lib/$triplet $r/usr/bin $r/usr/local/bin $r/usr/local/lib $r/usr/local/share/tandem \
+      $r/etc/ssl/certs $r/tmp $r/var/cache/tandem $r/root; \
+    ln -s usr/lib $r/lib; ln -s usr/bin $r/bin; ln -s usr/bin $r/sbin; \
+    for l in libc.so.6 libm.so.6 libgcc_s.so.1 libstdc++.so.6 libdl.so.2 librt.so.1 libpthread.so.0; do \
+      cp -L /usr/lib/$triplet/$l $r/usr/lib/$triplet/; done; \
+    for ld in /lib64/ld-linux-*.so.* /lib/ld-linux-*.so.*; do \
+      if [ -e "$ld" ]; then mkdir -p "$r$(dirname "$ld")"; cp -L "$ld" "$r$ld"; fi; done; \
+    cp /etc/ssl/certs/ca-certificates.crt $r/etc/ssl/certs/; \
+    cp /bin/busybox $r/usr/bin/busybox; \
+    for a in $(/bin/busybox --list); do [ -e $r/usr/bin/$a ] || ln -s busybox $r/usr/bin/$a; done; \
+    printf 'root:x:0:0:root:/root:/bin/sh\ntandem:x:10001:10001:tandem:/var/cache/tandem:/sbin/nologin\n' > $r/etc/passwd; \
+    printf 'root:x:0:\ntandem:x:10001:\n' > $r/etc/group; \
+    printf 'hosts: files dns\n' > $r/etc/nsswitch.conf; \
+    chmod 1777 $r/tmp; chmod 0700 $r/root; chown 10001:10001 $r/var/cache/tandem; chmod 0700 $r/var/cache/tandem
+
+# --- the runtime base: that root filesystem, a non-root user owning the cache --
+FROM scratch AS base
+COPY --from=rootfs /rootfs/ /
 COPY models /usr/local/share/tandem/models
-ENV HOST=0.0.0.0 PORT=9001 MODEL_CACHE_DIR=/var/cache/tandem \
+ENV PATH=/usr/local/bin:/usr/bin HOST=0.0.0.0 PORT=9001 MODEL_CACHE_DIR=/var/cache/tandem \
     ORT_DYLIB_PATH=/usr/local/lib/onnxruntime/libonnxruntime.so
 EXPOSE 9001 9002
 USER 10001:10001
