@@ -60,6 +60,7 @@ pub fn main(args: &[String]) -> ExitCode {
         Some("health") => return health::command(&args[1..]),
         Some("apikey") => return apikey::command(&args[1..]),
         Some("check") => return check_command(&args[1..]),
+        Some("upgrade") => return supervise::upgrade::command(&args[1..]),
         Some("engine-probe") => return engine_probe(&args[1..]),
         Some("--version" | "-V") => {
             println!("tandem {}", tandem_shared::VERSION);
@@ -154,7 +155,7 @@ fn engine_probe(args: &[String]) -> ExitCode {
 
 fn usage() -> String {
     let mut s = String::from(
-        "usage: tandem                     run the supervisor (configured by the environment)\n       tandem run -- CMD ARGS...    run NUM_WORKERS copies of an HTTP server command behind both ports (as WORKER_COMMAND)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem ca init|status|export|issue  the private CA (SSL_CERTIFICATE=CA); `tandem ca` for usage\n       tandem health [--live]       probe the local server's readiness (liveness) over HTTP and HTTPS; exit 0 healthy, 1 not\n       tandem check                 the serve mode, effective configuration and ignored variables\n       tandem apikey new NAME [--append FILE]  a new API key (shown once) and its API_KEYS_FILE line\n       tandem --version\n\nenvironment:\n",
+        "usage: tandem                     run the supervisor (configured by the environment)\n       tandem run -- CMD ARGS...    run NUM_WORKERS copies of an HTTP server command behind both ports (as WORKER_COMMAND)\n       tandem cert status [--json]  inspect the configured certificate (exit 0 usable, 1 not)\n       tandem ca init|status|export|issue  the private CA (SSL_CERTIFICATE=CA); `tandem ca` for usage\n       tandem health [--live]       probe the local server's readiness (liveness) over HTTP and HTTPS; exit 0 healthy, 1 not\n       tandem check                 the serve mode, effective configuration and ignored variables\n       tandem upgrade               replace the running supervisor by the binary now at its path, without a refused connection (SIGUSR2)\n       tandem apikey new NAME [--append FILE]  a new API key (shown once) and its API_KEYS_FILE line\n       tandem --version\n\nenvironment:\n",
     );
     for v in tandem_config::vars() {
         s.push_str(&format!("  {:<22} {} (default: {})\n", v.name, v.doc, v.default));
@@ -200,6 +201,10 @@ fn supervisor(command: Option<Vec<String>>) -> Outcome {
         config.proxy.command = command;
     }
     tandem_shared::init_logging(&config.process.log_level, config.process.log_format);
+    // Started by SIGUSR2 of a running supervisor: the pipe to tell it we serve.
+    if let Err(e) = supervise::upgrade::adopt() {
+        return Outcome::Runtime(e);
+    }
     for n in tandem_config::check::ignored(&config, &tandem_config::check::set_in_env) {
         tracing::warn!(variable = n.var, hint = %n.hint, "variable set but ignored");
     }

@@ -97,6 +97,11 @@ where
 }
 
 /// How often a connection's timers are looked at.
+/// How long a kept-alive connection stays open once the server drains, for
+/// a request a client may already have sent on it (answered with
+/// `Connection: close`), before it is closed.
+pub const DRAIN_LINGER: Duration = Duration::from_millis(500);
+
 fn tick(t: &Timeouts) -> Duration {
     (t.header.min(t.keepalive).min(t.idle) / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
@@ -130,6 +135,8 @@ struct Activity {
     last_request: AtomicU64,
     in_flight: AtomicUsize,
     served: AtomicU64,
+    /// The server drains: HTTP/1 answers say `Connection: close`.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -140,6 +147,7 @@ impl Activity {
             last_request: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             served: AtomicU64::new(0),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -320,9 +328,19 @@ where
         }
         self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
         let guard = InFlight(self.activity.clone());
+        let http1 = req.version() < http::Version::HTTP_2;
         let fut = self.inner.call(req);
+        let activity = self.activity.clone();
         Box::pin(async move {
-            let r = fut.await;
+            let mut r = fut.await;
+            // Draining: the client hears that this connection ends with this
+            // answer, and sends its next request on a new one (never into a
+            // connection being closed under it).
+            if let Ok(res) = &mut r {
+                if http1 && activity.closing.load(Ordering::Relaxed) {
+                    res.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                }
+            }
             drop(guard);
             r
         })
@@ -785,8 +803,15 @@ async fn serve_connection<IO, S, B>(
     let mut tick = tokio::time::interval(tick(&timeouts));
     let mut closing = *drain.borrow();
     if closing {
+        activity.closing.store(true, Ordering::Relaxed);
         conn.as_mut().graceful_shutdown();
     }
+    // On a drain, a kept-alive connection stays open for DRAIN_LINGER with
+    // every HTTP/1 answer saying `Connection: close` (a request already on its
+    // way is answered, not cut off); then it is closed (HTTP/2: GOAWAY).
+    let linger = tokio::time::sleep(Duration::from_secs(86400 * 365));
+    tokio::pin!(linger);
+    let mut lingering = false;
     // When a timer closed the connection: a peer that does not take part in the
     // close (an HTTP/2 client that never acknowledges the GOAWAY's ping) is dropped
     // after HEADER_TIMEOUT more.
@@ -802,8 +827,14 @@ async fn serve_connection<IO, S, B>(
             changed = drain.changed(), if !closing => {
                 if changed.is_ok() {
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    lingering = true;
+                    activity.closing.store(true, Ordering::Relaxed);
+                    linger.as_mut().reset(tokio::time::Instant::now() + DRAIN_LINGER);
                 }
+            }
+            () = &mut linger, if lingering => {
+                lingering = false;
+                conn.as_mut().graceful_shutdown();
             }
             _ = tick.tick() => match activity.expired(&timeouts) {
                 Some((why, true)) => {

@@ -12,6 +12,7 @@ mod model_changes;
 pub mod phases;
 pub mod signals;
 mod system_shm;
+pub mod upgrade;
 mod workers;
 
 use std::net::{SocketAddr, TcpListener};
@@ -84,6 +85,10 @@ pub struct Supervisor {
     health: mpsc::UnboundedReceiver<(u64, Health)>,
     /// The memory tandem may use, read once at start (the default `MAX_INFLIGHT_BYTES` is a share of it).
     memory: u64,
+    /// A new supervisor started by SIGUSR2, not yet serving.
+    upgrade: Option<upgrade::Pending>,
+    /// This supervisor is stopping because a new one serves in its place.
+    replaced: bool,
 }
 
 /// What woke the event loop.
@@ -93,6 +98,7 @@ enum Wake {
     Cert(CertChecked),
     Repository(Vec<ModelChange>),
     Health(u64, Health),
+    Upgraded(Result<u32, String>),
     Tick,
 }
 
@@ -199,6 +205,8 @@ impl Supervisor {
             apps,
             health,
             memory: tandem_shared::edge::budget::memory_limit().unwrap_or(tandem_shared::edge::budget::UNKNOWN_MEMORY),
+            upgrade: None,
+            replaced: false,
         })
     }
 
@@ -230,6 +238,8 @@ impl Supervisor {
                 }
                 Wake::Signal(Signalled::AddWorker) => self.add_worker()?,
                 Wake::Signal(Signalled::RemoveWorker) => self.remove_worker(),
+                Wake::Signal(Signalled::Upgrade) => self.begin_upgrade(),
+                Wake::Upgraded(result) => self.upgraded(result),
                 Wake::Control(c) => self.on_control(c),
                 Wake::Cert(CertChecked { published, requested }) => {
                     if (published || requested) && matches!(self.phase, Phase::Running) {
@@ -261,6 +271,7 @@ impl Supervisor {
             };
             for order in orders {
                 if order == Order::Exit {
+                    upgrade::remove_pid(&self.config.process.cache_dir);
                     tracing::info!("all workers stopped; exiting");
                     return Ok(());
                 }
@@ -310,6 +321,7 @@ impl Supervisor {
             Some(checked) = async { match &mut self.certs { Some(c) => c.events.recv().await, None => std::future::pending().await } } => Wake::Cert(checked),
             Some(changes) = async { match &mut self.repository_changes { Some(r) => r.recv().await, None => std::future::pending().await } } => Wake::Repository(changes),
             Some((id, health)) = self.health.recv(), if self.apps.is_some() => Wake::Health(id, health),
+            Some(result) = async { match &mut self.upgrade { Some(p) => (&mut p.outcome).await.ok(), None => std::future::pending().await } } => Wake::Upgraded(result),
             _ = tick => Wake::Tick,
         }
     }
@@ -402,6 +414,9 @@ impl Supervisor {
             status.join(" and "),
             self.engine_slots()
         ));
+        // `tandem upgrade` finds us here; a supervisor that started us hears that we serve.
+        upgrade::write_pid(&self.config.process.cache_dir);
+        upgrade::tell_ready();
         // A stand-in serves until the source delivers; a source whose proof the
         // workers answer (ACME) can try now that they do.
         if let Some(certs) = self.certs.as_ref().filter(|c| c.degraded()) {
@@ -453,6 +468,51 @@ impl Supervisor {
 
     fn engine_slots(&self) -> usize {
         self.slots.iter().filter(|s| !s.role.is_front() && !s.retired).count()
+    }
+
+    /// SIGUSR2: starts the binary at our path as a new supervisor on our
+    /// listeners; this one serves on until the new one is ready (or fails).
+    fn begin_upgrade(&mut self) {
+        let refuse = |why: &str| {
+            tracing::error!(reason = why, "SIGUSR2: no upgrade");
+            upgrade::record(&self.config.process.cache_dir, &Err(why.to_string()));
+        };
+        if !matches!(self.phase, Phase::Running) {
+            return refuse("an upgrade starts only while every worker serves");
+        }
+        if self.upgrade.is_some() {
+            return tracing::warn!("SIGUSR2: an upgrade is already under way");
+        }
+        if std::process::id() == 1 {
+            return refuse("tandem is PID 1 (a container): replace the container, or run it under an init");
+        }
+        let Some(listeners) = &self.listeners else { return refuse("the listeners are already closed") };
+        match upgrade::start(&self.exe, listeners) {
+            Ok(pending) => {
+                tracing::info!(
+                    pid = pending.pid.as_raw(),
+                    binary = %self.exe.display(),
+                    "SIGUSR2: started the binary at our path as a new supervisor; serving on until it is ready"
+                );
+                self.upgrade = Some(pending);
+            }
+            Err(e) => refuse(&format!("{e:#}")),
+        }
+    }
+
+    /// The new supervisor serves (this one drains and exits), or failed (this one serves on).
+    fn upgraded(&mut self, result: Result<u32, String>) {
+        self.upgrade = None;
+        upgrade::record(&self.config.process.cache_dir, &result);
+        match result {
+            Ok(new) => {
+                tracing::info!(new_pid = new, "the new supervisor serves; this one drains and exits");
+                crate::systemd::notify(&format!("MAINPID={new}"));
+                self.replaced = true;
+                self.stop();
+            }
+            Err(reason) => tracing::error!(%reason, "upgrade failed; this supervisor keeps serving"),
+        }
     }
 
     /// The process that terminates TLS (and, with `WORKER_COMMAND`, serves both ports).

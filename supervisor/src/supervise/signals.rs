@@ -21,6 +21,8 @@ pub enum Signalled {
     AddWorker,
     /// SIGTTOU: one engine worker fewer.
     RemoveWorker,
+    /// SIGUSR2: start the binary at our path as a new supervisor and hand over.
+    Upgrade,
 }
 
 /// Registers the process's signal handlers now and forwards each signal as a
@@ -33,6 +35,7 @@ pub fn os() -> anyhow::Result<mpsc::UnboundedReceiver<Signalled>> {
         (SignalKind::hangup(), Signalled::Hup),
         (SignalKind::from_raw(Signal::SIGTTIN as i32), Signalled::AddWorker),
         (SignalKind::from_raw(Signal::SIGTTOU as i32), Signalled::RemoveWorker),
+        (SignalKind::user_defined2(), Signalled::Upgrade),
     ];
     let (tx, rx) = mpsc::unbounded_channel();
     for (kind, what) in kinds {

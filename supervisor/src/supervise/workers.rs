@@ -179,7 +179,11 @@ impl Supervisor {
             };
             let Some(pid) = status.pid() else { continue };
             let Some(index) = self.slots.iter().position(|s| s.pid == Some(pid)) else {
-                tracing::debug!(pid = pid.as_raw(), how = %describe_exit(&status), "reaped an orphan");
+                if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
+                    tracing::error!(pid = pid.as_raw(), how = %describe_exit(&status), "the new supervisor exited");
+                } else {
+                    tracing::debug!(pid = pid.as_raw(), how = %describe_exit(&status), "reaped an orphan");
+                }
                 continue;
             };
             self.worker_exited(index, &status)?;
@@ -274,7 +278,10 @@ impl Supervisor {
         }
         self.phase = phase;
         tracing::info!(timeout_s = self.config.process.graceful_timeout.as_secs(), "stopping: draining workers");
-        crate::systemd::notify("STOPPING=1");
+        if !self.replaced {
+            // (Replaced by an upgrade, the service goes on: systemd already has the new MAINPID.)
+            crate::systemd::notify("STOPPING=1");
+        }
         // Our copies of the listeners go; each worker closes its own as it drains.
         self.listeners = None;
         for s in &mut self.slots {

@@ -1,0 +1,157 @@
+//! Binary upgrade (`tandem upgrade`, SIGUSR2): under keep-alive HTTP and
+//! HTTPS load, the binary at tandem's path is replaced and `tandem upgrade`
+//! hands the listening sockets to a new supervisor started from it; no
+//! request fails, the old supervisor drains and exits 0, the new one serves
+//! on the same ports. A binary that cannot start leaves the old one serving
+//! and `tandem upgrade` exits 1 with the reason.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+/// Puts `contents` at `path` as a new file (a new inode renamed over the old
+/// one, as package managers and `install` do), executable.
+fn replace_binary(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// `tandem upgrade` run with the server's environment.
+fn upgrade(t: &Tandem) -> std::process::Output {
+    Command::new(TANDEM).arg("upgrade").env_clear().envs(&t.env).output().unwrap()
+}
+
+/// The pid in the pid file, once the supervisor has written it (when every worker first answers).
+fn supervisor_pid(t: &Tandem) -> u32 {
+    let path = Path::new(&t.env["MODEL_CACHE_DIR"]).join("tandem.pid");
+    wait_for(
+        Duration::from_secs(10),
+        "the pid file",
+        || t.explain(),
+        || std::fs::read_to_string(&path).ok()?.trim().parse().ok(),
+    )
+}
+
+/// Keep-alive clients posting inferences until stopped; counts answers and failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<std::sync::Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(t: &Tandem, https_ca: &str) -> Load {
+        let (stop, ok, failed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::default());
+        let mut threads = Vec::new();
+        for i in 0..4 {
+            let (client, url) = if i % 2 == 0 {
+                (Tandem::http_client(), t.http_url("/v2/models/digits/infer"))
+            } else {
+                (Tandem::https_client(https_ca), t.https_url("localhost", "/v2/models/digits/infer"))
+            };
+            let (stop, ok, failed): (Arc<AtomicBool>, Arc<AtomicU64>, Arc<std::sync::Mutex<Vec<String>>>) =
+                (stop.clone(), ok.clone(), Arc::clone(&failed));
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match client.post(&url).body(digits_body(3)).send() {
+                        Ok(r) if r.status().is_success() => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => failed.lock().unwrap().push(format!("{url}: {}", r.status())),
+                        Err(e) => failed.lock().unwrap().push(format!("{url}: {e:?}")),
+                    }
+                }
+            }));
+        }
+        Load { stop, ok, failed, threads }
+    }
+
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        (self.ok.load(Ordering::Relaxed), self.failed.lock().unwrap().clone())
+    }
+}
+
+#[test]
+fn an_upgrade_under_load_refuses_nothing_and_the_old_supervisor_drains_away() {
+    install_provider();
+    let mut t = TandemBuilder::new().copied_binary().ssl().env("NUM_WORKERS", "2").start();
+    let old = t.pid().as_raw() as u32;
+    assert_eq!(supervisor_pid(&t), old, "the pid file names the running supervisor");
+    let chain = t.served_chain_pem();
+    let load = Load::start(&t, &chain);
+    std::thread::sleep(Duration::from_millis(500));
+    // The new binary arrives at the same path (here the same build, as a new file).
+    replace_binary(&t.dir.path().join("bin/tandem"), &std::fs::read(TANDEM).unwrap());
+    let out = upgrade(&t);
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{said}\n{}", t.explain());
+    let new = supervisor_pid(&t);
+    assert_ne!(new, old);
+    assert!(said.contains(&format!("upgraded: supervisor {old} -> {new}")), "{said}");
+    // The old supervisor drains and exits 0 while the load goes on.
+    let status = t.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "the old supervisor: {status:?}\n{}", t.explain());
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failed) = load.finish();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}\n{}",
+        failed.len(),
+        ok,
+        &failed[..failed.len().min(5)],
+        t.explain()
+    );
+    assert!(ok > 100, "only {ok} requests answered");
+    // The new supervisor serves both ports with workers of its own.
+    let workers: Vec<_> = Tandem::children_of(nix::unistd::Pid::from_raw(new as i32))
+        .into_iter()
+        .filter(|(_, c)| c.starts_with("tandem "))
+        .collect();
+    assert_eq!(workers.len(), 3, "two engine workers and the HTTPS worker: {workers:?}");
+    let r = Tandem::http_client().post(t.http_url("/v2/models/digits/infer")).body(digits_body(1)).send().unwrap();
+    assert!(r.status().is_success());
+    let r = Tandem::https_client(&chain).get(t.https_url("localhost", "/v2/health/ready")).send().unwrap();
+    assert!(r.status().is_success());
+    assert!(t.stderr().contains("the new supervisor serves; this one drains and exits"), "{}", t.explain());
+    // Stop the new one (it is in the test's process group, which Drop kills anyway).
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(new as i32), nix::sys::signal::Signal::SIGTERM);
+}
+
+#[test]
+fn a_binary_that_cannot_start_leaves_the_old_supervisor_serving() {
+    let t = TandemBuilder::new().copied_binary().env("NUM_WORKERS", "1").start();
+    let old = t.pid().as_raw() as u32;
+    assert_eq!(supervisor_pid(&t), old);
+    let binary = t.dir.path().join("bin/tandem");
+    replace_binary(&binary, b"#!/bin/sh\necho 'this build is broken' >&2\nexit 3\n");
+    let out = upgrade(&t);
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{said}\n{}", t.explain());
+    assert!(said.contains("keeps serving"), "{said}");
+    assert!(t.stderr().contains("this build is broken"), "the new binary's own words reach the log\n{}", t.explain());
+    // Still the old one, still serving.
+    assert_eq!(supervisor_pid(&t), old);
+    let r = Tandem::http_client().post(t.http_url("/v2/models/digits/infer")).body(digits_body(1)).send().unwrap();
+    assert!(r.status().is_success());
+    // And once the binary is good again, the upgrade goes through.
+    replace_binary(&binary, &std::fs::read(TANDEM).unwrap());
+    let out = upgrade(&t);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_ne!(supervisor_pid(&t), old);
+}
