@@ -3,7 +3,8 @@
 //! hands the listening sockets to a new supervisor started from it; no
 //! request fails, the old supervisor drains and exits 0, the new one serves
 //! on the same ports. A binary that cannot start leaves the old one serving
-//! and `tandem upgrade` exits 1 with the reason.
+//! (its workers still restart from its own binary) and `tandem upgrade`
+//! exits 1 with the reason.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
 
@@ -149,6 +150,20 @@ fn a_binary_that_cannot_start_leaves_the_old_supervisor_serving() {
     assert_eq!(supervisor_pid(&t), old);
     let r = Tandem::http_client().post(t.http_url("/v2/models/digits/infer")).body(digits_body(1)).send().unwrap();
     assert!(r.status().is_success());
+    // A worker that dies now is restarted from the supervisor's own binary,
+    // not from the broken file at its path.
+    let victim = t.workers("engine-worker")[0];
+    nix::sys::signal::kill(victim, nix::sys::signal::Signal::SIGKILL).unwrap();
+    t.wait_replaced(Duration::from_secs(20), "engine-worker", victim, 1);
+    let serves = || {
+        Tandem::http_client()
+            .post(t.http_url("/v2/models/digits/infer"))
+            .body(digits_body(1))
+            .send()
+            .ok()
+            .filter(|r| r.status().is_success())
+    };
+    wait_for(Duration::from_secs(20), "the restarted worker serving", || t.explain(), serves);
     // And once the binary is good again, the upgrade goes through.
     replace_binary(&binary, &std::fs::read(TANDEM).unwrap());
     let out = upgrade(&t);

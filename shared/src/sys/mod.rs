@@ -42,6 +42,15 @@ pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A duplicate of `fd` at the lowest free number at or above `min`, closed on
+/// exec: a descriptor out of the way of the low numbers children are given.
+pub fn dup_above(fd: std::os::fd::BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    let new = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(min)).map_err(io::Error::from)?;
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) just returned this new descriptor; no
+    // one else knows its number, so the OwnedFd is its sole owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 /// Connections the kernel queues for a listener before it refuses new ones
 /// (capped by `net.core.somaxconn`). Rust's standard library listens with 128,
 /// which a burst of new connections overflows (the client then waits a second

@@ -54,7 +54,12 @@ pub struct Supervisor {
     config: Config,
     model_repository: PathBuf,
     engine: EngineSettings,
+    /// The binary's path, where an upgrade finds the new one.
     exe: PathBuf,
+    /// This very binary, open (and its `/proc/self/fd` path): workers run it,
+    /// so a worker restarted after a new binary replaced the file at `exe`
+    /// still matches its supervisor.
+    own_binary: (OwnedFd, PathBuf),
     listeners: Option<Listeners>,
     http_addr: Option<SocketAddr>,
     https_addr: Option<SocketAddr>,
@@ -112,6 +117,10 @@ impl Supervisor {
         certs: Option<CertKeeper>,
     ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the tandem executable (/proc/self/exe)")?;
+        let own_binary = std::fs::File::open("/proc/self/exe")
+            .and_then(|f| tandem_shared::sys::dup_above(std::os::fd::AsFd::as_fd(&f), 64))
+            .context("cannot open the tandem executable (/proc/self/exe)")?;
+        let own_path = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&own_binary)));
         let http_addr = listeners.http_addr()?;
         let https_addr = listeners.https.as_ref().map(Listeners::addr).transpose()?;
         let grpc_addr = listeners.grpc.as_ref().map(Listeners::addr).transpose()?;
@@ -185,6 +194,7 @@ impl Supervisor {
             model_repository,
             engine,
             exe,
+            own_binary: (own_binary, own_path),
             listeners: Some(listeners),
             http_addr,
             https_addr,

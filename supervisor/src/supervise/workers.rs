@@ -109,7 +109,8 @@ impl Supervisor {
         if let Some((l, _)) = proxy_https {
             fds.push(FdMapping { parent_fd: l.into(), child_fd: PROXY_HTTPS_FD });
         }
-        let mut cmd = Command::new(&self.exe);
+        // This binary itself (not whatever is at its path now), named `tandem`.
+        let mut cmd = Command::new(&self.own_binary.1);
         cmd.arg0("tandem")
             .arg(role.subcommand())
             .env_clear()
