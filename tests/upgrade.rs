@@ -4,7 +4,9 @@
 //! request fails, the old supervisor drains and exits 0, the new one serves
 //! on the same ports. A binary that cannot start leaves the old one serving
 //! (its workers still restart from its own binary) and `tandem upgrade`
-//! exits 1 with the reason.
+//! exits 1 with the reason. As PID 1 of a pid namespace (a container),
+//! tandem becomes the new binary in place and drains the workers it
+//! inherited, again without a failed request.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
 
@@ -169,4 +171,74 @@ fn a_binary_that_cannot_start_leaves_the_old_supervisor_serving() {
     let out = upgrade(&t);
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert_ne!(supervisor_pid(&t), old);
+}
+
+#[test]
+fn as_pid_1_tandem_becomes_the_new_binary_in_place_and_drains_the_old_workers() {
+    install_provider();
+    // tandem as PID 1 of its own pid namespace, as in a container.
+    let t = TandemBuilder::new()
+        .copied_binary()
+        .wrapped(&["unshare", "--pid", "--fork", "--mount-proc"])
+        .ssl()
+        .env("NUM_WORKERS", "2")
+        .start();
+    assert_eq!(supervisor_pid(&t), 1, "PID 1 in its namespace");
+    let host_pid = Tandem::children_of(t.pid()).first().map(|(p, _)| *p).expect("tandem under unshare");
+    let before: Vec<_> = Tandem::children_of(host_pid).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(before.len(), 3, "{before:?}");
+    // `tandem upgrade` from inside the namespace (as `docker exec` runs it).
+    let upgrade_inside = || {
+        let out = Command::new("nsenter")
+            .args(["--target", &host_pid.to_string(), "--pid", "--mount", "--"])
+            .arg(TANDEM)
+            .arg("upgrade")
+            .env_clear()
+            .envs(&t.env)
+            .output()
+            .unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out, said)
+    };
+    // A binary that fails its check first: refused before this process stops being the old one.
+    let binary = t.dir.path().join("bin/tandem");
+    replace_binary(&binary, b"#!/bin/sh\necho 'this build is broken' >&2\nexit 3\n");
+    let (out, said) = upgrade_inside();
+    assert_eq!(out.status.code(), Some(1), "{said}\n{}", t.explain());
+    assert!(said.contains("this build is broken") && said.contains("keeps serving"), "{said}");
+    assert_eq!(Tandem::children_of(host_pid).len(), 3, "the old workers still serve");
+    let chain = t.served_chain_pem();
+    let load = Load::start(&t, &chain);
+    std::thread::sleep(Duration::from_millis(500));
+    replace_binary(&binary, &std::fs::read(TANDEM).unwrap());
+    let (out, said) = upgrade_inside();
+    assert!(out.status.success(), "{said}\n{}", t.explain());
+    assert!(said.contains("upgraded: supervisor 1 -> 1"), "{said}");
+    // Same process, new binary: the old workers drain and go, new ones serve.
+    wait_for(
+        Duration::from_secs(30),
+        "the old workers gone",
+        || t.explain(),
+        || before.iter().all(|p| process_state(*p).is_none()).then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failed) = load.finish();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}\n{}",
+        failed.len(),
+        ok,
+        &failed[..failed.len().min(5)],
+        t.explain()
+    );
+    assert!(ok > 100, "only {ok} requests answered");
+    let after: Vec<_> = Tandem::children_of(host_pid).into_iter().filter(|(_, c)| c.starts_with("tandem ")).collect();
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert!(t.stderr().contains("becoming the new binary in place"), "{}", t.explain());
+    assert!(t.stderr().contains("a worker of the previous binary drained and exited"), "{}", t.explain());
+    let r = Tandem::https_client(&chain)
+        .post(t.https_url("localhost", "/v2/models/digits/infer"))
+        .body(digits_body(1))
+        .send();
+    assert!(r.unwrap().status().is_success());
 }

@@ -53,6 +53,9 @@ pub struct Slot {
     pub block: usize,
     /// The supervisor's writing end of the current process's control channel.
     pub control: Option<tandem_shared::process::control::CommandSender>,
+    /// The supervisor's end of that channel, held open (an upgrade in place
+    /// hands it to the new binary, so the worker never sees its supervisor go).
+    pub control_fd: Option<std::os::fd::OwnedFd>,
     /// A `WORKER_COMMAND` copy's number (1-based, kept across restarts; `{worker}`); 0 otherwise.
     pub number: usize,
     /// The running `WORKER_COMMAND` copy, for [`Role::App`] slots.
@@ -75,6 +78,7 @@ impl Slot {
             killed: false,
             block,
             control: None,
+            control_fd: None,
             number: 0,
             app: None,
         }

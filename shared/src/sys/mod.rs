@@ -51,6 +51,15 @@ pub fn dup_above(fd: std::os::fd::BorrowedFd<'_>, min: RawFd) -> io::Result<Owne
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
+/// [`dup_above`], but kept open across exec: for handing a descriptor to the
+/// program this process is about to become.
+pub fn dup_inheritable_above(fd: std::os::fd::BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    let new = fcntl(fd, FcntlArg::F_DUPFD(min)).map_err(io::Error::from)?;
+    // SAFETY: fcntl(F_DUPFD) just returned this new descriptor; no one else
+    // knows its number, so the OwnedFd is its sole owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 /// Connections the kernel queues for a listener before it refuses new ones
 /// (capped by `net.core.somaxconn`). Rust's standard library listens with 128,
 /// which a burst of new connections overflows (the client then waits a second

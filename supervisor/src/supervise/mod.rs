@@ -94,6 +94,8 @@ pub struct Supervisor {
     upgrade: Option<upgrade::Pending>,
     /// This supervisor is stopping because a new one serves in its place.
     replaced: bool,
+    /// Workers of the binary this one replaced in place (PID 1), draining once ours serve.
+    old_workers: Vec<upgrade::OldWorker>,
 }
 
 /// What woke the event loop.
@@ -217,6 +219,7 @@ impl Supervisor {
             memory: tandem_shared::edge::budget::memory_limit().unwrap_or(tandem_shared::edge::budget::UNKNOWN_MEMORY),
             upgrade: None,
             replaced: false,
+            old_workers: upgrade::take_old_workers(),
         })
     }
 
@@ -272,6 +275,7 @@ impl Supervisor {
             self.reap()?;
             self.restart_due()?;
             self.shared_memory_sweep();
+            self.drain_old_workers();
             self.watchdog.ping_if_due();
             // Only a stop has orders for after every wake: no snapshot of the workers otherwise.
             let orders = if self.phase.stopping() {
@@ -427,6 +431,14 @@ impl Supervisor {
         // `tandem upgrade` finds us here; a supervisor that started us hears that we serve.
         upgrade::write_pid(&self.config.process.cache_dir);
         upgrade::tell_ready();
+        if !self.old_workers.is_empty() {
+            // An upgrade in place: this binary serves; the previous one's workers drain.
+            tracing::info!(
+                workers = self.old_workers.len(),
+                "the new binary serves; the previous binary's workers drain"
+            );
+            upgrade::record(&self.config.process.cache_dir, &Ok(std::process::id()));
+        }
         // A stand-in serves until the source delivers; a source whose proof the
         // workers answer (ACME) can try now that they do.
         if let Some(certs) = self.certs.as_ref().filter(|c| c.degraded()) {
@@ -493,10 +505,14 @@ impl Supervisor {
         if self.upgrade.is_some() {
             return tracing::warn!("SIGUSR2: an upgrade is already under way");
         }
-        if std::process::id() == 1 {
-            return refuse("tandem is PID 1 (a container): replace the container, or run it under an init");
-        }
         let Some(listeners) = &self.listeners else { return refuse("the listeners are already closed") };
+        if std::process::id() == 1 {
+            // PID 1 cannot hand over to a child and exit: it becomes the new binary.
+            let workers: Vec<(nix::unistd::Pid, bool, &OwnedFd)> =
+                self.slots.iter().filter_map(|s| Some((s.pid?, s.role.is_front(), s.control_fd.as_ref()?))).collect();
+            let e = upgrade::exec_in_place(&self.exe, listeners, &workers);
+            return refuse(&format!("{e:#}"));
+        }
         match upgrade::start(&self.exe, listeners) {
             Ok(pending) => {
                 tracing::info!(
@@ -522,6 +538,28 @@ impl Supervisor {
                 self.stop();
             }
             Err(reason) => tracing::error!(%reason, "upgrade failed; this supervisor keeps serving"),
+        }
+    }
+
+    /// After an upgrade in place, once our own workers serve: the previous
+    /// binary's HTTPS worker drains first, then its engines (which answer
+    /// what is still in its ring); any still there past `GRACEFUL_TIMEOUT`
+    /// (and a little) is killed.
+    fn drain_old_workers(&mut self) {
+        if self.old_workers.is_empty() || matches!(self.phase, Phase::Starting) {
+            return;
+        }
+        let fronts_left = self.old_workers.iter().any(|w| w.front);
+        for w in self.old_workers.iter_mut().filter(|w| w.front || !fronts_left) {
+            w.term();
+        }
+        let limit = self.config.process.graceful_timeout + Duration::from_secs(5);
+        for w in &mut self.old_workers {
+            if !w.killed && w.termed.is_some_and(|t| t.elapsed() > limit) {
+                tracing::warn!(pid = w.pid.as_raw(), "a worker of the previous binary did not drain in time; killing");
+                let _ = kill(w.pid, Signal::SIGKILL);
+                w.killed = true;
+            }
         }
     }
 

@@ -7,8 +7,15 @@
 //! binary that fails (bad configuration, a crash, workers that never get
 //! ready) closes the pipe without a word and the old one keeps serving.
 //!
+//! As PID 1 (a container) the supervisor cannot hand over to a child and
+//! exit, so it becomes the new binary in place: it has the new binary check
+//! the configuration first (`tandem check`), then execs it with the
+//! listeners and its workers' control channels kept open; the new
+//! supervisor starts its own workers and, once they serve, drains the ones
+//! it inherited (the HTTPS worker first, as on a stop).
+//!
 //! `tandem upgrade` finds the supervisor by its pid file in the cache
-//! (`tandem.pid`), signals it and waits for the outcome it records there
+//! (`tandem.pid`), signals it and waits for the outcome recorded there
 //! (`upgrade.json`).
 
 use std::io::Write as _;
@@ -30,6 +37,9 @@ use super::Listeners;
 
 /// The variable naming the descriptor a new supervisor reports readiness on.
 pub const FD_VAR: &str = "TANDEM_UPGRADE_FD";
+/// The variable listing the workers an upgrade in place leaves to the new
+/// binary: `pid:front:fd` (`front` 1 for the HTTPS worker), comma-separated.
+pub const WORKERS_VAR: &str = "TANDEM_UPGRADE_WORKERS";
 /// The supervisor's pid, in the cache directory, while it serves.
 const PID_FILE: &str = "tandem.pid";
 /// The last upgrade's outcome, in the cache directory.
@@ -89,6 +99,8 @@ pub fn start(exe: &Path, listeners: &Listeners) -> anyhow::Result<Pending> {
         .env("LISTEN_FDS", names.len().to_string())
         .env("LISTEN_FDNAMES", names.join(":"))
         .env_remove("LISTEN_PID")
+        // systemd's watchdog names the old main pid; the new one pings once it is main.
+        .env_remove("WATCHDOG_PID")
         .env(FD_VAR, pipe_fd.to_string())
         .stdin(Stdio::null())
         .fd_mappings(fds)
@@ -115,15 +127,155 @@ pub fn start(exe: &Path, listeners: &Listeners) -> anyhow::Result<Pending> {
 /// The pipe to the supervisor that started us, when this one is an upgrade.
 static TO_OLD: Mutex<Option<std::fs::File>> = Mutex::new(None);
 
-/// Takes the upgrade pipe named in the environment (early, before any child
-/// is started; children never see it).
+/// A worker of the binary this one replaced in place, left to drain.
+#[derive(Debug)]
+pub struct OldWorker {
+    /// Its pid (our child: we are the same process).
+    pub pid: Pid,
+    /// The HTTPS worker (drained before the engines, which answer its ring).
+    pub front: bool,
+    /// Our end of its control channel, held open until it is gone.
+    _control: OwnedFd,
+    /// When it was told to drain.
+    pub termed: Option<Instant>,
+    /// It was killed for not draining in time.
+    pub killed: bool,
+}
+
+impl OldWorker {
+    /// Tells it to drain (once).
+    pub fn term(&mut self) {
+        if self.termed.is_none() {
+            self.termed = Some(Instant::now());
+            let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+}
+
+/// The workers an upgrade in place left us, until the supervisor takes them.
+static OLD_WORKERS: Mutex<Vec<OldWorker>> = Mutex::new(Vec::new());
+
+/// Takes what an upgrade handed this process (early, before any child is
+/// started; children never see it): the pipe to the old supervisor, or the
+/// old binary's workers after an upgrade in place.
 pub fn adopt() -> anyhow::Result<()> {
-    let Some(v) = std::env::var_os(FD_VAR) else { return Ok(()) };
-    std::env::remove_var(FD_VAR);
-    let fd: i32 = v.to_str().and_then(|s| s.parse().ok()).with_context(|| format!("{FD_VAR}: not a descriptor"))?;
-    let fd = tandem_shared::sys::adopt_fd(fd).with_context(|| format!("{FD_VAR}: descriptor {fd}"))?;
-    *TO_OLD.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::fs::File::from(fd));
+    if let Some(v) = std::env::var_os(FD_VAR) {
+        std::env::remove_var(FD_VAR);
+        let fd: i32 = v.to_str().and_then(|s| s.parse().ok()).with_context(|| format!("{FD_VAR}: not a descriptor"))?;
+        let fd = tandem_shared::sys::adopt_fd(fd).with_context(|| format!("{FD_VAR}: descriptor {fd}"))?;
+        *TO_OLD.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::fs::File::from(fd));
+    }
+    if let Some(v) = std::env::var_os(WORKERS_VAR) {
+        std::env::remove_var(WORKERS_VAR);
+        let v = v.to_str().with_context(|| format!("{WORKERS_VAR}: not text"))?.to_string();
+        let mut old = Vec::new();
+        for item in v.split(',').filter(|i| !i.is_empty()) {
+            let parts: Vec<&str> = item.split(':').collect();
+            let [pid, front, fd] = parts[..] else { anyhow::bail!("{WORKERS_VAR}: {item:?} is not pid:front:fd") };
+            let (Ok(pid), Ok(fd)) = (pid.parse::<i32>(), fd.parse::<i32>()) else {
+                anyhow::bail!("{WORKERS_VAR}: {item:?} is not pid:front:fd");
+            };
+            let control =
+                tandem_shared::sys::adopt_fd(fd).with_context(|| format!("{WORKERS_VAR}: descriptor {fd}"))?;
+            old.push(OldWorker {
+                pid: Pid::from_raw(pid),
+                front: front == "1",
+                _control: control,
+                termed: None,
+                killed: false,
+            });
+        }
+        *OLD_WORKERS.lock().unwrap_or_else(|p| p.into_inner()) = old;
+    }
     Ok(())
+}
+
+/// The previous binary's workers, for the supervisor to drain once its own serve.
+pub fn take_old_workers() -> Vec<OldWorker> {
+    std::mem::take(&mut *OLD_WORKERS.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+/// Becomes the binary at `exe` in place (PID 1): returns only when it could
+/// not (the configuration or binary failed its check, or exec failed), with why.
+/// `workers` are the live workers: (pid, front, our end of their control channel).
+pub fn exec_in_place(exe: &Path, listeners: &Listeners, workers: &[(Pid, bool, &OwnedFd)]) -> anyhow::Error {
+    match prepare_and_exec(exe, listeners, workers) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+fn prepare_and_exec(
+    exe: &Path,
+    listeners: &Listeners,
+    workers: &[(Pid, bool, &OwnedFd)],
+) -> anyhow::Result<std::convert::Infallible> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    use std::os::unix::ffi::OsStrExt as _;
+    // The new binary must accept this configuration before this process stops being the old one.
+    let check = Command::new(exe)
+        .arg("check")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {} check", exe.display()))?;
+    if !check.status.success() {
+        let said = String::from_utf8_lossy(&check.stderr);
+        anyhow::bail!("the new binary refused the configuration ({}): {}", check.status, said.trim());
+    }
+    // The listeners, side by side from descriptor 200 on (LISTEN_FDS_FIRST_FD).
+    let named = [
+        ("http", listeners.http.as_ref()),
+        ("https", listeners.https.as_ref()),
+        ("metrics", listeners.metrics.as_ref()),
+        ("grpc", listeners.grpc.as_ref()),
+    ];
+    let mut kept: Vec<OwnedFd> = Vec::new();
+    let mut names = Vec::new();
+    const FIRST: i32 = 200;
+    for (name, l) in named {
+        if let Some(l) = l {
+            let want = FIRST + names.len() as i32;
+            let fd = tandem_shared::sys::dup_inheritable_above(l.as_fd(), want)?;
+            anyhow::ensure!(fd.as_raw_fd() == want, "descriptor {want} is taken; cannot line the listeners up");
+            kept.push(fd);
+            names.push(name);
+        }
+    }
+    let mut handed = Vec::new();
+    for (pid, front, control) in workers {
+        let fd = tandem_shared::sys::dup_inheritable_above(control.as_fd(), FIRST + 64)?;
+        handed.push(format!("{}:{}:{}", pid.as_raw(), u8::from(*front), fd.as_raw_fd()));
+        kept.push(fd);
+    }
+    let mut env: Vec<std::ffi::CString> = std::env::vars_os()
+        .filter(|(k, _)| {
+            !matches!(k.to_str(), Some("LISTEN_FDS" | "LISTEN_PID" | "LISTEN_FDNAMES" | "LISTEN_FDS_FIRST_FD"))
+        })
+        .filter(|(k, _)| k != WORKERS_VAR && k != FD_VAR)
+        .filter_map(|(k, v)| {
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            std::ffi::CString::new(kv).ok()
+        })
+        .collect();
+    for (k, v) in [
+        ("LISTEN_FDS", names.len().to_string()),
+        ("LISTEN_FDS_FIRST_FD", FIRST.to_string()),
+        ("LISTEN_FDNAMES", names.join(":")),
+        ("LISTEN_PID", std::process::id().to_string()),
+        (WORKERS_VAR, handed.join(",")),
+    ] {
+        env.push(std::ffi::CString::new(format!("{k}={v}"))?);
+    }
+    let path = std::ffi::CString::new(exe.as_os_str().as_bytes())?;
+    let args: Vec<std::ffi::CString> =
+        std::env::args_os().filter_map(|a| std::ffi::CString::new(a.as_bytes()).ok()).collect();
+    tracing::info!(binary = %exe.display(), workers = workers.len(), "SIGUSR2 as PID 1: becoming the new binary in place");
+    let err = nix::unistd::execve(&path, &args, &env).unwrap_err();
+    drop(kept);
+    Err(anyhow::Error::new(err).context(format!("cannot exec {}", exe.display())))
 }
 
 /// Tells the supervisor that started us (if one did) that we serve now.

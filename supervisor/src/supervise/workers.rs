@@ -131,6 +131,7 @@ impl Supervisor {
         slot.pid = Some(pid);
         slot.killed = false;
         slot.control = ours.try_clone().and_then(|s| CommandSender::start(s, worker_id)).ok();
+        slot.control_fd = ours.try_clone().ok().map(std::os::fd::OwnedFd::from);
         slot.state = WorkerState::Starting;
         slot.started = Instant::now();
         slot.restart_at = None;
@@ -180,7 +181,10 @@ impl Supervisor {
             };
             let Some(pid) = status.pid() else { continue };
             let Some(index) = self.slots.iter().position(|s| s.pid == Some(pid)) else {
-                if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
+                if let Some(i) = self.old_workers.iter().position(|w| w.pid == pid) {
+                    let old = self.old_workers.remove(i);
+                    tracing::info!(pid = pid.as_raw(), front = old.front, how = %describe_exit(&status), "a worker of the previous binary drained and exited");
+                } else if self.upgrade.as_ref().is_some_and(|u| u.pid == pid) {
                     tracing::error!(pid = pid.as_raw(), how = %describe_exit(&status), "the new supervisor exited");
                 } else {
                     tracing::debug!(pid = pid.as_raw(), how = %describe_exit(&status), "reaped an orphan");
@@ -206,6 +210,7 @@ impl Supervisor {
         }
         Stats::vacate(&self.stats.0, self.slots[index].block);
         self.slots[index].control = None;
+        self.slots[index].control_fd = None;
         let app = self.slots[index].app.take();
         if let (Some(app), Some(pid)) = (&app, self.slots[index].pid) {
             // What the copy started and left behind goes with it (a restart must find its port free).
@@ -287,6 +292,9 @@ impl Supervisor {
         self.listeners = None;
         for s in &mut self.slots {
             s.restart_at = None;
+        }
+        for old in &mut self.old_workers {
+            old.term();
         }
         // The HTTPS worker drains first: its in-flight requests still need the
         // engine workers to claim them from the ring. The engine workers get
