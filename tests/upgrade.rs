@@ -81,12 +81,23 @@ impl Load {
         Load { stop, ok, failed, threads }
     }
 
-    fn finish(self) -> (u64, Vec<String>) {
+    /// Lets the load run half a second more, stops it, and fails the test on
+    /// any failed request (or on too few answered).
+    fn finish_without_failures(self, t: &Tandem) {
+        std::thread::sleep(Duration::from_millis(500));
         self.stop.store(true, Ordering::Relaxed);
         for t in self.threads {
             t.join().unwrap();
         }
-        (self.ok.load(Ordering::Relaxed), self.failed.lock().unwrap().clone())
+        let (ok, failed) = (self.ok.load(Ordering::Relaxed), self.failed.lock().unwrap().clone());
+        assert!(
+            failed.is_empty(),
+            "{} of {ok} requests failed: {:?}\n{}",
+            failed.len(),
+            &failed[..failed.len().min(5)],
+            t.explain()
+        );
+        assert!(ok > 100, "only {ok} requests answered");
     }
 }
 
@@ -110,17 +121,7 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_supervisor_drains_away() {
     // The old supervisor drains and exits 0 while the load goes on.
     let status = t.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "the old supervisor: {status:?}\n{}", t.explain());
-    std::thread::sleep(Duration::from_millis(500));
-    let (ok, failed) = load.finish();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}\n{}",
-        failed.len(),
-        ok,
-        &failed[..failed.len().min(5)],
-        t.explain()
-    );
-    assert!(ok > 100, "only {ok} requests answered");
+    load.finish_without_failures(&t);
     // The new supervisor serves both ports with workers of its own.
     let workers: Vec<_> = Tandem::children_of(nix::unistd::Pid::from_raw(new as i32))
         .into_iter()
@@ -221,17 +222,7 @@ fn as_pid_1_tandem_becomes_the_new_binary_in_place_and_drains_the_old_workers() 
         || t.explain(),
         || before.iter().all(|p| process_state(*p).is_none()).then_some(()),
     );
-    std::thread::sleep(Duration::from_millis(500));
-    let (ok, failed) = load.finish();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}\n{}",
-        failed.len(),
-        ok,
-        &failed[..failed.len().min(5)],
-        t.explain()
-    );
-    assert!(ok > 100, "only {ok} requests answered");
+    load.finish_without_failures(&t);
     let after: Vec<_> = Tandem::children_of(host_pid).into_iter().filter(|(_, c)| c.starts_with("tandem ")).collect();
     assert_eq!(after.len(), 3, "{after:?}");
     assert!(t.stderr().contains("becoming the new binary in place"), "{}", t.explain());
