@@ -4,8 +4,10 @@
 //! registry here), then run: tandem is PID 1, HTTP and HTTPS answer, an
 //! orphaned grandchild is reaped, the cache on a mounted directory is 0700 /
 //! 0600 and owned by the container user, a Kubernetes-style `..data` secret
-//! swap is served by the same HTTPS worker, the health check turns healthy,
-//! and `docker stop` drains and exits 0 within GRACEFUL_TIMEOUT.
+//! swap is served by the same HTTPS worker, a new binary put at tandem's
+//! path is taken in place by `tandem upgrade` (PID 1 stays, the workers are
+//! new), the health check turns healthy, and `docker stop` drains and exits 0
+//! within GRACEFUL_TIMEOUT.
 //!
 //! Skipped, saying so, where there is no Docker Engine. With
 //! `TANDEM_TEST_IMAGE` set, the same checks run on that image instead
@@ -169,6 +171,25 @@ fn the_image_runs_tandem_as_pid_1_and_behaves_as_a_container_entrypoint() {
         || (served(https, &ca.pem).as_deref() == Some(second.fingerprint.as_str())).then_some(()),
     );
     assert_eq!(c.pid_of("https-worker"), https_worker, "same HTTPS worker");
+    // A hot fix without a new container: a new binary at tandem's path, then
+    // `tandem upgrade` (PID 1 becomes it in place and drains its old workers).
+    let engines = c.pid_of("engine-worker");
+    run(Command::new("docker")
+        .args(["exec", "-u", "root", &c.0, "sh", "-c"])
+        .arg("t=$(readlink -f /usr/local/bin/tandem) && cp \"$t\" \"$t.new\" && mv \"$t.new\" \"$t\""));
+    let said = c.exec("tandem upgrade 2>&1");
+    assert!(said.contains("upgraded: supervisor 1 -> 1"), "{said}\n{}", c.logs());
+    wait_for(
+        Duration::from_secs(30),
+        "new engine workers only",
+        || c.logs(),
+        || {
+            let now = c.pid_of("engine-worker");
+            (now.lines().count() == 2 && now.lines().all(|p| !engines.lines().any(|o| o == p))).then_some(())
+        },
+    );
+    assert_eq!(c.exec("cat /proc/1/comm"), "tandem");
+    assert_eq!(served(https, &ca.pem).as_deref(), Some(second.fingerprint.as_str()), "{}", c.logs());
     // The health check (tandem health) turns healthy.
     wait_for(
         Duration::from_secs(60),

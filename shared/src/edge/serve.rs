@@ -801,17 +801,18 @@ async fn serve_connection<IO, S, B>(
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     let mut tick = tokio::time::interval(tick(&timeouts));
+    // On a drain, a connection stays open for DRAIN_LINGER with every HTTP/1
+    // answer saying `Connection: close` (a request already on its way is
+    // answered, not cut off); then it is closed (HTTP/2: GOAWAY). The same for
+    // one whose handshake ended after the drain began: its client has a
+    // request to send.
     let mut closing = *drain.borrow();
+    let mut lingering = closing;
+    let linger = tokio::time::sleep(if closing { DRAIN_LINGER } else { Duration::from_secs(86400 * 365) });
+    tokio::pin!(linger);
     if closing {
         activity.closing.store(true, Ordering::Relaxed);
-        conn.as_mut().graceful_shutdown();
     }
-    // On a drain, a kept-alive connection stays open for DRAIN_LINGER with
-    // every HTTP/1 answer saying `Connection: close` (a request already on its
-    // way is answered, not cut off); then it is closed (HTTP/2: GOAWAY).
-    let linger = tokio::time::sleep(Duration::from_secs(86400 * 365));
-    tokio::pin!(linger);
-    let mut lingering = false;
     // When a timer closed the connection: a peer that does not take part in the
     // close (an HTTP/2 client that never acknowledges the GOAWAY's ping) is dropped
     // after HEADER_TIMEOUT more.
