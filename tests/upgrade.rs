@@ -47,11 +47,10 @@ fn supervisor_pid(t: &Tandem) -> u32 {
 }
 
 /// Clients posting inferences until stopped, each its own way: HTTP/1.1
-/// keep-alive, HTTP/2 cleartext, and (with `https`) HTTPS keep-alive (HTTP/2
-/// by ALPN); and a loop that only connects to the plain port and counts
-/// refusals. Every failure is kept. (HTTPS with a new connection per request
-/// is left out: a TLS handshake accepted by the old HTTPS worker just before
-/// its drain can stall, about once in a few upgrades; see docs/LIFECYCLE.md.)
+/// keep-alive, HTTP/2 cleartext, and (with `https`) HTTPS kept alive
+/// (HTTP/2 by ALPN) and HTTPS with a new connection per request; and a loop
+/// that only connects to the plain port and counts refusals. Every failure
+/// is kept.
 struct Load {
     stop: Arc<AtomicBool>,
     ok: Arc<AtomicU64>,
@@ -72,11 +71,19 @@ impl Load {
             ("h2c", h2c, t.http_url("/v2/models/digits/infer")),
         ];
         if let Some(ca) = https_ca {
-            clients.push((
-                "https keep-alive",
-                Tandem::https_client(ca),
-                t.https_url("localhost", "/v2/models/digits/infer"),
-            ));
+            // Kept alive (HTTP/2 by ALPN), and HTTP/1.1 with a new connection (and handshake) per request.
+            let fresh = reqwest::blocking::Client::builder()
+                .use_rustls_tls()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+                .http1_only()
+                .pool_max_idle_per_host(0)
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let url = t.https_url("localhost", "/v2/models/digits/infer");
+            clients.push(("https keep-alive", Tandem::https_client(ca), url.clone()));
+            clients.push(("https new connection", fresh, url));
         }
         let mut threads = Vec::new();
         for (kind, client, url) in clients {
@@ -295,8 +302,8 @@ fn ten_upgrades_in_a_row_under_mixed_load_refuse_nothing_and_leak_nothing() {
     // Settled: every worker serving, the metrics of the first start done.
     std::thread::sleep(Duration::from_millis(500));
     let held = descriptors(first);
-    // Plain HTTP kinds only here: what this test counts is refusals and leaks.
-    let load = Load::start(&t, None);
+    let chain = t.served_chain_pem();
+    let load = Load::start(&t, Some(&chain));
     let mut supervisors = vec![first];
     for round in 0..10 {
         replace_binary(&t.dir.path().join("bin/tandem"), &std::fs::read(TANDEM).unwrap());

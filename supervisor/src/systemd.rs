@@ -66,7 +66,11 @@ pub fn passed_listeners(config: &Config) -> anyhow::Result<Option<Vec<(Which, Tc
         if out.iter().any(|(w, _)| *w == which) {
             anyhow::bail!("LISTEN_FDS passed two sockets for the {which:?} listener\nhint: name them with FileDescriptorName=http / https / metrics / grpc");
         }
-        l.set_nonblocking(false).context("cannot configure a passed listener")?;
+        // Its blocking mode is left as it is: O_NONBLOCK belongs to the open
+        // socket, shared with every process that holds it (on an upgrade, the
+        // previous supervisor's workers, which accept on it non-blocking: made
+        // blocking here, their accept would block a serving thread until the
+        // next connection). The workers set it non-blocking themselves.
         out.push((which, l));
     }
     // The workers get their listener from the supervisor, never these variables.

@@ -169,7 +169,10 @@ impl Handshaker {
         // Counted as a timeout unless it ends here (the server drops it at HEADER_TIMEOUT).
         let mut pending = handshake::Pending::new(&self.stats);
         let mut first = [0u8; 1];
-        if matches!(tcp.peek(&mut first).await, Ok(1)) && handshake::looks_like_http(first[0]) {
+        let began = std::time::Instant::now();
+        let peeked = tcp.peek(&mut first).await;
+        let first_byte_after = began.elapsed();
+        if matches!(peeked, Ok(1)) && handshake::looks_like_http(first[0]) {
             pending.plain_http();
             handshake::refuse_plain_http(tcp, &self.https_url).await;
             return None;
@@ -191,7 +194,14 @@ impl Handshaker {
                     Some(why) if client_auth::first_in_a_while(peer.ip()) => {
                         tracing::info!(%peer, reason = %why, "client certificate rejected");
                     }
-                    _ => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    _ => tracing::debug!(
+                        %peer,
+                        error = %e,
+                        ?peeked,
+                        first_byte_ms = first_byte_after.as_millis() as u64,
+                        total_ms = began.elapsed().as_millis() as u64,
+                        "TLS handshake failed"
+                    ),
                 }
                 None
             }

@@ -615,7 +615,12 @@ impl Server {
                 let close = Arc::new(tokio::sync::Notify::new());
                 (s.register(activity.clone(), close.clone()), close)
             });
+            let accepted_at = Instant::now();
             tokio::spawn(async move {
+                // A serving thread that blocks (a blocking call on it) shows here first.
+                if accepted_at.elapsed() > Duration::from_millis(500) {
+                    tracing::debug!(%peer, ms = accepted_at.elapsed().as_millis() as u64, pid = std::process::id(), thread = ?std::thread::current().name(), "a connection's task first ran long after its accept");
+                }
                 let slot = Slot { _permit: permit, _opened: opened, activity: activity.clone() };
                 let serve = async move {
                     // The handshake counts against HEADER_TIMEOUT too.
