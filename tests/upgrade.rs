@@ -186,6 +186,13 @@ fn a_binary_that_cannot_start_leaves_the_old_supervisor_serving() {
     assert_eq!(supervisor_pid(&t), old);
     let r = Tandem::http_client().post(t.http_url("/v2/models/digits/infer")).body(digits_body(1)).send().unwrap();
     assert!(r.status().is_success());
+    // A binary whose configuration is refused (a wrapper that breaks PORT): the same.
+    replace_binary(&binary, format!("#!/bin/sh\nPORT=notaport exec {TANDEM} \"$@\"\n").as_bytes());
+    let out = upgrade(&t);
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{said}\n{}", t.explain());
+    assert!(t.stderr().contains("notaport"), "the refused value is in the log\n{}", t.explain());
+    assert_eq!(supervisor_pid(&t), old);
     // A worker that dies now is restarted from the supervisor's own binary,
     // not from the broken file at its path.
     let victim = t.workers("engine-worker")[0];
