@@ -342,3 +342,49 @@ fn ten_upgrades_in_a_row_under_mixed_load_refuse_nothing_and_leak_nothing() {
     assert!(group.contains(&last));
     assert_eq!(descriptors(last), held, "(descriptors, memfd regions) of the first and the last supervisor");
 }
+
+#[test]
+fn under_systemd_the_new_supervisor_is_handed_main_and_pings_the_watchdog() {
+    // A datagram socket stands in for systemd's NOTIFY_SOCKET.
+    let b = TandemBuilder::new().copied_binary().env("NUM_WORKERS", "1").env("WATCHDOG_USEC", "1000000");
+    let sock_path = b.dir().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    // systemd names the main process in WATCHDOG_PID (here: the shell that becomes tandem).
+    let mut t = b
+        .env("NOTIFY_SOCKET", sock_path.to_str().unwrap())
+        .wrapped(&["sh", "-c", "WATCHDOG_PID=$$ exec \"$0\""])
+        .start();
+    let read_until = |want: &str, within: Duration| {
+        let deadline = std::time::Instant::now() + within;
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        while std::time::Instant::now() < deadline {
+            if let Ok(n) = notify.recv(&mut buf) {
+                seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+                seen.push('\n');
+                if seen.contains(want) {
+                    return seen;
+                }
+            }
+        }
+        panic!("no {want:?} within {within:?}; got:\n{seen}");
+    };
+    read_until("READY=1", Duration::from_secs(30));
+    replace_binary(&t.dir.path().join("bin/tandem"), &std::fs::read(TANDEM).unwrap());
+    let out = upgrade(&t);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let new = supervisor_pid(&t);
+    // The old main process hands the service to the new one, and does not say it is stopping.
+    let seen = read_until(&format!("MAINPID={new}"), Duration::from_secs(10));
+    assert!(t.wait_exit(Duration::from_secs(30)).success(), "{}", t.explain());
+    // Whatever the old one sent is read; what comes next is the new one's: it pings the watchdog.
+    let mut buf = [0u8; 4096];
+    let mut before_exit = seen;
+    while let Ok(n) = notify.recv(&mut buf) {
+        before_exit.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let after = read_until("WATCHDOG=1", Duration::from_secs(3));
+    assert!(!before_exit.contains("STOPPING=1") && !after.contains("STOPPING=1"), "{before_exit}{after}");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(new as i32), nix::sys::signal::Signal::SIGTERM);
+}
