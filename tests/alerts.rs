@@ -49,8 +49,7 @@ fn every_metric_the_rules_name_is_exported_by_tandem() {
     // A repository with a model that serves and one that cannot load.
     let repo = tempfile::tempdir().unwrap();
     copy_digits(repo.path(), "digits", "");
-    std::fs::create_dir_all(repo.path().join("broken/1")).unwrap();
-    std::fs::write(repo.path().join("broken/1/model.onnx"), b"not an onnx model").unwrap();
+    broken_model(repo.path(), "broken");
     // Live, not ready: with a model unavailable the server is not ready (strict readiness).
     let t = TandemBuilder::new().ssl().env("MODEL_REPOSITORY", repo.path().to_str().unwrap()).start_live();
     let client = Tandem::http_client();

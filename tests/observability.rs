@@ -182,8 +182,7 @@ fn a_real_prometheus_raises_the_expected_alerts_and_feeds_every_dashboard_panel(
     // certificate from a CA that expires in 12 hours.
     let failing_repo = tempfile::tempdir().unwrap();
     copy_digits(failing_repo.path(), "digits", "");
-    std::fs::create_dir_all(failing_repo.path().join("broken/1")).unwrap();
-    std::fs::write(failing_repo.path().join("broken/1/model.onnx"), b"not an onnx model").unwrap();
+    broken_model(failing_repo.path(), "broken");
     let ca = TestCa::new();
     let certs = tempfile::tempdir().unwrap();
     ca.issue_between(&["localhost", "127.0.0.1"], time::Duration::days(-1), time::Duration::hours(12)).write(

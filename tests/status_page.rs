@@ -53,8 +53,7 @@ fn the_status_page_shows_the_server_and_a_browser_renders_it() {
     let metrics_port = free_port();
     let repo = tempfile::tempdir().unwrap();
     copy_digits(repo.path(), "digits", "");
-    std::fs::create_dir_all(repo.path().join("broken/1")).unwrap();
-    std::fs::write(repo.path().join("broken/1/model.onnx"), b"not an onnx model").unwrap();
+    broken_model(repo.path(), "broken");
     // Live, not ready: a model is unavailable (strict readiness).
     let t = TandemBuilder::new()
         .ssl()
@@ -63,15 +62,8 @@ fn the_status_page_shows_the_server_and_a_browser_renders_it() {
         .env("MODEL_REPOSITORY", repo.path().to_str().unwrap())
         .start_live();
     let http = Tandem::http_client();
-    let chain = wait_for(
-        Duration::from_secs(60),
-        "the served certificate",
-        || t.explain(),
-        || {
-            let pem = std::fs::read_to_string(t.cert_dir().join("live.pem")).ok()?;
-            Some(pem[pem.find("-----BEGIN CERTIFICATE-----")?..].to_string())
-        },
-    );
+    // The certificate is in place before the ports are bound.
+    let chain = t.served_chain_pem();
     let https = Tandem::https_client(&chain);
     wait_for(
         Duration::from_secs(60),

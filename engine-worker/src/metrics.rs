@@ -344,8 +344,7 @@ pub fn ring_busy(r: &Region) -> (u32, u32) {
 
 /// The certificate source named in the status file (`GENERATE`, `INDIRECT`, `PATH`).
 pub fn cert_source(status_file: &std::path::Path) -> Option<String> {
-    let bytes = std::fs::read(status_file).ok()?;
-    serde_json::from_slice::<tandem_shared::certs::status::CertStatus>(&bytes).ok().map(|s| s.mode)
+    tandem_shared::certs::status::CertStatus::read(status_file).map(|s| s.mode)
 }
 
 /// The whole `/metrics` response for `counters`, with readiness and model

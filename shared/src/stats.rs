@@ -436,7 +436,8 @@ pub const HTTPS_BLOCK: usize = 1;
 /// The first engine worker block.
 pub const FIRST_ENGINE_BLOCK: usize = 2;
 
-fn unix_ms() -> u64 {
+/// Now, in Unix milliseconds.
+pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

@@ -13,8 +13,8 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use tandem_shared::certs::status::CertStatus;
 use tandem_shared::stats::{
-    ModelCounter, ModelState, ModelTotals, ProcessRole, Snapshot, DURATION_BOUNDS, RESTART_CAUSES, RING_EVENTS,
-    TLS_ALPN, TLS_FAILURES, TLS_PROTOCOLS,
+    unix_ms, ModelCounter, ModelState, ModelTotals, ProcessRole, Snapshot, DURATION_BOUNDS, RESTART_CAUSES,
+    RING_EVENTS, TLS_ALPN, TLS_FAILURES, TLS_PROTOCOLS,
 };
 use tandem_shared::sys::counters::Counters;
 use tandem_shared::sys::shm::Region;
@@ -108,10 +108,6 @@ pub fn spawn_sampler(counters: Arc<Counters>, ring: Option<Arc<Region>>) -> Arc<
     history
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// The `/status` response: the page, never cached, under a policy that runs nothing.
 pub fn response(
     counters: &Counters,
@@ -121,7 +117,7 @@ pub fn response(
 ) -> Response {
     let snap = Snapshot::read(counters);
     let ring = ring.map(tandem_engine_worker::metrics::ring_busy);
-    let cert = cert_status.and_then(|p| serde_json::from_slice::<CertStatus>(&std::fs::read(p).ok()?).ok());
+    let cert = cert_status.and_then(CertStatus::read);
     let mut samples = history.all();
     // The page's own look is the newest point.
     samples.push(Sample::of(&snap, ring, unix_ms()));

@@ -436,6 +436,12 @@ pub fn copy_digits(repo: &Path, name: &str, extra: &str) {
     fs::write(repo.join(name).join("config.pbtxt"), config + extra).unwrap();
 }
 
+/// A model `name` in `repo` that cannot load (its ONNX file is not one).
+pub fn broken_model(repo: &Path, name: &str) {
+    fs::create_dir_all(repo.join(name).join("1")).unwrap();
+    fs::write(repo.join(name).join("1/model.onnx"), b"not an onnx model").unwrap();
+}
+
 /// Copies digits' configuration as model `name` in `repo` (plus `extra`)
 /// over a model with digits' interface whose every inference takes about
 /// `seconds` here (tests/python/make_slow_model.py): for requests that must

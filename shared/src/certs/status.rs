@@ -78,6 +78,11 @@ pub struct CertStatus {
 }
 
 impl CertStatus {
+    /// The status the supervisor last recorded at `path`, when it is there and readable.
+    pub fn read(path: &std::path::Path) -> Option<CertStatus> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+
     /// A JSON view with the remaining lifetime computed now.
     pub fn to_json(&self) -> serde_json::Value {
         let now = unix_now();

@@ -87,6 +87,14 @@ impl Listeners {
         })
     }
 
+    /// Every listener held, with the name systemd's `LISTEN_FDNAMES` gives it
+    /// (what [`crate::systemd::passed_listeners`] reads back), in that order.
+    pub(super) fn named(&self) -> impl Iterator<Item = (&'static str, &TcpListener)> {
+        [("http", &self.http), ("https", &self.https), ("metrics", &self.metrics), ("grpc", &self.grpc)]
+            .into_iter()
+            .filter_map(|(name, l)| Some((name, l.as_ref()?)))
+    }
+
     /// The plain listener's address, when there is one.
     pub(super) fn http_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
         self.http.as_ref().map(Self::addr).transpose()

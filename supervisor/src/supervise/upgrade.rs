@@ -30,6 +30,7 @@ use anyhow::Context;
 use command_fds::{CommandFdExt, FdMapping};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use tandem_shared::stats::unix_ms;
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::oneshot;
 
@@ -69,27 +70,15 @@ pub struct Status {
     pub at_ms: u64,
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Starts `exe` (with our own arguments and environment) as a new supervisor
 /// holding `listeners` and a pipe to tell us when it serves.
 pub fn start(exe: &Path, listeners: &Listeners) -> anyhow::Result<Pending> {
-    let named = [
-        ("http", listeners.http.as_ref()),
-        ("https", listeners.https.as_ref()),
-        ("metrics", listeners.metrics.as_ref()),
-        ("grpc", listeners.grpc.as_ref()),
-    ];
     let mut fds = Vec::new();
     let mut names = Vec::new();
-    for (name, listener) in named {
-        if let Some(l) = listener {
-            let fd: OwnedFd = l.try_clone().context("cannot duplicate a listener for the new supervisor")?.into();
-            fds.push(FdMapping { parent_fd: fd, child_fd: 3 + names.len() as i32 });
-            names.push(name);
-        }
+    for (name, l) in listeners.named() {
+        let fd: OwnedFd = l.try_clone().context("cannot duplicate a listener for the new supervisor")?.into();
+        fds.push(FdMapping { parent_fd: fd, child_fd: 3 + names.len() as i32 });
+        names.push(name);
     }
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).context("cannot make the upgrade pipe")?;
     let pipe_fd = 3 + names.len() as i32;
@@ -224,23 +213,15 @@ fn prepare_and_exec(
         anyhow::bail!("the new binary refused the configuration ({}): {}", check.status, said.trim());
     }
     // The listeners, side by side from descriptor 200 on (LISTEN_FDS_FIRST_FD).
-    let named = [
-        ("http", listeners.http.as_ref()),
-        ("https", listeners.https.as_ref()),
-        ("metrics", listeners.metrics.as_ref()),
-        ("grpc", listeners.grpc.as_ref()),
-    ];
     let mut kept: Vec<OwnedFd> = Vec::new();
     let mut names = Vec::new();
     const FIRST: i32 = 200;
-    for (name, l) in named {
-        if let Some(l) = l {
-            let want = FIRST + names.len() as i32;
-            let fd = tandem_shared::sys::dup_inheritable_above(l.as_fd(), want)?;
-            anyhow::ensure!(fd.as_raw_fd() == want, "descriptor {want} is taken; cannot line the listeners up");
-            kept.push(fd);
-            names.push(name);
-        }
+    for (name, l) in listeners.named() {
+        let want = FIRST + names.len() as i32;
+        let fd = tandem_shared::sys::dup_inheritable_above(l.as_fd(), want)?;
+        anyhow::ensure!(fd.as_raw_fd() == want, "descriptor {want} is taken; cannot line the listeners up");
+        kept.push(fd);
+        names.push(name);
     }
     let mut handed = Vec::new();
     for (pid, front, control) in workers {
