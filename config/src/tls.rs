@@ -45,6 +45,20 @@ crate::declare! {
         accepted: "1.2 or 1.3",
         scope: https,
     }
+    SSL_HTTP3 {
+        default: "False",
+        doc: "also serve HTTP/3 (QUIC, TLS 1.3) on SSL_PORT over UDP, advertised by Alt-Svc on HTTPS answers",
+        accepted: values::BOOL,
+        scope: http3_scope,
+    }
+}
+
+fn http3_scope(c: &Config) -> Option<&'static str> {
+    https(c).or_else(|| {
+        c.proxy.command.is_some().then_some(
+            "WORKER_COMMAND is set: the proxy worker serves HTTPS over TCP only (HTTP/3 is the HTTPS worker's)",
+        )
+    })
 }
 
 fn client_ca_scope(c: &Config) -> Option<&'static str> {
@@ -94,6 +108,9 @@ pub struct Tls {
     pub min_version: TlsVersion,
     /// `Strict-Transport-Security` value for HTTPS answers.
     pub hsts: Option<String>,
+    /// HTTP/3 on the HTTPS port's number over UDP (`SSL_HTTP3`).
+    #[serde(default)]
+    pub http3: bool,
 }
 
 /// Reads the TLS section; `http_port` gives `SSL_PORT`'s default.
@@ -148,5 +165,6 @@ pub fn parse(r: &mut Reader, http_port: u16) -> Tls {
         }
     });
     let hsts = r.get(&SSL_HSTS, None, |v| values::valid_hsts(v).then(|| Some(v.to_string())));
-    Tls { enabled, port, client_ca, client_auth, min_version, hsts }
+    let http3 = r.get(&SSL_HTTP3, false, values::parse_bool);
+    Tls { enabled, port, client_ca, client_auth, min_version, hsts, http3 }
 }

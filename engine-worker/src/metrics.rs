@@ -134,12 +134,11 @@ pub fn render(snap: &Snapshot, ring_busy: Option<(u32, u32)>, cert_source: Optio
     );
     for r in &snap.requests {
         let code = if r.status == 0 { "other".to_string() } else { r.status.to_string() };
-        let protocol = tandem_shared::stats::protocol(r.route);
         e.sample(
             "tandem_http_requests_total",
             &[
                 ("listener", r.listener),
-                ("protocol", protocol),
+                ("protocol", r.protocol),
                 ("route", r.route),
                 ("method", r.method),
                 ("code", &code),
@@ -155,7 +154,7 @@ pub fn render(snap: &Snapshot, ring_busy: Option<(u32, u32)>, cert_source: Optio
     for d in &snap.durations {
         e.histogram(
             "tandem_http_request_duration_seconds",
-            &[("listener", d.listener), ("protocol", tandem_shared::stats::protocol(d.route)), ("route", d.route)],
+            &[("listener", d.listener), ("protocol", d.protocol), ("route", d.route)],
             &d.buckets,
             seconds(d.sum_ns),
         );

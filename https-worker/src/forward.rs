@@ -12,10 +12,10 @@ use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use hyper::body::Incoming;
 use tandem_shared::edge::budget::{Budget, Share};
 use tandem_shared::edge::front::{self, read_body, Answer, BodyError, FrontDoor, DRAIN_BYTES};
 use tandem_shared::edge::grpc;
+use tandem_shared::edge::serve::RequestBody;
 use tandem_shared::frame::{decode_response, encode_request, FrameError, ResponseFrame};
 use tandem_shared::stats::Stats;
 use tandem_shared::sys::shm::{Region, DONE, FAILED, SUBMITTED};
@@ -323,7 +323,7 @@ impl Forwarder {
     }
 
     /// Serves one request; never fails (errors are JSON responses).
-    pub async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Reply, Infallible> {
+    pub async fn handle<B: RequestBody>(self: Arc<Self>, mut req: Request<B>) -> Result<Reply, Infallible> {
         let mut arrival = tandem_shared::edge::access::Arrival::new(&req, true, self.access_log.is_some());
         let web_origin = req.headers().get(header::ORIGIN).cloned();
         let is_grpc = grpc::is_call(req.headers());
@@ -359,7 +359,7 @@ impl Forwarder {
     }
 
     /// A request through the ring: the engine's answer, or (`Err`) one this worker made.
-    async fn forward(&self, req: Request<Incoming>) -> Result<Reply, Answer> {
+    async fn forward<B: RequestBody>(&self, req: Request<B>) -> Result<Reply, Answer> {
         let limit = self.body_limit();
         let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > (limit + DRAIN_BYTES) as u64) {
@@ -414,6 +414,9 @@ impl Forwarder {
                     parts.headers.insert(*name, v);
                 }
             }
+        }
+        if parts.version == http::Version::HTTP_3 {
+            parts.headers.insert(tandem_shared::edge::access::PROTOCOL_HEADER, HeaderValue::from_static("h3"));
         }
         if let Some(peer) =
             parts.extensions.get::<tandem_shared::edge::serve::Peer>().filter(|_| self.access_log.is_some())

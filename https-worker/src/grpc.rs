@@ -24,10 +24,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use tandem_shared::edge::budget::Share;
 use tandem_shared::edge::front;
 use tandem_shared::edge::grpc::{self, code, Message, Messages};
+use tandem_shared::edge::serve::{BoxError, RequestBody};
 use tandem_shared::frame::ResponseFrame;
 use tokio::sync::mpsc;
 
@@ -102,7 +103,7 @@ type Sender = mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
 
 /// Serves a stream: the answer's headers go at once, its messages as they are
 /// answered, its status last (in trailers).
-pub fn split(fwd: Arc<Forwarder>, req: Request<Incoming>) -> Reply {
+pub fn split<B: RequestBody>(fwd: Arc<Forwarder>, req: Request<B>) -> Reply {
     let (mut parts, body) = req.into_parts();
     // Without a deadline a stream lasts as long as its client keeps it (a health watch, for ever).
     let within = grpc::timeout(&parts.headers);
@@ -149,7 +150,7 @@ type Ended = (u8, String);
 async fn stream(
     fwd: &Arc<Forwarder>,
     call: &http::request::Parts,
-    mut body: Incoming,
+    mut body: impl RequestBody,
     tx: &Sender,
     kind: Kind,
 ) -> Ended {
@@ -198,7 +199,7 @@ async fn stream(
                 // The client reset its half: nobody is left to answer.
                 Some(Err(e)) => {
                     running.abort();
-                    return (code::INTERNAL, format!("cannot read the stream: {e}"));
+                    return (code::INTERNAL, format!("cannot read the stream: {}", Into::<BoxError>::into(e)));
                 }
             },
             answer = running.next() => {
@@ -279,7 +280,7 @@ fn stream_answer(answer: Result<Vec<u8>, String>) -> Bytes {
 
 /// A health `Watch`: its one request read, then its `Check` asked again until
 /// the client goes or the deadline passes.
-async fn watch(fwd: &Forwarder, call: &http::request::Parts, mut body: Incoming, tx: &Sender) -> Ended {
+async fn watch(fwd: &Forwarder, call: &http::request::Parts, mut body: impl RequestBody, tx: &Sender) -> Ended {
     let mut cut = Messages::new(fwd.body_limit());
     let request = loop {
         match cut.next_message() {
@@ -294,7 +295,7 @@ async fn watch(fwd: &Forwarder, call: &http::request::Parts, mut body: Incoming,
                 }
             }
             None => return (code::INVALID_ARGUMENT, "a Watch call needs its request message".into()),
-            Some(Err(e)) => return (code::INTERNAL, format!("cannot read the call: {e}")),
+            Some(Err(e)) => return (code::INTERNAL, format!("cannot read the call: {}", Into::<BoxError>::into(e))),
         }
     };
     let mut last: Option<Bytes> = None;

@@ -73,6 +73,25 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     let handshake = move |tcp, peer| handshaker.clone().accept(tcp, peer);
     let fwd = forwarder.clone();
     let service = hyper::service::service_fn(move |req| fwd.clone().handle(req));
+    // HTTP/3 (SSL_HTTP3): the UDP socket the supervisor bound, served from this thread's runtime.
+    let http3 = match settings.tls()?.h3 {
+        Some((fd, addr)) => {
+            let socket = std::net::UdpSocket::from(
+                tandem_shared::sys::adopt_fd(fd).context("cannot take the inherited HTTP/3 socket")?,
+            );
+            let fwd = forwarder.clone();
+            let options = tandem_tls::h3::Options {
+                acceptors: tls.acceptors(),
+                stats: stats.clone(),
+                timeouts: settings.edge.policy.timeouts,
+                max_connections: budget,
+            };
+            let h3 = tandem_tls::h3::Http3::start(socket, options, move |req| fwd.clone().handle(req))?;
+            tracing::debug!(%addr, "serving HTTP/3");
+            Some(h3)
+        }
+        None => None,
+    };
     let extra = tandem_shared::edge::serve::serving_threads() - 1;
     let mut serving =
         server.serve_all(extra, std_listener, handshake, service).context("cannot start the serving threads")?;
@@ -89,8 +108,18 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
             tracing::error!(failed, "the supervisor is gone; answering unstarted requests 503 and exiting");
             tokio::time::sleep(ORPHAN_DRAIN).await;
         };
+        let both = async {
+            let h3 = async {
+                match http3 {
+                    Some(h3) => h3.drain(graceful).await,
+                    None => true,
+                }
+            };
+            let (tcp, h3) = tokio::join!(server.drain(graceful), h3);
+            tcp && h3
+        };
         let drained = tokio::select! {
-            d = server.drain(graceful) => d,
+            d = both => d,
             () = orphaned => false,
         };
         serving.finish();
@@ -98,7 +127,7 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     };
     Ok(Running {
         fingerprint: Some(fingerprint),
-        details: format!("max_connections={budget} threads={}", extra + 1),
+        details: format!("max_connections={budget} threads={} http3={}", extra + 1, settings.tls()?.h3.is_some()),
         drain: Box::pin(drain),
     })
 }

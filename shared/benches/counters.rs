@@ -34,7 +34,7 @@ fn counters(c: &mut Criterion) {
                 output: encoding.elapsed(),
             };
             model.success(1, Some(1), t, t0.elapsed());
-            s.request(true, route, black_box("POST"), 200, started.elapsed());
+            s.request(tandem_shared::stats::Listener::Https, route, black_box("POST"), 200, started.elapsed());
         })
     });
 }

@@ -103,8 +103,31 @@ const NM: usize = METHODS.len();
 /// Status codes counted by number; the rest are `other` (index `STATUSES.len()`).
 pub const STATUSES: &[u16] = &[200, 204, 308, 400, 401, 403, 404, 405, 408, 413, 415, 429, 500, 501, 502, 503, 504];
 const NS: usize = STATUSES.len() + 1;
-/// The two listeners.
-pub const LISTENERS: [&str; 2] = ["http", "https"];
+/// Where a request arrived: the plain port, the HTTPS port over TCP, or the
+/// HTTPS port's number over UDP (HTTP/3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `PORT` (and `GRPC_PORT`).
+    Http = 0,
+    /// `SSL_PORT`, TLS over TCP.
+    Https = 1,
+    /// `SSL_PORT`, QUIC over UDP (`SSL_HTTP3`).
+    H3 = 2,
+}
+
+/// The `listener` label of each [`Listener`]: HTTP/3 arrives on the HTTPS port.
+pub const LISTENERS: [&str; 3] = ["http", "https", "https"];
+const NL: usize = LISTENERS.len();
+
+/// The `protocol` label of a request counted under `listener` for `route`:
+/// `h3` for HTTP/3, else `grpc` or `http` ([`protocol`]).
+fn protocol_of(listener: usize, route: &str) -> &'static str {
+    if listener == Listener::H3 as usize {
+        "h3"
+    } else {
+        protocol(route)
+    }
+}
 
 /// Ring events the HTTPS worker counts.
 pub const RING_EVENTS: &[&str] =
@@ -112,7 +135,7 @@ pub const RING_EVENTS: &[&str] =
 /// TLS protocol versions counted by name.
 pub const TLS_PROTOCOLS: [&str; 2] = ["TLSv1.2", "TLSv1.3"];
 /// ALPN results counted by name.
-pub const TLS_ALPN: [&str; 3] = ["h2", "http/1.1", "none"];
+pub const TLS_ALPN: [&str; 4] = ["h2", "http/1.1", "h3", "none"];
 /// Why a TLS handshake failed.
 pub const TLS_FAILURES: &[&str] = &[
     "eof",
@@ -234,10 +257,10 @@ const HEADER: usize = 16;
 /// [`H_CONNS`] of a process that is not accepting (starting, draining, gone).
 const NOT_ACCEPTING: u64 = u64::MAX;
 const REQ: usize = HEADER;
-const REQ_WORDS: usize = 2 * NR * NM * NS;
+const REQ_WORDS: usize = NL * NR * NM * NS;
 const DUR: usize = REQ + REQ_WORDS;
 /// Per listener and route: the buckets, then the sum in nanoseconds.
-const DUR_WORDS: usize = 2 * NR * (BUCKETS + 1);
+const DUR_WORDS: usize = NL * NR * (BUCKETS + 1);
 const RING: usize = DUR + DUR_WORDS;
 const RING_WORDS: usize = 8;
 const TLS_OK: usize = RING + RING_WORDS;
@@ -542,9 +565,9 @@ impl Stats {
     }
 
     /// Counts one HTTP request answered by this process.
-    pub fn request(&self, https: bool, route: usize, method: &str, status: u16, took: Duration) {
-        let l = usize::from(https);
-        self.add(H_ANSWERED + l, 1);
+    pub fn request(&self, listener: Listener, route: usize, method: &str, status: u16, took: Duration) {
+        let l = listener as usize;
+        self.add(H_ANSWERED + l.min(1), 1);
         let route = route.min(NR - 1);
         self.add(REQ + ((l * NR + route) * NM + method_index(method)) * NS + status_index(status), 1);
         let d = DUR + (l * NR + route) * (BUCKETS + 1);
@@ -896,6 +919,8 @@ pub struct SlotLoad {
 pub struct RequestCount {
     /// `http` or `https`.
     pub listener: &'static str,
+    /// `http`, `grpc` or `h3`.
+    pub protocol: &'static str,
     /// Route template.
     pub route: &'static str,
     /// Method.
@@ -911,6 +936,8 @@ pub struct RequestCount {
 pub struct DurationHistogram {
     /// `http` or `https`.
     pub listener: &'static str,
+    /// `http`, `grpc` or `h3`.
+    pub protocol: &'static str,
     /// Route template.
     pub route: &'static str,
     /// Not cumulative, one per bucket.
@@ -929,7 +956,7 @@ pub struct Snapshot {
     /// Ring events, by [`RING_EVENTS`].
     pub ring: [u64; RING_WORDS],
     /// Completed handshakes by protocol and ALPN.
-    pub tls_handshakes: [[u64; 3]; 2],
+    pub tls_handshakes: [[u64; TLS_ALPN.len()]; TLS_PROTOCOLS.len()],
     /// Failed handshakes by [`TLS_FAILURES`].
     pub tls_failures: [u64; TLS_FAIL_WORDS],
     /// Certificate reloads in the HTTPS worker: ok, refused.
@@ -999,7 +1026,7 @@ impl Snapshot {
             sum(&mut dur, b + DUR);
             sum(&mut s.ring, b + RING);
             for p in 0..2 {
-                sum(&mut s.tls_handshakes[p], b + TLS_OK + p * 3);
+                sum(&mut s.tls_handshakes[p], b + TLS_OK + p * TLS_ALPN.len());
                 sum(&mut s.restarts[p], b + SUP_RESTARTS + p * 2);
             }
             sum(&mut s.tls_failures, b + TLS_FAIL);
@@ -1060,7 +1087,7 @@ impl Snapshot {
                 }
             }
         }
-        for l in 0..2 {
+        for l in 0..NL {
             for r in 0..NR {
                 for m in 0..NM {
                     for st in 0..NS {
@@ -1068,6 +1095,7 @@ impl Snapshot {
                         if count > 0 {
                             s.requests.push(RequestCount {
                                 listener: LISTENERS[l],
+                                protocol: protocol_of(l, ROUTES[r]),
                                 route: ROUTES[r],
                                 method: METHODS[m],
                                 status: STATUSES.get(st).copied().unwrap_or(0),
@@ -1082,6 +1110,7 @@ impl Snapshot {
                 if buckets.iter().any(|&n| n > 0) {
                     s.durations.push(DurationHistogram {
                         listener: LISTENERS[l],
+                        protocol: protocol_of(l, ROUTES[r]),
                         route: ROUTES[r],
                         buckets,
                         sum_ns: dur[d + BUCKETS],
@@ -1191,9 +1220,9 @@ mod tests {
         let reg = region(4);
         let a = Stats::attach(reg.clone(), 2, ProcessRole::Engine, 1);
         let b = Stats::attach(reg.clone(), 3, ProcessRole::Engine, 2);
-        a.request(false, 13, "POST", 200, Duration::from_millis(2));
-        b.request(true, 13, "POST", 200, Duration::from_millis(20));
-        b.request(true, 13, "POST", 400, Duration::from_micros(10));
+        a.request(Listener::Http, 13, "POST", 200, Duration::from_millis(2));
+        b.request(Listener::Https, 13, "POST", 200, Duration::from_millis(20));
+        b.request(Listener::Https, 13, "POST", 400, Duration::from_micros(10));
         let ma = a.model("digits", 1).unwrap();
         let mb = b.model("digits", 1).unwrap();
         ma.success(4, Some(4), Timings::default(), Duration::from_millis(1));

@@ -496,7 +496,7 @@ pub fn render(
             };
             vec![
                 esc(r.listener),
-                esc(tandem_shared::stats::protocol(r.route)),
+                esc(r.protocol),
                 esc(r.route),
                 esc(r.method),
                 format!("<span class=\"{class}\">{}</span>", esc(&code)),
@@ -512,6 +512,7 @@ pub fn render(
             let n: u64 = d.buckets.iter().sum();
             vec![
                 esc(d.listener),
+                esc(d.protocol),
                 esc(d.route),
                 n.to_string(),
                 ms(d.sum_ns, n),
@@ -520,7 +521,7 @@ pub fn render(
             ]
         })
         .collect();
-    p.table("latency", &["listener", "route", "answers", "mean ms", "p50 ms", "p99 ms"], 2, &rows);
+    p.table("latency", &["listener", "protocol", "route", "answers", "mean ms", "p50 ms", "p99 ms"], 3, &rows);
 
     // Processes.
     p.section("Processes", "Live processes; engine worker slots keep their counts across restarts.");

@@ -3,7 +3,7 @@
 //! (`sd_notify`: READY, RELOADING, STOPPING, WATCHDOG) through `NOTIFY_SOCKET`.
 //! Both are inert when systemd did not set them.
 
-use std::net::TcpListener;
+use std::net::{TcpListener, UdpSocket};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixDatagram};
 use std::sync::OnceLock;
@@ -25,10 +25,23 @@ pub enum Which {
     Grpc,
 }
 
+/// The `LISTEN_FDNAMES` name of the HTTP/3 (UDP) socket.
+pub const H3_NAME: &str = "h3";
+
+/// The sockets systemd (or an upgrading tandem) passed.
+#[derive(Debug, Default)]
+pub struct Passed {
+    /// The TCP listeners and which each is.
+    pub tcp: Vec<(Which, TcpListener)>,
+    /// The UDP socket for HTTP/3, when one was passed.
+    pub h3: Option<UdpSocket>,
+}
+
 /// The listeners systemd passed (`LISTEN_FDS` for this process), each
 /// assigned by its name in `LISTEN_FDNAMES` (`http`, `https`, `metrics`, `grpc`), else
-/// by its port, else by order (HTTP first). `None` when nothing was passed.
-pub fn passed_listeners(config: &Config) -> anyhow::Result<Option<Vec<(Which, TcpListener)>>> {
+/// by its port, else by order (HTTP first); a UDP socket (named `h3`, or any
+/// datagram socket) is HTTP/3's. `None` when nothing was passed.
+pub fn passed_listeners(config: &Config) -> anyhow::Result<Option<Passed>> {
     let names: Vec<String> =
         std::env::var("LISTEN_FDNAMES").unwrap_or_default().split(':').map(str::to_ascii_lowercase).collect();
     let mut fds = listenfd::ListenFd::from_env();
@@ -36,11 +49,24 @@ pub fn passed_listeners(config: &Config) -> anyhow::Result<Option<Vec<(Which, Tc
         return Ok(None);
     }
     let mut out: Vec<(Which, TcpListener)> = Vec::new();
+    let mut h3 = None;
     for i in 0..fds.len() {
-        let l = fds
-            .take_tcp_listener(i)
-            .with_context(|| format!("LISTEN_FDS: descriptor {} is not a TCP listening socket", 3 + i))?
-            .with_context(|| format!("LISTEN_FDS: descriptor {} was already taken", 3 + i))?;
+        let l = match fds.take_tcp_listener(i) {
+            Ok(l) => l,
+            Err(not_tcp) => match fds.take_udp_socket(i) {
+                Ok(Some(udp)) if h3.is_none() => {
+                    h3 = Some(udp);
+                    continue;
+                }
+                Ok(Some(_)) => anyhow::bail!("LISTEN_FDS passed two UDP sockets; tandem serves HTTP/3 on one"),
+                _ => {
+                    return Err(not_tcp).with_context(|| {
+                        format!("LISTEN_FDS: descriptor {} is neither a TCP listening socket nor a UDP socket", 3 + i)
+                    })
+                }
+            },
+        }
+        .with_context(|| format!("LISTEN_FDS: descriptor {} was already taken", 3 + i))?;
         let port = l.local_addr().context("cannot read a passed listener's address")?.port();
         let by_name = match names.get(i).map(String::as_str) {
             Some("http") => Some(Which::Http),
@@ -77,7 +103,7 @@ pub fn passed_listeners(config: &Config) -> anyhow::Result<Option<Vec<(Which, Tc
     for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
         std::env::remove_var(var);
     }
-    Ok(Some(out))
+    Ok(Some(Passed { tcp: out, h3 }))
 }
 
 /// The service manager's notification socket, when there is one.

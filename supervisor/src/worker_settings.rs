@@ -31,6 +31,8 @@ pub const SETTINGS_FD: i32 = LISTEN_FDS_START + 4;
 pub const PROXY_HTTPS_FD: i32 = LISTEN_FDS_START + 2;
 /// Descriptor number of the gRPC-only listener (`GRPC_PORT`) in an engine worker.
 pub const GRPC_FD: i32 = LISTEN_FDS_START + 5;
+/// Descriptor number of the HTTP/3 UDP socket (`SSL_HTTP3`) in the HTTPS worker.
+pub const H3_FD: i32 = LISTEN_FDS_START + 5;
 
 /// What the supervisor knows when it spawns a worker, beyond the configuration.
 pub struct Spawn<'a> {
@@ -48,6 +50,8 @@ pub struct Spawn<'a> {
     pub https_addr: Option<SocketAddr>,
     /// The gRPC-only port's address (`GRPC_PORT`), when there is one.
     pub grpc_addr: Option<SocketAddr>,
+    /// The HTTP/3 socket's address (`SSL_HTTP3`), when the worker gets it.
+    pub h3_addr: Option<SocketAddr>,
     /// Whether the shared-memory ring exists (HTTPS to the engine).
     pub ring: bool,
     /// The model repository.
@@ -90,6 +94,7 @@ pub fn for_worker(config: &Config, spawn: Spawn<'_>) -> WorkerSettings {
         policy: config.tls.clone(),
         live_cert: certs.live(),
         acme_alpn01: acme.filter(|_| config.acme.challenge == AcmeChallenge::TlsAlpn01).map(Layout::acme_alpn01),
+        h3: spawn.h3_addr.filter(|_| role == Role::HttpsWorker).map(|a| (H3_FD, a)),
     };
     let shm = || ShmSettings {
         fd: SHM_FD,
@@ -162,6 +167,7 @@ mod tests {
             engine_workers: 2,
             https_addr: https.then(|| "127.0.0.1:9002".parse().unwrap()),
             grpc_addr: None,
+            h3_addr: None,
             ring: https,
             model_repository: Path::new("/models"),
             engine,

@@ -24,7 +24,9 @@ const WATCH_EVERY: Duration = Duration::from_secs(2);
 
 /// The acceptor in use, swapped whole when the client CA bundle changes.
 pub struct Acceptors {
-    current: ArcSwap<TlsAcceptor>,
+    current: ArcSwap<Built>,
+    /// Counts the swaps, for a listener that builds its own configuration (HTTP/3).
+    swapped: tokio::sync::watch::Sender<u64>,
     resolver: Arc<ReloadableResolver>,
     min: TlsVersion,
     ca: Option<PathBuf>,
@@ -53,17 +55,26 @@ fn verifier(ca: &std::path::Path, auth: ClientAuth) -> anyhow::Result<Arc<dyn Cl
     builder.build().context("cannot build the client certificate verifier")
 }
 
+/// An acceptor and the client verifier it was built with.
+pub struct Built {
+    /// For TLS over TCP.
+    pub acceptor: TlsAcceptor,
+    /// Client certificates, when they are asked for.
+    pub verifier: Option<Arc<dyn ClientCertVerifier>>,
+}
+
 fn build(
     resolver: &Arc<ReloadableResolver>,
     min: TlsVersion,
     ca: Option<&std::path::Path>,
     auth: ClientAuth,
-) -> anyhow::Result<TlsAcceptor> {
+) -> anyhow::Result<Built> {
     let verifier = match (ca, auth) {
         (Some(ca), ClientAuth::Optional | ClientAuth::Required) => Some(verifier(ca, auth)?),
         _ => None,
     };
-    Ok(TlsAcceptor::from(Arc::new(crate::server_config(resolver.clone(), min, verifier)?)))
+    let acceptor = TlsAcceptor::from(Arc::new(crate::server_config(resolver.clone(), min, verifier.clone())?));
+    Ok(Built { acceptor, verifier })
 }
 
 fn stamp(path: &std::path::Path) -> Option<(u64, Option<SystemTime>)> {
@@ -79,12 +90,23 @@ impl Acceptors {
         auth: ClientAuth,
     ) -> anyhow::Result<Arc<Acceptors>> {
         let first = build(&resolver, min, ca.as_deref(), auth)?;
-        Ok(Arc::new(Acceptors { current: ArcSwap::from_pointee(first), resolver, min, ca, auth }))
+        let (swapped, _) = tokio::sync::watch::channel(0);
+        Ok(Arc::new(Acceptors { current: ArcSwap::from_pointee(first), swapped, resolver, min, ca, auth }))
     }
 
-    /// The acceptor for a new connection.
-    pub fn current(&self) -> Arc<TlsAcceptor> {
+    /// The acceptor for a new connection, and its client verifier.
+    pub fn current(&self) -> Arc<Built> {
         self.current.load_full()
+    }
+
+    /// Changes each time the client CA bundle is reloaded.
+    pub fn swaps(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.swapped.subscribe()
+    }
+
+    /// The certificate resolver every configuration serves from.
+    pub fn resolver(&self) -> &Arc<ReloadableResolver> {
+        &self.resolver
     }
 
     /// Re-reads the CA bundle; the previous acceptor stays when it does not load.
@@ -93,6 +115,7 @@ impl Acceptors {
         match build(&self.resolver, self.min, Some(ca), self.auth) {
             Ok(a) => {
                 self.current.store(Arc::new(a));
+                self.swapped.send_modify(|n| *n += 1);
                 tracing::info!(bundle = %ca.display(), "client CA bundle reloaded");
             }
             Err(e) => {
@@ -121,7 +144,12 @@ impl Acceptors {
 
 /// The verified client certificate of `conn`, if the client presented one.
 pub fn identity(conn: &ServerConnection) -> Option<Arc<ClientIdentity>> {
-    let leaf = conn.peer_certificates()?.first()?;
+    identity_of(conn.peer_certificates()?)
+}
+
+/// The identity of a verified chain's leaf (the first certificate).
+pub fn identity_of(chain: &[CertificateDer<'_>]) -> Option<Arc<ClientIdentity>> {
+    let leaf = chain.first()?;
     let info = tandem_shared::certs::primitives::inspect(leaf, "client certificate").ok()?;
     Some(Arc::new(ClientIdentity { subject: info.subject, sans: info.sans, fingerprint: info.fingerprint }))
 }

@@ -111,3 +111,56 @@ impl Drop for Pending<'_> {
         }
     }
 }
+
+/// The TLS alert a QUIC handshake failed with, when it failed in TLS (RFC 9001 §4.8).
+fn quic_alert(e: &quinn::ConnectionError) -> Option<u8> {
+    let quinn::ConnectionError::TransportError(t) = e else { return None };
+    let code = u64::from(t.code);
+    (0x100..0x200).contains(&code).then(|| (code - 0x100) as u8)
+}
+
+/// Alerts about the client's certificate: bad, unsupported, revoked, expired,
+/// unknown, unknown CA, certificate required.
+const CERTIFICATE_ALERTS: [u8; 7] = [42, 43, 44, 45, 46, 48, 116];
+
+/// Why a QUIC handshake failed, as a [`TLS_FAILURES`] index.
+pub fn quic_reason(e: &quinn::ConnectionError) -> usize {
+    use quinn::ConnectionError as E;
+    if let Some(alert) = quic_alert(e) {
+        return failure(match alert {
+            a if CERTIFICATE_ALERTS.contains(&a) => "bad_certificate",
+            // handshake_failure, protocol_version, insufficient_security, no_application_protocol.
+            40 | 70 | 71 | 120 => "incompatible",
+            _ => "invalid_message",
+        });
+    }
+    failure(match e {
+        E::TimedOut => "timeout",
+        E::Reset => "reset",
+        E::ConnectionClosed(_) | E::ApplicationClosed(_) => "alert_received",
+        E::TransportError(_) | E::VersionMismatch => "invalid_message",
+        _ => "other",
+    })
+}
+
+/// Why the handshake refused the client's certificate, when that is why it failed.
+pub fn quic_rejected(e: &quinn::ConnectionError) -> Option<String> {
+    let quinn::ConnectionError::TransportError(t) = e else { return None };
+    quic_alert(e)
+        .filter(|a| CERTIFICATE_ALERTS.contains(a))
+        .map(|_| format!("{} (checked against SSL_CLIENT_CA)", t.reason))
+}
+
+impl Pending<'_> {
+    /// A QUIC handshake (TLS 1.3, ALPN h3) completed.
+    pub fn done_quic(&mut self) {
+        self.stats.tls_handshake(1, crate::h3::alpn_index());
+        self.counted = true;
+    }
+
+    /// A QUIC handshake failed with `e`.
+    pub fn failed_quic(&mut self, e: &quinn::ConnectionError) {
+        self.stats.tls_failure(quic_reason(e));
+        self.counted = true;
+    }
+}

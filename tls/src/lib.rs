@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client_auth;
+pub mod h3;
 mod handshake;
 pub mod resolver;
 
@@ -143,6 +144,11 @@ impl Tls {
         }))
     }
 
+    /// The acceptors (certificate, client verification), for HTTP/3 ([`h3::Http3`]).
+    pub fn acceptors(&self) -> Arc<client_auth::Acceptors> {
+        self.acceptors.clone()
+    }
+
     /// The handshake step for [`tandem_shared::edge::serve::Server::run`] on the listener at `addr`.
     pub fn handshaker(&self, stats: tandem_shared::stats::Stats, addr: std::net::SocketAddr) -> Handshaker {
         Handshaker { acceptors: self.acceptors.clone(), stats, https_url: tandem_shared::url("https", addr).into() }
@@ -165,7 +171,7 @@ impl Handshaker {
         tcp: tokio::net::TcpStream,
         peer: std::net::SocketAddr,
     ) -> Option<tandem_shared::edge::serve::Accepted<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
-        let acceptor = self.acceptors.current();
+        let acceptor = self.acceptors.current().acceptor.clone();
         // Counted as a timeout unless it ends here (the server drops it at HEADER_TIMEOUT).
         let mut pending = handshake::Pending::new(&self.stats);
         let mut first = [0u8; 1];

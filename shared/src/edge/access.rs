@@ -16,11 +16,17 @@ pub const PEER_HEADER: &str = "x-tandem-peer";
 pub const CLIENT_HEADERS: [&str; 3] =
     ["x-tandem-client-subject", "x-tandem-client-sans", "x-tandem-client-fingerprint"];
 
+/// The request header that tells the engine a request over the ring came
+/// over HTTP/3 (value `h3`), for its statistics and access log. Only the
+/// HTTPS worker sets it.
+pub const PROTOCOL_HEADER: &str = "x-tandem-protocol";
+
 /// Removes every header only the HTTPS worker may set on a request it sends
-/// through the ring ([`PEER_HEADER`], [`CLIENT_HEADERS`],
+/// through the ring ([`PEER_HEADER`], [`CLIENT_HEADERS`], [`PROTOCOL_HEADER`],
 /// [`crate::edge::keys::KEY_NAME_HEADER`]), whatever a client sent under those names.
 pub fn remove_vouched(headers: &mut http::HeaderMap) {
     headers.remove(PEER_HEADER);
+    headers.remove(PROTOCOL_HEADER);
     for h in CLIENT_HEADERS {
         headers.remove(h);
     }
@@ -85,6 +91,8 @@ pub fn counted_status(status: http::StatusCode, headers: &http::HeaderMap) -> u1
 pub struct Entry<'a> {
     /// `http` or `https`.
     pub listener: &'static str,
+    /// `h3` for HTTP/3 (on the HTTPS listener), else none.
+    pub protocol: Option<&'static str>,
     /// The client, when known.
     pub peer: Option<SocketAddr>,
     /// Method.
@@ -118,6 +126,7 @@ pub fn log(e: &Entry<'_>) {
     tracing::info!(
         target: "tandem::access",
         listener = e.listener,
+        protocol = e.protocol,
         peer = e.peer.map(tracing::field::display),
         method = e.method,
         path = e.path,
@@ -141,7 +150,7 @@ pub fn log(e: &Entry<'_>) {
 #[derive(Debug)]
 pub struct Arrival {
     started: std::time::Instant,
-    https: bool,
+    listener: crate::stats::Listener,
     route: usize,
     method: http::Method,
     /// What the access-log line needs, when there is one.
@@ -193,9 +202,15 @@ impl Arrival {
             }
         });
         let key = if vouched { header(crate::edge::keys::KEY_NAME_HEADER).map(std::sync::Arc::from) } else { None };
+        let h3 = if vouched { header(PROTOCOL_HEADER) == Some("h3") } else { req.version() == http::Version::HTTP_3 };
+        let listener = match (https, h3) {
+            (false, _) => crate::stats::Listener::Http,
+            (true, false) => crate::stats::Listener::Https,
+            (true, true) => crate::stats::Listener::H3,
+        };
         Arrival {
             started: std::time::Instant::now(),
-            https,
+            listener,
             route: crate::stats::route_index(req.uri().path()),
             method: req.method().clone(),
             logged,
@@ -214,13 +229,14 @@ impl Arrival {
     /// and writes its access-log line when there is one.
     pub fn answered(self, stats: &crate::stats::Stats, status: u16, bytes_out: Option<u64>, worker: u64) {
         let took = self.started.elapsed();
-        stats.request(self.https, self.route, self.method.as_str(), status, took);
+        stats.request(self.listener, self.route, self.method.as_str(), status, took);
         if let Some(k) = &self.key {
             stats.client_answer(k, status);
         }
         if let Some(l) = &self.logged {
             log(&Entry {
-                listener: if self.https { "https" } else { "http" },
+                listener: crate::stats::LISTENERS[self.listener as usize],
+                protocol: (self.listener == crate::stats::Listener::H3).then_some("h3"),
                 peer: l.peer,
                 method: self.method.as_str(),
                 path: &l.path,

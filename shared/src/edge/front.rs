@@ -77,7 +77,7 @@ pub enum BodyError {
     /// Over the limit (the rest was drained, up to [`DRAIN_BYTES`]).
     TooLarge,
     /// The connection failed.
-    Read(hyper::Error),
+    Read(crate::edge::serve::BoxError),
     /// The memory budget for bodies in flight would not take it.
     Budget(crate::edge::budget::Refused),
 }
@@ -89,7 +89,7 @@ pub enum BodyError {
 /// declared length at once): the process never holds more bodies than its
 /// memory budget allows.
 pub async fn read_body(
-    mut body: hyper::body::Incoming,
+    mut body: impl crate::edge::serve::RequestBody,
     limit: usize,
     expected: Option<u64>,
     budget: &crate::edge::budget::Budget,
@@ -102,7 +102,7 @@ pub async fn read_body(
     let mut over = false;
     let mut drained = 0usize;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(BodyError::Read)?;
+        let frame = frame.map_err(|e| BodyError::Read(e.into()))?;
         let Ok(data) = frame.into_data() else { continue };
         if over {
             drained += data.len();
@@ -172,6 +172,8 @@ enum Plain {
 #[derive(Debug, Clone)]
 pub struct FrontDoor {
     hsts: Option<HeaderValue>,
+    /// `Alt-Svc` advertising HTTP/3 on the HTTPS port (`SSL_HTTP3`).
+    alt_svc: Option<HeaderValue>,
     plain: Plain,
     acme_http01: Option<PathBuf>,
     cors: Cors,
@@ -189,6 +191,7 @@ impl Default for FrontDoor {
     fn default() -> Self {
         FrontDoor {
             hsts: None,
+            alt_svc: None,
             plain: Plain::Serves,
             acme_http01: None,
             cors: Cors::Off,
@@ -215,6 +218,11 @@ impl FrontDoor {
             Some(v) => Some(HeaderValue::from_str(v).map_err(|_| BadHsts)?),
             None => None,
         };
+        // A day, as Caddy and Cloudflare advertise it: HTTP/3 clients try UDP next time.
+        let alt_svc = match settings.tls.as_ref().and_then(|t| t.h3).filter(|_| https) {
+            Some((_, addr)) => HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", addr.port())).ok(),
+            None => None,
+        };
         let plain = match (https, settings.edge.https_port, settings.edge.policy.http_mode) {
             (false, Some(port), HttpMode::Redirect) => Plain::Redirects(port),
             (false, Some(port), HttpMode::Health) => Plain::Refuses(port),
@@ -222,6 +230,7 @@ impl FrontDoor {
         };
         Ok(FrontDoor {
             hsts,
+            alt_svc,
             plain,
             acme_http01: settings.edge.acme_http01.clone().filter(|_| !https),
             cors: settings.edge.policy.cors.clone(),
@@ -364,6 +373,9 @@ impl FrontDoor {
     pub fn finish(&self, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
         if let Some(h) = &self.hsts {
             headers.insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+        }
+        if let Some(h) = &self.alt_svc {
+            headers.insert(header::ALT_SVC, h.clone());
         }
         if self.cors == Cors::Off {
             return;

@@ -367,7 +367,14 @@ impl AcceptErrors {
     }
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The error a body or service may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body the front workers read: hyper's over TCP, or an HTTP/3
+/// stream's ([`crate::edge`]'s callers give either).
+pub trait RequestBody: Body<Data = bytes::Bytes, Error: Into<BoxError> + Send> + Send + Unpin + 'static {}
+
+impl<B> RequestBody for B where B: Body<Data = bytes::Bytes, Error: Into<BoxError> + Send> + Send + Unpin + 'static {}
 
 /// A request handler hyper can serve on many connections at once.
 pub trait HttpService<B>:

@@ -1,7 +1,8 @@
 //! The listening sockets the supervisor binds (or systemd passes) and holds
 //! for the life of the service, so that a worker restart never closes a port.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use anyhow::Context;
 use tandem_config::Config;
@@ -23,6 +24,17 @@ pub struct Listeners {
     pub grpc: Option<TcpListener>,
     /// The supervisor's own `/metrics` port (`METRICS_PORT`), when set.
     pub metrics: Option<TcpListener>,
+    /// HTTP/3 (`SSL_HTTP3`): the UDP socket on the HTTPS port's number.
+    pub h3: Option<UdpSocket>,
+}
+
+/// Binds the UDP socket HTTP/3 is served on: the HTTPS listener's own port
+/// (`SSL_PORT=0` picks one for TCP; UDP takes the same number).
+fn bind_h3(config: &Config, https: &TcpListener) -> anyhow::Result<UdpSocket> {
+    let addr = SocketAddr::new(config.listen.host, Listeners::addr(https)?.port());
+    UdpSocket::bind(addr).with_context(|| {
+        format!("cannot bind the HTTP/3 socket on UDP {addr}\nhint: another process may hold the UDP port; choose another SSL_PORT or unset SSL_HTTP3")
+    })
 }
 
 impl Listeners {
@@ -46,13 +58,17 @@ impl Listeners {
         let https = if config.tls.enabled { Some(bind(config.tls.port, "HTTPS")?) } else { None };
         let grpc = config.listen.grpc_port.map(|p| bind(p, "gRPC")).transpose()?;
         let metrics = config.listen.metrics_port.map(|p| bind(p, "metrics")).transpose()?;
-        Ok(Listeners { http, https, grpc, metrics })
+        let h3 = match &https {
+            Some(l) if config.tls.http3 => Some(bind_h3(config, l)?),
+            _ => None,
+        };
+        Ok(Listeners { http, https, grpc, metrics, h3 })
     }
 
-    fn from_passed(config: &Config, passed: Vec<(crate::systemd::Which, TcpListener)>) -> anyhow::Result<Self> {
+    fn from_passed(config: &Config, passed: crate::systemd::Passed) -> anyhow::Result<Self> {
         use crate::systemd::Which;
         let (mut http, mut https, mut grpc, mut metrics) = (None, None, None, None);
-        for (which, l) in passed {
+        for (which, l) in passed.tcp {
             tracing::info!(listener = ?which, addr = %Self::addr(&l)?, "using a listener passed by systemd");
             match which {
                 Which::Http => http = Some(l),
@@ -79,20 +95,26 @@ impl Listeners {
         if config.listen.metrics_port.is_some() && metrics.is_none() {
             anyhow::bail!("METRICS_PORT is set but systemd passed no metrics listener\nhint: add a ListenStream named metrics, or unset METRICS_PORT");
         }
-        Ok(Listeners {
-            http,
-            https: https.filter(|_| config.tls.enabled),
-            grpc: grpc.filter(|_| config.listen.grpc_port.is_some()),
-            metrics,
-        })
+        let https = https.filter(|_| config.tls.enabled);
+        let h3 = match (&https, passed.h3) {
+            (Some(_), Some(udp)) if config.tls.http3 => {
+                tracing::info!(addr = %udp.local_addr().context("cannot read the passed HTTP/3 socket's address")?, "using the HTTP/3 socket passed by systemd");
+                Some(udp)
+            }
+            // Not passed (a unit with only ListenStream=): bound here, held like the rest.
+            (Some(l), None) if config.tls.http3 => Some(bind_h3(config, l)?),
+            _ => None,
+        };
+        Ok(Listeners { http, https, grpc: grpc.filter(|_| config.listen.grpc_port.is_some()), metrics, h3 })
     }
 
     /// Every listener held, with the name systemd's `LISTEN_FDNAMES` gives it
     /// (what [`crate::systemd::passed_listeners`] reads back), in that order.
-    pub(super) fn named(&self) -> impl Iterator<Item = (&'static str, &TcpListener)> {
-        [("http", &self.http), ("https", &self.https), ("metrics", &self.metrics), ("grpc", &self.grpc)]
-            .into_iter()
-            .filter_map(|(name, l)| Some((name, l.as_ref()?)))
+    pub(super) fn named(&self) -> impl Iterator<Item = (&'static str, BorrowedFd<'_>)> {
+        let tcp = [("http", &self.http), ("https", &self.https), ("metrics", &self.metrics), ("grpc", &self.grpc)];
+        tcp.into_iter()
+            .filter_map(|(name, l)| Some((name, l.as_ref()?.as_fd())))
+            .chain(self.h3.as_ref().map(|u| (crate::systemd::H3_NAME, u.as_fd())))
     }
 
     /// The plain listener's address, when there is one.

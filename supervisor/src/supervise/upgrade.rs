@@ -76,7 +76,7 @@ pub fn start(exe: &Path, listeners: &Listeners) -> anyhow::Result<Pending> {
     let mut fds = Vec::new();
     let mut names = Vec::new();
     for (name, l) in listeners.named() {
-        let fd: OwnedFd = l.try_clone().context("cannot duplicate a listener for the new supervisor")?.into();
+        let fd: OwnedFd = l.try_clone_to_owned().context("cannot duplicate a listener for the new supervisor")?;
         fds.push(FdMapping { parent_fd: fd, child_fd: 3 + names.len() as i32 });
         names.push(name);
     }
@@ -218,7 +218,7 @@ fn prepare_and_exec(
     const FIRST: i32 = 200;
     for (name, l) in listeners.named() {
         let want = FIRST + names.len() as i32;
-        let fd = tandem_shared::sys::dup_inheritable_above(l.as_fd(), want)?;
+        let fd = tandem_shared::sys::dup_inheritable_above(l, want)?;
         anyhow::ensure!(fd.as_raw_fd() == want, "descriptor {want} is taken; cannot line the listeners up");
         kept.push(fd);
         names.push(name);

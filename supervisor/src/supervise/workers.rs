@@ -57,6 +57,13 @@ impl Supervisor {
             _ => None,
         };
         let grpc_addr = grpc.as_ref().and(self.grpc_addr);
+        // HTTP/3's UDP socket is the HTTPS worker's second.
+        let h3 = match (role, &listeners.h3) {
+            (Role::HttpsWorker, Some(u)) => Some(u.try_clone().context("cannot duplicate the HTTP/3 socket")?),
+            _ => None,
+        };
+        let h3_addr =
+            h3.as_ref().map(|u| u.local_addr()).transpose().context("cannot read the HTTP/3 socket's address")?;
         let (ours, theirs) = UnixStream::pair().context("cannot create a control socketpair")?;
         let worker_id = self.next_id;
         self.next_id += 1;
@@ -74,6 +81,7 @@ impl Supervisor {
                 engine_workers: self.engine_slots(),
                 https_addr: self.https_addr,
                 grpc_addr,
+                h3_addr,
                 ring: self.shm.is_some(),
                 model_repository: &self.model_repository,
                 engine: &self.engine,
@@ -105,6 +113,9 @@ impl Supervisor {
         }
         if let Some(l) = grpc {
             fds.push(FdMapping { parent_fd: l.into(), child_fd: GRPC_FD });
+        }
+        if let Some(u) = h3 {
+            fds.push(FdMapping { parent_fd: u.into(), child_fd: crate::worker_settings::H3_FD });
         }
         if let Some((l, _)) = proxy_https {
             fds.push(FdMapping { parent_fd: l.into(), child_fd: PROXY_HTTPS_FD });

@@ -1,0 +1,505 @@
+//! HTTP/3 on the HTTPS port's number over UDP (`SSL_HTTP3`): QUIC (quinn)
+//! with the certificate, client verification and statistics of the TCP
+//! listener, TLS 1.3 only and no 0-RTT, each request handed to the same
+//! service as a request over TCP. Bounded: connections, handshakes under way
+//! (past a threshold a client must prove its address with a Retry first),
+//! streams per connection and the bytes each may buffer; closed when silent
+//! or idle as TCP connections are, and drained on stop.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use bytes::{Buf, Bytes};
+use http::{Request, Response};
+use hyper::body::{Body, Frame};
+use tandem_shared::edge::serve::{BoxError, ClientIdentity, Peer, Timeouts};
+use tandem_shared::stats::{Stats, TLS_ALPN};
+use tokio::sync::{watch, Semaphore};
+
+use crate::client_auth::Acceptors;
+
+/// Requests one connection may have open at once (as HTTP/2's `max_concurrent_streams`).
+pub const MAX_STREAMS: u32 = 256;
+/// Unidirectional streams a client may open: HTTP/3's control and QPACK
+/// streams, with room for the grease streams some clients send.
+const MAX_UNI_STREAMS: u32 = 16;
+/// Bytes one request stream may have in flight towards us before we read them.
+const STREAM_WINDOW: u32 = 2 << 20;
+/// Bytes one connection may have in flight towards us over all its streams.
+const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Handshakes under way past which a client that has not proven its address
+/// (answered a Retry) is sent one first: a flood of Initial packets from
+/// spoofed addresses then costs a stateless packet each, not a connection.
+pub const RETRY_ABOVE: usize = 64;
+/// Connection attempts quinn holds before they are accepted or refused.
+const MAX_INCOMING: usize = 4096;
+/// Largest header section a request may send (QPACK-decoded).
+const MAX_FIELD_SECTION: u64 = 64 << 10;
+
+/// The QUIC server configuration: TLS 1.3, ALPN `h3`, 0-RTT off (inference
+/// requests are not idempotent), the acceptors' certificate resolver and
+/// client verifier, and the bounds above.
+pub fn server_config(acceptors: &Acceptors, timeouts: &Timeouts) -> anyhow::Result<quinn::ServerConfig> {
+    let verifier = acceptors.current().verifier.clone();
+    let mut tls = crate::server_config(acceptors.resolver().clone(), tandem_config::tls::TlsVersion::Tls13, verifier)?;
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    tls.max_early_data_size = 0;
+    let quic =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("the TLS configuration cannot serve QUIC")?;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(MAX_STREAMS.into())
+        .max_concurrent_uni_streams(MAX_UNI_STREAMS.into())
+        .stream_receive_window(STREAM_WINDOW.into())
+        .receive_window(CONNECTION_WINDOW.into())
+        // IDLE_TIMEOUT: no packet either way for that long ends the connection.
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(timeouts.idle.min(Duration::from_secs(3600)))
+                .context("IDLE_TIMEOUT does not fit QUIC")?,
+        ));
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    config
+        .transport_config(Arc::new(transport))
+        .max_incoming(MAX_INCOMING)
+        .incoming_buffer_size(64 << 10)
+        .incoming_buffer_size_total(16 << 20);
+    Ok(config)
+}
+
+/// What one HTTP/3 connection has been doing, for its timers and the drain.
+struct Activity {
+    start: Instant,
+    in_flight: AtomicUsize,
+    served: AtomicU64,
+    /// Milliseconds since `start` of the last request's end (or of the handshake).
+    last_request: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
+            last_request: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Why the connection should close now (no request in flight).
+    fn expired(&self, t: &Timeouts) -> Option<&'static str> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let quiet = Duration::from_millis(self.now().saturating_sub(self.last_request.load(Ordering::Relaxed)));
+        if self.served.load(Ordering::Relaxed) == 0 {
+            (quiet > t.header).then_some("no request within HEADER_TIMEOUT")
+        } else {
+            (quiet > t.keepalive).then_some("idle past KEEPALIVE_TIMEOUT")
+        }
+    }
+}
+
+/// Ends a request's count when its task finishes (or is dropped).
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.last_request.store(a.now(), Ordering::Relaxed);
+        a.served.fetch_add(1, Ordering::Relaxed);
+        a.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+type RecvHalf = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
+
+/// A request's body as it arrives on its HTTP/3 stream: data, then trailers.
+pub struct H3Body {
+    recv: RecvHalf,
+    data_done: bool,
+    done: bool,
+}
+
+impl Body for H3Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.data_done {
+            match this.recv.poll_recv_data(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Poll::Ready(Ok(Some(mut buf))) => {
+                    let bytes = buf.copy_to_bytes(buf.remaining());
+                    return Poll::Ready(Some(Ok(Frame::data(bytes))));
+                }
+                Poll::Ready(Ok(None)) => this.data_done = true,
+            }
+        }
+        let trailers = this.recv.poll_recv_trailers(cx);
+        match trailers {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(r) => {
+                this.done = true;
+                match r {
+                    Ok(Some(t)) => Poll::Ready(Some(Ok(Frame::trailers(t)))),
+                    Ok(None) => Poll::Ready(None),
+                    Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// Connection-specific headers HTTP/3 forbids in an answer (RFC 9114 §4.2).
+const CONNECTION_SPECIFIC: [http::header::HeaderName; 5] = [
+    http::header::CONNECTION,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    http::header::HeaderName::from_static("keep-alive"),
+    http::header::HeaderName::from_static("proxy-connection"),
+];
+
+/// Serves HTTP/3 on one UDP socket until drained.
+pub struct Http3 {
+    endpoint: quinn::Endpoint,
+    drain: watch::Sender<bool>,
+    /// Connections open (each holds one permit of `max`).
+    permits: Arc<Semaphore>,
+    max: usize,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+/// Handshakes under way, for the Retry threshold.
+#[derive(Default)]
+struct Handshaking(AtomicUsize);
+
+struct HandshakeSlot(Arc<Handshaking>);
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request handler: what the TCP listener's service does with a request, for an HTTP/3 one.
+pub trait H3Service<RB>: Fn(Request<H3Body>) -> Self::Fut + Clone + Send + Sync + 'static {
+    /// The answer's future.
+    type Fut: Future<Output = Result<Response<RB>, Infallible>> + Send + 'static;
+}
+
+impl<S, F, RB> H3Service<RB> for S
+where
+    S: Fn(Request<H3Body>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<RB>, Infallible>> + Send + 'static,
+{
+    type Fut = F;
+}
+
+/// What [`Http3::start`] needs besides the socket and the service.
+pub struct Options {
+    /// The acceptors of the TCP listener (certificate, client verification).
+    pub acceptors: Arc<Acceptors>,
+    /// Counts handshakes.
+    pub stats: Stats,
+    /// HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, IDLE_TIMEOUT.
+    pub timeouts: Timeouts,
+    /// Connections held at most.
+    pub max_connections: usize,
+}
+
+impl Http3 {
+    /// Serves `socket` with `service` from this thread's runtime.
+    pub fn start<S, RB>(socket: std::net::UdpSocket, options: Options, service: S) -> anyhow::Result<Http3>
+    where
+        S: H3Service<RB>,
+        RB: Body<Data = Bytes> + Send + 'static,
+        RB::Error: std::fmt::Display + Send,
+    {
+        let Options { acceptors, stats, timeouts, max_connections } = options;
+        socket.set_nonblocking(true).context("cannot make the HTTP/3 socket non-blocking")?;
+        let config = server_config(&acceptors, &timeouts)?;
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime)
+            .context("cannot serve QUIC on the HTTP/3 socket")?;
+        let max = max_connections.clamp(1, Semaphore::MAX_PERMITS);
+        let permits = Arc::new(Semaphore::new(max));
+        let (drain, _) = watch::channel(false);
+        let handshaking = Arc::new(Handshaking::default());
+        let serve = Serve { stats, timeouts, drain: drain.clone(), permits: permits.clone(), handshaking };
+        // A client CA bundle reloaded: new handshakes verify against it.
+        let mut swaps = acceptors.swaps();
+        let (ep, acc) = (endpoint.clone(), acceptors.clone());
+        let accepting = tokio::spawn(async move {
+            let mut stop = serve.drain.subscribe();
+            loop {
+                tokio::select! {
+                    incoming = ep.accept() => match incoming {
+                        Some(i) => serve.incoming(i, service.clone()),
+                        None => return,
+                    },
+                    Ok(()) = swaps.changed() => match server_config(&acc, &serve.timeouts) {
+                        Ok(c) => ep.set_server_config(Some(c)),
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot rebuild the HTTP/3 configuration; the previous one serves"),
+                    },
+                    _ = stop.changed() => return,
+                }
+            }
+        });
+        Ok(Http3 { endpoint, drain, permits, max, accepting })
+    }
+
+    /// Stops taking connections, asks each to finish its requests (GOAWAY),
+    /// and waits up to `timeout` for them; returns whether all closed in time.
+    pub async fn drain(self, timeout: Duration) -> bool {
+        let _ = self.drain.send(true);
+        self.accepting.abort();
+        // New connection attempts are refused from here on.
+        self.endpoint.set_server_config(None);
+        let all = self.permits.acquire_many(u32::try_from(self.max).unwrap_or(u32::MAX));
+        let drained = tokio::time::timeout(timeout, all).await.is_ok();
+        self.endpoint.close(h3::error::Code::H3_NO_ERROR.value().try_into().unwrap_or_default(), b"stopping");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        drained
+    }
+}
+
+/// What every connection's task shares.
+#[derive(Clone)]
+struct Serve {
+    stats: Stats,
+    timeouts: Timeouts,
+    drain: watch::Sender<bool>,
+    permits: Arc<Semaphore>,
+    handshaking: Arc<Handshaking>,
+}
+
+impl Serve {
+    /// A connection attempt: refused past the connection limit, sent a Retry
+    /// while too many handshakes are under way, else served.
+    fn incoming<S, RB>(&self, incoming: quinn::Incoming, service: S)
+    where
+        S: H3Service<RB>,
+        RB: Body<Data = Bytes> + Send + 'static,
+        RB::Error: std::fmt::Display + Send,
+    {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            tracing::debug!(peer = %incoming.remote_address(), "HTTP/3 connection refused: every place is taken");
+            incoming.refuse();
+            return;
+        };
+        let under_way = self.handshaking.0.load(Ordering::Relaxed);
+        if under_way >= RETRY_ABOVE && !incoming.remote_address_validated() && incoming.may_retry() {
+            // Stateless: nothing is held until the client answers from its address.
+            let peer = incoming.remote_address();
+            if let Err(e) = incoming.retry() {
+                tracing::debug!(%peer, error = %e, "cannot send a QUIC Retry");
+            }
+            return;
+        }
+        self.handshaking.0.fetch_add(1, Ordering::Relaxed);
+        let slot = HandshakeSlot(self.handshaking.clone());
+        let peer = incoming.remote_address();
+        let serve = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut pending = crate::handshake::Pending::new(&serve.stats);
+            let connecting = match incoming.accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    pending.failed_quic(&e);
+                    return;
+                }
+            };
+            let conn = match tokio::time::timeout(serve.timeouts.header, connecting).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    pending.failed_quic(&e);
+                    if let Some(why) = crate::handshake::quic_rejected(&e) {
+                        if crate::client_auth::first_in_a_while(peer.ip()) {
+                            tracing::info!(%peer, reason = %why, "client certificate rejected (HTTP/3)");
+                        }
+                    }
+                    tracing::debug!(%peer, error = %e, "QUIC handshake failed");
+                    return;
+                }
+                // Dropped: the attempt is closed; `pending` counts a timeout.
+                Err(_) => return,
+            };
+            pending.done_quic();
+            drop(slot);
+            let client = conn
+                .peer_identity()
+                .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+                .and_then(|chain| crate::client_auth::identity_of(&chain));
+            serve.connection(conn, peer, client, service).await;
+        });
+    }
+
+    /// Serves one connection's requests until it closes, times out or is drained.
+    async fn connection<S, RB>(
+        &self,
+        conn: quinn::Connection,
+        peer: SocketAddr,
+        client: Option<Arc<ClientIdentity>>,
+        service: S,
+    ) where
+        S: H3Service<RB>,
+        RB: Body<Data = Bytes> + Send + 'static,
+        RB::Error: std::fmt::Display + Send,
+    {
+        let mut builder = h3::server::builder();
+        builder.max_field_section_size(MAX_FIELD_SECTION);
+        let mut h3c = match builder.build::<_, Bytes>(h3_quinn::Connection::new(conn.clone())).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "HTTP/3 connection set-up failed");
+                return;
+            }
+        };
+        let activity = Arc::new(Activity::new());
+        let mut drain = self.drain.subscribe();
+        let mut closing = *drain.borrow();
+        if closing {
+            let _ = h3c.shutdown(0).await;
+        }
+        let tick_every = (self.timeouts.header.min(self.timeouts.keepalive) / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(tick_every);
+        let mut closed_at: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                accepted = h3c.accept() => match accepted {
+                    Ok(Some(resolver)) => {
+                        activity.in_flight.fetch_add(1, Ordering::Relaxed);
+                        let guard = InFlight(activity.clone());
+                        let (service, client, header) = (service.clone(), client.clone(), self.timeouts.header);
+                        tokio::spawn(async move {
+                            let _guard = guard;
+                            let resolved = tokio::time::timeout(header, resolver.resolve_request()).await;
+                            let (req, stream) = match resolved {
+                                Ok(Ok(r)) => r,
+                                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "bad HTTP/3 request"),
+                                Err(_) => return tracing::debug!(%peer, "HTTP/3 request headers did not arrive within HEADER_TIMEOUT"),
+                            };
+                            respond(req, stream, peer, client, service).await;
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        if !e.is_h3_no_error() {
+                            tracing::debug!(%peer, error = %e, "HTTP/3 connection ended with an error");
+                        }
+                        break;
+                    }
+                },
+                changed = drain.changed(), if !closing => {
+                    if changed.is_ok() {
+                        closing = true;
+                        let _ = h3c.shutdown(0).await;
+                    }
+                }
+                _ = tick.tick() => {
+                    if closing && activity.in_flight.load(Ordering::Relaxed) == 0 {
+                        break;
+                    }
+                    if let Some(why) = activity.expired(&self.timeouts).filter(|_| !closing) {
+                        tracing::debug!(%peer, why, "closing HTTP/3 connection");
+                        closing = true;
+                        closed_at = Some(Instant::now());
+                        let _ = h3c.shutdown(0).await;
+                    }
+                    if closed_at.is_some_and(|at| at.elapsed() > self.timeouts.header) {
+                        break;
+                    }
+                }
+            }
+        }
+        // Requests still answering keep the connection until they finish (or the drain times out).
+        while activity.in_flight.load(Ordering::Relaxed) > 0 && conn.close_reason().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        conn.close(h3::error::Code::H3_NO_ERROR.value().try_into().unwrap_or_default(), b"");
+    }
+}
+
+/// Hands one request to the service and sends its answer: head, data, trailers.
+async fn respond<S, RB>(
+    req: Request<()>,
+    stream: h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>,
+    peer: SocketAddr,
+    client: Option<Arc<ClientIdentity>>,
+    service: S,
+) where
+    S: H3Service<RB>,
+    RB: Body<Data = Bytes> + Send + 'static,
+    RB::Error: std::fmt::Display + Send,
+{
+    let (mut send, recv) = stream.split();
+    let (mut parts, ()) = req.into_parts();
+    parts.version = http::Version::HTTP_3;
+    parts.extensions.insert(Peer(peer));
+    if let Some(c) = client {
+        parts.extensions.insert(c);
+    }
+    let req = Request::from_parts(parts, H3Body { recv, data_done: false, done: false });
+    let Ok(res) = service(req).await;
+    let (mut head, body) = res.into_parts();
+    for h in &CONNECTION_SPECIFIC {
+        head.headers.remove(h);
+    }
+    if let Err(e) = send.send_response(Response::from_parts(head, ())).await {
+        return tracing::debug!(%peer, error = %e, "cannot send an HTTP/3 answer");
+    }
+    let mut body = std::pin::pin!(body);
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let sent = match frame {
+            Ok(f) => match f.into_data() {
+                Ok(data) if data.is_empty() => Ok(()),
+                Ok(data) => send.send_data(data).await,
+                Err(f) => match f.into_trailers() {
+                    Ok(t) => send.send_trailers(t).await,
+                    Err(_) => Ok(()),
+                },
+            },
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "an HTTP/3 answer's body failed");
+                send.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+                return;
+            }
+        };
+        if let Err(e) = sent {
+            return tracing::debug!(%peer, error = %e, "cannot send an HTTP/3 answer");
+        }
+    }
+    if let Err(e) = send.finish().await {
+        tracing::debug!(%peer, error = %e, "cannot finish an HTTP/3 answer");
+    }
+}
+
+/// The ALPN index HTTP/3 handshakes are counted under.
+pub fn alpn_index() -> usize {
+    TLS_ALPN.iter().position(|a| *a == "h3").unwrap_or(TLS_ALPN.len() - 1)
+}
