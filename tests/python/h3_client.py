@@ -10,6 +10,9 @@ A plan is a list of steps run in order, each printing one JSON line:
                                             one request on "a" (prints status, headers, body, trailers)
   {"wait_file": "PATH"}                     waits until PATH exists (the test changes something meanwhile)
   {"touch": "PATH"}                         creates PATH (tells the test a step was reached)
+  {"loop": "PATH", "method": ..., "path": ..., "body": ...}
+                                            the request on a new connection each time until PATH
+                                            exists (prints how many succeeded, every failure, the slowest)
 A step that fails prints {"error": ...} and the plan goes on.
 
 --flood N sends the first Initial packet of N QUIC handshakes from one UDP
@@ -107,36 +110,64 @@ def body_text(data):
         return {"body_b64": base64.b64encode(data).decode()}
 
 
+def step_body(step):
+    if "body_file" in step:
+        with open(step["body_file"], "rb") as f:
+            return f.read()
+    if "body" in step:
+        return step["body"].encode()
+    return None
+
+
+async def ask(client, port, step, body):
+    return await client.request(f"localhost:{port}", step.get("method", "GET"), step["path"], step.get("headers", []), body)
+
+
+async def open_connection(host, port, args):
+    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name="localhost")
+    config.load_verify_locations(args.ca)
+    if args.cert:
+        config.load_cert_chain(args.cert, args.key)
+    cm = connect(host, port, configuration=config, create_protocol=H3Client, wait_connected=True)
+    return cm, await asyncio.wait_for(cm.__aenter__(), 10)
+
+
+async def loop(host, port, step, args):
+    """The request on a new connection each time until the step's file exists."""
+    body = step_body(step)
+    ok, failed, slowest = 0, [], 0.0
+    while not os.path.exists(step["loop"]):
+        began = time.time()
+        try:
+            cm, client = await open_connection(host, port, args)
+            try:
+                status, _, data, _ = await ask(client, port, step, body)
+            finally:
+                await asyncio.wait_for(cm.__aexit__(None, None, None), 5)
+            if status == 200:
+                ok += 1
+            else:
+                failed.append(f"{status}: {data[:200]!r}")
+        except Exception as e:  # noqa: BLE001 - every failure is counted
+            failed.append(f"{type(e).__name__}: {e}")
+        slowest = max(slowest, time.time() - began)
+    return {"ok": ok, "failed": failed, "slowest_ms": round(slowest * 1000, 1)}
+
+
 async def run_plan(host, port, plan, args):
     conns = {}
     stacks = []
     for step in plan:
         try:
             if "connect" in step:
-                config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name="localhost")
-                config.load_verify_locations(args.ca)
-                if args.cert:
-                    config.load_cert_chain(args.cert, args.key)
-                cm = connect(host, port, configuration=config, create_protocol=H3Client, wait_connected=True)
-                client = await asyncio.wait_for(cm.__aenter__(), 10)
+                cm, client = await open_connection(host, port, args)
                 stacks.append(cm)
                 conns[step["connect"]] = client
                 print(json.dumps({"connected": step["connect"], "cert_sha256": served_certificate(client)}), flush=True)
+            elif "loop" in step:
+                print(json.dumps(await loop(host, port, step, args)), flush=True)
             elif "request" in step:
-                client = conns[step["request"]]
-                body = None
-                if "body_file" in step:
-                    with open(step["body_file"], "rb") as f:
-                        body = f.read()
-                elif "body" in step:
-                    body = step["body"].encode()
-                status, headers, data, trailers = await client.request(
-                    f"localhost:{port}",
-                    step.get("method", "GET"),
-                    step["path"],
-                    step.get("headers", []),
-                    body,
-                )
+                status, headers, data, trailers = await ask(conns[step["request"]], port, step, step_body(step))
                 out = {"status": status, "headers": headers, "trailers": trailers}
                 out.update(body_text(data))
                 print(json.dumps(out), flush=True)

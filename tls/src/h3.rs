@@ -253,7 +253,6 @@ impl Http3 {
         let mut swaps = acceptors.swaps();
         let (ep, acc) = (endpoint.clone(), acceptors.clone());
         let accepting = tokio::spawn(async move {
-            let mut stop = serve.drain.subscribe();
             loop {
                 tokio::select! {
                     incoming = ep.accept() => match incoming {
@@ -264,7 +263,6 @@ impl Http3 {
                         Ok(c) => ep.set_server_config(Some(c)),
                         Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot rebuild the HTTP/3 configuration; the previous one serves"),
                     },
-                    _ = stop.changed() => return,
                 }
             }
         });
@@ -274,12 +272,13 @@ impl Http3 {
     /// Stops taking connections, asks each to finish its requests (GOAWAY),
     /// and waits up to `timeout` for them; returns whether all closed in time.
     pub async fn drain(self, timeout: Duration) -> bool {
+        // New connection attempts are ignored from here on, not refused: on an
+        // upgrade the next HTTPS worker reads the same socket, and the client's
+        // next Initial (sent again after its loss timer) may reach it instead.
         let _ = self.drain.send(true);
-        self.accepting.abort();
-        // New connection attempts are refused from here on.
-        self.endpoint.set_server_config(None);
         let all = self.permits.acquire_many(u32::try_from(self.max).unwrap_or(u32::MAX));
         let drained = tokio::time::timeout(timeout, all).await.is_ok();
+        self.accepting.abort();
         self.endpoint.close(h3::error::Code::H3_NO_ERROR.value().try_into().unwrap_or_default(), b"stopping");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         drained
@@ -305,6 +304,10 @@ impl Serve {
         RB: Body<Data = Bytes> + Send + 'static,
         RB::Error: std::fmt::Display + Send,
     {
+        if *self.drain.borrow() {
+            incoming.ignore();
+            return;
+        }
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             tracing::debug!(peer = %incoming.remote_address(), "HTTP/3 connection refused: every place is taken");
             incoming.refuse();
