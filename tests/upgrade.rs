@@ -134,14 +134,53 @@ impl Load {
     }
 }
 
+/// An HTTP/3 client (aioquic) posting inferences on a new QUIC connection each
+/// time, until stopped: on an upgrade the UDP socket passes to the new
+/// HTTPS worker while the old one still reads it.
+struct H3Loop {
+    child: std::process::Child,
+    stop: std::path::PathBuf,
+}
+
+impl H3Loop {
+    fn start(t: &Tandem, chain: &str) -> H3Loop {
+        let ca = t.dir.path().join("h3-ca.pem");
+        std::fs::write(&ca, chain).unwrap();
+        let stop = t.dir.path().join("h3-stop");
+        let step = serde_json::json!([{"loop": stop.to_str().unwrap(), "method": "POST",
+            "path": "/v2/models/digits/infer", "body": digits_body(2)}]);
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/h3_client.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .args(["127.0.0.1", &t.https_port.to_string(), &step.to_string(), "--ca"])
+            .arg(&ca)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        H3Loop { child, stop }
+    }
+
+    fn finish_without_failures(self, t: &Tandem) {
+        std::fs::write(&self.stop, b"").unwrap();
+        let out = self.child.wait_with_output().unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{said}"));
+        assert_eq!(result["failed"], serde_json::json!([]), "HTTP/3 requests failed: {said}\n{}", t.explain());
+        assert!(result["ok"].as_u64().unwrap() > 5, "HTTP/3 was served throughout: {said}");
+        eprintln!("HTTP/3 during the upgrade: {result}");
+    }
+}
+
 #[test]
 fn an_upgrade_under_load_refuses_nothing_and_the_old_supervisor_drains_away() {
     install_provider();
-    let mut t = TandemBuilder::new().copied_binary().ssl().env("NUM_WORKERS", "2").start();
+    let mut t = TandemBuilder::new().copied_binary().ssl().env("SSL_HTTP3", "true").env("NUM_WORKERS", "2").start();
     let old = t.pid().as_raw() as u32;
     assert_eq!(supervisor_pid(&t), old, "the pid file names the running supervisor");
     let chain = t.served_chain_pem();
     let load = Load::start(&t, Some(&chain));
+    let h3 = H3Loop::start(&t, &chain);
     std::thread::sleep(Duration::from_millis(500));
     // The new binary arrives at the same path (here the same build, as a new file).
     replace_binary(&t.dir.path().join("bin/tandem"), &std::fs::read(TANDEM).unwrap());
@@ -155,6 +194,7 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_supervisor_drains_away() {
     let status = t.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "the old supervisor: {status:?}\n{}", t.explain());
     load.finish_without_failures(&t);
+    h3.finish_without_failures(&t);
     // The new supervisor serves both ports with workers of its own.
     let workers: Vec<_> = Tandem::children_of(nix::unistd::Pid::from_raw(new as i32))
         .into_iter()

@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use hyper::body::{Body, Frame};
-use tandem_shared::edge::serve::{BoxError, ClientIdentity, Peer, Timeouts};
+use tandem_shared::edge::serve::{BoxError, ClientIdentity, Peer, Timeouts, DRAIN_LINGER};
 use tandem_shared::stats::{Stats, TLS_ALPN};
 use tokio::sync::{watch, Semaphore};
 
@@ -383,11 +383,14 @@ impl Serve {
             }
         };
         let activity = Arc::new(Activity::new());
+        // On a drain the connection takes requests for DRAIN_LINGER more (one
+        // already on its way is answered, not refused), then sends GOAWAY and
+        // closes once its requests are answered; the same for one whose
+        // handshake ended after the drain began.
         let mut drain = self.drain.subscribe();
-        let mut closing = *drain.borrow();
-        if closing {
-            let _ = h3c.shutdown(0).await;
-        }
+        let mut draining = *drain.borrow();
+        let mut goaway_at = draining.then(|| Instant::now() + DRAIN_LINGER);
+        let mut closing = false;
         let tick_every = (self.timeouts.header.min(self.timeouts.keepalive) / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(1));
         let mut tick = tokio::time::interval(tick_every);
@@ -418,17 +421,21 @@ impl Serve {
                         break;
                     }
                 },
-                changed = drain.changed(), if !closing => {
+                changed = drain.changed(), if !draining => {
                     if changed.is_ok() {
-                        closing = true;
-                        let _ = h3c.shutdown(0).await;
+                        draining = true;
+                        goaway_at = Some(Instant::now() + DRAIN_LINGER);
                     }
                 }
                 _ = tick.tick() => {
+                    if !closing && goaway_at.is_some_and(|at| Instant::now() >= at) {
+                        closing = true;
+                        let _ = h3c.shutdown(0).await;
+                    }
                     if closing && activity.in_flight.load(Ordering::Relaxed) == 0 {
                         break;
                     }
-                    if let Some(why) = activity.expired(&self.timeouts).filter(|_| !closing) {
+                    if let Some(why) = activity.expired(&self.timeouts).filter(|_| !closing && !draining) {
                         tracing::debug!(%peer, why, "closing HTTP/3 connection");
                         closing = true;
                         closed_at = Some(Instant::now());
