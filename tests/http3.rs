@@ -3,7 +3,8 @@
 //! in JSON and binary answered as over TCP, Alt-Svc only when enabled, the
 //! statistics and access log saying h3, a certificate swap seen by new QUIC
 //! connections while an old one keeps working, client certificates required,
-//! the UDP port kept across an HTTPS worker kill and an upgrade, and a flood
+//! the UDP port kept across an HTTPS worker kill, the copies reached through
+//! the proxy with `WORKER_COMMAND`, and a flood
 //! of half-open handshakes bounded by Retry.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
@@ -302,4 +303,49 @@ fn a_flood_of_half_open_handshakes_is_bounded_and_real_clients_still_connect() {
     let again = h3(&t, &["--flood", "10", "--wait", "1"], &ca);
     assert_eq!(again[0]["answered_initial"], 10, "state is held again once the flood's is gone: {again:?}");
     assert_eq!(t.workers("https-worker"), https_worker, "the HTTPS worker was never replaced");
+}
+
+#[test]
+fn with_worker_command_http3_reaches_the_copies_through_the_proxy() {
+    let app = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python");
+    let command = format!("python3 -m uvicorn app:app --app-dir {} --port {{port}} --log-level warning", app.display());
+    let metrics_port = free_port();
+    let t = TandemBuilder::new()
+        .ssl()
+        .env("SSL_HTTP3", "true")
+        .env("WORKER_COMMAND", &command)
+        .env("METRICS_PORT", &metrics_port.to_string())
+        .spawn();
+    let live = t.cert_dir().join("live.pem");
+    wait_for(Duration::from_secs(30), "the certificate", || t.explain(), || live.exists().then_some(()));
+    wait_for(
+        Duration::from_secs(90),
+        "the copies to answer over HTTPS",
+        || t.explain(),
+        || {
+            let r = Tandem::https_client(&t.served_chain_pem()).get(t.https_url("localhost", "/")).send().ok()?;
+            r.status().is_success().then_some(())
+        },
+    );
+    let ca = trust(&t);
+    let out = h3(
+        &t,
+        &[&plan(json!([
+            {"connect": "a"},
+            {"request": "a", "path": "/whoami"},
+            {"request": "a", "method": "POST", "path": "/echo", "body": "x".repeat(100_000)},
+        ]))],
+        &ca,
+    );
+    assert_eq!(out[1]["status"], 200, "{out:?}\n{}", t.explain());
+    let whoami: Value = serde_json::from_str(out[1]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(whoami["headers"]["x-forwarded-proto"], "https", "{whoami}");
+    assert_eq!(out[1]["headers"]["alt-svc"], format!("h3=\":{}\"; ma=86400", t.https_port), "{out:?}");
+    assert_eq!(out[2]["status"], 200, "{out:?}");
+    let echo: Value = serde_json::from_str(out[2]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(echo["bytes"], 100_000, "the whole body reached the copy: {echo}");
+    // The copies' answers are counted as tandem's (the supervisor's metrics port, as the copies own PORT's /metrics).
+    let m =
+        Tandem::http_client().get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().unwrap().text().unwrap();
+    assert!(m.contains(r#"listener="https",protocol="h3""#), "{m}");
 }

@@ -49,16 +49,8 @@ crate::declare! {
         default: "False",
         doc: "also serve HTTP/3 (QUIC, TLS 1.3) on SSL_PORT over UDP, advertised by Alt-Svc on HTTPS answers",
         accepted: values::BOOL,
-        scope: http3_scope,
+        scope: https,
     }
-}
-
-fn http3_scope(c: &Config) -> Option<&'static str> {
-    https(c).or_else(|| {
-        c.proxy.command.is_some().then_some(
-            "WORKER_COMMAND is set: the proxy worker serves HTTPS over TCP only (HTTP/3 is the HTTPS worker's)",
-        )
-    })
 }
 
 fn client_ca_scope(c: &Config) -> Option<&'static str> {

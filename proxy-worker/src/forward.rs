@@ -20,6 +20,7 @@ use tandem_shared::edge::serve::{tunnel, ClientIdentity, Peer, TunnelEnd};
 use tandem_shared::stats::Stats;
 
 use crate::pool::{Lease, Pool, ProxyBody};
+use tandem_shared::edge::serve::RequestBody;
 
 /// Copies a request is tried on at most.
 const MAX_ATTEMPTS: usize = 3;
@@ -252,10 +253,10 @@ impl Body for Leased {
 /// The request body as it will be sent: in memory (it can be sent again) or streamed once.
 enum Outgoing {
     Replayable(Bytes),
-    Stream(Option<Limited<Incoming>>),
+    Stream(Option<ProxyBody>),
     /// A gRPC call's messages, each checked against the limit as it passes
     /// (a stream's whole body has none).
-    Messages(Option<tandem_shared::edge::grpc::Checked<Incoming>>),
+    Messages(Option<ProxyBody>),
 }
 
 impl Outgoing {
@@ -263,8 +264,7 @@ impl Outgoing {
         match self {
             Outgoing::Replayable(b) if b.is_empty() => Some(Empty::new().map_err(|n| match n {}).boxed_unsync()),
             Outgoing::Replayable(b) => Some(Full::new(b.clone()).map_err(|n| match n {}).boxed_unsync()),
-            Outgoing::Stream(s) => s.take().map(|s| s.boxed_unsync()),
-            Outgoing::Messages(s) => s.take().map(|s| s.boxed_unsync()),
+            Outgoing::Stream(s) | Outgoing::Messages(s) => s.take(),
         }
     }
 }
@@ -316,7 +316,7 @@ impl Proxy {
     /// (errors are JSON responses).
     pub async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<impl RequestBody>,
         https: bool,
         port: u16,
     ) -> Result<Response<ProxyBody>, Infallible> {
@@ -343,7 +343,11 @@ impl Proxy {
     }
 
     /// The copy's answer, and the copy (worker number) that gave it.
-    async fn forward(&self, mut req: Request<Incoming>, origin: &Origin<'_>) -> (Response<ProxyBody>, Option<usize>) {
+    async fn forward(
+        &self,
+        mut req: Request<impl RequestBody>,
+        origin: &Origin<'_>,
+    ) -> (Response<ProxyBody>, Option<usize>) {
         let deadline = tokio::time::Instant::now() + self.opts.timeout;
         let upgrade = upgrade_of(&req);
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -371,7 +375,7 @@ impl Proxy {
             Outgoing::Replayable(Bytes::new())
         } else if grpc && declared.is_none() {
             let cap = usize::try_from(limit).unwrap_or(usize::MAX);
-            Outgoing::Messages(Some(tandem_shared::edge::grpc::Checked::new(body, cap, |e| Box::new(e))))
+            Outgoing::Messages(Some(tandem_shared::edge::grpc::Checked::new(body, cap, |e| Box::new(e)).boxed_unsync()))
         } else if declared.is_some_and(|n| n <= REPLAYABLE_BYTES) {
             let cap = usize::try_from(limit).unwrap_or(usize::MAX);
             match tokio::time::timeout_at(deadline, read_body(body, cap, declared, &self.budget, &mut share)).await {
@@ -392,7 +396,7 @@ impl Proxy {
                 }
             }
         } else {
-            Outgoing::Stream(Some(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX))))
+            Outgoing::Stream(Some(Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).boxed_unsync()))
         };
         let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str()).to_string();
         let retry_sent = idempotent(&parts.method) && matches!(outgoing, Outgoing::Replayable(_));

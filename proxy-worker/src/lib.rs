@@ -102,6 +102,8 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
         None => None,
     };
     let fingerprint = tls.as_ref().map(|(_, _, t)| t.fingerprint.clone());
+    let acceptors = tls.as_ref().map(|(_, _, t)| t.acceptors());
+    let h3_stats = stats.clone();
     // Each listener gets its share of the descriptors, split over the threads.
     let listeners = (usize::from(tls.is_some()) + usize::from(http.is_some())).max(1);
     let shared = Arc::new(Shared {
@@ -126,10 +128,36 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
         shared.https.as_ref().map_or("-".to_string(), |(_, a, _)| a.to_string()),
         pool.len()
     );
+    // HTTP/3 (SSL_HTTP3): the UDP socket the supervisor bound, served from this thread's runtime.
+    let http3 = match (settings.tls.as_ref().and_then(|t| t.h3), acceptors) {
+        (Some((fd, addr)), Some(acceptors)) => {
+            let socket = std::net::UdpSocket::from(
+                tandem_shared::sys::adopt_fd(fd).context("cannot take the inherited HTTP/3 socket")?,
+            );
+            let options = tandem_tls::h3::Options {
+                acceptors,
+                stats: h3_stats,
+                timeouts: settings.edge.policy.timeouts,
+                max_connections: shared.budget,
+            };
+            let fwd = shared.forwarder.clone();
+            let port = addr.port();
+            Some(tandem_tls::h3::Http3::start(socket, options, move |req| fwd.clone().handle(req, true, port))?)
+        }
+        _ => None,
+    };
+    let graceful = settings.graceful_timeout;
     let first = tokio::spawn(serve_thread(0, shared, stop_rx));
     let drain = async move {
         let _ = stop_tx.send(true);
-        let mut drained = first.await.unwrap_or(false);
+        let h3 = async {
+            match http3 {
+                Some(h3) => h3.drain(graceful).await,
+                None => true,
+            }
+        };
+        let (first, h3) = tokio::join!(first, h3);
+        let mut drained = first.unwrap_or(false) && h3;
         if let Some(r) = reloads {
             r.abort();
         }

@@ -31,7 +31,7 @@ pub const SETTINGS_FD: i32 = LISTEN_FDS_START + 4;
 pub const PROXY_HTTPS_FD: i32 = LISTEN_FDS_START + 2;
 /// Descriptor number of the gRPC-only listener (`GRPC_PORT`) in an engine worker.
 pub const GRPC_FD: i32 = LISTEN_FDS_START + 5;
-/// Descriptor number of the HTTP/3 UDP socket (`SSL_HTTP3`) in the HTTPS worker.
+/// Descriptor number of the HTTP/3 UDP socket (`SSL_HTTP3`) in the HTTPS or proxy worker.
 pub const H3_FD: i32 = LISTEN_FDS_START + 5;
 
 /// What the supervisor knows when it spawns a worker, beyond the configuration.
@@ -94,7 +94,7 @@ pub fn for_worker(config: &Config, spawn: Spawn<'_>) -> WorkerSettings {
         policy: config.tls.clone(),
         live_cert: certs.live(),
         acme_alpn01: acme.filter(|_| config.acme.challenge == AcmeChallenge::TlsAlpn01).map(Layout::acme_alpn01),
-        h3: spawn.h3_addr.filter(|_| role == Role::HttpsWorker).map(|a| (H3_FD, a)),
+        h3: spawn.h3_addr.filter(|_| role.is_front()).map(|a| (H3_FD, a)),
     };
     let shm = || ShmSettings {
         fd: SHM_FD,

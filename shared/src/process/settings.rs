@@ -213,7 +213,7 @@ pub struct TlsSettings {
     pub live_cert: PathBuf,
     /// ACME: where TLS-ALPN-01 certificates wait, one per name (answered for `acme-tls/1`).
     pub acme_alpn01: Option<PathBuf>,
-    /// HTTP/3 (`SSL_HTTP3`): the UDP socket's descriptor and address, in the HTTPS worker.
+    /// HTTP/3 (`SSL_HTTP3`): the UDP socket's descriptor and address, in the worker serving HTTPS.
     #[serde(default)]
     pub h3: Option<(i32, SocketAddr)>,
 }

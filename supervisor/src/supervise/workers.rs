@@ -57,9 +57,11 @@ impl Supervisor {
             _ => None,
         };
         let grpc_addr = grpc.as_ref().and(self.grpc_addr);
-        // HTTP/3's UDP socket is the HTTPS worker's second.
+        // HTTP/3's UDP socket goes to the worker that serves HTTPS (the HTTPS or the proxy worker).
         let h3 = match (role, &listeners.h3) {
-            (Role::HttpsWorker, Some(u)) => Some(u.try_clone().context("cannot duplicate the HTTP/3 socket")?),
+            (Role::HttpsWorker | Role::ProxyWorker, Some(u)) => {
+                Some(u.try_clone().context("cannot duplicate the HTTP/3 socket")?)
+            }
             _ => None,
         };
         let h3_addr =
