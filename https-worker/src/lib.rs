@@ -85,6 +85,8 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
                 stats: stats.clone(),
                 timeouts: settings.edge.policy.timeouts,
                 max_connections: budget,
+                threads: tandem_shared::edge::serve::serving_threads(),
+                on_park: Some(Arc::new(watch_before_park)),
             };
             let h3 = tandem_tls::h3::Http3::start(socket, options, move |req| fwd.clone().handle(req))?;
             tracing::debug!(%addr, "serving HTTP/3");

@@ -139,6 +139,8 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
                 stats: h3_stats,
                 timeouts: settings.edge.policy.timeouts,
                 max_connections: shared.budget,
+                threads,
+                on_park: None,
             };
             let fwd = shared.forwarder.clone();
             let port = addr.port();

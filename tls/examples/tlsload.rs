@@ -181,13 +181,14 @@ async fn tcp_request(conn: &mut Tcp, a: &Args) -> anyhow::Result<u16> {
 
 type H3Send = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 
-async fn h3_connect(endpoint: &quinn::Endpoint, a: &Args) -> anyhow::Result<H3Send> {
+/// An HTTP/3 connection: requests go through the first, the second closes it.
+async fn h3_connect(endpoint: &quinn::Endpoint, a: &Args) -> anyhow::Result<(H3Send, quinn::Connection)> {
     let conn = endpoint.connect(a.addr, "localhost")?.await?;
-    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn)).await?;
+    let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(conn.clone())).await?;
     tokio::spawn(async move {
         let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
     });
-    Ok(send)
+    Ok((send, conn))
 }
 
 async fn h3_request(send: &mut H3Send, a: &Args) -> anyhow::Result<u16> {
@@ -218,7 +219,7 @@ async fn run(a: Args) -> serde_json::Value {
         _ => None,
     };
     let shared_h3 = match (&endpoint, a.new_connection) {
-        (Some(e), false) => Some(h3_connect(e, &a).await.expect("connect")),
+        (Some(e), false) => Some(h3_connect(e, &a).await.expect("connect").0),
         _ => None,
     };
     let began = Instant::now();
@@ -235,7 +236,12 @@ async fn run(a: Args) -> serde_json::Value {
                 let t0 = Instant::now();
                 let result = match (a.proto, a.new_connection) {
                     (Proto::H3, true) => match h3_connect(endpoint.as_ref().unwrap(), &a).await {
-                        Ok(mut s) => h3_request(&mut s, &a).await,
+                        Ok((mut s, conn)) => {
+                            let r = h3_request(&mut s, &a).await;
+                            // Closed now, as a TCP client closes its socket (not left to the idle timeout).
+                            conn.close(0u32.into(), b"");
+                            r
+                        }
                         Err(e) => Err(e),
                     },
                     (Proto::H3, false) => h3_request(h3.as_mut().unwrap(), &a).await,

@@ -184,6 +184,8 @@ const CONNECTION_SPECIFIC: [http::header::HeaderName; 5] = [
 
 /// Serves HTTP/3 on one UDP socket until drained.
 pub struct Http3 {
+    /// QUIC's own runtime, when it has one.
+    runtime: Option<tokio::runtime::Runtime>,
     endpoint: quinn::Endpoint,
     drain: watch::Sender<bool>,
     /// Connections open (each holds one permit of `max`).
@@ -228,6 +230,11 @@ pub struct Options {
     pub timeouts: Timeouts,
     /// Connections held at most.
     pub max_connections: usize,
+    /// Threads of QUIC's own runtime (its connections run on any of them); 0
+    /// serves from the calling thread's runtime.
+    pub threads: usize,
+    /// Run by those threads before they sleep (the ring's watch).
+    pub on_park: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Http3 {
@@ -238,11 +245,23 @@ impl Http3 {
         RB: Body<Data = Bytes> + Send + 'static,
         RB::Error: std::fmt::Display + Send,
     {
-        let Options { acceptors, stats, timeouts, max_connections } = options;
+        let Options { acceptors, stats, timeouts, max_connections, threads, on_park } = options;
+        let runtime = match threads {
+            0 => None,
+            n => {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(n).thread_name("h3").enable_all();
+                if let Some(hook) = on_park {
+                    b.on_thread_park(move || hook());
+                }
+                Some(b.build().context("cannot start HTTP/3's runtime")?)
+            }
+        };
+        let _entered = runtime.as_ref().map(|r| r.enter());
         socket.set_nonblocking(true).context("cannot make the HTTP/3 socket non-blocking")?;
         let config = server_config(&acceptors, &timeouts)?;
-        let runtime = Arc::new(quinn::TokioRuntime);
-        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, runtime)
+        let io = Arc::new(quinn::TokioRuntime);
+        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, io)
             .context("cannot serve QUIC on the HTTP/3 socket")?;
         let max = max_connections.clamp(1, Semaphore::MAX_PERMITS);
         let permits = Arc::new(Semaphore::new(max));
@@ -266,7 +285,8 @@ impl Http3 {
                 }
             }
         });
-        Ok(Http3 { endpoint, drain, permits, max, accepting })
+        drop(_entered);
+        Ok(Http3 { runtime, endpoint, drain, permits, max, accepting })
     }
 
     /// Stops taking connections, asks each to finish its requests (GOAWAY),
@@ -281,6 +301,9 @@ impl Http3 {
         self.accepting.abort();
         self.endpoint.close(h3::error::Code::H3_NO_ERROR.value().try_into().unwrap_or_default(), b"stopping");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        if let Some(r) = self.runtime {
+            r.shutdown_background();
+        }
         drained
     }
 }
