@@ -194,6 +194,16 @@ pub struct Http3 {
     accepting: tokio::task::JoinHandle<()>,
 }
 
+impl Drop for Http3 {
+    /// Its runtime goes without waiting for its tasks (dropped from async code
+    /// a runtime must not block).
+    fn drop(&mut self) {
+        if let Some(r) = self.runtime.take() {
+            r.shutdown_background();
+        }
+    }
+}
+
 /// Handshakes under way, for the Retry threshold.
 #[derive(Default)]
 struct Handshaking(AtomicUsize);
@@ -238,7 +248,8 @@ pub struct Options {
 }
 
 impl Http3 {
-    /// Serves `socket` with `service` from this thread's runtime.
+    /// Serves `socket` with `service`, from a runtime of its own with
+    /// `options.threads` threads (or this thread's runtime with none).
     pub fn start<S, RB>(socket: std::net::UdpSocket, options: Options, service: S) -> anyhow::Result<Http3>
     where
         S: H3Service<RB>,
@@ -291,7 +302,7 @@ impl Http3 {
 
     /// Stops taking connections, asks each to finish its requests (GOAWAY),
     /// and waits up to `timeout` for them; returns whether all closed in time.
-    pub async fn drain(self, timeout: Duration) -> bool {
+    pub async fn drain(mut self, timeout: Duration) -> bool {
         // New connection attempts are ignored from here on, not refused: on an
         // upgrade the next HTTPS worker reads the same socket, and the client's
         // next Initial (sent again after its loss timer) may reach it instead.
@@ -301,7 +312,7 @@ impl Http3 {
         self.accepting.abort();
         self.endpoint.close(h3::error::Code::H3_NO_ERROR.value().try_into().unwrap_or_default(), b"stopping");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
-        if let Some(r) = self.runtime {
+        if let Some(r) = self.runtime.take() {
             r.shutdown_background();
         }
         drained
