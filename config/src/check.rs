@@ -357,6 +357,7 @@ mod tests {
             "SSL_CLIENT_CA",
             "SSL_CLIENT_AUTH",
             "SSL_MIN_VERSION",
+            "SSL_HTTP3",
             "SSL_CERTIFICATE",
             "SSL_KEY",
             "SSL_KEY_TYPE",
