@@ -108,19 +108,33 @@ fn requests_gather_behind_a_busy_model_and_an_idle_one_never_waits_for_company()
     std::fs::write(repo.join("plain/config.pbtxt"), config).unwrap();
     let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
     let client = || reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(20)).build().unwrap();
-    let infer = |model: &str, i: usize, rows: usize| -> Value {
-        let r = client().post(t.http_url(&format!("/v2/models/{model}/infer"))).body(request(i, rows)).send().unwrap();
+    let infer_with = |c: &reqwest::blocking::Client, model: &str, i: usize, rows: usize| -> Value {
+        let r = c.post(t.http_url(&format!("/v2/models/{model}/infer"))).body(request(i, rows)).send().unwrap();
         assert_eq!(r.status(), 200);
         r.json().unwrap()
     };
+    let infer = |model: &str, i: usize, rows: usize| infer_with(&client(), model, i, rows);
     // Idle: answered at once, not after the 30 s delay (the client gives up at 20 s).
     infer("batched", 0, 1);
     // Busy: one request runs, twelve arrive meanwhile and run together after it.
+    // Their clients and threads are made first and released together, so all
+    // twelve arrive within the first one's run even on a loaded machine.
     let n = 12;
+    let clients: Vec<reqwest::blocking::Client> = (0..=n).map(|_| client()).collect();
+    let go = std::sync::Barrier::new(n + 1);
     let answers: Vec<(usize, Value)> = std::thread::scope(|s| {
-        let first = s.spawn(|| infer("batched", 100, 2));
+        let rest: Vec<_> = (1..=n)
+            .map(|i| {
+                let (go, c, infer_with) = (&go, &clients[i], &infer_with);
+                s.spawn(move || {
+                    go.wait();
+                    (i, infer_with(c, "batched", i, 1 + i % 3))
+                })
+            })
+            .collect();
+        let first = s.spawn(|| infer_with(&clients[0], "batched", 100, 2));
         std::thread::sleep(std::time::Duration::from_millis(150));
-        let rest: Vec<_> = (1..=n).map(|i| s.spawn(move || (i, infer("batched", i, 1 + i % 3)))).collect();
+        go.wait();
         first.join().unwrap();
         rest.into_iter().map(|h| h.join().unwrap()).collect()
     });

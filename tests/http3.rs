@@ -137,6 +137,8 @@ fn inference_over_http3_is_answered_as_over_tcp_and_alt_svc_advertises_it() {
         .filter(|v| v["message"] == "access" && v["protocol"] == "h3")
         .count();
     assert_eq!(logged, 4, "{}", t.explain());
+    // The start-up says where HTTP/3 is served.
+    assert!(t.stderr().contains("serving HTTP/3 (QUIC) on UDP"), "{}", t.explain());
 }
 
 fn base64_decode(s: &str) -> Vec<u8> {

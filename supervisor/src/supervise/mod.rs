@@ -416,6 +416,10 @@ impl Supervisor {
             tracing::info!(url = %url("https", addr), fingerprint = self.certs.as_ref().map(CertHandle::fingerprint).as_deref(), "serving HTTPS");
             status.push(format!("HTTPS on {addr}"));
         }
+        if let Some(udp) = self.listeners.as_ref().and_then(|l| l.h3.as_ref()).and_then(|u| u.local_addr().ok()) {
+            tracing::info!(addr = %udp, "serving HTTP/3 (QUIC) on UDP; HTTPS answers advertise it with Alt-Svc");
+            status.push(format!("HTTP/3 on UDP {udp}"));
+        }
         if let Some(addr) = self.grpc_addr {
             tracing::info!(addr = %addr, "serving gRPC alone on GRPC_PORT (plain HTTP/2)");
             status.push(format!("gRPC on {addr}"));
