@@ -351,3 +351,20 @@ fn with_worker_command_http3_reaches_the_copies_through_the_proxy() {
         Tandem::http_client().get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().unwrap().text().unwrap();
     assert!(m.contains(r#"listener="https",protocol="h3""#), "{m}");
 }
+
+#[test]
+fn half_open_handshakes_do_not_hold_up_a_stop() {
+    // HEADER_TIMEOUT (30 s) is longer than GRACEFUL_TIMEOUT (4 s): a handshake
+    // left under way is given up halfway through the drain, so the stop (or
+    // an upgrade) ends in time instead of killing the workers.
+    let mut t = TandemBuilder::new().ssl().env("SSL_HTTP3", "true").env("GRACEFUL_TIMEOUT", "4s").start();
+    let ca = trust(&t);
+    let flood = h3(&t, &["--flood", "5", "--wait", "0.5"], &ca);
+    assert_eq!(flood[0]["answered_initial"], 5, "{flood:?}");
+    let began = std::time::Instant::now();
+    t.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = t.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{}", t.explain());
+    assert!(began.elapsed() < Duration::from_millis(3500), "the stop took {:?}\n{}", began.elapsed(), t.explain());
+    assert!(!t.stderr().contains("did not drain in time"), "{}", t.explain());
+}

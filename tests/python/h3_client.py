@@ -42,6 +42,10 @@ from aioquic.quic.events import ConnectionTerminated, StreamReset
 from cryptography.hazmat.primitives.serialization import Encoding
 
 
+# How the last connections ended, for the error a failed connect() gives without a reason.
+TERMINATED = []
+
+
 class H3Client(QuicConnectionProtocol):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -51,6 +55,7 @@ class H3Client(QuicConnectionProtocol):
 
     def quic_event_received(self, event):
         if isinstance(event, ConnectionTerminated):
+            TERMINATED.append(f"closed with {event.error_code:#x} {event.reason_phrase!r} (frame {event.frame_type})")
             for fut in self.waiting.values():
                 if not fut.done():
                     fut.set_exception(ConnectionError(f"connection closed: {event.error_code} {event.reason_phrase}"))
@@ -149,7 +154,8 @@ async def loop(host, port, step, args):
             else:
                 failed.append(f"{status}: {data[:200]!r}")
         except Exception as e:  # noqa: BLE001 - every failure is counted
-            failed.append(f"{type(e).__name__}: {e}")
+            why = TERMINATED[-1] if TERMINATED else "no close seen"
+            failed.append(f"{type(e).__name__}: {e} after {time.time() - began:.3f}s; {why}")
         slowest = max(slowest, time.time() - began)
     return {"ok": ok, "failed": failed, "slowest_ms": round(slowest * 1000, 1)}
 

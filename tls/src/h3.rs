@@ -188,6 +188,9 @@ pub struct Http3 {
     runtime: Option<tokio::runtime::Runtime>,
     endpoint: quinn::Endpoint,
     drain: watch::Sender<bool>,
+    /// Set halfway through a drain: handshakes and request headers still
+    /// awaited are given up.
+    give_up: watch::Sender<bool>,
     /// Connections open (each holds one permit of `max`).
     permits: Arc<Semaphore>,
     max: usize,
@@ -277,8 +280,16 @@ impl Http3 {
         let max = max_connections.clamp(1, Semaphore::MAX_PERMITS);
         let permits = Arc::new(Semaphore::new(max));
         let (drain, _) = watch::channel(false);
+        let (give_up, _) = watch::channel(false);
         let handshaking = Arc::new(Handshaking::default());
-        let serve = Serve { stats, timeouts, drain: drain.clone(), permits: permits.clone(), handshaking };
+        let serve = Serve {
+            stats,
+            timeouts,
+            drain: drain.clone(),
+            give_up: give_up.clone(),
+            permits: permits.clone(),
+            handshaking,
+        };
         // A client CA bundle reloaded: new handshakes verify against it.
         let mut swaps = acceptors.swaps();
         let (ep, acc) = (endpoint.clone(), acceptors.clone());
@@ -297,7 +308,7 @@ impl Http3 {
             }
         });
         drop(_entered);
-        Ok(Http3 { runtime, endpoint, drain, permits, max, accepting })
+        Ok(Http3 { runtime, endpoint, drain, give_up, permits, max, accepting })
     }
 
     /// Stops taking connections, asks each to finish its requests (GOAWAY),
@@ -308,10 +319,27 @@ impl Http3 {
         // next Initial (sent again after its loss timer) may reach it instead.
         let _ = self.drain.send(true);
         let all = self.permits.acquire_many(u32::try_from(self.max).unwrap_or(u32::MAX));
-        let drained = tokio::time::timeout(timeout, all).await.is_ok();
-        self.accepting.abort();
-        self.endpoint.close(h3::error::Code::H3_NO_ERROR.value().try_into().unwrap_or_default(), b"stopping");
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        tokio::pin!(all);
+        // Halfway, what is still only being set up is given up: a handshake
+        // whose packets reach the next worker (on an upgrade both read the
+        // socket) would otherwise be held to HEADER_TIMEOUT, past GRACEFUL_TIMEOUT.
+        let drained = match tokio::time::timeout(timeout / 2, &mut all).await {
+            Ok(_) => true,
+            Err(_) => {
+                let _ = self.give_up.send(true);
+                tokio::time::timeout(timeout - timeout / 2, all).await.is_ok()
+            }
+        };
+        // The endpoint is not closed when every connection went: closing it
+        // (or no longer accepting) would answer a new client's Initial with
+        // CONNECTION_REFUSED while this process still reads the socket the
+        // next worker serves. It goes with the process, new attempts ignored
+        // to the end. Connections still open past the time are closed.
+        if !drained {
+            self.accepting.abort();
+            self.endpoint.close(h3::error::Code::H3_NO_ERROR.value().try_into().unwrap_or_default(), b"stopping");
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        }
         if let Some(r) = self.runtime.take() {
             r.shutdown_background();
         }
@@ -325,6 +353,7 @@ struct Serve {
     stats: Stats,
     timeouts: Timeouts,
     drain: watch::Sender<bool>,
+    give_up: watch::Sender<bool>,
     permits: Arc<Semaphore>,
     handshaking: Arc<Handshaking>,
 }
@@ -370,7 +399,18 @@ impl Serve {
                     return;
                 }
             };
-            let conn = match tokio::time::timeout(serve.timeouts.header, connecting).await {
+            // A handshake still under way halfway through a drain is given up
+            // (held to HEADER_TIMEOUT it would outlast GRACEFUL_TIMEOUT).
+            let handshake = tokio::time::timeout(serve.timeouts.header, connecting);
+            let given_up = set(serve.give_up.subscribe());
+            let finished = tokio::select! {
+                r = handshake => r,
+                () = given_up => {
+                    tracing::debug!(%peer, "a QUIC handshake still under way was given up on the drain");
+                    return;
+                }
+            };
+            let conn = match finished {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
                     pending.failed_quic(&e);
@@ -436,9 +476,14 @@ impl Serve {
                         activity.in_flight.fetch_add(1, Ordering::Relaxed);
                         let guard = InFlight(activity.clone());
                         let (service, client, header) = (service.clone(), client.clone(), self.timeouts.header);
+                        let given_up = set(self.give_up.subscribe());
                         tokio::spawn(async move {
                             let _guard = guard;
-                            let resolved = tokio::time::timeout(header, resolver.resolve_request()).await;
+                            // Headers that have not come halfway through a drain are not waited for.
+                            let resolved = tokio::select! {
+                                r = tokio::time::timeout(header, resolver.resolve_request()) => r,
+                                () = given_up => return tracing::debug!(%peer, "HTTP/3 request headers had not come halfway through the drain"),
+                            };
                             let (req, stream) = match resolved {
                                 Ok(Ok(r)) => r,
                                 Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "bad HTTP/3 request"),
@@ -486,6 +531,13 @@ impl Serve {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         conn.close(h3::error::Code::H3_NO_ERROR.value().try_into().unwrap_or_default(), b"");
+    }
+}
+
+/// Resolves once `rx` reads true (never if its sender goes first).
+async fn set(mut rx: watch::Receiver<bool>) {
+    if rx.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
