@@ -150,6 +150,10 @@ fn real_models_match_onnxruntime_over_http_and_https_while_broken_ones_are_unava
     assert!(body["unavailable"].as_array().unwrap().iter().any(|m| m["name"] == "corrupt"), "{body}");
     let model_ready = http.get(t.http_url("/v2/models/corrupt/ready")).send().unwrap();
     assert_eq!(model_ready.status(), 503);
+    // "Not now", said the way every 503 of tandem's says it.
+    assert_eq!(model_ready.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
+    let server_ready = http.get(t.http_url("/v2/health/ready")).send().unwrap();
+    assert_eq!(server_ready.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("1"));
     assert_eq!(http.get(t.http_url("/v2/models/digits/ready")).send().unwrap().status(), 200);
     let ca = t.dir.path().join("ca.pem");
     let https = wait_for(

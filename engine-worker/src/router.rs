@@ -204,8 +204,19 @@ async fn ready(State(state): State<AppState>) -> Response {
             "fingerprint": cert["fingerprint"],
         });
     }
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(body)).into_response()
+    if ready {
+        Json(body).into_response()
+    } else {
+        unready(body)
+    }
+}
+
+/// A readiness answer of "not now": 503 with `body` and, like every 503
+/// tandem gives, `Retry-After` (load balancers and clients back off by it).
+fn unready(body: serde_json::Value) -> Response {
+    let mut res = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    res
 }
 
 /// Triton's repository index: every model and version with its state and, when unavailable, the reason.
@@ -286,7 +297,7 @@ async fn model_ready(State(state): State<AppState>, Path(p): Path<ModelPath>) ->
     match find(&state, &p) {
         Ok(v) => Json(json!({ "name": v.name, "version": v.version, "ready": true })).into_response(),
         Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {
-            (e.status, Json(json!({ "name": p.name, "ready": false, "error": e.message }))).into_response()
+            unready(json!({ "name": p.name, "ready": false, "error": e.message }))
         }
         Err(e) => e.into_response(),
     }
