@@ -117,8 +117,10 @@ fn requests_gather_behind_a_busy_model_and_an_idle_one_never_waits_for_company()
     // Idle: answered at once, not after the 30 s delay (the client gives up at 20 s).
     infer("batched", 0, 1);
     // Busy: one request runs, twelve arrive meanwhile and run together after it.
-    // Their clients and threads are made first and released together, so all
-    // twelve arrive within the first one's run even on a loaded machine.
+    // Their clients and threads are made first and released together, and the
+    // busy one has 16 rows (the model's time grows with its rows: 2 rows ran
+    // in about 120 ms, less than the pause below, on a loaded CI machine), so
+    // all twelve arrive within its run.
     let n = 12;
     let clients: Vec<reqwest::blocking::Client> = (0..=n).map(|_| client()).collect();
     let go = std::sync::Barrier::new(n + 1);
@@ -132,7 +134,7 @@ fn requests_gather_behind_a_busy_model_and_an_idle_one_never_waits_for_company()
                 })
             })
             .collect();
-        let first = s.spawn(|| infer_with(&clients[0], "batched", 100, 2));
+        let first = s.spawn(|| infer_with(&clients[0], "batched", 100, 16));
         std::thread::sleep(std::time::Duration::from_millis(150));
         go.wait();
         first.join().unwrap();
