@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use anyhow::Context as _;
 use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use hyper::body::{Body, Frame};
-use tandem_shared::edge::serve::{BoxError, ClientIdentity, Peer, Timeouts, DRAIN_LINGER};
+use tandem_shared::edge::serve::{Activity, BoxError, ClientIdentity, Peer, Timeouts, DRAIN_LINGER};
 use tandem_shared::stats::{Stats, TLS_ALPN};
 use tokio::sync::{watch, Semaphore};
 
@@ -71,55 +71,6 @@ pub fn server_config(acceptors: &Acceptors, timeouts: &Timeouts) -> anyhow::Resu
         .incoming_buffer_size(64 << 10)
         .incoming_buffer_size_total(16 << 20);
     Ok(config)
-}
-
-/// What one HTTP/3 connection has been doing, for its timers and the drain.
-struct Activity {
-    start: Instant,
-    in_flight: AtomicUsize,
-    served: AtomicU64,
-    /// Milliseconds since `start` of the last request's end (or of the handshake).
-    last_request: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Self {
-        Activity {
-            start: Instant::now(),
-            in_flight: AtomicUsize::new(0),
-            served: AtomicU64::new(0),
-            last_request: AtomicU64::new(0),
-        }
-    }
-
-    fn now(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
-    }
-
-    /// Why the connection should close now (no request in flight).
-    fn expired(&self, t: &Timeouts) -> Option<&'static str> {
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return None;
-        }
-        let quiet = Duration::from_millis(self.now().saturating_sub(self.last_request.load(Ordering::Relaxed)));
-        if self.served.load(Ordering::Relaxed) == 0 {
-            (quiet > t.header).then_some("no request within HEADER_TIMEOUT")
-        } else {
-            (quiet > t.keepalive).then_some("idle past KEEPALIVE_TIMEOUT")
-        }
-    }
-}
-
-/// Ends a request's count when its task finishes (or is dropped).
-struct InFlight(Arc<Activity>);
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let a = &self.0;
-        a.last_request.store(a.now(), Ordering::Relaxed);
-        a.served.fetch_add(1, Ordering::Relaxed);
-        a.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 type RecvHalf = h3::server::RequestStream<h3_quinn::RecvStream, Bytes>;
@@ -473,8 +424,7 @@ impl Serve {
             tokio::select! {
                 accepted = h3c.accept() => match accepted {
                     Ok(Some(resolver)) => {
-                        activity.in_flight.fetch_add(1, Ordering::Relaxed);
-                        let guard = InFlight(activity.clone());
+                        let guard = activity.begin();
                         let (service, client, header) = (service.clone(), client.clone(), self.timeouts.header);
                         let given_up = set(self.give_up.subscribe());
                         tokio::spawn(async move {
@@ -511,10 +461,10 @@ impl Serve {
                         closing = true;
                         let _ = h3c.shutdown(0).await;
                     }
-                    if closing && activity.in_flight.load(Ordering::Relaxed) == 0 {
+                    if closing && activity.in_flight() == 0 {
                         break;
                     }
-                    if let Some(why) = activity.expired(&self.timeouts).filter(|_| !closing && !draining) {
+                    if let Some(why) = activity.between_requests(&self.timeouts).filter(|_| !closing && !draining) {
                         tracing::debug!(%peer, why, "closing HTTP/3 connection");
                         closing = true;
                         closed_at = Some(Instant::now());
@@ -527,7 +477,7 @@ impl Serve {
             }
         }
         // Requests still answering keep the connection until they finish (or the drain times out).
-        while activity.in_flight.load(Ordering::Relaxed) > 0 && conn.close_reason().is_none() {
+        while activity.in_flight() > 0 && conn.close_reason().is_none() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         conn.close(h3::error::Code::H3_NO_ERROR.value().try_into().unwrap_or_default(), b"");

@@ -126,8 +126,9 @@ pub fn connection_budget() -> usize {
     soft.saturating_sub(reserve).max(8)
 }
 
-/// What one connection has been doing, for its timers.
-struct Activity {
+/// What one connection has been doing, for its timers (here, and for an
+/// HTTP/3 connection, whose idle timeout QUIC keeps itself).
+pub struct Activity {
     start: Instant,
     /// Milliseconds since `start` of the last byte read or written.
     last_io: AtomicU64,
@@ -139,8 +140,15 @@ struct Activity {
     closing: std::sync::atomic::AtomicBool,
 }
 
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Activity {
-    fn new() -> Self {
+    /// A connection that starts now.
+    pub fn new() -> Self {
         Activity {
             start: Instant::now(),
             last_io: AtomicU64::new(0),
@@ -161,18 +169,36 @@ impl Activity {
 
     /// Why the connection should close now: a reason, and whether it must be dropped (not drained).
     fn expired(&self, t: &Timeouts) -> Option<(&'static str, bool)> {
-        let now = self.now();
-        let since = |at: &AtomicU64| Duration::from_millis(now.saturating_sub(at.load(Ordering::Relaxed)));
-        if since(&self.last_io) > t.idle {
+        let quiet = Duration::from_millis(self.now().saturating_sub(self.last_io.load(Ordering::Relaxed)));
+        if quiet > t.idle {
             return Some(("no byte moved within IDLE_TIMEOUT", true));
         }
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
+        self.between_requests(t).map(|why| (why, false))
+    }
+
+    /// Why the connection, with no request in flight, should close now: no
+    /// first request within HEADER_TIMEOUT, or idle past KEEPALIVE_TIMEOUT.
+    pub fn between_requests(&self, t: &Timeouts) -> Option<&'static str> {
+        if self.in_flight() > 0 {
             return None;
         }
+        let quiet = Duration::from_millis(self.now().saturating_sub(self.last_request.load(Ordering::Relaxed)));
         if self.served.load(Ordering::Relaxed) == 0 {
-            return (since(&self.last_request) > t.header).then_some(("no request within HEADER_TIMEOUT", false));
+            (quiet > t.header).then_some("no request within HEADER_TIMEOUT")
+        } else {
+            (quiet > t.keepalive).then_some("idle past KEEPALIVE_TIMEOUT")
         }
-        (since(&self.last_request) > t.keepalive).then_some(("idle past KEEPALIVE_TIMEOUT", false))
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
     }
 }
 
@@ -301,7 +327,7 @@ struct ConnInfo {
 }
 
 /// Ends a request's count when its handler finishes (or is dropped).
-struct InFlight(Arc<Activity>);
+pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -326,8 +352,7 @@ where
         if let Some(client) = &self.conn.client {
             req.extensions_mut().insert(client.clone());
         }
-        self.activity.in_flight.fetch_add(1, Ordering::Relaxed);
-        let guard = InFlight(self.activity.clone());
+        let guard = self.activity.begin();
         let http1 = req.version() < http::Version::HTTP_2;
         let fut = self.inner.call(req);
         let activity = self.activity.clone();
