@@ -484,6 +484,12 @@ pub fn route_index(path: &str) -> usize {
         }
     }
     let path = path.trim_end_matches('/');
+    // A route without a parameter (every gRPC call) is its own template: an
+    // exact comparison, no split (the split scan was 3% of an engine
+    // worker's time under gRPC load).
+    if let Some(i) = ROUTES.iter().position(|t| *t == path) {
+        return i;
+    }
     ROUTES
         .iter()
         .position(|t| {
@@ -1170,6 +1176,10 @@ mod tests {
         assert_eq!(protocol(r("/v2/models/x/infer")), "http");
         assert_eq!(r("/grpc.health.v1.Health/List"), "/grpc.health.v1.Health/{method}");
         assert_eq!(r("/v2/systemsharedmemory/region/in0/register"), "/v2/systemsharedmemory/region/{name}/register");
+        // No earlier template takes a literal route from itself.
+        for route in ROUTES.iter().filter(|t| !t.contains('{')) {
+            assert_eq!(r(route), *route);
+        }
     }
 
     #[test]
