@@ -9,7 +9,7 @@ use tandem_shared::frame::{decode_request, decode_response, encode_request, enco
 fuzz_target!(|data: &[u8]| {
     if let Ok(req) = decode_request(data) {
         let mut buf = vec![0u8; data.len() + 64];
-        let n = encode_request(&mut buf, &req.method, &req.uri, &req.headers, &req.body).expect("re-encode");
+        let n = encode_request(&mut buf, &req.method, &req.uri, &req.headers, &[&req.body]).expect("re-encode");
         assert_eq!(decode_request(&buf[..n]).expect("decode again"), req);
     }
     if let Ok(res) = decode_response(data) {

@@ -393,7 +393,7 @@ impl Forwarder {
         };
         self.vouch(&mut parts);
         let grpc_call = grpc::is_call(&parts.headers);
-        self.exchange(&parts, &body).await.map(|frame| reply(frame, grpc_call))
+        self.exchange(&parts, body.chunks()).await.map(|frame| reply(frame, grpc_call))
     }
 
     /// The request's headers as the engine should see them: no hop-by-hop
@@ -451,8 +451,8 @@ impl Forwarder {
     /// Sends one request (headers as the engine should see them, body read
     /// whole) through the ring and waits for its answer: the engine's frame,
     /// or (`Err`) the answer this worker gives when there is none.
-    pub(crate) async fn exchange(&self, parts: &http::request::Parts, body: &[u8]) -> Result<ResponseFrame, Answer> {
-        let Some(mut writer) = self.reserve(body.len()).await else {
+    pub(crate) async fn exchange(&self, parts: &http::request::Parts, body: &[Bytes]) -> Result<ResponseFrame, Answer> {
+        let Some(mut writer) = self.reserve(body.iter().map(Bytes::len).sum()).await else {
             self.stats.ring(event::BUSY);
             return Err(json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -640,7 +640,7 @@ mod tests {
     async fn a_request_cancelled_after_its_answer_arrived_gives_its_slot_back() {
         let (region, fwd) = forwarder(1);
         let parts = health();
-        let mut waiting = Box::pin(fwd.exchange(&parts, b""));
+        let mut waiting = Box::pin(fwd.exchange(&parts, &[]));
         assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting).await.is_err(), "no engine answered yet");
         answer(&region);
         // The answer reaches the waiting task, whose connection closes before it runs again.
@@ -648,7 +648,7 @@ mod tests {
         drop(waiting);
         assert_eq!(region.state(0), FREE, "the cancelled request's slot is free again");
         // The ring's only slot serves the next request.
-        let next = fwd.exchange(&parts, b"");
+        let next = fwd.exchange(&parts, &[]);
         let engine = async {
             while region.state(0) != SUBMITTED {
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -664,7 +664,7 @@ mod tests {
     async fn a_request_cancelled_while_the_engine_runs_it_frees_its_slot_when_the_engine_is_done() {
         let (region, fwd) = forwarder(1);
         let parts = health();
-        let mut waiting = Box::pin(fwd.exchange(&parts, b""));
+        let mut waiting = Box::pin(fwd.exchange(&parts, &[]));
         assert!(tokio::time::timeout(Duration::from_millis(50), &mut waiting).await.is_err());
         let claim = region.claim(7, 0).expect("a request in the ring");
         drop(waiting);

@@ -229,7 +229,7 @@ async fn infer(fwd: &Forwarder, call: &http::request::Parts, m: Message) -> Byte
     if let Err(e) = fwd.budget.reserve(&mut share, m.wire.len() as u64, tandem_shared::edge::budget::WAIT).await {
         return stream_answer(Err(e.to_string()));
     }
-    let answer = match fwd.exchange(call, &m.wire).await {
+    let answer = match fwd.exchange(call, std::slice::from_ref(&m.wire)).await {
         Ok(frame) => unary_answer(&frame),
         Err(refused) => Err(front::error_message(&refused)),
     };
@@ -239,7 +239,7 @@ async fn infer(fwd: &Forwarder, call: &http::request::Parts, m: Message) -> Byte
 /// One request of a reflection stream, through the ring: its answer as the
 /// stream's message, or the status the stream ends with.
 async fn each(fwd: &Forwarder, call: &http::request::Parts, m: Message) -> Result<Bytes, Ended> {
-    match fwd.exchange(call, &m.wire).await {
+    match fwd.exchange(call, std::slice::from_ref(&m.wire)).await {
         Ok(frame) => match (grpc::status_of(&frame.headers, frame.trailers.as_ref()), unary_answer(&frame)) {
             (_, Ok(payload)) => Ok(grpc::message(&payload)),
             (status, Err(message)) => Err((status.map_or(code::INTERNAL, |s| s.0), message)),
@@ -300,7 +300,7 @@ async fn watch(fwd: &Forwarder, call: &http::request::Parts, mut body: impl Requ
     };
     let mut last: Option<Bytes> = None;
     loop {
-        let seen = match fwd.exchange(call, &request.wire).await {
+        let seen = match fwd.exchange(call, std::slice::from_ref(&request.wire)).await {
             Ok(frame) => match (grpc::status_of(&frame.headers, frame.trailers.as_ref()), unary_answer(&frame)) {
                 (_, Ok(payload)) => payload,
                 (Some((code::NOT_FOUND, _)), Err(_)) => {

@@ -162,13 +162,14 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Encodes a request into `buf`; returns the frame length.
+/// Encodes a request into `buf`, its body given as the chunks it was read in
+/// (written one after the other); returns the frame length.
 pub fn encode_request(
     buf: &mut [u8],
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
-    body: &[u8],
+    body: &[impl AsRef<[u8]>],
 ) -> Result<usize, FrameError> {
     let mut w = Writer { buf, pos: 0 };
     w.put(REQUEST_MAGIC)?;
@@ -180,8 +181,11 @@ pub fn encode_request(
     w.put(&u32::try_from(path.len()).map_err(|_| FrameError::Invalid("uri"))?.to_le_bytes())?;
     w.put(path)?;
     w.headers(headers)?;
-    w.put(&(body.len() as u64).to_le_bytes())?;
-    w.put(body)?;
+    let len: usize = body.iter().map(|c| c.as_ref().len()).sum();
+    w.put(&(len as u64).to_le_bytes())?;
+    for chunk in body {
+        w.put(chunk.as_ref())?;
+    }
     Ok(w.pos)
 }
 
@@ -261,12 +265,22 @@ mod tests {
     fn request_round_trips() {
         let mut buf = vec![0u8; 4096];
         let uri: Uri = "/v2/models/digits/infer?x=1".parse().expect("uri");
-        let n = encode_request(&mut buf, &Method::POST, &uri, &sample_headers(), b"{\"a\":1}").expect("encode");
+        let n = encode_request(&mut buf, &Method::POST, &uri, &sample_headers(), &[b"{\"a\":1}"]).expect("encode");
         let f = decode_request(&buf[..n]).expect("decode");
         assert_eq!(f.method, Method::POST);
         assert_eq!(f.uri, uri);
         assert_eq!(f.headers.get_all("x-multi").iter().count(), 2);
         assert_eq!(f.body, b"{\"a\":1}");
+        // A body given in chunks is the same frame as the body in one piece.
+        let mut chunked = vec![0u8; 4096];
+        let m = encode_request(&mut chunked, &Method::POST, &uri, &sample_headers(), &[&b"{\"a\""[..], b"", b":1}"])
+            .expect("encode");
+        assert_eq!(&chunked[..m], &buf[..n]);
+        let small = &mut [0u8; 64][..];
+        assert!(matches!(
+            encode_request(small, &Method::POST, &uri, &HeaderMap::new(), &[[0u8; 40], [0u8; 40]]),
+            Err(FrameError::TooLarge { capacity: 64 })
+        ));
     }
 
     #[test]
@@ -291,7 +305,7 @@ mod tests {
     fn every_truncation_and_corruption_is_an_error_not_a_panic() {
         let mut buf = vec![0u8; 4096];
         let uri: Uri = "/x".parse().expect("uri");
-        let n = encode_request(&mut buf, &Method::GET, &uri, &sample_headers(), b"body").expect("encode");
+        let n = encode_request(&mut buf, &Method::GET, &uri, &sample_headers(), &[b"body"]).expect("encode");
         let frame = buf[..n].to_vec();
         for cut in 0..n {
             assert!(decode_request(&frame[..cut]).is_err(), "truncated at {cut} decoded");
