@@ -237,9 +237,10 @@ pub(crate) async fn read_body(
     let mut share = Share::default();
     let declared = declared.unwrap_or(0) as usize;
     budget.reserve(&mut share, declared as u64 * factor, WAIT).await.map_err(refused)?;
-    // A body that comes in one chunk (every request from the ring, most small
-    // ones from a socket) is kept as it is: gathering it into a buffer was a
-    // second copy of a 4 MiB HTTPS body in the engine.
+    // A large body that comes in one chunk (every request from the ring) is
+    // kept as it is: gathering it into a buffer was a second copy of a 4 MiB
+    // HTTPS body in the engine. A small chunk is copied, as it may hold a
+    // whole read buffer (see `front::KEPT_CHUNK`).
     let mut whole: Option<axum::body::Bytes> = None;
     let mut buf = bytes::BytesMut::new();
     let mut len = 0usize;
@@ -263,7 +264,7 @@ pub(crate) async fn read_body(
         budget.reserve(&mut share, after as u64 * factor, WAIT).await.map_err(refused)?;
         len = after;
         match whole.take() {
-            None if buf.is_empty() => whole = Some(data),
+            None if buf.is_empty() && data.len() >= tandem_shared::edge::front::KEPT_CHUNK => whole = Some(data),
             first => {
                 // One allocation when the length is declared (no regrowth copies of a large body).
                 buf.reserve(declared.max(after).saturating_sub(buf.len()));

@@ -82,17 +82,33 @@ pub enum BodyError {
     Budget(crate::edge::budget::Refused),
 }
 
-/// A body read whole, kept as the chunks it arrived in (slices of the
-/// connection's read buffers, not copied): the HTTPS worker copies them once,
-/// straight into a ring slot. Gathering a 4 MiB body into one buffer first
-/// was a second full copy, the largest single cost of a large HTTPS request.
-#[derive(Debug, Default, Clone)]
+/// A body read whole, its large chunks kept as the connection read them
+/// (slices of its read buffer, not copied): the HTTPS worker copies them
+/// once, straight into a ring slot. Gathering a 4 MiB body into one buffer
+/// first was a second full copy, the largest single cost of a large HTTPS
+/// request. Chunks under [`KEPT_CHUNK`] (every HTTP/2 and HTTP/3 DATA frame,
+/// a slow HTTP/1 sender's reads) are copied together as before: a slice
+/// holds its whole read buffer, so keeping a client's one-byte frames would
+/// hold many times the bytes the memory budget counted.
+#[derive(Debug, Default)]
 pub struct Collected {
     chunks: Vec<Bytes>,
+    /// Small chunks gathered since the last kept one.
+    tail: bytes::BytesMut,
     len: usize,
+    declared: usize,
 }
 
+/// The smallest chunk [`Collected`] keeps without copying: an HTTP/1 read
+/// buffer is at most about 400 KiB, so a kept chunk holds at most 1.6 times
+/// its own bytes.
+pub const KEPT_CHUNK: usize = 256 << 10;
+
 impl Collected {
+    fn new(declared: usize) -> Self {
+        Collected { declared, ..Collected::default() }
+    }
+
     /// The chunks, in order.
     pub fn chunks(&self) -> &[Bytes] {
         &self.chunks
@@ -108,7 +124,7 @@ impl Collected {
         self.len == 0
     }
 
-    /// The body in one piece: as it is when it came in one chunk, else copied together once.
+    /// The body in one piece: as it is when it is one chunk, else copied together once.
     pub fn into_bytes(mut self) -> Bytes {
         match self.chunks.len() {
             0 => Bytes::new(),
@@ -124,15 +140,29 @@ impl Collected {
     }
 
     fn push(&mut self, chunk: Bytes) {
-        if !chunk.is_empty() {
+        if chunk.len() >= KEPT_CHUNK {
+            self.seal();
             self.len += chunk.len();
             self.chunks.push(chunk);
+        } else if !chunk.is_empty() {
+            if self.tail.capacity() == 0 {
+                // One allocation for the rest of a declared body (no regrowth copies).
+                self.tail.reserve(self.declared.saturating_sub(self.len).max(chunk.len()));
+            }
+            self.len += chunk.len();
+            self.tail.extend_from_slice(&chunk);
+        }
+    }
+
+    /// Ends the gathered small chunks as one chunk.
+    fn seal(&mut self) {
+        if !self.tail.is_empty() {
+            self.chunks.push(std::mem::take(&mut self.tail).freeze());
         }
     }
 
     fn clear(&mut self) {
-        self.chunks.clear();
-        self.len = 0;
+        *self = Collected::default();
     }
 }
 
@@ -151,7 +181,7 @@ pub async fn read_body(
 ) -> Result<Collected, BodyError> {
     let declared = expected.map_or(0, |n| n.min(limit as u64) as usize);
     budget.reserve(share, declared as u64, crate::edge::budget::WAIT).await.map_err(BodyError::Budget)?;
-    let mut buf = Collected::default();
+    let mut buf = Collected::new(declared);
     let mut over = false;
     let mut drained = 0usize;
     while let Some(frame) = body.frame().await {
@@ -174,6 +204,7 @@ pub async fn read_body(
     if over {
         Err(BodyError::TooLarge)
     } else {
+        buf.seal();
         Ok(buf)
     }
 }
@@ -460,6 +491,35 @@ fn acme_http01(dir: &std::path::Path, token: &str) -> Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_collected_body_keeps_large_chunks_and_gathers_small_ones() {
+        let large = |b: u8| Bytes::from(vec![b; KEPT_CHUNK]);
+        let mut c = Collected::new(0);
+        for piece in [Bytes::from_static(b"a"), Bytes::from_static(b"bc"), large(1), Bytes::from_static(b"d"), large(2)]
+        {
+            c.push(piece);
+        }
+        c.seal();
+        // "abc", the first large chunk as it came, "d", the second.
+        let sizes: Vec<usize> = c.chunks().iter().map(Bytes::len).collect();
+        assert_eq!(sizes, [3, KEPT_CHUNK, 1, KEPT_CHUNK]);
+        let kept = large(1);
+        let mut k = Collected::new(0);
+        k.push(kept.clone());
+        k.seal();
+        assert_eq!(k.chunks()[0].as_ptr(), kept.as_ptr(), "a large chunk is not copied");
+        let whole = c.into_bytes();
+        assert_eq!(whole.len(), 4 + 2 * KEPT_CHUNK);
+        assert_eq!((&whole[..3], whole[3], whole[3 + KEPT_CHUNK]), (&b"abc"[..], 1, b'd'));
+        // A million one-byte frames are one chunk, not a million slices.
+        let mut tiny = Collected::new(1 << 20);
+        for _ in 0..1 << 20 {
+            tiny.push(Bytes::from_static(b"x"));
+        }
+        tiny.seal();
+        assert_eq!((tiny.chunks().len(), tiny.len()), (1, 1 << 20));
+    }
 
     fn door(cors: Cors, https: bool, redirect: Option<u16>) -> FrontDoor {
         FrontDoor {
