@@ -207,7 +207,8 @@ impl IntoResponse for ApiError {
 /// is decoded from it; once when it is compressed: [`crate::compression::inflate`]
 /// counts what it inflates to; [`tandem_shared::edge::budget`]): 413 past the limit (at once
 /// when `Content-Length` says so), 503 with `Retry-After` when the budget stays
-/// taken, 408 when the body does not arrive within `REQUEST_TIMEOUT`
+/// taken (once the rest of the body is read and dropped, up to
+/// [`tandem_shared::edge::front::DRAIN_BYTES`]), 408 when the body does not arrive within `REQUEST_TIMEOUT`
 /// ([`tandem_shared::edge::serve::BodyDeadline`]), 400 when it breaks off. The share
 /// is held until the caller drops it (after the answer is made).
 pub(crate) async fn read_body(
@@ -236,7 +237,11 @@ pub(crate) async fn read_body(
     let factor = if compressed { 1 } else { 2 };
     let mut share = Share::default();
     let declared = declared.unwrap_or(0) as usize;
-    budget.reserve(&mut share, declared as u64 * factor, WAIT).await.map_err(refused)?;
+    // Refused by the budget, the rest is read and dropped (up to DRAIN_BYTES),
+    // so the 503 reaches a client still sending: an HTTP/1 connection closed
+    // on unread bytes is reset, and the answer with it.
+    let mut stop = budget.reserve(&mut share, declared as u64 * factor, WAIT).await.err().map(refused);
+    let mut drained = 0usize;
     // A large body that comes in one chunk (every request from the ring) is
     // kept as it is: gathering it into a buffer was a second copy of a 4 MiB
     // HTTPS body in the engine. A small chunk is copied, as it may hold a
@@ -256,12 +261,23 @@ pub(crate) async fn read_body(
             ApiError::bad(format!("cannot read the request body: {e}"))
         })?;
         let Ok(data) = frame.into_data() else { continue };
+        if stop.is_some() {
+            drained += data.len();
+            if drained > tandem_shared::edge::front::DRAIN_BYTES {
+                break;
+            }
+            continue;
+        }
         let after = len + data.len();
         if after > limit {
             return Err(too_large());
         }
         // Past what was declared (or nothing was), the rest is counted as it comes.
-        budget.reserve(&mut share, after as u64 * factor, WAIT).await.map_err(refused)?;
+        if let Err(e) = budget.reserve(&mut share, after as u64 * factor, WAIT).await {
+            stop = Some(refused(e));
+            (whole, buf, share) = (None, bytes::BytesMut::new(), Share::default());
+            continue;
+        }
         len = after;
         match whole.take() {
             None if buf.is_empty() && data.len() >= tandem_shared::edge::front::KEPT_CHUNK => whole = Some(data),
@@ -274,6 +290,9 @@ pub(crate) async fn read_body(
                 buf.extend_from_slice(&data);
             }
         }
+    }
+    if let Some(why) = stop {
+        return Err(why);
     }
     Ok((whole.unwrap_or_else(|| buf.freeze()), share))
 }

@@ -166,9 +166,10 @@ impl Collected {
     }
 }
 
-/// Reads a body of at most `limit` bytes. Past the limit it reads on and drops
-/// up to [`DRAIN_BYTES`] more, so the 413 reaches a client still sending (an
-/// HTTP/2 stream answered before its body would be reset under the client).
+/// Reads a body of at most `limit` bytes. Past the limit, or refused by the
+/// memory budget, it reads on and drops up to [`DRAIN_BYTES`] more, so the
+/// 413 or 503 reaches a client still sending (an HTTP/2 stream answered
+/// before its body would be reset under the client).
 /// The body is counted against `budget` into `share` as it arrives (its
 /// declared length at once): the process never holds more bodies than its
 /// memory budget allows.
@@ -180,32 +181,42 @@ pub async fn read_body(
     share: &mut crate::edge::budget::Share,
 ) -> Result<Collected, BodyError> {
     let declared = expected.map_or(0, |n| n.min(limit as u64) as usize);
-    budget.reserve(share, declared as u64, crate::edge::budget::WAIT).await.map_err(BodyError::Budget)?;
+    // Why the body is not taken: past the limit, or the budget would not take
+    // it. Either way the rest is read and dropped (up to DRAIN_BYTES), held by
+    // nobody, so the answer reaches a client still sending: an HTTP/1
+    // connection closed on unread bytes is reset, and the answer with it.
+    let mut refused =
+        budget.reserve(share, declared as u64, crate::edge::budget::WAIT).await.err().map(BodyError::Budget);
     let mut buf = Collected::new(declared);
-    let mut over = false;
     let mut drained = 0usize;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| BodyError::Read(e.into()))?;
         let Ok(data) = frame.into_data() else { continue };
-        if over {
+        if refused.is_some() {
             drained += data.len();
             if drained > DRAIN_BYTES {
                 break;
             }
-        } else if buf.len() + data.len() > limit {
-            over = true;
-            buf.clear();
-        } else {
-            let after = (buf.len() + data.len()) as u64;
-            budget.reserve(share, after, crate::edge::budget::WAIT).await.map_err(BodyError::Budget)?;
-            buf.push(data);
+            continue;
         }
+        let after = buf.len() + data.len();
+        if after > limit {
+            refused = Some(BodyError::TooLarge);
+        } else if let Err(e) = budget.reserve(share, after as u64, crate::edge::budget::WAIT).await {
+            refused = Some(BodyError::Budget(e));
+        } else {
+            buf.push(data);
+            continue;
+        }
+        buf.clear();
+        *share = crate::edge::budget::Share::default();
     }
-    if over {
-        Err(BodyError::TooLarge)
-    } else {
-        buf.seal();
-        Ok(buf)
+    match refused {
+        Some(why) => Err(why),
+        None => {
+            buf.seal();
+            Ok(buf)
+        }
     }
 }
 
