@@ -10,7 +10,7 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
-use tandem_shared::edge::budget::{Budget, Refused, Share, WAIT};
+use tandem_shared::edge::budget::{Budget, Refused, Share};
 use tandem_shared::stats::{ModelStats, Stats};
 use tandem_shared::sys::shm::Region;
 use tandem_shared::WorkerSettings;
@@ -213,16 +213,14 @@ impl IntoResponse for ApiError {
 /// is held until the caller drops it (after the answer is made).
 pub(crate) async fn read_body(
     headers: &HeaderMap,
-    mut body: axum::body::Body,
+    body: axum::body::Body,
     limit: usize,
     budget: &Budget,
 ) -> Result<(axum::body::Bytes, Share), ApiError> {
-    use http_body_util::BodyExt;
+    use tandem_shared::edge::front::{self, BodyError};
     let too_large = || ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
-        message: tandem_shared::edge::front::too_large_message(&tandem_shared::edge::front::max_request_bytes(
-            limit as u64,
-        )),
+        message: front::too_large_message(&front::max_request_bytes(limit as u64)),
     };
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -236,65 +234,24 @@ pub(crate) async fn read_body(
         .is_some_and(|v| !v.to_str().unwrap_or("").trim().eq_ignore_ascii_case("identity"));
     let factor = if compressed { 1 } else { 2 };
     let mut share = Share::default();
-    let declared = declared.unwrap_or(0) as usize;
-    // Refused by the budget, the rest is read and dropped (up to DRAIN_BYTES),
-    // so the 503 reaches a client still sending: an HTTP/1 connection closed
-    // on unread bytes is reset, and the answer with it.
-    let mut stop = budget.reserve(&mut share, declared as u64 * factor, WAIT).await.err().map(refused);
-    let mut drained = 0usize;
     // A large body that comes in one chunk (every request from the ring) is
-    // kept as it is: gathering it into a buffer was a second copy of a 4 MiB
-    // HTTPS body in the engine. A small chunk is copied, as it may hold a
-    // whole read buffer (see `front::KEPT_CHUNK`).
-    let mut whole: Option<axum::body::Bytes> = None;
-    let mut buf = bytes::BytesMut::new();
-    let mut len = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    // kept as it is (front::Collected): gathering it into a buffer was a
+    // second copy of a 4 MiB HTTPS body in the engine.
+    match front::read_body(body, limit, declared, factor, budget, &mut share).await {
+        Ok(body) => Ok((body.into_bytes(), share)),
+        Err(BodyError::TooLarge) => Err(too_large()),
+        Err(BodyError::Budget(e)) => Err(refused(e)),
+        Err(BodyError::Read(e)) => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*e);
             while let Some(s) = source {
                 if let Some(t) = s.downcast_ref::<tandem_shared::edge::serve::BodyTimedOut>() {
-                    return ApiError { status: StatusCode::REQUEST_TIMEOUT, message: t.to_string() };
+                    return Err(ApiError { status: StatusCode::REQUEST_TIMEOUT, message: t.to_string() });
                 }
                 source = s.source();
             }
-            ApiError::bad(format!("cannot read the request body: {e}"))
-        })?;
-        let Ok(data) = frame.into_data() else { continue };
-        if stop.is_some() {
-            drained += data.len();
-            if drained > tandem_shared::edge::front::DRAIN_BYTES {
-                break;
-            }
-            continue;
-        }
-        let after = len + data.len();
-        if after > limit {
-            return Err(too_large());
-        }
-        // Past what was declared (or nothing was), the rest is counted as it comes.
-        if let Err(e) = budget.reserve(&mut share, after as u64 * factor, WAIT).await {
-            stop = Some(refused(e));
-            (whole, buf, share) = (None, bytes::BytesMut::new(), Share::default());
-            continue;
-        }
-        len = after;
-        match whole.take() {
-            None if buf.is_empty() && data.len() >= tandem_shared::edge::front::KEPT_CHUNK => whole = Some(data),
-            first => {
-                // One allocation when the length is declared (no regrowth copies of a large body).
-                buf.reserve(declared.max(after).saturating_sub(buf.len()));
-                if let Some(first) = first {
-                    buf.extend_from_slice(&first);
-                }
-                buf.extend_from_slice(&data);
-            }
+            Err(ApiError::bad(format!("cannot read the request body: {e}")))
         }
     }
-    if let Some(why) = stop {
-        return Err(why);
-    }
-    Ok((whole.unwrap_or_else(|| buf.freeze()), share))
 }
 
 /// The answer to a request the memory budget cannot take.

@@ -376,7 +376,7 @@ impl Forwarder {
         let (mut parts, body) = req.into_parts();
         // Held until the answer is back: the body's copy in the ring is in use until then.
         let mut share = Share::default();
-        let read = read_body(body, limit, declared, &self.budget, &mut share);
+        let read = read_body(body, limit, declared, 1, &self.budget, &mut share);
         let body = match tokio::time::timeout(self.timeout, read).await {
             Ok(Ok(b)) => b,
             Ok(Err(BodyError::TooLarge)) => return Err(self.too_large()),

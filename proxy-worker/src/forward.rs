@@ -378,7 +378,7 @@ impl Proxy {
             Outgoing::Messages(Some(tandem_shared::edge::grpc::Checked::new(body, cap, |e| Box::new(e)).boxed_unsync()))
         } else if declared.is_some_and(|n| n <= REPLAYABLE_BYTES) {
             let cap = usize::try_from(limit).unwrap_or(usize::MAX);
-            match tokio::time::timeout_at(deadline, read_body(body, cap, declared, &self.budget, &mut share)).await {
+            match tokio::time::timeout_at(deadline, read_body(body, cap, declared, 1, &self.budget, &mut share)).await {
                 Ok(Ok(b)) => Outgoing::Replayable(b.into_bytes()),
                 Ok(Err(BodyError::TooLarge)) => return (too_large(), None),
                 Ok(Err(BodyError::Budget(e))) if e.status() == StatusCode::SERVICE_UNAVAILABLE => {

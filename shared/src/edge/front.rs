@@ -171,12 +171,14 @@ impl Collected {
 /// 413 or 503 reaches a client still sending (an HTTP/2 stream answered
 /// before its body would be reset under the client).
 /// The body is counted against `budget` into `share` as it arrives (its
-/// declared length at once): the process never holds more bodies than its
-/// memory budget allows.
+/// declared length at once), `factor` times its bytes (the engine counts a
+/// plain body twice: the body and the tensors decoded from it): the process
+/// never holds more bodies than its memory budget allows.
 pub async fn read_body(
     mut body: impl crate::edge::serve::RequestBody,
     limit: usize,
     expected: Option<u64>,
+    factor: u64,
     budget: &crate::edge::budget::Budget,
     share: &mut crate::edge::budget::Share,
 ) -> Result<Collected, BodyError> {
@@ -186,7 +188,7 @@ pub async fn read_body(
     // nobody, so the answer reaches a client still sending: an HTTP/1
     // connection closed on unread bytes is reset, and the answer with it.
     let mut refused =
-        budget.reserve(share, declared as u64, crate::edge::budget::WAIT).await.err().map(BodyError::Budget);
+        budget.reserve(share, declared as u64 * factor, crate::edge::budget::WAIT).await.err().map(BodyError::Budget);
     let mut buf = Collected::new(declared);
     let mut drained = 0usize;
     while let Some(frame) = body.frame().await {
@@ -202,7 +204,7 @@ pub async fn read_body(
         let after = buf.len() + data.len();
         if after > limit {
             refused = Some(BodyError::TooLarge);
-        } else if let Err(e) = budget.reserve(share, after as u64, crate::edge::budget::WAIT).await {
+        } else if let Err(e) = budget.reserve(share, after as u64 * factor, crate::edge::budget::WAIT).await {
             refused = Some(BodyError::Budget(e));
         } else {
             buf.push(data);
