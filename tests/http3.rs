@@ -3,7 +3,8 @@
 //! in JSON and binary answered as over TCP, Alt-Svc only when enabled, the
 //! statistics and access log saying h3, a certificate swap seen by new QUIC
 //! connections while an old one keeps working, client certificates required,
-//! the UDP port kept across an HTTPS worker kill, the copies reached through
+//! the UDP port kept across an HTTPS worker kill (its buffers sized for
+//! loopback speed), the copies reached through
 //! the proxy with `WORKER_COMMAND`, and a flood
 //! of half-open handshakes bounded by Retry.
 
@@ -264,6 +265,7 @@ fn the_udp_port_is_kept_across_an_https_worker_kill() {
     let ca = trust(&t);
     let steps = plan(json!([{"connect": "a"}, {"request": "a", "path": "/v2/health/ready"}]));
     assert_eq!(h3(&t, &[&steps], &ca)[1]["status"], 200);
+    assert_buffers_sized(&t);
     let victim = t.workers("https-worker")[0];
     nix::sys::signal::kill(victim, nix::sys::signal::Signal::SIGKILL).unwrap();
     t.wait_replaced(Duration::from_secs(20), "https-worker", victim, 1);
@@ -275,6 +277,24 @@ fn the_udp_port_is_kept_across_an_https_worker_kill() {
         || (h3(&t, &[&steps], &ca).get(1)?["status"] == 200).then_some(()),
     );
     assert!(!t.stderr().contains("cannot bind"), "{}", t.explain());
+}
+
+/// The UDP socket's receive buffer is 4 MiB (the kernel's 208 KiB default
+/// drops an upload's datagrams at loopback speed), or, where the kernel's
+/// `net.core.rmem_max` caps it, the log says so with the sysctl that fixes it.
+fn assert_buffers_sized(t: &Tandem) {
+    let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
+    let out = Command::new("ss").args(["-uamnH", &format!("sport = :{}", t.https_port)]).output().unwrap();
+    let ss = String::from_utf8_lossy(&out.stdout).to_string();
+    let rb: usize = ss
+        .split(|c: char| c == ',' || c == '(')
+        .find_map(|f| f.strip_prefix("rb")?.parse().ok())
+        .unwrap_or_else(|| panic!("no receive buffer in ss's answer: {ss}"));
+    if rmem_max >= 4 << 20 {
+        assert!(rb >= 4 << 20, "receive buffer {rb} bytes: {ss}");
+    } else {
+        assert!(t.stderr().contains("sysctl -w net.core.rmem_max"), "rmem_max {rmem_max}: {}", t.explain());
+    }
 }
 
 #[test]

@@ -208,7 +208,13 @@ async fn run(a: Args) -> serde_json::Value {
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
     let endpoint = (a.proto == Proto::H3).then(|| {
-        let mut e = quinn::Endpoint::client("0.0.0.0:0".parse().unwrap()).unwrap();
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        // As the server sizes its own (tls/src/h3.rs): the kernel's 208 KiB default drops datagrams at loopback speed.
+        let state = quinn::udp::UdpSocketState::new((&socket).into()).unwrap();
+        let _ = state.set_recv_buffer_size((&socket).into(), 4 << 20);
+        let _ = state.set_send_buffer_size((&socket).into(), 4 << 20);
+        let mut e = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
+            .unwrap();
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(a.tls.clone()).unwrap();
         e.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
         e
@@ -218,9 +224,12 @@ async fn run(a: Args) -> serde_json::Value {
         (Proto::H2, false) => Some(tcp_connect(&a).await.expect("connect")),
         _ => None,
     };
-    let shared_h3 = match (&endpoint, a.new_connection) {
-        (Some(e), false) => Some(h3_connect(e, &a).await.expect("connect").0),
-        _ => None,
+    let (shared_h3, h3_conn) = match (&endpoint, a.new_connection) {
+        (Some(e), false) => {
+            let (send, conn) = h3_connect(e, &a).await.expect("connect");
+            (Some(send), Some(conn))
+        }
+        _ => (None, None),
     };
     let began = Instant::now();
     let mut tasks = Vec::new();
@@ -282,6 +291,12 @@ async fn run(a: Args) -> serde_json::Value {
         "p50_ms": q(0.5),
         "p99_ms": q(0.99),
         "max_ms": lat.last().map(|&us| us as f64 / 1e3),
+        // The kept-alive QUIC connection's path: the MTU discovered, packets lost.
+        "h3_path": h3_conn.map(|c| {
+            let s = c.stats();
+            serde_json::json!({"mtu": s.path.current_mtu, "lost_packets": s.path.lost_packets,
+                               "sent_packets": s.path.sent_packets, "udp_rx_datagrams": s.udp_rx.datagrams})
+        }),
     })
 }
 
