@@ -22,21 +22,12 @@ use serde_json::{json, Value};
 
 /// Runs the aioquic client with `plan` (or other arguments) against `t`'s HTTPS port; one JSON value per line.
 fn h3(t: &Tandem, args: &[&str], ca: &Path) -> Vec<Value> {
-    let out = h3_command(t, args, ca).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "h3_client.py failed:\n{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        t.explain()
-    );
-    stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    python_output(t, h3_command(t, args, ca)).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn h3_command(t: &Tandem, args: &[&str], ca: &Path) -> Command {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/h3_client.py");
-    let mut cmd = Command::new("python3");
-    cmd.arg(script).arg("127.0.0.1").arg(t.https_port.to_string()).args(args).arg("--ca").arg(ca);
+    let mut cmd = python_script("h3_client.py");
+    cmd.arg("127.0.0.1").arg(t.https_port.to_string()).args(args).arg("--ca").arg(ca);
     cmd
 }
 
@@ -287,7 +278,7 @@ fn assert_buffers_sized(t: &Tandem) {
     let out = Command::new("ss").args(["-uamnH", &format!("sport = :{}", t.https_port)]).output().unwrap();
     let ss = String::from_utf8_lossy(&out.stdout).to_string();
     let rb: usize = ss
-        .split(|c: char| c == ',' || c == '(')
+        .split([',', '('])
         .find_map(|f| f.strip_prefix("rb")?.parse().ok())
         .unwrap_or_else(|| panic!("no receive buffer in ss's answer: {ss}"));
     if rmem_max >= 4 << 20 {

@@ -10,10 +10,9 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::load::Load;
 use common::*;
 use serde_json::Value;
 
@@ -27,64 +26,13 @@ fn repository(dir: &Path, others: &[&str]) -> PathBuf {
     repo
 }
 
-/// Requests to `digits` over both ports until stopped; counts the failures.
-struct Load {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicUsize>,
-    failed: Arc<std::sync::Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(t: &Tandem) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicUsize::new(0));
-        let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let ca = t.served_chain_pem();
-        let targets = [
-            (Tandem::http_client(), t.http_url("/v2/models/digits/infer")),
-            (Tandem::https_client(&ca), t.https_url("localhost", "/v2/models/digits/infer")),
-        ];
-        let threads = targets
-            .into_iter()
-            .map(|(client, url)| {
-                let (stop, sent, failed) = (stop.clone(), sent.clone(), failed.clone());
-                std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        match client.post(&url).body(common::digits_body(1)).send() {
-                            Ok(r) if r.status() == 200 => {}
-                            Ok(r) => failed.lock().unwrap().push(format!(
-                                "{url}: {} {}",
-                                r.status(),
-                                r.text().unwrap_or_default()
-                            )),
-                            Err(e) => failed.lock().unwrap().push(format!("{url}: {e}")),
-                        }
-                        sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        Load { stop, sent, failed, threads }
-    }
-
-    /// Stops and asserts nothing failed.
-    fn finish(self, t: &Tandem) {
-        self.stop.store(true, Ordering::Relaxed);
-        for th in self.threads {
-            th.join().unwrap();
-        }
-        let failed = self.failed.lock().unwrap();
-        let sent = self.sent.load(Ordering::Relaxed);
-        assert!(sent > 10, "the load ran ({sent} requests)");
-        assert!(
-            failed.is_empty(),
-            "{} of {sent} requests to digits failed: {:?}\n{}",
-            failed.len(),
-            &failed[..failed.len().min(5)],
-            t.explain()
-        );
-    }
+/// Plain HTTP and HTTPS posting digits inferences until finished.
+fn digits_load(t: &Tandem) -> Load {
+    let ca = t.served_chain_pem();
+    Load::start(vec![
+        ("http", Tandem::http_client(), t.http_url("/v2/models/digits/infer")),
+        ("https", Tandem::https_client(&ca), t.https_url("localhost", "/v2/models/digits/infer")),
+    ])
 }
 
 /// Asks at least `count` times on new connections, and on until both engine
@@ -122,7 +70,7 @@ fn explicit_load_and_unload_reach_every_worker_while_other_models_serve() {
     let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
     let v2: Value = Tandem::http_client().get(t.http_url("/v2")).send().unwrap().json().unwrap();
     assert!(v2["extensions"].as_array().unwrap().contains(&"model_repository".into()), "{v2}");
-    let load = Load::start(&t);
+    let load = digits_load(&t);
 
     let (status, body) = post(&t, "/v2/repository/models/other/unload", "");
     assert_eq!(status, 200, "{body}\n{}", t.explain());
@@ -146,7 +94,7 @@ fn explicit_load_and_unload_reach_every_worker_while_other_models_serve() {
 
     // A replacement worker starts with the override, not the files. (The load
     // pauses: a killed worker takes its open connections with it.)
-    load.finish(&t);
+    load.finish(&t, 10);
     let victim = t.workers("engine-worker")[0];
     nix::sys::signal::kill(victim, nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_for(
@@ -158,7 +106,7 @@ fn explicit_load_and_unload_reach_every_worker_while_other_models_serve() {
     let answers = ask_everyone(&t, "/v2/models/other/config", None, 8);
     assert!(answers.iter().any(|a| !before.contains(&a.1)), "the new worker answered: {answers:?}");
     assert!(answers.iter().all(|a| a.2["max_batch_size"] == 8), "{answers:?}");
-    let load = Load::start(&t);
+    let load = digits_load(&t);
 
     // Failures name their reason and change nothing.
     let (status, body) = post(&t, "/v2/repository/models/missing/load", "");
@@ -169,7 +117,7 @@ fn explicit_load_and_unload_reach_every_worker_while_other_models_serve() {
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("previous load keeps serving"), "{body}");
     assert!(ask_everyone(&t, "/v2/models/other/infer", Some(common::digits_body(1)), 4).iter().all(|a| a.0 == 200));
-    load.finish(&t);
+    load.finish(&t, 10);
 }
 
 #[test]
@@ -181,7 +129,7 @@ fn the_poller_loads_a_model_copied_in_and_unloads_one_removed() {
         .env("REPOSITORY_POLL_SECS", "1");
     let repo = repository(b.dir(), &[]);
     let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
-    let load = Load::start(&t);
+    let load = digits_load(&t);
     let (status, body) = post(&t, "/v2/repository/models/digits/unload", "");
     assert_eq!(status, 400, "poll mode refuses explicit changes: {body}");
 
@@ -209,7 +157,7 @@ fn the_poller_loads_a_model_copied_in_and_unloads_one_removed() {
                 .then_some(())
         },
     );
-    load.finish(&t);
+    load.finish(&t, 10);
 }
 
 #[test]

@@ -15,10 +15,9 @@ mod common;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::load::Load;
 use common::*;
 
 /// Puts `contents` at `path` as a new file (a new inode renamed over the old
@@ -47,92 +46,40 @@ fn supervisor_pid(t: &Tandem) -> u32 {
 }
 
 /// Clients posting inferences until stopped, each its own way: HTTP/1.1
-/// keep-alive, HTTP/2 cleartext, and (with `https`) HTTPS kept alive
-/// (HTTP/2 by ALPN) and HTTPS with a new connection per request; and a loop
-/// that only connects to the plain port and counts refusals. Every failure
-/// is kept.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<std::sync::Mutex<Vec<String>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+/// keep-alive, HTTP/2 cleartext, HTTPS kept alive (HTTP/2 by ALPN) and
+/// HTTPS with a new connection per request; and a loop that only connects to
+/// the plain port and counts refusals. Every failure is kept.
+fn mixed_load(t: &Tandem, ca: &str) -> Load {
+    let h2c =
+        reqwest::blocking::Client::builder().http2_prior_knowledge().timeout(Duration::from_secs(10)).build().unwrap();
+    let fresh = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .http1_only()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let (plain, tls) = (t.http_url("/v2/models/digits/infer"), t.https_url("localhost", "/v2/models/digits/infer"));
+    let mut load = Load::start(vec![
+        ("http/1.1 keep-alive", Tandem::http_client(), plain.clone()),
+        ("h2c", h2c, plain),
+        ("https keep-alive", Tandem::https_client(ca), tls.clone()),
+        ("https new connection", fresh, tls),
+    ]);
+    let addr = format!("127.0.0.1:{}", t.http_port);
+    load.also(move || {
+        let connected = std::net::TcpStream::connect(&addr).map(drop).map_err(|e| format!("connect: {e}"));
+        std::thread::sleep(Duration::from_millis(2));
+        connected
+    });
+    load
 }
 
-impl Load {
-    fn start(t: &Tandem, https_ca: Option<&str>) -> Load {
-        let (stop, ok, failed) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::default());
-        let h2c = reqwest::blocking::Client::builder()
-            .http2_prior_knowledge()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap();
-        let mut clients = vec![
-            ("http/1.1 keep-alive", Tandem::http_client(), t.http_url("/v2/models/digits/infer")),
-            ("h2c", h2c, t.http_url("/v2/models/digits/infer")),
-        ];
-        if let Some(ca) = https_ca {
-            // Kept alive (HTTP/2 by ALPN), and HTTP/1.1 with a new connection (and handshake) per request.
-            let fresh = reqwest::blocking::Client::builder()
-                .use_rustls_tls()
-                .tls_built_in_root_certs(false)
-                .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
-                .http1_only()
-                .pool_max_idle_per_host(0)
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap();
-            let url = t.https_url("localhost", "/v2/models/digits/infer");
-            clients.push(("https keep-alive", Tandem::https_client(ca), url.clone()));
-            clients.push(("https new connection", fresh, url));
-        }
-        let mut threads = Vec::new();
-        for (kind, client, url) in clients {
-            let (stop, ok, failed): (Arc<AtomicBool>, Arc<AtomicU64>, Arc<std::sync::Mutex<Vec<String>>>) =
-                (stop.clone(), ok.clone(), Arc::clone(&failed));
-            threads.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let sent = std::time::SystemTime::now();
-                    match client.post(&url).body(digits_body(3)).send() {
-                        Ok(r) if r.status().is_success() => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(r) => failed.lock().unwrap().push(format!("{kind}: {}", r.status())),
-                        Err(e) => failed.lock().unwrap().push(format!("{kind} (sent {sent:?}): {e:?}")),
-                    }
-                }
-            }));
-        }
-        let (addr, stop2, failed2) = (format!("127.0.0.1:{}", t.http_port), stop.clone(), Arc::clone(&failed));
-        threads.push(std::thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                if let Err(e) = std::net::TcpStream::connect(&addr) {
-                    failed2.lock().unwrap().push(format!("connect: {e}"));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        }));
-        Load { stop, ok, failed, threads }
-    }
-
-    /// Lets the load run half a second more, stops it, and fails the test on
-    /// any failed request (or on too few answered).
-    fn finish_without_failures(self, t: &Tandem) {
-        std::thread::sleep(Duration::from_millis(500));
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        let (ok, failed) = (self.ok.load(Ordering::Relaxed), self.failed.lock().unwrap().clone());
-        assert!(
-            failed.is_empty(),
-            "{} of {ok} requests failed: {:?}\n{}",
-            failed.len(),
-            &failed[..failed.len().min(5)],
-            t.explain()
-        );
-        assert!(ok > 100, "only {ok} requests answered");
-    }
-}
+/// How long a load runs on after an upgrade, and the answers it must have had.
+const LINGER: Duration = Duration::from_millis(500);
+const AT_LEAST: u64 = 100;
 
 /// An HTTP/3 client (aioquic) posting inferences on a new QUIC connection each
 /// time, until stopped: on an upgrade the UDP socket passes to the new
@@ -179,7 +126,7 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_supervisor_drains_away() {
     let old = t.pid().as_raw() as u32;
     assert_eq!(supervisor_pid(&t), old, "the pid file names the running supervisor");
     let chain = t.served_chain_pem();
-    let load = Load::start(&t, Some(&chain));
+    let load = mixed_load(&t, &chain);
     let h3 = H3Loop::start(&t, &chain);
     std::thread::sleep(Duration::from_millis(500));
     // The new binary arrives at the same path (here the same build, as a new file).
@@ -193,7 +140,7 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_supervisor_drains_away() {
     // The old supervisor drains and exits 0 while the load goes on.
     let status = t.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "the old supervisor: {status:?}\n{}", t.explain());
-    load.finish_without_failures(&t);
+    load.finish_after(LINGER, &t, AT_LEAST);
     h3.finish_without_failures(&t);
     // The new supervisor serves both ports with workers of its own.
     let workers: Vec<_> = Tandem::children_of(nix::unistd::Pid::from_raw(new as i32))
@@ -289,7 +236,7 @@ fn as_pid_1_tandem_becomes_the_new_binary_in_place_and_drains_the_old_workers() 
     assert!(said.contains("this build is broken") && said.contains("keeps serving"), "{said}");
     assert_eq!(Tandem::children_of(host_pid).len(), 3, "the old workers still serve");
     let chain = t.served_chain_pem();
-    let load = Load::start(&t, Some(&chain));
+    let load = mixed_load(&t, &chain);
     std::thread::sleep(Duration::from_millis(500));
     replace_binary(&binary, &std::fs::read(TANDEM).unwrap());
     let (out, said) = upgrade_inside();
@@ -302,7 +249,7 @@ fn as_pid_1_tandem_becomes_the_new_binary_in_place_and_drains_the_old_workers() 
         || t.explain(),
         || before.iter().all(|p| process_state(*p).is_none()).then_some(()),
     );
-    load.finish_without_failures(&t);
+    load.finish_after(LINGER, &t, AT_LEAST);
     let after: Vec<_> = Tandem::children_of(host_pid).into_iter().filter(|(_, c)| c.starts_with("tandem ")).collect();
     assert_eq!(after.len(), 3, "{after:?}");
     assert!(t.stderr().contains("becoming the new binary in place"), "{}", t.explain());
@@ -350,7 +297,7 @@ fn ten_upgrades_in_a_row_under_mixed_load_refuse_nothing_and_leak_nothing() {
     std::thread::sleep(Duration::from_millis(500));
     let held = descriptors(first);
     let chain = t.served_chain_pem();
-    let load = Load::start(&t, Some(&chain));
+    let load = mixed_load(&t, &chain);
     let mut supervisors = vec![first];
     for round in 0..10 {
         replace_binary(&t.dir.path().join("bin/tandem"), &std::fs::read(TANDEM).unwrap());
@@ -375,7 +322,7 @@ fn ten_upgrades_in_a_row_under_mixed_load_refuse_nothing_and_leak_nothing() {
                 .then_some(())
         },
     );
-    load.finish_without_failures(&t);
+    load.finish_after(LINGER, &t, AT_LEAST);
     // What is left: the last supervisor and its three workers, holding what the first held.
     let group = live_in_group(first);
     assert_eq!(group.len(), 4, "processes left in the group: {group:?}");

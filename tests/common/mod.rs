@@ -17,6 +17,7 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 
 pub mod docker;
+pub mod load;
 pub mod pki;
 
 /// The binary under test, built by cargo for this test run.
@@ -461,17 +462,29 @@ pub fn copy_slow(repo: &Path, name: &str, seconds: f64, extra: &str) {
 /// Runs `tests/python/<script> URL [--ca CA]` (HTTPS when `ca` is given) and
 /// returns its stdout; fails the test, with the server's story, when it fails.
 pub fn python_client(t: &Tandem, script: &str, url: &str, ca: Option<&Path>) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script);
-    let mut cmd = Command::new("python3");
-    cmd.arg(&path).arg(url);
+    let mut cmd = python_script(script);
+    cmd.arg(url);
     if let Some(ca) = ca {
         cmd.arg("--ca").arg(ca);
     }
+    python_output(t, cmd)
+}
+
+/// `python3 tests/python/<script>`, for the caller to add arguments to.
+pub fn python_script(script: &str) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script));
+    cmd
+}
+
+/// Runs a [`python_script`] command and returns its stdout; fails the test,
+/// with the server's story, when it fails.
+pub fn python_output(t: &Tandem, mut cmd: Command) -> String {
     let out = cmd.output().expect("python3 runs (scripts/test installs the pinned clients)");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "{script} failed: {cmd:?}\n{stdout}\n{}\n{}",
+        "failed: {cmd:?}\n{stdout}\n{}\n{}",
         String::from_utf8_lossy(&out.stderr),
         t.explain()
     );

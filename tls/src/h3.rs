@@ -210,6 +210,11 @@ where
     type Fut = F;
 }
 
+/// An answer's body HTTP/3 can send: bytes, and an error it can name.
+pub trait AnswerBody: Body<Data = Bytes, Error: std::fmt::Display + Send> + Send + 'static {}
+
+impl<B> AnswerBody for B where B: Body<Data = Bytes, Error: std::fmt::Display + Send> + Send + 'static {}
+
 /// What [`Http3::start`] needs besides the socket and the service.
 pub struct Options {
     /// The acceptors of the TCP listener (certificate, client verification).
@@ -233,8 +238,7 @@ impl Http3 {
     pub fn start<S, RB>(socket: std::net::UdpSocket, options: Options, service: S) -> anyhow::Result<Http3>
     where
         S: H3Service<RB>,
-        RB: Body<Data = Bytes> + Send + 'static,
-        RB::Error: std::fmt::Display + Send,
+        RB: AnswerBody,
     {
         let Options { acceptors, stats, timeouts, max_connections, threads, on_park } = options;
         let runtime = match threads {
@@ -342,8 +346,7 @@ impl Serve {
     fn incoming<S, RB>(&self, incoming: quinn::Incoming, service: S)
     where
         S: H3Service<RB>,
-        RB: Body<Data = Bytes> + Send + 'static,
-        RB::Error: std::fmt::Display + Send,
+        RB: AnswerBody,
     {
         if *self.drain.borrow() {
             incoming.ignore();
@@ -422,8 +425,7 @@ impl Serve {
         service: S,
     ) where
         S: H3Service<RB>,
-        RB: Body<Data = Bytes> + Send + 'static,
-        RB::Error: std::fmt::Display + Send,
+        RB: AnswerBody,
     {
         let mut builder = h3::server::builder();
         builder.max_field_section_size(MAX_FIELD_SECTION);
@@ -527,8 +529,7 @@ async fn respond<S, RB>(
     service: S,
 ) where
     S: H3Service<RB>,
-    RB: Body<Data = Bytes> + Send + 'static,
-    RB::Error: std::fmt::Display + Send,
+    RB: AnswerBody,
 {
     let (mut send, recv) = stream.split();
     let (mut parts, ()) = req.into_parts();
