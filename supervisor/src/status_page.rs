@@ -219,16 +219,24 @@ fn quantile(buckets: &[u64], q: f64) -> String {
     "-".into()
 }
 
+/// How long ago `then_ms` (Unix milliseconds; 0 is "never") was, at Unix time `now`.
 fn ago(now: i64, then_ms: u64) -> String {
+    since(now, then_ms).map_or_else(|| "never".into(), |d| format!("{d} ago"))
+}
+
+/// The time from `then_ms` (Unix milliseconds; 0 is unknown) to Unix time
+/// `now`, in the largest unit that reads well: s, min, h, then d.
+fn since(now: i64, then_ms: u64) -> Option<String> {
     if then_ms == 0 {
-        return "never".into();
+        return None;
     }
     let s = (now - (then_ms / 1000) as i64).max(0);
-    match s {
-        0..120 => format!("{s} s ago"),
-        120..7200 => format!("{} min ago", s / 60),
-        _ => format!("{} h ago", s / 3600),
-    }
+    Some(match s {
+        0..120 => format!("{s} s"),
+        120..7200 => format!("{} min", s / 60),
+        7200..172_800 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86400),
+    })
 }
 
 /// A model version's counts, from "ok" on.
@@ -319,17 +327,9 @@ fn model_rate(samples: &[Sample], name: &str) -> Option<f64> {
     Some(n(last).saturating_sub(n(first)) as f64 / dt)
 }
 
+/// How long since `started_ms` ("-" when unknown).
 fn uptime(now: i64, started_ms: u64) -> String {
-    if started_ms == 0 {
-        return "-".into();
-    }
-    let s = (now - (started_ms / 1000) as i64).max(0);
-    match s {
-        0..120 => format!("{s} s"),
-        120..7200 => format!("{} min", s / 60),
-        7200..172_800 => format!("{} h", s / 3600),
-        _ => format!("{} d", s / 86400),
-    }
+    since(now, started_ms).unwrap_or_else(|| "-".into())
 }
 
 /// The page for `snap` at Unix time `now`: `ring` is (busy, total) slots,
@@ -662,6 +662,20 @@ polyline{fill:none;stroke-width:1.6}.s-ok{stroke:#23824a;color:#23824a}.s-warn{s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_in_the_largest_unit_that_reads_well() {
+        let now = 1_000_000;
+        let at = |s: i64| ((now - s) * 1000) as u64;
+        assert_eq!(ago(now, 0), "never");
+        assert_eq!(uptime(now, 0), "-");
+        assert_eq!(ago(now, at(5)), "5 s ago");
+        assert_eq!(ago(now, at(600)), "10 min ago");
+        assert_eq!(uptime(now, at(3 * 3600)), "3 h");
+        assert_eq!(ago(now, at(3 * 86400)), "3 d ago");
+        // A clock that went back reads as now, never as a negative time.
+        assert_eq!(uptime(now, at(-30)), "0 s");
+    }
 
     fn cert(mode: &str, sans: &[&str]) -> CertStatus {
         CertStatus {
