@@ -71,12 +71,14 @@ impl ShmServer {
         let stop = Arc::new(AtomicBool::new(false));
         let rt = tokio::runtime::Handle::current();
         let held = Arc::new(AtomicUsize::new(0));
+        let watching = Arc::new(AtomicBool::new(false));
         let threads = (0..claimers.max(1))
             .map(|i| {
                 let (region, app, rt, stop) = (region.clone(), app.clone(), rt.clone(), stop.clone());
-                let (batched, held) = (batched.clone(), held.clone());
+                let (batched, held, watching) = (batched.clone(), held.clone(), watching.clone());
                 std::thread::Builder::new().name(format!("shm-claimer-{i}")).spawn(move || {
-                    let ctx = Claimer { region: &region, worker_id, app: &app, rt: &rt, stop: &stop, batched, held };
+                    let ctx =
+                        Claimer { region: &region, worker_id, app: &app, rt: &rt, stop: &stop, batched, held, watching };
                     claim_loop(&ctx, i as u32)
                 })
             })
@@ -102,6 +104,8 @@ struct Claimer<'a> {
     stop: &'a AtomicBool,
     batched: IsBatched,
     held: Arc<AtomicUsize>,
+    /// A claimer of this worker watches the ring: the others sleep.
+    watching: Arc<AtomicBool>,
 }
 
 fn claim_loop(c: &Claimer<'_>, first: u32) {
@@ -129,10 +133,17 @@ fn claim_loop(c: &Claimer<'_>, first: u32) {
                     c.rt.block_on(ON_CLAIMER.scope((), answer(claim, frame, c.app.clone())));
                 }
             }
-            None if busy => {
+            // One claimer of this worker watches; the others sleep (a watch
+            // each only took the cores from the requests being answered).
+            None if busy && c.watching.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst).is_ok() => {
                 busy = false;
-                c.region.watch_for_work(seen, WATCH_FOR_WORK);
+                let came = c.region.watch_for_work(c.worker_id, seen, WATCH_FOR_WORK);
+                c.watching.store(false, Ordering::SeqCst);
+                if came {
+                    c.region.wake_for_rest();
+                }
             }
+            None if busy => busy = false,
             None => c.region.wait_for_work(seen, IDLE_WAIT),
         }
     }

@@ -28,7 +28,7 @@ use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
 const MAGIC: u64 = 0x544e_444d_5348_4d31; // "TNDMSHM1"
 /// Layout version of the region; bump on any change.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 const HEADER_BYTES: usize = 4096;
 /// Bytes of each slot half that stay resident; pages beyond are kept for the
 /// next request within the region's warm budget, else given back after use.
@@ -69,6 +69,11 @@ struct Header {
     /// HTTPS serving threads watching `done_seq` themselves
     /// ([`Region::watch_done`]): completions do not wake the sleeper meanwhile.
     https_watchers: AtomicU32,
+    /// Engine workers with a claimer watching `work_seq` itself, one bit per
+    /// worker id (mod 64; [`Region::watch_for_work`]): submits do not wake a
+    /// sleeping claimer meanwhile. A bit is per worker, not a count, so the
+    /// supervisor can clear the bit of a worker that died mid-watch.
+    engine_watching: AtomicU64,
     /// Pages past [`RESIDENT_BYTES`] slots may keep between requests, all
     /// slots together (`SHM_WARM_BYTES`), and how much they keep now.
     warm_budget: u64,
@@ -363,8 +368,11 @@ impl Region {
         self.header().warm_bytes.load(Ordering::Acquire)
     }
 
-    /// Fails every slot claimed by `worker_id` (it died); returns how many.
+    /// Fails every slot claimed by `worker_id` (it died) and forgets its
+    /// watch; returns how many slots.
     pub fn fail_claims(&self, worker_id: u64) -> usize {
+        // Left set, it would keep every submit from waking a claimer.
+        self.header().engine_watching.fetch_and(!(1u64 << (worker_id % 64)), Ordering::SeqCst);
         let me = claimed_by(worker_id);
         let failed = (0..self.slots).filter(|&s| self.cas(s, me, FAILED)).count();
         if failed > 0 {
@@ -393,7 +401,24 @@ impl Region {
 
     fn wake_engines(&self) {
         let h = self.header();
-        bump(&h.work_seq, &h.engine_sleepers, 1);
+        h.work_seq.fetch_add(1, Ordering::SeqCst);
+        // A watching claimer sees the bump, or (if it stopped first) finds the
+        // slot on its next claim; it wakes a sleeper for a second request
+        // that came while it watched ([`Region::wake_for_rest`]).
+        if h.engine_watching.load(Ordering::SeqCst) == 0 && h.engine_sleepers.load(Ordering::SeqCst) > 0 {
+            futex_wake(&h.work_seq, 1);
+        }
+    }
+
+    /// After a watch that ended in work: wakes a sleeping claimer for each
+    /// request waiting beyond the one this claimer takes (submits skipped the
+    /// wake-up while it watched).
+    pub fn wake_for_rest(&self) {
+        let h = self.header();
+        let waiting = (0..self.slots).filter(|&s| self.state(s) == SUBMITTED).count();
+        if waiting > 1 && h.engine_sleepers.load(Ordering::SeqCst) > 0 {
+            futex_wake(&h.work_seq, i32::try_from(waiting - 1).unwrap_or(i32::MAX));
+        }
     }
 
     fn bump_done(&self) {
@@ -429,10 +454,16 @@ impl Region {
     }
 
     /// Watches for a request submitted after `seen` for up to `limit`,
-    /// yielding the core meanwhile; true if one came. A watcher is not a
-    /// sleeper, so producers skip the wake-up syscall while it watches.
-    pub fn watch_for_work(&self, seen: u32, limit: Duration) -> bool {
-        yield_until_changed(&self.header().work_seq, seen, limit);
+    /// yielding the core meanwhile, as engine worker `worker_id`'s one
+    /// watcher; true if one came. Producers skip waking a sleeping claimer
+    /// while it watches; the caller claims before it sleeps, and after work
+    /// came calls [`Region::wake_for_rest`].
+    pub fn watch_for_work(&self, worker_id: u64, seen: u32, limit: Duration) -> bool {
+        let bit = 1u64 << (worker_id % 64);
+        let h = self.header();
+        h.engine_watching.fetch_or(bit, Ordering::SeqCst);
+        yield_until_changed(&h.work_seq, seen, limit);
+        h.engine_watching.fetch_and(!bit, Ordering::SeqCst);
         self.work_seq() != seen
     }
 
@@ -547,15 +578,6 @@ impl Claim {
         if mine & CLAIMED != 0 && self.region.cas(self.slot, mine, DONE) {
             self.region.bump_done();
         }
-    }
-}
-
-/// Bumps a wake counter and wakes up to `n` sleepers; the syscall is skipped when nobody sleeps.
-/// SeqCst on both sides: either the sleeper sees the new count, or we see the sleeper.
-fn bump(seq: &AtomicU32, sleepers: &AtomicU32, n: i32) {
-    seq.fetch_add(1, Ordering::SeqCst);
-    if sleepers.load(Ordering::SeqCst) > 0 {
-        futex_wake(seq, n);
     }
 }
 
@@ -755,6 +777,50 @@ mod tests {
                 std::thread::yield_now();
             }
         });
+    }
+
+    #[test]
+    fn a_claimer_watching_keeps_submits_from_waking_sleepers_and_the_rest_wakes_them() {
+        let (r, _fd) = Region::create(4, 64, 0).expect("create");
+        let woke = AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..2 {
+                s.spawn(|| {
+                    r.wait_for_work(r.work_seq(), Duration::from_secs(5));
+                    woke.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+            while r.header().engine_sleepers.load(Ordering::SeqCst) < 2 {
+                std::thread::yield_now();
+            }
+            // Registered; give them time to be inside FUTEX_WAIT.
+            std::thread::sleep(Duration::from_millis(50));
+            // Engine 7 watches while three requests come: nobody is woken.
+            let seen = r.work_seq();
+            let rr = &r;
+            let watcher = s.spawn(move || rr.watch_for_work(7, seen, Duration::from_secs(2)));
+            while r.header().engine_watching.load(Ordering::SeqCst) == 0 {
+                std::thread::yield_now();
+            }
+            for _ in 0..3 {
+                r.reserve(0, 0).expect("slot").submit(0);
+            }
+            assert!(watcher.join().unwrap(), "the watcher saw the submits");
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(woke.load(Ordering::SeqCst), 0, "a submit during a watch woke a sleeper");
+            // The watcher wakes a sleeper for each request past the one it takes.
+            r.wake_for_rest();
+            r.claim(7, 0).expect("claim");
+            let deadline = Instant::now() + Duration::from_secs(4);
+            while woke.load(Ordering::SeqCst) < 2 {
+                assert!(Instant::now() < deadline, "the sleepers were not woken for the rest");
+                std::thread::yield_now();
+            }
+        });
+        // A worker that died mid-watch leaves no bit behind to silence submits.
+        r.header().engine_watching.fetch_or(1 << 9, Ordering::SeqCst);
+        r.fail_claims(9);
+        assert_eq!(r.header().engine_watching.load(Ordering::SeqCst), 0);
     }
 
     #[test]
