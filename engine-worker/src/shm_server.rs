@@ -77,8 +77,16 @@ impl ShmServer {
                 let (region, app, rt, stop) = (region.clone(), app.clone(), rt.clone(), stop.clone());
                 let (batched, held, watching) = (batched.clone(), held.clone(), watching.clone());
                 std::thread::Builder::new().name(format!("shm-claimer-{i}")).spawn(move || {
-                    let ctx =
-                        Claimer { region: &region, worker_id, app: &app, rt: &rt, stop: &stop, batched, held, watching };
+                    let ctx = Claimer {
+                        region: &region,
+                        worker_id,
+                        app: &app,
+                        rt: &rt,
+                        stop: &stop,
+                        batched,
+                        held,
+                        watching,
+                    };
                     claim_loop(&ctx, i as u32)
                 })
             })
