@@ -209,10 +209,8 @@ async fn run(a: Args) -> serde_json::Value {
     let stop = Arc::new(AtomicBool::new(false));
     let endpoint = (a.proto == Proto::H3).then(|| {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        // As the server sizes its own (tls/src/h3.rs): the kernel's 208 KiB default drops datagrams at loopback speed.
-        let state = quinn::udp::UdpSocketState::new((&socket).into()).unwrap();
-        let _ = state.set_recv_buffer_size((&socket).into(), 4 << 20);
-        let _ = state.set_send_buffer_size((&socket).into(), 4 << 20);
+        // Sized as the server sizes its own: the kernel's 208 KiB default drops datagrams at loopback speed.
+        tandem_tls::h3::size_buffers(&socket);
         let mut e = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
             .unwrap();
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(a.tls.clone()).unwrap();
