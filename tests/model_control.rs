@@ -94,7 +94,7 @@ fn explicit_load_and_unload_reach_every_worker_while_other_models_serve() {
 
     // A replacement worker starts with the override, not the files. (The load
     // pauses: a killed worker takes its open connections with it.)
-    load.finish(&t, 10);
+    load.finish(&t, 11);
     let victim = t.workers("engine-worker")[0];
     nix::sys::signal::kill(victim, nix::sys::signal::Signal::SIGKILL).unwrap();
     wait_for(
@@ -117,7 +117,7 @@ fn explicit_load_and_unload_reach_every_worker_while_other_models_serve() {
     assert_eq!(status, 400, "{body}");
     assert!(body["error"].as_str().unwrap().contains("previous load keeps serving"), "{body}");
     assert!(ask_everyone(&t, "/v2/models/other/infer", Some(common::digits_body(1)), 4).iter().all(|a| a.0 == 200));
-    load.finish(&t, 10);
+    load.finish(&t, 11);
 }
 
 #[test]
@@ -157,7 +157,7 @@ fn the_poller_loads_a_model_copied_in_and_unloads_one_removed() {
                 .then_some(())
         },
     );
-    load.finish(&t, 10);
+    load.finish(&t, 11);
 }
 
 #[test]
