@@ -26,18 +26,39 @@ pub const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
 /// How long start-up may take before a test gives up.
 pub const START_DEADLINE: Duration = Duration::from_secs(60);
 
-/// A port nobody listens on right now.
+/// Ports tests hand out: below the kernel's ephemeral range (32768 and up by
+/// default), so an outgoing connection of another test can never be given the
+/// same port between the check here and tandem's bind.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port nobody listens on right now (TCP and UDP, as HTTP/3 uses both).
 pub fn free_port() -> u16 {
-    // Bind and release: the kernel does not hand the same ephemeral port
-    // out again immediately, so the race with other tests is negligible.
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    if NEXT.load(Ordering::Relaxed) == u32::MAX {
+        // Test binaries run one after another, but a start that differs per
+        // process keeps a leftover listener of an earlier one out of the way.
+        let seed = std::process::id().wrapping_mul(7919)
+            ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let _ = NEXT.compare_exchange(u32::MAX, seed % span, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..span {
+        let port = TEST_PORTS.start + (NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        // The wildcard address conflicts with a listener on any address,
+        // so this also keeps clear of tests that serve on HOST=0.0.0.0.
+        let tcp = TcpListener::bind(("0.0.0.0", port));
+        let udp = std::net::UdpSocket::bind(("0.0.0.0", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {TEST_PORTS:?}");
 }
 
 /// Two distinct free ports.
 pub fn free_ports() -> (u16, u16) {
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
+    (free_port(), free_port())
 }
 
 /// Polls `f` until it returns `Some`, or panics with `what` and `explain()` after `deadline`.
@@ -291,19 +312,35 @@ impl Tandem {
         let http = Self::http_client();
         let url = self.http_url("/v2/health/ready");
         let explain = || self.explain();
+        // A supervisor that exited (a port taken, a bad setting) never gets
+        // ready: say so at once instead of after the whole deadline.
+        let gone = || {
+            if self.has_exited() {
+                panic!("tandem exited before it was ready\n{}", self.explain());
+            }
+        };
         if self.env.get("HTTP_MODE").is_none_or(|m| m != "off") {
             wait_for(START_DEADLINE, "HTTP readiness", explain, || {
+                gone();
                 http.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| ())
             });
         }
         if ssl {
             let url = self.https_url("127.0.0.1", "/v2/health/ready");
             wait_for(START_DEADLINE, "HTTPS readiness", explain, || {
+                gone();
                 let chain = fs::read_to_string(self.cert_dir().join("live.pem")).ok()?;
                 let client = Self::https_client(&chain[chain.find("-----BEGIN CERTIFICATE-----")?..]);
                 client.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| ())
             });
         }
+    }
+
+    /// Whether the supervisor has exited (a zombie not yet reaped counts), without reaping it.
+    pub fn has_exited(&self) -> bool {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // The state follows the command name, which is in parentheses.
+        stat.rsplit_once(')').is_none_or(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
     }
 
     /// Waits until `text` has appeared `count` times in tandem's stderr.
