@@ -150,11 +150,39 @@ def cpu_seconds(pid):
     return total / tick
 
 
+def by_role(pid):
+    """Per role of the tandem tree under `pid` (`engine-worker`, `https-worker`,
+    ...; `supervisor` for the rest): (CPU seconds, context switches) summed
+    over its processes' threads, switches voluntary and not."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for p in descendants(pid):
+        try:
+            argv = open(f"/proc/{p}/cmdline").read().split("\0")
+            role = next((a for a in argv[1:] if a.endswith("-worker")), "supervisor")
+            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+            cpu = (int(fields[11]) + int(fields[12])) / tick
+            switches = 0
+            for t in os.listdir(f"/proc/{p}/task"):
+                for line in open(f"/proc/{p}/task/{t}/status"):
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        switches += int(line.split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        c, s = out.get(role, (0.0, 0))
+        out[role] = (c + cpu, s + switches)
+    return out
+
+
 def wrk_cpu(pid, *args, **kw):
-    """wrk(...) plus `cpu_us`: the CPU the tandem tree under `pid` spent per request."""
-    before = cpu_seconds(pid)
+    """wrk(...) plus `cpu_us`: the CPU the tandem tree under `pid` spent per
+    request; and per role (`roles`): CPU µs and context switches per request."""
+    before, roles0 = cpu_seconds(pid), by_role(pid)
     res = wrk(*args, **kw)
-    res["cpu_us"] = round((cpu_seconds(pid) - before) * 1e6 / max(1, res["total"]), 2)
+    n = max(1, res["total"])
+    res["cpu_us"] = round((cpu_seconds(pid) - before) * 1e6 / n, 2)
+    res["roles"] = {r: (round((c - roles0.get(r, (0, 0))[0]) * 1e6 / n, 1), round((s - roles0.get(r, (0, 0))[1]) / n, 2))
+                    for r, (c, s) in by_role(pid).items()}
     return res
 
 
