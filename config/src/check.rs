@@ -71,7 +71,8 @@ pub fn ignored(c: &Config, is_set: &dyn Fn(&str) -> bool) -> Vec<Ignored> {
 /// `tandem check`: that the default certificate source downloads a private key
 /// shared with everyone else who downloads it, that client certificates
 /// required on HTTPS protect nothing while the plain port serves everything,
-/// and that a `WORKER_COMMAND` without a placeholder must read its port from `$PORT`.
+/// that model control or system shared memory is open to the network, and
+/// that a `WORKER_COMMAND` without a placeholder must read its port from `$PORT`.
 pub fn cautions(c: &Config) -> Vec<String> {
     let mut out = Vec::new();
     if c.tls.enabled && c.certs.source == crate::certs::CertSource::Indirect {
@@ -105,6 +106,17 @@ pub fn cautions(c: &Config) -> Vec<String> {
         out.push(format!(
             "MODEL_CONTROL_MODE=explicit lets anyone who reaches {host} load and unload models: restrict the \
              model-repository API to a header and secret, e.g. RESTRICTED_API='model-repository:x-admin-key=@/etc/tandem/admin.key'",
+            host = c.listen.host
+        ));
+    }
+    let shared_memory_open = !c.edge.restricted.iter().any(|r| r.categories.iter().any(|k| k == "shared-memory"));
+    if c.engine.system_shared_memory && c.proxy.command.is_none() && shared_memory_open && !c.listen.host.is_loopback()
+    {
+        out.push(format!(
+            "SYSTEM_SHARED_MEMORY=true lets anyone who reaches {host} register any /dev/shm object tandem's user can \
+             open, and read and write it through inference (other programs' shared memory included): restrict the \
+             shared-memory API to a header and secret, e.g. RESTRICTED_API='shared-memory:x-shm-key=@/etc/tandem/shm.key', \
+             or serve on HOST=127.0.0.1",
             host = c.listen.host
         ));
     }
@@ -285,6 +297,22 @@ mod tests {
             assert!(cautions(&config(&quiet)).is_empty(), "{quiet:?}");
         }
         let _ = std::fs::remove_file(&ca);
+    }
+
+    #[test]
+    fn system_shared_memory_open_to_the_network_is_a_caution() {
+        let said = |pairs: &[(&str, &str)]| cautions(&config(pairs)).join(" ");
+        let open = said(&[("SYSTEM_SHARED_MEMORY", "true")]);
+        assert!(
+            open.contains("SYSTEM_SHARED_MEMORY=true lets anyone") && open.contains("RESTRICTED_API='shared-memory")
+        );
+        for quiet in [
+            &[("SYSTEM_SHARED_MEMORY", "false")][..],
+            &[("SYSTEM_SHARED_MEMORY", "true"), ("HOST", "127.0.0.1")],
+            &[("SYSTEM_SHARED_MEMORY", "true"), ("RESTRICTED_API", "shared-memory:x-shm-key=zz9")],
+        ] {
+            assert!(!said(quiet).contains("SYSTEM_SHARED_MEMORY"), "{quiet:?}");
+        }
     }
 
     #[test]
