@@ -63,6 +63,36 @@ fn binary_body(dir: &Path) -> (PathBuf, usize) {
 }
 
 #[test]
+fn the_server_takes_quic_packets_larger_than_ethernet_s_where_a_client_sends_them() {
+    let t = TandemBuilder::new().ssl().env("SSL_HTTP3", "true").start();
+    let ca = trust(&t);
+    let (binary, header_len) = binary_body(t.dir.path());
+    let headers = json!([["inference-header-content-length", header_len.to_string()]]);
+    let request = |conn: &str| {
+        json!({"request": conn, "method": "POST", "path": "/v2/models/digits/infer",
+               "body_file": binary.to_str().unwrap(), "headers": headers})
+    };
+    let out = h3(
+        &t,
+        &[&plan(json!([
+            {"connect": "usual"}, request("usual"),
+            {"connect": "large", "max_datagram_size": 6500}, request("large"),
+        ]))],
+        &ca,
+    );
+    assert_eq!(out.len(), 4, "{out:?}");
+    // Advertised to every client (tls/src/h3.rs, MAX_UDP_PAYLOAD): quinn's
+    // default, 1472, would keep even loopback and jumbo-frame paths at
+    // Ethernet's packet size.
+    assert_eq!(out[0]["max_udp_payload_size"], 6500, "{out:?}");
+    // A client that sends packets of that size is answered as one that does
+    // not: byte for byte the same answer.
+    assert_eq!((&out[1]["status"], &out[3]["status"]), (&json!(200), &json!(200)), "{out:?}");
+    assert_eq!(out[1]["body_b64"], out[3]["body_b64"], "{out:?}");
+    assert!(out[1]["body_b64"].as_str().is_some_and(|b| !b.is_empty()), "{out:?}");
+}
+
+#[test]
 fn inference_over_http3_is_answered_as_over_tcp_and_alt_svc_advertises_it() {
     let t =
         TandemBuilder::new().ssl().env("SSL_HTTP3", "true").env("ACCESS_LOG", "true").env("LOG_FORMAT", "json").start();

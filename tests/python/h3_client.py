@@ -4,7 +4,9 @@
     h3_client.py HOST PORT --flood N [--wait SECONDS]
 
 A plan is a list of steps run in order, each printing one JSON line:
-  {"connect": "a"}                          open connection "a" (prints the served certificate's SHA-256)
+  {"connect": "a"}                          open connection "a" (prints the served certificate's SHA-256
+                                            and the largest UDP payload the server accepts);
+                                            "max_datagram_size": N sends packets of up to N bytes
   {"request": "a", "method": "GET", "path": "/v2/health/ready",
    "headers": [["k", "v"]], "body_file": "F" | "body": "text"}
                                             one request on "a" (prints status, headers, body, trailers)
@@ -37,6 +39,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic import connection as aioquic_connection
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, StreamReset
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -44,6 +47,19 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 # How the last connections ended, for the error a failed connect() gives without a reason.
 TERMINATED = []
+
+# The transport parameters each handshake received from the server, in order.
+SERVER_PARAMETERS = []
+_pull_parameters = aioquic_connection.pull_quic_transport_parameters
+
+
+def _pull_and_keep(*args, **kwargs):
+    params = _pull_parameters(*args, **kwargs)
+    SERVER_PARAMETERS.append(params)
+    return params
+
+
+aioquic_connection.pull_quic_transport_parameters = _pull_and_keep
 
 
 class H3Client(QuicConnectionProtocol):
@@ -128,8 +144,10 @@ async def ask(client, port, step, body):
     return await client.request(f"localhost:{port}", step.get("method", "GET"), step["path"], step.get("headers", []), body)
 
 
-async def open_connection(host, port, args):
+async def open_connection(host, port, args, max_datagram_size=None):
     config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name="localhost")
+    if max_datagram_size:
+        config.max_datagram_size = max_datagram_size
     config.load_verify_locations(args.ca)
     if args.cert:
         config.load_cert_chain(args.cert, args.key)
@@ -166,10 +184,12 @@ async def run_plan(host, port, plan, args):
     for step in plan:
         try:
             if "connect" in step:
-                cm, client = await open_connection(host, port, args)
+                cm, client = await open_connection(host, port, args, step.get("max_datagram_size"))
                 stacks.append(cm)
                 conns[step["connect"]] = client
-                print(json.dumps({"connected": step["connect"], "cert_sha256": served_certificate(client)}), flush=True)
+                params = SERVER_PARAMETERS[-1] if SERVER_PARAMETERS else None
+                print(json.dumps({"connected": step["connect"], "cert_sha256": served_certificate(client),
+                                  "max_udp_payload_size": getattr(params, "max_udp_payload_size", None)}), flush=True)
             elif "loop" in step:
                 print(json.dumps(await loop(host, port, step, args)), flush=True)
             elif "request" in step:

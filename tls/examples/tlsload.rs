@@ -5,6 +5,7 @@
 //!
 //! tlsload --addr 127.0.0.1:9443 --ca ca.pem --proto h1|h2|h3 --concurrency 16
 //!         --seconds 5 [--path /v2/...] [--body FILE] [--header k:v ...] [--new-connection]
+//!         [--large-packets]   (HTTP/3: QUIC packets up to the server's own h3::MAX_UDP_PAYLOAD)
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a benchmark tool: a broken set-up stops it loudly")]
 
@@ -35,6 +36,7 @@ struct Args {
     body: Bytes,
     headers: Vec<(String, String)>,
     new_connection: bool,
+    large_packets: bool,
     tls: Arc<rustls::ClientConfig>,
 }
 
@@ -42,6 +44,7 @@ fn args() -> Args {
     let mut it = std::env::args().skip(1);
     let (mut addr, mut ca, mut proto, mut concurrency, mut seconds) = (None, None, Proto::H2, 1, 5.0);
     let (mut path, mut body, mut headers, mut new_connection) = ("/v2/health/ready".to_string(), None, vec![], false);
+    let mut large_packets = false;
     while let Some(a) = it.next() {
         let mut v = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
         match a.as_str() {
@@ -65,6 +68,7 @@ fn args() -> Args {
                 headers.push((k.trim().to_string(), val.trim().to_string()));
             }
             "--new-connection" => new_connection = true,
+            "--large-packets" => large_packets = true,
             _ => panic!("unknown argument {a}"),
         }
     }
@@ -93,6 +97,7 @@ fn args() -> Args {
         body: body.unwrap_or_default(),
         headers,
         new_connection,
+        large_packets,
         tls: Arc::new(tls),
     }
 }
@@ -211,10 +216,20 @@ async fn run(a: Args) -> serde_json::Value {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         // Sized as the server sizes its own: the kernel's 208 KiB default drops datagrams at loopback speed.
         tandem_tls::h3::size_buffers(&socket);
-        let mut e = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, Arc::new(quinn::TokioRuntime))
-            .unwrap();
+        // With --large-packets, the server's own packet sizes (path MTU
+        // discovery up to h3::MAX_UDP_PAYLOAD); else quinn's defaults, as
+        // most clients send.
+        let endpoint_config =
+            if a.large_packets { tandem_tls::h3::endpoint_config() } else { quinn::EndpointConfig::default() };
+        let mut e = quinn::Endpoint::new(endpoint_config, None, socket, Arc::new(quinn::TokioRuntime)).unwrap();
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(a.tls.clone()).unwrap();
-        e.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+        let mut client = quinn::ClientConfig::new(Arc::new(quic));
+        if a.large_packets {
+            let mut transport = quinn::TransportConfig::default();
+            transport.mtu_discovery_config(Some(tandem_tls::h3::mtu_discovery()));
+            client.transport_config(Arc::new(transport));
+        }
+        e.set_default_client_config(client);
         e
     });
     // Kept alive: HTTP/2 and HTTP/3 multiplex every stream on one connection; HTTP/1.1 needs one each.

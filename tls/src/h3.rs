@@ -49,6 +49,33 @@ const MAX_FIELD_SECTION: u64 = 64 << 10;
 /// (a 4 MiB upload lost 0.45% of its packets here with the default).
 const SOCKET_BUFFER: usize = 4 << 20;
 
+/// The largest UDP payload this endpoint accepts, advertises (QUIC's
+/// `max_udp_payload_size`) and probes its path for. quinn's default, 1472
+/// bytes, fits a 1500-byte Ethernet frame; path MTU discovery still finds
+/// that size on such paths, and larger packets are used only where the path
+/// carries them (loopback, jumbo frames). Fewer packets are most of QUIC's
+/// cost: a 4 MiB upload over loopback with 6500-byte packets took 4.9 ms of
+/// server CPU instead of 7.4 and ran 1.55x as many requests a second
+/// (docs/BENCHMARKS.md). Not higher: quinn sends up to 10 packets in one
+/// segmented datagram, which must stay within UDP's 65,507 bytes; past
+/// 6,550 the kernel refuses the whole batch and quinn's black-hole detection
+/// falls back to 1200-byte packets (measured at 9000).
+pub const MAX_UDP_PAYLOAD: u16 = 6500;
+
+/// The endpoint's own configuration: [`MAX_UDP_PAYLOAD`].
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config.max_udp_payload_size(MAX_UDP_PAYLOAD).expect("MAX_UDP_PAYLOAD is within QUIC's bounds");
+    config
+}
+
+/// Path MTU discovery up to [`MAX_UDP_PAYLOAD`].
+pub fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
+    let mut config = quinn::MtuDiscoveryConfig::default();
+    config.upper_bound(MAX_UDP_PAYLOAD);
+    config
+}
+
 /// Asks for [`SOCKET_BUFFER`] each way on `socket`; the kernel caps it at
 /// `net.core.rmem_max` / `wmem_max`, which is said once, with the fix.
 pub fn size_buffers(socket: &std::net::UdpSocket) {
@@ -82,6 +109,7 @@ pub fn server_config(acceptors: &Acceptors, timeouts: &Timeouts) -> anyhow::Resu
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("the TLS configuration cannot serve QUIC")?;
     let mut transport = quinn::TransportConfig::default();
     transport
+        .mtu_discovery_config(Some(mtu_discovery()))
         .max_concurrent_bidi_streams(MAX_STREAMS.into())
         .max_concurrent_uni_streams(MAX_UNI_STREAMS.into())
         .stream_receive_window(STREAM_WINDOW.into())
@@ -258,7 +286,7 @@ impl Http3 {
         size_buffers(&socket);
         let config = server_config(&acceptors, &timeouts)?;
         let io = Arc::new(quinn::TokioRuntime);
-        let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, io)
+        let endpoint = quinn::Endpoint::new(endpoint_config(), Some(config), socket, io)
             .context("cannot serve QUIC on the HTTP/3 socket")?;
         let max = max_connections.clamp(1, Semaphore::MAX_PERMITS);
         let permits = Arc::new(Semaphore::new(max));
