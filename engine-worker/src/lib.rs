@@ -31,7 +31,10 @@ pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
         name: "engine worker",
         role: tandem_shared::stats::ProcessRole::Engine,
         keep_large_allocations: true,
-        on_park: None,
+        // Whether this worker would take a new connection at once
+        // (shared::edge::balance): every serving thread says when it sleeps.
+        on_park: Some(tandem_shared::edge::balance::thread_parked),
+        on_unpark: Some(tandem_shared::edge::balance::thread_unparked),
     };
     // One single-threaded runtime per inference thread (Server::serve_all):
     // the skeleton's, which also answers the control channel, and the others.
@@ -72,8 +75,12 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
     };
 
     let budget = tandem_shared::edge::serve::connection_budget();
-    let server =
-        Arc::new(tandem_shared::edge::serve::Server::new(settings.edge.policy.timeouts, budget).with_pacing(balance));
+    let server = Arc::new(
+        tandem_shared::edge::serve::Server::new(settings.edge.policy.timeouts, budget)
+            .with_pacing(balance)
+            .with_park_hook(Arc::new(tandem_shared::edge::balance::thread_parked))
+            .with_unpark_hook(Arc::new(tandem_shared::edge::balance::thread_unparked)),
+    );
     let service = hyper_util::service::TowerToHyperService::new(app.clone());
     let plain = |tcp, _| async move { Some(tandem_shared::edge::serve::Accepted::plain(tcp)) };
     // A connection lives on the thread that accepted it, and a quick inference

@@ -25,6 +25,7 @@ pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
         role: tandem_shared::stats::ProcessRole::Https,
         keep_large_allocations: true,
         on_park: Some(watch_before_park),
+        on_unpark: None,
     };
     // One single-threaded runtime per core (Server::serve_all): the skeleton's, and the others.
     run_worker(settings, kind, serve)

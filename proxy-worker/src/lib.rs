@@ -48,6 +48,7 @@ pub fn run(settings: WorkerSettings) -> anyhow::Result<()> {
         role: tandem_shared::stats::ProcessRole::Proxy,
         keep_large_allocations: false,
         on_park: None,
+        on_unpark: None,
     };
     run_worker(settings, kind, serve)
 }

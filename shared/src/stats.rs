@@ -252,6 +252,8 @@ const H_CONNS: usize = 9;
 const H_READY: usize = 10;
 /// Requests the process is answering now (to their response headers).
 const H_IN_FLIGHT: usize = 11;
+/// The process's serving threads asleep now, waiting for work (engine workers).
+const H_PARKED: usize = 12;
 const HEADER: usize = 16;
 
 /// [`H_CONNS`] of a process that is not accepting (starting, draining, gone).
@@ -542,6 +544,7 @@ impl Stats {
         s.set(H_CONNS, NOT_ACCEPTING);
         s.set(H_READY, 0);
         s.set(H_IN_FLIGHT, 0);
+        s.set(H_PARKED, 0);
         s
     }
 
@@ -586,16 +589,30 @@ impl Stats {
         self.set(H_CONNS, open.unwrap_or(NOT_ACCEPTING));
     }
 
-    /// The fewest connections any other live, accepting process of `role` holds.
-    pub fn least_connections_elsewhere(&self, role: ProcessRole) -> Option<u64> {
+    /// One of this process's serving threads goes to sleep (`parked`) or wakes.
+    pub fn serving_thread_parked(&self, parked: bool) {
+        let word = self.w(H_PARKED);
+        if parked {
+            word.fetch_add(1, Relaxed);
+        } else {
+            // Never below zero: a wrapped count would read as idle for ever.
+            let _ = word.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// The least-loaded other live, accepting process of `role`: the
+    /// connections it holds, and whether one of its serving threads is asleep
+    /// now (it would take a new connection at once). Among equals, one that
+    /// is asleep.
+    pub fn least_loaded_elsewhere(&self, role: ProcessRole) -> Option<(u64, bool)> {
         let words = self.region.words();
         (0..blocks_in(words))
             .map(|b| b * BLOCK_WORDS)
             .filter(|&b| b != self.base)
             .filter(|&b| words[b + H_ROLE].load(Relaxed) == role as u64 && words[b + H_PID].load(Relaxed) != 0)
-            .map(|b| words[b + H_CONNS].load(Relaxed))
-            .filter(|&n| n != NOT_ACCEPTING)
-            .min()
+            .map(|b| (words[b + H_CONNS].load(Relaxed), words[b + H_PARKED].load(Relaxed) > 0))
+            .filter(|&(n, _)| n != NOT_ACCEPTING)
+            .min_by_key(|&(n, idle)| (n, !idle))
     }
 
     /// Counts a ring event (index into [`RING_EVENTS`]).
@@ -671,7 +688,7 @@ impl Stats {
     pub fn vacate(region: &Counters, block: usize) {
         let base = block * BLOCK_WORDS;
         if let Some(words) = region.words().get(base..base + HEADER) {
-            for i in [H_PID, H_RSS, H_FDS, H_READY, H_IN_FLIGHT] {
+            for i in [H_PID, H_RSS, H_FDS, H_READY, H_IN_FLIGHT, H_PARKED] {
                 words[i].store(0, Relaxed);
             }
             words[H_CONNS].store(NOT_ACCEPTING, Relaxed);

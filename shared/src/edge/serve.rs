@@ -471,6 +471,7 @@ pub struct Server {
     errors: AcceptErrors,
     pacing: Option<Arc<dyn Pacing>>,
     on_park: Option<ParkHook>,
+    on_unpark: Option<ParkHook>,
     silent: Option<Arc<Silent>>,
 }
 
@@ -544,6 +545,7 @@ impl Server {
             errors: AcceptErrors::default(),
             pacing: None,
             on_park: None,
+            on_unpark: None,
             silent: None,
         }
     }
@@ -551,6 +553,12 @@ impl Server {
     /// Runs `hook` on the threads of [`Server::serve_all`] before they sleep.
     pub fn with_park_hook(mut self, hook: ParkHook) -> Self {
         self.on_park = Some(hook);
+        self
+    }
+
+    /// Runs `hook` on the threads of [`Server::serve_all`] when they wake.
+    pub fn with_unpark_hook(mut self, hook: ParkHook) -> Self {
+        self.on_unpark = Some(hook);
         self
     }
 
@@ -773,6 +781,9 @@ impl Server {
             let mut builder = tokio::runtime::Builder::new_current_thread();
             if let Some(hook) = self.on_park.clone() {
                 builder.on_thread_park(move || hook());
+            }
+            if let Some(hook) = self.on_unpark.clone() {
+                builder.on_thread_unpark(move || hook());
             }
             let runtime = builder.enable_all().build()?;
             handles.push(std::thread::Builder::new().name(format!("serve-{i}")).spawn(move || {

@@ -141,6 +141,8 @@ pub struct Kind {
     pub keep_large_allocations: bool,
     /// Run by the main runtime's thread each time it is about to sleep.
     pub on_park: Option<fn()>,
+    /// Run by the main runtime's thread each time it wakes.
+    pub on_unpark: Option<fn()>,
 }
 
 /// What a worker kind is given to start serving.
@@ -209,6 +211,9 @@ where
     let mut builder = tokio::runtime::Builder::new_current_thread();
     if let Some(park) = kind.on_park {
         builder.on_thread_park(park);
+    }
+    if let Some(unpark) = kind.on_unpark {
+        builder.on_thread_unpark(unpark);
     }
     let runtime = builder
         .enable_all()
