@@ -21,6 +21,11 @@ pub const WAIT: Duration = Duration::from_secs(2);
 pub struct Budget {
     units: Arc<Semaphore>,
     bytes: u64,
+    /// A request that holds a share waits for more now. Only one may: two
+    /// that each hold part of the budget and wait for the other's would both
+    /// be refused when their wait ran out, and a run of concurrent uploads
+    /// growing as they inflate was refused whole (every answer 503).
+    growing: std::sync::atomic::AtomicBool,
 }
 
 /// Why a share was not given.
@@ -68,7 +73,11 @@ impl Budget {
     /// A budget of `bytes` (at least one unit).
     pub fn new(bytes: u64) -> Arc<Budget> {
         let units = (bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS as u64);
-        Arc::new(Budget { units: Arc::new(Semaphore::new(units as usize)), bytes: units * UNIT })
+        Arc::new(Budget {
+            units: Arc::new(Semaphore::new(units as usize)),
+            bytes: units * UNIT,
+            growing: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// The budget's size.
@@ -91,7 +100,10 @@ impl Budget {
         self.take(share, total - held, wait).await
     }
 
-    /// Grows `share` by `bytes`, waiting up to `wait` for others to give theirs back.
+    /// Grows `share` by `bytes`, waiting up to `wait` for others to give
+    /// theirs back. A share that already holds something waits only while no
+    /// other such share does (see `growing`); otherwise it is refused at once
+    /// and, given back, lets the others go on.
     pub async fn take(&self, share: &mut Share, bytes: u64, wait: Duration) -> Result<(), Refused> {
         if bytes == 0 {
             return Ok(());
@@ -103,10 +115,21 @@ impl Budget {
         let units = u32::try_from(bytes.div_ceil(UNIT)).map_err(|_| Refused::TooLarge { need, budget: self.bytes })?;
         let got = match self.units.clone().try_acquire_many_owned(units) {
             Ok(p) => p,
-            Err(_) => match tokio::time::timeout(wait, self.units.clone().acquire_many_owned(units)).await {
-                Ok(Ok(p)) => p,
-                _ => return Err(Refused::Busy),
-            },
+            Err(_) => {
+                use std::sync::atomic::Ordering::SeqCst;
+                let holding = share.permit.is_some();
+                if holding && self.growing.compare_exchange(false, true, SeqCst, SeqCst).is_err() {
+                    return Err(Refused::Busy);
+                }
+                let waited = tokio::time::timeout(wait, self.units.clone().acquire_many_owned(units)).await;
+                if holding {
+                    self.growing.store(false, SeqCst);
+                }
+                match waited {
+                    Ok(Ok(p)) => p,
+                    _ => return Err(Refused::Busy),
+                }
+            }
         };
         match &mut share.permit {
             Some(p) => p.merge(got),
@@ -197,6 +220,27 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(a);
         assert_eq!(waiting.await.expect("task"), Ok(4 * UNIT));
+        assert_eq!(b.free(), 10 * UNIT);
+    }
+
+    #[tokio::test]
+    async fn only_one_holder_at_a_time_waits_for_more() {
+        let b = Budget::new(10 * UNIT);
+        let (mut a, mut c) = (Share::default(), Share::default());
+        b.take(&mut a, 5 * UNIT, WAIT).await.expect("fits");
+        b.take(&mut c, 5 * UNIT, WAIT).await.expect("fits");
+        // a waits for more, holding its half; c, holding the other half, is
+        // refused at once instead of waiting for a's (both would time out).
+        let first = {
+            let b = b.clone();
+            tokio::spawn(async move { b.take(&mut a, 2 * UNIT, WAIT).await.map(|()| a.bytes()) })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let began = std::time::Instant::now();
+        assert_eq!(b.take(&mut c, 2 * UNIT, WAIT).await, Err(Refused::Busy));
+        assert!(began.elapsed() < Duration::from_millis(500), "refused at once");
+        drop(c);
+        assert_eq!(first.await.expect("task"), Ok(7 * UNIT), "c's share given back lets a grow");
         assert_eq!(b.free(), 10 * UNIT);
     }
 
