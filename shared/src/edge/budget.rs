@@ -28,6 +28,24 @@ pub struct Budget {
     growing: std::sync::atomic::AtomicBool,
 }
 
+/// [`Budget::growing`] held by the one holder waiting for more; given up
+/// when dropped, so a wait cut short (its request cancelled mid-wait) never
+/// leaves it set and every later holder refused without a wait.
+struct Growing<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> Growing<'a> {
+    fn claim(flag: &'a std::sync::atomic::AtomicBool) -> Option<Growing<'a>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        flag.compare_exchange(false, true, SeqCst, SeqCst).is_ok().then_some(Growing(flag))
+    }
+}
+
+impl Drop for Growing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Why a share was not given.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Refused {
@@ -116,16 +134,11 @@ impl Budget {
         let got = match self.units.clone().try_acquire_many_owned(units) {
             Ok(p) => p,
             Err(_) => {
-                use std::sync::atomic::Ordering::SeqCst;
-                let holding = share.permit.is_some();
-                if holding && self.growing.compare_exchange(false, true, SeqCst, SeqCst).is_err() {
-                    return Err(Refused::Busy);
-                }
-                let waited = tokio::time::timeout(wait, self.units.clone().acquire_many_owned(units)).await;
-                if holding {
-                    self.growing.store(false, SeqCst);
-                }
-                match waited {
+                let _growing = match share.permit {
+                    Some(_) => Some(Growing::claim(&self.growing).ok_or(Refused::Busy)?),
+                    None => None,
+                };
+                match tokio::time::timeout(wait, self.units.clone().acquire_many_owned(units)).await {
                     Ok(Ok(p)) => p,
                     _ => return Err(Refused::Busy),
                 }
@@ -242,6 +255,29 @@ mod tests {
         drop(c);
         assert_eq!(first.await.expect("task"), Ok(7 * UNIT), "c's share given back lets a grow");
         assert_eq!(b.free(), 10 * UNIT);
+    }
+
+    #[tokio::test]
+    async fn a_holder_s_wait_cut_short_lets_the_next_holder_wait() {
+        let b = Budget::new(10 * UNIT);
+        let (mut a, mut c, mut d) = (Share::default(), Share::default(), Share::default());
+        b.take(&mut a, 3 * UNIT, WAIT).await.expect("fits");
+        b.take(&mut c, 3 * UNIT, WAIT).await.expect("fits");
+        b.take(&mut d, 4 * UNIT, WAIT).await.expect("fits");
+        // a's request is cancelled while it waits for more.
+        let cancelled = {
+            let b = b.clone();
+            tokio::spawn(async move { b.take(&mut a, 2 * UNIT, WAIT).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cancelled.abort();
+        let _ = cancelled.await;
+        // c may now wait in its turn (it is refused when its own wait runs out, not at once).
+        let began = std::time::Instant::now();
+        assert_eq!(b.take(&mut c, 4 * UNIT, Duration::from_millis(200)).await, Err(Refused::Busy));
+        assert!(began.elapsed() >= Duration::from_millis(200), "c waited");
+        drop(d);
+        assert_eq!(b.take(&mut c, 4 * UNIT, WAIT).await, Ok(()), "and grows once there is room");
     }
 
     #[test]
