@@ -137,31 +137,33 @@ def descendants(pid):
     return out
 
 
+def process_cpu(p):
+    """User + system CPU of process `p` (all its threads), in seconds."""
+    fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid):
     """User + system CPU of `pid` and its live descendants, in seconds."""
-    tick = os.sysconf("SC_CLK_TCK")
     total = 0
     for p in descendants(pid):
         try:
-            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            total += process_cpu(p)
         except (OSError, IndexError, ValueError):
             pass
-    return total / tick
+    return total
 
 
 def by_role(pid):
     """Per role of the tandem tree under `pid` (`engine-worker`, `https-worker`,
     ...; `supervisor` for the rest): (CPU seconds, context switches) summed
     over its processes' threads, switches voluntary and not."""
-    tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for p in descendants(pid):
         try:
             argv = open(f"/proc/{p}/cmdline").read().split("\0")
             role = next((a for a in argv[1:] if a.endswith("-worker")), "supervisor")
-            fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-            cpu = (int(fields[11]) + int(fields[12])) / tick
+            cpu = process_cpu(p)
             switches = 0
             for t in os.listdir(f"/proc/{p}/task"):
                 for line in open(f"/proc/{p}/task/{t}/status"):
@@ -177,12 +179,13 @@ def by_role(pid):
 def wrk_cpu(pid, *args, **kw):
     """wrk(...) plus `cpu_us`: the CPU the tandem tree under `pid` spent per
     request; and per role (`roles`): CPU µs and context switches per request."""
-    before, roles0 = cpu_seconds(pid), by_role(pid)
+    roles0 = by_role(pid)
     res = wrk(*args, **kw)
+    roles1 = by_role(pid)
     n = max(1, res["total"])
-    res["cpu_us"] = round((cpu_seconds(pid) - before) * 1e6 / n, 2)
+    res["cpu_us"] = round((sum(c for c, _ in roles1.values()) - sum(c for c, _ in roles0.values())) * 1e6 / n, 2)
     res["roles"] = {r: (round((c - roles0.get(r, (0, 0))[0]) * 1e6 / n, 1), round((s - roles0.get(r, (0, 0))[1]) / n, 2))
-                    for r, (c, s) in by_role(pid).items()}
+                    for r, (c, s) in roles1.items()}
     return res
 
 

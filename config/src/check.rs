@@ -97,7 +97,7 @@ pub fn cautions(c: &Config) -> Vec<String> {
             host = c.listen.host
         ));
     }
-    let repository_open = !c.edge.restricted.iter().any(|r| r.categories.iter().any(|k| k == "model-repository"));
+    let repository_open = !restricted(c, "model-repository");
     if c.engine.model_control_mode == crate::engine::ModelControlMode::Explicit
         && c.proxy.command.is_none()
         && repository_open
@@ -109,7 +109,7 @@ pub fn cautions(c: &Config) -> Vec<String> {
             host = c.listen.host
         ));
     }
-    let shared_memory_open = !c.edge.restricted.iter().any(|r| r.categories.iter().any(|k| k == "shared-memory"));
+    let shared_memory_open = !restricted(c, "shared-memory");
     if c.engine.system_shared_memory && c.proxy.command.is_none() && shared_memory_open && !c.listen.host.is_loopback()
     {
         out.push(format!(
@@ -139,6 +139,11 @@ pub fn cautions(c: &Config) -> Vec<String> {
         }
     }
     out
+}
+
+/// Whether `RESTRICTED_API` puts `category` behind a header and secret.
+fn restricted(c: &Config, category: &str) -> bool {
+    c.edge.restricted.iter().any(|r| r.categories.iter().any(|k| k == category))
 }
 
 /// Whether `var` is set to something other than blanks in the process environment.
