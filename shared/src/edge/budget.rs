@@ -80,6 +80,41 @@ impl Refused {
     }
 }
 
+/// A share this large, given back, is followed by a look at what the
+/// allocator keeps ([`crate::sys::give_back_freed_memory`]).
+const LARGE_SHARE: u64 = 1 << 20;
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        if self.bytes() >= LARGE_SHARE {
+            give_back_freed();
+        }
+    }
+}
+
+/// Has the allocator give back what it keeps past its bound, on the blocking
+/// pool (a trim can take milliseconds): a large body's memory, freed, is
+/// otherwise not counted by any budget, and after a run of concurrent
+/// uploads a worker kept hundreds of MiB the budget had already handed on.
+/// One look at a time; a share given back meanwhile asks for another.
+fn give_back_freed() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    static ASKED: AtomicBool = AtomicBool::new(false);
+    if ASKED.swap(true, SeqCst) {
+        return;
+    }
+    let look = || {
+        ASKED.store(false, SeqCst);
+        if let Some(held) = crate::sys::give_back_freed_memory() {
+            tracing::debug!(held, "gave freed memory back to the kernel");
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(look)),
+        Err(_) => look(),
+    }
+}
+
 impl Share {
     /// Bytes held.
     pub fn bytes(&self) -> u64 {

@@ -205,7 +205,7 @@ where
     E: From<SkeletonError>,
 {
     if kind.keep_large_allocations {
-        crate::sys::keep_large_allocations();
+        crate::sys::keep_large_allocations(settings.edge.inflight_bytes);
     }
     let control = attach(&settings).map_err(SkeletonError::from)?;
     let mut builder = tokio::runtime::Builder::new_current_thread();

@@ -81,19 +81,57 @@ pub fn deepen_backlog(listener: &std::net::TcpListener) -> io::Result<()> {
 /// instead of mapping and unmapping them per request. By default glibc maps
 /// big allocations and returns them on free, so every request paid page faults
 /// on fresh memory for its body and tensors: 22 ms of a 10 MB detector request
-/// became 16.5 ms with this. Memory up to the peak stays with the process, as
-/// an inference server's pools do. A no-op with other C libraries.
-pub fn keep_large_allocations() {
+/// became 16.5 ms with this. Up to `keep` bytes of freed memory stay with the
+/// process for the next requests, as an inference server's pools do; past
+/// that, [`give_back_freed_memory`] returns it to the kernel, so what the
+/// allocator keeps is bounded like what requests hold (the worker's
+/// `MAX_INFLIGHT_BYTES`). A no-op with other C libraries.
+pub fn keep_large_allocations(keep: u64) {
     #[cfg(target_env = "gnu")]
     {
-        // 32 MiB is glibc's largest mmap threshold on 64-bit; trim only above 256 MiB.
+        KEEP_FREED.store(keep.max(1), std::sync::atomic::Ordering::Relaxed);
+        // 32 MiB is glibc's largest mmap threshold on 64-bit; the heap's top
+        // is trimmed past the keep (at most 256 MiB).
+        let trim = keep.clamp(1 << 20, 256 << 20) as libc::c_int;
         // SAFETY: mallopt only changes allocator parameters; it is called once at
         // start-up before the worker's threads exist, and takes plain integers.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, trim);
         }
     }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = keep;
+}
+
+/// Freed memory the allocator may keep ([`keep_large_allocations`]); 0 when not set.
+static KEEP_FREED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// When the allocator holds more freed memory than [`keep_large_allocations`]
+/// allows, gives its free pages back to the kernel (every arena's, the middle
+/// of its heaps too) and returns how much it held. Takes the arenas' locks
+/// for a moment and, when it trims, costs the next large request its page
+/// faults: call it after a large body is given back, off the serving threads.
+pub fn give_back_freed_memory() -> Option<u64> {
+    #[cfg(target_env = "gnu")]
+    {
+        let keep = KEEP_FREED.load(std::sync::atomic::Ordering::Relaxed);
+        if keep == 0 {
+            return None;
+        }
+        // SAFETY: mallinfo2 takes no arguments and reads the allocator's
+        // statistics under the allocator's own locks.
+        let free = unsafe { libc::mallinfo2() }.fordblks as u64;
+        if free <= keep {
+            return None;
+        }
+        // SAFETY: malloc_trim takes a plain integer and releases only free
+        // pages, under the allocator's own locks; no live allocation moves.
+        unsafe { libc::malloc_trim(0) };
+        Some(free)
+    }
+    #[cfg(not(target_env = "gnu"))]
+    None
 }
 
 /// Makes a command's process receive `signal` when the thread that spawned it
