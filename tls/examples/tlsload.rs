@@ -197,8 +197,12 @@ async fn h3_connect(endpoint: &quinn::Endpoint, a: &Args) -> anyhow::Result<(H3S
 }
 
 async fn h3_request(send: &mut H3Send, a: &Args) -> anyhow::Result<u16> {
-    let (parts, body) = request(a).into_parts();
+    let (mut parts, body) = request(a).into_parts();
     let body = body.collect().await?.to_bytes();
+    // As curl and browsers send an upload over HTTP/3 (hyper adds it over TCP).
+    if !body.is_empty() {
+        parts.headers.insert(http::header::CONTENT_LENGTH, body.len().into());
+    }
     let mut stream = send.send_request(http::Request::from_parts(parts, ())).await?;
     if !body.is_empty() {
         stream.send_data(body).await?;

@@ -104,6 +104,11 @@ pub struct Collected {
 /// its own bytes.
 pub const KEPT_CHUNK: usize = 256 << 10;
 
+/// The least and the most [`Collected`] sets aside at once for a body whose
+/// length it was not told.
+const TAIL_FIRST: usize = 16 << 10;
+const TAIL_STEP: usize = 1 << 20;
+
 impl Collected {
     fn new(declared: usize) -> Self {
         Collected { declared, ..Collected::default() }
@@ -145,9 +150,20 @@ impl Collected {
             self.len += chunk.len();
             self.chunks.push(chunk);
         } else if !chunk.is_empty() {
-            if self.tail.capacity() == 0 {
-                // One allocation for the rest of a declared body (no regrowth copies).
-                self.tail.reserve(self.declared.saturating_sub(self.len).max(chunk.len()));
+            if self.tail.capacity() - self.tail.len() < chunk.len() {
+                // Full, or not begun: the gathered bytes become a chunk and the
+                // next ones go to a new buffer, never a grown one (growing
+                // copies everything gathered so far, again at each doubling).
+                // Sized for the rest of a declared body; without a length (an
+                // HTTP/3 or chunked upload), as large as all so far, up to
+                // TAIL_STEP: a few chunks for a large body, and never a
+                // buffer far larger than the bytes the budget counted.
+                self.seal();
+                let rest = match self.declared.checked_sub(self.len) {
+                    Some(rest) if rest > 0 => rest,
+                    _ => self.len.clamp(TAIL_FIRST, TAIL_STEP),
+                };
+                self.tail = bytes::BytesMut::with_capacity(rest.max(chunk.len()));
             }
             self.len += chunk.len();
             self.tail.extend_from_slice(&chunk);
@@ -532,6 +548,18 @@ mod tests {
         }
         tiny.seal();
         assert_eq!((tiny.chunks().len(), tiny.len()), (1, 1 << 20));
+        // Without a length, 4 MiB of 1400-byte frames (HTTP/3's) is a few
+        // chunks, each filled before the next begins: nothing gathered is copied again.
+        let mut unknown = Collected::new(0);
+        let frame = Bytes::from(vec![7u8; 1400]);
+        while unknown.len() < 4 << 20 {
+            unknown.push(frame.clone());
+        }
+        unknown.seal();
+        let sizes: Vec<usize> = unknown.chunks().iter().map(Bytes::len).collect();
+        assert!(sizes.len() <= 12, "{sizes:?}");
+        assert!(sizes.iter().all(|&n| n <= TAIL_STEP + 1400), "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), unknown.len());
     }
 
     fn door(cors: Cors, https: bool, redirect: Option<u16>) -> FrontDoor {
