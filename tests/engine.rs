@@ -170,3 +170,42 @@ fn sigterm_drains_a_request_in_flight() {
     assert!(response.contains("probabilities"));
     assert_eq!(t.wait_exit(Duration::from_secs(20)).code(), Some(0), "{}", t.explain());
 }
+
+/// A reader that hands out at most `step` bytes at a time: a body of no
+/// declared length, sent in small chunks.
+struct Trickle {
+    data: Vec<u8>,
+    at: usize,
+    step: usize,
+}
+
+impl Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.step.min(buf.len()).min(self.data.len() - self.at);
+        buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn a_body_of_no_declared_length_in_small_chunks_is_read_whole_on_both_ports() {
+    let t = TandemBuilder::new().ssl().start();
+    // digits with 300 KiB of JSON whitespace before its data: gathered from
+    // 1000-byte chunks into several buffers, it must decode as the same body
+    // sent in one piece with its length.
+    let body = digits_body(7).replacen("\"data\":", &format!("\"data\":{}", " ".repeat(300 << 10)), 1);
+    let http = Tandem::http_client();
+    let https = Tandem::https_client(&t.served_chain_pem());
+    let expected: serde_json::Value =
+        http.post(t.http_url("/v2/models/digits/infer")).body(digits_body(7)).send().unwrap().json().unwrap();
+    for (client, url) in
+        [(&http, t.http_url("/v2/models/digits/infer")), (&https, t.https_url("localhost", "/v2/models/digits/infer"))]
+    {
+        let trickle = Trickle { data: body.clone().into_bytes(), at: 0, step: 1000 };
+        let r = client.post(&url).body(reqwest::blocking::Body::new(trickle)).send().unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+        let got: serde_json::Value = r.json().unwrap();
+        assert_eq!(got["outputs"], expected["outputs"], "{url}");
+    }
+}
