@@ -327,6 +327,7 @@ pub fn parse(r: &mut Reader) -> Access {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

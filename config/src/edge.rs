@@ -415,6 +415,7 @@ pub fn parse(r: &mut Reader, https: bool) -> Edge {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

@@ -244,6 +244,7 @@ pub fn parse(r: &mut Reader) -> Engine {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

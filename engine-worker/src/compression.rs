@@ -130,6 +130,7 @@ pub async fn compress_response(res: Response, encoding: &'static str) -> Respons
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

@@ -112,6 +112,7 @@ fn answer(result: Result<(), ApiError>) -> Response {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

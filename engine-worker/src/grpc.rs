@@ -676,6 +676,7 @@ impl pb::grpc_inference_service_server::GrpcInferenceService for Grpc {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

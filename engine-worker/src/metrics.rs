@@ -520,6 +520,7 @@ pub(crate) fn stats_entries(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

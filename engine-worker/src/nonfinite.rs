@@ -131,6 +131,7 @@ impl<T: Serialize + Copy + Into<f64>> Serialize for Element<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

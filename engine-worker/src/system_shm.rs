@@ -288,6 +288,7 @@ pub async fn http_cuda_unregister() -> Response {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
     use std::path::Path;

@@ -1166,6 +1166,7 @@ pub fn spawn_gauge_thread(stats: Stats) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

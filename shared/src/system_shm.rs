@@ -143,6 +143,7 @@ pub fn span(region: &Region, offset: u64, len: u64) -> Result<u64, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

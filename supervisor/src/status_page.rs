@@ -660,6 +660,7 @@ polyline{fill:none;stroke-width:1.6}.s-ok{stroke:#23824a;color:#23824a}.s-warn{s
 .key::before{content:\"\u{25a0} \"}code{font-size:12px}";
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

@@ -151,6 +151,7 @@ pub fn for_worker(config: &Config, spawn: Spawn<'_>) -> WorkerSettings {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

@@ -342,6 +342,7 @@ impl Tensor {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

@@ -518,6 +518,7 @@ fn acme_http01(dir: &std::path::Path, token: &str) -> Answer {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

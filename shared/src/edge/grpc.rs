@@ -421,6 +421,7 @@ impl<T: Send + 'static> InOrder<T> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
     use crate::edge::front::error;
@@ -468,7 +469,7 @@ mod tests {
     #[test]
     fn messages_are_cut_whole_however_the_body_arrives() {
         let mut wire = message(b"hello").to_vec();
-        wire.extend_from_slice(&message(b"").to_vec());
+        wire.extend_from_slice(&message(b""));
         wire.extend_from_slice(&[1, 0, 0, 0, 2, 7, 7]);
         for piece in 1..wire.len() {
             let mut m = Messages::new(16);

@@ -204,6 +204,7 @@ fn forwarded_ip(entry: &str) -> Option<IpAddr> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

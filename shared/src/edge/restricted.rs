@@ -223,6 +223,7 @@ pub fn classify(path: &str) -> Result<(std::borrow::Cow<'_, str>, Option<&'stati
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
 

@@ -74,6 +74,7 @@ impl Counters {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
     use std::sync::atomic::Ordering;

@@ -633,6 +633,7 @@ fn futex_wake(word: &AtomicU32, n: i32) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
     use std::collections::HashSet;

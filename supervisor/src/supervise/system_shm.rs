@@ -149,6 +149,7 @@ impl Supervisor {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests fail loudly by design")]
 mod tests {
     use super::*;
     use tandem_shared::system_shm::Region;
