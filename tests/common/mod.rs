@@ -334,6 +334,17 @@ impl Tandem {
                 client.get(&url).send().ok().filter(|r| r.status().is_success()).map(|_| ())
             });
         }
+        // The supervisor's own word that every worker has started: a port
+        // answers as soon as one worker does, and a test that killed another
+        // before the supervisor had heard it was ready met start-up's
+        // fail-fast rule (the whole server exits) instead of a restart.
+        if self.env.get("LOG_LEVEL").is_none_or(|l| ["info", "debug", "trace"].contains(&l.as_str())) {
+            wait_for(START_DEADLINE, "the supervisor's announcement", explain, || {
+                gone();
+                let log = self.stderr();
+                (log.contains("serving HTTP") || log.contains("no plain HTTP port")).then_some(())
+            });
+        }
     }
 
     /// Whether the supervisor has exited (a zombie not yet reaped counts), without reaping it.
