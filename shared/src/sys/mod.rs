@@ -107,6 +107,13 @@ pub fn keep_large_allocations(keep: u64) {
 /// Freed memory the allocator may keep ([`keep_large_allocations`]); 0 when not set.
 static KEEP_FREED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Whether this process bounds the freed memory it keeps: only then has
+/// [`give_back_freed_memory`] anything to do (not in the proxy worker, nor
+/// with another C library).
+pub fn bounds_freed_memory() -> bool {
+    cfg!(target_env = "gnu") && KEEP_FREED.load(std::sync::atomic::Ordering::Relaxed) != 0
+}
+
 /// When the allocator holds more freed memory than [`keep_large_allocations`]
 /// allows, gives its free pages back to the kernel (every arena's, the middle
 /// of its heaps too) and returns how much it held. Takes the arenas' locks
