@@ -116,6 +116,25 @@ def wait_url(url, timeout=60):
     raise SystemExit(f"{url} did not answer within {timeout}s")
 
 
+def settle(busy=0.15, timeout=60):
+    """Waits until the machine's CPUs are at most `busy` used over half a second (a server
+    still working off a previous load's queue would take the next one's cores), up to `timeout`."""
+    def ticks():
+        f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+        return sum(f), f[3] + f[4]
+    end = time.time() + timeout
+    while True:
+        t0, i0 = ticks()
+        time.sleep(0.5)
+        t1, i1 = ticks()
+        used = 1 - (i1 - i0) / max(1, t1 - t0)
+        if used <= busy:
+            return
+        if time.time() > end:
+            log(f"  the machine is still {used:.0%} busy after {timeout}s; measuring anyway")
+            return
+
+
 def rss_kib(pid):
     try:
         for line in open(f"/proc/{pid}/status"):
