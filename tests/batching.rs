@@ -16,6 +16,87 @@ fn request(i: usize, rows: usize) -> String {
     format!(r#"{{"inputs":[{{"name":"pixels","shape":[{rows},64],"datatype":"FP32","data":[{}]}}]}}"#, data.join(","))
 }
 
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(20)).build().unwrap()
+}
+
+/// Request `i` of `rows` rows to `model`, answered 200.
+fn infer(t: &Tandem, c: &reqwest::blocking::Client, model: &str, i: usize, rows: usize) -> Value {
+    let r = c.post(t.http_url(&format!("/v2/models/{model}/infer"))).body(request(i, rows)).send().unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().unwrap()
+}
+
+/// Busy: one request of 16 rows runs, `n` more (request `i` of `1 + i % 3`
+/// rows) arrive meanwhile. Their clients and threads are made first and
+/// released together, and the busy one has 16 rows (the slow models' time
+/// grows with their rows: 2 rows ran in about 120 ms, less than the pause
+/// below, on a loaded CI machine), so all of them arrive within its run.
+fn busy_wave(t: &Tandem, model: &str, n: usize) -> Vec<(usize, Value)> {
+    let clients: Vec<reqwest::blocking::Client> = (0..=n).map(|_| client()).collect();
+    let go = std::sync::Barrier::new(n + 1);
+    std::thread::scope(|s| {
+        let rest: Vec<_> = (1..=n)
+            .map(|i| {
+                let (go, c) = (&go, &clients[i]);
+                s.spawn(move || {
+                    go.wait();
+                    (i, infer(t, c, model, i, 1 + i % 3))
+                })
+            })
+            .collect();
+        let first = s.spawn(|| infer(t, &clients[0], model, 100, 16));
+        std::thread::sleep(std::time::Duration::from_millis(150));
+        go.wait();
+        first.join().unwrap();
+        rest.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Executions of `model` so far, from its statistics.
+fn executions(t: &Tandem, model: &str) -> u64 {
+    let stats: Value =
+        Tandem::http_client().get(t.http_url(&format!("/v2/models/{model}/stats"))).send().unwrap().json().unwrap();
+    stats["model_stats"][0]["execution_count"].as_u64().unwrap()
+}
+
+#[test]
+fn a_model_that_batching_does_not_speed_up_runs_its_requests_as_they_come() {
+    // One core: one inference thread, so every execution runs by itself and
+    // its time is the model's alone, not shared with a neighbour's.
+    let b = TandemBuilder::new().env("NUM_WORKERS", "1").env("LOG_LEVEL", "info").wrapped(&["taskset", "-c", "0"]);
+    let repo = b.dir().join("models");
+    // A row costs the same alone or stacked (one intra-op thread, so stacking
+    // cannot buy a second thread's help either): batching can only serialise work.
+    // A batch of up to 32 rows: the first wave's 24 fit in one.
+    let batching = "dynamic_batching { preferred_batch_size: [ 32 ] max_queue_delay_microseconds: 30000000 }\n\
+                    parameters { key: \"intra_op_thread_count\" value: { string_value: \"1\" } }\n";
+    copy_slow_linear(&repo, "linear", 0.01, batching);
+    let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
+    // Alone: idle requests run as they came.
+    for i in 0..3 {
+        infer(&t, &client(), "linear", i, 1);
+    }
+    let n = 12;
+    // What a row costs together is not known yet: the first wave batches, to learn it.
+    let before = executions(&t, "linear");
+    let first = busy_wave(&t, "linear", n);
+    let batched = executions(&t, "linear") - before;
+    assert!(batched <= 4, "the busy one, then the twelve together: {batched} executions");
+    // Now it is known to save nothing: the second wave runs one request per
+    // execution (13), but for at most one small batch run to look again
+    // (a second after the verdict, of up to 4 requests).
+    let before = executions(&t, "linear");
+    let second = busy_wave(&t, "linear", n);
+    let alone = executions(&t, "linear") - before;
+    assert!(alone >= n as u64 - 2, "the busy one and the twelve one by one: {alone} executions\n{}", t.explain());
+    t.wait_for_log(std::time::Duration::from_secs(5), "dynamic batching saves nothing per row here", 1);
+    // Batched or not, each request got its own rows.
+    for (i, v) in first.iter().chain(&second) {
+        assert_eq!(v["outputs"][0]["shape"], serde_json::json!([1 + i % 3, 10]), "{v}");
+    }
+}
+
 #[test]
 fn concurrent_requests_share_executions_and_get_the_unbatched_answers() {
     let b = TandemBuilder::new().ssl().env("NUM_WORKERS", "1");
@@ -107,42 +188,14 @@ fn requests_gather_behind_a_busy_model_and_an_idle_one_never_waits_for_company()
     let config = config.replace("name: \"batched\"", "name: \"plain\"").replace(batching, "");
     std::fs::write(repo.join("plain/config.pbtxt"), config).unwrap();
     let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
-    let client = || reqwest::blocking::Client::builder().timeout(std::time::Duration::from_secs(20)).build().unwrap();
-    let infer_with = |c: &reqwest::blocking::Client, model: &str, i: usize, rows: usize| -> Value {
-        let r = c.post(t.http_url(&format!("/v2/models/{model}/infer"))).body(request(i, rows)).send().unwrap();
-        assert_eq!(r.status(), 200);
-        r.json().unwrap()
-    };
-    let infer = |model: &str, i: usize, rows: usize| infer_with(&client(), model, i, rows);
     // Idle: answered at once, not after the 30 s delay (the client gives up at 20 s).
-    infer("batched", 0, 1);
-    // Busy: one request runs, twelve arrive meanwhile and run together after it.
-    // Their clients and threads are made first and released together, and the
-    // busy one has 16 rows (the model's time grows with its rows: 2 rows ran
-    // in about 120 ms, less than the pause below, on a loaded CI machine), so
-    // all twelve arrive within its run.
+    infer(&t, &client(), "batched", 0, 1);
     let n = 12;
-    let clients: Vec<reqwest::blocking::Client> = (0..=n).map(|_| client()).collect();
-    let go = std::sync::Barrier::new(n + 1);
-    let answers: Vec<(usize, Value)> = std::thread::scope(|s| {
-        let rest: Vec<_> = (1..=n)
-            .map(|i| {
-                let (go, c, infer_with) = (&go, &clients[i], &infer_with);
-                s.spawn(move || {
-                    go.wait();
-                    (i, infer_with(c, "batched", i, 1 + i % 3))
-                })
-            })
-            .collect();
-        let first = s.spawn(|| infer_with(&clients[0], "batched", 100, 16));
-        std::thread::sleep(std::time::Duration::from_millis(150));
-        go.wait();
-        first.join().unwrap();
-        rest.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let answers = busy_wave(&t, "batched", n);
     // Each gets its own rows, as the model answers them unbatched.
     let plain: Vec<(usize, Value)> = std::thread::scope(|s| {
-        let all: Vec<_> = (1..=n).map(|i| s.spawn(move || (i, infer("plain", i, 1 + i % 3)))).collect();
+        let t = &t;
+        let all: Vec<_> = (1..=n).map(|i| s.spawn(move || (i, infer(t, &client(), "plain", i, 1 + i % 3)))).collect();
         all.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for ((i, batched), (_, unbatched)) in answers.iter().zip(&plain) {

@@ -129,8 +129,9 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
 
 /// Whether a ring request should wait among others rather than on its
 /// claimer thread: an inference on a model version served with dynamic
-/// batching now (models can change while running, so it looks each time)
-/// while every inference thread is busy. With a thread free it runs at once
+/// batching now (models can change while running, so it looks each time),
+/// where batching pays on it ([`engine::batcher::Gain`]), while every
+/// inference thread is busy. With a thread free it runs at once
 /// on the claimer (leading its batch of whatever is queued), as an
 /// unbatched request would.
 fn is_batched(engine: &Arc<engine::Engine>) -> shm_server::IsBatched {
@@ -144,12 +145,13 @@ fn is_batched(engine: &Arc<engine::Engine>) -> shm_server::IsBatched {
             ("versions", Some(v), Some("infer")) => Some(v),
             _ => return false,
         };
-        engine
-            .models_now()
-            .get(name)
-            .and_then(|m| m.version(version))
-            .is_some_and(|v| matches!(v, engine::VersionState::Ready(mv) if mv.dynamic_batching.is_some()))
-            && engine.permits.available_permits() == 0
+        engine.models_now().get(name).and_then(|m| m.version(version)).is_some_and(|v| match v {
+            // A batcher not started yet has learnt nothing: batch, to learn.
+            engine::VersionState::Ready(mv) if mv.dynamic_batching.is_some() => {
+                mv.batcher.get().is_none_or(|b| b.pays())
+            }
+            _ => false,
+        }) && engine.permits.available_permits() == 0
     })
 }
 

@@ -496,12 +496,23 @@ pub fn broken_model(repo: &Path, name: &str) {
 /// `seconds` here (tests/python/make_slow_model.py): for requests that must
 /// stay in flight for a while.
 pub fn copy_slow(repo: &Path, name: &str, seconds: f64, extra: &str) {
+    make_slow(repo, name, seconds, extra, &[]);
+}
+
+/// As [`copy_slow`], a model whose rows cost the same run alone or stacked
+/// (elementwise work, no weights to share): dynamic batching saves nothing on it.
+pub fn copy_slow_linear(repo: &Path, name: &str, seconds: f64, extra: &str) {
+    make_slow(repo, name, seconds, extra, &["--linear"]);
+}
+
+fn make_slow(repo: &Path, name: &str, seconds: f64, extra: &str, args: &[&str]) {
     copy_digits(repo, name, extra);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/make_slow_model.py");
     let out = Command::new("python3")
         .arg(script)
         .arg(repo.join(name).join("1/model.onnx"))
         .arg(seconds.to_string())
+        .args(args)
         .output()
         .expect("python3 runs (scripts/test installs onnx and onnxruntime)");
     assert!(out.status.success(), "make_slow_model.py failed:\n{}", String::from_utf8_lossy(&out.stderr));

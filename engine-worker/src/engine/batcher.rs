@@ -16,6 +16,17 @@
 //! quick batch runs on the thread that led it, as an unbatched request
 //! would; a long one in the blocking pool. Each execution is counted under
 //! its batch size (Triton's `batch_stats`).
+//!
+//! Batching that never loses: stacking requests pays only where the model
+//! runs rows together cheaper than one by one (a matrix product does, a
+//! convolution stack on a CPU core often does not, and then a batch only
+//! serialises work another thread could have done). Each version learns
+//! both costs per row from its own executions ([`Gain`]); while running
+//! together is not at least a quarter cheaper, requests run one at a time as
+//! if unbatched (no waiting for company, one request per execution, no
+//! ring requests held), and once every [`EXPLORE_MS`] a batch of a few
+//! ([`EXPLORE_REQUESTS`]) runs anyway so that a change (load, hardware,
+//! input sizes) is seen.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -81,6 +92,104 @@ impl Place {
     }
 }
 
+/// How often a version on which batching was seen not to pay runs a batch
+/// anyway, to keep measuring it (ms). Rarely, and small: the requests in it
+/// wait for each other, and at 2,400 req/s one batch of 4 a second is 0.2%
+/// of them, which leaves the p99 alone (a batch every 32nd decision, as
+/// large as the queue, put 20% of `cnn`'s requests in such batches and
+/// raised its p99 by 5 ms).
+pub const EXPLORE_MS: u64 = 1000;
+
+/// The most requests a batch run only to measure holds.
+pub const EXPLORE_REQUESTS: usize = 4;
+
+/// The share of a row's cost alone (in quarters) that a row run together
+/// must stay under for batching to pay. The model's run is not all of a
+/// request's cost (decoding, encoding, the connection), and a batch adds
+/// hand-offs between threads: `cnn` over HTTP saved 10-25% of its run time
+/// per row at batch 4-7 and still lost 5-9% throughput (docs/BENCHMARKS.md).
+const PAYS_UNDER_QUARTERS: u64 = 3;
+
+/// What a row costs run alone and run stacked with other requests' rows,
+/// learned from a version's own executions (moving averages, ns per row):
+/// whether batching pays here.
+#[derive(Debug, Default)]
+pub struct Gain {
+    /// Executions of one request, per row.
+    alone: AtomicU64,
+    /// Executions of several requests stacked (stacking and splitting included), per row.
+    together: AtomicU64,
+    /// When a batch last ran only to measure, or batching last turned out not to pay (ms of [`now_ms`]).
+    explored: AtomicU64,
+    /// Whether the log was last told that batching saves nothing.
+    said_no_gain: std::sync::atomic::AtomicBool,
+}
+
+impl Gain {
+    /// Records an execution of `requests` requests holding `rows` rows that took `took`.
+    pub fn record(&self, requests: usize, rows: usize, took: Duration) {
+        let per_row = (took.as_nanos() / rows.max(1) as u128).min(u64::MAX as u128) as u64;
+        let avg = if requests > 1 { &self.together } else { &self.alone };
+        let old = avg.load(Ordering::Relaxed);
+        // A lost update under a race costs one sample of a moving average.
+        let new = if old == 0 { per_row.max(1) } else { old - old / 8 + per_row / 8 };
+        avg.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether stacking has been seen to cost at least a quarter less per
+    /// row than running alone (or either is not known yet: batch to learn).
+    pub fn pays(&self) -> bool {
+        let (alone, together) = (self.alone.load(Ordering::Relaxed), self.together.load(Ordering::Relaxed));
+        alone == 0 || together == 0 || together.saturating_mul(4) < alone.saturating_mul(PAYS_UNDER_QUARTERS)
+    }
+
+    /// Whether to batch now, and how many requests at most: where it pays,
+    /// as many as fit; where not, none but once in [`EXPLORE_MS`], a few.
+    pub fn batch_now(&self, model: &str) -> Option<usize> {
+        self.batch_at(model, now_ms())
+    }
+
+    fn batch_at(&self, model: &str, now: u64) -> Option<usize> {
+        let pays = self.pays();
+        // The verdict turned (the log last heard the other one).
+        let turned = self.said_no_gain.swap(!pays, Ordering::Relaxed) == pays;
+        if turned {
+            let (alone, together) = (self.alone.load(Ordering::Relaxed), self.together.load(Ordering::Relaxed));
+            if pays {
+                tracing::info!(
+                    model,
+                    alone_ns_per_row = alone,
+                    together_ns_per_row = together,
+                    "dynamic batching pays here again: batching"
+                );
+            } else {
+                // The next look is a whole interval away.
+                self.explored.store(now, Ordering::Relaxed);
+                tracing::info!(
+                    model,
+                    alone_ns_per_row = alone,
+                    together_ns_per_row = together,
+                    look_again_ms = EXPLORE_MS,
+                    "dynamic batching saves nothing per row here: requests run as they come, a small batch now and then to look again"
+                );
+            }
+        }
+        if pays {
+            return Some(usize::MAX);
+        }
+        let last = self.explored.load(Ordering::Relaxed);
+        (now.saturating_sub(last) >= EXPLORE_MS
+            && self.explored.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok())
+        .then_some(EXPLORE_REQUESTS)
+    }
+}
+
+/// Milliseconds since the first call in this process: a clock for [`Gain`].
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
 struct Job {
     id: u64,
     inputs: Vec<Tensor>,
@@ -116,6 +225,8 @@ pub struct Batcher {
     changed: Arc<Notify>,
     /// Batches of this version running now.
     running: Arc<AtomicUsize>,
+    /// Whether stacking pays on this version, as its executions show.
+    gain: Arc<Gain>,
     next_id: AtomicU64,
 }
 
@@ -177,8 +288,15 @@ impl Batcher {
             queue: Mutex::new(VecDeque::new()),
             changed: Arc::new(Notify::new()),
             running: Arc::new(AtomicUsize::new(0)),
+            gain: Arc::new(Gain::default()),
             next_id: AtomicU64::new(0),
         }
+    }
+
+    /// Whether batching pays on this version as far as its executions show
+    /// (see [`Gain`]): then requests are worth holding for company.
+    pub fn pays(&self) -> bool {
+        self.gain.pays()
     }
 
     /// Queues one request of `rows` rows for `model`; resolves with its part
@@ -193,7 +311,20 @@ impl Batcher {
     ) -> Result<Batched, RunError> {
         let (reply, mut answer) = oneshot::channel();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.lock().push_back(Job { id, inputs, wanted, rows, queued: Instant::now(), reply });
+        let job = Job { id, inputs, wanted, rows, queued: Instant::now(), reply };
+        // A thread free, nobody queued and no batch of the version running
+        // (or none worth waiting for): there is nothing to gather, so it runs
+        // at once as it came, past the queue (a model of microseconds would
+        // otherwise pay the queue's locks and wake-ups on every request).
+        let alone = self.running.load(Ordering::SeqCst) == 0 || !self.gain.pays();
+        if let Some(permit) = alone.then(|| self.permits.clone().try_acquire_owned().ok()).flatten() {
+            if self.lock().is_empty() {
+                self.run(model, vec![job], permit, place).await;
+                return answer.await.map_err(|_| RunError::Dropped)?;
+            }
+            drop(permit);
+        }
+        self.lock().push_back(job);
         self.changed.notify_waiters();
         loop {
             let permit = tokio::select! {
@@ -214,14 +345,19 @@ impl Batcher {
     }
 
     /// Takes the oldest queued request and every queued one that stacks with
-    /// it, up to the target (or those stacking with `batch`, when it has
-    /// some); says whether request `mine` is still queued after.
-    fn take(&self, batch: &mut Taken<'_>, mine: u64) -> bool {
+    /// it, up to the target and `most` requests (or those stacking with
+    /// `batch`, when it has some); says whether request `mine` is still
+    /// queued after.
+    fn take(&self, batch: &mut Taken<'_>, mine: u64, most: usize) -> bool {
         let mut queue = self.lock();
         // Requests whose callers gave up are not run.
         queue.retain(|j| !j.reply.is_closed());
         let mut i = 0;
-        while i < queue.len() && batch.rows < self.target && !self.policy.preferred.contains(&batch.rows) {
+        while i < queue.len()
+            && batch.rows < self.target
+            && !self.policy.preferred.contains(&batch.rows)
+            && batch.jobs.len() < most
+        {
             let fits = match batch.jobs.first() {
                 Some(first) => queue[i].stacks_with(first) && batch.rows + queue[i].rows <= self.limit,
                 None => true,
@@ -241,12 +377,15 @@ impl Batcher {
     /// `mine` is still queued after (then its caller asks for a thread again).
     async fn lead(&self, model: &Arc<ModelVersion>, permit: OwnedSemaphorePermit, place: Place, mine: u64) -> bool {
         let mut batch = Taken { batcher: self, jobs: Vec::new(), rows: 0 };
-        let mut mine_queued = self.take(&mut batch, mine);
+        let most = self.gain.batch_now(&model.name).unwrap_or(1);
+        let pays = most == usize::MAX;
+        let mut mine_queued = self.take(&mut batch, mine, most);
         let Some(first) = batch.jobs.first() else { return mine_queued };
-        // Company is worth waiting for only while another batch keeps the
-        // hardware busy: until the delay is up or no other batch runs.
+        // Company is worth waiting for only where it pays and while another
+        // batch keeps the hardware busy: until the delay is up or no other batch runs.
         let deadline = tokio::time::Instant::from_std(first.queued + self.policy.max_delay);
-        while batch.rows < self.target
+        while pays
+            && batch.rows < self.target
             && !self.policy.preferred.contains(&batch.rows)
             && self.running.load(Ordering::SeqCst) > 0
             && tokio::time::Instant::now() < deadline
@@ -255,7 +394,7 @@ impl Batcher {
             tokio::pin!(changed);
             changed.as_mut().enable();
             let before = batch.jobs.len();
-            mine_queued = self.take(&mut batch, mine);
+            mine_queued = self.take(&mut batch, mine, most);
             if batch.jobs.len() == before
                 && self.running.load(Ordering::SeqCst) > 0
                 && tokio::time::timeout_at(deadline, changed).await.is_err()
@@ -263,31 +402,43 @@ impl Batcher {
                 break;
             }
         }
-        let elements: usize = batch.jobs.iter().flat_map(|j| &j.inputs).map(|t| t.data.len()).sum();
-        let inline = place.runs_here(model, elements);
         let jobs = std::mem::take(&mut batch.jobs);
+        self.run(model, jobs, permit, place).await;
+        mine_queued
+    }
+
+    /// Runs `jobs` as one batch under `permit`, here or in the blocking pool by `place`.
+    async fn run(&self, model: &Arc<ModelVersion>, jobs: Vec<Job>, permit: OwnedSemaphorePermit, place: Place) {
+        let elements: usize = jobs.iter().flat_map(|j| &j.inputs).map(|t| t.data.len()).sum();
+        let inline = place.runs_here(model, elements);
         // The thread and the running count go with the execution: a caller
         // that gives up while it runs frees neither before it ends.
         let running = Running::start(self);
+        let gain = self.gain.clone();
+        let measured = move |model: &ModelVersion, jobs: Vec<Job>| {
+            if let Some((requests, rows, took)) = execute(model, jobs) {
+                gain.record(requests, rows, took);
+            }
+        };
         if inline {
             // A panic in the engine drops the replies (each request answers "dropped"), as in the pool.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| execute(model, jobs)));
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| measured(model, jobs)));
             drop((running, permit));
         } else {
             let model = model.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                execute(&model, jobs);
+                measured(&model, jobs);
                 drop((running, permit));
             })
             .await;
         }
-        mine_queued
     }
 }
 
 /// Runs `jobs` as one batch and answers each with its rows (a batch of one
-/// runs as it came: nothing to stack or split).
-fn execute(model: &ModelVersion, jobs: Vec<Job>) {
+/// runs as it came: nothing to stack or split); says how many requests and
+/// rows ran, and how long stacking, running and splitting took, when it succeeded.
+fn execute(model: &ModelVersion, jobs: Vec<Job>) -> Option<(usize, usize, Duration)> {
     let started = Instant::now();
     let rows: Vec<usize> = jobs.iter().map(|j| j.rows).collect();
     let wanted = jobs[0].wanted.clone();
@@ -340,11 +491,75 @@ fn execute(model: &ModelVersion, jobs: Vec<Job>) {
                     splitting,
                 }));
             }
+            Some((count, batch_rows, stacking + infer + splitting))
         }
         Err(e) => {
             for (reply, _) in replies {
                 let _ = reply.send(Err(e.clone()));
             }
+            None
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test fails by panicking")]
+mod tests {
+    use super::*;
+
+    fn gain(alone_ns: u64, together_ns: u64) -> Gain {
+        let g = Gain::default();
+        if alone_ns > 0 {
+            g.record(1, 1, Duration::from_nanos(alone_ns));
+        }
+        if together_ns > 0 {
+            g.record(4, 8, Duration::from_nanos(together_ns * 8));
+        }
+        g
+    }
+
+    #[test]
+    fn batching_is_tried_until_both_costs_are_known() {
+        assert!(gain(0, 0).pays());
+        assert!(gain(1000, 0).pays());
+        assert!(gain(0, 1000).pays());
+    }
+
+    #[test]
+    fn batching_pays_only_when_a_row_together_costs_a_quarter_less() {
+        assert!(gain(1000, 500).pays());
+        assert!(gain(1000, 749).pays());
+        assert!(!gain(1000, 750).pays(), "25% less is not more than 25% less");
+        assert!(!gain(1000, 900).pays());
+        assert!(!gain(1000, 1000).pays());
+        assert!(!gain(1000, 1500).pays());
+    }
+
+    #[test]
+    fn rows_of_one_request_count_as_alone_per_row() {
+        let g = Gain::default();
+        // One request of 4 rows in 4 µs: 1 µs a row alone.
+        g.record(1, 4, Duration::from_micros(4));
+        // Four requests of 8 rows in all, at 1 µs a row: no gain.
+        g.record(4, 8, Duration::from_micros(8));
+        assert!(!g.pays());
+        // Cheaper together from now on: the average follows within a few executions.
+        for _ in 0..20 {
+            g.record(4, 8, Duration::from_micros(4));
+        }
+        assert!(g.pays());
+    }
+
+    #[test]
+    fn where_batching_saves_nothing_a_few_requests_batch_once_an_interval() {
+        let g = gain(1000, 1000);
+        // The verdict turns at 10 s: the next look is a whole interval later.
+        assert_eq!(g.batch_at("m", 10_000), None);
+        assert_eq!(g.batch_at("m", 10_000 + EXPLORE_MS - 1), None);
+        assert_eq!(g.batch_at("m", 10_000 + EXPLORE_MS), Some(EXPLORE_REQUESTS));
+        assert_eq!(g.batch_at("m", 10_000 + EXPLORE_MS), None, "one look an interval");
+        assert_eq!(g.batch_at("m", 10_000 + 2 * EXPLORE_MS + 5), Some(EXPLORE_REQUESTS));
+        let g = gain(1000, 100);
+        assert!((0..100).all(|k| g.batch_at("m", k) == Some(usize::MAX)));
     }
 }
