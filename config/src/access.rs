@@ -131,49 +131,45 @@ impl TryFrom<String> for RateLimit {
     }
 }
 
-/// An address or a network (CIDR): the address and its prefix length
-/// (written and read as `10.0.0.0/8`).
+/// An address or a network (CIDR), host bits cleared (written and read as
+/// `10.0.0.0/8`; an address alone is its own network, `/32` or `/128`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(into = "String", try_from = "String")]
-pub struct Network {
-    /// The network's address (host bits zero).
-    pub addr: IpAddr,
-    /// Prefix length.
-    pub prefix: u8,
-}
+pub struct Network(ipnet::IpNet);
 
 impl Network {
     /// Whether `ip` is in this network (an IPv4-mapped IPv6 address counts as its IPv4 address).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip.to_canonical()) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => masked4(a, self.prefix) == n,
-            (IpAddr::V6(n), IpAddr::V6(a)) => masked6(a, self.prefix) == n,
-            _ => false,
-        }
+        self.0.contains(&ip.to_canonical())
     }
 
-    fn parse(v: &str) -> Option<Network> {
-        let (addr, prefix) = match v.split_once('/') {
-            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
-            None => (v.parse::<IpAddr>().ok()?, None),
+    /// The network's address (host bits zero).
+    pub fn addr(&self) -> IpAddr {
+        self.0.network()
+    }
+
+    /// `10.0.0.0/8`, `192.0.2.7` or `fd00::/8`; an IPv4-mapped IPv6
+    /// address or network (`::ffff:10.0.0.0/104`) is its IPv4 one, since
+    /// clients' addresses are compared in that form.
+    pub fn parse(v: &str) -> Option<Network> {
+        let net = match v.split_once('/') {
+            Some(_) => v.parse::<ipnet::IpNet>().ok()?,
+            None => ipnet::IpNet::from(v.parse::<IpAddr>().ok()?),
         };
-        let addr = addr.to_canonical();
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = prefix.unwrap_or(max);
-        if prefix > max {
-            return None;
-        }
-        let addr = match addr {
-            IpAddr::V4(a) => IpAddr::V4(masked4(a, prefix)),
-            IpAddr::V6(a) => IpAddr::V6(masked6(a, prefix)),
+        let net = match net {
+            ipnet::IpNet::V6(n) => match n.addr().to_ipv4_mapped() {
+                Some(v4) => ipnet::IpNet::V4(ipnet::Ipv4Net::new(v4, n.prefix_len().checked_sub(96)?).ok()?),
+                None => net,
+            },
+            v4 => v4,
         };
-        Some(Network { addr, prefix })
+        Some(Network(net.trunc()))
     }
 }
 
 impl From<Network> for String {
     fn from(n: Network) -> String {
-        format!("{}/{}", n.addr, n.prefix)
+        n.0.to_string()
     }
 }
 
@@ -182,16 +178,6 @@ impl TryFrom<String> for Network {
     fn try_from(v: String) -> Result<Self, String> {
         Network::parse(&v).ok_or_else(|| format!("not an address or network: {v}"))
     }
-}
-
-fn masked4(a: std::net::Ipv4Addr, prefix: u8) -> std::net::Ipv4Addr {
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
-    (u32::from(a) & mask).into()
-}
-
-fn masked6(a: std::net::Ipv6Addr, prefix: u8) -> std::net::Ipv6Addr {
-    let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix)) };
-    (u128::from(a) & mask).into()
 }
 
 /// One line of an API key file: the key's SHA-256 and its name.
@@ -359,10 +345,16 @@ mod tests {
     #[test]
     fn networks_hold_their_addresses() {
         let n = Network::parse("10.1.2.3/8").unwrap();
-        assert_eq!(n.addr, "10.0.0.0".parse::<IpAddr>().unwrap());
+        assert_eq!(n.addr(), "10.0.0.0".parse::<IpAddr>().unwrap());
         assert!(n.contains("10.200.0.1".parse().unwrap()) && !n.contains("11.0.0.1".parse().unwrap()));
         assert!(n.contains("::ffff:10.0.0.9".parse().unwrap()), "an IPv4-mapped address is its IPv4 address");
         let one = Network::parse("::1").unwrap();
+        assert_eq!(String::from(Network::parse("192.0.2.7").unwrap()), "192.0.2.7/32");
+        assert!(Network::parse("::ffff:192.0.2.7").unwrap().contains("192.0.2.7".parse().unwrap()));
+        let mapped = Network::parse("::ffff:10.0.0.0/104").unwrap();
+        assert_eq!(String::from(mapped), "10.0.0.0/8");
+        assert!(mapped.contains("10.1.2.3".parse().unwrap()) && mapped.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert_eq!(Network::parse("::ffff:10.0.0.0/95"), None, "wider than the mapped range");
         assert!(one.contains("::1".parse().unwrap()) && !one.contains("::2".parse().unwrap()));
         assert!(Network::parse("0.0.0.0/0").unwrap().contains("203.0.113.9".parse().unwrap()));
         for bad in ["10.0.0.0/33", "x", "10.0.0.0/", "::/129", "10.0.0.1/-1"] {

@@ -283,7 +283,7 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_believed_only_from_trusted_proxies() {
-        let trusted = vec![Network { addr: "10.0.0.0".parse().unwrap(), prefix: 8 }];
+        let trusted = vec![Network::parse("10.0.0.0/8").unwrap()];
         let h = |v: &[&str]| {
             let mut m = HeaderMap::new();
             for x in v {
