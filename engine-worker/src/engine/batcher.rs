@@ -139,8 +139,13 @@ impl Gain {
     /// Whether stacking has been seen to cost at least a quarter less per
     /// row than running alone (or either is not known yet: batch to learn).
     pub fn pays(&self) -> bool {
-        let (alone, together) = (self.alone.load(Ordering::Relaxed), self.together.load(Ordering::Relaxed));
+        let (alone, together) = self.costs();
         alone == 0 || together == 0 || together.saturating_mul(4) < alone.saturating_mul(PAYS_UNDER_QUARTERS)
+    }
+
+    /// A row's cost alone and together (ns; 0 while not seen).
+    fn costs(&self) -> (u64, u64) {
+        (self.alone.load(Ordering::Relaxed), self.together.load(Ordering::Relaxed))
     }
 
     /// Whether to batch now, and how many requests at most: where it pays,
@@ -151,10 +156,12 @@ impl Gain {
 
     fn batch_at(&self, model: &str, now: u64) -> Option<usize> {
         let pays = self.pays();
-        // The verdict turned (the log last heard the other one).
-        let turned = self.said_no_gain.swap(!pays, Ordering::Relaxed) == pays;
+        // The verdict turned (the log last heard the other one); read first,
+        // so that a lead writes the shared flag only when it turns.
+        let turned = self.said_no_gain.load(Ordering::Relaxed) == pays
+            && self.said_no_gain.swap(!pays, Ordering::Relaxed) == pays;
         if turned {
-            let (alone, together) = (self.alone.load(Ordering::Relaxed), self.together.load(Ordering::Relaxed));
+            let (alone, together) = self.costs();
             if pays {
                 tracing::info!(
                     model,
@@ -316,15 +323,24 @@ impl Batcher {
         // (or none worth waiting for): there is nothing to gather, so it runs
         // at once as it came, past the queue (a model of microseconds would
         // otherwise pay the queue's locks and wake-ups on every request).
-        let alone = self.running.load(Ordering::SeqCst) == 0 || !self.gain.pays();
-        if let Some(permit) = alone.then(|| self.permits.clone().try_acquire_owned().ok()).flatten() {
-            if self.lock().is_empty() {
-                self.run(model, vec![job], permit, place).await;
-                return answer.await.map_err(|_| RunError::Dropped)?;
+        let nothing_to_wait_for = self.running.load(Ordering::SeqCst) == 0 || !self.gain.pays();
+        let free = if nothing_to_wait_for { self.permits.clone().try_acquire_owned().ok() } else { None };
+        // Decided under one look at the queue: past it when nobody is there,
+        // else behind those queued first (the permit goes back at once).
+        let past = {
+            let mut queue = self.lock();
+            match free {
+                Some(permit) if queue.is_empty() => Some((permit, job)),
+                _ => {
+                    queue.push_back(job);
+                    None
+                }
             }
-            drop(permit);
+        };
+        if let Some((permit, job)) = past {
+            self.run(model, vec![job], permit, place).await;
+            return answer.await.map_err(|_| RunError::Dropped)?;
         }
-        self.lock().push_back(job);
         self.changed.notify_waiters();
         loop {
             let permit = tokio::select! {
