@@ -286,6 +286,9 @@ fn every_bad_variable_exits_2_naming_it() {
     expect_config_error(&[("GRACEFUL_TIMEOUT", "2d")], &["GRACEFUL_TIMEOUT", "with a unit"]);
     expect_config_error(&[("LOG_LEVEL", "verbose")], &["LOG_LEVEL"]);
     expect_config_error(&[("LOG_LEVEL", "off")], &["LOG_LEVEL", "fatal errors"]);
+    for bad in ["10.0.0.0/33", "10.0.0.1,example.com", "::ffff:10.0.0.0/95", "fd00::/129", ","] {
+        expect_config_error(&[("TRUSTED_PROXIES", bad)], &["TRUSTED_PROXIES", "CIDR"]);
+    }
     // All at once: every one is reported.
     expect_config_error(
         &[("PORT", "abc"), ("NUM_WORKERS", "0"), ("ENABLE_SSL", "maybe"), ("SSL_CERTIFICATE", "/missing.pem")],
