@@ -117,7 +117,8 @@ impl TandemBuilder {
         env.insert("MODEL_CACHE_DIR".into(), dir.path().join("cache").display().to_string());
         env.insert("SSL_CERTIFICATE".into(), "GENERATE".into());
         env.insert("GRACEFUL_TIMEOUT".into(), "10s".into());
-        env.insert("LOG_LEVEL".into(), "info".into());
+        // TEST_LOG_LEVEL=debug shows a failing test's servers in more detail.
+        env.insert("LOG_LEVEL".into(), std::env::var("TEST_LOG_LEVEL").unwrap_or_else(|_| "info".into()));
         TandemBuilder { env, raw_env: Vec::new(), wrapper: Vec::new(), binary: None, args: Vec::new(), dir }
     }
 

@@ -328,7 +328,9 @@ impl Http3 {
         // New connection attempts are ignored from here on, not refused: on an
         // upgrade the next HTTPS worker reads the same socket, and the client's
         // next Initial (sent again after its loss timer) may reach it instead.
-        let _ = self.drain.send(true);
+        // (`send_replace`, not `send`: with no connection set up yet nothing
+        // subscribes, and `send` would then not store the flag at all.)
+        self.drain.send_replace(true);
         let all = self.permits.acquire_many(u32::try_from(self.max).unwrap_or(u32::MAX));
         tokio::pin!(all);
         // Halfway, what is still only being set up is given up: a handshake
@@ -337,7 +339,7 @@ impl Http3 {
         let drained = match tokio::time::timeout(timeout / 2, &mut all).await {
             Ok(_) => true,
             Err(_) => {
-                let _ = self.give_up.send(true);
+                self.give_up.send_replace(true);
                 tokio::time::timeout(timeout - timeout / 2, all).await.is_ok()
             }
         };

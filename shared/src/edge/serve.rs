@@ -681,7 +681,7 @@ impl Server {
     /// (A paced server stopped accepting when [`Server::run`] returned.)
     /// Returns whether all of them closed in time.
     pub async fn drain(&self, timeout: Duration) -> bool {
-        let _ = self.drain.send(true);
+        self.drain.send_replace(true);
         let all = self.permits.acquire_many(u32::try_from(self.max).unwrap_or(u32::MAX));
         tokio::time::timeout(timeout, all).await.is_ok()
     }
@@ -739,7 +739,7 @@ pub struct Threads {
 impl Threads {
     /// Lets the threads end (call after [`Server::drain`]) and waits for them.
     pub fn finish(self) {
-        let _ = self.finished.send(true);
+        self.finished.send_replace(true);
         for h in self.handles {
             let _ = h.join();
         }
@@ -814,7 +814,7 @@ pub struct Serving {
 impl Serving {
     /// Stops accepting on every thread; the connections go on until drained ([`Server::drain`]).
     pub async fn stop_accepting(&mut self) {
-        let _ = self.stop.send(true);
+        self.stop.send_replace(true);
         let _ = (&mut self.accepting).await;
     }
 
