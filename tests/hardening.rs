@@ -10,8 +10,6 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use rustls::pki_types::pem::PemObject;
-
 use common::*;
 
 /// Opens `n` connections to `port`; every third sends half a request line, the rest nothing.
@@ -114,28 +112,6 @@ fn idle_keep_alive_connections_are_closed_on_both_ports() {
     assert_eq!(h2.conn.alpn_protocol(), Some(&b"h2"[..]));
     h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").unwrap();
     assert!(tls_closed(&mut h2, Duration::from_secs(15)), "idle HTTP/2 connection left open\n{}", t.explain());
-}
-
-type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
-/// A TLS connection to `port` trusting `ca_pem`, offering `alpn`.
-fn tls(port: u16, ca_pem: &str, alpn: &[u8]) -> Tls {
-    install_provider();
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-    config.alpn_protocols = vec![alpn.to_vec()];
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
-    let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let mut stream = rustls::StreamOwned::new(conn, tcp);
-    stream.flush().unwrap();
-    while stream.conn.is_handshaking() {
-        stream.conn.complete_io(&mut stream.sock).unwrap();
-    }
-    stream
 }
 
 /// Whether the server closed the TLS stream within `deadline` (anything it sends first is read and dropped).

@@ -12,6 +12,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -178,6 +179,51 @@ fn an_upgrade_under_load_refuses_nothing_and_the_old_supervisor_drains_away() {
     assert!(t.stderr().contains("the new supervisor serves; this one drains and exits"), "{}", t.explain());
     // Stop the new one (it is in the test's process group, which Drop kills anyway).
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(new as i32), nix::sys::signal::Signal::SIGTERM);
+}
+
+#[test]
+fn an_https_request_that_outlives_the_grace_does_not_take_plain_clients_with_it() {
+    // The old HTTPS worker drains first and, holding an upload that stalls,
+    // is killed at GRACEFUL_TIMEOUT; its engines were told the stop began
+    // (SIGUSR1) and had already closed their kept-alive plain connections,
+    // so the plain clients were on the new engines by then.
+    install_provider();
+    let mut t =
+        TandemBuilder::new().copied_binary().ssl().env("NUM_WORKERS", "2").env("GRACEFUL_TIMEOUT", "3s").start();
+    let old = t.pid().as_raw() as u32;
+    let h2c =
+        reqwest::blocking::Client::builder().http2_prior_knowledge().timeout(Duration::from_secs(10)).build().unwrap();
+    let plain = t.http_url("/v2/models/digits/infer");
+    let load = Load::start(vec![("http/1.1 keep-alive", Tandem::http_client(), plain.clone()), ("h2c", h2c, plain)]);
+    let mut stalled = tls(t.https_port, &t.served_chain_pem(), b"http/1.1");
+    stalled
+        .write_all(
+            b"POST /v2/models/digits/infer HTTP/1.1\r\nhost: localhost\r\ncontent-length: 100000\r\n\r\n{\"inputs\": [",
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    replace_binary(&t.dir.path().join("bin/tandem"), &std::fs::read(TANDEM).unwrap());
+    let out = upgrade(&t);
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        t.explain()
+    );
+    assert_ne!(supervisor_pid(&t), old);
+    let status = t.wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "the old supervisor: {status:?}\n{}", t.explain());
+    load.finish_after(LINGER, &t, AT_LEAST);
+    let log = t.stderr();
+    assert!(log.contains("the stop has begun: no new connections"), "{}", t.explain());
+    assert!(
+        log.contains("drain timed out; exiting with requests in flight")
+            || log.contains("worker did not drain in time; killing worker_id=3"),
+        "the upload held the old front to the end\n{}",
+        t.explain()
+    );
+    drop(stalled);
 }
 
 #[test]

@@ -101,17 +101,36 @@ async fn serve(started: Started) -> anyhow::Result<Running> {
         None => None,
     };
     let graceful = settings.graceful_timeout;
-    let drain = async move {
+    // The door: the TCP listeners and their connections. A whole stop begins
+    // with the front (its requests still reach us through the ring), and the
+    // supervisor sends SIGUSR1 meanwhile: we take no new connection and close
+    // the kept-alive ones (their clients move on now, not when the front is
+    // done or killed) while the ring is answered until SIGTERM. A SIGTERM
+    // alone closes the door and stops the ring at once.
+    let mut told = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .context("cannot listen for SIGUSR1")?;
+    let (stop, mut stopping) = tokio::sync::watch::channel(false);
+    let id = settings.worker_id;
+    let door = tokio::spawn(async move {
+        tokio::select! {
+            _ = told.recv() => tracing::info!(worker_id = id, "the stop has begun: no new connections, kept-alive ones closed; the ring is answered until the front is gone"),
+            _ = stopping.wait_for(|s| *s) => {}
+        }
         if let Some(s) = serving.as_mut() {
             s.stop_accepting().await;
         }
         if let Some(s) = grpc_serving.as_mut() {
             s.stop_accepting().await;
         }
+        let drained = server.drain(graceful).await;
+        (drained, serving, grpc_serving)
+    });
+    let drain = async move {
+        stop.send_replace(true);
         if let Some(shm) = shm {
             shm.stop(graceful).await;
         }
-        let drained = server.drain(graceful).await;
+        let Ok((drained, serving, grpc_serving)) = door.await else { return false };
         if let Some(s) = serving {
             s.finish();
         }

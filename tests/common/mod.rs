@@ -550,3 +550,28 @@ pub fn python_output(t: &Tandem, mut cmd: Command) -> String {
     );
     stdout
 }
+
+/// A raw TLS connection, for tests that write bytes no client library would.
+pub type Tls = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// A TLS connection to `port` trusting `ca_pem`, offering `alpn`.
+pub fn tls(port: u16, ca_pem: &str, alpn: &[u8]) -> Tls {
+    use rustls::pki_types::pem::PemObject;
+    use std::io::Write;
+    install_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    stream.flush().unwrap();
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).unwrap();
+    }
+    stream
+}

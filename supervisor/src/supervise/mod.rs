@@ -310,7 +310,18 @@ impl Supervisor {
     /// Carries out a phase decision on the processes.
     fn carry_out(&mut self, order: Order) {
         match order {
-            Order::TermFront => self.signal_role(self.tls_role(), Signal::SIGTERM),
+            Order::TermFront => {
+                self.signal_role(self.tls_role(), Signal::SIGTERM);
+                // Meanwhile the engines close their own door (they answer the
+                // ring until their SIGTERM): kept-alive plain clients move on now.
+                // Ready ones only, ours only: a worker still starting may not
+                // listen for SIGUSR1 yet, whose default is to end the process.
+                for s in self.slots.iter().filter(|s| s.role == Role::Engine && s.state == WorkerState::Ready) {
+                    if let Some(pid) = s.pid {
+                        let _ = kill(pid, Signal::SIGUSR1);
+                    }
+                }
+            }
             Order::TermAll => self.kill_all(Signal::SIGTERM),
             Order::KillAll => self.kill_all(Signal::SIGKILL),
             // The loop returns; nothing to do to a process.
