@@ -21,16 +21,6 @@ use common::*;
 use serde_json::{json, Value};
 
 /// Runs the aioquic client with `plan` (or other arguments) against `t`'s HTTPS port; one JSON value per line.
-fn h3(t: &Tandem, args: &[&str], ca: &Path) -> Vec<Value> {
-    python_output(t, h3_command(t, args, ca)).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-}
-
-fn h3_command(t: &Tandem, args: &[&str], ca: &Path) -> Command {
-    let mut cmd = python_script("h3_client.py");
-    cmd.arg("127.0.0.1").arg(t.https_port.to_string()).args(args).arg("--ca").arg(ca);
-    cmd
-}
-
 fn plan(steps: Value) -> String {
     steps.to_string()
 }

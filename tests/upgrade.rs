@@ -46,13 +46,16 @@ fn supervisor_pid(t: &Tandem) -> u32 {
     )
 }
 
+/// HTTP/2 cleartext (prior knowledge), as gRPC clients speak to the plain port.
+fn h2c_client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().http2_prior_knowledge().timeout(Duration::from_secs(10)).build().unwrap()
+}
+
 /// Clients posting inferences until stopped, each its own way: HTTP/1.1
 /// keep-alive, HTTP/2 cleartext, HTTPS kept alive (HTTP/2 by ALPN) and
 /// HTTPS with a new connection per request; and a loop that only connects to
 /// the plain port and counts refusals. Every failure is kept.
 fn mixed_load(t: &Tandem, ca: &str) -> Load {
-    let h2c =
-        reqwest::blocking::Client::builder().http2_prior_knowledge().timeout(Duration::from_secs(10)).build().unwrap();
     let fresh = reqwest::blocking::Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)
@@ -65,7 +68,7 @@ fn mixed_load(t: &Tandem, ca: &str) -> Load {
     let (plain, tls) = (t.http_url("/v2/models/digits/infer"), t.https_url("localhost", "/v2/models/digits/infer"));
     let mut load = Load::start(vec![
         ("http/1.1 keep-alive", Tandem::http_client(), plain.clone()),
-        ("h2c", h2c, plain),
+        ("h2c", h2c_client(), plain),
         ("https keep-alive", Tandem::https_client(ca), tls.clone()),
         ("https new connection", fresh, tls),
     ]);
@@ -94,17 +97,8 @@ struct H3Loop {
 
 /// `n` QUIC handshakes begun (a first Initial each) and never continued.
 fn half_open_handshakes(t: &Tandem, ca: &Path, n: usize) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/h3_client.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .args(["127.0.0.1", &t.https_port.to_string(), "--flood", &n.to_string(), "--wait", "0.5", "--ca"])
-        .arg(ca)
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout);
-    let flood: serde_json::Value =
-        serde_json::from_str(said.lines().next().unwrap_or("")).unwrap_or_else(|_| panic!("{said}"));
-    assert_eq!(flood["answered_initial"], n, "{said}");
+    let flood = h3(t, &["--flood", &n.to_string(), "--wait", "0.5"], ca);
+    assert_eq!(flood[0]["answered_initial"], n, "{flood:?}");
 }
 
 impl H3Loop {
@@ -114,11 +108,7 @@ impl H3Loop {
         let stop = t.dir.path().join("h3-stop");
         let step = serde_json::json!([{"loop": stop.to_str().unwrap(), "method": "POST",
             "path": "/v2/models/digits/infer", "body": digits_body(2)}]);
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/h3_client.py");
-        let child = Command::new("python3")
-            .arg(script)
-            .args(["127.0.0.1", &t.https_port.to_string(), &step.to_string(), "--ca"])
-            .arg(&ca)
+        let child = h3_command(t, &[&step.to_string()], &ca)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -191,10 +181,9 @@ fn an_https_request_that_outlives_the_grace_does_not_take_plain_clients_with_it(
     let mut t =
         TandemBuilder::new().copied_binary().ssl().env("NUM_WORKERS", "2").env("GRACEFUL_TIMEOUT", "3s").start();
     let old = t.pid().as_raw() as u32;
-    let h2c =
-        reqwest::blocking::Client::builder().http2_prior_knowledge().timeout(Duration::from_secs(10)).build().unwrap();
     let plain = t.http_url("/v2/models/digits/infer");
-    let load = Load::start(vec![("http/1.1 keep-alive", Tandem::http_client(), plain.clone()), ("h2c", h2c, plain)]);
+    let load =
+        Load::start(vec![("http/1.1 keep-alive", Tandem::http_client(), plain.clone()), ("h2c", h2c_client(), plain)]);
     let mut stalled = tls(t.https_port, &t.served_chain_pem(), b"http/1.1");
     stalled
         .write_all(

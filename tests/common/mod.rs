@@ -537,6 +537,18 @@ pub fn python_script(script: &str) -> Command {
     cmd
 }
 
+/// tests/python/h3_client.py against `t`'s HTTPS port with `args`, trusting `ca`.
+pub fn h3_command(t: &Tandem, args: &[&str], ca: &Path) -> Command {
+    let mut cmd = python_script("h3_client.py");
+    cmd.arg("127.0.0.1").arg(t.https_port.to_string()).args(args).arg("--ca").arg(ca);
+    cmd
+}
+
+/// Runs [`h3_command`]: one JSON value per line of its answer.
+pub fn h3(t: &Tandem, args: &[&str], ca: &Path) -> Vec<serde_json::Value> {
+    python_output(t, h3_command(t, args, ca)).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
 /// Runs a [`python_script`] command and returns its stdout; fails the test,
 /// with the server's story, when it fails.
 pub fn python_output(t: &Tandem, mut cmd: Command) -> String {

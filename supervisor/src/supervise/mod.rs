@@ -316,11 +316,7 @@ impl Supervisor {
                 // ring until their SIGTERM): kept-alive plain clients move on now.
                 // Ready ones only, ours only: a worker still starting may not
                 // listen for SIGUSR1 yet, whose default is to end the process.
-                for s in self.slots.iter().filter(|s| s.role == Role::Engine && s.state == WorkerState::Ready) {
-                    if let Some(pid) = s.pid {
-                        let _ = kill(pid, Signal::SIGUSR1);
-                    }
-                }
+                self.signal_where(|s| s.role == Role::Engine && s.state == WorkerState::Ready, Signal::SIGUSR1);
             }
             Order::TermAll => self.kill_all(Signal::SIGTERM),
             Order::KillAll => self.kill_all(Signal::SIGKILL),
@@ -488,7 +484,12 @@ impl Supervisor {
     }
 
     fn signal_role(&self, role: Role, sig: Signal) {
-        for s in self.slots.iter().filter(|s| s.role == role) {
+        self.signal_where(|s| s.role == role, sig);
+    }
+
+    /// Sends `sig` to the running worker of every slot `pick` chooses.
+    fn signal_where(&self, pick: impl Fn(&Slot) -> bool, sig: Signal) {
+        for s in self.slots.iter().filter(|s| pick(s)) {
             if let Some(pid) = s.pid {
                 let _ = kill(pid, sig);
             }
