@@ -1,7 +1,8 @@
 //! End-to-end tests of the engine on real exported models (scripts/make_test_models.py):
 //! outputs compared with onnxruntime in Python over HTTP and HTTPS, failing models
-//! isolated with their reasons, the Triton configuration, the tract fallback and
-//! the engine settings that must stop start-up.
+//! isolated with their reasons, the ONNX project's own test models on both
+//! backends, the Triton configuration, the tract fallback and the engine
+//! settings that must stop start-up.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly by design")]
 
@@ -340,6 +341,59 @@ fn tract_serves_when_onnx_runtime_is_hidden() {
     assert_eq!(config["backend"], "tract", "{config}");
     // tract agrees with onnxruntime on the models it runs, the detector planned per input shape.
     compare(&t, &format!("127.0.0.1:{}", t.http_port), generated(), None, Some("detector,forest,half"));
+}
+
+/// Runs tests/python/onnx_backend_sweep.py `args` (make or check) and returns its output.
+fn sweep(args: &[&str], t: Option<&Tandem>) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/onnx_backend_sweep.py");
+    let out = Command::new("python3").arg(&script).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "onnx_backend_sweep {args:?} failed:\n{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        t.map(Tandem::explain).unwrap_or_default()
+    );
+    stdout
+}
+
+/// The count before `label` in the sweep's summary line ("sweep: 100 served and matching, ...").
+fn counted(summary: &str, label: &str) -> usize {
+    let line = summary.lines().find(|l| l.starts_with("sweep:")).unwrap_or_default();
+    let before = line.split(label).next().unwrap_or_default();
+    before.rsplit(|c: char| !c.is_ascii_digit()).find(|w| !w.is_empty()).and_then(|w| w.parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn the_onnx_projects_own_test_models_are_served_as_their_references_answer() {
+    // 140 models others made (exported from PyTorch, built by hand, opsets 6 to 21),
+    // with the inputs the ONNX project recorded, in one repository.
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("onnx-backend");
+    sweep(&["make", repo.to_str().unwrap()], None);
+    let onnx_runtime =
+        TandemBuilder::new().env("NUM_WORKERS", "2").env("MODEL_REPOSITORY", repo.to_str().unwrap()).start_live();
+    let out = sweep(
+        &["check", &format!("127.0.0.1:{}", onnx_runtime.http_port), repo.to_str().unwrap()],
+        Some(&onnx_runtime),
+    );
+    assert!(out.contains(" 0 failed"), "{out}");
+    // What onnxruntime loads, tandem serves with the same answers; what it refuses is unavailable with its reason.
+    assert!(counted(&out, "served") >= 90 && counted(&out, "unavailable") >= 1, "{out}");
+    drop(onnx_runtime);
+
+    // tract: what it runs (some that ONNX Runtime refuses) answers as the references; the rest says why.
+    let tract = TandemBuilder::new()
+        .env("NUM_WORKERS", "2")
+        .env("ENGINE_BACKEND", "tract")
+        .env("MODEL_REPOSITORY", repo.to_str().unwrap())
+        .start_live();
+    let out = sweep(
+        &["check", &format!("127.0.0.1:{}", tract.http_port), repo.to_str().unwrap(), "--other-backend"],
+        Some(&tract),
+    );
+    assert!(out.contains(" 0 failed"), "{out}");
+    assert!(counted(&out, "served") >= 100, "{out}");
 }
 
 #[test]
