@@ -8,8 +8,8 @@ Usage:
       writes a model repository of every model with a recorded input set
   onnx_backend_sweep.py check HOST:PORT REPOSITORY [--other-backend]
       for each model: when onnxruntime in Python loads it, tandem must serve it
-      and answer the recorded inputs (binary tensors over tritonclient) as
-      onnxruntime does; when onnxruntime cannot load it, tandem must list it
+      and answer the recorded inputs (binary tensors, with tritonclient over
+      HTTP and over gRPC on the same port) as onnxruntime does; when onnxruntime cannot load it, tandem must list it
       UNAVAILABLE with a reason and answer an inference with a JSON error. In
       every case the server must stay up and the others must keep serving.
       With --other-backend (tandem on tract), a model onnxruntime loads may
@@ -24,6 +24,7 @@ import sys
 import numpy as np
 import onnx
 import onnxruntime as ort
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from onnx import numpy_helper
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
@@ -104,27 +105,36 @@ def recorded(model_path, data):
     return out
 
 
-def infer_and_compare(client, name, feeds, want, failures):
-    """Sends `feeds` to model `name` as binary tensors; `want` is the outputs by name, or the exception
-    the reference raised (then tandem must answer an error). Returns 1 when it passed, else appends to
-    `failures` and returns 0."""
-    inputs = []
-    for k, v in feeds.items():
-        dt = "BYTES" if v.dtype.kind in "OSU" else np_to_triton_dtype(v.dtype)
-        i = httpclient.InferInput(k, list(v.shape), dt)
-        i.set_data_from_numpy(v.astype(object) if dt == "BYTES" else v, binary_data=True)
-        inputs.append(i)
-    outputs = [httpclient.InferRequestedOutput(o, binary_data=True) for o in want] if isinstance(want, dict) else None
+def infer_and_compare(clients, name, feeds, want, failures):
+    """Sends `feeds` to model `name` as binary tensors, over HTTP and over gRPC; `want` is the outputs
+    by name, or the exception the reference raised (then tandem must answer an error). Returns 1 when
+    both passed, else appends to `failures` and returns 0."""
+    http, grpc = clients
+    passed = 1
+    for face, lib, client in (("http", httpclient, http), ("grpc", grpcclient, grpc)):
+        kw = {"binary_data": True} if face == "http" else {}
+        inputs = []
+        for k, v in feeds.items():
+            dt = "BYTES" if v.dtype.kind in "OSU" else np_to_triton_dtype(v.dtype)
+            i = lib.InferInput(k, list(v.shape), dt)
+            i.set_data_from_numpy(v.astype(object) if dt == "BYTES" else v, **kw)
+            inputs.append(i)
+        outputs = [lib.InferRequestedOutput(o, **kw) for o in want] if isinstance(want, dict) else None
+        passed &= answered(client, face, name, inputs, outputs, want, failures)
+    return passed
+
+
+def answered(client, face, name, inputs, outputs, want, failures):
     try:
         r = client.infer(name, inputs, outputs=outputs)
     except InferenceServerException as e:
         if isinstance(want, Exception):
-            print(f"ok: {name} refused as the reference refuses it: {str(e)[:100]}", flush=True)
+            print(f"ok: {name} over {face} refused as the reference refuses it: {str(e)[:100]}", flush=True)
             return 1
-        failures.append(f"{name}: tandem answered an error the reference does not give: {str(e)[:200]}")
+        failures.append(f"{name} over {face}: tandem answered an error the reference does not give: {str(e)[:200]}")
         return 0
     if isinstance(want, Exception):
-        failures.append(f"{name}: tandem answered where the reference fails ({str(want)[:100]})")
+        failures.append(f"{name} over {face}: tandem answered where the reference fails ({str(want)[:100]})")
         return 0
     bad = []
     for o, w in want.items():
@@ -136,14 +146,15 @@ def infer_and_compare(client, name, feeds, want, failures):
         if not good:
             bad.append(f"{o}: {how}")
     if bad:
-        failures.append(f"{name}: {'; '.join(bad)}")
+        failures.append(f"{name} over {face}: {'; '.join(bad)}")
         return 0
-    print(f"ok: {name} ({len(want)} outputs match)", flush=True)
+    print(f"ok: {name} over {face} ({len(want)} outputs match)", flush=True)
     return 1
 
 
 def check(url, repo, other_backend=False):
     client = httpclient.InferenceServerClient(url, network_timeout=120)
+    clients = (client, grpcclient.InferenceServerClient(url))
     index = {m["name"]: m for m in client.get_model_repository_index()}
     failures, served, unavailable, skipped = [], 0, 0, 0
     for d in sorted(p for p in repo.iterdir() if p.is_dir()):
@@ -163,7 +174,7 @@ def check(url, repo, other_backend=False):
                 if feeds is None:
                     skipped += 1
                     continue
-                served += infer_and_compare(client, name, feeds, recorded(model_path, d / "inputs"), failures)
+                served += infer_and_compare(clients, name, feeds, recorded(model_path, d / "inputs"), failures)
                 continue
             if entry.get("state") == "READY":
                 failures.append(f"{name}: onnxruntime refuses it ({str(e)[:80]}) but tandem says READY")
@@ -189,7 +200,7 @@ def check(url, repo, other_backend=False):
             want = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
         except Exception as e:
             want = e
-        served += infer_and_compare(client, name, feeds, want, failures)
+        served += infer_and_compare(clients, name, feeds, want, failures)
     if not client.is_server_live():
         failures.append("server not live after the sweep")
     for f in failures:
