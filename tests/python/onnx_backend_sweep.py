@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Serves the ONNX project's own backend test models (shipped in the `onnx`
-wheel: models exported from PyTorch modules and operators, and hand-built
-graphs, each with recorded inputs) through tandem, and checks every one.
+wheel: models exported from PyTorch modules and operators, hand-built
+graphs, each with recorded inputs, and the graphs of nine real image
+networks with small weights) through tandem, and checks every one.
 
 Usage:
   onnx_backend_sweep.py make REPOSITORY
@@ -49,6 +50,22 @@ def make(repo):
         (repo / name / "1").mkdir(parents=True, exist_ok=True)
         shutil.copy(model, repo / name / "1" / "model.onnx")
         shutil.copytree(data, repo / name / "inputs", dirs_exist_ok=True)
+        n += 1
+    # The "light" models: the graphs of real networks (ResNet-50, DenseNet-121, Inception v1/v2,
+    # ShuffleNet, SqueezeNet, VGG-19, AlexNet, ZFNet-512; some name their input "gpu_0/data_0")
+    # with small weights, and no recorded inputs: a seeded random image.
+    rng = np.random.default_rng(0)
+    for model in sorted((DATA / "light").glob("light_*.onnx")):
+        name = model.stem
+        (repo / name / "1").mkdir(parents=True, exist_ok=True)
+        shutil.copy(model, repo / name / "1" / "model.onnx")
+        (repo / name / "inputs").mkdir(exist_ok=True)
+        graph = onnx.load(str(model), load_external_data=False).graph
+        init = {i.name for i in graph.initializer}
+        for i, x in enumerate(x for x in graph.input if x.name not in init):
+            shape = [d.dim_value or 1 for d in x.type.tensor_type.shape.dim]
+            value = rng.standard_normal(shape).astype(np.float32)
+            (repo / name / "inputs" / f"input_{i}.pb").write_bytes(numpy_helper.from_array(value).SerializeToString())
         n += 1
     print(f"made {n} models in {repo}", file=sys.stderr)
 
