@@ -148,6 +148,19 @@ fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() 
     assert_eq!(seen["errors"]["unknown_model"], "StatusCode.NOT_FOUND", "{seen}");
     assert_eq!(seen["errors"]["bad_shape"], "StatusCode.INVALID_ARGUMENT", "{seen}");
     assert_eq!(seen["errors"]["unimplemented"], "StatusCode.UNIMPLEMENTED", "{seen}");
+    // Data that does not fit its shape is told in the message's own terms.
+    let malformed = &seen["malformed"];
+    assert_eq!(
+        malformed["short_raw"],
+        "INVALID_ARGUMENT: input pixels: its raw_input_contents entry is 255 bytes but shape [1, 64] of FP32 needs 256",
+        "{seen}"
+    );
+    assert_eq!(
+        malformed["short_contents"],
+        "INVALID_ARGUMENT: input pixels: contents hold 10 FP32 values but shape [1, 64] holds 64",
+        "{seen}"
+    );
+    assert_eq!(malformed["twice"], "INVALID_ARGUMENT: input \"pixels\" is given twice", "{seen}");
     assert_eq!(seen["index"], serde_json::json!([["digits", "READY"]]), "{seen}");
     // Triton's statistics over gRPC: the same totals HTTP reads.
     assert_eq!(seen["grpc_stats"]["name"], "digits", "{seen}");

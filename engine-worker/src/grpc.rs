@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use tonic::{Request, Response, Status};
 
 use crate::engine::config::pb;
+use crate::engine::tensor::DataType;
 use crate::engine::PLATFORM;
 use crate::infer::{build_inputs, raw_output, requested_outputs, ApiError, InferRequest, RequestInput, RequestOutput};
 use crate::state::{find, AppState, ModelPath};
@@ -228,11 +229,43 @@ fn contents_bytes(name: &str, datatype: &str, c: &pb::InferTensorContents) -> Re
     })
 }
 
+/// Whether an input's data is as long as its shape says, told in gRPC's own
+/// terms (its typed `contents` or its `raw_input_contents` entry) rather than
+/// the binary extension's the rest of the path speaks. A shape that is not a
+/// plain one (a negative dimension, an overflowing product) and BYTES pass
+/// through: the common path names what is wrong with them.
+fn sized_for_shape(input: &pb::model_infer_request::InferInputTensor, len: usize, raw: bool) -> Result<(), ApiError> {
+    let Some(size) = DataType::parse(&input.datatype).map(DataType::size).filter(|&s| s > 0) else {
+        return Ok(());
+    };
+    let count = input.shape.iter().try_fold(1usize, |n, &d| usize::try_from(d).ok().and_then(|d| n.checked_mul(d)));
+    let Some(count) = count.filter(|c| c.checked_mul(size).is_some()) else {
+        return Ok(());
+    };
+    if len == count * size {
+        return Ok(());
+    }
+    let (name, shape, datatype) = (&input.name, &input.shape, &input.datatype);
+    Err(ApiError::bad(if raw {
+        format!(
+            "input {name}: its raw_input_contents entry is {len} bytes but shape {shape:?} of {datatype} needs {}",
+            count * size
+        )
+    } else {
+        format!("input {name}: contents hold {} {datatype} values but shape {shape:?} holds {count}", len / size)
+    }))
+}
+
 /// The gRPC request as the JSON face's decoded request and its binary tail.
 /// An input in a shared-memory region carries no data here, and as Triton's
 /// `raw_input_contents` holds one entry per input that is not in one, in order.
 fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, bytes::Bytes), ApiError> {
     let in_shm = |i: &pb::model_infer_request::InferInputTensor| i.parameters.contains_key("shared_memory_region");
+    for (i, input) in r.inputs.iter().enumerate() {
+        if r.inputs[..i].iter().any(|o| o.name == input.name) {
+            return Err(ApiError::bad(format!("input {:?} is given twice", input.name)));
+        }
+    }
     let raw = !r.raw_input_contents.is_empty();
     let carried = r.inputs.iter().filter(|i| !in_shm(i)).count();
     if raw && r.raw_input_contents.len() != carried {
@@ -276,6 +309,7 @@ fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, bytes::Bytes), Ap
             (None, true) => raw_contents.next().cloned().unwrap_or_default(),
             (None, false) => return Err(ApiError::bad(format!("input {} has no data", input.name))),
         };
+        sized_for_shape(input, bytes.len(), raw)?;
         parameters.insert("binary_data_size".into(), Value::from(bytes.len()));
         parts.push(bytes);
         inputs.push(RequestInput {

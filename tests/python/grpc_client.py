@@ -89,6 +89,31 @@ def main():
     except InferenceServerException as e:
         errors["unimplemented"] = e.status()
     seen["errors"] = errors
+    # Tensors whose data does not fit their shape, and an input given twice, made as
+    # ModelInferRequest messages by hand (tritonclient's InferInput keeps them consistent):
+    # each is refused in the terms of the gRPC message.
+    from tritonclient.grpc import service_pb2 as pb
+
+    def message(**kw):
+        r = pb.ModelInferRequest(model_name="digits")
+        for _ in range(kw.pop("inputs", 1)):
+            i = r.inputs.add()
+            i.name, i.datatype = "pixels", "FP32"
+            i.shape.extend([1, 64])
+            if "contents" in kw:
+                i.contents.fp32_contents.extend(kw["contents"])
+        r.raw_input_contents.extend(kw.get("raw", []))
+        try:
+            g._client_stub.ModelInfer(r, metadata=list((H or {}).items()))
+            return "answered"
+        except Exception as e:
+            return f"{e.code().name}: {e.details()}"
+
+    seen["malformed"] = {
+        "short_raw": message(raw=[bytes(255)]),
+        "short_contents": message(contents=[0.5] * 10),
+        "twice": message(inputs=2, raw=[bytes(256), bytes(256)]),
+    }
     stats = g.get_inference_statistics("digits", headers=HH, as_json=True)["model_stats"][0]
     seen["grpc_stats"] = {"name": stats["name"], "success": int(stats["inference_stats"]["success"]["count"])}
     seen["http_stats_success"] = h.get_inference_statistics("digits", headers=dict(H))["model_stats"][0]["inference_stats"]["success"]["count"]
