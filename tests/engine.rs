@@ -89,6 +89,26 @@ fn bad_requests_get_json_errors_and_never_kill_a_worker() {
             assert!(json["error"].as_str().unwrap().contains("input pixels"), "{json}");
         }
     }
+    // The binary extension's length header sent twice in two spellings: the same
+    // value is one header; two values are refused, never one of them picked.
+    let mut binary =
+        br#"{"inputs":[{"name":"pixels","shape":[1,64],"datatype":"FP32","parameters":{"binary_data_size":256}}]}"#
+            .to_vec();
+    binary.extend_from_slice(&[0u8; 256]);
+    for (second, want) in [("101", 200), ("3", 400)] {
+        let resp = http
+            .post(&url)
+            .header("Inference-Header-Content-Length", "101")
+            .header("inference-header-content-length", second)
+            .body(binary.clone())
+            .send()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), want, "second value {second}");
+        if want == 400 {
+            let json: serde_json::Value = resp.json().unwrap();
+            assert_eq!(json["error"], r#"Inference-Header-Content-Length is given twice, as "101" and "3""#, "{json}");
+        }
+    }
     // A chunked body with no length is cut off at the limit too. Raw TCP:
     // the server answers before the client has finished sending.
     let mut conn = TcpStream::connect(("127.0.0.1", t.http_port)).unwrap();

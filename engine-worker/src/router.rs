@@ -381,8 +381,7 @@ async fn run_infer(
         None => bytes,
     };
     let decoding = Instant::now();
-    let header_len = headers.get(HEADER_LENGTH).map(|v| v.to_str().unwrap_or("invalid"));
-    let (req, binary) = decode_body(&bytes, header_len)?;
+    let (req, binary) = decode_body(&bytes, header_length(headers)?)?;
     shared_input_budget(state, &req, &mut share).await?;
     let inputs = build_inputs(model, &req, binary, state.shared_memory())?;
     let requested = requested_outputs(model, &req)?;
@@ -517,4 +516,20 @@ pub(crate) async fn execute(
 fn on_serving_thread() -> bool {
     tokio::runtime::Handle::try_current()
         .is_ok_and(|h| matches!(h.runtime_flavor(), tokio::runtime::RuntimeFlavor::CurrentThread))
+}
+
+/// The binary extension's `Inference-Header-Content-Length`, once: the same
+/// header sent again (in any spelling) with another value is refused, as
+/// HTTP refuses two different `Content-Length`s, rather than one of them
+/// being picked where something in front might have picked the other.
+fn header_length(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let mut values = headers.get_all(HEADER_LENGTH).iter().map(|v| v.to_str().unwrap_or("(not text)"));
+    let first = values.next();
+    if let Some(other) = values.find(|v| Some(*v) != first) {
+        return Err(ApiError::bad(format!(
+            "Inference-Header-Content-Length is given twice, as {:?} and {other:?}",
+            first.unwrap_or_default()
+        )));
+    }
+    Ok(first)
 }
