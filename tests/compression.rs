@@ -27,13 +27,16 @@ fn tritonclient_compression_works_on_both_ports() {
     compression_suite(&t, &format!("localhost:{}", t.https_port), Some(&ca));
 }
 
-/// curl posting `file` with `Content-Encoding: encoding`; returns (status, body).
+/// curl posting `file` with a `Content-Encoding` header per `|`-separated
+/// part of `encoding`, spelled as written; returns (status, body).
 fn curl_encoded(url: &str, ca: Option<&Path>, file: &Path, encoding: &str) -> (String, String) {
     let mut cmd = Command::new("curl");
-    cmd.args(["-s", "-w", "\n%{http_code}", "-H", "content-type: application/json"])
-        .args(["-H", &format!("content-encoding: {encoding}"), "--data-binary"])
-        .arg(format!("@{}", file.display()))
-        .arg(url);
+    cmd.args(["-s", "-w", "\n%{http_code}", "-H", "content-type: application/json"]);
+    for (i, part) in encoding.split('|').enumerate() {
+        let name = if i % 2 == 0 { "content-encoding" } else { "Content-Encoding" };
+        cmd.args(["-H", &format!("{name}: {part}")]);
+    }
+    cmd.arg("--data-binary").arg(format!("@{}", file.display())).arg(url);
     if let Some(ca) = ca {
         cmd.arg("--cacert").arg(ca);
     }
@@ -56,6 +59,8 @@ fn a_gzip_bomb_is_a_413_and_no_worker_dies() {
         .unwrap();
     assert!(made.success());
     assert!(std::fs::metadata(&bomb).unwrap().len() < 4 << 20);
+    let digits_gz = t.dir.path().join("digits.json.gz");
+    std::fs::write(&digits_gz, gzip(common::digits_body(1).as_bytes())).unwrap();
     let workers = t.workers("engine-worker");
     let http = t.http_url("/v2/models/digits/infer");
     let https = t.https_url("localhost", "/v2/models/digits/infer");
@@ -70,6 +75,17 @@ fn a_gzip_bomb_is_a_413_and_no_worker_dies() {
         let (code, body) = curl_encoded(url, ca, &t.dir.path().join("ca.pem"), "br-unknown");
         assert_eq!(code, "415", "{url}: {body}");
         assert!(serde_json::from_str::<Value>(&body).unwrap()["error"].as_str().unwrap().contains("gzip"), "{body}");
+        // Every Content-Encoding counts, as a list and as repeated headers in two
+        // spellings: identity is no coding; a body coded twice is refused.
+        for (encoding, want) in
+            [("identity, gzip", "200"), ("identity|gzip", "200"), ("gzip, gzip", "415"), ("gzip|deflate", "415")]
+        {
+            let (code, body) = curl_encoded(url, ca, &digits_gz, encoding);
+            assert_eq!(code, want, "{url} {encoding}: {body}");
+            if want == "415" {
+                assert!(body.contains("two Content-Encodings"), "{body}");
+            }
+        }
     }
     assert_eq!(t.workers("engine-worker"), workers, "a worker died\n{}", t.explain());
     let ok = Tandem::http_client()

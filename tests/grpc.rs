@@ -176,9 +176,7 @@ fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() 
     // every grpc-core client does) is answered plain; a gzipped call is
     // answered in gzip, its message flagged compressed.
     let gzipped = t.dir.path().join("gzipped.grpc");
-    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    std::io::Write::write_all(&mut z, b"").unwrap();
-    let z = z.finish().unwrap();
+    let z = gzip(b"");
     let mut message = vec![1u8];
     message.extend_from_slice(&(z.len() as u32).to_be_bytes());
     message.extend_from_slice(&z);

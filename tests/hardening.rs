@@ -471,11 +471,7 @@ fn concurrent_large_uploads_never_get_a_worker_killed_for_memory() {
         zeros
     ));
     // The same, compressed: a small body that inflates to the same size.
-    let packed = {
-        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        e.write_all(body.as_bytes()).unwrap();
-        std::sync::Arc::new(e.finish().unwrap())
-    };
+    let packed = std::sync::Arc::new(gzip(body.as_bytes()));
     let ca = t.served_chain_pem();
     let mut threads = Vec::new();
     for i in 0..18 {

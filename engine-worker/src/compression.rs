@@ -18,6 +18,31 @@ const MIN_COMPRESS: usize = 1024;
 /// Larger answers are compressed on the blocking pool, off the async threads.
 const BLOCKING_ABOVE: usize = 1 << 20;
 
+/// The one coding a request body was sent with, lower-case: `None` for
+/// none (or only `identity`). Every `Content-Encoding` header counts, in any
+/// spelling, and each may be a list (`gzip, deflate`), as HTTP defines them:
+/// a body coded twice, or two headers that disagree, is refused rather than
+/// read as the first header alone says.
+pub fn coding(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let mut codings = headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("(not text)").split(','))
+        .map(|c| c.trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty() && c != "identity");
+    let first = codings.next();
+    if let Some(second) = codings.next() {
+        return Err(ApiError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            message: format!(
+                "the body is sent with two Content-Encodings ({:?}, then {second:?}); tandem inflates one",
+                first.unwrap_or_default()
+            ),
+        });
+    }
+    Ok(first)
+}
+
 /// Inflates `body` as its `Content-Encoding` says, to at most `limit` bytes,
 /// taking the inflated bytes (twice: they and what is decoded from them)
 /// from `budget` into `share` as they come, so a small compressed body cannot
@@ -30,10 +55,8 @@ pub async fn inflate(
     budget: &Budget,
     share: &mut Share,
 ) -> Result<Option<Vec<u8>>, ApiError> {
-    let Some(encoding) = headers.get(header::CONTENT_ENCODING) else { return Ok(None) };
-    let encoding = encoding.to_str().unwrap_or("").trim().to_ascii_lowercase();
+    let Some(encoding) = coding(headers)? else { return Ok(None) };
     let mut reader: Box<dyn Read + Send + '_> = match encoding.as_str() {
-        "" | "identity" => return Ok(None),
         "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(body)),
         // HTTP's "deflate" is the zlib format; some clients send raw deflate.
         "deflate" if body.first().is_some_and(|b| b & 0x0f == 8) => Box::new(flate2::read::ZlibDecoder::new(body)),

@@ -229,9 +229,7 @@ pub(crate) async fn read_body(
     }
     // A compressed body is held once (what it inflates to is counted as it
     // inflates); a plain one twice, for the tensors decoded from it.
-    let compressed = headers
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| !v.to_str().unwrap_or("").trim().eq_ignore_ascii_case("identity"));
+    let compressed = crate::compression::coding(headers)?.is_some();
     let factor = if compressed { 1 } else { 2 };
     let mut share = Share::default();
     // A large body that comes in one chunk (every request from the ring) is

@@ -442,6 +442,13 @@ pub fn digits_body(pixel: u32) -> String {
     )
 }
 
+/// `bytes` gzip-compressed.
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut z = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut z, bytes).unwrap();
+    z.finish().unwrap()
+}
+
 /// Installs the process-wide rustls crypto provider once.
 pub fn install_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
