@@ -17,6 +17,8 @@ what exporters produce in the field:
   boosting      GradientBoostingRegressor
   scaled_text   StandardScaler + LogisticRegression with string class labels
   zipmap        a classifier with skl2onnx's default ZipMap output (a sequence of maps)
+  zipmap_text   the same with string class labels (maps keyed by label)
+  sequence      a second output that is a sequence of tensors (no tensor form)
   half          FP16 in, FP16 out
   identity_all  one input and output per datatype (BOOL, UINT8-64, INT8-64, FP16, FP32, FP64, BYTES)
   bf16          BF16 in, BF16 and FP32 (widened) out
@@ -184,6 +186,20 @@ def sklearn_models(out):
 
     zipmap = LogisticRegression(max_iter=500).fit(x, y)
     save(to_onnx(zipmap, x[:1], target_opset=OPSET), out, "zipmap")
+    zipmap_text = LogisticRegression(max_iter=500).fit(x, names)
+    save(to_onnx(zipmap_text, x[:1], target_opset=OPSET), out, "zipmap_text")
+
+
+def sequence():
+    """y = x, and `parts`: x split into its rows, a sequence of tensors."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+    parts = helper.make_tensor_sequence_value_info("parts", TensorProto.FLOAT, None)
+    nodes = [
+        helper.make_node("Identity", ["x"], ["y"]),
+        helper.make_node("SplitToSequence", ["x"], ["parts"], axis=0, keepdims=0),
+    ]
+    return graph_model(nodes, "sequence", [x], [y, parts])
 
 
 def main():
@@ -199,6 +215,7 @@ def main():
     save(half(), out, "half")
     save(identity_all(), out, "identity_all")
     save(bf16(), out, "bf16")
+    save(sequence(), out, "sequence")
     sklearn_models(out)
     return 0
 

@@ -134,7 +134,19 @@ fn real_models_match_onnxruntime_over_http_and_https_while_broken_ones_are_unava
     assert!(reason("typo").contains("config.pbtxt:2:1") && reason("typo").contains("max_batch_sise"), "{idx:?}");
     assert!(reason("noversion").contains("has no version folder"), "{idx:?}");
     assert!(reason("nofile").contains("has no model.onnx"), "{idx:?}");
-    for name in ["detector", "branchy", "lstm", "forest", "boosting", "scaled_text", "zipmap", "half", "digits"] {
+    for name in [
+        "detector",
+        "branchy",
+        "lstm",
+        "forest",
+        "boosting",
+        "scaled_text",
+        "zipmap",
+        "zipmap_text",
+        "sequence",
+        "half",
+        "digits",
+    ] {
         assert_eq!(entry(&idx, name, Some("1"))["state"], "READY", "{name}: {idx:?}");
     }
     assert!(!idx.iter().any(|e| e["name"] == "versioned" && e["version"] == "1"), "policy keeps 2 and 3: {idx:?}");

@@ -12,6 +12,7 @@ check with the difference it measured; exits 1 on the first failure.
 
 import argparse
 import pathlib
+import re
 import sys
 
 import ml_dtypes
@@ -74,6 +75,8 @@ CASES = {
     "boosting": [{"X": diabetes_like(40)}],
     "scaled_text": [{"X": iris_like(150) * 10.0}],
     "zipmap": [{"X": iris_like(20)}],
+    "zipmap_text": [{"X": iris_like(20)}],
+    "sequence": [{"x": rand(3, 4)}],
     "half": [{"x": rand(5, 4, dtype=np.float16)}],
     "identity_all": [identity_inputs(4)],
     "bf16": [{"in_bf16": rand(4, 3).astype(ml_dtypes.bfloat16)}],
@@ -83,6 +86,16 @@ CASES = {
 REFERENCE = {
     "bf16": lambda feeds: {"out_bf16": feeds["in_bf16"], "widened": feeds["in_bf16"].astype(np.float32)},
 }
+
+
+CLASS_SCORES = re.compile(r"seq\(map\((int64|string),tensor\(float\)\)\)")
+
+
+def as_matrix(value):
+    """onnxruntime's list of class-to-score dicts as the [rows, classes] matrix tandem answers; anything else as it is."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return np.array([[row[k] for k in sorted(row)] for row in value], dtype=np.float32)
+    return value
 
 
 def compare(model, name, got, want):
@@ -122,14 +135,15 @@ def main():
 
     for model in args.models.split(","):
         session = ort.InferenceSession(str(repo / model / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-        tensor_outputs = [o.name for o in session.get_outputs() if o.type.startswith("tensor")]
+        # Tensors, and sequences of class-to-score maps (ZipMap), which tandem carries as [rows, classes].
+        tensor_outputs = [o.name for o in session.get_outputs() if o.type.startswith("tensor") or CLASS_SCORES.match(o.type)]
         meta = client.get_model_metadata(model)
         check(f"{model}: metadata platform", meta["platform"] == "onnxruntime_onnx", meta["platform"])
         for case, feeds in enumerate(CASES[model]):
             if model in REFERENCE:
                 want = REFERENCE[model](feeds)
             else:
-                want = dict(zip(tensor_outputs, session.run(tensor_outputs, feeds)))
+                want = {n: as_matrix(v) for n, v in zip(tensor_outputs, session.run(tensor_outputs, feeds))}
             for binary in (True, False):
                 if not binary and any(v.dtype == ml_dtypes.bfloat16 for v in feeds.values()):
                     continue  # tritonclient sends BF16 only as binary
@@ -148,22 +162,33 @@ def main():
 
     if "zipmap" in args.models.split(","):
         zipmap_checks(client)
+    if "sequence" in args.models.split(","):
+        unsupported_checks(client)
     client.close()
     print("compare suite passed")
 
 
 def zipmap_checks(client):
-    """A non-tensor output is listed as unsupported; asking for it is a 400 naming it; the rest still works."""
+    """ZipMap's sequence of maps is a FP32 [rows, classes] output in the metadata, its columns the classes in order."""
     meta = client.get_model_metadata("zipmap")
+    outputs = {o["name"]: o for o in meta["outputs"]}
+    check("zipmap: the map output is a FP32 [rows, classes] tensor",
+          outputs.get("output_probability", {}).get("datatype") == "FP32" and outputs["output_probability"]["shape"] == [-1, -1], str(meta))
+    check("zipmap: nothing is listed as unsupported", not meta.get("unsupported_outputs"), str(meta))
+
+
+def unsupported_checks(client):
+    """A non-tensor output with no tensor form is listed as unsupported; asking for it is a 400 naming it; the rest still works."""
+    meta = client.get_model_metadata("sequence")
     unsupported = [o["name"] for o in meta.get("unsupported_outputs", [])]
-    check("zipmap: the map output is listed as unsupported", unsupported == ["output_probability"], str(meta))
-    inp = httpclient.InferInput("X", [2, 4], "FP32")
-    inp.set_data_from_numpy(iris_like(2))
+    check("sequence: the sequence output is listed as unsupported", unsupported == ["parts"], str(meta))
+    inp = httpclient.InferInput("x", [2, 4], "FP32")
+    inp.set_data_from_numpy(rand(2, 4))
     try:
-        client.infer("zipmap", [inp], outputs=[httpclient.InferRequestedOutput("output_probability")])
-        check("zipmap: asking for the map output is refused", False, "no error")
+        client.infer("sequence", [inp], outputs=[httpclient.InferRequestedOutput("parts")])
+        check("sequence: asking for the sequence output is refused", False, "no error")
     except InferenceServerException as e:
-        check("zipmap: asking for the map output is refused", "output_probability" in str(e), str(e))
+        check("sequence: asking for the sequence output is refused", "parts" in str(e), str(e))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ use std::sync::{Mutex, OnceLock};
 use ort::ep::ExecutionProvider;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
-use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
+use ort::value::{DynMapValueType, DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 use tandem_shared::OrtLibrary;
 
 use super::tensor::{DataType, Tensor, TensorData};
@@ -146,10 +146,54 @@ fn meta(name: &str, ty: &ValueType) -> Result<TensorMeta, NotCarried> {
                 .ok_or_else(|| NotCarried(format!("element type {ty:?} is not carried by the protocol")))?;
             Ok(TensorMeta { name: name.to_string(), datatype, shape: shape.iter().map(|&d| d.max(-1)).collect() })
         }
+        ValueType::Sequence(inner) if class_scores(inner).is_some() => {
+            Ok(TensorMeta { name: name.to_string(), datatype: DataType::FP32, shape: vec![-1, -1] })
+        }
         ValueType::Sequence(inner) => Err(NotCarried(format!("a sequence of {}", describe(inner)))),
         ValueType::Map { key, value } => Err(NotCarried(format!("a map from {key:?} to {value:?}"))),
         ValueType::Optional(inner) => Err(NotCarried(format!("an optional {}", describe(inner)))),
     }
+}
+
+/// The key type of a sequence's element that is a map from a class (an
+/// INT64 or string label) to a FP32 score: scikit-learn's ZipMap, which
+/// skl2onnx puts on every classifier's probabilities unless told not to.
+/// Such an output is carried as a FP32 `[rows, classes]` tensor.
+fn class_scores(element: &ValueType) -> Option<TensorElementType> {
+    match element {
+        ValueType::Map {
+            key: key @ (TensorElementType::Int64 | TensorElementType::String),
+            value: TensorElementType::Float32,
+        } => Some(*key),
+        _ => None,
+    }
+}
+
+/// A sequence of class-to-score maps as a FP32 `[rows, classes]` tensor, a
+/// row per map, its columns in the maps' key order (onnxruntime keeps a
+/// map's keys sorted, the order of scikit-learn's `classes_`). Every map
+/// must have the same keys.
+fn rows_of_maps(name: &str, v: &DynValue, key: TensorElementType) -> Result<Tensor, RunError> {
+    let err = |why: String| RunError::Tensor { side: Side::Output, name: name.to_string(), why };
+    let maps = v.try_extract_sequence::<DynMapValueType>().map_err(|e| err(e.to_string()))?;
+    let mut scores = Vec::new();
+    let mut classes: Option<Vec<String>> = None;
+    for map in &maps {
+        let (keys, values): (Vec<String>, Vec<f32>) = if key == TensorElementType::Int64 {
+            map.try_extract_key_values::<i64, f32>().map(|kv| kv.into_iter().map(|(k, v)| (k.to_string(), v)).unzip())
+        } else {
+            map.try_extract_key_values::<String, f32>().map(|kv| kv.into_iter().unzip())
+        }
+        .map_err(|e| err(e.to_string()))?;
+        match &classes {
+            Some(first) if *first != keys => return Err(err("its maps do not all have the same classes".into())),
+            Some(_) => {}
+            None => classes = Some(keys),
+        }
+        scores.extend(values);
+    }
+    let columns = classes.map_or(0, |c| c.len());
+    Tensor::new(vec![maps.len(), columns], TensorData::F32(scores)).map_err(|e| err(e.to_string()))
 }
 
 fn describe(ty: &ValueType) -> String {
@@ -216,6 +260,11 @@ fn to_value(name: &str, t: Tensor) -> Result<DynValue, RunError> {
 }
 
 fn from_value(name: &str, v: &DynValue) -> Result<Tensor, RunError> {
+    if let ValueType::Sequence(element) = v.dtype() {
+        if let Some(key) = class_scores(element) {
+            return rows_of_maps(name, v, key);
+        }
+    }
     let ValueType::Tensor { ty, .. } = v.dtype() else {
         return Err(RunError::Tensor { side: Side::Output, name: name.to_string(), why: "not a tensor".into() });
     };
