@@ -18,6 +18,9 @@ what exporters produce in the field:
   scaled_text   StandardScaler + LogisticRegression with string class labels
   zipmap        a classifier with skl2onnx's default ZipMap output (a sequence of maps)
   zipmap_text   the same with string class labels (maps keyed by label)
+  text          TfidfVectorizer + LogisticRegression on strings (onnxruntime's
+                StringNormalizer: needs the en_US.UTF-8 locale on the machine)
+  text_no_locale  the same naming a locale no machine has (unavailable, with a hint)
   sequence      a second output that is a sequence of tensors (no tensor form)
   half          FP16 in, FP16 out
   identity_all  one input and output per datatype (BOOL, UINT8-64, INT8-64, FP16, FP32, FP64, BYTES)
@@ -188,6 +191,22 @@ def sklearn_models(out):
     save(to_onnx(zipmap, x[:1], target_opset=OPSET), out, "zipmap")
     zipmap_text = LogisticRegression(max_iter=500).fit(x, names)
     save(to_onnx(zipmap_text, x[:1], target_opset=OPSET), out, "zipmap_text")
+
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import StringTensorType
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = ["the cat sat on the mat", "a dog ran in the park", "cats and dogs play", "the bird flew away",
+             "a cat ran after the bird", "dogs sat in the sun", "Birds sing", "the mat is red"]
+    topics = ["cat", "dog", "dog", "bird", "cat", "dog", "bird", "cat"]
+    text = make_pipeline(TfidfVectorizer(), LogisticRegression(max_iter=500)).fit(texts, topics)
+    converted = convert_sklearn(text, initial_types=[("text", StringTensorType([None, 1]))], target_opset=OPSET)
+    save(converted, out, "text")
+    # The same, its StringNormalizer naming a locale no machine has.
+    for node in converted.graph.node:
+        if node.op_type == "StringNormalizer":
+            node.attribute.append(helper.make_attribute("locale", "zz_ZZ"))
+    save(converted, out, "text_no_locale")
 
 
 def sequence():

@@ -105,6 +105,24 @@ fn the_image_runs_tandem_as_pid_1_and_behaves_as_a_container_entrypoint() {
     std::fs::create_dir(&secret).unwrap();
     let (first, second) = (ca.issue(), ca.issue());
     secret_volume(&secret, &first, 1);
+    // A repository of the built-in digits and a scikit-learn text pipeline, whose
+    // StringNormalizer needs the en_US.UTF-8 locale the image carries.
+    let models = work.path().join("models");
+    let generated = work.path().join("generated");
+    std::fs::create_dir(&models).unwrap();
+    let made = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_test_models.py"))
+        .arg("--out")
+        .arg(&generated)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    for (from, to) in
+        [(generated.join("text"), "text"), (Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits"), "digits")]
+    {
+        run(Command::new("cp").arg("-r").arg(&from).arg(models.join(to)));
+    }
+    run(Command::new("chmod").args(["-R", "a+rX"]).arg(&models));
     let name = format!("tandem-test-{}", std::process::id());
     let out = run(Command::new("docker")
         .args(["run", "-d", "--name", &name, "-p", "127.0.0.1::9001", "-p", "127.0.0.1::9002"])
@@ -117,7 +135,11 @@ fn the_image_runs_tandem_as_pid_1_and_behaves_as_a_container_entrypoint() {
             "GRACEFUL_TIMEOUT=10",
             "-e",
             "NUM_WORKERS=2",
+            "-e",
+            "MODEL_REPOSITORY=/models",
         ])
+        .arg("-v")
+        .arg(format!("{}:/models:ro", models.display()))
         .arg("-v")
         .arg(format!("{}:/var/cache/tandem", cache.display()))
         .arg("-v")
@@ -147,6 +169,15 @@ fn the_image_runs_tandem_as_pid_1_and_behaves_as_a_container_entrypoint() {
     assert!(c.exec("grep '^Uid:' /proc/1/status").contains(&UID.to_string()));
     let info: serde_json::Value = client.get(format!("http://127.0.0.1:{http}/")).send().unwrap().json().unwrap();
     assert!(info.to_string().contains("onnxruntime"), "{info}");
+    // The text pipeline loaded (readiness waited for it) and classifies.
+    let said: serde_json::Value = client
+        .post(format!("http://127.0.0.1:{http}/v2/models/text/infer"))
+        .body(r#"{"inputs":[{"name":"text","shape":[1,1],"datatype":"BYTES","data":["the cat sat"]}]}"#)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(said["outputs"][0]["data"][0], "cat", "{said}\n{}", c.logs());
     // An orphaned grandchild is re-parented to tandem and reaped when it exits.
     let parent = c.exec("(sleep 2 &) ; sleep 0.3; for p in /proc/[0-9]*; do [ \"$(cat $p/comm)\" = sleep ] && grep '^PPid:' $p/status; done; true");
     assert!(parent.contains("PPid:\t1"), "the orphan's parent: {parent:?}");

@@ -134,6 +134,8 @@ fn real_models_match_onnxruntime_over_http_and_https_while_broken_ones_are_unava
     assert!(reason("typo").contains("config.pbtxt:2:1") && reason("typo").contains("max_batch_sise"), "{idx:?}");
     assert!(reason("noversion").contains("has no version folder"), "{idx:?}");
     assert!(reason("nofile").contains("has no model.onnx"), "{idx:?}");
+    // A text pipeline whose locale the machine lacks says how to add one.
+    assert!(reason("text_no_locale").contains("zz_ZZ") && reason("text_no_locale").contains("localedef"), "{idx:?}");
     for name in [
         "detector",
         "branchy",

@@ -134,7 +134,20 @@ fn session(rt: &Runtime, file: &Path, opts: &LoadOptions) -> Result<Session, Loa
             .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
             .map_err(|e| LoadError::Cuda(e.to_string()))?;
     }
-    builder.commit_from_file(file).map_err(|e| LoadError::Backend(e.to_string()))
+    builder.commit_from_file(file).map_err(|e| LoadError::Backend(with_locale_hint(e.to_string())))
+}
+
+/// onnxruntime's StringNormalizer (in every scikit-learn text pipeline
+/// skl2onnx converts) opens the locale its model names, `en_US.UTF-8`
+/// unless it says otherwise, and a machine without that locale compiled
+/// fails the load with a C++ message: say what the operator can do.
+fn with_locale_hint(message: String) -> String {
+    if !message.contains("Failed to construct locale") {
+        return message;
+    }
+    format!(
+        "{message} (the model's StringNormalizer needs that locale on this machine: on Debian or Ubuntu, `apt-get install locales && localedef -i en_US -f UTF-8 en_US.UTF-8`, or for another locale the one the error names; tandem's container image has en_US.UTF-8)"
+    )
 }
 
 /// Metadata of a session input or output; what it is instead, for anything
