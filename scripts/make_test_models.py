@@ -22,6 +22,8 @@ what exporters produce in the field:
                 StringNormalizer: needs the en_US.UTF-8 locale on the machine)
   text_no_locale  the same naming a locale no machine has (unavailable, with a hint)
   sequence      a second output that is a sequence of tensors (no tensor form)
+  external      y = x + w, w (64 bytes 0..63) in an external data file beside the model
+  external_escape  the same, its external data named "../../../../../../etc/hostname"
   half          FP16 in, FP16 out
   identity_all  one input and output per datatype (BOOL, UINT8-64, INT8-64, FP16, FP32, FP64, BYTES)
   bf16          BF16 in, BF16 and FP32 (widened) out
@@ -221,6 +223,17 @@ def sequence():
     return graph_model(nodes, "sequence", [x], [y, parts])
 
 
+def external(location):
+    """y = x + w (UINT8 [64]), w's bytes in the external data file `location`."""
+    w = TensorProto(name="w", data_type=TensorProto.UINT8, dims=[64], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("length", "64")):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, [64])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, [64])
+    return graph_model([helper.make_node("Add", ["x", "w"], ["y"])], "external", [x], [y], [w])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -235,6 +248,9 @@ def main():
     save(identity_all(), out, "identity_all")
     save(bf16(), out, "bf16")
     save(sequence(), out, "sequence")
+    save(external("weights.bin"), out, "external", check=False)
+    (out / "external" / "1" / "weights.bin").write_bytes(bytes(range(64)))
+    save(external("../../../../../../etc/hostname"), out, "external_escape", check=False)
     sklearn_models(out)
     return 0
 

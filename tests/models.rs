@@ -134,6 +134,8 @@ fn real_models_match_onnxruntime_over_http_and_https_while_broken_ones_are_unava
     assert!(reason("typo").contains("config.pbtxt:2:1") && reason("typo").contains("max_batch_sise"), "{idx:?}");
     assert!(reason("noversion").contains("has no version folder"), "{idx:?}");
     assert!(reason("nofile").contains("has no model.onnx"), "{idx:?}");
+    // External data is read from the model's own folder only.
+    assert!(reason("external_escape").contains("escapes model directory"), "{idx:?}");
     // A text pipeline whose locale the machine lacks says how to add one.
     assert!(reason("text_no_locale").contains("zz_ZZ") && reason("text_no_locale").contains("localedef"), "{idx:?}");
     for name in [
@@ -351,6 +353,8 @@ fn tract_serves_when_onnx_runtime_is_hidden() {
     let lstm = entry(&idx, "lstm", Some("1"));
     assert!(lstm["reason"].as_str().unwrap().contains("needs ONNX Runtime"), "{idx:?}");
     assert_eq!(entry(&idx, "scaled_text", Some("1"))["state"], "UNAVAILABLE");
+    // tract reads no file a model names, and says so.
+    assert!(entry(&idx, "external", Some("1"))["reason"].as_str().unwrap().contains("external file"), "{idx:?}");
     let config: serde_json::Value = http.get(t.http_url("/v2/models/detector/config")).send().unwrap().json().unwrap();
     assert_eq!(config["backend"], "tract", "{config}");
     // tract agrees with onnxruntime on the models it runs, the detector planned per input shape.

@@ -77,6 +77,7 @@ CASES = {
     "zipmap": [{"X": iris_like(20)}],
     "zipmap_text": [{"X": iris_like(20)}],
     "sequence": [{"x": rand(3, 4)}],
+    "external": [{"x": np.arange(64, dtype=np.uint8)}],
     "text": [{"text": np.array([["the cat ran"], ["Dogs in the PARK"], [""], ["héllo wörld, 日本"]], dtype=object)}],
     "half": [{"x": rand(5, 4, dtype=np.float16)}],
     "identity_all": [identity_inputs(4)],
