@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(false)
         .generate_default_stubs(true)
         .bytes(".inference.ModelInferRequest.raw_input_contents")
+        // Decoding is bounded in what it allocates (src/grpc_codec.rs).
+        .codec_path("crate::grpc_codec::BoundedCodec")
         .compile_fds(fds)?;
     Ok(())
 }

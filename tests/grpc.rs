@@ -161,6 +161,8 @@ fn tritonclient_grpc_is_served_on_the_plain_port_with_the_http_face_s_answers() 
         "{seen}"
     );
     assert_eq!(malformed["twice"], "INVALID_ARGUMENT: input \"pixels\" is given twice", "{seen}");
+    // Six megabytes of empty entries would decode into gigabytes: refused before prost allocates.
+    assert!(malformed["bomb"].as_str().unwrap().starts_with("RESOURCE_EXHAUSTED: a 6000008-byte message"), "{seen}");
     assert_eq!(seen["index"], serde_json::json!([["digits", "READY"]]), "{seen}");
     // Triton's statistics over gRPC: the same totals HTTP reads.
     assert_eq!(seen["grpc_stats"]["name"], "digits", "{seen}");

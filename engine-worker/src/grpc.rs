@@ -46,6 +46,7 @@ const STREAM_AHEAD: usize = 16;
 /// came gzipped (the router drops a plain call's `grpc-accept-encoding`).
 pub fn service(state: AppState) -> pb::grpc_inference_service_server::GrpcInferenceServiceServer<Grpc> {
     let limit = state.inner.max_request_bytes;
+    crate::grpc_codec::hold_at_most(limit);
     pb::grpc_inference_service_server::GrpcInferenceServiceServer::new(Grpc { state })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(usize::MAX)
@@ -261,10 +262,10 @@ fn sized_for_shape(input: &pb::model_infer_request::InferInputTensor, len: usize
 /// `raw_input_contents` holds one entry per input that is not in one, in order.
 fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, bytes::Bytes), ApiError> {
     let in_shm = |i: &pb::model_infer_request::InferInputTensor| i.parameters.contains_key("shared_memory_region");
-    for (i, input) in r.inputs.iter().enumerate() {
-        if r.inputs[..i].iter().any(|o| o.name == input.name) {
-            return Err(ApiError::bad(format!("input {:?} is given twice", input.name)));
-        }
+    // A set, not a scan of the inputs before each: a message may list a great many.
+    let mut names = std::collections::HashSet::with_capacity(r.inputs.len());
+    if let Some(twice) = r.inputs.iter().find(|i| !names.insert(i.name.as_str())) {
+        return Err(ApiError::bad(format!("input {:?} is given twice", twice.name)));
     }
     let raw = !r.raw_input_contents.is_empty();
     let carried = r.inputs.iter().filter(|i| !in_shm(i)).count();

@@ -7,6 +7,7 @@ pub mod compression;
 pub mod control_api;
 pub mod engine;
 pub mod grpc;
+pub mod grpc_codec;
 pub mod infer;
 pub mod metrics;
 pub mod model_control;

@@ -109,7 +109,18 @@ def main():
         except Exception as e:
             return f"{e.code().name}: {e.details()}"
 
+    def bomb(entries):
+        # A ModelInferRequest of `entries` empty inputs (two bytes each), sent as bytes:
+        # decoded as written it would take hundreds of bytes per entry.
+        call = g._channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        try:
+            call(b"\x0a\x06digits" + b"\x2a\x00" * entries, metadata=list((H or {}).items()), timeout=60)
+            return "answered"
+        except Exception as e:
+            return f"{e.code().name}: {e.details()}"
+
     seen["malformed"] = {
+        "bomb": bomb(3_000_000),
         "short_raw": message(raw=[bytes(255)]),
         "short_contents": message(contents=[0.5] * 10),
         "twice": message(inputs=2, raw=[bytes(256), bytes(256)]),
