@@ -11,6 +11,15 @@ use common::*;
 use serde_json::Value;
 
 /// Request `i`: `rows` rows of pixel values that differ per request and row.
+/// These tests measure what executions cost: one at a time, so that a
+/// neighbour's start-up is not taken for the model's own cost (the verdict
+/// on whether batching pays came out wrong once in CI with all three at once).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn request(i: usize, rows: usize) -> String {
     let data: Vec<String> = (0..rows * 64).map(|k| ((i * 7 + k * 3) % 17).to_string()).collect();
     format!(r#"{{"inputs":[{{"name":"pixels","shape":[{rows},64],"datatype":"FP32","data":[{}]}}]}}"#, data.join(","))
@@ -62,6 +71,7 @@ fn executions(t: &Tandem, model: &str) -> u64 {
 
 #[test]
 fn a_model_that_batching_does_not_speed_up_runs_its_requests_as_they_come() {
+    let _alone = one_at_a_time();
     // One core: one inference thread, so every execution runs by itself and
     // its time is the model's alone, not shared with a neighbour's.
     let b = TandemBuilder::new().env("NUM_WORKERS", "1").env("LOG_LEVEL", "info").wrapped(&["taskset", "-c", "0"]);
@@ -73,8 +83,9 @@ fn a_model_that_batching_does_not_speed_up_runs_its_requests_as_they_come() {
                     parameters { key: \"intra_op_thread_count\" value: { string_value: \"1\" } }\n";
     copy_slow_linear(&repo, "linear", 0.01, batching);
     let t = b.env("MODEL_REPOSITORY", repo.to_str().unwrap()).start();
-    // Alone: idle requests run as they came.
-    for i in 0..3 {
+    // Alone: idle requests run as they came (enough of them that the moving
+    // average of a row's cost alone settles past the first, cold, run).
+    for i in 0..12 {
         infer(&t, &client(), "linear", i, 1);
     }
     let n = 12;
@@ -99,6 +110,7 @@ fn a_model_that_batching_does_not_speed_up_runs_its_requests_as_they_come() {
 
 #[test]
 fn concurrent_requests_share_executions_and_get_the_unbatched_answers() {
+    let _alone = one_at_a_time();
     let b = TandemBuilder::new().ssl().env("NUM_WORKERS", "1");
     let repo = b.dir().join("models");
     copy_digits(&repo, "plain", "");
@@ -174,6 +186,7 @@ fn concurrent_requests_share_executions_and_get_the_unbatched_answers() {
 
 #[test]
 fn requests_gather_behind_a_busy_model_and_an_idle_one_never_waits_for_company() {
+    let _alone = one_at_a_time();
     let b = TandemBuilder::new().env("NUM_WORKERS", "1");
     let repo = b.dir().join("models");
     // A queue delay far longer than any answer below may take: only a request
