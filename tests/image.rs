@@ -110,13 +110,7 @@ fn the_image_runs_tandem_as_pid_1_and_behaves_as_a_container_entrypoint() {
     let models = work.path().join("models");
     let generated = work.path().join("generated");
     std::fs::create_dir(&models).unwrap();
-    let made = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_test_models.py"))
-        .arg("--out")
-        .arg(&generated)
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    make_test_models(&generated);
     for (from, to) in
         [(generated.join("text"), "text"), (Path::new(env!("CARGO_MANIFEST_DIR")).join("models/digits"), "digits")]
     {

@@ -20,13 +20,7 @@ fn generated() -> &'static Path {
     static REPO: OnceLock<PathBuf> = OnceLock::new();
     REPO.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap().keep().join("models");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_test_models.py");
-        let out = Command::new("python3").arg(&script).arg("--out").arg(&dir).output().unwrap();
-        assert!(
-            out.status.success(),
-            "make_test_models.py failed (scripts/test installs its packages):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        make_test_models(&dir);
         dir
     })
 }
@@ -361,18 +355,11 @@ fn tract_serves_when_onnx_runtime_is_hidden() {
     compare(&t, &format!("127.0.0.1:{}", t.http_port), generated(), None, Some("detector,forest,half"));
 }
 
-/// Runs tests/python/onnx_backend_sweep.py `args` (make or check) and returns its output.
-fn sweep(args: &[&str], t: Option<&Tandem>) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/onnx_backend_sweep.py");
-    let out = Command::new("python3").arg(&script).args(args).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "onnx_backend_sweep {args:?} failed:\n{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        t.map(Tandem::explain).unwrap_or_default()
-    );
-    stdout
+/// tests/python/onnx_backend_sweep.py `check` of `repo` against `t` (with `extra` arguments): its output.
+fn sweep(t: &Tandem, repo: &Path, extra: &[&str]) -> String {
+    let mut cmd = python_script("onnx_backend_sweep.py");
+    cmd.arg("check").arg(format!("127.0.0.1:{}", t.http_port)).arg(repo).args(extra);
+    python_output(t, cmd)
 }
 
 /// The count before `label` in the sweep's summary line ("sweep: 100 served and matching, ...").
@@ -388,13 +375,11 @@ fn the_onnx_projects_own_test_models_are_served_as_their_references_answer() {
     // the graphs of nine real image networks), with the inputs the ONNX project recorded.
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("onnx-backend");
-    sweep(&["make", repo.to_str().unwrap()], None);
+    let made = python_script("onnx_backend_sweep.py").arg("make").arg(&repo).output().unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let onnx_runtime =
         TandemBuilder::new().env("NUM_WORKERS", "2").env("MODEL_REPOSITORY", repo.to_str().unwrap()).start_live();
-    let out = sweep(
-        &["check", &format!("127.0.0.1:{}", onnx_runtime.http_port), repo.to_str().unwrap()],
-        Some(&onnx_runtime),
-    );
+    let out = sweep(&onnx_runtime, &repo, &[]);
     assert!(out.contains(" 0 failed"), "{out}");
     // What onnxruntime loads, tandem serves with the same answers; what it refuses is unavailable with its reason.
     assert!(counted(&out, "served") >= 99 && counted(&out, "unavailable") >= 1, "{out}");
@@ -406,10 +391,7 @@ fn the_onnx_projects_own_test_models_are_served_as_their_references_answer() {
         .env("ENGINE_BACKEND", "tract")
         .env("MODEL_REPOSITORY", repo.to_str().unwrap())
         .start_live();
-    let out = sweep(
-        &["check", &format!("127.0.0.1:{}", tract.http_port), repo.to_str().unwrap(), "--other-backend"],
-        Some(&tract),
-    );
+    let out = sweep(&tract, &repo, &["--other-backend"]);
     assert!(out.contains(" 0 failed"), "{out}");
     assert!(counted(&out, "served") >= 110, "{out}");
 }

@@ -265,7 +265,7 @@ fn as_http(r: &pb::ModelInferRequest) -> Result<(InferRequest, bytes::Bytes), Ap
     // A set, not a scan of the inputs before each: a message may list a great many.
     let mut names = std::collections::HashSet::with_capacity(r.inputs.len());
     if let Some(twice) = r.inputs.iter().find(|i| !names.insert(i.name.as_str())) {
-        return Err(ApiError::bad(format!("input {:?} is given twice", twice.name)));
+        return Err(crate::infer::given_twice(&twice.name));
     }
     let raw = !r.raw_input_contents.is_empty();
     let carried = r.inputs.iter().filter(|i| !in_shm(i)).count();

@@ -162,20 +162,26 @@ fn varints_in(packed: &[u8]) -> usize {
     packed.iter().filter(|&&b| b < 0x80).count()
 }
 
+/// `base` plus what `each` says every field of `wire` holds decoded; `None`
+/// when the bytes are not a well-formed message.
+fn holds<'a>(wire: &'a [u8], base: usize, mut each: impl FnMut(u32, Wire<'a>) -> Option<usize>) -> Option<usize> {
+    let mut total = base;
+    fields(wire, |field, value| {
+        total += each(field, value)?;
+        Some(())
+    })?;
+    Some(total)
+}
+
 /// Every field of a message other than `ModelInferRequest`, at any depth: a
 /// length-delimited value that reads as a message counts its own fields too.
 fn entries(wire: &[u8], depth: u32) -> Option<usize> {
-    let mut n = 0usize;
-    fields(wire, |_, value| {
-        n += 1;
-        if let Wire::Len(inner) = value {
-            if depth < DEPTH {
-                n += entries(inner, depth + 1).unwrap_or(0);
-            }
-        }
-        Some(())
-    })?;
-    Some(n)
+    holds(wire, 0, |_, value| {
+        Some(match value {
+            Wire::Len(inner) if depth < DEPTH => 1 + entries(inner, depth + 1).unwrap_or(0),
+            _ => 1,
+        })
+    })
 }
 
 /// A repeated entry of a `T`: the struct, twice for the vector's growth.
@@ -185,9 +191,8 @@ fn entry_of<T>() -> usize {
 
 /// What a `ModelInferRequest` holds decoded.
 fn infer_request(wire: &[u8]) -> Option<usize> {
-    let mut total = size_of::<pb::ModelInferRequest>();
-    fields(wire, |field, value| {
-        total += match (field, value) {
+    holds(wire, size_of::<pb::ModelInferRequest>(), |field, value| {
+        Some(match (field, value) {
             (4, Wire::Len(v)) => parameter(v),
             (5, Wire::Len(v)) => input(v)?,
             (6, Wire::Len(v)) => output(v)?,
@@ -195,10 +200,8 @@ fn infer_request(wire: &[u8]) -> Option<usize> {
             (7, Wire::Len(_)) => entry_of::<bytes::Bytes>(),
             (_, Wire::Len(v)) => v.len(),
             _ => 0,
-        };
-        Some(())
-    })?;
-    Some(total)
+        })
+    })
 }
 
 /// A map entry of parameters: its key and value (a string at most as long as the entry).
@@ -207,39 +210,32 @@ fn parameter(entry: &[u8]) -> usize {
 }
 
 fn input(wire: &[u8]) -> Option<usize> {
-    let mut total = entry_of::<pb::model_infer_request::InferInputTensor>();
-    fields(wire, |field, value| {
-        total += match (field, value) {
+    holds(wire, entry_of::<pb::model_infer_request::InferInputTensor>(), |field, value| {
+        Some(match (field, value) {
             (3, Wire::Len(v)) => varints_in(v) * size_of::<i64>(),
             (3, _) => size_of::<i64>() * 2,
             (4, Wire::Len(v)) => parameter(v),
             (5, Wire::Len(v)) => contents(v)?,
             (_, Wire::Len(v)) => v.len(),
             _ => 0,
-        };
-        Some(())
-    })?;
-    Some(total)
+        })
+    })
 }
 
 fn output(wire: &[u8]) -> Option<usize> {
-    let mut total = entry_of::<pb::model_infer_request::InferRequestedOutputTensor>();
-    fields(wire, |field, value| {
-        total += match (field, value) {
+    holds(wire, entry_of::<pb::model_infer_request::InferRequestedOutputTensor>(), |field, value| {
+        Some(match (field, value) {
             (2, Wire::Len(v)) => parameter(v),
             (_, Wire::Len(v)) => v.len(),
             _ => 0,
-        };
-        Some(())
-    })?;
-    Some(total)
+        })
+    })
 }
 
 /// Typed tensor contents: packed numbers at their decoded width, strings with their vectors.
 fn contents(wire: &[u8]) -> Option<usize> {
-    let mut total = size_of::<pb::InferTensorContents>();
-    fields(wire, |field, value| {
-        total += match (field, value) {
+    holds(wire, size_of::<pb::InferTensorContents>(), |field, value| {
+        Some(match (field, value) {
             (1, Wire::Len(v)) => varints_in(v),
             (2 | 4, Wire::Len(v)) => varints_in(v) * 4,
             (3 | 5, Wire::Len(v)) => varints_in(v) * 8,
@@ -248,10 +244,8 @@ fn contents(wire: &[u8]) -> Option<usize> {
             (_, Wire::Len(v)) => v.len(),
             // An unpacked number: at most 8 bytes, twice for the vector's growth.
             _ => 16,
-        };
-        Some(())
-    })?;
-    Some(total)
+        })
+    })
 }
 
 #[cfg(test)]

@@ -176,6 +176,11 @@ pub struct InferRequest {
     pub non_finite: bool,
 }
 
+/// The error for an input named twice in one request (either face).
+pub(crate) fn given_twice(name: &str) -> ApiError {
+    ApiError::bad(format!("input {name:?} is given twice"))
+}
+
 /// Splits a body into the JSON request and the binary tail.
 pub fn decode_body<'a>(body: &'a [u8], header_len: Option<&str>) -> Result<(InferRequest, &'a [u8]), ApiError> {
     let json_len = match header_len {
@@ -259,7 +264,7 @@ pub fn decode_inputs(
             return Err(ApiError::bad(format!("unknown input {:?}; the model takes {known:?}", input.name)));
         }
         if req.inputs[..i].iter().any(|o| o.name == input.name) {
-            return Err(ApiError::bad(format!("input {:?} is given twice", input.name)));
+            return Err(given_twice(&input.name));
         }
     }
     if let Some(missing) = metas.iter().find(|m| !req.inputs.iter().any(|i| i.name == m.name)) {

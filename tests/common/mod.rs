@@ -537,6 +537,17 @@ pub fn python_client(t: &Tandem, script: &str, url: &str, ca: Option<&Path>) -> 
     python_output(t, cmd)
 }
 
+/// Writes the engine tests' model repository into `out` (scripts/make_test_models.py).
+pub fn make_test_models(out: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make_test_models.py");
+    let made = Command::new("python3").arg(&script).arg("--out").arg(out).output().unwrap();
+    assert!(
+        made.status.success(),
+        "make_test_models.py failed (scripts/test installs its packages):\n{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+}
+
 /// `python3 tests/python/<script>`, for the caller to add arguments to.
 pub fn python_script(script: &str) -> Command {
     let mut cmd = Command::new("python3");

@@ -60,9 +60,7 @@ def make(repo):
         (repo / name / "1").mkdir(parents=True, exist_ok=True)
         shutil.copy(model, repo / name / "1" / "model.onnx")
         (repo / name / "inputs").mkdir(exist_ok=True)
-        graph = onnx.load(str(model), load_external_data=False).graph
-        init = {i.name for i in graph.initializer}
-        for i, x in enumerate(x for x in graph.input if x.name not in init):
+        for i, x in enumerate(fed_inputs(load_graph(model))):
             shape = [d.dim_value or 1 for d in x.type.tensor_type.shape.dim]
             value = rng.standard_normal(shape).astype(np.float32)
             (repo / name / "inputs" / f"input_{i}.pb").write_bytes(numpy_helper.from_array(value).SerializeToString())
@@ -70,14 +68,21 @@ def make(repo):
     print(f"made {n} models in {repo}", file=sys.stderr)
 
 
-def feeds_of(model_path, data):
-    """The recorded inputs, by graph input name (initializers are not inputs); None when a
-    recorded input is not a plain tensor (a sequence, an optional), which the protocol has no form for."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
+def load_graph(model_path):
+    return onnx.load(str(model_path), load_external_data=False).graph
+
+
+def fed_inputs(graph):
+    """The graph's inputs a caller feeds (an initializer listed as an input is not one)."""
     init = {i.name for i in graph.initializer}
-    names = [i.name for i in graph.input if i.name not in init]
+    return [x for x in graph.input if x.name not in init]
+
+
+def feeds_of(graph, data):
+    """The recorded inputs, by graph input name; None when a recorded input is not a plain
+    tensor (a sequence, an optional), which the protocol has no form for."""
     feeds = {}
-    for i, name in enumerate(names):
+    for i, name in enumerate(x.name for x in fed_inputs(graph)):
         path = data / f"input_{i}.pb"
         if not path.is_file():
             break
@@ -111,9 +116,8 @@ def close(got, want):
     return bool(np.all((diff <= tol) | both_nan)), f"max abs diff {float(np.nanmax(diff)):.3g}"
 
 
-def recorded(model_path, data):
+def recorded(graph, data):
     """The outputs the ONNX project recorded for the inputs (output_N.pb), by graph output name."""
-    graph = onnx.load(str(model_path), load_external_data=False).graph
     out = {}
     for i, o in enumerate(graph.output):
         t = onnx.TensorProto()
@@ -177,6 +181,7 @@ def check(url, repo, other_backend=False):
     for d in sorted(p for p in repo.iterdir() if p.is_dir()):
         name = d.name
         model_path = d / "1" / "model.onnx"
+        graph = load_graph(model_path)
         entry = index.get(name)
         if entry is None:
             failures.append(f"{name}: not in the repository index")
@@ -187,11 +192,11 @@ def check(url, repo, other_backend=False):
             # onnxruntime cannot load it: tandem must say so, not crash; another backend may serve
             # it, and then must answer as the outputs the ONNX project recorded.
             if entry.get("state") == "READY" and other_backend:
-                feeds = feeds_of(model_path, d / "inputs")
+                feeds = feeds_of(graph, d / "inputs")
                 if feeds is None:
                     skipped += 1
                     continue
-                served += infer_and_compare(clients, name, feeds, recorded(model_path, d / "inputs"), failures)
+                served += infer_and_compare(clients, name, feeds, recorded(graph, d / "inputs"), failures)
                 continue
             if entry.get("state") == "READY":
                 failures.append(f"{name}: onnxruntime refuses it ({str(e)[:80]}) but tandem says READY")
@@ -201,7 +206,7 @@ def check(url, repo, other_backend=False):
                 unavailable += 1
                 print(f"ok: {name} unavailable: {entry['reason'][:120]}", flush=True)
             continue
-        feeds = feeds_of(model_path, d / "inputs")
+        feeds = feeds_of(graph, d / "inputs")
         if entry.get("state") != "READY" and other_backend and entry.get("reason"):
             unavailable += 1
             print(f"ok: {name} unavailable on this backend: {entry['reason'][:120]}", flush=True)

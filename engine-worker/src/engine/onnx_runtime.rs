@@ -8,7 +8,7 @@ use std::sync::{Mutex, OnceLock};
 use ort::ep::ExecutionProvider;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
-use ort::value::{DynMapValueType, DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
+use ort::value::{DynMap, DynMapValueType, DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 use tandem_shared::OrtLibrary;
 
 use super::tensor::{DataType, Tensor, TensorData};
@@ -189,24 +189,33 @@ fn class_scores(element: &ValueType) -> Option<TensorElementType> {
 fn rows_of_maps(name: &str, v: &DynValue, key: TensorElementType) -> Result<Tensor, RunError> {
     let err = |why: String| RunError::Tensor { side: Side::Output, name: name.to_string(), why };
     let maps = v.try_extract_sequence::<DynMapValueType>().map_err(|e| err(e.to_string()))?;
+    let (columns, scores) = if key == TensorElementType::Int64 {
+        stack(&maps, DynMap::try_extract_key_values::<i64, f32>)
+    } else {
+        stack(&maps, DynMap::try_extract_key_values::<String, f32>)
+    }
+    .map_err(err)?;
+    Tensor::new(vec![maps.len(), columns], TensorData::F32(scores)).map_err(|e| err(e.to_string()))
+}
+
+/// The maps' scores, row after row, and how many classes a row has: every
+/// map's keys (compared as they are, not as text) must be the first one's.
+fn stack<K: PartialEq>(
+    maps: &[DynMap],
+    pairs: impl Fn(&DynMap) -> ort::Result<Vec<(K, f32)>>,
+) -> Result<(usize, Vec<f32>), String> {
     let mut scores = Vec::new();
-    let mut classes: Option<Vec<String>> = None;
-    for map in &maps {
-        let (keys, values): (Vec<String>, Vec<f32>) = if key == TensorElementType::Int64 {
-            map.try_extract_key_values::<i64, f32>().map(|kv| kv.into_iter().map(|(k, v)| (k.to_string(), v)).unzip())
-        } else {
-            map.try_extract_key_values::<String, f32>().map(|kv| kv.into_iter().unzip())
-        }
-        .map_err(|e| err(e.to_string()))?;
+    let mut classes: Option<Vec<K>> = None;
+    for map in maps {
+        let (keys, values): (Vec<K>, Vec<f32>) = pairs(map).map_err(|e| e.to_string())?.into_iter().unzip();
         match &classes {
-            Some(first) if *first != keys => return Err(err("its maps do not all have the same classes".into())),
+            Some(first) if *first != keys => return Err("its maps do not all have the same classes".into()),
             Some(_) => {}
             None => classes = Some(keys),
         }
         scores.extend(values);
     }
-    let columns = classes.map_or(0, |c| c.len());
-    Tensor::new(vec![maps.len(), columns], TensorData::F32(scores)).map_err(|e| err(e.to_string()))
+    Ok((classes.map_or(0, |c| c.len()), scores))
 }
 
 fn describe(ty: &ValueType) -> String {

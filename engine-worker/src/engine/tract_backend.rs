@@ -52,7 +52,9 @@ pub fn load(file: &Path, opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let graph = proto.graph.as_ref().ok_or_else(|| LoadError::Backend(NO_GRAPH.into()))?;
     // tract is given the model's bytes, never its folder, so it reads no file a
     // model names; a model whose weights live in such files says so plainly.
-    if let Some(w) = graph.initializer.iter().find(|t| !t.external_data.is_empty() || t.data_location == Some(1)) {
+    if let Some(w) = graph.initializer.iter().find(|t| {
+        !t.external_data.is_empty() || t.data_location == Some(pb::tensor_proto::DataLocation::External as i32)
+    }) {
         return Err(LoadError::Backend(format!(
             "initializer {:?} keeps its data in an external file, which the tract backend does not read; ONNX Runtime does (from the model's own folder only)",
             w.name
